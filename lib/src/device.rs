@@ -1,0 +1,163 @@
+//! [`BlockDevice`]: the one interface every opened image shows upward.
+//!
+//! Tools and the NBD server see only this trait; a qcow2 image's backing file
+//! is a `Box<dyn BlockDevice>`, so chains of any depth and any mix of formats
+//! compose.
+
+use crate::Result;
+
+/// What one extent of an image holds, at one layer of its chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockStatus {
+    /// Guest offset of the extent.
+    pub offset: u64,
+    /// Length of the extent in bytes (at least 1).
+    pub length: u64,
+    /// This layer decides the extent's content (data or zeros); when
+    /// false, reads fall through to the backing image (or read zeros when
+    /// there is none).
+    pub allocated: bool,
+    /// The extent reads as zeros.
+    pub zero: bool,
+    /// The extent has data stored at this layer.
+    pub data: bool,
+    /// The data is compressed (no host offset is given then).
+    pub compressed: bool,
+    /// Host offset of the data in the file that holds it, when known.
+    pub host_offset: Option<u64>,
+    /// How many backing layers down the extent was resolved (0 = top).
+    pub depth: u32,
+}
+
+impl BlockStatus {
+    /// An extent that falls through to the layer below.
+    pub fn unallocated(offset: u64, length: u64) -> Self {
+        BlockStatus {
+            offset,
+            length,
+            allocated: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            host_offset: None,
+            depth: 0,
+        }
+    }
+
+    /// Whether `next` continues this extent with the same status.
+    pub fn mergeable(&self, next: &BlockStatus) -> bool {
+        self.offset + self.length == next.offset
+            && self.allocated == next.allocated
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.depth == next.depth
+            && match (self.host_offset, next.host_offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// A virtual disk: qcow2 image, raw file, network export, ...
+///
+/// All methods take `&self`; implementations are `Send + Sync` and safe to
+/// call from many threads at once.
+pub trait BlockDevice: Send + Sync {
+    /// Virtual size in bytes.
+    fn len(&self) -> u64;
+    /// True for a zero-length device.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads `buf.len()` bytes at `offset` (must lie within the device).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Writes `buf` at `offset` (must lie within the device).
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes a range read as zeros; `may_unmap` allows deallocating it.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
+    /// Tells the device a range is no longer needed (advisory: what it then
+    /// reads is format-defined, as in QEMU).
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Status of the extent starting at `offset`, at most `len` long, at
+    /// this layer only (`depth` 0).
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus>;
+    /// The backing image, if any.
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+    /// The format name ("qcow2", "raw", "nbd").
+    fn format_name(&self) -> &'static str;
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool;
+    /// Changes the virtual size.
+    fn resize(&self, _new_len: u64) -> Result<()> {
+        Err(crate::Error::unsupported(format!("resizing {} images", self.format_name())))
+    }
+    /// Finishes cleanly: flushes and writes whatever a clean close needs
+    /// (e.g. clears the dirty bit). Further use is an error.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+}
+
+/// Status of the extent at `offset` through the whole backing chain, the way
+/// `qemu-img map` reports it: the first layer that decides the content gives
+/// the status and its `depth`; a range nobody allocates reports the depth of
+/// the bottom layer and `allocated == false`.
+pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<BlockStatus> {
+    let mut layer = dev;
+    let mut depth = 0u32;
+    let mut len = len;
+    loop {
+        let mut st = layer.block_status(offset, len)?;
+        st.depth = depth;
+        if st.allocated {
+            return Ok(st);
+        }
+        len = st.length;
+        match layer.backing() {
+            Some(b) if offset < b.len() => {
+                layer = b;
+                len = len.min(b.len() - offset);
+                depth += 1;
+            }
+            Some(_) => {
+                // Past the end of a shorter backing image: zeros, resolved
+                // one layer down as QEMU reports it.
+                st.depth = depth + 1;
+                return Ok(st);
+            }
+            None => return Ok(st),
+        }
+    }
+}
+
+/// Reads through to a backing device, zero-filling past its end.
+pub fn read_backing(backing: Option<&dyn BlockDevice>, buf: &mut [u8], offset: u64) -> Result<()> {
+    match backing {
+        Some(b) if offset < b.len() => {
+            let n = (b.len() - offset).min(buf.len() as u64) as usize;
+            b.read_at(&mut buf[..n], offset)?;
+            buf[n..].fill(0);
+            Ok(())
+        }
+        _ => {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within a device of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(crate::Error::invalid(format!(
+            "request at offset {offset} of {len} bytes is past the end of the device ({size} bytes)"
+        ))),
+    }
+}

@@ -1,0 +1,145 @@
+//! The library's one error type.
+//!
+//! Kinds are kept apart on purpose: an [`Error::Io`] means the host failed us
+//! (retrying or freeing space may help), an [`Error::Corrupt`] means the image
+//! itself is damaged (only `check -r` helps), [`Error::Unsupported`] means a
+//! valid image uses a feature oxcow does not implement, and
+//! [`Error::InvalidArgument`] means the caller asked for something impossible.
+
+use std::fmt;
+use std::io;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in oxcow.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The host storage failed (EIO, ENOSPC, ...), with what we were doing.
+    Io {
+        /// What oxcow was doing when the I/O failed.
+        context: String,
+        /// The underlying operating-system error.
+        source: io::Error,
+    },
+    /// A header or table field holds a value the format or QEMU's limits
+    /// forbid; the image is refused before the value is used.
+    InvalidField {
+        /// The field's name as the specification spells it.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// The image is damaged: a field or structure violates the format.
+    Corrupt {
+        /// Which structure or field is wrong.
+        what: String,
+        /// Where it is (byte offset in the image file), when known.
+        offset: Option<u64>,
+    },
+    /// A valid image uses a feature oxcow does not implement.
+    Unsupported(String),
+    /// The caller's request cannot be carried out as asked.
+    InvalidArgument(String),
+    /// The image is read-only (opened so, or marked corrupt).
+    ReadOnly(String),
+    /// An earlier write or flush failed; the image refuses writes until reopened.
+    Poisoned(String),
+}
+
+impl Error {
+    /// An I/O error with context.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+    /// A corruption at a known file offset.
+    pub fn corrupt_at(what: impl Into<String>, offset: u64) -> Self {
+        Error::Corrupt { what: what.into(), offset: Some(offset) }
+    }
+    /// A corruption without a precise offset.
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        Error::Corrupt { what: what.into(), offset: None }
+    }
+    /// An unsupported feature.
+    pub fn unsupported(what: impl Into<String>) -> Self {
+        Error::Unsupported(what.into())
+    }
+    /// An invalid request.
+    pub fn invalid(what: impl Into<String>) -> Self {
+        Error::InvalidArgument(what.into())
+    }
+    /// True for host I/O failures.
+    pub fn is_io(&self) -> bool {
+        matches!(self, Error::Io { .. })
+    }
+    /// True when the image itself is damaged.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::InvalidField { .. })
+    }
+    /// A field refused by validation.
+    pub fn field(field: &'static str, value: u64, reason: impl Into<String>) -> Self {
+        Error::InvalidField { field, value, reason: reason.into() }
+    }
+    /// The errno this error maps to, for protocols that speak errno (NBD).
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Corrupt { .. } | Error::InvalidField { .. } | Error::Poisoned(_) => libc::EIO,
+            Error::Unsupported(_) => libc::ENOTSUP,
+            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EPERM,
+        }
+    }
+    /// A copy of this error, for returning the same failure again
+    /// (poisoned images keep answering with the original error).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::Corrupt { what, offset } => Error::Corrupt { what: what.clone(), offset: *offset },
+            Error::InvalidField { field, value, reason } => {
+                Error::InvalidField { field: *field, value: *value, reason: reason.clone() }
+            }
+            Error::Unsupported(s) => Error::Unsupported(s.clone()),
+            Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
+            Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
+            Error::Poisoned(s) => Error::Poisoned(s.clone()),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::InvalidField { field, value, reason } => {
+                write!(f, "invalid image: {field} = {value}: {reason}")
+            }
+            Error::Corrupt { what, offset: Some(off) } => {
+                write!(f, "image is corrupt: {what} (at offset {off:#x})")
+            }
+            Error::Corrupt { what, offset: None } => write!(f, "image is corrupt: {what}"),
+            Error::Unsupported(what) => write!(f, "unsupported: {what}"),
+            Error::InvalidArgument(what) => write!(f, "{what}"),
+            Error::ReadOnly(what) => write!(f, "read-only: {what}"),
+            Error::Poisoned(what) => write!(f, "image refuses writes after an earlier failure: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

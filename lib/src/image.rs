@@ -1,0 +1,1 @@
+//! Opening images by file name.

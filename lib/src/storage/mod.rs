@@ -1,0 +1,86 @@
+//! The storage layer: where image bytes live.
+//!
+//! Every layer above talks to bytes only through [`Storage`], so crash and
+//! fault tests can slide a recording or failing implementation underneath
+//! the real engine without changing a line of it.
+
+mod file;
+mod memory;
+
+pub use file::{FileStorage, OpenFlags};
+pub use memory::MemoryStorage;
+
+use std::io;
+
+/// Positional byte storage under an image (a host file, memory, ...).
+///
+/// Reads past the end return zeros, as reading a sparse file's hole does;
+/// writes past the end extend the storage.
+pub trait Storage: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`; bytes past the end read as zero.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// True when the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Deallocates a range so it reads as zeros; the length is unchanged.
+    /// Storage that cannot punch holes writes zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Bytes actually allocated on the host (for `actual-size`).
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.len()
+    }
+    /// The data-or-hole run that `offset` lies in, as (is_data, run_end),
+    /// from the host's sparse-file knowledge; `None` when unknown.
+    fn extent_at(&self, _offset: u64) -> Option<(bool, u64)> {
+        None
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<u64> {
+        (**self).allocated_size()
+    }
+    fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
+        (**self).extent_at(offset)
+    }
+}
+
+/// Writes zeros over a range in bounded chunks (the fallback for hole punching).
+pub(crate) fn write_zeros_chunked<S: Storage + ?Sized>(s: &S, mut offset: u64, mut len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    while len > 0 {
+        let n = CHUNK.min(len);
+        s.write_at(&zeros[..n as usize], offset)?;
+        offset += n;
+        len -= n;
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
