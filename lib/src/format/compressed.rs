@@ -116,7 +116,9 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> 
             }
             out
         }
-        CompressionType::Zstd => zstd::bulk::compress(input, 0).map_err(|e| Error::invalid(format!("zstd failed: {e}")))?,
+        CompressionType::Zstd => {
+            zstd::bulk::compress(input, 0).map_err(|e| Error::invalid(format!("zstd failed: {e}")))?
+        }
     };
     if out.len() >= input.len() {
         return Ok(None);

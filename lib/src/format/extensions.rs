@@ -118,7 +118,10 @@ impl Extensions {
                 return Ok(exts);
             }
             if len > area.len() - pos {
-                return Err(Error::corrupt_at(format!("header extension {ty:#x} of {len} bytes runs past its area"), at));
+                return Err(Error::corrupt_at(
+                    format!("header extension {ty:#x} of {len} bytes runs past its area"),
+                    at,
+                ));
             }
             let data = &area[pos..pos + len];
             if ty != kind::FEATURE_NAMES && seen.contains(&ty) && is_known(ty) {
@@ -155,7 +158,11 @@ impl Extensions {
                         return Err(Error::field("nb_bitmaps", b.nb_bitmaps.into(), "must be between 1 and 65535"));
                     }
                     if b.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
-                        return Err(Error::field("bitmap_directory_size", b.directory_size, "bitmap directory too large"));
+                        return Err(Error::field(
+                            "bitmap_directory_size",
+                            b.directory_size,
+                            "bitmap directory too large",
+                        ));
                     }
                     exts.bitmaps = Some(b);
                 }

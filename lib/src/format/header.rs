@@ -31,7 +31,6 @@ use super::limits::*;
 use super::MAGIC;
 use crate::{Error, Result};
 
-
 /// Byte offsets of the header fields, as in the diagram above.
 #[allow(missing_docs)]
 pub mod off {
@@ -295,7 +294,11 @@ impl Header {
         }
         let inc = self.incompatible_features;
         if inc & Incompatible::EXTENDED_L2 != 0 && self.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
-            return Err(bad("cluster_bits", self.cluster_bits.into(), "extended L2 entries need clusters of at least 16 KiB"));
+            return Err(bad(
+                "cluster_bits",
+                self.cluster_bits.into(),
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
         }
         let has_compression_bit = inc & Incompatible::COMPRESSION != 0;
         let non_default = self.compression_type != CompressionType::Zlib;
@@ -321,7 +324,11 @@ impl Header {
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(bad("refcount_table_clusters", self.refcount_table_clusters.into(), "reference count table too large"));
+            return Err(bad(
+                "refcount_table_clusters",
+                self.refcount_table_clusters.into(),
+                "reference count table too large",
+            ));
         }
         check_table("refcount_table_offset", self.refcount_table_offset, cs, rt_bytes)?;
         if self.refcount_table_offset == 0 {
@@ -473,14 +480,20 @@ mod tests {
             ("refcount_table_clusters", Box::new(|h| h.refcount_table_clusters = 0)),
             ("nb_snapshots", Box::new(|h| h.nb_snapshots = MAX_SNAPSHOTS + 1)),
             ("snapshots_offset", Box::new(|h| h.snapshots_offset = 1)),
-            ("backing_file_size", Box::new(|h| {
-                h.backing_file_offset = 512;
-                h.backing_file_size = 1024;
-            })),
-            ("backing_file_offset", Box::new(|h| {
-                h.backing_file_offset = 65530;
-                h.backing_file_size = 100;
-            })),
+            (
+                "backing_file_size",
+                Box::new(|h| {
+                    h.backing_file_offset = 512;
+                    h.backing_file_size = 1024;
+                }),
+            ),
+            (
+                "backing_file_offset",
+                Box::new(|h| {
+                    h.backing_file_offset = 65530;
+                    h.backing_file_size = 100;
+                }),
+            ),
             ("crypt_method", Box::new(|h| h.crypt_method = 3)),
             ("size", Box::new(|h| h.size = u64::MAX)),
             ("header_length", Box::new(|h| h.header_length = 108)),

@@ -154,7 +154,10 @@ impl L2Layout {
     /// `v3` telling whether the zero flag is meaningful.
     pub fn classify(self, e: L2Entry, sub: u32, v3: bool) -> ClusterKind {
         if e.is_compressed() {
-            return ClusterKind::Compressed(CompressedDescriptor::decode(e.word & !(COPIED | COMPRESSED), self.cluster_bits));
+            return ClusterKind::Compressed(CompressedDescriptor::decode(
+                e.word & !(COPIED | COMPRESSED),
+                self.cluster_bits,
+            ));
         }
         let host = e.word & OFFSET_MASK;
         if self.extended {
@@ -190,7 +193,10 @@ mod tests {
         assert_eq!(l.classify(L2Entry { word: 1, ..Default::default() }, 0, false), ClusterKind::Unallocated);
         let e = L2Entry::normal(0x50000, true);
         assert_eq!(l.classify(e, 0, true), ClusterKind::Normal(0x50000));
-        assert_eq!(l.classify(L2Entry { word: 0x50001, ..Default::default() }, 0, true), ClusterKind::Zero(Some(0x50000)));
+        assert_eq!(
+            l.classify(L2Entry { word: 0x50001, ..Default::default() }, 0, true),
+            ClusterKind::Zero(Some(0x50000))
+        );
     }
 
     #[test]
