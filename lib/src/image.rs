@@ -257,7 +257,9 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                 if is_protocol_name(&name) {
                     return Err(Error::invalid(format!("data file name '{name}' names a protocol; refusing")));
                 }
-                let dpath = resolve_backing(path, &name);
+                // QEMU opens the data file by its name as given, relative
+                // to the working directory (unlike backing files).
+                let dpath = PathBuf::from(&name);
                 let d: Arc<dyn Storage> = open_file(&dpath, opts.write, opts.cache)?;
                 Some(d)
             } else {
