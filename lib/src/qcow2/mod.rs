@@ -149,6 +149,7 @@ impl Qcow2 {
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
+            cow_unsynced: false,
             lazy_active: false,
             poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,

@@ -107,6 +107,10 @@ pub(crate) struct Meta {
     pub inflight: HashSet<u64>,
     /// Cluster indices holding metadata, with what they hold (overlap check).
     pub meta_clusters: HashMap<u64, MetaKind>,
+    /// Copy-on-write data (the old content around a write, copied into a
+    /// newly mapped cluster) was written since the last sync: it must be
+    /// durable before an L2 entry pointing at it is.
+    pub cow_unsynced: bool,
     /// Lazy refcounts in effect: refcount blocks are not written until a
     /// clean close, and the dirty bit is on disk.
     pub lazy_active: bool,
