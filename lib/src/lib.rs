@@ -26,6 +26,8 @@
 pub mod device;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod image;
 pub mod qcow2;
 pub mod raw;

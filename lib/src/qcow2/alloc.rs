@@ -272,6 +272,8 @@ impl Qcow2 {
             if left == 0 {
                 m.meta_clusters.remove(&idx);
                 if p.punch {
+                    // Returning space to the host is advisory (as QEMU
+                    // treats discards): a failure leaves data, not damage.
                     let _ = self.file.punch_hole(p.offset, cs);
                 }
             }

@@ -24,6 +24,7 @@ pub struct FaultStorage {
     persistent: bool,
     failed: AtomicBool,
     failed_on_write: AtomicBool,
+    failed_on_punch: AtomicBool,
     writes_after_failure: AtomicU64,
 }
 
@@ -38,6 +39,7 @@ impl FaultStorage {
             persistent,
             failed: AtomicBool::new(false),
             failed_on_write: AtomicBool::new(false),
+            failed_on_punch: AtomicBool::new(false),
             writes_after_failure: AtomicU64::new(0),
         }
     }
@@ -53,6 +55,11 @@ impl FaultStorage {
     /// length change (after which the engine must write nothing more).
     pub fn failed_on_write(&self) -> bool {
         self.failed_on_write.load(Ordering::SeqCst)
+    }
+    /// Whether the first injected failure hit a hole punch (advisory: the
+    /// engine may ignore it, the data stays).
+    pub fn failed_on_punch(&self) -> bool {
+        self.failed_on_punch.load(Ordering::SeqCst)
     }
     /// Writes (including flushes, punches, length changes) that succeeded
     /// after the fault fired.
@@ -102,7 +109,12 @@ impl Storage for FaultStorage {
         self.inner.set_len(len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.gate(true)?;
+        let first = !self.failed();
+        let r = self.gate(true);
+        if r.is_err() && first {
+            self.failed_on_punch.store(true, Ordering::SeqCst);
+        }
+        r?;
         self.inner.punch_hole(offset, len)
     }
 }
