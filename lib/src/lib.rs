@@ -27,6 +27,7 @@ pub mod device;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod size;
