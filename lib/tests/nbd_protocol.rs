@@ -306,3 +306,50 @@ fn unix_socket_raw_client() {
     assert_eq!(c.read(4096, 24), b"hello over a unix socket");
     c.disconnect();
 }
+
+/// A device whose reads past 1 MiB panic, standing for an engine bug.
+struct Buggy(oxcow::raw::RawImage);
+
+impl BlockDevice for Buggy {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        assert!(offset < MIB, "simulated engine bug");
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.0.write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.0.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.0.block_status(offset, len)
+    }
+    fn format_name(&self) -> &'static str {
+        "test"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_panicking_device_costs_one_request_not_the_connection() {
+    let storage = Arc::new(oxcow::storage::MemoryStorage::new());
+    oxcow::storage::Storage::set_len(&*storage, 2 * MIB).unwrap();
+    let dev = Buggy(oxcow::raw::RawImage::new(storage, false, false).unwrap());
+    let srv = start_tcp(Arc::new(dev), named("bug"), opts(true, 1));
+    let mut c = client(&srv, "bug", true, &[]);
+    c.write(0, &[9; 512]);
+    assert_eq!(c.call(0, CMD_READ, MIB, 512, &[]).error, EIO);
+    assert_eq!(c.read(0, 512), [9; 512]);
+    c.disconnect();
+}

@@ -195,3 +195,29 @@ fn several_qemu_clients_at_once() {
         assert!(read_file_at(&path, u64::from(i) * 2 * MIB, MIB as usize).iter().all(|&b| b == 0x10 + i));
     }
 }
+
+#[test]
+fn qemu_nbd_lists_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sparse_file(dir.path(), "l.raw", 3 * MIB);
+    let cfg = ExportConfig { description: "listed disk".into(), ..writable("lst") };
+    let sock = dir.path().join("l.sock");
+    let srv = start_unix(raw_device(&path, false), cfg, opts(true, 2), &sock);
+    let out =
+        run(std::process::Command::new("qemu-nbd").args(["-L", "-k", sock.to_str().unwrap()]), Duration::from_secs(30));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "export: 'lst'",
+        "description: listed disk",
+        "size:  3145728",
+        "min block: 1",
+        "opt block: 4096",
+        "max block: 33554432",
+        "base:allocation",
+        "qemu:allocation-depth",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    drop(srv);
+}

@@ -11,6 +11,7 @@ use super::status::{block_status, read_segments, Segment, StatusReply};
 use super::{DetectZeroes, DiscardMode};
 use crate::Error;
 use std::io::{self, BufWriter, Read, Write};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -202,7 +203,10 @@ fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
     loop {
         let job = lock(rx).recv();
         let Ok(job) = job else { return };
-        let outcome = execute(ctx, &job.req, &job.payload);
+        // A bug in a device must cost one request, not the connection
+        // (whose other requests and client would hang without a reply).
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload)))
+            .unwrap_or_else(|_| fail(EIO, "internal error while serving the request"));
         drop(job.payload);
         send_outcome(ctx, &job.req, outcome);
     }
