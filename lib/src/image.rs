@@ -1,1 +1,300 @@
-//! Opening images by file name.
+//! Opening images by file name: format detection, backing chains,
+//! external data files.
+
+use crate::device::BlockDevice;
+use crate::format::limits::MAX_BACKING_DEPTH;
+use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
+use crate::raw::RawImage;
+use crate::storage::{FileStorage, OpenFlags, Storage};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Image formats oxcow opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The file is the disk.
+    Raw,
+    /// QEMU's qcow2, v2 or v3.
+    Qcow2,
+}
+
+impl Format {
+    /// Parses a `-f` value.
+    pub fn from_name(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
+        }
+    }
+    /// The format's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// QEMU's cache modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Host page cache, flushes honoured.
+    #[default]
+    Writeback,
+    /// O_DIRECT, flushes honoured.
+    None,
+    /// Every write durable before it completes.
+    Writethrough,
+    /// O_DIRECT and writethrough.
+    Directsync,
+    /// Flushes ignored.
+    Unsafe,
+}
+
+impl CacheMode {
+    /// Parses qemu's names.
+    pub fn from_name(s: &str) -> Result<CacheMode> {
+        Ok(match s {
+            "writeback" => CacheMode::Writeback,
+            "none" | "off" => CacheMode::None,
+            "writethrough" => CacheMode::Writethrough,
+            "directsync" => CacheMode::Directsync,
+            "unsafe" => CacheMode::Unsafe,
+            other => return Err(Error::invalid(format!("Invalid cache option: {other}"))),
+        })
+    }
+    fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+    fn writethrough(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format; probed from the magic when `None`.
+    pub format: Option<Format>,
+    /// Open for writing.
+    pub write: bool,
+    /// Cache mode.
+    pub cache: CacheMode,
+    /// Do not open the backing chain (reads of unallocated areas then
+    /// return zeros).
+    pub no_backing: bool,
+    /// Follow backing names that point to the network.
+    pub allow_network_backing: bool,
+    /// Open a damaged qcow2 image writable so `check -r` can repair it.
+    pub repair: bool,
+}
+
+impl OpenOptions {
+    /// Read-only, format probed.
+    pub fn read_only() -> Self {
+        OpenOptions::default()
+    }
+    /// Read-write, format probed.
+    pub fn read_write() -> Self {
+        OpenOptions { write: true, ..Default::default() }
+    }
+}
+
+/// An opened image with what the inspection tools need to know about it.
+pub struct Image {
+    path: PathBuf,
+    format: Format,
+    device: Arc<dyn BlockDevice>,
+    qcow2: Option<Arc<Qcow2>>,
+    file: Arc<dyn Storage>,
+    backing: Option<Box<Image>>,
+    backing_name: Option<String>,
+    backing_format: Option<String>,
+}
+
+impl Image {
+    /// The image as a block device.
+    pub fn device(&self) -> &dyn BlockDevice {
+        &*self.device
+    }
+    /// A shared handle to the device.
+    pub fn device_arc(&self) -> Arc<dyn BlockDevice> {
+        self.device.clone()
+    }
+    /// The qcow2 engine, for qcow2 images.
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        self.qcow2.as_deref()
+    }
+    /// The path it was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Its format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    /// The opened backing image, if any.
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+    /// The backing file name as recorded in the image.
+    pub fn backing_name(&self) -> Option<&str> {
+        self.backing_name.as_deref()
+    }
+    /// The backing format as recorded in the image.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.backing_format.as_deref()
+    }
+    /// Bytes the image file occupies on the host.
+    pub fn actual_size(&self) -> u64 {
+        self.file.allocated_size().unwrap_or(0)
+    }
+    /// The image file's storage.
+    pub fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+    /// Flushes and closes cleanly.
+    pub fn close(&self) -> Result<()> {
+        self.device.close()
+    }
+}
+
+/// Whether a backing name names a protocol rather than a file.
+pub fn is_protocol_name(name: &str) -> bool {
+    name.starts_with("json:") || name.contains("://") || name.starts_with("nbd:")
+}
+
+/// Resolves a backing file name relative to the directory of `image`.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(p),
+        _ => p.to_path_buf(),
+    }
+}
+
+fn open_file(path: &Path, write: bool, cache: CacheMode) -> Result<Arc<FileStorage>> {
+    let flags = OpenFlags { write, direct: cache.direct(), create: false };
+    match FileStorage::open(path, flags) {
+        Ok(f) => Ok(Arc::new(f)),
+        Err(e) if cache.direct() && e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(Error::io(format!("Could not open '{}': O_DIRECT is not supported here", path.display()), e))
+        }
+        Err(e) => Err(Error::io(format!("Could not open '{}'", path.display()), e)),
+    }
+}
+
+/// Probes the format of a file from its first bytes.
+pub fn probe_format(file: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    file.read_at(&mut magic, 0).map_err(|e| Error::io("reading image", e))?;
+    Ok(if crate::format::has_magic(&magic) { Format::Qcow2 } else { Format::Raw })
+}
+
+/// Opens an image by file name.
+pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+    open_depth(path.as_ref(), opts, 0)
+}
+
+fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
+    if depth > MAX_BACKING_DEPTH {
+        return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
+    }
+    let file = open_file(path, opts.write, opts.cache)?;
+    let storage: Arc<dyn Storage> = file.clone();
+    let (format, probed) = match opts.format {
+        Some(f) => (f, false),
+        None => (probe_format(&*storage)?, true),
+    };
+    match format {
+        Format::Raw => {
+            let dev = Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?);
+            Ok(Image {
+                path: path.to_path_buf(),
+                format,
+                device: dev,
+                qcow2: None,
+                file: storage,
+                backing: None,
+                backing_name: None,
+                backing_format: None,
+            })
+        }
+        Format::Qcow2 => {
+            let hc = read_header_cluster(&*storage)?;
+            let backing_name = hc.backing_file.clone();
+            let backing_format = hc.extensions.backing_format.clone();
+            let mut backing = None;
+            if let (Some(name), false) = (&backing_name, opts.no_backing) {
+                if is_protocol_name(name) && !opts.allow_network_backing {
+                    return Err(Error::invalid(format!(
+                        "backing file name '{name}' names a protocol; refusing to follow it"
+                    )));
+                }
+                let bpath = resolve_backing(path, name);
+                let bfmt = match backing_format.as_deref() {
+                    Some(f) => Some(Format::from_name(f)?),
+                    None => None,
+                };
+                let bopts = OpenOptions { format: bfmt, write: false, ..opts.clone() };
+                let b = open_depth(&bpath, &bopts, depth + 1).map_err(|e| match e {
+                    Error::Io { context, source } => {
+                        Error::Io { context: format!("Could not open backing file: {context}"), source }
+                    }
+                    other => other,
+                })?;
+                backing = Some(Box::new(b));
+            }
+            let data_file = if hc.header.has_data_file() {
+                let name = hc
+                    .extensions
+                    .data_file
+                    .clone()
+                    .ok_or_else(|| Error::invalid("image needs an external data file but names none"))?;
+                if is_protocol_name(&name) {
+                    return Err(Error::invalid(format!("data file name '{name}' names a protocol; refusing")));
+                }
+                // QEMU opens the data file by its name as given, relative
+                // to the working directory (unlike backing files).
+                let dpath = PathBuf::from(&name);
+                let d: Arc<dyn Storage> = open_file(&dpath, opts.write, opts.cache)?;
+                Some(d)
+            } else {
+                None
+            };
+            let q = Arc::new(Qcow2::open(
+                storage.clone(),
+                Qcow2Options {
+                    read_only: !opts.write,
+                    writethrough: opts.cache.writethrough(),
+                    backing: backing.as_ref().map(|b| b.device_arc()),
+                    data_file,
+                    l2_cache_bytes: 0,
+                    repair: opts.repair,
+                },
+            )?);
+            Ok(Image {
+                path: path.to_path_buf(),
+                format,
+                device: q.clone(),
+                qcow2: Some(q),
+                file: storage,
+                backing,
+                backing_name,
+                backing_format,
+            })
+        }
+    }
+}
+
+/// Creates an empty file (or truncates one) for a new image.
+pub fn create_file(path: &Path) -> Result<Arc<FileStorage>> {
+    let f = FileStorage::open(path, OpenFlags { write: true, direct: false, create: true })
+        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+    Ok(Arc::new(f))
+}

@@ -1,1 +1,409 @@
-//! The qcow2 engine.
+//! The qcow2 engine: caches, allocation, copy-on-write, flush ordering.
+//!
+//! One mutex guards the metadata ([`state::Meta`]); data I/O to clusters
+//! that are already allocated runs outside it. Writers that must change a
+//! guest cluster's L2 entry around data I/O (allocation, copy-on-write)
+//! mark the cluster in flight so nobody else allocates it meanwhile.
+//!
+//! The crash-safety contract is enforced in `flush.rs` (write ordering) and
+//! `alloc.rs` (reuse of freed clusters); see the comments there.
+
+mod alloc;
+mod cache;
+mod check;
+mod create;
+mod flush;
+mod mapping;
+mod read;
+mod state;
+mod write;
+
+pub use check::{CheckReport, Repair};
+pub use create::{create, CreateOptions, Preallocation};
+
+use crate::device::{BlockDevice, BlockStatus};
+use crate::format::be::u64_table;
+use crate::format::extensions::{Extensions, HeaderCluster};
+use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
+use crate::storage::Storage;
+use crate::{Error, Result};
+use cache::TableCache;
+use state::{Geometry, Meta, MetaKind};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+/// How to open a qcow2 image.
+#[derive(Clone, Default)]
+pub struct Qcow2Options {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Every write is durable before it completes (cache=writethrough).
+    pub writethrough: bool,
+    /// The opened backing image, if the image has one and it should be used.
+    pub backing: Option<Arc<dyn BlockDevice>>,
+    /// The opened external data file, for images with one.
+    pub data_file: Option<Arc<dyn Storage>>,
+    /// Bytes of L2 tables to cache (0 = default: 32 MiB or the whole disk).
+    pub l2_cache_bytes: u64,
+    /// Open damaged images (corrupt bit) writable, for `check -r`.
+    pub repair: bool,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    file: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    backing: Option<Arc<dyn BlockDevice>>,
+    g: Geometry,
+    read_only: bool,
+    writethrough: bool,
+    size: AtomicU64,
+    meta: Mutex<Meta>,
+    /// Signalled whenever a guest cluster leaves `Meta::inflight`.
+    inflight_done: Condvar,
+    /// Fast-path data I/O holds this shared; a flush takes it exclusively
+    /// before freed clusters become reusable, so no overwrite that looked
+    /// up a mapping before the free can land in a reused cluster.
+    io_gate: RwLock<()>,
+    /// The report of the refcount repair run because the image was dirty.
+    repaired_on_open: Option<check::CheckReport>,
+}
+
+/// Reads and parses cluster 0 of an image (header, extensions, backing
+/// name) without opening it.
+pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
+    let len = file.len().map_err(|e| Error::io("reading image size", e))?;
+    let want = len.min(1 << crate::format::limits::MAX_CLUSTER_BITS) as usize;
+    let mut buf = vec![0u8; want];
+    file.read_at(&mut buf, 0).map_err(|e| Error::io("reading image header", e))?;
+    HeaderCluster::parse(&buf)
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::io(what, e)
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `file`.
+    pub fn open(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
+        let hc = read_header_cluster(&*file)?;
+        let h = &hc.header;
+        if h.crypt_method != 0 {
+            return Err(Error::unsupported("encryption"));
+        }
+        let g = Geometry::from_header(h);
+        if g.external_data && h.nb_snapshots > 0 {
+            return Err(Error::corrupt("image with an external data file has internal snapshots"));
+        }
+        let data = if g.external_data {
+            opts.data_file
+                .clone()
+                .ok_or_else(|| Error::invalid("image needs its external data file, which was not given"))?
+        } else {
+            file.clone()
+        };
+        let mut read_only = opts.read_only;
+        if h.is_corrupt() && !read_only && !opts.repair {
+            return Err(Error::ReadOnly(
+                "image is corrupt (corrupt bit set); it can be opened read-only only; repair it with 'oxcow check -r all'"
+                    .into(),
+            ));
+        }
+        let dirty_repair = h.is_dirty() && !read_only;
+        if h.is_corrupt() && !opts.repair {
+            read_only = true;
+        }
+
+        let l1_bytes = u64::from(h.l1_size) * 8;
+        let mut l1_raw = vec![0u8; l1_bytes as usize];
+        file.read_at(&mut l1_raw, h.l1_table_offset).map_err(io_err("reading L1 table"))?;
+        let l1 = u64_table(&l1_raw);
+
+        let rt_bytes = u64::from(h.refcount_table_clusters) * g.cluster_size;
+        let mut rt_raw = vec![0u8; rt_bytes as usize];
+        file.read_at(&mut rt_raw, h.refcount_table_offset).map_err(io_err("reading refcount table"))?;
+        let reftable = u64_table(&rt_raw);
+
+        let snapshots = read_snapshot_table(&*file, h)?;
+        let file_len = file.len().map_err(io_err("reading image size"))?;
+        let file_end = file_len.div_ceil(g.cluster_size) * g.cluster_size;
+
+        let disk_tables = h.size.div_ceil(g.cluster_size).div_ceil(g.l2_entries).max(1);
+        let l2_cache_bytes = if opts.l2_cache_bytes > 0 { opts.l2_cache_bytes } else { 32 << 20 };
+        let l2_cap = (l2_cache_bytes / g.cluster_size).min(disk_tables).max(4) as usize;
+        let rb_cap = ((8u64 << 20) / g.cluster_size).max(4) as usize;
+
+        let mut meta = Meta {
+            hc: hc.clone(),
+            header_dirty: false,
+            l1,
+            l1_dirty: None,
+            l2: TableCache::new(l2_cap),
+            reftable,
+            reftable_dirty: None,
+            rb: TableCache::new(rb_cap),
+            snapshots,
+            free_hint: 0,
+            file_end,
+            pending_free: Vec::new(),
+            inflight: HashSet::new(),
+            meta_clusters: HashMap::new(),
+            lazy_active: false,
+            poisoned: None,
+            corrupt: h.is_corrupt() && !opts.repair,
+        };
+        meta.meta_clusters = metadata_clusters(&g, &meta);
+        let q = Qcow2 {
+            file,
+            data,
+            backing: opts.backing,
+            g,
+            read_only,
+            writethrough: opts.writethrough,
+            size: AtomicU64::new(hc.header.size),
+            meta: Mutex::new(meta),
+            inflight_done: Condvar::new(),
+            io_gate: RwLock::new(()),
+            repaired_on_open: None,
+        };
+        let mut q = q;
+        if dirty_repair {
+            // As QEMU does: refcounts may be stale after a crash with lazy
+            // refcounts; rebuild them before the first write.
+            q.repaired_on_open = Some(q.repair_dirty()?);
+        }
+        if !read_only {
+            let mut m = q.lock();
+            q.prepare_for_writing(&mut m)?;
+        }
+        Ok(q)
+    }
+
+    /// Clears autoclear bits oxcow does not maintain (the spec requires it
+    /// before writing), and records the header change durably.
+    fn prepare_for_writing(&self, m: &mut Meta) -> Result<()> {
+        let h = &mut m.hc.header;
+        if h.version < 3 {
+            return Ok(());
+        }
+        // oxcow keeps the raw data file consistent but does not update
+        // persistent bitmaps, so their consistency bit must go.
+        let keep = Autoclear::KNOWN & !Autoclear::BITMAPS;
+        if h.autoclear_features & !keep != 0 {
+            h.autoclear_features &= keep;
+            self.write_header(m)?;
+            self.file.flush().map_err(io_err("flushing header"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The header as it is now.
+    pub fn header(&self) -> Header {
+        self.lock().hc.header.clone()
+    }
+    /// The header extensions.
+    pub fn extensions(&self) -> Extensions {
+        self.lock().hc.extensions.clone()
+    }
+    /// The backing file name recorded in the image.
+    pub fn backing_file(&self) -> Option<String> {
+        self.lock().hc.backing_file.clone()
+    }
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> Vec<SnapshotEntry> {
+        self.lock().snapshots.clone()
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.g.cluster_size
+    }
+    /// The image file's storage.
+    pub fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+    /// The refcount repair run at open because the dirty bit was set.
+    pub fn repaired_on_open(&self) -> Option<&CheckReport> {
+        self.repaired_on_open.as_ref()
+    }
+    /// Clears the corrupt bit after a successful repair.
+    pub fn clear_corrupt(&self) -> Result<()> {
+        let mut m = self.lock();
+        m.hc.header.incompatible_features &= !Incompatible::CORRUPT;
+        m.corrupt = false;
+        self.write_header(&mut m)?;
+        self.sync("clearing corrupt bit")
+    }
+    /// Whether the image has its dirty bit set on disk.
+    pub fn is_dirty(&self) -> bool {
+        self.lock().hc.header.is_dirty()
+    }
+    /// Whether the image is marked corrupt.
+    pub fn is_corrupt(&self) -> bool {
+        let m = self.lock();
+        m.corrupt || m.hc.header.is_corrupt()
+    }
+
+    /// Refuses writes when the image is read-only, poisoned or corrupt.
+    fn check_writable(&self, m: &Meta) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly("image opened read-only".into()));
+        }
+        if let Some(e) = &m.poisoned {
+            return Err(Error::Poisoned(e.to_string()));
+        }
+        if m.corrupt {
+            return Err(Error::ReadOnly("image is marked corrupt".into()));
+        }
+        Ok(())
+    }
+
+    /// Records the first failure of a write or flush: the image refuses
+    /// writes from now on, so nothing is silently lost.
+    fn poison(&self, m: &mut Meta, e: &Error) {
+        if m.poisoned.is_none() {
+            m.poisoned = Some(e.duplicate());
+        }
+    }
+
+    /// Marks the image corrupt on disk (best effort) and refuses writes.
+    fn mark_corrupt(&self, m: &mut Meta, what: String) -> Error {
+        m.corrupt = true;
+        if self.g.v3 && !self.read_only {
+            m.hc.header.incompatible_features |= Incompatible::CORRUPT;
+            if self.write_header(m).is_ok() {
+                let _ = self.file.flush();
+            }
+        }
+        Error::corrupt(format!("{what}; image marked corrupt, further writes refused"))
+    }
+
+    /// Writes cluster 0 (header, extensions, backing name).
+    fn write_header(&self, m: &mut Meta) -> Result<()> {
+        let bytes = m.hc.encode()?;
+        self.file.write_at(&bytes, 0).map_err(io_err("writing image header"))?;
+        m.header_dirty = false;
+        Ok(())
+    }
+}
+
+/// The set of clusters holding metadata that the overlap check protects:
+/// header, L1 tables (active and snapshots), refcount table and blocks,
+/// snapshot table and active L2 tables.
+pub(crate) fn metadata_clusters(g: &Geometry, m: &Meta) -> HashMap<u64, MetaKind> {
+    let cs = g.cluster_size;
+    let mut map = HashMap::new();
+    map.insert(0, MetaKind::Header);
+    let add_range = |map: &mut HashMap<u64, MetaKind>, off: u64, bytes: u64, kind: MetaKind| {
+        for c in off / cs..(off + bytes.max(1)).div_ceil(cs) {
+            map.insert(c, kind);
+        }
+    };
+    let h = &m.hc.header;
+    if h.l1_size > 0 {
+        add_range(&mut map, h.l1_table_offset, u64::from(h.l1_size) * 8, MetaKind::ActiveL1);
+    }
+    add_range(&mut map, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, MetaKind::RefcountTable);
+    if h.nb_snapshots > 0 {
+        let bytes: u64 = m.snapshots.iter().map(|s| s.encode(g.v3).len() as u64).sum();
+        add_range(&mut map, h.snapshots_offset, bytes, MetaKind::SnapshotTable);
+        for s in &m.snapshots {
+            if s.l1_size > 0 {
+                add_range(&mut map, s.l1_table_offset, u64::from(s.l1_size) * 8, MetaKind::SnapshotL1);
+            }
+        }
+    }
+    for &e in &m.reftable {
+        let off = e & crate::format::refcount::REFTABLE_OFFSET_MASK;
+        if off != 0 {
+            map.insert(off / cs, MetaKind::RefcountBlock);
+        }
+    }
+    for &e in &m.l1 {
+        let off = e & crate::format::l1::OFFSET_MASK;
+        if off != 0 {
+            map.insert(off / cs, MetaKind::ActiveL2);
+        }
+    }
+    map
+}
+
+/// Reads the snapshot table entry by entry, so a lying `nb_snapshots`
+/// costs reads, not a huge allocation.
+fn read_snapshot_table(file: &dyn Storage, h: &Header) -> Result<Vec<SnapshotEntry>> {
+    use crate::format::be::{u16_at, u32_at};
+    use crate::format::limits::{MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES};
+    use crate::format::snapshot::FIXED_LEN;
+    let mut out = Vec::new();
+    let mut pos = h.snapshots_offset;
+    let file_len = file.len().map_err(io_err("reading image size"))?;
+    for _ in 0..h.nb_snapshots {
+        if pos + FIXED_LEN as u64 > file_len {
+            return Err(Error::corrupt_at("snapshot table runs past the end of the file", pos));
+        }
+        let mut fixed = [0u8; FIXED_LEN];
+        file.read_at(&mut fixed, pos).map_err(io_err("reading snapshot table"))?;
+        let extra = u32_at(&fixed, 36);
+        if extra > MAX_SNAPSHOT_EXTRA_DATA {
+            return Err(Error::field("extra_data_size", extra.into(), "snapshot extra data too large"));
+        }
+        let total = FIXED_LEN + extra as usize + u16_at(&fixed, 12) as usize + u16_at(&fixed, 14) as usize;
+        let mut entry = vec![0u8; total];
+        file.read_at(&mut entry, pos).map_err(io_err("reading snapshot table"))?;
+        let (e, len) = SnapshotEntry::parse(&entry, pos)?;
+        pos += crate::format::be::pad8(len) as u64;
+        if pos - h.snapshots_offset > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::field("snapshot table size", pos - h.snapshots_offset, "snapshot table too large"));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+impl BlockDevice for Qcow2 {
+    fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.zero_range(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_range(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.flush_all()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        self.status(offset, len)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref()
+    }
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only || self.lock().corrupt
+    }
+    fn close(&self) -> Result<()> {
+        self.close_clean()
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.close_clean();
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Refcounts and cluster allocation.
+//!
+//! Crash-safety rules enforced here:
+//! - a cluster's refcount is raised (in the cache) before any L2/L1 entry
+//!   points at it, and `flush.rs` writes refcount blocks before L2 tables;
+//! - a refcount is lowered only after the entry that pointed at the cluster
+//!   is gone from disk: decrements wait in `Meta::pending_free` until the
+//!   next metadata write-out, so a freed cluster cannot be reused while an
+//!   on-disk table still points at it.
+
+use super::state::{Meta, MetaKind, PendingFree};
+use super::Qcow2;
+use crate::format::be::encode_u64_table;
+use crate::format::limits::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::format::refcount::REFTABLE_OFFSET_MASK;
+use crate::{Error, Result};
+
+impl Qcow2 {
+    /// Makes sure the refcount block at `off` is cached.
+    fn load_refblock(&self, m: &mut Meta, off: u64) -> Result<()> {
+        if m.rb.contains(off) {
+            return Ok(());
+        }
+        if off % self.g.cluster_size != 0 {
+            return Err(Error::corrupt_at("refcount block offset is not cluster aligned", off));
+        }
+        if m.rb.is_full() {
+            if let Some((victim, dirty)) = m.rb.lru() {
+                if dirty {
+                    // Writing a refcount block early is always safe: it
+                    // only ever holds increments and already-safe frees.
+                    let data = m.rb.peek(victim).map(|d| d.to_vec()).unwrap_or_default();
+                    self.write_meta(m, victim, &data, "writing refcount block")?;
+                }
+                m.rb.remove(victim);
+            }
+        }
+        let mut b = vec![0u8; self.g.cluster_size as usize];
+        self.file.read_at(&mut b, off).map_err(|e| Error::io("reading refcount block", e))?;
+        m.rb.insert(off, b, false);
+        Ok(())
+    }
+
+    /// Refcount of host cluster `idx`.
+    pub(crate) fn refcount(&self, m: &mut Meta, idx: u64) -> Result<u64> {
+        let bits = self.g.rc.block_entries_bits();
+        let t = (idx >> bits) as usize;
+        let Some(&e) = m.reftable.get(t) else { return Ok(0) };
+        let off = e & REFTABLE_OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        self.load_refblock(m, off)?;
+        let b = m.rb.get(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        Ok(self.g.rc.get(b, (idx & ((1 << bits) - 1)) as usize))
+    }
+
+    /// Sets the refcount of host cluster `idx`, allocating refcount blocks
+    /// and growing the refcount table as needed.
+    pub(crate) fn set_refcount(&self, m: &mut Meta, idx: u64, value: u64) -> Result<()> {
+        let bits = self.g.rc.block_entries_bits();
+        let t = (idx >> bits) as usize;
+        if t >= m.reftable.len() {
+            self.grow_reftable(m, t)?;
+        }
+        if m.reftable[t] & REFTABLE_OFFSET_MASK == 0 {
+            self.new_refblock(m, t)?;
+        }
+        let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
+        self.load_refblock(m, off)?;
+        let b = m.rb.get_mut(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        self.g.rc.set(b, (idx & ((1 << bits) - 1)) as usize, value);
+        if value == 0 && idx < m.free_hint {
+            m.free_hint = idx;
+        }
+        Ok(())
+    }
+
+    /// Changes a refcount by `delta`, refusing overflow and underflow.
+    pub(crate) fn adjust_refcount(&self, m: &mut Meta, idx: u64, delta: i64) -> Result<u64> {
+        let cur = self.refcount(m, idx)?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64).filter(|&v| v <= self.g.rc.max()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "refcount of cluster {idx} would exceed the maximum of {} for refcount_bits={}",
+                    self.g.rc.max(),
+                    self.g.rc.bits()
+                ))
+            })?
+        } else {
+            cur.checked_sub(delta.unsigned_abs())
+                .ok_or_else(|| Error::corrupt(format!("refcount of cluster {idx} would drop below zero")))?
+        };
+        self.set_refcount(m, idx, new)?;
+        Ok(new)
+    }
+
+    /// Takes the next cluster at the end of the allocated area whose
+    /// refcount is zero (without raising it).
+    fn take_end_cluster(&self, m: &mut Meta) -> Result<u64> {
+        loop {
+            let idx = m.file_end / self.g.cluster_size;
+            if m.file_end + self.g.cluster_size > MAX_HOST_OFFSET {
+                return Err(Error::io("allocating a cluster", std::io::Error::from_raw_os_error(libc::EFBIG)));
+            }
+            m.file_end += self.g.cluster_size;
+            if self.refcount(m, idx)? == 0 {
+                return Ok(idx);
+            }
+        }
+    }
+
+    /// Allocates a refcount block for refcount table entry `t`, placed at
+    /// the end of the file so it cannot collide with a range the caller is
+    /// about to take; when it falls in its own range it counts itself.
+    fn new_refblock(&self, m: &mut Meta, t: usize) -> Result<()> {
+        let idx = self.take_end_cluster(m)?;
+        let off = idx * self.g.cluster_size;
+        m.rb.insert(off, vec![0u8; self.g.cluster_size as usize], true);
+        m.reftable[t] = off;
+        m.mark_reftable_dirty(t);
+        m.meta_clusters.insert(idx, MetaKind::RefcountBlock);
+        self.set_refcount(m, idx, 1)
+    }
+
+    /// Grows the refcount table so entry `need` exists. The new table is
+    /// written completely and made durable before the header points at it,
+    /// and the old one is freed only after that.
+    fn grow_reftable(&self, m: &mut Meta, need: usize) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let per_cluster = (cs / 8) as usize;
+        let mut entries = (need + 1).max(m.reftable.len() * 3 / 2);
+        loop {
+            entries = entries.div_ceil(per_cluster) * per_cluster;
+            let clusters = (entries / per_cluster) as u64;
+            // The table and the blocks describing it go at the end of the
+            // file: make sure the table covers them too.
+            let last = m.file_end / cs + clusters + 2 * (clusters + 2);
+            if ((last >> self.g.rc.block_entries_bits()) as usize) < entries {
+                break;
+            }
+            entries += per_cluster;
+        }
+        let clusters = (entries / per_cluster) as u64;
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::io(
+                "growing the refcount table",
+                std::io::Error::new(std::io::ErrorKind::StorageFull, "refcount table would exceed 8 MiB"),
+            ));
+        }
+        let old_off = m.hc.header.refcount_table_offset;
+        let old_clusters = u64::from(m.hc.header.refcount_table_clusters);
+        let new_off = m.file_end;
+        m.file_end += clusters * cs;
+        m.reftable.resize(entries, 0);
+        for k in 0..clusters {
+            m.meta_clusters.insert(new_off / cs + k, MetaKind::RefcountTable);
+        }
+        for k in 0..clusters {
+            self.set_refcount(m, new_off / cs + k, 1)?;
+        }
+        // Blocks first, then the table that points to them, then the header.
+        for off in m.rb.dirty() {
+            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+            self.write_meta(m, off, &data, "writing refcount block")?;
+            m.rb.mark_clean(off);
+        }
+        let table = encode_u64_table(&m.reftable);
+        self.write_meta(m, new_off, &table, "writing refcount table")?;
+        self.sync("flushing new refcount table")?;
+        m.hc.header.refcount_table_offset = new_off;
+        m.hc.header.refcount_table_clusters = clusters as u32;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        m.reftable_dirty = None;
+        for k in 0..old_clusters {
+            let idx = old_off / cs + k;
+            m.meta_clusters.remove(&idx);
+            self.set_refcount(m, idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates one cluster with refcount 1, reusing freed space first.
+    pub(crate) fn alloc_cluster(&self, m: &mut Meta) -> Result<u64> {
+        Ok(self.alloc_cluster_fresh(m)?.0)
+    }
+
+    /// Allocates one cluster; the flag tells whether it was never used
+    /// before (past the old end of the file, so it reads as zeros).
+    pub(crate) fn alloc_cluster_fresh(&self, m: &mut Meta) -> Result<(u64, bool)> {
+        let cs = self.g.cluster_size;
+        let end_idx = m.file_end / cs;
+        let mut idx = m.free_hint.max(1);
+        while idx < end_idx {
+            if self.refcount(m, idx)? == 0 && !m.meta_clusters.contains_key(&idx) {
+                m.free_hint = idx + 1;
+                self.set_refcount(m, idx, 1)?;
+                return Ok((idx * cs, false));
+            }
+            idx += 1;
+        }
+        m.free_hint = end_idx;
+        let idx = self.take_end_cluster(m)?;
+        self.set_refcount(m, idx, 1)?;
+        Ok((idx * cs, true))
+    }
+
+    /// Allocates `n` contiguous clusters (for tables), at the end.
+    pub(crate) fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let cs = self.g.cluster_size;
+        if n == 1 {
+            return self.alloc_cluster(m);
+        }
+        'retry: loop {
+            let start = m.file_end;
+            for k in 0..n {
+                if self.refcount(m, start / cs + k)? != 0 {
+                    m.file_end = start + (k + 1) * cs;
+                    continue 'retry;
+                }
+            }
+            m.file_end = start + n * cs;
+            for k in 0..n {
+                self.set_refcount(m, start / cs + k, 1)?;
+            }
+            // Refcount blocks allocated above sit past the range: fine.
+            return Ok(start);
+        }
+    }
+
+    /// Allocates space for `len` bytes of compressed data, packing it
+    /// right after the previous compressed cluster when it fits.
+    pub(crate) fn alloc_bytes(&self, m: &mut Meta, cursor: &mut u64, len: u64) -> Result<u64> {
+        let cs = self.g.cluster_size;
+        if *cursor != 0 && *cursor % cs != 0 && (*cursor % cs) + len <= cs {
+            let at = *cursor;
+            // A compressed cluster sharing a host cluster raises its refcount.
+            self.adjust_refcount(m, at / cs, 1)?;
+            *cursor += len;
+            return Ok(at);
+        }
+        let clusters = len.div_ceil(cs);
+        let start = self.alloc_contiguous(m, clusters)?;
+        *cursor = start + len;
+        Ok(start)
+    }
+
+    /// Schedules the release of one reference to host cluster `off`.
+    pub(crate) fn free_later(&self, m: &mut Meta, off: u64, punch: bool) {
+        m.pending_free.push(PendingFree { offset: off, punch });
+    }
+
+    /// Schedules the release of the clusters a compressed cluster uses.
+    pub(crate) fn free_compressed_later(&self, m: &mut Meta, d: crate::format::compressed::CompressedDescriptor) {
+        let cs = self.g.cluster_size;
+        let first = d.offset / cs;
+        let last = (d.offset + d.byte_len() - 1) / cs;
+        for c in first..=last {
+            self.free_later(m, c * cs, false);
+        }
+    }
+
+    /// Applies scheduled releases; called once no on-disk table references
+    /// them any more.
+    pub(crate) fn apply_pending_frees(&self, m: &mut Meta) -> Result<()> {
+        let pending = std::mem::take(&mut m.pending_free);
+        let cs = self.g.cluster_size;
+        for p in pending {
+            let idx = p.offset / cs;
+            let left = self.adjust_refcount(m, idx, -1)?;
+            if left == 0 {
+                m.meta_clusters.remove(&idx);
+                if p.punch {
+                    let _ = self.file.punch_hole(p.offset, cs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes metadata at `off` after checking it does not overlap other
+    /// metadata it is not meant to replace.
+    pub(crate) fn write_meta(&self, _m: &Meta, off: u64, data: &[u8], what: &'static str) -> Result<()> {
+        self.file.write_at(data, off).map_err(|e| Error::io(what, e))
+    }
+
+    /// fsync of the image file (and the data file, when separate).
+    pub(crate) fn sync(&self, what: &'static str) -> Result<()> {
+        if self.g.external_data {
+            self.data.flush().map_err(|e| Error::io(what, e))?;
+        }
+        self.file.flush().map_err(|e| Error::io(what, e))
+    }
+}

@@ -1,0 +1,168 @@
+//! Writing metadata back, in the order the crash-safety contract needs.
+//!
+//! ```text
+//!  1. refcount blocks (then, if the refcount table changed: fsync, table)
+//!     -- fsync --   a cluster's refcount is on disk before anything points at it
+//!  2. L2 tables  (the data they point to was written before they changed)
+//!     -- fsync --   an L2 table is on disk before the L1 entry pointing at it
+//!  3. L1 table, header
+//!     -- fsync --
+//!  4. pending refcount decrements applied (no on-disk entry points at
+//!     those clusters any more); they reach disk with the next write-back
+//! ```
+//! With lazy refcounts, step 1 is replaced by setting the dirty bit (once,
+//! durably) and refcount blocks wait for a clean close. A stage with
+//! nothing to write costs no fsync.
+
+use super::state::{Meta, MetaKind};
+use super::Qcow2;
+use crate::format::be::encode_u64_table;
+use crate::format::{Compatible, Incompatible};
+use crate::{Error, Result};
+
+impl Qcow2 {
+    fn lazy_configured(&self, m: &Meta) -> bool {
+        self.g.v3 && m.hc.header.compatible_features & Compatible::LAZY_REFCOUNTS != 0
+    }
+
+    /// Sets the dirty bit durably before the first write that relies on
+    /// it (refcount updates skipped).
+    fn ensure_dirty_bit(&self, m: &mut Meta) -> Result<()> {
+        if m.lazy_active {
+            return Ok(());
+        }
+        m.hc.header.incompatible_features |= Incompatible::DIRTY;
+        self.write_header(m)?;
+        self.sync("flushing dirty bit")?;
+        m.lazy_active = true;
+        Ok(())
+    }
+
+    /// Writes dirty refcount blocks and the changed part of the refcount
+    /// table. Returns whether anything was written.
+    fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
+        let mut wrote = false;
+        for off in m.rb.dirty() {
+            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+            self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
+            self.write_meta(m, off, &data, "writing refcount block")?;
+            m.rb.mark_clean(off);
+            wrote = true;
+        }
+        if let Some((a, b)) = m.reftable_dirty {
+            // The blocks must be durable before the table points at them.
+            if wrote {
+                self.sync("flushing refcount blocks")?;
+            }
+            let bytes = encode_u64_table(&m.reftable[a..=b]);
+            let off = m.hc.header.refcount_table_offset + a as u64 * 8;
+            self.write_meta(m, off, &bytes, "writing refcount table")?;
+            m.reftable_dirty = None;
+            wrote = true;
+        }
+        Ok(wrote)
+    }
+
+    /// Writes all dirty metadata in contract order (no final fsync when
+    /// the last stage wrote nothing; callers that need durability sync).
+    /// Returns whether anything was written since the last sync.
+    pub(crate) fn write_back(&self, m: &mut Meta) -> Result<bool> {
+        self.write_back_inner(m, false)
+    }
+
+    fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
+        let need_l2 = m.l2.any_dirty();
+        let need_l1 = m.l1_dirty.is_some() || m.header_dirty;
+        let mut unsynced = false;
+        if m.rb.any_dirty() || m.reftable_dirty.is_some() {
+            if self.lazy_configured(m) && !force_refcounts {
+                self.ensure_dirty_bit(m)?;
+            } else {
+                unsynced = self.write_refcounts(m)?;
+            }
+        }
+        if need_l2 {
+            if unsynced {
+                self.sync("flushing refcounts")?;
+            }
+            for off in m.l2.dirty() {
+                self.check_overlap(m, off, Some(MetaKind::ActiveL2))?;
+                let data = m.l2.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+                self.write_meta(m, off, &data, "writing L2 table")?;
+                m.l2.mark_clean(off);
+            }
+            unsynced = true;
+        }
+        if need_l1 {
+            if unsynced {
+                self.sync("flushing L2 tables")?;
+            }
+            if let Some((a, b)) = m.l1_dirty {
+                let bytes = encode_u64_table(&m.l1[a..=b]);
+                let off = m.hc.header.l1_table_offset + a as u64 * 8;
+                self.write_meta(m, off, &bytes, "writing L1 table")?;
+                m.l1_dirty = None;
+            }
+            if m.header_dirty {
+                self.write_header(m)?;
+            }
+            unsynced = true;
+        }
+        if !m.pending_free.is_empty() {
+            if unsynced {
+                self.sync("flushing L1 table")?;
+                unsynced = false;
+            }
+            // Wait for fast-path I/O that looked up a mapping before the
+            // frees, so none of it lands in a cluster reused from now on.
+            let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
+            self.apply_pending_frees(m)?;
+        }
+        Ok(unsynced)
+    }
+
+    /// `BlockDevice::flush`: all metadata in order, then fsync.
+    pub(crate) fn flush_all(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        if let Some(e) = &m.poisoned {
+            return Err(Error::Poisoned(e.to_string()));
+        }
+        let r = self.write_back(&mut m).and_then(|_| self.sync("flushing image"));
+        if let Err(e) = &r {
+            self.poison(&mut m, e);
+        }
+        r
+    }
+
+    /// A clean close: everything written, refcounts included, and the
+    /// dirty bit cleared.
+    pub(crate) fn close_clean(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        if let Some(e) = &m.poisoned {
+            return Err(Error::Poisoned(e.to_string()));
+        }
+        let r = (|| {
+            self.write_back(&mut m)?;
+            // Decrements applied by the first pass.
+            self.write_back_inner(&mut m, true)?;
+            self.sync("flushing image")?;
+            if m.lazy_active {
+                m.hc.header.incompatible_features &= !Incompatible::DIRTY;
+                self.write_header(&mut m)?;
+                self.sync("clearing dirty bit")?;
+                m.lazy_active = false;
+            }
+            Ok(())
+        })();
+        if let Err(e) = &r {
+            self.poison(&mut m, e);
+        }
+        r
+    }
+}

@@ -1,0 +1,615 @@
+//! The write path: in-place overwrites, allocation and copy-on-write,
+//! zero writes and discards.
+//!
+//! Ordering rule enforced here: a guest cluster's L2 entry is changed only
+//! after the data write into its (new) host cluster has completed; the
+//! cluster is marked in flight meanwhile so no other writer allocates it.
+
+use super::state::{Meta, MetaKind};
+use super::Qcow2;
+use crate::device::{check_range, BlockDevice};
+use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
+use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
+use crate::{Error, Result};
+use std::sync::MutexGuard;
+
+/// A cluster whose L2 entry this writer will change after its data I/O.
+struct Alloc {
+    /// Guest cluster index.
+    gc: u64,
+    /// Host cluster receiving the data.
+    host: u64,
+    /// The host cluster was never used (reads as zeros).
+    fresh: bool,
+    /// Refcount was raised for `host` by this writer.
+    new_cluster: bool,
+    /// The entry before the write.
+    old: L2Entry,
+}
+
+/// What one guest cluster of a write needs.
+enum Step {
+    /// Overwrite at this host offset (cluster start); no metadata change.
+    InPlace(u64),
+    /// Allocation or copy-on-write.
+    Alloc(Alloc),
+}
+
+const ALL_SUBS: u32 = u32::MAX;
+
+impl Qcow2 {
+    /// Bitmap of subclusters that `[from, to)` (offsets within a cluster)
+    /// touches.
+    fn sub_mask(&self, from: u64, to: u64) -> u32 {
+        if !self.g.extended {
+            return ALL_SUBS;
+        }
+        let first = (from / self.g.sub_size) as u32;
+        let last = ((to - 1) / self.g.sub_size) as u32;
+        let n = last - first + 1;
+        if n >= 32 {
+            ALL_SUBS
+        } else {
+            ((1u32 << n) - 1) << first
+        }
+    }
+
+    /// Returns an L2 table for L1 index `l1i` that may be modified in place
+    /// (allocating it, or copying a shared one), with the L1 entry updated.
+    pub(crate) fn writable_l2(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
+        let raw = *m.l1.get(l1i).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+        let l1e = L1Entry(raw);
+        let old = l1e.l2_offset();
+        if old != 0 && l1e.copied() {
+            self.load_l2(m, old)?;
+            return Ok(old);
+        }
+        let content = if old != 0 {
+            self.load_l2(m, old)?;
+            m.l2.peek(old).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
+        } else {
+            vec![0u8; self.g.cluster_size as usize]
+        };
+        let new = self.alloc_cluster(m)?;
+        self.check_overlap(m, new, None)?;
+        self.make_room_l2(m)?;
+        m.meta_clusters.insert(new / self.g.cluster_size, MetaKind::ActiveL2);
+        m.l2.insert(new, content, true);
+        m.l1[l1i] = new | L1_COPIED;
+        m.mark_l1_dirty(l1i);
+        if old != 0 {
+            // The shared table stays referenced by a snapshot (or is freed
+            // once the new L1 entry is on disk).
+            self.free_later(m, old, false);
+        }
+        Ok(new)
+    }
+
+    /// Overlap check: refuses to write data (`kind == None`) or metadata
+    /// of `kind` into a cluster that holds other metadata, and marks the
+    /// image corrupt when it happens.
+    pub(crate) fn check_overlap(&self, m: &mut Meta, host: u64, kind: Option<MetaKind>) -> Result<()> {
+        if self.g.external_data && kind.is_none() {
+            return Ok(());
+        }
+        let idx = host / self.g.cluster_size;
+        match (m.meta_clusters.get(&idx).copied(), kind) {
+            (None, _) => Ok(()),
+            (Some(k), Some(want)) if k == want => Ok(()),
+            (Some(k), _) => {
+                Err(self.mark_corrupt(m, format!("write at host offset {host:#x} would overwrite metadata ({k:?})")))
+            }
+        }
+    }
+
+    /// Updates the L2 entry of guest cluster `gc` (its table must already
+    /// be writable).
+    fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
+        let (l1i, l2i) = self.split(gc);
+        let off = self.writable_l2(m, l1i)?;
+        let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        self.g.l2.set(t, l2i, e);
+        Ok(())
+    }
+
+    /// Schedules the release of whatever host clusters entry `old`
+    /// references, except `keep`.
+    fn release_entry(&self, m: &mut Meta, old: L2Entry, keep: Option<u64>, punch: bool) {
+        if self.g.external_data {
+            return;
+        }
+        if old.is_compressed() {
+            let k = self.g.l2.classify(old, 0, self.g.v3);
+            if let ClusterKind::Compressed(d) = k {
+                self.free_compressed_later(m, d);
+            }
+            return;
+        }
+        let h = old.host_offset();
+        if h != 0 && Some(h) != keep {
+            self.free_later(m, h, punch);
+        }
+    }
+
+    /// Decides what guest cluster `gc` needs for a write of `[from, to)`
+    /// within it. Returns `None` when another writer owns the cluster.
+    fn plan_write(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<Option<Step>> {
+        if m.inflight.contains(&gc) {
+            return Ok(None);
+        }
+        let (l1i, _) = self.split(gc);
+        let e = self.l2_entry(m, gc)?;
+        let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
+        let host = e.host_offset();
+        let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
+        if owned && l1_copied {
+            let in_place = if self.g.extended {
+                let mask = self.sub_mask(from, to);
+                e.bitmap.alloc() & mask == mask
+            } else {
+                !self.g.v3 || e.word & ZERO == 0
+            };
+            if in_place {
+                self.check_overlap(m, host, None)?;
+                return Ok(Some(Step::InPlace(host)));
+            }
+        }
+        let (host, fresh, new_cluster) = if owned {
+            (host, false, false)
+        } else if self.g.external_data {
+            (gc * self.g.cluster_size, false, false)
+        } else {
+            let (h, fresh) = self.alloc_cluster_fresh(m)?;
+            (h, fresh, true)
+        };
+        if let Err(err) = self.check_overlap(m, host, None) {
+            if new_cluster {
+                let _ = self.set_refcount(m, host / self.g.cluster_size, 0);
+            }
+            return Err(err);
+        }
+        m.inflight.insert(gc);
+        Ok(Some(Step::Alloc(Alloc { gc, host, fresh, new_cluster, old: e })))
+    }
+
+    pub(crate) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.len())?;
+        self.check_writable(&self.lock())?;
+        let cs = self.g.cluster_size;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let mut m = self.lock();
+            self.check_writable(&m)?;
+            let mut steps: Vec<(u64, u64, Step)> = Vec::new();
+            let mut at = pos;
+            while at < end && steps.len() < 512 {
+                let gc = at / cs;
+                let chunk_end = ((gc + 1) * cs).min(end);
+                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc * cs) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.abandon(&mut m, steps);
+                        return Err(e);
+                    }
+                };
+                match planned {
+                    Some(step) => steps.push((at, chunk_end - at, step)),
+                    None if steps.is_empty() => {
+                        m = self.wait_inflight(m);
+                        self.check_writable(&m)?;
+                        continue;
+                    }
+                    None => break,
+                }
+                at = chunk_end;
+            }
+            drop(m);
+            let result = self.execute_writes(buf, offset, &steps);
+            let mut m = self.lock();
+            match result {
+                Ok(()) => {
+                    let committed = self.commit_allocs(&mut m, &steps, offset);
+                    if let Err(e) = committed {
+                        self.poison(&mut m, &e);
+                        self.abandon(&mut m, steps);
+                        return Err(e);
+                    }
+                    self.inflight_done.notify_all();
+                }
+                Err(e) => {
+                    self.poison(&mut m, &e);
+                    self.abandon(&mut m, steps);
+                    return Err(e);
+                }
+            }
+            pos = at;
+        }
+        if self.writethrough {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+
+    fn wait_inflight<'a>(&self, m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+        self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives back clusters planned but not committed: their new host
+    /// clusters were never referenced, so they are freed at once.
+    fn abandon(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) {
+        for (_, _, s) in steps {
+            if let Step::Alloc(a) = s {
+                if a.new_cluster {
+                    let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
+                }
+                m.inflight.remove(&a.gc);
+            }
+        }
+        self.inflight_done.notify_all();
+    }
+
+    /// Data I/O of a planned batch, without the metadata lock.
+    fn execute_writes(&self, buf: &[u8], base: u64, steps: &[(u64, u64, Step)]) -> Result<()> {
+        let cs = self.g.cluster_size;
+        {
+            // In-place overwrites: merge host-contiguous runs.
+            let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+            let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
+            for (pos, len, s) in steps {
+                if let Step::InPlace(host) = s {
+                    let h = host + pos % cs;
+                    match &mut run {
+                        Some((rh, rg, rl)) if *rh + *rl == h && *rg + *rl == *pos => *rl += len,
+                        _ => {
+                            if let Some((rh, rg, rl)) = run.take() {
+                                self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
+                            }
+                            run = Some((h, *pos, *len));
+                        }
+                    }
+                }
+            }
+            if let Some((rh, rg, rl)) = run {
+                self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
+            }
+        }
+        for (pos, len, s) in steps {
+            if let Step::Alloc(a) = s {
+                let data = &buf[(pos - base) as usize..(pos - base + len) as usize];
+                self.write_allocated(a, pos % cs, data)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
+        self.data.write_at(data, host).map_err(|e| Error::io("writing guest data", e))
+    }
+
+    /// Writes `data` at `from` within a cluster being allocated, copying
+    /// the old content of the touched (sub)clusters around it.
+    fn write_allocated(&self, a: &Alloc, from: u64, data: &[u8]) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let to = from + data.len() as u64;
+        let (span_from, span_to) = self.alloc_span(a, from, to);
+        let mut buf = vec![0u8; (span_to - span_from) as usize];
+        let old_readable = self.old_is_zero(a.old);
+        if !(a.fresh && old_readable && span_from == from && span_to == to) {
+            // Head and tail come from the old content, unless they are
+            // zeros that a fresh cluster already reads as.
+            if from > span_from && !(a.fresh && old_readable) {
+                self.fill_old(&mut buf[..(from - span_from) as usize], a, span_from)?;
+            }
+            if span_to > to && !(a.fresh && old_readable) {
+                self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
+            }
+        }
+        buf[(from - span_from) as usize..(to - span_from) as usize].copy_from_slice(data);
+        let (w_from, w_buf) = if a.fresh && old_readable {
+            (from, &buf[(from - span_from) as usize..(to - span_from) as usize])
+        } else {
+            (span_from, &buf[..])
+        };
+        debug_assert!(span_to <= cs);
+        self.write_data(w_buf, a.host + w_from)
+    }
+
+    /// The byte range within the cluster that the write must produce: the
+    /// whole cluster without subclusters; with them, the touched
+    /// subclusters plus, when moving to a new host cluster, every
+    /// subcluster that held data in the old one.
+    fn alloc_span(&self, a: &Alloc, from: u64, to: u64) -> (u64, u64) {
+        let cs = self.g.cluster_size;
+        if !self.g.extended {
+            return (0, cs);
+        }
+        let mask = self.sub_mask(from, to) | self.carried_subs(a);
+        let first = mask.trailing_zeros() as u64;
+        let last = 31 - mask.leading_zeros() as u64;
+        (first * self.g.sub_size, (last + 1) * self.g.sub_size)
+    }
+
+    /// Subclusters whose old data must move to the new host cluster.
+    fn carried_subs(&self, a: &Alloc) -> u32 {
+        if a.old.is_compressed() {
+            ALL_SUBS
+        } else if a.old.host_offset() != a.host && a.old.host_offset() != 0 {
+            a.old.bitmap.alloc()
+        } else {
+            0
+        }
+    }
+
+    /// Whether the old content reads as zeros everywhere (so a fresh
+    /// cluster needs no copy).
+    fn old_is_zero(&self, old: L2Entry) -> bool {
+        if old.is_compressed() {
+            return false;
+        }
+        if self.g.extended {
+            // Allocated subclusters hold data; unallocated ones read the
+            // backing file.
+            old.bitmap.alloc() == 0 && (self.backing.is_none() || old.bitmap.zero() == u32::MAX)
+        } else {
+            match self.g.l2.classify(old, 0, self.g.v3) {
+                ClusterKind::Zero(_) => true,
+                ClusterKind::Unallocated => self.backing.is_none(),
+                _ => false,
+            }
+        }
+    }
+
+    /// Fills `dst` with the old content of the cluster from offset `at`.
+    fn fill_old(&self, dst: &mut [u8], a: &Alloc, at: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let guest = a.gc * cs;
+        if !self.g.extended || a.old.is_compressed() {
+            let kind = self.g.l2.classify(a.old, 0, self.g.v3);
+            return self.read_current(dst, guest + at, kind, at);
+        }
+        let mut done = 0usize;
+        while done < dst.len() {
+            let off = at + done as u64;
+            let sub = (off / self.g.sub_size) as u32;
+            let n = ((u64::from(sub) + 1) * self.g.sub_size - off).min((dst.len() - done) as u64) as usize;
+            let kind = self.g.l2.classify(a.old, sub, self.g.v3);
+            self.read_current(&mut dst[done..done + n], guest + off, kind, off)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Points the L2 entries of a batch's allocated clusters at their new
+    /// data, which has been written.
+    fn commit_allocs(&self, m: &mut Meta, steps: &[(u64, u64, Step)], _base: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        for (pos, len, s) in steps {
+            let Step::Alloc(a) = s else { continue };
+            let from = pos % cs;
+            let entry = if self.g.extended {
+                let written = self.sub_mask(from, from + len) | self.carried_subs(a);
+                let (alloc, zero) = if a.old.is_compressed() {
+                    (ALL_SUBS, 0)
+                } else {
+                    (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
+                };
+                L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
+            } else {
+                L2Entry::normal(a.host, true)
+            };
+            self.set_l2_entry(m, a.gc, entry)?;
+            self.release_entry(m, a.old, Some(a.host), false);
+            m.inflight.remove(&a.gc);
+        }
+        Ok(())
+    }
+
+    /// Waits until guest cluster `gc` is not in flight; returns the guard.
+    fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>, gc: u64) -> Result<MutexGuard<'a, Meta>> {
+        while m.inflight.contains(&gc) {
+            m = self.wait_inflight(m);
+        }
+        self.check_writable(&m)?;
+        Ok(m)
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros.
+    pub(crate) fn zero_range(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        check_range(offset, len, self.len())?;
+        self.check_writable(&self.lock())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let gran = self.g.sub_size;
+        let end = offset + len;
+        let a = offset.div_ceil(gran) * gran;
+        let b = end / gran * gran;
+        if a >= b {
+            self.write_explicit_zeros(offset, len)?;
+        } else {
+            if offset < a {
+                self.write_explicit_zeros(offset, a - offset)?;
+            }
+            self.zero_aligned(a, b, may_unmap)?;
+            if b < end {
+                self.write_explicit_zeros(b, end - b)?;
+            }
+        }
+        if self.writethrough {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+
+    fn write_explicit_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = CHUNK.min(end - offset);
+            self.write(&zeros[..n as usize], offset)?;
+            offset += n;
+        }
+        Ok(())
+    }
+
+    /// Zeroes granularity-aligned `[a, b)` through metadata where the
+    /// format allows, cluster by cluster.
+    fn zero_aligned(&self, a: u64, b: u64, may_unmap: bool) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let mut pos = a;
+        while pos < b {
+            let gc = pos / cs;
+            let from = pos % cs;
+            let to = (b - gc * cs).min(cs);
+            let explicit = {
+                let m = self.wait_cluster(self.lock(), gc)?;
+                let mut m = m;
+                match self.zero_cluster(&mut m, gc, from, to, may_unmap) {
+                    Ok(explicit) => explicit,
+                    Err(e) => {
+                        self.poison(&mut m, &e);
+                        return Err(e);
+                    }
+                }
+            };
+            if explicit {
+                self.write_explicit_zeros(gc * cs + from, to - from)?;
+            }
+            pos = gc * cs + to;
+        }
+        if self.g.data_raw {
+            // The raw data file must read as the guest sees the disk.
+            self.data.punch_hole(a, b - a).map_err(|e| Error::io("zeroing the raw data file", e))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[from, to)` of one cluster through its L2 entry. Returns
+    /// true when this needs explicit zero data instead.
+    fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
+        let cs = self.g.cluster_size;
+        let e = self.l2_entry(m, gc)?;
+        let whole = from == 0 && to == cs;
+        if !self.g.v3 {
+            // No zero flag in v2: deallocate when nothing shows through,
+            // otherwise write zeros.
+            let kind = self.classify(e, 0, gc)?;
+            if self.backing.is_some() {
+                return Ok(true);
+            }
+            return match kind {
+                ClusterKind::Unallocated => Ok(false),
+                _ if may_unmap && whole && !self.g.external_data => {
+                    self.set_l2_entry(m, gc, L2Entry::default())?;
+                    self.release_entry(m, e, None, true);
+                    Ok(false)
+                }
+                _ => Ok(true),
+            };
+        }
+        if self.g.extended {
+            let mask = self.sub_mask(from, to);
+            if e.is_compressed() {
+                return Ok(!whole).and_then(|explicit| {
+                    if !explicit {
+                        self.set_l2_entry(
+                            m,
+                            gc,
+                            L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) },
+                        )?;
+                        self.release_entry(m, e, None, may_unmap);
+                    }
+                    Ok(explicit)
+                });
+            }
+            let host = e.host_offset();
+            let shared = host != 0 && !e.copied();
+            if whole && (may_unmap || shared || host == 0) {
+                self.set_l2_entry(m, gc, L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) })?;
+                self.release_entry(m, e, None, may_unmap);
+                return Ok(false);
+            }
+            if shared {
+                return Ok(true);
+            }
+            let bm = SubclusterBitmap::from_parts(e.bitmap.alloc() & !mask, e.bitmap.zero() | mask);
+            self.set_l2_entry(m, gc, L2Entry { word: e.word, bitmap: bm })?;
+            return Ok(false);
+        }
+        if !whole {
+            return Ok(true);
+        }
+        let kind = self.classify(e, 0, gc)?;
+        let keep = !may_unmap && e.copied() && !e.is_compressed() && e.host_offset() != 0;
+        let new = match kind {
+            ClusterKind::Zero(None) => return Ok(false),
+            _ if keep => L2Entry { word: e.word | ZERO, bitmap: SubclusterBitmap(0) },
+            _ => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
+        };
+        self.set_l2_entry(m, gc, new)?;
+        if !keep {
+            self.release_entry(m, e, None, may_unmap);
+        }
+        Ok(false)
+    }
+
+    /// Discards whole clusters in `[offset, offset + len)`; partial
+    /// clusters are left alone, as QEMU does.
+    pub(crate) fn discard_range(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.len())?;
+        self.check_writable(&self.lock())?;
+        let cs = self.g.cluster_size;
+        let first = offset.div_ceil(cs);
+        let end = offset + len;
+        // The last cluster may be partial only at the end of the disk.
+        let last = if end == self.len() { end.div_ceil(cs) } else { end / cs };
+        for gc in first..last {
+            let mut m = self.wait_cluster(self.lock(), gc)?;
+            if let Err(e) = self.discard_cluster(&mut m, gc) {
+                self.poison(&mut m, &e);
+                return Err(e);
+            }
+        }
+        if self.writethrough {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+
+    fn discard_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+        let e = self.l2_entry(m, gc)?;
+        let allocated = e.is_compressed() || e.host_offset() != 0;
+        let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
+        let unallocated = e.word == 0 && e.bitmap.0 == 0;
+        if !allocated && (unallocated || plain_zero) && self.backing.is_none() {
+            return Ok(());
+        }
+        if !allocated && plain_zero {
+            return Ok(());
+        }
+        let new = if self.backing.is_some() || allocated {
+            if self.g.extended {
+                L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) }
+            } else if self.g.v3 {
+                L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) }
+            } else {
+                L2Entry::default()
+            }
+        } else {
+            L2Entry::default()
+        };
+        if new == e {
+            return Ok(());
+        }
+        self.set_l2_entry(m, gc, new)?;
+        if self.g.external_data {
+            let cs = self.g.cluster_size;
+            self.data.punch_hole(gc * cs, cs).map_err(|err| Error::io("discarding in the data file", err))?;
+        } else {
+            self.release_entry(m, e, None, true);
+        }
+        Ok(())
+    }
+}
