@@ -267,6 +267,7 @@ pub(crate) fn negotiate<C: Connection>(
                     continue;
                 }
                 let (base, depth) = select_contexts(&req.queries, listing);
+                let depth = depth && shared.config.allocation_depth;
                 // Listing replies carry id 0, as the specification asks.
                 let (id_base, id_depth) = if listing { (0, 0) } else { (ID_BASE_ALLOCATION, ID_ALLOCATION_DEPTH) };
                 if base {

@@ -80,6 +80,10 @@ pub struct ExportConfig {
     /// the same device (always so here), so set it whenever several
     /// connections are allowed or the export is read-only, as qemu-nbd does.
     pub multi_conn_ok: bool,
+    /// Offer the `qemu:allocation-depth` metadata context (qemu-nbd offers
+    /// it only with `-A`; offering it costs nothing to clients that do not
+    /// ask for it).
+    pub allocation_depth: bool,
 }
 
 impl Default for ExportConfig {
@@ -91,6 +95,7 @@ impl Default for ExportConfig {
             discard: DiscardMode::Ignore,
             detect_zeroes: DetectZeroes::Off,
             multi_conn_ok: false,
+            allocation_depth: true,
         }
     }
 }

@@ -2,7 +2,6 @@
 //! and the descriptors of `NBD_CMD_BLOCK_STATUS`.
 
 use super::proto::{STATE_HOLE, STATE_ZERO};
-use crate::device::chain_status;
 use crate::{BlockDevice, BlockStatus, Result};
 
 /// Most extents looked up for one read; past it the rest is read as data
@@ -23,15 +22,43 @@ pub(crate) struct Segment {
     pub zero: bool,
 }
 
-/// Status of `[pos, end)` clamped to it, or `None` when the device gives
-/// nothing usable (an error, or an empty extent that would loop forever).
-fn status_at(dev: &dyn BlockDevice, pos: u64, end: u64) -> Result<Option<BlockStatus>> {
-    let mut st = chain_status(dev, pos, end - pos)?;
+/// Status of `[pos, end)` through the backing chain, clamped to it, with
+/// its `qemu:allocation-depth` value; `None` when the device gives nothing
+/// usable (an empty or misplaced extent that would loop forever).
+///
+/// This is [`crate::device::chain_status`] plus one distinction it does not
+/// make: past the end of a shorter backing image, QEMU counts the zeros as
+/// allocated by that backing layer, where a range no layer allocates has
+/// depth 0.
+fn status_at(dev: &dyn BlockDevice, pos: u64, end: u64) -> Result<Option<(BlockStatus, u32)>> {
+    let mut layer = dev;
+    let mut depth = 0u32;
+    let mut len = end - pos;
+    let (mut st, value) = loop {
+        let st = layer.block_status(pos, len)?;
+        if st.allocated {
+            break (st, depth + 1);
+        }
+        if st.offset != pos || st.length == 0 {
+            return Ok(None);
+        }
+        len = st.length.min(len);
+        match layer.backing() {
+            Some(b) if pos < b.len() => {
+                layer = b;
+                len = len.min(b.len() - pos);
+                depth += 1;
+            }
+            Some(_) => break (st, depth + 2),
+            None => break (st, 0),
+        }
+    };
     if st.offset != pos || st.length == 0 {
         return Ok(None);
     }
-    st.length = st.length.min(end - pos);
-    Ok(Some(st))
+    st.length = st.length.min(len).min(end - pos);
+    st.depth = depth;
+    Ok(Some((st, value)))
 }
 
 /// Splits a read of `len` bytes at `offset` into data and zero segments.
@@ -43,7 +70,7 @@ pub(crate) fn read_segments(dev: &dyn BlockDevice, offset: u64, len: usize) -> V
     while pos < end {
         let st = if segs.len() >= MAX_READ_EXTENTS { None } else { status_at(dev, pos, end).ok().flatten() };
         let (n, zero) = match st {
-            Some(st) => (st.length, st.zero),
+            Some((st, _)) => (st.length, st.zero),
             None => (end - pos, false),
         };
         let rel = (pos - offset) as usize;
@@ -93,7 +120,9 @@ impl Track {
 /// `len` nonzero) for the selected contexts. `base:allocation` reports a
 /// hole where no layer stores data and zero where the content reads as
 /// zeros; `qemu:allocation-depth` reports 0 where no layer of the chain
-/// allocates, else the 1-based depth of the layer that does.
+/// allocates, else the 1-based depth of the layer that does (a range past
+/// the end of a shorter backing image counts as allocated by it, as in
+/// qemu-nbd).
 pub(crate) fn block_status(
     dev: &dyn BlockDevice,
     offset: u64,
@@ -107,20 +136,23 @@ pub(crate) fn block_status(
     let mut td = Track { wanted: depth, done: false, out: Vec::new() };
     let mut pos = offset;
     while pos < end && (tb.open() || td.open()) {
-        let st = match status_at(dev, pos, end) {
-            Ok(Some(st)) => st,
+        let (st, d) = match status_at(dev, pos, end) {
+            Ok(Some(found)) => found,
             // Nothing known: status 0 ("allocated, contents unknown") is
             // always a truthful answer for the rest.
-            Ok(None) => BlockStatus {
-                offset: pos,
-                length: end - pos,
-                allocated: true,
-                zero: false,
-                data: true,
-                compressed: false,
-                host_offset: None,
-                depth: 0,
-            },
+            Ok(None) => (
+                BlockStatus {
+                    offset: pos,
+                    length: end - pos,
+                    allocated: true,
+                    zero: false,
+                    data: true,
+                    compressed: false,
+                    host_offset: None,
+                    depth: 0,
+                },
+                1,
+            ),
             Err(e) if pos == offset => return Err(e),
             // What was gathered before the failure is still true.
             Err(_) => break,
@@ -128,7 +160,6 @@ pub(crate) fn block_status(
         // The walk stays within a u32-long request, so this cannot truncate.
         let n = st.length as u32;
         let flags = (if st.data { 0 } else { STATE_HOLE }) | (if st.zero { STATE_ZERO } else { 0 });
-        let d = if st.allocated { st.depth + 1 } else { 0 };
         tb.push(n, flags, req_one);
         td.push(n, d, req_one);
         pos += st.length;
