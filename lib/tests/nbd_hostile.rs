@@ -331,3 +331,26 @@ fn shutdown_disconnects_live_clients_and_returns() {
     assert!(idle.closed_by_peer());
     assert!(read_file_at(&path, 0, 4096).iter().all(|&b| b == 0x71));
 }
+
+#[test]
+fn client_stalling_mid_request_is_dropped() {
+    let f = fixture(ServeOptions { io_timeout: Duration::from_millis(500), ..opts(true, 1) });
+    // Stalls inside a write payload, then inside a header.
+    let mut c = client(&f.srv, "h", true, &[]);
+    let r = Request { flags: 0, command: CMD_WRITE, cookie: 1, offset: 0, length: 65536 };
+    c.s.write_all(&r.encode()).unwrap();
+    c.s.write_all(&[0xee; 1000]).unwrap();
+    let start = Instant::now();
+    assert!(c.s.closed_by_peer());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let mut c = client(&f.srv, "h", true, &[]);
+    c.s.write_all(&r.encode()[..10]).unwrap();
+    assert!(c.s.closed_by_peer());
+    // An idle client between requests is left alone.
+    let mut c = client(&f.srv, "h", true, &[]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(c.read(0, 4096).iter().all(|&b| b == 0x5a));
+    c.disconnect();
+    still_serves(&f);
+    assert!(read_file_at(&f.path, 0, 65536).iter().all(|&b| b == 0x5a));
+}

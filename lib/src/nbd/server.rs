@@ -23,17 +23,19 @@ pub struct ServeOptions {
     /// Keep serving after the last client leaves (qemu-nbd's `-t`);
     /// otherwise serving ends once a client has come and all have gone.
     pub persistent: bool,
-    /// Most clients served at once (qemu-nbd's `-e`, default 1); further
-    /// clients wait in the listen backlog until a slot frees, as with
-    /// qemu-nbd.
+    /// Most clients served at once (qemu-nbd's `-e`, default 1; 0 counts
+    /// as 1); further clients wait in the listen backlog until a slot
+    /// frees, as with qemu-nbd.
     pub max_connections: usize,
     /// Worker threads per connection carrying out requests in parallel.
     pub workers: usize,
     /// Longest a client may take to finish negotiation.
     pub handshake_timeout: Duration,
-    /// Longest a reply may wait for the client to read it before the
-    /// client is dropped.
-    pub reply_timeout: Duration,
+    /// Longest the server waits on a client in the middle of a message,
+    /// either way (the rest of a request once it has begun, or room to
+    /// send a reply) before dropping it. Idle time between requests is not
+    /// limited.
+    pub io_timeout: Duration,
     /// Payload bytes (write data and read buffers) one client may have in
     /// flight before its further requests wait.
     pub max_in_flight_bytes: usize,
@@ -48,7 +50,7 @@ impl Default for ServeOptions {
             max_connections: 1,
             workers: 4,
             handshake_timeout: Duration::from_secs(10),
-            reply_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(60),
             max_in_flight_bytes: 64 << 20,
             max_in_flight_requests: 128,
         }

@@ -10,11 +10,12 @@ use super::server::{ServeOptions, Shared};
 use super::status::{block_status, read_segments, Segment, StatusReply};
 use super::{DetectZeroes, DiscardMode};
 use crate::Error;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking worker must not take the whole connection down with a
@@ -123,7 +124,7 @@ pub(crate) fn run<C: Connection>(
     conn.set_read_timeout_conn(None)?;
     // A client that stops reading its replies must not pin worker threads
     // forever.
-    conn.set_write_timeout_conn(Some(opts.reply_timeout))?;
+    conn.set_write_timeout_conn(Some(opts.io_timeout))?;
     let ctx = Arc::new(Ctx {
         shared,
         session,
@@ -153,8 +154,14 @@ pub(crate) fn run<C: Connection>(
 
     let mut reader = io::BufReader::with_capacity(64 << 10, conn);
     loop {
+        // Idle between requests for as long as the client likes, as with
+        // qemu-nbd; but once a message has begun it must keep coming.
+        match reader.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(_) => {}
+        }
         let mut h = [0u8; request::SIZE];
-        if reader.read_exact(&mut h).is_err() {
+        if read_message(&mut reader, &mut h, opts.io_timeout).is_err() {
             break;
         }
         let Ok(req) = Request::decode(&h) else {
@@ -174,7 +181,7 @@ pub(crate) fn run<C: Connection>(
                 }
                 let permit = budget.acquire(req.length as usize);
                 let mut payload = vec![0u8; req.length as usize];
-                if reader.read_exact(&mut payload).is_err() {
+                if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
                     // Disconnected mid-payload: the partial write is dropped.
                     break;
                 }
@@ -197,6 +204,19 @@ pub(crate) fn run<C: Connection>(
     let _ = lock(&ctx.replies.out).flush();
     ctx.replies.control.shutdown_conn();
     Ok(())
+}
+
+/// Reads the rest of a message that has begun, each read bounded by
+/// `timeout` so a client stalling mid-message is dropped rather than
+/// holding its connection slot forever. The socket's timeout is touched only
+/// when the message is not already buffered.
+fn read_message<C: Connection>(reader: &mut io::BufReader<C>, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    if reader.buffer().len() >= buf.len() {
+        return reader.read_exact(buf);
+    }
+    reader.get_ref().set_read_timeout_conn(Some(timeout))?;
+    reader.read_exact(buf)?;
+    reader.get_ref().set_read_timeout_conn(None)
 }
 
 fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
