@@ -76,9 +76,9 @@ pub struct ExportConfig {
     pub discard: DiscardMode,
     /// Zero detection on writes.
     pub detect_zeroes: DetectZeroes,
-    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`: true when every connection sees
-    /// the same device (always so here), so set it whenever several
-    /// connections are allowed or the export is read-only, as qemu-nbd does.
+    /// Advertise `NBD_FLAG_CAN_MULTI_CONN`. Every connection shares one
+    /// device, so it is always true here; qemu-nbd advertises it exactly
+    /// when `-e` allows more than one client.
     pub multi_conn_ok: bool,
     /// Offer the `qemu:allocation-depth` metadata context (qemu-nbd offers
     /// it only with `-A`; offering it costs nothing to clients that do not

@@ -27,10 +27,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// whatever it sends: the reader stops taking requests until replies free
 /// room (a single request larger than the byte budget still passes alone).
 struct Budget {
-    state: Mutex<(usize, usize)>,
+    state: Mutex<InFlight>,
     freed: Condvar,
     max_bytes: usize,
     max_requests: usize,
+}
+
+#[derive(Default)]
+struct InFlight {
+    bytes: usize,
+    requests: usize,
 }
 
 struct Permit {
@@ -41,11 +47,11 @@ struct Permit {
 impl Budget {
     fn acquire(self: &Arc<Self>, bytes: usize) -> Permit {
         let mut st = lock(&self.state);
-        while (st.0 > 0 && st.0 + bytes > self.max_bytes) || st.1 >= self.max_requests {
+        while (st.bytes > 0 && st.bytes + bytes > self.max_bytes) || st.requests >= self.max_requests {
             st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        st.0 += bytes;
-        st.1 += 1;
+        st.bytes += bytes;
+        st.requests += 1;
         Permit { budget: Arc::clone(self), bytes }
     }
 }
@@ -53,8 +59,8 @@ impl Budget {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut st = lock(&self.budget.state);
-        st.0 -= self.bytes;
-        st.1 -= 1;
+        st.bytes -= self.bytes;
+        st.requests -= 1;
         self.budget.freed.notify_all();
     }
 }
@@ -135,7 +141,7 @@ pub(crate) fn run<C: Connection>(
         },
     });
     let budget = Arc::new(Budget {
-        state: Mutex::new((0, 0)),
+        state: Mutex::new(InFlight::default()),
         freed: Condvar::new(),
         max_bytes: opts.max_in_flight_bytes.max(1),
         max_requests: opts.max_in_flight_requests.max(1),
