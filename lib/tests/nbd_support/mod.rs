@@ -58,7 +58,10 @@ impl Running {
     }
     /// Whether the serve loop has returned.
     pub fn is_finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
+        match &self.handle {
+            Some(h) => h.is_finished(),
+            None => true,
+        }
     }
     /// Connects a raw TCP or Unix stream.
     pub fn connect(&self) -> Stream {
