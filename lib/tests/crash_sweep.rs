@@ -27,6 +27,10 @@ enum Op {
     Flush,
 }
 
+/// Writes applied beyond the durable prefix, and an optional torn write
+/// (event index, sectors that made it).
+type Variant = (Vec<usize>, Option<(usize, usize)>);
+
 struct Config {
     name: &'static str,
     create: CreateOptions,
@@ -166,7 +170,7 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize) -> usiz
         let first_unstable = g.map_or(0, |g| g + 1);
         let unstable: Vec<(u64, u64)> =
             done[first_unstable..].iter().filter(|d| d.log_start < window_end).filter_map(|d| op_range(d.op)).collect();
-        let mut variants: Vec<(Vec<usize>, Option<(usize, usize)>)> = vec![(vec![], None)];
+        let mut variants: Vec<Variant> = vec![(vec![], None)];
         for _ in 0..subsets {
             let mut pick: Vec<usize> = window.iter().copied().filter(|_| rng.below(2) == 0).collect();
             // Reorder: later writes may land before earlier ones.
@@ -224,7 +228,7 @@ fn verify_state(
     let mut ranges = unstable.to_vec();
     ranges.sort_unstable();
     let mut pos = 0u64;
-    let mut cmp = |a: u64, b: u64| {
+    let cmp = |a: u64, b: u64| {
         if a < b && got[a as usize..b as usize] != model[a as usize..b as usize] {
             let i = (a..b).find(|&i| got[i as usize] != model[i as usize]).unwrap_or(a);
             panic!(

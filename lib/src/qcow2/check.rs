@@ -207,7 +207,7 @@ impl Qcow2 {
             if off == 0 {
                 continue;
             }
-            if off % cs != 0 {
+            if !off.is_multiple_of(cs) {
                 s.report.corruptions += 1;
                 s.bad_refblocks = true;
                 s.report
@@ -261,7 +261,7 @@ impl Qcow2 {
             if l2 == 0 {
                 continue;
             }
-            if l2 % cs != 0 {
+            if !l2.is_multiple_of(cs) {
                 s.report.corruptions += 1;
                 s.report
                     .messages
@@ -312,7 +312,7 @@ impl Qcow2 {
                 if host == 0 {
                     continue;
                 }
-                if host % cs != 0 {
+                if !host.is_multiple_of(cs) {
                     s.report.corruptions += 1;
                     s.report
                         .messages
@@ -339,7 +339,7 @@ impl Qcow2 {
 
     fn scan_bitmaps(&self, s: &mut Scan, nb: u64, dir_off: u64, dir_size: u64, count: u32) -> Result<()> {
         let cs = self.g.cluster_size;
-        if dir_off % cs != 0 {
+        if !dir_off.is_multiple_of(cs) {
             s.report.corruptions += 1;
             s.report.messages.push("ERROR bitmap directory is not cluster aligned".into());
             return Ok(());
@@ -491,7 +491,7 @@ impl Qcow2 {
         for i in 0..m.l1.len() {
             let e = L1Entry(m.l1[i]);
             let l2 = e.l2_offset();
-            if l2 == 0 || l2 % cs != 0 {
+            if l2 == 0 || !l2.is_multiple_of(cs) {
                 continue;
             }
             let want = self.refcount(m, l2 / cs)? == 1;

@@ -42,14 +42,6 @@ impl Geometry {
             data_raw: h.autoclear_features & crate::format::Autoclear::DATA_FILE_RAW != 0,
         }
     }
-    /// Subclusters per cluster (1 without extended L2).
-    pub fn subs(&self) -> u32 {
-        if self.extended {
-            crate::format::l2::SUBCLUSTERS
-        } else {
-            1
-        }
-    }
 }
 
 /// What a metadata cluster holds, for the overlap check.
