@@ -73,7 +73,13 @@ fn every_cluster_size_and_refcount_width() {
     let dir = tempfile::tempdir().unwrap();
     for cs in ["512", "4k", "64k", "2M"] {
         for rb in ["1", "16", "64"] {
-            let p = qcow2(dir.path(), &format!("c{cs}-r{rb}.qcow2"), &format!("cluster_size={cs},refcount_bits={rb}"), "8M", WRITES);
+            let p = qcow2(
+                dir.path(),
+                &format!("c{cs}-r{rb}.qcow2"),
+                &format!("cluster_size={cs},refcount_bits={rb}"),
+                "8M",
+                WRITES,
+            );
             assert_reads_like_qemu(&p, "qcow2");
         }
     }
@@ -87,10 +93,26 @@ fn every_cluster_size_and_refcount_width() {
 fn extended_l2_subclusters() {
     let dir = tempfile::tempdir().unwrap();
     for cs in ["16k", "64k", "2M"] {
-        let cmds = ["write -P 0x44 1k 1k", "write -P 0x55 8k 3k", "write -z 9k 1k", "write -P 0x66 2M 70k", "discard 2M 64k"];
+        let cmds =
+            ["write -P 0x44 1k 1k", "write -P 0x55 8k 3k", "write -z 9k 1k", "write -P 0x66 2M 70k", "discard 2M 64k"];
         let base = qcow2(dir.path(), &format!("base{cs}.qcow2"), "", "8M", &["write -P 0x77 0 8M"]);
         let p = dir.path().join(format!("ext{cs}.qcow2"));
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("extended_l2=on,cluster_size={cs}"), "-b", s(&base), "-F", "qcow2", s(&p)]);
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("extended_l2=on,cluster_size={cs}"),
+                "-b",
+                s(&base),
+                "-F",
+                "qcow2",
+                s(&p),
+            ],
+        );
         for c in cmds {
             ok("qemu-io", &["-c", c, s(&p)]);
         }
@@ -104,7 +126,19 @@ fn compressed_zlib_and_zstd() {
     let src = qcow2(dir.path(), "src.qcow2", "", "8M", &["write -P 0x12 0 3M", "write -P 0x34 5M 100k"]);
     for (ct, cs) in [("zlib", "64k"), ("zstd", "64k"), ("zlib", "4k"), ("zstd", "2M"), ("zlib", "512")] {
         let p = dir.path().join(format!("comp-{ct}-{cs}.qcow2"));
-        ok("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ct},cluster_size={cs}"), s(&src), s(&p)]);
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ct},cluster_size={cs}"),
+                s(&src),
+                s(&p),
+            ],
+        );
         assert_reads_like_qemu(&p, "qcow2");
         // Partly overwritten compressed clusters.
         ok("qemu-io", &["-c", "write -P 0x56 70k 10k", s(&p)]);
@@ -148,7 +182,10 @@ fn external_data_file() {
     for raw in ["off", "on"] {
         let p = d.join(format!("df-{raw}.qcow2"));
         let data = d.join(format!("df-{raw}.data"));
-        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw={raw}", s(&data)), s(&p), "8M"]);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={},data_file_raw={raw}", s(&data)), s(&p), "8M"],
+        );
         ok("qemu-io", &["-c", "write -P 0x99 64k 200k", "-c", "write -z 100k 8k", s(&p)]);
         assert_reads_like_qemu(&p, "qcow2");
     }
@@ -165,7 +202,13 @@ fn dirty_image_reads_read_only() {
 #[test]
 fn multi_tib_sparse_image() {
     let dir = tempfile::tempdir().unwrap();
-    let p = qcow2(dir.path(), "huge.qcow2", "", "4T", &["write -P 0x61 0 64k", "write -P 0x62 3T 64k", "write -P 0x63 4095G 1M"]);
+    let p = qcow2(
+        dir.path(),
+        "huge.qcow2",
+        "",
+        "4T",
+        &["write -P 0x61 0 64k", "write -P 0x62 3T 64k", "write -P 0x63 4095G 1M"],
+    );
     let img = image::open(&p, &OpenOptions::read_only()).unwrap();
     let dev = img.device();
     let mut b = vec![0u8; 65536];
@@ -192,7 +235,18 @@ fn encrypted_images_are_refused_clearly() {
     let p = dir.path().join("enc.qcow2");
     let (code, _, _) = run(
         "qemu-img",
-        &["create", "-q", "--object", "secret,id=s0,data=pw", "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0", s(&p), "4M"],
+        &[
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=pw",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            s(&p),
+            "4M",
+        ],
     );
     if code != 0 {
         eprintln!("qemu-img cannot make encrypted images here; skipped");
