@@ -66,13 +66,73 @@ pub fn layers(img: &Image) -> Vec<Layer<'_>> {
     let mut cur = Some(img);
     while let Some(i) = cur {
         let ext_data = i.qcow2().and_then(|q| q.extensions().data_file);
-        match ext_data {
-            Some(df) => out.push(Layer { name: resolve_backing(i.path(), &df).display().to_string(), own_file: None }),
-            None => out.push(Layer { name: i.path().display().to_string(), own_file: Some(&**i.file()) }),
-        }
+        let name = match &ext_data {
+            Some(df) => resolve_backing(i.path(), df).display().to_string(),
+            None => i.path().display().to_string(),
+        };
+        // QEMU only asks the file about holes under qcow2 data when it
+        // believes the image was preallocated; raw layers report holes
+        // themselves.
+        let own_file = match i.qcow2() {
+            Some(q) if ext_data.is_none() && looks_preallocated(q) => Some(&**i.file()),
+            _ => None,
+        };
+        out.push(Layer { name, own_file });
         cur = i.backing();
     }
     out
+}
+
+/// QEMU's test for metadata preallocation: far more clusters carry a
+/// refcount than the host file has blocks for (at least 10/9 as many and
+/// two more).
+fn looks_preallocated(q: &oxcow::qcow2::Qcow2) -> bool {
+    let file = q.file();
+    let cs = q.cluster_size();
+    let (Ok(flen), Ok(alloc)) = (file.len(), file.allocated_size()) else { return false };
+    let real = alloc / cs;
+    let threshold = (real * 10 / 9).max(real + 2);
+    let end_cluster = flen.div_ceil(cs);
+    let h = q.header();
+    let bits = u64::from(h.refcount_bits());
+    let per_block = cs * 8 / bits;
+    let table_len = u64::from(h.refcount_table_clusters) * cs;
+    if table_len > 64 << 20 {
+        return false;
+    }
+    let mut table = vec![0u8; table_len as usize];
+    if file.read_at(&mut table, h.refcount_table_offset).is_err() {
+        return false;
+    }
+    let mut count = 0u64;
+    let mut block = vec![0u8; cs as usize];
+    for (bi, e) in table.chunks_exact(8).enumerate() {
+        let first = bi as u64 * per_block;
+        if first >= end_cluster || count >= threshold {
+            break;
+        }
+        let off = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & !0x1ff;
+        if off == 0 {
+            continue;
+        }
+        if file.read_at(&mut block, off).is_err() {
+            return false;
+        }
+        for i in 0..per_block.min(end_cluster - first) {
+            let bit = i * bits;
+            let nonzero = if bits < 8 {
+                (block[(bit / 8) as usize] >> (bit % 8)) & ((1u16 << bits) - 1) as u8 != 0
+            } else {
+                let at = (bit / 8) as usize;
+                block[at..at + (bits / 8) as usize].iter().any(|&b| b != 0)
+            };
+            count += u64::from(nonzero);
+            if count >= threshold {
+                break;
+            }
+        }
+    }
+    count >= threshold
 }
 
 /// Walks the whole device through its chain, calling `f` with each merged
