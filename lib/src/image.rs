@@ -87,6 +87,8 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Follow backing names that point to the network.
     pub allow_network_backing: bool,
+    /// Open a damaged qcow2 image writable so `check -r` can repair it.
+    pub repair: bool,
 }
 
 impl OpenOptions {
@@ -257,7 +259,9 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                 if is_protocol_name(&name) {
                     return Err(Error::invalid(format!("data file name '{name}' names a protocol; refusing")));
                 }
-                let dpath = resolve_backing(path, &name);
+                // QEMU opens the data file by its name as given, relative
+                // to the working directory (unlike backing files).
+                let dpath = PathBuf::from(&name);
                 let d: Arc<dyn Storage> = open_file(&dpath, opts.write, opts.cache)?;
                 Some(d)
             } else {
@@ -271,6 +275,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     backing: backing.as_ref().map(|b| b.device_arc()),
                     data_file,
                     l2_cache_bytes: 0,
+                    repair: opts.repair,
                 },
             )?);
             Ok(Image {

@@ -297,6 +297,19 @@ impl HeaderCluster {
     /// Encodes cluster 0's used bytes, placing the backing file name after
     /// the extensions and filling in its offset and size.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        match self.encode_exact() {
+            // The feature name table is optional: small clusters leave no
+            // room for it (QEMU drops it too).
+            Err(_) if !self.extensions.feature_names.is_empty() => {
+                let mut slim = self.clone();
+                slim.extensions.feature_names.clear();
+                slim.encode_exact()
+            }
+            r => r,
+        }
+    }
+
+    fn encode_exact(&self) -> Result<Vec<u8>> {
         let mut h = self.header.clone();
         let exts = self.extensions.encode();
         let head_len = h.encode().len();

@@ -4,9 +4,15 @@
 //! fault tests can slide a recording or failing implementation underneath
 //! the real engine without changing a line of it.
 
+mod counting;
+mod crash;
+mod fault;
 mod file;
 mod memory;
 
+pub use counting::CountingStorage;
+pub use crash::{apply_event, CrashLog, CrashStorage, Event};
+pub use fault::{Fault, FaultStorage};
 pub use file::{FileStorage, OpenFlags};
 pub use memory::MemoryStorage;
 
