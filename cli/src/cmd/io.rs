@@ -27,9 +27,9 @@ pub struct Args {
     /// Force sharing (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Discard mode: `ignore` (the default, as in qemu-io: discard requests
-    /// succeed without doing anything) or `unmap` (they reach the image).
-    #[arg(short = 'd', long = "discard", default_value = "ignore")]
+    /// Discard mode: `unmap` (the default, as in qemu-io) or `ignore`
+    /// (discard requests succeed without doing anything).
+    #[arg(short = 'd', long = "discard", default_value = "unmap")]
     discard: String,
     /// A command to run (repeatable); commands are read from stdin without any.
     #[arg(short = 'c', long = "cmd", allow_hyphen_values = true)]
