@@ -1,0 +1,9 @@
+//! One module per subcommand.
+
+pub mod check;
+pub mod compare;
+pub mod convert;
+pub mod create;
+pub mod info;
+pub mod io;
+pub mod map;
