@@ -30,6 +30,8 @@ enum Command {
     Check(cmd::check::Args),
     /// Run qemu-io commands on an image (like `qemu-io`).
     Io(cmd::io::Args),
+    /// Run a simple image benchmark (like `qemu-img bench`).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Create(a) => cmd::create::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Io(a) => cmd::io::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),
