@@ -147,6 +147,7 @@ impl Qcow2 {
             snapshots,
             free_hint: 0,
             file_end,
+            prealloc_end: file_len,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
