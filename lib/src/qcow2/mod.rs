@@ -9,14 +9,19 @@
 //! `alloc.rs` (reuse of freed clusters); see the comments there.
 
 mod alloc;
+mod amend;
 mod cache;
+mod compress;
 mod create;
 mod flush;
 mod mapping;
 mod read;
+mod resize;
+mod snapshot;
 mod state;
 mod write;
 
+pub use amend::{amend, AmendOptions};
 pub use create::{create, CreateOptions, Preallocation};
 
 use crate::device::{BlockDevice, BlockStatus};
@@ -150,6 +155,7 @@ impl Qcow2 {
             lazy_active: false,
             poisoned: None,
             corrupt: h.is_corrupt(),
+            compress_cursor: 0,
         };
         meta.meta_clusters = metadata_clusters(&g, &meta);
         let q = Qcow2 {
