@@ -293,7 +293,6 @@ impl Qcow2 {
         if m.hc.header.refcount_order != 4 {
             return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
         }
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = self.downgrade_locked(&mut m);
         self.fail(&mut m, r)
     }

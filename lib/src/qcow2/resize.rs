@@ -33,7 +33,6 @@ impl Qcow2 {
         if new_size > m.hc.header.size {
             return Err(Error::invalid("shrink cannot make an image larger"));
         }
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = self.shrink_locked(&mut m, new_size);
         self.fail(&mut m, r)
     }
@@ -79,7 +78,6 @@ impl Qcow2 {
     /// does to the overlay it committed. Snapshots keep their data.
     pub fn make_empty(&self) -> Result<()> {
         let mut m = self.quiesce()?;
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = (|| {
             let end = m.l1.len() as u64 * self.g.l2_entries;
             self.drop_clusters(&mut m, 0, end)?;

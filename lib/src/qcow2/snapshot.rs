@@ -40,6 +40,11 @@ impl Qcow2 {
         }
         self.check_writable(&m)?;
         self.write_back_durable(&mut m)?;
+        // A barrier: fast-path I/O that looked up a mapping before this
+        // operation (in-place writes into clusters about to become shared
+        // or freed) finishes before anything changes. Not held, because
+        // write_back takes it again to apply deferred frees.
+        drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
         Ok(m)
     }
 
@@ -282,9 +287,6 @@ impl Qcow2 {
         if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::invalid("too many snapshots"));
         }
-        // In-place writes that looked up a mapping before the snapshot
-        // must land before the clusters become shared.
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = self.snapshot_create_locked(&mut m, name);
         self.fail(&mut m, r)
     }
@@ -350,7 +352,6 @@ impl Qcow2 {
             return Err(Error::invalid(format!("Failed to load snapshot: snapshot '{name_or_id}' not found")));
         };
         let sn = m.snapshots[i].clone();
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = self.snapshot_apply_locked(&mut m, &sn);
         self.fail(&mut m, r)
     }
@@ -417,7 +418,6 @@ impl Qcow2 {
         let Some(i) = self.find_snapshot(&m, name_or_id) else {
             return Err(Error::invalid("snapshot not found"));
         };
-        let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
         let r = self.snapshot_delete_locked(&mut m, i);
         self.fail(&mut m, r)
     }

@@ -1,1 +1,5 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
+
+pub mod commit;
+pub mod measure;
+pub mod rebase;
