@@ -15,6 +15,13 @@ impl Qcow2 {
         if new_size & 511 != 0 {
             return Err(Error::invalid("The new size must be a multiple of 512"));
         }
+        {
+            let m = self.lock();
+            // v2 snapshot entries cannot record their own disk size.
+            if m.hc.header.version < 3 && !m.snapshots.is_empty() {
+                return Err(Error::invalid("Can't resize a v2 image which has snapshots"));
+            }
+        }
         if new_size >= self.len() {
             return self.grow(new_size);
         }
