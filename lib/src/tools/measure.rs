@@ -2,7 +2,8 @@
 //! arithmetic as qemu-img (so the numbers are equal).
 
 use crate::device::chain_status;
-use crate::image::Format;
+use crate::format::limits::MAX_L1_BYTES;
+use crate::image::{Format, Image};
 use crate::qcow2::Preallocation;
 use crate::{BlockDevice, Error, Result};
 
@@ -150,9 +151,10 @@ fn allocated_bytes(input: &dyn BlockDevice, cluster_size: u64) -> Result<u64> {
 
 /// Measures a new image of `opts` holding `input` (or, without input, a
 /// new empty image of `size` bytes).
-pub fn measure(input: Option<&dyn BlockDevice>, size: Option<u64>, opts: &MeasureOptions) -> Result<Measurement> {
+pub fn measure(input: Option<&Image>, size: Option<u64>, opts: &MeasureOptions) -> Result<Measurement> {
     opts.validate()?;
-    let in_size = match (input, size) {
+    let dev = input.map(|i| i.device());
+    let in_size = match (dev, size) {
         (Some(i), None) => i.len(),
         (None, Some(s)) => s,
         (Some(_), Some(_)) => return Err(Error::invalid("--size N cannot be used together with a filename.")),
@@ -164,7 +166,10 @@ pub fn measure(input: Option<&dyn BlockDevice>, size: Option<u64>, opts: &Measur
     }
     let cs = opts.cluster_size;
     let virtual_size = in_size.div_ceil(cs) * cs;
-    let mut required = match input {
+    if (virtual_size / cs).div_ceil(cs / if opts.extended_l2 { 16 } else { 8 }) * 8 > MAX_L1_BYTES {
+        return Err(Error::invalid("The image size is too large (try using a larger cluster size)"));
+    }
+    let mut required = match dev {
         Some(_) if opts.has_backing_file => virtual_size,
         Some(i) => allocated_bytes(i, cs)?,
         None => 0,
@@ -173,8 +178,11 @@ pub fn measure(input: Option<&dyn BlockDevice>, size: Option<u64>, opts: &Measur
         required = virtual_size;
     }
     let fully = qcow2_fully_allocated(virtual_size, cs, opts.refcount_bits.trailing_zeros(), opts.extended_l2);
-    let bitmaps = match input {
-        Some(i) if opts.version >= 3 && i.format_name() == "qcow2" => Some(0),
+    // qemu-img reports bitmaps when both sides can hold persistent
+    // bitmaps: qcow2 v3 in and out. oxcow keeps no bitmaps of its own and
+    // an input's bitmaps are not carried over by convert, so 0.
+    let bitmaps = match input.and_then(|i| i.qcow2()) {
+        Some(q) if opts.version >= 3 && q.header().version >= 3 => Some(0),
         _ => None,
     };
     Ok(Measurement { required: fully - virtual_size + required, fully_allocated: fully, bitmaps })
