@@ -43,8 +43,13 @@ impl Qcow2 {
         }
         let len = packed.len() as u64;
         let mut cursor = m.compress_cursor;
-        if cursor & (cs - 1) != 0 && self.refcount(&mut m, cursor / cs)? == 0 {
-            cursor = 0;
+        if cursor & (cs - 1) != 0 {
+            // A freed cluster may be reused for anything; a full refcount
+            // (refcount_bits=1 holds only one user) cannot take one more.
+            let rc = self.refcount(&mut m, cursor / cs)?;
+            if rc == 0 || rc >= self.g.rc.max() {
+                cursor = 0;
+            }
         }
         let r = (|| {
             // The refcount is raised (in the cache) here, before the L2
