@@ -106,7 +106,7 @@ impl Error {
             },
             Error::Corrupt { what, offset } => Error::Corrupt { what: what.clone(), offset: *offset },
             Error::InvalidField { field, value, reason } => {
-                Error::InvalidField { field: *field, value: *value, reason: reason.clone() }
+                Error::InvalidField { field, value: *value, reason: reason.clone() }
             }
             Error::Unsupported(s) => Error::Unsupported(s.clone()),
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),

@@ -87,6 +87,8 @@ pub struct OpenOptions {
     pub no_backing: bool,
     /// Follow backing names that point to the network.
     pub allow_network_backing: bool,
+    /// Open a damaged qcow2 image writable so `check -r` can repair it.
+    pub repair: bool,
 }
 
 impl OpenOptions {
@@ -273,6 +275,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     backing: backing.as_ref().map(|b| b.device_arc()),
                     data_file,
                     l2_cache_bytes: 0,
+                    repair: opts.repair,
                 },
             )?);
             Ok(Image {

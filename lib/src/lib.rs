@@ -26,7 +26,10 @@
 pub mod device;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod image;
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 pub mod size;

@@ -6,7 +6,6 @@ use lifecycle_util::*;
 use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{amend, AmendOptions};
 use oxcow::storage::{FileStorage, OpenFlags, Storage};
-use oxcow::BlockDevice;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -241,7 +241,7 @@ impl Header {
             if u64::from(h.header_length) > cluster_size {
                 return Err(bad("header_length", h.header_length.into(), "qcow2 header exceeds cluster size"));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(bad("header_length", h.header_length.into(), "must be a multiple of 8"));
             }
             let hl = h.header_length as usize;
@@ -339,7 +339,7 @@ impl Header {
         }
         if self.nb_snapshots > 0 {
             check_table("snapshots_offset", self.snapshots_offset, cs, 0)?;
-        } else if self.snapshots_offset % cs != 0 {
+        } else if !self.snapshots_offset.is_multiple_of(cs) {
             return Err(bad("snapshots_offset", self.snapshots_offset, "not aligned to a cluster boundary"));
         }
         Ok(())
@@ -403,7 +403,7 @@ impl Header {
 
 /// A table must start on a cluster boundary and end below the 2^56 limit.
 fn check_table(field: &'static str, offset: u64, cluster_size: u64, bytes: u64) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(bad(field, offset, "not aligned to a cluster boundary"));
     }
     if offset.checked_add(bytes).is_none_or(|end| end > MAX_HOST_OFFSET) {
@@ -468,7 +468,8 @@ mod tests {
 
     #[test]
     fn each_limit_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Header)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Header)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("cluster_bits", Box::new(|h| h.cluster_bits = 8)),
             ("cluster_bits", Box::new(|h| h.cluster_bits = 22)),
             ("refcount_order", Box::new(|h| h.refcount_order = 7)),

@@ -37,7 +37,7 @@ impl L1Entry {
     }
     /// Whether the L2 offset is misaligned for this cluster size.
     pub fn misaligned(self, cluster_size: u64) -> bool {
-        self.l2_offset() % cluster_size != 0
+        !self.l2_offset().is_multiple_of(cluster_size)
     }
 }
 

@@ -6,6 +6,7 @@
 //! ([`limits`]). This is the surface the fuzz targets hammer.
 
 pub mod be;
+pub mod bitmap;
 pub mod compressed;
 pub mod extensions;
 pub mod features;

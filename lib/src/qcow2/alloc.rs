@@ -21,7 +21,7 @@ impl Qcow2 {
         if m.rb.contains(off) {
             return Ok(());
         }
-        if off % self.g.cluster_size != 0 {
+        if !off.is_multiple_of(self.g.cluster_size) {
             return Err(Error::corrupt_at("refcount block offset is not cluster aligned", off));
         }
         if m.rb.is_full() {
@@ -231,9 +231,10 @@ impl Qcow2 {
 
     /// Allocates space for `len` bytes of compressed data, packing it
     /// right after the previous compressed cluster when it fits.
+    #[allow(dead_code)] // for compressed writes (convert -c)
     pub(crate) fn alloc_bytes(&self, m: &mut Meta, cursor: &mut u64, len: u64) -> Result<u64> {
         let cs = self.g.cluster_size;
-        if *cursor != 0 && *cursor % cs != 0 && (*cursor % cs) + len <= cs {
+        if *cursor != 0 && !(*cursor).is_multiple_of(cs) && (*cursor % cs) + len <= cs {
             let at = *cursor;
             // A compressed cluster sharing a host cluster raises its refcount.
             self.adjust_refcount(m, at / cs, 1)?;
@@ -275,6 +276,8 @@ impl Qcow2 {
                     m.compress_cursor = 0;
                 }
                 if p.punch {
+                    // Returning space to the host is advisory (as QEMU
+                    // treats discards): a failure leaves data, not damage.
                     let _ = self.file.punch_hole(p.offset, cs);
                 }
             }

@@ -98,9 +98,4 @@ impl TableCache {
             s.dirty = false;
         }
     }
-
-    /// Drops every table (after the caller wrote the dirty ones).
-    pub fn clear(&mut self) {
-        self.slots.clear();
-    }
 }

@@ -153,7 +153,7 @@ impl CreateOptions {
                 "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
             ));
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return Err(Error::invalid("Image size must be a multiple of 512 bytes"));
         }
         Ok(())

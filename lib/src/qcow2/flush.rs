@@ -2,7 +2,10 @@
 //!
 //! ```text
 //!  1. refcount blocks (then, if the refcount table changed: fsync, table)
-//!     -- fsync --   a cluster's refcount is on disk before anything points at it
+//!     -- fsync --   a cluster's refcount is on disk before anything points at
+//!                   it, and so is data copied around a write into a newly
+//!                   mapped cluster (else a crash could show the cluster's
+//!                   stale content where flushed data was)
 //!  2. L2 tables  (the data they point to was written before they changed)
 //!     -- fsync --   an L2 table is on disk before the L1 entry pointing at it
 //!  3. L1 table, header
@@ -82,8 +85,9 @@ impl Qcow2 {
             }
         }
         if need_l2 {
-            if unsynced {
-                self.sync("flushing refcounts")?;
+            if unsynced || m.cow_unsynced {
+                self.sync("flushing refcounts and copied data")?;
+                m.cow_unsynced = false;
             }
             for off in m.l2.dirty() {
                 self.check_overlap(m, off, Some(MetaKind::ActiveL2))?;
@@ -126,13 +130,22 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.lock();
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
+        {
+            let mut m = self.lock();
+            if let Some(e) = &m.poisoned {
+                return Err(Error::Poisoned(e.to_string()));
+            }
+            if let Err(e) = self.write_back(&mut m) {
+                self.poison(&mut m, &e);
+                return Err(e);
+            }
         }
-        let r = self.write_back(&mut m).and_then(|_| self.sync("flushing image"));
+        // The final fsync runs without the metadata lock: in writethrough
+        // mode every request flushes, and holding the lock here would
+        // serialize all other requests behind the disk.
+        let r = self.sync("flushing image");
         if let Err(e) = &r {
-            self.poison(&mut m, e);
+            self.poison(&mut self.lock(), e);
         }
         r
     }

@@ -12,7 +12,7 @@ impl Qcow2 {
         if m.l2.contains(off) {
             return Ok(());
         }
-        if off % self.g.cluster_size != 0 {
+        if !off.is_multiple_of(self.g.cluster_size) {
             return Err(Error::corrupt_at("L2 table offset is not cluster aligned", off));
         }
         if off == 0 || off >= crate::format::limits::MAX_HOST_OFFSET {

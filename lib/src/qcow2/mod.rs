@@ -11,6 +11,7 @@
 mod alloc;
 mod amend;
 mod cache;
+mod check;
 mod compress;
 mod create;
 mod flush;
@@ -22,6 +23,7 @@ mod state;
 mod write;
 
 pub use amend::{amend, AmendOptions};
+pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 
 use crate::device::{BlockDevice, BlockStatus};
@@ -49,6 +51,8 @@ pub struct Qcow2Options {
     pub data_file: Option<Arc<dyn Storage>>,
     /// Bytes of L2 tables to cache (0 = default: 32 MiB or the whole disk).
     pub l2_cache_bytes: u64,
+    /// Open damaged images (corrupt bit) writable, for `check -r`.
+    pub repair: bool,
 }
 
 /// An open qcow2 image.
@@ -67,6 +71,8 @@ pub struct Qcow2 {
     /// before freed clusters become reusable, so no overwrite that looked
     /// up a mapping before the free can land in a reused cluster.
     io_gate: RwLock<()>,
+    /// The report of the refcount repair run because the image was dirty.
+    repaired_on_open: Option<check::CheckReport>,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -103,18 +109,14 @@ impl Qcow2 {
             file.clone()
         };
         let mut read_only = opts.read_only;
-        if h.is_corrupt() && !read_only {
+        if h.is_corrupt() && !read_only && !opts.repair {
             return Err(Error::ReadOnly(
                 "image is corrupt (corrupt bit set); it can be opened read-only only; repair it with 'oxcow check -r all'"
                     .into(),
             ));
         }
-        if h.is_dirty() && !read_only {
-            return Err(Error::unsupported(
-                "opening a dirty image (lazy refcounts after a crash) for writing; run 'oxcow check -r all' first",
-            ));
-        }
-        if h.is_corrupt() {
+        let dirty_repair = h.is_dirty() && !read_only;
+        if h.is_corrupt() && !opts.repair {
             read_only = true;
         }
 
@@ -152,9 +154,10 @@ impl Qcow2 {
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
+            cow_unsynced: false,
             lazy_active: false,
             poisoned: None,
-            corrupt: h.is_corrupt(),
+            corrupt: h.is_corrupt() && !opts.repair,
             compress_cursor: 0,
         };
         meta.meta_clusters = metadata_clusters(&g, &meta);
@@ -169,7 +172,14 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             inflight_done: Condvar::new(),
             io_gate: RwLock::new(()),
+            repaired_on_open: None,
         };
+        let mut q = q;
+        if dirty_repair {
+            // As QEMU does: refcounts may be stale after a crash with lazy
+            // refcounts; rebuild them before the first write.
+            q.repaired_on_open = Some(q.repair_dirty()?);
+        }
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
@@ -222,6 +232,18 @@ impl Qcow2 {
     /// The image file's storage.
     pub fn file(&self) -> &Arc<dyn Storage> {
         &self.file
+    }
+    /// The refcount repair run at open because the dirty bit was set.
+    pub fn repaired_on_open(&self) -> Option<&CheckReport> {
+        self.repaired_on_open.as_ref()
+    }
+    /// Clears the corrupt bit after a successful repair.
+    pub fn clear_corrupt(&self) -> Result<()> {
+        let mut m = self.lock();
+        m.hc.header.incompatible_features &= !Incompatible::CORRUPT;
+        m.corrupt = false;
+        self.write_header(&mut m)?;
+        self.sync("clearing corrupt bit")
     }
     /// Whether the image has its dirty bit set on disk.
     pub fn is_dirty(&self) -> bool {

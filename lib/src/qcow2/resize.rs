@@ -57,7 +57,7 @@ impl Qcow2 {
         self.write_header(m)?;
         self.sync("flushing header")?;
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
-        m.l2.clear();
+        Self::drop_l2_cache(m);
         m.meta_clusters = metadata_clusters(&self.g, m);
         self.truncate_tail(m)
     }
@@ -89,7 +89,7 @@ impl Qcow2 {
             let end = m.l1.len() as u64 * self.g.l2_entries;
             self.drop_clusters(&mut m, 0, end)?;
             self.write_back_durable(&mut m)?;
-            m.l2.clear();
+            Self::drop_l2_cache(&mut m);
             m.meta_clusters = metadata_clusters(&self.g, &m);
             Ok(())
         })();

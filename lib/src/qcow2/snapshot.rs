@@ -70,6 +70,15 @@ impl Qcow2 {
         r
     }
 
+    /// Forgets every cached L2 table (all clean after a write-back): tables
+    /// freed by a whole-image operation may be reused as anything.
+    pub(crate) fn drop_l2_cache(m: &mut Meta) {
+        while let Some((off, dirty)) = m.l2.lru() {
+            debug_assert!(!dirty, "dropping a dirty L2 table");
+            m.l2.remove(off);
+        }
+    }
+
     /// Reads a snapshot's L1 table.
     pub(crate) fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>> {
         let mut raw = vec![0u8; sn.l1_size as usize * 8];
@@ -406,7 +415,7 @@ impl Qcow2 {
         self.fix_copied_flags(m)?;
         self.write_back_durable(m)?;
         // Tables freed above may be reused for anything.
-        m.l2.clear();
+        Self::drop_l2_cache(m);
         m.meta_clusters = metadata_clusters(&self.g, m);
         Ok(())
     }
@@ -445,7 +454,7 @@ impl Qcow2 {
         // puts the refcounts on disk before these flags.
         self.fix_copied_flags(m)?;
         self.write_back_durable(m)?;
-        m.l2.clear();
+        Self::drop_l2_cache(m);
         m.meta_clusters = metadata_clusters(&self.g, m);
         Ok(())
     }

@@ -42,14 +42,6 @@ impl Geometry {
             data_raw: h.autoclear_features & crate::format::Autoclear::DATA_FILE_RAW != 0,
         }
     }
-    /// Subclusters per cluster (1 without extended L2).
-    pub fn subs(&self) -> u32 {
-        if self.extended {
-            crate::format::l2::SUBCLUSTERS
-        } else {
-            1
-        }
-    }
 }
 
 /// What a metadata cluster holds, for the overlap check.
@@ -107,6 +99,10 @@ pub(crate) struct Meta {
     pub inflight: HashSet<u64>,
     /// Cluster indices holding metadata, with what they hold (overlap check).
     pub meta_clusters: HashMap<u64, MetaKind>,
+    /// Copy-on-write data (the old content around a write, copied into a
+    /// newly mapped cluster) was written since the last sync: it must be
+    /// durable before an L2 entry pointing at it is.
+    pub cow_unsynced: bool,
     /// Lazy refcounts in effect: refcount blocks are not written until a
     /// clean close, and the dirty bit is on disk.
     pub lazy_active: bool,

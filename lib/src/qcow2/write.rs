@@ -249,6 +249,16 @@ impl Qcow2 {
         self.inflight_done.notify_all();
     }
 
+    /// Whether the write leaves parts of the new mapping that must come
+    /// from the old content (and so must be durable before the L2 entry).
+    fn needs_cow_sync(&self, a: &Alloc, from: u64, to: u64) -> bool {
+        if a.fresh && self.old_is_zero(a.old) {
+            return false;
+        }
+        let (span_from, span_to) = self.alloc_span(a, from, to);
+        span_from < from || span_to > to
+    }
+
     /// Data I/O of a planned batch, without the metadata lock.
     fn execute_writes(&self, buf: &[u8], base: u64, steps: &[(u64, u64, Step)]) -> Result<()> {
         let cs = self.g.cluster_size;
@@ -312,6 +322,11 @@ impl Qcow2 {
             (span_from, &buf[..])
         };
         debug_assert!(span_to <= cs);
+        if a.fresh && (w_from > 0 || (w_buf.len() as u64) < cs) {
+            // Give the whole new cluster its blocks now, so the writes that
+            // fill the rest of it later overwrite rather than extend.
+            self.data.allocate(a.host, cs).map_err(|e| Error::io("allocating a cluster", e))?;
+        }
         self.write_data(w_buf, a.host + w_from)
     }
 
@@ -387,6 +402,9 @@ impl Qcow2 {
         for (pos, len, s) in steps {
             let Step::Alloc(a) = s else { continue };
             let from = pos % cs;
+            if self.needs_cow_sync(a, from, from + len) {
+                m.cow_unsynced = true;
+            }
             let entry = if self.g.extended {
                 let written = self.sub_mask(from, from + len) | self.carried_subs(a);
                 let (alloc, zero) = if a.old.is_compressed() {

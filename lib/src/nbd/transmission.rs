@@ -1,0 +1,462 @@
+//! The transmission phase of one client: a reader thread takes requests
+//! off the socket, a small set of worker threads carries them out in
+//! parallel, and replies go back in completion order (matched by cookie),
+//! each written whole under the connection's write lock.
+
+use super::conn::Connection;
+use super::handshake::{Session, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
+use super::proto::*;
+use super::server::{ServeOptions, Shared};
+use super::status::{block_status, read_segments, Segment, StatusReply};
+use super::{DetectZeroes, DiscardMode};
+use crate::Error;
+use std::io::{self, BufRead, BufWriter, Read, Write};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking worker must not take the whole connection down with a
+    // poisoned lock; the data behind these locks stays consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bounds what one client can have in flight, so memory use is capped
+/// whatever it sends: the reader stops taking requests until replies free
+/// room (a single request larger than the byte budget still passes alone).
+struct Budget {
+    state: Mutex<InFlight>,
+    freed: Condvar,
+    max_bytes: usize,
+    max_requests: usize,
+}
+
+#[derive(Default)]
+struct InFlight {
+    bytes: usize,
+    requests: usize,
+}
+
+struct Permit {
+    budget: Arc<Budget>,
+    bytes: usize,
+}
+
+impl Budget {
+    fn acquire(self: &Arc<Self>, bytes: usize) -> Permit {
+        let mut st = lock(&self.state);
+        while (st.bytes > 0 && st.bytes + bytes > self.max_bytes) || st.requests >= self.max_requests {
+            st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.bytes += bytes;
+        st.requests += 1;
+        Permit { budget: Arc::clone(self), bytes }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut st = lock(&self.budget.state);
+        st.bytes -= self.bytes;
+        st.requests -= 1;
+        self.budget.freed.notify_all();
+    }
+}
+
+/// The reply side of a connection.
+struct Replies<C: Connection> {
+    out: Mutex<BufWriter<C>>,
+    broken: AtomicBool,
+    /// A handle kept only to shut the socket down when a reply fails, which
+    /// wakes the reader blocked on the other handle.
+    control: C,
+}
+
+impl<C: Connection> Replies<C> {
+    /// Writes one whole reply; after a failure the connection is dead and
+    /// later replies are dropped.
+    fn send(&self, f: impl FnOnce(&mut BufWriter<C>) -> io::Result<()>) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let mut w = lock(&self.out);
+        if f(&mut w).and_then(|()| w.flush()).is_err() {
+            self.broken.store(true, Ordering::Release);
+            self.control.shutdown_conn();
+        }
+    }
+}
+
+/// A request ready for a worker.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    _permit: Permit,
+}
+
+/// What a request came to.
+enum Outcome {
+    Done,
+    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    Status(StatusReply),
+    Failed { errno: u32, msg: String },
+}
+
+fn fail(errno: u32, msg: impl Into<String>) -> Outcome {
+    Outcome::Failed { errno, msg: msg.into() }
+}
+
+fn failed(e: &Error) -> Outcome {
+    fail(errno_to_nbd(e.errno()), e.to_string())
+}
+
+/// Everything a worker needs.
+struct Ctx<C: Connection> {
+    shared: Arc<Shared>,
+    session: Session,
+    replies: Replies<C>,
+}
+
+/// Serves requests until the client disconnects, breaks the protocol, or
+/// the socket is shut down; in-flight requests are finished first.
+pub(crate) fn run<C: Connection>(
+    conn: C,
+    shared: Arc<Shared>,
+    session: Session,
+    opts: &ServeOptions,
+) -> io::Result<()> {
+    conn.set_read_timeout_conn(None)?;
+    // A client that stops reading its replies must not pin worker threads
+    // forever.
+    conn.set_write_timeout_conn(Some(opts.io_timeout))?;
+    let ctx = Arc::new(Ctx {
+        shared,
+        session,
+        replies: Replies {
+            out: Mutex::new(BufWriter::with_capacity(64 << 10, conn.try_clone_conn()?)),
+            broken: AtomicBool::new(false),
+            control: conn.try_clone_conn()?,
+        },
+    });
+    let budget = Arc::new(Budget {
+        state: Mutex::new(InFlight::default()),
+        freed: Condvar::new(),
+        max_bytes: opts.max_in_flight_bytes.max(1),
+        max_requests: opts.max_in_flight_requests.max(1),
+    });
+    let (tx, rx) = sync_channel::<Job>(opts.max_in_flight_requests.max(1));
+    let rx = Arc::new(Mutex::new(rx));
+    let mut workers = Vec::new();
+    for _ in 0..opts.workers.max(1) {
+        let (ctx, rx) = (Arc::clone(&ctx), Arc::clone(&rx));
+        match std::thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&ctx, &rx)) {
+            Ok(h) => workers.push(h),
+            Err(_) if !workers.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+
+    let mut reader = io::BufReader::with_capacity(64 << 10, conn);
+    loop {
+        // Idle between requests for as long as the client likes, as with
+        // qemu-nbd; but once a message has begun it must keep coming.
+        match reader.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let mut h = [0u8; request::SIZE];
+        if read_message(&mut reader, &mut h, opts.io_timeout).is_err() {
+            break;
+        }
+        let Ok(req) = Request::decode(&h) else {
+            // Out of sync with the client: nothing later can be trusted.
+            break;
+        };
+        let job = match req.command {
+            CMD_DISC => break,
+            CMD_WRITE => {
+                if req.length > MAX_PAYLOAD {
+                    // The payload cannot be buffered and skipping gigabytes
+                    // is what a denial of service wants: report and hang up,
+                    // as the specification allows.
+                    let msg = format!("write of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length);
+                    send_outcome(&ctx, &req, fail(EINVAL, msg));
+                    break;
+                }
+                let permit = budget.acquire(req.length as usize);
+                let mut payload = vec![0u8; req.length as usize];
+                if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
+                    // Disconnected mid-payload: the partial write is dropped.
+                    break;
+                }
+                Job { req, payload, _permit: permit }
+            }
+            CMD_READ => {
+                let permit = budget.acquire(req.length.min(MAX_PAYLOAD) as usize);
+                Job { req, payload: Vec::new(), _permit: permit }
+            }
+            _ => Job { req, payload: Vec::new(), _permit: budget.acquire(0) },
+        };
+        if tx.send(job).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    for w in workers {
+        let _ = w.join();
+    }
+    let _ = lock(&ctx.replies.out).flush();
+    ctx.replies.control.shutdown_conn();
+    Ok(())
+}
+
+/// Reads the rest of a message that has begun, each read bounded by
+/// `timeout` so a client stalling mid-message is dropped rather than
+/// holding its connection slot forever. The socket's timeout is touched only
+/// when the message is not already buffered.
+fn read_message<C: Connection>(reader: &mut io::BufReader<C>, buf: &mut [u8], timeout: Duration) -> io::Result<()> {
+    if reader.buffer().len() >= buf.len() {
+        return reader.read_exact(buf);
+    }
+    reader.get_ref().set_read_timeout_conn(Some(timeout))?;
+    reader.read_exact(buf)?;
+    reader.get_ref().set_read_timeout_conn(None)
+}
+
+fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = lock(rx).recv();
+        let Ok(job) = job else { return };
+        // A bug in a device must cost one request, not the connection
+        // (whose other requests and client would hang without a reply).
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload)))
+            .unwrap_or_else(|_| fail(EIO, "internal error while serving the request"));
+        drop(job.payload);
+        send_outcome(ctx, &job.req, outcome);
+    }
+}
+
+fn check_flags(req: &Request, allowed: u16) -> Result<(), Outcome> {
+    let extra = req.flags & !allowed;
+    if extra != 0 {
+        return Err(fail(EINVAL, format!("flags {extra:#x} not valid for command {}", req.command)));
+    }
+    Ok(())
+}
+
+/// `offset + len` lies within the export.
+fn in_range(offset: u64, len: u64, size: u64) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= size)
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Outcome {
+    match execute_inner(ctx, req, payload) {
+        Ok(o) | Err(o) => o,
+    }
+}
+
+fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Result<Outcome, Outcome> {
+    let shared = &ctx.shared;
+    let dev = &*shared.device;
+    let size = dev.len();
+    let (off, len) = (req.offset, u64::from(req.length));
+    let cfg = &shared.config;
+    let flush_if_fua = || -> Result<Outcome, Outcome> {
+        if req.flags & CMD_FLAG_FUA != 0 {
+            dev.flush().map_err(|e| failed(&e))?;
+        }
+        Ok(Outcome::Done)
+    };
+    let writable = || -> Result<(), Outcome> {
+        if shared.read_only {
+            return Err(fail(EPERM, "export is read-only"));
+        }
+        Ok(())
+    };
+    match req.command {
+        CMD_READ => {
+            check_flags(req, CMD_FLAG_FUA | if ctx.session.structured { CMD_FLAG_DF } else { 0 })?;
+            if req.length > MAX_PAYLOAD {
+                return Err(fail(EINVAL, format!("read of {len} bytes exceeds the maximum of {MAX_PAYLOAD}")));
+            }
+            if !in_range(off, len, size) {
+                return Err(fail(EINVAL, format!("read of {len} bytes at {off} is past the end ({size} bytes)")));
+            }
+            let n = req.length as usize;
+            let mut buf = vec![0u8; n];
+            let segments = if n == 0 {
+                Vec::new()
+            } else if ctx.session.structured && req.flags & CMD_FLAG_DF == 0 {
+                read_segments(dev, off, n)
+            } else {
+                vec![Segment { rel: 0, len: n, zero: false }]
+            };
+            for s in segments.iter().filter(|s| !s.zero) {
+                dev.read_at(&mut buf[s.rel..s.rel + s.len], off + s.rel as u64).map_err(|e| failed(&e))?;
+            }
+            Ok(Outcome::Read { buf, segments })
+        }
+        CMD_WRITE => {
+            check_flags(req, CMD_FLAG_FUA)?;
+            writable()?;
+            if !in_range(off, len, size) {
+                return Err(fail(ENOSPC, format!("write of {len} bytes at {off} is past the end ({size} bytes)")));
+            }
+            if payload.is_empty() {
+                return Ok(Outcome::Done);
+            }
+            if cfg.detect_zeroes != DetectZeroes::Off && is_zero(payload) {
+                let unmap = cfg.detect_zeroes == DetectZeroes::Unmap && cfg.discard == DiscardMode::Unmap;
+                dev.write_zeroes(off, len, unmap).map_err(|e| failed(&e))?;
+            } else {
+                dev.write_at(payload, off).map_err(|e| failed(&e))?;
+            }
+            flush_if_fua()
+        }
+        CMD_FLUSH => {
+            check_flags(req, CMD_FLAG_FUA)?;
+            dev.flush().map_err(|e| failed(&e))?;
+            Ok(Outcome::Done)
+        }
+        CMD_TRIM => {
+            check_flags(req, CMD_FLAG_FUA)?;
+            writable()?;
+            if !in_range(off, len, size) {
+                return Err(fail(EINVAL, format!("trim of {len} bytes at {off} is past the end ({size} bytes)")));
+            }
+            if len == 0 || cfg.discard == DiscardMode::Ignore {
+                return Ok(Outcome::Done);
+            }
+            dev.discard(off, len).map_err(|e| failed(&e))?;
+            flush_if_fua()
+        }
+        CMD_CACHE => {
+            check_flags(req, CMD_FLAG_FUA)?;
+            if req.length > MAX_PAYLOAD || !in_range(off, len, size) {
+                return Err(fail(EINVAL, format!("cache of {len} bytes at {off} is out of bounds")));
+            }
+            // A hint only: the device has no cache worth warming.
+            Ok(Outcome::Done)
+        }
+        CMD_WRITE_ZEROES => {
+            check_flags(req, CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO)?;
+            writable()?;
+            if !in_range(off, len, size) {
+                return Err(fail(
+                    ENOSPC,
+                    format!("write zeroes of {len} bytes at {off} is past the end ({size} bytes)"),
+                ));
+            }
+            if len == 0 {
+                return Ok(Outcome::Done);
+            }
+            let may_unmap = req.flags & CMD_FLAG_NO_HOLE == 0 && cfg.discard == DiscardMode::Unmap;
+            // Zeroing is only faster than writing when it can deallocate:
+            // a hole punch for raw files, zero clusters for qcow2. Anything
+            // else writes real zeros and must refuse a fast request.
+            let fast = may_unmap && matches!(dev.format_name(), "raw" | "qcow2");
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 && !fast {
+                return Err(fail(ENOTSUP, "zeroing this range would not be faster than writing it"));
+            }
+            dev.write_zeroes(off, len, may_unmap).map_err(|e| failed(&e))?;
+            flush_if_fua()
+        }
+        CMD_BLOCK_STATUS => {
+            check_flags(req, CMD_FLAG_FUA | CMD_FLAG_REQ_ONE)?;
+            let s = &ctx.session;
+            if !s.base_allocation && !s.allocation_depth {
+                return Err(fail(EINVAL, "no metadata context was negotiated"));
+            }
+            if len == 0 || !in_range(off, len, size) {
+                return Err(fail(EINVAL, format!("block status of {len} bytes at {off} is out of bounds")));
+            }
+            let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            let r = block_status(dev, off, req.length, req_one, s.base_allocation, s.allocation_depth)
+                .map_err(|e| failed(&e))?;
+            Ok(Outcome::Status(r))
+        }
+        other => Err(fail(EINVAL, format!("unknown command {other}"))),
+    }
+}
+
+fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
+    let cookie = req.cookie;
+    let structured = ctx.session.structured;
+    ctx.replies.send(|w| match outcome {
+        Outcome::Done => w.write_all(&encode_simple_reply(0, cookie)),
+        Outcome::Failed { errno, msg } => {
+            if structured {
+                let p = encode_error_payload(errno, &msg);
+                w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, p.len() as u32))?;
+                w.write_all(&p)
+            } else {
+                w.write_all(&encode_simple_reply(errno, cookie))
+            }
+        }
+        Outcome::Read { buf, segments } => {
+            if !structured {
+                w.write_all(&encode_simple_reply(0, cookie))?;
+                return w.write_all(&buf);
+            }
+            if segments.is_empty() {
+                return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+            }
+            let last = segments.len() - 1;
+            for (i, s) in segments.iter().enumerate() {
+                // Everything was read before the first byte went out, so
+                // the last content chunk can close the reply.
+                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                let abs = req.offset + s.rel as u64;
+                if s.zero {
+                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
+                    w.write_all(&encode_hole(abs, s.len as u32))?;
+                } else {
+                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
+                    w.write_all(&abs.to_be_bytes())?;
+                    w.write_all(&buf[s.rel..s.rel + s.len])?;
+                }
+            }
+            Ok(())
+        }
+        Outcome::Status(r) => {
+            let mut chunks = Vec::new();
+            if ctx.session.base_allocation {
+                chunks.push(encode_block_status(ID_BASE_ALLOCATION, &r.base));
+            }
+            if ctx.session.allocation_depth {
+                chunks.push(encode_block_status(ID_ALLOCATION_DEPTH, &r.depth));
+            }
+            let last = chunks.len().saturating_sub(1);
+            for (i, c) in chunks.iter().enumerate() {
+                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+                w.write_all(&encode_chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, c.len() as u32))?;
+                w.write_all(c)?;
+            }
+            Ok(())
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 4097]));
+        let mut b = vec![0u8; 4097];
+        b[4096] = 1;
+        assert!(!is_zero(&b));
+        b[4096] = 0;
+        b[3] = 1;
+        assert!(!is_zero(&b));
+    }
+}

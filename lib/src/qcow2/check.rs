@@ -1,0 +1,606 @@
+//! Consistency check and repair (`qemu-img check` semantics).
+//!
+//! The check walks every structure that references clusters (header, L1
+//! and L2 tables of the active state and of every snapshot, the snapshot
+//! table, refcount table and blocks, bitmaps), counts the references per
+//! host cluster, and compares with the stored refcounts: a stored refcount
+//! above the count is a leak (wasted space), below it a corruption (a
+//! cluster that could be handed out twice). It also checks alignment,
+//! compressed descriptors, and COPIED flags.
+//!
+//! Repair order (crash during repair loses no data): refcounts are raised
+//! or rewritten first (durable), COPIED flags fixed after; a refcount
+//! structure too damaged to fix in place is rebuilt in free space at the
+//! end of the file and switched to with one header write.
+
+use super::state::Meta;
+use super::Qcow2;
+use crate::format::be::{encode_u64_table, u64_table};
+use crate::format::bitmap::{parse_directory, TABLE_OFFSET_MASK};
+use crate::format::compressed::CompressedDescriptor;
+use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
+use crate::format::l2::{L2Entry, COPIED as L2_COPIED};
+use crate::format::refcount::REFTABLE_OFFSET_MASK;
+use crate::{BlockDevice, Error, Result};
+use std::collections::HashMap;
+
+/// What `check` may repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Report only.
+    None,
+    /// Free leaked clusters.
+    Leaks,
+    /// Fix leaks, wrong refcounts and COPIED flags.
+    All,
+}
+
+/// The result of a check, with qemu-img's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Internal errors that stopped part of the check.
+    pub check_errors: u64,
+    /// Corruptions found (after repair: those left).
+    pub corruptions: u64,
+    /// Leaked clusters found (after repair: those left).
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in the active state.
+    pub allocated_clusters: u64,
+    /// Allocated guest clusters not contiguous with the previous one.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// One line per finding, in qemu-img's words.
+    pub messages: Vec<String>,
+    /// After a repair: (leaks, corruptions) the first pass found.
+    pub found_before_repair: Option<(u64, u64)>,
+}
+
+/// References counted per host cluster.
+struct Refs {
+    below: Vec<u32>,
+    beyond: HashMap<u64, u32>,
+}
+
+impl Refs {
+    fn get(&self, idx: u64) -> u64 {
+        match self.below.get(idx as usize) {
+            Some(&v) => u64::from(v),
+            None => u64::from(self.beyond.get(&idx).copied().unwrap_or(0)),
+        }
+    }
+    fn inc(&mut self, idx: u64) {
+        match self.below.get_mut(idx as usize) {
+            Some(v) => *v = v.saturating_add(1),
+            None => *self.beyond.entry(idx).or_insert(0) += 1,
+        }
+    }
+    fn highest(&self) -> Option<u64> {
+        let b = self.beyond.keys().max().copied();
+        let a = self.below.iter().rposition(|&v| v > 0).map(|i| i as u64);
+        a.max(b)
+    }
+}
+
+/// A COPIED flag to verify once all references are counted.
+enum CopiedSite {
+    L1 { index: usize, l2: u64 },
+    L2 { table: u64, index: usize, host: u64 },
+}
+
+struct Scan {
+    report: CheckReport,
+    /// Highest cluster with a stored refcount above zero.
+    highest_stored: Option<u64>,
+    refs: Refs,
+    copied: Vec<CopiedSite>,
+    /// Refcount blocks that are misaligned or outside the image.
+    bad_refblocks: bool,
+}
+
+/// References past the end of the file further than this are corrupt
+/// rather than unflushed data.
+const MAX_BEYOND_EOF_CLUSTERS: u64 = 1 << 20;
+
+impl Qcow2 {
+    /// Checks the image; with `repair`, fixes what it may and checks again.
+    pub fn check(&self, repair: Repair) -> Result<CheckReport> {
+        let mut m = self.lock();
+        while !m.inflight.is_empty() {
+            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        if !self.read_only && m.poisoned.is_none() {
+            self.write_back(&mut m)?;
+            self.write_back(&mut m)?;
+            self.sync("flushing before check")?;
+        }
+        let first = self.scan(&mut m)?;
+        if repair == Repair::None || self.read_only || (first.report.leaks == 0 && first.report.corruptions == 0) {
+            return Ok(first.report);
+        }
+        let mut said = self.repair(&mut m, &first, repair)?;
+        let mut after = self.scan(&mut m)?.report;
+        after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
+        after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
+        after.found_before_repair = Some((first.report.leaks, first.report.corruptions));
+        let mut messages = first.report.messages;
+        messages.append(&mut said);
+        messages.append(&mut after.messages);
+        after.messages = messages;
+        Ok(after)
+    }
+
+    /// Rebuilds refcounts of an image whose dirty bit is set (lazy
+    /// refcounts, unclean close) and clears the bit, before any write.
+    pub(crate) fn repair_dirty(&self) -> Result<CheckReport> {
+        let report = self.check(Repair::All)?;
+        let mut m = self.lock();
+        if report.corruptions > 0 {
+            return Err(Error::corrupt(format!(
+                "dirty image still has {} corruptions after refcount repair; run 'oxcow check -r all'",
+                report.corruptions
+            )));
+        }
+        m.hc.header.incompatible_features &= !crate::format::Incompatible::DIRTY;
+        self.write_header(&mut m)?;
+        self.sync("clearing dirty bit")?;
+        Ok(report)
+    }
+
+    fn read_table(&self, off: u64, bytes: u64) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; bytes as usize];
+        self.file.read_at(&mut b, off).map_err(|e| Error::io("reading metadata during check", e))?;
+        Ok(b)
+    }
+
+    fn scan(&self, m: &mut Meta) -> Result<Scan> {
+        self.scan_inner(m, true)
+    }
+
+    fn scan_inner(&self, m: &mut Meta, compare: bool) -> Result<Scan> {
+        let cs = self.g.cluster_size;
+        let file_len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+        let nb = file_len.div_ceil(cs);
+        let mut s = Scan {
+            report: CheckReport { total_clusters: self.len().div_ceil(cs), ..Default::default() },
+            refs: Refs { below: vec![0; nb as usize], beyond: HashMap::new() },
+            copied: Vec::new(),
+            bad_refblocks: false,
+            highest_stored: None,
+        };
+        let h = m.hc.header.clone();
+        self.add_range(&mut s, nb, 0, cs, "header");
+        self.add_range(&mut s, nb, h.l1_table_offset, u64::from(h.l1_size) * 8, "active L1 table");
+        let l1 = m.l1.clone();
+        self.scan_l1(&mut s, nb, &l1, true)?;
+        if h.nb_snapshots > 0 {
+            let bytes: u64 = m.snapshots.iter().map(|e| e.encode(self.g.v3).len() as u64).sum();
+            self.add_range(&mut s, nb, h.snapshots_offset, bytes, "snapshot table");
+            for sn in m.snapshots.clone() {
+                if sn.l1_table_offset % cs != 0 {
+                    s.report.corruptions += 1;
+                    s.report.messages.push(format!(
+                        "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned",
+                        sn.id, sn.name, sn.l1_table_offset
+                    ));
+                    continue;
+                }
+                let bytes = u64::from(sn.l1_size) * 8;
+                self.add_range(&mut s, nb, sn.l1_table_offset, bytes, "snapshot L1 table");
+                let table = u64_table(&self.read_table(sn.l1_table_offset, bytes)?);
+                self.scan_l1(&mut s, nb, &table, false)?;
+            }
+        }
+        self.add_range(
+            &mut s,
+            nb,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        );
+        for (i, &e) in m.reftable.iter().enumerate() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if !off.is_multiple_of(cs) {
+                s.report.corruptions += 1;
+                s.bad_refblocks = true;
+                s.report
+                    .messages
+                    .push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+            } else if off / cs >= nb {
+                s.report.corruptions += 1;
+                s.bad_refblocks = true;
+                s.report.messages.push(format!("ERROR refcount block {i} is outside image"));
+            } else {
+                self.add_range(&mut s, nb, off, cs, "refcount block");
+            }
+        }
+        if let Some(b) = m.hc.extensions.bitmaps {
+            self.scan_bitmaps(&mut s, nb, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
+        }
+        if compare {
+            self.compare_refcounts(m, &mut s, nb)?;
+            self.check_copied(m, &mut s)?;
+        }
+        let highest = s.refs.highest().max(s.highest_stored);
+        s.report.image_end_offset = highest.map_or(cs, |h| (h + 1) * cs);
+        Ok(s)
+    }
+
+    fn add_range(&self, s: &mut Scan, nb: u64, off: u64, bytes: u64, what: &str) {
+        if bytes == 0 {
+            return;
+        }
+        let cs = self.g.cluster_size;
+        let first = off / cs;
+        let last = (off + bytes - 1) / cs;
+        for idx in first..=last {
+            if idx >= nb + MAX_BEYOND_EOF_CLUSTERS {
+                s.report.corruptions += 1;
+                s.report
+                    .messages
+                    .push(format!("ERROR {what} at offset {:#x} lies beyond the end of the image", idx * cs));
+                return;
+            }
+            s.refs.inc(idx);
+        }
+    }
+
+    fn scan_l1(&self, s: &mut Scan, nb: u64, l1: &[u64], active: bool) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let mut next_contiguous = 0u64;
+        for (i, &raw) in l1.iter().enumerate() {
+            let e = L1Entry(raw);
+            let l2 = e.l2_offset();
+            if l2 == 0 {
+                continue;
+            }
+            if !l2.is_multiple_of(cs) {
+                s.report.corruptions += 1;
+                s.report
+                    .messages
+                    .push(format!("ERROR l2_offset={l2:#x}: Table is not cluster aligned; L1 entry corrupted"));
+                continue;
+            }
+            if l2 / cs >= nb + MAX_BEYOND_EOF_CLUSTERS {
+                s.report.corruptions += 1;
+                s.report.messages.push(format!("ERROR l2_offset={l2:#x}: L2 table lies beyond the end of the image"));
+                continue;
+            }
+            self.add_range(s, nb, l2, cs, "L2 table");
+            if active {
+                s.copied.push(CopiedSite::L1 { index: i, l2 });
+            }
+            let table = self.read_table(l2, cs)?;
+            for j in 0..self.g.l2_entries as usize {
+                let le = self.g.l2.get(&table, j);
+                if le.is_compressed() {
+                    let d = CompressedDescriptor::decode(
+                        le.word & !(L2_COPIED | crate::format::l2::COMPRESSED),
+                        self.g.cluster_bits,
+                    );
+                    if self.g.external_data {
+                        s.report.corruptions += 1;
+                        s.report
+                            .messages
+                            .push("ERROR compressed cluster in an image with an external data file".into());
+                        continue;
+                    }
+                    if le.copied() {
+                        s.report.corruptions += 1;
+                        s.report
+                            .messages
+                            .push(format!("ERROR compressed cluster entry {:#x} has the COPIED flag", le.word));
+                    }
+                    self.add_range(s, nb, d.offset, d.byte_len(), "compressed cluster");
+                    if active {
+                        // Compressed clusters count as fragmented by
+                        // nature (qemu-img reports them so).
+                        s.report.allocated_clusters += 1;
+                        s.report.compressed_clusters += 1;
+                        s.report.fragmented_clusters += 1;
+                    }
+                    continue;
+                }
+                let host = le.host_offset();
+                if host == 0 {
+                    continue;
+                }
+                if !host.is_multiple_of(cs) {
+                    s.report.corruptions += 1;
+                    s.report
+                        .messages
+                        .push(format!("ERROR offset={host:#x}: Cluster is not properly aligned; L2 entry corrupted."));
+                    continue;
+                }
+                if !self.g.external_data {
+                    self.add_range(s, nb, host, cs, "data cluster");
+                }
+                if active {
+                    s.report.allocated_clusters += 1;
+                    if next_contiguous != 0 && host != next_contiguous {
+                        s.report.fragmented_clusters += 1;
+                    }
+                    next_contiguous = host + cs;
+                    if !self.g.external_data {
+                        s.copied.push(CopiedSite::L2 { table: l2, index: j, host });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_bitmaps(&self, s: &mut Scan, nb: u64, dir_off: u64, dir_size: u64, count: u32) -> Result<()> {
+        let cs = self.g.cluster_size;
+        if !dir_off.is_multiple_of(cs) {
+            s.report.corruptions += 1;
+            s.report.messages.push("ERROR bitmap directory is not cluster aligned".into());
+            return Ok(());
+        }
+        self.add_range(s, nb, dir_off, dir_size, "bitmap directory");
+        let dir = match parse_directory(&self.read_table(dir_off, dir_size)?, count) {
+            Ok(d) => d,
+            Err(e) => {
+                s.report.corruptions += 1;
+                s.report.messages.push(format!("ERROR bitmap directory: {e}"));
+                return Ok(());
+            }
+        };
+        for b in dir {
+            if b.table_offset % cs != 0 || u64::from(b.table_size) * 8 > 64 << 20 {
+                s.report.corruptions += 1;
+                s.report.messages.push(format!("ERROR bitmap '{}' has an invalid table", b.name));
+                continue;
+            }
+            let bytes = u64::from(b.table_size) * 8;
+            self.add_range(s, nb, b.table_offset, bytes, "bitmap table");
+            for e in u64_table(&self.read_table(b.table_offset, bytes)?) {
+                let off = e & TABLE_OFFSET_MASK;
+                if off != 0 {
+                    self.add_range(s, nb, off, cs, "bitmap data");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn compare_refcounts(&self, m: &mut Meta, s: &mut Scan, nb: u64) -> Result<()> {
+        let highest = s.refs.highest().map_or(0, |h| h + 1);
+        let covered = (m.reftable.len() as u64) << self.g.rc.block_entries_bits();
+        let limit = nb.max(highest).min(covered.max(highest));
+        for idx in 0..limit {
+            let stored = if s.bad_refblocks { self.refcount(m, idx).unwrap_or(0) } else { self.refcount(m, idx)? };
+            let counted = s.refs.get(idx);
+            if stored > 0 {
+                s.highest_stored = Some(idx);
+            }
+            if stored == counted {
+                continue;
+            }
+            if stored < counted {
+                s.report.corruptions += 1;
+                s.report.messages.push(format!("ERROR cluster {idx} refcount={stored} reference={counted}"));
+            } else {
+                s.report.leaks += 1;
+                s.report.messages.push(format!("Leaked cluster {idx} refcount={stored} reference={counted}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_copied(&self, m: &mut Meta, s: &mut Scan) -> Result<()> {
+        // Sites come grouped by table: read each table once.
+        let mut last: Option<(u64, Vec<u8>)> = None;
+        for site in &s.copied {
+            match *site {
+                // Like qemu-img, compare with the stored refcount.
+                CopiedSite::L1 { index, l2 } => {
+                    let refs = self.refcount(m, l2 / self.g.cluster_size).unwrap_or(0);
+                    let want = refs == 1;
+                    let raw = m.l1.get(index).copied().unwrap_or(0);
+                    if L1Entry(raw).copied() != want {
+                        s.report.corruptions += 1;
+                        s.report.messages.push(format!(
+                            "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refs}"
+                        ));
+                    }
+                }
+                CopiedSite::L2 { table, index, host } => {
+                    let refs = self.refcount(m, host / self.g.cluster_size).unwrap_or(0);
+                    let want = refs == 1;
+                    if last.as_ref().is_none_or(|(off, _)| *off != table) {
+                        last = Some((table, self.read_table(table, self.g.cluster_size)?));
+                    }
+                    let t = last.as_ref().map(|(_, t)| &t[..]).unwrap_or(&[]);
+                    let e = self.g.l2.get(t, index);
+                    if e.copied() != want {
+                        s.report.corruptions += 1;
+                        s.report
+                            .messages
+                            .push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}", e.word));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<Vec<String>> {
+        let mut said = Vec::new();
+        let cs = self.g.cluster_size;
+        // The allocator must not hand out a cluster that something
+        // references, even past the current end of the file.
+        if let Some(h) = scan.refs.highest() {
+            m.file_end = m.file_end.max((h + 1) * cs);
+        }
+        m.free_hint = 0;
+        if repair == Repair::All && scan.bad_refblocks {
+            said.push("Rebuilding refcount structure".to_string());
+            self.rebuild_refcounts(m)?;
+        } else {
+            let covered = (m.reftable.len() as u64) << self.g.rc.block_entries_bits();
+            let file_clusters = scan.refs.below.len() as u64;
+            let highest = scan.refs.highest().map_or(0, |h| h + 1);
+            let limit = file_clusters.max(highest).min(covered.max(highest));
+            // Raise before lowering: a crash in between leaves leaks only.
+            for pass in 0..2 {
+                for idx in 0..limit {
+                    let stored = self.refcount(m, idx)?;
+                    let counted = scan.refs.get(idx);
+                    let raise = stored < counted && repair == Repair::All;
+                    let lower = stored > counted;
+                    if (pass == 0 && raise) || (pass == 1 && lower) {
+                        said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
+                        self.set_refcount(m, idx, counted.min(self.g.rc.max()))?;
+                    }
+                }
+                self.write_refcounts_now(m)?;
+            }
+        }
+        if repair == Repair::All {
+            self.fix_copied(m)?;
+        }
+        Ok(said)
+    }
+
+    /// Writes dirty refcount blocks and table entries and syncs, whatever
+    /// the lazy-refcount setting.
+    fn write_refcounts_now(&self, m: &mut Meta) -> Result<()> {
+        for off in m.rb.dirty() {
+            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+            self.write_meta(m, off, &data, "writing refcount block")?;
+            m.rb.mark_clean(off);
+        }
+        self.sync("flushing refcount blocks")?;
+        if let Some((a, b)) = m.reftable_dirty.take() {
+            let bytes = encode_u64_table(&m.reftable[a..=b]);
+            let off = m.hc.header.refcount_table_offset + a as u64 * 8;
+            self.write_meta(m, off, &bytes, "writing refcount table")?;
+            self.sync("flushing refcount table")?;
+        }
+        Ok(())
+    }
+
+    /// Sets COPIED flags from the (now correct) refcounts.
+    fn fix_copied(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.g.cluster_size;
+        for i in 0..m.l1.len() {
+            let e = L1Entry(m.l1[i]);
+            let l2 = e.l2_offset();
+            if l2 == 0 || !l2.is_multiple_of(cs) {
+                continue;
+            }
+            let want = self.refcount(m, l2 / cs)? == 1;
+            if e.copied() != want {
+                m.l1[i] = if want { m.l1[i] | L1_COPIED } else { m.l1[i] & !L1_COPIED };
+                m.mark_l1_dirty(i);
+            }
+            if self.g.external_data {
+                continue;
+            }
+            self.load_l2(m, l2)?;
+            for j in 0..self.g.l2_entries as usize {
+                let le = {
+                    let t = m.l2.peek(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    self.g.l2.get(t, j)
+                };
+                let host = le.host_offset();
+                if le.is_compressed() || host == 0 || host % cs != 0 {
+                    continue;
+                }
+                let want = self.refcount(m, host / cs)? == 1;
+                if le.copied() != want {
+                    let word = if want { le.word | L2_COPIED } else { le.word & !L2_COPIED };
+                    // Only tables the active L1 owns may be changed in place.
+                    if !L1Entry(m.l1[i]).copied() {
+                        continue;
+                    }
+                    let t = m.l2.get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    self.g.l2.set(t, j, L2Entry { word, bitmap: le.bitmap });
+                }
+            }
+        }
+        self.write_back(m)?;
+        self.sync("flushing repaired tables")
+    }
+
+    /// Builds a new refcount table and blocks from the references, in free
+    /// space past everything in use, and switches the header to them.
+    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.g.cluster_size;
+        // Count references without the old refcount structures: they are
+        // replaced and become free space.
+        let mut scan = self.scan_without_refcounts(m)?;
+        let per_block = self.g.rc.block_entries();
+        let start = scan.refs.highest().map_or(1, |h| h + 1).max(m.file_end / cs);
+        // Fixed point: blocks and table must also describe themselves.
+        let mut blocks;
+        let mut table_clusters;
+        let mut total = start;
+        loop {
+            blocks = total.div_ceil(per_block);
+            table_clusters = (blocks * 8).div_ceil(cs).max(1);
+            let need = start + blocks + table_clusters;
+            if need.div_ceil(per_block) <= blocks && need <= total {
+                break;
+            }
+            total = need;
+        }
+        for k in 0..blocks + table_clusters {
+            scan.refs.inc(start + k);
+        }
+        if table_clusters * cs > crate::format::limits::MAX_REFTABLE_BYTES {
+            return Err(Error::unsupported("rebuilding a refcount table larger than 8 MiB"));
+        }
+        let mut table = vec![0u64; (table_clusters * cs / 8) as usize];
+        for b in 0..blocks {
+            let mut block = vec![0u8; cs as usize];
+            for i in 0..per_block {
+                let v = scan.refs.get(b * per_block + i).min(self.g.rc.max());
+                if v != 0 {
+                    self.g.rc.set(&mut block, i as usize, v);
+                }
+            }
+            let off = (start + b) * cs;
+            self.file.write_at(&block, off).map_err(|e| Error::io("writing rebuilt refcount block", e))?;
+            table[b as usize] = off;
+        }
+        let table_off = (start + blocks) * cs;
+        self.file
+            .write_at(&encode_u64_table(&table), table_off)
+            .map_err(|e| Error::io("writing rebuilt refcount table", e))?;
+        self.sync("flushing rebuilt refcounts")?;
+        m.hc.header.refcount_table_offset = table_off;
+        m.hc.header.refcount_table_clusters = table_clusters as u32;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        m.reftable = table;
+        m.reftable_dirty = None;
+        m.rb = super::cache::TableCache::new(((8u64 << 20) / cs).max(4) as usize);
+        m.file_end = m.file_end.max(table_off + table_clusters * cs);
+        m.free_hint = 0;
+        m.meta_clusters = super::metadata_clusters(&self.g, m);
+        Ok(())
+    }
+
+    fn scan_without_refcounts(&self, m: &mut Meta) -> Result<Scan> {
+        let saved_table = std::mem::take(&mut m.reftable);
+        let saved_clusters = m.hc.header.refcount_table_clusters;
+        m.hc.header.refcount_table_clusters = 0;
+        let r = self.scan_inner(m, false);
+        m.reftable = saved_table;
+        m.hc.header.refcount_table_clusters = saved_clusters;
+        r
+    }
+}

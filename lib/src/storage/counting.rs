@@ -1,0 +1,59 @@
+//! A pass-through storage that counts writes and flushes (for tests that
+//! prove how much metadata a workload writes, without timing anything).
+
+use super::Storage;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Counts operations on the storage it wraps.
+pub struct CountingStorage {
+    inner: Arc<dyn Storage>,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    /// Writes that did not land in `data_ranges` (metadata writes).
+    log: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl CountingStorage {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        CountingStorage { inner, writes: AtomicU64::new(0), flushes: AtomicU64::new(0), log: Default::default() }
+    }
+    /// Writes so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+    /// Flushes so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+    /// (offset, length) of every write so far, and clears the list.
+    pub fn take_writes(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Storage for CountingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).push((offset, buf.len() as u64));
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+}
