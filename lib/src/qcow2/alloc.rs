@@ -291,6 +291,9 @@ impl Qcow2 {
             let left = self.adjust_refcount(m, idx, -1)?;
             if left == 0 {
                 m.meta_clusters.remove(&idx);
+                if m.compress_cursor / cs == idx {
+                    m.compress_cursor = 0;
+                }
                 if p.punch {
                     // Returning space to the host is advisory (as QEMU
                     // treats discards): a failure leaves data, not damage.

@@ -73,7 +73,7 @@ impl Qcow2 {
         self.write_back_inner(m, false)
     }
 
-    fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
+    pub(crate) fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
         let need_l2 = m.l2.any_dirty();
         let need_l1 = m.l1_dirty.is_some() || m.header_dirty;
         let mut unsynced = false;

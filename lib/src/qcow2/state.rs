@@ -112,6 +112,10 @@ pub(crate) struct Meta {
     pub poisoned: Option<Error>,
     /// The image was found corrupt while writing; read-only from now on.
     pub corrupt: bool,
+    /// End of the last compressed cluster written, where the next one is
+    /// packed (0 = start a new host cluster); reset when that host
+    /// cluster is freed, so packing never lands in a reused cluster.
+    pub compress_cursor: u64,
 }
 
 impl Meta {

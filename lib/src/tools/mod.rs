@@ -1,2 +1,6 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
+
 pub mod bench;
+pub mod commit;
+pub mod measure;
+pub mod rebase;
