@@ -233,16 +233,13 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 /// Unless `opts.locking` is off, every file of the image takes
 /// QEMU-compatible locks (see [`crate::storage::lock`]) before anything is
 /// read or written, and a conflict with another user (QEMU or oxcow) is an
-/// [`Error::Locked`] reading as qemu-img's message.
+/// [`Error::Locked`] whose message reads as QEMU's after its
+/// `Could not open 'PATH': ` (which the tools add in their own words).
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
     }
-    open_depth(path, opts, 0).map_err(|e| match e {
-        Error::Locked(m) => Error::Locked(format!("Could not open '{}': {m}", path.display())),
-        other => other,
-    })
+    open_depth(path.as_ref(), opts, 0)
 }
 
 fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
