@@ -199,14 +199,14 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<Arc<FileStorage>> {
+fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<FileStorage> {
     let flags = OpenFlags { write, direct: cache.direct(), create: false };
     let opened = match lock {
         Some(mode) => FileStorage::open_locked(path, flags, mode),
         None => FileStorage::open(path, flags).map_err(|e| Error::io(String::new(), e)),
     };
     match opened {
-        Ok(f) => Ok(Arc::new(f)),
+        Ok(f) => Ok(f),
         Err(Error::Io { source: e, .. }) if cache.direct() && e.raw_os_error() == Some(libc::EINVAL) => {
             Err(Error::io(format!("Could not open '{}': O_DIRECT is not supported here", path.display()), e))
         }
@@ -215,10 +215,19 @@ fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>)
     }
 }
 
-/// The locks to take on an image file (or on a backing file, which is
-/// opened as a reader) under `opts`.
-fn lock_mode(opts: &OpenOptions) -> Option<LockMode> {
-    opts.locking.then(|| LockMode::for_open(opts.write, opts.force_share))
+/// The locks to take on an image file of `format` (or on a backing file,
+/// which is opened as a reader) under `opts`.
+fn lock_mode(opts: &OpenOptions, format: Format) -> Option<LockMode> {
+    if !opts.locking {
+        return None;
+    }
+    Some(match format {
+        // QEMU's qcow2 driver keeps others from writing or resizing under
+        // its metadata even when only reading; over raw, QEMU's readers
+        // refuse nobody, so ours do not either.
+        Format::Raw if !opts.write => LockMode::raw_reader(),
+        _ => LockMode::for_open(opts.write, opts.force_share),
+    })
 }
 
 /// Probes the format of a file from its first bytes.
@@ -246,12 +255,17 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     if depth > MAX_BACKING_DEPTH {
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
     }
-    let file = open_file(path, opts.write, opts.cache, lock_mode(opts))?;
-    let storage: Arc<dyn Storage> = file.clone();
+    // Locked only once the format is known (which locks depends on it);
+    // probing merely reads.
+    let mut file = open_file(path, opts.write, opts.cache, None)?;
     let (format, probed) = match opts.format {
         Some(f) => (f, false),
-        None => (probe_format(&*storage)?, true),
+        None => (probe_format(&file)?, true),
     };
+    if let Some(mode) = lock_mode(opts, format) {
+        file.lock(path, mode)?;
+    }
+    let storage: Arc<dyn Storage> = Arc::new(file);
     match format {
         Format::Raw => {
             let dev = Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?);
@@ -304,11 +318,11 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                 // QEMU opens the data file by its name as given, relative
                 // to the working directory (unlike backing files).
                 let dpath = PathBuf::from(&name);
-                let lock = match lock_mode(opts) {
-                    Some(m) if m != LockMode::force_share() => Some(LockMode::data_file(opts.write)),
+                let lock = match lock_mode(opts, format) {
+                    Some(_) if !opts.force_share => Some(LockMode::data_file(opts.write)),
                     other => other,
                 };
-                let d: Arc<dyn Storage> = open_file(&dpath, opts.write, opts.cache, lock)?;
+                let d: Arc<dyn Storage> = Arc::new(open_file(&dpath, opts.write, opts.cache, lock)?);
                 Some(d)
             } else {
                 None

@@ -281,3 +281,33 @@ fn create_refuses_a_file_in_use_without_touching_it() {
     assert_eq!(err, format!("qemu-img: {e}\n"));
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
+
+#[test]
+fn raw_images_are_locked_as_qemu_locks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.raw");
+    std::fs::write(&p, vec![0x3cu8; 1 << 20]).unwrap();
+    // QEMU's raw readers refuse nobody, and neither do ours.
+    {
+        let _r = image::open(&p, &OpenOptions::read_only()).unwrap();
+        assert_eq!(locks_on(&p), LockMode::raw_reader());
+        ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 512", s(&p)]);
+    }
+    // Our raw writer does not share writing, unlike qemu-io's, but leaves
+    // QEMU's readers alone.
+    {
+        let w = image::open(&p, &OpenOptions::read_write()).unwrap();
+        assert_eq!(locks_on(&p), LockMode::writer());
+        ok("qemu-img", &["info", "-f", "raw", s(&p)]);
+        assert_qemu_refuses("qemu-io", &["-f", "raw", "-c", "write 0 512", s(&p)], &want(&p, false, ""));
+        drop(w);
+    }
+    // qemu-nbd writing a raw image shares writes but not resizing; a
+    // reader may look, our writer may not.
+    let sock = p.with_extension("sock");
+    let held = LockMode { held: Perms::CONSISTENT_READ | Perms::WRITE, unshared: Perms::RESIZE };
+    let _nbd = Holder::start(Command::new("qemu-nbd").args(["-f", "raw", "-k", s(&sock), s(&p)]), &p, held);
+    image::open(&p, &OpenOptions::read_only()).unwrap();
+    let e = open_err(&p, &OpenOptions::read_write());
+    assert!(e.starts_with("Failed to get \"resize\" lock\n"), "{e}");
+}

@@ -66,11 +66,22 @@ impl FileStorage {
     pub fn open_locked(path: &Path, flags: OpenFlags, mode: LockMode) -> Result<Self> {
         let io_err = |e| Error::io(format!("Could not open '{}'", path.display()), e);
         let file = Self::open_file(path, flags, false).map_err(io_err)?;
-        let lock = lock_image(&file, path, mode)?;
+        let mut st = FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: None };
+        st.lock(path, mode)?;
         if flags.create {
-            file.set_len(0).map_err(io_err)?;
+            st.file.set_len(0).map_err(io_err)?;
         }
-        Ok(FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: Some(lock) })
+        Ok(st)
+    }
+
+    /// Takes QEMU-compatible image locks of `mode` (see [`lock_image`]),
+    /// replacing any held before; `path` names the file in the message of
+    /// an [`Error::Locked`].
+    pub fn lock(&mut self, path: &Path, mode: LockMode) -> Result<()> {
+        // Release first: the new set is checked on its own, not merged.
+        self.lock = None;
+        self.lock = Some(lock_image(&self.file, path, mode)?);
+        Ok(())
     }
 
     /// The open file (for locking).

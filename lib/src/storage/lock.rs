@@ -129,6 +129,13 @@ impl LockMode {
         }
     }
 
+    /// A read-only user of a raw image: QEMU's tools hold consistent-read
+    /// only (byte 100) there, since the raw format has no metadata of its
+    /// own to protect; the same bytes as [`LockMode::force_share`].
+    pub const fn raw_reader() -> LockMode {
+        LockMode::force_share()
+    }
+
     /// The mode for opening an image file: writable, read-only, or
     /// read-only sharing with writers. `force_share` only makes sense
     /// read-only; a writer ignores it (callers refuse the combination).
