@@ -276,9 +276,9 @@ fn create_refuses_a_file_in_use_without_touching_it() {
     let before = std::fs::read(&p).unwrap();
     let _nbd = Holder::qemu_nbd(&p);
     let e = locked_message(image::create_file(&p).expect_err("create must be refused"));
-    assert_eq!(e, want(&p, false, &format!("{}: ", p.display())));
+    assert_eq!(e, want(&p, false, ""));
     let (_, _, err) = run("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "4M"]);
-    assert_eq!(err, format!("qemu-img: {e}\n"));
+    assert_eq!(err, format!("qemu-img: {}: {e}\n", p.display()));
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
 
