@@ -215,7 +215,6 @@ fn backing_raw_shorter() {
 }
 
 #[test]
-#[ignore = "engine bug: qcow2::create fails for 512-byte clusters with a backing file (header cluster overflow)"]
 fn cluster_512_backing() {
     case("cluster_size=512", 512, "qcow2", 16);
 }

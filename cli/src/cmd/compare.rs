@@ -88,13 +88,14 @@ fn first_difference(a: &dyn BlockDevice, b: &dyn BlockDevice, len: u64, strict: 
     let mut ba = vec![0u8; CHUNK as usize];
     let mut bb = vec![0u8; CHUNK as usize];
     while pos < len {
-        let sa = chain_status(a, pos, (len - pos).min(CHUNK))?;
-        let sb = chain_status(b, pos, (len - pos).min(CHUNK))?;
-        let n = sa.length.min(sb.length).max(1).min(len - pos);
+        let sa = chain_status(a, pos, len - pos)?;
+        let sb = chain_status(b, pos, len - pos)?;
+        let mut n = sa.length.min(sb.length).max(1).min(len - pos);
         if strict && sa.allocated != sb.allocated {
             return Ok(Some(Diff::Status(pos)));
         }
         if !(sa.zero && sb.zero) {
+            n = n.min(CHUNK);
             let (xa, xb) = (&mut ba[..n as usize], &mut bb[..n as usize]);
             if sa.zero {
                 xa.fill(0);
@@ -120,9 +121,10 @@ fn first_nonzero(d: &dyn BlockDevice, from: u64) -> oxcow::Result<Option<u64>> {
     let mut pos = from;
     let mut buf = vec![0u8; CHUNK as usize];
     while pos < len {
-        let st = chain_status(d, pos, (len - pos).min(CHUNK))?;
-        let n = st.length.max(1).min(len - pos);
+        let st = chain_status(d, pos, len - pos)?;
+        let mut n = st.length.max(1).min(len - pos);
         if !st.zero {
+            n = n.min(CHUNK);
             let x = &mut buf[..n as usize];
             d.read_at(x, pos)?;
             if let Some(i) = x.iter().position(|&v| v != 0) {

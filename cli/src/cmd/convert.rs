@@ -123,8 +123,26 @@ pub fn run(a: Args) -> CliResult<i32> {
     let mut bbuf = vec![0u8; if base.is_some() { CHUNK as usize } else { 0 }];
     let mut pos = 0;
     while pos < size {
-        let st = chain_status(sdev, pos, (size - pos).min(CHUNK)).map_err(rerr)?;
-        let n = st.length.max(1).min(size - pos);
+        // Ask for the whole rest so huge holes go by in one step; data is
+        // then copied in bounded chunks.
+        let st = chain_status(sdev, pos, size - pos).map_err(rerr)?;
+        let n = if st.zero && base.is_none() {
+            st.length.max(1).min(size - pos)
+        } else {
+            st.length.max(1).min(size - pos).min(CHUNK)
+        };
+        if st.zero && base.is_none() {
+            if a.no_create && min_sparse > 0 {
+                ddev.write_zeroes(pos, n, true).map_err(werr)?;
+            } else if min_sparse == 0 {
+                write_zero_chunks(ddev, pos, n, &mut buf).map_err(werr)?;
+            }
+            pos += n;
+            if let Some(b) = &bar {
+                b.set_position(pos);
+            }
+            continue;
+        }
         let data = &mut buf[..n as usize];
         if st.zero {
             data.fill(0);
@@ -146,10 +164,6 @@ pub fn run(a: Args) -> CliResult<i32> {
                     }
                 }
             }
-        } else if st.zero && min_sparse > 0 {
-            if a.no_create {
-                ddev.write_zeroes(pos, n, true).map_err(werr)?;
-            }
         } else if gran == 0 {
             ddev.write_at(data, pos).map_err(werr)?;
         } else {
@@ -165,6 +179,18 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     dst.close().map_err(werr)?;
     Ok(0)
+}
+
+/// `-S 0`: zero ranges are written out as real zeros, in bounded chunks.
+fn write_zero_chunks(dev: &dyn BlockDevice, mut pos: u64, len: u64, buf: &mut [u8]) -> oxcow::Result<()> {
+    let end = pos + len;
+    while pos < end {
+        let n = (end - pos).min(buf.len() as u64) as usize;
+        buf[..n].fill(0);
+        dev.write_at(&buf[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 /// Writes `data` at `pos`, skipping blocks of zeros (which a new target
