@@ -243,3 +243,59 @@ fn errors_are_one_line_without_panics() {
         assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
     }
 }
+
+/// Both tools' output, status and findings for `check ARGS`.
+fn check_both(dir: &std::path::Path, args: &[&str]) {
+    let (o, q) = (oxcow(dir, args), qemu_img(dir, args));
+    assert_eq!((o.code, &o.stdout), (q.code, &q.stdout), "{args:?}\nstderr: {}", o.stderr);
+}
+
+/// Gives cluster `idx` of a 64k-cluster image a refcount of 1 although
+/// nothing uses it (a leak), growing the file to cover it.
+fn make_leak(file: &std::path::Path, idx: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    f.write_all_at(&1u16.to_be_bytes(), 2 * 65536 + 2 * idx).unwrap();
+    f.set_len((idx + 1) * 65536).unwrap();
+}
+
+#[test]
+fn check_matches_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "fresh.qcow2", "8M"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "used.qcow2", "8M"]);
+    qemu_write(dir, "used.qcow2", &[(1, 0, 65536), (2, 65536, 4096), (3, 1 << 20, 200000)], &[]);
+    ok(dir, "qemu-img", &["snapshot", "-c", "s1", "used.qcow2"]);
+    qemu_write(dir, "used.qcow2", &[(4, 0, 4096)], &[]);
+    ok(dir, "qemu-img", &["convert", "-c", "-O", "qcow2", "used.qcow2", "comp.qcow2"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "disk.raw", "1M"]);
+    for f in ["fresh.qcow2", "used.qcow2", "comp.qcow2"] {
+        check_both(dir, &["check", f]);
+        check_both(dir, &["check", "--output=json", f]);
+        check_both(dir, &["check", "-q", f]);
+    }
+    check_both(dir, &["check", "disk.raw"]);
+    assert_eq!(oxcow(dir, &["check", "-f", "raw", "disk.raw"]).code, 63);
+
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "leak.qcow2", "8M"]);
+    qemu_write(dir, "leak.qcow2", &[(1, 0, 65536)], &[]);
+    make_leak(&dir.join("leak.qcow2"), 9);
+    std::fs::copy(dir.join("leak.qcow2"), dir.join("leak2.qcow2")).unwrap();
+    check_both(dir, &["check", "leak.qcow2"]);
+    check_both(dir, &["check", "--output=json", "leak.qcow2"]);
+    let (o, q) =
+        (oxcow(dir, &["check", "-r", "leaks", "leak.qcow2"]), qemu_img(dir, &["check", "-r", "leaks", "leak2.qcow2"]));
+    assert_eq!((o.code, &o.stdout), (q.code, &q.stdout));
+    ok(dir, "qemu-img", &["check", "leak.qcow2"]);
+}
+
+#[test]
+#[ignore = "engine bug: check counts fragmentation across L2 tables; qemu-img restarts at each L2 table"]
+fn check_fragmentation_matches() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "big.qcow2", "4T"]);
+    qemu_write(dir, "big.qcow2", &[(1, 0, 4096), (2, 4 << 30, 65536), (3, (4 << 40) - 65536, 65536)], &[]);
+    check_both(dir, &["check", "big.qcow2"]);
+}

@@ -111,6 +111,10 @@ fn dirty_after_abort() {
     let info = json(&ok(dir, OXCOW, &["info", "--output=json", "img.qcow2"]).stdout);
     assert_eq!(info["dirty-flag"], true);
     check_all(dir, "img.qcow2", &[(1, 0, 65536)]);
+    // Opening it writable repairs the refcounts first, as qemu-io does.
+    ok(dir, OXCOW, &["io", "-c", "write -q -P 2 65536 4096", "img.qcow2"]);
+    ok(dir, "qemu-img", &["check", "img.qcow2"]);
+    assert_patterns(dir, "img.qcow2", &[(1, 0, 65536), (2, 65536, 4096)], &[]);
 }
 
 fn compressed(kind: &str) {

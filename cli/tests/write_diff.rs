@@ -126,6 +126,9 @@ fn case(opts: &str, cs: u64, back: &str, seed: u64) {
 
     let chk = qemu_img(dir, &["check", "ox.qcow2"]);
     assert_eq!(chk.code, 0, "qemu-img check on oxcow's image: {}{}\n{ctx}", chk.stdout, chk.stderr);
+    // And the other way round: oxcow's checker accepts qemu's image.
+    let chk = oxcow(dir, &["check", "q.qcow2"]);
+    assert_eq!(chk.code, 0, "oxcow check on qemu's image: {}{}\n{ctx}", chk.stdout, chk.stderr);
     let cmp = qemu_img(dir, &["compare", "ox.qcow2", "q.qcow2"]);
     assert_eq!(cmp.code, 0, "images differ: {}{}\n{ctx}", cmp.stdout, cmp.stderr);
 
