@@ -1,1 +1,2 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
+pub mod bench;
