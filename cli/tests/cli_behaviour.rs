@@ -299,3 +299,21 @@ fn check_fragmentation_matches() {
     qemu_write(dir, "big.qcow2", &[(1, 0, 4096), (2, 4 << 30, 65536), (3, (4 << 40) - 65536, 65536)], &[]);
     check_both(dir, &["check", "big.qcow2"]);
 }
+
+#[test]
+fn map_ranges_match_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "8M"]);
+    qemu_write(dir, "img.qcow2", &[(1, 0, 65536), (2, 200000, 70000), (3, 7 << 20, 4096)], &[]);
+    ok(dir, "qemu-io", &["-c", "write -q -z 1M 128k", "img.qcow2"]);
+    for r in [
+        &["--start-offset", "100k", "--max-length", "1M"][..],
+        &["-s", "0", "-l", "70000"],
+        &["--start-offset=8M"],
+        &["--start-offset=9M"],
+        &["--max-length=1"],
+    ] {
+        assert_map_matches(dir, "img.qcow2", r);
+    }
+}

@@ -93,7 +93,16 @@ fn backing(dir: &Path, kind: &str) -> Vec<String> {
     }
 }
 
+/// Runs the case for its own seed, plus `OXCOW_DIFF_SEEDS` more seeds when
+/// that variable is set (for longer hunts than the default suite allows).
 fn case(opts: &str, cs: u64, back: &str, seed: u64) {
+    let extra: u64 = std::env::var("OXCOW_DIFF_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    for k in 0..=extra {
+        one_case(opts, cs, back, seed + k * 1000);
+    }
+}
+
+fn one_case(opts: &str, cs: u64, back: &str, seed: u64) {
     let d = tmp();
     let dir = d.path();
     let b = backing(dir, back);
