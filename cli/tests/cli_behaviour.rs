@@ -234,6 +234,10 @@ fn errors_are_one_line_without_panics() {
         (vec!["compare", "missing", "garbage.qcow2"], 2),
         (vec!["create", "-f", "qcow2", "x.qcow2", "1Q"], 1),
         (vec!["convert", "-O", "vmdk", "garbage.qcow2", "x"], 1),
+        (vec!["create", "-f", "qcow2", "x.qcow2", "1G", "2G"], 1),
+        (vec!["info"], 1),
+        (vec!["map", "--output=xml", "garbage.qcow2"], 1),
+        (vec!["io", "-t", "bogus", "-c", "read 0 1", "garbage.qcow2"], 1),
     ];
     for (args, code) in runs {
         let r = oxcow(dir, &args);
