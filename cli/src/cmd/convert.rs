@@ -2,9 +2,8 @@
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::device::chain_status;
 use oxcow::image::{resolve_backing, OpenOptions};
-use oxcow::BlockDevice;
+use oxcow::tools::convert::{copy, CopyOptions};
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -55,8 +54,6 @@ pub struct Args {
     #[arg(required = true, num_args = 2)]
     files: Vec<String>,
 }
-
-const CHUNK: u64 = 2 << 20;
 
 pub fn run(a: Args) -> CliResult<i32> {
     let _ = (a.src_cache, a.cache, a.force_share, a.unordered, a.quiet);
@@ -117,107 +114,19 @@ pub fn run(a: Args) -> CliResult<i32> {
     } else {
         None
     };
-    let werr = |e: oxcow::Error| CliError::new(format!("error while writing at byte: {e}"));
-    let rerr = |e: oxcow::Error| CliError::new(format!("error while reading: {e}"));
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut bbuf = vec![0u8; if base.is_some() { CHUNK as usize } else { 0 }];
-    let mut pos = 0;
-    while pos < size {
-        // Ask for the whole rest so huge holes go by in one step; data is
-        // then copied in bounded chunks.
-        let st = chain_status(sdev, pos, size - pos).map_err(rerr)?;
-        let n = if st.zero && base.is_none() {
-            st.length.max(1).min(size - pos)
-        } else {
-            st.length.max(1).min(size - pos).min(CHUNK)
-        };
-        if st.zero && base.is_none() {
-            if a.no_create && min_sparse > 0 {
-                ddev.write_zeroes(pos, n, true).map_err(werr)?;
-            } else if min_sparse == 0 {
-                write_zero_chunks(ddev, pos, n, &mut buf).map_err(werr)?;
-            }
-            pos += n;
-            if let Some(b) = &bar {
-                b.set_position(pos);
-            }
-            continue;
-        }
-        let data = &mut buf[..n as usize];
-        if st.zero {
-            data.fill(0);
-        } else {
-            sdev.read_at(data, pos).map_err(rerr)?;
-        }
-        if let Some(b) = base {
-            // Only what differs from the backing file goes into the target.
-            let bd = &mut bbuf[..n as usize];
-            oxcow::device::read_backing(Some(b), bd, pos).map_err(rerr)?;
-            let step = gran.max(512) as usize;
-            for (i, (x, y)) in data.chunks(step).zip(bd.chunks(step)).enumerate() {
-                if x != y {
-                    let at = pos + (i * step) as u64;
-                    if x.iter().all(|&v| v == 0) {
-                        ddev.write_zeroes(at, x.len() as u64, false).map_err(werr)?;
-                    } else {
-                        ddev.write_at(x, at).map_err(werr)?;
-                    }
-                }
-            }
-        } else if gran == 0 {
-            ddev.write_at(data, pos).map_err(werr)?;
-        } else {
-            write_sparse(ddev, data, pos, gran as usize, a.no_create).map_err(werr)?;
-        }
-        pos += n;
+    let werr = |e: oxcow::Error| {
+        CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
+    };
+    let o = CopyOptions { zero_granularity: gran, existing_target: a.no_create, base };
+    copy(sdev, ddev, &o, &mut |pos| {
         if let Some(b) = &bar {
             b.set_position(pos);
         }
-    }
+    })
+    .map_err(werr)?;
     if let Some(b) = bar {
         b.finish();
     }
     dst.close().map_err(werr)?;
     Ok(0)
-}
-
-/// `-S 0`: zero ranges are written out as real zeros, in bounded chunks.
-fn write_zero_chunks(dev: &dyn BlockDevice, mut pos: u64, len: u64, buf: &mut [u8]) -> oxcow::Result<()> {
-    let end = pos + len;
-    while pos < end {
-        let n = (end - pos).min(buf.len() as u64) as usize;
-        buf[..n].fill(0);
-        dev.write_at(&buf[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(())
-}
-
-/// Writes `data` at `pos`, skipping blocks of zeros (which a new target
-/// already reads as zeros); runs of non-zero blocks are written together.
-fn write_sparse(dev: &dyn BlockDevice, data: &[u8], pos: u64, gran: usize, existing: bool) -> oxcow::Result<()> {
-    // Blocks are aligned to the device, not to the chunk.
-    let mut i = 0usize;
-    let mut run_start: Option<usize> = None;
-    let flush_run = |s: usize, e: usize| dev.write_at(&data[s..e], pos + s as u64);
-    while i < data.len() {
-        let abs = pos + i as u64;
-        let end = (((abs / gran as u64) + 1) * gran as u64 - pos).min(data.len() as u64) as usize;
-        let blk = &data[i..end];
-        if blk.iter().all(|&v| v == 0) {
-            if let Some(s) = run_start.take() {
-                flush_run(s, i)?;
-            }
-            if existing {
-                dev.write_zeroes(abs, blk.len() as u64, true)?;
-            }
-        } else if run_start.is_none() {
-            run_start = Some(i);
-        }
-        i = end;
-    }
-    if let Some(s) = run_start {
-        flush_run(s, data.len())?;
-    }
-    Ok(())
 }
