@@ -179,6 +179,18 @@ fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
     })
 }
 
+/// qemu's largest single request.
+const MAX_REQUEST: u64 = 2147483136;
+
+fn length(out: &mut dyn Write, s: &str, suffix: &str) -> Result<u64, Stop> {
+    let n = num(out, s)?;
+    if n > MAX_REQUEST {
+        let _ = writeln!(out, "length cannot exceed {MAX_REQUEST}{suffix}, given {s}");
+        return Err(Stop);
+    }
+    Ok(n)
+}
+
 fn pattern(out: &mut dyn Write, s: &str) -> Result<u8, Stop> {
     let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         i64::from_str_radix(h, 16).ok()
@@ -231,9 +243,13 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             return Err(Stop);
         }
     };
-    let Ok(o) = getopt(args, spec) else {
-        usage(out, cmd);
-        return Err(Stop);
+    let o = match getopt(args, spec) {
+        Ok(o) => o,
+        Err(c) => {
+            eprintln!("{cmd}: invalid option -- '{c}'");
+            usage(out, cmd);
+            return Err(Stop);
+        }
     };
     let nargs = USAGE.iter().find(|u| u.0 == cmd).map_or(0, |u| u.2);
     if o.rest.len() != nargs {
@@ -244,7 +260,7 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
     match cmd {
         "read" => {
             let off = num(out, o.rest[0])?;
-            let len = num(out, o.rest[1])?;
+            let len = length(out, o.rest[1], "")?;
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
@@ -267,7 +283,7 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
         }
         "write" => {
             let off = num(out, o.rest[0])?;
-            let len = num(out, o.rest[1])?;
+            let len = if o.has('z') { num(out, o.rest[1])? } else { length(out, o.rest[1], " without -n")? };
             let zero = o.has('z');
             if o.has('u') && !zero {
                 let _ = writeln!(out, "-u requires -z to be specified");
