@@ -94,7 +94,8 @@ fn backing(dir: &Path, kind: &str) -> Vec<String> {
 }
 
 /// Runs the case for its own seed, plus `OXCOW_DIFF_SEEDS` more seeds when
-/// that variable is set (for longer hunts than the default suite allows).
+/// that variable is set (for longer hunts than the default suite allows;
+/// `OXCOW_DIFF_OPS` sets the commands per sequence, 24 by default).
 fn case(opts: &str, cs: u64, back: &str, seed: u64) {
     let extra: u64 = std::env::var("OXCOW_DIFF_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     for k in 0..=extra {
@@ -127,7 +128,8 @@ fn one_case(opts: &str, cs: u64, back: &str, seed: u64) {
     mk("qemu-img", "q.qcow2", &o_q);
 
     let mut model = Model { spans: Vec::new() };
-    let cmds = commands(seed, cs, 24, &mut model);
+    let ops = std::env::var("OXCOW_DIFF_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(24);
+    let cmds = commands(seed, cs, ops, &mut model);
     let ctx = format!("opts={opts} backing={back} seed={seed}\ncommands: {cmds:#?}");
     let r = oxcow(dir, &io_args(&["io", "-d", "unmap"], &cmds, "ox.qcow2"));
     assert_eq!(r.code, 0, "oxcow io failed: {}{}\n{ctx}", r.stdout, r.stderr);
