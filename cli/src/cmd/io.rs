@@ -289,6 +289,10 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
                 let _ = writeln!(out, "-u requires -z to be specified");
                 return Err(Stop);
             }
+            if o.has('c') || o.has('b') {
+                let _ = writeln!(out, "write: compressed and VM-state writes are not supported by oxcow");
+                return Err(Stop);
+            }
             if zero && o.has('P') {
                 let _ = writeln!(out, "-z and -P cannot be specified at the same time");
                 return Err(Stop);
@@ -300,6 +304,10 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
                 let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
                 let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
                 dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+            }
+            if o.has('f') {
+                // Forced unit access: durable before the command completes.
+                dev.flush().map_err(|e| fail("write", e))?;
             }
             if !o.has('q') {
                 report(out, "wrote", len, off, t.elapsed());
