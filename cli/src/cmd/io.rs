@@ -268,8 +268,11 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             let el = t.elapsed();
             let mut ok = true;
             if let Some(p) = pat {
-                if buf.iter().any(|&b| b != p) {
-                    let _ = writeln!(out, "Pattern verification failed at offset {off}, {len} bytes");
+                // -s/-l narrow the check to part of what was read.
+                let ps = o.value('s').map(|v| num(out, v)).transpose()?.unwrap_or(0).min(len);
+                let pl = o.value('l').map(|v| num(out, v)).transpose()?.unwrap_or(len - ps).min(len - ps);
+                if buf[ps as usize..(ps + pl) as usize].iter().any(|&b| b != p) {
+                    let _ = writeln!(out, "Pattern verification failed at offset {}, {pl} bytes", off + ps);
                     ok = false;
                 }
             }
