@@ -179,6 +179,9 @@ fn io_output_matches_qemu_io() {
         "write -z -u 128k 64k",
         "write 5000 3000",
         "read -P 0xcd 5000 3000",
+        "read -P 0xcd -s 100 -l 200 4900 3000",
+        "read -P 0xcd -s 50 -l 200 4900 3000",
+        "write -f -P 7 9000 100",
         "discard 0 64k",
         "flush",
         "aio_flush",
@@ -213,6 +216,11 @@ fn io_output_matches_qemu_io() {
     let r = oxcow(a.path(), &["io", "-c", "read 0 1", "missing"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("oxcow: can't open device missing"), "{}", r.stderr);
+    // Cache modes reach the same data (O_DIRECT included).
+    for t in ["none", "writethrough", "directsync", "unsafe"] {
+        ok(a.path(), OXCOW, &["io", "-t", t, "-c", "write -q -P 9 70000 5000", "-c", "read -q -P 9 70000 5000", "img"]);
+    }
+    ok(a.path(), "qemu-io", &["-r", "-c", "read -q -P 9 70000 5000", "img"]);
     // truncate grows the disk.
     let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 16M", "-c", "length", "img"]);
     assert_eq!(r.stdout.trim(), "16 MiB");
