@@ -30,6 +30,10 @@ enum Command {
     Check(cmd::check::Args),
     /// Run qemu-io commands on an image (like `qemu-io`).
     Io(cmd::io::Args),
+    /// Run a simple image benchmark (like `qemu-img bench`).
+    Bench(cmd::bench::Args),
+    /// Export an image over NBD (like `qemu-nbd`).
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,8 @@ fn main() -> ExitCode {
         Command::Create(a) => cmd::create::run(a),
         Command::Check(a) => cmd::check::run(a),
         Command::Io(a) => cmd::io::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),

@@ -58,10 +58,23 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
 /// Opens an image, wrapping errors the way qemu-img does ("Could not open
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
-    image::open(path, opts).map_err(|e| {
+    let img = image::open(path, opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
         CliError::new(format!("Could not open '{path}': {}", clean_message(&e.to_string())))
-    })
+    })?;
+    report_dirty_repair(path, &img);
+    Ok(img)
+}
+
+/// Says on stderr that opening the image repaired it (dirty bit set by an
+/// unclean close with lazy refcounts), as the user should know.
+pub fn report_dirty_repair(path: &str, img: &Image) {
+    if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {
+        eprintln!(
+            "oxcow: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            rep.leaks_fixed, rep.corruptions_fixed
+        );
+    }
 }
 
 /// Parses qemu-style sizes: plain bytes, `k/M/G/T/P/E` suffixes, `0x` hex.

@@ -6,10 +6,8 @@
 mod common;
 
 use common::*;
-use oxcow::device::BlockDevice;
 use oxcow::image::{self, Format, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
-use std::sync::Arc;
 
 fn run(opts: CreateOptions, backing: bool, name: &str) {
     let dir = tempfile::tempdir().unwrap();

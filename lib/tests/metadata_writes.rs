@@ -4,7 +4,7 @@
 
 use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
-use oxcow::storage::{CountingStorage, MemoryStorage, Storage};
+use oxcow::storage::{CountingStorage, MemoryStorage};
 use std::sync::Arc;
 
 fn setup(lazy: bool) -> (Arc<CountingStorage>, Qcow2) {

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use oxcow::device::BlockDevice;
 use oxcow::image::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 

@@ -54,6 +54,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let img = oxcow::image::open(&a.file, &opts).map_err(|e| {
         CliError::new(format!("can't open device {}: {}", a.file, crate::util::clean_message(&e.to_string())))
     })?;
+    crate::util::report_dirty_repair(&a.file, &img);
     let mut failed = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

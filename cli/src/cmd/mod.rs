@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -7,3 +8,4 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod serve;

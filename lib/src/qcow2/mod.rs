@@ -15,6 +15,7 @@ mod create;
 mod flush;
 mod mapping;
 mod read;
+mod snapshot_view;
 mod state;
 mod write;
 

@@ -93,7 +93,7 @@ pub fn run(dev: &dyn BlockDevice, o: &BenchOptions) -> Result<Duration> {
                     let r = r.and_then(|_| {
                         if o.write && o.flush_interval > 0 {
                             let n = writes_done.fetch_add(1, Ordering::Relaxed) + 1;
-                            if n % o.flush_interval == 0 {
+                            if n.is_multiple_of(o.flush_interval) {
                                 let _g =
                                     if o.drain { Some(gate.write().unwrap_or_else(|e| e.into_inner())) } else { None };
                                 return dev.flush();
