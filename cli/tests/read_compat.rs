@@ -189,6 +189,9 @@ fn internal_snapshot() {
     ok(dir, "qemu-img", &["snapshot", "-c", "snap1", "img.qcow2"]);
     qemu_write(dir, "img.qcow2", &[(2, 65536, 65536), (3, 4 << 20, 4096)], &[]);
     check_all(dir, "img.qcow2", &[(1, 0, 65536), (2, 65536, 65536), (3, 4 << 20, 4096)]);
+    // The snapshot's own contents convert like qemu-img's.
+    assert_convert_matches(dir, "img.qcow2", &["-l", "snapshot.name=snap1"]);
+    assert_convert_matches(dir, "img.qcow2", &["-l", "1"]);
     let strip = |s: String| s.lines().filter(|l| !l.contains("disk size")).collect::<Vec<_>>().join("\n");
     assert_eq!(
         strip(ok(dir, OXCOW, &["info", "img.qcow2"]).stdout),

@@ -50,6 +50,10 @@ pub struct Args {
     /// Out-of-order writes (accepted for compatibility).
     #[arg(short = 'W')]
     unordered: bool,
+    /// Convert an internal snapshot of the source: `snapshot.name=NAME`,
+    /// `snapshot.id=ID`, or a bare name or id.
+    #[arg(short = 'l')]
+    snapshot_param: Option<String>,
     /// Source image, then target.
     #[arg(required = true, num_args = 2)]
     files: Vec<String>,
@@ -77,7 +81,20 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let src_fmt = parse_format(a.format.as_deref())?;
     let src = open_image(src_path, &OpenOptions { format: src_fmt, ..Default::default() })?;
-    let sdev = src.device();
+    let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
+    let snap_dev = match &snap_name {
+        Some(n) => {
+            let q = src.qcow2().ok_or_else(|| CliError::new("This image format does not support snapshots"))?;
+            Some(q.snapshot_device(n).map_err(|e| {
+                CliError::new(format!("Failed to load snapshot: {}", crate::util::clean_message(&e.to_string())))
+            })?)
+        }
+        None => None,
+    };
+    let sdev = match &snap_dev {
+        Some(d) => &**d,
+        None => src.device(),
+    };
     let size = sdev.len();
 
     if !a.no_create {
@@ -129,4 +146,19 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     dst.close().map_err(werr)?;
     Ok(0)
+}
+
+/// The snapshot named by a `-l` parameter list.
+fn snapshot_name(p: &str) -> CliResult<String> {
+    if !p.contains('=') {
+        return Ok(p.to_string());
+    }
+    let mut name = None;
+    for (k, v) in crate::util::parse_options(&[p.to_string()])? {
+        match k.as_str() {
+            "snapshot.name" | "snapshot.id" => name = Some(v),
+            _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    name.ok_or_else(|| CliError::new("Failed to load snapshot: no snapshot given"))
 }
