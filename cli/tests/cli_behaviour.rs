@@ -261,6 +261,7 @@ fn io_output_matches_qemu_io() {
     for t in ["none", "writethrough", "directsync", "unsafe"] {
         ok(a.path(), OXCOW, &["io", "-t", t, "-c", "write -q -P 9 70000 5000", "-c", "read -q -P 9 70000 5000", "img"]);
     }
+    ok(a.path(), OXCOW, &["io", "-n", "-c", "read -q -P 9 70000 5000", "img"]);
     ok(a.path(), "qemu-io", &["-r", "-c", "read -q -P 9 70000 5000", "img"]);
     // truncate grows the disk.
     let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 16M", "-c", "length", "img"]);

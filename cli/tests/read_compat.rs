@@ -192,6 +192,9 @@ fn internal_snapshot() {
     // The snapshot's own contents convert like qemu-img's.
     assert_convert_matches(dir, "img.qcow2", &["-l", "snapshot.name=snap1"]);
     assert_convert_matches(dir, "img.qcow2", &["-l", "1"]);
+    // io -l reads the snapshot, read-only.
+    assert_patterns(dir, "img.qcow2", &[(1, 0, 131072)], &["-l", "snap1"]);
+    assert_eq!(oxcow(dir, &["io", "-l", "snap1", "-c", "write 0 1", "img.qcow2"]).code, 1);
     let strip = |s: String| s.lines().filter(|l| !l.contains("disk size")).collect::<Vec<_>>().join("\n");
     assert_eq!(
         strip(ok(dir, OXCOW, &["info", "img.qcow2"]).stdout),

@@ -7,6 +7,7 @@
 use crate::util::{io_size, parse_format, parse_num, CliError, CliResult};
 use oxcow::device::chain_status;
 use oxcow::image::{CacheMode, Image, OpenOptions};
+use oxcow::BlockDevice;
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,13 @@ pub struct Args {
     /// Force sharing (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Bypass the host page cache (short for `-t none`).
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// Open an internal snapshot instead of the active state, read-only
+    /// (an oxcow extension, named after qemu-nbd's option).
+    #[arg(short = 'l', long = "load-snapshot")]
+    snapshot: Option<String>,
     /// Discard mode: `unmap` (the default, as in qemu-io) or `ignore`
     /// (discard requests succeed without doing anything).
     #[arg(short = 'd', long = "discard", default_value = "unmap")]
@@ -43,6 +51,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
         Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
+        None if a.nocache => CacheMode::None,
         None => CacheMode::default(),
     };
     let unmap = match a.discard.as_str() {
@@ -50,11 +59,28 @@ pub fn run(a: Args) -> CliResult<i32> {
         "unmap" | "on" => true,
         other => return Err(CliError::new(format!("Invalid discard option: {other}"))),
     };
-    let opts = OpenOptions { format, write: !a.read_only, cache, ..Default::default() };
+    let write = !a.read_only && a.snapshot.is_none();
+    let opts = OpenOptions { format, write, cache, ..Default::default() };
     let img = oxcow::image::open(&a.file, &opts).map_err(|e| {
         CliError::new(format!("can't open device {}: {}", a.file, crate::util::clean_message(&e.to_string())))
     })?;
     crate::util::report_dirty_repair(&a.file, &img);
+    let snap = match &a.snapshot {
+        Some(name) => {
+            let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;
+            Some(q.snapshot_device(name).map_err(|e| {
+                CliError::new(format!(
+                    "Failed to load snapshot '{name}': {}",
+                    crate::util::clean_message(&e.to_string())
+                ))
+            })?)
+        }
+        None => None,
+    };
+    let dev: &dyn BlockDevice = match &snap {
+        Some(d) => &**d,
+        None => img.device(),
+    };
     let mut failed = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -64,7 +90,7 @@ pub fn run(a: Args) -> CliResult<i32> {
             return true;
         }
         // A command that stopped early has already said why.
-        exec(&img, unmap, &words, out).unwrap_or(false)
+        exec(&img, dev, unmap, &words, out).unwrap_or(false)
     };
     if a.cmds.is_empty() {
         for line in std::io::stdin().lock().lines() {
@@ -230,7 +256,7 @@ fn fail(what: &str, e: oxcow::Error) -> Stop {
 }
 
 /// Runs one command; Ok(false) means it ran but reported a failure.
-fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
+fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
     let cmd = words[0];
     let args = &words[1..];
     let spec = match cmd {
@@ -257,7 +283,6 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
         usage(out, cmd);
         return Err(Stop);
     }
-    let dev = img.device();
     match cmd {
         "read" => {
             let off = num(out, o.rest[0])?;
@@ -348,7 +373,7 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             Ok(true)
         }
         "map" => {
-            io_map(img, out).map_err(|e| fail("map", e))?;
+            io_map(dev, out).map_err(|e| fail("map", e))?;
             Ok(true)
         }
         "info" => {
@@ -375,8 +400,7 @@ fn dump(out: &mut dyn Write, buf: &[u8], base: u64) {
 }
 
 /// qemu-io's map: runs of allocated-anywhere-in-the-chain versus not.
-fn io_map(img: &Image, out: &mut dyn Write) -> oxcow::Result<()> {
-    let dev = img.device();
+fn io_map(dev: &dyn BlockDevice, out: &mut dyn Write) -> oxcow::Result<()> {
     let len = dev.len();
     let mut pos = 0;
     let mut run: Option<(u64, u64, bool)> = None;
