@@ -9,16 +9,21 @@
 //! `alloc.rs` (reuse of freed clusters); see the comments there.
 
 mod alloc;
+mod amend;
 mod cache;
 mod check;
+mod compress;
 mod create;
 mod flush;
 mod mapping;
 mod read;
+mod resize;
+mod snapshot;
 mod snapshot_view;
 mod state;
 mod write;
 
+pub use amend::{amend, AmendOptions};
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 
@@ -147,6 +152,7 @@ impl Qcow2 {
             snapshots,
             free_hint: 0,
             file_end,
+            prealloc_end: file_len,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
@@ -154,6 +160,7 @@ impl Qcow2 {
             lazy_active: false,
             poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,
+            compress_cursor: 0,
         };
         meta.meta_clusters = metadata_clusters(&g, &meta);
         let q = Qcow2 {
