@@ -196,6 +196,17 @@ fn convert_targets() {
     assert!(blocks("sparse.raw") < 3 << 20, "sparse raw allocates {}", blocks("sparse.raw"));
     assert!(blocks("full.raw") >= 8 << 20);
 
+    // -c: compressed clusters qemu can read, with either compression type.
+    for ct in ["zlib", "zstd"] {
+        let o = format!("compression_type={ct}");
+        ok(dir, OXCOW, &["convert", "-c", "-O", "qcow2", "-o", &o, "src.qcow2", "comp.qcow2"]);
+        let c = qemu_img(dir, &["check", "comp.qcow2"]);
+        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+        ok(dir, "qemu-img", &["compare", "src.qcow2", "comp.qcow2"]);
+        let map = json(&ok(dir, "qemu-img", &["map", "--output=json", "comp.qcow2"]).stdout);
+        assert!(map.as_array().unwrap().iter().any(|e| e["compressed"] == true), "no compressed clusters ({ct})");
+    }
+
     // -n writes into an existing image, zeroing what the source has as zeros.
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "existing.qcow2", "8M"]);
     qemu_write(dir, "existing.qcow2", &[(9, 0, 8 << 20)], &[]);
@@ -223,6 +234,14 @@ fn io_output_matches_qemu_io() {
         "read -P 0xcd -s 100 -l 200 4900 3000",
         "read -P 0xcd -s 50 -l 200 4900 3000",
         "write -f -P 7 9000 100",
+        "write -c -P 0x21 256k 128k",
+        "read -P 0x21 256k 128k",
+        "write -c 1000 64k",
+        "truncate 4M",
+        "length",
+        "read -P 0x21 256k 128k",
+        "truncate 16M",
+        "read -P 0 4M 1M",
         "discard 0 64k",
         "flush",
         "aio_flush",
@@ -249,7 +268,7 @@ fn io_output_matches_qemu_io() {
     let r = oxcow(a.path(), &["io", "-c", "bogus", "img"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("command \"bogus\" not found"));
-    let r = oxcow(a.path(), &["io", "-c", "read 8M 1", "img"]);
+    let r = oxcow(a.path(), &["io", "-c", "read 16M 1", "img"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("read failed: "), "{}", r.stderr);
     let r = oxcow(a.path(), &["io", "-r", "-c", "write 0 1", "img"]);
@@ -264,8 +283,8 @@ fn io_output_matches_qemu_io() {
     ok(a.path(), OXCOW, &["io", "-n", "-c", "read -q -P 9 70000 5000", "img"]);
     ok(a.path(), "qemu-io", &["-r", "-c", "read -q -P 9 70000 5000", "img"]);
     // truncate grows the disk.
-    let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 16M", "-c", "length", "img"]);
-    assert_eq!(r.stdout.trim(), "16 MiB");
+    let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 32M", "-c", "length", "img"]);
+    assert_eq!(r.stdout.trim(), "32 MiB");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
 use oxcow::image::{resolve_backing, OpenOptions};
 use oxcow::tools::convert::{copy, CopyOptions};
+use oxcow::BlockDevice;
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -62,9 +63,6 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult<i32> {
     let _ = (a.src_cache, a.cache, a.force_share, a.unordered, a.quiet);
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
-    if a.compress {
-        return Err(CliError::new("Compression is not supported by oxcow yet"));
-    }
     let out_fmt = match a.out_format.as_str() {
         f @ ("raw" | "qcow2") => f,
         other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
@@ -131,6 +129,25 @@ pub fn run(a: Args) -> CliResult<i32> {
     } else {
         None
     };
+    if a.compress {
+        let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
+        if a.backing.is_some() || a.no_create {
+            return Err(CliError::new("-c is only supported for new images without -B"));
+        }
+        copy_compressed(sdev, q, &mut |pos| {
+            if let Some(b) = &bar {
+                b.set_position(pos);
+            }
+        })
+        .map_err(|e| {
+            CliError::new(format!("error while compressing: {}", crate::util::clean_message(&e.to_string())))
+        })?;
+        if let Some(b) = bar {
+            b.finish();
+        }
+        dst.close()?;
+        return Ok(0);
+    }
     let werr = |e: oxcow::Error| {
         CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
     };
@@ -161,4 +178,35 @@ fn snapshot_name(p: &str) -> CliResult<String> {
         }
     }
     name.ok_or_else(|| CliError::new("Failed to load snapshot: no snapshot given"))
+}
+
+/// `-c`: every guest cluster that holds data is written compressed; zero
+/// clusters stay unallocated.
+fn copy_compressed(src: &dyn BlockDevice, q: &oxcow::qcow2::Qcow2, progress: &mut dyn FnMut(u64)) -> oxcow::Result<()> {
+    let size = src.len();
+    let cs = q.cluster_size();
+    let mut buf = vec![0u8; cs as usize];
+    let mut c = 0;
+    while c < size {
+        let st = oxcow::device::chain_status(src, c, size - c)?;
+        if st.zero && st.length >= size - c {
+            break;
+        }
+        if st.zero && st.length >= cs {
+            // Whole clusters of zeros: nothing to write.
+            c += st.length / cs * cs;
+            progress(c);
+            continue;
+        }
+        let n = (size - c).min(cs) as usize;
+        buf.fill(0);
+        src.read_at(&mut buf[..n], c)?;
+        if buf.iter().any(|&b| b != 0) {
+            q.write_compressed(c, &buf)?;
+        }
+        c += cs;
+        progress(c.min(size));
+    }
+    progress(size);
+    Ok(())
 }

@@ -318,9 +318,21 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                 let _ = writeln!(out, "-u requires -z to be specified");
                 return Err(Stop);
             }
-            if o.has('c') || o.has('b') {
-                let _ = writeln!(out, "write: compressed and VM-state writes are not supported by oxcow");
+            if o.has('b') {
+                let _ = writeln!(out, "write: VM-state writes are not supported by oxcow");
                 return Err(Stop);
+            }
+            if o.has('c') && zero {
+                let _ = writeln!(out, "-c and -z cannot be specified at the same time");
+                return Err(Stop);
+            }
+            if o.has('c') {
+                for (v, what) in [(off, "offset"), (len, "count")] {
+                    if !v.is_multiple_of(512) {
+                        let _ = writeln!(out, "{v} is not a sector-aligned value for '{what}'");
+                        return Err(Stop);
+                    }
+                }
             }
             if zero && o.has('P') {
                 let _ = writeln!(out, "-z and -P cannot be specified at the same time");
@@ -332,7 +344,11 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             } else {
                 let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
                 let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
-                dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+                if o.has('c') {
+                    write_compressed(img, &buf, off).map_err(|e| fail("write", e))?;
+                } else {
+                    dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+                }
             }
             if o.has('f') {
                 // Forced unit access: durable before the command completes.
@@ -362,8 +378,8 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
         "truncate" => {
             let size = num(out, o.rest[0])?;
             let r = match img.qcow2() {
-                Some(q) if size >= dev.len() => q.grow(size),
-                _ => dev.resize(size),
+                Some(q) => q.resize_to(size, true),
+                None => dev.resize(size),
             };
             r.map_err(|e| fail("truncate", e))?;
             Ok(true)
@@ -382,6 +398,19 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
         }
         _ => Err(Stop),
     }
+}
+
+/// `write -c`: whole clusters, each compressed on its own.
+fn write_compressed(img: &Image, buf: &[u8], off: u64) -> oxcow::Result<()> {
+    let q = img.qcow2().ok_or_else(|| oxcow::Error::unsupported("compressed writes on raw images"))?;
+    let cs = q.cluster_size() as usize;
+    if !off.is_multiple_of(cs as u64) || !buf.len().is_multiple_of(cs) {
+        return Err(oxcow::Error::invalid("compressed writes must be cluster aligned"));
+    }
+    for (i, c) in buf.chunks(cs).enumerate() {
+        q.write_compressed(off + (i * cs) as u64, c)?;
+    }
+    Ok(())
 }
 
 /// qemu-io's hex dump: offset, 16 bytes in hex, then their printable form.
