@@ -390,3 +390,34 @@ fn map_ranges_match_qemu_img() {
         assert_map_matches(dir, "img.qcow2", r);
     }
 }
+
+#[test]
+fn force_share_reads_images_in_use() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    qemu_write(dir, "img.qcow2", &[(3, 0, 65536)], &[]);
+    // qemu-io holds the image open for writing while we look at it.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-c", "sleep 3000", "img.qcow2"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let start = std::time::Instant::now();
+    while qemu_img(dir, &["info", "img.qcow2"]).code == 0 && start.elapsed().as_secs() < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = oxcow(dir, &["info", "img.qcow2"]);
+    assert_eq!(r.code, 1, "info must refuse an image in use: {}", r.stdout);
+    assert!(r.stderr.contains("lock"), "{}", r.stderr);
+    ok(dir, OXCOW, &["info", "-U", "img.qcow2"]);
+    ok(dir, OXCOW, &["map", "-U", "img.qcow2"]);
+    ok(dir, OXCOW, &["compare", "-U", "img.qcow2", "img.qcow2"]);
+    ok(dir, OXCOW, &["convert", "-U", "-O", "raw", "img.qcow2", "out.raw"]);
+    ok(dir, OXCOW, &["io", "-r", "-U", "-c", "read -q -P 3 0 64k", "img.qcow2"]);
+    let r = oxcow(dir, &["io", "-U", "-c", "read 0 1", "img.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("force-share=on can only be used with read-only images"), "{}", r.stderr);
+    holder.wait().expect("qemu-io exits");
+}

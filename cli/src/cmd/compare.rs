@@ -22,7 +22,7 @@ pub struct Args {
     /// Progress (accepted; compare is quick).
     #[arg(short = 'p')]
     progress: bool,
-    /// Force sharing (accepted for compatibility).
+    /// Open even if another process has the images open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// First image.
@@ -32,12 +32,13 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.progress, a.force_share);
+    let _ = a.progress;
     let e2 = |e: CliError| e.with_code(2);
     let fa = parse_format(a.format_a.as_deref()).map_err(e2)?;
     let fb = parse_format(a.format_b.as_deref()).map_err(e2)?;
-    let ia = open_image(&a.a, &OpenOptions { format: fa, ..Default::default() }).map_err(e2)?;
-    let ib = open_image(&a.b, &OpenOptions { format: fb, ..Default::default() }).map_err(e2)?;
+    let share = a.force_share;
+    let ia = open_image(&a.a, &OpenOptions { format: fa, force_share: share, ..Default::default() }).map_err(e2)?;
+    let ib = open_image(&a.b, &OpenOptions { format: fb, force_share: share, ..Default::default() }).map_err(e2)?;
     let say = |m: String| {
         if !a.quiet {
             println!("{m}");

@@ -45,7 +45,7 @@ pub struct Args {
     /// Target cache mode (accepted for compatibility).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Force sharing (accepted for compatibility).
+    /// Open the source even if another process has it open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Out-of-order writes (accepted for compatibility).
@@ -61,7 +61,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.src_cache, a.cache, a.force_share, a.unordered, a.quiet);
+    let _ = (a.src_cache, a.cache, a.unordered, a.quiet);
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
     let out_fmt = match a.out_format.as_str() {
         f @ ("raw" | "qcow2") => f,
@@ -78,7 +78,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         None => 4096,
     };
     let src_fmt = parse_format(a.format.as_deref())?;
-    let src = open_image(src_path, &OpenOptions { format: src_fmt, ..Default::default() })?;
+    let src = open_image(src_path, &OpenOptions { format: src_fmt, force_share: a.force_share, ..Default::default() })?;
     let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
     let snap_dev = match &snap_name {
         Some(n) => {

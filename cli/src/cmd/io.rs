@@ -25,7 +25,7 @@ pub struct Args {
     /// Cache mode (writeback, none, writethrough, directsync, unsafe).
     #[arg(short = 't', long = "cache")]
     cache: Option<String>,
-    /// Force sharing (accepted for compatibility).
+    /// Open read-only even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Bypass the host page cache (short for `-t none`).
@@ -47,7 +47,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.copy_on_read, a.force_share);
+    let _ = a.copy_on_read;
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
         Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
@@ -60,7 +60,13 @@ pub fn run(a: Args) -> CliResult<i32> {
         other => return Err(CliError::new(format!("Invalid discard option: {other}"))),
     };
     let write = !a.read_only && a.snapshot.is_none();
-    let opts = OpenOptions { format, write, cache, ..Default::default() };
+    if a.force_share && write {
+        return Err(CliError::new(format!(
+            "can't open device {}: force-share=on can only be used with read-only images",
+            a.file
+        )));
+    }
+    let opts = OpenOptions { format, write, cache, force_share: a.force_share, ..Default::default() };
     let img = oxcow::image::open(&a.file, &opts).map_err(|e| {
         CliError::new(format!("can't open device {}: {}", a.file, crate::util::clean_message(&e.to_string())))
     })?;

@@ -14,7 +14,7 @@ pub struct Args {
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human")]
     output: String,
-    /// Force sharing (accepted for compatibility).
+    /// Open even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Where to start (bytes, or with a k/M/G suffix).
@@ -215,9 +215,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         "human" => false,
         o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
     };
-    let _ = a.force_share;
     let format = parse_format(a.format.as_deref())?;
-    let img = open_image(&a.file, &OpenOptions { format, ..Default::default() })?;
+    let img = open_image(&a.file, &OpenOptions { format, force_share: a.force_share, ..Default::default() })?;
     let num = |v: &Option<String>, what: &str| -> CliResult<Option<u64>> {
         v.as_deref()
             .map(|s| crate::util::parse_num(s).ok_or_else(|| CliError::new(format!("Invalid {what} specified"))))
