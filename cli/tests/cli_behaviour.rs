@@ -97,7 +97,6 @@ fn refused_like_qemu(dir: &std::path::Path, opts: &[&str]) {
 }
 
 #[test]
-#[ignore = "engine bug: CreateOptions::validate words some errors unlike qemu-img 10 (\"use compat=1.1\" vs \"use version=v3\", data-file wording)"]
 fn create_validation_messages_match() {
     let d = tmp();
     refused_like_qemu(
@@ -364,7 +363,6 @@ fn check_matches_qemu_img() {
 }
 
 #[test]
-#[ignore = "engine bug: check counts fragmentation across L2 tables; qemu-img restarts at each L2 table"]
 fn check_fragmentation_matches() {
     let d = tmp();
     let dir = d.path();

@@ -223,7 +223,6 @@ fn compat_0_10() {
 }
 
 #[test]
-#[ignore = "engine divergence: on v2 images with a backing file qemu ignores discard, oxcow deallocates and exposes backing data"]
 fn compat_0_10_backing() {
     case("compat=0.10", 65536, "qcow2", 7);
 }

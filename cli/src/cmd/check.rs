@@ -45,7 +45,14 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let format = parse_format(a.format.as_deref())?;
     let write = repair != Repair::None;
-    let opts = OpenOptions { format, write, repair: write, no_backing: true, ..Default::default() };
+    let opts = OpenOptions {
+        format,
+        write,
+        repair: write,
+        no_backing: true,
+        force_share: a.force_share,
+        ..Default::default()
+    };
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
         return Err(CliError::new("This image format does not support checks").with_code(63));

@@ -595,6 +595,11 @@ impl Qcow2 {
     }
 
     fn discard_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+        if !self.g.v3 && self.backing.is_some() {
+            // v2 cannot mark a cluster as zero, and deallocating it would
+            // make backing data reappear: QEMU leaves the data, so do we.
+            return Ok(());
+        }
         let e = self.l2_entry(m, gc)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
