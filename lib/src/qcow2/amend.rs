@@ -58,7 +58,7 @@ impl AmendOptions {
     /// comma), with qemu-img's messages for options amend cannot change.
     pub fn parse(s: &str) -> Result<AmendOptions> {
         let mut o = AmendOptions::default();
-        for (key, value) in split_options(s) {
+        for (key, value) in crate::options::split_options(s) {
             match key.as_str() {
                 "compat" => {
                     o.version = Some(match value.as_str() {
@@ -89,34 +89,6 @@ impl AmendOptions {
         }
         Ok(o)
     }
-}
-
-/// Splits `a=1,b=2` into pairs; `,,` stands for a comma inside a value.
-pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    let mut parts = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    for p in parts.into_iter().filter(|p| !p.is_empty()) {
-        match p.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => out.push((p, "on".to_string())),
-        }
-    }
-    out
 }
 
 /// Applies `opts` to the qcow2 image in `file` (its external data file,
