@@ -26,7 +26,7 @@ fn cluster_data(i: u64, cs: usize, rng: &mut u64) -> Vec<u8> {
     }
 }
 
-fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u64) {
+fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u64, extended_l2: bool) {
     let d = Dir::new();
     let (p, raw) = (d.p("c.qcow2"), d.p("expect.raw"));
     let st = image::create_file(&p).unwrap();
@@ -81,11 +81,12 @@ fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u
 
 #[test]
 fn compressed_writes_read_back_in_qemu() {
-    case(65536, 3, 16, CompressionType::Zlib, 2 << 20);
-    case(4096, 2, 16, CompressionType::Zlib, (1 << 20) + 1536);
-    case(4096, 3, 1, CompressionType::Zlib, 1 << 20);
-    case(65536, 3, 64, CompressionType::Zstd, 1 << 20);
-    case(512, 3, 16, CompressionType::Zlib, 64 << 10);
+    case(65536, 3, 16, CompressionType::Zlib, 2 << 20, false);
+    case(4096, 2, 16, CompressionType::Zlib, (1 << 20) + 1536, false);
+    case(4096, 3, 1, CompressionType::Zlib, 1 << 20, false);
+    case(65536, 3, 64, CompressionType::Zstd, 1 << 20, false);
+    case(512, 3, 16, CompressionType::Zlib, 64 << 10, false);
+    case(32768, 3, 16, CompressionType::Zlib, 1 << 20, true);
 }
 
 #[test]
