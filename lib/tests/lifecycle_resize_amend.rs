@@ -209,3 +209,27 @@ fn amend_refusals_use_qemu_messages() {
     assert_eq!(qerr.trim_end(), format!("qemu-img: {e}"));
     check_clean(&p);
 }
+
+#[test]
+fn amend_size_and_refused_backing() {
+    let d = Dir::new();
+    make(Maker::Qemu, &d.p("b1.qcow2"), 2 << 20, 65536, 3, 16, None);
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&d.p("b2.raw")), "2M"]);
+    let (ox, qm) = (d.p("ox.qcow2"), d.p("qm.qcow2"));
+    make(Maker::Qemu, &ox, 2 << 20, 65536, 3, 16, Some(Path::new("b1.qcow2")));
+    qio(&ox, &["write -P 3 0 100k"]);
+    copy(&ox, &qm);
+    for o in ["backing_file=b2.raw,backing_fmt=raw", "backing_fmt=raw", "backing_file=b1.qcow2"] {
+        let (code, _, qerr) = run("qemu-img", &["amend", "-o", o, s(&qm)]);
+        assert_ne!(code, 0);
+        let e = do_amend(&ox, o).unwrap_err().to_string();
+        assert_eq!(qerr.trim_end().replace("qemu-img", "oxcow"), format!("oxcow: {e}"), "{o}");
+    }
+    for o in ["size=5M", "size=1M", "size=3M"] {
+        do_amend(&ox, o).unwrap_or_else(|e| panic!("amend {o}: {e}"));
+        ok("qemu-img", &["amend", "-o", o, s(&qm)]);
+        check_clean(&ox);
+        assert_eq!(vsize(&ox), vsize(&qm), "{o}");
+        same(&ox, &qm);
+    }
+}
