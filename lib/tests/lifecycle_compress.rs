@@ -30,8 +30,15 @@ fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u
     let d = Dir::new();
     let (p, raw) = (d.p("c.qcow2"), d.p("expect.raw"));
     let st = image::create_file(&p).unwrap();
-    let opts =
-        CreateOptions { size, cluster_size: cs, version, refcount_bits: rbits, compression, ..Default::default() };
+    let opts = CreateOptions {
+        size,
+        cluster_size: cs,
+        version,
+        refcount_bits: rbits,
+        compression,
+        extended_l2,
+        ..Default::default()
+    };
     qcow2::create(st, None, &opts).unwrap();
     let mut expect = vec![0u8; size as usize];
     let mut rng = 0x1234_5678_9abc_def1u64;
