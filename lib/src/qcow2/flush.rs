@@ -164,6 +164,12 @@ impl Qcow2 {
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;
+            // Give back space reserved ahead but never used.
+            let len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+            if m.prealloc_end > m.file_end && len > m.file_end {
+                self.file.set_len(m.file_end).map_err(|e| Error::io("trimming reserved space", e))?;
+                m.prealloc_end = m.file_end;
+            }
             self.sync("flushing image")?;
             if m.lazy_active {
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;

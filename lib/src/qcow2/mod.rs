@@ -19,6 +19,7 @@ mod mapping;
 mod read;
 mod resize;
 mod snapshot;
+mod snapshot_view;
 mod state;
 mod write;
 
@@ -151,6 +152,7 @@ impl Qcow2 {
             snapshots,
             free_hint: 0,
             file_end,
+            prealloc_end: file_len,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),

@@ -92,6 +92,8 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// End of the space the allocator has handed out (cluster aligned).
     pub file_end: u64,
+    /// End of the space reserved in the image file ahead of `file_end`.
+    pub prealloc_end: u64,
     /// Decrements to apply after the next metadata write-out.
     pub pending_free: Vec<PendingFree>,
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
