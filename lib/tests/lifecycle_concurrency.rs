@@ -52,7 +52,7 @@ fn snapshots_under_concurrent_writes() {
                 let k = x % per;
                 let gc = t * per + k;
                 let v = (last[k as usize] % 255) + 1;
-                if x % 7 == 0 {
+                if x.is_multiple_of(7) {
                     q.write_compressed(gc * CS, &pattern(gc, v)).unwrap();
                 } else {
                     q.write_at(&pattern(gc, v), gc * CS).unwrap();

@@ -233,3 +233,26 @@ fn amend_size_and_refused_backing() {
         same(&ox, &qm);
     }
 }
+
+#[test]
+fn resize_with_data_file_resizes_it() {
+    let d = Dir::new();
+    for (name, tool) in [("ox", true), ("qm", false)] {
+        let (img, data) = (d.p(&format!("{name}.qcow2")), d.p(&format!("{name}.raw")));
+        let o = format!("data_file={}", s(&data));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, s(&img), "1M"]);
+        qio(&img, &["write -P 4 0 1M"]);
+        for (size, arg) in [(2u64 << 20, "2M"), (512 << 10, "512K")] {
+            if tool {
+                let i = open_rw(&img);
+                i.qcow2().unwrap().resize_to(size, true).unwrap();
+                i.close().unwrap();
+            } else {
+                ok("qemu-img", &["resize", "-q", "--shrink", s(&img), arg]);
+            }
+            check_clean(&img);
+            assert_eq!(std::fs::metadata(&data).unwrap().len(), size, "{name}");
+        }
+    }
+    same(&d.p("ox.qcow2"), &d.p("qm.qcow2"));
+}

@@ -104,7 +104,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         }
         return Ok(0);
     };
-    let clean = |e: oxcow::Error| crate::util::clean_message(&e.to_string());
+    let clean = |e: oxcow::Error| match e {
+        oxcow::Error::Unsupported(_) => "Operation not supported".to_string(),
+        other => crate::util::clean_message(&other.to_string()),
+    };
     if let Some(name) = &a.create {
         q.snapshot_create(name)
             .map_err(|e| CliError::new(format!("Could not create snapshot '{name}': {}", clean(e))))?;
