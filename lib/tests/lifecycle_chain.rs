@@ -185,3 +185,29 @@ fn commit_into_raw_and_rebase_onto_raw() {
     check_clean(&top(&a));
     same(&top(&a), &top(&b));
 }
+
+#[test]
+fn rebase_of_a_huge_sparse_disk_is_fast() {
+    let d = Dir::new();
+    let (base, other, top) = (d.p("base.qcow2"), d.p("other.qcow2"), d.p("top.qcow2"));
+    make(Maker::Qemu, &base, 64 << 30, 65536, 3, 16, None);
+    qio(&base, &["write -P 1 1G 1M", "write -P 2 40G 64k"]);
+    make(Maker::Qemu, &other, 64 << 30, 65536, 3, 16, None);
+    qio(&other, &["write -P 1 1G 512k", "write -P 3 50G 64k"]);
+    make(Maker::Qemu, &top, 64 << 30, 65536, 3, 16, Some(Path::new("base.qcow2")));
+    qio(&top, &["write -P 9 1G 4k"]);
+    let view = d.p("view.qcow2");
+    ok("qemu-img", &["convert", "-O", "qcow2", s(&top), s(&view)]);
+    let t0 = std::time::Instant::now();
+    let o = RebaseOptions {
+        backing: Some("other.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..Default::default()
+    };
+    rebase(&top, &o, &mut |_, _| {}).unwrap();
+    let o = RebaseOptions { backing: Some(String::new()), ..Default::default() };
+    rebase(&top, &o, &mut |_, _| {}).unwrap();
+    assert!(t0.elapsed().as_secs() < 20, "rebase took {:?}", t0.elapsed());
+    check_clean(&top);
+    same(&top, &view);
+}
