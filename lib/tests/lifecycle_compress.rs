@@ -133,5 +133,6 @@ fn misuse_is_refused() {
     assert!(q.write_compressed(0, &[0u8; 4096]).is_err());
     assert!(q.write_compressed(1 << 20, &[0u8; 65536]).is_err());
     img.close().unwrap();
+    drop(img);
     check_clean(&p);
 }

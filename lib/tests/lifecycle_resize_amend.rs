@@ -87,6 +87,7 @@ fn raw_resize() {
     img.device().resize(512 << 10).unwrap();
     img.device().resize(3 << 20).unwrap();
     img.close().unwrap();
+    drop(img);
     ok("qemu-img", &["resize", "-q", "-f", "raw", "--shrink", s(&qm), "512K"]);
     ok("qemu-img", &["resize", "-q", "-f", "raw", s(&qm), "3M"]);
     same(&ox, &qm);

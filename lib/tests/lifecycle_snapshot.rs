@@ -75,6 +75,7 @@ fn scenario(maker: Maker, cs: u64, version: u32, rbits: u32, compressed: bool) {
         let img = open_rw(p);
         img.qcow2().unwrap().snapshot_apply("s1").unwrap();
         img.close().unwrap();
+        drop(img);
         check_clean(p);
         same(p, &state_a);
     }

@@ -5,7 +5,7 @@
 use crate::util::{parse_format, CliError, CliResult};
 use oxcow::image::{self, Format};
 use oxcow::qcow2::{amend, AmendOptions};
-use oxcow::storage::{FileStorage, OpenFlags, Storage};
+use oxcow::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use std::sync::Arc;
 
 #[derive(clap::Args)]
@@ -32,11 +32,15 @@ pub struct Args {
     file: String,
 }
 
-fn open_rw(path: &str) -> CliResult<Arc<dyn Storage>> {
-    let f = FileStorage::open(std::path::Path::new(path), OpenFlags { write: true, direct: false, create: false })
-        .map_err(|e| {
-            CliError::new(format!("Could not open '{path}': {}", crate::util::clean_message(&e.to_string())))
-        })?;
+/// Opens a file for writing with a writer's QEMU-compatible lock, as
+/// qemu-img amend holds it.
+fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
+    let flags = OpenFlags { write: true, direct: false, create: false };
+    let f = FileStorage::open_locked(std::path::Path::new(path), flags, mode).map_err(|e| {
+        let msg = crate::util::clean_message(&e.to_string());
+        let msg = msg.strip_prefix(&format!("Could not open '{path}': ")).unwrap_or(&msg).to_string();
+        CliError::new(format!("Could not open '{path}': {msg}"))
+    })?;
     Ok(Arc::new(f))
 }
 
@@ -46,7 +50,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         return Err(CliError::new("Must specify options (-o)\nTry 'oxcow amend --help' for more info"));
     }
     let opts = AmendOptions::parse(&a.options.join(",")).map_err(CliError::from)?;
-    let file = open_rw(&a.file)?;
+    let file = open_rw(&a.file, LockMode::writer())?;
     let format = match parse_format(a.format.as_deref())? {
         Some(f) => f,
         None => image::probe_format(&*file)?,
@@ -58,7 +62,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let data_file = match hc.extensions.data_file.as_deref().filter(|_| hc.header.has_data_file()) {
         // QEMU opens the data file by its name relative to the working
         // directory.
-        Some(name) => Some(open_rw(name)?),
+        Some(name) => Some(open_rw(name, LockMode::data_file(true))?),
         None => None,
     };
     amend(file, data_file, &opts)?;
