@@ -2,5 +2,7 @@
 
 pub mod bench;
 pub mod commit;
+pub mod compare;
+pub mod convert;
 pub mod measure;
 pub mod rebase;
