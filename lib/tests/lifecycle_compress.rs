@@ -136,3 +136,49 @@ fn misuse_is_refused() {
     drop(img);
     check_clean(&p);
 }
+
+/// Image end offset as `qemu-img check` reports it.
+fn end_offset(p: &std::path::Path) -> u64 {
+    let out = ok("qemu-img", &["check", s(p)]);
+    let line = out.lines().find(|l| l.starts_with("Image end offset:")).unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn packs_as_densely_as_qemu_convert_c() {
+    let d = Dir::new();
+    let src = d.p("src.raw");
+    // Mixed data compressing to a few hundred bytes up to most of a cluster.
+    let mut rng = 0x2545_f491u64;
+    let mut data = Vec::new();
+    for i in 0..96u64 {
+        let run = 1 + (i * 37 % 200) as usize;
+        for k in 0..65536usize {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            data.push(if k % run == 0 { (rng >> 24) as u8 } else { (i % 7) as u8 });
+        }
+    }
+    std::fs::write(&src, &data).unwrap();
+    for cs in [4096u64, 65536] {
+        let (ox, qm) = (d.p("ox.qcow2"), d.p("qm.qcow2"));
+        let o = format!("cluster_size={cs}");
+        ok("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&qm)]);
+        let st = image::create_file(&ox).unwrap();
+        let opts = CreateOptions { size: data.len() as u64, cluster_size: cs, ..Default::default() };
+        qcow2::create(st, None, &opts).unwrap();
+        {
+            let img = image::open(&ox, &OpenOptions::read_write()).unwrap();
+            let q = img.qcow2().unwrap();
+            for (i, chunk) in data.chunks(cs as usize).enumerate() {
+                q.write_compressed(i as u64 * cs, chunk).unwrap();
+            }
+            img.close().unwrap();
+        }
+        check_clean(&ox);
+        same(&ox, &qm);
+        let (a, b) = (end_offset(&ox), end_offset(&qm));
+        assert!(a <= b + 2 * cs, "cluster size {cs}: oxcow ends at {a}, qemu-img at {b}");
+    }
+}
