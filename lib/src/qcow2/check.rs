@@ -119,8 +119,10 @@ impl Qcow2 {
             m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
         if !self.read_only && m.poisoned.is_none() {
+            // The check reads the file: everything cached must be there,
+            // refcount blocks too (lazy refcounts keep them back).
             self.write_back(&mut m)?;
-            self.write_back(&mut m)?;
+            self.write_back_inner(&mut m, true)?;
             self.sync("flushing before check")?;
         }
         let first = self.scan(&mut m)?;
