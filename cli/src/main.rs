@@ -34,6 +34,18 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Export an image over NBD (like `qemu-nbd`).
     Serve(cmd::serve::Args),
+    /// List, create, apply or delete internal snapshots (like `qemu-img snapshot`).
+    Snapshot(cmd::snapshot::Args),
+    /// Commit an overlay's data into its backing image (like `qemu-img commit`).
+    Commit(cmd::commit::Args),
+    /// Change an image's backing file (like `qemu-img rebase`).
+    Rebase(cmd::rebase::Args),
+    /// Change an image's virtual size (like `qemu-img resize`).
+    Resize(cmd::resize::Args),
+    /// Change format options of an image (like `qemu-img amend`).
+    Amend(cmd::amend::Args),
+    /// Compute the size a new image needs (like `qemu-img measure`).
+    Measure(cmd::measure::Args),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +86,12 @@ fn main() -> ExitCode {
         Command::Io(a) => cmd::io::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Snapshot(a) => cmd::snapshot::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
+        Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Resize(a) => cmd::resize::run(a),
+        Command::Amend(a) => cmd::amend::run(a),
+        Command::Measure(a) => cmd::measure::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),

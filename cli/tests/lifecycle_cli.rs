@@ -1,8 +1,5 @@
 //! The lifecycle subcommands (snapshot, commit, rebase, resize, amend,
 //! measure) print what qemu-img prints and exit the same way.
-//!
-//! Ignored until `cli/src/main.rs` wires these subcommands (see the
-//! lifecycle branch's report); remove the `ignore` attributes then.
 
 mod common;
 
@@ -31,7 +28,6 @@ fn setup(dir: &std::path::Path) {
 }
 
 #[test]
-#[ignore = "needs the lifecycle subcommands wired in cli/src/main.rs"]
 fn snapshot_cli() {
     let d = tmp();
     let dir = d.path();
@@ -56,7 +52,6 @@ fn snapshot_cli() {
 }
 
 #[test]
-#[ignore = "needs the lifecycle subcommands wired in cli/src/main.rs"]
 fn resize_amend_measure_cli() {
     let d = tmp();
     let dir = d.path();
@@ -87,7 +82,6 @@ fn resize_amend_measure_cli() {
 }
 
 #[test]
-#[ignore = "needs the lifecycle subcommands wired in cli/src/main.rs"]
 fn commit_rebase_cli() {
     let d = tmp();
     let dir = d.path();

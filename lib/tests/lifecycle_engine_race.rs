@@ -1,4 +1,4 @@
-//! Regression probe for a race between in-place writes and frees.
+//! Regression test for a race between in-place writes and frees.
 
 use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
@@ -6,14 +6,12 @@ use oxcow::storage::{MemoryStorage, Storage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Known engine bug (write.rs/read.rs): `write` plans an in-place write
-/// under the metadata lock, drops it, and only then takes the I/O gate; a
-/// discard + flush in that window frees the host cluster (the flush's gate
-/// barrier does not see the writer yet), the next allocation reuses it,
-/// and the stale write lands in another guest cluster. Fix: take the gate
-/// (read) before dropping the metadata lock in `write` and `read`.
+/// `write` used to plan an in-place write under the metadata lock, drop
+/// it, and only then take the I/O gate; a discard + flush in that window
+/// freed the host cluster, the next allocation reused it, and the stale
+/// write landed in another guest cluster. The gate is now taken before
+/// the metadata lock is released (in `read` too).
 #[test]
-#[ignore = "reproduces an engine race in write.rs; run with --ignored"]
 fn write_racing_discard_and_flush_stays_in_its_cluster() {
     const CS: u64 = 4096;
     let st: Arc<dyn Storage> = Arc::new(MemoryStorage::new());

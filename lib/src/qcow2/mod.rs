@@ -407,6 +407,9 @@ impl BlockDevice for Qcow2 {
     fn close(&self) -> Result<()> {
         self.close_clean()
     }
+    fn resize(&self, new_len: u64) -> Result<()> {
+        self.resize_to(new_len, true)
+    }
 }
 
 impl Drop for Qcow2 {

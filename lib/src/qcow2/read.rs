@@ -66,11 +66,13 @@ impl Qcow2 {
         let total = buf.len() as u64;
         while done < total {
             let n = BATCH.min(total - done);
-            let plan = {
+            // Take the gate before releasing the metadata lock, so no
+            // cluster in the plan can be freed and reused before it is read.
+            let (plan, _gate) = {
                 let mut m = self.lock();
-                self.plan_read(&mut m, offset + done, n)?
+                let plan = self.plan_read(&mut m, offset + done, n)?;
+                (plan, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
             };
-            let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
             for (pos, len, piece) in plan {
                 let at = (pos - offset) as usize;
                 let dst = &mut buf[at..at + len as usize];

@@ -207,8 +207,12 @@ impl Qcow2 {
                 }
                 at = chunk_end;
             }
+            // The gate is taken before the metadata lock is released: a
+            // free (discard, flush) cannot slip in between the lookup and
+            // the overwrite and hand the cluster to someone else.
+            let gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
             drop(m);
-            let result = self.execute_writes(buf, offset, &steps);
+            let result = self.execute_writes(buf, offset, &steps, gate);
             let mut m = self.lock();
             match result {
                 Ok(()) => {
@@ -263,11 +267,19 @@ impl Qcow2 {
     }
 
     /// Data I/O of a planned batch, without the metadata lock.
-    fn execute_writes(&self, buf: &[u8], base: u64, steps: &[(u64, u64, Step)]) -> Result<()> {
+    /// `gate` is held for the in-place overwrites and released before the
+    /// allocating writes (whose clusters nobody else can free).
+    fn execute_writes(
+        &self,
+        buf: &[u8],
+        base: u64,
+        steps: &[(u64, u64, Step)],
+        gate: std::sync::RwLockReadGuard<'_, ()>,
+    ) -> Result<()> {
         let cs = self.g.cluster_size;
         {
             // In-place overwrites: merge host-contiguous runs.
-            let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+            let _gate = gate;
             let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
             for (pos, len, s) in steps {
                 if let Step::InPlace(host) = s {
