@@ -3,6 +3,7 @@
 
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
+use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, OpenFlags, Storage};
@@ -89,6 +90,8 @@ pub struct OpenOptions {
     pub allow_network_backing: bool,
     /// Open a damaged qcow2 image writable so `check -r` can repair it.
     pub repair: bool,
+    /// Copy-on-read for the top qcow2 image (never for its backing files).
+    pub copy_on_read: bool,
 }
 
 impl OpenOptions {
@@ -205,15 +208,22 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     if depth > MAX_BACKING_DEPTH {
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
     }
-    let file = open_file(path, opts.write, opts.cache)?;
-    let storage: Arc<dyn Storage> = file.clone();
+    // `nbd://` and `nbd+unix://` names open a network export.
+    let nbd = open_nbd_name(path, opts)?;
+    let storage: Arc<dyn Storage> = match &nbd {
+        Some(c) => Arc::new(NbdStorage(c.clone())),
+        None => open_file(path, opts.write, opts.cache)?,
+    };
     let (format, probed) = match opts.format {
         Some(f) => (f, false),
         None => (probe_format(&*storage)?, true),
     };
     match format {
         Format::Raw => {
-            let dev = Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?);
+            let dev: Arc<dyn BlockDevice> = match nbd {
+                Some(c) => c,
+                None => Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?),
+            };
             Ok(Image {
                 path: path.to_path_buf(),
                 format,
@@ -236,12 +246,13 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                         "backing file name '{name}' names a protocol; refusing to follow it"
                     )));
                 }
-                let bpath = resolve_backing(path, name);
+                // Network names are locations, not paths relative to the image.
+                let bpath = if NbdUrl::is_nbd(name) { PathBuf::from(name) } else { resolve_backing(path, name) };
                 let bfmt = match backing_format.as_deref() {
                     Some(f) => Some(Format::from_name(f)?),
                     None => None,
                 };
-                let bopts = OpenOptions { format: bfmt, write: false, ..opts.clone() };
+                let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
                 let b = open_depth(&bpath, &bopts, depth + 1).map_err(|e| match e {
                     Error::Io { context, source } => {
                         Error::Io { context: format!("Could not open backing file: {context}"), source }
@@ -276,6 +287,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     data_file,
                     l2_cache_bytes: 0,
                     repair: opts.repair,
+                    copy_on_read: opts.copy_on_read,
                 },
             )?);
             Ok(Image {
@@ -290,6 +302,19 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
             })
         }
     }
+}
+
+/// Connects to a network export when `path` is an NBD name.
+fn open_nbd_name(path: &Path, opts: &OpenOptions) -> Result<Option<Arc<NbdClient>>> {
+    let Some(name) = path.to_str().filter(|n| NbdUrl::is_nbd(n)) else {
+        return Ok(None);
+    };
+    let url = NbdUrl::parse(name)?;
+    let c = NbdClient::connect_with(url, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
+    if opts.write && c.is_read_only() {
+        return Err(Error::ReadOnly(format!("NBD export '{name}' is read-only")));
+    }
+    Ok(Some(Arc::new(c)))
 }
 
 /// Creates an empty file (or truncates one) for a new image.

@@ -1,1 +1,4 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
+
+pub mod prefetch;
+pub mod stream;
