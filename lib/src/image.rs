@@ -130,6 +130,11 @@ impl Image {
     pub fn qcow2(&self) -> Option<&Qcow2> {
         self.qcow2.as_deref()
     }
+    /// A shared handle to the qcow2 engine (for background work such as
+    /// prefetching), for qcow2 images.
+    pub fn qcow2_arc(&self) -> Option<Arc<Qcow2>> {
+        self.qcow2.clone()
+    }
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
         &self.path

@@ -85,15 +85,26 @@ pub fn qemu_nbd(dir: &Path, file: &Path) -> ServerProcess {
 pub fn nbdkit(dir: &Path, plugin_args: &[&str]) -> ServerProcess {
     let sock = dir.join(format!("nbdkit-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
+    let pid = dir.join(format!("nbdkit-{}.pid", std::process::id()));
     let mut child = Command::new("nbdkit")
-        .args(["-f", "-U"])
+        .args(["-f", "-P"])
+        .arg(&pid)
+        .arg("-U")
         .arg(&sock)
         .args(plugin_args)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("starting nbdkit");
-    wait_for_socket(&sock, &mut child, "nbdkit");
+    // nbdkit writes its pid file once it accepts connections.
+    let start = Instant::now();
+    while !pid.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("nbdkit exited early: {st}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "nbdkit did not start listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     ServerProcess { child, upstream: Upstream::Unix(sock) }
 }
 
