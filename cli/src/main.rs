@@ -1,1 +1,67 @@
-fn main() {}
+//! `oxcow`: a qemu-img / qemu-io compatible command-line tool over the oxcow
+//! library. Each subcommand lives in its own module under `cmd/`.
+
+mod cmd;
+mod util;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "oxcow", version, about = "qcow2 image tool compatible with qemu-img and qemu-io")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show information about an image (like `qemu-img info`).
+    Info(cmd::info::Args),
+    /// Show the allocation map of an image (like `qemu-img map`).
+    Map(cmd::map::Args),
+    /// Compare the contents of two images (like `qemu-img compare`).
+    Compare(cmd::compare::Args),
+    /// Convert an image to raw or qcow2 (like `qemu-img convert`).
+    Convert(cmd::convert::Args),
+    /// Create a new image (like `qemu-img create`).
+    Create(cmd::create::Args),
+    /// Check an image for consistency (like `qemu-img check`).
+    Check(cmd::check::Args),
+    /// Run qemu-io commands on an image (like `qemu-io`).
+    Io(cmd::io::Args),
+    /// Run a simple image benchmark (like `qemu-img bench`).
+    Bench(cmd::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                _ => 1,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let r = match cli.command {
+        Command::Info(a) => cmd::info::run(a),
+        Command::Map(a) => cmd::map::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Create(a) => cmd::create::run(a),
+        Command::Check(a) => cmd::check::run(a),
+        Command::Io(a) => cmd::io::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("oxcow: {}", e.msg);
+            ExitCode::from(e.code as u8)
+        }
+    }
+}

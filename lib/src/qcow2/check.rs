@@ -60,6 +60,8 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// One line per finding, in qemu-img's words.
     pub messages: Vec<String>,
+    /// After a repair: (leaks, corruptions) the first pass found.
+    pub found_before_repair: Option<(u64, u64)>,
 }
 
 /// References counted per host cluster.
@@ -124,11 +126,13 @@ impl Qcow2 {
         if repair == Repair::None || self.read_only || (first.report.leaks == 0 && first.report.corruptions == 0) {
             return Ok(first.report);
         }
-        self.repair(&mut m, &first, repair)?;
+        let mut said = self.repair(&mut m, &first, repair)?;
         let mut after = self.scan(&mut m)?.report;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
+        after.found_before_repair = Some((first.report.leaks, first.report.corruptions));
         let mut messages = first.report.messages;
+        messages.append(&mut said);
         messages.append(&mut after.messages);
         after.messages = messages;
         Ok(after)
@@ -432,7 +436,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<()> {
+    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<Vec<String>> {
+        let mut said = Vec::new();
         let cs = self.g.cluster_size;
         // The allocator must not hand out a cluster that something
         // references, even past the current end of the file.
@@ -441,6 +446,7 @@ impl Qcow2 {
         }
         m.free_hint = 0;
         if repair == Repair::All && scan.bad_refblocks {
+            said.push("Rebuilding refcount structure".to_string());
             self.rebuild_refcounts(m)?;
         } else {
             let covered = (m.reftable.len() as u64) << self.g.rc.block_entries_bits();
@@ -455,6 +461,7 @@ impl Qcow2 {
                     let raise = stored < counted && repair == Repair::All;
                     let lower = stored > counted;
                     if (pass == 0 && raise) || (pass == 1 && lower) {
+                        said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
                         self.set_refcount(m, idx, counted.min(self.g.rc.max()))?;
                     }
                 }
@@ -464,7 +471,7 @@ impl Qcow2 {
         if repair == Repair::All {
             self.fix_copied(m)?;
         }
-        Ok(())
+        Ok(said)
     }
 
     /// Writes dirty refcount blocks and table entries and syncs, whatever

@@ -130,13 +130,22 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let mut m = self.lock();
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
+        {
+            let mut m = self.lock();
+            if let Some(e) = &m.poisoned {
+                return Err(Error::Poisoned(e.to_string()));
+            }
+            if let Err(e) = self.write_back(&mut m) {
+                self.poison(&mut m, &e);
+                return Err(e);
+            }
         }
-        let r = self.write_back(&mut m).and_then(|_| self.sync("flushing image"));
+        // The final fsync runs without the metadata lock: in writethrough
+        // mode every request flushes, and holding the lock here would
+        // serialize all other requests behind the disk.
+        let r = self.sync("flushing image");
         if let Err(e) = &r {
-            self.poison(&mut m, e);
+            self.poison(&mut self.lock(), e);
         }
         r
     }

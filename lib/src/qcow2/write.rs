@@ -322,6 +322,11 @@ impl Qcow2 {
             (span_from, &buf[..])
         };
         debug_assert!(span_to <= cs);
+        if a.fresh && (w_from > 0 || (w_buf.len() as u64) < cs) {
+            // Give the whole new cluster its blocks now, so the writes that
+            // fill the rest of it later overwrite rather than extend.
+            self.data.allocate(a.host, cs).map_err(|e| Error::io("allocating a cluster", e))?;
+        }
         self.write_data(w_buf, a.host + w_from)
     }
 

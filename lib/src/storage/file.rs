@@ -165,6 +165,16 @@ impl Storage for FileStorage {
             Err(e) => Err(e.into()),
         }
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
+            Ok(()) => Ok(()),
+            // Space reservation is an optimisation; without it writes
+            // simply extend the file.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
     fn allocated_size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
     }

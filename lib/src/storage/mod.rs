@@ -40,6 +40,12 @@ pub trait Storage: Send + Sync {
     /// Deallocates a range so it reads as zeros; the length is unchanged.
     /// Storage that cannot punch holes writes zeros instead.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reserves space for a range, extending the length if it ends past
+    /// it (never shrinking). Writes into the range then overwrite instead
+    /// of extending the file, which file systems can run in parallel.
+    fn allocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Bytes actually allocated on the host (for `actual-size`).
     fn allocated_size(&self) -> io::Result<u64> {
         self.len()
@@ -72,6 +78,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn allocated_size(&self) -> io::Result<u64> {
         (**self).allocated_size()
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).allocate(offset, len)
     }
     fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
         (**self).extent_at(offset)

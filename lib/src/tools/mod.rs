@@ -1,4 +1,4 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
-
+pub mod bench;
 pub mod prefetch;
 pub mod stream;

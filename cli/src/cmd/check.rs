@@ -1,0 +1,147 @@
+//! `oxcow check`: consistency check and repair, with qemu-img's output,
+//! JSON keys and exit codes (0 clean, 1 check failed, 2 corruptions,
+//! 3 leaks only, 63 format without checks).
+
+use crate::util::{open_image, parse_format, qemu_json, CliError, CliResult};
+use oxcow::image::{Format, OpenOptions};
+use oxcow::qcow2::{CheckReport, Repair};
+use serde_json::{Map, Value};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Repair mode (leaks or all).
+    #[arg(short = 'r')]
+    repair: Option<String>,
+    /// Output format (human or json).
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Open without taking locks that conflict with a writer (read-only checks).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: String,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let repair = match a.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => return Err(CliError::new(format!("Invalid option for -r: '{other}'"))),
+    };
+    let json = match a.output.as_str() {
+        "human" => false,
+        "json" => true,
+        other => return Err(CliError::new(format!("--output must be used with human or json as argument. ({other})"))),
+    };
+    if a.force_share && repair != Repair::None {
+        return Err(CliError::new("--force-share/-U is not allowed with -r"));
+    }
+    let format = parse_format(a.format.as_deref())?;
+    let write = repair != Repair::None;
+    let opts = OpenOptions { format, write, repair: write, no_backing: true, ..Default::default() };
+    let img = open_image(&a.file, &opts)?;
+    if img.format() != Format::Qcow2 {
+        return Err(CliError::new("This image format does not support checks").with_code(63));
+    }
+    let q = img.qcow2().ok_or_else(|| CliError::new("This image format does not support checks").with_code(63))?;
+    let report = match q.check(repair) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("oxcow: Check failed: {}", crate::util::clean_message(&e.to_string()));
+            return Ok(1);
+        }
+    };
+    if write && report.corruptions == 0 && q.is_corrupt() {
+        q.clear_corrupt()?;
+    }
+    img.close()?;
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    if json {
+        println!("{}", qemu_json(&to_json(&report, &a.file)));
+    } else if !a.quiet {
+        print!("{}", human(&report));
+    }
+    Ok(if report.check_errors > 0 {
+        1
+    } else if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}
+
+fn to_json(r: &CheckReport, file: &str) -> Value {
+    let mut m = Map::new();
+    let mut put = |k: &str, v: u64, always: bool| {
+        if always || v != 0 {
+            m.insert(k.to_string(), Value::from(v));
+        }
+    };
+    put("image-end-offset", r.image_end_offset, false);
+    put("total-clusters", r.total_clusters, false);
+    put("check-errors", r.check_errors, true);
+    put("corruptions", r.corruptions, false);
+    put("leaks", r.leaks, false);
+    put("corruptions-fixed", r.corruptions_fixed, false);
+    put("leaks-fixed", r.leaks_fixed, false);
+    put("allocated-clusters", r.allocated_clusters, false);
+    put("fragmented-clusters", r.fragmented_clusters, false);
+    put("compressed-clusters", r.compressed_clusters, false);
+    m.insert("filename".into(), Value::from(file));
+    m.insert("format".into(), Value::from("qcow2"));
+    Value::Object(m)
+}
+
+fn human(r: &CheckReport) -> String {
+    let mut out = String::new();
+    if let Some((leaks, corruptions)) = r.found_before_repair {
+        out += &format!(
+            "The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...\n"
+        );
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        out += "No errors were found on the image.\n";
+    } else {
+        if r.corruptions > 0 {
+            out += &format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            );
+        }
+        if r.leaks > 0 {
+            out += &format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            );
+        }
+        if r.check_errors > 0 {
+            out += &format!("\n{} internal errors have occurred during the check.\n", r.check_errors);
+        }
+    }
+    if r.total_clusters != 0 && r.allocated_clusters != 0 {
+        let a = r.allocated_clusters as f64;
+        out += &format!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+            r.allocated_clusters,
+            r.total_clusters,
+            a * 100.0 / r.total_clusters as f64,
+            r.fragmented_clusters as f64 * 100.0 / a,
+            r.compressed_clusters as f64 * 100.0 / a
+        );
+    }
+    if r.image_end_offset != 0 {
+        out += &format!("Image end offset: {}\n", r.image_end_offset);
+    }
+    out
+}

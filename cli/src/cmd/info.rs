@@ -1,0 +1,333 @@
+//! `oxcow info`: qemu-img info's JSON and human output.
+
+use crate::util::{human, open_image, parse_format, qemu_json, CliError, CliResult};
+use oxcow::format::{Autoclear, SnapshotEntry};
+use oxcow::image::{resolve_backing, Image, OpenOptions};
+use serde_json::{json, Map, Value};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
+    /// Force sharing (accepted for compatibility; oxcow takes no locks).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: String,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let json_out = match a.output.as_str() {
+        "json" => true,
+        "human" => false,
+        o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
+    };
+    let _ = a.force_share;
+    let mut format = parse_format(a.format.as_deref())?;
+    let mut path = a.file.clone();
+    let mut infos = Vec::new();
+    loop {
+        // Backing files are opened one at a time, as qemu-img does, so a
+        // missing backing file does not hide the top image's information.
+        let opts = OpenOptions { format, no_backing: true, ..Default::default() };
+        let img = open_image(&path, &opts)?;
+        let info = image_info(&img, &path)?;
+        let next = if a.backing_chain {
+            img.backing_name().map(|n| {
+                let fmt = img.backing_format().map(str::to_string);
+                (resolve_backing(img.path(), n).display().to_string(), fmt)
+            })
+        } else {
+            None
+        };
+        infos.push(info);
+        match next {
+            Some((p, f)) => {
+                path = p;
+                format = parse_format(f.as_deref())?;
+            }
+            None => break,
+        }
+    }
+    if json_out {
+        let v = if a.backing_chain { Value::Array(infos) } else { infos.remove(0) };
+        println!("{}", qemu_json(&v));
+    } else {
+        let mut first = true;
+        for i in &infos {
+            if !first {
+                println!();
+            }
+            first = false;
+            print!("{}", human_info(i));
+        }
+    }
+    Ok(0)
+}
+
+fn snapshot_json(s: &SnapshotEntry) -> Value {
+    let mut m = Map::new();
+    if let Some(ic) = s.icount {
+        m.insert("icount".into(), json!(ic));
+    }
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+/// Reads the persistent bitmap directory for the `bitmaps` key.
+fn bitmaps_json(img: &Image, ext: &oxcow::format::BitmapsExt) -> CliResult<Value> {
+    let len = usize::try_from(ext.directory_size).map_err(|_| CliError::new("bitmap directory too large"))?;
+    if len > 64 << 20 {
+        return Err(CliError::new("bitmap directory too large"));
+    }
+    let mut dir = vec![0u8; len];
+    img.file()
+        .read_at(&mut dir, ext.directory_offset)
+        .map_err(|e| CliError::new(format!("reading bitmap directory: {e}")))?;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for _ in 0..ext.nb_bitmaps {
+        if pos + 24 > dir.len() {
+            return Err(CliError::new("bitmap directory is truncated"));
+        }
+        let be32 = |at: usize| u32::from_be_bytes([dir[at], dir[at + 1], dir[at + 2], dir[at + 3]]);
+        let flags = be32(pos + 12);
+        let gran_bits = dir[pos + 17];
+        let name_len = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
+        let extra = be32(pos + 20) as usize;
+        let name_at = pos + 24 + extra;
+        let name =
+            dir.get(name_at..name_at + name_len).ok_or_else(|| CliError::new("bitmap directory is truncated"))?;
+        let mut f = Vec::new();
+        if flags & 1 != 0 {
+            f.push(json!("in-use"));
+        }
+        if flags & 2 != 0 {
+            f.push(json!("auto"));
+        }
+        let mut m = Map::new();
+        m.insert("flags".into(), Value::Array(f));
+        m.insert("name".into(), json!(String::from_utf8_lossy(name)));
+        m.insert("granularity".into(), json!(1u64.checked_shl(gran_bits.into()).unwrap_or(0)));
+        out.push(Value::Object(m));
+        pos = (name_at + name_len).div_ceil(8) * 8;
+    }
+    Ok(Value::Array(out))
+}
+
+fn file_child(img: &Image, path: &str) -> Value {
+    // qemu reports the protocol length in whole sectors.
+    let flen = img.file().len().unwrap_or(0).div_ceil(512) * 512;
+    let mut m = Map::new();
+    m.insert("children".into(), json!([]));
+    m.insert("virtual-size".into(), json!(flen));
+    m.insert("filename".into(), json!(path));
+    m.insert("format".into(), json!("file"));
+    m.insert("actual-size".into(), json!(img.actual_size()));
+    m.insert("format-specific".into(), json!({"type": "file", "data": {}}));
+    m.insert("dirty-flag".into(), json!(false));
+    json!([{"name": "file", "info": Value::Object(m)}])
+}
+
+/// One image's information with qemu-img's keys, in its order.
+pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
+    let mut m = Map::new();
+    m.insert("children".into(), file_child(img, path));
+    if let Some(f) = img.backing_format() {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    let q = img.qcow2();
+    if let Some(q) = q {
+        let snaps = q.snapshots();
+        if !snaps.is_empty() {
+            m.insert("snapshots".into(), Value::Array(snaps.iter().map(snapshot_json).collect()));
+        }
+    }
+    m.insert("virtual-size".into(), json!(img.device().len()));
+    m.insert("filename".into(), json!(path));
+    if let Some(q) = q {
+        m.insert("cluster-size".into(), json!(q.cluster_size()));
+    }
+    m.insert("format".into(), json!(img.format().name()));
+    m.insert("actual-size".into(), json!(img.actual_size()));
+    if let Some(q) = q {
+        let h = q.header();
+        let ext = q.extensions();
+        let v3 = h.version >= 3;
+        let mut d = Map::new();
+        d.insert("compat".into(), json!(if v3 { "1.1" } else { "0.10" }));
+        d.insert("compression-type".into(), json!(h.compression_type.name()));
+        if v3 {
+            d.insert("lazy-refcounts".into(), json!(h.compatible_features & 1 != 0));
+            if let Some(b) = ext.bitmaps.as_ref().filter(|b| b.nb_bitmaps > 0) {
+                d.insert("bitmaps".into(), bitmaps_json(img, b)?);
+            }
+        }
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(df) = &ext.data_file {
+            d.insert("data-file".into(), json!(df));
+            d.insert("data-file-raw".into(), json!(h.autoclear_features & Autoclear::DATA_FILE_RAW != 0));
+        }
+        if v3 {
+            d.insert("corrupt".into(), json!(h.is_corrupt()));
+            d.insert("extended-l2".into(), json!(h.extended_l2()));
+        }
+        m.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(d)}));
+    }
+    if let Some(name) = img.backing_name() {
+        m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
+        m.insert("backing-filename".into(), json!(name));
+    }
+    m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty())));
+    Ok(Value::Object(m))
+}
+
+fn as_u64(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn as_str<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+/// qemu-img's human layout, built from the same JSON so both agree.
+pub fn human_info(v: &Value) -> String {
+    let mut s = String::new();
+    let vsize = as_u64(v, "virtual-size");
+    s += &format!("image: {}\n", as_str(v, "filename"));
+    s += &format!("file format: {}\n", as_str(v, "format"));
+    s += &format!("virtual size: {} ({vsize} bytes)\n", human(vsize));
+    s += &format!("disk size: {}\n", human(as_u64(v, "actual-size")));
+    if let Some(cs) = v.get("cluster-size").and_then(Value::as_u64) {
+        s += &format!("cluster_size: {cs}\n");
+    }
+    if v.get("dirty-flag").and_then(Value::as_bool) == Some(true) {
+        s += "cleanly shut down: no\n";
+    }
+    if let Some(b) = v.get("backing-filename").and_then(Value::as_str) {
+        let full = as_str(v, "full-backing-filename");
+        if full != b && !full.is_empty() {
+            s += &format!("backing file: {b} (actual path: {full})\n");
+        } else {
+            s += &format!("backing file: {b}\n");
+        }
+    }
+    if let Some(f) = v.get("backing-filename-format").and_then(Value::as_str) {
+        s += &format!("backing file format: {f}\n");
+    }
+    if let Some(Value::Array(snaps)) = v.get("snapshots") {
+        s += "Snapshot list:\n";
+        s += &snapshot_header();
+        for sn in snaps {
+            s += &snapshot_row(sn);
+        }
+    }
+    if let Some(fs) = v.get("format-specific").and_then(|f| f.get("data")) {
+        s += "Format specific information:\n";
+        dump_human(&mut s, fs, 1);
+    }
+    if let Some(Value::Array(children)) = v.get("children") {
+        for c in children {
+            let info = &c["info"];
+            let flen = as_u64(info, "virtual-size");
+            s += &format!("Child node '/{}':\n", as_str(c, "name"));
+            s += &format!("    filename: {}\n", as_str(info, "filename"));
+            s += "    protocol type: file\n";
+            s += &format!("    file length: {} ({flen} bytes)\n", human(flen));
+            s += &format!("    disk size: {}\n", human(as_u64(info, "actual-size")));
+        }
+    }
+    s
+}
+
+/// qemu's generic dump of format-specific data: dashes become spaces,
+/// lists are numbered.
+pub fn dump_human(s: &mut String, v: &Value, indent: usize) {
+    let pad = "    ".repeat(indent);
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                let key = k.replace('-', " ");
+                match x {
+                    Value::Object(_) | Value::Array(_) => {
+                        *s += &format!("{pad}{key}:\n");
+                        dump_human(s, x, indent + 1);
+                    }
+                    _ => *s += &format!("{pad}{key}: {}\n", scalar(x)),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                match x {
+                    Value::Object(_) | Value::Array(_) => {
+                        *s += &format!("{pad}[{i}]:\n");
+                        dump_human(s, x, indent + 1);
+                    }
+                    _ => *s += &format!("{pad}[{i}]: {}\n", scalar(x)),
+                }
+            }
+        }
+        other => *s += &format!("{pad}{}\n", scalar(other)),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+pub fn snapshot_header() -> String {
+    format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")
+}
+
+pub fn snapshot_row(sn: &Value) -> String {
+    let clock_ns = as_u64(sn, "vm-clock-sec") * 1_000_000_000 + as_u64(sn, "vm-clock-nsec");
+    let ms = clock_ns / 1_000_000;
+    let clock = format!("{:04}:{:02}:{:02}.{:03}", ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+    let icount = sn.get("icount").and_then(Value::as_u64).map(|i| i.to_string()).unwrap_or_default();
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        as_str(sn, "id"),
+        as_str(sn, "name"),
+        human(as_u64(sn, "vm-state-size")),
+        local_time(as_u64(sn, "date-sec") as i64),
+        clock,
+        icount
+    )
+}
+
+/// Formats a Unix time in the local time zone as `YYYY-MM-DD HH:MM:SS`.
+fn local_time(t: i64) -> String {
+    let tt: libc::time_t = t as libc::time_t;
+    // SAFETY: localtime_r only writes into the tm we hand it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&tt, &mut tm).is_null() };
+    if !ok {
+        return t.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}

@@ -1,0 +1,252 @@
+//! `oxcow map`: qemu-img map's extent list, JSON or human.
+
+use crate::util::{open_image, parse_format, CliError, CliResult};
+use oxcow::device::chain_status;
+use oxcow::image::{resolve_backing, Image, OpenOptions};
+use oxcow::storage::Storage;
+use std::io::Write;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Force sharing (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: String,
+}
+
+/// One merged extent, as qemu-img map prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    pub depth: u32,
+    pub present: bool,
+    pub zero: bool,
+    pub data: bool,
+    pub compressed: bool,
+    pub offset: Option<u64>,
+    /// Index into the layer list: which file holds the data.
+    pub layer: usize,
+}
+
+impl Extent {
+    fn extends(&self, n: &Extent) -> bool {
+        self.start + self.length == n.start
+            && self.depth == n.depth
+            && self.present == n.present
+            && self.zero == n.zero
+            && self.data == n.data
+            && self.compressed == n.compressed
+            && self.layer == n.layer
+            && match (self.offset, n.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// A layer of the chain: the file its data lives in and that file's name.
+pub struct Layer<'a> {
+    pub name: String,
+    /// The image file itself when data lives there (not in an external
+    /// data file); its holes refine the zero flag as QEMU's file layer does.
+    pub own_file: Option<&'a dyn Storage>,
+}
+
+pub fn layers(img: &Image) -> Vec<Layer<'_>> {
+    let mut out = Vec::new();
+    let mut cur = Some(img);
+    while let Some(i) = cur {
+        let ext_data = i.qcow2().and_then(|q| q.extensions().data_file);
+        let name = match &ext_data {
+            Some(df) => resolve_backing(i.path(), df).display().to_string(),
+            None => i.path().display().to_string(),
+        };
+        // QEMU only asks the file about holes under qcow2 data when it
+        // believes the image was preallocated; raw layers report holes
+        // themselves.
+        let own_file = match i.qcow2() {
+            Some(q) if ext_data.is_none() && looks_preallocated(q) => Some(&**i.file()),
+            _ => None,
+        };
+        out.push(Layer { name, own_file });
+        cur = i.backing();
+    }
+    out
+}
+
+/// QEMU's test for metadata preallocation: far more clusters carry a
+/// refcount than the host file has blocks for (at least 10/9 as many and
+/// two more).
+fn looks_preallocated(q: &oxcow::qcow2::Qcow2) -> bool {
+    let file = q.file();
+    let cs = q.cluster_size();
+    let (Ok(flen), Ok(alloc)) = (file.len(), file.allocated_size()) else { return false };
+    let real = alloc / cs;
+    let threshold = (real * 10 / 9).max(real + 2);
+    let end_cluster = flen.div_ceil(cs);
+    let h = q.header();
+    let bits = u64::from(h.refcount_bits());
+    let per_block = cs * 8 / bits;
+    let table_len = u64::from(h.refcount_table_clusters) * cs;
+    if table_len > 64 << 20 {
+        return false;
+    }
+    let mut table = vec![0u8; table_len as usize];
+    if file.read_at(&mut table, h.refcount_table_offset).is_err() {
+        return false;
+    }
+    let mut count = 0u64;
+    let mut block = vec![0u8; cs as usize];
+    for (bi, e) in table.chunks_exact(8).enumerate() {
+        let first = bi as u64 * per_block;
+        if first >= end_cluster || count >= threshold {
+            break;
+        }
+        let off = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & !0x1ff;
+        if off == 0 {
+            continue;
+        }
+        if file.read_at(&mut block, off).is_err() {
+            return false;
+        }
+        for i in 0..per_block.min(end_cluster - first) {
+            let bit = i * bits;
+            let nonzero = if bits < 8 {
+                (block[(bit / 8) as usize] >> (bit % 8)) & ((1u16 << bits) - 1) as u8 != 0
+            } else {
+                let at = (bit / 8) as usize;
+                block[at..at + (bits / 8) as usize].iter().any(|&b| b != 0)
+            };
+            count += u64::from(nonzero);
+            if count >= threshold {
+                break;
+            }
+        }
+    }
+    count >= threshold
+}
+
+/// Walks the whole device through its chain, calling `f` with each merged
+/// extent in order.
+pub fn walk(img: &Image, mut f: impl FnMut(&Extent, &[Layer]) -> CliResult<()>) -> CliResult<()> {
+    let dev = img.device();
+    let ls = layers(img);
+    let len = dev.len();
+    let mut pos = 0u64;
+    let mut cur: Option<Extent> = None;
+    while pos < len {
+        let st = chain_status(dev, pos, len - pos)?;
+        let mut e = Extent {
+            start: pos,
+            length: st.length.max(1).min(len - pos),
+            depth: st.depth,
+            present: st.allocated,
+            zero: st.zero,
+            data: st.data,
+            compressed: st.compressed,
+            offset: if st.compressed { None } else { st.host_offset },
+            layer: (st.depth as usize).min(ls.len().saturating_sub(1)),
+        };
+        refine_with_file(&mut e, &ls);
+        pos += e.length;
+        match &mut cur {
+            Some(c) if c.extends(&e) => c.length += e.length,
+            _ => {
+                if let Some(c) = cur.take() {
+                    f(&c, &ls)?;
+                }
+                cur = Some(e);
+            }
+        }
+    }
+    if let Some(c) = cur {
+        f(&c, &ls)?;
+    }
+    Ok(())
+}
+
+/// QEMU asks the file under a data extent whether it is a hole there, and
+/// reports holes as zero (e.g. the untouched part of a cluster written by
+/// copy-on-write from nothing).
+fn refine_with_file(e: &mut Extent, ls: &[Layer]) {
+    let (Some(host), true, false) = (e.offset, e.data, e.zero) else { return };
+    let Some(file) = ls.get(e.layer).and_then(|l| l.own_file) else { return };
+    let flen = file.len().unwrap_or(u64::MAX);
+    if host >= flen {
+        e.zero = true;
+        return;
+    }
+    if let Some((is_data, end)) = file.extent_at(host) {
+        if end > host {
+            e.length = e.length.min(end - host);
+        }
+        if !is_data {
+            e.zero = true;
+        }
+    }
+    if host + e.length > flen {
+        e.length = flen - host;
+    }
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let json_out = match a.output.as_str() {
+        "json" => true,
+        "human" => false,
+        o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
+    };
+    let _ = a.force_share;
+    let format = parse_format(a.format.as_deref())?;
+    let img = open_image(&a.file, &OpenOptions { format, ..Default::default() })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut first = true;
+    let w = |r: std::io::Result<()>| r.map_err(|e| CliError::new(format!("writing output: {e}")));
+    if json_out {
+        walk(&img, |e, _| {
+            w(write!(out, "{}", if first { "[" } else { ",\n" }))?;
+            first = false;
+            w(write!(
+                out,
+                "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+                e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+            ))?;
+            if let Some(o) = e.offset {
+                w(write!(out, ", \"offset\": {o}"))?;
+            }
+            w(write!(out, "}}"))
+        })?;
+        w(writeln!(out, "]"))?;
+    } else {
+        w(writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?;
+        walk(&img, |e, ls| {
+            if !e.data || e.zero {
+                return Ok(());
+            }
+            let Some(off) = e.offset else {
+                return Err(CliError::new("File contains external, encrypted or compressed clusters."));
+            };
+            w(writeln!(out, "{:<16}{:<16}{:<16}{}", hex(e.start), hex(e.length), hex(off), ls[e.layer].name))
+        })?;
+    }
+    w(out.flush())?;
+    Ok(0)
+}
+
+/// C's `%#x`: no prefix for zero.
+fn hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}

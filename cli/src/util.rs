@@ -1,0 +1,203 @@
+//! Helpers shared by the subcommands: errors, image opening, option lists,
+//! and the number and JSON formatting qemu's tools use.
+
+use oxcow::image::{self, Format, Image, OpenOptions};
+use serde_json::Value;
+use std::fmt;
+
+/// A failure reported to the user as one line, with the exit status to use.
+#[derive(Debug)]
+pub struct CliError {
+    pub msg: String,
+    pub code: i32,
+}
+
+impl CliError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        CliError { msg: msg.into(), code: 1 }
+    }
+    pub fn with_code(mut self, code: i32) -> Self {
+        self.code = code;
+        self
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl From<oxcow::Error> for CliError {
+    fn from(e: oxcow::Error) -> Self {
+        CliError::new(clean_message(&e.to_string()))
+    }
+}
+
+pub type CliResult<T> = Result<T, CliError>;
+
+/// Rust appends " (os error N)" to OS errors; qemu's messages do not have it.
+pub fn clean_message(s: &str) -> String {
+    let mut out = s.to_string();
+    while let Some(start) = out.find(" (os error ") {
+        match out[start..].find(')') {
+            Some(end) => out.replace_range(start..start + end + 1, ""),
+            None => break,
+        }
+    }
+    out
+}
+
+pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
+    match name {
+        None => Ok(None),
+        Some(n) => Format::from_name(n).map(Some).map_err(|_| CliError::new(format!("Unknown driver '{n}'"))),
+    }
+}
+
+/// Opens an image, wrapping errors the way qemu-img does ("Could not open
+/// 'X': ...").
+pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
+    let img = image::open(path, opts).map_err(|e| {
+        // qemu-img repeats the name even when the cause already has it.
+        CliError::new(format!("Could not open '{path}': {}", clean_message(&e.to_string())))
+    })?;
+    report_dirty_repair(path, &img);
+    Ok(img)
+}
+
+/// Says on stderr that opening the image repaired it (dirty bit set by an
+/// unclean close with lazy refcounts), as the user should know.
+pub fn report_dirty_repair(path: &str, img: &Image) {
+    if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {
+        eprintln!(
+            "oxcow: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            rep.leaks_fixed, rep.corruptions_fixed
+        );
+    }
+}
+
+/// Parses qemu-style sizes: plain bytes, `k/M/G/T/P/E` suffixes, `0x` hex.
+pub fn parse_num(s: &str) -> Option<u64> {
+    let t = s.trim();
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).ok();
+    }
+    if t.ends_with(['b', 'B']) && t.len() > 1 && t[..t.len() - 1].chars().all(|c| c.is_ascii_digit()) {
+        return t[..t.len() - 1].parse().ok();
+    }
+    oxcow::size::parse_size(t).ok()
+}
+
+/// qemu's `-o key=value,key=value` lists (repeated `-o` merge; `,,` is an
+/// escaped comma).
+pub fn parse_options(list: &[String]) -> CliResult<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for arg in list {
+        let mut items = Vec::new();
+        let mut cur = String::new();
+        let mut chars = arg.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    items.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        items.push(cur);
+        for it in items {
+            if it.is_empty() {
+                continue;
+            }
+            match it.split_once('=') {
+                Some((k, v)) => out.push((k.to_string(), v.to_string())),
+                None => out.push((it.clone(), "on".to_string())),
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn parse_bool(key: &str, v: &str) -> CliResult<bool> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(CliError::new(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+/// qemu-img's human size: three significant digits (`64 MiB`, `7.81 MiB`).
+pub fn human(n: u64) -> String {
+    oxcow::size::human_size(n)
+}
+
+/// qemu-io's size strings: `32 bytes`, `4 KiB`, `7.812 MiB`.
+pub fn io_size(n: f64) -> String {
+    const UNITS: [(&str, f64); 6] = [
+        ("EiB", 1152921504606846976.0),
+        ("PiB", 1125899906842624.0),
+        ("TiB", 1099511627776.0),
+        ("GiB", 1073741824.0),
+        ("MiB", 1048576.0),
+        ("KiB", 1024.0),
+    ];
+    for (u, m) in UNITS {
+        if n >= m {
+            let s = format!("{:.3}", n / m);
+            let s = s.strip_suffix(".000").unwrap_or(&s).to_string();
+            return format!("{s} {u}");
+        }
+    }
+    let s = format!("{n:.3}");
+    let s = s.strip_suffix(".000").unwrap_or(&s).to_string();
+    format!("{s} bytes")
+}
+
+/// Prints JSON the way qemu's pretty printer lays it out: four-space
+/// indent, and empty containers still broken over two lines.
+pub fn qemu_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_json(&mut out, v, 0);
+    out
+}
+
+fn write_json(out: &mut String, v: &Value, indent: usize) {
+    let pad = |n: usize| " ".repeat(n * 4);
+    match v {
+        Value::Array(a) => {
+            out.push_str("[\n");
+            for (i, x) in a.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                write_json(out, x, indent + 1);
+                if i + 1 < a.len() {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push(']');
+        }
+        Value::Object(o) => {
+            out.push_str("{\n");
+            let n = o.len();
+            for (i, (k, x)) in o.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_json(out, x, indent + 1);
+                if i + 1 < n {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}

@@ -1,0 +1,64 @@
+//! How much metadata the fast paths write, counted (not timed): with lazy
+//! refcounts in writethrough mode, an allocating write costs exactly one
+//! metadata write (its L2 table); overwrites cost none.
+
+use oxcow::device::BlockDevice;
+use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
+use oxcow::storage::{CountingStorage, MemoryStorage};
+use std::sync::Arc;
+
+fn setup(lazy: bool) -> (Arc<CountingStorage>, Qcow2) {
+    let mem = Arc::new(MemoryStorage::new());
+    qcow2::create(mem.clone(), None, &CreateOptions { size: 1 << 30, lazy_refcounts: lazy, ..Default::default() })
+        .unwrap();
+    let counting = Arc::new(CountingStorage::new(mem));
+    let q = Qcow2::open(counting.clone(), Qcow2Options { writethrough: true, ..Default::default() }).unwrap();
+    // Allocate the first L2 table and set the dirty bit once.
+    q.write_at(&[1u8; 4096], 0).unwrap();
+    counting.take_writes();
+    (counting, q)
+}
+
+/// Writes outside the data clusters the workload allocated.
+fn metadata_writes(writes: &[(u64, u64)], data: &[u64]) -> usize {
+    writes.iter().filter(|(off, _)| !data.iter().any(|&d| *off >= d && *off < d + 65536)).count()
+}
+
+fn data_cluster_offsets(q: &Qcow2, guest: &[u64]) -> Vec<u64> {
+    guest.iter().map(|&g| q.block_status(g, 4096).unwrap().host_offset.unwrap() & !0xffff).collect()
+}
+
+#[test]
+fn lazy_writethrough_allocation_is_one_metadata_write_per_cluster() {
+    let (counting, q) = setup(true);
+    let guest: Vec<u64> = (1..=100u64).map(|i| i * 65536 * 3).collect();
+    let flushes_before = counting.flushes();
+    for &g in &guest {
+        q.write_at(&[7u8; 4096], g).unwrap();
+    }
+    let writes = counting.take_writes();
+    let data = data_cluster_offsets(&q, &guest);
+    assert_eq!(metadata_writes(&writes, &data), guest.len(), "one L2 write per allocated cluster");
+    assert_eq!(writes.len(), 2 * guest.len());
+    assert_eq!(counting.flushes() - flushes_before, guest.len() as u64, "one flush per write request");
+    // Overwrites of allocated clusters write no metadata at all.
+    for &g in &guest {
+        q.write_at(&[8u8; 4096], g + 4096).unwrap();
+    }
+    let writes = counting.take_writes();
+    assert_eq!(metadata_writes(&writes, &data), 0);
+    q.close().unwrap();
+}
+
+#[test]
+fn writethrough_without_lazy_refcounts_also_writes_the_refcount_block() {
+    let (counting, q) = setup(false);
+    let guest: Vec<u64> = (1..=50u64).map(|i| i * 65536 * 3).collect();
+    for &g in &guest {
+        q.write_at(&[7u8; 4096], g).unwrap();
+    }
+    let writes = counting.take_writes();
+    let data = data_cluster_offsets(&q, &guest);
+    assert_eq!(metadata_writes(&writes, &data), 2 * guest.len(), "refcount block + L2 table per allocation");
+    q.close().unwrap();
+}
