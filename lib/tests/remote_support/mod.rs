@@ -351,11 +351,29 @@ fn client_to_server(
                 head.extend(read_vec(r, len as usize)?);
             }
             send(head, latency)?;
+        } else if w == EXTENDED_REQUEST_MAGIC {
+            // QEMU's client negotiates extended headers with servers that
+            // offer them (qemu-nbd does): 64-bit lengths, 32-byte headers.
+            head.extend(read_vec(r, 28)?);
+            let cmd = u16::from_be_bytes([head[6], head[7]]);
+            let len = u64::from_be_bytes(head[24..32].try_into().unwrap());
+            counts.requests.fetch_add(1, Ordering::Relaxed);
+            if cmd == CMD_READ {
+                counts.reads.fetch_add(1, Ordering::Relaxed);
+                counts.read_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            if cmd == CMD_WRITE {
+                head.extend(read_vec(r, len as usize)?);
+            }
+            send(head, latency)?;
         } else {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "proxy lost track of the stream"));
         }
     }
 }
+
+/// Magic of an extended-header request (`NBD_OPT_EXTENDED_HEADERS`).
+const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 
 /// A raw file of `size` bytes with deterministic data in most 64 KiB
 /// blocks and holes in the rest, returned with its content.
