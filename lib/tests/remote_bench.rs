@@ -12,7 +12,6 @@ mod remote_support;
 
 use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::CreateOptions;
-use oxcow::BlockDevice;
 use remote_support::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
