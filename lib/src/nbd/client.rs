@@ -207,7 +207,13 @@ impl NbdClient {
                 return Ok((g.0, Arc::clone(c)));
             }
         }
-        // Dead or never opened again after a failed reconnect.
+        if !self.opts.reconnect {
+            return Err(Error::io(
+                format!("connection to '{}' lost", self.url.addr),
+                io::Error::new(io::ErrorKind::NotConnected, "reconnecting is disabled"),
+            ));
+        }
+        // Dead, or not replaced after a failed reconnect.
         self.reconnect_locked(&mut g)
     }
 
@@ -650,5 +656,59 @@ impl Storage for NbdStorage {
         }
         let st = self.0.block_status(offset, size - offset).ok()?;
         Some((st.data, st.offset + st.length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16, export: &str) -> NbdUrl {
+        NbdUrl { addr: NbdAddr::Tcp { host: host.into(), port }, export: export.into() }
+    }
+
+    #[test]
+    fn parses_qemu_uri_forms() {
+        assert_eq!(NbdUrl::parse("nbd://127.0.0.1:10810/disk").unwrap(), tcp("127.0.0.1", 10810, "disk"));
+        assert_eq!(NbdUrl::parse("nbd://example.org").unwrap(), tcp("example.org", DEFAULT_PORT, ""));
+        assert_eq!(NbdUrl::parse("nbd://h/").unwrap(), tcp("h", DEFAULT_PORT, ""));
+        assert_eq!(NbdUrl::parse("nbd+tcp://h:1/a%20b").unwrap(), tcp("h", 1, "a b"));
+        assert_eq!(NbdUrl::parse("nbd://[::1]:99/x/y").unwrap(), tcp("::1", 99, "x/y"));
+        assert_eq!(
+            NbdUrl::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap(),
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s.sock".into()), export: "exp".into() }
+        );
+        assert_eq!(
+            NbdUrl::parse("nbd+unix://?socket=/s").unwrap(),
+            NbdUrl { addr: NbdAddr::Unix("/s".into()), export: "".into() }
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_urls() {
+        for bad in [
+            "nbd://",
+            "nbd://:80/",
+            "nbd://h:99999/",
+            "nbd://h:x/",
+            "nbd://[::1/",
+            "nbd://h/?socket=x",
+            "nbd+unix:///x",
+            "nbd+unix:///x?socket=",
+            "nbd+unix:///x?sock=/s",
+            "nbd+unix://host/x?socket=/s",
+            "nbd://h/%zz",
+            "http://h/",
+        ] {
+            assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for u in ["nbd://h:1/e", "nbd://[::1]:5/", "nbd+unix:///e?socket=/s"] {
+            assert_eq!(NbdUrl::parse(u).unwrap().to_string(), u);
+        }
+        assert!(NbdUrl::is_nbd("nbd://x") && NbdUrl::is_nbd("nbd+unix:///?socket=/s") && !NbdUrl::is_nbd("nbd:x:1"));
     }
 }
