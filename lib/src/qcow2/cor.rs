@@ -340,35 +340,66 @@ impl Qcow2 {
         Ok(stored)
     }
 
+    /// The first run of clusters in `[pos, end)` with something that falls
+    /// through to the backing file, as a guest byte range clipped to
+    /// `[pos, end)`. Block status cannot answer this: with extended L2
+    /// entries a cluster reports as allocated data even when some of its
+    /// subclusters read the backing file.
+    fn fall_through_run(&self, pos: u64, end: u64) -> Result<Option<(u64, u64)>> {
+        let cs = self.g.cluster_size;
+        let mut m = self.lock();
+        let mut run: Option<u64> = None;
+        let mut gc = pos / cs;
+        let end_gc = end.div_ceil(cs);
+        while gc < end_gc {
+            let (l1i, _) = self.split(gc);
+            let no_table = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
+            // A missing L2 table: its whole range falls through at once.
+            let (falls, next) = if no_table {
+                (true, ((l1i as u64) + 1) * self.g.l2_entries)
+            } else {
+                (self.falls_through(self.l2_entry(&mut m, gc)?), gc + 1)
+            };
+            match (falls, run) {
+                (true, None) => run = Some(gc),
+                (false, Some(start)) => return Ok(Some(((start * cs).max(pos), (gc * cs).min(end)))),
+                _ => {}
+            }
+            gc = next;
+        }
+        Ok(run.map(|start| ((start * cs).max(pos), end)))
+    }
+
     /// One step of streaming from guest offset `pos`, handling at most
     /// `max` bytes: skips what this image already decides and what the
     /// backing chain reads as zeros (both read the same once the backing
     /// file is gone), and materializes backing data otherwise. Returns the
-    /// offset to continue from and the bytes materialized.
+    /// offset to continue from (always past `pos`) and the bytes
+    /// materialized.
     pub fn stream_step(&self, pos: u64, max: u64) -> Result<(u64, u64)> {
         let size = self.len();
         if pos >= size || max == 0 {
-            return Ok((size.max(pos), 0));
+            return Ok((size.max(pos + 1), 0));
         }
-        let max = max.min(size - pos);
-        let top = self.block_status(pos, max)?;
-        if top.allocated {
-            return Ok((pos + top.length, 0));
-        }
+        let end = pos + max.min(size - pos);
         let Some(backing) = self.backing.as_deref() else {
-            return Ok((pos + top.length, 0));
+            return Ok((end, 0));
         };
-        if pos >= backing.len() {
-            return Ok((pos + top.length, 0));
+        let Some((a, b)) = self.fall_through_run(pos, end)? else {
+            return Ok((end, 0));
+        };
+        if a >= backing.len() {
+            // Past the end of the backing file everything reads as zeros.
+            return Ok((b, 0));
         }
-        let n = top.length.min(backing.len() - pos);
-        let below = chain_status(backing, pos, n)?;
+        let n = (b - a).min(backing.len() - a);
+        let below = chain_status(backing, a, n)?;
         let n = below.length.clamp(1, n);
         if below.zero && !below.data {
-            return Ok((pos + n, 0));
+            return Ok((a + n, 0));
         }
-        let stored = self.populate(pos, n)?;
-        Ok((pos + n, stored))
+        let stored = self.populate(a, n)?;
+        Ok((a + n, stored))
     }
 
     /// Makes the image standalone: removes the backing file name (and
