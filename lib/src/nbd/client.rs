@@ -61,7 +61,26 @@ fn percent_decode(s: &str) -> Result<String> {
 impl NbdUrl {
     /// Whether `name` is an NBD location rather than a file name.
     pub fn is_nbd(name: &str) -> bool {
-        name.starts_with("nbd://") || name.starts_with("nbd+tcp://") || name.starts_with("nbd+unix://")
+        name.starts_with("nbd:") || name.starts_with("nbd+tcp://") || name.starts_with("nbd+unix://")
+    }
+
+    /// QEMU's legacy syntax: `nbd:HOST[:PORT][:exportname=NAME]` and
+    /// `nbd:unix:PATH[:exportname=NAME]` (still found in old images).
+    fn parse_legacy(url: &str, rest: &str) -> Result<NbdUrl> {
+        let (target, export) = match rest.split_once(":exportname=") {
+            Some((t, e)) => (t, e.to_string()),
+            None => (rest, String::new()),
+        };
+        if let Some(path) = target.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(Error::invalid(format!("invalid NBD name '{url}': no socket path")));
+            }
+            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(path)), export });
+        }
+        let mut u = Self::parse(&format!("nbd://{target}"))
+            .map_err(|_| Error::invalid(format!("invalid NBD name '{url}': expected nbd:HOST[:PORT]")))?;
+        u.export = export;
+        Ok(u)
     }
 
     /// Parses `nbd://HOST[:PORT][/NAME]`, `nbd+tcp://...` or
@@ -84,10 +103,13 @@ impl NbdUrl {
             let socket = socket.filter(|s| !s.is_empty()).ok_or_else(|| bad("a socket=PATH query is required"))?;
             return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(socket)), export });
         }
-        let rest = url
-            .strip_prefix("nbd://")
-            .or_else(|| url.strip_prefix("nbd+tcp://"))
-            .ok_or_else(|| bad("expected nbd://, nbd+tcp:// or nbd+unix://"))?;
+        let rest = match url.strip_prefix("nbd://").or_else(|| url.strip_prefix("nbd+tcp://")) {
+            Some(r) => r,
+            None => match url.strip_prefix("nbd:") {
+                Some(r) if !r.contains("://") && !r.is_empty() => return Self::parse_legacy(url, r),
+                _ => return Err(bad("expected nbd://, nbd+tcp://, nbd+unix:// or nbd:HOST:PORT")),
+            },
+        };
         if rest.contains('?') {
             return Err(bad("TCP URLs take no query"));
         }
@@ -709,6 +731,20 @@ mod tests {
         for u in ["nbd://h:1/e", "nbd://[::1]:5/", "nbd+unix:///e?socket=/s"] {
             assert_eq!(NbdUrl::parse(u).unwrap().to_string(), u);
         }
-        assert!(NbdUrl::is_nbd("nbd://x") && NbdUrl::is_nbd("nbd+unix:///?socket=/s") && !NbdUrl::is_nbd("nbd:x:1"));
+        assert!(NbdUrl::is_nbd("nbd://x") && NbdUrl::is_nbd("nbd+unix:///?socket=/s") && !NbdUrl::is_nbd("x/nbd:1"));
+    }
+
+    #[test]
+    fn parses_legacy_names() {
+        assert_eq!(NbdUrl::parse("nbd:localhost:10811").unwrap(), tcp("localhost", 10811, ""));
+        assert_eq!(NbdUrl::parse("nbd:h:1:exportname=d").unwrap(), tcp("h", 1, "d"));
+        assert_eq!(NbdUrl::parse("nbd:[::1]:2").unwrap(), tcp("::1", 2, ""));
+        assert_eq!(
+            NbdUrl::parse("nbd:unix:/tmp/s:exportname=e").unwrap(),
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s".into()), export: "e".into() }
+        );
+        for bad in ["nbd:", "nbd:unix:", "nbd:h:x", "nbd:h/x?y"] {
+            assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 }
