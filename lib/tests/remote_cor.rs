@@ -10,7 +10,7 @@ use oxcow::nbd::NbdClient;
 use oxcow::qcow2::CreateOptions;
 use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
-use oxcow::tools::prefetch::{Activity, ActivityDevice, PrefetchOptions, Prefetcher};
+use oxcow::tools::prefetch::{Activity, PrefetchOptions, Prefetcher};
 use oxcow::tools::stream::{stream, StreamOptions};
 use oxcow::BlockDevice;
 use remote_support::*;
@@ -257,11 +257,9 @@ fn stream_with_a_rate_limit_is_paced() {
 fn prefetch_fills_the_overlay_while_a_client_works() {
     let Some(s) = setup(false, 17) else { return };
     let img = open_overlay(&s.overlay, false);
-    let activity = Activity::new();
-    let served: Arc<dyn BlockDevice> = Arc::new(ActivityDevice::new(img.device_arc(), activity.clone()));
-    let srv = OxServer::start(served, false);
     let opts = PrefetchOptions { chunk: 256 << 10, ..Default::default() };
-    let pf = Prefetcher::start(img.qcow2_arc().unwrap(), activity.clone(), opts).unwrap();
+    let (served, pf) = oxcow::tools::prefetch::for_export(&img, opts).unwrap();
+    let srv = OxServer::start(served, false);
 
     // A client writing and reading in bursts, checking against a model.
     let client = NbdClient::connect(&srv.upstream.url()).unwrap();

@@ -267,6 +267,29 @@ impl Drop for Prefetcher {
     }
 }
 
+/// Sets up prefetching for an image about to be exported: returns the
+/// device to hand to the server (the image's device, reporting client
+/// activity) and the running prefetcher, to keep until serving ends.
+///
+/// ```no_run
+/// # use oxcow::{image, nbd, tools::prefetch};
+/// let opts = image::OpenOptions { write: true, allow_network_backing: true, ..Default::default() };
+/// let img = image::open("disk.qcow2", &opts).unwrap();
+/// let (dev, prefetcher) = prefetch::for_export(&img, prefetch::PrefetchOptions::default()).unwrap();
+/// let server = nbd::Server::new(dev, nbd::ExportConfig::default());
+/// // ... serve ...
+/// prefetcher.stop();
+/// ```
+pub fn for_export(img: &crate::image::Image, opts: PrefetchOptions) -> Result<(Arc<dyn BlockDevice>, Prefetcher)> {
+    let q = img.qcow2_arc().ok_or_else(|| {
+        crate::Error::invalid("prefetching needs a qcow2 image (with a backing file to prefetch from)")
+    })?;
+    let activity = Activity::new();
+    let dev: Arc<dyn BlockDevice> = Arc::new(ActivityDevice::new(img.device_arc(), activity.clone()));
+    let pf = Prefetcher::start(q, activity, opts)?;
+    Ok((dev, pf))
+}
+
 fn run(image: &Qcow2, activity: &Activity, opts: &PrefetchOptions, st: &State, stop: &AtomicBool) -> Result<()> {
     let total = image.len();
     let chunk = opts.chunk.max(image.cluster_size());
