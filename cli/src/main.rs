@@ -32,6 +32,8 @@ enum Command {
     Io(cmd::io::Args),
     /// Run a simple image benchmark (like `qemu-img bench`).
     Bench(cmd::bench::Args),
+    /// Export an image over NBD (like `qemu-nbd`).
+    Serve(cmd::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Check(a) => cmd::check::run(a),
         Command::Io(a) => cmd::io::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),

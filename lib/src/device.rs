@@ -125,12 +125,9 @@ pub fn chain_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Bloc
                 len = len.min(b.len() - offset);
                 depth += 1;
             }
-            Some(_) => {
-                // Past the end of a shorter backing image: zeros, resolved
-                // one layer down as QEMU reports it.
-                st.depth = depth + 1;
-                return Ok(st);
-            }
+            // Past the end of a shorter backing image: zeros, reported at
+            // the last layer that covers the offset, as qemu-img map does.
+            Some(_) => return Ok(st),
             None => return Ok(st),
         }
     }

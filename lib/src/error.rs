@@ -48,6 +48,9 @@ pub enum Error {
     ReadOnly(String),
     /// An earlier write or flush failed; the image refuses writes until reopened.
     Poisoned(String),
+    /// Another user holds the image in a way that conflicts with ours
+    /// (QEMU-compatible image locking); the message reads as qemu-img's.
+    Locked(String),
 }
 
 impl Error {
@@ -91,6 +94,7 @@ impl Error {
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
+            Error::Locked(_) => libc::EAGAIN,
         }
     }
     /// A copy of this error, for returning the same failure again
@@ -112,6 +116,7 @@ impl Error {
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
             Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
             Error::Poisoned(s) => Error::Poisoned(s.clone()),
+            Error::Locked(s) => Error::Locked(s.clone()),
         }
     }
 }
@@ -131,6 +136,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument(what) => write!(f, "{what}"),
             Error::ReadOnly(what) => write!(f, "read-only: {what}"),
             Error::Poisoned(what) => write!(f, "image refuses writes after an earlier failure: {what}"),
+            Error::Locked(what) => write!(f, "{what}"),
         }
     }
 }

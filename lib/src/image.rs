@@ -6,7 +6,7 @@ use crate::format::limits::MAX_BACKING_DEPTH;
 use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, OpenFlags, Storage};
+use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,7 +75,7 @@ impl CacheMode {
 }
 
 /// How to open an image.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// The format; probed from the magic when `None`.
     pub format: Option<Format>,
@@ -92,6 +92,28 @@ pub struct OpenOptions {
     pub repair: bool,
     /// Copy-on-read for the top qcow2 image (never for its backing files).
     pub copy_on_read: bool,
+    /// Take QEMU-compatible image locks on every file opened (default on;
+    /// off is QEMU's `locking=off`).
+    pub locking: bool,
+    /// Read-only without refusing others the right to write (qemu-img
+    /// `-U`, `force-share=on`); refused together with `write`.
+    pub force_share: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            write: false,
+            cache: CacheMode::default(),
+            no_backing: false,
+            allow_network_backing: false,
+            repair: false,
+            locking: true,
+            force_share: false,
+            copy_on_read: false,
+        }
+    }
 }
 
 impl OpenOptions {
@@ -186,15 +208,35 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_file(path: &Path, write: bool, cache: CacheMode) -> Result<Arc<FileStorage>> {
+fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<FileStorage> {
     let flags = OpenFlags { write, direct: cache.direct(), create: false };
-    match FileStorage::open(path, flags) {
-        Ok(f) => Ok(Arc::new(f)),
-        Err(e) if cache.direct() && e.raw_os_error() == Some(libc::EINVAL) => {
+    let opened = match lock {
+        Some(mode) => FileStorage::open_locked(path, flags, mode),
+        None => FileStorage::open(path, flags).map_err(|e| Error::io(String::new(), e)),
+    };
+    match opened {
+        Ok(f) => Ok(f),
+        Err(Error::Io { source: e, .. }) if cache.direct() && e.raw_os_error() == Some(libc::EINVAL) => {
             Err(Error::io(format!("Could not open '{}': O_DIRECT is not supported here", path.display()), e))
         }
-        Err(e) => Err(Error::io(format!("Could not open '{}'", path.display()), e)),
+        Err(Error::Io { source: e, .. }) => Err(Error::io(format!("Could not open '{}'", path.display()), e)),
+        Err(other) => Err(other),
     }
+}
+
+/// The locks to take on an image file of `format` (or on a backing file,
+/// which is opened as a reader) under `opts`.
+fn lock_mode(opts: &OpenOptions, format: Format) -> Option<LockMode> {
+    if !opts.locking {
+        return None;
+    }
+    Some(match format {
+        // QEMU's qcow2 driver keeps others from writing or resizing under
+        // its metadata even when only reading; over raw, QEMU's readers
+        // refuse nobody, so ours do not either.
+        Format::Raw if !opts.write => LockMode::raw_reader(),
+        _ => LockMode::for_open(opts.write, opts.force_share),
+    })
 }
 
 /// Probes the format of a file from its first bytes.
@@ -205,7 +247,16 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 }
 
 /// Opens an image by file name.
+///
+/// Unless `opts.locking` is off, every file of the image takes
+/// QEMU-compatible locks (see [`crate::storage::lock`]) before anything is
+/// read or written, and a conflict with another user (QEMU or oxcow) is an
+/// [`Error::Locked`] whose message reads as QEMU's after its
+/// `Could not open 'PATH': ` (which the tools add in their own words).
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+    if opts.write && opts.force_share {
+        return Err(Error::invalid("force-share=on can only be used with read-only images"));
+    }
     open_depth(path.as_ref(), opts, 0)
 }
 
@@ -213,15 +264,30 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     if depth > MAX_BACKING_DEPTH {
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
     }
-    // `nbd://` and `nbd+unix://` names open a network export.
+    // `nbd:` names open a network export (no local file, so no locks).
     let nbd = open_nbd_name(path, opts)?;
-    let storage: Arc<dyn Storage> = match &nbd {
-        Some(c) => Arc::new(NbdStorage(c.clone())),
-        None => open_file(path, opts.write, opts.cache)?,
-    };
-    let (format, probed) = match opts.format {
-        Some(f) => (f, false),
-        None => (probe_format(&*storage)?, true),
+    let (storage, format, probed): (Arc<dyn Storage>, Format, bool) = match &nbd {
+        Some(c) => {
+            let s: Arc<dyn Storage> = Arc::new(NbdStorage(c.clone()));
+            let (f, p) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&*s)?, true),
+            };
+            (s, f, p)
+        }
+        None => {
+            // Locked only once the format is known (which locks depends
+            // on it); probing merely reads.
+            let mut file = open_file(path, opts.write, opts.cache, None)?;
+            let (format, probed) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&file)?, true),
+            };
+            if let Some(mode) = lock_mode(opts, format) {
+                file.lock(path, mode)?;
+            }
+            (Arc::new(file), format, probed)
+        }
     };
     match format {
         Format::Raw => {
@@ -262,6 +328,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     Error::Io { context, source } => {
                         Error::Io { context: format!("Could not open backing file: {context}"), source }
                     }
+                    Error::Locked(m) => Error::Locked(format!("Could not open backing file: {m}")),
                     other => other,
                 })?;
                 backing = Some(Box::new(b));
@@ -278,7 +345,11 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                 // QEMU opens the data file by its name as given, relative
                 // to the working directory (unlike backing files).
                 let dpath = PathBuf::from(&name);
-                let d: Arc<dyn Storage> = open_file(&dpath, opts.write, opts.cache)?;
+                let lock = match lock_mode(opts, format) {
+                    Some(_) if !opts.force_share => Some(LockMode::data_file(opts.write)),
+                    other => other,
+                };
+                let d: Arc<dyn Storage> = Arc::new(open_file(&dpath, opts.write, opts.cache, lock)?);
                 Some(d)
             } else {
                 None
@@ -322,9 +393,15 @@ fn open_nbd_name(path: &Path, opts: &OpenOptions) -> Result<Option<Arc<NbdClient
     Ok(Some(Arc::new(c)))
 }
 
-/// Creates an empty file (or truncates one) for a new image.
+/// Creates an empty file (or truncates one) for a new image, holding it
+/// as a writer with QEMU-compatible locks; an existing file somebody else
+/// uses is refused untouched.
 pub fn create_file(path: &Path) -> Result<Arc<FileStorage>> {
-    let f = FileStorage::open(path, OpenFlags { write: true, direct: false, create: true })
-        .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
-    Ok(Arc::new(f))
+    let flags = OpenFlags { write: true, direct: false, create: true };
+    match FileStorage::open_locked(path, flags, LockMode::writer()) {
+        Ok(f) => Ok(Arc::new(f)),
+        Err(Error::Io { source, .. }) => Err(Error::io(format!("Could not create '{}'", path.display()), source)),
+        // A Locked error stays bare: qemu-img create puts "PATH: " in front.
+        Err(other) => Err(other),
+    }
 }

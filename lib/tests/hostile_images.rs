@@ -185,6 +185,8 @@ fn probed_raw_refuses_writing_a_qcow2_magic() {
     let img = image::open(&p, &OpenOptions::read_write()).unwrap();
     assert!(img.device().write_at(b"QFI\xfb", 0).is_err());
     img.device().write_at(b"QFI\xfb", 4096).unwrap();
+    // The first writer's image lock must go before the second writer opens.
+    drop(img);
     let img =
         image::open(&p, &OpenOptions { format: Some(image::Format::Raw), write: true, ..Default::default() }).unwrap();
     img.device().write_at(b"QFI\xfb", 0).unwrap();

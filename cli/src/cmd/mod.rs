@@ -8,3 +8,4 @@ pub mod create;
 pub mod info;
 pub mod io;
 pub mod map;
+pub mod serve;

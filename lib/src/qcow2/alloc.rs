@@ -104,10 +104,29 @@ impl Qcow2 {
                 return Err(Error::io("allocating a cluster", std::io::Error::from_raw_os_error(libc::EFBIG)));
             }
             m.file_end += self.g.cluster_size;
+            self.reserve_ahead(m)?;
             if self.refcount(m, idx)? == 0 {
                 return Ok(idx);
             }
         }
+    }
+
+    /// Reserves file space in chunks ahead of the allocation end, so data
+    /// writes into new clusters overwrite reserved blocks instead of
+    /// extending the file (file systems serialize extending writes). A clean
+    /// close trims what was not used.
+    fn reserve_ahead(&self, m: &mut Meta) -> Result<()> {
+        if m.file_end <= m.prealloc_end {
+            return Ok(());
+        }
+        let cs = self.g.cluster_size;
+        let chunk = (m.file_end / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs;
+        let end = m.file_end + chunk;
+        self.file
+            .allocate(m.prealloc_end, end - m.prealloc_end)
+            .map_err(|e| Error::io("reserving space in the image file", e))?;
+        m.prealloc_end = end;
+        Ok(())
     }
 
     /// Allocates a refcount block for refcount table entry `t`, placed at
@@ -272,6 +291,9 @@ impl Qcow2 {
             let left = self.adjust_refcount(m, idx, -1)?;
             if left == 0 {
                 m.meta_clusters.remove(&idx);
+                if m.compress_cursor / cs == idx {
+                    m.compress_cursor = 0;
+                }
                 if p.punch {
                     // Returning space to the host is advisory (as QEMU
                     // treats discards): a failure leaves data, not damage.

@@ -410,19 +410,7 @@ impl Qcow2 {
     /// clusters (which, after a complete stream, read zeros there too).
     pub fn detach_backing(&self) -> Result<()> {
         self.flush_all()?;
-        let mut m = self.lock();
-        self.check_writable(&m)?;
-        let mut hc = m.hc.clone();
-        hc.backing_file = None;
-        hc.extensions.backing_format = None;
-        hc.encode()?;
-        let old = std::mem::replace(&mut m.hc, hc);
-        let r = self.write_header(&mut m).and_then(|_| self.sync("flushing header without backing file"));
-        if let Err(e) = &r {
-            m.hc = old;
-            self.poison(&mut m, e);
-        }
-        r
+        self.set_backing(None, None)
     }
 
     /// Whether reads copy backing data into this image.

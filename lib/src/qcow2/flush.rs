@@ -73,7 +73,7 @@ impl Qcow2 {
         self.write_back_inner(m, false)
     }
 
-    fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
+    pub(crate) fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
         let need_l2 = m.l2.any_dirty();
         let need_l1 = m.l1_dirty.is_some() || m.header_dirty;
         let mut unsynced = false;
@@ -164,6 +164,12 @@ impl Qcow2 {
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;
+            // Give back space reserved ahead but never used.
+            let len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+            if m.prealloc_end > m.file_end && len > m.file_end {
+                self.file.set_len(m.file_end).map_err(|e| Error::io("trimming reserved space", e))?;
+                m.prealloc_end = m.file_end;
+            }
             self.sync("flushing image")?;
             if m.lazy_active {
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;

@@ -9,16 +9,22 @@
 //! `alloc.rs` (reuse of freed clusters); see the comments there.
 
 mod alloc;
+mod amend;
 mod cache;
 mod check;
+mod compress;
 mod cor;
 mod create;
 mod flush;
 mod mapping;
 mod read;
+mod resize;
+mod snapshot;
+mod snapshot_view;
 mod state;
 mod write;
 
+pub use amend::{amend, AmendOptions};
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 
@@ -155,6 +161,7 @@ impl Qcow2 {
             snapshots,
             free_hint: 0,
             file_end,
+            prealloc_end: file_len,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
@@ -162,6 +169,7 @@ impl Qcow2 {
             lazy_active: false,
             poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,
+            compress_cursor: 0,
         };
         meta.meta_clusters = metadata_clusters(&g, &meta);
         let q = Qcow2 {

@@ -156,16 +156,14 @@ impl Qcow2 {
                 let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
                 let n = ((pos / step + 1) * step).min(end) - pos;
                 let kind = self.classify(e, sub, gc)?;
-                let host = e.host_offset();
                 let mut st = BlockStatus::unallocated(pos, n);
                 match kind {
                     ClusterKind::Unallocated => {
+                        // A subcluster not allocated in an allocated
+                        // cluster: falls through, but qemu-img map still
+                        // shows where it would live.
+                        let host = e.host_offset();
                         if self.g.extended && host != 0 {
-                            // An allocated cluster whose subcluster is not:
-                            // QEMU reports it as data at that offset.
-                            st.allocated = true;
-                            st.zero = false;
-                            st.data = true;
                             st.host_offset = Some(host + in_off);
                         }
                     }

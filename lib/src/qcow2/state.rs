@@ -92,6 +92,8 @@ pub(crate) struct Meta {
     pub free_hint: u64,
     /// End of the space the allocator has handed out (cluster aligned).
     pub file_end: u64,
+    /// End of the space reserved in the image file ahead of `file_end`.
+    pub prealloc_end: u64,
     /// Decrements to apply after the next metadata write-out.
     pub pending_free: Vec<PendingFree>,
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
@@ -110,6 +112,10 @@ pub(crate) struct Meta {
     pub poisoned: Option<Error>,
     /// The image was found corrupt while writing; read-only from now on.
     pub corrupt: bool,
+    /// End of the last compressed cluster written, where the next one is
+    /// packed (0 = start a new host cluster); reset when that host
+    /// cluster is freed, so packing never lands in a reused cluster.
+    pub compress_cursor: u64,
 }
 
 impl Meta {

@@ -104,7 +104,7 @@ impl Qcow2 {
 
     /// Updates the L2 entry of guest cluster `gc` (its table must already
     /// be writable).
-    fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
+    pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
         let (l1i, l2i) = self.split(gc);
         let off = self.writable_l2(m, l1i)?;
         let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
@@ -114,7 +114,7 @@ impl Qcow2 {
 
     /// Schedules the release of whatever host clusters entry `old`
     /// references, except `keep`.
-    fn release_entry(&self, m: &mut Meta, old: L2Entry, keep: Option<u64>, punch: bool) {
+    pub(crate) fn release_entry(&self, m: &mut Meta, old: L2Entry, keep: Option<u64>, punch: bool) {
         if self.g.external_data {
             return;
         }
@@ -322,11 +322,6 @@ impl Qcow2 {
             (span_from, &buf[..])
         };
         debug_assert!(span_to <= cs);
-        if a.fresh && (w_from > 0 || (w_buf.len() as u64) < cs) {
-            // Give the whole new cluster its blocks now, so the writes that
-            // fill the rest of it later overwrite rather than extend.
-            self.data.allocate(a.host, cs).map_err(|e| Error::io("allocating a cluster", e))?;
-        }
         self.write_data(w_buf, a.host + w_from)
     }
 

@@ -1,6 +1,8 @@
 //! Host files as storage, optionally with O_DIRECT.
 
+use super::lock::{lock_image, ImageLock, LockMode};
 use super::Storage;
+use crate::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -24,6 +26,8 @@ pub struct FileStorage {
     file: File,
     direct: bool,
     align: usize,
+    /// QEMU-compatible image locks, released when the storage is dropped.
+    lock: Option<ImageLock>,
 }
 
 /// O_DIRECT needs offsets, lengths and buffer addresses aligned; 4 KiB
@@ -33,10 +37,15 @@ const DIRECT_ALIGN: usize = 4096;
 impl FileStorage {
     /// Opens `path` as asked.
     pub fn open(path: &Path, flags: OpenFlags) -> io::Result<Self> {
+        let file = Self::open_file(path, flags, flags.create)?;
+        Ok(FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: None })
+    }
+
+    fn open_file(path: &Path, flags: OpenFlags, truncate: bool) -> io::Result<File> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(flags.write || flags.create);
         if flags.create {
-            opts.create(true).truncate(true);
+            opts.create(true).truncate(truncate);
         }
         if flags.direct {
             opts.custom_flags(libc::O_DIRECT);
@@ -45,12 +54,44 @@ impl FileStorage {
         if file.metadata()?.is_dir() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "is a directory"));
         }
-        Ok(FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN })
+        Ok(file)
+    }
+
+    /// Opens `path` as asked and takes QEMU-compatible image locks of
+    /// `mode` on it (see [`lock_image`]); a conflict with another user is
+    /// an [`Error::Locked`].
+    ///
+    /// With `flags.create` an existing file is only truncated once the
+    /// locks are held, so an image somebody else uses is never clobbered.
+    pub fn open_locked(path: &Path, flags: OpenFlags, mode: LockMode) -> Result<Self> {
+        let io_err = |e| Error::io(format!("Could not open '{}'", path.display()), e);
+        let file = Self::open_file(path, flags, false).map_err(io_err)?;
+        let mut st = FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: None };
+        st.lock(path, mode)?;
+        if flags.create {
+            st.file.set_len(0).map_err(io_err)?;
+        }
+        Ok(st)
+    }
+
+    /// Takes QEMU-compatible image locks of `mode` (see [`lock_image`]),
+    /// replacing any held before; `path` names the file in the message of
+    /// an [`Error::Locked`].
+    pub fn lock(&mut self, path: &Path, mode: LockMode) -> Result<()> {
+        // Release first: the new set is checked on its own, not merged.
+        self.lock = None;
+        self.lock = Some(lock_image(&self.file, path, mode)?);
+        Ok(())
     }
 
     /// The open file (for locking).
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The image locks held, if any.
+    pub fn image_lock(&self) -> Option<&ImageLock> {
+        self.lock.as_ref()
     }
 
     fn aligned_span(&self, offset: u64, len: usize) -> (u64, usize) {

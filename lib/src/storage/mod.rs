@@ -8,12 +8,14 @@ mod counting;
 mod crash;
 mod fault;
 mod file;
+pub mod lock;
 mod memory;
 
 pub use counting::CountingStorage;
 pub use crash::{apply_event, CrashLog, CrashStorage, Event};
 pub use fault::{Fault, FaultStorage};
 pub use file::{FileStorage, OpenFlags};
+pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
 
 use std::io;

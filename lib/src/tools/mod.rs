@@ -1,4 +1,8 @@
 //! Image tools that work on any [`BlockDevice`](crate::BlockDevice).
+
 pub mod bench;
+pub mod commit;
+pub mod measure;
 pub mod prefetch;
+pub mod rebase;
 pub mod stream;

@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""oxcow against QEMU, side by side, on the same machine in the same run.
+
+Each workload is run alternately by oxcow and by QEMU's own tool, with a
+warm-up round first and then ROUNDS measured rounds; the table gives the
+median time of each and the ratio oxcow / QEMU (below 1.0: oxcow faster).
+
+    benches/vs_qemu.py [--rounds N] [--size-gib N] [--dir DIR] [--only NAME]
+
+Needs qemu-img, qemu-nbd and a release build (cargo build --release).
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OX = os.path.join(ROOT, "target", "release", "oxcow")
+
+
+def sh(*args, check=True, **kw):
+    r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if check and r.returncode != 0:
+        sys.exit(f"failed: {' '.join(args)}\n{r.stdout}{r.stderr}")
+    return r
+
+
+def bench_time(out):
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+    if not m:
+        sys.exit(f"no timing in output:\n{out}")
+    return float(m.group(1))
+
+
+def timed(fn):
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+class Ctx:
+    def __init__(self, d, size):
+        self.d = d
+        self.size = size  # bytes
+
+    def p(self, name):
+        return os.path.join(self.d, name)
+
+    def fresh_qcow2(self, name, opts=""):
+        path = self.p(name)
+        if os.path.exists(path):
+            os.unlink(path)
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if opts:
+            args += ["-o", opts]
+        sh(*args, path, str(self.size))
+        return path
+
+
+def tool_bench(tool, path, args, fmt="qcow2"):
+    exe = OX if tool == "oxcow" else "qemu-img"
+    return bench_time(sh(exe, "bench", "-f", fmt, *args, path).stdout)
+
+
+# Each workload: (name, prepare(ctx, tool) -> state, run(ctx, tool, state) -> seconds)
+def w_alloc(opts, args):
+    def prep(c, tool):
+        return c.fresh_qcow2(f"alloc-{tool}.qcow2", opts)
+
+    def run(c, tool, path):
+        return tool_bench(tool, path, args)
+
+    return prep, run
+
+
+def w_on_allocated(args, fmt="qcow2"):
+    def prep(c, tool):
+        path = c.p(f"full-{tool}.{fmt}")
+        if not os.path.exists(path):
+            if fmt == "raw":
+                sh("qemu-img", "create", "-q", "-f", "raw", path, str(c.size))
+            else:
+                sh("qemu-img", "create", "-q", "-f", "qcow2", path, str(c.size))
+            sh("qemu-img", "bench", "-q", "-f", fmt, "-w", "-t", "none", "-s", "1M", "-d", "4",
+               "-c", str(c.size >> 20), "--pattern", "0x5a", path)
+        return path
+
+    def run(c, tool, path):
+        return tool_bench(tool, path, args, fmt)
+
+    return prep, run
+
+
+def w_convert(src_fmt, dst_fmt, extra):
+    def prep(c, tool):
+        src = c.p(f"convsrc.{src_fmt}")
+        if not os.path.exists(src):
+            # Three quarters written, the rest holes: like a used disk.
+            sh("qemu-img", "create", "-q", "-f", src_fmt, src, str(c.size))
+            n = (c.size * 3 // 4) >> 20
+            sh("qemu-img", "bench", "-q", "-f", src_fmt, "-w", "-s", "1M", "-d", "4", "-S", "1M",
+               "-c", str(n), "--pattern", "0x33", src)
+            # Some compressible but non-zero structure for -c.
+        dst = c.p(f"convdst-{tool}.{dst_fmt}")
+        if os.path.exists(dst):
+            os.unlink(dst)
+        return (src, dst)
+
+    def run(c, tool, st):
+        src, dst = st
+        exe = OX if tool == "oxcow" else "qemu-img"
+        return timed(lambda: sh(exe, "convert", "-f", src_fmt, "-O", dst_fmt, *extra, src, dst))
+
+    return prep, run
+
+
+def w_nbd(write):
+    def prep(c, tool):
+        img = c.p(f"nbd-{tool}.qcow2")
+        if not os.path.exists(img):
+            sh("qemu-img", "create", "-q", "-f", "qcow2", img, str(c.size))
+            sh("qemu-img", "bench", "-q", "-w", "-s", "1M", "-d", "4", "-c", str(c.size >> 21), "--pattern", "0x44", img)
+        sock = c.p(f"nbd-{tool}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        if tool == "oxcow":
+            proc = subprocess.Popen([OX, "serve", "-t", "-f", "qcow2", "-k", sock, img])
+        else:
+            proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", sock, img])
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        return (proc, sock)
+
+    def run(c, tool, st):
+        proc, sock = st
+        try:
+            args = ["-f", "raw", "-d", "16", "-c", "20000"]
+            if write:
+                args += ["-w"]
+            out = sh("qemu-img", "bench", *args, f"nbd+unix:///?socket={sock}").stdout
+            return bench_time(out)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    return prep, run
+
+
+def workloads(size):
+    n4k = 32768
+    return [
+        ("4k alloc writes, depth 32, O_DIRECT", w_alloc("", ["-w", "-t", "none", "-d", "32", "-c", str(n4k)])),
+        ("4k rewrites of allocated, depth 32, O_DIRECT", w_on_allocated(["-w", "-t", "none", "-d", "32", "-c", str(n4k), "--pattern", "0x66"])),
+        ("4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)])),
+        ("raw file baseline: 4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)], fmt="raw")),
+        ("4k alloc writes, writethrough, lazy refcounts", w_alloc("lazy_refcounts=on", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
+        ("4k alloc writes, writethrough, no lazy refcounts", w_alloc("", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
+        ("64k sequential alloc writes, depth 32", w_alloc("", ["-w", "-t", "none", "-d", "32", "-s", "64k", "-c", str(size >> 16)])),
+        ("convert qcow2 -> raw", w_convert("qcow2", "raw", [])),
+        ("convert raw -> qcow2", w_convert("raw", "qcow2", [])),
+        ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),
+        ("NBD 4k reads, depth 16 (qemu-img bench client)", w_nbd(False)),
+        ("NBD 4k writes, depth 16 (qemu-img bench client)", w_nbd(True)),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size-gib", type=int, default=1)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--only", default=None)
+    a = ap.parse_args()
+    if not os.path.exists(OX):
+        sh("cargo", "build", "--release", "--quiet", cwd=ROOT)
+    d = a.dir or tempfile.mkdtemp(prefix="oxcow-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    c = Ctx(d, a.size_gib << 30)
+    rows = []
+    try:
+        for name, (prep, run) in workloads(c.size):
+            if a.only and a.only not in name:
+                continue
+            times = {"oxcow": [], "qemu": []}
+            for r in range(a.rounds + 1):
+                for tool in (("oxcow", "qemu") if r % 2 == 0 else ("qemu", "oxcow")):
+                    st = prep(c, tool)
+                    t = run(c, tool, st)
+                    if r > 0:  # round 0 warms caches up
+                        times[tool].append(t)
+            mo, mq = statistics.median(times["oxcow"]), statistics.median(times["qemu"])
+            rows.append((name, mo, mq, mo / mq))
+            print(f"{name:52s} oxcow {mo:8.3f}s  qemu {mq:8.3f}s  ratio {mo / mq:5.2f}", flush=True)
+    finally:
+        if not a.dir:
+            shutil.rmtree(d, ignore_errors=True)
+    print()
+    print("| workload | oxcow (s) | QEMU (s) | oxcow / QEMU |")
+    print("|---|---:|---:|---:|")
+    for name, mo, mq, ratio in rows:
+        print(f"| {name} | {mo:.3f} | {mq:.3f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

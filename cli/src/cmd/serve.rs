@@ -1,0 +1,185 @@
+//! `oxcow serve`: export an image over NBD with qemu-nbd's flags.
+//!
+//! `--fork` re-runs this command as a child process and returns once the
+//! child reports that it listens: the same effect as qemu-nbd's fork,
+//! without unsafe process tricks.
+
+use crate::util::{open_image, parse_format, CliError, CliResult};
+use oxcow::image::{CacheMode, OpenOptions};
+use oxcow::nbd::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Environment variable telling a forked child to report readiness.
+const READY_ENV: &str = "OXCOW_SERVE_REPORT_READY";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Address to listen on.
+    #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
+    bind: String,
+    /// TCP port.
+    #[arg(short = 'p', long = "port", default_value = "10809")]
+    port: u16,
+    /// Unix socket path (instead of TCP).
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<String>,
+    /// Export name.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    name: String,
+    /// Export description.
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Keep serving after the last client disconnects.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// Clients served at once.
+    #[arg(short = 'e', long = "shared", default_value = "1")]
+    shared: usize,
+    /// Export an internal snapshot (read-only).
+    #[arg(short = 'l', long = "load-snapshot")]
+    snapshot: Option<String>,
+    /// Offer the qemu:allocation-depth metadata context.
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// What discard requests do (ignore or unmap).
+    #[arg(long = "discard", default_value = "ignore")]
+    discard: String,
+    /// Zero detection on writes (off, on, unmap).
+    #[arg(long = "detect-zeroes", default_value = "off")]
+    detect_zeroes: String,
+    /// Cache mode.
+    #[arg(long = "cache", default_value = "writeback")]
+    cache: String,
+    /// Return once the server listens, leaving it running.
+    #[arg(long = "fork")]
+    fork: bool,
+    /// Write the server's process id to this file.
+    #[arg(long = "pid-file")]
+    pid_file: Option<String>,
+    /// Open without conflicting with a writer (read-only exports only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: String,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    if a.fork {
+        return fork_and_wait();
+    }
+    let discard = match a.discard.as_str() {
+        "ignore" | "off" => DiscardMode::Ignore,
+        "unmap" | "on" => DiscardMode::Unmap,
+        other => return Err(CliError::new(format!("Invalid discard mode '{other}'"))),
+    };
+    let detect_zeroes = match a.detect_zeroes.as_str() {
+        "off" => DetectZeroes::Off,
+        "on" => DetectZeroes::On,
+        "unmap" => DetectZeroes::Unmap,
+        other => return Err(CliError::new(format!("Invalid detect-zeroes mode '{other}'"))),
+    };
+    if a.force_share && !a.read_only {
+        return Err(CliError::new("--share-rw/-U is not allowed for writable exports; use -r"));
+    }
+    let cache = CacheMode::from_name(&a.cache).map_err(|e| CliError::new(e.to_string()))?;
+    let read_only = a.read_only || a.snapshot.is_some();
+    let opts =
+        OpenOptions { format: parse_format(a.format.as_deref())?, write: !read_only, cache, ..Default::default() };
+    let img = open_image(&a.file, &opts)?;
+    let device = match &a.snapshot {
+        Some(name) => {
+            let q = img.qcow2().ok_or_else(|| CliError::new("-l needs a qcow2 image"))?;
+            q.snapshot_device(name).map_err(|e| CliError::new(format!("Failed to load snapshot '{name}': {e}")))?
+        }
+        None => img.device_arc(),
+    };
+    let config = ExportConfig {
+        name: a.name.clone(),
+        description: a.description.clone(),
+        read_only,
+        discard,
+        detect_zeroes,
+        multi_conn_ok: a.shared > 1,
+        allocation_depth: a.allocation_depth,
+    };
+    let server = Server::new(device, config);
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone())
+            .map_err(|e| CliError::new(format!("installing signal handler: {e}")))?;
+    }
+    let serve_opts = ServeOptions {
+        persistent: a.persistent,
+        max_connections: a.shared.max(1),
+        workers: 16,
+        ..ServeOptions::default()
+    };
+    if let Some(p) = &a.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;
+    }
+    let result = match &a.socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {e}")))?;
+            report_ready();
+            let r = server.serve(l, shutdown, &serve_opts);
+            let _ = std::fs::remove_file(path);
+            r
+        }
+        None => {
+            let addr = format!("{}:{}", a.bind, a.port);
+            let l = std::net::TcpListener::bind(&addr)
+                .map_err(|e| CliError::new(format!("Failed to bind socket to {addr}: {e}")))?;
+            report_ready();
+            server.serve(l, shutdown, &serve_opts)
+        }
+    };
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result.map_err(CliError::from)?;
+    drop(server);
+    img.close()?;
+    Ok(0)
+}
+
+/// In a forked child: tell the parent the server listens.
+fn report_ready() {
+    if std::env::var_os(READY_ENV).is_some() {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+}
+
+/// Runs the same command line without `--fork` as a child, waits until it
+/// listens (or fails), and returns.
+fn fork_and_wait() -> CliResult<i32> {
+    let exe = std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {e}")))?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
+    let mut child = std::process::Command::new(exe)
+        .args(&args)
+        .env(READY_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| CliError::new(format!("starting server: {e}")))?;
+    let stdout = child.stdout.take().ok_or_else(|| CliError::new("starting server: no pipe"))?;
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    if line.trim() == "ready" {
+        return Ok(0);
+    }
+    let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {e}")))?;
+    Ok(status.code().unwrap_or(1).max(1))
+}

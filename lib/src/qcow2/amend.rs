@@ -1,0 +1,465 @@
+//! Amending an existing image (`qemu-img amend`): compat level, lazy
+//! refcounts, refcount width, backing file, size; and rewriting the
+//! backing file name (rebase).
+
+use super::state::Meta;
+use super::{read_header_cluster, Qcow2, Qcow2Options};
+use crate::format::be::encode_u64_table;
+use crate::format::extensions::Extensions;
+use crate::format::header::{CompressionType, V2_HEADER_LEN, V3_HEADER_LEN};
+use crate::format::l1::L1Entry;
+use crate::format::l2::{COPIED, ZERO};
+use crate::format::limits::MAX_REFTABLE_BYTES;
+use crate::format::refcount::{RefcountLayout, REFTABLE_OFFSET_MASK};
+use crate::format::{Compatible, Incompatible, L2Entry};
+use crate::storage::Storage;
+use crate::{Error, Result};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// What `qemu-img amend -o` may change. `None` leaves a property alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AmendOptions {
+    /// `compat`: 2 (0.10) or 3 (1.1).
+    pub version: Option<u32>,
+    /// `lazy_refcounts`.
+    pub lazy_refcounts: Option<bool>,
+    /// `refcount_bits`.
+    pub refcount_bits: Option<u32>,
+    /// `backing_file`; an empty name removes the backing file.
+    pub backing_file: Option<String>,
+    /// `backing_fmt`.
+    pub backing_format: Option<String>,
+    /// `size` in bytes (may shrink, as QEMU's amend allows).
+    pub size: Option<u64>,
+}
+
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "compression_type",
+    "preallocation",
+    "extended_l2",
+    "encryption",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "nocow",
+];
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(Error::invalid(format!("Parameter '{key}' expects 'on' or 'off'"))),
+    }
+}
+
+impl AmendOptions {
+    /// Parses qemu-img's `-o` string (`key=value,...`; `,,` is a literal
+    /// comma), with qemu-img's messages for options amend cannot change.
+    pub fn parse(s: &str) -> Result<AmendOptions> {
+        let mut o = AmendOptions::default();
+        for (key, value) in split_options(s) {
+            match key.as_str() {
+                "compat" => {
+                    o.version = Some(match value.as_str() {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        other => return Err(Error::invalid(format!("Invalid compatibility level: '{other}'"))),
+                    })
+                }
+                "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&key, &value)?),
+                "refcount_bits" => {
+                    o.refcount_bits = Some(value.parse().map_err(|_| {
+                        Error::invalid("Parameter 'refcount_bits' expects a non-negative number below 2^64")
+                    })?)
+                }
+                "backing_file" => o.backing_file = Some(value),
+                "backing_fmt" => o.backing_format = Some(value),
+                "size" => o.size = Some(crate::size::parse_size(&value)?),
+                k if CREATE_ONLY.contains(&k) => {
+                    return Err(Error::invalid(format!(
+                        "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                    )))
+                }
+                "data_file" | "data_file_raw" => {
+                    return Err(Error::unsupported(format!("changing '{key}' with amend")));
+                }
+                k => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Splits `a=1,b=2` into pairs; `,,` stands for a comma inside a value.
+pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    let mut parts = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for p in parts.into_iter().filter(|p| !p.is_empty()) {
+        match p.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => out.push((p, "on".to_string())),
+        }
+    }
+    out
+}
+
+/// Applies `opts` to the qcow2 image in `file` (its external data file,
+/// if any, in `data_file`). The image must not be open elsewhere.
+///
+/// Order, as QEMU's: upgrade, then lazy refcounts, backing file and size
+/// through the engine; then the refcount width (rebuilt at file level,
+/// since the engine's geometry is fixed while open); the downgrade last.
+/// Everything refusable is refused before anything changes.
+pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: &AmendOptions) -> Result<()> {
+    let hc = read_header_cluster(&*file)?;
+    let h = &hc.header;
+    let target_v = opts.version.unwrap_or(h.version);
+    let bits = opts.refcount_bits.unwrap_or(h.refcount_bits());
+    if !bits.is_power_of_two() || bits > 64 {
+        return Err(Error::invalid("Refcount width must be a power of two and may not exceed 64 bits"));
+    }
+    if target_v == 2 {
+        if opts.lazy_refcounts == Some(true) {
+            return Err(Error::invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        if bits != 16 {
+            return Err(Error::invalid(if h.version == 2 && opts.version.is_none() {
+                "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
+            } else {
+                "compat=0.10 requires refcount_bits=16"
+            }));
+        }
+        if h.version >= 3 {
+            downgrade_precheck(h)?;
+        }
+    }
+    if opts.backing_format.is_some() && opts.backing_file.is_none() && hc.backing_file.is_none() {
+        return Err(Error::invalid("Backing format cannot be used without backing file"));
+    }
+    {
+        let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), ..Default::default() })?;
+        if target_v == 3 && h.version == 2 {
+            q.upgrade()?;
+        }
+        if let Some(lazy) = opts.lazy_refcounts {
+            q.set_lazy_refcounts(lazy)?;
+        }
+        if opts.backing_file.is_some() || opts.backing_format.is_some() {
+            let name = match &opts.backing_file {
+                Some(n) if n.is_empty() => None,
+                Some(n) => Some(n.clone()),
+                None => q.backing_file(),
+            };
+            let fmt = opts.backing_format.clone().or_else(|| q.extensions().backing_format);
+            q.set_backing(name, fmt)?;
+        }
+        if let Some(size) = opts.size {
+            q.resize_to(size, true)?;
+        }
+        q.close_clean()?;
+    }
+    if bits != h.refcount_bits() {
+        rebuild_refcounts(&file, data_file.clone(), bits.trailing_zeros())?;
+    }
+    if target_v == 2 && h.version >= 3 {
+        let q = Qcow2::open(file.clone(), Qcow2Options { data_file, ..Default::default() })?;
+        q.downgrade()?;
+        q.close_clean()?;
+    }
+    Ok(())
+}
+
+fn downgrade_precheck(h: &crate::format::Header) -> Result<()> {
+    if h.has_data_file() {
+        return Err(Error::invalid("Cannot downgrade an image with a data file"));
+    }
+    let other = h.incompatible_features & !(Incompatible::DIRTY | Incompatible::COMPRESSION);
+    if other != 0 {
+        return Err(Error::invalid(format!("Cannot downgrade an image with incompatible features {other:#x} set")));
+    }
+    Ok(())
+}
+
+impl Qcow2 {
+    /// Rewrites the backing file name and format in cluster 0 (what
+    /// `rebase` and `amend -o backing_file` change). Only the header
+    /// changes: callers keep the guest content the same (safe rebase) or
+    /// take responsibility for it (unsafe rebase). The open image keeps
+    /// reading through the backing device it was opened with; reopen it
+    /// to use the new one.
+    pub fn set_backing(&self, name: Option<String>, format: Option<String>) -> Result<()> {
+        let mut m = self.lock();
+        self.check_writable(&m)?;
+        if name.is_some() && m.hc.header.has_data_file() && self.g.data_raw {
+            return Err(Error::invalid("Backing file and data file cannot be used at the same time"));
+        }
+        let mut hc = m.hc.clone();
+        hc.extensions.backing_format = if name.is_some() { format } else { None };
+        hc.backing_file = name;
+        // Encoding refuses a cluster 0 that would overflow before anything
+        // is written; the header is then one write within one cluster.
+        hc.encode()?;
+        let old = std::mem::replace(&mut m.hc, hc);
+        let r = self.write_header(&mut m).and_then(|_| self.sync("flushing header"));
+        if r.is_err() {
+            m.hc = old;
+            let e = r.as_ref().err().map(|e| e.duplicate());
+            if let Some(e) = e {
+                self.poison(&mut m, &e);
+            }
+        }
+        r
+    }
+
+    /// Turns lazy refcounts on or off. Turning them off writes every
+    /// refcount and clears the dirty bit first.
+    pub fn set_lazy_refcounts(&self, on: bool) -> Result<()> {
+        let mut m = self.quiesce()?;
+        if m.hc.header.version < 3 {
+            return Err(Error::invalid(
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+            ));
+        }
+        let r = (|| {
+            if on {
+                m.hc.header.compatible_features |= Compatible::LAZY_REFCOUNTS;
+            } else {
+                m.hc.header.compatible_features &= !Compatible::LAZY_REFCOUNTS;
+                m.hc.header.incompatible_features &= !Incompatible::DIRTY;
+                m.lazy_active = false;
+            }
+            self.write_header(&mut m)?;
+            self.sync("flushing header")
+        })();
+        self.fail(&mut m, r)
+    }
+
+    /// compat 0.10 -> 1.1. Snapshot entries get the extra data v3 needs
+    /// (written first: it is valid v2 too), then the header switches.
+    fn upgrade(&self) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let r = (|| {
+            if m.snapshots.iter().any(|s| s.extra_data_size < 16) {
+                let size = m.hc.header.size;
+                let list = m
+                    .snapshots
+                    .iter()
+                    .cloned()
+                    .map(|mut s| {
+                        s.disk_size = Some(s.disk_size.unwrap_or(size));
+                        s
+                    })
+                    .collect();
+                self.rewrite_snapshot_table(&mut m, list)?;
+            }
+            let h = &mut m.hc.header;
+            h.version = 3;
+            h.header_length = V3_HEADER_LEN;
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.refcount_order = 4;
+            h.compression_type = CompressionType::Zlib;
+            m.hc.extensions.feature_names = Extensions::standard_feature_names();
+            self.write_header(&mut m)?;
+            self.sync("flushing header")
+        })();
+        self.fail(&mut m, r)
+    }
+
+    /// compat 1.1 -> 0.10: zero clusters are expanded (v2 has no zero
+    /// flag), every refcount written, then the header rewritten as v2.
+    fn downgrade(&self) -> Result<()> {
+        let mut m = self.quiesce()?;
+        downgrade_precheck(&m.hc.header)?;
+        if m.hc.header.refcount_order != 4 {
+            return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
+        }
+        let r = self.downgrade_locked(&mut m);
+        self.fail(&mut m, r)
+    }
+
+    fn all_l2_tables(&self, m: &mut Meta) -> Result<BTreeSet<u64>> {
+        let mut set: BTreeSet<u64> = m.l1.iter().map(|&e| L1Entry(e).l2_offset()).filter(|&o| o != 0).collect();
+        for sn in m.snapshots.clone() {
+            for e in self.read_snapshot_l1(&sn)? {
+                let o = L1Entry(e).l2_offset();
+                if o != 0 {
+                    set.insert(o);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    fn downgrade_locked(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let tables = self.all_l2_tables(m)?;
+        if self.g.compression != CompressionType::Zlib {
+            for &off in &tables {
+                self.load_l2(m, off)?;
+                let t = m.l2.peek(off).map(|t| t.to_vec()).unwrap_or_default();
+                if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
+                    return Err(Error::invalid(
+                        "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+                    ));
+                }
+            }
+        }
+        let has_backing = m.hc.backing_file.is_some();
+        let zeros = vec![0u8; cs as usize];
+        for &off in &tables {
+            self.load_l2(m, off)?;
+            let t = m.l2.peek(off).map(|t| t.to_vec()).unwrap_or_default();
+            let mut changes = Vec::new();
+            for i in 0..self.g.l2_entries as usize {
+                let e = self.g.l2.get(&t, i);
+                if e.is_compressed() || e.word & ZERO == 0 {
+                    continue;
+                }
+                let host = e.host_offset();
+                let word = if host != 0 {
+                    // Zeros into the preallocated cluster before the flag
+                    // that hid its content goes.
+                    self.data.write_at(&zeros, host).map_err(|e| Error::io("expanding zero cluster", e))?;
+                    e.word & !ZERO
+                } else if !has_backing {
+                    // Unallocated reads as zeros without a backing file.
+                    0
+                } else {
+                    // A real cluster of zeros, referenced once per L1 table
+                    // that reaches this (possibly shared) L2 table.
+                    let shares = self.refcount(m, off / cs)?;
+                    let new = self.alloc_cluster(m)?;
+                    self.set_refcount(m, new / cs, shares)?;
+                    self.data.write_at(&zeros, new).map_err(|e| Error::io("expanding zero cluster", e))?;
+                    new | if shares == 1 { COPIED } else { 0 }
+                };
+                changes.push((i, L2Entry { word, bitmap: e.bitmap }));
+            }
+            if !changes.is_empty() {
+                self.sync("flushing expanded zero clusters")?;
+                self.load_l2(m, off)?;
+                let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                for (i, e) in changes {
+                    self.g.l2.set(t, i, e);
+                }
+                // The new clusters' refcounts reach disk before this table.
+                self.write_back_durable(m)?;
+            }
+        }
+        self.write_back_durable(m)?;
+        let h = &mut m.hc.header;
+        h.version = 2;
+        h.header_length = V2_HEADER_LEN;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.refcount_order = 4;
+        h.compression_type = CompressionType::Zlib;
+        m.hc.extensions.feature_names.clear();
+        m.hc.extensions.bitmaps = None;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        m.lazy_active = false;
+        Ok(())
+    }
+}
+
+/// Rewrites the refcount structures of the image in `file` with
+/// `2^order`-bit refcounts: every refcount is read with the old width,
+/// new refcount blocks and table are written past the end of the file and
+/// made durable, and only then does the header switch to them. The old
+/// structures become free space.
+fn rebuild_refcounts(file: &Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, order: u32) -> Result<()> {
+    let q = Qcow2::open(file.clone(), Qcow2Options { read_only: true, data_file, ..Default::default() })?;
+    let cs = q.g.cluster_size;
+    let n = file.len().map_err(|e| Error::io("reading image size", e))?.div_ceil(cs);
+    let mut counts = Vec::with_capacity(n as usize);
+    {
+        let mut m = q.lock();
+        for idx in 0..n {
+            counts.push(q.refcount(&mut m, idx)?);
+        }
+        // The old refcount structures are not counted by the new ones.
+        let h = &m.hc.header;
+        for k in 0..u64::from(h.refcount_table_clusters) {
+            if let Some(c) = counts.get_mut((h.refcount_table_offset / cs + k) as usize) {
+                *c = 0;
+            }
+        }
+        for &e in &m.reftable {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if let Some(c) = counts.get_mut((off / cs) as usize).filter(|_| off != 0) {
+                *c = 0;
+            }
+        }
+    }
+    drop(q);
+    let rc = RefcountLayout { cluster_bits: cs.trailing_zeros(), refcount_order: order };
+    if let Some((idx, &c)) = counts.iter().enumerate().find(|(_, &c)| c > rc.max()) {
+        return Err(Error::invalid(format!(
+            "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {c}",
+            rc.bits(),
+            idx as u64 * cs
+        )));
+    }
+    let per_block = rc.block_entries();
+    let per_table_cluster = cs / 8;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let total = n + blocks + table;
+        let b = total.div_ceil(per_block);
+        let t = b.div_ceil(per_table_cluster).max(1);
+        if b == blocks && t == table {
+            break;
+        }
+        blocks = b;
+        table = t;
+    }
+    if table * cs > MAX_REFTABLE_BYTES {
+        return Err(Error::invalid("refcount table would exceed 8 MiB"));
+    }
+    let table_off = n * cs;
+    let blocks_off = table_off + table * cs;
+    counts.resize((n + table + blocks) as usize, 1);
+    for b in 0..blocks {
+        let mut buf = vec![0u8; cs as usize];
+        for i in 0..per_block {
+            if let Some(&c) = counts.get((b * per_block + i) as usize) {
+                rc.set(&mut buf, i as usize, c);
+            }
+        }
+        file.write_at(&buf, blocks_off + b * cs).map_err(|e| Error::io("writing refcount block", e))?;
+    }
+    let entries: Vec<u64> = (0..blocks).map(|b| blocks_off + b * cs).collect();
+    let mut tbytes = encode_u64_table(&entries);
+    tbytes.resize((table * cs) as usize, 0);
+    file.write_at(&tbytes, table_off).map_err(|e| Error::io("writing refcount table", e))?;
+    file.flush().map_err(|e| Error::io("flushing refcount structures", e))?;
+    let mut hc = read_header_cluster(&**file)?;
+    hc.header.refcount_table_offset = table_off;
+    hc.header.refcount_table_clusters = table as u32;
+    hc.header.refcount_order = order;
+    let bytes = hc.encode()?;
+    file.write_at(&bytes, 0).map_err(|e| Error::io("writing image header", e))?;
+    file.flush().map_err(|e| Error::io("flushing image header", e))
+}

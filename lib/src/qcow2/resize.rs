@@ -1,0 +1,137 @@
+//! Shrinking the virtual size and emptying an image (after commit).
+//! Growing lives in `create.rs`.
+
+use super::state::Meta;
+use super::{metadata_clusters, Qcow2};
+use crate::format::l1::L1Entry;
+use crate::format::L2Entry;
+use crate::{BlockDevice, Error, Result};
+
+impl Qcow2 {
+    /// Changes the virtual size: grows, or (only with `allow_shrink`)
+    /// shrinks, dropping every cluster past the new end. Sizes must be
+    /// multiples of 512, as in QEMU.
+    pub fn resize_to(&self, new_size: u64, allow_shrink: bool) -> Result<()> {
+        if new_size & 511 != 0 {
+            return Err(Error::invalid("The new size must be a multiple of 512"));
+        }
+        {
+            let m = self.lock();
+            // v2 snapshot entries cannot record their own disk size.
+            if m.hc.header.version < 3 && !m.snapshots.is_empty() {
+                return Err(Error::invalid("Can't resize a v2 image which has snapshots"));
+            }
+        }
+        if new_size >= self.len() {
+            return self.grow(new_size);
+        }
+        if !allow_shrink {
+            return Err(Error::invalid("Use the --shrink option to perform a shrink operation."));
+        }
+        self.shrink(new_size)
+    }
+
+    /// Shrinks the virtual size to `new_size`: clusters wholly past the new
+    /// end are dropped (L2 tables past it too), the header switched, and
+    /// the file truncated after its last used cluster. The L1 table keeps
+    /// its size (entries past the end are zero), as QEMU does.
+    pub fn shrink(&self, new_size: u64) -> Result<()> {
+        let mut m = self.quiesce()?;
+        if new_size > m.hc.header.size {
+            return Err(Error::invalid("shrink cannot make an image larger"));
+        }
+        let r = self.shrink_locked(&mut m, new_size);
+        self.fail(&mut m, r)
+    }
+
+    fn shrink_locked(&self, m: &mut Meta, new_size: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let first = new_size.div_ceil(cs);
+        let end = m.l1.len() as u64 * self.g.l2_entries;
+        // Dropped entries are on disk before their clusters are freed
+        // (write_back defers the frees); the header shrinks after that, so
+        // a crash in between leaves a disk whose tail reads as unallocated.
+        self.drop_clusters(m, first, end)?;
+        self.write_back_durable(m)?;
+        m.hc.header.size = new_size;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        Self::drop_l2_cache(m);
+        m.meta_clusters = metadata_clusters(&self.g, m);
+        self.truncate_tail(m)
+    }
+
+    /// Cuts the file after its last cluster with a nonzero refcount.
+    fn truncate_tail(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let mut last = m.file_end / cs;
+        while last > 1 && self.refcount(m, last - 1)? == 0 && !m.meta_clusters.contains_key(&(last - 1)) {
+            last -= 1;
+        }
+        let len = last * cs;
+        let cur = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+        if len < cur {
+            self.file.set_len(len).map_err(|e| Error::io("truncating image", e))?;
+            self.sync("flushing truncation")?;
+        }
+        m.file_end = len;
+        m.free_hint = m.free_hint.min(last);
+        Ok(())
+    }
+
+    /// Makes every cluster of the image unallocated (reads fall through to
+    /// the backing file), freeing data clusters and L2 tables: what commit
+    /// does to the overlay it committed. Snapshots keep their data.
+    pub fn make_empty(&self) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let r = (|| {
+            let end = m.l1.len() as u64 * self.g.l2_entries;
+            self.drop_clusters(&mut m, 0, end)?;
+            self.write_back_durable(&mut m)?;
+            Self::drop_l2_cache(&mut m);
+            m.meta_clusters = metadata_clusters(&self.g, &m);
+            Ok(())
+        })();
+        self.fail(&mut m, r)
+    }
+
+    /// Sets guest clusters `[first, end)` unallocated, dropping whole L2
+    /// tables when their whole range goes. Frees are deferred (see
+    /// `alloc.rs`): each dropped reference is released only once the
+    /// entry is gone from disk.
+    pub(crate) fn drop_clusters(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
+        let n = self.g.l2_entries;
+        m.compress_cursor = 0;
+        for l1i in (first / n) as usize..(end.div_ceil(n) as usize).min(m.l1.len()) {
+            let off = L1Entry(m.l1[l1i]).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            let t_first = l1i as u64 * n;
+            if first <= t_first && end >= t_first + n {
+                self.load_l2(m, off)?;
+                let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished"))?;
+                // Every reference this L1 entry carried goes: the table's
+                // and, through it, each cluster's.
+                m.l1[l1i] = 0;
+                m.mark_l1_dirty(l1i);
+                for i in 0..n as usize {
+                    let e = self.g.l2.get(&t, i);
+                    self.release_entry(m, e, None, false);
+                }
+                self.free_later(m, off, false);
+                continue;
+            }
+            for gc in first.max(t_first)..end.min(t_first + n) {
+                let e = self.l2_entry(m, gc)?;
+                if e == L2Entry::default() {
+                    continue;
+                }
+                self.set_l2_entry(m, gc, L2Entry::default())?;
+                self.release_entry(m, e, None, false);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,461 @@
+//! Internal snapshots: create, apply (goto), delete, list.
+//!
+//! Refcounts follow QEMU's model: every L1 table (the active one and each
+//! snapshot's) adds one reference to each L2 table it points at and one to
+//! each data cluster those L2 tables point at (a compressed cluster: one to
+//! every host cluster its bytes touch), even when L2 tables are shared.
+//!
+//! Crash-safety order, enforced below: refcount increases are durable
+//! before any on-disk structure (snapshot table, header) relies on them;
+//! decreases happen only after the structure that needed them is gone from
+//! disk. A crash therefore leaves at most leaked clusters.
+
+use super::state::{Meta, MetaKind};
+use super::{metadata_clusters, Qcow2};
+use crate::format::be::{encode_u64_table, u64_table};
+use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
+use crate::format::l2::{ClusterKind, COPIED};
+use crate::format::limits::{MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
+use crate::format::snapshot::{encode_table, EXTRA_WITH_ICOUNT, FIXED_LEN};
+use crate::format::SnapshotEntry;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::MutexGuard;
+
+/// Bytes one entry occupies on disk (padded to 8).
+fn entry_disk_len(e: &SnapshotEntry) -> u64 {
+    crate::format::be::pad8(FIXED_LEN + e.extra_data_size as usize + e.id.len() + e.name.len()) as u64
+}
+
+impl Qcow2 {
+    /// Takes the metadata lock for a whole-image operation: waits for
+    /// allocating writes in flight, then writes every cached change back
+    /// (refcounts included, even with lazy refcounts) and syncs, so the
+    /// operation starts from a consistent on-disk state.
+    pub(crate) fn quiesce(&self) -> Result<MutexGuard<'_, Meta>> {
+        let mut m = self.lock();
+        self.check_writable(&m)?;
+        while !m.inflight.is_empty() {
+            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        self.check_writable(&m)?;
+        self.write_back_durable(&mut m)?;
+        // A barrier: fast-path I/O that looked up a mapping before this
+        // operation (in-place writes into clusters about to become shared
+        // or freed) finishes before anything changes. Not held, because
+        // write_back takes it again to apply deferred frees.
+        drop(self.io_gate.write().unwrap_or_else(|e| e.into_inner()));
+        Ok(m)
+    }
+
+    /// Writes all metadata back in contract order, refcount blocks
+    /// included whatever the lazy-refcounts setting, applies the deferred
+    /// frees and makes the result durable.
+    pub(crate) fn write_back_durable(&self, m: &mut Meta) -> Result<()> {
+        self.write_back_inner(m, true)?;
+        // Frees applied by the first pass reach disk with the second.
+        self.write_back_inner(m, true)?;
+        self.sync("flushing metadata")
+    }
+
+    /// Records a failure of a multi-step operation: I/O and corruption
+    /// errors poison the image (its on-disk state is no longer known to
+    /// match the caches); refused requests do not.
+    pub(crate) fn fail<T>(&self, m: &mut Meta, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            if !matches!(e, Error::InvalidArgument(_) | Error::Unsupported(_)) {
+                self.poison(m, e);
+            }
+        }
+        r
+    }
+
+    /// Forgets every cached L2 table (all clean after a write-back): tables
+    /// freed by a whole-image operation may be reused as anything.
+    pub(crate) fn drop_l2_cache(m: &mut Meta) {
+        while let Some((off, dirty)) = m.l2.lru() {
+            debug_assert!(!dirty, "dropping a dirty L2 table");
+            m.l2.remove(off);
+        }
+    }
+
+    /// Reads a snapshot's L1 table.
+    pub(crate) fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>> {
+        let mut raw = vec![0u8; sn.l1_size as usize * 8];
+        if sn.l1_size > 0 {
+            if sn.l1_table_offset & (self.g.cluster_size - 1) != 0 {
+                return Err(Error::corrupt_at("snapshot L1 table is not cluster aligned", sn.l1_table_offset));
+            }
+            self.file.read_at(&mut raw, sn.l1_table_offset).map_err(|e| Error::io("reading snapshot L1 table", e))?;
+        }
+        Ok(u64_table(&raw))
+    }
+
+    /// Host cluster indices one L1 table references, once per reference:
+    /// its L2 tables, their data clusters and every host cluster that
+    /// compressed data touches.
+    pub(crate) fn tree_refs(&self, m: &mut Meta, l1: &[u64]) -> Result<Vec<u64>> {
+        let cs = self.g.cluster_size;
+        let mut out = Vec::new();
+        for &raw in l1 {
+            let off = L1Entry(raw).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            out.push(off / cs);
+            self.load_l2(m, off)?;
+            let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            for i in 0..self.g.l2_entries as usize {
+                let e = self.g.l2.get(&t, i);
+                if e.word == 0 {
+                    continue;
+                }
+                if let ClusterKind::Compressed(d) = self.g.l2.classify(e, 0, self.g.v3) {
+                    let last = (d.offset + d.byte_len() - 1) / cs;
+                    out.extend(d.offset / cs..=last);
+                    continue;
+                }
+                let host = e.host_offset();
+                if host != 0 && !self.g.external_data {
+                    if host & (cs - 1) != 0 {
+                        return Err(Error::corrupt_at("data cluster offset is not cluster aligned", host));
+                    }
+                    out.push(host / cs);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses, before anything changes, increments that would overflow
+    /// a refcount (refcount_bits = 1 allows no sharing at all).
+    pub(crate) fn check_increments(&self, m: &mut Meta, refs: &[u64]) -> Result<()> {
+        let mut counts: HashMap<u64, u64> = HashMap::new();
+        for &i in refs {
+            *counts.entry(i).or_default() += 1;
+        }
+        let max = self.g.rc.max();
+        let mut idxs: Vec<_> = counts.into_iter().collect();
+        idxs.sort_unstable();
+        for (idx, n) in idxs {
+            let cur = self.refcount(m, idx)?;
+            if cur.checked_add(n).is_none_or(|v| v > max) {
+                return Err(Error::invalid(format!(
+                    "refcount of cluster at offset {:#x} would exceed {max}, the maximum for refcount_bits={} \
+                     (sharing clusters with a snapshot needs wider refcounts; change them with amend -o refcount_bits=16)",
+                    idx * self.g.cluster_size,
+                    self.g.rc.bits()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn adjust_all(&self, m: &mut Meta, refs: &[u64], delta: i64) -> Result<()> {
+        for &idx in refs {
+            self.adjust_refcount(m, idx, delta)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the COPIED flags of the active L1 and L2 entries to exactly
+    /// "refcount is one", as QEMU's check requires.
+    pub(crate) fn fix_copied_flags(&self, m: &mut Meta) -> Result<()> {
+        if self.g.external_data {
+            return Ok(());
+        }
+        let cs = self.g.cluster_size;
+        for l1i in 0..m.l1.len() {
+            let off = L1Entry(m.l1[l1i]).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            let want = if self.refcount(m, off / cs)? == 1 { off | L1_COPIED } else { off };
+            if m.l1[l1i] != want {
+                m.l1[l1i] = want;
+                m.mark_l1_dirty(l1i);
+            }
+            self.fix_l2_flags(m, off, false)?;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears the COPIED flags of one L2 table's entries from the
+    /// refcounts (`clear_only`: only clears, for tables outside the
+    /// active tree).
+    fn fix_l2_flags(&self, m: &mut Meta, off: u64, clear_only: bool) -> Result<()> {
+        let cs = self.g.cluster_size;
+        self.load_l2(m, off)?;
+        let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let mut changes = Vec::new();
+        for i in 0..self.g.l2_entries as usize {
+            let e = self.g.l2.get(&t, i);
+            let host = e.host_offset();
+            if e.is_compressed() || host == 0 {
+                continue;
+            }
+            let owned = !clear_only && self.refcount(m, host / cs)? == 1;
+            let word = if owned { e.word | COPIED } else { e.word & !COPIED };
+            if word != e.word {
+                changes.push((i, crate::format::L2Entry { word, bitmap: e.bitmap }));
+            }
+        }
+        if !changes.is_empty() {
+            let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            for (i, e) in changes {
+                self.g.l2.set(t, i, e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new snapshot table to newly allocated clusters, switches
+    /// the header to it and frees the old one. The new table is durable
+    /// before the header points at it; the old one is freed only after.
+    pub(crate) fn rewrite_snapshot_table(&self, m: &mut Meta, mut list: Vec<SnapshotEntry>) -> Result<()> {
+        let cs = self.g.cluster_size;
+        if list.len() > MAX_SNAPSHOTS as usize {
+            return Err(Error::invalid("too many snapshots"));
+        }
+        let bytes = encode_table(&list, self.g.v3);
+        if bytes.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::invalid("snapshot table would be too large"));
+        }
+        for e in &mut list {
+            e.extra_data_size = self.extra_len(e) as u32;
+        }
+        let old_off = m.hc.header.snapshots_offset;
+        let old_bytes: u64 =
+            if m.hc.header.nb_snapshots > 0 { m.snapshots.iter().map(entry_disk_len).sum() } else { 0 };
+        let new_off = if bytes.is_empty() {
+            0
+        } else {
+            let clusters = (bytes.len() as u64).div_ceil(cs);
+            let off = self.alloc_contiguous(m, clusters)?;
+            for k in 0..clusters {
+                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotTable);
+            }
+            let mut padded = bytes.clone();
+            padded.resize((clusters * cs) as usize, 0);
+            self.write_meta(m, off, &padded, "writing snapshot table")?;
+            off
+        };
+        // The table and its refcount must be on disk before the header
+        // points at it.
+        self.write_back_durable(m)?;
+        m.hc.header.nb_snapshots = list.len() as u32;
+        m.hc.header.snapshots_offset = new_off;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        m.snapshots = list;
+        if old_bytes > 0 && old_off != 0 {
+            for k in 0..old_bytes.div_ceil(cs) {
+                let idx = old_off / cs + k;
+                m.meta_clusters.remove(&idx);
+                self.adjust_refcount(m, idx, -1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Extra data bytes `SnapshotEntry::encode` writes for `e`.
+    fn extra_len(&self, e: &SnapshotEntry) -> usize {
+        let with = self.g.v3 || e.disk_size.is_some() || e.icount.is_some() || !e.extra_unknown.is_empty();
+        if !with {
+            0
+        } else if e.icount.is_some() || !e.extra_unknown.is_empty() {
+            EXTRA_WITH_ICOUNT + e.extra_unknown.len()
+        } else {
+            16
+        }
+    }
+
+    /// Finds a snapshot by ID first, then by name, as QEMU does.
+    fn find_snapshot(&self, m: &Meta, name_or_id: &str) -> Option<usize> {
+        m.snapshots
+            .iter()
+            .position(|s| s.id == name_or_id)
+            .or_else(|| m.snapshots.iter().position(|s| s.name == name_or_id))
+    }
+
+    /// The internal snapshots, in table order.
+    pub fn snapshot_list(&self) -> Vec<SnapshotEntry> {
+        self.snapshots()
+    }
+
+    /// Creates an internal snapshot of the current disk state named
+    /// `name`, with the next free numeric ID. Returns the new entry.
+    pub fn snapshot_create(&self, name: &str) -> Result<SnapshotEntry> {
+        if name.len() > u16::MAX as usize {
+            return Err(Error::invalid("snapshot name too long"));
+        }
+        let mut m = self.quiesce()?;
+        if self.g.external_data {
+            return Err(Error::unsupported("internal snapshots of an image with an external data file"));
+        }
+        if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::invalid("too many snapshots"));
+        }
+        let r = self.snapshot_create_locked(&mut m, name);
+        self.fail(&mut m, r)
+    }
+
+    fn snapshot_create_locked(&self, m: &mut Meta, name: &str) -> Result<SnapshotEntry> {
+        let cs = self.g.cluster_size;
+        let l1 = m.l1.clone();
+        let refs = self.tree_refs(m, &l1)?;
+        self.check_increments(m, &refs)?;
+        m.compress_cursor = 0;
+        // 1. Share the tree: raise refcounts, clear COPIED flags.
+        self.adjust_all(m, &refs, 1)?;
+        self.fix_copied_flags(m)?;
+        // 2. The snapshot's copy of the L1 table.
+        let l1_off = if l1.is_empty() {
+            0
+        } else {
+            let clusters = (l1.len() as u64 * 8).div_ceil(cs);
+            let off = self.alloc_contiguous(m, clusters)?;
+            for k in 0..clusters {
+                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotL1);
+            }
+            let copy: Vec<u64> = m.l1.iter().map(|&e| e & !L1_COPIED).collect();
+            let mut bytes = encode_u64_table(&copy);
+            bytes.resize((clusters * cs) as usize, 0);
+            self.write_meta(m, off, &bytes, "writing snapshot L1 table")?;
+            off
+        };
+        // 3. Refcounts (then flags) durable before the table names the copy.
+        self.write_back_durable(m)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let next_id = m.snapshots.iter().map(|s| s.id.parse::<u64>().unwrap_or(0)).max().unwrap_or(0) + 1;
+        let entry = SnapshotEntry {
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            id: next_id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            // qemu-img records microseconds.
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(m.hc.header.size),
+            // qemu-img 10 records 0 here when record/replay is off.
+            icount: Some(0),
+            extra_unknown: Vec::new(),
+            extra_data_size: EXTRA_WITH_ICOUNT as u32,
+        };
+        let mut list = m.snapshots.clone();
+        list.push(entry.clone());
+        // 4. Table, then header.
+        self.rewrite_snapshot_table(m, list)?;
+        self.write_back_durable(m)?;
+        m.meta_clusters = metadata_clusters(&self.g, m);
+        Ok(entry)
+    }
+
+    /// Reverts the disk to snapshot `name_or_id` (ID first, then name).
+    /// The current state is lost unless another snapshot holds it.
+    pub fn snapshot_apply(&self, name_or_id: &str) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let Some(i) = self.find_snapshot(&m, name_or_id) else {
+            return Err(Error::invalid(format!("Failed to load snapshot: snapshot '{name_or_id}' not found")));
+        };
+        let sn = m.snapshots[i].clone();
+        let r = self.snapshot_apply_locked(&mut m, &sn);
+        self.fail(&mut m, r)
+    }
+
+    fn snapshot_apply_locked(&self, m: &mut Meta, sn: &SnapshotEntry) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let sn_l1 = self.read_snapshot_l1(sn)?;
+        let refs = self.tree_refs(m, &sn_l1)?;
+        self.check_increments(m, &refs)?;
+        m.compress_cursor = 0;
+        let size = sn.disk_size.unwrap_or(m.hc.header.size);
+        let need = m.hc.header.l1_entries_for(size) as usize;
+        // 1. The new active tree's references, before anything uses them.
+        self.adjust_all(m, &refs, 1)?;
+        // Everything in the new active tree is now shared with the
+        // snapshot, so no COPIED flag may stay set in its L2 tables.
+        for &raw in &sn_l1 {
+            let off = L1Entry(raw).l2_offset();
+            if off != 0 {
+                self.fix_l2_flags(m, off, true)?;
+            }
+        }
+        let mut new_l1: Vec<u64> = sn_l1.iter().map(|&e| e & !L1_COPIED).collect();
+        if new_l1.len() < need {
+            new_l1.resize(need, 0);
+        }
+        let clusters = (new_l1.len() as u64 * 8).div_ceil(cs).max(1);
+        let new_off = self.alloc_contiguous(m, clusters)?;
+        let mut bytes = encode_u64_table(&new_l1);
+        bytes.resize((clusters * cs) as usize, 0);
+        self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+        // 2. Refcounts, flags and the new L1 durable before the switch.
+        self.write_back_durable(m)?;
+        let old_l1 = std::mem::replace(&mut m.l1, new_l1);
+        let old_off = m.hc.header.l1_table_offset;
+        let old_clusters = (old_l1.len() as u64 * 8).div_ceil(cs);
+        m.l1_dirty = None;
+        m.hc.header.l1_table_offset = new_off;
+        m.hc.header.l1_size = m.l1.len() as u32;
+        m.hc.header.size = size;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        // 3. Nothing on disk references the old tree any more.
+        let old_refs = self.tree_refs(m, &old_l1)?;
+        self.adjust_all(m, &old_refs, -1)?;
+        if !old_l1.is_empty() {
+            for k in 0..old_clusters {
+                self.adjust_refcount(m, old_off / cs + k, -1)?;
+            }
+        }
+        self.fix_copied_flags(m)?;
+        self.write_back_durable(m)?;
+        // Tables freed above may be reused for anything.
+        Self::drop_l2_cache(m);
+        m.meta_clusters = metadata_clusters(&self.g, m);
+        Ok(())
+    }
+
+    /// Deletes snapshot `name_or_id` (ID first, then name) and frees the
+    /// clusters only it used.
+    pub fn snapshot_delete(&self, name_or_id: &str) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let Some(i) = self.find_snapshot(&m, name_or_id) else {
+            return Err(Error::invalid("snapshot not found"));
+        };
+        let r = self.snapshot_delete_locked(&mut m, i);
+        self.fail(&mut m, r)
+    }
+
+    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let sn = m.snapshots[i].clone();
+        let sn_l1 = self.read_snapshot_l1(&sn)?;
+        let refs = self.tree_refs(m, &sn_l1)?;
+        m.compress_cursor = 0;
+        let mut list = m.snapshots.clone();
+        list.remove(i);
+        // 1. The table without the entry, durable (header switched).
+        self.rewrite_snapshot_table(m, list)?;
+        // 2. Only now drop the references it held.
+        self.adjust_all(m, &refs, -1)?;
+        if sn.l1_size > 0 {
+            for k in 0..(u64::from(sn.l1_size) * 8).div_ceil(cs) {
+                let idx = sn.l1_table_offset / cs + k;
+                m.meta_clusters.remove(&idx);
+                self.adjust_refcount(m, idx, -1)?;
+            }
+        }
+        // 3. Clusters back to a single owner get COPIED again; write_back
+        // puts the refcounts on disk before these flags.
+        self.fix_copied_flags(m)?;
+        self.write_back_durable(m)?;
+        Self::drop_l2_cache(m);
+        m.meta_clusters = metadata_clusters(&self.g, m);
+        Ok(())
+    }
+}

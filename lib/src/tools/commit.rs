@@ -1,0 +1,108 @@
+//! `qemu-img commit`: write an overlay's changes into its backing image.
+
+use crate::device::chain_status;
+use crate::image::{self, OpenOptions};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// How to commit.
+#[derive(Debug, Clone, Default)]
+pub struct CommitOptions {
+    /// Format of the top image (probed when `None`).
+    pub format: Option<image::Format>,
+    /// `-b`: commit down to this image of the backing chain (default: the
+    /// immediate backing file). Implies `keep_overlay`, as in qemu-img:
+    /// the images in between become invalid, the top stays valid.
+    pub base: Option<PathBuf>,
+    /// `-d`: leave the overlay's clusters in place instead of emptying it.
+    pub keep_overlay: bool,
+}
+
+/// Copies at most this much per read/write.
+const CHUNK: u64 = 1 << 20;
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Commits the image at `top` into its backing image (or `opts.base`):
+/// every range allocated above the base is written into the base, which
+/// is grown first if smaller; then the top is emptied (all clusters
+/// unallocated, so it reads as the base) unless `keep_overlay` or a base
+/// was given. `progress(done, total)` is called as bytes are processed.
+pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    let empty_top = !opts.keep_overlay && opts.base.is_none();
+    let img = image::open(top, &OpenOptions { format: opts.format, write: empty_top, ..Default::default() })?;
+    if img.backing().is_none() {
+        return Err(Error::invalid("Image does not have a backing file"));
+    }
+    // Depth of the base in the chain (1 = the immediate backing file).
+    let (depth, base_layer) = {
+        let mut layer = img.backing();
+        let mut depth = 1u32;
+        loop {
+            let Some(l) = layer else {
+                let name = opts.base.as_deref().map(|p| p.display().to_string()).unwrap_or_default();
+                return Err(Error::invalid(format!(
+                    "Did not find '{name}' in the backing chain of '{}'",
+                    top.display()
+                )));
+            };
+            match &opts.base {
+                Some(b) if !same_file(b, l.path()) => {
+                    layer = l.backing();
+                    depth += 1;
+                }
+                _ => break (depth, l),
+            }
+        }
+    };
+    let base = image::open(
+        base_layer.path(),
+        &OpenOptions { format: Some(base_layer.format()), write: true, ..Default::default() },
+    )?;
+    let dev = img.device();
+    let size = dev.len();
+    if base.device().len() < size {
+        match base.qcow2() {
+            Some(q) => q.grow(size)?,
+            None => base.device().resize(size)?,
+        }
+    }
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; CHUNK as usize];
+    progress(0, size);
+    while pos < size {
+        let st = chain_status(dev, pos, (size - pos).min(1 << 30))?;
+        let n = st.length.min(size - pos);
+        if st.allocated && st.depth < depth {
+            if st.zero {
+                base.device().write_zeroes(pos, n, false)?;
+            } else {
+                // The top's view of these bytes comes from the layers above
+                // the base, never from the (separately opened) base.
+                let mut at = pos;
+                while at < pos + n {
+                    let k = CHUNK.min(pos + n - at) as usize;
+                    dev.read_at(&mut buf[..k], at)?;
+                    base.device().write_at(&buf[..k], at)?;
+                    at += k as u64;
+                }
+            }
+        }
+        pos += n;
+        progress(pos, size);
+    }
+    // The base holds everything before the top lets go of it.
+    base.device().flush()?;
+    base.close()?;
+    if empty_top {
+        if let Some(q) = img.qcow2() {
+            q.make_empty()?;
+        }
+    }
+    img.close()
+}

@@ -1,0 +1,97 @@
+//! `qemu-img rebase`: change an image's backing file, keeping the guest
+//! content (safe mode) or only rewriting the name (unsafe mode).
+
+use crate::device::read_backing;
+use crate::image::{self, Format, OpenOptions};
+use crate::{Error, Result};
+use std::path::Path;
+
+/// How to rebase.
+#[derive(Debug, Clone, Default)]
+pub struct RebaseOptions {
+    /// Format of the image (probed when `None`).
+    pub format: Option<Format>,
+    /// `-b`: the new backing file name as it will be recorded (relative
+    /// names are relative to the image's directory); `None` or empty makes
+    /// the image standalone.
+    pub backing: Option<String>,
+    /// `-F`: the new backing file's format (required with a new backing
+    /// file, as in qemu-img 10).
+    pub backing_format: Option<String>,
+    /// `-u`: only rewrite the header.
+    pub unsafe_mode: bool,
+}
+
+const CHUNK: u64 = 1 << 20;
+
+/// Rebases the qcow2 image at `path`. In safe mode, every range the image
+/// does not allocate itself is read through the old and the new backing
+/// chains, and where they differ the old content is written into the
+/// image, so what the guest reads does not change; then the header is
+/// rewritten. `progress(done, total)` reports the scan.
+pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    let new_name = opts.backing.clone().filter(|n| !n.is_empty());
+    if let (Some(n), None) = (&new_name, &opts.backing_format) {
+        return Err(Error::invalid(format!(
+            "Could not change the backing file to '{n}': backing format must be specified"
+        )));
+    }
+    let img = image::open(
+        path,
+        &OpenOptions { format: opts.format, write: true, no_backing: opts.unsafe_mode, ..Default::default() },
+    )?;
+    let Some(q) = img.qcow2() else {
+        return Err(Error::unsupported(format!(
+            "Could not change the backing file to '{}': Operation not supported",
+            new_name.unwrap_or_default()
+        )));
+    };
+    if !opts.unsafe_mode {
+        let new = match &new_name {
+            Some(n) => {
+                let fmt = opts.backing_format.as_deref().map(Format::from_name).transpose()?;
+                let p = image::resolve_backing(path, n);
+                Some(image::open(&p, &OpenOptions { format: fmt, ..Default::default() })?)
+            }
+            None => None,
+        };
+        let dev = img.device();
+        let old = dev.backing();
+        let new_dev = new.as_ref().map(|i| i.device());
+        let size = dev.len();
+        let cs = q.cluster_size();
+        let mut a = vec![0u8; CHUNK as usize];
+        let mut b = vec![0u8; CHUNK as usize];
+        let mut pos = 0u64;
+        progress(0, size);
+        while pos < size {
+            let st = dev.block_status(pos, size - pos)?;
+            let n = st.length.min(size - pos);
+            if !st.allocated {
+                // Cluster-sized pieces, so only the clusters that differ
+                // get allocated in the image.
+                let mut at = pos;
+                while at < pos + n {
+                    let k = ((at / cs + 1) * cs).min(pos + n).min(at + CHUNK) - at;
+                    let k = k as usize;
+                    read_backing(old, &mut a[..k], at)?;
+                    read_backing(new_dev, &mut b[..k], at)?;
+                    if a[..k] != b[..k] {
+                        if a[..k].iter().all(|&x| x == 0) {
+                            dev.write_zeroes(at, k as u64, false)?;
+                        } else {
+                            dev.write_at(&a[..k], at)?;
+                        }
+                    }
+                    at += k as u64;
+                }
+            }
+            pos += n;
+            progress(pos, size);
+        }
+        dev.flush()?;
+    }
+    let fmt = if new_name.is_some() { opts.backing_format.clone() } else { None };
+    q.set_backing(new_name, fmt)?;
+    img.close()
+}
