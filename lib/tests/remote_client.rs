@@ -229,3 +229,32 @@ fn nbdkit_memory_plugin_as_base() {
     c.read_at(&mut back[..8192], 4096).unwrap();
     assert!(back[..8192].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn request_in_flight_when_the_connection_drops_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, content) = patterned_base(dir.path(), "base.raw", SIZE, 8);
+    let srv = OxServer::start(raw_dev(&base, true), true);
+    // Requests sit 300 ms in the proxy: long enough to cut the line under them.
+    let proxy = Arc::new(Proxy::start(srv.upstream.clone(), Duration::from_millis(300)));
+    let c = Arc::new(NbdClient::connect(&proxy.url()).unwrap());
+    let readers: Vec<_> = (0..4u64)
+        .map(|k| {
+            let (c, content) = (Arc::clone(&c), content.clone());
+            std::thread::spawn(move || {
+                let off = k * 1_000_000;
+                let mut buf = vec![0u8; 50_000];
+                c.read_at(&mut buf, off).unwrap();
+                assert!(buf == content[off as usize..off as usize + 50_000]);
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(proxy.reads() >= 1, "no request in flight yet");
+    proxy.drop_connections();
+    for r in readers {
+        r.join().unwrap();
+    }
+    // Everyone retried on one new connection.
+    assert_eq!(proxy.counts.connections.load(std::sync::atomic::Ordering::Relaxed), 2);
+}

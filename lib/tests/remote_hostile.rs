@@ -16,6 +16,22 @@ const SIZE: u64 = 1 << 20;
 /// base:allocation as context 7, one read-only export), reads one
 /// request and hands it to `script`.
 fn fake(script: impl FnOnce(&mut TcpStream, Request) + Send + 'static) -> (String, JoinHandle<()>) {
+    fake_with(Modern { go: true, structured: true }, script)
+}
+
+/// What the fake server supports.
+#[derive(Clone, Copy)]
+struct Modern {
+    /// `NBD_OPT_GO` (else only `NBD_OPT_EXPORT_NAME`).
+    go: bool,
+    /// Structured replies and metadata contexts.
+    structured: bool,
+}
+
+fn fake_with(
+    modern: Modern,
+    script: impl FnOnce(&mut TcpStream, Request) + Send + 'static,
+) -> (String, JoinHandle<()>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("nbd://{}/", l.local_addr().unwrap());
     let h = std::thread::spawn(move || {
@@ -31,6 +47,19 @@ fn fake(script: impl FnOnce(&mut TcpStream, Request) + Send + 'static) -> (Strin
             let mut data = vec![0u8; o.length as usize];
             s.read_exact(&mut data).unwrap();
             match o.option {
+                OPT_EXPORT_NAME => {
+                    // The old way in: size and flags, no zero padding
+                    // (NO_ZEROES was offered and the client takes it).
+                    let mut b = SIZE.to_be_bytes().to_vec();
+                    b.extend_from_slice(&(FLAG_HAS_FLAGS | FLAG_READ_ONLY).to_be_bytes());
+                    s.write_all(&b).unwrap();
+                    break;
+                }
+                OPT_STRUCTURED_REPLY | OPT_SET_META_CONTEXT | OPT_GO
+                    if (o.option == OPT_GO && !modern.go) || (o.option != OPT_GO && !modern.structured) =>
+                {
+                    s.write_all(&encode_option_reply(o.option, REP_ERR_UNSUP, &[])).unwrap()
+                }
                 OPT_STRUCTURED_REPLY => s.write_all(&encode_option_reply(o.option, REP_ACK, &[])).unwrap(),
                 OPT_SET_META_CONTEXT => {
                     let ctx = encode_meta_context(7, CONTEXT_BASE_ALLOCATION);
@@ -173,5 +202,56 @@ fn holes_are_zeros_and_data_lands_in_place() {
     assert!(buf[1024..3072].iter().all(|&b| b == 9));
     assert!(buf[3072..].iter().all(|&b| b == 7));
     drop(c);
+    h.join().unwrap();
+}
+
+#[test]
+fn old_server_without_go_or_structured_replies() {
+    let (url, h) = fake_with(Modern { go: false, structured: false }, |s, r| {
+        assert_eq!(r.command, CMD_READ);
+        let _ = s.write_all(&encode_simple_reply(0, r.cookie));
+        let _ = s.write_all(&vec![3u8; r.length as usize]);
+    });
+    let c = client(&url);
+    assert_eq!(c.len(), SIZE);
+    assert!(c.is_read_only() && !c.has_block_status());
+    // Without base:allocation everything is data.
+    let st = c.block_status(0, SIZE).unwrap();
+    assert!(st.data && !st.zero && st.length == SIZE);
+    let mut buf = vec![0u8; 1000];
+    c.read_at(&mut buf, 77).unwrap();
+    assert!(buf.iter().all(|&b| b == 3));
+    drop(c);
+    h.join().unwrap();
+}
+
+#[test]
+fn go_refused_with_unknown_export() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nbd://{}/nope", l.local_addr().unwrap());
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        loop {
+            let mut h = [0u8; option_header::SIZE];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let o = OptionHeader::decode(&h).unwrap();
+            let mut data = vec![0u8; o.length as usize];
+            s.read_exact(&mut data).unwrap();
+            let reply = if o.option == OPT_GO {
+                encode_option_reply(o.option, REP_ERR_UNKNOWN, b"no such export")
+            } else {
+                encode_option_reply(o.option, REP_ACK, &[])
+            };
+            s.write_all(&reply).unwrap();
+        }
+    });
+    let e = NbdClient::connect(&url).err().expect("unknown export accepted");
+    let msg = e.to_string();
+    assert!(msg.starts_with("Failed to connect to") && msg.contains("export unknown: no such export"), "{msg}");
     h.join().unwrap();
 }
