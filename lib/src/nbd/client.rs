@@ -260,9 +260,10 @@ impl NbdClient {
     /// Runs `f` on the current connection; when the connection dropped,
     /// reconnects (once for all callers that saw the same connection die)
     /// and runs it once more.
-    fn with_conn<T>(&self, what: &str, f: impl Fn(&Conn) -> std::result::Result<T, ReqError>) -> Result<T> {
+    /// Each attempt gets its own deadline (`request_timeout` from its start).
+    fn with_conn<T>(&self, what: &str, f: impl Fn(&Conn, Instant) -> std::result::Result<T, ReqError>) -> Result<T> {
         let (gen, conn) = self.current()?;
-        match f(&conn) {
+        match f(&conn, self.deadline()) {
             Ok(v) => Ok(v),
             Err(ReqError::Disconnected(why)) if self.opts.reconnect => {
                 let conn = {
@@ -281,7 +282,7 @@ impl NbdClient {
                         }
                     }
                 };
-                f(&conn).map_err(|e| self.req_error(what, e))
+                f(&conn, self.deadline()).map_err(|e| self.req_error(what, e))
             }
             Err(e) => Err(self.req_error(what, e)),
         }
@@ -344,8 +345,7 @@ impl NbdClient {
     /// Reads an aligned range no longer than the maximum payload.
     fn read_chunk(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u32;
-        let deadline = self.deadline();
-        let data = self.with_conn("reading from NBD export", |conn| {
+        let data = self.with_conn("reading from NBD export", |conn, deadline| {
             let rx = conn.submit(CMD_READ, 0, offset, len, None)?;
             let mut out = vec![0u8; len as usize];
             let mut covered = 0u64;
@@ -414,8 +414,7 @@ impl NbdClient {
             let n = step.min(buf.len() - done);
             let chunk = &buf[done..done + n];
             let at = offset + done as u64;
-            let deadline = self.deadline();
-            self.with_conn("writing to NBD export", |conn| {
+            self.with_conn("writing to NBD export", |conn, deadline| {
                 Self::simple(conn, CMD_WRITE, 0, at, n as u32, Some(chunk), deadline)
             })?;
             done += n;
@@ -437,8 +436,7 @@ impl NbdClient {
         let end = offset + len;
         while pos < end {
             let n = step.min(end - pos);
-            let deadline = self.deadline();
-            self.with_conn(what, |conn| Self::simple(conn, cmd, flags, pos, n as u32, None, deadline))?;
+            self.with_conn(what, |conn, deadline| Self::simple(conn, cmd, flags, pos, n as u32, None, deadline))?;
             pos += n;
         }
         Ok(())
@@ -544,8 +542,7 @@ impl BlockDevice for NbdClient {
         if self.is_read_only() || self.info.flags & FLAG_SEND_FLUSH == 0 {
             return Ok(());
         }
-        let deadline = self.deadline();
-        self.with_conn("flushing NBD export", |conn| Self::simple(conn, CMD_FLUSH, 0, 0, 0, None, deadline))
+        self.with_conn("flushing NBD export", |conn, deadline| Self::simple(conn, CMD_FLUSH, 0, 0, 0, None, deadline))
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
@@ -572,8 +569,7 @@ impl BlockDevice for NbdClient {
         let a = self.align_down(offset);
         let max = self.align_down(u32::MAX as u64).max(u64::from(self.info.min_block));
         let req_len = (self.align_up(offset + len).min(size) - a).min(max) as u32;
-        let deadline = self.deadline();
-        let ext = self.with_conn("querying NBD block status", |conn| {
+        let ext = self.with_conn("querying NBD block status", |conn, deadline| {
             let rx = conn.submit(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, a, req_len, None)?;
             let mut first = None;
             let mut err = None;
