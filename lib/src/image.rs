@@ -253,6 +253,13 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 /// read or written, and a conflict with another user (QEMU or oxcow) is an
 /// [`Error::Locked`] whose message reads as QEMU's after its
 /// `Could not open 'PATH': ` (which the tools add in their own words).
+///
+/// Names starting with `nbd:` (`nbd://HOST[:PORT]/NAME`,
+/// `nbd+unix:///NAME?socket=PATH`, QEMU's legacy `nbd:HOST:PORT`) open a
+/// network export through [`crate::nbd::NbdClient`] (no locks: there is no
+/// local file); a raw export's device is the client itself. Such names
+/// inside an image, as backing files, are followed only with
+/// `opts.allow_network_backing`.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
