@@ -321,3 +321,40 @@ fn prefetch_waits_while_the_client_is_busy() {
     assert!(p.finished, "{p:?}");
     img.close().unwrap();
 }
+
+#[test]
+fn stream_pulls_a_whole_chain_local_and_remote() {
+    let Some(s) = setup(false, 19) else { return };
+    // overlay.qcow2 (from setup) becomes the middle layer, with its own
+    // data over part of the network base; top.qcow2 sits on it.
+    let mut expected = s.content.clone();
+    {
+        let mid = open_overlay(&s.overlay, false);
+        let data = vec![0x42u8; 300_000];
+        mid.device().write_at(&data, 5_000_000).unwrap();
+        expected[5_000_000..5_300_000].copy_from_slice(&data);
+        mid.device().write_zeroes(8 << 20, 1 << 20, false).unwrap();
+        expected[8 << 20..9 << 20].fill(0);
+        mid.close().unwrap();
+    }
+    let top = s.dir.path().join("top.qcow2");
+    let st = image::create_file(&top).unwrap();
+    let opts = CreateOptions {
+        size: SIZE,
+        backing_file: Some("overlay.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..Default::default()
+    };
+    oxcow::qcow2::create(st, None, &opts).unwrap();
+    let img = open_overlay(&top, false);
+    let r = stream(img.qcow2().unwrap(), &StreamOptions::default(), &mut |_| {}).unwrap();
+    assert!(r.complete && r.detached);
+    img.close().unwrap();
+    drop(img);
+    common::assert_checks_clean(&top);
+    let img = image::open(&top, &OpenOptions::read_only()).unwrap();
+    assert!(img.backing().is_none());
+    let mut all = vec![0u8; SIZE as usize];
+    img.device().read_at(&mut all, 0).unwrap();
+    assert!(all == expected);
+}
