@@ -358,3 +358,41 @@ fn stream_pulls_a_whole_chain_local_and_remote() {
     img.device().read_at(&mut all, 0).unwrap();
     assert!(all == expected);
 }
+
+#[test]
+fn stream_of_a_huge_sparse_disk_skips_holes_quickly() {
+    const HUGE: u64 = 64 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("huge.raw");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(HUGE).unwrap();
+    use std::os::unix::fs::FileExt;
+    for k in [0u64, 7, 1000, 1023] {
+        f.write_all_at(&[(k % 200) as u8 + 1; 65536], k * (HUGE / 1024)).unwrap();
+    }
+    drop(f);
+    let st = FileStorage::open(&base, OpenFlags::default()).unwrap();
+    let srv = OxServer::start(Arc::new(RawImage::new(Arc::new(st), true, false).unwrap()), true);
+    let proxy = Proxy::start(srv.upstream.clone(), Duration::ZERO);
+    let overlay = dir.path().join("huge.qcow2");
+    let st = image::create_file(&overlay).unwrap();
+    let opts = CreateOptions {
+        size: HUGE,
+        backing_file: Some(proxy.url()),
+        backing_format: Some("raw".into()),
+        ..Default::default()
+    };
+    oxcow::qcow2::create(st, None, &opts).unwrap();
+    let img = open_overlay(&overlay, false);
+    let start = Instant::now();
+    let r = stream(img.qcow2().unwrap(), &StreamOptions::default(), &mut |_| {}).unwrap();
+    let took = start.elapsed();
+    assert!(r.complete && r.detached);
+    assert_eq!(r.copied, 4 * 65536);
+    assert_eq!(proxy.read_bytes(), 4 * 65536);
+    assert!(took < Duration::from_secs(20), "stream of a sparse disk took {took:?}");
+    let mut buf = vec![0u8; 65536];
+    img.device().read_at(&mut buf, 1000 * (HUGE / 1024)).unwrap();
+    assert!(buf.iter().all(|&b| b == (1000 % 200) as u8 + 1));
+    img.close().unwrap();
+}

@@ -370,18 +370,21 @@ impl Qcow2 {
         Ok(run.map(|start| ((start * cs).max(pos), end)))
     }
 
-    /// One step of streaming from guest offset `pos`, handling at most
-    /// `max` bytes: skips what this image already decides and what the
-    /// backing chain reads as zeros (both read the same once the backing
-    /// file is gone), and materializes backing data otherwise. Returns the
-    /// offset to continue from (always past `pos`) and the bytes
-    /// materialized.
+    /// One step of streaming from guest offset `pos`: skips what this
+    /// image already decides and what the backing chain reads as zeros
+    /// (both read the same once the backing file is gone), and
+    /// materializes backing data otherwise, at most `max` bytes of it.
+    /// Skipping may cover more than `max` (up to 64 times as much is
+    /// scanned per step) so sparse disks do not cost one step per `max`
+    /// bytes. Returns the offset to continue from (always past `pos`) and
+    /// the bytes materialized.
     pub fn stream_step(&self, pos: u64, max: u64) -> Result<(u64, u64)> {
+        const SCAN_FACTOR: u64 = 64;
         let size = self.len();
         if pos >= size || max == 0 {
             return Ok((size.max(pos + 1), 0));
         }
-        let end = pos + max.min(size - pos);
+        let end = pos + max.saturating_mul(SCAN_FACTOR).min(size - pos);
         let Some(backing) = self.backing.as_deref() else {
             return Ok((end, 0));
         };
@@ -398,6 +401,7 @@ impl Qcow2 {
         if below.zero && !below.data {
             return Ok((a + n, 0));
         }
+        let n = n.min(max);
         let stored = self.populate(a, n)?;
         Ok((a + n, stored))
     }
