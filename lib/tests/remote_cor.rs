@@ -396,3 +396,37 @@ fn stream_of_a_huge_sparse_disk_skips_holes_quickly() {
     assert!(buf.iter().all(|&b| b == (1000 % 200) as u8 + 1));
     img.close().unwrap();
 }
+
+#[test]
+fn copy_on_read_with_many_readers_at_once() {
+    let Some(s) = setup(false, 20) else { return };
+    let img = Arc::new(open_overlay(&s.overlay, true));
+    let content = Arc::new(s.content.clone());
+    let pass = |seed: u64| {
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (img, content) = (Arc::clone(&img), Arc::clone(&content));
+                std::thread::spawn(move || {
+                    // Overlapping ranges across threads, same per seed.
+                    let mut rng = common::Rng(seed + t % 4);
+                    for _ in 0..40 {
+                        let len = 1 + rng.below(200_000) as usize;
+                        let off = rng.below(SIZE - len as u64);
+                        let mut buf = vec![0u8; len];
+                        img.device().read_at(&mut buf, off).unwrap();
+                        assert!(buf[..] == content[off as usize..off as usize + len], "read at {off} of {len}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    pass(500);
+    let first = s.proxy.reads();
+    pass(500);
+    assert_eq!(s.proxy.reads(), first, "second pass reached the base");
+    Arc::try_unwrap(img).ok().expect("image still shared").close().unwrap();
+    common::assert_checks_clean(&s.overlay);
+}
