@@ -17,6 +17,10 @@ use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
 
+/// Writes applied past the durable prefix, and an optional torn write
+/// (event index, sectors that made it).
+type Variant = (Vec<usize>, Option<(usize, usize)>);
+
 fn backing_bytes() -> Vec<u8> {
     // Data with zero runs (which become zero clusters on v3).
     (0..DISK).map(|i| if (i / 8192) % 5 == 4 { 0 } else { (i / 512 % 251) as u8 + 1 }).collect()
@@ -76,7 +80,7 @@ fn run(name: &str, create: CreateOptions, seed: u64) -> usize {
         }
         let window_end = cuts.get(ci + 1).copied().unwrap_or(log.events.len());
         let window: Vec<usize> = (cut..window_end).filter(|&i| matches!(log.events[i], Event::Write(..))).collect();
-        let mut variants: Vec<(Vec<usize>, Option<(usize, usize)>)> = vec![(vec![], None), (window.clone(), None)];
+        let mut variants: Vec<Variant> = vec![(vec![], None), (window.clone(), None)];
         for _ in 0..6 {
             let mut pick: Vec<usize> = window.iter().copied().filter(|_| rng.below(2) == 0).collect();
             for i in (1..pick.len()).rev() {
