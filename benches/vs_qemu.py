@@ -172,12 +172,51 @@ def workloads(size):
     ]
 
 
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def serve_memory(d):
+    """Peak RSS of `oxcow serve` and `qemu-nbd` exporting a 1 TiB image
+    whose L2 tables are all in use, while a client reads across all of it."""
+    img = os.path.join(d, "tib.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1T")
+    # One 64 KiB write per 512 MiB: every L2 table of the disk exists.
+    cmds = []
+    for i in range(2048):
+        cmds += ["-c", f"write -q -P 0x{(i % 250) + 1:x} {i * 512}M 64k"]
+    sh("qemu-io", *cmds, img)
+    out = {}
+    for tool in ("oxcow", "qemu"):
+        sock = os.path.join(d, f"mem-{tool}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        argv = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
+        proc = subprocess.Popen(argv + ["-t", "-f", "qcow2", "-k", sock, img])
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        url = f"nbd+unix:///?socket={sock}"
+        # 4096 reads spread over the whole terabyte, depth 16.
+        sh("qemu-img", "bench", "-f", "raw", "-d", "16", "-c", "4096", "-S", str(256 << 20), url)
+        out[tool] = peak_rss_kib(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size-gib", type=int, default=1)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None)
+    ap.add_argument("--memory", action="store_true", help="also measure serve's peak RSS on a 1 TiB image")
     a = ap.parse_args()
     if not os.path.exists(OX):
         sh("cargo", "build", "--release", "--quiet", cwd=ROOT)
@@ -198,6 +237,7 @@ def main():
             mo, mq = statistics.median(times["oxcow"]), statistics.median(times["qemu"])
             rows.append((name, mo, mq, mo / mq))
             print(f"{name:52s} oxcow {mo:8.3f}s  qemu {mq:8.3f}s  ratio {mo / mq:5.2f}", flush=True)
+        mem = serve_memory(d) if a.memory else None
     finally:
         if not a.dir:
             shutil.rmtree(d, ignore_errors=True)
@@ -206,6 +246,14 @@ def main():
     print("|---|---:|---:|---:|")
     for name, mo, mq, ratio in rows:
         print(f"| {name} | {mo:.3f} | {mq:.3f} | {ratio:.2f} |")
+    by = {r[0]: r for r in rows}
+    q = by.get("4k reads, depth 32, O_DIRECT")
+    r = by.get("raw file baseline: 4k reads, depth 32, O_DIRECT")
+    if q and r:
+        print(f"\noxcow qcow2 reads / oxcow raw reads: {q[1] / r[1]:.2f}")
+    if mem:
+        print(f"\npeak RSS serving a 1 TiB image (all 2048 L2 tables in use): "
+              f"oxcow serve {mem['oxcow'] / 1024:.1f} MiB, qemu-nbd {mem['qemu'] / 1024:.1f} MiB")
 
 
 if __name__ == "__main__":

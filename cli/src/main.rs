@@ -41,12 +41,27 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            let code = match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
-                _ => 1,
-            };
-            let _ = e.print();
-            return ExitCode::from(code);
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(1);
+            }
+            // Usage errors stay on one line, like every other error.
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("invalid arguments");
+            let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            if msg.ends_with(':') {
+                // clap lists what is missing on the next line.
+                if let Some(next) = lines.next() {
+                    msg = format!("{msg} {next}");
+                }
+            }
+            eprintln!("oxcow: {msg}");
+            return ExitCode::from(1);
         }
     };
     let r = match cli.command {

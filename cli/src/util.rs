@@ -201,3 +201,45 @@ fn write_json(out: &mut String, v: &Value, indent: usize) {
         other => out.push_str(&other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_lists() {
+        let o = parse_options(&["a=1,b=x,,y".into(), "c".into()]).unwrap();
+        assert_eq!(o, vec![("a".into(), "1".into()), ("b".into(), "x,y".into()), ("c".into(), "on".into())]);
+    }
+
+    #[test]
+    fn qemu_io_sizes() {
+        assert_eq!(io_size(0.0), "0 bytes");
+        assert_eq!(io_size(32.0), "32 bytes");
+        assert_eq!(io_size(4096.0), "4 KiB");
+        assert_eq!(io_size(8192000.0), "7.812 MiB");
+        assert_eq!(io_size(3000.0), "2.930 KiB");
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_num("4k"), Some(4096));
+        assert_eq!(parse_num("0x10"), Some(16));
+        assert_eq!(parse_num("512b"), Some(512));
+        assert_eq!(parse_num("abc"), None);
+    }
+
+    #[test]
+    fn json_layout_like_qemu() {
+        let v = serde_json::json!({"a": [], "b": {"c": 1}, "d": [true]});
+        assert_eq!(
+            qemu_json(&v),
+            "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    },\n    \"d\": [\n        true\n    ]\n}"
+        );
+    }
+
+    #[test]
+    fn os_error_suffix_dropped() {
+        assert_eq!(clean_message("x: No such file or directory (os error 2)"), "x: No such file or directory");
+    }
+}

@@ -67,9 +67,49 @@ fn create_backing_rules() {
     let r = oxcow(dir, &["create", "-f", "qcow2", "-o", "bogus=1", "z.qcow2", "1M"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("Invalid parameter 'bogus'"), "{}", r.stderr);
-    let r = oxcow(dir, &["create", "-f", "qcow2", "-o", "compat=0.10,lazy_refcounts=on", "z.qcow2", "1M"]);
-    assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("Lazy refcounts only supported with compatibility level 1.1"), "{}", r.stderr);
+    refused_like_qemu(
+        dir,
+        &[
+            "compat=2.0",
+            "refcount_bits=3",
+            "cluster_size=1000",
+            "cluster_size=abc",
+            "lazy_refcounts=maybe",
+            "compression_type=lz4",
+            "preallocation=bogus",
+            "extended_l2=on,cluster_size=4k",
+            "backing_fmt=qcow2",
+        ],
+    );
+}
+
+/// Refused options: qemu-img's first error line, after our prefix.
+fn refused_like_qemu(dir: &std::path::Path, opts: &[&str]) {
+    for o in opts {
+        let (r, q) = (
+            oxcow(dir, &["create", "-q", "-f", "qcow2", "-o", o, "z.qcow2", "1M"]),
+            qemu_img(dir, &["create", "-q", "-f", "qcow2", "-o", o, "z.qcow2", "1M"]),
+        );
+        assert_eq!((r.code, q.code), (1, 1), "{o}");
+        let first = q.stderr.lines().next().unwrap_or("").trim_start_matches("qemu-img: ");
+        assert_eq!(r.stderr.trim_end(), format!("oxcow: {first}"), "{o}");
+    }
+}
+
+#[test]
+fn create_validation_messages_match() {
+    let d = tmp();
+    refused_like_qemu(
+        d.path(),
+        &[
+            "compat=0.10,lazy_refcounts=on",
+            "compat=0.10,refcount_bits=1",
+            "compat=0.10,extended_l2=on",
+            "compat=0.10,compression_type=zstd",
+            "compat=0.10,data_file=x.raw",
+            "data_file_raw=on",
+        ],
+    );
 }
 
 #[test]
@@ -155,6 +195,17 @@ fn convert_targets() {
     assert!(blocks("sparse.raw") < 3 << 20, "sparse raw allocates {}", blocks("sparse.raw"));
     assert!(blocks("full.raw") >= 8 << 20);
 
+    // -c: compressed clusters qemu can read, with either compression type.
+    for ct in ["zlib", "zstd"] {
+        let o = format!("compression_type={ct}");
+        ok(dir, OXCOW, &["convert", "-c", "-O", "qcow2", "-o", &o, "src.qcow2", "comp.qcow2"]);
+        let c = qemu_img(dir, &["check", "comp.qcow2"]);
+        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+        ok(dir, "qemu-img", &["compare", "src.qcow2", "comp.qcow2"]);
+        let map = json(&ok(dir, "qemu-img", &["map", "--output=json", "comp.qcow2"]).stdout);
+        assert!(map.as_array().unwrap().iter().any(|e| e["compressed"] == true), "no compressed clusters ({ct})");
+    }
+
     // -n writes into an existing image, zeroing what the source has as zeros.
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "existing.qcow2", "8M"]);
     qemu_write(dir, "existing.qcow2", &[(9, 0, 8 << 20)], &[]);
@@ -179,6 +230,17 @@ fn io_output_matches_qemu_io() {
         "write -z -u 128k 64k",
         "write 5000 3000",
         "read -P 0xcd 5000 3000",
+        "read -P 0xcd -s 100 -l 200 4900 3000",
+        "read -P 0xcd -s 50 -l 200 4900 3000",
+        "write -f -P 7 9000 100",
+        "write -c -P 0x21 256k 128k",
+        "read -P 0x21 256k 128k",
+        "write -c 1000 64k",
+        "truncate 4M",
+        "length",
+        "read -P 0x21 256k 128k",
+        "truncate 16M",
+        "read -P 0 4M 1M",
         "discard 0 64k",
         "flush",
         "aio_flush",
@@ -205,7 +267,7 @@ fn io_output_matches_qemu_io() {
     let r = oxcow(a.path(), &["io", "-c", "bogus", "img"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("command \"bogus\" not found"));
-    let r = oxcow(a.path(), &["io", "-c", "read 8M 1", "img"]);
+    let r = oxcow(a.path(), &["io", "-c", "read 16M 1", "img"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("read failed: "), "{}", r.stderr);
     let r = oxcow(a.path(), &["io", "-r", "-c", "write 0 1", "img"]);
@@ -213,9 +275,15 @@ fn io_output_matches_qemu_io() {
     let r = oxcow(a.path(), &["io", "-c", "read 0 1", "missing"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.starts_with("oxcow: can't open device missing"), "{}", r.stderr);
+    // Cache modes reach the same data (O_DIRECT included).
+    for t in ["none", "writethrough", "directsync", "unsafe"] {
+        ok(a.path(), OXCOW, &["io", "-t", t, "-c", "write -q -P 9 70000 5000", "-c", "read -q -P 9 70000 5000", "img"]);
+    }
+    ok(a.path(), OXCOW, &["io", "-n", "-c", "read -q -P 9 70000 5000", "img"]);
+    ok(a.path(), "qemu-io", &["-r", "-c", "read -q -P 9 70000 5000", "img"]);
     // truncate grows the disk.
-    let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 16M", "-c", "length", "img"]);
-    assert_eq!(r.stdout.trim(), "16 MiB");
+    let r = ok(a.path(), OXCOW, &["io", "-c", "truncate 32M", "-c", "length", "img"]);
+    assert_eq!(r.stdout.trim(), "32 MiB");
 }
 
 #[test]
@@ -234,6 +302,10 @@ fn errors_are_one_line_without_panics() {
         (vec!["compare", "missing", "garbage.qcow2"], 2),
         (vec!["create", "-f", "qcow2", "x.qcow2", "1Q"], 1),
         (vec!["convert", "-O", "vmdk", "garbage.qcow2", "x"], 1),
+        (vec!["create", "-f", "qcow2", "x.qcow2", "1G", "2G"], 1),
+        (vec!["info"], 1),
+        (vec!["map", "--output=xml", "garbage.qcow2"], 1),
+        (vec!["io", "-t", "bogus", "-c", "read 0 1", "garbage.qcow2"], 1),
     ];
     for (args, code) in runs {
         let r = oxcow(dir, &args);
@@ -242,4 +314,108 @@ fn errors_are_one_line_without_panics() {
         assert_eq!(r.stderr.trim_end().lines().count(), 1, "{args:?}: {}", r.stderr);
         assert!(!r.stderr.contains("panicked"), "{args:?}: {}", r.stderr);
     }
+}
+
+/// Both tools' output, status and findings for `check ARGS`.
+fn check_both(dir: &std::path::Path, args: &[&str]) {
+    let (o, q) = (oxcow(dir, args), qemu_img(dir, args));
+    assert_eq!((o.code, &o.stdout), (q.code, &q.stdout), "{args:?}\nstderr: {}", o.stderr);
+}
+
+/// Gives cluster `idx` of a 64k-cluster image a refcount of 1 although
+/// nothing uses it (a leak), growing the file to cover it.
+fn make_leak(file: &std::path::Path, idx: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    f.write_all_at(&1u16.to_be_bytes(), 2 * 65536 + 2 * idx).unwrap();
+    f.set_len((idx + 1) * 65536).unwrap();
+}
+
+#[test]
+fn check_matches_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "fresh.qcow2", "8M"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "used.qcow2", "8M"]);
+    qemu_write(dir, "used.qcow2", &[(1, 0, 65536), (2, 65536, 4096), (3, 1 << 20, 200000)], &[]);
+    ok(dir, "qemu-img", &["snapshot", "-c", "s1", "used.qcow2"]);
+    qemu_write(dir, "used.qcow2", &[(4, 0, 4096)], &[]);
+    ok(dir, "qemu-img", &["convert", "-c", "-O", "qcow2", "used.qcow2", "comp.qcow2"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "disk.raw", "1M"]);
+    for f in ["fresh.qcow2", "used.qcow2", "comp.qcow2"] {
+        check_both(dir, &["check", f]);
+        check_both(dir, &["check", "--output=json", f]);
+        check_both(dir, &["check", "-q", f]);
+    }
+    check_both(dir, &["check", "disk.raw"]);
+    assert_eq!(oxcow(dir, &["check", "-f", "raw", "disk.raw"]).code, 63);
+
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "leak.qcow2", "8M"]);
+    qemu_write(dir, "leak.qcow2", &[(1, 0, 65536)], &[]);
+    make_leak(&dir.join("leak.qcow2"), 9);
+    std::fs::copy(dir.join("leak.qcow2"), dir.join("leak2.qcow2")).unwrap();
+    check_both(dir, &["check", "leak.qcow2"]);
+    check_both(dir, &["check", "--output=json", "leak.qcow2"]);
+    let (o, q) =
+        (oxcow(dir, &["check", "-r", "leaks", "leak.qcow2"]), qemu_img(dir, &["check", "-r", "leaks", "leak2.qcow2"]));
+    assert_eq!((o.code, &o.stdout), (q.code, &q.stdout));
+    ok(dir, "qemu-img", &["check", "leak.qcow2"]);
+}
+
+#[test]
+fn check_fragmentation_matches() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "big.qcow2", "4T"]);
+    qemu_write(dir, "big.qcow2", &[(1, 0, 4096), (2, 4 << 30, 65536), (3, (4 << 40) - 65536, 65536)], &[]);
+    check_both(dir, &["check", "big.qcow2"]);
+}
+
+#[test]
+fn map_ranges_match_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "8M"]);
+    qemu_write(dir, "img.qcow2", &[(1, 0, 65536), (2, 200000, 70000), (3, 7 << 20, 4096)], &[]);
+    ok(dir, "qemu-io", &["-c", "write -q -z 1M 128k", "img.qcow2"]);
+    for r in [
+        &["--start-offset", "100k", "--max-length", "1M"][..],
+        &["-s", "0", "-l", "70000"],
+        &["--start-offset=8M"],
+        &["--start-offset=9M"],
+        &["--max-length=1"],
+    ] {
+        assert_map_matches(dir, "img.qcow2", r);
+    }
+}
+
+#[test]
+fn force_share_reads_images_in_use() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
+    qemu_write(dir, "img.qcow2", &[(3, 0, 65536)], &[]);
+    // qemu-io holds the image open for writing while we look at it.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-c", "sleep 3000", "img.qcow2"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    let start = std::time::Instant::now();
+    while qemu_img(dir, &["info", "img.qcow2"]).code == 0 && start.elapsed().as_secs() < 2 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = oxcow(dir, &["info", "img.qcow2"]);
+    assert_eq!(r.code, 1, "info must refuse an image in use: {}", r.stdout);
+    assert!(r.stderr.contains("lock"), "{}", r.stderr);
+    ok(dir, OXCOW, &["info", "-U", "img.qcow2"]);
+    ok(dir, OXCOW, &["map", "-U", "img.qcow2"]);
+    ok(dir, OXCOW, &["compare", "-U", "img.qcow2", "img.qcow2"]);
+    ok(dir, OXCOW, &["convert", "-U", "-O", "raw", "img.qcow2", "out.raw"]);
+    ok(dir, OXCOW, &["io", "-r", "-U", "-c", "read -q -P 3 0 64k", "img.qcow2"]);
+    let r = oxcow(dir, &["io", "-U", "-c", "read 0 1", "img.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("force-share=on can only be used with read-only images"), "{}", r.stderr);
+    holder.wait().expect("qemu-io exits");
 }

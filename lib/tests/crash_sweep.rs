@@ -59,8 +59,9 @@ fn apply_model(model: &mut [u8], backing: &[u8], op: Op, cs: u64, v3: bool) {
             let first = off.div_ceil(cs) * cs;
             let end = off + len;
             let last = if end == DISK { DISK } else { end / cs * cs };
-            for i in first..last.max(first) {
-                model[i as usize] = if v3 { 0 } else { backing.get(i as usize).copied().unwrap_or(0) };
+            // v2 with a backing file: QEMU leaves the data.
+            if (v3 || backing.is_empty()) && last > first {
+                model[first as usize..last as usize].fill(0);
             }
         }
         Op::Flush => {}

@@ -39,6 +39,11 @@ fn lazy_writethrough_allocation_is_one_metadata_write_per_cluster() {
     let writes = counting.take_writes();
     let data = data_cluster_offsets(&q, &guest);
     assert_eq!(metadata_writes(&writes, &data), guest.len(), "one L2 write per allocated cluster");
+    for (off, len) in &writes {
+        if !data.iter().any(|&d| *off >= d && *off < d + 65536) {
+            assert_eq!(*len, 4096, "an L2 update writes one page of the table, not the whole cluster");
+        }
+    }
     assert_eq!(writes.len(), 2 * guest.len());
     assert_eq!(counting.flushes() - flushes_before, guest.len() as u64, "one flush per write request");
     // Overwrites of allocated clusters write no metadata at all.

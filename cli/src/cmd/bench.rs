@@ -98,7 +98,13 @@ pub fn run(a: Args) -> CliResult<i32> {
         return Err(CliError::new("--force-share/-U is not allowed with -w"));
     }
     let cache = CacheMode::from_name(&a.cache).map_err(|e| CliError::new(e.to_string()))?;
-    let opts = OpenOptions { format: parse_format(a.format.as_deref())?, write: a.write, cache, ..Default::default() };
+    let opts = OpenOptions {
+        format: parse_format(a.format.as_deref())?,
+        write: a.write,
+        cache,
+        force_share: a.force_share,
+        ..Default::default()
+    };
     let img = open_image(&a.file, &opts)?;
     let o = BenchOptions {
         count,

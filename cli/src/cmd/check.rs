@@ -45,7 +45,14 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let format = parse_format(a.format.as_deref())?;
     let write = repair != Repair::None;
-    let opts = OpenOptions { format, write, repair: write, no_backing: true, ..Default::default() };
+    let opts = OpenOptions {
+        format,
+        write,
+        repair: write,
+        no_backing: true,
+        force_share: a.force_share,
+        ..Default::default()
+    };
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
         return Err(CliError::new("This image format does not support checks").with_code(63));
@@ -88,18 +95,21 @@ fn to_json(r: &CheckReport, file: &str) -> Value {
             m.insert(k.to_string(), Value::from(v));
         }
     };
+    // qemu-img prints its keys in this (hash table) order.
     put("image-end-offset", r.image_end_offset, false);
-    put("total-clusters", r.total_clusters, false);
-    put("check-errors", r.check_errors, true);
-    put("corruptions", r.corruptions, false);
-    put("leaks", r.leaks, false);
-    put("corruptions-fixed", r.corruptions_fixed, false);
-    put("leaks-fixed", r.leaks_fixed, false);
-    put("allocated-clusters", r.allocated_clusters, false);
-    put("fragmented-clusters", r.fragmented_clusters, false);
     put("compressed-clusters", r.compressed_clusters, false);
+    put("total-clusters", r.total_clusters, false);
+    put("corruptions", r.corruptions, false);
+    put("check-errors", r.check_errors, true);
+    put("leaks", r.leaks, false);
+    put("leaks-fixed", r.leaks_fixed, false);
+    put("corruptions-fixed", r.corruptions_fixed, false);
+    put("allocated-clusters", r.allocated_clusters, false);
     m.insert("filename".into(), Value::from(file));
     m.insert("format".into(), Value::from("qcow2"));
+    if r.fragmented_clusters != 0 {
+        m.insert("fragmented-clusters".into(), Value::from(r.fragmented_clusters));
+    }
     Value::Object(m)
 }
 

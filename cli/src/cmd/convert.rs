@@ -2,8 +2,8 @@
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::device::chain_status;
 use oxcow::image::{resolve_backing, OpenOptions};
+use oxcow::tools::convert::{copy, CopyOptions};
 use oxcow::BlockDevice;
 use std::path::Path;
 
@@ -45,25 +45,24 @@ pub struct Args {
     /// Target cache mode (accepted for compatibility).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Force sharing (accepted for compatibility).
+    /// Open the source even if another process has it open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Out-of-order writes (accepted for compatibility).
     #[arg(short = 'W')]
     unordered: bool,
+    /// Convert an internal snapshot of the source: `snapshot.name=NAME`,
+    /// `snapshot.id=ID`, or a bare name or id.
+    #[arg(short = 'l')]
+    snapshot_param: Option<String>,
     /// Source image, then target.
     #[arg(required = true, num_args = 2)]
     files: Vec<String>,
 }
 
-const CHUNK: u64 = 2 << 20;
-
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.src_cache, a.cache, a.force_share, a.unordered, a.quiet);
+    let _ = (a.src_cache, a.cache, a.unordered, a.quiet);
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
-    if a.compress {
-        return Err(CliError::new("Compression is not supported by oxcow yet"));
-    }
     let out_fmt = match a.out_format.as_str() {
         f @ ("raw" | "qcow2") => f,
         other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
@@ -79,8 +78,21 @@ pub fn run(a: Args) -> CliResult<i32> {
         None => 4096,
     };
     let src_fmt = parse_format(a.format.as_deref())?;
-    let src = open_image(src_path, &OpenOptions { format: src_fmt, ..Default::default() })?;
-    let sdev = src.device();
+    let src = open_image(src_path, &OpenOptions { format: src_fmt, force_share: a.force_share, ..Default::default() })?;
+    let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
+    let snap_dev = match &snap_name {
+        Some(n) => {
+            let q = src.qcow2().ok_or_else(|| CliError::new("This image format does not support snapshots"))?;
+            Some(q.snapshot_device(n).map_err(|e| {
+                CliError::new(format!("Failed to load snapshot: {}", crate::util::clean_message(&e.to_string())))
+            })?)
+        }
+        None => None,
+    };
+    let sdev = match &snap_dev {
+        Some(d) => &**d,
+        None => src.device(),
+    };
     let size = sdev.len();
 
     if !a.no_create {
@@ -117,49 +129,35 @@ pub fn run(a: Args) -> CliResult<i32> {
     } else {
         None
     };
-    let werr = |e: oxcow::Error| CliError::new(format!("error while writing at byte: {e}"));
-    let rerr = |e: oxcow::Error| CliError::new(format!("error while reading: {e}"));
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut bbuf = vec![0u8; if base.is_some() { CHUNK as usize } else { 0 }];
-    let mut pos = 0;
-    while pos < size {
-        let st = chain_status(sdev, pos, (size - pos).min(CHUNK)).map_err(rerr)?;
-        let n = st.length.max(1).min(size - pos);
-        let data = &mut buf[..n as usize];
-        if st.zero {
-            data.fill(0);
-        } else {
-            sdev.read_at(data, pos).map_err(rerr)?;
+    if a.compress {
+        let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
+        if a.backing.is_some() || a.no_create {
+            return Err(CliError::new("-c is only supported for new images without -B"));
         }
-        if let Some(b) = base {
-            // Only what differs from the backing file goes into the target.
-            let bd = &mut bbuf[..n as usize];
-            oxcow::device::read_backing(Some(b), bd, pos).map_err(rerr)?;
-            let step = gran.max(512) as usize;
-            for (i, (x, y)) in data.chunks(step).zip(bd.chunks(step)).enumerate() {
-                if x != y {
-                    let at = pos + (i * step) as u64;
-                    if x.iter().all(|&v| v == 0) {
-                        ddev.write_zeroes(at, x.len() as u64, false).map_err(werr)?;
-                    } else {
-                        ddev.write_at(x, at).map_err(werr)?;
-                    }
-                }
+        copy_compressed(sdev, q, &mut |pos| {
+            if let Some(b) = &bar {
+                b.set_position(pos);
             }
-        } else if st.zero && min_sparse > 0 {
-            if a.no_create {
-                ddev.write_zeroes(pos, n, true).map_err(werr)?;
-            }
-        } else if gran == 0 {
-            ddev.write_at(data, pos).map_err(werr)?;
-        } else {
-            write_sparse(ddev, data, pos, gran as usize, a.no_create).map_err(werr)?;
+        })
+        .map_err(|e| {
+            CliError::new(format!("error while compressing: {}", crate::util::clean_message(&e.to_string())))
+        })?;
+        if let Some(b) = bar {
+            b.finish();
         }
-        pos += n;
+        dst.close()?;
+        return Ok(0);
+    }
+    let werr = |e: oxcow::Error| {
+        CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
+    };
+    let o = CopyOptions { zero_granularity: gran, existing_target: a.no_create, base };
+    copy(sdev, ddev, &o, &mut |pos| {
         if let Some(b) = &bar {
             b.set_position(pos);
         }
-    }
+    })
+    .map_err(werr)?;
     if let Some(b) = bar {
         b.finish();
     }
@@ -167,31 +165,48 @@ pub fn run(a: Args) -> CliResult<i32> {
     Ok(0)
 }
 
-/// Writes `data` at `pos`, skipping blocks of zeros (which a new target
-/// already reads as zeros); runs of non-zero blocks are written together.
-fn write_sparse(dev: &dyn BlockDevice, data: &[u8], pos: u64, gran: usize, existing: bool) -> oxcow::Result<()> {
-    // Blocks are aligned to the device, not to the chunk.
-    let mut i = 0usize;
-    let mut run_start: Option<usize> = None;
-    let flush_run = |s: usize, e: usize| dev.write_at(&data[s..e], pos + s as u64);
-    while i < data.len() {
-        let abs = pos + i as u64;
-        let end = (((abs / gran as u64) + 1) * gran as u64 - pos).min(data.len() as u64) as usize;
-        let blk = &data[i..end];
-        if blk.iter().all(|&v| v == 0) {
-            if let Some(s) = run_start.take() {
-                flush_run(s, i)?;
-            }
-            if existing {
-                dev.write_zeroes(abs, blk.len() as u64, true)?;
-            }
-        } else if run_start.is_none() {
-            run_start = Some(i);
+/// The snapshot named by a `-l` parameter list.
+fn snapshot_name(p: &str) -> CliResult<String> {
+    if !p.contains('=') {
+        return Ok(p.to_string());
+    }
+    let mut name = None;
+    for (k, v) in crate::util::parse_options(&[p.to_string()])? {
+        match k.as_str() {
+            "snapshot.name" | "snapshot.id" => name = Some(v),
+            _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
-        i = end;
     }
-    if let Some(s) = run_start {
-        flush_run(s, data.len())?;
+    name.ok_or_else(|| CliError::new("Failed to load snapshot: no snapshot given"))
+}
+
+/// `-c`: every guest cluster that holds data is written compressed; zero
+/// clusters stay unallocated.
+fn copy_compressed(src: &dyn BlockDevice, q: &oxcow::qcow2::Qcow2, progress: &mut dyn FnMut(u64)) -> oxcow::Result<()> {
+    let size = src.len();
+    let cs = q.cluster_size();
+    let mut buf = vec![0u8; cs as usize];
+    let mut c = 0;
+    while c < size {
+        let st = oxcow::device::chain_status(src, c, size - c)?;
+        if st.zero && st.length >= size - c {
+            break;
+        }
+        if st.zero && st.length >= cs {
+            // Whole clusters of zeros: nothing to write.
+            c += st.length / cs * cs;
+            progress(c);
+            continue;
+        }
+        let n = (size - c).min(cs) as usize;
+        buf.fill(0);
+        src.read_at(&mut buf[..n], c)?;
+        if buf.iter().any(|&b| b != 0) {
+            q.write_compressed(c, &buf)?;
+        }
+        c += cs;
+        progress(c.min(size));
     }
+    progress(size);
     Ok(())
 }

@@ -54,9 +54,8 @@ struct Given {
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
     crate::util::parse_num(v).ok_or_else(|| {
-        CliError::new(format!(
-            "Parameter '{key}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
-        ))
+        // qemu-img goes on about suffixes on two more lines; one is enough.
+        CliError::new(format!("Parameter '{key}' expects a non-negative number below 2^64"))
     })
 }
 
@@ -242,7 +241,7 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
         o.version = match c.as_str() {
             "0.10" | "v2" => 2,
             "1.1" | "v3" => 3,
-            other => return Err(format!("Invalid parameter '{other}'")),
+            other => return Err(format!("Parameter 'version' does not accept value '{other}'")),
         };
     }
     if let Some(r) = &g.refcount_bits {
@@ -254,7 +253,7 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     o.data_file_raw = bool_opt("data_file_raw", &g.data_file_raw)?;
     if let Some(c) = &g.compression_type {
         o.compression = CompressionType::from_name(c)
-            .ok_or_else(|| format!("Parameter 'compression_type' does not accept value '{c}'"))?;
+            .ok_or_else(|| format!("Parameter 'compression-type' does not accept value '{c}'"))?;
     }
     o.backing_file = g.backing_file.clone();
     o.backing_format = g.backing_fmt.clone();

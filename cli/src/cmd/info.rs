@@ -16,7 +16,7 @@ pub struct Args {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     backing_chain: bool,
-    /// Force sharing (accepted for compatibility; oxcow takes no locks).
+    /// Open even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Image file.
@@ -29,14 +29,13 @@ pub fn run(a: Args) -> CliResult<i32> {
         "human" => false,
         o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
     };
-    let _ = a.force_share;
     let mut format = parse_format(a.format.as_deref())?;
     let mut path = a.file.clone();
     let mut infos = Vec::new();
     loop {
         // Backing files are opened one at a time, as qemu-img does, so a
         // missing backing file does not hide the top image's information.
-        let opts = OpenOptions { format, no_backing: true, ..Default::default() };
+        let opts = OpenOptions { format, no_backing: true, force_share: a.force_share, ..Default::default() };
         let img = open_image(&path, &opts)?;
         let info = image_info(&img, &path)?;
         let next = if a.backing_chain {

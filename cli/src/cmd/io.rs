@@ -7,6 +7,7 @@
 use crate::util::{io_size, parse_format, parse_num, CliError, CliResult};
 use oxcow::device::chain_status;
 use oxcow::image::{CacheMode, Image, OpenOptions};
+use oxcow::BlockDevice;
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -24,9 +25,16 @@ pub struct Args {
     /// Cache mode (writeback, none, writethrough, directsync, unsafe).
     #[arg(short = 't', long = "cache")]
     cache: Option<String>,
-    /// Force sharing (accepted for compatibility).
+    /// Open read-only even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Bypass the host page cache (short for `-t none`).
+    #[arg(short = 'n', long = "nocache")]
+    nocache: bool,
+    /// Open an internal snapshot instead of the active state, read-only
+    /// (an oxcow extension, named after qemu-nbd's option).
+    #[arg(short = 'l', long = "load-snapshot")]
+    snapshot: Option<String>,
     /// Discard mode: `unmap` (the default, as in qemu-io) or `ignore`
     /// (discard requests succeed without doing anything).
     #[arg(short = 'd', long = "discard", default_value = "unmap")]
@@ -39,10 +47,11 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.copy_on_read, a.force_share);
+    let _ = a.copy_on_read;
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
         Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
+        None if a.nocache => CacheMode::None,
         None => CacheMode::default(),
     };
     let unmap = match a.discard.as_str() {
@@ -50,11 +59,34 @@ pub fn run(a: Args) -> CliResult<i32> {
         "unmap" | "on" => true,
         other => return Err(CliError::new(format!("Invalid discard option: {other}"))),
     };
-    let opts = OpenOptions { format, write: !a.read_only, cache, ..Default::default() };
+    let write = !a.read_only && a.snapshot.is_none();
+    if a.force_share && write {
+        return Err(CliError::new(format!(
+            "can't open device {}: force-share=on can only be used with read-only images",
+            a.file
+        )));
+    }
+    let opts = OpenOptions { format, write, cache, force_share: a.force_share, ..Default::default() };
     let img = oxcow::image::open(&a.file, &opts).map_err(|e| {
         CliError::new(format!("can't open device {}: {}", a.file, crate::util::clean_message(&e.to_string())))
     })?;
     crate::util::report_dirty_repair(&a.file, &img);
+    let snap = match &a.snapshot {
+        Some(name) => {
+            let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;
+            Some(q.snapshot_device(name).map_err(|e| {
+                CliError::new(format!(
+                    "Failed to load snapshot '{name}': {}",
+                    crate::util::clean_message(&e.to_string())
+                ))
+            })?)
+        }
+        None => None,
+    };
+    let dev: &dyn BlockDevice = match &snap {
+        Some(d) => &**d,
+        None => img.device(),
+    };
     let mut failed = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -64,7 +96,7 @@ pub fn run(a: Args) -> CliResult<i32> {
             return true;
         }
         // A command that stopped early has already said why.
-        exec(&img, unmap, &words, out).unwrap_or(false)
+        exec(&img, dev, unmap, &words, out).unwrap_or(false)
     };
     if a.cmds.is_empty() {
         for line in std::io::stdin().lock().lines() {
@@ -180,6 +212,18 @@ fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
     })
 }
 
+/// qemu's largest single request.
+const MAX_REQUEST: u64 = 2147483136;
+
+fn length(out: &mut dyn Write, s: &str, suffix: &str) -> Result<u64, Stop> {
+    let n = num(out, s)?;
+    if n > MAX_REQUEST {
+        let _ = writeln!(out, "length cannot exceed {MAX_REQUEST}{suffix}, given {s}");
+        return Err(Stop);
+    }
+    Ok(n)
+}
+
 fn pattern(out: &mut dyn Write, s: &str) -> Result<u8, Stop> {
     let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         i64::from_str_radix(h, 16).ok()
@@ -218,7 +262,7 @@ fn fail(what: &str, e: oxcow::Error) -> Stop {
 }
 
 /// Runs one command; Ok(false) means it ran but reported a failure.
-fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
+fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
     let cmd = words[0];
     let args = &words[1..];
     let spec = match cmd {
@@ -232,20 +276,23 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             return Err(Stop);
         }
     };
-    let Ok(o) = getopt(args, spec) else {
-        usage(out, cmd);
-        return Err(Stop);
+    let o = match getopt(args, spec) {
+        Ok(o) => o,
+        Err(c) => {
+            eprintln!("{cmd}: invalid option -- '{c}'");
+            usage(out, cmd);
+            return Err(Stop);
+        }
     };
     let nargs = USAGE.iter().find(|u| u.0 == cmd).map_or(0, |u| u.2);
     if o.rest.len() != nargs {
         usage(out, cmd);
         return Err(Stop);
     }
-    let dev = img.device();
     match cmd {
         "read" => {
             let off = num(out, o.rest[0])?;
-            let len = num(out, o.rest[1])?;
+            let len = length(out, o.rest[1], "")?;
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
@@ -253,8 +300,11 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             let el = t.elapsed();
             let mut ok = true;
             if let Some(p) = pat {
-                if buf.iter().any(|&b| b != p) {
-                    let _ = writeln!(out, "Pattern verification failed at offset {off}, {len} bytes");
+                // -s/-l narrow the check to part of what was read.
+                let ps = o.value('s').map(|v| num(out, v)).transpose()?.unwrap_or(0).min(len);
+                let pl = o.value('l').map(|v| num(out, v)).transpose()?.unwrap_or(len - ps).min(len - ps);
+                if buf[ps as usize..(ps + pl) as usize].iter().any(|&b| b != p) {
+                    let _ = writeln!(out, "Pattern verification failed at offset {}, {pl} bytes", off + ps);
                     ok = false;
                 }
             }
@@ -268,11 +318,27 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
         }
         "write" => {
             let off = num(out, o.rest[0])?;
-            let len = num(out, o.rest[1])?;
+            let len = if o.has('z') { num(out, o.rest[1])? } else { length(out, o.rest[1], " without -n")? };
             let zero = o.has('z');
             if o.has('u') && !zero {
                 let _ = writeln!(out, "-u requires -z to be specified");
                 return Err(Stop);
+            }
+            if o.has('b') {
+                let _ = writeln!(out, "write: VM-state writes are not supported by oxcow");
+                return Err(Stop);
+            }
+            if o.has('c') && zero {
+                let _ = writeln!(out, "-c and -z cannot be specified at the same time");
+                return Err(Stop);
+            }
+            if o.has('c') {
+                for (v, what) in [(off, "offset"), (len, "count")] {
+                    if !v.is_multiple_of(512) {
+                        let _ = writeln!(out, "{v} is not a sector-aligned value for '{what}'");
+                        return Err(Stop);
+                    }
+                }
             }
             if zero && o.has('P') {
                 let _ = writeln!(out, "-z and -P cannot be specified at the same time");
@@ -284,7 +350,15 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             } else {
                 let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
                 let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
-                dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+                if o.has('c') {
+                    write_compressed(img, &buf, off).map_err(|e| fail("write", e))?;
+                } else {
+                    dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+                }
+            }
+            if o.has('f') {
+                // Forced unit access: durable before the command completes.
+                dev.flush().map_err(|e| fail("write", e))?;
             }
             if !o.has('q') {
                 report(out, "wrote", len, off, t.elapsed());
@@ -310,8 +384,8 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
         "truncate" => {
             let size = num(out, o.rest[0])?;
             let r = match img.qcow2() {
-                Some(q) if size >= dev.len() => q.grow(size),
-                _ => dev.resize(size),
+                Some(q) => q.resize_to(size, true),
+                None => dev.resize(size),
             };
             r.map_err(|e| fail("truncate", e))?;
             Ok(true)
@@ -321,7 +395,7 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
             Ok(true)
         }
         "map" => {
-            io_map(img, out).map_err(|e| fail("map", e))?;
+            io_map(dev, out).map_err(|e| fail("map", e))?;
             Ok(true)
         }
         "info" => {
@@ -330,6 +404,19 @@ fn exec(img: &Image, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result
         }
         _ => Err(Stop),
     }
+}
+
+/// `write -c`: whole clusters, each compressed on its own.
+fn write_compressed(img: &Image, buf: &[u8], off: u64) -> oxcow::Result<()> {
+    let q = img.qcow2().ok_or_else(|| oxcow::Error::unsupported("compressed writes on raw images"))?;
+    let cs = q.cluster_size() as usize;
+    if !off.is_multiple_of(cs as u64) || !buf.len().is_multiple_of(cs) {
+        return Err(oxcow::Error::invalid("compressed writes must be cluster aligned"));
+    }
+    for (i, c) in buf.chunks(cs).enumerate() {
+        q.write_compressed(off + (i * cs) as u64, c)?;
+    }
+    Ok(())
 }
 
 /// qemu-io's hex dump: offset, 16 bytes in hex, then their printable form.
@@ -348,8 +435,7 @@ fn dump(out: &mut dyn Write, buf: &[u8], base: u64) {
 }
 
 /// qemu-io's map: runs of allocated-anywhere-in-the-chain versus not.
-fn io_map(img: &Image, out: &mut dyn Write) -> oxcow::Result<()> {
-    let dev = img.device();
+fn io_map(dev: &dyn BlockDevice, out: &mut dyn Write) -> oxcow::Result<()> {
     let len = dev.len();
     let mut pos = 0;
     let mut run: Option<(u64, u64, bool)> = None;

@@ -14,9 +14,15 @@ pub struct Args {
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human")]
     output: String,
-    /// Force sharing (accepted for compatibility).
+    /// Open even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Where to start (bytes, or with a k/M/G suffix).
+    #[arg(short = 's', long = "start-offset")]
+    start_offset: Option<String>,
+    /// How much to map at most.
+    #[arg(short = 'l', long = "max-length")]
+    max_length: Option<String>,
     /// Image file.
     file: String,
 }
@@ -137,11 +143,16 @@ fn looks_preallocated(q: &oxcow::qcow2::Qcow2) -> bool {
 
 /// Walks the whole device through its chain, calling `f` with each merged
 /// extent in order.
-pub fn walk(img: &Image, mut f: impl FnMut(&Extent, &[Layer]) -> CliResult<()>) -> CliResult<()> {
+pub fn walk(
+    img: &Image,
+    start: u64,
+    max_len: u64,
+    mut f: impl FnMut(&Extent, &[Layer]) -> CliResult<()>,
+) -> CliResult<()> {
     let dev = img.device();
     let ls = layers(img);
-    let len = dev.len();
-    let mut pos = 0u64;
+    let len = dev.len().min(start.saturating_add(max_len));
+    let mut pos = start;
     let mut cur: Option<Extent> = None;
     while pos < len {
         let st = chain_status(dev, pos, len - pos)?;
@@ -204,15 +215,21 @@ pub fn run(a: Args) -> CliResult<i32> {
         "human" => false,
         o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
     };
-    let _ = a.force_share;
     let format = parse_format(a.format.as_deref())?;
-    let img = open_image(&a.file, &OpenOptions { format, ..Default::default() })?;
+    let img = open_image(&a.file, &OpenOptions { format, force_share: a.force_share, ..Default::default() })?;
+    let num = |v: &Option<String>, what: &str| -> CliResult<Option<u64>> {
+        v.as_deref()
+            .map(|s| crate::util::parse_num(s).ok_or_else(|| CliError::new(format!("Invalid {what} specified"))))
+            .transpose()
+    };
+    let start = num(&a.start_offset, "start offset")?.unwrap_or(0);
+    let max_len = num(&a.max_length, "max length")?.unwrap_or(u64::MAX);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
     let w = |r: std::io::Result<()>| r.map_err(|e| CliError::new(format!("writing output: {e}")));
     if json_out {
-        walk(&img, |e, _| {
+        walk(&img, start, max_len, |e, _| {
             w(write!(out, "{}", if first { "[" } else { ",\n" }))?;
             first = false;
             w(write!(
@@ -225,10 +242,18 @@ pub fn run(a: Args) -> CliResult<i32> {
             }
             w(write!(out, "}}"))
         })?;
+        if first {
+            // Nothing to map (start at or past the end): qemu-img still
+            // prints one empty extent.
+            w(write!(
+                out,
+                "[{{ \"start\": {start}, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}}"
+            ))?;
+        }
         w(writeln!(out, "]"))?;
     } else {
         w(writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to"))?;
-        walk(&img, |e, ls| {
+        walk(&img, start, max_len, |e, ls| {
             if !e.data || e.zero {
                 return Ok(());
             }

@@ -114,7 +114,16 @@ pub fn assert_map_matches(dir: &Path, file: &str, extra: &[&str]) {
     args.push(file);
     let ours = json(&ok(dir, OXCOW, &args).stdout);
     let theirs = json(&ok(dir, "qemu-img", &args).stdout);
-    assert_eq!(ours, theirs, "map differs for {file}");
+    if ours != theirs {
+        let (a, b) = (ours.as_array().cloned().unwrap_or_default(), theirs.as_array().cloned().unwrap_or_default());
+        let i = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+        panic!(
+            "map differs for {file} at extent {i}:\n  oxcow: {}\n  qemu:  {}\n  (previous: {})",
+            a.get(i).map(|v| v.to_string()).unwrap_or_default(),
+            b.get(i).map(|v| v.to_string()).unwrap_or_default(),
+            i.checked_sub(1).and_then(|j| b.get(j)).map(|v| v.to_string()).unwrap_or_default()
+        );
+    }
     let mut h = vec!["map"];
     h.extend_from_slice(extra);
     h.push(file);

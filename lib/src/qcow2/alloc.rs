@@ -68,8 +68,12 @@ impl Qcow2 {
         }
         let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
         self.load_refblock(m, off)?;
-        let b = m.rb.get_mut(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
-        self.g.rc.set(b, (idx & ((1 << bits) - 1)) as usize, value);
+        let i = (idx & ((1 << bits) - 1)) as usize;
+        let byte = i * self.g.rc.bits() as usize / 8;
+        let b =
+            m.rb.get_mut_range(off, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
+                .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        self.g.rc.set(b, i, value);
         if value == 0 && idx < m.free_hint {
             m.free_hint = idx;
         }

@@ -107,8 +107,9 @@ struct Scan {
 }
 
 /// References past the end of the file further than this are corrupt
-/// rather than unflushed data.
-const MAX_BEYOND_EOF_CLUSTERS: u64 = 1 << 20;
+/// rather than data that was not written before a crash (a repair would
+/// otherwise grow the file to wherever a damaged entry points).
+const MAX_BEYOND_EOF_BYTES: u64 = 64 << 20;
 
 impl Qcow2 {
     /// Checks the image; with `repair`, fixes what it may and checks again.
@@ -118,8 +119,10 @@ impl Qcow2 {
             m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
         if !self.read_only && m.poisoned.is_none() {
+            // The check reads the file: everything cached must be there,
+            // refcount blocks too (lazy refcounts keep them back).
             self.write_back(&mut m)?;
-            self.write_back(&mut m)?;
+            self.write_back_inner(&mut m, true)?;
             self.sync("flushing before check")?;
         }
         let first = self.scan(&mut m)?;
@@ -237,6 +240,11 @@ impl Qcow2 {
         Ok(s)
     }
 
+    /// How many clusters past the end of the file may still be referenced.
+    fn beyond_eof_slack(&self) -> u64 {
+        (MAX_BEYOND_EOF_BYTES / self.g.cluster_size).max(16)
+    }
+
     fn add_range(&self, s: &mut Scan, nb: u64, off: u64, bytes: u64, what: &str) {
         if bytes == 0 {
             return;
@@ -245,7 +253,7 @@ impl Qcow2 {
         let first = off / cs;
         let last = (off + bytes - 1) / cs;
         for idx in first..=last {
-            if idx >= nb + MAX_BEYOND_EOF_CLUSTERS {
+            if idx >= nb + self.beyond_eof_slack() {
                 s.report.corruptions += 1;
                 s.report
                     .messages
@@ -258,7 +266,7 @@ impl Qcow2 {
 
     fn scan_l1(&self, s: &mut Scan, nb: u64, l1: &[u64], active: bool) -> Result<()> {
         let cs = self.g.cluster_size;
-        let mut next_contiguous = 0u64;
+        let mut next_contiguous;
         for (i, &raw) in l1.iter().enumerate() {
             let e = L1Entry(raw);
             let l2 = e.l2_offset();
@@ -272,7 +280,7 @@ impl Qcow2 {
                     .push(format!("ERROR l2_offset={l2:#x}: Table is not cluster aligned; L1 entry corrupted"));
                 continue;
             }
-            if l2 / cs >= nb + MAX_BEYOND_EOF_CLUSTERS {
+            if l2 / cs >= nb + self.beyond_eof_slack() {
                 s.report.corruptions += 1;
                 s.report.messages.push(format!("ERROR l2_offset={l2:#x}: L2 table lies beyond the end of the image"));
                 continue;
@@ -281,6 +289,8 @@ impl Qcow2 {
             if active {
                 s.copied.push(CopiedSite::L1 { index: i, l2 });
             }
+            // Like qemu-img, contiguity is judged within one L2 table.
+            next_contiguous = 0;
             let table = self.read_table(l2, cs)?;
             for j in 0..self.g.l2_entries as usize {
                 let le = self.g.l2.get(&table, j);

@@ -109,25 +109,25 @@ impl CreateOptions {
         let v2 = self.version == 2;
         if v2 && self.refcount_bits != 16 {
             return Err(Error::invalid(
-                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+                "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)",
             ));
         }
         if v2 && self.lazy_refcounts {
             return Err(Error::invalid(
-                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
         if v2 && self.extended_l2 {
-            return Err(Error::invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+            return Err(Error::invalid("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
         if v2 && self.compression != CompressionType::Zlib {
             return Err(Error::invalid(
-                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
         if v2 && self.data_file.is_some() {
             return Err(Error::invalid(
-                "Data file is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)",
             ));
         }
         if self.extended_l2 && cs < 16384 {
@@ -136,10 +136,10 @@ impl CreateOptions {
             ));
         }
         if self.data_file_raw && self.data_file.is_none() {
-            return Err(Error::invalid("data_file_raw cannot be used without data_file"));
+            return Err(Error::invalid("data-file-raw requires data-file"));
         }
         if self.data_file_raw && self.backing_file.is_some() {
-            return Err(Error::invalid("Backing file and data file cannot be used at the same time"));
+            return Err(Error::invalid("Backing file and data-file-raw cannot be used at the same time"));
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid("Backing format cannot be used without backing file"));

@@ -45,10 +45,10 @@ impl Qcow2 {
     /// table. Returns whether anything was written.
     fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
         let mut wrote = false;
-        for off in m.rb.dirty() {
-            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+        for (off, a, b) in m.rb.dirty_ranges() {
+            let data = m.rb.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
             self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
-            self.write_meta(m, off, &data, "writing refcount block")?;
+            self.write_meta(m, off + a as u64, &data, "writing refcount block")?;
             m.rb.mark_clean(off);
             wrote = true;
         }
@@ -89,10 +89,10 @@ impl Qcow2 {
                 self.sync("flushing refcounts and copied data")?;
                 m.cow_unsynced = false;
             }
-            for off in m.l2.dirty() {
+            for (off, a, b) in m.l2.dirty_ranges() {
                 self.check_overlap(m, off, Some(MetaKind::ActiveL2))?;
-                let data = m.l2.peek(off).map(|d| d.to_vec()).unwrap_or_default();
-                self.write_meta(m, off, &data, "writing L2 table")?;
+                let data = m.l2.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
+                self.write_meta(m, off + a as u64, &data, "writing L2 table")?;
                 m.l2.mark_clean(off);
             }
             unsynced = true;

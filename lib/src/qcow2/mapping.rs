@@ -18,27 +18,29 @@ impl Qcow2 {
         if off == 0 || off >= crate::format::limits::MAX_HOST_OFFSET {
             return Err(Error::corrupt_at("L2 table offset is invalid", off));
         }
-        self.make_room_l2(m)?;
-        let mut t = vec![0u8; self.g.cluster_size as usize];
+        // Reuse the evicted table's buffer: no allocator churn, so memory
+        // stays at the cache size however many tables pass through.
+        let mut t = self.make_room_l2(m)?.unwrap_or_default();
+        t.resize(self.g.cluster_size as usize, 0);
         self.file.read_at(&mut t, off).map_err(|e| Error::io("reading L2 table", e))?;
         m.l2.insert(off, t, false);
         Ok(())
     }
 
-    /// Evicts the least recently used L2 table when the cache is full. A
-    /// dirty one is written with the full flush ordering first (refcounts
-    /// before the L2 entries that need them).
-    pub(crate) fn make_room_l2(&self, m: &mut Meta) -> Result<()> {
+    /// Evicts the least recently used L2 table when the cache is full,
+    /// returning its buffer. A dirty one is written with the full flush
+    /// ordering first (refcounts before the L2 entries that need them).
+    pub(crate) fn make_room_l2(&self, m: &mut Meta) -> Result<Option<Vec<u8>>> {
         if !m.l2.is_full() {
-            return Ok(());
+            return Ok(None);
         }
         if let Some((off, dirty)) = m.l2.lru() {
             if dirty {
                 self.write_back(m)?;
             }
-            m.l2.remove(off);
+            return Ok(m.l2.remove(off));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// L1 index and L2 index of guest cluster `gc`.

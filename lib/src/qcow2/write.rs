@@ -107,7 +107,10 @@ impl Qcow2 {
     pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
         let (l1i, l2i) = self.split(gc);
         let off = self.writable_l2(m, l1i)?;
-        let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let es = self.g.l2.entry_size();
+        let t =
+            m.l2.get_mut_range(off, l2i * es, (l2i + 1) * es)
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         self.g.l2.set(t, l2i, e);
         Ok(())
     }
@@ -592,6 +595,11 @@ impl Qcow2 {
     }
 
     fn discard_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+        if !self.g.v3 && self.backing.is_some() {
+            // v2 cannot mark a cluster as zero, and deallocating it would
+            // make backing data reappear: QEMU leaves the data, so do we.
+            return Ok(());
+        }
         let e = self.l2_entry(m, gc)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;

@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod commit;
+pub mod compare;
+pub mod convert;
 pub mod measure;
 pub mod prefetch;
 pub mod rebase;
