@@ -358,11 +358,8 @@ impl NbdClient {
                         out[s..s + d.len()].copy_from_slice(&d);
                         covered += d.len() as u64;
                     }
-                    Event::Hole(at, n) => {
-                        // Already zeros in `out`: holes cost no transfer.
-                        let _ = at;
-                        covered += u64::from(n);
-                    }
+                    // Already zeros in `out`: holes cost no transfer.
+                    Event::Hole(_, n) => covered += u64::from(n),
                     Event::Error(e, m) => {
                         err.get_or_insert((e, m));
                     }
