@@ -359,7 +359,7 @@ impl NbdClient {
                         covered += d.len() as u64;
                     }
                     // Already zeros in `out`: holes cost no transfer.
-                    Event::Hole(_, n) => covered += u64::from(n),
+                    Event::Hole(n) => covered += u64::from(n),
                     Event::Error(e, m) => {
                         err.get_or_insert((e, m));
                     }

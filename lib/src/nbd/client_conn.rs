@@ -329,8 +329,9 @@ pub(crate) fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> 
 pub(crate) enum Event {
     /// Data at an export offset.
     Data(u64, Vec<u8>),
-    /// Zeros at an export offset.
-    Hole(u64, u32),
+    /// So many zeros (their offset was checked to lie in the request,
+    /// and the caller's buffer starts zeroed).
+    Hole(u32),
     /// Extents of a metadata context: (id, [(length, flags)]).
     Status(u32, Vec<(u32, u32)>),
     /// An error (NBD errno value and message).
@@ -613,7 +614,7 @@ fn decode_chunk(chunk_type: u16, p: &[u8], command: u16, offset: u64, len: u32) 
             if c.remaining() != 0 || n == 0 || !within(at, u64::from(n)) {
                 return Err(proto_err("hole chunk outside the requested range"));
             }
-            Ok(Some(Event::Hole(at, n)))
+            Ok(Some(Event::Hole(n)))
         }
         REPLY_TYPE_BLOCK_STATUS if command == CMD_BLOCK_STATUS => {
             let id = c.u32().map_err(perr)?;
