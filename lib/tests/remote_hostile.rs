@@ -7,6 +7,8 @@ use oxcow::nbd::{ClientOptions, NbdClient, NbdUrl};
 use oxcow::BlockDevice;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -254,4 +256,114 @@ fn go_refused_with_unknown_export() {
     let msg = e.to_string();
     assert!(msg.starts_with("Failed to connect to") && msg.contains("export unknown: no such export"), "{msg}");
     h.join().unwrap();
+}
+
+/// A strict in-memory server: 4 KiB minimum block size, 64 KiB maximum
+/// payload; records any request that breaks them.
+struct Strict {
+    url: String,
+    disk: Arc<Mutex<Vec<u8>>>,
+    /// Set when a request broke the block size rules.
+    bad: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+fn strict_server(size: usize) -> Strict {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nbd://{}/", l.local_addr().unwrap());
+    let disk = Arc::new(Mutex::new((0..size).map(|i| (i % 253) as u8).collect::<Vec<u8>>()));
+    let bad = Arc::new(AtomicBool::new(false));
+    let (d, b) = (Arc::clone(&disk), Arc::clone(&bad));
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)).unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        loop {
+            let mut h = [0u8; option_header::SIZE];
+            s.read_exact(&mut h).unwrap();
+            let o = OptionHeader::decode(&h).unwrap();
+            let mut data = vec![0u8; o.length as usize];
+            s.read_exact(&mut data).unwrap();
+            match o.option {
+                OPT_STRUCTURED_REPLY => s.write_all(&encode_option_reply(o.option, REP_ACK, &[])).unwrap(),
+                OPT_GO => {
+                    let f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_TRIM;
+                    let info = encode_info_export(size as u64, f);
+                    s.write_all(&encode_option_reply(o.option, REP_INFO, &info)).unwrap();
+                    let bs = encode_info_block_size(4096, 4096, 65536);
+                    s.write_all(&encode_option_reply(o.option, REP_INFO, &bs)).unwrap();
+                    s.write_all(&encode_option_reply(o.option, REP_ACK, &[])).unwrap();
+                    break;
+                }
+                _ => s.write_all(&encode_option_reply(o.option, REP_ERR_UNSUP, &[])).unwrap(),
+            }
+        }
+        loop {
+            let mut r = [0u8; request::SIZE];
+            if s.read_exact(&mut r).is_err() {
+                return;
+            }
+            let req = Request::decode(&r).unwrap();
+            if req.command == CMD_DISC {
+                return;
+            }
+            let (off, len) = (req.offset as usize, req.length as usize);
+            let aligned = off % 4096 == 0 && len % 4096 == 0 && off + len <= size;
+            let payload_ok = len <= 65536 || !matches!(req.command, CMD_READ | CMD_WRITE);
+            if !aligned || !payload_ok {
+                b.store(true, Ordering::Release);
+            }
+            match req.command {
+                CMD_READ => {
+                    let data = d.lock().unwrap()[off..(off + len).min(size)].to_vec();
+                    chunk(
+                        &mut s,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        req.cookie,
+                        &data_payload(req.offset, &data),
+                    );
+                }
+                CMD_WRITE => {
+                    let mut data = vec![0u8; len];
+                    s.read_exact(&mut data).unwrap();
+                    d.lock().unwrap()[off..off + len].copy_from_slice(&data);
+                    chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+                }
+                _ => chunk(&mut s, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]),
+            }
+        }
+    });
+    Strict { url, disk, bad, handle: h }
+}
+
+#[test]
+fn requests_respect_the_servers_block_sizes() {
+    let size = 1 << 20;
+    let Strict { url, disk, bad, handle: h } = strict_server(size);
+    let c = client(&url);
+    let mut model: Vec<u8> = disk.lock().unwrap().clone();
+    // Unaligned and oversized reads are widened and split.
+    let mut buf = vec![0u8; 200_001];
+    c.read_at(&mut buf, 12_345).unwrap();
+    assert!(buf[..] == model[12_345..212_346]);
+    // Unaligned writes become read-modify-write of whole blocks.
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i * 3) as u8).collect();
+    c.write_at(&data, 5_000).unwrap();
+    model[5_000..75_000].copy_from_slice(&data);
+    // No write-zeroes support: zeros are written (aligned, via the same path).
+    c.write_zeroes(100_001, 9_000, true).unwrap();
+    model[100_001..109_001].fill(0);
+    // Trims shrink to whole blocks; flush goes through.
+    c.discard(1, 3 * 4096).unwrap();
+    c.flush().unwrap();
+    let mut all = vec![0u8; size];
+    c.read_at(&mut all, 0).unwrap();
+    assert!(all == model);
+    assert!(!bad.load(Ordering::Acquire), "the client sent a request the server's block sizes forbid");
+    drop(c);
+    h.join().unwrap();
+    assert!(*disk.lock().unwrap() == model);
 }
