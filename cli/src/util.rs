@@ -92,35 +92,7 @@ pub fn parse_num(s: &str) -> Option<u64> {
 /// qemu's `-o key=value,key=value` lists (repeated `-o` merge; `,,` is an
 /// escaped comma).
 pub fn parse_options(list: &[String]) -> CliResult<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for arg in list {
-        let mut items = Vec::new();
-        let mut cur = String::new();
-        let mut chars = arg.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for it in items {
-            if it.is_empty() {
-                continue;
-            }
-            match it.split_once('=') {
-                Some((k, v)) => out.push((k.to_string(), v.to_string())),
-                None => out.push((it.clone(), "on".to_string())),
-            }
-        }
-    }
-    Ok(out)
+    Ok(list.iter().flat_map(|arg| oxcow::options::split_options(arg)).collect())
 }
 
 pub fn parse_bool(key: &str, v: &str) -> CliResult<bool> {

@@ -30,6 +30,7 @@ pub mod format;
 pub mod fuzz_targets;
 pub mod image;
 pub mod nbd;
+pub mod options;
 pub mod qcow2;
 pub mod raw;
 pub mod size;

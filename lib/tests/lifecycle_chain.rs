@@ -150,3 +150,64 @@ fn rebase_needs_format() {
     let e = rebase(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap_err().to_string();
     assert_eq!(e, "Could not change the backing file to 'base.qcow2': backing format must be specified");
 }
+
+#[test]
+fn commit_into_raw_and_rebase_onto_raw() {
+    let (a, b) = (Dir::new(), Dir::new());
+    for d in [&a, &b] {
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&d.p("base.raw")), "2M"]);
+        qio(&d.p("base.raw"), &["write -P 1 0 1M"]);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&d.p("other.raw")), "1M"]);
+        qio(&d.p("other.raw"), &["write -P 1 0 512k"]);
+    }
+    let top = |d: &Dir| d.p("top.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&top(&a)), "3M"]);
+    qio(&top(&a), &["write -P 2 100k 50k", "write -P 3 2500k 100k", "write -z 700k 64k"]);
+    copy(&top(&a), &top(&b));
+    let view = a.p("view.raw");
+    ok("qemu-img", &["convert", "-O", "raw", s(&top(&a)), s(&view)]);
+
+    // Rebase onto a shorter raw image with partly equal content.
+    let o =
+        RebaseOptions { backing: Some("other.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+    rebase(&top(&a), &o, &mut |_, _| {}).unwrap();
+    ok("qemu-img", &["rebase", "-q", "-b", "other.raw", "-F", "raw", s(&top(&b))]);
+    check_clean(&top(&a));
+    same(&top(&a), &view);
+    same(&top(&a), &top(&b));
+
+    // Commit into the raw backing file (grown to the top's size).
+    commit(&top(&a), &CommitOptions::default(), &mut |_, _| {}).unwrap();
+    ok("qemu-img", &["commit", "-q", s(&top(&b))]);
+    same(&a.p("other.raw"), &b.p("other.raw"));
+    same(&a.p("other.raw"), &view);
+    assert_eq!(std::fs::metadata(a.p("other.raw")).unwrap().len(), 3 << 20);
+    check_clean(&top(&a));
+    same(&top(&a), &top(&b));
+}
+
+#[test]
+fn rebase_of_a_huge_sparse_disk_is_fast() {
+    let d = Dir::new();
+    let (base, other, top) = (d.p("base.qcow2"), d.p("other.qcow2"), d.p("top.qcow2"));
+    make(Maker::Qemu, &base, 64 << 30, 65536, 3, 16, None);
+    qio(&base, &["write -P 1 1G 1M", "write -P 2 40G 64k"]);
+    make(Maker::Qemu, &other, 64 << 30, 65536, 3, 16, None);
+    qio(&other, &["write -P 1 1G 512k", "write -P 3 50G 64k"]);
+    make(Maker::Qemu, &top, 64 << 30, 65536, 3, 16, Some(Path::new("base.qcow2")));
+    qio(&top, &["write -P 9 1G 4k"]);
+    let view = d.p("view.qcow2");
+    ok("qemu-img", &["convert", "-O", "qcow2", s(&top), s(&view)]);
+    let t0 = std::time::Instant::now();
+    let o = RebaseOptions {
+        backing: Some("other.qcow2".into()),
+        backing_format: Some("qcow2".into()),
+        ..Default::default()
+    };
+    rebase(&top, &o, &mut |_, _| {}).unwrap();
+    let o = RebaseOptions { backing: Some(String::new()), ..Default::default() };
+    rebase(&top, &o, &mut |_, _| {}).unwrap();
+    assert!(t0.elapsed().as_secs() < 20, "rebase took {:?}", t0.elapsed());
+    check_clean(&top);
+    same(&top, &view);
+}

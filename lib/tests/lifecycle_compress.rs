@@ -26,12 +26,19 @@ fn cluster_data(i: u64, cs: usize, rng: &mut u64) -> Vec<u8> {
     }
 }
 
-fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u64) {
+fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u64, extended_l2: bool) {
     let d = Dir::new();
     let (p, raw) = (d.p("c.qcow2"), d.p("expect.raw"));
     let st = image::create_file(&p).unwrap();
-    let opts =
-        CreateOptions { size, cluster_size: cs, version, refcount_bits: rbits, compression, ..Default::default() };
+    let opts = CreateOptions {
+        size,
+        cluster_size: cs,
+        version,
+        refcount_bits: rbits,
+        compression,
+        extended_l2,
+        ..Default::default()
+    };
     qcow2::create(st, None, &opts).unwrap();
     let mut expect = vec![0u8; size as usize];
     let mut rng = 0x1234_5678_9abc_def1u64;
@@ -81,11 +88,12 @@ fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u
 
 #[test]
 fn compressed_writes_read_back_in_qemu() {
-    case(65536, 3, 16, CompressionType::Zlib, 2 << 20);
-    case(4096, 2, 16, CompressionType::Zlib, (1 << 20) + 1536);
-    case(4096, 3, 1, CompressionType::Zlib, 1 << 20);
-    case(65536, 3, 64, CompressionType::Zstd, 1 << 20);
-    case(512, 3, 16, CompressionType::Zlib, 64 << 10);
+    case(65536, 3, 16, CompressionType::Zlib, 2 << 20, false);
+    case(4096, 2, 16, CompressionType::Zlib, (1 << 20) + 1536, false);
+    case(4096, 3, 1, CompressionType::Zlib, 1 << 20, false);
+    case(65536, 3, 64, CompressionType::Zstd, 1 << 20, false);
+    case(512, 3, 16, CompressionType::Zlib, 64 << 10, false);
+    case(32768, 3, 16, CompressionType::Zlib, 1 << 20, true);
 }
 
 #[test]
@@ -125,5 +133,52 @@ fn misuse_is_refused() {
     assert!(q.write_compressed(0, &[0u8; 4096]).is_err());
     assert!(q.write_compressed(1 << 20, &[0u8; 65536]).is_err());
     img.close().unwrap();
+    drop(img);
     check_clean(&p);
+}
+
+/// Image end offset as `qemu-img check` reports it.
+fn end_offset(p: &std::path::Path) -> u64 {
+    let out = ok("qemu-img", &["check", s(p)]);
+    let line = out.lines().find(|l| l.starts_with("Image end offset:")).unwrap();
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn packs_as_densely_as_qemu_convert_c() {
+    let d = Dir::new();
+    let src = d.p("src.raw");
+    // Mixed data compressing to a few hundred bytes up to most of a cluster.
+    let mut rng = 0x2545_f491u64;
+    let mut data = Vec::new();
+    for i in 0..96u64 {
+        let run = 1 + (i * 37 % 200) as usize;
+        for k in 0..65536usize {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            data.push(if k % run == 0 { (rng >> 24) as u8 } else { (i % 7) as u8 });
+        }
+    }
+    std::fs::write(&src, &data).unwrap();
+    for cs in [4096u64, 65536] {
+        let (ox, qm) = (d.p("ox.qcow2"), d.p("qm.qcow2"));
+        let o = format!("cluster_size={cs}");
+        ok("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&qm)]);
+        let st = image::create_file(&ox).unwrap();
+        let opts = CreateOptions { size: data.len() as u64, cluster_size: cs, ..Default::default() };
+        qcow2::create(st, None, &opts).unwrap();
+        {
+            let img = image::open(&ox, &OpenOptions::read_write()).unwrap();
+            let q = img.qcow2().unwrap();
+            for (i, chunk) in data.chunks(cs as usize).enumerate() {
+                q.write_compressed(i as u64 * cs, chunk).unwrap();
+            }
+            img.close().unwrap();
+        }
+        check_clean(&ox);
+        same(&ox, &qm);
+        let (a, b) = (end_offset(&ox), end_offset(&qm));
+        assert!(a <= b + 2 * cs, "cluster size {cs}: oxcow ends at {a}, qemu-img at {b}");
+    }
 }

@@ -123,3 +123,24 @@ fn errors() {
     let mut r = MeasureOptions::default();
     assert_eq!(r.set("compat", "1.1").unwrap_err().to_string(), "Invalid parameter 'compat'");
 }
+
+#[test]
+fn bitmaps() {
+    let d = Dir::new();
+    let p = d.p("bm.qcow2");
+    make(Maker::Qemu, &p, 100 << 20, 65536, 3, 16, None);
+    qio(&p, &["write -P 1 0 1M"]);
+    ok("qemu-img", &["bitmap", "--add", s(&p), "b0"]);
+    ok("qemu-img", &["bitmap", "--add", "-g", "512", s(&p), "a-much-longer-bitmap-name"]);
+    let img = image::open(&p, &OpenOptions::read_only()).unwrap();
+    for o in ["", "cluster_size=4k", "compat=0.10"] {
+        let mut a = vec!["-O", "qcow2"];
+        if !o.is_empty() {
+            a.extend(["-o", o]);
+        }
+        a.push(s(&p));
+        let want = qemu_measure(&a);
+        assert!(o == "compat=0.10" || want.bitmaps.unwrap() > 0);
+        assert_eq!(measure(Some(&img), None, &opts(Format::Qcow2, o)).unwrap(), want, "-o {o}");
+    }
+}

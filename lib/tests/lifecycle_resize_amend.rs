@@ -87,6 +87,7 @@ fn raw_resize() {
     img.device().resize(512 << 10).unwrap();
     img.device().resize(3 << 20).unwrap();
     img.close().unwrap();
+    drop(img);
     ok("qemu-img", &["resize", "-q", "-f", "raw", "--shrink", s(&qm), "512K"]);
     ok("qemu-img", &["resize", "-q", "-f", "raw", s(&qm), "3M"]);
     same(&ox, &qm);
@@ -208,4 +209,51 @@ fn amend_refusals_use_qemu_messages() {
     let e = do_amend(&p, "refcount_bits=1").unwrap_err().to_string();
     assert_eq!(qerr.trim_end(), format!("qemu-img: {e}"));
     check_clean(&p);
+}
+
+#[test]
+fn amend_size_and_refused_backing() {
+    let d = Dir::new();
+    make(Maker::Qemu, &d.p("b1.qcow2"), 2 << 20, 65536, 3, 16, None);
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&d.p("b2.raw")), "2M"]);
+    let (ox, qm) = (d.p("ox.qcow2"), d.p("qm.qcow2"));
+    make(Maker::Qemu, &ox, 2 << 20, 65536, 3, 16, Some(Path::new("b1.qcow2")));
+    qio(&ox, &["write -P 3 0 100k"]);
+    copy(&ox, &qm);
+    for o in ["backing_file=b2.raw,backing_fmt=raw", "backing_fmt=raw", "backing_file=b1.qcow2"] {
+        let (code, _, qerr) = run("qemu-img", &["amend", "-o", o, s(&qm)]);
+        assert_ne!(code, 0);
+        let e = do_amend(&ox, o).unwrap_err().to_string();
+        assert_eq!(qerr.trim_end().replace("qemu-img", "oxcow"), format!("oxcow: {e}"), "{o}");
+    }
+    for o in ["size=5M", "size=1M", "size=3M"] {
+        do_amend(&ox, o).unwrap_or_else(|e| panic!("amend {o}: {e}"));
+        ok("qemu-img", &["amend", "-o", o, s(&qm)]);
+        check_clean(&ox);
+        assert_eq!(vsize(&ox), vsize(&qm), "{o}");
+        same(&ox, &qm);
+    }
+}
+
+#[test]
+fn resize_with_data_file_resizes_it() {
+    let d = Dir::new();
+    for (name, tool) in [("ox", true), ("qm", false)] {
+        let (img, data) = (d.p(&format!("{name}.qcow2")), d.p(&format!("{name}.raw")));
+        let o = format!("data_file={}", s(&data));
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, s(&img), "1M"]);
+        qio(&img, &["write -P 4 0 1M"]);
+        for (size, arg) in [(2u64 << 20, "2M"), (512 << 10, "512K")] {
+            if tool {
+                let i = open_rw(&img);
+                i.qcow2().unwrap().resize_to(size, true).unwrap();
+                i.close().unwrap();
+            } else {
+                ok("qemu-img", &["resize", "-q", "--shrink", s(&img), arg]);
+            }
+            check_clean(&img);
+            assert_eq!(std::fs::metadata(&data).unwrap().len(), size, "{name}");
+        }
+    }
+    same(&d.p("ox.qcow2"), &d.p("qm.qcow2"));
 }

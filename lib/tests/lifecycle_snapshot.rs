@@ -75,6 +75,7 @@ fn scenario(maker: Maker, cs: u64, version: u32, rbits: u32, compressed: bool) {
         let img = open_rw(p);
         img.qcow2().unwrap().snapshot_apply("s1").unwrap();
         img.close().unwrap();
+        drop(img);
         check_clean(p);
         same(p, &state_a);
     }
@@ -161,4 +162,49 @@ fn snapshot_restores_size() {
     let (code, out, _) = run("qemu-io", &["-c", "read -P 7 0 64k", s(&p)]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+#[test]
+fn extended_l2_and_empty_images() {
+    let d = Dir::new();
+    let (ox, qm, a) = (d.p("x.qcow2"), d.p("q.qcow2"), d.p("a.qcow2"));
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", s(&ox), "4M"]);
+    qio(&ox, &["write -P 1 0 100k", "write -P 2 1M 3k", "write -z 2M 64k", "write -z 3M 6k"]);
+    copy(&ox, &qm);
+    copy(&ox, &a);
+    {
+        let img = open_rw(&ox);
+        let q = img.qcow2().unwrap();
+        q.snapshot_create("s").unwrap();
+        img.device().write_at(&[9u8; 5000], 70000).unwrap();
+        img.device().write_zeroes(0, 65536, true).unwrap();
+        img.close().unwrap();
+    }
+    ok("qemu-img", &["snapshot", "-c", "s", s(&qm)]);
+    qio(&qm, &["write -P 9 70000 5000", "write -z -u 0 64k"]);
+    check_clean(&ox);
+    same(&ox, &qm);
+    {
+        let img = open_rw(&ox);
+        img.qcow2().unwrap().snapshot_apply("s").unwrap();
+        img.close().unwrap();
+    }
+    check_clean(&ox);
+    same(&ox, &a);
+
+    // A zero-sized image: no L1 table to copy.
+    let z = d.p("z.qcow2");
+    make(Maker::Oxcow, &z, 0, 65536, 3, 16, None);
+    {
+        let img = open_rw(&z);
+        let q = img.qcow2().unwrap();
+        q.snapshot_create("empty").unwrap();
+        q.grow(1 << 20).unwrap();
+        img.device().write_at(&[1u8; 512], 0).unwrap();
+        q.snapshot_apply("empty").unwrap();
+        assert_eq!(img.device().len(), 0);
+        q.snapshot_delete("empty").unwrap();
+        img.close().unwrap();
+    }
+    check_clean(&z);
 }

@@ -183,24 +183,41 @@ impl Qcow2 {
             self.set_refcount(m, new_off / cs + k, 1)?;
         }
         // Blocks first, then the table that points to them, then the header.
-        for off in m.rb.dirty() {
-            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
-            self.write_meta(m, off, &data, "writing refcount block")?;
-            m.rb.mark_clean(off);
-        }
-        let table = encode_u64_table(&m.reftable);
-        self.write_meta(m, new_off, &table, "writing refcount table")?;
-        self.sync("flushing new refcount table")?;
-        m.hc.header.refcount_table_offset = new_off;
-        m.hc.header.refcount_table_clusters = clusters as u32;
-        self.write_header(m)?;
-        self.sync("flushing header")?;
-        m.reftable_dirty = None;
+        self.write_dirty_refblocks(m)?;
+        self.install_reftable(m, new_off, clusters)?;
         for k in 0..old_clusters {
             let idx = old_off / cs + k;
             m.meta_clusters.remove(&idx);
             self.set_refcount(m, idx, 0)?;
         }
+        Ok(())
+    }
+
+    /// Writes every dirty refcount block whole; returns whether any was.
+    pub(crate) fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<bool> {
+        let dirty = m.rb.dirty();
+        for &off in &dirty {
+            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+            self.write_meta(m, off, &data, "writing refcount block")?;
+            m.rb.mark_clean(off);
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Writes `m.reftable` as a new refcount table of `clusters` clusters at
+    /// `off`, durably, then points the header at it, durably: a crash
+    /// leaves either the old table in use or the complete new one. The
+    /// blocks it points to must already be on disk.
+    pub(crate) fn install_reftable(&self, m: &mut Meta, off: u64, clusters: u64) -> Result<()> {
+        let mut table = encode_u64_table(&m.reftable);
+        table.resize((clusters * self.g.cluster_size) as usize, 0);
+        self.write_meta(m, off, &table, "writing refcount table")?;
+        self.sync("flushing new refcount table")?;
+        m.hc.header.refcount_table_offset = off;
+        m.hc.header.refcount_table_clusters = clusters as u32;
+        self.write_header(m)?;
+        self.sync("flushing header")?;
+        m.reftable_dirty = None;
         Ok(())
     }
 

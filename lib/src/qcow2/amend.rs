@@ -1,5 +1,5 @@
 //! Amending an existing image (`qemu-img amend`): compat level, lazy
-//! refcounts, refcount width, backing file, size; and rewriting the
+//! refcounts, refcount width, size; and rewriting the
 //! backing file name (rebase).
 
 use super::state::Meta;
@@ -26,9 +26,10 @@ pub struct AmendOptions {
     pub lazy_refcounts: Option<bool>,
     /// `refcount_bits`.
     pub refcount_bits: Option<u32>,
-    /// `backing_file`; an empty name removes the backing file.
+    /// `backing_file`: parsed, but refused by [`amend`] as by qemu-img 10
+    /// (use rebase, or [`Qcow2::set_backing`]).
     pub backing_file: Option<String>,
-    /// `backing_fmt`.
+    /// `backing_fmt`: refused like `backing_file`.
     pub backing_format: Option<String>,
     /// `size` in bytes (may shrink, as QEMU's amend allows).
     pub size: Option<u64>,
@@ -58,7 +59,7 @@ impl AmendOptions {
     /// comma), with qemu-img's messages for options amend cannot change.
     pub fn parse(s: &str) -> Result<AmendOptions> {
         let mut o = AmendOptions::default();
-        for (key, value) in split_options(s) {
+        for (key, value) in crate::options::split_options(s) {
             match key.as_str() {
                 "compat" => {
                     o.version = Some(match value.as_str() {
@@ -91,39 +92,11 @@ impl AmendOptions {
     }
 }
 
-/// Splits `a=1,b=2` into pairs; `,,` stands for a comma inside a value.
-pub(crate) fn split_options(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    let mut parts = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    for p in parts.into_iter().filter(|p| !p.is_empty()) {
-        match p.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None => out.push((p, "on".to_string())),
-        }
-    }
-    out
-}
-
 /// Applies `opts` to the qcow2 image in `file` (its external data file,
 /// if any, in `data_file`). The image must not be open elsewhere.
 ///
-/// Order, as QEMU's: upgrade, then lazy refcounts, backing file and size
-/// through the engine; then the refcount width (rebuilt at file level,
+/// Order, as QEMU's: upgrade, then lazy refcounts and size through the
+/// engine; then the refcount width (rebuilt at file level,
 /// since the engine's geometry is fixed while open); the downgrade last.
 /// Everything refusable is refused before anything changes.
 pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: &AmendOptions) -> Result<()> {
@@ -151,8 +124,10 @@ pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: 
             downgrade_precheck(h)?;
         }
     }
-    if opts.backing_format.is_some() && opts.backing_file.is_none() && hc.backing_file.is_none() {
-        return Err(Error::invalid("Backing format cannot be used without backing file"));
+    if opts.backing_format.is_some() || opts.backing_file.is_some() {
+        // qemu-img 10 refuses these: a new backing file changes what the
+        // guest reads unless the data is compared, which is rebase's job.
+        return Err(Error::invalid("Cannot amend the backing file\nYou can use 'oxcow rebase' instead."));
     }
     {
         let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), ..Default::default() })?;
@@ -161,15 +136,6 @@ pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: 
         }
         if let Some(lazy) = opts.lazy_refcounts {
             q.set_lazy_refcounts(lazy)?;
-        }
-        if opts.backing_file.is_some() || opts.backing_format.is_some() {
-            let name = match &opts.backing_file {
-                Some(n) if n.is_empty() => None,
-                Some(n) => Some(n.clone()),
-                None => q.backing_file(),
-            };
-            let fmt = opts.backing_format.clone().or_else(|| q.extensions().backing_format);
-            q.set_backing(name, fmt)?;
         }
         if let Some(size) = opts.size {
             q.resize_to(size, true)?;

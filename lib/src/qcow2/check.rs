@@ -487,11 +487,7 @@ impl Qcow2 {
     /// Writes dirty refcount blocks and table entries and syncs, whatever
     /// the lazy-refcount setting.
     fn write_refcounts_now(&self, m: &mut Meta) -> Result<()> {
-        for off in m.rb.dirty() {
-            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
-            self.write_meta(m, off, &data, "writing refcount block")?;
-            m.rb.mark_clean(off);
-        }
+        self.write_dirty_refblocks(m)?;
         self.sync("flushing refcount blocks")?;
         if let Some((a, b)) = m.reftable_dirty.take() {
             let bytes = encode_u64_table(&m.reftable[a..=b]);
@@ -587,16 +583,8 @@ impl Qcow2 {
             table[b as usize] = off;
         }
         let table_off = (start + blocks) * cs;
-        self.file
-            .write_at(&encode_u64_table(&table), table_off)
-            .map_err(|e| Error::io("writing rebuilt refcount table", e))?;
-        self.sync("flushing rebuilt refcounts")?;
-        m.hc.header.refcount_table_offset = table_off;
-        m.hc.header.refcount_table_clusters = table_clusters as u32;
-        self.write_header(m)?;
-        self.sync("flushing header")?;
         m.reftable = table;
-        m.reftable_dirty = None;
+        self.install_reftable(m, table_off, table_clusters)?;
         m.rb = super::cache::TableCache::new(((8u64 << 20) / cs).max(4) as usize);
         m.file_end = m.file_end.max(table_off + table_clusters * cs);
         m.free_hint = 0;

@@ -5,6 +5,7 @@
 //! every compressed cluster adds one reference to each host cluster its
 //! bytes touch (QEMU's refcount rule for compressed clusters).
 
+use super::state::Meta;
 use super::Qcow2;
 use crate::device::{check_range, BlockDevice};
 use crate::format::compressed::{compress, CompressedDescriptor};
@@ -12,6 +13,47 @@ use crate::format::L2Entry;
 use crate::{Error, Result};
 
 impl Qcow2 {
+    /// Finds room for `len` bytes of compressed data, right after the
+    /// previous compressed cluster when possible, straddling into the next
+    /// host cluster when that one is free (as QEMU packs). Every host
+    /// cluster the bytes touch gets one more reference; the refcounts are
+    /// raised (in the cache) here, before any L2 entry points at the
+    /// bytes, and flush writes refcounts first.
+    fn alloc_compressed(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.g.cluster_size;
+        let cur = m.compress_cursor;
+        if cur & (cs - 1) != 0 {
+            let first = cur / cs;
+            let rc = self.refcount(m, first)?;
+            // A freed cluster may be reused for anything; a full refcount
+            // (refcount_bits=1 holds one user) takes no more.
+            if rc > 0 && rc < self.g.rc.max() {
+                let last = (cur + len - 1) / cs;
+                let mut free = true;
+                for c in first + 1..=last {
+                    if self.refcount(m, c)? != 0 || m.meta_clusters.contains_key(&c) {
+                        free = false;
+                        break;
+                    }
+                }
+                if free {
+                    // Claim the clusters past the allocator's end first, so
+                    // a refcount block allocated below lands after them.
+                    m.file_end = m.file_end.max((last + 1) * cs);
+                    self.adjust_refcount(m, first, 1)?;
+                    for c in first + 1..=last {
+                        self.set_refcount(m, c, 1)?;
+                    }
+                    m.compress_cursor = cur + len;
+                    return Ok(cur);
+                }
+            }
+        }
+        let start = self.alloc_contiguous(m, len.div_ceil(cs))?;
+        m.compress_cursor = start + len;
+        Ok(start)
+    }
+
     /// Writes one whole guest cluster compressed.
     ///
     /// `guest_offset` must be cluster aligned and `data` exactly one
@@ -42,20 +84,8 @@ impl Qcow2 {
             self.check_writable(&m)?;
         }
         let len = packed.len() as u64;
-        let mut cursor = m.compress_cursor;
-        if cursor & (cs - 1) != 0 {
-            // A freed cluster may be reused for anything; a full refcount
-            // (refcount_bits=1 holds only one user) cannot take one more.
-            let rc = self.refcount(&mut m, cursor / cs)?;
-            if rc == 0 || rc >= self.g.rc.max() {
-                cursor = 0;
-            }
-        }
         let r = (|| {
-            // The refcount is raised (in the cache) here, before the L2
-            // entry points at the bytes; flush writes refcounts first.
-            let at = self.alloc_bytes(&mut m, &mut cursor, len)?;
-            m.compress_cursor = cursor;
+            let at = self.alloc_compressed(&mut m, len)?;
             let d = CompressedDescriptor::for_data(at, len);
             for c in d.offset / cs..=(d.offset + d.byte_len() - 1) / cs {
                 self.check_overlap(&mut m, c * cs, None)?;

@@ -23,12 +23,19 @@ impl Qcow2 {
             }
         }
         if new_size >= self.len() {
-            return self.grow(new_size);
-        }
-        if !allow_shrink {
+            self.grow(new_size)?;
+        } else if !allow_shrink {
             return Err(Error::invalid("Use the --shrink option to perform a shrink operation."));
+        } else {
+            self.shrink(new_size)?;
         }
-        self.shrink(new_size)
+        if self.g.external_data {
+            // The data file mirrors the guest disk: QEMU resizes it too
+            // (after the header, so a crash leaves at most a longer file).
+            self.data.set_len(new_size).map_err(|e| Error::io("resizing the data file", e))?;
+            self.data.flush().map_err(|e| Error::io("flushing the data file", e))?;
+        }
+        Ok(())
     }
 
     /// Shrinks the virtual size to `new_size`: clusters wholly past the new

@@ -387,11 +387,15 @@ impl Qcow2 {
         if new_l1.len() < need {
             new_l1.resize(need, 0);
         }
-        let clusters = (new_l1.len() as u64 * 8).div_ceil(cs).max(1);
-        let new_off = self.alloc_contiguous(m, clusters)?;
-        let mut bytes = encode_u64_table(&new_l1);
-        bytes.resize((clusters * cs) as usize, 0);
-        self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+        // An empty L1 table (zero-sized disk) occupies no cluster: QEMU's
+        // check would count an allocated one as leaked.
+        let clusters = (new_l1.len() as u64 * 8).div_ceil(cs);
+        let new_off = if clusters == 0 { 0 } else { self.alloc_contiguous(m, clusters)? };
+        if clusters > 0 {
+            let mut bytes = encode_u64_table(&new_l1);
+            bytes.resize((clusters * cs) as usize, 0);
+            self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+        }
         // 2. Refcounts, flags and the new L1 durable before the switch.
         self.write_back_durable(m)?;
         let old_l1 = std::mem::replace(&mut m.l1, new_l1);

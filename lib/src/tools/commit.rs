@@ -2,6 +2,7 @@
 
 use crate::device::chain_status;
 use crate::image::{self, OpenOptions};
+use crate::storage::{FileStorage, LockMode, OpenFlags};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -35,11 +36,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// was given. `progress(done, total)` is called as bytes are processed.
 pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
     let empty_top = !opts.keep_overlay && opts.base.is_none();
-    let img = image::open(top, &OpenOptions { format: opts.format, write: empty_top, ..Default::default() })?;
+    // The chain is opened without locks: the base is opened again, for
+    // writing, and a reader's lock on it would refuse that. The locks
+    // qemu-img commit holds are taken separately below instead.
+    let unlocked = OpenOptions { format: opts.format, write: empty_top, locking: false, ..Default::default() };
+    let img = image::open(top, &unlocked)?;
     if img.backing().is_none() {
         return Err(Error::invalid("Image does not have a backing file"));
     }
-    // Depth of the base in the chain (1 = the immediate backing file).
+    // Depth of the base in the chain (1 = the immediate backing file),
+    // and the layers above it.
+    let mut between: Vec<PathBuf> = Vec::new();
     let (depth, base_layer) = {
         let mut layer = img.backing();
         let mut depth = 1u32;
@@ -53,6 +60,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
             };
             match &opts.base {
                 Some(b) if !same_file(b, l.path()) => {
+                    between.push(l.path().to_path_buf());
                     layer = l.backing();
                     depth += 1;
                 }
@@ -60,6 +68,13 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
             }
         }
     };
+    // Locks as qemu-img commit holds them: the top (a writer when it is
+    // emptied) and the base as writers, the layers in between as readers.
+    let lock = |p: &Path, write: bool, mode: LockMode| {
+        FileStorage::open_locked(p, OpenFlags { write, direct: false, create: false }, mode)
+    };
+    let _top_lock = lock(top, empty_top, LockMode::for_open(empty_top, false))?;
+    let _between_locks = between.iter().map(|p| lock(p, false, LockMode::reader())).collect::<Result<Vec<_>>>()?;
     let base = image::open(
         base_layer.path(),
         &OpenOptions { format: Some(base_layer.format()), write: true, ..Default::default() },

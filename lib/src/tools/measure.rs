@@ -179,11 +179,35 @@ pub fn measure(input: Option<&Image>, size: Option<u64>, opts: &MeasureOptions) 
     }
     let fully = qcow2_fully_allocated(virtual_size, cs, opts.refcount_bits.trailing_zeros(), opts.extended_l2);
     // qemu-img reports bitmaps when both sides can hold persistent
-    // bitmaps: qcow2 v3 in and out. oxcow keeps no bitmaps of its own and
-    // an input's bitmaps are not carried over by convert, so 0.
+    // bitmaps: qcow2 v3 in and out.
     let bitmaps = match input.and_then(|i| i.qcow2()) {
-        Some(q) if opts.version >= 3 && q.header().version >= 3 => Some(0),
+        Some(q) if opts.version >= 3 && q.header().version >= 3 => Some(bitmaps_size(q, cs)?),
         _ => None,
     };
     Ok(Measurement { required: fully - virtual_size + required, fully_allocated: fully, bitmaps })
+}
+
+/// Space the input's persistent bitmaps would take in the new image, as
+/// qemu-img estimates it: every bitmap fully allocated, its table, and
+/// the directory. QEMU loads bitmaps only while the autoclear bit says
+/// they are consistent, so without it there are none.
+fn bitmaps_size(q: &crate::qcow2::Qcow2, cs: u64) -> Result<u64> {
+    let h = q.header();
+    let Some(ext) = q.extensions().bitmaps else { return Ok(0) };
+    if h.autoclear_features & crate::format::Autoclear::BITMAPS == 0 || ext.nb_bitmaps == 0 {
+        return Ok(0);
+    }
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    q.file().read_at(&mut dir, ext.directory_offset).map_err(|e| Error::io("reading bitmap directory", e))?;
+    let entries = crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps)?;
+    let mut total = 0u64;
+    let mut dir_size = 0u64;
+    for e in entries {
+        let bits = h.size.div_ceil(e.granularity());
+        let clusters = bits.div_ceil(8).div_ceil(cs);
+        total += clusters * cs;
+        total += (clusters * 8).div_ceil(cs) * cs;
+        dir_size += (crate::format::bitmap::DIR_ENTRY_FIXED as u64 + e.name.len() as u64).div_ceil(8) * 8;
+    }
+    Ok(total + dir_size.div_ceil(cs) * cs)
 }

@@ -1,0 +1,84 @@
+//! `oxcow measure`: size a new image would need (like `qemu-img measure`).
+
+use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json, CliError, CliResult};
+use oxcow::image::{Format, OpenOptions};
+use oxcow::tools::measure::{measure, MeasureOptions};
+use serde_json::{Map, Value};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output format (human or json).
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Format of the new image (raw or qcow2).
+    #[arg(short = 'O', default_value = "raw")]
+    out_format: String,
+    /// Options of the new image.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Size of a new empty image, instead of an input file.
+    #[arg(long = "size")]
+    size: Option<String>,
+    /// Format of the input image.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Open the input without conflicting with a writer.
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Input image.
+    file: Option<String>,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let _ = a.force_share;
+    let json = match a.output.as_str() {
+        "human" => false,
+        "json" => true,
+        other => return Err(CliError::new(format!("--output must be used with human or json as argument. ({other})"))),
+    };
+    let fmt = match a.out_format.as_str() {
+        "raw" => Format::Raw,
+        "qcow2" => Format::Qcow2,
+        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
+    };
+    let mut opts = MeasureOptions { format: fmt, ..Default::default() };
+    for (k, v) in parse_options(&a.options)? {
+        if let Err(e) = opts.set(&k, &v) {
+            eprintln!("oxcow: {e}");
+            return Err(CliError::new(format!("Invalid options for file format '{}'", fmt.name())));
+        }
+    }
+    let size = match &a.size {
+        Some(s) => Some(parse_num(s).ok_or_else(|| {
+            CliError::new("Invalid image size specified. Must be between 0 and 9223372036854775807.")
+        })?),
+        None => None,
+    };
+    if size.is_some() && a.file.is_some() {
+        return Err(CliError::new("--size N cannot be used together with a filename."));
+    }
+    let img = match &a.file {
+        Some(f) => {
+            let format = parse_format(a.format.as_deref())?;
+            Some(open_image(f, &OpenOptions { format, ..Default::default() })?)
+        }
+        None => None,
+    };
+    let m = measure(img.as_ref(), size, &opts)?;
+    if json {
+        let mut o = Map::new();
+        if let Some(b) = m.bitmaps {
+            o.insert("bitmaps".into(), Value::from(b));
+        }
+        o.insert("required".into(), Value::from(m.required));
+        o.insert("fully-allocated".into(), Value::from(m.fully_allocated));
+        println!("{}", qemu_json(&Value::Object(o)));
+    } else {
+        println!("required size: {}", m.required);
+        println!("fully allocated size: {}", m.fully_allocated);
+        if let Some(b) = m.bitmaps {
+            println!("bitmaps size: {b}");
+        }
+    }
+    Ok(0)
+}

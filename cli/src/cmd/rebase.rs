@@ -1,0 +1,63 @@
+//! `oxcow rebase`: change an image's backing file (like `qemu-img
+//! rebase`): safe mode keeps the guest content, `-u` rewrites the name only.
+
+use crate::util::{parse_format, CliError, CliResult};
+use oxcow::tools::rebase::{rebase, RebaseOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Source cache mode (accepted for compatibility).
+    #[arg(short = 'T')]
+    src_cache: Option<String>,
+    /// New backing file ("" makes the image standalone).
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F')]
+    backing_format: Option<String>,
+    /// Unsafe: rewrite the backing file name only.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Compress the clusters copied into the image (not supported).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: String,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let _ = (a.cache, a.src_cache);
+    if a.backing.is_none() && !a.unsafe_mode {
+        return Err(CliError::new(
+            "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'oxcow rebase --help' for more info",
+        ));
+    }
+    if a.compress {
+        return Err(CliError::new("Compression is not supported by oxcow rebase"));
+    }
+    let opts = RebaseOptions {
+        format: parse_format(a.format.as_deref())?,
+        backing: a.backing,
+        backing_format: a.backing_format,
+        unsafe_mode: a.unsafe_mode,
+    };
+    let show = a.progress && !a.quiet;
+    let mut p = super::commit::progress_printer(show);
+    rebase(std::path::Path::new(&a.file), &opts, &mut p).map_err(CliError::from)?;
+    if show {
+        println!();
+    }
+    Ok(0)
+}

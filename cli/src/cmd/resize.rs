@@ -1,0 +1,78 @@
+//! `oxcow resize`: change an image's virtual size (like `qemu-img resize`).
+
+use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
+use oxcow::image::{Format, OpenOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// Allow making the image smaller.
+    #[arg(long = "shrink")]
+    shrink: bool,
+    /// Preallocation of the new area (only "off" is supported).
+    #[arg(long = "preallocation")]
+    preallocation: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: String,
+    /// New size, or +SIZE / -SIZE relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    if let Some(p) = a.preallocation.as_deref().filter(|p| *p != "off") {
+        return Err(CliError::new(format!("Preallocation mode '{p}' is not supported by oxcow resize")));
+    }
+    let (sign, num) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i8, &a.size[1..]),
+        Some(b'-') => (-1, &a.size[1..]),
+        _ => (0, a.size.as_str()),
+    };
+    let n = parse_num(num).ok_or_else(|| {
+        CliError::new(
+            "Parameter 'size' expects a non-negative number below 2^64\n\
+             Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+             and exabytes, respectively.",
+        )
+    })?;
+    let format = parse_format(a.format.as_deref())?;
+    let img = open_image(&a.file, &OpenOptions { format, write: true, ..Default::default() })?;
+    let cur = img.device().len();
+    let new = match sign {
+        0 => n,
+        1 => cur.checked_add(n).ok_or_else(|| CliError::new("Image size must be less than 8 EiB!"))?,
+        _ => match cur.checked_sub(n) {
+            Some(v) if v > 0 => v,
+            _ => return Err(CliError::new("New image size must be positive")),
+        },
+    };
+    if new > i64::MAX as u64 {
+        return Err(CliError::new("Image size must be less than 8 EiB!"));
+    }
+    if new < cur && !a.shrink {
+        return Err(CliError::new(
+            "Use the --shrink option to perform a shrink operation.\n\
+             oxcow: warning: Shrinking an image will delete all data beyond the shrunken image's end. \
+             Before performing such an operation, make sure there is no important data there.",
+        ));
+    }
+    match (img.format(), img.qcow2()) {
+        (Format::Qcow2, Some(q)) => q.resize_to(new, true)?,
+        _ => {
+            if new % 512 != 0 {
+                return Err(CliError::new("The new size must be a multiple of 512"));
+            }
+            img.device().resize(new)?
+        }
+    }
+    img.close()?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}

@@ -1,0 +1,173 @@
+//! `oxcow snapshot`: list, create, apply and delete internal snapshots
+//! (like `qemu-img snapshot`).
+
+use crate::util::{open_image, parse_format, CliError, CliResult};
+use oxcow::format::SnapshotEntry;
+use oxcow::image::OpenOptions;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image format.
+    #[arg(short = 'f')]
+    format: Option<String>,
+    /// List the snapshots (the default).
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot with this name.
+    #[arg(short = 'c', value_name = "SNAPSHOT")]
+    create: Option<String>,
+    /// Revert the disk to this snapshot (ID or name).
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Delete this snapshot (ID or name).
+    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    delete: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Open read-only without conflicting with a writer (listing only).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: String,
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// The date column (UTC; qemu-img prints local time, which is UTC on the
+/// hosts the tests run on).
+fn date(secs: u32) -> String {
+    let s = i64::from(secs);
+    let (y, mo, d) = civil(s.div_euclid(86_400));
+    let t = s.rem_euclid(86_400);
+    format!("{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
+}
+
+/// One line of `qemu-img snapshot -l`, column for column.
+pub fn list_line(sn: &SnapshotEntry) -> String {
+    let secs = sn.vm_clock_nsec / 1_000_000_000;
+    let clock =
+        format!("{:04}:{:02}:{:02}.{:03}", secs / 3600, secs / 60 % 60, secs % 60, sn.vm_clock_nsec / 1_000_000 % 1000);
+    let icount = match sn.icount {
+        Some(i) if i != u64::MAX => i.to_string(),
+        _ => String::new(),
+    };
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        sn.id,
+        sn.name,
+        crate::util::human(sn.vm_state_size),
+        date(sn.date_sec),
+        clock,
+        icount
+    )
+}
+
+/// The header line of the list.
+pub const LIST_HEADER: &str = "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT";
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let actions = usize::from(a.list) + [&a.create, &a.apply, &a.delete].iter().filter(|x| x.is_some()).count();
+    if actions > 1 {
+        return Err(CliError::new("Cannot mix '-l', '-a', '-c', '-d'\nTry 'oxcow snapshot --help' for more info"));
+    }
+    let format = parse_format(a.format.as_deref())?;
+    let write = a.create.is_some() || a.apply.is_some() || a.delete.is_some();
+    if write && a.force_share {
+        return Err(CliError::new("force-share/-U is only allowed with -l"));
+    }
+    let img = open_image(&a.file, &OpenOptions { format, write, no_backing: !write, ..Default::default() })?;
+    let Some(q) = img.qcow2() else {
+        if write {
+            return Err(CliError::new(format!(
+                "Could not {} snapshot '{}': Operation not supported",
+                if a.create.is_some() {
+                    "create"
+                } else if a.apply.is_some() {
+                    "apply"
+                } else {
+                    "delete"
+                },
+                a.create.or(a.apply).or(a.delete).unwrap_or_default()
+            )));
+        }
+        return Ok(0);
+    };
+    let clean = |e: oxcow::Error| match e {
+        oxcow::Error::Unsupported(_) => "Operation not supported".to_string(),
+        other => crate::util::clean_message(&other.to_string()),
+    };
+    if let Some(name) = &a.create {
+        q.snapshot_create(name)
+            .map_err(|e| CliError::new(format!("Could not create snapshot '{name}': {}", clean(e))))?;
+    } else if let Some(name) = &a.apply {
+        if !q.snapshot_list().iter().any(|s| &s.id == name || &s.name == name) {
+            return Err(CliError::new(format!(
+                "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
+            )));
+        }
+        q.snapshot_apply(name)
+            .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {}", clean(e))))?;
+    } else if let Some(name) = &a.delete {
+        // qemu-img deletes by name only (apply takes an ID too).
+        let Some(id) = q.snapshot_list().into_iter().find(|s| &s.name == name).map(|s| s.id) else {
+            return Err(CliError::new(format!("Could not delete snapshot '{name}': snapshot not found")));
+        };
+        q.snapshot_delete(&id)
+            .map_err(|e| CliError::new(format!("Could not delete snapshot '{name}': {}", clean(e))))?;
+    } else {
+        let list = q.snapshot_list();
+        if !list.is_empty() {
+            println!("Snapshot list:");
+            println!("{LIST_HEADER}");
+            for sn in &list {
+                println!("{}", list_line(sn));
+            }
+        }
+    }
+    let _ = a.quiet;
+    img.close()?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01 00:00:00");
+        assert_eq!(date(1_795_704_456), "2026-11-26 14:47:36");
+        assert_eq!(date(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn line_matches_qemu_layout() {
+        let sn = SnapshotEntry {
+            l1_table_offset: 0,
+            l1_size: 0,
+            id: "1".into(),
+            name: "s1".into(),
+            date_sec: 1_795_704_456,
+            date_nsec: 0,
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: None,
+            icount: Some(0),
+            extra_unknown: vec![],
+            extra_data_size: 24,
+        };
+        assert_eq!(list_line(&sn), "1       s1                    0 B 2026-11-26 14:47:36  0000:00:00.000          0");
+    }
+}

@@ -1,0 +1,30 @@
+//! qemu-style option lists (`-o key=value,key=value`).
+
+/// Splits `a=1,b=2` into pairs; `,,` stands for a comma inside a value and a
+/// bare `key` means `key=on`.
+pub fn split_options(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    let mut parts = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for p in parts.into_iter().filter(|p| !p.is_empty()) {
+        match p.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None => out.push((p, "on".to_string())),
+        }
+    }
+    out
+}
