@@ -3,6 +3,7 @@
 
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
+use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
@@ -89,6 +90,8 @@ pub struct OpenOptions {
     pub allow_network_backing: bool,
     /// Open a damaged qcow2 image writable so `check -r` can repair it.
     pub repair: bool,
+    /// Copy-on-read for the top qcow2 image (never for its backing files).
+    pub copy_on_read: bool,
     /// Take QEMU-compatible image locks on every file opened (default on;
     /// off is QEMU's `locking=off`).
     pub locking: bool,
@@ -108,6 +111,7 @@ impl Default for OpenOptions {
             repair: false,
             locking: true,
             force_share: false,
+            copy_on_read: false,
         }
     }
 }
@@ -147,6 +151,11 @@ impl Image {
     /// The qcow2 engine, for qcow2 images.
     pub fn qcow2(&self) -> Option<&Qcow2> {
         self.qcow2.as_deref()
+    }
+    /// A shared handle to the qcow2 engine (for background work such as
+    /// prefetching), for qcow2 images.
+    pub fn qcow2_arc(&self) -> Option<Arc<Qcow2>> {
+        self.qcow2.clone()
     }
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
@@ -244,6 +253,13 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 /// read or written, and a conflict with another user (QEMU or oxcow) is an
 /// [`Error::Locked`] whose message reads as QEMU's after its
 /// `Could not open 'PATH': ` (which the tools add in their own words).
+///
+/// Names starting with `nbd:` (`nbd://HOST[:PORT]/NAME`,
+/// `nbd+unix:///NAME?socket=PATH`, QEMU's legacy `nbd:HOST:PORT`) open a
+/// network export through [`crate::nbd::NbdClient`] (no locks: there is no
+/// local file); a raw export's device is the client itself. Such names
+/// inside an image, as backing files, are followed only with
+/// `opts.allow_network_backing`.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
@@ -255,20 +271,37 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     if depth > MAX_BACKING_DEPTH {
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
     }
-    // Locked only once the format is known (which locks depends on it);
-    // probing merely reads.
-    let mut file = open_file(path, opts.write, opts.cache, None)?;
-    let (format, probed) = match opts.format {
-        Some(f) => (f, false),
-        None => (probe_format(&file)?, true),
+    // `nbd:` names open a network export (no local file, so no locks).
+    let nbd = open_nbd_name(path, opts)?;
+    let (storage, format, probed): (Arc<dyn Storage>, Format, bool) = match &nbd {
+        Some(c) => {
+            let s: Arc<dyn Storage> = Arc::new(NbdStorage(c.clone()));
+            let (f, p) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&*s)?, true),
+            };
+            (s, f, p)
+        }
+        None => {
+            // Locked only once the format is known (which locks depends
+            // on it); probing merely reads.
+            let mut file = open_file(path, opts.write, opts.cache, None)?;
+            let (format, probed) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&file)?, true),
+            };
+            if let Some(mode) = lock_mode(opts, format) {
+                file.lock(path, mode)?;
+            }
+            (Arc::new(file), format, probed)
+        }
     };
-    if let Some(mode) = lock_mode(opts, format) {
-        file.lock(path, mode)?;
-    }
-    let storage: Arc<dyn Storage> = Arc::new(file);
     match format {
         Format::Raw => {
-            let dev = Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?);
+            let dev: Arc<dyn BlockDevice> = match nbd {
+                Some(c) => c,
+                None => Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?),
+            };
             Ok(Image {
                 path: path.to_path_buf(),
                 format,
@@ -291,12 +324,13 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                         "backing file name '{name}' names a protocol; refusing to follow it"
                     )));
                 }
-                let bpath = resolve_backing(path, name);
+                // Network names are locations, not paths relative to the image.
+                let bpath = if NbdUrl::is_nbd(name) { PathBuf::from(name) } else { resolve_backing(path, name) };
                 let bfmt = match backing_format.as_deref() {
                     Some(f) => Some(Format::from_name(f)?),
                     None => None,
                 };
-                let bopts = OpenOptions { format: bfmt, write: false, ..opts.clone() };
+                let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
                 let b = open_depth(&bpath, &bopts, depth + 1).map_err(|e| match e {
                     Error::Io { context, source } => {
                         Error::Io { context: format!("Could not open backing file: {context}"), source }
@@ -336,6 +370,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     data_file,
                     l2_cache_bytes: 0,
                     repair: opts.repair,
+                    copy_on_read: opts.copy_on_read,
                 },
             )?);
             Ok(Image {
@@ -350,6 +385,19 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
             })
         }
     }
+}
+
+/// Connects to a network export when `path` is an NBD name.
+fn open_nbd_name(path: &Path, opts: &OpenOptions) -> Result<Option<Arc<NbdClient>>> {
+    let Some(name) = path.to_str().filter(|n| NbdUrl::is_nbd(n)) else {
+        return Ok(None);
+    };
+    let url = NbdUrl::parse(name)?;
+    let c = NbdClient::connect_with(url, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
+    if opts.write && c.is_read_only() {
+        return Err(Error::ReadOnly(format!("NBD export '{name}' is read-only")));
+    }
+    Ok(Some(Arc::new(c)))
 }
 
 /// Creates an empty file (or truncates one) for a new image, holding it

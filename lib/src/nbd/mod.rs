@@ -27,6 +27,8 @@
 //! server.serve_tcp(listener, Arc::new(AtomicBool::new(false)), true, 1).unwrap();
 //! ```
 
+pub mod client;
+mod client_conn;
 mod conn;
 mod handshake;
 pub mod proto;
@@ -34,6 +36,7 @@ mod server;
 mod status;
 mod transmission;
 
+pub use client::{ClientOptions, NbdAddr, NbdClient, NbdStorage, NbdUrl};
 pub use conn::{Connection, Listener};
 pub use server::{ServeOptions, Server};
 

@@ -13,6 +13,7 @@ mod amend;
 mod cache;
 mod check;
 mod compress;
+mod cor;
 mod create;
 mod flush;
 mod mapping;
@@ -54,6 +55,9 @@ pub struct Qcow2Options {
     pub l2_cache_bytes: u64,
     /// Open damaged images (corrupt bit) writable, for `check -r`.
     pub repair: bool,
+    /// Copy-on-read: data read through to the backing file is also
+    /// stored in this image (see `cor.rs`); needs a writable image.
+    pub copy_on_read: bool,
 }
 
 /// An open qcow2 image.
@@ -74,6 +78,8 @@ pub struct Qcow2 {
     io_gate: RwLock<()>,
     /// The report of the refcount repair run because the image was dirty.
     repaired_on_open: Option<check::CheckReport>,
+    /// Reads store backing data in this image (`cor.rs`).
+    copy_on_read: bool,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -109,6 +115,9 @@ impl Qcow2 {
         } else {
             file.clone()
         };
+        if opts.copy_on_read && opts.read_only {
+            return Err(Error::invalid("copy-on-read needs the image opened read-write"));
+        }
         let mut read_only = opts.read_only;
         if h.is_corrupt() && !read_only && !opts.repair {
             return Err(Error::ReadOnly(
@@ -175,6 +184,7 @@ impl Qcow2 {
             inflight_done: Condvar::new(),
             io_gate: RwLock::new(()),
             repaired_on_open: None,
+            copy_on_read: opts.copy_on_read,
         };
         let mut q = q;
         if dirty_repair {
@@ -378,6 +388,9 @@ impl BlockDevice for Qcow2 {
         self.size.load(Ordering::Acquire)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.copy_on_read {
+            return self.read_cor(buf, offset);
+        }
         self.read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -5,4 +5,6 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod measure;
+pub mod prefetch;
 pub mod rebase;
+pub mod stream;

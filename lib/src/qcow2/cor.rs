@@ -1,0 +1,424 @@
+//! Copy-on-read and streaming: bringing backing data into the top image.
+//!
+//! Both rest on one primitive, *materializing* a guest cluster: while the
+//! cluster is marked in flight (so no writer touches it), its current
+//! guest-visible content is assembled (backing data for the parts that
+//! fall through, the top image's own data or zeros for the rest), written
+//! to a newly allocated host cluster, and the L2 entry then points there.
+//! Guest-visible content never changes; only where it comes from does.
+//!
+//! Rules:
+//! - Only clusters with at least one (sub)cluster that falls through to
+//!   the backing file are materialized; a cluster some writer has in
+//!   flight is skipped (its writer decides its content).
+//! - Clusters that turn out to be all zeros become zero clusters (v3) and
+//!   cost no data; v2 images have no zero flag and store the zeros.
+//! - The data reaches the disk before an L2 entry pointing at it does
+//!   (`cow_unsynced`, honoured by the flush ordering), so a crash can lose
+//!   the copy but never expose a cluster with stale content. The L2
+//!   updates themselves are not flushed with the read: losing them loses
+//!   only the cache.
+
+use super::state::Meta;
+use super::Qcow2;
+use crate::device::{chain_status, check_range, read_backing, BlockDevice};
+use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
+use crate::{Error, Result};
+
+/// Largest range handled under one set of claims.
+const BATCH: u64 = 8 << 20;
+
+/// A guest cluster claimed (marked in flight) for materializing.
+struct Claim {
+    gc: u64,
+    old: L2Entry,
+}
+
+impl Qcow2 {
+    /// Whether any (sub)cluster of entry `e` falls through to the backing file.
+    fn falls_through(&self, e: L2Entry) -> bool {
+        if e.is_compressed() {
+            return false;
+        }
+        if self.g.extended {
+            e.bitmap.alloc() | e.bitmap.zero() != u32::MAX
+        } else {
+            matches!(self.g.l2.classify(e, 0, self.g.v3), ClusterKind::Unallocated)
+        }
+    }
+
+    /// Claims the clusters of `first..=last` that fall through and that no
+    /// writer has in flight.
+    fn claim_range(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<Claim>> {
+        let mut claims = Vec::new();
+        for gc in first..=last {
+            if m.inflight.contains(&gc) {
+                continue;
+            }
+            let e = match self.l2_entry(m, gc) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.unclaim(m, &claims);
+                    return Err(err);
+                }
+            };
+            if self.falls_through(e) {
+                m.inflight.insert(gc);
+                claims.push(Claim { gc, old: e });
+            }
+        }
+        Ok(claims)
+    }
+
+    fn unclaim(&self, m: &mut Meta, claims: &[Claim]) {
+        for c in claims {
+            m.inflight.remove(&c.gc);
+        }
+        self.inflight_done.notify_all();
+    }
+
+    /// The guest-visible content of the claimed clusters, one cluster each
+    /// (zeros past the end of the disk). Runs of wholly unallocated
+    /// clusters are read from the backing file with one request each.
+    fn claimed_content(&self, claims: &[Claim]) -> Result<Vec<u8>> {
+        let cs = self.g.cluster_size;
+        let size = self.len();
+        let mut out = vec![0u8; claims.len() * cs as usize];
+        let wholly = |e: L2Entry| e.word == 0 && e.bitmap.0 == 0;
+        let mut i = 0;
+        while i < claims.len() {
+            let c = &claims[i];
+            let dst_at = i * cs as usize;
+            if wholly(c.old) {
+                let mut j = i + 1;
+                while j < claims.len() && wholly(claims[j].old) && claims[j].gc == claims[j - 1].gc + 1 {
+                    j += 1;
+                }
+                let start = c.gc * cs;
+                let end = (claims[j - 1].gc * cs + cs).min(size);
+                if end > start {
+                    let n = (end - start) as usize;
+                    read_backing(self.backing.as_deref(), &mut out[dst_at..dst_at + n], start)?;
+                }
+                i = j;
+                continue;
+            }
+            // A cluster with parts of its own: subcluster by subcluster.
+            let step = if self.g.extended { self.g.sub_size } else { cs };
+            let mut off = 0;
+            while off < cs && c.gc * cs + off < size {
+                let sub = if self.g.extended { (off / self.g.sub_size) as u32 } else { 0 };
+                let kind = self.classify(c.old, sub, c.gc)?;
+                let n = step.min(size - (c.gc * cs + off)) as usize;
+                let at = dst_at + off as usize;
+                self.read_current(&mut out[at..at + n], c.gc * cs + off, kind, off)?;
+                off += step;
+            }
+            i += 1;
+        }
+        Ok(out)
+    }
+
+    /// Points the claimed clusters at their content: a zero cluster when
+    /// it is all zeros (v3), else newly allocated data. Releases the claims.
+    fn store_claimed(&self, claims: &[Claim], content: &[u8]) -> Result<()> {
+        let cs = self.g.cluster_size as usize;
+        let is_zero = |i: usize| content[i * cs..(i + 1) * cs].iter().all(|&b| b == 0);
+        let zero_ok = self.g.v3;
+        // Allocate hosts for the data clusters under one lock.
+        let mut hosts: Vec<Option<(u64, bool)>> = Vec::with_capacity(claims.len());
+        {
+            let mut m = self.lock();
+            if let Err(e) = self.check_writable(&m) {
+                self.unclaim(&mut m, claims);
+                return Err(e);
+            }
+            for (i, c) in claims.iter().enumerate() {
+                if zero_ok && is_zero(i) {
+                    hosts.push(None);
+                    continue;
+                }
+                let got = if self.g.external_data {
+                    Ok((c.gc * self.g.cluster_size, false))
+                } else {
+                    self.alloc_cluster(&mut m).map(|h| (h, true)).and_then(|(h, new)| {
+                        self.check_overlap(&mut m, h, None)?;
+                        Ok((h, new))
+                    })
+                };
+                match got {
+                    Ok(h) => hosts.push(Some(h)),
+                    Err(e) => {
+                        self.drop_new_hosts(&mut m, &hosts);
+                        self.unclaim(&mut m, claims);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        // Data, outside the lock, in host-contiguous runs.
+        let written = (|| {
+            let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+            let mut i = 0;
+            while i < claims.len() {
+                let Some((h, _)) = hosts[i] else {
+                    i += 1;
+                    continue;
+                };
+                let mut j = i + 1;
+                while j < claims.len() && hosts[j].is_some_and(|(hj, _)| hj == h + ((j - i) * cs) as u64) {
+                    j += 1;
+                }
+                self.data
+                    .write_at(&content[i * cs..j * cs], h)
+                    .map_err(|e| Error::io("writing copied backing data", e))?;
+                i = j;
+            }
+            Ok::<(), Error>(())
+        })();
+        let mut m = self.lock();
+        if let Err(e) = written {
+            self.drop_new_hosts(&mut m, &hosts);
+            self.unclaim(&mut m, claims);
+            return Err(e);
+        }
+        let committed = (|| {
+            for (c, h) in claims.iter().zip(&hosts) {
+                let entry = match h {
+                    Some((host, _)) => {
+                        m.cow_unsynced = true;
+                        if self.g.extended {
+                            L2Entry { word: host | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
+                        } else {
+                            L2Entry::normal(*host, true)
+                        }
+                    }
+                    None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
+                    None => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
+                };
+                let (l1i, l2i) = self.split(c.gc);
+                let off = self.writable_l2(&mut m, l1i)?;
+                let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                self.g.l2.set(t, l2i, entry);
+                // An extended cluster that had data of its own moved to a
+                // new host cluster: the old one loses this reference.
+                let old_host = c.old.host_offset();
+                if old_host != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
+                    self.free_later(&mut m, old_host, false);
+                }
+                m.inflight.remove(&c.gc);
+            }
+            Ok::<(), Error>(())
+        })();
+        if let Err(e) = &committed {
+            self.poison(&mut m, e);
+            self.unclaim(&mut m, claims);
+        }
+        self.inflight_done.notify_all();
+        committed
+    }
+
+    /// Gives back clusters allocated for claims that will not be committed.
+    fn drop_new_hosts(&self, m: &mut Meta, hosts: &[Option<(u64, bool)>]) {
+        for (h, new) in hosts.iter().flatten() {
+            if *new {
+                let _ = self.set_refcount(m, h / self.g.cluster_size, 0);
+            }
+        }
+    }
+
+    /// `read_at` with copy-on-read: the parts that fall through to the
+    /// backing file are read as whole clusters and also stored in this
+    /// image, so the next read of them stays local. A failure to store
+    /// them costs only the caching: the read still succeeds.
+    pub(crate) fn read_cor(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.len())?;
+        if self.backing.is_none() || self.read_only || buf.is_empty() {
+            return self.read(buf, offset);
+        }
+        let cs = self.g.cluster_size;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let batch_end = ((pos / cs) * cs + BATCH).min(end);
+            let (first, last) = (pos / cs, (batch_end - 1) / cs);
+            let claims = {
+                let mut m = self.lock();
+                self.claim_range(&mut m, first, last)?
+            };
+            let result = self.read_claimed_batch(buf, offset, pos, batch_end, &claims);
+            match result {
+                Ok(Some(content)) => {
+                    // Ignored on purpose: see above.
+                    let _ = self.store_claimed(&claims, &content);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let mut m = self.lock();
+                    self.unclaim(&mut m, &claims);
+                    return Err(e);
+                }
+            }
+            pos = batch_end;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` (which starts at guest offset `base`) for `[from, to)`:
+    /// unclaimed clusters through the normal read path, claimed ones from
+    /// their assembled content, which is returned for storing.
+    fn read_claimed_batch(
+        &self,
+        buf: &mut [u8],
+        base: u64,
+        from: u64,
+        to: u64,
+        claims: &[Claim],
+    ) -> Result<Option<Vec<u8>>> {
+        let cs = self.g.cluster_size;
+        if claims.is_empty() {
+            self.read(&mut buf[(from - base) as usize..(to - base) as usize], from)?;
+            return Ok(None);
+        }
+        let content = self.claimed_content(claims)?;
+        let mut pos = from;
+        let mut ci = 0;
+        while pos < to {
+            let gc = pos / cs;
+            while ci < claims.len() && claims[ci].gc < gc {
+                ci += 1;
+            }
+            if ci < claims.len() && claims[ci].gc == gc {
+                let n = ((gc + 1) * cs).min(to) - pos;
+                let src = ci * cs as usize + (pos % cs) as usize;
+                let dst = (pos - base) as usize;
+                buf[dst..dst + n as usize].copy_from_slice(&content[src..src + n as usize]);
+                pos += n;
+            } else {
+                // Up to the next claimed cluster (or the end).
+                let next = claims.get(ci).map_or(to, |c| (c.gc * cs).max(pos)).min(to);
+                self.read(&mut buf[(pos - base) as usize..(next - base) as usize], pos)?;
+                pos = next;
+            }
+        }
+        Ok(Some(content))
+    }
+
+    /// Stores into this image the backing data of every cluster touching
+    /// `[offset, offset + len)` that still falls through to the backing
+    /// file. Returns the bytes of clusters materialized.
+    pub fn populate(&self, offset: u64, len: u64) -> Result<u64> {
+        check_range(offset, len, self.len())?;
+        self.check_writable(&self.lock())?;
+        if len == 0 || self.backing.is_none() {
+            return Ok(0);
+        }
+        let cs = self.g.cluster_size;
+        let end = offset + len;
+        let mut pos = offset;
+        let mut stored = 0;
+        while pos < end {
+            let batch_end = ((pos / cs) * cs + BATCH).min(end);
+            let claims = {
+                let mut m = self.lock();
+                self.claim_range(&mut m, pos / cs, (batch_end - 1) / cs)?
+            };
+            if !claims.is_empty() {
+                let content = match self.claimed_content(&claims) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let mut m = self.lock();
+                        self.unclaim(&mut m, &claims);
+                        return Err(e);
+                    }
+                };
+                self.store_claimed(&claims, &content)?;
+                stored += claims.len() as u64 * cs;
+            }
+            pos = batch_end;
+        }
+        Ok(stored)
+    }
+
+    /// The first run of clusters in `[pos, end)` with something that falls
+    /// through to the backing file, as a guest byte range clipped to
+    /// `[pos, end)`. Block status cannot answer this: with extended L2
+    /// entries a cluster reports as allocated data even when some of its
+    /// subclusters read the backing file.
+    fn fall_through_run(&self, pos: u64, end: u64) -> Result<Option<(u64, u64)>> {
+        let cs = self.g.cluster_size;
+        let mut m = self.lock();
+        let mut run: Option<u64> = None;
+        let mut gc = pos / cs;
+        let end_gc = end.div_ceil(cs);
+        while gc < end_gc {
+            let (l1i, _) = self.split(gc);
+            let no_table = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
+            // A missing L2 table: its whole range falls through at once.
+            let (falls, next) = if no_table {
+                (true, ((l1i as u64) + 1) * self.g.l2_entries)
+            } else {
+                (self.falls_through(self.l2_entry(&mut m, gc)?), gc + 1)
+            };
+            match (falls, run) {
+                (true, None) => run = Some(gc),
+                (false, Some(start)) => return Ok(Some(((start * cs).max(pos), (gc * cs).min(end)))),
+                _ => {}
+            }
+            gc = next;
+        }
+        Ok(run.map(|start| ((start * cs).max(pos), end)))
+    }
+
+    /// One step of streaming from guest offset `pos`: skips what this
+    /// image already decides and what the backing chain reads as zeros
+    /// (both read the same once the backing file is gone), and
+    /// materializes backing data otherwise, at most `max` bytes of it.
+    /// Skipping may cover more than `max` (up to 64 times as much is
+    /// scanned per step) so sparse disks do not cost one step per `max`
+    /// bytes. Returns the offset to continue from (always past `pos`) and
+    /// the bytes materialized.
+    pub fn stream_step(&self, pos: u64, max: u64) -> Result<(u64, u64)> {
+        const SCAN_FACTOR: u64 = 64;
+        let size = self.len();
+        if pos >= size || max == 0 {
+            return Ok((size.max(pos + 1), 0));
+        }
+        let end = pos + max.saturating_mul(SCAN_FACTOR).min(size - pos);
+        let Some(backing) = self.backing.as_deref() else {
+            return Ok((end, 0));
+        };
+        let Some((a, b)) = self.fall_through_run(pos, end)? else {
+            return Ok((end, 0));
+        };
+        if a >= backing.len() {
+            // Past the end of the backing file everything reads as zeros.
+            return Ok((b, 0));
+        }
+        let n = (b - a).min(backing.len() - a);
+        let below = chain_status(backing, a, n)?;
+        let n = below.length.clamp(1, n);
+        if below.zero && !below.data {
+            return Ok((a + n, 0));
+        }
+        let n = n.min(max);
+        let stored = self.populate(a, n)?;
+        Ok((a + n, stored))
+    }
+
+    /// Makes the image standalone: removes the backing file name (and
+    /// format) from the header. Everything is flushed first so no
+    /// streamed cluster is still only in memory when the header stops
+    /// pointing at the backing file, and the header is flushed after.
+    /// The open image keeps its backing device for reads of unallocated
+    /// clusters (which, after a complete stream, read zeros there too).
+    pub fn detach_backing(&self) -> Result<()> {
+        self.flush_all()?;
+        self.set_backing(None, None)
+    }
+
+    /// Whether reads copy backing data into this image.
+    pub fn copy_on_read(&self) -> bool {
+        self.copy_on_read
+    }
+}
