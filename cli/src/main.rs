@@ -46,6 +46,8 @@ enum Command {
     Amend(cmd::amend::Args),
     /// Compute the size a new image needs (like `qemu-img measure`).
     Measure(cmd::measure::Args),
+    /// Copy the backing chain into the image and drop the backing file.
+    Stream(cmd::stream::Args),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Stream(a) => cmd::stream::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code as u8),

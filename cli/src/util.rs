@@ -58,12 +58,33 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
 /// Opens an image, wrapping errors the way qemu-img does ("Could not open
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
-    let img = image::open(path, opts).map_err(|e| {
+    let opts = with_network_permission(opts);
+    let img = image::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
-        CliError::new(format!("Could not open '{path}': {}", clean_message(&e.to_string())))
+        CliError::new(format!("Could not open '{path}': {}", explain(&e)))
     })?;
     report_dirty_repair(path, &img);
     Ok(img)
+}
+
+/// Backing files named by network addresses inside an image are followed
+/// only when the user says so: `OXCOW_ALLOW_NETWORK_BACKING=1`.
+pub fn with_network_permission(opts: &OpenOptions) -> OpenOptions {
+    let mut opts = opts.clone();
+    if std::env::var("OXCOW_ALLOW_NETWORK_BACKING").is_ok_and(|v| v == "1") {
+        opts.allow_network_backing = true;
+    }
+    opts
+}
+
+/// A library error as one line, with a hint where the user can act.
+pub fn explain(e: &oxcow::Error) -> String {
+    let msg = clean_message(&e.to_string());
+    if msg.contains("names a protocol") {
+        format!("{msg} (set OXCOW_ALLOW_NETWORK_BACKING=1 to allow network backing files)")
+    } else {
+        msg
+    }
 }
 
 /// Says on stderr that opening the image repaired it (dirty bit set by an

@@ -198,6 +198,10 @@ pub fn is_protocol_name(name: &str) -> bool {
 
 /// Resolves a backing file name relative to the directory of `image`.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    // Network names are locations, not paths relative to the image.
+    if is_protocol_name(name) || NbdUrl::is_nbd(name) {
+        return PathBuf::from(name);
+    }
     let p = Path::new(name);
     if p.is_absolute() {
         return p.to_path_buf();

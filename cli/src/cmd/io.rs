@@ -19,7 +19,7 @@ pub struct Args {
     /// Open read-only.
     #[arg(short = 'r', long = "read-only")]
     read_only: bool,
-    /// Copy-on-read (accepted for compatibility; has no effect).
+    /// Copy-on-read: data read from the backing chain is stored in the image.
     #[arg(short = 'C', long = "copy-on-read")]
     copy_on_read: bool,
     /// Cache mode (writeback, none, writethrough, directsync, unsafe).
@@ -47,7 +47,6 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = a.copy_on_read;
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
         Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
@@ -66,10 +65,18 @@ pub fn run(a: Args) -> CliResult<i32> {
             a.file
         )));
     }
-    let opts = OpenOptions { format, write, cache, force_share: a.force_share, ..Default::default() };
-    let img = oxcow::image::open(&a.file, &opts).map_err(|e| {
-        CliError::new(format!("can't open device {}: {}", a.file, crate::util::clean_message(&e.to_string())))
-    })?;
+    let opts = OpenOptions {
+        format,
+        write,
+        cache,
+        force_share: a.force_share,
+        copy_on_read: a.copy_on_read,
+        allow_network_backing: a.copy_on_read,
+        ..Default::default()
+    };
+    let opts = crate::util::with_network_permission(&opts);
+    let img = oxcow::image::open(&a.file, &opts)
+        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::util::explain(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);
     let snap = match &a.snapshot {
         Some(name) => {

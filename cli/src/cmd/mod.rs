@@ -15,3 +15,4 @@ pub mod rebase;
 pub mod resize;
 pub mod serve;
 pub mod snapshot;
+pub mod stream;

@@ -67,6 +67,14 @@ pub struct Args {
     /// Open without conflicting with a writer (read-only exports only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Copy data that reads fall through to the backing chain for into
+    /// the image (the image file is opened writable, even with -r).
+    #[arg(long = "copy-on-read")]
+    copy_on_read: bool,
+    /// Stream backing data into the image while clients are idle, at most
+    /// RATE bytes per second when given (--prefetch=20M).
+    #[arg(long = "prefetch", value_name = "RATE", num_args = 0..=1, require_equals = true, default_missing_value = "0")]
+    prefetch: Option<String>,
     /// Image file.
     file: String,
 }
@@ -91,15 +99,39 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let cache = CacheMode::from_name(&a.cache).map_err(|e| CliError::new(e.to_string()))?;
     let read_only = a.read_only || a.snapshot.is_some();
-    let opts =
-        OpenOptions { format: parse_format(a.format.as_deref())?, write: !read_only, cache, ..Default::default() };
+    let caching = a.copy_on_read || a.prefetch.is_some();
+    if caching && (a.snapshot.is_some() || a.force_share) {
+        return Err(CliError::new("--copy-on-read and --prefetch need the image itself writable (not with -l or -U)"));
+    }
+    let prefetch_rate = match a.prefetch.as_deref() {
+        None => None,
+        Some(r) => {
+            Some(crate::util::parse_num(r).ok_or_else(|| CliError::new(format!("Invalid prefetch rate '{r}'")))?)
+        }
+    };
+    let opts = OpenOptions {
+        format: parse_format(a.format.as_deref())?,
+        write: !read_only || caching,
+        cache,
+        copy_on_read: a.copy_on_read,
+        allow_network_backing: caching,
+        ..Default::default()
+    };
     let img = open_image(&a.file, &opts)?;
-    let device = match &a.snapshot {
-        Some(name) => {
+    let mut prefetcher = None;
+    let device = match (&a.snapshot, prefetch_rate) {
+        (Some(name), _) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("-l needs a qcow2 image"))?;
             q.snapshot_device(name).map_err(|e| CliError::new(format!("Failed to load snapshot '{name}': {e}")))?
         }
-        None => img.device_arc(),
+        (None, Some(rate)) => {
+            let popts =
+                oxcow::tools::prefetch::PrefetchOptions { rate: (rate > 0).then_some(rate), ..Default::default() };
+            let (dev, p) = oxcow::tools::prefetch::for_export(&img, popts)?;
+            prefetcher = Some(p);
+            dev
+        }
+        (None, None) => img.device_arc(),
     };
     let config = ExportConfig {
         name: a.name.clone(),
@@ -149,6 +181,9 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     result.map_err(CliError::from)?;
     drop(server);
+    if let Some(p) = prefetcher {
+        p.stop();
+    }
     img.close()?;
     Ok(0)
 }
