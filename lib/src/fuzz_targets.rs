@@ -10,6 +10,14 @@ use crate::qcow2::{Qcow2, Qcow2Options, Repair};
 use crate::storage::{MemoryStorage, Storage};
 use std::sync::Arc;
 
+/// Fuzzed images live in memory that cannot grow past this (a damaged
+/// image may point writes anywhere; a real disk would just fill up).
+const FUZZ_STORAGE_LIMIT: u64 = 256 << 20;
+
+fn storage(data: &[u8]) -> Arc<dyn Storage> {
+    Arc::new(MemoryStorage::with_limit(data.to_vec(), FUZZ_STORAGE_LIMIT))
+}
+
 /// Parses a header cluster (header, extensions, backing name).
 pub fn header(data: &[u8]) {
     if let Ok(hc) = HeaderCluster::parse(data) {
@@ -26,8 +34,7 @@ pub fn header(data: &[u8]) {
 
 /// Opens arbitrary bytes as a qcow2 image and reads all of it in pieces.
 pub fn open_read(data: &[u8]) {
-    let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(data.to_vec()));
-    let Ok(q) = Qcow2::open(st, Qcow2Options { read_only: true, ..Default::default() }) else { return };
+    let Ok(q) = Qcow2::open(storage(data), Qcow2Options { read_only: true, ..Default::default() }) else { return };
     let len = q.len().min(8 << 20);
     let mut buf = vec![0u8; 64 << 10];
     let mut off = 0;
@@ -41,7 +48,7 @@ pub fn open_read(data: &[u8]) {
 
 /// Opens arbitrary bytes and runs check, then repair, then check again.
 pub fn check(data: &[u8]) {
-    let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(data.to_vec()));
+    let st = storage(data);
     if let Ok(q) = Qcow2::open(st.clone(), Qcow2Options { read_only: true, ..Default::default() }) {
         let _ = q.check(Repair::None);
     }

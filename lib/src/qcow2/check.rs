@@ -202,6 +202,7 @@ impl Qcow2 {
                 self.scan_l1(&mut s, nb, &table, false)?;
             }
         }
+        let before = s.report.corruptions;
         self.add_range(
             &mut s,
             nb,
@@ -209,6 +210,10 @@ impl Qcow2 {
             u64::from(h.refcount_table_clusters) * cs,
             "refcount table",
         );
+        if s.report.corruptions > before {
+            // A refcount table out of reach cannot be fixed in place.
+            s.bad_refblocks = true;
+        }
         for (i, &e) in m.reftable.iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off == 0 {
@@ -455,6 +460,9 @@ impl Qcow2 {
             m.file_end = m.file_end.max((h + 1) * cs);
         }
         m.free_hint = 0;
+        if scan.bad_refblocks && repair != Repair::All {
+            return Err(Error::corrupt("ERROR need to rebuild refcount structures; use -r all"));
+        }
         if repair == Repair::All && scan.bad_refblocks {
             said.push("Rebuilding refcount structure".to_string());
             self.rebuild_refcounts(m)?;

@@ -5,9 +5,17 @@ use std::io;
 use std::sync::RwLock;
 
 /// A growable byte vector behind a lock; flush is a no-op.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStorage {
     bytes: RwLock<Vec<u8>>,
+    /// Writes or length changes past this fail like a full disk.
+    max_len: u64,
+}
+
+impl Default for MemoryStorage {
+    fn default() -> Self {
+        MemoryStorage::from_bytes(Vec::new())
+    }
 }
 
 impl MemoryStorage {
@@ -17,7 +25,13 @@ impl MemoryStorage {
     }
     /// A storage holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        MemoryStorage { bytes: RwLock::new(bytes) }
+        MemoryStorage { bytes: RwLock::new(bytes), max_len: MAX_MEMORY_LEN }
+    }
+    /// A storage holding `bytes` that refuses to grow past `max_len` (as a
+    /// full disk would): hostile inputs must not make tests allocate
+    /// whatever an image claims.
+    pub fn with_limit(bytes: Vec<u8>, max_len: u64) -> Self {
+        MemoryStorage { bytes: RwLock::new(bytes), max_len: max_len.min(MAX_MEMORY_LEN) }
     }
     /// A copy of the current contents.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -46,7 +60,7 @@ impl Storage for MemoryStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64).ok_or_else(too_big)?;
-        if end > MAX_MEMORY_LEN {
+        if end > self.max_len {
             return Err(too_big());
         }
         let mut bytes = self.bytes.write().unwrap_or_else(|e| e.into_inner());
@@ -63,7 +77,7 @@ impl Storage for MemoryStorage {
         Ok(self.bytes.read().unwrap_or_else(|e| e.into_inner()).len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        if len > MAX_MEMORY_LEN {
+        if len > self.max_len {
             return Err(too_big());
         }
         self.bytes.write().unwrap_or_else(|e| e.into_inner()).resize(len as usize, 0);
