@@ -213,7 +213,7 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
 }
 
 fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<FileStorage> {
-    let flags = OpenFlags { write, direct: cache.direct(), create: false };
+    let flags = OpenFlags { write, direct: cache.direct(), create: false, no_flush: cache == CacheMode::Unsafe };
     let opened = match lock {
         Some(mode) => FileStorage::open_locked(path, flags, mode),
         None => FileStorage::open(path, flags).map_err(|e| Error::io(String::new(), e)),
@@ -408,7 +408,7 @@ fn open_nbd_name(path: &Path, opts: &OpenOptions) -> Result<Option<Arc<NbdClient
 /// as a writer with QEMU-compatible locks; an existing file somebody else
 /// uses is refused untouched.
 pub fn create_file(path: &Path) -> Result<Arc<FileStorage>> {
-    let flags = OpenFlags { write: true, direct: false, create: true };
+    let flags = OpenFlags { write: true, create: true, ..OpenFlags::default() };
     match FileStorage::open_locked(path, flags, LockMode::writer()) {
         Ok(f) => Ok(Arc::new(f)),
         Err(Error::Io { source, .. }) => Err(Error::io(format!("Could not create '{}'", path.display()), source)),

@@ -94,7 +94,7 @@ fn raw_resize() {
 }
 
 fn do_amend(p: &Path, o: &str) -> oxcow::Result<()> {
-    let f = FileStorage::open(p, OpenFlags { write: true, direct: false, create: false }).unwrap();
+    let f = FileStorage::open(p, OpenFlags { write: true, ..OpenFlags::default() }).unwrap();
     let st: Arc<dyn Storage> = Arc::new(f);
     amend(st, None, &AmendOptions::parse(o)?)
 }

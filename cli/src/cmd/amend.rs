@@ -35,7 +35,7 @@ pub struct Args {
 /// Opens a file for writing with a writer's QEMU-compatible lock, as
 /// qemu-img amend holds it.
 fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
-    let flags = OpenFlags { write: true, direct: false, create: false };
+    let flags = OpenFlags { write: true, ..OpenFlags::default() };
     let f = FileStorage::open_locked(std::path::Path::new(path), flags, mode).map_err(|e| {
         let msg = crate::util::clean_message(&e.to_string());
         let msg = msg.strip_prefix(&format!("Could not open '{path}': ")).unwrap_or(&msg).to_string();

@@ -39,11 +39,11 @@ pub struct Args {
     /// Compress the output (qcow2).
     #[arg(short = 'c')]
     compress: bool,
-    /// Source cache mode (accepted for compatibility).
-    #[arg(short = 'T')]
+    /// Source cache mode (default writeback).
+    #[arg(short = 'T', long = "source-cache")]
     src_cache: Option<String>,
-    /// Target cache mode (accepted for compatibility).
-    #[arg(short = 't')]
+    /// Target cache mode (default unsafe, as qemu-img: no flush at the end).
+    #[arg(short = 't', long = "target-cache")]
     cache: Option<String>,
     /// Open the source even if another process has it open for writing.
     #[arg(short = 'U', long = "force-share")]
@@ -61,7 +61,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.src_cache, a.cache, a.unordered, a.quiet);
+    let _ = (a.unordered, a.quiet);
+    let cache_mode = |v: &Option<String>, default: &str| {
+        oxcow::image::CacheMode::from_name(v.as_deref().unwrap_or(default)).map_err(|e| CliError::new(e.to_string()))
+    };
+    let src_cache = cache_mode(&a.src_cache, "writeback")?;
+    let dst_cache = cache_mode(&a.cache, "unsafe")?;
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
     let out_fmt = match a.out_format.as_str() {
         f @ ("raw" | "qcow2") => f,
@@ -78,7 +83,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         None => 4096,
     };
     let src_fmt = parse_format(a.format.as_deref())?;
-    let src = open_image(src_path, &OpenOptions { format: src_fmt, force_share: a.force_share, ..Default::default() })?;
+    let src = open_image(
+        src_path,
+        &OpenOptions { format: src_fmt, force_share: a.force_share, cache: src_cache, ..Default::default() },
+    )?;
     let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
     let snap_dev = match &snap_name {
         Some(n) => {
@@ -106,7 +114,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }
     let out_format = parse_format(Some(out_fmt))?;
-    let dst = open_image(dst_path, &OpenOptions { format: out_format, write: true, ..Default::default() })?;
+    let dst =
+        open_image(dst_path, &OpenOptions { format: out_format, write: true, cache: dst_cache, ..Default::default() })?;
     let ddev = dst.device();
     if a.no_create && ddev.len() < size {
         return Err(CliError::new("Error while writing to target: the target is smaller than the source"));

@@ -72,7 +72,7 @@ impl Qcow2 {
 
     fn unclaim(&self, m: &mut Meta, claims: &[Claim]) {
         for c in claims {
-            m.inflight.remove(&c.gc);
+            self.release_inflight(m, c.gc);
         }
         self.inflight_done.notify_all();
     }
@@ -206,7 +206,7 @@ impl Qcow2 {
                 if old_host != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
                     self.free_later(&mut m, old_host, false);
                 }
-                m.inflight.remove(&c.gc);
+                self.release_inflight(&mut m, c.gc);
             }
             Ok::<(), Error>(())
         })();

@@ -40,6 +40,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
+/// Buckets of guest clusters with a condition variable each.
+const INFLIGHT_BUCKETS: usize = 64;
+
 /// How to open a qcow2 image.
 #[derive(Clone, Default)]
 pub struct Qcow2Options {
@@ -72,6 +75,10 @@ pub struct Qcow2 {
     meta: Mutex<Meta>,
     /// Signalled whenever a guest cluster leaves `Meta::inflight`.
     inflight_done: Condvar,
+    /// Signalled when a guest cluster leaves `Meta::inflight`, one per
+    /// bucket of clusters, so a commit wakes only writers that may be
+    /// waiting for that cluster, not every waiter.
+    cluster_done: Vec<Condvar>,
     /// Fast-path data I/O holds this shared; a flush takes it exclusively
     /// before freed clusters become reusable, so no overwrite that looked
     /// up a mapping before the free can land in a reused cluster.
@@ -182,6 +189,7 @@ impl Qcow2 {
             size: AtomicU64::new(hc.header.size),
             meta: Mutex::new(meta),
             inflight_done: Condvar::new(),
+            cluster_done: (0..INFLIGHT_BUCKETS).map(|_| Condvar::new()).collect(),
             io_gate: RwLock::new(()),
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
@@ -215,6 +223,21 @@ impl Qcow2 {
             self.file.flush().map_err(io_err("flushing header"))?;
         }
         Ok(())
+    }
+
+    /// Ends a writer's ownership of guest cluster `gc` and wakes those
+    /// waiting for it (and those waiting for no cluster to be in flight).
+    pub(crate) fn release_inflight(&self, m: &mut Meta, gc: u64) {
+        m.inflight.remove(&gc);
+        self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].notify_all();
+        if m.inflight.is_empty() {
+            self.inflight_done.notify_all();
+        }
+    }
+
+    /// Waits until `gc` may have left the in-flight set (callers re-check).
+    pub(crate) fn wait_for_cluster<'a>(&self, m: MutexGuard<'a, Meta>, gc: u64) -> MutexGuard<'a, Meta> {
+        self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].wait(m).unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {

@@ -199,7 +199,7 @@ impl Qcow2 {
                 match planned {
                     Some(step) => steps.push((at, chunk_end - at, step)),
                     None if steps.is_empty() => {
-                        m = self.wait_inflight(m);
+                        m = self.wait_for_cluster(m, gc);
                         self.check_writable(&m)?;
                         continue;
                     }
@@ -222,7 +222,6 @@ impl Qcow2 {
                         self.abandon(&mut m, steps);
                         return Err(e);
                     }
-                    self.inflight_done.notify_all();
                 }
                 Err(e) => {
                     self.poison(&mut m, &e);
@@ -238,10 +237,6 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn wait_inflight<'a>(&self, m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
-        self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Gives back clusters planned but not committed: their new host
     /// clusters were never referenced, so they are freed at once.
     fn abandon(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) {
@@ -250,10 +245,9 @@ impl Qcow2 {
                 if a.new_cluster {
                     let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
                 }
-                m.inflight.remove(&a.gc);
+                self.release_inflight(m, a.gc);
             }
         }
-        self.inflight_done.notify_all();
     }
 
     /// Whether the write leaves parts of the new mapping that must come
@@ -299,11 +293,32 @@ impl Qcow2 {
                 self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
             }
         }
+        // Allocations the write fills completely need no copy-on-write: they
+        // go out straight from the caller's buffer, host-contiguous runs as
+        // one write (sequential writes allocate contiguous clusters).
+        let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
         for (pos, len, s) in steps {
-            if let Step::Alloc(a) = s {
+            let Step::Alloc(a) = s else { continue };
+            let from = pos % cs;
+            let whole = self.alloc_span(a, from, from + len) == (from, from + len);
+            if whole {
+                let h = a.host + from;
+                match &mut run {
+                    Some((rh, rg, rl)) if *rh + *rl == h && *rg + *rl == *pos => *rl += len,
+                    _ => {
+                        if let Some((rh, rg, rl)) = run.take() {
+                            self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
+                        }
+                        run = Some((h, *pos, *len));
+                    }
+                }
+            } else {
                 let data = &buf[(pos - base) as usize..(pos - base + len) as usize];
-                self.write_allocated(a, pos % cs, data)?;
+                self.write_allocated(a, from, data)?;
             }
+        }
+        if let Some((rh, rg, rl)) = run {
+            self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
         }
         Ok(())
     }
@@ -428,7 +443,7 @@ impl Qcow2 {
             };
             self.set_l2_entry(m, a.gc, entry)?;
             self.release_entry(m, a.old, Some(a.host), false);
-            m.inflight.remove(&a.gc);
+            self.release_inflight(m, a.gc);
         }
         Ok(())
     }
@@ -436,7 +451,7 @@ impl Qcow2 {
     /// Waits until guest cluster `gc` is not in flight; returns the guard.
     fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>, gc: u64) -> Result<MutexGuard<'a, Meta>> {
         while m.inflight.contains(&gc) {
-            m = self.wait_inflight(m);
+            m = self.wait_for_cluster(m, gc);
         }
         self.check_writable(&m)?;
         Ok(m)

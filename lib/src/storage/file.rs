@@ -18,6 +18,9 @@ pub struct OpenFlags {
     pub direct: bool,
     /// Create the file (truncating an existing one).
     pub create: bool,
+    /// Ignore flushes (QEMU's cache=unsafe: faster, and a crash may lose
+    /// anything written).
+    pub no_flush: bool,
 }
 
 /// A host file.
@@ -25,6 +28,7 @@ pub struct OpenFlags {
 pub struct FileStorage {
     file: File,
     direct: bool,
+    no_flush: bool,
     align: usize,
     /// QEMU-compatible image locks, released when the storage is dropped.
     lock: Option<ImageLock>,
@@ -38,7 +42,7 @@ impl FileStorage {
     /// Opens `path` as asked.
     pub fn open(path: &Path, flags: OpenFlags) -> io::Result<Self> {
         let file = Self::open_file(path, flags, flags.create)?;
-        Ok(FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: None })
+        Ok(FileStorage { file, direct: flags.direct, no_flush: flags.no_flush, align: DIRECT_ALIGN, lock: None })
     }
 
     fn open_file(path: &Path, flags: OpenFlags, truncate: bool) -> io::Result<File> {
@@ -66,7 +70,8 @@ impl FileStorage {
     pub fn open_locked(path: &Path, flags: OpenFlags, mode: LockMode) -> Result<Self> {
         let io_err = |e| Error::io(format!("Could not open '{}'", path.display()), e);
         let file = Self::open_file(path, flags, false).map_err(io_err)?;
-        let mut st = FileStorage { file, direct: flags.direct, align: DIRECT_ALIGN, lock: None };
+        let mut st =
+            FileStorage { file, direct: flags.direct, no_flush: flags.no_flush, align: DIRECT_ALIGN, lock: None };
         st.lock(path, mode)?;
         if flags.create {
             st.file.set_len(0).map_err(io_err)?;
@@ -182,6 +187,9 @@ impl Storage for FileStorage {
         }
     }
     fn flush(&self) -> io::Result<()> {
+        if self.no_flush {
+            return Ok(());
+        }
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {

@@ -71,7 +71,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     // Locks as qemu-img commit holds them: the top (a writer when it is
     // emptied) and the base as writers, the layers in between as readers.
     let lock = |p: &Path, write: bool, mode: LockMode| {
-        FileStorage::open_locked(p, OpenFlags { write, direct: false, create: false }, mode)
+        FileStorage::open_locked(p, OpenFlags { write, ..OpenFlags::default() }, mode)
     };
     let _top_lock = lock(top, empty_top, LockMode::for_open(empty_top, false))?;
     let _between_locks = between.iter().map(|p| lock(p, false, LockMode::reader())).collect::<Result<Vec<_>>>()?;
