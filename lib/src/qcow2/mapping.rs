@@ -58,6 +58,10 @@ impl Qcow2 {
         if off == 0 {
             return Ok(L2Entry::default());
         }
+        // One lookup on the hot path (a cached table); load only on a miss.
+        if let Some(t) = m.l2.get(off) {
+            return Ok(self.g.l2.get(t, l2i));
+        }
         self.load_l2(m, off)?;
         let t = m.l2.get(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         Ok(self.g.l2.get(t, l2i))

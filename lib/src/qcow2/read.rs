@@ -59,6 +59,26 @@ impl Qcow2 {
 
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
+        // Fast path: a read inside one (sub)cluster, the common small
+        // random read, needs no plan to be built.
+        let step = self.g.sub_size;
+        if !buf.is_empty() && offset / step == (offset + buf.len() as u64 - 1) / step {
+            let gc = offset / self.g.cluster_size;
+            let in_off = offset % self.g.cluster_size;
+            let (piece, _gate) = {
+                let mut m = self.lock();
+                let e = self.l2_entry(&mut m, gc)?;
+                let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
+                let piece = match self.classify(e, sub, gc)? {
+                    ClusterKind::Unallocated => Piece::Backing,
+                    ClusterKind::Zero(_) => Piece::Zero,
+                    ClusterKind::Normal(host) => Piece::Host(host + in_off),
+                    ClusterKind::Compressed(d) => Piece::Compressed(d, in_off),
+                };
+                (piece, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+            };
+            return self.read_piece(buf, offset, piece);
+        }
         // Plan in bounded batches so the lock is not held across a huge
         // planning loop.
         const BATCH: u64 = 32 << 20;
