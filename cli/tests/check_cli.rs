@@ -108,3 +108,19 @@ fn dirty_image_is_repaired_and_said_so() {
     assert_eq!(run("qemu-img", &["check", s(&p)]).0, 0);
     assert_eq!(run("qemu-io", &["-c", "read -P 3 0 256k", "-c", "read -P 4 1M 4k", s(&p)]).0, 0);
 }
+
+#[test]
+fn preallocated_images_check_clean_and_read_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["metadata", "falloc", "full"] {
+        let p = dir.path().join(format!("{mode}.qcow2"));
+        let (code, _, err) =
+            oxcow(&["create", "-q", "-f", "qcow2", "-o", &format!("preallocation={mode}"), s(&p), "16M"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(run("qemu-img", &["check", s(&p)]).0, 0, "{mode}");
+        let (code, out, _) = run("qemu-io", &["-c", "read -P 0 0 16M", s(&p)]);
+        assert!(code == 0 && !out.contains("failed"), "{mode}: {out}");
+        let (_, map, _) = run("qemu-img", &["map", "--output=json", s(&p)]);
+        assert!(map.contains("\"data\": true"), "{mode} allocates: {map}");
+    }
+}

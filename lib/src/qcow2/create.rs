@@ -317,14 +317,22 @@ impl Qcow2 {
     }
 
     /// Allocates every cluster of the disk (preallocation=metadata and up).
+    /// With falloc the data clusters get their blocks, with full they are
+    /// written with zeros, before the L2 entries pointing at them are.
     fn preallocate(&self, mode: Preallocation) -> Result<()> {
         let cs = self.g.cluster_size;
         let clusters = self.len().div_ceil(cs);
         let mut m = self.lock();
+        // Host-contiguous runs of data clusters: (start, bytes).
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for gc in 0..clusters {
             let (l1i, l2i) = self.split(gc);
             let l2 = self.writable_l2(&mut m, l1i)?;
             let host = if self.g.external_data { gc * cs } else { self.alloc_cluster(&mut m)? };
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == host => *len += cs,
+                _ => runs.push((host, cs)),
+            }
             // Plain allocated entries, as QEMU writes them: the new file
             // is sparse, so the clusters read as zeros.
             let e = if self.g.extended {
@@ -335,20 +343,23 @@ impl Qcow2 {
             let t = m.l2.get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             self.g.l2.set(t, l2i, e);
         }
-        self.write_back(&mut m)?;
-        let end = if self.g.external_data { self.len() } else { m.file_end };
-        drop(m);
         let target: &dyn Storage = &*self.data;
-        match mode {
-            Preallocation::Full => {
-                crate::storage::write_zeros_chunked(target, 0, end).map_err(|e| Error::io("preallocating", e))?
-            }
-            _ => {
-                if target.len().map_err(|e| Error::io("preallocating", e))? < end {
-                    target.set_len(end).map_err(|e| Error::io("preallocating", e))?
-                }
+        let err = |e| Error::io("preallocating", e);
+        for &(start, len) in &runs {
+            match mode {
+                Preallocation::Full => crate::storage::write_zeros_chunked(target, start, len).map_err(err)?,
+                Preallocation::Falloc => target.allocate(start, len).map_err(err)?,
+                _ => {}
             }
         }
+        let end = runs.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        if target.len().map_err(err)? < end {
+            target.set_len(end).map_err(err)?;
+        }
+        if mode != Preallocation::Metadata {
+            self.sync("flushing preallocated data")?;
+        }
+        self.write_back(&mut m)?;
         Ok(())
     }
 }
@@ -396,5 +407,8 @@ mod tests {
         roundtrip(CreateOptions { size: 64 << 20, version: 2, ..Default::default() });
         roundtrip(CreateOptions { size: 64 << 20, extended_l2: true, cluster_size: 32768, ..Default::default() });
         roundtrip(CreateOptions { size: 64 << 20, lazy_refcounts: true, ..Default::default() });
+        for p in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
+            roundtrip(CreateOptions { size: 8 << 20, cluster_size: 4096, preallocation: p, ..Default::default() });
+        }
     }
 }
