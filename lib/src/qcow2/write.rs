@@ -37,6 +37,38 @@ enum Step {
 
 const ALL_SUBS: u32 = u32::MAX;
 
+/// Pieces of a write that are contiguous both in the guest and on the
+/// host, gathered so they go out as one write.
+#[derive(Default)]
+struct DataRun {
+    /// (host offset, guest offset, length) of the run so far.
+    run: Option<(u64, u64, u64)>,
+}
+
+impl DataRun {
+    /// Adds `len` bytes of guest offset `guest` (`buf` starts at `base`)
+    /// going to `host`, writing out the run so far if this does not
+    /// continue it.
+    fn add(&mut self, q: &Qcow2, buf: &[u8], base: u64, host: u64, guest: u64, len: u64) -> Result<()> {
+        match &mut self.run {
+            Some((rh, rg, rl)) if *rh + *rl == host && *rg + *rl == guest => *rl += len,
+            _ => {
+                self.finish(q, buf, base)?;
+                self.run = Some((host, guest, len));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes out the run gathered so far.
+    fn finish(&mut self, q: &Qcow2, buf: &[u8], base: u64) -> Result<()> {
+        if let Some((h, g, l)) = self.run.take() {
+            q.write_data(&buf[(g - base) as usize..(g - base + l) as usize], h)?;
+        }
+        Ok(())
+    }
+}
+
 impl Qcow2 {
     /// Bitmap of subclusters that `[from, to)` (offsets within a cluster)
     /// touches.
@@ -272,55 +304,31 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.g.cluster_size;
         {
-            // In-place overwrites: merge host-contiguous runs.
+            // In-place overwrites, host-contiguous runs as one write.
             let _gate = gate;
-            let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
+            let mut run = DataRun::default();
             for (pos, len, s) in steps {
                 if let Step::InPlace(host) = s {
-                    let h = host + pos % cs;
-                    match &mut run {
-                        Some((rh, rg, rl)) if *rh + *rl == h && *rg + *rl == *pos => *rl += len,
-                        _ => {
-                            if let Some((rh, rg, rl)) = run.take() {
-                                self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
-                            }
-                            run = Some((h, *pos, *len));
-                        }
-                    }
+                    run.add(self, buf, base, host + pos % cs, *pos, *len)?;
                 }
             }
-            if let Some((rh, rg, rl)) = run {
-                self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
-            }
+            run.finish(self, buf, base)?;
         }
         // Allocations the write fills completely need no copy-on-write: they
         // go out straight from the caller's buffer, host-contiguous runs as
         // one write (sequential writes allocate contiguous clusters).
-        let mut run: Option<(u64, u64, u64)> = None; // (host, guest, len)
+        let mut run = DataRun::default();
         for (pos, len, s) in steps {
             let Step::Alloc(a) = s else { continue };
             let from = pos % cs;
-            let whole = self.alloc_span(a, from, from + len) == (from, from + len);
-            if whole {
-                let h = a.host + from;
-                match &mut run {
-                    Some((rh, rg, rl)) if *rh + *rl == h && *rg + *rl == *pos => *rl += len,
-                    _ => {
-                        if let Some((rh, rg, rl)) = run.take() {
-                            self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
-                        }
-                        run = Some((h, *pos, *len));
-                    }
-                }
+            if self.alloc_span(a, from, from + len) == (from, from + len) {
+                run.add(self, buf, base, a.host + from, *pos, *len)?;
             } else {
                 let data = &buf[(pos - base) as usize..(pos - base + len) as usize];
                 self.write_allocated(a, from, data)?;
             }
         }
-        if let Some((rh, rg, rl)) = run {
-            self.write_data(&buf[(rg - base) as usize..(rg - base + rl) as usize], rh)?;
-        }
-        Ok(())
+        run.finish(self, buf, base)
     }
 
     fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
