@@ -5,24 +5,11 @@
 use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Runs a tool: (exit code, stdout, stderr).
-pub fn run(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs a tool that must succeed; returns stdout.
-pub fn ok(cmd: &str, args: &[&str]) -> String {
-    let (code, out, err) = run(cmd, args);
-    assert_eq!(code, 0, "{cmd} {args:?} failed: {out}{err}");
-    out
-}
+// The process helpers are shared with the other integration tests.
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{ok, run};
 
 /// Path as &str.
 pub fn s(p: &Path) -> &str {
