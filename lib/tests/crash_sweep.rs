@@ -116,7 +116,7 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize) -> usiz
                 6 | 7 => Op::Discard(off, len),
                 _ => Op::Flush,
             };
-            let log_start = crash.log().events.len();
+            let log_start = crash.event_count();
             match op {
                 Op::Write(o, l, p) => q.write_at(&vec![p; l as usize], o).unwrap(),
                 Op::Zero(o, l, u) => q.write_zeroes(o, l, u).unwrap(),
@@ -129,6 +129,16 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize) -> usiz
         std::mem::forget(q);
     }
     let log = crash.log();
+    if std::env::var("OXCOW_CRASH_VERBOSE").is_ok() {
+        let bytes: usize = log.events.iter().map(|e| if let Event::Write(_, d) = e { d.len() } else { 0 }).sum();
+        eprintln!(
+            "{}: {} events, {} bytes written, image {} bytes",
+            cfg.name,
+            log.events.len(),
+            bytes,
+            crash.len().unwrap_or(0)
+        );
+    }
     let flushes = log.flushes();
     // For each guest flush: index of the op and the storage event after
     // which it had completed (its last storage flush).
@@ -243,7 +253,7 @@ fn verify_state(
         pos = pos.max(b);
     }
     cmp(pos, DISK);
-    std::mem::forget(q);
+    drop(q);
 }
 
 fn configs() -> Vec<Config> {
@@ -276,7 +286,11 @@ fn configs() -> Vec<Config> {
 fn crash_sweep() {
     let (ops, subsets) = if long_mode() { (5000, 8) } else { (1000, 2) };
     let mut total = 0;
+    let only = std::env::var("OXCOW_CRASH_ONLY").ok();
     for (i, cfg) in configs().iter().enumerate() {
+        if only.as_deref().is_some_and(|o| o != cfg.name) {
+            continue;
+        }
         let n = run_config(cfg, 100 + i as u64, ops, subsets);
         eprintln!("crash sweep {}: {n} crash states", cfg.name);
         total += n;
@@ -342,7 +356,7 @@ fn crash_during_dirty_repair() {
             let mut got = vec![0u8; DISK as usize];
             q.read_at(&mut got, 0).unwrap();
             assert!(got == model, "data lost by a crash during repair (after event {f})");
-            std::mem::forget(q);
+            drop(q);
             states += 1;
         }
     }

@@ -81,7 +81,7 @@ fn sweep(name: &str, opts: CreateOptions) -> usize {
                     "{name}: fault at I/O {n} ({fault:?}, persistent {persistent}): {:?}",
                     r.messages
                 );
-                std::mem::forget(q);
+                drop(q);
                 points += 1;
             }
         }

@@ -117,7 +117,7 @@ fn run(name: &str, create: CreateOptions, seed: u64) -> usize {
                 let i = got.iter().zip(&backing).position(|(a, b)| a != b).unwrap_or(0);
                 panic!("{name}: state {states} (cut {cut}): byte {i} reads {} instead of {}", got[i], backing[i]);
             }
-            std::mem::forget(q);
+            drop(q);
             states += 1;
         }
     }

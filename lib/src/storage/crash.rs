@@ -36,6 +36,10 @@ impl CrashStorage {
     pub fn new(base: Vec<u8>) -> Self {
         CrashStorage { live: MemoryStorage::from_bytes(base.clone()), log: Mutex::new(Vec::new()), base }
     }
+    /// Number of events recorded so far (cheap, unlike [`Self::log`]).
+    pub fn event_count(&self) -> usize {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
     /// A copy of the log so far.
     pub fn log(&self) -> CrashLog {
         CrashLog { base: self.base.clone(), events: self.log.lock().unwrap_or_else(|e| e.into_inner()).clone() }
