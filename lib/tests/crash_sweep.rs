@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{apply_model, Op, Rng};
 use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options, Repair};
 use oxcow::raw::RawImage;
@@ -18,14 +18,6 @@ use oxcow::storage::{apply_event, CrashStorage, Event, MemoryStorage, Storage};
 use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
-
-#[derive(Clone, Copy, Debug)]
-enum Op {
-    Write(u64, u64, u8),
-    Zero(u64, u64, bool),
-    Discard(u64, u64),
-    Flush,
-}
 
 /// Writes applied beyond the durable prefix, and an optional torn write
 /// (event index, sectors that made it).
@@ -49,23 +41,6 @@ fn long_mode() -> bool {
 
 fn backing_bytes() -> Vec<u8> {
     (0..DISK * 3 / 4).map(|i| (i / 512 % 97) as u8 + 1).collect()
-}
-
-fn apply_model(model: &mut [u8], backing: &[u8], op: Op, cs: u64, v3: bool) {
-    match op {
-        Op::Write(off, len, p) => model[off as usize..(off + len) as usize].fill(p),
-        Op::Zero(off, len, _) => model[off as usize..(off + len) as usize].fill(0),
-        Op::Discard(off, len) => {
-            let first = off.div_ceil(cs) * cs;
-            let end = off + len;
-            let last = if end == DISK { DISK } else { end / cs * cs };
-            // v2 with a backing file: QEMU leaves the data.
-            if (v3 || backing.is_empty()) && last > first {
-                model[first as usize..last as usize].fill(0);
-            }
-        }
-        Op::Flush => {}
-    }
 }
 
 fn op_range(op: Op) -> Option<(u64, u64)> {

@@ -10,14 +10,6 @@ use oxcow::qcow2::{self, CreateOptions};
 use std::path::Path;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Write(u64, u64, u8),
-    Zero(u64, u64, bool),
-    Discard(u64, u64),
-    Flush,
-}
-
 fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<Op> {
     (0..n)
         .map(|_| {
@@ -37,32 +29,6 @@ fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize) -> Vec<Op> {
             }
         })
         .collect()
-}
-
-/// What the guest sees after `ops`, per QEMU's semantics.
-fn apply_model(model: &mut [u8], backing: &[u8], ops: &[Op], cs: u64, v3: bool) {
-    let size = model.len() as u64;
-    for &op in ops {
-        match op {
-            Op::Write(off, len, p) => model[off as usize..(off + len) as usize].fill(p),
-            Op::Zero(off, len, _) => model[off as usize..(off + len) as usize].fill(0),
-            Op::Discard(off, len) => {
-                let first = off.div_ceil(cs) * cs;
-                let end = off + len;
-                let last = if end == size { size } else { end / cs * cs };
-                let mut c = first;
-                while c < last {
-                    let e = (c + cs).min(size);
-                    // v2 with a backing file: QEMU leaves the data.
-                    if v3 || backing.is_empty() {
-                        model[c as usize..e as usize].fill(0);
-                    }
-                    c = e;
-                }
-            }
-            Op::Flush => {}
-        }
-    }
 }
 
 fn apply_dev(dev: &dyn BlockDevice, ops: &[Op]) {
@@ -101,7 +67,9 @@ fn run_case(dir: &Path, name: &str, opts: CreateOptions, with_backing: bool, see
     let ops = random_ops(&mut rng, size, cs, 60);
     let mut model = vec![0u8; size as usize];
     model[..backing.len()].copy_from_slice(&backing);
-    apply_model(&mut model, &backing, &ops, cs, opts.version == 3);
+    for &op in &ops {
+        apply_model(&mut model, &backing, op, cs, opts.version == 3);
+    }
     {
         let im =
             image::open(&img, &OpenOptions { format: Some(Format::Qcow2), write: true, ..Default::default() }).unwrap();
