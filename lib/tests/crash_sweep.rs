@@ -19,10 +19,6 @@ use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
 
-/// Writes applied beyond the durable prefix, and an optional torn write
-/// (event index, sectors that made it).
-type Variant = (Vec<usize>, Option<(usize, usize)>);
-
 struct Config {
     name: &'static str,
     create: CreateOptions,
@@ -150,41 +146,15 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize) -> usiz
             }
         }
         let window_end = flushes.get(fi + 1).copied().unwrap_or(log.events.len());
-        let window: Vec<usize> = (f + 1..window_end).filter(|&i| matches!(log.events[i], Event::Write(..))).collect();
         // Ops whose effects may be partly on disk: after the flush, started
         // before the window closes.
         let first_unstable = g.map_or(0, |g| g + 1);
         let unstable: Vec<(u64, u64)> =
             done[first_unstable..].iter().filter(|d| d.log_start < window_end).filter_map(|d| op_range(d.op)).collect();
-        let mut variants: Vec<Variant> = vec![(vec![], None)];
-        for _ in 0..subsets {
-            let mut pick: Vec<usize> = window.iter().copied().filter(|_| rng.below(2) == 0).collect();
-            // Reorder: later writes may land before earlier ones.
-            for i in (1..pick.len()).rev() {
-                pick.swap(i, rng.below(i as u64 + 1) as usize);
-            }
-            variants.push((pick, None));
-        }
-        if let Some(&last) = window.last() {
-            if let Event::Write(_, data) = &log.events[last] {
-                let sectors = data.len().div_ceil(512);
-                if sectors > 1 {
-                    let all_but_last: Vec<usize> = window[..window.len() - 1].to_vec();
-                    variants.push((all_but_last, Some((last, 1 + rng.below(sectors as u64 - 1) as usize))));
-                }
-            }
-        }
-        for (extra, torn) in variants {
+        let variants = log.crash_variants(f + 1, window_end, subsets, &mut |n| rng.below(n));
+        for variant in variants {
             let mut bytes = durable.clone();
-            for &i in &extra {
-                apply_event(&mut bytes, &log.events[i]);
-            }
-            if let Some((i, sectors)) = torn {
-                if let Event::Write(off, data) = &log.events[i] {
-                    let n = (sectors * 512).min(data.len());
-                    apply_event(&mut bytes, &Event::Write(*off, data[..n].to_vec()));
-                }
-            }
+            log.apply_variant(&mut bytes, &variant);
             verify_state(cfg, bytes, &model, &unstable, &open, f, states);
             states += 1;
         }

@@ -17,10 +17,6 @@ use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
 
-/// Writes applied past the durable prefix, and an optional torn write
-/// (event index, sectors that made it).
-type Variant = (Vec<usize>, Option<(usize, usize)>);
-
 fn backing_bytes() -> Vec<u8> {
     // Data with zero runs (which become zero clusters on v3).
     (0..DISK).map(|i| if (i / 8192) % 5 == 4 { 0 } else { (i / 512 % 251) as u8 + 1 }).collect()
@@ -79,33 +75,13 @@ fn run(name: &str, create: CreateOptions, seed: u64) -> usize {
             applied += 1;
         }
         let window_end = cuts.get(ci + 1).copied().unwrap_or(log.events.len());
-        let window: Vec<usize> = (cut..window_end).filter(|&i| matches!(log.events[i], Event::Write(..))).collect();
-        let mut variants: Vec<Variant> = vec![(vec![], None), (window.clone(), None)];
-        for _ in 0..6 {
-            let mut pick: Vec<usize> = window.iter().copied().filter(|_| rng.below(2) == 0).collect();
-            for i in (1..pick.len()).rev() {
-                pick.swap(i, rng.below(i as u64 + 1) as usize);
-            }
-            variants.push((pick, None));
-        }
-        if let Some(&last) = window.last() {
-            if let Event::Write(_, data) = &log.events[last] {
-                let sectors = data.len().div_ceil(512);
-                if sectors > 1 {
-                    variants.push((window[..window.len() - 1].to_vec(), Some((last, sectors / 2))));
-                }
-            }
-        }
-        for (extra, torn) in variants {
+        let mut variants = log.crash_variants(cut, window_end, 6, &mut |n| rng.below(n));
+        // Every write of the window landed, too.
+        let all: Vec<usize> = (cut..window_end).filter(|&i| matches!(log.events[i], Event::Write(..))).collect();
+        variants.push((all, None));
+        for variant in variants {
             let mut bytes = durable.clone();
-            for &i in &extra {
-                apply_event(&mut bytes, &log.events[i]);
-            }
-            if let Some((i, sectors)) = torn {
-                if let Event::Write(off, data) = &log.events[i] {
-                    apply_event(&mut bytes, &Event::Write(*off, data[..sectors * 512].to_vec()));
-                }
-            }
+            log.apply_variant(&mut bytes, &variant);
             let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(bytes));
             let q = Qcow2::open(st, opts(false))
                 .unwrap_or_else(|e| panic!("{name}: state {states} (cut {cut}) does not open: {e}"));

@@ -77,6 +77,10 @@ impl Storage for CrashStorage {
     }
 }
 
+/// Writes applied past the durable state, and an optional torn write
+/// (event index, sectors that made it).
+pub type CrashVariant = (Vec<usize>, Option<(usize, usize)>);
+
 /// A recorded history, from which crash states are built.
 #[derive(Debug, Clone)]
 pub struct CrashLog {
@@ -113,6 +117,58 @@ impl CrashLog {
         self.events.iter().enumerate().filter(|(_, e)| matches!(e, Event::Flush)).map(|(i, _)| i).collect()
     }
 
+    /// Ways a power cut between events `from` and `to` (exclusive, no
+    /// flush in between) could leave the disk, on top of the durable state
+    /// before `from`: nothing written, `subsets` random subsets of the
+    /// writes in random order, and all but the last write with the last one
+    /// torn after a random number of sectors. Each is (writes applied, torn
+    /// write as (event, sectors)); `rand(n)` returns a number below `n`.
+    pub fn crash_variants(
+        &self,
+        from: usize,
+        to: usize,
+        subsets: usize,
+        rand: &mut dyn FnMut(u64) -> u64,
+    ) -> Vec<CrashVariant> {
+        let window: Vec<usize> =
+            (from..to.min(self.events.len())).filter(|&i| matches!(self.events[i], Event::Write(..))).collect();
+        let mut variants: Vec<CrashVariant> = vec![(vec![], None)];
+        for _ in 0..subsets {
+            let mut pick: Vec<usize> = window.iter().copied().filter(|_| rand(2) == 0).collect();
+            // Later writes may land before earlier ones.
+            for i in (1..pick.len()).rev() {
+                pick.swap(i, rand(i as u64 + 1) as usize);
+            }
+            variants.push((pick, None));
+        }
+        if let Some(&last) = window.last() {
+            if let Event::Write(_, data) = &self.events[last] {
+                let sectors = data.len().div_ceil(512);
+                if sectors > 1 {
+                    let torn = 1 + rand(sectors as u64 - 1) as usize;
+                    variants.push((window[..window.len() - 1].to_vec(), Some((last, torn))));
+                }
+            }
+        }
+        variants
+    }
+
+    /// Applies a [`CrashVariant`] to `bytes` (the durable state it is
+    /// relative to).
+    pub fn apply_variant(&self, bytes: &mut Vec<u8>, variant: &CrashVariant) {
+        for &i in &variant.0 {
+            if let Some(e) = self.events.get(i) {
+                apply_event(bytes, e);
+            }
+        }
+        if let Some((i, sectors)) = variant.1 {
+            if let Some(Event::Write(off, data)) = self.events.get(i) {
+                let n = (sectors * 512).min(data.len());
+                apply_event(bytes, &Event::Write(*off, data[..n].to_vec()));
+            }
+        }
+    }
+
     /// The disk after a crash: every event before `durable` applied in
     /// order, then the events at the indices `extra` (all after `durable`,
     /// applied in the order given), and finally, when `torn` is set, only
@@ -122,17 +178,7 @@ impl CrashLog {
         for e in &self.events[..durable.min(self.events.len())] {
             apply_event(&mut bytes, e);
         }
-        for &i in extra {
-            if let Some(e) = self.events.get(i) {
-                apply_event(&mut bytes, e);
-            }
-        }
-        if let Some((i, sectors)) = torn {
-            if let Some(Event::Write(off, data)) = self.events.get(i) {
-                let n = (sectors * 512).min(data.len());
-                apply_event(&mut bytes, &Event::Write(*off, data[..n].to_vec()));
-            }
-        }
+        self.apply_variant(&mut bytes, &(extra.to_vec(), torn));
         bytes
     }
 }

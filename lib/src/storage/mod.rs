@@ -12,7 +12,7 @@ pub mod lock;
 mod memory;
 
 pub use counting::CountingStorage;
-pub use crash::{apply_event, CrashLog, CrashStorage, Event};
+pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
 pub use fault::{Fault, FaultStorage};
 pub use file::{FileStorage, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
