@@ -338,29 +338,23 @@ impl Qcow2 {
     /// Writes `data` at `from` within a cluster being allocated, copying
     /// the old content of the touched (sub)clusters around it.
     fn write_allocated(&self, a: &Alloc, from: u64, data: &[u8]) -> Result<()> {
-        let cs = self.g.cluster_size;
+        if a.fresh && self.old_is_zero(a.old) {
+            // Around the write the old content is zeros, which a cluster
+            // never used before already reads as: only the data goes out.
+            return self.write_data(data, a.host + from);
+        }
         let to = from + data.len() as u64;
         let (span_from, span_to) = self.alloc_span(a, from, to);
+        debug_assert!(span_to <= self.g.cluster_size);
         let mut buf = vec![0u8; (span_to - span_from) as usize];
-        let old_readable = self.old_is_zero(a.old);
-        if !(a.fresh && old_readable && span_from == from && span_to == to) {
-            // Head and tail come from the old content, unless they are
-            // zeros that a fresh cluster already reads as.
-            if from > span_from && !(a.fresh && old_readable) {
-                self.fill_old(&mut buf[..(from - span_from) as usize], a, span_from)?;
-            }
-            if span_to > to && !(a.fresh && old_readable) {
-                self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
-            }
+        if from > span_from {
+            self.fill_old(&mut buf[..(from - span_from) as usize], a, span_from)?;
+        }
+        if span_to > to {
+            self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
         }
         buf[(from - span_from) as usize..(to - span_from) as usize].copy_from_slice(data);
-        let (w_from, w_buf) = if a.fresh && old_readable {
-            (from, &buf[(from - span_from) as usize..(to - span_from) as usize])
-        } else {
-            (span_from, &buf[..])
-        };
-        debug_assert!(span_to <= cs);
-        self.write_data(w_buf, a.host + w_from)
+        self.write_data(&buf, a.host + span_from)
     }
 
     /// The byte range within the cluster that the write must produce: the
