@@ -52,7 +52,7 @@ impl FileStorage {
             opts.create(true).truncate(truncate);
         }
         if flags.direct {
-            opts.custom_flags(libc::O_DIRECT);
+            opts.custom_flags(super::sys::O_DIRECT);
         }
         let file = opts.open(path)?;
         if file.metadata()?.is_dir() {
@@ -199,11 +199,9 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match fallocate(&self.file, flags, offset, len) {
+        match super::sys::punch_hole(&self.file, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+            Err(e) if super::sys::is_unsupported(&e) => {
                 let size = self.len()?;
                 let end = offset.saturating_add(len).min(size);
                 if end > offset {
@@ -211,35 +209,34 @@ impl Storage for FileStorage {
                 }
                 Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         }
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        match fallocate(&self.file, FallocateFlags::empty(), offset, len) {
+        match super::sys::reserve(&self.file, offset, len) {
             Ok(()) => Ok(()),
             // Space reservation is an optimisation; without it writes
             // simply extend the file.
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) if super::sys::is_unsupported(&e) => Ok(()),
+            Err(e) => Err(e),
         }
     }
     fn allocated_size(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.blocks() * 512)
     }
     fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
-        use rustix::fs::{seek, SeekFrom};
+        use super::sys::{seek_data, seek_hole};
         let len = self.len().ok()?;
         if offset >= len {
             return None;
         }
-        match seek(&self.file, SeekFrom::Data(offset)) {
+        match seek_data(&self.file, offset) {
             Ok(data) if data > offset => Some((false, data.min(len))),
-            Ok(_) => match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(_) => match seek_hole(&self.file, offset) {
                 Ok(hole) => Some((true, hole.min(len).max(offset + 1))),
                 Err(_) => None,
             },
-            Err(e) if e == rustix::io::Errno::NXIO => Some((false, len)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Some((false, len)),
             Err(_) => None,
         }
     }

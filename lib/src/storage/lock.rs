@@ -20,6 +20,7 @@
 //! The bytes lie inside the qcow2 header cluster, but advisory locks have
 //! no effect on reads and writes, so the image data is not disturbed.
 
+use super::sys;
 use crate::{Error, Result};
 use std::fs::File;
 use std::io;
@@ -288,66 +289,6 @@ fn take(fd: &File, base: u64, bit: u32, shared: bool) -> std::result::Result<(),
 fn unlock_all(fd: &File) -> io::Result<()> {
     sys::unlock(fd, PERM_BASE, u64::from(BIT_COUNT))?;
     sys::unlock(fd, SHARED_BASE, u64::from(BIT_COUNT))
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-mod sys {
-    use nix::fcntl::{fcntl, FcntlArg};
-    use std::fs::File;
-    use std::io;
-
-    fn flock(kind: libc::c_int, start: u64, len: u64) -> libc::flock {
-        libc::flock {
-            l_type: kind as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: start as libc::off_t,
-            l_len: len as libc::off_t,
-            // OFD lock requests must leave the pid zero.
-            l_pid: 0,
-        }
-    }
-
-    fn errno(e: nix::Error) -> io::Error {
-        io::Error::from_raw_os_error(e as i32)
-    }
-
-    pub fn read_lock(fd: &File, byte: u64) -> io::Result<()> {
-        fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(libc::F_RDLCK, byte, 1))).map(|_| ()).map_err(errno)
-    }
-
-    pub fn unlock(fd: &File, start: u64, len: u64) -> io::Result<()> {
-        fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(libc::F_UNLCK, start, len))).map(|_| ()).map_err(errno)
-    }
-
-    /// Whether another open file description holds any lock on `byte`:
-    /// asking for an exclusive lock is refused by anybody else's shared
-    /// lock but never by our own.
-    pub fn locked_by_other(fd: &File, byte: u64) -> io::Result<bool> {
-        let mut fl = flock(libc::F_WRLCK, byte, 1);
-        fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).map_err(errno)?;
-        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-mod sys {
-    //! Hosts without open-file-description locks: behave as a file system
-    //! that lacks them, so opening proceeds unlocked.
-    use std::fs::File;
-    use std::io;
-
-    fn unsupported() -> io::Error {
-        io::Error::from_raw_os_error(libc::EOPNOTSUPP)
-    }
-    pub fn read_lock(_: &File, _: u64) -> io::Result<()> {
-        Err(unsupported())
-    }
-    pub fn unlock(_: &File, _: u64, _: u64) -> io::Result<()> {
-        Ok(())
-    }
-    pub fn locked_by_other(_: &File, _: u64) -> io::Result<bool> {
-        Err(unsupported())
-    }
 }
 
 #[cfg(test)]

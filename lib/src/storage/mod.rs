@@ -10,6 +10,7 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+mod sys;
 
 pub use counting::CountingStorage;
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};

@@ -1,0 +1,176 @@
+//! The host system calls the storage layer needs beyond `std`, in one
+//! audited place.
+//!
+//! `std` offers no hole punching, no space reservation, no data/hole
+//! seeking and no open-file-description byte-range locks. They come from
+//! `libc`, the crate's one syscall dependency: `rustix`, safe as it is,
+//! has no byte-range OFD locks (QEMU's locking protocol needs them), and
+//! `nix` would be a second crate for the same calls. This is the only
+//! module of the crate where `unsafe` is allowed; every block says why it
+//! is sound.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+
+/// Converts a byte offset or length to `off_t`, refusing what it cannot
+/// hold (the kernel would refuse it too, with the same errno).
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+pub use imp::O_DIRECT;
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod imp {
+    use super::off;
+    use std::fs::File;
+    use std::io;
+    use std::os::unix::io::AsRawFd;
+
+    pub const PUNCH_HOLE_KEEP_SIZE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    pub const SEEK_DATA: libc::c_int = libc::SEEK_DATA;
+    pub const SEEK_HOLE: libc::c_int = libc::SEEK_HOLE;
+    /// `O_DIRECT`, for `OpenOptionsExt::custom_flags`.
+    pub const O_DIRECT: libc::c_int = libc::O_DIRECT;
+
+    /// `fallocate(2)` with `mode`; the errno on failure.
+    pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = (off(offset)?, off(len)?);
+        // SAFETY: fallocate takes a descriptor and plain integers; the
+        // descriptor is open for as long as `file` is borrowed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// `lseek(2)` with `whence`; the resulting offset.
+    pub fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+        let offset = off(offset)?;
+        // SAFETY: lseek takes a descriptor and plain integers; the
+        // descriptor is open for as long as `file` is borrowed. The file
+        // position it moves is never used: storage I/O is positional.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+
+    fn flock(kind: libc::c_int, start: u64, len: u64) -> io::Result<libc::flock> {
+        // SAFETY: `flock` is a plain C struct of integers, for which all
+        // zeros is a valid value; the fields that matter are set below.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = off(start)?;
+        fl.l_len = off(len)?;
+        // OFD lock requests must leave the pid zero (it is, from zeroed()).
+        Ok(fl)
+    }
+
+    /// `F_OFD_SETLK` of `kind` (`F_RDLCK`, `F_WRLCK`, `F_UNLCK`) over
+    /// `[start, start + len)`, not waiting.
+    pub fn ofd_setlk(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Result<()> {
+        let fl = flock(kind, start, len)?;
+        // SAFETY: F_OFD_SETLK reads the `flock` the pointer refers to,
+        // which lives across the call; the descriptor is open.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// `F_OFD_GETLK` for `kind` over `[start, start + len)`: whether a lock
+    /// of another open file description stands in the way.
+    pub fn ofd_conflicts(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Result<bool> {
+        let mut fl = flock(kind, start, len)?;
+        // SAFETY: F_OFD_GETLK reads and rewrites the `flock` the pointer
+        // refers to, which is ours and lives across the call.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod imp {
+    //! Hosts without these calls: every one reports "not supported", which
+    //! callers treat as a file system that lacks the feature.
+    use std::fs::File;
+    use std::io;
+
+    pub const PUNCH_HOLE_KEEP_SIZE: libc::c_int = 0;
+    pub const SEEK_DATA: libc::c_int = 0;
+    pub const SEEK_HOLE: libc::c_int = 0;
+    pub const O_DIRECT: libc::c_int = 0;
+
+    fn unsupported() -> io::Error {
+        io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+    }
+    pub fn fallocate(_: &File, _: libc::c_int, _: u64, _: u64) -> io::Result<()> {
+        Err(unsupported())
+    }
+    pub fn lseek(_: &File, _: u64, _: libc::c_int) -> io::Result<u64> {
+        Err(unsupported())
+    }
+    pub fn ofd_setlk(_: &File, _: libc::c_int, _: u64, _: u64) -> io::Result<()> {
+        Err(unsupported())
+    }
+    pub fn ofd_conflicts(_: &File, _: libc::c_int, _: u64, _: u64) -> io::Result<bool> {
+        Err(unsupported())
+    }
+}
+
+/// Whether an error says the host or file system lacks the call.
+pub fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS))
+}
+
+/// Deallocates `[offset, offset + len)`, keeping the file's length.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    imp::fallocate(file, imp::PUNCH_HOLE_KEEP_SIZE, offset, len)
+}
+
+/// Reserves blocks for `[offset, offset + len)`, extending the length if
+/// the range ends past it.
+pub fn reserve(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    imp::fallocate(file, 0, offset, len)
+}
+
+/// The first offset at or after `offset` that holds data (`ENXIO` when
+/// none does).
+pub fn seek_data(file: &File, offset: u64) -> io::Result<u64> {
+    imp::lseek(file, offset, imp::SEEK_DATA)
+}
+
+/// The first offset at or after `offset` inside a hole (the end of the
+/// file counts as one).
+pub fn seek_hole(file: &File, offset: u64) -> io::Result<u64> {
+    imp::lseek(file, offset, imp::SEEK_HOLE)
+}
+
+/// Takes a shared open-file-description lock on one byte, not waiting.
+pub fn read_lock(file: &File, byte: u64) -> io::Result<()> {
+    imp::ofd_setlk(file, libc::F_RDLCK as libc::c_int, byte, 1)
+}
+
+/// Releases our open-file-description locks over `[start, start + len)`.
+pub fn unlock(file: &File, start: u64, len: u64) -> io::Result<()> {
+    imp::ofd_setlk(file, libc::F_UNLCK as libc::c_int, start, len)
+}
+
+/// Whether another open file description holds any lock on `byte`: asking
+/// for an exclusive lock is refused by anybody else's shared lock but
+/// never by our own.
+pub fn locked_by_other(file: &File, byte: u64) -> io::Result<bool> {
+    imp::ofd_conflicts(file, libc::F_WRLCK as libc::c_int, byte, 1)
+}
