@@ -3,7 +3,7 @@
 
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
-use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
+use crate::nbd::client::{ClientOptions, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
@@ -260,8 +260,8 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 ///
 /// Names starting with `nbd:` (`nbd://HOST[:PORT]/NAME`,
 /// `nbd+unix:///NAME?socket=PATH`, QEMU's legacy `nbd:HOST:PORT`) open a
-/// network export through [`crate::nbd::NbdClient`] (no locks: there is no
-/// local file); a raw export's device is the client itself. Such names
+/// network export through [`NbdStorage`] (no locks: there is no local
+/// file); a raw export's device is the client itself. Such names
 /// inside an image, as backing files, are followed only with
 /// `opts.allow_network_backing`.
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
@@ -275,35 +275,11 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     if depth > MAX_BACKING_DEPTH {
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
     }
-    // `nbd:` names open a network export (no local file, so no locks).
-    let nbd = open_nbd_name(path, opts)?;
-    let (storage, format, probed): (Arc<dyn Storage>, Format, bool) = match &nbd {
-        Some(c) => {
-            let s: Arc<dyn Storage> = Arc::new(NbdStorage(c.clone()));
-            let (f, p) = match opts.format {
-                Some(f) => (f, false),
-                None => (probe_format(&*s)?, true),
-            };
-            (s, f, p)
-        }
-        None => {
-            // Locked only once the format is known (which locks depends
-            // on it); probing merely reads.
-            let mut file = open_file(path, opts.write, opts.cache, None)?;
-            let (format, probed) = match opts.format {
-                Some(f) => (f, false),
-                None => (probe_format(&file)?, true),
-            };
-            if let Some(mode) = lock_mode(opts, format) {
-                file.lock(path, mode)?;
-            }
-            (Arc::new(file), format, probed)
-        }
-    };
+    let Opened { storage, native_raw, format, probed } = open_storage(path, opts)?;
     match format {
         Format::Raw => {
-            let dev: Arc<dyn BlockDevice> = match nbd {
-                Some(c) => c,
+            let dev: Arc<dyn BlockDevice> = match native_raw {
+                Some(d) => d,
                 None => Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?),
             };
             Ok(Image {
@@ -391,17 +367,48 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
     }
 }
 
-/// Connects to a network export when `path` is an NBD name.
-fn open_nbd_name(path: &Path, opts: &OpenOptions) -> Result<Option<Arc<NbdClient>>> {
-    let Some(name) = path.to_str().filter(|n| NbdUrl::is_nbd(n)) else {
-        return Ok(None);
-    };
-    let url = NbdUrl::parse(name)?;
-    let c = NbdClient::connect_with(url, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
-    if opts.write && c.is_read_only() {
-        return Err(Error::ReadOnly(format!("NBD export '{name}' is read-only")));
-    }
-    Ok(Some(Arc::new(c)))
+/// The bytes under an image, opened by the storage driver its name
+/// selects, and the image's format.
+struct Opened {
+    storage: Arc<dyn Storage>,
+    /// A raw device the driver provides itself, used instead of
+    /// [`RawImage`] for raw images.
+    native_raw: Option<Arc<dyn BlockDevice>>,
+    format: Format,
+    /// The format was guessed from the content, not given.
+    probed: bool,
+}
+
+/// Opens the storage `path` names: `nbd:` names open a network export (no
+/// local file, so no locks), anything else a host file, locked once the
+/// format is known.
+fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
+        Some(name) => {
+            let nbd = NbdStorage::open(name, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
+            let (f, p) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&nbd)?, true),
+            };
+            // The client is the export's raw device: it knows the
+            // export's allocation and zeroes and trims natively.
+            let raw: Arc<dyn BlockDevice> = nbd.client().clone();
+            Opened { storage: Arc::new(nbd), native_raw: Some(raw), format: f, probed: p }
+        }
+        None => {
+            // Locked only once the format is known (which locks depend
+            // on it); probing merely reads.
+            let mut file = open_file(path, opts.write, opts.cache, None)?;
+            let (format, probed) = match opts.format {
+                Some(f) => (f, false),
+                None => (probe_format(&file)?, true),
+            };
+            if let Some(mode) = lock_mode(opts, format) {
+                file.lock(path, mode)?;
+            }
+            Opened { storage: Arc::new(file), native_raw: None, format, probed }
+        }
+    })
 }
 
 /// Creates an empty file (or truncates one) for a new image, holding it

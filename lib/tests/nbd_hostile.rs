@@ -5,7 +5,7 @@ mod nbd_support;
 
 use nbd_support::*;
 use oxcow::nbd::proto::*;
-use oxcow::nbd::{DiscardMode, ExportConfig, ServeOptions};
+use oxcow::nbd::server::{DiscardMode, ExportConfig, ServeOptions};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 

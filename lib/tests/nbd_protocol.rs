@@ -6,7 +6,7 @@ mod nbd_support;
 
 use nbd_support::*;
 use oxcow::nbd::proto::*;
-use oxcow::nbd::{DetectZeroes, DiscardMode, ExportConfig};
+use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig};
 use oxcow::{BlockDevice, BlockStatus, Error, Result};
 use std::sync::{Arc, Mutex};
 

@@ -6,7 +6,7 @@ mod nbd_support;
 use nbd_support::*;
 use oxcow::image::{self, OpenOptions};
 use oxcow::nbd::proto::*;
-use oxcow::nbd::{DiscardMode, ExportConfig};
+use oxcow::nbd::server::{DiscardMode, ExportConfig};
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;

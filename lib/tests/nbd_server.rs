@@ -4,7 +4,7 @@
 mod nbd_support;
 
 use nbd_support::*;
-use oxcow::nbd::{DiscardMode, ExportConfig};
+use oxcow::nbd::server::{DiscardMode, ExportConfig};
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;

@@ -4,7 +4,7 @@
 mod remote_support;
 
 use oxcow::image::{self, Format, OpenOptions};
-use oxcow::nbd::NbdClient;
+use oxcow::nbd::client::NbdClient;
 use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
 use oxcow::BlockDevice;
@@ -152,14 +152,14 @@ fn dead_server_gives_one_clear_line() {
     let port = l.local_addr().unwrap().port();
     drop(l);
     let url = format!("nbd://127.0.0.1:{port}/");
-    let e = NbdClient::connect(&url).err().expect("connecting to nothing");
+    let e = NbdClient::connect(&url).expect_err("connecting to nothing");
     assert_eq!(e.to_string(), format!("Failed to connect to '127.0.0.1:{port}': Connection refused"));
     let e = image::open(&url, &OpenOptions::read_only()).err().expect("opening nothing");
     assert!(e.to_string().starts_with("Failed to connect to"), "{e}");
     assert!(!e.to_string().contains('\n'));
     let dir = tempfile::tempdir().unwrap();
     let url = format!("nbd+unix:///x?socket={}", dir.path().join("none.sock").display());
-    let e = NbdClient::connect(&url).err().expect("no socket");
+    let e = NbdClient::connect(&url).expect_err("no socket");
     assert!(e.to_string().ends_with("No such file or directory"), "{e}");
 }
 

@@ -6,7 +6,7 @@ mod common;
 mod remote_support;
 
 use oxcow::image::{self, OpenOptions};
-use oxcow::nbd::NbdClient;
+use oxcow::nbd::client::NbdClient;
 use oxcow::qcow2::CreateOptions;
 use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};

@@ -2,8 +2,8 @@
 //! every bad reply must become an error (promptly), never a panic, a hang
 //! or a huge allocation.
 
+use oxcow::nbd::client::{ClientOptions, NbdClient, NbdUrl};
 use oxcow::nbd::proto::*;
-use oxcow::nbd::{ClientOptions, NbdClient, NbdUrl};
 use oxcow::BlockDevice;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -252,7 +252,7 @@ fn go_refused_with_unknown_export() {
             s.write_all(&reply).unwrap();
         }
     });
-    let e = NbdClient::connect(&url).err().expect("unknown export accepted");
+    let e = NbdClient::connect(&url).expect_err("unknown export accepted");
     let msg = e.to_string();
     assert!(msg.starts_with("Failed to connect to") && msg.contains("export unknown: no such export"), "{msg}");
     h.join().unwrap();

@@ -6,7 +6,7 @@
 
 use crate::util::{open_image, parse_format, CliError, CliResult};
 use oxcow::image::{CacheMode, OpenOptions};
-use oxcow::nbd::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

@@ -276,7 +276,7 @@ impl Drop for Prefetcher {
 /// let opts = image::OpenOptions { write: true, allow_network_backing: true, ..Default::default() };
 /// let img = image::open("disk.qcow2", &opts).unwrap();
 /// let (dev, prefetcher) = prefetch::for_export(&img, prefetch::PrefetchOptions::default()).unwrap();
-/// let server = nbd::Server::new(dev, nbd::ExportConfig::default());
+/// let server = nbd::server::Server::new(dev, nbd::server::ExportConfig::default());
 /// // ... serve ...
 /// prefetcher.stop();
 /// ```

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use oxcow::nbd::proto::*;
-use oxcow::nbd::{ExportConfig, ServeOptions, Server};
+use oxcow::nbd::server::{ExportConfig, ServeOptions, Server};
 use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
 use oxcow::BlockDevice;

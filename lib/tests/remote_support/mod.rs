@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use oxcow::nbd::proto::{CMD_READ, CMD_WRITE, IHAVEOPT, OPT_EXPORT_NAME, REQUEST_MAGIC};
-use oxcow::nbd::{ExportConfig, ServeOptions, Server};
+use oxcow::nbd::server::{ExportConfig, ServeOptions, Server};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;

@@ -1,116 +1,22 @@
 //! [`Server`]: accepting clients, limiting how many are served at once,
 //! and shutting down cleanly.
 
+use super::config::{ExportConfig, ServeOptions};
 use super::conn::{Connection, Listener};
-use super::{handshake, transmission, ExportConfig};
+use super::export::Shared;
+use super::{handshake, transmission};
 use crate::{BlockDevice, Error, Result};
-use std::collections::HashMap;
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How often the accept loop looks at the shutdown flag and the number of
 /// live connections.
 const POLL: Duration = Duration::from_millis(10);
-
-/// Tuning of [`Server::serve`].
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Keep serving after the last client leaves (qemu-nbd's `-t`);
-    /// otherwise serving ends once a client has come and all have gone.
-    pub persistent: bool,
-    /// Most clients served at once (qemu-nbd's `-e`, default 1; 0 counts
-    /// as 1); further clients wait in the listen backlog until a slot
-    /// frees, as with qemu-nbd.
-    pub max_connections: usize,
-    /// Worker threads per connection carrying out requests in parallel.
-    pub workers: usize,
-    /// Longest a client may take to finish negotiation.
-    pub handshake_timeout: Duration,
-    /// Longest the server waits on a client in the middle of a message,
-    /// either way (the rest of a request once it has begun, or room to
-    /// send a reply) before dropping it. Idle time between requests is not
-    /// limited.
-    pub io_timeout: Duration,
-    /// Payload bytes (write data and read buffers) one client may have in
-    /// flight before its further requests wait.
-    pub max_in_flight_bytes: usize,
-    /// Requests one client may have in flight before its further requests wait.
-    pub max_in_flight_requests: usize,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            persistent: false,
-            max_connections: 1,
-            workers: 4,
-            handshake_timeout: Duration::from_secs(10),
-            io_timeout: Duration::from_secs(60),
-            max_in_flight_bytes: 64 << 20,
-            max_in_flight_requests: 128,
-        }
-    }
-}
-
-/// State shared by every connection of a server.
-pub(crate) struct Shared {
-    pub device: Arc<dyn BlockDevice>,
-    pub config: ExportConfig,
-    /// Writes are refused (asked for, or the device itself is read-only).
-    pub read_only: bool,
-    stopping: AtomicBool,
-    live: Mutex<Registry>,
-}
-
-#[derive(Default)]
-struct Registry {
-    next: u64,
-    shutdowns: HashMap<u64, Box<dyn Fn() + Send>>,
-}
-
-impl Shared {
-    /// Whether `name` selects the export: its own name, or the empty name
-    /// that means the default export (the only one here).
-    pub fn name_matches(&self, name: &[u8]) -> bool {
-        name.is_empty() || name == self.config.name.as_bytes()
-    }
-    /// The server is shutting down.
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
-    }
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    /// Remembers how to shut a connection down; `None` when the server is
-    /// already stopping (the connection is shut down at once).
-    fn register(&self, shutdown: Box<dyn Fn() + Send>) -> Option<u64> {
-        let mut r = self.registry();
-        if self.is_stopping() {
-            drop(r);
-            shutdown();
-            return None;
-        }
-        let id = r.next;
-        r.next += 1;
-        r.shutdowns.insert(id, shutdown);
-        Some(id)
-    }
-    fn unregister(&self, id: u64) {
-        self.registry().shutdowns.remove(&id);
-    }
-    fn stop_all(&self) {
-        let r = self.registry();
-        self.stopping.store(true, Ordering::Release);
-        for s in r.shutdowns.values() {
-            s();
-        }
-    }
-}
 
 /// An NBD server exporting one device. Cheap to clone; clones serve the
 /// same export.
@@ -122,16 +28,7 @@ pub struct Server {
 impl Server {
     /// A server for `device`, presented as `config` says.
     pub fn new(device: Arc<dyn BlockDevice>, config: ExportConfig) -> Server {
-        let read_only = config.read_only || device.is_read_only();
-        Server {
-            shared: Arc::new(Shared {
-                device,
-                config,
-                read_only,
-                stopping: AtomicBool::new(false),
-                live: Mutex::new(Registry::default()),
-            }),
-        }
+        Server { shared: Arc::new(Shared::new(device, config)) }
     }
 
     /// The export's configuration.

@@ -3,12 +3,11 @@
 //! parallel, and replies go back in completion order (matched by cookie),
 //! each written whole under the connection's write lock.
 
+use super::config::{DetectZeroes, DiscardMode, ServeOptions};
 use super::conn::Connection;
-use super::handshake::{Session, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
-use super::proto::*;
-use super::server::{ServeOptions, Shared};
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
 use super::status::{block_status, read_segments, Segment, StatusReply};
-use super::{DetectZeroes, DiscardMode};
+use crate::nbd::proto::*;
 use crate::Error;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;

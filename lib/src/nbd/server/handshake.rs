@@ -5,33 +5,16 @@
 //! hold a connection slot.
 
 use super::conn::Connection;
-use super::proto::*;
-use super::server::Shared;
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
+use crate::nbd::proto::*;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
-
-/// Context id of `base:allocation` on every connection (ids are opaque to
-/// clients; fixed ids keep the code simple).
-pub(crate) const ID_BASE_ALLOCATION: u32 = 1;
-/// Context id of `qemu:allocation-depth`.
-pub(crate) const ID_ALLOCATION_DEPTH: u32 = 2;
 
 /// Option data longer than this is not read into memory: the longest
 /// legitimate option (a metadata query list) is far smaller.
 const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Option data longer than this is not even skipped: the client is hostile.
 const MAX_OPTION_SKIP: u32 = 1 << 20;
-
-/// What negotiation agreed on, for the transmission phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Session {
-    /// Structured replies were negotiated.
-    pub structured: bool,
-    /// `base:allocation` was selected.
-    pub base_allocation: bool,
-    /// `qemu:allocation-depth` was selected.
-    pub allocation_depth: bool,
-}
 
 /// The transmission flags advertised for this export.
 pub(crate) fn transmission_flags(shared: &Shared, structured: bool) -> u16 {

@@ -9,7 +9,7 @@
 //! callers see as [`ReqError::Disconnected`] and may retry on a new
 //! connection.
 
-use super::proto::*;
+use crate::nbd::proto::*;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};

@@ -1,7 +1,7 @@
 //! Extent walks over the backing chain: which parts of a read are holes,
 //! and the descriptors of `NBD_CMD_BLOCK_STATUS`.
 
-use super::proto::{STATE_HOLE, STATE_ZERO};
+use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::{BlockDevice, BlockStatus, Result};
 
 /// Most extents looked up for one read; past it the rest is read as data

@@ -1,0 +1,42 @@
+//! An NBD server: exports one [`BlockDevice`](crate::BlockDevice) over TCP
+//! or a Unix socket, the way `qemu-nbd` does.
+//!
+//! Speaks fixed newstyle negotiation only, with `NBD_OPT_GO`/`NBD_OPT_INFO`,
+//! structured replies (sparse reads as hole chunks), and two metadata
+//! contexts for `NBD_CMD_BLOCK_STATUS`: `base:allocation` and QEMU's
+//! `qemu:allocation-depth`. TLS and extended headers are not offered.
+//!
+//! Layout, one concern per file, each depending only on those above it:
+//!
+//! - `config`: [`ExportConfig`] and [`ServeOptions`], plain values;
+//! - `conn`: the socket types served ([`Connection`], [`Listener`]);
+//! - `export`: the state every connection shares, and the session one
+//!   negotiation agrees on;
+//! - `handshake`: option haggling up to the transmission phase;
+//! - `status`, `transmission`: requests, worker threads and replies of
+//!   one client;
+//! - `accept`: [`Server`], the accept loop, connection limits and shutdown.
+//!
+//! ```no_run
+//! use oxcow::nbd::server::{ExportConfig, Server};
+//! use oxcow::{open, OpenOptions};
+//! use std::sync::{atomic::AtomicBool, Arc};
+//!
+//! let image = open("disk.qcow2", &OpenOptions::read_write())?;
+//! let server = Server::new(image.device_arc(), ExportConfig::new("disk"));
+//! let listener = std::net::TcpListener::bind("127.0.0.1:10809")?;
+//! server.serve_tcp(listener, Arc::new(AtomicBool::new(false)), true, 1)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod accept;
+mod config;
+mod conn;
+mod export;
+mod handshake;
+mod status;
+mod transmission;
+
+pub use accept::Server;
+pub use config::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions};
+pub use conn::{Connection, Listener};
