@@ -1,7 +1,7 @@
 //! Helpers shared by the subcommands: errors, image opening, option lists,
 //! and the number and JSON formatting qemu's tools use.
 
-use oxcow::image::{self, Format, Image, OpenOptions};
+use oxcow::{Format, Image, OpenOptions};
 use serde_json::Value;
 use std::fmt;
 
@@ -51,7 +51,7 @@ pub fn clean_message(s: &str) -> String {
 pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
     match name {
         None => Ok(None),
-        Some(n) => Format::from_name(n).map(Some).map_err(|_| CliError::new(format!("Unknown driver '{n}'"))),
+        Some(n) => n.parse::<Format>().map(Some).map_err(|_| CliError::new(format!("Unknown driver '{n}'"))),
     }
 }
 
@@ -59,7 +59,7 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
     let opts = with_network_permission(opts);
-    let img = image::open(path, &opts).map_err(|e| {
+    let img = oxcow::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
         CliError::new(format!("Could not open '{path}': {}", explain(&e)))
     })?;
@@ -70,9 +70,9 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
 /// Backing files named by network addresses inside an image are followed
 /// only when the user says so: `OXCOW_ALLOW_NETWORK_BACKING=1`.
 pub fn with_network_permission(opts: &OpenOptions) -> OpenOptions {
-    let mut opts = opts.clone();
+    let opts = opts.clone();
     if std::env::var("OXCOW_ALLOW_NETWORK_BACKING").is_ok_and(|v| v == "1") {
-        opts.allow_network_backing = true;
+        return opts.allow_network_backing(true);
     }
     opts
 }
@@ -107,7 +107,7 @@ pub fn parse_num(s: &str) -> Option<u64> {
     if t.ends_with(['b', 'B']) && t.len() > 1 && t[..t.len() - 1].chars().all(|c| c.is_ascii_digit()) {
         return t[..t.len() - 1].parse().ok();
     }
-    oxcow::size::parse_size(t).ok()
+    oxcow::options::parse_size(t).ok()
 }
 
 /// qemu's `-o key=value,key=value` lists (repeated `-o` merge; `,,` is an
@@ -126,7 +126,7 @@ pub fn parse_bool(key: &str, v: &str) -> CliResult<bool> {
 
 /// qemu-img's human size: three significant digits (`64 MiB`, `7.81 MiB`).
 pub fn human(n: u64) -> String {
-    oxcow::size::human_size(n)
+    oxcow::options::human_size(n)
 }
 
 /// qemu-io's size strings: `32 bytes`, `4 KiB`, `7.812 MiB`.

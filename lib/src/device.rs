@@ -104,6 +104,47 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// A shared device is a device (what [`Image::device`](crate::Image::device)
+/// hands out can go wherever a `&dyn BlockDevice` is wanted).
+impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        (**self).write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+        (**self).block_status(offset, len)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        (**self).backing()
+    }
+    fn format_name(&self) -> &'static str {
+        (**self).format_name()
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+    fn resize(&self, new_len: u64) -> Result<()> {
+        (**self).resize(new_len)
+    }
+    fn close(&self) -> Result<()> {
+        (**self).close()
+    }
+}
+
 /// Status of the extent at `offset` through the whole backing chain, the way
 /// `qemu-img map` reports it: the first layer that decides the content gives
 /// the status and its `depth`; a range nobody allocates reports the depth of

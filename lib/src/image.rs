@@ -1,6 +1,7 @@
 //! Opening images by file name: format detection, backing chains,
 //! external data files.
 
+use crate::backing::{BackingName, BackingPolicy, LocalBacking, NetworkBacking};
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
 use crate::nbd::client::{ClientOptions, NbdStorage, NbdUrl};
@@ -8,7 +9,9 @@ use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use crate::{Error, Result};
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 
 /// Image formats oxcow opens.
@@ -21,20 +24,30 @@ pub enum Format {
 }
 
 impl Format {
-    /// Parses a `-f` value.
-    pub fn from_name(s: &str) -> Result<Format> {
-        match s {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
-        }
-    }
     /// The format's name.
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
         }
+    }
+}
+
+impl FromStr for Format {
+    type Err = Error;
+    /// Parses a driver name (`-f`): `raw` or `qcow2`.
+    fn from_str(s: &str) -> Result<Format> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -54,9 +67,11 @@ pub enum CacheMode {
     Unsafe,
 }
 
-impl CacheMode {
-    /// Parses qemu's names.
-    pub fn from_name(s: &str) -> Result<CacheMode> {
+impl FromStr for CacheMode {
+    type Err = Error;
+    /// Parses QEMU's names: `writeback`, `none` (or `off`),
+    /// `writethrough`, `directsync`, `unsafe`.
+    fn from_str(s: &str) -> Result<CacheMode> {
         Ok(match s {
             "writeback" => CacheMode::Writeback,
             "none" | "off" => CacheMode::None,
@@ -66,6 +81,9 @@ impl CacheMode {
             other => return Err(Error::invalid(format!("Invalid cache option: {other}"))),
         })
     }
+}
+
+impl CacheMode {
     fn direct(self) -> bool {
         matches!(self, CacheMode::None | CacheMode::Directsync)
     }
@@ -74,8 +92,16 @@ impl CacheMode {
     }
 }
 
-/// How to open an image.
+/// How to open an image: [`OpenOptions::read_only`] or
+/// [`OpenOptions::read_write`], then builder-style setters.
+///
+/// ```
+/// use oxcow::{CacheMode, Format, OpenOptions};
+/// let opts = OpenOptions::read_write().format(Format::Qcow2).cache(CacheMode::Writethrough);
+/// assert!(opts.write);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// The format; probed from the magic when `None`.
     pub format: Option<Format>,
@@ -86,8 +112,9 @@ pub struct OpenOptions {
     /// Do not open the backing chain (reads of unallocated areas then
     /// return zeros).
     pub no_backing: bool,
-    /// Follow backing names that point to the network.
-    pub allow_network_backing: bool,
+    /// Which backing file names found in images are followed (default:
+    /// [`LocalBacking`], host files only).
+    pub backing_policy: Arc<dyn BackingPolicy>,
     /// Open a damaged qcow2 image writable so `check -r` can repair it.
     pub repair: bool,
     /// Copy-on-read for the top qcow2 image (never for its backing files).
@@ -107,7 +134,7 @@ impl Default for OpenOptions {
             write: false,
             cache: CacheMode::default(),
             no_backing: false,
-            allow_network_backing: false,
+            backing_policy: Arc::new(LocalBacking),
             repair: false,
             locking: true,
             force_share: false,
@@ -115,6 +142,18 @@ impl Default for OpenOptions {
         }
     }
 }
+
+setters!(OpenOptions {
+    write: bool,
+    cache: CacheMode,
+    no_backing: bool,
+    repair: bool,
+    copy_on_read: bool,
+    locking: bool,
+    force_share: bool,
+} opt {
+    format: Format,
+});
 
 impl OpenOptions {
     /// Read-only, format probed.
@@ -124,6 +163,22 @@ impl OpenOptions {
     /// Read-write, format probed.
     pub fn read_write() -> Self {
         OpenOptions { write: true, ..Default::default() }
+    }
+    /// Sets the policy for backing file names found in images.
+    #[must_use]
+    pub fn backing_policy(mut self, policy: impl BackingPolicy + 'static) -> Self {
+        self.backing_policy = Arc::new(policy);
+        self
+    }
+    /// Follows network (NBD) backing files too ([`NetworkBacking`]) when
+    /// `allow`; otherwise host files only ([`LocalBacking`]).
+    #[must_use]
+    pub fn allow_network_backing(self, allow: bool) -> Self {
+        if allow {
+            self.backing_policy(NetworkBacking)
+        } else {
+            self.backing_policy(LocalBacking)
+        }
     }
 }
 
@@ -139,23 +194,28 @@ pub struct Image {
     backing_format: Option<String>,
 }
 
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("backing_name", &self.backing_name)
+            .field("backing_format", &self.backing_format)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Image {
-    /// The image as a block device.
-    pub fn device(&self) -> &dyn BlockDevice {
-        &*self.device
+    /// The image as a block device (clone the `Arc` to share it, with an
+    /// NBD server for one).
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
     }
-    /// A shared handle to the device.
-    pub fn device_arc(&self) -> Arc<dyn BlockDevice> {
-        self.device.clone()
-    }
-    /// The qcow2 engine, for qcow2 images.
-    pub fn qcow2(&self) -> Option<&Qcow2> {
-        self.qcow2.as_deref()
-    }
-    /// A shared handle to the qcow2 engine (for background work such as
-    /// prefetching), for qcow2 images.
-    pub fn qcow2_arc(&self) -> Option<Arc<Qcow2>> {
-        self.qcow2.clone()
+    /// The qcow2 engine, for qcow2 images (clone the `Arc` for background
+    /// work such as prefetching).
+    pub fn qcow2(&self) -> Option<&Arc<Qcow2>> {
+        self.qcow2.as_ref()
     }
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
@@ -191,15 +251,10 @@ impl Image {
     }
 }
 
-/// Whether a backing name names a protocol rather than a file.
-pub fn is_protocol_name(name: &str) -> bool {
-    name.starts_with("json:") || name.contains("://") || name.starts_with("nbd:")
-}
-
 /// Resolves a backing file name relative to the directory of `image`.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     // Network names are locations, not paths relative to the image.
-    if is_protocol_name(name) || NbdUrl::is_nbd(name) {
+    if BackingName::new(name).is_protocol() {
         return PathBuf::from(name);
     }
     let p = Path::new(name);
@@ -262,8 +317,8 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 /// `nbd+unix:///NAME?socket=PATH`, QEMU's legacy `nbd:HOST:PORT`) open a
 /// network export through [`NbdStorage`] (no locks: there is no local
 /// file); a raw export's device is the client itself. Such names
-/// inside an image, as backing files, are followed only with
-/// `opts.allow_network_backing`.
+/// inside an image, as backing files, are followed only when
+/// `opts.backing_policy` allows them (see [`crate::backing`]).
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
@@ -299,15 +354,10 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
             let backing_format = hc.extensions.backing_format.clone();
             let mut backing = None;
             if let (Some(name), false) = (&backing_name, opts.no_backing) {
-                if is_protocol_name(name) && !opts.allow_network_backing {
-                    return Err(Error::invalid(format!(
-                        "backing file name '{name}' names a protocol; refusing to follow it"
-                    )));
-                }
-                // Network names are locations, not paths relative to the image.
-                let bpath = if NbdUrl::is_nbd(name) { PathBuf::from(name) } else { resolve_backing(path, name) };
+                opts.backing_policy.check(&BackingName::new(name.as_str()))?;
+                let bpath = resolve_backing(path, name);
                 let bfmt = match backing_format.as_deref() {
-                    Some(f) => Some(Format::from_name(f)?),
+                    Some(f) => Some(f.parse::<Format>()?),
                     None => None,
                 };
                 let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
@@ -326,7 +376,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     .data_file
                     .clone()
                     .ok_or_else(|| Error::invalid("image needs an external data file but names none"))?;
-                if is_protocol_name(&name) {
+                if BackingName::new(name.as_str()).is_protocol() {
                     return Err(Error::invalid(format!("data file name '{name}' names a protocol; refusing")));
                 }
                 // QEMU opens the data file by its name as given, relative
@@ -346,7 +396,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                 Qcow2Options {
                     read_only: !opts.write,
                     writethrough: opts.cache.writethrough(),
-                    backing: backing.as_ref().map(|b| b.device_arc()),
+                    backing: backing.as_ref().map(|b| b.device().clone()),
                     data_file,
                     l2_cache_bytes: 0,
                     repair: opts.repair,

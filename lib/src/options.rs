@@ -1,4 +1,7 @@
-//! qemu-style option lists (`-o key=value,key=value`).
+//! QEMU's textual syntax for options: option lists (`-o key=value,...`)
+//! and sizes (`4k`, `1.5G`).
+
+pub use crate::size::{human_size, parse_size};
 
 /// Splits `a=1,b=2` into pairs; `,,` stands for a comma inside a value and a
 /// bare `key` means `key=on`.

@@ -17,6 +17,16 @@ pub struct RawImage {
     probed: bool,
 }
 
+impl std::fmt::Debug for RawImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawImage")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("read_only", &self.read_only)
+            .field("probed", &self.probed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RawImage {
     /// Wraps `storage` as a raw image.
     pub fn new(storage: Arc<dyn Storage>, read_only: bool, probed: bool) -> Result<Self> {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use oxcow::image::{self, Format, OpenOptions};
 use oxcow::qcow2::{CheckReport, Repair};
+use oxcow::{Format, OpenOptions};
 use std::path::Path;
 
 fn qemu_check_json(p: &Path) -> serde_json::Value {
@@ -14,14 +14,12 @@ fn qemu_check_json(p: &Path) -> serde_json::Value {
 }
 
 fn oxcow_check(p: &Path, repair: Repair) -> CheckReport {
-    let opts = OpenOptions {
-        format: Some(Format::Qcow2),
-        write: repair != Repair::None,
-        repair: repair != Repair::None,
-        no_backing: true,
-        ..Default::default()
-    };
-    let img = image::open(p, &opts).unwrap();
+    let opts = OpenOptions::default()
+        .format(Format::Qcow2)
+        .write(repair != Repair::None)
+        .repair(repair != Repair::None)
+        .no_backing(true);
+    let img = oxcow::open(p, &opts).unwrap();
     let r = img.qcow2().unwrap().check(repair).unwrap();
     img.close().unwrap();
     r
@@ -163,10 +161,10 @@ fn dirty_image_from_qemu_abort_is_repaired_on_writable_open() {
     let (code, _, _) = run("qemu-img", &["check", s(&p)]);
     assert_ne!(code, 0, "the aborted image should need repair");
     // Read-only open reads the data without touching the image.
-    let ro = image::open(&p, &OpenOptions::read_only()).unwrap();
+    let ro = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
     assert!(ro.qcow2().unwrap().is_dirty());
     drop(ro);
-    let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
     let rep = img.qcow2().unwrap().repaired_on_open().cloned();
     assert!(rep.is_some());
     assert!(!img.qcow2().unwrap().is_dirty());

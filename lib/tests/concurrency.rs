@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use oxcow::image::{self, Format, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
+use oxcow::{Format, OpenOptions};
 
 fn run(opts: CreateOptions, backing: bool, name: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,9 +24,9 @@ fn run(opts: CreateOptions, backing: bool, name: &str) {
         opts.backing_format = Some("raw".into());
     }
     let p = d.join("img.qcow2");
-    qcow2::create(image::create_file(&p).unwrap(), None, &opts).unwrap();
-    let img = image::open(&p, &OpenOptions { format: Some(Format::Qcow2), write: true, ..Default::default() }).unwrap();
-    let dev = img.device_arc();
+    qcow2::create(oxcow::create_file(&p).unwrap(), None, &opts).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::default().format(Format::Qcow2).write(true)).unwrap();
+    let dev = img.device().clone();
     // Each thread owns every 8th slice of 1/8 cluster; slices of the same
     // cluster belong to different threads.
     let threads = 8u64;
@@ -76,9 +76,9 @@ fn run(opts: CreateOptions, backing: bool, name: &str) {
 
 #[test]
 fn concurrent_writers_equal_serialized() {
-    run(CreateOptions { size: 8 << 20, cluster_size: 4096, ..Default::default() }, false, "4k");
-    run(CreateOptions { size: 8 << 20, cluster_size: 65536, ..Default::default() }, true, "64k-backing");
-    run(CreateOptions { size: 8 << 20, cluster_size: 65536, extended_l2: true, ..Default::default() }, true, "ext");
-    run(CreateOptions { size: 8 << 20, cluster_size: 512, refcount_bits: 1, ..Default::default() }, false, "512-rb1");
-    run(CreateOptions { size: 8 << 20, lazy_refcounts: true, ..Default::default() }, false, "lazy");
+    run(CreateOptions::new(8 << 20).cluster_size(4096), false, "4k");
+    run(CreateOptions::new(8 << 20).cluster_size(65536), true, "64k-backing");
+    run(CreateOptions::new(8 << 20).cluster_size(65536).extended_l2(true), true, "ext");
+    run(CreateOptions::new(8 << 20).cluster_size(512).refcount_bits(1), false, "512-rb1");
+    run(CreateOptions::new(8 << 20).lazy_refcounts(true), false, "lazy");
 }

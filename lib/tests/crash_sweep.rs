@@ -11,10 +11,10 @@
 mod common;
 
 use common::{apply_model, Op, Rng};
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options, Repair};
-use oxcow::raw::RawImage;
 use oxcow::storage::{apply_event, CrashStorage, Event, MemoryStorage, Storage};
+use oxcow::BlockDevice;
+use oxcow::RawImage;
 use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
@@ -65,7 +65,7 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize) -> usiz
     qcow2::create(fresh.clone(), None, &create).unwrap();
     let crash = Arc::new(CrashStorage::new(fresh.to_bytes()));
     let open = |st: Arc<dyn Storage>| {
-        Qcow2::open(st, Qcow2Options { backing: cfg.backing.then(|| backing_dev(&backing)), ..Default::default() })
+        Qcow2::open(st, Qcow2Options::default().backing(cfg.backing.then(|| backing_dev(&backing))))
     };
 
     // The workload.
@@ -202,28 +202,20 @@ fn verify_state(
 }
 
 fn configs() -> Vec<Config> {
-    let base = CreateOptions { cluster_size: 512, ..Default::default() };
+    let base = CreateOptions::default().cluster_size(512);
     vec![
         Config { name: "v3", create: base.clone(), backing: false },
         Config { name: "v3-backing", create: base.clone(), backing: true },
-        Config { name: "v3-lazy", create: CreateOptions { lazy_refcounts: true, ..base.clone() }, backing: false },
-        Config {
-            name: "v3-lazy-backing",
-            create: CreateOptions { lazy_refcounts: true, ..base.clone() },
-            backing: true,
-        },
-        Config { name: "v2", create: CreateOptions { version: 2, ..base.clone() }, backing: false },
-        Config { name: "v2-backing", create: CreateOptions { version: 2, ..base.clone() }, backing: true },
+        Config { name: "v3-lazy", create: base.clone().lazy_refcounts(true), backing: false },
+        Config { name: "v3-lazy-backing", create: base.clone().lazy_refcounts(true), backing: true },
+        Config { name: "v2", create: base.clone().version(2), backing: false },
+        Config { name: "v2-backing", create: base.clone().version(2), backing: true },
         Config {
             name: "v3-extended-l2",
-            create: CreateOptions { cluster_size: 16384, extended_l2: true, ..Default::default() },
+            create: CreateOptions::default().cluster_size(16384).extended_l2(true),
             backing: true,
         },
-        Config {
-            name: "v3-refcount-bits-1",
-            create: CreateOptions { refcount_bits: 1, ..base.clone() },
-            backing: false,
-        },
+        Config { name: "v3-refcount-bits-1", create: base.clone().refcount_bits(1), backing: false },
     ]
 }
 
@@ -250,12 +242,7 @@ fn crash_sweep() {
 fn crash_during_dirty_repair() {
     let cs = 512;
     let fresh = Arc::new(MemoryStorage::new());
-    qcow2::create(
-        fresh.clone(),
-        None,
-        &CreateOptions { size: DISK, cluster_size: cs, lazy_refcounts: true, ..Default::default() },
-    )
-    .unwrap();
+    qcow2::create(fresh.clone(), None, &CreateOptions::new(DISK).cluster_size(cs).lazy_refcounts(true)).unwrap();
     // A workload left dirty: flushed, then the process dies.
     let mut model = vec![0u8; DISK as usize];
     let mut rng = Rng(4242);

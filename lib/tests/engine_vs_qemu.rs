@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
-use oxcow::device::BlockDevice;
-use oxcow::image::{self, Format, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
+use oxcow::BlockDevice;
+use oxcow::{Format, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -61,8 +61,8 @@ fn run_case(dir: &Path, name: &str, opts: CreateOptions, with_backing: bool, see
         opts.data_file = Some(dir.join(d).to_str().unwrap().to_string());
     }
     let data_file = opts.data_file.clone().map(std::path::PathBuf::from);
-    let data = data_file.as_ref().map(|p| image::create_file(p).unwrap() as Arc<dyn oxcow::storage::Storage>);
-    qcow2::create(image::create_file(&img).unwrap(), data, &opts).unwrap();
+    let data = data_file.as_ref().map(|p| oxcow::create_file(p).unwrap() as Arc<dyn oxcow::storage::Storage>);
+    qcow2::create(oxcow::create_file(&img).unwrap(), data, &opts).unwrap();
     let mut rng = Rng(seed);
     let ops = random_ops(&mut rng, size, cs, 60);
     let mut model = vec![0u8; size as usize];
@@ -71,8 +71,7 @@ fn run_case(dir: &Path, name: &str, opts: CreateOptions, with_backing: bool, see
         apply_model(&mut model, &backing, op, cs, opts.version == 3);
     }
     {
-        let im =
-            image::open(&img, &OpenOptions { format: Some(Format::Qcow2), write: true, ..Default::default() }).unwrap();
+        let im = oxcow::open(&img, &OpenOptions::default().format(Format::Qcow2).write(true)).unwrap();
         apply_dev(im.device(), &ops);
         // Read back through oxcow too.
         let mut back = vec![0u8; size as usize];
@@ -98,42 +97,22 @@ fn random_ops_over_create_matrix() {
     for cs in [512u64, 4096, 65536, 2 << 20] {
         let size = if cs == 2 << 20 { 32 << 20 } else { size };
         for bits in [1u32, 16, 64] {
-            case(
-                &format!("cs{cs}-rb{bits}"),
-                CreateOptions { size, cluster_size: cs, refcount_bits: bits, ..Default::default() },
-                false,
-            );
+            case(&format!("cs{cs}-rb{bits}"), CreateOptions::new(size).cluster_size(cs).refcount_bits(bits), false);
         }
-        case(&format!("cs{cs}-backing"), CreateOptions { size, cluster_size: cs, ..Default::default() }, true);
-        case(&format!("cs{cs}-v2"), CreateOptions { size, cluster_size: cs, version: 2, ..Default::default() }, false);
-        case(
-            &format!("cs{cs}-v2-backing"),
-            CreateOptions { size, cluster_size: cs, version: 2, ..Default::default() },
-            true,
-        );
+        case(&format!("cs{cs}-backing"), CreateOptions::new(size).cluster_size(cs), true);
+        case(&format!("cs{cs}-v2"), CreateOptions::new(size).cluster_size(cs).version(2), false);
+        case(&format!("cs{cs}-v2-backing"), CreateOptions::new(size).cluster_size(cs).version(2), true);
     }
     for bits in [2u32, 4, 8, 32] {
-        case(&format!("rb{bits}"), CreateOptions { size, refcount_bits: bits, ..Default::default() }, false);
+        case(&format!("rb{bits}"), CreateOptions::new(size).refcount_bits(bits), false);
     }
-    case("lazy", CreateOptions { size, lazy_refcounts: true, ..Default::default() }, false);
-    case("lazy-backing", CreateOptions { size, lazy_refcounts: true, ..Default::default() }, true);
+    case("lazy", CreateOptions::new(size).lazy_refcounts(true), false);
+    case("lazy-backing", CreateOptions::new(size).lazy_refcounts(true), true);
     for cs in [16384u64, 65536, 2 << 20] {
         let size = if cs == 2 << 20 { 32 << 20 } else { size };
-        case(
-            &format!("ext{cs}"),
-            CreateOptions { size, cluster_size: cs, extended_l2: true, ..Default::default() },
-            false,
-        );
-        case(
-            &format!("ext{cs}-backing"),
-            CreateOptions { size, cluster_size: cs, extended_l2: true, ..Default::default() },
-            true,
-        );
+        case(&format!("ext{cs}"), CreateOptions::new(size).cluster_size(cs).extended_l2(true), false);
+        case(&format!("ext{cs}-backing"), CreateOptions::new(size).cluster_size(cs).extended_l2(true), true);
     }
-    case("datafile", CreateOptions { size, data_file: Some("df.raw".into()), ..Default::default() }, false);
-    case(
-        "datafile-raw",
-        CreateOptions { size, data_file: Some("dfr.raw".into()), data_file_raw: true, ..Default::default() },
-        false,
-    );
+    case("datafile", CreateOptions::new(size).data_file(Some("df.raw".into())), false);
+    case("datafile-raw", CreateOptions::new(size).data_file(Some("dfr.raw".into())).data_file_raw(true), false);
 }

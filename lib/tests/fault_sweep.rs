@@ -7,9 +7,9 @@
 mod common;
 
 use common::Rng;
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options, Repair};
 use oxcow::storage::{Fault, FaultStorage, MemoryStorage, Storage};
+use oxcow::BlockDevice;
 use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
@@ -43,7 +43,7 @@ fn workload(q: &Qcow2, seed: u64, n: usize, cs: u64) -> usize {
 fn sweep(name: &str, opts: CreateOptions) -> usize {
     let cs = opts.cluster_size;
     let base = Arc::new(MemoryStorage::new());
-    qcow2::create(base.clone(), None, &CreateOptions { size: DISK, ..opts }).unwrap();
+    qcow2::create(base.clone(), None, &opts.size(DISK)).unwrap();
     let image = base.to_bytes();
     let ops = 200;
     // Count the I/Os of a clean run.
@@ -92,11 +92,11 @@ fn sweep(name: &str, opts: CreateOptions) -> usize {
 
 #[test]
 fn fault_sweep() {
-    let base = CreateOptions { cluster_size: 512, ..Default::default() };
+    let base = CreateOptions::default().cluster_size(512);
     let mut points = 0;
     points += sweep("v3", base.clone());
-    points += sweep("v3-lazy", CreateOptions { lazy_refcounts: true, ..base.clone() });
-    points += sweep("v2", CreateOptions { version: 2, ..base.clone() });
-    points += sweep("v3-extended-l2", CreateOptions { cluster_size: 16384, extended_l2: true, ..Default::default() });
+    points += sweep("v3-lazy", base.clone().lazy_refcounts(true));
+    points += sweep("v2", base.clone().version(2));
+    points += sweep("v3-extended-l2", CreateOptions::default().cluster_size(16384).extended_l2(true));
     eprintln!("fault sweep: {points} fault points in all");
 }

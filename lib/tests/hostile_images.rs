@@ -3,12 +3,12 @@
 //! Every case must give a typed error (naming the field where one is at
 //! fault), never a panic, a hang or a huge allocation.
 
-use oxcow::device::BlockDevice;
 use oxcow::format::header::off;
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
 use oxcow::storage::{MemoryStorage, Storage};
+use oxcow::BlockDevice;
 use oxcow::Error;
+use oxcow::OpenOptions;
 use std::sync::Arc;
 
 fn fresh(opts: CreateOptions) -> Vec<u8> {
@@ -28,7 +28,7 @@ fn get64(b: &[u8], at: usize) -> u64 {
 }
 
 fn open(bytes: Vec<u8>, write: bool) -> oxcow::Result<Qcow2> {
-    Qcow2::open(Arc::new(MemoryStorage::from_bytes(bytes)), Qcow2Options { read_only: !write, ..Default::default() })
+    Qcow2::open(Arc::new(MemoryStorage::from_bytes(bytes)), Qcow2Options::default().read_only(!write))
 }
 
 fn field_error(bytes: Vec<u8>) -> &'static str {
@@ -41,7 +41,7 @@ fn field_error(bytes: Vec<u8>) -> &'static str {
 
 #[test]
 fn header_fields_at_and_past_their_limits() {
-    let base = fresh(CreateOptions { size: 64 << 20, ..Default::default() });
+    let base = fresh(CreateOptions::new(64 << 20));
     let cases: Vec<(&str, usize, u64, bool)> = vec![
         // (field, offset, value, 64-bit field)
         ("cluster_bits", off::CLUSTER_BITS, 8, false),
@@ -74,13 +74,13 @@ fn header_fields_at_and_past_their_limits() {
         assert_eq!(field_error(b), field, "case {field} = {value}");
     }
     // At the limit is fine: 2 MiB clusters, refcount order 6.
-    let ok = fresh(CreateOptions { size: 64 << 20, cluster_size: 2 << 20, refcount_bits: 64, ..Default::default() });
+    let ok = fresh(CreateOptions::new(64 << 20).cluster_size(2 << 20).refcount_bits(64));
     open(ok, false).unwrap();
 }
 
 #[test]
 fn unknown_incompatible_bit_is_refused_by_name() {
-    let mut b = fresh(CreateOptions { size: 1 << 20, ..Default::default() });
+    let mut b = fresh(CreateOptions::new(1 << 20));
     put64(&mut b, off::INCOMPATIBLE_FEATURES, 1 << 20);
     let e = open(b, false).err().unwrap();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
@@ -88,7 +88,7 @@ fn unknown_incompatible_bit_is_refused_by_name() {
 
 #[test]
 fn tables_pointing_where_they_must_not() {
-    let base = fresh(CreateOptions { size: 16 << 20, cluster_size: 4096, ..Default::default() });
+    let base = fresh(CreateOptions::new(16 << 20).cluster_size(4096));
     // Make guest cluster 0 allocated.
     let q = open(base, true).unwrap();
     q.write_at(&[1u8; 4096], 0).unwrap();
@@ -138,20 +138,15 @@ fn backing_chain_loop_is_detected() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     for (p, backing) in [(&a, "b.qcow2"), (&b, "a.qcow2")] {
-        let f = image::create_file(p).unwrap();
+        let f = oxcow::create_file(p).unwrap();
         qcow2::create(
             f,
             None,
-            &CreateOptions {
-                size: 1 << 20,
-                backing_file: Some(backing.into()),
-                backing_format: Some("qcow2".into()),
-                ..Default::default()
-            },
+            &CreateOptions::new(1 << 20).backing_file(Some(backing.into())).backing_format(Some("qcow2".into())),
         )
         .unwrap();
     }
-    let e = image::open(&a, &OpenOptions::read_only()).err().unwrap();
+    let e = oxcow::open(&a, &OpenOptions::read_only()).err().unwrap();
     assert!(e.to_string().contains("deeper than"), "{e}");
 }
 
@@ -160,19 +155,14 @@ fn protocol_backing_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["json:{\"driver\":\"file\"}", "nbd://10.0.0.1/x", "http://example.invalid/x"] {
         let p = dir.path().join("p.qcow2");
-        let f = image::create_file(&p).unwrap();
+        let f = oxcow::create_file(&p).unwrap();
         qcow2::create(
             f,
             None,
-            &CreateOptions {
-                size: 1 << 20,
-                backing_file: Some(name.into()),
-                backing_format: Some("raw".into()),
-                ..Default::default()
-            },
+            &CreateOptions::new(1 << 20).backing_file(Some(name.into())).backing_format(Some("raw".into())),
         )
         .unwrap();
-        let e = image::open(&p, &OpenOptions::read_only()).err().unwrap();
+        let e = oxcow::open(&p, &OpenOptions::read_only()).err().unwrap();
         assert!(e.to_string().contains("refusing"), "{name}: {e}");
     }
 }
@@ -182,12 +172,11 @@ fn probed_raw_refuses_writing_a_qcow2_magic() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("disk.raw");
     std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
-    let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
     assert!(img.device().write_at(b"QFI\xfb", 0).is_err());
     img.device().write_at(b"QFI\xfb", 4096).unwrap();
     // The first writer's image lock must go before the second writer opens.
     drop(img);
-    let img =
-        image::open(&p, &OpenOptions { format: Some(image::Format::Raw), write: true, ..Default::default() }).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::default().format(oxcow::Format::Raw).write(true)).unwrap();
     img.device().write_at(b"QFI\xfb", 0).unwrap();
 }

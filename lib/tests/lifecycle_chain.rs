@@ -53,7 +53,7 @@ fn commit_case(maker: Maker, cs: u64, version: u32, rbits: u32) {
 
     // -d keeps the overlay; -b commits down to the base.
     let (a, b, view) = twin_chains(maker, cs, version, rbits);
-    let o = CommitOptions { keep_overlay: true, ..Default::default() };
+    let o = CommitOptions::default().keep_overlay(true);
     commit(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap();
     ok("qemu-img", &["commit", "-q", "-d", s(&b.p("top.qcow2"))]);
     for f in ["mid.qcow2", "top.qcow2"] {
@@ -63,7 +63,7 @@ fn commit_case(maker: Maker, cs: u64, version: u32, rbits: u32) {
     same(&a.p("mid.qcow2"), &view.p("top.raw"));
 
     let (a, b, view) = twin_chains(maker, cs, version, rbits);
-    let o = CommitOptions { base: Some(a.p("base.qcow2")), ..Default::default() };
+    let o = CommitOptions::default().base(a.p("base.qcow2"));
     commit(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap();
     ok("qemu-img", &["commit", "-q", "-b", s(&b.p("base.qcow2")), s(&b.p("top.qcow2"))]);
     for f in ["base.qcow2", "top.qcow2"] {
@@ -88,7 +88,7 @@ fn commit_errors() {
     let e = commit(&d.p("x.qcow2"), &CommitOptions::default(), &mut |_, _| {}).unwrap_err();
     assert_eq!(e.to_string(), "Image does not have a backing file");
     let (a, _b, _v) = twin_chains(Maker::Qemu, 65536, 3, 16);
-    let o = CommitOptions { base: Some(a.p("nope.qcow2")), ..Default::default() };
+    let o = CommitOptions::default().base(a.p("nope.qcow2"));
     let e = commit(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.starts_with("Did not find"), "{e}");
 }
@@ -96,11 +96,7 @@ fn commit_errors() {
 fn rebase_case(maker: Maker, cs: u64, version: u32, rbits: u32) {
     // Safe rebase of top from mid onto base: content unchanged.
     let (a, b, view) = twin_chains(maker, cs, version, rbits);
-    let o = RebaseOptions {
-        backing: Some("base.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        ..Default::default()
-    };
+    let o = RebaseOptions::default().backing(Some("base.qcow2".into())).backing_format(Some("qcow2".into()));
     rebase(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap();
     ok("qemu-img", &["rebase", "-q", "-b", "base.qcow2", "-F", "qcow2", s(&b.p("top.qcow2"))]);
     check_clean(&a.p("top.qcow2"));
@@ -111,7 +107,7 @@ fn rebase_case(maker: Maker, cs: u64, version: u32, rbits: u32) {
     assert!(info.contains("backing file format: qcow2"), "{info}");
 
     // Standalone (-b "").
-    let o = RebaseOptions { backing: Some(String::new()), ..Default::default() };
+    let o = RebaseOptions::default().backing(String::new());
     rebase(&a.p("mid.qcow2"), &o, &mut |_, _| {}).unwrap();
     check_clean(&a.p("mid.qcow2"));
     same(&a.p("mid.qcow2"), &view.p("mid.raw"));
@@ -121,12 +117,10 @@ fn rebase_case(maker: Maker, cs: u64, version: u32, rbits: u32) {
     // Unsafe: header only.
     let (a, _b, _view) = twin_chains(maker, cs, version, rbits);
     let before = ok("qemu-img", &["map", "--output=json", "-f", "qcow2", s(&a.p("top.qcow2"))]);
-    let o = RebaseOptions {
-        backing: Some("base.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        unsafe_mode: true,
-        ..Default::default()
-    };
+    let o = RebaseOptions::default()
+        .backing(Some("base.qcow2".into()))
+        .backing_format(Some("qcow2".into()))
+        .unsafe_mode(true);
     rebase(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap();
     check_clean(&a.p("top.qcow2"));
     let info = ok("qemu-img", &["info", s(&a.p("top.qcow2"))]);
@@ -146,7 +140,7 @@ fn rebase_matches_qemu() {
 #[test]
 fn rebase_needs_format() {
     let (a, _b, _v) = twin_chains(Maker::Qemu, 65536, 3, 16);
-    let o = RebaseOptions { backing: Some("base.qcow2".into()), ..Default::default() };
+    let o = RebaseOptions::default().backing(Some("base.qcow2".into()));
     let e = rebase(&a.p("top.qcow2"), &o, &mut |_, _| {}).unwrap_err().to_string();
     assert_eq!(e, "Could not change the backing file to 'base.qcow2': backing format must be specified");
 }
@@ -168,8 +162,7 @@ fn commit_into_raw_and_rebase_onto_raw() {
     ok("qemu-img", &["convert", "-O", "raw", s(&top(&a)), s(&view)]);
 
     // Rebase onto a shorter raw image with partly equal content.
-    let o =
-        RebaseOptions { backing: Some("other.raw".into()), backing_format: Some("raw".into()), ..Default::default() };
+    let o = RebaseOptions::default().backing(Some("other.raw".into())).backing_format(Some("raw".into()));
     rebase(&top(&a), &o, &mut |_, _| {}).unwrap();
     ok("qemu-img", &["rebase", "-q", "-b", "other.raw", "-F", "raw", s(&top(&b))]);
     check_clean(&top(&a));
@@ -199,13 +192,9 @@ fn rebase_of_a_huge_sparse_disk_is_fast() {
     let view = d.p("view.qcow2");
     ok("qemu-img", &["convert", "-O", "qcow2", s(&top), s(&view)]);
     let t0 = std::time::Instant::now();
-    let o = RebaseOptions {
-        backing: Some("other.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        ..Default::default()
-    };
+    let o = RebaseOptions::default().backing(Some("other.qcow2".into())).backing_format(Some("qcow2".into()));
     rebase(&top, &o, &mut |_, _| {}).unwrap();
-    let o = RebaseOptions { backing: Some(String::new()), ..Default::default() };
+    let o = RebaseOptions::default().backing(String::new());
     rebase(&top, &o, &mut |_, _| {}).unwrap();
     assert!(t0.elapsed().as_secs() < 20, "rebase took {:?}", t0.elapsed());
     check_clean(&top);

@@ -6,8 +6,8 @@ mod lifecycle_util;
 
 use lifecycle_util::*;
 use oxcow::format::CompressionType;
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
+use oxcow::OpenOptions;
 
 fn cluster_data(i: u64, cs: usize, rng: &mut u64) -> Vec<u8> {
     match i % 4 {
@@ -29,21 +29,18 @@ fn cluster_data(i: u64, cs: usize, rng: &mut u64) -> Vec<u8> {
 fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u64, extended_l2: bool) {
     let d = Dir::new();
     let (p, raw) = (d.p("c.qcow2"), d.p("expect.raw"));
-    let st = image::create_file(&p).unwrap();
-    let opts = CreateOptions {
-        size,
-        cluster_size: cs,
-        version,
-        refcount_bits: rbits,
-        compression,
-        extended_l2,
-        ..Default::default()
-    };
+    let st = oxcow::create_file(&p).unwrap();
+    let opts = CreateOptions::new(size)
+        .cluster_size(cs)
+        .version(version)
+        .refcount_bits(rbits)
+        .compression(compression)
+        .extended_l2(extended_l2);
     qcow2::create(st, None, &opts).unwrap();
     let mut expect = vec![0u8; size as usize];
     let mut rng = 0x1234_5678_9abc_def1u64;
     {
-        let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
         let q = img.qcow2().unwrap();
         let clusters = size.div_ceil(cs);
         for gc in 0..clusters {
@@ -72,7 +69,7 @@ fn case(cs: u64, version: u32, rbits: u32, compression: CompressionType, size: u
         // Snapshot over compressed clusters, rewrite, go back.
         ok("qemu-img", &["snapshot", "-c", "s", s(&p)]);
         {
-            let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+            let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
             let q = img.qcow2().unwrap();
             let data = cluster_data(8, cs as usize, &mut rng);
             q.write_compressed(8 * cs, &data).unwrap();
@@ -100,10 +97,10 @@ fn compressed_writes_read_back_in_qemu() {
 fn packing_is_dense() {
     let d = Dir::new();
     let p = d.p("dense.qcow2");
-    let st = image::create_file(&p).unwrap();
-    qcow2::create(st, None, &CreateOptions { size: 8 << 20, ..Default::default() }).unwrap();
+    let st = oxcow::create_file(&p).unwrap();
+    qcow2::create(st, None, &CreateOptions::new(8 << 20)).unwrap();
     {
-        let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
         let q = img.qcow2().unwrap();
         let data = vec![7u8; 65536];
         for gc in 0..128 {
@@ -125,9 +122,9 @@ fn packing_is_dense() {
 fn misuse_is_refused() {
     let d = Dir::new();
     let p = d.p("x.qcow2");
-    let st = image::create_file(&p).unwrap();
-    qcow2::create(st, None, &CreateOptions { size: 1 << 20, ..Default::default() }).unwrap();
-    let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+    let st = oxcow::create_file(&p).unwrap();
+    qcow2::create(st, None, &CreateOptions::new(1 << 20)).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
     let q = img.qcow2().unwrap();
     assert!(q.write_compressed(100, &[0u8; 65536]).is_err());
     assert!(q.write_compressed(0, &[0u8; 4096]).is_err());
@@ -165,11 +162,11 @@ fn packs_as_densely_as_qemu_convert_c() {
         let (ox, qm) = (d.p("ox.qcow2"), d.p("qm.qcow2"));
         let o = format!("cluster_size={cs}");
         ok("qemu-img", &["convert", "-c", "-O", "qcow2", "-o", &o, s(&src), s(&qm)]);
-        let st = image::create_file(&ox).unwrap();
-        let opts = CreateOptions { size: data.len() as u64, cluster_size: cs, ..Default::default() };
+        let st = oxcow::create_file(&ox).unwrap();
+        let opts = CreateOptions::new(data.len() as u64).cluster_size(cs);
         qcow2::create(st, None, &opts).unwrap();
         {
-            let img = image::open(&ox, &OpenOptions::read_write()).unwrap();
+            let img = oxcow::open(&ox, &OpenOptions::read_write()).unwrap();
             let q = img.qcow2().unwrap();
             for (i, chunk) in data.chunks(cs as usize).enumerate() {
                 q.write_compressed(i as u64 * cs, chunk).unwrap();

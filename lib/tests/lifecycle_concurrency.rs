@@ -3,9 +3,9 @@
 //! one), the active disk ends with each thread's last writes, and the
 //! image checks clean.
 
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options, Repair};
 use oxcow::storage::{MemoryStorage, Storage};
+use oxcow::BlockDevice;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -33,8 +33,7 @@ fn decode(gc: u64, data: &[u8]) -> Option<u64> {
 #[test]
 fn snapshots_under_concurrent_writes() {
     let st: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
-    qcow2::create(st.clone(), None, &CreateOptions { size: CS * CLUSTERS, cluster_size: CS, ..Default::default() })
-        .unwrap();
+    qcow2::create(st.clone(), None, &CreateOptions::new(CS * CLUSTERS).cluster_size(CS)).unwrap();
     let q = Arc::new(Qcow2::open(st.clone(), Qcow2Options::default()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();

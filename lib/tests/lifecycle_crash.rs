@@ -5,9 +5,9 @@
 //! must open, check without corruption (leaks allowed) and show either
 //! the state before or the state after the operation.
 
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, AmendOptions, CreateOptions, Qcow2, Qcow2Options, Repair};
 use oxcow::storage::{CrashStorage, MemoryStorage, Storage};
+use oxcow::BlockDevice;
 use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
@@ -38,7 +38,7 @@ fn content(q: &Qcow2) -> Vec<u8> {
 /// snapshot "old" taken before the last writes.
 fn base_image(version: u32, with_snapshot: bool) -> Vec<u8> {
     let st = Arc::new(MemoryStorage::new());
-    let opts = CreateOptions { size: DISK, cluster_size: CS, version, ..Default::default() };
+    let opts = CreateOptions::new(DISK).cluster_size(CS).version(version);
     qcow2::create(st.clone(), None, &opts).unwrap();
     {
         let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();

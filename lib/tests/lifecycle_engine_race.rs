@@ -1,8 +1,8 @@
 //! Regression test for a race between in-place writes and frees.
 
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
 use oxcow::storage::{MemoryStorage, Storage};
+use oxcow::BlockDevice;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use std::sync::Arc;
 fn write_racing_discard_and_flush_stays_in_its_cluster() {
     const CS: u64 = 4096;
     let st: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
-    qcow2::create(st.clone(), None, &CreateOptions { size: CS * 64, cluster_size: CS, ..Default::default() }).unwrap();
+    qcow2::create(st.clone(), None, &CreateOptions::new(CS * 64).cluster_size(CS)).unwrap();
     let q = Arc::new(Qcow2::open(st.clone(), Qcow2Options::default()).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let (qa, sa) = (q.clone(), stop.clone());

@@ -4,8 +4,8 @@
 mod lifecycle_util;
 
 use lifecycle_util::*;
-use oxcow::image::{self, Format, OpenOptions};
 use oxcow::tools::measure::{measure, MeasureOptions, Measurement};
+use oxcow::{Format, OpenOptions};
 
 /// Parses qemu-img's JSON (flat object of numbers).
 fn qemu_measure(args: &[&str]) -> Measurement {
@@ -24,7 +24,7 @@ fn qemu_measure(args: &[&str]) -> Measurement {
 }
 
 fn opts(fmt: Format, o: &str) -> MeasureOptions {
-    let mut m = MeasureOptions { format: fmt, ..Default::default() };
+    let mut m = MeasureOptions::default().format(fmt);
     for kv in o.split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap();
         m.set(k, v).unwrap();
@@ -86,7 +86,7 @@ fn from_images() {
     let raw = d.p("in.raw");
     ok("qemu-img", &["convert", "-O", "raw", s(&q), s(&raw)]);
     for input in [&q, &c, &top, &v2, &raw] {
-        let img = image::open(input, &OpenOptions::read_only()).unwrap();
+        let img = oxcow::open(input, &OpenOptions::read_only()).unwrap();
         for (fmt, o) in [
             (Format::Qcow2, ""),
             (Format::Qcow2, "cluster_size=4k"),
@@ -113,7 +113,7 @@ fn from_images() {
 fn errors() {
     let o = MeasureOptions::default();
     assert_eq!(measure(None, None, &o).unwrap_err().to_string(), "Either --size N or one filename must be specified.");
-    let mut q = MeasureOptions { format: Format::Qcow2, ..Default::default() };
+    let mut q = MeasureOptions::default().format(Format::Qcow2);
     q.set("cluster_size", "1k").unwrap();
     q.set("extended_l2", "on").unwrap();
     assert_eq!(
@@ -132,7 +132,7 @@ fn bitmaps() {
     qio(&p, &["write -P 1 0 1M"]);
     ok("qemu-img", &["bitmap", "--add", s(&p), "b0"]);
     ok("qemu-img", &["bitmap", "--add", "-g", "512", s(&p), "a-much-longer-bitmap-name"]);
-    let img = image::open(&p, &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
     for o in ["", "cluster_size=4k", "compat=0.10"] {
         let mut a = vec!["-O", "qcow2"];
         if !o.is_empty() {

@@ -3,9 +3,9 @@
 mod lifecycle_util;
 
 use lifecycle_util::*;
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{amend, AmendOptions};
 use oxcow::storage::{FileStorage, OpenFlags, Storage};
+use oxcow::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -82,8 +82,7 @@ fn raw_resize() {
     ok("qemu-img", &["create", "-q", "-f", "raw", s(&ox), "1M"]);
     qio(&ox, &["write -P 5 0 1M"]);
     copy(&ox, &qm);
-    let img =
-        image::open(&ox, &OpenOptions { format: Some(image::Format::Raw), write: true, ..Default::default() }).unwrap();
+    let img = oxcow::open(&ox, &OpenOptions::default().format(oxcow::Format::Raw).write(true)).unwrap();
     img.device().resize(512 << 10).unwrap();
     img.device().resize(3 << 20).unwrap();
     img.close().unwrap();
@@ -94,7 +93,7 @@ fn raw_resize() {
 }
 
 fn do_amend(p: &Path, o: &str) -> oxcow::Result<()> {
-    let f = FileStorage::open(p, OpenFlags { write: true, ..OpenFlags::default() }).unwrap();
+    let f = FileStorage::open(p, OpenFlags::default().write(true)).unwrap();
     let st: Arc<dyn Storage> = Arc::new(f);
     amend(st, None, &AmendOptions::parse(o)?)
 }

@@ -5,10 +5,10 @@
 mod common;
 
 use common::{ok, run};
-use oxcow::image::{self, OpenOptions};
 use oxcow::storage::lock::others_locks;
 use oxcow::storage::{LockMode, Perms};
 use oxcow::Error;
+use oxcow::OpenOptions;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,11 +87,11 @@ fn locked_message(e: Error) -> String {
 }
 
 fn open_err(p: &Path, opts: &OpenOptions) -> String {
-    locked_message(image::open(p, opts).err().expect("open must be refused"))
+    locked_message(oxcow::open(p, opts).expect_err("open must be refused"))
 }
 
 fn force_share() -> OpenOptions {
-    OpenOptions { force_share: true, ..OpenOptions::read_only() }
+    OpenOptions::read_only().force_share(true)
 }
 
 fn want(p: &Path, shared: bool, prefix: &str) -> String {
@@ -128,19 +128,19 @@ fn a_qemu_writer_keeps_oxcow_out_unless_it_shares() {
     assert_eq!(std::fs::read(&p).unwrap(), before);
 
     // -U reads regardless, as qemu-img -U does.
-    let img = image::open(&p, &force_share()).unwrap();
+    let img = oxcow::open(&p, &force_share()).unwrap();
     let mut buf = vec![0u8; 4096];
     img.device().read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0x5a));
-    let rw_shared = OpenOptions { force_share: true, ..OpenOptions::read_write() };
-    assert!(matches!(image::open(&p, &rw_shared), Err(Error::InvalidArgument(_))));
+    let rw_shared = OpenOptions::read_write().force_share(true);
+    assert!(matches!(oxcow::open(&p, &rw_shared), Err(Error::InvalidArgument(_))));
 }
 
 #[test]
 fn an_oxcow_writer_keeps_qemu_out_unless_it_shares() {
     let dir = tempfile::tempdir().unwrap();
     let p = new_qcow2(dir.path(), "a.qcow2");
-    let img = image::open(&p, &OpenOptions::read_write()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
     assert_eq!(locks_on(&p), LockMode::writer(), "the same bytes qemu-nbd takes");
 
     assert_qemu_refuses("qemu-img", &["info", s(&p)], &want(&p, true, ""));
@@ -165,12 +165,12 @@ fn readers_coexist_across_tools_but_keep_writers_out() {
     let p = new_qcow2(dir.path(), "a.qcow2");
     {
         let qemu_reader = Holder::qemu_io(&["-r"], &p, LockMode::reader());
-        let img = image::open(&p, &OpenOptions::read_only()).unwrap();
+        let img = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
         assert_eq!(open_err(&p, &OpenOptions::read_write()), want(&p, false, ""));
         drop(img);
         drop(qemu_reader);
     }
-    let img = image::open(&p, &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
     assert_eq!(locks_on(&p), LockMode::reader(), "the same bytes qemu-img info takes");
     ok("qemu-img", &["info", s(&p)]);
     ok("qemu-io", &["-r", "-c", "read -P 0x5a 0 64k", s(&p)]);
@@ -178,7 +178,7 @@ fn readers_coexist_across_tools_but_keep_writers_out() {
     drop(img);
     // A qemu -U reader takes only "consistent read", which refuses nobody.
     let _shared = Holder::qemu_io(&["-r", "-U"], &p, LockMode::force_share());
-    image::open(&p, &OpenOptions::read_write()).unwrap();
+    oxcow::open(&p, &OpenOptions::read_write()).unwrap();
 }
 
 #[test]
@@ -186,20 +186,20 @@ fn oxcow_users_refuse_each_other_like_qemu_users() {
     let dir = tempfile::tempdir().unwrap();
     let p = new_qcow2(dir.path(), "a.qcow2");
     {
-        let _w = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let _w = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
         assert_eq!(open_err(&p, &OpenOptions::read_write()), want(&p, false, ""));
         assert_eq!(open_err(&p, &OpenOptions::read_only()), want(&p, true, ""));
-        let _u = image::open(&p, &force_share()).unwrap();
+        let _u = oxcow::open(&p, &force_share()).unwrap();
     }
     {
-        let _r1 = image::open(&p, &OpenOptions::read_only()).unwrap();
-        let _r2 = image::open(&p, &OpenOptions::read_only()).unwrap();
+        let _r1 = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
+        let _r2 = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
         assert_eq!(open_err(&p, &OpenOptions::read_write()), want(&p, false, ""));
     }
     {
-        let _u = image::open(&p, &force_share()).unwrap();
+        let _u = oxcow::open(&p, &force_share()).unwrap();
         assert_eq!(locks_on(&p), LockMode::force_share());
-        let _w = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let _w = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
     }
     assert_eq!(locks_on(&p), NO_LOCKS);
 }
@@ -208,16 +208,16 @@ fn oxcow_users_refuse_each_other_like_qemu_users() {
 fn locking_off_takes_nothing_and_checks_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let p = new_qcow2(dir.path(), "a.qcow2");
-    let off = OpenOptions { locking: false, ..OpenOptions::read_write() };
+    let off = OpenOptions::read_write().locking(false);
     {
-        let _img = image::open(&p, &off).unwrap();
+        let _img = oxcow::open(&p, &off).unwrap();
         assert_eq!(locks_on(&p), NO_LOCKS);
         ok("qemu-img", &["info", s(&p)]);
     }
     // Like QEMU's locking=off, it does not even look (the user's risk).
     let _nbd = Holder::qemu_nbd(&p);
-    let ro_off = OpenOptions { locking: false, ..OpenOptions::read_only() };
-    image::open(&p, &ro_off).unwrap();
+    let ro_off = OpenOptions::read_only().locking(false);
+    oxcow::open(&p, &ro_off).unwrap();
 }
 
 #[test]
@@ -227,7 +227,7 @@ fn backing_files_are_held_as_readers() {
     let top = dir.path().join("top.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "qcow2", s(&top)]);
     {
-        let img = image::open(&top, &OpenOptions::read_write()).unwrap();
+        let img = oxcow::open(&top, &OpenOptions::read_write()).unwrap();
         assert_eq!(locks_on(&top), LockMode::writer());
         assert_eq!(locks_on(&base), LockMode::reader());
         ok("qemu-img", &["info", s(&base)]);
@@ -235,7 +235,7 @@ fn backing_files_are_held_as_readers() {
         drop(img);
     }
     {
-        let _u = image::open(&top, &force_share()).unwrap();
+        let _u = oxcow::open(&top, &force_share()).unwrap();
         assert_eq!(locks_on(&base), LockMode::force_share());
     }
     // A QEMU writer on the backing file stops us opening the overlay,
@@ -246,7 +246,7 @@ fn backing_files_are_held_as_readers() {
     let out = dir.path().join("out.raw");
     let (_, _, err) = run("qemu-img", &["convert", "-O", "raw", s(&top), s(&out)]);
     assert_eq!(err, format!("qemu-img: Could not open '{}': {e}\n", top.display()));
-    image::open(&top, &force_share()).unwrap();
+    oxcow::open(&top, &force_share()).unwrap();
     assert_eq!(locks_on(&top), NO_LOCKS, "a refused open leaves the overlay unlocked");
 }
 
@@ -257,11 +257,11 @@ fn external_data_files_are_locked_as_qemu_does() {
     let d = dir.path().join("x.data");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", s(&d)), s(&p), "4M"]);
     {
-        let _w = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let _w = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
         assert_eq!(locks_on(&d), LockMode::data_file(true));
     }
     {
-        let _r = image::open(&p, &OpenOptions::read_only()).unwrap();
+        let _r = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
         assert_eq!(locks_on(&d), LockMode::data_file(false));
     }
     // Cross-check the bytes against QEMU holding the same image.
@@ -275,7 +275,7 @@ fn create_refuses_a_file_in_use_without_touching_it() {
     let p = new_qcow2(dir.path(), "a.qcow2");
     let before = std::fs::read(&p).unwrap();
     let _nbd = Holder::qemu_nbd(&p);
-    let e = locked_message(image::create_file(&p).expect_err("create must be refused"));
+    let e = locked_message(oxcow::create_file(&p).expect_err("create must be refused"));
     assert_eq!(e, want(&p, false, ""));
     let (_, _, err) = run("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "4M"]);
     assert_eq!(err, format!("qemu-img: {}: {e}\n", p.display()));
@@ -289,14 +289,14 @@ fn raw_images_are_locked_as_qemu_locks_them() {
     std::fs::write(&p, vec![0x3cu8; 1 << 20]).unwrap();
     // QEMU's raw readers refuse nobody, and neither do ours.
     {
-        let _r = image::open(&p, &OpenOptions::read_only()).unwrap();
+        let _r = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
         assert_eq!(locks_on(&p), LockMode::raw_reader());
         ok("qemu-io", &["-f", "raw", "-c", "write -P 1 0 512", s(&p)]);
     }
     // Our raw writer does not share writing, unlike qemu-io's, but leaves
     // QEMU's readers alone.
     {
-        let w = image::open(&p, &OpenOptions::read_write()).unwrap();
+        let w = oxcow::open(&p, &OpenOptions::read_write()).unwrap();
         assert_eq!(locks_on(&p), LockMode::writer());
         ok("qemu-img", &["info", "-f", "raw", s(&p)]);
         assert_qemu_refuses("qemu-io", &["-f", "raw", "-c", "write 0 512", s(&p)], &want(&p, false, ""));
@@ -307,7 +307,7 @@ fn raw_images_are_locked_as_qemu_locks_them() {
     let sock = p.with_extension("sock");
     let held = LockMode { held: Perms::CONSISTENT_READ | Perms::WRITE, unshared: Perms::RESIZE };
     let _nbd = Holder::start(Command::new("qemu-nbd").args(["-f", "raw", "-k", s(&sock), s(&p)]), &p, held);
-    image::open(&p, &OpenOptions::read_only()).unwrap();
+    oxcow::open(&p, &OpenOptions::read_only()).unwrap();
     let e = open_err(&p, &OpenOptions::read_write());
     assert!(e.starts_with("Failed to get \"resize\" lock\n"), "{e}");
 }

@@ -2,17 +2,16 @@
 //! refcounts in writethrough mode, an allocating write costs exactly one
 //! metadata write (its L2 table); overwrites cost none.
 
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options};
 use oxcow::storage::{CountingStorage, MemoryStorage};
+use oxcow::BlockDevice;
 use std::sync::Arc;
 
 fn setup(lazy: bool) -> (Arc<CountingStorage>, Qcow2) {
     let mem = Arc::new(MemoryStorage::new());
-    qcow2::create(mem.clone(), None, &CreateOptions { size: 1 << 30, lazy_refcounts: lazy, ..Default::default() })
-        .unwrap();
+    qcow2::create(mem.clone(), None, &CreateOptions::new(1 << 30).lazy_refcounts(lazy)).unwrap();
     let counting = Arc::new(CountingStorage::new(mem));
-    let q = Qcow2::open(counting.clone(), Qcow2Options { writethrough: true, ..Default::default() }).unwrap();
+    let q = Qcow2::open(counting.clone(), Qcow2Options::default().writethrough(true)).unwrap();
     // Allocate the first L2 table and set the dirty bit once.
     q.write_at(&[1u8; 4096], 0).unwrap();
     counting.take_writes();

@@ -21,7 +21,7 @@ fn fixture(opts: ServeOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "disk.raw", 4 * MIB);
     write_file_at(&path, 0, &[0x5a; 65536]);
-    let cfg = ExportConfig { name: "h".into(), discard: DiscardMode::Unmap, ..ExportConfig::default() };
+    let cfg = ExportConfig::new("h").discard(DiscardMode::Unmap);
     let srv = start_tcp(raw_device(&path, false), cfg, opts);
     Fixture { _dir: dir, path, srv }
 }
@@ -124,7 +124,7 @@ fn bad_options_get_errors_and_negotiation_goes_on() {
 fn info_reports_export_and_block_sizes() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "i.raw", 3 * MIB);
-    let cfg = ExportConfig { name: "info".into(), description: "a test disk".into(), ..ExportConfig::default() };
+    let cfg = ExportConfig::new("info").description("a test disk".into());
     let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 1));
     let mut c = Client::start(srv.connect());
     let req = InfoRequest { name: b"".to_vec(), requests: vec![INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE] };
@@ -164,7 +164,7 @@ fn info_reports_export_and_block_sizes() {
 
 #[test]
 fn stalled_handshake_times_out() {
-    let f = fixture(ServeOptions { handshake_timeout: Duration::from_millis(500), ..opts(true, 1) });
+    let f = fixture(opts(true, 1).handshake_timeout(Duration::from_millis(500)));
     let mut s = f.srv.connect();
     let start = Instant::now();
     let mut g = [0u8; 18];
@@ -334,7 +334,7 @@ fn shutdown_disconnects_live_clients_and_returns() {
 
 #[test]
 fn client_stalling_mid_request_is_dropped() {
-    let f = fixture(ServeOptions { io_timeout: Duration::from_millis(500), ..opts(true, 1) });
+    let f = fixture(opts(true, 1).io_timeout(Duration::from_millis(500)));
     // Stalls inside a write payload, then inside a header.
     let mut c = client(&f.srv, "h", true, &[]);
     let r = Request { flags: 0, command: CMD_WRITE, cookie: 1, offset: 0, length: 65536 };

@@ -42,7 +42,7 @@ impl BlockDevice for Layer {
         self.data.lock().unwrap().len() as u64
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        oxcow::device::check_range(offset, buf.len() as u64, self.len())?;
+        oxcow::check_range(offset, buf.len() as u64, self.len())?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -51,7 +51,7 @@ impl BlockDevice for Layer {
             if self.allocated.lock().unwrap()[c] {
                 buf[done..done + n].copy_from_slice(&self.data.lock().unwrap()[pos as usize..pos as usize + n]);
             } else {
-                oxcow::device::read_backing(self.backing(), &mut buf[done..done + n], pos)?;
+                oxcow::read_backing(self.backing(), &mut buf[done..done + n], pos)?;
             }
             done += n;
         }
@@ -207,7 +207,7 @@ fn write_zeroes_flags_and_discard_modes() {
     for discard in [DiscardMode::Ignore, DiscardMode::Unmap] {
         let path = sparse_file(dir.path(), &format!("z{discard:?}.raw"), 4 * MIB);
         write_file_at(&path, 0, &vec![0x66; 4 * MIB as usize]);
-        let cfg = ExportConfig { name: "z".into(), discard, ..ExportConfig::default() };
+        let cfg = ExportConfig::new("z").discard(discard);
         let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 1));
         let mut c = client(&srv, "z", true, &["base:allocation"]);
         let base = c.contexts["base:allocation"];
@@ -250,12 +250,7 @@ fn detect_zeroes_unmap_punches_zero_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "dz.raw", 2 * MIB);
     write_file_at(&path, 0, &vec![0x12; 2 * MIB as usize]);
-    let cfg = ExportConfig {
-        name: "dz".into(),
-        discard: DiscardMode::Unmap,
-        detect_zeroes: DetectZeroes::Unmap,
-        ..ExportConfig::default()
-    };
+    let cfg = ExportConfig::new("dz").discard(DiscardMode::Unmap).detect_zeroes(DetectZeroes::Unmap);
     let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 1));
     let mut c = client(&srv, "dz", true, &["base:allocation"]);
     c.write(MIB, &vec![0; MIB as usize]);
@@ -272,7 +267,7 @@ fn read_only_export_answers_eperm() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "ro.raw", MIB);
     write_file_at(&path, 0, &[0x21; 4096]);
-    let cfg = ExportConfig { name: "ro".into(), read_only: true, multi_conn_ok: true, ..ExportConfig::default() };
+    let cfg = ExportConfig::new("ro").read_only(true).multi_conn_ok(true);
     let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 1));
     for structured in [false, true] {
         let mut c = client(&srv, "ro", structured, &[]);
@@ -308,7 +303,7 @@ fn unix_socket_raw_client() {
 }
 
 /// A device whose reads past 1 MiB panic, standing for an engine bug.
-struct Buggy(oxcow::raw::RawImage);
+struct Buggy(oxcow::RawImage);
 
 impl BlockDevice for Buggy {
     fn len(&self) -> u64 {
@@ -345,7 +340,7 @@ impl BlockDevice for Buggy {
 fn a_panicking_device_costs_one_request_not_the_connection() {
     let storage = Arc::new(oxcow::storage::MemoryStorage::new());
     oxcow::storage::Storage::set_len(&*storage, 2 * MIB).unwrap();
-    let dev = Buggy(oxcow::raw::RawImage::new(storage, false, false).unwrap());
+    let dev = Buggy(oxcow::RawImage::new(storage, false, false).unwrap());
     let srv = start_tcp(Arc::new(dev), named("bug"), opts(true, 1));
     let mut c = client(&srv, "bug", true, &[]);
     c.write(0, &[9; 512]);

@@ -4,9 +4,9 @@
 mod nbd_support;
 
 use nbd_support::*;
-use oxcow::image::{self, OpenOptions};
 use oxcow::nbd::proto::*;
 use oxcow::nbd::server::{DiscardMode, ExportConfig};
+use oxcow::OpenOptions;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
@@ -24,7 +24,7 @@ fn qemu_io_file(fmt: &str, path: &Path, cmds: &[&str]) {
 }
 
 fn cfg(name: &str) -> ExportConfig {
-    ExportConfig { name: name.into(), discard: DiscardMode::Unmap, ..ExportConfig::default() }
+    ExportConfig::new(name).discard(DiscardMode::Unmap)
 }
 
 #[test]
@@ -33,8 +33,8 @@ fn qcow2_export_under_qemu_io_and_bench_stays_consistent() {
     let path = dir.path().join("d.qcow2");
     let p = path.to_str().unwrap();
     qemu_img_ok(&["create", "-q", "-f", "qcow2", p, "32M"]);
-    let img = image::open(&path, &OpenOptions::read_write()).unwrap();
-    let srv = start_tcp(img.device_arc(), cfg("q"), opts(true, 2));
+    let img = oxcow::open(&path, &OpenOptions::read_write()).unwrap();
+    let srv = start_tcp(img.device().clone(), cfg("q"), opts(true, 2));
     let uri = srv.uri("q");
     qemu_io_ok(
         &uri,
@@ -75,8 +75,8 @@ fn qcow2_overlay_reports_depths_and_sparse_reads() {
     qemu_img_ok(&["create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t]);
     qemu_io_file("qcow2", &top, &["write -P 0x71 64k 64k", "write -P 0x72 2M 64k"]);
 
-    let img = image::open(&top, &OpenOptions::read_write()).unwrap();
-    let srv = start_tcp(img.device_arc(), cfg("top"), opts(true, 2));
+    let img = oxcow::open(&top, &OpenOptions::read_write()).unwrap();
+    let srv = start_tcp(img.device().clone(), cfg("top"), opts(true, 2));
     let mut c = client(&srv, "top", true, &["base:allocation", "qemu:allocation-depth"]);
     let (ba, dp) = (c.contexts["base:allocation"], c.contexts["qemu:allocation-depth"]);
     let r = c.call(0, CMD_BLOCK_STATUS, 0, 4 * MIB as u32, &[]);
@@ -158,8 +158,8 @@ fn block_status_matches_qemu_nbd() {
     qc.disconnect();
     let _ = qemu.wait();
 
-    let img = image::open(&top, &OpenOptions::read_only()).unwrap();
-    let srv = start_tcp(img.device_arc(), cfg("top"), opts(true, 1));
+    let img = oxcow::open(&top, &OpenOptions::read_only()).unwrap();
+    let srv = start_tcp(img.device().clone(), cfg("top"), opts(true, 1));
     let mut c = client(&srv, "top", true, &["base:allocation", "qemu:allocation-depth"]);
     assert_eq!(c.flags & !FLAG_CAN_MULTI_CONN, their_flags & !FLAG_CAN_MULTI_CONN, "transmission flags");
     for (i, &(o, l, f)) in cases.iter().enumerate() {

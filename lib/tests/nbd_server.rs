@@ -10,7 +10,7 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 
 fn writable(name: &str) -> ExportConfig {
-    ExportConfig { name: name.into(), discard: DiscardMode::Unmap, ..ExportConfig::default() }
+    ExportConfig::new(name).discard(DiscardMode::Unmap)
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn read_only_export_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "ro.raw", MIB);
     write_file_at(&path, 0, &[0x99; 8192]);
-    let cfg = ExportConfig { name: "ro".into(), read_only: true, ..ExportConfig::default() };
+    let cfg = ExportConfig::new("ro").read_only(true);
     // The device itself is writable: the export's setting alone must hold.
     let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 1));
     let uri = srv.uri("ro");
@@ -172,7 +172,7 @@ fn not_persistent_server_returns_after_the_client_leaves() {
 fn several_qemu_clients_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "multi.raw", 8 * MIB);
-    let cfg = ExportConfig { multi_conn_ok: true, ..writable("mc") };
+    let cfg = writable("mc").multi_conn_ok(true);
     let srv = start_tcp(raw_device(&path, false), cfg, opts(true, 4));
     let uri = srv.uri("mc");
     let threads: Vec<_> = (0..4u8)
@@ -200,7 +200,7 @@ fn several_qemu_clients_at_once() {
 fn qemu_nbd_lists_the_export() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "l.raw", 3 * MIB);
-    let cfg = ExportConfig { description: "listed disk".into(), ..writable("lst") };
+    let cfg = writable("lst").description("listed disk".into());
     let sock = dir.path().join("l.sock");
     let srv = start_unix(raw_device(&path, false), cfg, opts(true, 2), &sock);
     let out =

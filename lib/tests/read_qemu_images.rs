@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use oxcow::image::{self, OpenOptions};
+use oxcow::OpenOptions;
 use std::path::{Path, PathBuf};
 
 fn s(p: &Path) -> &str {
@@ -17,7 +17,7 @@ fn assert_reads_like_qemu(p: &Path, fmt: &str) {
     let dir = p.parent().unwrap();
     let qemu_raw = dir.join(format!("{}.qemu.raw", p.file_name().unwrap().to_str().unwrap()));
     ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s(p), s(&qemu_raw)]);
-    let img = image::open(p, &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(p, &OpenOptions::read_only()).unwrap();
     let dev = img.device();
     let expected = std::fs::File::open(&qemu_raw).unwrap();
     use std::os::unix::fs::FileExt;
@@ -28,7 +28,7 @@ fn assert_reads_like_qemu(p: &Path, fmt: &str) {
     while off < dev.len() {
         let n = (dev.len() - off).min(chunk as u64) as usize;
         // Skip unallocated stretches of huge sparse images quickly.
-        let st = oxcow::device::chain_status(dev, off, n as u64).unwrap();
+        let st = oxcow::chain_status(dev, off, n as u64).unwrap();
         if !st.data && st.zero && st.length >= n as u64 {
             off += n as u64;
             continue;
@@ -159,8 +159,8 @@ fn backing_chain_mixing_raw_and_qcow2_with_shorter_backing() {
     ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", s(&top), "10M"]);
     ok("qemu-io", &["-c", "write -P 0xc3 1200k 8k", "-c", "write -P 0xc4 7M 64k", s(&top)]);
     assert_reads_like_qemu(&top, "qcow2");
-    let img = image::open(&top, &OpenOptions::read_only()).unwrap();
-    let st = oxcow::device::chain_status(img.device(), 0, 4096).unwrap();
+    let img = oxcow::open(&top, &OpenOptions::read_only()).unwrap();
+    let st = oxcow::chain_status(img.device(), 0, 4096).unwrap();
     assert_eq!(st.depth, 2, "first range comes from the raw base");
 }
 
@@ -208,7 +208,7 @@ fn multi_tib_sparse_image() {
         "4T",
         &["write -P 0x61 0 64k", "write -P 0x62 3T 64k", "write -P 0x63 4095G 1M"],
     );
-    let img = image::open(&p, &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(&p, &OpenOptions::read_only()).unwrap();
     let dev = img.device();
     let mut b = vec![0u8; 65536];
     dev.read_at(&mut b, 3 << 40).unwrap();
@@ -221,7 +221,7 @@ fn multi_tib_sparse_image() {
     let mut off = 0;
     let mut extents = 0;
     while off < dev.len() {
-        let st = oxcow::device::chain_status(dev, off, dev.len() - off).unwrap();
+        let st = oxcow::chain_status(dev, off, dev.len() - off).unwrap();
         off += st.length;
         extents += 1;
     }
@@ -251,6 +251,6 @@ fn encrypted_images_are_refused_clearly() {
         eprintln!("qemu-img cannot make encrypted images here; skipped");
         return;
     }
-    let e = image::open(&p, &OpenOptions::read_only()).err().expect("encrypted image must be refused");
+    let e = oxcow::open(&p, &OpenOptions::read_only()).expect_err("encrypted image must be refused");
     assert!(e.to_string().contains("unsupported: encryption"), "{e}");
 }

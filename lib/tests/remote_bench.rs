@@ -10,8 +10,8 @@
 mod common;
 mod remote_support;
 
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::CreateOptions;
+use oxcow::OpenOptions;
 use remote_support::*;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -62,13 +62,8 @@ fn make_base(dir: &Path) -> std::path::PathBuf {
 }
 
 fn make_overlay(path: &Path, backing: &str) {
-    let st = image::create_file(path).unwrap();
-    let opts = CreateOptions {
-        size: GIB,
-        backing_file: Some(backing.into()),
-        backing_format: Some("raw".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(path).unwrap();
+    let opts = CreateOptions::new(GIB).backing_file(Some(backing.into())).backing_format(Some("raw".into()));
     oxcow::qcow2::create(st, None, &opts).unwrap();
 }
 
@@ -79,8 +74,8 @@ struct Pass {
 }
 
 fn oxcow_passes(overlay: &Path, cor: bool, proxy: &Proxy, base: &std::fs::File) -> Vec<Pass> {
-    let opts = OpenOptions { write: true, allow_network_backing: true, copy_on_read: cor, ..Default::default() };
-    let img = image::open(overlay, &opts).unwrap();
+    let opts = OpenOptions::default().write(true).allow_network_backing(true).copy_on_read(cor);
+    let img = oxcow::open(overlay, &opts).unwrap();
     let mut out = Vec::new();
     let mut buf = vec![0u8; 65536];
     let mut want = vec![0u8; 65536];

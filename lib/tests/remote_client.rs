@@ -3,11 +3,11 @@
 
 mod remote_support;
 
-use oxcow::image::{self, Format, OpenOptions};
 use oxcow::nbd::client::NbdClient;
-use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
 use oxcow::BlockDevice;
+use oxcow::RawImage;
+use oxcow::{Format, OpenOptions};
 use remote_support::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 const SIZE: u64 = 8 << 20;
 
 fn raw_dev(path: &std::path::Path, read_only: bool) -> Arc<dyn BlockDevice> {
-    let st = FileStorage::open(path, OpenFlags { write: !read_only, ..OpenFlags::default() }).unwrap();
+    let st = FileStorage::open(path, OpenFlags::default().write(!read_only)).unwrap();
     Arc::new(RawImage::new(Arc::new(st), read_only, false).unwrap())
 }
 
@@ -154,7 +154,7 @@ fn dead_server_gives_one_clear_line() {
     let url = format!("nbd://127.0.0.1:{port}/");
     let e = NbdClient::connect(&url).expect_err("connecting to nothing");
     assert_eq!(e.to_string(), format!("Failed to connect to '127.0.0.1:{port}': Connection refused"));
-    let e = image::open(&url, &OpenOptions::read_only()).err().expect("opening nothing");
+    let e = oxcow::open(&url, &OpenOptions::read_only()).expect_err("opening nothing");
     assert!(e.to_string().starts_with("Failed to connect to"), "{e}");
     assert!(!e.to_string().contains('\n'));
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +183,7 @@ fn image_open_recognizes_nbd_names() {
     let dir = tempfile::tempdir().unwrap();
     let (base, content) = patterned_base(dir.path(), "base.raw", SIZE, 7);
     let srv = OxServer::start(raw_dev(&base, true), true);
-    let img = image::open(srv.upstream.url(), &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(srv.upstream.url(), &OpenOptions::read_only()).unwrap();
     assert_eq!(img.format(), Format::Raw);
     assert_eq!(img.device().format_name(), "nbd");
     let mut buf = vec![0u8; 100];
@@ -192,15 +192,15 @@ fn image_open_recognizes_nbd_names() {
 
     // A qcow2 image exported as bytes is probed as qcow2 through the client.
     let q = dir.path().join("img.qcow2");
-    let st = image::create_file(&q).unwrap();
-    oxcow::qcow2::create(st, None, &oxcow::qcow2::CreateOptions { size: 1 << 20, ..Default::default() }).unwrap();
+    let st = oxcow::create_file(&q).unwrap();
+    oxcow::qcow2::create(st, None, &oxcow::qcow2::CreateOptions::new(1 << 20)).unwrap();
     {
-        let w = image::open(&q, &OpenOptions::read_write()).unwrap();
+        let w = oxcow::open(&q, &OpenOptions::read_write()).unwrap();
         w.device().write_at(&[9u8; 4096], 8192).unwrap();
         w.close().unwrap();
     }
     let srv2 = OxServer::start(raw_dev(&q, true), true);
-    let img = image::open(srv2.upstream.url(), &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(srv2.upstream.url(), &OpenOptions::read_only()).unwrap();
     assert_eq!(img.format(), Format::Qcow2);
     let mut buf = vec![0u8; 4096];
     img.device().read_at(&mut buf, 8192).unwrap();

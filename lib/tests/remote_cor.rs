@@ -5,14 +5,14 @@
 mod common;
 mod remote_support;
 
-use oxcow::image::{self, OpenOptions};
 use oxcow::nbd::client::NbdClient;
 use oxcow::qcow2::CreateOptions;
-use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
 use oxcow::tools::prefetch::{Activity, PrefetchOptions, Prefetcher};
 use oxcow::tools::stream::{stream, StreamOptions};
 use oxcow::BlockDevice;
+use oxcow::OpenOptions;
+use oxcow::RawImage;
 use remote_support::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,19 +68,14 @@ fn setup(qemu: bool, seed: u64) -> Option<Setup> {
 }
 
 fn create_overlay(path: &Path, backing: &str) {
-    let st = image::create_file(path).unwrap();
-    let opts = CreateOptions {
-        size: SIZE,
-        backing_file: Some(backing.to_string()),
-        backing_format: Some("raw".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(path).unwrap();
+    let opts = CreateOptions::new(SIZE).backing_file(backing.to_string()).backing_format(Some("raw".into()));
     oxcow::qcow2::create(st, None, &opts).unwrap();
 }
 
-fn open_overlay(path: &Path, cor: bool) -> image::Image {
-    let opts = OpenOptions { write: true, allow_network_backing: true, copy_on_read: cor, ..Default::default() };
-    image::open(path, &opts).unwrap()
+fn open_overlay(path: &Path, cor: bool) -> oxcow::Image {
+    let opts = OpenOptions::default().write(true).allow_network_backing(true).copy_on_read(cor);
+    oxcow::open(path, &opts).unwrap()
 }
 
 /// Scattered reads of assorted sizes, some across cluster boundaries.
@@ -150,7 +145,7 @@ fn plain_overlay_reads_through_every_time() {
 #[test]
 fn network_backing_needs_permission() {
     let Some(s) = setup(false, 13) else { return };
-    let e = image::open(&s.overlay, &OpenOptions::read_write()).err().expect("network backing followed");
+    let e = oxcow::open(&s.overlay, &OpenOptions::read_write()).expect_err("network backing followed");
     assert!(e.to_string().contains("refusing"), "{e}");
     assert_eq!(s.proxy.counts.connections.load(Ordering::Relaxed), 0);
 }
@@ -206,7 +201,7 @@ fn stream_resumes_and_makes_the_image_standalone() {
     {
         let img = open_overlay(&s.overlay, false);
         let cancel = Arc::new(AtomicBool::new(false));
-        let opts = StreamOptions { cancel: Some(Arc::clone(&cancel)), ..Default::default() };
+        let opts = StreamOptions::default().cancel(Arc::clone(&cancel));
         let r = stream(img.qcow2().unwrap(), &opts, &mut |p| {
             if p.done >= SIZE / 2 {
                 cancel.store(true, Ordering::Release);
@@ -246,7 +241,7 @@ fn stream_with_a_rate_limit_is_paced() {
     let img = open_overlay(&s.overlay, false);
     // 12 MiB of data at 48 MiB/s: about a quarter of a second.
     let start = Instant::now();
-    let opts = StreamOptions { rate: Some(48 << 20), ..Default::default() };
+    let opts = StreamOptions::default().rate(48 << 20);
     let r = stream(img.qcow2().unwrap(), &opts, &mut |_| {}).unwrap();
     assert!(r.complete);
     assert!(start.elapsed() >= Duration::from_millis(200), "not paced: {:?}", start.elapsed());
@@ -257,7 +252,7 @@ fn stream_with_a_rate_limit_is_paced() {
 fn prefetch_fills_the_overlay_while_a_client_works() {
     let Some(s) = setup(false, 17) else { return };
     let img = open_overlay(&s.overlay, false);
-    let opts = PrefetchOptions { chunk: 256 << 10, ..Default::default() };
+    let opts = PrefetchOptions::default().chunk(256 << 10);
     let (served, pf) = oxcow::tools::prefetch::for_export(&img, opts).unwrap();
     let srv = OxServer::start(served, false);
 
@@ -308,7 +303,7 @@ fn prefetch_waits_while_the_client_is_busy() {
     let img = open_overlay(&s.overlay, false);
     let activity = Activity::new();
     let busy = activity.begin();
-    let pf = Prefetcher::start(img.qcow2_arc().unwrap(), activity.clone(), PrefetchOptions::default()).unwrap();
+    let pf = Prefetcher::start(img.qcow2().cloned().unwrap(), activity.clone(), PrefetchOptions::default()).unwrap();
     std::thread::sleep(Duration::from_millis(150));
     assert_eq!(pf.progress().done, 0, "prefetched while a request was in flight");
     assert_eq!(s.proxy.reads(), 0);
@@ -338,13 +333,8 @@ fn stream_pulls_a_whole_chain_local_and_remote() {
         mid.close().unwrap();
     }
     let top = s.dir.path().join("top.qcow2");
-    let st = image::create_file(&top).unwrap();
-    let opts = CreateOptions {
-        size: SIZE,
-        backing_file: Some("overlay.qcow2".into()),
-        backing_format: Some("qcow2".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(&top).unwrap();
+    let opts = CreateOptions::new(SIZE).backing_file(Some("overlay.qcow2".into())).backing_format(Some("qcow2".into()));
     oxcow::qcow2::create(st, None, &opts).unwrap();
     let img = open_overlay(&top, false);
     let r = stream(img.qcow2().unwrap(), &StreamOptions::default(), &mut |_| {}).unwrap();
@@ -352,7 +342,7 @@ fn stream_pulls_a_whole_chain_local_and_remote() {
     img.close().unwrap();
     drop(img);
     common::assert_checks_clean(&top);
-    let img = image::open(&top, &OpenOptions::read_only()).unwrap();
+    let img = oxcow::open(&top, &OpenOptions::read_only()).unwrap();
     assert!(img.backing().is_none());
     let mut all = vec![0u8; SIZE as usize];
     img.device().read_at(&mut all, 0).unwrap();
@@ -375,13 +365,8 @@ fn stream_of_a_huge_sparse_disk_skips_holes_quickly() {
     let srv = OxServer::start(Arc::new(RawImage::new(Arc::new(st), true, false).unwrap()), true);
     let proxy = Proxy::start(srv.upstream.clone(), Duration::ZERO);
     let overlay = dir.path().join("huge.qcow2");
-    let st = image::create_file(&overlay).unwrap();
-    let opts = CreateOptions {
-        size: HUGE,
-        backing_file: Some(proxy.url()),
-        backing_format: Some("raw".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(&overlay).unwrap();
+    let opts = CreateOptions::new(HUGE).backing_file(proxy.url()).backing_format(Some("raw".into()));
     oxcow::qcow2::create(st, None, &opts).unwrap();
     let img = open_overlay(&overlay, false);
     let start = Instant::now();
@@ -427,6 +412,6 @@ fn copy_on_read_with_many_readers_at_once() {
     let first = s.proxy.reads();
     pass(500);
     assert_eq!(s.proxy.reads(), first, "second pass reached the base");
-    Arc::try_unwrap(img).ok().expect("image still shared").close().unwrap();
+    Arc::try_unwrap(img).expect("image still shared").close().unwrap();
     common::assert_checks_clean(&s.overlay);
 }

@@ -9,10 +9,10 @@
 mod common;
 
 use common::Rng;
-use oxcow::device::BlockDevice;
 use oxcow::qcow2::{self, CreateOptions, Qcow2, Qcow2Options, Repair};
-use oxcow::raw::RawImage;
 use oxcow::storage::{apply_event, CrashStorage, Event, MemoryStorage, Storage};
+use oxcow::BlockDevice;
+use oxcow::RawImage;
 use std::sync::Arc;
 
 const DISK: u64 = 1 << 20;
@@ -29,21 +29,13 @@ fn backing_dev(b: &[u8]) -> Arc<dyn BlockDevice> {
 
 fn run(name: &str, create: CreateOptions, seed: u64) -> usize {
     let backing = backing_bytes();
-    let create = CreateOptions {
-        size: DISK,
-        backing_file: Some("base.raw".into()),
-        backing_format: Some("raw".into()),
-        ..create
-    };
+    let create = create.size(DISK).backing_file(Some("base.raw".into())).backing_format(Some("raw".into()));
     let fresh = Arc::new(MemoryStorage::new());
     qcow2::create(fresh.clone(), None, &create).unwrap();
     let crash = Arc::new(CrashStorage::new(fresh.to_bytes()));
     let cs = create.cluster_size;
-    let opts = |cor: bool| Qcow2Options {
-        backing: Some(backing_dev(&backing)),
-        copy_on_read: cor,
-        l2_cache_bytes: 4 * cs,
-        ..Default::default()
+    let opts = |cor: bool| {
+        Qcow2Options::default().backing(Some(backing_dev(&backing))).copy_on_read(cor).l2_cache_bytes(4 * cs)
     };
     let mut rng = Rng(seed);
     {
@@ -102,13 +94,13 @@ fn run(name: &str, create: CreateOptions, seed: u64) -> usize {
 
 #[test]
 fn copy_on_read_crash_states_read_the_backing_content() {
-    let small = CreateOptions { cluster_size: 512, ..Default::default() };
+    let small = CreateOptions::default().cluster_size(512);
     let mut total = 0;
     total += run("v3-512", small.clone(), 1);
-    total += run("v3-512-lazy", CreateOptions { lazy_refcounts: true, ..small.clone() }, 2);
-    total += run("v2-512", CreateOptions { version: 2, ..small.clone() }, 3);
-    total += run("v3-16k-extended", CreateOptions { cluster_size: 16384, extended_l2: true, ..small.clone() }, 4);
-    total += run("v3-64k", CreateOptions { cluster_size: 65536, ..small }, 5);
+    total += run("v3-512-lazy", small.clone().lazy_refcounts(true), 2);
+    total += run("v2-512", small.clone().version(2), 3);
+    total += run("v3-16k-extended", small.clone().cluster_size(16384).extended_l2(true), 4);
+    total += run("v3-64k", small.cluster_size(65536), 5);
     assert!(total > 50, "only {total} states");
     eprintln!("{total} crash states checked");
 }

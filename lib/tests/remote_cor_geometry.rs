@@ -7,12 +7,12 @@
 
 mod common;
 
-use oxcow::device::{BlockDevice, BlockStatus};
 use oxcow::qcow2::{CreateOptions, Qcow2, Qcow2Options};
-use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, MemoryStorage, OpenFlags, Storage};
 use oxcow::tools::stream::{stream, StreamOptions};
+use oxcow::RawImage;
 use oxcow::Result;
+use oxcow::{BlockDevice, BlockStatus};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,8 +91,8 @@ fn backing_content(len: u64, seed: u64) -> Vec<u8> {
 }
 
 fn open(path: &Path, backing: Arc<Counting>, cor: bool) -> Qcow2 {
-    let st = FileStorage::open(path, OpenFlags { write: true, ..OpenFlags::default() }).unwrap();
-    let opts = Qcow2Options { backing: Some(backing), copy_on_read: cor, ..Default::default() };
+    let st = FileStorage::open(path, OpenFlags::default().write(true)).unwrap();
+    let opts = Qcow2Options::default().backing(Some(backing)).copy_on_read(cor);
     Qcow2::open(Arc::new(st), opts).unwrap()
 }
 
@@ -102,16 +102,13 @@ fn run_case(c: &Case, seed: u64) {
     let base_path = dir.path().join("base.raw");
     let bcontent = backing_content(c.backing_len, seed);
     std::fs::write(&base_path, &bcontent).unwrap();
-    let st = oxcow::image::create_file(&path).unwrap();
-    let copts = CreateOptions {
-        size: c.size,
-        cluster_size: c.cluster,
-        version: c.version,
-        extended_l2: c.extended,
-        backing_file: Some("base.raw".into()),
-        backing_format: Some("raw".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(&path).unwrap();
+    let copts = CreateOptions::new(c.size)
+        .cluster_size(c.cluster)
+        .version(c.version)
+        .extended_l2(c.extended)
+        .backing_file(Some("base.raw".into()))
+        .backing_format(Some("raw".into()));
     oxcow::qcow2::create(st, None, &copts).unwrap();
     let mem: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(bcontent.clone()));
     let backing = Arc::new(Counting { inner: RawImage::new(mem, true, false).unwrap(), reads: AtomicU64::new(0) });
@@ -154,14 +151,14 @@ fn run_case(c: &Case, seed: u64) {
 
     // Stream the rest and drop the backing file.
     let q = open(&path, Arc::clone(&backing), false);
-    let r = stream(&q, &StreamOptions { chunk: 3 * c.cluster, ..Default::default() }, &mut |_| {}).unwrap();
+    let r = stream(&q, &StreamOptions::default().chunk(3 * c.cluster), &mut |_| {}).unwrap();
     assert!(r.complete && r.detached);
     q.close().unwrap();
     drop(q);
     std::fs::remove_file(&base_path).unwrap();
     common::assert_checks_clean(&path);
     let st = FileStorage::open(&path, OpenFlags::default()).unwrap();
-    let q = Qcow2::open(Arc::new(st), Qcow2Options { read_only: true, ..Default::default() }).unwrap();
+    let q = Qcow2::open(Arc::new(st), Qcow2Options::default().read_only(true)).unwrap();
     assert_eq!(q.backing_file(), None);
     let mut all = vec![0u8; c.size as usize];
     q.read_at(&mut all, 0).unwrap();

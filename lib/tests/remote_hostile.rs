@@ -89,7 +89,7 @@ fn fake_with(
 }
 
 fn client(url: &str) -> NbdClient {
-    let opts = ClientOptions { reconnect: false, request_timeout: Duration::from_secs(2), ..ClientOptions::default() };
+    let opts = ClientOptions::default().reconnect(false).request_timeout(Duration::from_secs(2));
     NbdClient::connect_with(NbdUrl::parse(url).unwrap(), opts).unwrap()
 }
 

@@ -6,9 +6,9 @@
 mod common;
 mod remote_support;
 
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::CreateOptions;
 use oxcow::tools::stream::{stream, StreamOptions};
+use oxcow::OpenOptions;
 use remote_support::*;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -129,16 +129,11 @@ fn http_base_through_nbdkit_curl() {
     let k = nbdkit(dir.path(), &["--readonly", "curl", &url]);
 
     let overlay = dir.path().join("overlay.qcow2");
-    let st = image::create_file(&overlay).unwrap();
-    let opts = CreateOptions {
-        size: SIZE,
-        backing_file: Some(k.upstream.url()),
-        backing_format: Some("raw".into()),
-        ..Default::default()
-    };
+    let st = oxcow::create_file(&overlay).unwrap();
+    let opts = CreateOptions::new(SIZE).backing_file(k.upstream.url()).backing_format(Some("raw".into()));
     oxcow::qcow2::create(st, None, &opts).unwrap();
-    let oo = OpenOptions { write: true, allow_network_backing: true, copy_on_read: true, ..Default::default() };
-    let img = image::open(&overlay, &oo).unwrap();
+    let oo = OpenOptions::default().write(true).allow_network_backing(true).copy_on_read(true);
+    let img = oxcow::open(&overlay, &oo).unwrap();
     let mut buf = vec![0u8; 300_000];
     for off in [0u64, 1 << 20, 5_000_001] {
         img.device().read_at(&mut buf, off).unwrap();

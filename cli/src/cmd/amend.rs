@@ -3,9 +3,9 @@
 //! backing_fmt, size.
 
 use crate::util::{parse_format, CliError, CliResult};
-use oxcow::image::{self, Format};
 use oxcow::qcow2::{amend, AmendOptions};
 use oxcow::storage::{FileStorage, LockMode, OpenFlags, Storage};
+use oxcow::Format;
 use std::sync::Arc;
 
 #[derive(clap::Args)]
@@ -35,7 +35,7 @@ pub struct Args {
 /// Opens a file for writing with a writer's QEMU-compatible lock, as
 /// qemu-img amend holds it.
 fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
-    let flags = OpenFlags { write: true, ..OpenFlags::default() };
+    let flags = OpenFlags::default().write(true);
     let f = FileStorage::open_locked(std::path::Path::new(path), flags, mode).map_err(|e| {
         let msg = crate::util::clean_message(&e.to_string());
         let msg = msg.strip_prefix(&format!("Could not open '{path}': ")).unwrap_or(&msg).to_string();
@@ -53,7 +53,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let file = open_rw(&a.file, LockMode::writer())?;
     let format = match parse_format(a.format.as_deref())? {
         Some(f) => f,
-        None => image::probe_format(&*file)?,
+        None => oxcow::probe_format(&*file)?,
     };
     if format != Format::Qcow2 {
         return Err(CliError::new(format!("Format driver '{}' does not support option amendment", format.name())));

@@ -2,8 +2,8 @@
 //! bench tool; `-d` requests are truly in flight (one thread each).
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::image::{CacheMode, OpenOptions};
 use oxcow::tools::bench::{self, BenchOptions};
+use oxcow::{CacheMode, OpenOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -97,26 +97,23 @@ pub fn run(a: Args) -> CliResult<i32> {
     if a.force_share && a.write {
         return Err(CliError::new("--force-share/-U is not allowed with -w"));
     }
-    let cache = CacheMode::from_name(&a.cache).map_err(|e| CliError::new(e.to_string()))?;
-    let opts = OpenOptions {
-        format: parse_format(a.format.as_deref())?,
-        write: a.write,
-        cache,
-        force_share: a.force_share,
-        ..Default::default()
-    };
+    let cache = a.cache.parse::<CacheMode>().map_err(|e| CliError::new(e.to_string()))?;
+    let opts = OpenOptions::default()
+        .format(parse_format(a.format.as_deref())?)
+        .write(a.write)
+        .cache(cache)
+        .force_share(a.force_share);
     let img = open_image(&a.file, &opts)?;
-    let o = BenchOptions {
-        count,
-        depth: depth as usize,
-        offset,
-        size,
-        step,
-        write: a.write,
-        pattern,
-        flush_interval,
-        drain: !a.no_drain,
-    };
+    let o = BenchOptions::default()
+        .count(count)
+        .depth(depth as usize)
+        .offset(offset)
+        .size(size)
+        .step(step)
+        .write(a.write)
+        .pattern(pattern)
+        .flush_interval(flush_interval)
+        .drain(!a.no_drain);
     if !a.quiet {
         println!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",

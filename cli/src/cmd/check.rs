@@ -3,8 +3,8 @@
 //! 3 leaks only, 63 format without checks).
 
 use crate::util::{open_image, parse_format, qemu_json, CliError, CliResult};
-use oxcow::image::{Format, OpenOptions};
 use oxcow::qcow2::{CheckReport, Repair};
+use oxcow::{Format, OpenOptions};
 use serde_json::{Map, Value};
 
 #[derive(clap::Args)]
@@ -31,9 +31,7 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult<i32> {
     let repair = match a.repair.as_deref() {
         None => Repair::None,
-        Some("leaks") => Repair::Leaks,
-        Some("all") => Repair::All,
-        Some(other) => return Err(CliError::new(format!("Invalid option for -r: '{other}'"))),
+        Some(r) => r.parse::<Repair>().map_err(|e| CliError::new(e.to_string()))?,
     };
     let json = match a.output.as_str() {
         "human" => false,
@@ -45,14 +43,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let format = parse_format(a.format.as_deref())?;
     let write = repair != Repair::None;
-    let opts = OpenOptions {
-        format,
-        write,
-        repair: write,
-        no_backing: true,
-        force_share: a.force_share,
-        ..Default::default()
-    };
+    let opts =
+        OpenOptions::default().format(format).write(write).repair(write).no_backing(true).force_share(a.force_share);
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
         return Err(CliError::new("This image format does not support checks").with_code(63));

@@ -51,11 +51,10 @@ pub fn progress_printer(enabled: bool) -> impl FnMut(u64, u64) {
 
 pub fn run(a: Args) -> CliResult<i32> {
     let _ = (a.cache, a.rate);
-    let opts = CommitOptions {
-        format: parse_format(a.format.as_deref())?,
-        base: a.base.map(PathBuf::from),
-        keep_overlay: a.drop,
-    };
+    let opts = CommitOptions::default()
+        .format(parse_format(a.format.as_deref())?)
+        .base(a.base.map(PathBuf::from))
+        .keep_overlay(a.drop);
     let show = a.progress && !a.quiet;
     let mut p = progress_printer(show);
     commit(std::path::Path::new(&a.file), &opts, &mut p).map_err(CliError::from)?;

@@ -2,8 +2,8 @@
 //! (0 identical, 1 different, 2 error).
 
 use crate::util::{open_image, parse_format, CliError, CliResult};
-use oxcow::image::OpenOptions;
 use oxcow::tools::compare::{first_difference, first_nonzero, Difference};
+use oxcow::OpenOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,8 +37,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let fa = parse_format(a.format_a.as_deref()).map_err(e2)?;
     let fb = parse_format(a.format_b.as_deref()).map_err(e2)?;
     let share = a.force_share;
-    let ia = open_image(&a.a, &OpenOptions { format: fa, force_share: share, ..Default::default() }).map_err(e2)?;
-    let ib = open_image(&a.b, &OpenOptions { format: fb, force_share: share, ..Default::default() }).map_err(e2)?;
+    let ia = open_image(&a.a, &OpenOptions::default().format(fa).force_share(share)).map_err(e2)?;
+    let ib = open_image(&a.b, &OpenOptions::default().format(fb).force_share(share)).map_err(e2)?;
     let say = |m: String| {
         if !a.quiet {
             println!("{m}");

@@ -2,9 +2,9 @@
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::image::{resolve_backing, OpenOptions};
 use oxcow::tools::convert::{copy, CopyOptions};
 use oxcow::BlockDevice;
+use oxcow::{resolve_backing, OpenOptions};
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -63,7 +63,7 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult<i32> {
     let _ = (a.unordered, a.quiet);
     let cache_mode = |v: &Option<String>, default: &str| {
-        oxcow::image::CacheMode::from_name(v.as_deref().unwrap_or(default)).map_err(|e| CliError::new(e.to_string()))
+        v.as_deref().unwrap_or(default).parse::<oxcow::CacheMode>().map_err(|e| CliError::new(e.to_string()))
     };
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
@@ -83,10 +83,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         None => 4096,
     };
     let src_fmt = parse_format(a.format.as_deref())?;
-    let src = open_image(
-        src_path,
-        &OpenOptions { format: src_fmt, force_share: a.force_share, cache: src_cache, ..Default::default() },
-    )?;
+    let src =
+        open_image(src_path, &OpenOptions::default().format(src_fmt).force_share(a.force_share).cache(src_cache))?;
     let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
     let snap_dev = match &snap_name {
         Some(n) => {
@@ -114,8 +112,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }
     let out_format = parse_format(Some(out_fmt))?;
-    let dst =
-        open_image(dst_path, &OpenOptions { format: out_format, write: true, cache: dst_cache, ..Default::default() })?;
+    let dst = open_image(dst_path, &OpenOptions::default().format(out_format).write(true).cache(dst_cache))?;
     let ddev = dst.device();
     if a.no_create && ddev.len() < size {
         return Err(CliError::new("Error while writing to target: the target is smaller than the source"));
@@ -160,7 +157,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let werr = |e: oxcow::Error| {
         CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
     };
-    let o = CopyOptions { zero_granularity: gran, existing_target: a.no_create, base };
+    let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
     copy(sdev, ddev, &o, &mut |pos| {
         if let Some(b) = &bar {
             b.set_position(pos);
@@ -197,7 +194,7 @@ fn copy_compressed(src: &dyn BlockDevice, q: &oxcow::qcow2::Qcow2, progress: &mu
     let mut buf = vec![0u8; cs as usize];
     let mut c = 0;
     while c < size {
-        let st = oxcow::device::chain_status(src, c, size - c)?;
+        let st = oxcow::chain_status(src, c, size - c)?;
         if st.zero && st.length >= size - c {
             break;
         }

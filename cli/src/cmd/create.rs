@@ -2,9 +2,9 @@
 
 use crate::util::{open_image, parse_bool, parse_options, CliError, CliResult};
 use oxcow::format::CompressionType;
-use oxcow::image::{create_file, resolve_backing, Format, OpenOptions};
 use oxcow::qcow2::{CreateOptions, Preallocation};
 use oxcow::storage::Storage;
+use oxcow::{create_file, resolve_backing, Format, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -87,11 +87,7 @@ pub fn create_target(
 fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
     let err = |m: String| CliError::new(format!("{file}: {m}"));
-    let format = match a.format.as_str() {
-        "qcow2" => Format::Qcow2,
-        "raw" => Format::Raw,
-        other => return Err(err(format!("Unknown file format '{other}'"))),
-    };
+    let format = a.format.parse::<Format>().map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
     let mut g = Given::default();
     for (k, v) in parse_options(&a.options)? {
         let slot = match (format, k.as_str()) {
@@ -137,7 +133,7 @@ fn create(a: Args) -> CliResult<i32> {
             let bpath = resolve_backing(Path::new(&a.file), b);
             let bfmt = crate::util::parse_format(g.backing_fmt.as_deref())
                 .map_err(|e| err(format!("{}\nCould not open backing image.", e.msg)))?;
-            let opts = OpenOptions { format: bfmt, ..Default::default() };
+            let opts = OpenOptions::default().format(bfmt);
             let bimg = open_image(&bpath.display().to_string(), &opts).map_err(|_| {
                 err(format!("Could not open '{b}': No such file or directory\nCould not open backing image."))
             })?;
@@ -202,8 +198,9 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
 fn prealloc(g: &Given) -> CliResult<Preallocation> {
     match &g.preallocation {
         None => Ok(Preallocation::Off),
-        Some(p) => Preallocation::from_name(p)
-            .ok_or_else(|| CliError::new(format!("Parameter 'preallocation' does not accept value '{p}'"))),
+        Some(p) => p
+            .parse::<Preallocation>()
+            .map_err(|_| CliError::new(format!("Parameter 'preallocation' does not accept value '{p}'"))),
     }
 }
 
@@ -229,11 +226,8 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let bool_opt = |k: &str, v: &Option<String>| -> Result<bool, String> {
         v.as_deref().map(|v| parse_bool(k, v).map_err(|e| e.msg)).transpose().map(|b| b.unwrap_or(false))
     };
-    let mut o = CreateOptions {
-        // qemu rounds the virtual size up to whole sectors.
-        size: size.div_ceil(512) * 512,
-        ..Default::default()
-    };
+    // qemu rounds the virtual size up to whole sectors.
+    let mut o = CreateOptions::new(size.div_ceil(512) * 512);
     if let Some(cs) = &g.cluster_size {
         o.cluster_size = num_opt("cluster_size", cs).map_err(|e| e.msg)?;
     }
@@ -252,8 +246,9 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     o.extended_l2 = bool_opt("extended_l2", &g.extended_l2)?;
     o.data_file_raw = bool_opt("data_file_raw", &g.data_file_raw)?;
     if let Some(c) = &g.compression_type {
-        o.compression = CompressionType::from_name(c)
-            .ok_or_else(|| format!("Parameter 'compression-type' does not accept value '{c}'"))?;
+        o.compression = c
+            .parse::<CompressionType>()
+            .map_err(|_| format!("Parameter 'compression-type' does not accept value '{c}'"))?;
     }
     o.backing_file = g.backing_file.clone();
     o.backing_format = g.backing_fmt.clone();

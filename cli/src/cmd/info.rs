@@ -2,7 +2,7 @@
 
 use crate::util::{human, open_image, parse_format, qemu_json, CliError, CliResult};
 use oxcow::format::{Autoclear, SnapshotEntry};
-use oxcow::image::{resolve_backing, Image, OpenOptions};
+use oxcow::{resolve_backing, Image, OpenOptions};
 use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
@@ -35,7 +35,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     loop {
         // Backing files are opened one at a time, as qemu-img does, so a
         // missing backing file does not hide the top image's information.
-        let opts = OpenOptions { format, no_backing: true, force_share: a.force_share, ..Default::default() };
+        let opts = OpenOptions::default().format(format).no_backing(true).force_share(a.force_share);
         let img = open_image(&path, &opts)?;
         let info = image_info(&img, &path)?;
         let next = if a.backing_chain {
@@ -150,7 +150,7 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     }
     let q = img.qcow2();
     if let Some(q) = q {
-        let snaps = q.snapshots();
+        let snaps = q.snapshot_list();
         if !snaps.is_empty() {
             m.insert("snapshots".into(), Value::Array(snaps.iter().map(snapshot_json).collect()));
         }

@@ -5,9 +5,9 @@
 //! but later commands still run.
 
 use crate::util::{io_size, parse_format, parse_num, CliError, CliResult};
-use oxcow::device::chain_status;
-use oxcow::image::{CacheMode, Image, OpenOptions};
+use oxcow::chain_status;
 use oxcow::BlockDevice;
+use oxcow::{CacheMode, Image, OpenOptions};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,7 @@ pub struct Args {
 pub fn run(a: Args) -> CliResult<i32> {
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
-        Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
+        Some(c) => c.parse::<CacheMode>().map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
         None if a.nocache => CacheMode::None,
         None => CacheMode::default(),
     };
@@ -65,17 +65,15 @@ pub fn run(a: Args) -> CliResult<i32> {
             a.file
         )));
     }
-    let opts = OpenOptions {
-        format,
-        write,
-        cache,
-        force_share: a.force_share,
-        copy_on_read: a.copy_on_read,
-        allow_network_backing: a.copy_on_read,
-        ..Default::default()
-    };
+    let opts = OpenOptions::default()
+        .format(format)
+        .write(write)
+        .cache(cache)
+        .force_share(a.force_share)
+        .copy_on_read(a.copy_on_read)
+        .allow_network_backing(a.copy_on_read);
     let opts = crate::util::with_network_permission(&opts);
-    let img = oxcow::image::open(&a.file, &opts)
+    let img = oxcow::open(&a.file, &opts)
         .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::util::explain(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);
     let snap = match &a.snapshot {

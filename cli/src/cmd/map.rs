@@ -1,9 +1,9 @@
 //! `oxcow map`: qemu-img map's extent list, JSON or human.
 
 use crate::util::{open_image, parse_format, CliError, CliResult};
-use oxcow::device::chain_status;
-use oxcow::image::{resolve_backing, Image, OpenOptions};
+use oxcow::chain_status;
 use oxcow::storage::Storage;
+use oxcow::{resolve_backing, Image, OpenOptions};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -216,7 +216,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         o => return Err(CliError::new(format!("--output expects 'human' or 'json' not '{o}'"))),
     };
     let format = parse_format(a.format.as_deref())?;
-    let img = open_image(&a.file, &OpenOptions { format, force_share: a.force_share, ..Default::default() })?;
+    let img = open_image(&a.file, &OpenOptions::default().format(format).force_share(a.force_share))?;
     let num = |v: &Option<String>, what: &str| -> CliResult<Option<u64>> {
         v.as_deref()
             .map(|s| crate::util::parse_num(s).ok_or_else(|| CliError::new(format!("Invalid {what} specified"))))

@@ -1,8 +1,8 @@
 //! `oxcow measure`: size a new image would need (like `qemu-img measure`).
 
 use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json, CliError, CliResult};
-use oxcow::image::{Format, OpenOptions};
 use oxcow::tools::measure::{measure, MeasureOptions};
+use oxcow::{Format, OpenOptions};
 use serde_json::{Map, Value};
 
 #[derive(clap::Args)]
@@ -36,12 +36,9 @@ pub fn run(a: Args) -> CliResult<i32> {
         "json" => true,
         other => return Err(CliError::new(format!("--output must be used with human or json as argument. ({other})"))),
     };
-    let fmt = match a.out_format.as_str() {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
-    };
-    let mut opts = MeasureOptions { format: fmt, ..Default::default() };
+    let fmt =
+        a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
+    let mut opts = MeasureOptions::default().format(fmt);
     for (k, v) in parse_options(&a.options)? {
         if let Err(e) = opts.set(&k, &v) {
             eprintln!("oxcow: {e}");
@@ -60,7 +57,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let img = match &a.file {
         Some(f) => {
             let format = parse_format(a.format.as_deref())?;
-            Some(open_image(f, &OpenOptions { format, ..Default::default() })?)
+            Some(open_image(f, &OpenOptions::default().format(format))?)
         }
         None => None,
     };

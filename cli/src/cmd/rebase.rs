@@ -47,12 +47,11 @@ pub fn run(a: Args) -> CliResult<i32> {
     if a.compress {
         return Err(CliError::new("Compression is not supported by oxcow rebase"));
     }
-    let opts = RebaseOptions {
-        format: parse_format(a.format.as_deref())?,
-        backing: a.backing,
-        backing_format: a.backing_format,
-        unsafe_mode: a.unsafe_mode,
-    };
+    let opts = RebaseOptions::default()
+        .format(parse_format(a.format.as_deref())?)
+        .backing(a.backing)
+        .backing_format(a.backing_format)
+        .unsafe_mode(a.unsafe_mode);
     let show = a.progress && !a.quiet;
     let mut p = super::commit::progress_printer(show);
     rebase(std::path::Path::new(&a.file), &opts, &mut p).map_err(CliError::from)?;

@@ -1,7 +1,7 @@
 //! `oxcow resize`: change an image's virtual size (like `qemu-img resize`).
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::image::{Format, OpenOptions};
+use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -41,7 +41,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         )
     })?;
     let format = parse_format(a.format.as_deref())?;
-    let img = open_image(&a.file, &OpenOptions { format, write: true, ..Default::default() })?;
+    let img = open_image(&a.file, &OpenOptions::default().format(format).write(true))?;
     let cur = img.device().len();
     let new = match sign {
         0 => n,

@@ -5,8 +5,8 @@
 //! without unsafe process tricks.
 
 use crate::util::{open_image, parse_format, CliError, CliResult};
-use oxcow::image::{CacheMode, OpenOptions};
 use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use oxcow::{CacheMode, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -83,21 +83,12 @@ pub fn run(a: Args) -> CliResult<i32> {
     if a.fork {
         return fork_and_wait();
     }
-    let discard = match a.discard.as_str() {
-        "ignore" | "off" => DiscardMode::Ignore,
-        "unmap" | "on" => DiscardMode::Unmap,
-        other => return Err(CliError::new(format!("Invalid discard mode '{other}'"))),
-    };
-    let detect_zeroes = match a.detect_zeroes.as_str() {
-        "off" => DetectZeroes::Off,
-        "on" => DetectZeroes::On,
-        "unmap" => DetectZeroes::Unmap,
-        other => return Err(CliError::new(format!("Invalid detect-zeroes mode '{other}'"))),
-    };
+    let discard = a.discard.parse::<DiscardMode>().map_err(|e| CliError::new(e.to_string()))?;
+    let detect_zeroes = a.detect_zeroes.parse::<DetectZeroes>().map_err(|e| CliError::new(e.to_string()))?;
     if a.force_share && !a.read_only {
         return Err(CliError::new("--share-rw/-U is not allowed for writable exports; use -r"));
     }
-    let cache = CacheMode::from_name(&a.cache).map_err(|e| CliError::new(e.to_string()))?;
+    let cache = a.cache.parse::<CacheMode>().map_err(|e| CliError::new(e.to_string()))?;
     let read_only = a.read_only || a.snapshot.is_some();
     let caching = a.copy_on_read || a.prefetch.is_some();
     if caching && (a.snapshot.is_some() || a.force_share) {
@@ -109,14 +100,12 @@ pub fn run(a: Args) -> CliResult<i32> {
             Some(crate::util::parse_num(r).ok_or_else(|| CliError::new(format!("Invalid prefetch rate '{r}'")))?)
         }
     };
-    let opts = OpenOptions {
-        format: parse_format(a.format.as_deref())?,
-        write: !read_only || caching,
-        cache,
-        copy_on_read: a.copy_on_read,
-        allow_network_backing: caching,
-        ..Default::default()
-    };
+    let opts = OpenOptions::default()
+        .format(parse_format(a.format.as_deref())?)
+        .write(!read_only || caching)
+        .cache(cache)
+        .copy_on_read(a.copy_on_read)
+        .allow_network_backing(caching);
     let img = open_image(&a.file, &opts)?;
     let mut prefetcher = None;
     let device = match (&a.snapshot, prefetch_rate) {
@@ -125,35 +114,27 @@ pub fn run(a: Args) -> CliResult<i32> {
             q.snapshot_device(name).map_err(|e| CliError::new(format!("Failed to load snapshot '{name}': {e}")))?
         }
         (None, Some(rate)) => {
-            let popts =
-                oxcow::tools::prefetch::PrefetchOptions { rate: (rate > 0).then_some(rate), ..Default::default() };
+            let popts = oxcow::tools::prefetch::PrefetchOptions::default().rate((rate > 0).then_some(rate));
             let (dev, p) = oxcow::tools::prefetch::for_export(&img, popts)?;
             prefetcher = Some(p);
             dev
         }
-        (None, None) => img.device_arc(),
+        (None, None) => img.device().clone(),
     };
-    let config = ExportConfig {
-        name: a.name.clone(),
-        description: a.description.clone(),
-        read_only,
-        discard,
-        detect_zeroes,
-        multi_conn_ok: a.shared > 1,
-        allocation_depth: a.allocation_depth,
-    };
+    let config = ExportConfig::new(a.name.clone())
+        .description(a.description.clone())
+        .read_only(read_only)
+        .discard(discard)
+        .detect_zeroes(detect_zeroes)
+        .multi_conn_ok(a.shared > 1)
+        .allocation_depth(a.allocation_depth);
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone())
             .map_err(|e| CliError::new(format!("installing signal handler: {e}")))?;
     }
-    let serve_opts = ServeOptions {
-        persistent: a.persistent,
-        max_connections: a.shared.max(1),
-        workers: 16,
-        ..ServeOptions::default()
-    };
+    let serve_opts = ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16);
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;

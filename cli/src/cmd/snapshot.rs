@@ -3,7 +3,7 @@
 
 use crate::util::{open_image, parse_format, CliError, CliResult};
 use oxcow::format::SnapshotEntry;
-use oxcow::image::OpenOptions;
+use oxcow::OpenOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -87,7 +87,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     if write && a.force_share {
         return Err(CliError::new("force-share/-U is only allowed with -l"));
     }
-    let img = open_image(&a.file, &OpenOptions { format, write, no_backing: !write, ..Default::default() })?;
+    let img = open_image(&a.file, &OpenOptions::default().format(format).write(write).no_backing(!write))?;
     let Some(q) = img.qcow2() else {
         if write {
             return Err(CliError::new(format!(

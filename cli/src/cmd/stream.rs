@@ -4,8 +4,8 @@
 //! already holds are skipped).
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::image::{Format, OpenOptions};
 use oxcow::tools::stream::{stream, StreamOptions};
+use oxcow::{Format, OpenOptions};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -43,7 +43,7 @@ pub fn run(a: Args) -> CliResult<i32> {
             Some(n) => Some(n),
         },
     };
-    let opts = OpenOptions { format, write: true, allow_network_backing: !a.no_network_backing, ..Default::default() };
+    let opts = OpenOptions::default().format(format).write(true).allow_network_backing(!a.no_network_backing);
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
         return Err(CliError::new(format!("'{}' is not a qcow2 image: there is no backing file to stream", a.file)));
@@ -55,7 +55,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         }
         return Ok(0);
     }
-    let sopts = StreamOptions { rate, detach: !a.keep_backing, ..Default::default() };
+    let sopts = StreamOptions::default().rate(rate).detach(!a.keep_backing);
     let show = a.progress && !a.quiet;
     let mut last_shown = -1i64;
     let mut err = std::io::stderr();

@@ -1,6 +1,7 @@
 //! Feature bits of the v3 header.
 
 /// Incompatible feature bits (header bytes 72..80).
+#[derive(Debug)]
 pub struct Incompatible;
 impl Incompatible {
     /// Refcounts may be inconsistent (lazy refcounts, unclean close).
@@ -29,6 +30,7 @@ impl Incompatible {
 }
 
 /// Compatible feature bits (header bytes 80..88).
+#[derive(Debug)]
 pub struct Compatible;
 impl Compatible {
     /// Refcount updates may be postponed while the dirty bit is set.
@@ -36,6 +38,7 @@ impl Compatible {
 }
 
 /// Autoclear feature bits (header bytes 88..96).
+#[derive(Debug)]
 pub struct Autoclear;
 impl Autoclear {
     /// The bitmaps extension is consistent.

@@ -87,12 +87,16 @@ impl CompressionType {
             CompressionType::Zstd => "zstd",
         }
     }
-    /// Parses QEMU's name.
-    pub fn from_name(s: &str) -> Option<Self> {
+}
+
+impl std::str::FromStr for CompressionType {
+    type Err = Error;
+    /// Parses QEMU's names, `zlib` and `zstd`.
+    fn from_str(s: &str) -> Result<Self> {
         match s {
-            "zlib" => Some(CompressionType::Zlib),
-            "zstd" => Some(CompressionType::Zstd),
-            _ => None,
+            "zlib" => Ok(CompressionType::Zlib),
+            "zstd" => Ok(CompressionType::Zstd),
+            other => Err(Error::invalid(format!("Parameter 'compression-type' does not accept value '{other}'"))),
         }
     }
 }

@@ -5,9 +5,9 @@
 //! a field before that field has been checked against QEMU's limits
 //! ([`limits`]). This is the surface the fuzz targets hammer.
 
-pub mod be;
+pub(crate) mod be;
 pub mod bitmap;
-pub mod compressed;
+pub(crate) mod compressed;
 pub mod extensions;
 pub mod features;
 pub mod header;

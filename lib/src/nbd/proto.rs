@@ -247,6 +247,7 @@ impl fmt::Display for ProtoError {
 impl std::error::Error for ProtoError {}
 
 /// Checked big-endian reader over a variable-length payload.
+#[derive(Debug)]
 pub struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 /// What `qemu-img amend -o` may change. `None` leaves a property alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AmendOptions {
     /// `compat`: 2 (0.10) or 3 (1.1).
     pub version: Option<u32>,
@@ -34,6 +35,15 @@ pub struct AmendOptions {
     /// `size` in bytes (may shrink, as QEMU's amend allows).
     pub size: Option<u64>,
 }
+
+setters!(AmendOptions {} opt {
+    version: u32,
+    lazy_refcounts: bool,
+    refcount_bits: u32,
+    backing_file: String,
+    backing_format: String,
+    size: u64,
+});
 
 const CREATE_ONLY: &[&str] = &[
     "cluster_size",

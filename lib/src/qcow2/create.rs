@@ -32,21 +32,23 @@ pub enum Preallocation {
     Full,
 }
 
-impl Preallocation {
-    /// Parses qemu-img's names.
-    pub fn from_name(s: &str) -> Option<Self> {
-        Some(match s {
+impl std::str::FromStr for Preallocation {
+    type Err = Error;
+    /// Parses qemu-img's names: `off`, `metadata`, `falloc`, `full`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
             "off" => Preallocation::Off,
             "metadata" => Preallocation::Metadata,
             "falloc" => Preallocation::Falloc,
             "full" => Preallocation::Full,
-            _ => return None,
+            other => return Err(Error::invalid(format!("Parameter 'preallocation' does not accept value '{other}'"))),
         })
     }
 }
 
 /// Options of a new qcow2 image (qemu-img's `-o` names in comments).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CreateOptions {
     /// Virtual size in bytes.
     pub size: u64,
@@ -93,7 +95,28 @@ impl Default for CreateOptions {
     }
 }
 
+setters!(CreateOptions {
+    size: u64,
+    cluster_size: u64,
+    version: u32,
+    refcount_bits: u32,
+    lazy_refcounts: bool,
+    extended_l2: bool,
+    compression: CompressionType,
+    data_file_raw: bool,
+    preallocation: Preallocation,
+} opt {
+    backing_file: String,
+    backing_format: String,
+    data_file: String,
+});
+
 impl CreateOptions {
+    /// QEMU's defaults (64 KiB clusters, version 3, 16-bit refcounts, no
+    /// backing file) for an image of `size` bytes.
+    pub fn new(size: u64) -> CreateOptions {
+        CreateOptions { size, ..CreateOptions::default() }
+    }
     /// Checks the options with qemu-img's messages.
     pub fn validate(&self) -> Result<()> {
         let cs = self.cluster_size;

@@ -1,6 +1,6 @@
 //! The qcow2 engine: caches, allocation, copy-on-write, flush ordering.
 //!
-//! One mutex guards the metadata ([`state::Meta`]); data I/O to clusters
+//! One mutex guards the metadata (`state::Meta`); data I/O to clusters
 //! that are already allocated runs outside it. Writers that must change a
 //! guest cluster's L2 entry around data I/O (allocation, copy-on-write)
 //! mark the cluster in flight so nobody else allocates it meanwhile.
@@ -45,6 +45,7 @@ const INFLIGHT_BUCKETS: usize = 64;
 
 /// How to open a qcow2 image.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct Qcow2Options {
     /// Refuse writes.
     pub read_only: bool,
@@ -256,10 +257,6 @@ impl Qcow2 {
     pub fn backing_file(&self) -> Option<String> {
         self.lock().hc.backing_file.clone()
     }
-    /// The internal snapshots.
-    pub fn snapshots(&self) -> Vec<SnapshotEntry> {
-        self.lock().snapshots.clone()
-    }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.g.cluster_size
@@ -453,5 +450,41 @@ impl Drop for Qcow2 {
         if !self.read_only {
             let _ = self.close_clean();
         }
+    }
+}
+
+setters!(Qcow2Options {
+    read_only: bool,
+    writethrough: bool,
+    l2_cache_bytes: u64,
+    repair: bool,
+    copy_on_read: bool,
+    backing: Option<Arc<dyn BlockDevice>>,
+    data_file: Option<Arc<dyn Storage>>,
+});
+
+impl std::fmt::Debug for Qcow2Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Options")
+            .field("read_only", &self.read_only)
+            .field("writethrough", &self.writethrough)
+            .field("backing", &self.backing.as_ref().map(|b| b.format_name()))
+            .field("data_file", &self.data_file.is_some())
+            .field("l2_cache_bytes", &self.l2_cache_bytes)
+            .field("repair", &self.repair)
+            .field("copy_on_read", &self.copy_on_read)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("size", &self.size.load(Ordering::Relaxed))
+            .field("cluster_size", &self.g.cluster_size)
+            .field("read_only", &self.read_only)
+            .field("writethrough", &self.writethrough)
+            .field("backing", &self.backing.as_ref().map(|b| b.format_name()))
+            .finish_non_exhaustive()
     }
 }

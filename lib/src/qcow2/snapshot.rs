@@ -280,7 +280,7 @@ impl Qcow2 {
 
     /// The internal snapshots, in table order.
     pub fn snapshot_list(&self) -> Vec<SnapshotEntry> {
-        self.snapshots()
+        self.lock().snapshots.clone()
     }
 
     /// Creates an internal snapshot of the current disk state named

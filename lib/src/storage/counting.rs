@@ -15,6 +15,15 @@ pub struct CountingStorage {
     log: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
+impl std::fmt::Debug for CountingStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingStorage")
+            .field("writes", &self.writes())
+            .field("flushes", &self.flushes())
+            .finish_non_exhaustive()
+    }
+}
+
 impl CountingStorage {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Storage>) -> Self {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 /// How to open a host file.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct OpenFlags {
     /// Open for writing too.
     pub write: bool,

@@ -3,23 +3,35 @@
 //! Every layer above talks to bytes only through [`Storage`], so crash and
 //! fault tests can slide a recording or failing implementation underneath
 //! the real engine without changing a line of it.
+//!
+//! The test doubles (counting, crash-recording and fault-injecting
+//! storages) exist only with the `testing` feature, which the crate's own
+//! tests and the fuzz targets turn on.
 
+#[cfg(any(test, feature = "testing"))]
 mod counting;
+#[cfg(any(test, feature = "testing"))]
 mod crash;
+#[cfg(any(test, feature = "testing"))]
 mod fault;
 mod file;
 pub mod lock;
 mod memory;
 mod sys;
 
+#[cfg(any(test, feature = "testing"))]
 pub use counting::CountingStorage;
+#[cfg(any(test, feature = "testing"))]
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
+#[cfg(any(test, feature = "testing"))]
 pub use fault::{Fault, FaultStorage};
 pub use file::{FileStorage, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
 
 use std::io;
+
+setters!(OpenFlags { write: bool, direct: bool, create: bool, no_flush: bool });
 
 /// Positional byte storage under an image (a host file, memory, ...).
 ///

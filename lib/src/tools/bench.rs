@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 /// What to send.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BenchOptions {
     /// Number of requests.
     pub count: u64,
@@ -29,6 +30,18 @@ pub struct BenchOptions {
     /// Wait for requests in flight before each flush (qemu's default).
     pub drain: bool,
 }
+
+setters!(BenchOptions {
+    count: u64,
+    depth: usize,
+    offset: u64,
+    size: u64,
+    step: u64,
+    write: bool,
+    pattern: u8,
+    flush_interval: u64,
+    drain: bool,
+});
 
 impl Default for BenchOptions {
     fn default() -> Self {

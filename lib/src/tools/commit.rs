@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// How to commit.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct CommitOptions {
     /// Format of the top image (probed when `None`).
     pub format: Option<image::Format>,
@@ -18,6 +19,8 @@ pub struct CommitOptions {
     /// `-d`: leave the overlay's clusters in place instead of emptying it.
     pub keep_overlay: bool,
 }
+
+setters!(CommitOptions { keep_overlay: bool } opt { format: image::Format, base: PathBuf });
 
 /// Copies at most this much per read/write.
 const CHUNK: u64 = 1 << 20;

@@ -8,6 +8,7 @@ const CHUNK: u64 = 2 << 20;
 
 /// How to copy.
 #[derive(Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct CopyOptions<'a> {
     /// Blocks of this many bytes that read as zeros are not written
     /// (qemu-img's `-S`); 0 writes everything, zeros included.
@@ -18,6 +19,18 @@ pub struct CopyOptions<'a> {
     /// The target's backing device: only blocks that differ from it are
     /// written.
     pub base: Option<&'a dyn BlockDevice>,
+}
+
+setters!(CopyOptions<'a> { zero_granularity: u64, existing_target: bool, base: Option<&'a dyn BlockDevice> });
+
+impl std::fmt::Debug for CopyOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyOptions")
+            .field("zero_granularity", &self.zero_granularity)
+            .field("existing_target", &self.existing_target)
+            .field("base", &self.base.map(|b| b.format_name()))
+            .finish()
+    }
 }
 
 /// Threads copying data chunks at once: reads, zero detection and writes

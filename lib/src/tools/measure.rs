@@ -9,6 +9,7 @@ use crate::{BlockDevice, Error, Result};
 
 /// What the new image would look like (`-O` and `-o`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MeasureOptions {
     /// Output format.
     pub format: Format,
@@ -25,6 +26,16 @@ pub struct MeasureOptions {
     /// `backing_file` is set (its content is then assumed to share nothing).
     pub has_backing_file: bool,
 }
+
+setters!(MeasureOptions {
+    format: Format,
+    cluster_size: u64,
+    version: u32,
+    refcount_bits: u32,
+    extended_l2: bool,
+    preallocation: Preallocation,
+    has_backing_file: bool,
+});
 
 impl Default for MeasureOptions {
     fn default() -> Self {
@@ -47,8 +58,9 @@ impl MeasureOptions {
         let on = |v: &str| matches!(v, "on" | "yes" | "true");
         match key {
             "preallocation" => {
-                self.preallocation = Preallocation::from_name(value)
-                    .ok_or_else(|| Error::invalid(format!("Invalid parameter '{value}'")))?
+                self.preallocation = value
+                    .parse::<Preallocation>()
+                    .map_err(|_| Error::invalid(format!("Invalid parameter '{value}'")))?
             }
             "size" => {}
             _ if raw => return Err(Error::invalid(format!("Invalid parameter '{key}'"))),

@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+#[derive(Debug)]
 struct ActivityInner {
     epoch: Instant,
     in_flight: AtomicUsize,
@@ -40,7 +41,7 @@ struct ActivityInner {
 
 /// Client I/O activity, shared between whoever serves clients and the
 /// prefetcher. Cheap to clone.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Activity(Arc<ActivityInner>);
 
 impl Default for Activity {
@@ -82,6 +83,7 @@ impl Activity {
 }
 
 /// A request in flight; see [`Activity::begin`].
+#[derive(Debug)]
 pub struct ActivityGuard(Activity);
 
 impl Drop for ActivityGuard {
@@ -98,6 +100,15 @@ impl Drop for ActivityGuard {
 pub struct ActivityDevice {
     inner: Arc<dyn BlockDevice>,
     activity: Activity,
+}
+
+impl std::fmt::Debug for ActivityDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivityDevice")
+            .field("inner", &self.inner.format_name())
+            .field("activity", &self.activity)
+            .finish()
+    }
 }
 
 impl ActivityDevice {
@@ -155,6 +166,7 @@ impl BlockDevice for ActivityDevice {
 
 /// Tuning of a [`Prefetcher`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PrefetchOptions {
     /// Copy at most this many bytes per second (`None`: no limit).
     pub rate: Option<u64>,
@@ -165,6 +177,8 @@ pub struct PrefetchOptions {
     /// Largest range handled per chunk (bytes).
     pub chunk: u64,
 }
+
+setters!(PrefetchOptions { idle: Duration, poll: Duration, chunk: u64 } opt { rate: u64 });
 
 impl Default for PrefetchOptions {
     fn default() -> Self {
@@ -185,7 +199,7 @@ pub struct PrefetchProgress {
     pub finished: bool,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     done: AtomicU64,
     copied: AtomicU64,
@@ -195,6 +209,7 @@ struct State {
 
 /// A background thread streaming backing data into an image while its
 /// clients are idle; see the module docs for the rule.
+#[derive(Debug)]
 pub struct Prefetcher {
     stop: Arc<AtomicBool>,
     state: Arc<State>,
@@ -272,20 +287,20 @@ impl Drop for Prefetcher {
 /// activity) and the running prefetcher, to keep until serving ends.
 ///
 /// ```no_run
-/// # use oxcow::{image, nbd, tools::prefetch};
-/// let opts = image::OpenOptions { write: true, allow_network_backing: true, ..Default::default() };
-/// let img = image::open("disk.qcow2", &opts).unwrap();
+/// # use oxcow::{nbd, tools::prefetch, OpenOptions};
+/// let opts = OpenOptions::read_write().allow_network_backing(true);
+/// let img = oxcow::open("disk.qcow2", &opts).unwrap();
 /// let (dev, prefetcher) = prefetch::for_export(&img, prefetch::PrefetchOptions::default()).unwrap();
 /// let server = nbd::server::Server::new(dev, nbd::server::ExportConfig::default());
 /// // ... serve ...
 /// prefetcher.stop();
 /// ```
 pub fn for_export(img: &crate::image::Image, opts: PrefetchOptions) -> Result<(Arc<dyn BlockDevice>, Prefetcher)> {
-    let q = img.qcow2_arc().ok_or_else(|| {
+    let q = img.qcow2().cloned().ok_or_else(|| {
         crate::Error::invalid("prefetching needs a qcow2 image (with a backing file to prefetch from)")
     })?;
     let activity = Activity::new();
-    let dev: Arc<dyn BlockDevice> = Arc::new(ActivityDevice::new(img.device_arc(), activity.clone()));
+    let dev: Arc<dyn BlockDevice> = Arc::new(ActivityDevice::new(img.device().clone(), activity.clone()));
     let pf = Prefetcher::start(q, activity, opts)?;
     Ok((dev, pf))
 }

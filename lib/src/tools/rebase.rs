@@ -8,6 +8,7 @@ use std::path::Path;
 
 /// How to rebase.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct RebaseOptions {
     /// Format of the image (probed when `None`).
     pub format: Option<Format>,
@@ -21,6 +22,8 @@ pub struct RebaseOptions {
     /// `-u`: only rewrite the header.
     pub unsafe_mode: bool,
 }
+
+setters!(RebaseOptions { unsafe_mode: bool } opt { format: Format, backing: String, backing_format: String });
 
 const CHUNK: u64 = 1 << 20;
 
@@ -49,7 +52,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
     if !opts.unsafe_mode {
         let new = match &new_name {
             Some(n) => {
-                let fmt = opts.backing_format.as_deref().map(Format::from_name).transpose()?;
+                let fmt = opts.backing_format.as_deref().map(str::parse::<Format>).transpose()?;
                 let p = image::resolve_backing(path, n);
                 Some(image::open(&p, &OpenOptions { format: fmt, ..Default::default() })?)
             }
@@ -57,7 +60,7 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
         };
         let dev = img.device();
         let old = dev.backing();
-        let new_dev = new.as_ref().map(|i| i.device());
+        let new_dev = new.as_ref().map(|i| &**i.device());
         let size = dev.len();
         let cs = q.cluster_size();
         let mut a = vec![0u8; CHUNK as usize];

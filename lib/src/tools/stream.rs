@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 /// How to stream.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StreamOptions {
     /// Copy at most this many bytes per second (`None`: as fast as possible).
     pub rate: Option<u64>,
@@ -26,6 +27,8 @@ pub struct StreamOptions {
     /// and keeps its backing file; streaming again resumes).
     pub cancel: Option<Arc<AtomicBool>>,
 }
+
+setters!(StreamOptions { chunk: u64, detach: bool } opt { rate: u64, cancel: Arc<AtomicBool> });
 
 impl Default for StreamOptions {
     fn default() -> Self {

@@ -2,8 +2,8 @@
 //! filled with qemu-io, compared with qemu-img.
 #![allow(dead_code)]
 
-use oxcow::image::{self, OpenOptions};
 use oxcow::qcow2::{self, CreateOptions};
+use oxcow::OpenOptions;
 use std::path::{Path, PathBuf};
 
 // The process helpers are shared with the other integration tests.
@@ -79,24 +79,21 @@ pub fn make(maker: Maker, p: &Path, size: u64, cs: u64, version: u32, rbits: u32
             ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, s(p), &size.to_string()]);
         }
         Maker::Oxcow => {
-            let st = image::create_file(p).unwrap();
-            let opts = CreateOptions {
-                size,
-                cluster_size: cs,
-                version,
-                refcount_bits: rbits,
-                backing_file: backing.map(|b| s(b).to_string()),
-                backing_format: backing.map(|_| "qcow2".to_string()),
-                ..Default::default()
-            };
+            let st = oxcow::create_file(p).unwrap();
+            let opts = CreateOptions::new(size)
+                .cluster_size(cs)
+                .version(version)
+                .refcount_bits(rbits)
+                .backing_file(backing.map(|b| s(b).to_string()))
+                .backing_format(backing.map(|_| "qcow2".to_string()));
             qcow2::create(st, None, &opts).unwrap();
         }
     }
 }
 
 /// Opens for writing with oxcow.
-pub fn open_rw(p: &Path) -> image::Image {
-    image::open(p, &OpenOptions::read_write()).unwrap()
+pub fn open_rw(p: &Path) -> oxcow::Image {
+    oxcow::open(p, &OpenOptions::read_write()).unwrap()
 }
 
 /// A temp dir and a path maker.

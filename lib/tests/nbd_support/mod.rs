@@ -5,9 +5,9 @@
 
 use oxcow::nbd::proto::*;
 use oxcow::nbd::server::{ExportConfig, ServeOptions, Server};
-use oxcow::raw::RawImage;
 use oxcow::storage::{FileStorage, OpenFlags};
 use oxcow::BlockDevice;
+use oxcow::RawImage;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -84,7 +84,7 @@ impl Drop for Running {
 }
 
 pub fn opts(persistent: bool, max_connections: usize) -> ServeOptions {
-    ServeOptions { persistent, max_connections, ..ServeOptions::default() }
+    ServeOptions::default().persistent(persistent).max_connections(max_connections)
 }
 
 /// Starts a server on 127.0.0.1 with an ephemeral port.
@@ -134,12 +134,12 @@ pub fn read_file_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 
 /// Opens a raw image over a file.
 pub fn raw_device(path: &Path, read_only: bool) -> Arc<dyn BlockDevice> {
-    let st = FileStorage::open(path, OpenFlags { write: !read_only, ..OpenFlags::default() }).expect("open storage");
+    let st = FileStorage::open(path, OpenFlags::default().write(!read_only)).expect("open storage");
     Arc::new(RawImage::new(Arc::new(st), read_only, false).expect("raw image"))
 }
 
 pub fn named(name: &str) -> ExportConfig {
-    ExportConfig { name: name.into(), ..ExportConfig::default() }
+    ExportConfig::new(name)
 }
 
 /// Runs a command to completion, killing it after `limit`.

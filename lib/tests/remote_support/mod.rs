@@ -120,10 +120,10 @@ impl OxServer {
     pub fn start(dev: Arc<dyn oxcow::BlockDevice>, read_only: bool) -> OxServer {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
-        let server = Server::new(dev, ExportConfig { read_only, ..ExportConfig::default() });
+        let server = Server::new(dev, ExportConfig::default().read_only(read_only));
         let shutdown = Arc::new(AtomicBool::new(false));
         let sd = Arc::clone(&shutdown);
-        let opts = ServeOptions { persistent: true, max_connections: 16, ..ServeOptions::default() };
+        let opts = ServeOptions::default().persistent(true).max_connections(16);
         let handle = std::thread::spawn(move || server.serve(l, sd, &opts));
         OxServer { upstream: Upstream::Tcp(addr), shutdown, handle: Some(handle) }
     }

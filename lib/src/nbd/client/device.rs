@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Tuning of an [`NbdClient`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Longest wait to connect and negotiate.
     pub connect_timeout: Duration,
@@ -35,6 +36,8 @@ pub struct ClientOptions {
     /// Open read-only even when the server allows writes.
     pub read_only: bool,
 }
+
+setters!(ClientOptions { connect_timeout: Duration, request_timeout: Duration, reconnect: bool, read_only: bool });
 
 impl Default for ClientOptions {
     fn default() -> Self {

@@ -7,8 +7,6 @@ use super::export::Shared;
 use super::{handshake, transmission};
 use crate::{BlockDevice, Error, Result};
 use std::io;
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,6 +23,15 @@ pub struct Server {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.shared.config)
+            .field("read_only", &self.shared.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
     /// A server for `device`, presented as `config` says.
     pub fn new(device: Arc<dyn BlockDevice>, config: ExportConfig) -> Server {
@@ -39,28 +46,6 @@ impl Server {
     /// Whether the export refuses writes.
     pub fn is_read_only(&self) -> bool {
         self.shared.read_only
-    }
-
-    /// Serves TCP clients; see [`Server::serve`].
-    pub fn serve_tcp(
-        &self,
-        listener: TcpListener,
-        shutdown: Arc<AtomicBool>,
-        persistent: bool,
-        max_connections: usize,
-    ) -> Result<()> {
-        self.serve(listener, shutdown, &ServeOptions { persistent, max_connections, ..ServeOptions::default() })
-    }
-
-    /// Serves Unix socket clients; see [`Server::serve`].
-    pub fn serve_unix(
-        &self,
-        listener: UnixListener,
-        shutdown: Arc<AtomicBool>,
-        persistent: bool,
-        max_connections: usize,
-    ) -> Result<()> {
-        self.serve(listener, shutdown, &ServeOptions { persistent, max_connections, ..ServeOptions::default() })
     }
 
     /// Accepts and serves clients, each on its own threads, until

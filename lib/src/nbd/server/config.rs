@@ -57,6 +57,7 @@ impl FromStr for DetectZeroes {
 
 /// How the one export of a [`Server`](super::Server) is presented to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExportConfig {
     /// Export name (qemu-nbd's `-x`); clients asking for the empty name
     /// also get this export, since it is the server's only one.
@@ -80,6 +81,23 @@ pub struct ExportConfig {
     pub allocation_depth: bool,
 }
 
+setters!(ExportConfig {
+    name: String,
+    description: String,
+    read_only: bool,
+    discard: DiscardMode,
+    detect_zeroes: DetectZeroes,
+    multi_conn_ok: bool,
+    allocation_depth: bool,
+});
+
+impl ExportConfig {
+    /// An export named `name`, otherwise as [`ExportConfig::default`].
+    pub fn new(name: impl Into<String>) -> ExportConfig {
+        ExportConfig { name: name.into(), ..ExportConfig::default() }
+    }
+}
+
 impl Default for ExportConfig {
     fn default() -> Self {
         ExportConfig {
@@ -96,6 +114,7 @@ impl Default for ExportConfig {
 
 /// Tuning of [`Server::serve`](super::Server::serve).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServeOptions {
     /// Keep serving after the last client leaves (qemu-nbd's `-t`);
     /// otherwise serving ends once a client has come and all have gone.
@@ -119,6 +138,16 @@ pub struct ServeOptions {
     /// Requests one client may have in flight before its further requests wait.
     pub max_in_flight_requests: usize,
 }
+
+setters!(ServeOptions {
+    persistent: bool,
+    max_connections: usize,
+    workers: usize,
+    handshake_timeout: Duration,
+    io_timeout: Duration,
+    max_in_flight_bytes: usize,
+    max_in_flight_requests: usize,
+});
 
 impl Default for ServeOptions {
     fn default() -> Self {

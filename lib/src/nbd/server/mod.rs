@@ -18,14 +18,15 @@
 //! - `accept`: [`Server`], the accept loop, connection limits and shutdown.
 //!
 //! ```no_run
-//! use oxcow::nbd::server::{ExportConfig, Server};
-//! use oxcow::{open, OpenOptions};
+//! use oxcow::nbd::server::{ExportConfig, ServeOptions, Server};
+//! use oxcow::OpenOptions;
 //! use std::sync::{atomic::AtomicBool, Arc};
 //!
-//! let image = open("disk.qcow2", &OpenOptions::read_write())?;
-//! let server = Server::new(image.device_arc(), ExportConfig::new("disk"));
+//! let image = oxcow::open("disk.qcow2", &OpenOptions::read_write())?;
+//! let server = Server::new(image.device().clone(), ExportConfig::new("disk"));
 //! let listener = std::net::TcpListener::bind("127.0.0.1:10809")?;
-//! server.serve_tcp(listener, Arc::new(AtomicBool::new(false)), true, 1)?;
+//! let stop = Arc::new(AtomicBool::new(false)); // set it to stop serving
+//! server.serve(listener, stop, &ServeOptions::default().persistent(true))?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -1,0 +1,145 @@
+//! Which backing files named inside an image are followed.
+//!
+//! A backing file name is data from the image, and images come from
+//! anywhere: a name may point at a host file the user never meant to
+//! expose, at a network service, or (QEMU's `json:`) at a whole block-layer
+//! configuration. [`open`](crate::open) classifies every backing name
+//! ([`BackingName`]) and asks the [`BackingPolicy`] of its
+//! [`OpenOptions`](crate::OpenOptions) before opening anything. The
+//! default, [`LocalBacking`], follows host files only; [`NetworkBacking`]
+//! also follows NBD exports. Names of external data files are never
+//! followed to a protocol, whatever the policy.
+
+use crate::nbd::client::NbdUrl;
+use crate::{Error, Result};
+use std::fmt;
+
+/// What a name recorded inside an image points to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackingKind {
+    /// A host file (relative names are relative to the image's directory).
+    File,
+    /// An NBD export: `nbd://HOST[:PORT]/NAME`, `nbd+tcp://`,
+    /// `nbd+unix:///NAME?socket=PATH` or QEMU's legacy `nbd:HOST:PORT`.
+    Nbd,
+    /// QEMU's `json:{...}` pseudo-protocol, a whole block-layer
+    /// configuration; oxcow never follows it.
+    Json,
+    /// Any other protocol (`http://`, `ssh://`, ...); oxcow opens none.
+    OtherProtocol,
+}
+
+/// A backing file name as recorded in an image, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingName {
+    name: String,
+    kind: BackingKind,
+}
+
+impl BackingName {
+    /// Classifies `name`.
+    pub fn new(name: impl Into<String>) -> BackingName {
+        let name = name.into();
+        let kind = if name.starts_with("json:") {
+            BackingKind::Json
+        } else if NbdUrl::is_nbd(&name) {
+            BackingKind::Nbd
+        } else if name.contains("://") {
+            BackingKind::OtherProtocol
+        } else {
+            BackingKind::File
+        };
+        BackingName { name, kind }
+    }
+    /// The name as recorded.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+    /// What it points to.
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+    /// Whether it names a protocol (anything but a host file).
+    pub fn is_protocol(&self) -> bool {
+        self.kind != BackingKind::File
+    }
+}
+
+impl fmt::Display for BackingName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// Decides which backing files named inside images are followed.
+pub trait BackingPolicy: fmt::Debug + Send + Sync {
+    /// `Ok` to follow `name`, or the error that refuses it (which
+    /// [`open`](crate::open) returns as is).
+    fn check(&self, name: &BackingName) -> Result<()>;
+}
+
+/// The default policy: backing files on the host only; `json:` and every
+/// protocol, NBD included, are refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalBacking;
+
+impl BackingPolicy for LocalBacking {
+    fn check(&self, name: &BackingName) -> Result<()> {
+        if name.is_protocol() {
+            return Err(Error::invalid(format!("backing file name '{name}' names a protocol; refusing to follow it")));
+        }
+        Ok(())
+    }
+}
+
+/// Host files and NBD exports are followed (the CLI selects this with
+/// `OXCOW_ALLOW_NETWORK_BACKING=1`); `json:` and other protocols are
+/// still refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetworkBacking;
+
+impl BackingPolicy for NetworkBacking {
+    fn check(&self, name: &BackingName) -> Result<()> {
+        match name.kind() {
+            BackingKind::File | BackingKind::Nbd => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "backing file name '{name}' uses a protocol oxcow does not open; refusing to follow it"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_classified() {
+        for (name, kind) in [
+            ("base.qcow2", BackingKind::File),
+            ("/abs/base", BackingKind::File),
+            ("dir/nbd:x", BackingKind::File),
+            ("json:{\"driver\":\"file\"}", BackingKind::Json),
+            ("nbd://h:1/e", BackingKind::Nbd),
+            ("nbd+unix:///e?socket=/s", BackingKind::Nbd),
+            ("nbd:localhost:10809", BackingKind::Nbd),
+            ("http://example.invalid/x", BackingKind::OtherProtocol),
+        ] {
+            assert_eq!(BackingName::new(name).kind(), kind, "{name}");
+        }
+    }
+
+    #[test]
+    fn policies_refuse_what_they_must() {
+        let (file, nbd, json) =
+            (BackingName::new("b.qcow2"), BackingName::new("nbd://h/e"), BackingName::new("json:{}"));
+        assert!(LocalBacking.check(&file).is_ok());
+        assert!(LocalBacking.check(&nbd).is_err());
+        assert!(LocalBacking.check(&json).is_err());
+        assert!(NetworkBacking.check(&file).is_ok());
+        assert!(NetworkBacking.check(&nbd).is_ok());
+        assert!(NetworkBacking.check(&json).is_err());
+        assert!(NetworkBacking.check(&BackingName::new("ssh://h/x")).is_err());
+    }
+}
