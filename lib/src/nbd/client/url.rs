@@ -1,7 +1,7 @@
 //! NBD locations: QEMU's URI syntax (`nbd://HOST[:PORT]/NAME`,
 //! `nbd+unix:///NAME?socket=PATH`) and its legacy `nbd:HOST:PORT` form.
 
-pub use super::conn::NbdAddr;
+use super::conn::NbdAddr;
 use crate::{Error, Result};
 use std::path::PathBuf;
 
