@@ -194,18 +194,6 @@ pub struct Image {
     backing_format: Option<String>,
 }
 
-impl fmt::Debug for Image {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Image")
-            .field("path", &self.path)
-            .field("format", &self.format)
-            .field("backing_name", &self.backing_name)
-            .field("backing_format", &self.backing_format)
-            .field("backing", &self.backing)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Image {
     /// The image as a block device (clone the `Arc` to share it, with an
     /// NBD server for one).
@@ -471,5 +459,17 @@ pub fn create_file(path: &Path) -> Result<Arc<FileStorage>> {
         Err(Error::Io { source, .. }) => Err(Error::io(format!("Could not create '{}'", path.display()), source)),
         // A Locked error stays bare: qemu-img create puts "PATH: " in front.
         Err(other) => Err(other),
+    }
+}
+
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Image")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("backing_name", &self.backing_name)
+            .field("backing_format", &self.backing_format)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
     }
 }

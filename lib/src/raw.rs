@@ -17,16 +17,6 @@ pub struct RawImage {
     probed: bool,
 }
 
-impl std::fmt::Debug for RawImage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RawImage")
-            .field("len", &self.len.load(Ordering::Relaxed))
-            .field("read_only", &self.read_only)
-            .field("probed", &self.probed)
-            .finish_non_exhaustive()
-    }
-}
-
 impl RawImage {
     /// Wraps `storage` as a raw image.
     pub fn new(storage: Arc<dyn Storage>, read_only: bool, probed: bool) -> Result<Self> {
@@ -119,5 +109,15 @@ impl BlockDevice for RawImage {
         self.storage.set_len(new_len).map_err(|e| Error::io("resizing raw image", e))?;
         self.len.store(new_len, Ordering::Release);
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for RawImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawImage")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("read_only", &self.read_only)
+            .field("probed", &self.probed)
+            .finish_non_exhaustive()
     }
 }

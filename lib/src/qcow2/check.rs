@@ -35,19 +35,6 @@ pub enum Repair {
     All,
 }
 
-impl std::str::FromStr for Repair {
-    type Err = Error;
-    /// Parses qemu-img's `check -r` values, `leaks` and `all` (no repair
-    /// has no name there: it is the absence of `-r`).
-    fn from_str(s: &str) -> Result<Repair> {
-        match s {
-            "leaks" => Ok(Repair::Leaks),
-            "all" => Ok(Repair::All),
-            other => Err(Error::invalid(format!("Invalid option for -r: '{other}'"))),
-        }
-    }
-}
-
 /// The result of a check, with qemu-img's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -621,5 +608,18 @@ impl Qcow2 {
         m.reftable = saved_table;
         m.hc.header.refcount_table_clusters = saved_clusters;
         r
+    }
+}
+
+impl std::str::FromStr for Repair {
+    type Err = Error;
+    /// Parses qemu-img's `check -r` values, `leaks` and `all` (no repair
+    /// has no name there: it is the absence of `-r`).
+    fn from_str(s: &str) -> Result<Repair> {
+        match s {
+            "leaks" => Ok(Repair::Leaks),
+            "all" => Ok(Repair::All),
+            other => Err(Error::invalid(format!("Invalid option for -r: '{other}'"))),
+        }
     }
 }
