@@ -64,6 +64,10 @@ impl BackingName {
     pub fn is_protocol(&self) -> bool {
         self.kind != BackingKind::File
     }
+    /// The error refusing to follow this name, saying `reason`.
+    pub fn refused(&self, reason: impl Into<String>) -> Error {
+        Error::RefusedName { name: self.name.clone(), kind: self.kind, reason: reason.into() }
+    }
 }
 
 impl fmt::Display for BackingName {
@@ -87,7 +91,7 @@ pub struct LocalBacking;
 impl BackingPolicy for LocalBacking {
     fn check(&self, name: &BackingName) -> Result<()> {
         if name.is_protocol() {
-            return Err(Error::invalid(format!("backing file name '{name}' names a protocol; refusing to follow it")));
+            return Err(name.refused(format!("backing file name '{name}' names a protocol; refusing to follow it")));
         }
         Ok(())
     }
@@ -103,7 +107,7 @@ impl BackingPolicy for NetworkBacking {
     fn check(&self, name: &BackingName) -> Result<()> {
         match name.kind() {
             BackingKind::File | BackingKind::Nbd => Ok(()),
-            _ => Err(Error::invalid(format!(
+            _ => Err(name.refused(format!(
                 "backing file name '{name}' uses a protocol oxcow does not open; refusing to follow it"
             ))),
         }
@@ -141,5 +145,9 @@ mod tests {
         assert!(NetworkBacking.check(&nbd).is_ok());
         assert!(NetworkBacking.check(&json).is_err());
         assert!(NetworkBacking.check(&BackingName::new("ssh://h/x")).is_err());
+        match LocalBacking.check(&nbd) {
+            Err(Error::RefusedName { name, kind: BackingKind::Nbd, .. }) => assert_eq!(name, "nbd://h/e"),
+            other => panic!("{other:?}"),
+        }
     }
 }

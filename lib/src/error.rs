@@ -51,6 +51,17 @@ pub enum Error {
     /// Another user holds the image in a way that conflicts with ours
     /// (QEMU-compatible image locking); the message reads as qemu-img's.
     Locked(String),
+    /// A file name recorded inside the image was not followed: the
+    /// [`BackingPolicy`](crate::backing::BackingPolicy) refused a backing
+    /// file, or a data file names a protocol.
+    RefusedName {
+        /// The name as recorded in the image.
+        name: String,
+        /// What it points to.
+        kind: crate::backing::BackingKind,
+        /// The whole message.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -95,6 +106,7 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
             Error::Locked(_) => libc::EAGAIN,
+            Error::RefusedName { .. } => libc::EINVAL,
         }
     }
     /// A copy of this error, for returning the same failure again
@@ -117,6 +129,9 @@ impl Error {
             Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
             Error::Poisoned(s) => Error::Poisoned(s.clone()),
             Error::Locked(s) => Error::Locked(s.clone()),
+            Error::RefusedName { name, kind, reason } => {
+                Error::RefusedName { name: name.clone(), kind: *kind, reason: reason.clone() }
+            }
         }
     }
 }
@@ -137,6 +152,7 @@ impl fmt::Display for Error {
             Error::ReadOnly(what) => write!(f, "read-only: {what}"),
             Error::Poisoned(what) => write!(f, "image refuses writes after an earlier failure: {what}"),
             Error::Locked(what) => write!(f, "{what}"),
+            Error::RefusedName { reason, .. } => write!(f, "{reason}"),
         }
     }
 }

@@ -364,8 +364,9 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     .data_file
                     .clone()
                     .ok_or_else(|| Error::invalid("image needs an external data file but names none"))?;
-                if BackingName::new(name.as_str()).is_protocol() {
-                    return Err(Error::invalid(format!("data file name '{name}' names a protocol; refusing")));
+                let bname = BackingName::new(name.as_str());
+                if bname.is_protocol() {
+                    return Err(bname.refused(format!("data file name '{name}' names a protocol; refusing")));
                 }
                 // QEMU opens the data file by its name as given, relative
                 // to the working directory (unlike backing files).
