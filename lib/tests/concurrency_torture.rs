@@ -25,7 +25,7 @@
 //!
 //! Budget: by default every geometry runs once through the library and once
 //! over NBD, with cache modes rotated by the seed so that each run covers
-//! every mode on both paths, for about a second of load each.
+//! every mode on both paths, for 0.8 s of load each.
 //! `OXCOW_LONG=1` runs the full matrix (geometries x modes x paths) for 4 s
 //! each. `OXCOW_TORTURE_SEED=N` replays a run's choices (each thread's
 //! sequence of requests and the rotation; the interleaving is the
@@ -170,11 +170,8 @@ fn base_seed() -> u64 {
 }
 
 fn load_time() -> Duration {
-    let secs = std::env::var("OXCOW_TORTURE_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(if long_mode() {
-        4.0
-    } else {
-        1.0
-    });
+    let default = if long_mode() { 4.0 } else { 0.8 };
+    let secs = std::env::var("OXCOW_TORTURE_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(default);
     Duration::from_secs_f64(secs.max(0.0))
 }
 
