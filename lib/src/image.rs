@@ -6,7 +6,7 @@ use crate::format::limits::MAX_BACKING_DEPTH;
 use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
+use crate::storage::{FileStorage, LockMode, NoFlushStorage, OpenFlags, Storage};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,7 +38,18 @@ impl Format {
     }
 }
 
-/// QEMU's cache modes.
+/// QEMU's cache modes, and what each promises:
+///
+/// | mode         | host cache | a write (zeroes, discard) completes | flush  |
+/// |--------------|------------|-------------------------------------|--------|
+/// | writeback    | used       | when the host has it                | syncs  |
+/// | none         | O_DIRECT   | when the host has it                | syncs  |
+/// | writethrough | used       | once durable (synced)               | syncs  |
+/// | directsync   | O_DIRECT   | once durable (synced)               | syncs  |
+/// | unsafe       | used       | when the host has it                | no-op  |
+///
+/// They hold for every file of an image (backing files are read only;
+/// external data files follow the image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
     /// Host page cache, flushes honoured.
@@ -66,11 +77,33 @@ impl CacheMode {
             other => return Err(Error::invalid(format!("Invalid cache option: {other}"))),
         })
     }
-    fn direct(self) -> bool {
+    /// Whether files bypass the host page cache (O_DIRECT).
+    pub fn direct(self) -> bool {
         matches!(self, CacheMode::None | CacheMode::Directsync)
     }
-    fn writethrough(self) -> bool {
+    /// Whether each write is durable before it completes.
+    pub fn writethrough(self) -> bool {
         matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+    /// Whether flushes are ignored.
+    pub fn ignores_flushes(self) -> bool {
+        self == CacheMode::Unsafe
+    }
+}
+
+/// A function applied to the storage of every file [`open`] opens (image,
+/// backing and data files), beneath the cache mode's own layers: a seam
+/// for tests that count or inject what reaches the files.
+#[derive(Clone)]
+pub struct StorageHook(pub Arc<WrapStorage>);
+
+/// What a [`StorageHook`] calls: the file's path and storage in, the
+/// storage to use out.
+pub type WrapStorage = dyn Fn(&Path, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;
+
+impl std::fmt::Debug for StorageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageHook")
     }
 }
 
@@ -98,6 +131,8 @@ pub struct OpenOptions {
     /// Read-only without refusing others the right to write (qemu-img
     /// `-U`, `force-share=on`); refused together with `write`.
     pub force_share: bool,
+    /// Wraps the storage of every file opened (tests).
+    pub storage_hook: Option<StorageHook>,
 }
 
 impl Default for OpenOptions {
@@ -112,6 +147,7 @@ impl Default for OpenOptions {
             locking: true,
             force_share: false,
             copy_on_read: false,
+            storage_hook: None,
         }
     }
 }
@@ -212,8 +248,21 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// The storage of an opened file as the image uses it: the hook, if any,
+/// and the cache mode's flush policy on top of the file.
+fn file_layers(path: &Path, file: FileStorage, opts: &OpenOptions) -> Arc<dyn Storage> {
+    let mut st: Arc<dyn Storage> = Arc::new(file);
+    if let Some(hook) = &opts.storage_hook {
+        st = (hook.0)(path, st);
+    }
+    if opts.cache.ignores_flushes() {
+        st = Arc::new(NoFlushStorage(st));
+    }
+    st
+}
+
 fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<FileStorage> {
-    let flags = OpenFlags { write, direct: cache.direct(), create: false, no_flush: cache == CacheMode::Unsafe };
+    let flags = OpenFlags { write, direct: cache.direct(), ..OpenFlags::default() };
     let opened = match lock {
         Some(mode) => FileStorage::open_locked(path, flags, mode),
         None => FileStorage::open(path, flags).map_err(|e| Error::io(String::new(), e)),
@@ -297,7 +346,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
             if let Some(mode) = lock_mode(opts, format) {
                 file.lock(path, mode)?;
             }
-            (Arc::new(file), format, probed)
+            (file_layers(path, file, opts), format, probed)
         }
     };
     match format {
@@ -360,8 +409,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     Some(_) if !opts.force_share => Some(LockMode::data_file(opts.write)),
                     other => other,
                 };
-                let d: Arc<dyn Storage> = Arc::new(open_file(&dpath, opts.write, opts.cache, lock)?);
-                Some(d)
+                let d = open_file(&dpath, opts.write, opts.cache, lock)?;
+                Some(file_layers(&dpath, d, opts))
             } else {
                 None
             };

@@ -56,4 +56,13 @@ impl Storage for CountingStorage {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.punch_hole(offset, len)
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+    fn allocated_size(&self) -> io::Result<u64> {
+        self.inner.allocated_size()
+    }
+    fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
+        self.inner.extent_at(offset)
+    }
 }

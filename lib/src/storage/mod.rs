@@ -4,19 +4,26 @@
 //! fault tests can slide a recording or failing implementation underneath
 //! the real engine without changing a line of it.
 
+mod aligned;
+mod buffer;
 mod counting;
 mod crash;
 mod fault;
 mod file;
 pub mod lock;
 mod memory;
+mod no_flush;
+mod serialise;
 
+pub use aligned::AlignedStorage;
+pub use buffer::{AlignedBuf, MAX_DIRECT_ALIGN};
 pub use counting::CountingStorage;
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
 pub use fault::{Fault, FaultStorage};
-pub use file::{FileStorage, OpenFlags};
+pub use file::{host_io_counts, FileStorage, HostIoCounts, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
+pub use no_flush::NoFlushStorage;
 
 use std::io;
 
