@@ -353,7 +353,9 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match nbd {
                 Some(c) => c,
-                None => Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?),
+                None => Arc::new(
+                    RawImage::new(storage.clone(), !opts.write, probed)?.writethrough(opts.cache.writethrough()),
+                ),
             };
             Ok(Image {
                 path: path.to_path_buf(),

@@ -51,7 +51,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let cache = match &a.cache {
         Some(c) => CacheMode::from_name(c).map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
         None if a.nocache => CacheMode::None,
-        None => CacheMode::default(),
+        // qemu-io's default: each write durable before the next command.
+        None => CacheMode::Writethrough,
     };
     let unmap = match a.discard.as_str() {
         "ignore" | "off" => false,

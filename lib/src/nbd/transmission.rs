@@ -9,6 +9,7 @@ use super::proto::*;
 use super::server::{ServeOptions, Shared};
 use super::status::{block_status, read_segments, Segment, StatusReply};
 use super::{DetectZeroes, DiscardMode};
+use crate::storage::AlignedBuf;
 use crate::Error;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;
@@ -92,16 +93,24 @@ impl<C: Connection> Replies<C> {
 /// A request ready for a worker.
 struct Job {
     req: Request,
-    payload: Vec<u8>,
+    /// Aligned, so a device over O_DIRECT writes it without a copy.
+    payload: AlignedBuf,
     _permit: Permit,
 }
 
 /// What a request came to.
 enum Outcome {
     Done,
-    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    /// `buf` is aligned, so a device over O_DIRECT reads into it directly.
+    Read {
+        buf: AlignedBuf,
+        segments: Vec<Segment>,
+    },
     Status(StatusReply),
-    Failed { errno: u32, msg: String },
+    Failed {
+        errno: u32,
+        msg: String,
+    },
 }
 
 fn fail(errno: u32, msg: impl Into<String>) -> Outcome {
@@ -186,7 +195,7 @@ pub(crate) fn run<C: Connection>(
                     break;
                 }
                 let permit = budget.acquire(req.length as usize);
-                let mut payload = vec![0u8; req.length as usize];
+                let mut payload = AlignedBuf::for_direct_io(req.length as usize);
                 if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
                     // Disconnected mid-payload: the partial write is dropped.
                     break;
@@ -195,9 +204,9 @@ pub(crate) fn run<C: Connection>(
             }
             CMD_READ => {
                 let permit = budget.acquire(req.length.min(MAX_PAYLOAD) as usize);
-                Job { req, payload: Vec::new(), _permit: permit }
+                Job { req, payload: AlignedBuf::new(0, 1), _permit: permit }
             }
-            _ => Job { req, payload: Vec::new(), _permit: budget.acquire(0) },
+            _ => Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) },
         };
         if tx.send(job).is_err() {
             break;
@@ -290,7 +299,7 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
                 return Err(fail(EINVAL, format!("read of {len} bytes at {off} is past the end ({size} bytes)")));
             }
             let n = req.length as usize;
-            let mut buf = vec![0u8; n];
+            let mut buf = AlignedBuf::for_direct_io(n);
             let segments = if n == 0 {
                 Vec::new()
             } else if ctx.session.structured && req.flags & CMD_FLAG_DF == 0 {

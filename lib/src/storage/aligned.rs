@@ -46,6 +46,9 @@ pub struct AlignedStorage<S: Storage> {
     len: AtomicU64,
     /// A padded write may have left `inner` longer than `len`.
     padded: AtomicBool,
+    /// A request to `inner` failed: from then on this layer writes
+    /// nothing on its own (no trim on drop), like the engine above it.
+    failed: AtomicBool,
 }
 
 fn invalid(msg: &'static str) -> io::Error {
@@ -73,6 +76,7 @@ impl<S: Storage> AlignedStorage<S> {
             tracker: RequestTracker::default(),
             len: AtomicU64::new(len),
             padded: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -104,6 +108,14 @@ impl<S: Storage> AlignedStorage<S> {
 
     fn bounce(&self, len: u64) -> AlignedBuf {
         AlignedBuf::new(len as usize, self.mem_align.max(self.align as usize))
+    }
+
+    /// Notes a failed request to the storage underneath.
+    fn watch<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Writes `buf` at `offset` within the block span `[start, end)` by
@@ -158,18 +170,19 @@ impl<S: Storage> Storage for AlignedStorage<S> {
         let (start, span_end) = self.span(offset, end)?;
         let aligned = start == offset && span_end == end;
         let _ticket = self.tracker.begin(start, span_end, !aligned);
-        if !aligned {
+        let r = if !aligned {
             if span_end > end {
                 self.padded.store(true, Ordering::Relaxed);
             }
-            self.read_modify_write(buf, offset, start, span_end)?;
+            self.read_modify_write(buf, offset, start, span_end)
         } else if self.buf_aligned(buf) {
-            self.inner.write_at(buf, offset)?;
+            self.inner.write_at(buf, offset)
         } else {
             let mut copy = self.bounce(buf.len() as u64);
             copy.copy_from_slice(buf);
-            self.inner.write_at(&copy, offset)?;
-        }
+            self.inner.write_at(&copy, offset)
+        };
+        self.watch(r)?;
         // Raised while the ticket is held, so a concurrent `set_len` sees
         // either this write or its new length.
         self.len.fetch_max(end, Ordering::AcqRel);
@@ -177,7 +190,7 @@ impl<S: Storage> Storage for AlignedStorage<S> {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.inner.flush()
+        self.watch(self.inner.flush())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -189,7 +202,7 @@ impl<S: Storage> Storage for AlignedStorage<S> {
         // ends, so none lands between the truncation and the new length.
         let from = self.len.load(Ordering::Acquire).min(len) / self.align * self.align;
         let _ticket = self.tracker.begin(from, u64::MAX, true);
-        self.inner.set_len(len)?;
+        self.watch(self.inner.set_len(len))?;
         self.len.store(len, Ordering::Release);
         Ok(())
     }
@@ -204,11 +217,11 @@ impl<S: Storage> Storage for AlignedStorage<S> {
         // Not serialising, but a read-modify-write of an edge block must
         // not put punched bytes back.
         let _ticket = self.tracker.begin(start, span_end, false);
-        self.inner.punch_hole(offset, len)
+        self.watch(self.inner.punch_hole(offset, len))
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.inner.allocate(offset, len)?;
+        self.watch(self.inner.allocate(offset, len))?;
         let end = offset.saturating_add(len);
         // Only as far as the storage underneath really grew (reserving
         // space is optional there).
@@ -234,8 +247,9 @@ impl<S: Storage> Storage for AlignedStorage<S> {
 impl<S: Storage> Drop for AlignedStorage<S> {
     fn drop(&mut self) {
         // No request can be in flight: the padding past the logical end
-        // goes now (best effort; it reads as zeros anyway).
-        if self.padded.load(Ordering::Relaxed) {
+        // goes now (best effort; it reads as zeros anyway), unless the
+        // storage failed, after which nothing more is written.
+        if self.padded.load(Ordering::Relaxed) && !self.failed.load(Ordering::Relaxed) {
             let len = self.len.load(Ordering::Acquire);
             if self.inner.len().is_ok_and(|n| n > len) {
                 let _ = self.inner.set_len(len);
@@ -300,6 +314,20 @@ mod tests {
         st.write_at(&[6u8; 1], 4999).unwrap();
         drop(st);
         assert_eq!(mem.len().unwrap(), 5000);
+    }
+
+    #[test]
+    fn nothing_is_trimmed_after_a_failure() {
+        use crate::storage::{Fault, FaultStorage};
+        // Operation 1 reads the block around the write, 2 writes it, 3
+        // (a flush) fails, and so does everything after it.
+        let fault = Arc::new(FaultStorage::new(Vec::new(), 3, Fault::Eio, true));
+        let st = AlignedStorage::new(fault.clone(), 4096).unwrap();
+        st.write_at(&[1u8; 10], 0).unwrap();
+        assert!(st.flush().is_err());
+        drop(st);
+        assert_eq!(fault.to_bytes().len(), 4096);
+        assert_eq!(fault.writes_after_failure(), 0);
     }
 
     #[test]

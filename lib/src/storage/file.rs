@@ -34,6 +34,15 @@ pub struct FileStorage {
     io: FileIo,
     /// QEMU-compatible image locks, released when the storage is dropped.
     lock: Option<ImageLock>,
+    /// Modifications completed so far (writes, hole punches, length
+    /// changes)...
+    modified: AtomicU64,
+    /// ... and one more than how many of them had completed when the last
+    /// successful sync began (0: no sync yet, so the first flush always
+    /// syncs, covering whatever earlier users of the file left). A flush
+    /// with nothing new to cover costs no sync: a writethrough image's
+    /// close, a server's exit after its client's last flush.
+    synced: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -63,10 +72,21 @@ pub fn host_io_counts() -> HostIoCounts {
 }
 
 impl FileStorage {
+    fn new(io: FileIo) -> Self {
+        FileStorage { io, lock: None, modified: AtomicU64::new(0), synced: AtomicU64::new(0) }
+    }
+
+    /// Counts a completed modification (or a failed one: it may have
+    /// changed something).
+    fn modified<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        self.modified.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+
     /// Opens `path` as asked.
     pub fn open(path: &Path, flags: OpenFlags) -> io::Result<Self> {
         let file = Self::open_file(path, flags, flags.create)?;
-        Ok(FileStorage { io: FileIo::new(file, flags)?, lock: None })
+        Ok(FileStorage::new(FileIo::new(file, flags)?))
     }
 
     fn open_file(path: &Path, flags: OpenFlags, truncate: bool) -> io::Result<File> {
@@ -94,7 +114,7 @@ impl FileStorage {
     pub fn open_locked(path: &Path, flags: OpenFlags, mode: LockMode) -> Result<Self> {
         let io_err = |e| Error::io(format!("Could not open '{}'", path.display()), e);
         let file = Self::open_file(path, flags, false).map_err(io_err)?;
-        let mut st = FileStorage { io: FileIo::new(file, flags).map_err(io_err)?, lock: None };
+        let mut st = FileStorage::new(FileIo::new(file, flags).map_err(io_err)?);
         st.lock(path, mode)?;
         if flags.create {
             st.set_len(0).map_err(io_err)?;
@@ -281,20 +301,26 @@ impl Storage for FileStorage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         HOST_WRITES.fetch_add(1, Ordering::Relaxed);
-        self.io().write_at(buf, offset)
+        self.modified(self.io().write_at(buf, offset))
     }
     fn flush(&self) -> io::Result<()> {
+        let covers = self.modified.load(Ordering::Acquire) + 1;
+        if covers == self.synced.load(Ordering::Acquire) {
+            return Ok(());
+        }
         HOST_SYNCS.fetch_add(1, Ordering::Relaxed);
-        self.io().flush()
+        self.io().flush()?;
+        self.synced.fetch_max(covers, Ordering::AcqRel);
+        Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         self.io().len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.io().set_len(len)
+        self.modified(self.io().set_len(len))
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.io().punch_hole(offset, len) {
+        match self.modified(self.io().punch_hole(offset, len)) {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                 let size = self.len()?;
                 let end = offset.saturating_add(len).min(size);
@@ -307,7 +333,7 @@ impl Storage for FileStorage {
         }
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.io().allocate(offset, len)
+        self.modified(self.io().allocate(offset, len))
     }
     fn allocated_size(&self) -> io::Result<u64> {
         self.io().allocated_size()
