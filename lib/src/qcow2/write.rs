@@ -366,10 +366,25 @@ impl Qcow2 {
         if !self.g.extended {
             return (0, cs);
         }
-        let mask = self.sub_mask(from, to) | self.carried_subs(a);
-        let first = mask.trailing_zeros() as u64;
-        let last = 31 - mask.leading_zeros() as u64;
-        (first * self.g.sub_size, (last + 1) * self.g.sub_size)
+        let carried = self.carried_subs(a);
+        let mask = self.sub_mask(from, to) | carried;
+        let first = mask.trailing_zeros();
+        let last = 31 - mask.leading_zeros();
+        let mut span = (u64::from(first) * self.g.sub_size, u64::from(last + 1) * self.g.sub_size);
+        if carried == 0 {
+            // An edge subcluster already allocated in this host cluster
+            // holds its bytes there: copying them around the write would
+            // put back old bytes over an in-place write into them, which
+            // does not wait for this cluster (found by the torture test).
+            let alloc = a.old.bitmap.alloc();
+            if alloc & (1 << first) != 0 {
+                span.0 = from;
+            }
+            if alloc & (1 << last) != 0 {
+                span.1 = to;
+            }
+        }
+        span
     }
 
     /// Subclusters whose old data must move to the new host cluster.
