@@ -232,12 +232,10 @@ impl Qcow2 {
         } else {
             let clusters = (bytes.len() as u64).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            for k in 0..clusters {
-                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotTable);
-            }
+            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotTable);
             let mut padded = bytes.clone();
             padded.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, off, &padded, "writing snapshot table")?;
+            self.write_meta(m, off, &padded, MetaKind::SnapshotTable)?;
             off
         };
         // The table and its refcount must be on disk before the header
@@ -315,13 +313,11 @@ impl Qcow2 {
         } else {
             let clusters = (l1.len() as u64 * 8).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            for k in 0..clusters {
-                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotL1);
-            }
+            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotL1);
             let copy: Vec<u64> = m.l1.iter().map(|&e| e & !L1_COPIED).collect();
             let mut bytes = encode_u64_table(&copy);
             bytes.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, off, &bytes, "writing snapshot L1 table")?;
+            self.write_meta(m, off, &bytes, MetaKind::SnapshotL1)?;
             off
         };
         // 3. Refcounts (then flags) durable before the table names the copy.
@@ -394,7 +390,7 @@ impl Qcow2 {
         if clusters > 0 {
             let mut bytes = encode_u64_table(&new_l1);
             bytes.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+            self.write_meta(m, new_off, &bytes, MetaKind::ActiveL1)?;
         }
         // 2. Refcounts, flags and the new L1 durable before the switch.
         self.write_back_durable(m)?;
