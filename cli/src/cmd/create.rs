@@ -86,7 +86,7 @@ pub fn create_target(
 
 fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
-    let err = |m: String| CliError::new(format!("{file}: {m}"));
+    let err = |m: String| CliError::new(format!("{file}: {}", crate::util::clean_message(&m)));
     let format = match a.format.as_str() {
         "qcow2" => Format::Qcow2,
         "raw" => Format::Raw,

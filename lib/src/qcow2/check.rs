@@ -262,7 +262,7 @@ impl Qcow2 {
     }
 
     /// How many clusters past the end of the file may still be referenced.
-    fn beyond_eof_slack(&self) -> u64 {
+    pub(crate) fn beyond_eof_slack(&self) -> u64 {
         (MAX_BEYOND_EOF_BYTES / self.g.cluster_size).max(16)
     }
 

@@ -21,6 +21,7 @@ mod overlap;
 mod read;
 mod resize;
 mod snapshot;
+mod snapshot_validate;
 mod snapshot_view;
 mod state;
 mod write;

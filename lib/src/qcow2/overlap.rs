@@ -22,7 +22,7 @@ use super::state::{Geometry, Meta};
 use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
-use crate::Result;
+use crate::{Error, Result};
 use std::collections::HashMap;
 
 /// What a metadata cluster holds.
@@ -204,6 +204,24 @@ impl OverlapMap {
         (first..end).map(|c| (c, self.kinds(c) & !allowed)).find(|&(_, bits)| bits != 0)
     }
 
+    /// `conflict`, with the kinds named.
+    pub fn conflict_names(&self, first: u64, end: u64, allowed: Option<MetaKind>) -> Option<(u64, String)> {
+        self.conflict(first, end, allowed).map(|(c, bits)| (c, names(bits)))
+    }
+
+    /// Whether another snapshot L1 table shares a cluster with `[first,
+    /// end)`, which is itself one: kinds alone cannot tell two apart, so
+    /// snapshot L1 tables are always extents, and they are counted.
+    fn other_snapshot_l1(&self, first: u64, end: u64) -> bool {
+        let sharing = self
+            .extents
+            .iter()
+            .filter(|e| e.kind == MetaKind::SnapshotL1 && e.start < end && first < e.end)
+            .take(2)
+            .count();
+        sharing > 1
+    }
+
     /// The map of an image as `m` describes it.
     pub fn build(g: &Geometry, m: &Meta) -> OverlapMap {
         let cs = g.cluster_size;
@@ -307,6 +325,36 @@ impl Qcow2 {
         m.keep_end = m.keep_end.max(host + cs);
         Ok(())
     }
+
+    /// Refuses to use snapshot `sn`'s L1 table when it lies where no L1
+    /// table can be: unaligned, past the end of the file, or on other
+    /// metadata (another snapshot's L1 table included).
+    pub(crate) fn check_snapshot_l1_place(&self, m: &Meta, sn: &crate::format::SnapshotEntry) -> Result<()> {
+        if sn.l1_size == 0 {
+            return Ok(());
+        }
+        let cs = self.g.cluster_size;
+        let off = sn.l1_table_offset;
+        let bad = |why: String| {
+            Error::corrupt(format!("snapshot '{}' (ID {}): L1 table at offset {off:#x} {why}", sn.name, sn.id))
+        };
+        if !off.is_multiple_of(cs) {
+            return Err(bad("is not cluster aligned".into()));
+        }
+        let bytes = u64::from(sn.l1_size) * 8;
+        let file_len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+        if off.checked_add(bytes).is_none_or(|end| end > file_len) {
+            return Err(bad("lies past the end of the file".into()));
+        }
+        let (first, end) = (off / cs, (off + bytes).div_ceil(cs));
+        if let Some((c, bits)) = m.meta_clusters.conflict(first, end, Some(MetaKind::SnapshotL1)) {
+            return Err(bad(format!("overlaps with {} at offset {:#x}", names(bits), c * cs)));
+        }
+        if m.meta_clusters.other_snapshot_l1(first, end) {
+            return Err(bad("overlaps with another snapshot's L1 table".into()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -342,6 +390,10 @@ mod tests {
         assert_eq!(m.kinds(50), MetaKind::SnapshotL1.bit());
         assert_eq!(m.kinds(31), MetaKind::SnapshotL1.bit() | MetaKind::RefcountTable.bit());
         assert_eq!(m.kinds(110), 0);
+        assert!(!m.other_snapshot_l1(10, 110), "only itself");
+        m.insert_range(40, 1, MetaKind::SnapshotL1);
+        assert!(m.other_snapshot_l1(40, 41));
+        assert!(m.other_snapshot_l1(10, 110));
     }
 
     #[test]
