@@ -62,3 +62,55 @@ fn every_command_that_follows_the_chain_refuses_a_loop() {
     ok(dir, OXCOW, &["rebase", "-u", "-b", "", "x.qcow2"]);
     ok(dir, OXCOW, &["info", "--backing-chain", "y.qcow2"]);
 }
+
+/// An image whose snapshot "s1" records `disk_size`.
+fn snapshot_with_disk_size(dir: &Path, name: &str, disk_size: u64) -> Vec<u8> {
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", name, "64M"]);
+    ok(dir, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", name]);
+    ok(dir, "qemu-img", &["snapshot", "-c", "s1", name]);
+    let p = dir.join(name);
+    let mut b = std::fs::read(&p).unwrap();
+    let table = u64::from_be_bytes(b[64..72].try_into().unwrap()) as usize;
+    // Extra data starts 40 bytes into the entry; the disk size is its
+    // second field.
+    b[table + 48..table + 56].copy_from_slice(&disk_size.to_be_bytes());
+    std::fs::write(&p, &b).unwrap();
+    b
+}
+
+#[test]
+fn snapshot_apply_refuses_disk_sizes_qemu_img_refuses_and_changes_nothing() {
+    let d = tmp();
+    let dir = d.path();
+    for size in [(2u64 << 50) + 512, 0x1a00_0000_0080_0000, (64 << 20) + 256] {
+        let bytes = snapshot_with_disk_size(dir, "o.qcow2", size);
+        snapshot_with_disk_size(dir, "q.qcow2", size);
+        let o = oxcow(dir, &["snapshot", "-a", "s1", "o.qcow2"]);
+        let q = qemu_img(dir, &["snapshot", "-a", "s1", "q.qcow2"]);
+        assert_eq!(q.code, 1, "qemu-img applied {size:#x}");
+        assert_eq!(o.code, 1, "{size:#x}: {}{}", o.stdout, o.stderr);
+        assert!(o.stderr.starts_with("oxcow: Could not apply snapshot 's1': "), "{}", o.stderr);
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+        assert_eq!(std::fs::read(dir.join("o.qcow2")).unwrap(), bytes, "{size:#x}: the image changed");
+        // Views of it are refused alike, at once.
+        let v = oxcow(dir, &["io", "-l", "s1", "-c", "map", "o.qcow2"]);
+        assert_eq!(v.code, 1, "{size:#x}: {}", v.stdout);
+        assert!(v.stderr.contains("Failed to load snapshot 's1'"), "{}", v.stderr);
+        let c = oxcow(dir, &["convert", "-l", "snapshot.name=s1", "-O", "raw", "o.qcow2", "out.raw"]);
+        assert_eq!(c.code, 1, "{size:#x}: {}", c.stdout);
+        assert!(c.stderr.contains("Failed to load snapshot"), "{}", c.stderr);
+    }
+}
+
+#[test]
+fn snapshot_view_of_a_2_pib_disk_maps_past_its_l1_table_at_once() {
+    let d = tmp();
+    let dir = d.path();
+    snapshot_with_disk_size(dir, "big.qcow2", 2 << 50);
+    let v = ok(dir, OXCOW, &["io", "-l", "s1", "-c", "map", "big.qcow2"]);
+    let lines: Vec<&str> = v.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", v.stdout);
+    assert!(lines[0].starts_with("64 KiB (0x10000) bytes     allocated at offset 0 bytes"), "{}", v.stdout);
+    assert!(lines[1].contains("not allocated at offset 64 KiB (0x10000)"), "{}", v.stdout);
+    ok(dir, OXCOW, &["io", "-l", "s1", "-c", "read -P 0x11 0 64k", "big.qcow2"]);
+}

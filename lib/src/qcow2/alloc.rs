@@ -67,9 +67,10 @@ impl Qcow2 {
             self.new_refblock(m, t)?;
         }
         let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
-        // A refcount block that is also other metadata (a damaged
-        // refcount table) is refused before any allocation trusts it.
-        self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
+        // A refcount block that is also other metadata, or past the end of
+        // the file (a damaged refcount table), is refused before any
+        // allocation trusts it.
+        self.check_refblock(m, off)?;
         self.load_refblock(m, off)?;
         let i = (idx & ((1 << bits) - 1)) as usize;
         let byte = i * self.g.rc.bits() as usize / 8;

@@ -23,7 +23,7 @@ use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 /// What a metadata cluster holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +106,16 @@ pub(crate) struct OverlapMap {
     /// One past the highest cluster ever mapped (never lowered: the
     /// truncation at close must not cut off anything that was metadata).
     end: u64,
+    /// Clusters at or past the allocation end that a loaded L2 table
+    /// already points at (a damaged or truncated image): not metadata,
+    /// but the allocator must not hand them out, or the guest cluster
+    /// mapped there and a newly allocated one would share them.
+    taken_past_end: BTreeSet<u64>,
 }
+
+/// Most clusters past the end of the file that loaded L2 tables may point
+/// at before the image is declared corrupt (bounds the memory they cost).
+const MAX_TAKEN_PAST_END: usize = 1 << 16;
 
 impl OverlapMap {
     /// Marks cluster `idx` as holding `kind`.
@@ -187,9 +196,10 @@ impl OverlapMap {
         self.clusters.get(&idx).copied().unwrap_or(0) | self.extent_bits(idx)
     }
 
-    /// Whether cluster `idx` holds any metadata.
+    /// Whether the allocator must leave cluster `idx` alone: it holds
+    /// metadata, or a table points at it from past the allocation end.
     pub fn contains_key(&self, idx: &u64) -> bool {
-        self.kinds(*idx) != 0
+        self.kinds(*idx) != 0 || self.taken_past_end.contains(idx)
     }
 
     /// One past the highest cluster that ever held metadata.
@@ -265,6 +275,9 @@ impl OverlapMap {
                 map.insert(off / cs, MetaKind::ActiveL2);
             }
         }
+        // What loaded tables were found to point at stays true when the
+        // map is rebuilt after a whole-image operation.
+        map.taken_past_end = m.meta_clusters.taken_past_end.clone();
         map.reindex();
         map
     }
@@ -302,6 +315,47 @@ impl Qcow2 {
                 ),
             )),
         }
+    }
+
+    /// Notes the clusters at or past the allocation end that the L2 table
+    /// just read points at, so the allocator steps over them: a cluster
+    /// there is free as far as refcounts and the allocator know, and the
+    /// first allocation would hand it to a second guest cluster (QEMU does,
+    /// and the later write through the old entry overwrites the new data).
+    /// A write through such an entry is refused (`check_mapped_cluster`).
+    /// Writable images only; a scan of the table just read, no I/O.
+    pub(crate) fn note_refs_past_end(&self, m: &mut Meta, table: &[u8]) -> Result<()> {
+        if self.read_only || self.g.external_data {
+            return Ok(());
+        }
+        let cs = self.g.cluster_size;
+        for i in 0..self.g.l2_entries as usize {
+            let host = self.g.l2.get(table, i).host_offset();
+            if host >= m.file_end {
+                m.meta_clusters.taken_past_end.insert(host / cs);
+            }
+        }
+        if m.meta_clusters.taken_past_end.len() > MAX_TAKEN_PAST_END {
+            return Err(self.mark_corrupt(
+                m,
+                format!("more than {MAX_TAKEN_PAST_END} guest clusters are mapped past the end of the image file"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the refcount block at `off` before a refcount in it changes
+    /// (so before an allocation trusts what it says): it must be no other
+    /// metadata, and lie inside the allocated area. A block past the end
+    /// of the file reads as zeros, calling every cluster it covers free.
+    pub(crate) fn check_refblock(&self, m: &mut Meta, off: u64) -> Result<()> {
+        self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
+        if off >= m.file_end {
+            return Err(
+                self.mark_corrupt(m, format!("refcount block at host offset {off:#x} lies past the end of the file"))
+            );
+        }
+        Ok(())
     }
 
     /// Checks the host cluster a guest cluster maps to before a write uses
