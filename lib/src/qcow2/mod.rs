@@ -294,6 +294,19 @@ impl Qcow2 {
         m.corrupt || m.hc.header.is_corrupt()
     }
 
+    /// Whether another entry of the active L1 table points at the L2 table
+    /// mapping guest offset `guest` (a damaged image aliasing two ranges of
+    /// the disk, which only a full check sees).
+    pub(crate) fn l2_table_shared(&self, guest: u64) -> bool {
+        let m = self.lock();
+        let l1i = (guest / self.g.cluster_size / self.g.l2_entries) as usize;
+        let table = |e: u64| e & crate::format::l1::OFFSET_MASK;
+        match m.l1.get(l1i).map(|&e| table(e)) {
+            Some(t) if t != 0 => m.l1.iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
+            _ => false,
+        }
+    }
+
     /// Refuses writes when the image is read-only, poisoned or corrupt.
     fn check_writable(&self, m: &Meta) -> Result<()> {
         if self.read_only {
