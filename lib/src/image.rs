@@ -8,6 +8,7 @@ use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
 use crate::storage::{FileStorage, LockMode, NoFlushStorage, OpenFlags, Storage};
 use crate::{Error, Result};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -227,6 +228,27 @@ impl Image {
     }
 }
 
+/// The local files of a backing chain, by identity (device and inode), so
+/// that a chain coming back to a file already in it is refused as a loop
+/// instead of being followed until memory or the depth limit runs out.
+/// Names would miss loops through a symlink, a hard link or `./`.
+#[derive(Debug, Default)]
+pub struct ChainFiles(HashSet<(u64, u64)>);
+
+impl ChainFiles {
+    /// Records the file `path` names; refuses one already in the chain
+    /// with qemu-img's message. Names that are no local file (network
+    /// exports, missing files) are left for the open to report.
+    pub fn enter(&mut self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(path) else { return Ok(()) };
+        if !self.0.insert((md.dev(), md.ino())) {
+            return Err(Error::invalid(format!("Backing file '{}' creates an infinite loop.", path.display())));
+        }
+        Ok(())
+    }
+}
+
 /// Whether a backing name names a protocol rather than a file.
 pub fn is_protocol_name(name: &str) -> bool {
     name.starts_with("json:") || name.contains("://") || name.starts_with("nbd:")
@@ -317,12 +339,19 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
     }
-    open_depth(path.as_ref(), opts, 0)
+    let path = path.as_ref();
+    let mut chain = ChainFiles::default();
+    chain.enter(path)?;
+    open_depth(path, opts, 0, &mut chain)
 }
 
-fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
+/// Opens `path` as image number `depth` of a chain whose files so far are
+/// in `chain`.
+fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFiles) -> Result<Image> {
+    // Loops through local files are caught by `chain`; this bounds chains
+    // through network exports, which have no file identity.
     if depth > MAX_BACKING_DEPTH {
-        return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
+        return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH}")));
     }
     // `nbd:` names open a network export (no local file, so no locks).
     let nbd = open_nbd_name(path, opts)?;
@@ -386,7 +415,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     None => None,
                 };
                 let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
-                let b = open_depth(&bpath, &bopts, depth + 1).map_err(|e| match e {
+                chain.enter(&bpath)?;
+                let b = open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
                     Error::Io { context, source } => {
                         Error::Io { context: format!("Could not open backing file: {context}"), source }
                     }

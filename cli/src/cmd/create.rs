@@ -1,6 +1,6 @@
 //! `oxcow create`: qemu-img create for qcow2 and raw images.
 
-use crate::util::{open_image, parse_bool, parse_options, CliError, CliResult};
+use crate::util::{parse_bool, parse_options, CliError, CliResult};
 use oxcow::format::CompressionType;
 use oxcow::image::{create_file, resolve_backing, Format, OpenOptions};
 use oxcow::qcow2::{CreateOptions, Preallocation};
@@ -86,7 +86,7 @@ pub fn create_target(
 
 fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
-    let err = |m: String| CliError::new(format!("{file}: {m}"));
+    let err = |m: String| CliError::new(format!("{file}: {}", crate::util::clean_message(&m)));
     let format = match a.format.as_str() {
         "qcow2" => Format::Qcow2,
         "raw" => Format::Raw,
@@ -138,9 +138,15 @@ fn create(a: Args) -> CliResult<i32> {
             let bfmt = crate::util::parse_format(g.backing_fmt.as_deref())
                 .map_err(|e| err(format!("{}\nCould not open backing image.", e.msg)))?;
             let opts = OpenOptions { format: bfmt, ..Default::default() };
-            let bimg = open_image(&bpath.display().to_string(), &opts).map_err(|_| {
-                err(format!("Could not open '{b}': No such file or directory\nCould not open backing image."))
+            let opts = crate::util::with_network_permission(&opts);
+            let bimg = oxcow::image::open(&bpath, &opts).map_err(|e| {
+                let why = match e {
+                    oxcow::Error::Io { source, .. } => crate::util::clean_message(&source.to_string()),
+                    other => crate::util::explain(&other),
+                };
+                err(format!("Could not open '{b}': {why}\nCould not open backing image."))
             })?;
+            crate::util::report_dirty_repair(&bpath.display().to_string(), &bimg);
             if size.is_none() {
                 size = Some(bimg.device().len());
             }

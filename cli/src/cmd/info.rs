@@ -2,7 +2,7 @@
 
 use crate::util::{human, open_image, parse_format, qemu_json, CliError, CliResult};
 use oxcow::format::{Autoclear, SnapshotEntry};
-use oxcow::image::{resolve_backing, Image, OpenOptions};
+use oxcow::image::{resolve_backing, ChainFiles, Image, OpenOptions};
 use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
@@ -32,6 +32,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let mut format = parse_format(a.format.as_deref())?;
     let mut path = a.file.clone();
     let mut infos = Vec::new();
+    let mut chain = ChainFiles::default();
+    chain.enter(path.as_ref()).map_err(|e| CliError::new(e.to_string()))?;
     loop {
         // Backing files are opened one at a time, as qemu-img does, so a
         // missing backing file does not hide the top image's information.
@@ -48,7 +50,18 @@ pub fn run(a: Args) -> CliResult<i32> {
         };
         infos.push(info);
         match next {
+            Some(_) if infos.len() > oxcow::format::limits::MAX_BACKING_DEPTH => {
+                // Only chains through network exports get here: local
+                // files are told apart by identity below.
+                return Err(CliError::new(format!(
+                    "backing chain deeper than {}",
+                    oxcow::format::limits::MAX_BACKING_DEPTH
+                )));
+            }
             Some((p, f)) => {
+                // As qemu-img: the loop is named by the backing file that
+                // comes back, as resolved, before anything is printed.
+                chain.enter(p.as_ref()).map_err(|e| CliError::new(e.to_string()))?;
                 path = p;
                 format = parse_format(f.as_deref())?;
             }

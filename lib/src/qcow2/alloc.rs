@@ -30,7 +30,7 @@ impl Qcow2 {
                     // Writing a refcount block early is always safe: it
                     // only ever holds increments and already-safe frees.
                     let data = m.rb.peek(victim).map(|d| d.to_vec()).unwrap_or_default();
-                    self.write_meta(m, victim, &data, "writing refcount block")?;
+                    self.write_meta(m, victim, &data, MetaKind::RefcountBlock)?;
                 }
                 m.rb.remove(victim);
             }
@@ -67,6 +67,10 @@ impl Qcow2 {
             self.new_refblock(m, t)?;
         }
         let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
+        // A refcount block that is also other metadata, or past the end of
+        // the file (a damaged refcount table), is refused before any
+        // allocation trusts it.
+        self.check_refblock(m, off)?;
         self.load_refblock(m, off)?;
         let i = (idx & ((1 << bits) - 1)) as usize;
         let byte = i * self.g.rc.bits() as usize / 8;
@@ -109,7 +113,7 @@ impl Qcow2 {
             }
             m.file_end += self.g.cluster_size;
             self.reserve_ahead(m)?;
-            if self.refcount(m, idx)? == 0 {
+            if self.refcount(m, idx)? == 0 && !m.meta_clusters.contains_key(&idx) {
                 return Ok(idx);
             }
         }
@@ -198,7 +202,7 @@ impl Qcow2 {
         let dirty = m.rb.dirty();
         for &off in &dirty {
             let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
-            self.write_meta(m, off, &data, "writing refcount block")?;
+            self.write_meta(m, off, &data, MetaKind::RefcountBlock)?;
             m.rb.mark_clean(off);
         }
         Ok(!dirty.is_empty())
@@ -211,7 +215,7 @@ impl Qcow2 {
     pub(crate) fn install_reftable(&self, m: &mut Meta, off: u64, clusters: u64) -> Result<()> {
         let mut table = encode_u64_table(&m.reftable);
         table.resize((clusters * self.g.cluster_size) as usize, 0);
-        self.write_meta(m, off, &table, "writing refcount table")?;
+        self.write_meta(m, off, &table, MetaKind::RefcountTable)?;
         self.sync("flushing new refcount table")?;
         m.hc.header.refcount_table_offset = off;
         m.hc.header.refcount_table_clusters = clusters as u32;
@@ -255,7 +259,7 @@ impl Qcow2 {
         'retry: loop {
             let start = m.file_end;
             for k in 0..n {
-                if self.refcount(m, start / cs + k)? != 0 {
+                if self.refcount(m, start / cs + k)? != 0 || m.meta_clusters.contains_key(&(start / cs + k)) {
                     m.file_end = start + (k + 1) * cs;
                     continue 'retry;
                 }
@@ -325,10 +329,12 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes metadata at `off` after checking it does not overlap other
-    /// metadata it is not meant to replace.
-    pub(crate) fn write_meta(&self, _m: &Meta, off: u64, data: &[u8], what: &'static str) -> Result<()> {
-        self.file.write_at(data, off).map_err(|e| Error::io(what, e))
+    /// Writes metadata of `kind` at `off` after checking it does not
+    /// overlap other metadata (`overlap.rs`): every metadata write but the
+    /// header's goes through here.
+    pub(crate) fn write_meta(&self, m: &mut Meta, off: u64, data: &[u8], kind: MetaKind) -> Result<()> {
+        self.check_overlap_range(m, off, data.len() as u64, Some(kind))?;
+        self.file.write_at(data, off).map_err(|e| Error::io(kind.writing(), e))
     }
 
     /// fsync of the image file (and the data file, when separate).

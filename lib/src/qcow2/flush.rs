@@ -47,8 +47,7 @@ impl Qcow2 {
         let mut wrote = false;
         for (off, a, b) in m.rb.dirty_ranges() {
             let data = m.rb.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-            self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
-            self.write_meta(m, off + a as u64, &data, "writing refcount block")?;
+            self.write_meta(m, off + a as u64, &data, MetaKind::RefcountBlock)?;
             m.rb.mark_clean(off);
             wrote = true;
         }
@@ -59,7 +58,7 @@ impl Qcow2 {
             }
             let bytes = encode_u64_table(&m.reftable[a..=b]);
             let off = m.hc.header.refcount_table_offset + a as u64 * 8;
-            self.write_meta(m, off, &bytes, "writing refcount table")?;
+            self.write_meta(m, off, &bytes, MetaKind::RefcountTable)?;
             m.reftable_dirty = None;
             wrote = true;
         }
@@ -90,9 +89,8 @@ impl Qcow2 {
                 m.cow_unsynced = false;
             }
             for (off, a, b) in m.l2.dirty_ranges() {
-                self.check_overlap(m, off, Some(MetaKind::ActiveL2))?;
                 let data = m.l2.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-                self.write_meta(m, off + a as u64, &data, "writing L2 table")?;
+                self.write_meta(m, off + a as u64, &data, MetaKind::ActiveL2)?;
                 m.l2.mark_clean(off);
             }
             unsynced = true;
@@ -104,7 +102,7 @@ impl Qcow2 {
             if let Some((a, b)) = m.l1_dirty {
                 let bytes = encode_u64_table(&m.l1[a..=b]);
                 let off = m.hc.header.l1_table_offset + a as u64 * 8;
-                self.write_meta(m, off, &bytes, "writing L1 table")?;
+                self.write_meta(m, off, &bytes, MetaKind::ActiveL1)?;
                 m.l1_dirty = None;
             }
             if m.header_dirty {
@@ -164,12 +162,7 @@ impl Qcow2 {
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;
-            // Give back space reserved ahead but never used.
-            let len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
-            if m.prealloc_end > m.file_end && len > m.file_end {
-                self.file.set_len(m.file_end).map_err(|e| Error::io("trimming reserved space", e))?;
-                m.prealloc_end = m.file_end;
-            }
+            self.trim_reserved(&mut m)?;
             self.sync("flushing image")?;
             if m.lazy_active {
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;

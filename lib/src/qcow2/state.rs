@@ -1,13 +1,14 @@
 //! The engine's mutable metadata state, guarded by one mutex.
 
 use super::cache::TableCache;
+use super::overlap::OverlapMap;
 use crate::format::extensions::HeaderCluster;
 use crate::format::header::CompressionType;
 use crate::format::l2::L2Layout;
 use crate::format::refcount::RefcountLayout;
 use crate::format::SnapshotEntry;
 use crate::Error;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// Fixed geometry of an open image.
 #[derive(Debug, Clone, Copy)]
@@ -44,17 +45,7 @@ impl Geometry {
     }
 }
 
-/// What a metadata cluster holds, for the overlap check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MetaKind {
-    Header,
-    ActiveL1,
-    RefcountTable,
-    RefcountBlock,
-    ActiveL2,
-    SnapshotTable,
-    SnapshotL1,
-}
+pub(crate) use super::overlap::MetaKind;
 
 /// A refcount decrement waiting until no on-disk table points at the
 /// cluster any more (crash-safety rule: a freed cluster is not reused, and
@@ -99,8 +90,12 @@ pub(crate) struct Meta {
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
     /// flight; others wait on the condition variable.
     pub inflight: HashSet<u64>,
-    /// Cluster indices holding metadata, with what they hold (overlap check).
-    pub meta_clusters: HashMap<u64, MetaKind>,
+    /// Clusters holding metadata, with what they hold (overlap check).
+    pub meta_clusters: OverlapMap,
+    /// End of the clusters guest data was found mapped to, when past
+    /// `file_end` (a damaged or truncated image): the truncation at close
+    /// keeps them.
+    pub keep_end: u64,
     /// Copy-on-write data (the old content around a write, copied into a
     /// newly mapped cluster) was written since the last sync: it must be
     /// durable before an L2 entry pointing at it is.

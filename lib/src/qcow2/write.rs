@@ -117,23 +117,6 @@ impl Qcow2 {
         Ok(new)
     }
 
-    /// Overlap check: refuses to write data (`kind == None`) or metadata
-    /// of `kind` into a cluster that holds other metadata, and marks the
-    /// image corrupt when it happens.
-    pub(crate) fn check_overlap(&self, m: &mut Meta, host: u64, kind: Option<MetaKind>) -> Result<()> {
-        if self.g.external_data && kind.is_none() {
-            return Ok(());
-        }
-        let idx = host / self.g.cluster_size;
-        match (m.meta_clusters.get(&idx).copied(), kind) {
-            (None, _) => Ok(()),
-            (Some(k), Some(want)) if k == want => Ok(()),
-            (Some(k), _) => {
-                Err(self.mark_corrupt(m, format!("write at host offset {host:#x} would overwrite metadata ({k:?})")))
-            }
-        }
-    }
-
     /// Updates the L2 entry of guest cluster `gc` (its table must already
     /// be writable).
     pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
@@ -176,6 +159,9 @@ impl Qcow2 {
         let e = self.l2_entry(m, gc)?;
         let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
+        if !e.is_compressed() {
+            self.check_mapped_cluster(m, host)?;
+        }
         let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
         if owned && l1_copied {
             let in_place = if self.g.extended {
