@@ -35,7 +35,7 @@ use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
 use crate::storage::Storage;
 use crate::{Error, Result};
 use cache::TableCache;
-use state::{Geometry, Meta, MetaKind};
+use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -87,6 +87,8 @@ pub struct Qcow2 {
     repaired_on_open: Option<check::CheckReport>,
     /// Reads store backing data in this image (`cor.rs`).
     copy_on_read: bool,
+    /// The failure that left the on-disk state unknown, if any.
+    poison: Poison,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -169,12 +171,13 @@ impl Qcow2 {
             free_hint: 0,
             file_end,
             prealloc_end: file_len,
+            reserve_cap: u64::MAX,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: HashMap::new(),
             cow_unsynced: false,
+            refblocks_unsynced: false,
             lazy_active: false,
-            poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,
             compress_cursor: 0,
         };
@@ -193,6 +196,7 @@ impl Qcow2 {
             io_gate: RwLock::new(()),
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
+            poison: Poison::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -295,21 +299,18 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly("image opened read-only".into()));
         }
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
-        }
+        self.poison.check()?;
         if m.corrupt {
             return Err(Error::ReadOnly("image is marked corrupt".into()));
         }
         Ok(())
     }
 
-    /// Records the first failure of a write or flush: the image refuses
-    /// writes from now on, so nothing is silently lost.
-    fn poison(&self, m: &mut Meta, e: &Error) {
-        if m.poisoned.is_none() {
-            m.poisoned = Some(e.duplicate());
-        }
+    /// Records a failure after which the on-disk state is unknown: the
+    /// image refuses writes and flushes from now on, answering with that
+    /// failure's errno, so nothing is silently lost.
+    fn poison(&self, e: &Error) {
+        self.poison.set(e);
     }
 
     /// Marks the image corrupt on disk (best effort) and refuses writes.
