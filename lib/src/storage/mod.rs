@@ -13,7 +13,7 @@ mod memory;
 
 pub use counting::CountingStorage;
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
-pub use fault::{Fault, FaultStorage};
+pub use fault::{Fault, FaultOps, FaultStorage};
 pub use file::{FileStorage, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
