@@ -183,3 +183,33 @@ impl std::error::Error for Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisoned_keeps_the_first_failure_and_its_errno() {
+        let cause = Error::io("writing L2 table", io::Error::from_raw_os_error(libc::ENOSPC));
+        let p = Error::Poisoned(Box::new(cause));
+        assert_eq!(p.errno(), libc::ENOSPC);
+        assert!(p.is_no_space());
+        assert!(p.to_string().contains("writing L2 table"), "{p}");
+        let source = std::error::Error::source(&p).expect("the cause is the source");
+        assert!(source.to_string().contains("writing L2 table"));
+        let again = p.duplicate();
+        assert_eq!(again.errno(), libc::ENOSPC);
+        assert!(matches!(again, Error::Poisoned(_)));
+    }
+
+    #[test]
+    fn host_errors_without_a_raw_code_map_by_kind() {
+        let e = |k| Error::io("x", io::Error::new(k, "rebuilt"));
+        assert_eq!(e(io::ErrorKind::StorageFull).errno(), libc::ENOSPC);
+        assert_eq!(e(io::ErrorKind::QuotaExceeded).errno(), libc::EDQUOT);
+        assert_eq!(e(io::ErrorKind::FileTooLarge).errno(), libc::EFBIG);
+        assert_eq!(e(io::ErrorKind::Other).errno(), libc::EIO);
+        assert!(!e(io::ErrorKind::Other).is_no_space());
+        assert_eq!(Error::io("x", io::Error::from_raw_os_error(libc::EIO)).errno(), libc::EIO);
+    }
+}

@@ -23,6 +23,8 @@ pub enum FaultOps {
     /// always succeed (a full disk does not fail an fsync of data already
     /// accepted, nor a read).
     Space,
+    /// Only flushes (an fsync that fails, as NFS or a thin volume may).
+    Flushes,
 }
 
 /// A memory storage failing its Nth operation (reads, writes, flushes,
@@ -129,7 +131,11 @@ impl FaultStorage {
         self.inner.to_bytes()
     }
     fn gate(&self, kind: Op) -> io::Result<()> {
-        let counted = self.ops == FaultOps::All || matches!(kind, Op::Write | Op::Allocate | Op::SetLen);
+        let counted = match self.ops {
+            FaultOps::All => true,
+            FaultOps::Space => matches!(kind, Op::Write | Op::Allocate | Op::SetLen),
+            FaultOps::Flushes => kind == Op::Flush,
+        };
         let is_write = kind != Op::Read;
         if counted {
             let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
