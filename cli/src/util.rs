@@ -36,6 +36,17 @@ impl From<oxcow::Error> for CliError {
 
 pub type CliResult<T> = Result<T, CliError>;
 
+/// How a failed guest request reads: out of space, it is the host's own
+/// words, as qemu-io prints them ("write failed: No space left on
+/// device"), also when the image refuses writes because of it; anything
+/// else keeps oxcow's context.
+pub fn request_error(e: &oxcow::Error) -> String {
+    if e.is_no_space() {
+        return clean_message(&std::io::Error::from_raw_os_error(e.errno()).to_string());
+    }
+    clean_message(&e.to_string())
+}
+
 /// Rust appends " (os error N)" to OS errors; qemu's messages do not have it.
 pub fn clean_message(s: &str) -> String {
     let mut out = s.to_string();

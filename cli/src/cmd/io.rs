@@ -265,7 +265,7 @@ fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Dur
 }
 
 fn fail(what: &str, e: oxcow::Error) -> Stop {
-    eprintln!("{what} failed: {}", crate::util::clean_message(&e.to_string()));
+    eprintln!("{what} failed: {}", crate::util::request_error(&e));
     Stop
 }
 

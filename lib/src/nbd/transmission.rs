@@ -455,7 +455,29 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{failed, is_zero, Outcome, EIO, ENOSPC};
+    use crate::Error;
+    use std::io;
+
+    fn wire_errno(e: &Error) -> u32 {
+        match failed(e) {
+            Outcome::Failed { errno, .. } => errno,
+            _ => unreachable!("failed() always fails"),
+        }
+    }
+
+    #[test]
+    fn enospc_reaches_the_client_as_enospc_also_from_a_poisoned_image() {
+        let nospc = || Error::io("writing guest data", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(wire_errno(&nospc()), ENOSPC);
+        assert_eq!(wire_errno(&Error::Poisoned(Box::new(nospc()))), ENOSPC);
+        let eio = Error::io("flushing image", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(wire_errno(&Error::Poisoned(Box::new(eio))), EIO);
+        // An error rebuilt from a message (as an NBD client's) keeps its kind.
+        let rebuilt = Error::io("NBD server error", io::Error::new(io::ErrorKind::StorageFull, "No space left"));
+        assert_eq!(wire_errno(&rebuilt), ENOSPC);
+        assert_eq!(wire_errno(&Error::corrupt("L2 entry")), EIO);
+    }
 
     #[test]
     fn zero_detection() {

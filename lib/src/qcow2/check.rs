@@ -118,7 +118,7 @@ impl Qcow2 {
         while !m.inflight.is_empty() {
             m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
-        if !self.read_only && m.poisoned.is_none() {
+        if !self.read_only && !self.poison.is_set() {
             // The check reads the file: everything cached must be there,
             // refcount blocks too (lazy refcounts keep them back).
             self.write_back(&mut m)?;

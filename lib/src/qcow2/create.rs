@@ -270,7 +270,7 @@ impl Qcow2 {
         }
         let r = self.grow_locked(&mut m, new_size, need);
         if let Err(e) = &r {
-            self.poison(&mut m, e);
+            self.poison(e);
         }
         r
     }

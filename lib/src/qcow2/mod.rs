@@ -38,7 +38,7 @@ use crate::storage::Storage;
 use crate::{Error, Result};
 use cache::TableCache;
 use overlap::OverlapMap;
-use state::{Geometry, Meta, MetaKind};
+use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -90,6 +90,8 @@ pub struct Qcow2 {
     repaired_on_open: Option<check::CheckReport>,
     /// Reads store backing data in this image (`cor.rs`).
     copy_on_read: bool,
+    /// The failure that left the on-disk state unknown, if any.
+    poison: Poison,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -172,13 +174,14 @@ impl Qcow2 {
             free_hint: 0,
             file_end,
             prealloc_end: file_len,
+            reserve_cap: u64::MAX,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
             meta_clusters: OverlapMap::default(),
             keep_end: 0,
             cow_unsynced: false,
+            refblocks_unsynced: false,
             lazy_active: false,
-            poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,
             compress_cursor: 0,
         };
@@ -197,6 +200,7 @@ impl Qcow2 {
             io_gate: RwLock::new(()),
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
+            poison: Poison::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -312,21 +316,18 @@ impl Qcow2 {
         if self.read_only {
             return Err(Error::ReadOnly("image opened read-only".into()));
         }
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
-        }
+        self.poison.check()?;
         if m.corrupt {
             return Err(Error::ReadOnly("image is marked corrupt".into()));
         }
         Ok(())
     }
 
-    /// Records the first failure of a write or flush: the image refuses
-    /// writes from now on, so nothing is silently lost.
-    fn poison(&self, m: &mut Meta, e: &Error) {
-        if m.poisoned.is_none() {
-            m.poisoned = Some(e.duplicate());
-        }
+    /// Records a failure after which the on-disk state is unknown: the
+    /// image refuses writes and flushes from now on, answering with that
+    /// failure's errno, so nothing is silently lost.
+    fn poison(&self, e: &Error) {
+        self.poison.set(e);
     }
 
     /// Marks the image corrupt on disk (best effort) and refuses writes.

@@ -61,11 +61,12 @@ impl Qcow2 {
 
     /// Records a failure of a multi-step operation: I/O and corruption
     /// errors poison the image (its on-disk state is no longer known to
-    /// match the caches); refused requests do not.
-    pub(crate) fn fail<T>(&self, m: &mut Meta, r: Result<T>) -> Result<T> {
+    /// match the caches); refused requests do not. Takes the metadata
+    /// guard to show it runs before the failed operation lets go of it.
+    pub(crate) fn fail<T>(&self, _m: &mut Meta, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             if !matches!(e, Error::InvalidArgument(_) | Error::Unsupported(_)) {
-                self.poison(m, e);
+                self.poison(e);
             }
         }
         r

@@ -9,6 +9,7 @@ use crate::format::refcount::RefcountLayout;
 use crate::format::SnapshotEntry;
 use crate::Error;
 use std::collections::HashSet;
+use std::sync::Mutex;
 
 /// Fixed geometry of an open image.
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +86,10 @@ pub(crate) struct Meta {
     pub file_end: u64,
     /// End of the space reserved in the image file ahead of `file_end`.
     pub prealloc_end: u64,
+    /// Largest chunk to try reserving ahead: halved when the file system
+    /// has no room for a chunk, doubled back with each reservation that
+    /// fits, so a nearly full disk costs few failing reservations.
+    pub reserve_cap: u64,
     /// Decrements to apply after the next metadata write-out.
     pub pending_free: Vec<PendingFree>,
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
@@ -100,11 +105,14 @@ pub(crate) struct Meta {
     /// newly mapped cluster) was written since the last sync: it must be
     /// durable before an L2 entry pointing at it is.
     pub cow_unsynced: bool,
+    /// A dirty refcount block was written early (evicted from the cache)
+    /// since the last sync: like copied data, it must be durable before
+    /// an L2 or L1 entry that relies on it, or the refcount table entry
+    /// pointing at it, is written.
+    pub refblocks_unsynced: bool,
     /// Lazy refcounts in effect: refcount blocks are not written until a
     /// clean close, and the dirty bit is on disk.
     pub lazy_active: bool,
-    /// The first error of a failed write or flush; writes refuse after it.
-    pub poisoned: Option<Error>,
     /// The image was found corrupt while writing; read-only from now on.
     pub corrupt: bool,
     /// End of the last compressed cluster written, where the next one is
@@ -125,5 +133,40 @@ impl Meta {
             Some((a, b)) => (a.min(i), b.max(i)),
             None => (i, i),
         });
+    }
+}
+
+/// The first failure after which the image's on-disk state is no longer
+/// known (see "Failures: what poisons and why" in docs/DESIGN.md). Kept
+/// outside [`Meta`] because a failed fsync is recorded where it happens,
+/// with or without the metadata lock held; it is a leaf lock.
+#[derive(Default)]
+pub(crate) struct Poison(Mutex<Option<Error>>);
+
+impl Poison {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Error>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Records `e` unless an earlier failure is recorded already.
+    pub fn set(&self, e: &Error) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            let cause = match e {
+                Error::Poisoned(cause) => cause.duplicate(),
+                other => other.duplicate(),
+            };
+            *slot = Some(cause);
+        }
+    }
+    /// Whether a failure is recorded.
+    pub fn is_set(&self) -> bool {
+        self.slot().is_some()
+    }
+    /// Refuses with the recorded failure, if any.
+    pub fn check(&self) -> Result<(), Error> {
+        match &*self.slot() {
+            Some(cause) => Err(Error::Poisoned(Box::new(cause.duplicate()))),
+            None => Ok(()),
+        }
     }
 }

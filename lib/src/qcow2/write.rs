@@ -102,9 +102,11 @@ impl Qcow2 {
         } else {
             vec![0u8; self.g.cluster_size as usize]
         };
+        // Room in the cache before the allocation, so that a failure of
+        // either leaves nothing allocated and nothing changed.
+        self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
-        self.make_room_l2(m)?;
         m.meta_clusters.insert(new / self.g.cluster_size, MetaKind::ActiveL2);
         m.l2.insert(new, content, true);
         m.l1[l1i] = new | L1_COPIED;
@@ -175,6 +177,10 @@ impl Qcow2 {
                 return Ok(Some(Step::InPlace(host)));
             }
         }
+        // The L2 table the commit will change is made writable now: an
+        // allocation that fails must fail before the data is written, and
+        // the commit, after the data, then has nothing left to allocate.
+        self.writable_l2(m, l1i)?;
         let (host, fresh, new_cluster) = if owned {
             (host, false, false)
         } else if self.g.external_data {
@@ -232,21 +238,15 @@ impl Qcow2 {
             drop(m);
             let result = self.execute_writes(buf, offset, &steps, gate);
             let mut m = self.lock();
-            match result {
-                Ok(()) => {
-                    let committed = self.commit_allocs(&mut m, &steps, offset);
-                    if let Err(e) = committed {
-                        self.poison(&mut m, &e);
-                        self.abandon(&mut m, steps);
-                        return Err(e);
-                    }
-                }
-                Err(e) => {
-                    self.poison(&mut m, &e);
-                    self.abandon(&mut m, steps);
-                    return Err(e);
-                }
+            // A failed data write fails this request only: no metadata
+            // points at the new clusters yet, so giving them back leaves
+            // the cache as it was (the guest sees old or new data in the
+            // range, as with any failed write).
+            if let Err(e) = result {
+                self.abandon(&mut m, steps);
+                return Err(e);
             }
+            self.commit_allocs(&mut m, steps)?;
             pos = at;
         }
         if self.writethrough {
@@ -256,16 +256,24 @@ impl Qcow2 {
     }
 
     /// Gives back clusters planned but not committed: their new host
-    /// clusters were never referenced, so they are freed at once.
-    fn abandon(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) {
+    /// clusters were never referenced, so they are freed at once (their
+    /// refcount was raised in the cache only, and a refcount block written
+    /// early meanwhile at worst shows a leak after a crash). Such a cluster
+    /// is below the allocation end from now on, so it is never taken for
+    /// fresh again: whatever the failed write left in it gets copied over.
+    fn abandon(&self, m: &mut Meta, steps: impl IntoIterator<Item = (u64, u64, Step)>) {
         for (_, _, s) in steps {
             if let Step::Alloc(a) = s {
-                if a.new_cluster {
-                    let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
-                }
-                self.release_inflight(m, a.gc);
+                self.abandon_alloc(m, &a);
             }
         }
+    }
+
+    fn abandon_alloc(&self, m: &mut Meta, a: &Alloc) {
+        if a.new_cluster {
+            let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
+        }
+        self.release_inflight(m, a.gc);
     }
 
     /// Whether the write leaves parts of the new mapping that must come
@@ -424,30 +432,42 @@ impl Qcow2 {
     }
 
     /// Points the L2 entries of a batch's allocated clusters at their new
-    /// data, which has been written.
-    fn commit_allocs(&self, m: &mut Meta, steps: &[(u64, u64, Step)], _base: u64) -> Result<()> {
-        let cs = self.g.cluster_size;
-        for (pos, len, s) in steps {
+    /// data, which has been written. Should one fail (its L2 table was
+    /// evicted meanwhile and cannot be read back), the clusters before it
+    /// stay committed and the rest are given back: the request fails,
+    /// the image stays consistent.
+    fn commit_allocs(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) -> Result<()> {
+        let mut steps = steps.into_iter();
+        while let Some((pos, len, s)) = steps.next() {
             let Step::Alloc(a) = s else { continue };
-            let from = pos % cs;
-            if self.needs_cow_sync(a, from, from + len) {
-                m.cow_unsynced = true;
+            if let Err(e) = self.commit_alloc(m, pos, len, &a) {
+                self.abandon_alloc(m, &a);
+                self.abandon(m, steps);
+                return Err(e);
             }
-            let entry = if self.g.extended {
-                let written = self.sub_mask(from, from + len) | self.carried_subs(a);
-                let (alloc, zero) = if a.old.is_compressed() {
-                    (ALL_SUBS, 0)
-                } else {
-                    (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
-                };
-                L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
-            } else {
-                L2Entry::normal(a.host, true)
-            };
-            self.set_l2_entry(m, a.gc, entry)?;
-            self.release_entry(m, a.old, Some(a.host), false);
-            self.release_inflight(m, a.gc);
         }
+        Ok(())
+    }
+
+    fn commit_alloc(&self, m: &mut Meta, pos: u64, len: u64, a: &Alloc) -> Result<()> {
+        let from = pos % self.g.cluster_size;
+        let entry = if self.g.extended {
+            let written = self.sub_mask(from, from + len) | self.carried_subs(a);
+            let (alloc, zero) = if a.old.is_compressed() {
+                (ALL_SUBS, 0)
+            } else {
+                (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
+            };
+            L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
+        } else {
+            L2Entry::normal(a.host, true)
+        };
+        self.set_l2_entry(m, a.gc, entry)?;
+        if self.needs_cow_sync(a, from, from + len) {
+            m.cow_unsynced = true;
+        }
+        self.release_entry(m, a.old, Some(a.host), false);
+        self.release_inflight(m, a.gc);
         Ok(())
     }
 
@@ -509,16 +529,11 @@ impl Qcow2 {
             let gc = pos / cs;
             let from = pos % cs;
             let to = (b - gc * cs).min(cs);
+            // A failure changes nothing (zero_cluster changes the entry
+            // last, and making its table writable is all or nothing).
             let explicit = {
-                let m = self.wait_cluster(self.lock(), gc)?;
-                let mut m = m;
-                match self.zero_cluster(&mut m, gc, from, to, may_unmap) {
-                    Ok(explicit) => explicit,
-                    Err(e) => {
-                        self.poison(&mut m, &e);
-                        return Err(e);
-                    }
-                }
+                let mut m = self.wait_cluster(self.lock(), gc)?;
+                self.zero_cluster(&mut m, gc, from, to, may_unmap)?
             };
             if explicit {
                 self.write_explicit_zeros(gc * cs + from, to - from)?;
@@ -612,11 +627,9 @@ impl Qcow2 {
         // The last cluster may be partial only at the end of the disk.
         let last = if end == self.len() { end.div_ceil(cs) } else { end / cs };
         for gc in first..last {
+            // As for zeroing, a failure changes nothing.
             let mut m = self.wait_cluster(self.lock(), gc)?;
-            if let Err(e) = self.discard_cluster(&mut m, gc) {
-                self.poison(&mut m, &e);
-                return Err(e);
-            }
+            self.discard_cluster(&mut m, gc)?;
         }
         if self.writethrough {
             self.flush_all()?;

@@ -19,7 +19,7 @@ pub use aligned::AlignedStorage;
 pub use buffer::{AlignedBuf, MAX_DIRECT_ALIGN};
 pub use counting::CountingStorage;
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
-pub use fault::{Fault, FaultStorage};
+pub use fault::{Fault, FaultOps, FaultStorage};
 pub use file::{host_io_counts, FileStorage, HostIoCounts, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
