@@ -394,17 +394,18 @@ fn force_share_reads_images_in_use() {
     let dir = d.path();
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
     qemu_write(dir, "img.qcow2", &[(3, 0, 65536)], &[]);
-    // qemu-io holds the image open for writing while we look at it.
+    // qemu-io holds the image open for writing while we look at it: it
+    // waits for commands on its standard input until told to quit.
     let mut holder = std::process::Command::new("qemu-io")
-        .args(["-c", "sleep 3000", "img.qcow2"])
+        .arg("img.qcow2")
         .current_dir(dir)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io");
-    let start = std::time::Instant::now();
-    while qemu_img(dir, &["info", "img.qcow2"]).code == 0 && start.elapsed().as_secs() < 2 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    process::wait_ready("qemu-io holding img.qcow2", Some(&mut holder), || {
+        qemu_img(dir, &["info", "img.qcow2"]).code != 0
+    });
     let r = oxcow(dir, &["info", "img.qcow2"]);
     assert_eq!(r.code, 1, "info must refuse an image in use: {}", r.stdout);
     assert!(r.stderr.contains("lock"), "{}", r.stderr);
@@ -416,5 +417,7 @@ fn force_share_reads_images_in_use() {
     let r = oxcow(dir, &["io", "-U", "-c", "read 0 1", "img.qcow2"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("force-share=on can only be used with read-only images"), "{}", r.stderr);
-    holder.wait().expect("qemu-io exits");
+    use std::io::Write;
+    holder.stdin.take().expect("stdin").write_all(b"quit\n").expect("telling qemu-io to quit");
+    assert!(holder.wait().expect("qemu-io exits").success());
 }

@@ -2,6 +2,7 @@
 //! other side sees the same lock bytes and refuses (or coexists) the way
 //! qemu-img would, with qemu-img's words.
 
+use crate::support::process::READY_LIMIT;
 use crate::support::{ok, run};
 use oxcow::image::{self, OpenOptions};
 use oxcow::storage::lock::others_locks;
@@ -38,15 +39,22 @@ impl Holder {
     /// Starts `cmd` and waits until the image carries `expect`'s locks.
     fn start(cmd: &mut Command, image: &Path, expect: LockMode) -> Holder {
         let mut h = Holder(cmd.stdin(Stdio::piped()).stdout(Stdio::null()).spawn().expect("spawn QEMU tool"));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        h.wait_for_locks(image, expect);
+        h
+    }
+
+    /// Waits until `file` carries `expect`'s locks (QEMU takes them one
+    /// file at a time: the image, then its data file).
+    fn wait_for_locks(&mut self, file: &Path, expect: LockMode) {
+        let deadline = Instant::now() + READY_LIMIT;
         loop {
-            if locks_on(image) == expect {
-                return h;
+            if locks_on(file) == expect {
+                return;
             }
-            if let Ok(Some(st)) = h.0.try_wait() {
+            if let Ok(Some(st)) = self.0.try_wait() {
                 panic!("QEMU tool exited early: {st}");
             }
-            assert!(Instant::now() < deadline, "QEMU tool never took its locks: {:?}", locks_on(image));
+            assert!(Instant::now() < deadline, "QEMU tool never took its locks: {:?}", locks_on(file));
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -263,8 +271,8 @@ fn external_data_files_are_locked_as_qemu_does() {
         assert_eq!(locks_on(&d), LockMode::data_file(false));
     }
     // Cross-check the bytes against QEMU holding the same image.
-    let _q = Holder::qemu_io(&[], &p, LockMode::writer());
-    assert_eq!(locks_on(&d), LockMode::data_file(true));
+    let mut q = Holder::qemu_io(&[], &p, LockMode::writer());
+    q.wait_for_locks(&d, LockMode::data_file(true));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the export, then QEMU checks the image file itself.
 
 use crate::support::nbd::*;
-use crate::support::process::run_within;
+use crate::support::process::{connect_when_ready, run_within};
 use oxcow::image::{self, OpenOptions};
 use oxcow::nbd::proto::*;
 use oxcow::nbd::{DiscardMode, ExportConfig};
@@ -111,19 +111,14 @@ fn qcow2_overlay_reports_depths_and_sparse_reads() {
     qemu_img_ok(&["check", "-f", "qcow2", t]);
 }
 
-/// Serves `path` with qemu-nbd on a Unix socket and returns the child.
+/// Serves `path` with qemu-nbd on a Unix socket (to one client) and
+/// returns the child.
 fn spawn_qemu_nbd(path: &Path, sock: &Path) -> std::process::Child {
-    let child = std::process::Command::new("qemu-nbd")
+    std::process::Command::new("qemu-nbd")
         .args(["-r", "-A", "-f", "qcow2", "-x", "top", "-k", sock.to_str().unwrap(), path.to_str().unwrap()])
         .stdin(std::process::Stdio::null())
         .spawn()
-        .expect("qemu-nbd");
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed() < std::time::Duration::from_secs(10), "qemu-nbd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
+        .expect("qemu-nbd")
 }
 
 #[test]
@@ -146,7 +141,7 @@ fn block_status_matches_qemu_nbd() {
 
     let sock = dir.path().join("qemu.sock");
     let mut qemu = spawn_qemu_nbd(&top, &sock);
-    let mut qc = Client::start(Stream::Unix(std::os::unix::net::UnixStream::connect(&sock).unwrap())).go(
+    let mut qc = Client::start(Stream::Unix(connect_when_ready(&sock, Some(&mut qemu), "qemu-nbd"))).go(
         "top",
         true,
         &["base:allocation", "qemu:allocation-depth"],

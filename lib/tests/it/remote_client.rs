@@ -1,6 +1,7 @@
 //! The NBD client against oxcow's own server and qemu-nbd: reads, holes,
 //! block status, writes, requests in flight, reconnects and errors.
 
+use crate::support::process::wait_ready;
 use crate::support::remote::*;
 use oxcow::image::{self, Format, OpenOptions};
 use oxcow::nbd::NbdClient;
@@ -233,9 +234,10 @@ fn request_in_flight_when_the_connection_drops_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let (base, content) = patterned_base(dir.path(), "base.raw", SIZE, 8);
     let srv = OxServer::start(raw_dev(&base, true), true);
-    // Requests sit 300 ms in the proxy: long enough to cut the line under them.
-    let proxy = Arc::new(Proxy::start(srv.upstream.clone(), Duration::from_millis(300)));
+    let proxy = Arc::new(Proxy::start(srv.upstream.clone(), Duration::ZERO));
     let c = Arc::new(NbdClient::connect(&proxy.url()).unwrap());
+    // Requests wait in the proxy, so the line is cut under them.
+    proxy.hold();
     let readers: Vec<_> = (0..4u64)
         .map(|k| {
             let (c, content) = (Arc::clone(&c), content.clone());
@@ -247,9 +249,9 @@ fn request_in_flight_when_the_connection_drops_is_retried() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(proxy.reads() >= 1, "no request in flight yet");
+    wait_ready("four reads in flight", None, || proxy.reads() >= 4);
     proxy.drop_connections();
+    proxy.release();
     for r in readers {
         r.join().unwrap();
     }

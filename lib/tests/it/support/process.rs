@@ -90,3 +90,14 @@ pub fn wait_ready(what: &str, mut child: Option<&mut Child>, mut ready: impl FnM
 pub fn wait_for_socket(path: &Path, child: Option<&mut Child>, what: &str) {
     wait_ready(what, child, || std::os::unix::net::UnixStream::connect(path).is_ok());
 }
+
+/// Connects to the Unix socket `path` as soon as its server listens (for
+/// servers that serve one client and leave, which a probe would end).
+pub fn connect_when_ready(path: &Path, child: Option<&mut Child>, what: &str) -> std::os::unix::net::UnixStream {
+    let mut stream = None;
+    wait_ready(what, child, || {
+        stream = std::os::unix::net::UnixStream::connect(path).ok();
+        stream.is_some()
+    });
+    stream.expect("connected")
+}

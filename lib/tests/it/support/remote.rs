@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,26 @@ impl Write for Sock {
     }
 }
 
+/// A gate closed by [`Proxy::hold`]: messages wait at it, in flight.
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+    fn pass(&self) {
+        let mut g = self.closed.lock().unwrap();
+        while *g {
+            g = self.opened.wait(g).unwrap();
+        }
+    }
+}
+
 /// Counters of what went through a proxy.
 #[derive(Default)]
 pub struct Counts {
@@ -154,6 +174,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
+    gate: Arc<Gate>,
     live: Arc<Mutex<Vec<Sock>>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -166,7 +187,8 @@ impl Proxy {
         let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let live: Arc<Mutex<Vec<Sock>>> = Arc::default();
-        let (c, s, lv) = (Arc::clone(&counts), Arc::clone(&stop), Arc::clone(&live));
+        let gate: Arc<Gate> = Arc::default();
+        let (c, s, lv, gt) = (Arc::clone(&counts), Arc::clone(&stop), Arc::clone(&live), Arc::clone(&gate));
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Acquire) {
                 match l.accept() {
@@ -181,14 +203,14 @@ impl Proxy {
                             g.push(client.try_clone().unwrap());
                             g.push(server.try_clone().unwrap());
                         }
-                        spawn_pipes(client, server, latency, Arc::clone(&c));
+                        spawn_pipes(client, server, latency, Arc::clone(&c), Arc::clone(&gt));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
             }
         });
-        Proxy { addr, counts, stop, live, handle: Some(handle) }
+        Proxy { addr, counts, stop, gate, live, handle: Some(handle) }
     }
 
     /// The NBD URL of the default export through the proxy.
@@ -206,6 +228,17 @@ impl Proxy {
         self.counts.read_bytes.load(Ordering::Acquire)
     }
 
+    /// Holds every message from clients from now on until [`Proxy::release`]
+    /// (so a test knows its requests are in flight).
+    pub fn hold(&self) {
+        self.gate.set(true);
+    }
+
+    /// Lets held and later messages through.
+    pub fn release(&self) {
+        self.gate.set(false);
+    }
+
     /// Cuts every connection (both sides), as a network failure would.
     pub fn drop_connections(&self) {
         for s in self.live.lock().unwrap().drain(..) {
@@ -217,6 +250,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.release();
         self.drop_connections();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -224,7 +258,7 @@ impl Drop for Proxy {
     }
 }
 
-fn spawn_pipes(client: Sock, server: Sock, latency: Duration, counts: Arc<Counts>) {
+fn spawn_pipes(client: Sock, server: Sock, latency: Duration, counts: Arc<Counts>, gate: Arc<Gate>) {
     let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let (mut s_read, mut c_write) = (server, client);
     // Server to client: a plain copy.
@@ -242,6 +276,7 @@ fn spawn_pipes(client: Sock, server: Sock, latency: Duration, counts: Arc<Counts
             if due > now {
                 std::thread::sleep(due - now);
             }
+            gate.pass();
             if s_write.write_all(&bytes).is_err() {
                 break;
             }
