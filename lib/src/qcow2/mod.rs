@@ -10,6 +10,7 @@
 
 mod alloc;
 mod amend;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -25,6 +26,7 @@ mod state;
 mod write;
 
 pub use amend::{amend, AmendOptions};
+pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 
