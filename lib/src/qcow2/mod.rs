@@ -18,6 +18,7 @@ mod cor;
 mod create;
 mod flush;
 mod mapping;
+mod preallocation;
 mod read;
 mod resize;
 mod snapshot;
@@ -29,6 +30,7 @@ pub use amend::{amend, AmendOptions};
 pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
+pub use preallocation::HostExtent;
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;
