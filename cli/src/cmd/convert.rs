@@ -3,8 +3,7 @@
 
 use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
 use oxcow::image::{resolve_backing, OpenOptions};
-use oxcow::tools::convert::{copy, CopyOptions};
-use oxcow::BlockDevice;
+use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -187,35 +186,4 @@ fn snapshot_name(p: &str) -> CliResult<String> {
         }
     }
     name.ok_or_else(|| CliError::new("Failed to load snapshot: no snapshot given"))
-}
-
-/// `-c`: every guest cluster that holds data is written compressed; zero
-/// clusters stay unallocated.
-fn copy_compressed(src: &dyn BlockDevice, q: &oxcow::qcow2::Qcow2, progress: &mut dyn FnMut(u64)) -> oxcow::Result<()> {
-    let size = src.len();
-    let cs = q.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
-    let mut c = 0;
-    while c < size {
-        let st = oxcow::device::chain_status(src, c, size - c)?;
-        if st.zero && st.length >= size - c {
-            break;
-        }
-        if st.zero && st.length >= cs {
-            // Whole clusters of zeros: nothing to write.
-            c += st.length / cs * cs;
-            progress(c);
-            continue;
-        }
-        let n = (size - c).min(cs) as usize;
-        buf.fill(0);
-        src.read_at(&mut buf[..n], c)?;
-        if buf.iter().any(|&b| b != 0) {
-            q.write_compressed(c, &buf)?;
-        }
-        c += cs;
-        progress(c.min(size));
-    }
-    progress(size);
-    Ok(())
 }
