@@ -2,6 +2,7 @@
 //! library. Each subcommand lives in its own module under `cmd/`.
 
 mod cmd;
+mod error;
 mod util;
 
 use clap::{Parser, Subcommand};

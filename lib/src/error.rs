@@ -51,6 +51,10 @@ pub enum Error {
     /// Another user holds the image in a way that conflicts with ours
     /// (QEMU-compatible image locking); the message reads as qemu-img's.
     Locked(String),
+    /// An image names a network location (or another protocol) as its
+    /// backing file, and the caller did not allow following such names
+    /// (`image::OpenOptions::allow_network_backing`).
+    NetworkBacking(String),
 }
 
 impl Error {
@@ -92,7 +96,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Corrupt { .. } | Error::InvalidField { .. } | Error::Poisoned(_) => libc::EIO,
             Error::Unsupported(_) => libc::ENOTSUP,
-            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::InvalidArgument(_) | Error::NetworkBacking(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
             Error::Locked(_) => libc::EAGAIN,
         }
@@ -117,6 +121,7 @@ impl Error {
             Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
             Error::Poisoned(s) => Error::Poisoned(s.clone()),
             Error::Locked(s) => Error::Locked(s.clone()),
+            Error::NetworkBacking(s) => Error::NetworkBacking(s.clone()),
         }
     }
 }
@@ -136,7 +141,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument(what) => write!(f, "{what}"),
             Error::ReadOnly(what) => write!(f, "read-only: {what}"),
             Error::Poisoned(what) => write!(f, "image refuses writes after an earlier failure: {what}"),
-            Error::Locked(what) => write!(f, "{what}"),
+            Error::Locked(what) | Error::NetworkBacking(what) => write!(f, "{what}"),
         }
     }
 }

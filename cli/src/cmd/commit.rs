@@ -1,7 +1,8 @@
 //! `oxcow commit`: write an overlay's data into its backing image (like
 //! `qemu-img commit`).
 
-use crate::util::{parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::parse_format;
 use oxcow::tools::commit::{commit, CommitOptions};
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,8 +1,9 @@
 //! `oxcow convert`: copies an image's contents into a new (or, with `-n`,
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::image::{resolve_backing, OpenOptions};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num};
+use oxcow::image::{resolve_backing, Format, OpenOptions};
 use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
 use std::path::Path;
 
@@ -67,12 +68,10 @@ pub fn run(a: Args) -> CliResult<i32> {
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
-    let out_fmt = match a.out_format.as_str() {
-        f @ ("raw" | "qcow2") => f,
-        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
-    };
-    if a.backing.is_some() && out_fmt != "qcow2" {
-        return Err(CliError::new(format!("Backing file not supported for file format '{out_fmt}'")));
+    let out_fmt = Format::from_name(&a.out_format)
+        .map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
+    if a.backing.is_some() && out_fmt != Format::Qcow2 {
+        return Err(CliError::new(format!("Backing file not supported for file format '{}'", out_fmt.name())));
     }
     if a.backing.is_some() && a.no_create {
         return Err(CliError::new("-B makes no sense when -n is used"));
@@ -90,9 +89,10 @@ pub fn run(a: Args) -> CliResult<i32> {
     let snap_dev = match &snap_name {
         Some(n) => {
             let q = src.qcow2().ok_or_else(|| CliError::new("This image format does not support snapshots"))?;
-            Some(q.snapshot_device(n).map_err(|e| {
-                CliError::new(format!("Failed to load snapshot: {}", crate::util::clean_message(&e.to_string())))
-            })?)
+            Some(
+                q.snapshot_device(n)
+                    .map_err(|e| CliError::new(format!("Failed to load snapshot: {}", crate::error::message(&e))))?,
+            )
         }
         None => None,
     };
@@ -112,9 +112,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         }
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }
-    let out_format = parse_format(Some(out_fmt))?;
-    let dst =
-        open_image(dst_path, &OpenOptions { format: out_format, write: true, cache: dst_cache, ..Default::default() })?;
+    let dst = open_image(
+        dst_path,
+        &OpenOptions { format: Some(out_fmt), write: true, cache: dst_cache, ..Default::default() },
+    )?;
     let ddev = dst.device();
     if a.no_create && ddev.len() < size {
         return Err(CliError::new("Error while writing to target: the target is smaller than the source"));
@@ -147,18 +148,14 @@ pub fn run(a: Args) -> CliResult<i32> {
                 b.set_position(pos);
             }
         })
-        .map_err(|e| {
-            CliError::new(format!("error while compressing: {}", crate::util::clean_message(&e.to_string())))
-        })?;
+        .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
         if let Some(b) = bar {
             b.finish();
         }
         dst.close()?;
         return Ok(0);
     }
-    let werr = |e: oxcow::Error| {
-        CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
-    };
+    let werr = |e: oxcow::Error| CliError::new(format!("error while converting: {}", crate::error::message(&e)));
     let o = CopyOptions { zero_granularity: gran, existing_target: a.no_create, base };
     copy(sdev, ddev, &o, &mut |pos| {
         if let Some(b) = &bar {

@@ -1,6 +1,7 @@
 //! `oxcow info`: qemu-img info's JSON and human output.
 
-use crate::util::{human, open_image, parse_format, qemu_json, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{human, open_image, parse_format, qemu_json};
 use oxcow::format::{Autoclear, SnapshotEntry};
 use oxcow::image::{resolve_backing, Image, OpenOptions};
 use oxcow::qcow2::BitmapInfo;

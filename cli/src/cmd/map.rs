@@ -1,6 +1,7 @@
 //! `oxcow map`: qemu-img map's extent list, JSON or human.
 
-use crate::util::{open_image, parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format};
 use oxcow::device::chain_status;
 use oxcow::image::{resolve_backing, Image, OpenOptions};
 use oxcow::qcow2::Qcow2;
@@ -163,7 +164,9 @@ pub fn run(a: Args) -> CliResult<i32> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
-    let w = |r: std::io::Result<()>| r.map_err(|e| CliError::new(format!("writing output: {e}")));
+    let w = |r: std::io::Result<()>| {
+        r.map_err(|e| CliError::new(format!("writing output: {}", crate::error::os_message(&e))))
+    };
     if json_out {
         walk(&img, start, max_len, |e, _| {
             w(write!(out, "{}", if first { "[" } else { ",\n" }))?;

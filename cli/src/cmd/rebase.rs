@@ -1,7 +1,8 @@
 //! `oxcow rebase`: change an image's backing file (like `qemu-img
 //! rebase`): safe mode keeps the guest content, `-u` rewrites the name only.
 
-use crate::util::{parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::parse_format;
 use oxcow::tools::rebase::{rebase, RebaseOptions};
 
 #[derive(clap::Args)]

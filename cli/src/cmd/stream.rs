@@ -3,7 +3,8 @@
 //! alone. Interrupted runs resume where they stopped (ranges the image
 //! already holds are skipped).
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num};
 use oxcow::image::{Format, OpenOptions};
 use oxcow::tools::stream::{stream, StreamOptions};
 use std::io::Write;
@@ -71,9 +72,7 @@ pub fn run(a: Args) -> CliResult<i32> {
             let _ = err.flush();
         }
     })
-    .map_err(|e| {
-        CliError::new(format!("Streaming '{}' failed: {}", a.file, crate::util::clean_message(&e.to_string())))
-    })?;
+    .map_err(|e| CliError::new(format!("Streaming '{}' failed: {}", a.file, crate::error::message(&e))))?;
     if show {
         let _ = writeln!(err);
     }
