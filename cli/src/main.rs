@@ -3,6 +3,7 @@
 
 mod cmd;
 mod error;
+mod progress;
 mod util;
 
 use clap::{Parser, Subcommand};

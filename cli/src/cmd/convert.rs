@@ -2,6 +2,7 @@
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
 use crate::error::{CliError, CliResult};
+use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
 use oxcow::image::{resolve_backing, Format, OpenOptions};
 use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
@@ -18,7 +19,7 @@ pub struct Args {
     /// Output format options, `key=value,...` (repeatable).
     #[arg(short = 'o')]
     options: Vec<String>,
-    /// Show a progress bar on stderr.
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -128,44 +129,22 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let base = if a.backing.is_some() { ddev.backing() } else { None };
 
-    let bar = if a.progress {
-        let b = indicatif::ProgressBar::with_draw_target(Some(size), indicatif::ProgressDrawTarget::stderr());
-        b.set_style(
-            indicatif::ProgressStyle::with_template("    ({percent}.00/100%) [{bar:40}] {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
+    let progress = Progress::new(a.progress);
     if a.compress {
         let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
         if a.backing.is_some() || a.no_create {
             return Err(CliError::new("-c is only supported for new images without -B"));
         }
-        copy_compressed(sdev, q, &mut |pos| {
-            if let Some(b) = &bar {
-                b.set_position(pos);
-            }
-        })
-        .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
-        if let Some(b) = bar {
-            b.finish();
-        }
+        copy_compressed(sdev, q, &mut |pos| progress.update(pos, size))
+            .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
+        progress.finish();
         dst.close()?;
         return Ok(0);
     }
     let werr = |e: oxcow::Error| CliError::new(format!("error while converting: {}", crate::error::message(&e)));
     let o = CopyOptions { zero_granularity: gran, existing_target: a.no_create, base };
-    copy(sdev, ddev, &o, &mut |pos| {
-        if let Some(b) = &bar {
-            b.set_position(pos);
-        }
-    })
-    .map_err(werr)?;
-    if let Some(b) = bar {
-        b.finish();
-    }
+    copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
+    progress.finish();
     dst.close().map_err(werr)?;
     Ok(0)
 }
