@@ -4,6 +4,7 @@
 
 use crate::support as common;
 
+use crate::support::process::wait_ready;
 use crate::support::remote::*;
 use oxcow::image::{self, OpenOptions};
 use oxcow::nbd::NbdClient;
@@ -264,9 +265,8 @@ fn prefetch_fills_the_overlay_while_a_client_works() {
     let client = NbdClient::connect(&srv.upstream.url()).unwrap();
     let mut model = s.content.clone();
     let mut rng = common::Rng(99);
-    let start = Instant::now();
     let mut bursts = 0;
-    while !pf.is_done() && start.elapsed() < Duration::from_secs(30) {
+    while !pf.is_done() {
         for _ in 0..20 {
             let len = 1 + rng.below(100_000) as usize;
             let off = rng.below(SIZE - len as u64);
@@ -281,8 +281,13 @@ fn prefetch_fills_the_overlay_while_a_client_works() {
             }
         }
         bursts += 1;
-        // Idle long enough now and then for the prefetcher to work.
-        std::thread::sleep(Duration::from_millis(if bursts % 2 == 0 { 80 } else { 5 }));
+        // Idle now and then until the prefetcher has used the pause.
+        if bursts % 2 == 0 {
+            let before = pf.progress().done;
+            wait_ready("prefetch progress", None, || pf.is_done() || pf.progress().done > before);
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     assert!(pf.is_done(), "prefetch did not finish in time: {:?}", pf.progress());
     assert_eq!(pf.error(), None);
@@ -312,10 +317,7 @@ fn prefetch_waits_while_the_client_is_busy() {
     assert_eq!(pf.progress().done, 0, "prefetched while a request was in flight");
     assert_eq!(s.proxy.reads(), 0);
     drop(busy);
-    let start = Instant::now();
-    while !pf.is_done() && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_ready("prefetch to finish", None, || pf.is_done());
     let p = pf.stop();
     assert!(p.finished, "{p:?}");
     img.close().unwrap();
