@@ -6,8 +6,10 @@ use crate::support::process::{capture, s, wait_for_socket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+/// Runs with exactly the permission `env` gives, whatever the caller's
+/// environment says.
 fn run(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    capture(Command::new(cmd).args(args).envs(env.iter().copied()))
+    capture(Command::new(cmd).args(args).env_remove("OXCOW_ALLOW_NETWORK_BACKING").envs(env.iter().copied()))
 }
 
 fn ox(args: &[&str]) -> (i32, String, String) {
