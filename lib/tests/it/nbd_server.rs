@@ -2,7 +2,7 @@
 //! and Unix sockets.
 
 use crate::support::nbd::*;
-use crate::support::process::run_within;
+use crate::support::process::{run_within, READY_LIMIT};
 use oxcow::nbd::{DiscardMode, ExportConfig};
 use std::time::Duration;
 
@@ -163,7 +163,7 @@ fn not_persistent_server_returns_after_the_client_leaves() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(!srv.is_finished(), "server returned before any client came");
     qemu_io_ok(&srv.uri("o"), &["write -P 0x61 0 4k"]);
-    srv.join(Duration::from_secs(10)).unwrap();
+    srv.join(READY_LIMIT).unwrap();
     assert!(read_file_at(&path, 0, 4096).iter().all(|&b| b == 0x61));
 }
 

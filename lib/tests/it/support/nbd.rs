@@ -2,7 +2,7 @@
 //! tools against it with time limits, and a raw protocol client for the
 //! cases QEMU's clients never produce.
 
-use super::process::run_within;
+use super::process::{run_within, READY_LIMIT};
 use oxcow::nbd::proto::*;
 use oxcow::nbd::{ExportConfig, ServeOptions, Server};
 use oxcow::raw::RawImage;
@@ -55,7 +55,7 @@ impl Running {
     /// Asks the server to stop and waits (bounded) for it.
     pub fn stop(mut self) -> oxcow::Result<()> {
         self.shutdown.store(true, Ordering::Release);
-        self.join(Duration::from_secs(20))
+        self.join(READY_LIMIT)
     }
     /// Waits (bounded) for the server to return by itself.
     pub fn join(&mut self, limit: Duration) -> oxcow::Result<()> {
@@ -89,7 +89,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.shutdown.store(true, Ordering::Release);
         if self.handle.is_some() && !std::thread::panicking() {
-            let _ = self.join(Duration::from_secs(20));
+            let _ = self.join(READY_LIMIT);
         }
     }
 }
