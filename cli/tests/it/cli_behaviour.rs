@@ -395,17 +395,25 @@ fn force_share_reads_images_in_use() {
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "img.qcow2", "4M"]);
     qemu_write(dir, "img.qcow2", &[(3, 0, 65536)], &[]);
     // qemu-io holds the image open for writing while we look at it: it
-    // waits for commands on its standard input until told to quit.
+    // waits for commands on its standard input until told to quit, and
+    // prompts for the first once the image is open (and locked). Probing
+    // the lock with another QEMU tool instead would race with its opening.
     let mut holder = std::process::Command::new("qemu-io")
         .arg("img.qcow2")
         .current_dir(dir)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("qemu-io");
-    process::wait_ready("qemu-io holding img.qcow2", Some(&mut holder), || {
-        qemu_img(dir, &["info", "img.qcow2"]).code != 0
-    });
+    let mut prompt = holder.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"qemu-io> ") {
+        use std::io::Read;
+        let mut b = [0u8; 64];
+        let n = prompt.read(&mut b).expect("reading qemu-io");
+        assert!(n > 0, "qemu-io exited before holding the image: {:?}", holder.wait());
+        seen.extend_from_slice(&b[..n]);
+    }
     let r = oxcow(dir, &["info", "img.qcow2"]);
     assert_eq!(r.code, 1, "info must refuse an image in use: {}", r.stdout);
     assert!(r.stderr.contains("lock"), "{}", r.stderr);
