@@ -2,6 +2,8 @@
 //! library. Each subcommand lives in its own module under `cmd/`.
 
 mod cmd;
+mod error;
+mod progress;
 mod util;
 
 use clap::{Parser, Subcommand};

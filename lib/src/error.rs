@@ -54,6 +54,10 @@ pub enum Error {
     /// Another user holds the image in a way that conflicts with ours
     /// (QEMU-compatible image locking); the message reads as qemu-img's.
     Locked(String),
+    /// An image names a network location (or another protocol) as its
+    /// backing file, and the caller did not allow following such names
+    /// (`image::OpenOptions::allow_network_backing`).
+    NetworkBacking(String),
 }
 
 impl Error {
@@ -105,7 +109,7 @@ impl Error {
             Error::Poisoned(cause) => cause.errno(),
             Error::Corrupt { .. } | Error::InvalidField { .. } => libc::EIO,
             Error::Unsupported(_) => libc::ENOTSUP,
-            Error::InvalidArgument(_) => libc::EINVAL,
+            Error::InvalidArgument(_) | Error::NetworkBacking(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
             Error::Locked(_) => libc::EAGAIN,
         }
@@ -130,6 +134,7 @@ impl Error {
             Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
             Error::Poisoned(cause) => Error::Poisoned(Box::new(cause.duplicate())),
             Error::Locked(s) => Error::Locked(s.clone()),
+            Error::NetworkBacking(s) => Error::NetworkBacking(s.clone()),
         }
     }
 }
@@ -169,7 +174,7 @@ impl fmt::Display for Error {
             Error::InvalidArgument(what) => write!(f, "{what}"),
             Error::ReadOnly(what) => write!(f, "read-only: {what}"),
             Error::Poisoned(cause) => write!(f, "image refuses writes after an earlier failure: {cause}"),
-            Error::Locked(what) => write!(f, "{what}"),
+            Error::Locked(what) | Error::NetworkBacking(what) => write!(f, "{what}"),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the test
-//! that replays their corpus of past crashes (`tests/fuzz_corpus.rs`).
+//! that replays their corpus of past crashes (`tests/it/fuzz_corpus.rs`).
 //!
 //! Each takes arbitrary bytes and must return without panicking, hanging,
 //! or allocating memory sized by an unchecked field.

@@ -334,7 +334,7 @@ pub fn probe_format(file: &dyn Storage) -> Result<Format> {
 /// network export through [`crate::nbd::NbdClient`] (no locks: there is no
 /// local file); a raw export's device is the client itself. Such names
 /// inside an image, as backing files, are followed only with
-/// `opts.allow_network_backing`.
+/// `opts.allow_network_backing` (otherwise [`Error::NetworkBacking`]).
 pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
@@ -404,7 +404,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
             let mut backing = None;
             if let (Some(name), false) = (&backing_name, opts.no_backing) {
                 if is_protocol_name(name) && !opts.allow_network_backing {
-                    return Err(Error::invalid(format!(
+                    return Err(Error::NetworkBacking(format!(
                         "backing file name '{name}' names a protocol; refusing to follow it"
                     )));
                 }

@@ -1,6 +1,7 @@
 //! `oxcow create`: qemu-img create for qcow2 and raw images.
 
-use crate::util::{parse_bool, parse_options, CliError, CliResult};
+use crate::error::{message, os_message, CliError, CliResult};
+use crate::util::{parse_bool, parse_options};
 use oxcow::format::CompressionType;
 use oxcow::image::{create_file, resolve_backing, Format, OpenOptions};
 use oxcow::qcow2::{CreateOptions, Preallocation};
@@ -66,7 +67,7 @@ pub fn run(a: Args) -> CliResult<i32> {
 /// What `convert` needs to make its target: the same path as `create`.
 pub fn create_target(
     file: &str,
-    format: &str,
+    format: Format,
     options: Vec<String>,
     backing: Option<String>,
     backing_format: Option<String>,
@@ -74,7 +75,7 @@ pub fn create_target(
 ) -> CliResult<i32> {
     create(Args {
         quiet: true,
-        format: format.to_string(),
+        format: format.name().to_string(),
         options,
         backing,
         backing_format,
@@ -86,12 +87,8 @@ pub fn create_target(
 
 fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
-    let err = |m: String| CliError::new(format!("{file}: {}", crate::util::clean_message(&m)));
-    let format = match a.format.as_str() {
-        "qcow2" => Format::Qcow2,
-        "raw" => Format::Raw,
-        other => return Err(err(format!("Unknown file format '{other}'"))),
-    };
+    let err = |m: String| CliError::new(format!("{file}: {m}"));
+    let format = Format::from_name(&a.format).map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
     let mut g = Given::default();
     for (k, v) in parse_options(&a.options)? {
         let slot = match (format, k.as_str()) {
@@ -141,8 +138,8 @@ fn create(a: Args) -> CliResult<i32> {
             let opts = crate::util::with_network_permission(&opts);
             let bimg = oxcow::image::open(&bpath, &opts).map_err(|e| {
                 let why = match e {
-                    oxcow::Error::Io { source, .. } => crate::util::clean_message(&source.to_string()),
-                    other => crate::util::explain(&other),
+                    oxcow::Error::Io { source, .. } => os_message(&source),
+                    other => message(&other),
                 };
                 err(format!("Could not open '{b}': {why}\nCould not open backing image."))
             })?;
@@ -215,19 +212,20 @@ fn prealloc(g: &Given) -> CliResult<Preallocation> {
 
 fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let mode = prealloc(g).map_err(|e| e.msg)?;
-    let f = create_file(Path::new(path)).map_err(|e| e.to_string())?;
-    f.set_len(0).map_err(|e| format!("Could not resize file: {e}"))?;
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     if mode == Preallocation::Full {
         let chunk = vec![0u8; 1 << 20];
         let mut off = 0;
         while off < size {
             let n = (size - off).min(chunk.len() as u64) as usize;
-            f.write_at(&chunk[..n], off).map_err(|e| format!("Could not write zeros for preallocation: {e}"))?;
+            f.write_at(&chunk[..n], off)
+                .map_err(|e| format!("Could not write zeros for preallocation: {}", os_message(&e)))?;
             off += n as u64;
         }
     }
-    f.set_len(size).map_err(|e| format!("Could not resize file: {e}"))?;
-    f.flush().map_err(|e| e.to_string())?;
+    f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    f.flush().map_err(|e| os_message(&e))?;
     Ok(())
 }
 
@@ -265,22 +263,22 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     o.backing_format = g.backing_fmt.clone();
     o.data_file = g.data_file.clone();
     o.preallocation = prealloc(g).map_err(|e| e.msg)?;
-    o.validate().map_err(|e| e.to_string())?;
+    o.validate().map_err(|e| message(&e))?;
 
     let data: Option<Arc<dyn Storage>> = match &g.data_file {
         Some(name) => {
             let dpath = resolve_backing(Path::new(path), name);
-            let d: Arc<dyn Storage> = create_file(&dpath).map_err(|e| e.to_string())?;
+            let d: Arc<dyn Storage> = create_file(&dpath).map_err(|e| message(&e))?;
             Some(d)
         }
         None => None,
     };
-    let f = create_file(Path::new(path)).map_err(|e| e.to_string())?;
-    oxcow::qcow2::create(f, data.clone(), &o).map_err(|e| crate::util::clean_message(&e.to_string()))?;
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    oxcow::qcow2::create(f, data.clone(), &o).map_err(|e| message(&e))?;
     if let Some(d) = data {
         // qemu-img sizes the data file to the disk, so it holds the whole guest.
-        if d.len().map_err(|e| e.to_string())? < o.size {
-            d.set_len(o.size).map_err(|e| format!("Could not resize data file: {e}"))?;
+        if d.len().map_err(|e| os_message(&e))? < o.size {
+            d.set_len(o.size).map_err(|e| format!("Could not resize data file: {}", os_message(&e)))?;
         }
     }
     Ok(())

@@ -4,7 +4,8 @@
 //! command that fails prints its message and the run ends with status 1,
 //! but later commands still run.
 
-use crate::util::{io_size, parse_format, parse_num, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{io_size, parse_format, parse_num};
 use oxcow::device::chain_status;
 use oxcow::image::{CacheMode, Image, OpenOptions};
 use oxcow::BlockDevice;
@@ -77,16 +78,13 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let opts = crate::util::with_network_permission(&opts);
     let img = oxcow::image::open(&a.file, &opts)
-        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::util::explain(&e))))?;
+        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::error::message(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);
     let snap = match &a.snapshot {
         Some(name) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;
             Some(q.snapshot_device(name).map_err(|e| {
-                CliError::new(format!(
-                    "Failed to load snapshot '{name}': {}",
-                    crate::util::clean_message(&e.to_string())
-                ))
+                CliError::new(format!("Failed to load snapshot '{name}': {}", crate::error::message(&e)))
             })?)
         }
         None => None,
@@ -108,7 +106,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     if a.cmds.is_empty() {
         for line in std::io::stdin().lock().lines() {
-            let line = line.map_err(|e| CliError::new(format!("reading commands: {e}")))?;
+            let line =
+                line.map_err(|e| CliError::new(format!("reading commands: {}", crate::error::os_message(&e))))?;
             if matches!(line.trim(), "quit" | "q") {
                 break;
             }
@@ -121,7 +120,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let _ = out.flush();
     if let Err(e) = img.close() {
-        eprintln!("oxcow: closing {}: {}", a.file, crate::util::clean_message(&e.to_string()));
+        eprintln!("oxcow: closing {}: {}", a.file, crate::error::message(&e));
         failed = true;
     }
     Ok(i32::from(failed))
@@ -265,7 +264,7 @@ fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Dur
 }
 
 fn fail(what: &str, e: oxcow::Error) -> Stop {
-    eprintln!("{what} failed: {}", crate::util::request_error(&e));
+    eprintln!("{what} failed: {}", crate::error::request_message(&e));
     Stop
 }
 

@@ -1,6 +1,7 @@
 //! `oxcow measure`: size a new image would need (like `qemu-img measure`).
 
-use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json};
 use oxcow::image::{Format, OpenOptions};
 use oxcow::tools::measure::{measure, MeasureOptions};
 use serde_json::{Map, Value};
@@ -36,15 +37,12 @@ pub fn run(a: Args) -> CliResult<i32> {
         "json" => true,
         other => return Err(CliError::new(format!("--output must be used with human or json as argument. ({other})"))),
     };
-    let fmt = match a.out_format.as_str() {
-        "raw" => Format::Raw,
-        "qcow2" => Format::Qcow2,
-        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
-    };
+    let fmt = Format::from_name(&a.out_format)
+        .map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
     let mut opts = MeasureOptions { format: fmt, ..Default::default() };
     for (k, v) in parse_options(&a.options)? {
         if let Err(e) = opts.set(&k, &v) {
-            eprintln!("oxcow: {e}");
+            eprintln!("oxcow: {}", crate::error::message(&e));
             return Err(CliError::new(format!("Invalid options for file format '{}'", fmt.name())));
         }
     }

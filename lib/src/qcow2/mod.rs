@@ -10,6 +10,7 @@
 
 mod alloc;
 mod amend;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -18,6 +19,7 @@ mod create;
 mod flush;
 mod mapping;
 mod overlap;
+mod preallocation;
 mod read;
 mod resize;
 mod snapshot;
@@ -27,8 +29,10 @@ mod state;
 mod write;
 
 pub use amend::{amend, AmendOptions};
+pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
+pub use preallocation::HostExtent;
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;
