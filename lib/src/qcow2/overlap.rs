@@ -106,16 +106,17 @@ pub(crate) struct OverlapMap {
     /// One past the highest cluster ever mapped (never lowered: the
     /// truncation at close must not cut off anything that was metadata).
     end: u64,
-    /// Clusters at or past the allocation end that a loaded L2 table
-    /// already points at (a damaged or truncated image): not metadata,
-    /// but the allocator must not hand them out, or the guest cluster
-    /// mapped there and a newly allocated one would share them.
-    taken_past_end: BTreeSet<u64>,
+    /// Clusters a loaded L2 table points at although the allocator
+    /// considers them free (refcount 0, or at or past the allocation end:
+    /// a damaged or truncated image). Not metadata, but the allocator must
+    /// not hand them out, or the guest cluster mapped there and a newly
+    /// allocated one would share them.
+    taken: BTreeSet<u64>,
 }
 
-/// Most clusters past the end of the file that loaded L2 tables may point
-/// at before the image is declared corrupt (bounds the memory they cost).
-const MAX_TAKEN_PAST_END: usize = 1 << 16;
+/// Most such clusters tolerated before the image is declared corrupt
+/// (bounds the memory they cost).
+const MAX_TAKEN: usize = 1 << 16;
 
 impl OverlapMap {
     /// Marks cluster `idx` as holding `kind`.
@@ -199,7 +200,7 @@ impl OverlapMap {
     /// Whether the allocator must leave cluster `idx` alone: it holds
     /// metadata, or a table points at it from past the allocation end.
     pub fn contains_key(&self, idx: &u64) -> bool {
-        self.kinds(*idx) != 0 || self.taken_past_end.contains(idx)
+        self.kinds(*idx) != 0 || self.taken.contains(idx)
     }
 
     /// One past the highest cluster that ever held metadata.
@@ -277,7 +278,7 @@ impl OverlapMap {
         }
         // What loaded tables were found to point at stays true when the
         // map is rebuilt after a whole-image operation.
-        map.taken_past_end = m.meta_clusters.taken_past_end.clone();
+        map.taken = m.meta_clusters.taken.clone();
         map.reindex();
         map
     }
@@ -317,28 +318,57 @@ impl Qcow2 {
         }
     }
 
-    /// Notes the clusters at or past the allocation end that the L2 table
-    /// just read points at, so the allocator steps over them: a cluster
-    /// there is free as far as refcounts and the allocator know, and the
-    /// first allocation would hand it to a second guest cluster (QEMU does,
-    /// and the later write through the old entry overwrites the new data).
-    /// A write through such an entry is refused (`check_mapped_cluster`).
-    /// Writable images only; a scan of the table just read, no I/O.
-    pub(crate) fn note_refs_past_end(&self, m: &mut Meta, table: &[u8]) -> Result<()> {
+    /// Notes the clusters the L2 table just read points at although the
+    /// allocator considers them free (refcount 0, or at or past the
+    /// allocation end), so the allocator steps over them: otherwise the
+    /// next allocation hands such a cluster to a second guest cluster (QEMU
+    /// does), and a write through the old entry overwrites the new data. A
+    /// write through such an entry is refused (`check_mapped_cluster`).
+    /// Writable images only. The table is in memory and refcounts are read
+    /// one refcount block per run of entries, so this costs a fraction of
+    /// reading the table.
+    pub(crate) fn note_free_refs(&self, m: &mut Meta, table: &[u8]) -> Result<()> {
         if self.read_only || self.g.external_data {
             return Ok(());
         }
         let cs = self.g.cluster_size;
+        let bits = self.g.rc.block_entries_bits();
+        let mut inside = Vec::new();
         for i in 0..self.g.l2_entries as usize {
             let host = self.g.l2.get(table, i).host_offset();
+            if host == 0 {
+                continue;
+            }
             if host >= m.file_end {
-                m.meta_clusters.taken_past_end.insert(host / cs);
+                m.meta_clusters.taken.insert(host / cs);
+            } else {
+                inside.push(host / cs);
             }
         }
-        if m.meta_clusters.taken_past_end.len() > MAX_TAKEN_PAST_END {
+        let mut i = 0;
+        while i < inside.len() {
+            let t = inside[i] >> bits;
+            let run = inside[i..].iter().take_while(|&&c| c >> bits == t).count();
+            let block = m.reftable.get(t as usize).map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+            // Loads the block; one that cannot be read (a damaged refcount
+            // table) is left for the allocator and check to report.
+            let readable = block != 0 && self.refcount(m, inside[i]).is_ok();
+            let free: Vec<u64> = match m.rb.peek(block) {
+                Some(b) if readable => inside[i..i + run]
+                    .iter()
+                    .copied()
+                    .filter(|&c| self.g.rc.get(b, (c & ((1 << bits) - 1)) as usize) == 0)
+                    .collect(),
+                _ if block == 0 => inside[i..i + run].to_vec(),
+                _ => Vec::new(),
+            };
+            m.meta_clusters.taken.extend(free);
+            i += run;
+        }
+        if m.meta_clusters.taken.len() > MAX_TAKEN {
             return Err(self.mark_corrupt(
                 m,
-                format!("more than {MAX_TAKEN_PAST_END} guest clusters are mapped past the end of the image file"),
+                format!("more than {MAX_TAKEN} guest clusters are mapped to clusters whose refcount is 0"),
             ));
         }
         Ok(())
