@@ -21,6 +21,7 @@
 use super::state::{Geometry, Meta};
 use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
+use crate::format::l2::{COMPRESSED as L2_COMPRESSED, OFFSET_MASK as L2_OFFSET_MASK};
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -203,6 +204,12 @@ impl OverlapMap {
         self.kinds(*idx) != 0 || self.taken.contains(idx)
     }
 
+    /// Forgets the clusters noted by `note_free_refs`: refcounts were
+    /// repaired, what they said is stale.
+    pub fn forget_taken(&mut self) {
+        self.taken.clear();
+    }
+
     /// One past the highest cluster that ever held metadata.
     pub fn end(&self) -> u64 {
         self.end
@@ -334,9 +341,18 @@ impl Qcow2 {
         let cs = self.g.cluster_size;
         let bits = self.g.rc.block_entries_bits();
         let mut inside = Vec::new();
-        for i in 0..self.g.l2_entries as usize {
-            let host = self.g.l2.get(table, i).host_offset();
-            if host == 0 {
+        // Below the allocator's free-space hint, a cluster with refcount 0
+        // was freed in this session, after every entry pointing at it was
+        // gone from disk: only clusters from the hint up can be handed out
+        // by mistake. Past the first allocation, on a full image, that
+        // leaves a comparison per entry.
+        let floor = m.free_hint.max(1).saturating_mul(cs);
+        // The first word of each entry: `L2Entry::host_offset` on the raw
+        // words, without building entries.
+        for e in table.chunks_exact(self.g.l2.entry_size()) {
+            let word = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            let host = if word & L2_COMPRESSED != 0 { 0 } else { word & L2_OFFSET_MASK };
+            if host < floor {
                 continue;
             }
             if host >= m.file_end {
@@ -353,16 +369,24 @@ impl Qcow2 {
             // Loads the block; one that cannot be read (a damaged refcount
             // table) is left for the allocator and check to report.
             let readable = block != 0 && self.refcount(m, inside[i]).is_ok();
-            let free: Vec<u64> = match m.rb.peek(block) {
-                Some(b) if readable => inside[i..i + run]
-                    .iter()
-                    .copied()
-                    .filter(|&c| self.g.rc.get(b, (c & ((1 << bits) - 1)) as usize) == 0)
-                    .collect(),
-                _ if block == 0 => inside[i..i + run].to_vec(),
-                _ => Vec::new(),
-            };
-            m.meta_clusters.taken.extend(free);
+            let mask = (1u64 << bits) - 1;
+            let taken = &mut m.meta_clusters.taken;
+            match m.rb.peek(block) {
+                Some(b) if readable && self.g.rc.bits() == 16 => {
+                    // The default width, read directly.
+                    let zero = |c: u64| {
+                        let at = (c & mask) as usize * 2;
+                        b.get(at..at + 2).is_some_and(|r| r == [0, 0])
+                    };
+                    taken.extend(inside[i..i + run].iter().copied().filter(|&c| zero(c)));
+                }
+                Some(b) if readable => {
+                    let rc = self.g.rc;
+                    taken.extend(inside[i..i + run].iter().copied().filter(|&c| rc.get(b, (c & mask) as usize) == 0));
+                }
+                _ if block == 0 => taken.extend(inside[i..i + run].iter().copied()),
+                _ => {}
+            }
             i += run;
         }
         if m.meta_clusters.taken.len() > MAX_TAKEN {
