@@ -21,7 +21,7 @@
 use super::state::{Geometry, Meta};
 use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
-use crate::format::l2::{COMPRESSED as L2_COMPRESSED, OFFSET_MASK as L2_OFFSET_MASK};
+use crate::format::l2::{ClusterKind, L2Entry, COMPRESSED as L2_COMPRESSED, OFFSET_MASK as L2_OFFSET_MASK};
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -349,16 +349,25 @@ impl Qcow2 {
         let floor = m.free_hint.max(1).saturating_mul(cs);
         // The first word of each entry: `L2Entry::host_offset` on the raw
         // words, without building entries.
-        for e in table.chunks_exact(self.g.l2.entry_size()) {
-            let word = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            let host = if word & L2_COMPRESSED != 0 { 0 } else { word & L2_OFFSET_MASK };
-            if host < floor {
-                continue;
-            }
+        let mut note = |m: &mut Meta, host: u64| {
             if host >= m.file_end {
                 m.meta_clusters.taken.insert(host / cs);
-            } else {
+            } else if host >= floor {
                 inside.push(host / cs);
+            }
+        };
+        for e in table.chunks_exact(self.g.l2.entry_size()) {
+            let word = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if word & L2_COMPRESSED == 0 {
+                note(m, word & L2_OFFSET_MASK);
+            } else if let ClusterKind::Compressed(d) =
+                self.g.l2.classify(L2Entry { word, bitmap: Default::default() }, 0, self.g.v3)
+            {
+                // Every cluster the compressed bytes touch (one or two).
+                let last = (d.offset + d.byte_len().max(1) - 1) / cs;
+                for c in (d.offset / cs..=last).take(4) {
+                    note(m, c * cs);
+                }
             }
         }
         let mut i = 0;
@@ -412,15 +421,39 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Checks the host cluster a guest cluster maps to before a write uses
-    /// it (in place, or as the old content of a copy-on-write). A cluster
+    /// Checks the host clusters a guest cluster maps to before a write uses
+    /// them (in place, or as the old content of a copy-on-write). A cluster
     /// whose refcount is zero is free as far as the allocator knows: the
     /// next allocation could hand it out, and a write into it (past the end
     /// of the file, say) would be lost at the next truncation. So that is
     /// corruption, refused with the corrupt bit set. A referenced cluster
     /// past the allocator's end is kept by the truncation at close.
-    pub(crate) fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {
-        if self.g.external_data || host == 0 {
+    pub(crate) fn check_mapped_entry(&self, m: &mut Meta, e: L2Entry) -> Result<()> {
+        if self.g.external_data {
+            return Ok(());
+        }
+        if let ClusterKind::Compressed(d) = self.g.l2.classify(e, 0, self.g.v3) {
+            // Copy-on-write releases the clusters the old data touches: one
+            // whose refcount is already 0 may be the cluster just allocated
+            // for the new data (a descriptor pointing into free space).
+            let cs = self.g.cluster_size;
+            let first = d.offset / cs;
+            let last = (d.offset + d.byte_len().max(1) - 1) / cs;
+            for c in first..=last {
+                if self.refcount(m, c)? == 0 {
+                    return Err(self.mark_corrupt(
+                        m,
+                        format!("compressed guest data at host offset {:#x} has refcount 0", d.offset),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        self.check_mapped_cluster(m, e.host_offset())
+    }
+
+    fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {
+        if host == 0 {
             return Ok(());
         }
         let cs = self.g.cluster_size;
