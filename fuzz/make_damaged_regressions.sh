@@ -43,6 +43,7 @@ new l1_table_past_eof "$base"; put64 "$f" 40 0x100000
 new l2_table_past_eof "$base"; put64 "$f" "$l1" $((copied | 0x100000))
 new refcount_block_past_eof "$base"; put64 "$f" "$rt" 0x100000
 new data_refcount_zero "$base"; put16 "$f" "$(refcount_of "$d0")" 0
+new untouched_data_refcount_zero "$base"; put16 "$f" "$(refcount_of "$(($(be64 "$base" $((l2 + 16))) & 0x00fffffffffffe00))")" 0
 new l2_table_refcount_zero "$base"; put16 "$f" "$(refcount_of "$l2")" 0
 new l1_table_refcount_zero "$base"; put16 "$f" "$(refcount_of "$l1")" 0
 new refcount_block_on_l1_table "$base"; put64 "$f" "$rt" "$l1"

@@ -130,6 +130,7 @@ impl Qcow2 {
             return Ok(first.report);
         }
         let mut said = self.repair(&mut m, &first, repair)?;
+        m.meta_clusters.forget_taken();
         let mut after = self.scan(&mut m)?.report;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);

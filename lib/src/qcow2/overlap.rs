@@ -21,6 +21,7 @@
 use super::state::{Geometry, Meta};
 use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
+use crate::format::l2::{ClusterKind, L2Entry, COMPRESSED as L2_COMPRESSED, OFFSET_MASK as L2_OFFSET_MASK};
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -106,16 +107,17 @@ pub(crate) struct OverlapMap {
     /// One past the highest cluster ever mapped (never lowered: the
     /// truncation at close must not cut off anything that was metadata).
     end: u64,
-    /// Clusters at or past the allocation end that a loaded L2 table
-    /// already points at (a damaged or truncated image): not metadata,
-    /// but the allocator must not hand them out, or the guest cluster
-    /// mapped there and a newly allocated one would share them.
-    taken_past_end: BTreeSet<u64>,
+    /// Clusters a loaded L2 table points at although the allocator
+    /// considers them free (refcount 0, or at or past the allocation end:
+    /// a damaged or truncated image). Not metadata, but the allocator must
+    /// not hand them out, or the guest cluster mapped there and a newly
+    /// allocated one would share them.
+    taken: BTreeSet<u64>,
 }
 
-/// Most clusters past the end of the file that loaded L2 tables may point
-/// at before the image is declared corrupt (bounds the memory they cost).
-const MAX_TAKEN_PAST_END: usize = 1 << 16;
+/// Most such clusters tolerated before the image is declared corrupt
+/// (bounds the memory they cost).
+const MAX_TAKEN: usize = 1 << 16;
 
 impl OverlapMap {
     /// Marks cluster `idx` as holding `kind`.
@@ -199,7 +201,13 @@ impl OverlapMap {
     /// Whether the allocator must leave cluster `idx` alone: it holds
     /// metadata, or a table points at it from past the allocation end.
     pub fn contains_key(&self, idx: &u64) -> bool {
-        self.kinds(*idx) != 0 || self.taken_past_end.contains(idx)
+        self.kinds(*idx) != 0 || self.taken.contains(idx)
+    }
+
+    /// Forgets the clusters noted by `note_free_refs`: refcounts were
+    /// repaired, what they said is stale.
+    pub fn forget_taken(&mut self) {
+        self.taken.clear();
     }
 
     /// One past the highest cluster that ever held metadata.
@@ -277,7 +285,7 @@ impl OverlapMap {
         }
         // What loaded tables were found to point at stays true when the
         // map is rebuilt after a whole-image operation.
-        map.taken_past_end = m.meta_clusters.taken_past_end.clone();
+        map.taken = m.meta_clusters.taken.clone();
         map.reindex();
         map
     }
@@ -317,28 +325,83 @@ impl Qcow2 {
         }
     }
 
-    /// Notes the clusters at or past the allocation end that the L2 table
-    /// just read points at, so the allocator steps over them: a cluster
-    /// there is free as far as refcounts and the allocator know, and the
-    /// first allocation would hand it to a second guest cluster (QEMU does,
-    /// and the later write through the old entry overwrites the new data).
-    /// A write through such an entry is refused (`check_mapped_cluster`).
-    /// Writable images only; a scan of the table just read, no I/O.
-    pub(crate) fn note_refs_past_end(&self, m: &mut Meta, table: &[u8]) -> Result<()> {
+    /// Notes the clusters the L2 table just read points at although the
+    /// allocator considers them free (refcount 0, or at or past the
+    /// allocation end), so the allocator steps over them: otherwise the
+    /// next allocation hands such a cluster to a second guest cluster (QEMU
+    /// does), and a write through the old entry overwrites the new data. A
+    /// write through such an entry is refused (`check_mapped_cluster`).
+    /// Writable images only. The table is in memory and refcounts are read
+    /// one refcount block per run of entries, so this costs a fraction of
+    /// reading the table.
+    pub(crate) fn note_free_refs(&self, m: &mut Meta, table: &[u8]) -> Result<()> {
         if self.read_only || self.g.external_data {
             return Ok(());
         }
         let cs = self.g.cluster_size;
-        for i in 0..self.g.l2_entries as usize {
-            let host = self.g.l2.get(table, i).host_offset();
+        let bits = self.g.rc.block_entries_bits();
+        let mut inside = Vec::new();
+        // Below the allocator's free-space hint, a cluster with refcount 0
+        // was freed in this session, after every entry pointing at it was
+        // gone from disk: only clusters from the hint up can be handed out
+        // by mistake. Past the first allocation, on a full image, that
+        // leaves a comparison per entry.
+        let floor = m.free_hint.max(1).saturating_mul(cs);
+        // The first word of each entry: `L2Entry::host_offset` on the raw
+        // words, without building entries.
+        let mut note = |m: &mut Meta, host: u64| {
             if host >= m.file_end {
-                m.meta_clusters.taken_past_end.insert(host / cs);
+                m.meta_clusters.taken.insert(host / cs);
+            } else if host >= floor {
+                inside.push(host / cs);
+            }
+        };
+        for e in table.chunks_exact(self.g.l2.entry_size()) {
+            let word = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            if word & L2_COMPRESSED == 0 {
+                note(m, word & L2_OFFSET_MASK);
+            } else if let ClusterKind::Compressed(d) =
+                self.g.l2.classify(L2Entry { word, bitmap: Default::default() }, 0, self.g.v3)
+            {
+                // Every cluster the compressed bytes touch (one or two).
+                let last = (d.offset + d.byte_len().max(1) - 1) / cs;
+                for c in (d.offset / cs..=last).take(4) {
+                    note(m, c * cs);
+                }
             }
         }
-        if m.meta_clusters.taken_past_end.len() > MAX_TAKEN_PAST_END {
+        let mut i = 0;
+        while i < inside.len() {
+            let t = inside[i] >> bits;
+            let run = inside[i..].iter().take_while(|&&c| c >> bits == t).count();
+            let block = m.reftable.get(t as usize).map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+            // Loads the block; one that cannot be read (a damaged refcount
+            // table) is left for the allocator and check to report.
+            let readable = block != 0 && self.refcount(m, inside[i]).is_ok();
+            let mask = (1u64 << bits) - 1;
+            let taken = &mut m.meta_clusters.taken;
+            match m.rb.peek(block) {
+                Some(b) if readable && self.g.rc.bits() == 16 => {
+                    // The default width, read directly.
+                    let zero = |c: u64| {
+                        let at = (c & mask) as usize * 2;
+                        b.get(at..at + 2).is_some_and(|r| r == [0, 0])
+                    };
+                    taken.extend(inside[i..i + run].iter().copied().filter(|&c| zero(c)));
+                }
+                Some(b) if readable => {
+                    let rc = self.g.rc;
+                    taken.extend(inside[i..i + run].iter().copied().filter(|&c| rc.get(b, (c & mask) as usize) == 0));
+                }
+                _ if block == 0 => taken.extend(inside[i..i + run].iter().copied()),
+                _ => {}
+            }
+            i += run;
+        }
+        if m.meta_clusters.taken.len() > MAX_TAKEN {
             return Err(self.mark_corrupt(
                 m,
-                format!("more than {MAX_TAKEN_PAST_END} guest clusters are mapped past the end of the image file"),
+                format!("more than {MAX_TAKEN} guest clusters are mapped to clusters whose refcount is 0"),
             ));
         }
         Ok(())
@@ -358,15 +421,39 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Checks the host cluster a guest cluster maps to before a write uses
-    /// it (in place, or as the old content of a copy-on-write). A cluster
+    /// Checks the host clusters a guest cluster maps to before a write uses
+    /// them (in place, or as the old content of a copy-on-write). A cluster
     /// whose refcount is zero is free as far as the allocator knows: the
     /// next allocation could hand it out, and a write into it (past the end
     /// of the file, say) would be lost at the next truncation. So that is
     /// corruption, refused with the corrupt bit set. A referenced cluster
     /// past the allocator's end is kept by the truncation at close.
-    pub(crate) fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {
-        if self.g.external_data || host == 0 {
+    pub(crate) fn check_mapped_entry(&self, m: &mut Meta, e: L2Entry) -> Result<()> {
+        if self.g.external_data {
+            return Ok(());
+        }
+        if let ClusterKind::Compressed(d) = self.g.l2.classify(e, 0, self.g.v3) {
+            // Copy-on-write releases the clusters the old data touches: one
+            // whose refcount is already 0 may be the cluster just allocated
+            // for the new data (a descriptor pointing into free space).
+            let cs = self.g.cluster_size;
+            let first = d.offset / cs;
+            let last = (d.offset + d.byte_len().max(1) - 1) / cs;
+            for c in first..=last {
+                if self.refcount(m, c)? == 0 {
+                    return Err(self.mark_corrupt(
+                        m,
+                        format!("compressed guest data at host offset {:#x} has refcount 0", d.offset),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        self.check_mapped_cluster(m, e.host_offset())
+    }
+
+    fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {
+        if host == 0 {
             return Ok(());
         }
         let cs = self.g.cluster_size;

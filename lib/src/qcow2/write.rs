@@ -161,9 +161,7 @@ impl Qcow2 {
         let e = self.l2_entry(m, gc)?;
         let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
-        if !e.is_compressed() {
-            self.check_mapped_cluster(m, host)?;
-        }
+        self.check_mapped_entry(m, e)?;
         let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
         if owned && l1_copied {
             let in_place = if self.g.extended {
