@@ -1,6 +1,7 @@
 //! Opening images by file name: format detection, backing chains,
 //! external data files.
 
+use crate::cache_mode::CacheModeDevice;
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
 use crate::nbd::{ClientOptions, NbdClient, NbdStorage, NbdUrl};
@@ -357,7 +358,10 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
     let nbd = open_nbd_name(path, opts)?;
     let (storage, format, probed): (Arc<dyn Storage>, Format, bool) = match &nbd {
         Some(c) => {
-            let s: Arc<dyn Storage> = Arc::new(NbdStorage(c.clone()));
+            let mut s: Arc<dyn Storage> = Arc::new(NbdStorage(c.clone()));
+            if opts.cache.ignores_flushes() {
+                s = Arc::new(NoFlushStorage(s));
+            }
             let (f, p) = match opts.format {
                 Some(f) => (f, false),
                 None => (probe_format(&*s)?, true),
@@ -381,6 +385,10 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
     match format {
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match nbd {
+                // The client keeps no cache-mode promise of its own.
+                Some(c) if opts.cache.writethrough() || opts.cache.ignores_flushes() => {
+                    Arc::new(CacheModeDevice::new(c, opts.cache.writethrough(), opts.cache.ignores_flushes()))
+                }
                 Some(c) => c,
                 None => Arc::new(
                     RawImage::new(storage.clone(), !opts.write, probed)?.writethrough(opts.cache.writethrough()),

@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod cache_mode;
 pub mod device;
 pub mod error;
 pub mod format;

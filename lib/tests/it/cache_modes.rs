@@ -217,3 +217,59 @@ fn raw_writethrough_syncs_every_write() {
         files.lock().unwrap().clear();
     }
 }
+
+/// A raw network export, whose device is the NBD client itself: the mode
+/// is kept by the client (flushes after each modifying request in
+/// writethrough, none sent in unsafe), seen as flushes reaching the
+/// served device.
+#[test]
+fn nbd_export_keeps_the_cache_mode_promise() {
+    use oxcow::nbd::{ExportConfig, ServeOptions, Server};
+    use oxcow::raw::RawImage;
+    use oxcow::storage::MemoryStorage;
+    use std::sync::atomic::AtomicBool;
+    for mode in MODES {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let served = Arc::new(CountingStorage::new(Arc::new(MemoryStorage::from_bytes(vec![0; 1 << 20]))));
+        let dev = Arc::new(RawImage::new(served.clone(), false, false).unwrap());
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let stop = shutdown.clone();
+        let server = std::thread::spawn(move || {
+            Server::new(dev, ExportConfig::default()).serve(listener, stop, &ServeOptions::default())
+        });
+        let url = format!("nbd+unix:///?socket={}", sock.display());
+        let opts = OpenOptions { format: Some(Format::Raw), write: true, cache: mode, ..Default::default() };
+        let img = image::open(&url, &opts).unwrap();
+        let dev = img.device();
+        let ops: [(&str, &dyn Fn()); 5] = [
+            ("write", &|| dev.write_at(&[1u8; 4096], 0).unwrap()),
+            ("unaligned write", &|| dev.write_at(&[2u8; 100], 5000).unwrap()),
+            ("write zeroes", &|| dev.write_zeroes(65536, 65536, false).unwrap()),
+            ("discard", &|| dev.discard(131072, 65536).unwrap()),
+            ("flush", &|| dev.flush().unwrap()),
+        ];
+        for (what, op) in ops {
+            let before = served.flushes();
+            op();
+            let synced = served.flushes() - before;
+            match mode {
+                CacheMode::Unsafe => assert_eq!(synced, 0, "nbd cache={mode:?} {what}: flushed"),
+                CacheMode::Writethrough | CacheMode::Directsync => {
+                    assert!(synced > 0, "nbd cache={mode:?} {what}: completed without a flush")
+                }
+                _ if what == "flush" => assert!(synced > 0, "nbd cache={mode:?}: flush not sent"),
+                _ => assert_eq!(synced, 0, "nbd cache={mode:?} {what}: flushed outside a flush"),
+            }
+        }
+        let before = served.flushes();
+        img.close().unwrap();
+        drop(img);
+        if mode == CacheMode::Unsafe {
+            assert_eq!(served.flushes(), before, "nbd cache=unsafe: close flushed");
+        }
+        shutdown.store(true, std::sync::atomic::Ordering::SeqCst);
+        server.join().unwrap().unwrap();
+    }
+}
