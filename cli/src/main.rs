@@ -2,6 +2,8 @@
 //! library. Each subcommand lives in its own module under `cmd/`.
 
 mod cmd;
+mod error;
+mod progress;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -96,11 +98,22 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Stream(a) => cmd::stream::run(a),
     };
+    report_host_io();
     match r {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("oxcow: {}", e.msg);
             ExitCode::from(e.code as u8)
         }
+    }
+}
+
+/// With `OXCOW_REPORT_HOST_IO` set, tells on stderr how many write requests
+/// and syncs the files of this run sent to the host: how the cache-mode
+/// tests see what `-t` really does, without tracing system calls.
+fn report_host_io() {
+    if std::env::var_os("OXCOW_REPORT_HOST_IO").is_some() {
+        let c = oxcow::storage::host_io_counts();
+        eprintln!("oxcow: host I/O: {} writes, {} syncs", c.writes, c.syncs);
     }
 }

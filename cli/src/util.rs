@@ -1,52 +1,9 @@
-//! Helpers shared by the subcommands: errors, image opening, option lists,
+//! Helpers shared by the subcommands: image opening, option lists,
 //! and the number and JSON formatting qemu's tools use.
 
+use crate::error::{message, CliError, CliResult};
 use oxcow::{Format, Image, OpenOptions};
 use serde_json::Value;
-use std::fmt;
-
-/// A failure reported to the user as one line, with the exit status to use.
-#[derive(Debug)]
-pub struct CliError {
-    pub msg: String,
-    pub code: i32,
-}
-
-impl CliError {
-    pub fn new(msg: impl Into<String>) -> Self {
-        CliError { msg: msg.into(), code: 1 }
-    }
-    pub fn with_code(mut self, code: i32) -> Self {
-        self.code = code;
-        self
-    }
-}
-
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.msg)
-    }
-}
-
-impl From<oxcow::Error> for CliError {
-    fn from(e: oxcow::Error) -> Self {
-        CliError::new(clean_message(&e.to_string()))
-    }
-}
-
-pub type CliResult<T> = Result<T, CliError>;
-
-/// Rust appends " (os error N)" to OS errors; qemu's messages do not have it.
-pub fn clean_message(s: &str) -> String {
-    let mut out = s.to_string();
-    while let Some(start) = out.find(" (os error ") {
-        match out[start..].find(')') {
-            Some(end) => out.replace_range(start..start + end + 1, ""),
-            None => break,
-        }
-    }
-    out
-}
 
 pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
     match name {
@@ -61,7 +18,7 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
     let opts = with_network_permission(opts);
     let img = oxcow::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
-        CliError::new(format!("Could not open '{path}': {}", explain(&e)))
+        CliError::new(format!("Could not open '{path}': {}", message(&e)))
     })?;
     report_dirty_repair(path, &img);
     Ok(img)
@@ -71,20 +28,16 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
 /// only when the user says so: `OXCOW_ALLOW_NETWORK_BACKING=1`.
 pub fn with_network_permission(opts: &OpenOptions) -> OpenOptions {
     let opts = opts.clone();
-    if std::env::var("OXCOW_ALLOW_NETWORK_BACKING").is_ok_and(|v| v == "1") {
+    if network_backing_allowed() {
         return opts.allow_network_backing(true);
     }
     opts
 }
 
-/// A library error as one line, with a hint where the user can act.
-pub fn explain(e: &oxcow::Error) -> String {
-    let msg = clean_message(&e.to_string());
-    if msg.contains("names a protocol") {
-        format!("{msg} (set OXCOW_ALLOW_NETWORK_BACKING=1 to allow network backing files)")
-    } else {
-        msg
-    }
+/// Whether the user allowed network backing files
+/// (`OXCOW_ALLOW_NETWORK_BACKING=1`).
+pub fn network_backing_allowed() -> bool {
+    std::env::var("OXCOW_ALLOW_NETWORK_BACKING").is_ok_and(|v| v == "1")
 }
 
 /// Says on stderr that opening the image repaired it (dirty bit set by an
@@ -229,10 +182,5 @@ mod tests {
             qemu_json(&v),
             "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    },\n    \"d\": [\n        true\n    ]\n}"
         );
-    }
-
-    #[test]
-    fn os_error_suffix_dropped() {
-        assert_eq!(clean_message("x: No such file or directory (os error 2)"), "x: No such file or directory");
     }
 }

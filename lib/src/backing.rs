@@ -30,6 +30,16 @@ pub enum BackingKind {
     OtherProtocol,
 }
 
+/// In which role an image names a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NameRole {
+    /// A backing file, followed as the [`BackingPolicy`] decides.
+    Backing,
+    /// An external data file, never followed to a protocol.
+    DataFile,
+}
+
 /// A backing file name as recorded in an image, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingName {
@@ -64,9 +74,14 @@ impl BackingName {
     pub fn is_protocol(&self) -> bool {
         self.kind != BackingKind::File
     }
-    /// The error refusing to follow this name, saying `reason`.
+    /// The error refusing to follow this name as a backing file, saying
+    /// `reason`.
     pub fn refused(&self, reason: impl Into<String>) -> Error {
-        Error::RefusedName { name: self.name.clone(), kind: self.kind, reason: reason.into() }
+        self.refused_as(NameRole::Backing, reason)
+    }
+    /// The error refusing to follow this name in `role`, saying `reason`.
+    pub fn refused_as(&self, role: NameRole, reason: impl Into<String>) -> Error {
+        Error::RefusedName { name: self.name.clone(), kind: self.kind, role, reason: reason.into() }
     }
 }
 

@@ -46,8 +46,11 @@ pub enum Error {
     InvalidArgument(String),
     /// The image is read-only (opened so, or marked corrupt).
     ReadOnly(String),
-    /// An earlier write or flush failed; the image refuses writes until reopened.
-    Poisoned(String),
+    /// An earlier failure left the image's on-disk state unknown (a failed
+    /// fsync, or a multi-step metadata operation that failed half way);
+    /// the image refuses writes and flushes until it is reopened. Holds
+    /// that first failure, whose errno every later refusal reports again.
+    Poisoned(Box<Error>),
     /// Another user holds the image in a way that conflicts with ours
     /// (QEMU-compatible image locking); the message reads as qemu-img's.
     Locked(String),
@@ -59,6 +62,8 @@ pub enum Error {
         name: String,
         /// What it points to.
         kind: crate::backing::BackingKind,
+        /// Whether it was named as a backing file or as a data file.
+        role: crate::backing::NameRole,
         /// The whole message.
         reason: String,
     },
@@ -97,11 +102,21 @@ impl Error {
     pub fn field(field: &'static str, value: u64, reason: impl Into<String>) -> Self {
         Error::InvalidField { field, value, reason: reason.into() }
     }
-    /// The errno this error maps to, for protocols that speak errno (NBD).
+    /// True when the host ran out of space (ENOSPC, a quota, a file size
+    /// limit), directly or as the cause of a poisoned image: freeing space
+    /// and retrying may help.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self.errno(), libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+    }
+    /// The errno this error maps to, for protocols that speak errno (NBD)
+    /// and for messages: a host error keeps its own, also when it arrives
+    /// without a raw code (as from an NBD client) and when it poisoned the
+    /// image.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::Corrupt { .. } | Error::InvalidField { .. } | Error::Poisoned(_) => libc::EIO,
+            Error::Io { source, .. } => io_errno(source),
+            Error::Poisoned(cause) => cause.errno(),
+            Error::Corrupt { .. } | Error::InvalidField { .. } => libc::EIO,
             Error::Unsupported(_) => libc::ENOTSUP,
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EPERM,
@@ -127,12 +142,32 @@ impl Error {
             Error::Unsupported(s) => Error::Unsupported(s.clone()),
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
             Error::ReadOnly(s) => Error::ReadOnly(s.clone()),
-            Error::Poisoned(s) => Error::Poisoned(s.clone()),
+            Error::Poisoned(cause) => Error::Poisoned(Box::new(cause.duplicate())),
             Error::Locked(s) => Error::Locked(s.clone()),
-            Error::RefusedName { name, kind, reason } => {
-                Error::RefusedName { name: name.clone(), kind: *kind, reason: reason.clone() }
+            Error::RefusedName { name, kind, role, reason } => {
+                Error::RefusedName { name: name.clone(), kind: *kind, role: *role, reason: reason.clone() }
             }
         }
+    }
+}
+
+/// The errno of a host error: its raw code, or one matching its kind
+/// (errors rebuilt from a message, as an NBD client's are, have no code).
+pub(crate) fn io_errno(e: &io::Error) -> i32 {
+    if let Some(code) = e.raw_os_error() {
+        return code;
+    }
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::StorageFull => libc::ENOSPC,
+        K::QuotaExceeded => libc::EDQUOT,
+        K::FileTooLarge => libc::EFBIG,
+        K::PermissionDenied => libc::EPERM,
+        K::ReadOnlyFilesystem => libc::EROFS,
+        K::OutOfMemory => libc::ENOMEM,
+        K::InvalidInput => libc::EINVAL,
+        K::Unsupported => libc::ENOTSUP,
+        _ => libc::EIO,
     }
 }
 
@@ -150,7 +185,7 @@ impl fmt::Display for Error {
             Error::Unsupported(what) => write!(f, "unsupported: {what}"),
             Error::InvalidArgument(what) => write!(f, "{what}"),
             Error::ReadOnly(what) => write!(f, "read-only: {what}"),
-            Error::Poisoned(what) => write!(f, "image refuses writes after an earlier failure: {what}"),
+            Error::Poisoned(cause) => write!(f, "image refuses writes after an earlier failure: {cause}"),
             Error::Locked(what) => write!(f, "{what}"),
             Error::RefusedName { reason, .. } => write!(f, "{reason}"),
         }
@@ -161,7 +196,38 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
+            Error::Poisoned(cause) => Some(&**cause),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisoned_keeps_the_first_failure_and_its_errno() {
+        let cause = Error::io("writing L2 table", io::Error::from_raw_os_error(libc::ENOSPC));
+        let p = Error::Poisoned(Box::new(cause));
+        assert_eq!(p.errno(), libc::ENOSPC);
+        assert!(p.is_no_space());
+        assert!(p.to_string().contains("writing L2 table"), "{p}");
+        let source = std::error::Error::source(&p).expect("the cause is the source");
+        assert!(source.to_string().contains("writing L2 table"));
+        let again = p.duplicate();
+        assert_eq!(again.errno(), libc::ENOSPC);
+        assert!(matches!(again, Error::Poisoned(_)));
+    }
+
+    #[test]
+    fn host_errors_without_a_raw_code_map_by_kind() {
+        let e = |k| Error::io("x", io::Error::new(k, "rebuilt"));
+        assert_eq!(e(io::ErrorKind::StorageFull).errno(), libc::ENOSPC);
+        assert_eq!(e(io::ErrorKind::QuotaExceeded).errno(), libc::EDQUOT);
+        assert_eq!(e(io::ErrorKind::FileTooLarge).errno(), libc::EFBIG);
+        assert_eq!(e(io::ErrorKind::Other).errno(), libc::EIO);
+        assert!(!e(io::ErrorKind::Other).is_no_space());
+        assert_eq!(Error::io("x", io::Error::from_raw_os_error(libc::EIO)).errno(), libc::EIO);
     }
 }

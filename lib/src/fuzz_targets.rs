@@ -1,5 +1,5 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the test
-//! that replays their corpus of past crashes (`tests/fuzz_corpus.rs`).
+//! that replays their corpus of past crashes (`tests/it/fuzz_corpus.rs`).
 //!
 //! Each takes arbitrary bytes and must return without panicking, hanging,
 //! or allocating memory sized by an unchecked field.
@@ -120,4 +120,103 @@ pub fn ops(data: &[u8]) {
     let r = q.check(Repair::None).expect("check runs");
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
     q.close().expect("clean close");
+}
+
+/// Opens arbitrary bytes as a writable image and writes to it: a damaged
+/// image may refuse writes, never swallow one. Every write acknowledged
+/// and flushed must read back after a clean close and a reopen (unless
+/// the image already made two of the planned writes share a cluster,
+/// which no engine can see without a full check). Then each snapshot is
+/// applied, deleted, and a new one created, each on a fresh copy: a
+/// refusal that did not mark the image corrupt has changed nothing, and
+/// what succeeded opens again.
+pub fn damaged(data: &[u8]) {
+    damaged_writes(data);
+    damaged_snapshots(data);
+}
+
+fn damaged_writes(data: &[u8]) {
+    let st = storage(data);
+    let Ok(q) = Qcow2::open(st.clone(), Qcow2Options::default()) else { return };
+    let len = q.len();
+    let step = len / 8 / 512 * 512;
+    if step == 0 {
+        return;
+    }
+    let n = step.min(4096);
+    let plan: Vec<(u64, u64, u8)> = (0..8u64).map(|i| (i * step, n, i as u8 + 1)).collect();
+    let aliased = aliased_writes(&q, &plan);
+    let mut acked = Vec::new();
+    for (i, &(off, n, pat)) in plan.iter().enumerate() {
+        if q.write_at(&vec![pat; n as usize], off).and_then(|()| q.flush()).is_ok() && !aliased[i] {
+            acked.push((off, n, pat));
+        }
+    }
+    let _ = q.close();
+    drop(q);
+    if acked.is_empty() {
+        return;
+    }
+    let r = Qcow2::open(st, Qcow2Options { read_only: true, ..Default::default() })
+        .expect("an image that took writes opens again");
+    for (off, n, pat) in acked {
+        let mut b = vec![0u8; n as usize];
+        r.read_at(&mut b, off).expect("acknowledged data reads back");
+        assert!(b.iter().all(|&x| x == pat), "acknowledged write at {off:#x} lost");
+    }
+}
+
+/// Which planned writes the damaged image already maps onto the same host
+/// cluster as another (two L1 entries sharing an L2 table, two L2 entries
+/// sharing a data cluster): the later write rightly overwrites the earlier.
+fn aliased_writes(q: &Qcow2, plan: &[(u64, u64, u8)]) -> Vec<bool> {
+    let cs = q.cluster_size();
+    let host = |off: u64| q.block_status(off, 1).ok().and_then(|s| s.host_offset).map(|h| h / cs);
+    let hosts: Vec<_> = plan.iter().map(|&(off, _, _)| host(off)).collect();
+    plan.iter()
+        .enumerate()
+        .map(|(i, &(off, _, _))| {
+            q.l2_table_shared(off)
+                || hosts[i].is_some_and(|h| {
+                    hosts.iter().enumerate().any(|(j, &o)| j != i && o == Some(h) && plan[j].0 / cs != off / cs)
+                })
+        })
+        .collect()
+}
+
+fn damaged_snapshots(data: &[u8]) {
+    let Ok(q) = Qcow2::open(storage(data), Qcow2Options { read_only: true, ..Default::default() }) else { return };
+    let ids: Vec<String> = q.snapshot_list().into_iter().take(3).map(|s| s.id).collect();
+    drop(q);
+    for id in &ids {
+        for op in 0..3 {
+            let mem = Arc::new(MemoryStorage::with_limit(data.to_vec(), FUZZ_STORAGE_LIMIT));
+            let st: Arc<dyn Storage> = mem.clone();
+            let Ok(q) = Qcow2::open(st.clone(), Qcow2Options::default()) else { return };
+            let _ = q.flush();
+            let before = mem.to_bytes();
+            let r = match op {
+                0 => q.snapshot_apply(id),
+                1 => q.snapshot_delete(id),
+                _ => q.snapshot_create("fuzz").map(|_| ()),
+            };
+            let corrupt = q.is_corrupt();
+            match r {
+                Ok(()) => {
+                    q.close().expect("clean close after a snapshot operation");
+                    drop(q);
+                    Qcow2::open(st, Qcow2Options { read_only: true, ..Default::default() })
+                        .expect("an image opens again after a snapshot operation succeeded");
+                }
+                Err(e) => {
+                    if !corrupt && !e.is_io() {
+                        assert!(
+                            mem.to_bytes() == before,
+                            "snapshot operation {op} refused ({e}) after changing the image"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,14 +1,16 @@
 //! Opening images by file name: format detection, backing chains,
 //! external data files.
 
-use crate::backing::{BackingName, BackingPolicy, LocalBacking, NetworkBacking};
+use crate::backing::{BackingName, BackingPolicy, LocalBacking, NameRole, NetworkBacking};
+use crate::cache_mode::CacheModeDevice;
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
 use crate::nbd::client::{ClientOptions, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, LockMode, OpenFlags, Storage};
+use crate::storage::{FileStorage, LockMode, NoFlushStorage, OpenFlags, Storage};
 use crate::{Error, Result};
+use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -51,7 +53,18 @@ impl fmt::Display for Format {
     }
 }
 
-/// QEMU's cache modes.
+/// QEMU's cache modes, and what each promises:
+///
+/// | mode         | host cache | a write (zeroes, discard) completes | flush  |
+/// |--------------|------------|-------------------------------------|--------|
+/// | writeback    | used       | when the host has it                | syncs  |
+/// | none         | O_DIRECT   | when the host has it                | syncs  |
+/// | writethrough | used       | once durable (synced)               | syncs  |
+/// | directsync   | O_DIRECT   | once durable (synced)               | syncs  |
+/// | unsafe       | used       | when the host has it                | no-op  |
+///
+/// They hold for every file of an image (backing files are read only;
+/// external data files follow the image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CacheMode {
     /// Host page cache, flushes honoured.
@@ -84,11 +97,33 @@ impl FromStr for CacheMode {
 }
 
 impl CacheMode {
-    fn direct(self) -> bool {
+    /// Whether files bypass the host page cache (O_DIRECT).
+    pub fn direct(self) -> bool {
         matches!(self, CacheMode::None | CacheMode::Directsync)
     }
-    fn writethrough(self) -> bool {
+    /// Whether each write is durable before it completes.
+    pub fn writethrough(self) -> bool {
         matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+    /// Whether flushes are ignored.
+    pub fn ignores_flushes(self) -> bool {
+        self == CacheMode::Unsafe
+    }
+}
+
+/// A function applied to the storage of every file [`open`] opens (image,
+/// backing and data files), beneath the cache mode's own layers: a seam
+/// for tests that count or inject what reaches the files.
+#[derive(Clone)]
+pub struct StorageHook(pub Arc<WrapStorage>);
+
+/// What a [`StorageHook`] calls: the file's path and storage in, the
+/// storage to use out.
+pub type WrapStorage = dyn Fn(&Path, Arc<dyn Storage>) -> Arc<dyn Storage> + Send + Sync;
+
+impl std::fmt::Debug for StorageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageHook")
     }
 }
 
@@ -125,6 +160,8 @@ pub struct OpenOptions {
     /// Read-only without refusing others the right to write (qemu-img
     /// `-U`, `force-share=on`); refused together with `write`.
     pub force_share: bool,
+    /// Wraps the storage of every file opened (tests).
+    pub storage_hook: Option<StorageHook>,
 }
 
 impl Default for OpenOptions {
@@ -139,6 +176,7 @@ impl Default for OpenOptions {
             locking: true,
             force_share: false,
             copy_on_read: false,
+            storage_hook: None,
         }
     }
 }
@@ -153,6 +191,7 @@ setters!(OpenOptions {
     force_share: bool,
 } opt {
     format: Format,
+    storage_hook: StorageHook,
 });
 
 impl OpenOptions {
@@ -239,6 +278,27 @@ impl Image {
     }
 }
 
+/// The local files of a backing chain, by identity (device and inode), so
+/// that a chain coming back to a file already in it is refused as a loop
+/// instead of being followed until memory or the depth limit runs out.
+/// Names would miss loops through a symlink, a hard link or `./`.
+#[derive(Debug, Default)]
+pub struct ChainFiles(HashSet<(u64, u64)>);
+
+impl ChainFiles {
+    /// Records the file `path` names; refuses one already in the chain
+    /// with qemu-img's message. Names that are no local file (network
+    /// exports, missing files) are left for the open to report.
+    pub fn enter(&mut self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(path) else { return Ok(()) };
+        if !self.0.insert((md.dev(), md.ino())) {
+            return Err(Error::invalid(format!("Backing file '{}' creates an infinite loop.", path.display())));
+        }
+        Ok(())
+    }
+}
+
 /// Resolves a backing file name relative to the directory of `image`.
 pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     // Network names are locations, not paths relative to the image.
@@ -255,8 +315,21 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// The storage of an opened file as the image uses it: the hook, if any,
+/// and the cache mode's flush policy on top of the file.
+fn file_layers(path: &Path, file: FileStorage, opts: &OpenOptions) -> Arc<dyn Storage> {
+    let mut st: Arc<dyn Storage> = Arc::new(file);
+    if let Some(hook) = &opts.storage_hook {
+        st = (hook.0)(path, st);
+    }
+    if opts.cache.ignores_flushes() {
+        st = Arc::new(NoFlushStorage(st));
+    }
+    st
+}
+
 fn open_file(path: &Path, write: bool, cache: CacheMode, lock: Option<LockMode>) -> Result<FileStorage> {
-    let flags = OpenFlags { write, direct: cache.direct(), create: false, no_flush: cache == CacheMode::Unsafe };
+    let flags = OpenFlags { write, direct: cache.direct(), ..OpenFlags::default() };
     let opened = match lock {
         Some(mode) => FileStorage::open_locked(path, flags, mode),
         None => FileStorage::open(path, flags).map_err(|e| Error::io(String::new(), e)),
@@ -311,19 +384,28 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     if opts.write && opts.force_share {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
     }
-    open_depth(path.as_ref(), opts, 0)
+    let path = path.as_ref();
+    let mut chain = ChainFiles::default();
+    chain.enter(path)?;
+    open_depth(path, opts, 0, &mut chain)
 }
 
-fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
+/// Opens `path` as image number `depth` of a chain whose files so far are
+/// in `chain`.
+fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFiles) -> Result<Image> {
+    // Loops through local files are caught by `chain`; this bounds chains
+    // through network exports, which have no file identity.
     if depth > MAX_BACKING_DEPTH {
-        return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH} (a loop?)")));
+        return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH}")));
     }
     let Opened { storage, native_raw, format, probed } = open_storage(path, opts)?;
     match format {
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match native_raw {
                 Some(d) => d,
-                None => Arc::new(RawImage::new(storage.clone(), !opts.write, probed)?),
+                None => Arc::new(
+                    RawImage::new(storage.clone(), !opts.write, probed)?.writethrough(opts.cache.writethrough()),
+                ),
             };
             Ok(Image {
                 path: path.to_path_buf(),
@@ -349,7 +431,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     None => None,
                 };
                 let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
-                let b = open_depth(&bpath, &bopts, depth + 1).map_err(|e| match e {
+                chain.enter(&bpath)?;
+                let b = open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
                     Error::Io { context, source } => {
                         Error::Io { context: format!("Could not open backing file: {context}"), source }
                     }
@@ -366,7 +449,10 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     .ok_or_else(|| Error::invalid("image needs an external data file but names none"))?;
                 let bname = BackingName::new(name.as_str());
                 if bname.is_protocol() {
-                    return Err(bname.refused(format!("data file name '{name}' names a protocol; refusing")));
+                    return Err(bname.refused_as(
+                        NameRole::DataFile,
+                        format!("data file name '{name}' names a protocol; refusing"),
+                    ));
                 }
                 // QEMU opens the data file by its name as given, relative
                 // to the working directory (unlike backing files).
@@ -375,8 +461,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize) -> Result<Image> {
                     Some(_) if !opts.force_share => Some(LockMode::data_file(opts.write)),
                     other => other,
                 };
-                let d: Arc<dyn Storage> = Arc::new(open_file(&dpath, opts.write, opts.cache, lock)?);
-                Some(d)
+                let d = open_file(&dpath, opts.write, opts.cache, lock)?;
+                Some(file_layers(&dpath, d, opts))
             } else {
                 None
             };
@@ -431,8 +517,16 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             };
             // The client is the export's raw device: it knows the
             // export's allocation and zeroes and trims natively.
-            let raw: Arc<dyn BlockDevice> = nbd.client().clone();
-            Opened { storage: Arc::new(nbd), native_raw: Some(raw), format: f, probed: p }
+            let mut raw: Arc<dyn BlockDevice> = nbd.client().clone();
+            // The client keeps no cache-mode promise of its own.
+            if opts.cache.writethrough() || opts.cache.ignores_flushes() {
+                raw = Arc::new(CacheModeDevice::new(raw, opts.cache.writethrough(), opts.cache.ignores_flushes()));
+            }
+            let mut storage: Arc<dyn Storage> = Arc::new(nbd);
+            if opts.cache.ignores_flushes() {
+                storage = Arc::new(NoFlushStorage(storage));
+            }
+            Opened { storage, native_raw: Some(raw), format: f, probed: p }
         }
         None => {
             // Locked only once the format is known (which locks depend
@@ -445,7 +539,7 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             if let Some(mode) = lock_mode(opts, format) {
                 file.lock(path, mode)?;
             }
-            Opened { storage: Arc::new(file), native_raw: None, format, probed }
+            Opened { storage: file_layers(path, file, opts), native_raw: None, format, probed }
         }
     })
 }

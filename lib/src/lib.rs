@@ -95,6 +95,7 @@ macro_rules! setters {
 }
 
 pub mod backing;
+mod cache_mode;
 mod device;
 mod error;
 pub mod format;
@@ -112,5 +113,8 @@ pub mod tools;
 
 pub use device::{chain_status, check_range, read_backing, BlockDevice, BlockStatus};
 pub use error::{Error, Result};
-pub use image::{create_file, open, probe_format, resolve_backing, CacheMode, Format, Image, OpenOptions};
+pub use image::{
+    create_file, open, probe_format, resolve_backing, CacheMode, ChainFiles, Format, Image, OpenOptions, StorageHook,
+    WrapStorage,
+};
 pub use raw::RawImage;

@@ -15,18 +15,38 @@ pub struct RawImage {
     /// format magic into sector 0 (a guest could otherwise turn its disk
     /// into a qcow2 image pointing at host files).
     probed: bool,
+    /// Every write is durable before it completes (cache=writethrough,
+    /// directsync).
+    writethrough: bool,
 }
 
 impl RawImage {
     /// Wraps `storage` as a raw image.
     pub fn new(storage: Arc<dyn Storage>, read_only: bool, probed: bool) -> Result<Self> {
         let len = storage.len().map_err(|e| Error::io("reading raw image size", e))?;
-        Ok(RawImage { storage, len: AtomicU64::new(len), read_only, probed })
+        Ok(RawImage { storage, len: AtomicU64::new(len), read_only, probed, writethrough: false })
+    }
+
+    /// Makes every write, write-zeroes and discard durable before it
+    /// completes (cache=writethrough and directsync).
+    pub fn writethrough(mut self, on: bool) -> Self {
+        self.writethrough = on;
+        self
     }
 
     fn writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly("image opened read-only".into()));
+        }
+        Ok(())
+    }
+
+    /// Completes a modifying request: in writethrough mode it is durable
+    /// before the caller hears of it.
+    fn complete(&self, r: std::io::Result<()>, what: &'static str) -> Result<()> {
+        r.map_err(|e| Error::io(what, e))?;
+        if self.writethrough {
+            self.storage.flush().map_err(|e| Error::io("flushing raw image", e))?;
         }
         Ok(())
     }
@@ -54,22 +74,24 @@ impl BlockDevice for RawImage {
                 ));
             }
         }
-        self.storage.write_at(buf, offset).map_err(|e| Error::io("writing raw image", e))
+        self.complete(self.storage.write_at(buf, offset), "writing raw image")
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.len())?;
         if may_unmap {
-            self.storage.punch_hole(offset, len).map_err(|e| Error::io("punching hole in raw image", e))
+            self.complete(self.storage.punch_hole(offset, len), "punching hole in raw image")
         } else {
-            crate::storage::write_zeros_chunked(&*self.storage, offset, len)
-                .map_err(|e| Error::io("writing zeroes to raw image", e))
+            self.complete(
+                crate::storage::write_zeros_chunked(&*self.storage, offset, len),
+                "writing zeroes to raw image",
+            )
         }
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.writable()?;
         check_range(offset, len, self.len())?;
-        self.storage.punch_hole(offset, len).map_err(|e| Error::io("discarding in raw image", e))
+        self.complete(self.storage.punch_hole(offset, len), "discarding in raw image")
     }
     fn flush(&self) -> Result<()> {
         if self.read_only {

@@ -2,7 +2,8 @@
 //! amend`): compat, lazy_refcounts, refcount_bits, backing_file,
 //! backing_fmt, size.
 
-use crate::util::{parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::parse_format;
 use oxcow::qcow2::{amend, AmendOptions};
 use oxcow::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use oxcow::Format;
@@ -36,11 +37,10 @@ pub struct Args {
 /// qemu-img amend holds it.
 fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
     let flags = OpenFlags::default().write(true);
-    let f = FileStorage::open_locked(std::path::Path::new(path), flags, mode).map_err(|e| {
-        let msg = crate::util::clean_message(&e.to_string());
-        let msg = msg.strip_prefix(&format!("Could not open '{path}': ")).unwrap_or(&msg).to_string();
-        CliError::new(format!("Could not open '{path}': {msg}"))
-    })?;
+    let p = std::path::Path::new(path);
+    let could_not_open = |cause: String| CliError::new(format!("Could not open '{path}': {cause}"));
+    let mut f = FileStorage::open(p, flags).map_err(|e| could_not_open(crate::error::os_message(&e)))?;
+    f.lock(p, mode).map_err(|e| could_not_open(crate::error::message(&e)))?;
     Ok(Arc::new(f))
 }
 

@@ -1,7 +1,8 @@
 //! `oxcow bench`: qemu-img bench's flags and output over the library's
 //! bench tool; `-d` requests are truly in flight (one thread each).
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num};
 use oxcow::tools::bench::{self, BenchOptions};
 use oxcow::{CacheMode, OpenOptions};
 

@@ -2,7 +2,8 @@
 //! JSON keys and exit codes (0 clean, 1 check failed, 2 corruptions,
 //! 3 leaks only, 63 format without checks).
 
-use crate::util::{open_image, parse_format, qemu_json, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, qemu_json};
 use oxcow::qcow2::{CheckReport, Repair};
 use oxcow::{Format, OpenOptions};
 use serde_json::{Map, Value};
@@ -53,7 +54,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let report = match q.check(repair) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("oxcow: Check failed: {}", crate::util::clean_message(&e.to_string()));
+            eprintln!("oxcow: Check failed: {}", crate::error::message(&e));
             return Ok(1);
         }
     };

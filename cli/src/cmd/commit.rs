@@ -1,9 +1,10 @@
 //! `oxcow commit`: write an overlay's data into its backing image (like
 //! `qemu-img commit`).
 
-use crate::util::{parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::progress::Progress;
+use crate::util::parse_format;
 use oxcow::tools::commit::{commit, CommitOptions};
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -33,34 +34,16 @@ pub struct Args {
     file: String,
 }
 
-/// qemu-img's progress line, rewritten in place.
-pub fn progress_printer(enabled: bool) -> impl FnMut(u64, u64) {
-    let mut last = -1.0f64;
-    move |done, total| {
-        if !enabled {
-            return;
-        }
-        let pct = if total == 0 { 100.0 } else { done as f64 * 100.0 / total as f64 };
-        if pct - last >= 1.0 || (pct >= 100.0 && last < 100.0) || last < 0.0 {
-            print!("    ({pct:.2}/100%)\r");
-            let _ = std::io::stdout().flush();
-            last = pct;
-        }
-    }
-}
-
 pub fn run(a: Args) -> CliResult<i32> {
     let _ = (a.cache, a.rate);
     let opts = CommitOptions::default()
         .format(parse_format(a.format.as_deref())?)
         .base(a.base.map(PathBuf::from))
         .keep_overlay(a.drop);
-    let show = a.progress && !a.quiet;
-    let mut p = progress_printer(show);
-    commit(std::path::Path::new(&a.file), &opts, &mut p).map_err(CliError::from)?;
-    if show {
-        println!();
-    }
+    let progress = Progress::new(a.progress && !a.quiet);
+    commit(std::path::Path::new(&a.file), &opts, &mut |done, total| progress.update(done, total))
+        .map_err(CliError::from)?;
+    progress.finish();
     if !a.quiet {
         println!("Image committed.");
     }

@@ -1,7 +1,8 @@
 //! `oxcow compare`: qemu-img compare's messages and exit codes
 //! (0 identical, 1 different, 2 error).
 
-use crate::util::{open_image, parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format};
 use oxcow::tools::compare::{first_difference, first_nonzero, Difference};
 use oxcow::OpenOptions;
 

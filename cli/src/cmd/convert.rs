@@ -1,10 +1,11 @@
 //! `oxcow convert`: copies an image's contents into a new (or, with `-n`,
 //! an existing) raw or qcow2 image, leaving zero ranges as holes.
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
-use oxcow::tools::convert::{copy, CopyOptions};
-use oxcow::BlockDevice;
-use oxcow::{resolve_backing, OpenOptions};
+use crate::error::{CliError, CliResult};
+use crate::progress::Progress;
+use crate::util::{open_image, parse_format, parse_num};
+use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
+use oxcow::{resolve_backing, Format, OpenOptions};
 use std::path::Path;
 
 #[derive(clap::Args)]
@@ -18,7 +19,7 @@ pub struct Args {
     /// Output format options, `key=value,...` (repeatable).
     #[arg(short = 'o')]
     options: Vec<String>,
-    /// Show a progress bar on stderr.
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -68,12 +69,10 @@ pub fn run(a: Args) -> CliResult<i32> {
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
-    let out_fmt = match a.out_format.as_str() {
-        f @ ("raw" | "qcow2") => f,
-        other => return Err(CliError::new(format!("Unknown file format '{other}'"))),
-    };
-    if a.backing.is_some() && out_fmt != "qcow2" {
-        return Err(CliError::new(format!("Backing file not supported for file format '{out_fmt}'")));
+    let out_fmt =
+        a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
+    if a.backing.is_some() && out_fmt != Format::Qcow2 {
+        return Err(CliError::new(format!("Backing file not supported for file format '{}'", out_fmt.name())));
     }
     if a.backing.is_some() && a.no_create {
         return Err(CliError::new("-B makes no sense when -n is used"));
@@ -89,9 +88,10 @@ pub fn run(a: Args) -> CliResult<i32> {
     let snap_dev = match &snap_name {
         Some(n) => {
             let q = src.qcow2().ok_or_else(|| CliError::new("This image format does not support snapshots"))?;
-            Some(q.snapshot_device(n).map_err(|e| {
-                CliError::new(format!("Failed to load snapshot: {}", crate::util::clean_message(&e.to_string())))
-            })?)
+            Some(
+                q.snapshot_device(n)
+                    .map_err(|e| CliError::new(format!("Failed to load snapshot: {}", crate::error::message(&e))))?,
+            )
         }
         None => None,
     };
@@ -111,8 +111,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         }
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }
-    let out_format = parse_format(Some(out_fmt))?;
-    let dst = open_image(dst_path, &OpenOptions::default().format(out_format).write(true).cache(dst_cache))?;
+    let dst = open_image(dst_path, &OpenOptions::default().format(Some(out_fmt)).write(true).cache(dst_cache))?;
     let ddev = dst.device();
     if a.no_create && ddev.len() < size {
         return Err(CliError::new("Error while writing to target: the target is smaller than the source"));
@@ -125,48 +124,22 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let base = if a.backing.is_some() { ddev.backing() } else { None };
 
-    let bar = if a.progress {
-        let b = indicatif::ProgressBar::with_draw_target(Some(size), indicatif::ProgressDrawTarget::stderr());
-        b.set_style(
-            indicatif::ProgressStyle::with_template("    ({percent}.00/100%) [{bar:40}] {bytes}/{total_bytes}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Some(b)
-    } else {
-        None
-    };
+    let progress = Progress::new(a.progress);
     if a.compress {
         let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
         if a.backing.is_some() || a.no_create {
             return Err(CliError::new("-c is only supported for new images without -B"));
         }
-        copy_compressed(sdev, q, &mut |pos| {
-            if let Some(b) = &bar {
-                b.set_position(pos);
-            }
-        })
-        .map_err(|e| {
-            CliError::new(format!("error while compressing: {}", crate::util::clean_message(&e.to_string())))
-        })?;
-        if let Some(b) = bar {
-            b.finish();
-        }
+        copy_compressed(sdev, q, &mut |pos| progress.update(pos, size))
+            .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
+        progress.finish();
         dst.close()?;
         return Ok(0);
     }
-    let werr = |e: oxcow::Error| {
-        CliError::new(format!("error while converting: {}", crate::util::clean_message(&e.to_string())))
-    };
+    let werr = |e: oxcow::Error| CliError::new(format!("error while converting: {}", crate::error::message(&e)));
     let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
-    copy(sdev, ddev, &o, &mut |pos| {
-        if let Some(b) = &bar {
-            b.set_position(pos);
-        }
-    })
-    .map_err(werr)?;
-    if let Some(b) = bar {
-        b.finish();
-    }
+    copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
+    progress.finish();
     dst.close().map_err(werr)?;
     Ok(0)
 }
@@ -184,35 +157,4 @@ fn snapshot_name(p: &str) -> CliResult<String> {
         }
     }
     name.ok_or_else(|| CliError::new("Failed to load snapshot: no snapshot given"))
-}
-
-/// `-c`: every guest cluster that holds data is written compressed; zero
-/// clusters stay unallocated.
-fn copy_compressed(src: &dyn BlockDevice, q: &oxcow::qcow2::Qcow2, progress: &mut dyn FnMut(u64)) -> oxcow::Result<()> {
-    let size = src.len();
-    let cs = q.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
-    let mut c = 0;
-    while c < size {
-        let st = oxcow::chain_status(src, c, size - c)?;
-        if st.zero && st.length >= size - c {
-            break;
-        }
-        if st.zero && st.length >= cs {
-            // Whole clusters of zeros: nothing to write.
-            c += st.length / cs * cs;
-            progress(c);
-            continue;
-        }
-        let n = (size - c).min(cs) as usize;
-        buf.fill(0);
-        src.read_at(&mut buf[..n], c)?;
-        if buf.iter().any(|&b| b != 0) {
-            q.write_compressed(c, &buf)?;
-        }
-        c += cs;
-        progress(c.min(size));
-    }
-    progress(size);
-    Ok(())
 }

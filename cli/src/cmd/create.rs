@@ -1,6 +1,7 @@
 //! `oxcow create`: qemu-img create for qcow2 and raw images.
 
-use crate::util::{open_image, parse_bool, parse_options, CliError, CliResult};
+use crate::error::{message, os_message, CliError, CliResult};
+use crate::util::{parse_bool, parse_options};
 use oxcow::format::CompressionType;
 use oxcow::qcow2::{CreateOptions, Preallocation};
 use oxcow::storage::Storage;
@@ -66,7 +67,7 @@ pub fn run(a: Args) -> CliResult<i32> {
 /// What `convert` needs to make its target: the same path as `create`.
 pub fn create_target(
     file: &str,
-    format: &str,
+    format: Format,
     options: Vec<String>,
     backing: Option<String>,
     backing_format: Option<String>,
@@ -74,7 +75,7 @@ pub fn create_target(
 ) -> CliResult<i32> {
     create(Args {
         quiet: true,
-        format: format.to_string(),
+        format: format.name().to_string(),
         options,
         backing,
         backing_format,
@@ -134,9 +135,15 @@ fn create(a: Args) -> CliResult<i32> {
             let bfmt = crate::util::parse_format(g.backing_fmt.as_deref())
                 .map_err(|e| err(format!("{}\nCould not open backing image.", e.msg)))?;
             let opts = OpenOptions::default().format(bfmt);
-            let bimg = open_image(&bpath.display().to_string(), &opts).map_err(|_| {
-                err(format!("Could not open '{b}': No such file or directory\nCould not open backing image."))
+            let opts = crate::util::with_network_permission(&opts);
+            let bimg = oxcow::open(&bpath, &opts).map_err(|e| {
+                let why = match e {
+                    oxcow::Error::Io { source, .. } => os_message(&source),
+                    other => message(&other),
+                };
+                err(format!("Could not open '{b}': {why}\nCould not open backing image."))
             })?;
+            crate::util::report_dirty_repair(&bpath.display().to_string(), &bimg);
             if size.is_none() {
                 size = Some(bimg.device().len());
             }
@@ -206,19 +213,20 @@ fn prealloc(g: &Given) -> CliResult<Preallocation> {
 
 fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let mode = prealloc(g).map_err(|e| e.msg)?;
-    let f = create_file(Path::new(path)).map_err(|e| e.to_string())?;
-    f.set_len(0).map_err(|e| format!("Could not resize file: {e}"))?;
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     if mode == Preallocation::Full {
         let chunk = vec![0u8; 1 << 20];
         let mut off = 0;
         while off < size {
             let n = (size - off).min(chunk.len() as u64) as usize;
-            f.write_at(&chunk[..n], off).map_err(|e| format!("Could not write zeros for preallocation: {e}"))?;
+            f.write_at(&chunk[..n], off)
+                .map_err(|e| format!("Could not write zeros for preallocation: {}", os_message(&e)))?;
             off += n as u64;
         }
     }
-    f.set_len(size).map_err(|e| format!("Could not resize file: {e}"))?;
-    f.flush().map_err(|e| e.to_string())?;
+    f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    f.flush().map_err(|e| os_message(&e))?;
     Ok(())
 }
 
@@ -254,22 +262,22 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     o.backing_format = g.backing_fmt.clone();
     o.data_file = g.data_file.clone();
     o.preallocation = prealloc(g).map_err(|e| e.msg)?;
-    o.validate().map_err(|e| e.to_string())?;
+    o.validate().map_err(|e| message(&e))?;
 
     let data: Option<Arc<dyn Storage>> = match &g.data_file {
         Some(name) => {
             let dpath = resolve_backing(Path::new(path), name);
-            let d: Arc<dyn Storage> = create_file(&dpath).map_err(|e| e.to_string())?;
+            let d: Arc<dyn Storage> = create_file(&dpath).map_err(|e| message(&e))?;
             Some(d)
         }
         None => None,
     };
-    let f = create_file(Path::new(path)).map_err(|e| e.to_string())?;
-    oxcow::qcow2::create(f, data.clone(), &o).map_err(|e| crate::util::clean_message(&e.to_string()))?;
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    oxcow::qcow2::create(f, data.clone(), &o).map_err(|e| message(&e))?;
     if let Some(d) = data {
         // qemu-img sizes the data file to the disk, so it holds the whole guest.
-        if d.len().map_err(|e| e.to_string())? < o.size {
-            d.set_len(o.size).map_err(|e| format!("Could not resize data file: {e}"))?;
+        if d.len().map_err(|e| os_message(&e))? < o.size {
+            d.set_len(o.size).map_err(|e| format!("Could not resize data file: {}", os_message(&e)))?;
         }
     }
     Ok(())

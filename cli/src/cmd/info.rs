@@ -1,8 +1,10 @@
 //! `oxcow info`: qemu-img info's JSON and human output.
 
-use crate::util::{human, open_image, parse_format, qemu_json, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{human, open_image, parse_format, qemu_json};
 use oxcow::format::{Autoclear, SnapshotEntry};
-use oxcow::{resolve_backing, Image, OpenOptions};
+use oxcow::qcow2::BitmapInfo;
+use oxcow::{resolve_backing, ChainFiles, Image, OpenOptions};
 use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
@@ -32,6 +34,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let mut format = parse_format(a.format.as_deref())?;
     let mut path = a.file.clone();
     let mut infos = Vec::new();
+    let mut chain = ChainFiles::default();
+    chain.enter(path.as_ref()).map_err(|e| CliError::new(e.to_string()))?;
     loop {
         // Backing files are opened one at a time, as qemu-img does, so a
         // missing backing file does not hide the top image's information.
@@ -48,7 +52,18 @@ pub fn run(a: Args) -> CliResult<i32> {
         };
         infos.push(info);
         match next {
+            Some(_) if infos.len() > oxcow::format::limits::MAX_BACKING_DEPTH => {
+                // Only chains through network exports get here: local
+                // files are told apart by identity below.
+                return Err(CliError::new(format!(
+                    "backing chain deeper than {}",
+                    oxcow::format::limits::MAX_BACKING_DEPTH
+                )));
+            }
             Some((p, f)) => {
+                // As qemu-img: the loop is named by the backing file that
+                // comes back, as resolved, before anything is printed.
+                chain.enter(p.as_ref()).map_err(|e| CliError::new(e.to_string()))?;
                 path = p;
                 format = parse_format(f.as_deref())?;
             }
@@ -86,45 +101,23 @@ fn snapshot_json(s: &SnapshotEntry) -> Value {
     Value::Object(m)
 }
 
-/// Reads the persistent bitmap directory for the `bitmaps` key.
-fn bitmaps_json(img: &Image, ext: &oxcow::format::BitmapsExt) -> CliResult<Value> {
-    let len = usize::try_from(ext.directory_size).map_err(|_| CliError::new("bitmap directory too large"))?;
-    if len > 64 << 20 {
-        return Err(CliError::new("bitmap directory too large"));
-    }
-    let mut dir = vec![0u8; len];
-    img.file()
-        .read_at(&mut dir, ext.directory_offset)
-        .map_err(|e| CliError::new(format!("reading bitmap directory: {e}")))?;
-    let mut out = Vec::new();
-    let mut pos = 0usize;
-    for _ in 0..ext.nb_bitmaps {
-        if pos + 24 > dir.len() {
-            return Err(CliError::new("bitmap directory is truncated"));
+/// The `bitmaps` key: each bitmap's flags, name and granularity.
+fn bitmaps_json(bitmaps: &[BitmapInfo]) -> Value {
+    let list = bitmaps.iter().map(|b| {
+        let mut flags = Vec::new();
+        if b.in_use {
+            flags.push(json!("in-use"));
         }
-        let be32 = |at: usize| u32::from_be_bytes([dir[at], dir[at + 1], dir[at + 2], dir[at + 3]]);
-        let flags = be32(pos + 12);
-        let gran_bits = dir[pos + 17];
-        let name_len = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-        let extra = be32(pos + 20) as usize;
-        let name_at = pos + 24 + extra;
-        let name =
-            dir.get(name_at..name_at + name_len).ok_or_else(|| CliError::new("bitmap directory is truncated"))?;
-        let mut f = Vec::new();
-        if flags & 1 != 0 {
-            f.push(json!("in-use"));
-        }
-        if flags & 2 != 0 {
-            f.push(json!("auto"));
+        if b.auto {
+            flags.push(json!("auto"));
         }
         let mut m = Map::new();
-        m.insert("flags".into(), Value::Array(f));
-        m.insert("name".into(), json!(String::from_utf8_lossy(name)));
-        m.insert("granularity".into(), json!(1u64.checked_shl(gran_bits.into()).unwrap_or(0)));
-        out.push(Value::Object(m));
-        pos = (name_at + name_len).div_ceil(8) * 8;
-    }
-    Ok(Value::Array(out))
+        m.insert("flags".into(), Value::Array(flags));
+        m.insert("name".into(), json!(b.name));
+        m.insert("granularity".into(), json!(b.granularity));
+        Value::Object(m)
+    });
+    Value::Array(list.collect())
 }
 
 fn file_child(img: &Image, path: &str) -> Value {
@@ -171,8 +164,8 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         d.insert("compression-type".into(), json!(h.compression_type.name()));
         if v3 {
             d.insert("lazy-refcounts".into(), json!(h.compatible_features & 1 != 0));
-            if let Some(b) = ext.bitmaps.as_ref().filter(|b| b.nb_bitmaps > 0) {
-                d.insert("bitmaps".into(), bitmaps_json(img, b)?);
+            if ext.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0) {
+                d.insert("bitmaps".into(), bitmaps_json(&q.bitmaps()?));
             }
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));

@@ -4,10 +4,9 @@
 //! command that fails prints its message and the run ends with status 1,
 //! but later commands still run.
 
-use crate::util::{io_size, parse_format, parse_num, CliError, CliResult};
-use oxcow::chain_status;
-use oxcow::BlockDevice;
-use oxcow::{CacheMode, Image, OpenOptions};
+use crate::error::{CliError, CliResult};
+use crate::util::{io_size, parse_format, parse_num};
+use oxcow::{chain_status, BlockDevice, CacheMode, Image, OpenOptions};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -51,7 +50,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let cache = match &a.cache {
         Some(c) => c.parse::<CacheMode>().map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
         None if a.nocache => CacheMode::None,
-        None => CacheMode::default(),
+        // qemu-io's default: each write durable before the next command.
+        None => CacheMode::Writethrough,
     };
     let unmap = match a.discard.as_str() {
         "ignore" | "off" => false,
@@ -74,16 +74,13 @@ pub fn run(a: Args) -> CliResult<i32> {
         .allow_network_backing(a.copy_on_read);
     let opts = crate::util::with_network_permission(&opts);
     let img = oxcow::open(&a.file, &opts)
-        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::util::explain(&e))))?;
+        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::error::message(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);
     let snap = match &a.snapshot {
         Some(name) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;
             Some(q.snapshot_device(name).map_err(|e| {
-                CliError::new(format!(
-                    "Failed to load snapshot '{name}': {}",
-                    crate::util::clean_message(&e.to_string())
-                ))
+                CliError::new(format!("Failed to load snapshot '{name}': {}", crate::error::message(&e)))
             })?)
         }
         None => None,
@@ -105,7 +102,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     if a.cmds.is_empty() {
         for line in std::io::stdin().lock().lines() {
-            let line = line.map_err(|e| CliError::new(format!("reading commands: {e}")))?;
+            let line =
+                line.map_err(|e| CliError::new(format!("reading commands: {}", crate::error::os_message(&e))))?;
             if matches!(line.trim(), "quit" | "q") {
                 break;
             }
@@ -118,7 +116,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let _ = out.flush();
     if let Err(e) = img.close() {
-        eprintln!("oxcow: closing {}: {}", a.file, crate::util::clean_message(&e.to_string()));
+        eprintln!("oxcow: closing {}: {}", a.file, crate::error::message(&e));
         failed = true;
     }
     Ok(i32::from(failed))
@@ -262,7 +260,7 @@ fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Dur
 }
 
 fn fail(what: &str, e: oxcow::Error) -> Stop {
-    eprintln!("{what} failed: {}", crate::util::clean_message(&e.to_string()));
+    eprintln!("{what} failed: {}", crate::error::request_message(&e));
     Stop
 }
 

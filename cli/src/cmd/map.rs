@@ -1,9 +1,9 @@
 //! `oxcow map`: qemu-img map's extent list, JSON or human.
 
-use crate::util::{open_image, parse_format, CliError, CliResult};
-use oxcow::chain_status;
-use oxcow::storage::Storage;
-use oxcow::{resolve_backing, Image, OpenOptions};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format};
+use oxcow::qcow2::Qcow2;
+use oxcow::{chain_status, resolve_backing, Image, OpenOptions};
 use std::io::Write;
 
 #[derive(clap::Args)]
@@ -62,9 +62,10 @@ impl Extent {
 /// A layer of the chain: the file its data lives in and that file's name.
 pub struct Layer<'a> {
     pub name: String,
-    /// The image file itself when data lives there (not in an external
-    /// data file); its holes refine the zero flag as QEMU's file layer does.
-    pub own_file: Option<&'a dyn Storage>,
+    /// The image, when it looks metadata-preallocated and its data lives
+    /// in its own file: holes there refine the zero flag, as QEMU's file
+    /// layer does.
+    pub preallocated: Option<&'a Qcow2>,
 }
 
 pub fn layers(img: &Image) -> Vec<Layer<'_>> {
@@ -78,67 +79,15 @@ pub fn layers(img: &Image) -> Vec<Layer<'_>> {
         };
         // QEMU only asks the file about holes under qcow2 data when it
         // believes the image was preallocated; raw layers report holes
-        // themselves.
-        let own_file = match i.qcow2() {
-            Some(q) if ext_data.is_none() && looks_preallocated(q) => Some(&**i.file()),
+        // themselves. A failure to tell is not worth failing the map for.
+        let preallocated = match i.qcow2() {
+            Some(q) if ext_data.is_none() && q.metadata_preallocated().unwrap_or(false) => Some(&**q),
             _ => None,
         };
-        out.push(Layer { name, own_file });
+        out.push(Layer { name, preallocated });
         cur = i.backing();
     }
     out
-}
-
-/// QEMU's test for metadata preallocation: far more clusters carry a
-/// refcount than the host file has blocks for (at least 10/9 as many and
-/// two more).
-fn looks_preallocated(q: &oxcow::qcow2::Qcow2) -> bool {
-    let file = q.file();
-    let cs = q.cluster_size();
-    let (Ok(flen), Ok(alloc)) = (file.len(), file.allocated_size()) else { return false };
-    let real = alloc / cs;
-    let threshold = (real * 10 / 9).max(real + 2);
-    let end_cluster = flen.div_ceil(cs);
-    let h = q.header();
-    let bits = u64::from(h.refcount_bits());
-    let per_block = cs * 8 / bits;
-    let table_len = u64::from(h.refcount_table_clusters) * cs;
-    if table_len > 64 << 20 {
-        return false;
-    }
-    let mut table = vec![0u8; table_len as usize];
-    if file.read_at(&mut table, h.refcount_table_offset).is_err() {
-        return false;
-    }
-    let mut count = 0u64;
-    let mut block = vec![0u8; cs as usize];
-    for (bi, e) in table.chunks_exact(8).enumerate() {
-        let first = bi as u64 * per_block;
-        if first >= end_cluster || count >= threshold {
-            break;
-        }
-        let off = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & !0x1ff;
-        if off == 0 {
-            continue;
-        }
-        if file.read_at(&mut block, off).is_err() {
-            return false;
-        }
-        for i in 0..per_block.min(end_cluster - first) {
-            let bit = i * bits;
-            let nonzero = if bits < 8 {
-                (block[(bit / 8) as usize] >> (bit % 8)) & ((1u16 << bits) - 1) as u8 != 0
-            } else {
-                let at = (bit / 8) as usize;
-                block[at..at + (bits / 8) as usize].iter().any(|&b| b != 0)
-            };
-            count += u64::from(nonzero);
-            if count >= threshold {
-                break;
-            }
-        }
-    }
-    count >= threshold
 }
 
 /// Walks the whole device through its chain, calling `f` with each merged
@@ -190,23 +139,10 @@ pub fn walk(
 /// copy-on-write from nothing).
 fn refine_with_file(e: &mut Extent, ls: &[Layer]) {
     let (Some(host), true, false) = (e.offset, e.data, e.zero) else { return };
-    let Some(file) = ls.get(e.layer).and_then(|l| l.own_file) else { return };
-    let flen = file.len().unwrap_or(u64::MAX);
-    if host >= flen {
-        e.zero = true;
-        return;
-    }
-    if let Some((is_data, end)) = file.extent_at(host) {
-        if end > host {
-            e.length = e.length.min(end - host);
-        }
-        if !is_data {
-            e.zero = true;
-        }
-    }
-    if host + e.length > flen {
-        e.length = flen - host;
-    }
+    let Some(q) = ls.get(e.layer).and_then(|l| l.preallocated) else { return };
+    let h = q.host_extent(host, e.length);
+    e.length = h.length;
+    e.zero |= h.hole;
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
@@ -227,7 +163,9 @@ pub fn run(a: Args) -> CliResult<i32> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
-    let w = |r: std::io::Result<()>| r.map_err(|e| CliError::new(format!("writing output: {e}")));
+    let w = |r: std::io::Result<()>| {
+        r.map_err(|e| CliError::new(format!("writing output: {}", crate::error::os_message(&e))))
+    };
     if json_out {
         walk(&img, start, max_len, |e, _| {
             w(write!(out, "{}", if first { "[" } else { ",\n" }))?;

@@ -1,6 +1,7 @@
 //! `oxcow measure`: size a new image would need (like `qemu-img measure`).
 
-use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num, parse_options, qemu_json};
 use oxcow::tools::measure::{measure, MeasureOptions};
 use oxcow::{Format, OpenOptions};
 use serde_json::{Map, Value};
@@ -41,7 +42,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let mut opts = MeasureOptions::default().format(fmt);
     for (k, v) in parse_options(&a.options)? {
         if let Err(e) = opts.set(&k, &v) {
-            eprintln!("oxcow: {e}");
+            eprintln!("oxcow: {}", crate::error::message(&e));
             return Err(CliError::new(format!("Invalid options for file format '{}'", fmt.name())));
         }
     }

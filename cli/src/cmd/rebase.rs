@@ -1,7 +1,9 @@
 //! `oxcow rebase`: change an image's backing file (like `qemu-img
 //! rebase`): safe mode keeps the guest content, `-u` rewrites the name only.
 
-use crate::util::{parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::progress::Progress;
+use crate::util::parse_format;
 use oxcow::tools::rebase::{rebase, RebaseOptions};
 
 #[derive(clap::Args)]
@@ -52,11 +54,9 @@ pub fn run(a: Args) -> CliResult<i32> {
         .backing(a.backing)
         .backing_format(a.backing_format)
         .unsafe_mode(a.unsafe_mode);
-    let show = a.progress && !a.quiet;
-    let mut p = super::commit::progress_printer(show);
-    rebase(std::path::Path::new(&a.file), &opts, &mut p).map_err(CliError::from)?;
-    if show {
-        println!();
-    }
+    let progress = Progress::new(a.progress && !a.quiet);
+    rebase(std::path::Path::new(&a.file), &opts, &mut |done, total| progress.update(done, total))
+        .map_err(CliError::from)?;
+    progress.finish();
     Ok(0)
 }

@@ -1,6 +1,8 @@
 //! `oxcow resize`: change an image's virtual size (like `qemu-img resize`).
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format, parse_num};
+use oxcow::qcow2::Preallocation;
 use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
@@ -25,8 +27,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
-    if let Some(p) = a.preallocation.as_deref().filter(|p| *p != "off") {
-        return Err(CliError::new(format!("Preallocation mode '{p}' is not supported by oxcow resize")));
+    if let Some(p) = a.preallocation.as_deref() {
+        if p.parse::<Preallocation>().ok() != Some(Preallocation::Off) {
+            return Err(CliError::new(format!("Preallocation mode '{p}' is not supported by oxcow resize")));
+        }
     }
     let (sign, num) = match a.size.as_bytes().first() {
         Some(b'+') => (1i8, &a.size[1..]),

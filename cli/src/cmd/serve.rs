@@ -4,7 +4,8 @@
 //! child reports that it listens: the same effect as qemu-nbd's fork,
 //! without unsafe process tricks.
 
-use crate::util::{open_image, parse_format, CliError, CliResult};
+use crate::error::{message, os_message, CliError, CliResult};
+use crate::util::{open_image, parse_format};
 use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
 use oxcow::{CacheMode, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -111,7 +112,8 @@ pub fn run(a: Args) -> CliResult<i32> {
     let device = match (&a.snapshot, prefetch_rate) {
         (Some(name), _) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("-l needs a qcow2 image"))?;
-            q.snapshot_device(name).map_err(|e| CliError::new(format!("Failed to load snapshot '{name}': {e}")))?
+            q.snapshot_device(name)
+                .map_err(|e| CliError::new(format!("Failed to load snapshot '{name}': {}", message(&e))))?
         }
         (None, Some(rate)) => {
             let popts = oxcow::tools::prefetch::PrefetchOptions::default().rate((rate > 0).then_some(rate));
@@ -132,18 +134,18 @@ pub fn run(a: Args) -> CliResult<i32> {
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, shutdown.clone())
-            .map_err(|e| CliError::new(format!("installing signal handler: {e}")))?;
+            .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
     }
     let serve_opts = ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16);
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {e}")))?;
+            .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {}", os_message(&e))))?;
     }
     let result = match &a.socket {
         Some(path) => {
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path)
-                .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {e}")))?;
+                .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {}", os_message(&e))))?;
             report_ready();
             let r = server.serve(l, shutdown, &serve_opts);
             let _ = std::fs::remove_file(path);
@@ -152,7 +154,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         None => {
             let addr = format!("{}:{}", a.bind, a.port);
             let l = std::net::TcpListener::bind(&addr)
-                .map_err(|e| CliError::new(format!("Failed to bind socket to {addr}: {e}")))?;
+                .map_err(|e| CliError::new(format!("Failed to bind socket to {addr}: {}", os_message(&e))))?;
             report_ready();
             server.serve(l, shutdown, &serve_opts)
         }
@@ -181,7 +183,8 @@ fn report_ready() {
 /// Runs the same command line without `--fork` as a child, waits until it
 /// listens (or fails), and returns.
 fn fork_and_wait() -> CliResult<i32> {
-    let exe = std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {e}")))?;
+    let exe =
+        std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
     let mut child = std::process::Command::new(exe)
         .args(&args)
@@ -189,13 +192,13 @@ fn fork_and_wait() -> CliResult<i32> {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| CliError::new(format!("starting server: {e}")))?;
+        .map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
     let stdout = child.stdout.take().ok_or_else(|| CliError::new("starting server: no pipe"))?;
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
     if line.trim() == "ready" {
         return Ok(0);
     }
-    let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {e}")))?;
+    let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
     Ok(status.code().unwrap_or(1).max(1))
 }

@@ -1,7 +1,8 @@
 //! `oxcow snapshot`: list, create, apply and delete internal snapshots
 //! (like `qemu-img snapshot`).
 
-use crate::util::{open_image, parse_format, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::util::{open_image, parse_format};
 use oxcow::format::SnapshotEntry;
 use oxcow::OpenOptions;
 
@@ -106,7 +107,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let clean = |e: oxcow::Error| match e {
         oxcow::Error::Unsupported(_) => "Operation not supported".to_string(),
-        other => crate::util::clean_message(&other.to_string()),
+        other => crate::error::message(&other),
     };
     if let Some(name) = &a.create {
         q.snapshot_create(name)

@@ -3,14 +3,15 @@
 //! alone. Interrupted runs resume where they stopped (ranges the image
 //! already holds are skipped).
 
-use crate::util::{open_image, parse_format, parse_num, CliError, CliResult};
+use crate::error::{CliError, CliResult};
+use crate::progress::Progress;
+use crate::util::{open_image, parse_format, parse_num};
 use oxcow::tools::stream::{stream, StreamOptions};
 use oxcow::{Format, OpenOptions};
-use std::io::Write;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Show progress on stderr.
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Copy at most this many bytes per second (size suffixes allowed, e.g. 10M).
@@ -56,27 +57,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         return Ok(0);
     }
     let sopts = StreamOptions::default().rate(rate).detach(!a.keep_backing);
-    let show = a.progress && !a.quiet;
-    let mut last_shown = -1i64;
-    let mut err = std::io::stderr();
-    let report = stream(q, &sopts, &mut |p| {
-        if !show || p.total == 0 {
-            return;
-        }
-        // qemu-img's progress format, redrawn each whole 0.01 %.
-        let hundredths = (p.done as u128 * 10000 / p.total as u128) as i64;
-        if hundredths != last_shown {
-            last_shown = hundredths;
-            let _ = write!(err, "    ({}.{:02}/100%)\r", hundredths / 100, hundredths % 100);
-            let _ = err.flush();
-        }
-    })
-    .map_err(|e| {
-        CliError::new(format!("Streaming '{}' failed: {}", a.file, crate::util::clean_message(&e.to_string())))
-    })?;
-    if show {
-        let _ = writeln!(err);
-    }
+    let progress = Progress::new(a.progress && !a.quiet);
+    let report = stream(q, &sopts, &mut |p| progress.update(p.done, p.total))
+        .map_err(|e| CliError::new(format!("Streaming '{}' failed: {}", a.file, crate::error::message(&e))))?;
+    progress.finish();
     img.device().close()?;
     if !a.quiet {
         let what = if report.detached { "; the image no longer has a backing file" } else { "" };

@@ -417,7 +417,7 @@ fn check_table(field: &'static str, offset: u64, cluster_size: u64, bytes: u64) 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(version: u32) -> Header {

@@ -18,7 +18,8 @@
 //! ```
 
 use super::be::{pad8, put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
-use super::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES};
+use super::limits::{MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_VIRTUAL_SIZE};
+use super::Header;
 use crate::{Error, Result};
 
 /// Fixed part of an entry.
@@ -112,6 +113,36 @@ impl SnapshotEntry {
         Ok((e, pad8(total).min(buf.len()).max(total)))
     }
 
+    /// The header the image gets when this snapshot becomes the active
+    /// state of an image whose header is `current`: its disk size (the
+    /// current one when the entry records none) and an L1 table of
+    /// `max(l1_size, what that size needs)` entries. Refused, before
+    /// anything changes, when that header would not be a valid one, so a
+    /// lying entry cannot leave an image nobody can open: a size not a
+    /// multiple of 512 (as qemu-img), or too large for an L1 table of
+    /// QEMU's maximum (qemu-img: "Failed to grow the L1 table").
+    pub fn installed_header(&self, current: &Header) -> Result<Header> {
+        let size = self.disk_size.unwrap_or(current.size);
+        let bad = |why: &str| {
+            Error::field("snapshot disk_size", size, format!("snapshot '{}' (ID {}): {why}", self.name, self.id))
+        };
+        if !size.is_multiple_of(512) {
+            return Err(bad("disk size is not a multiple of 512"));
+        }
+        if size > MAX_VIRTUAL_SIZE {
+            return Err(bad("disk size too large"));
+        }
+        let need = current.l1_entries_for(size);
+        if need * 8 > MAX_L1_BYTES {
+            return Err(bad("disk size needs an L1 table larger than 32 MiB"));
+        }
+        let mut h = current.clone();
+        h.size = size;
+        h.l1_size = need.max(u64::from(self.l1_size)) as u32;
+        h.validate()?;
+        Ok(h)
+    }
+
     /// Encodes one entry with padding. v3 entries always carry disk size;
     /// icount is written when known.
     pub fn encode(&self, v3: bool) -> Vec<u8> {
@@ -201,6 +232,29 @@ mod tests {
         assert_eq!(t.len() % 8, 0);
         let back = parse_table(&t, 2, 0, true).unwrap();
         assert_eq!(back, vec![sample(), b]);
+    }
+
+    #[test]
+    fn installed_header_refuses_sizes_qemu_refuses() {
+        let cur = crate::format::header::tests::sample(3);
+        let mut sn = sample();
+        let at = |sn: &SnapshotEntry, size: u64| {
+            let mut sn = sn.clone();
+            sn.disk_size = Some(size);
+            sn.installed_header(&cur)
+        };
+        // 2 PiB is the most 64 KiB clusters address with a 32 MiB L1.
+        let h = at(&sn, 2 << 50).unwrap();
+        assert_eq!((h.size, h.l1_size), (2 << 50, 4 << 20));
+        for size in [(2 << 50) + 512, 0x1a00_0000_0080_0000, u64::MAX, (1 << 30) + 256] {
+            let e = at(&sn, size).unwrap_err();
+            assert!(matches!(e, Error::InvalidField { field: "snapshot disk_size", .. }), "{size:#x}: {e}");
+        }
+        // Zero is a size; an L1 larger than the size needs is kept.
+        let h = at(&sn, 0).unwrap();
+        assert_eq!((h.size, h.l1_size), (0, 16));
+        sn.disk_size = None;
+        assert_eq!(sn.installed_header(&cur).unwrap().size, cur.size);
     }
 
     #[test]

@@ -15,6 +15,12 @@ use crate::format::limits::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
 
+/// Whether a failed reservation means there is not room for that much
+/// (so a smaller one may still fit).
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(crate::error::io_errno(e), libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+}
+
 impl Qcow2 {
     /// Makes sure the refcount block at `off` is cached.
     fn load_refblock(&self, m: &mut Meta, off: u64) -> Result<()> {
@@ -30,7 +36,10 @@ impl Qcow2 {
                     // Writing a refcount block early is always safe: it
                     // only ever holds increments and already-safe frees.
                     let data = m.rb.peek(victim).map(|d| d.to_vec()).unwrap_or_default();
-                    self.write_meta(m, victim, &data, "writing refcount block")?;
+                    self.write_meta(m, victim, &data, MetaKind::RefcountBlock)?;
+                    // Not durable yet: the next stage of a write-back
+                    // that relies on it syncs first.
+                    m.refblocks_unsynced = true;
                 }
                 m.rb.remove(victim);
             }
@@ -67,6 +76,10 @@ impl Qcow2 {
             self.new_refblock(m, t)?;
         }
         let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
+        // A refcount block that is also other metadata, or past the end of
+        // the file (a damaged refcount table), is refused before any
+        // allocation trusts it.
+        self.check_refblock(m, off)?;
         self.load_refblock(m, off)?;
         let i = (idx & ((1 << bits) - 1)) as usize;
         let byte = i * self.g.rc.bits() as usize / 8;
@@ -100,50 +113,82 @@ impl Qcow2 {
     }
 
     /// Takes the next cluster at the end of the allocated area whose
-    /// refcount is zero (without raising it).
+    /// refcount is zero (without raising it). The space is reserved before
+    /// the allocation end moves, so running out of it changes nothing.
     fn take_end_cluster(&self, m: &mut Meta) -> Result<u64> {
         loop {
             let idx = m.file_end / self.g.cluster_size;
-            if m.file_end + self.g.cluster_size > MAX_HOST_OFFSET {
+            let next = m.file_end + self.g.cluster_size;
+            if next > MAX_HOST_OFFSET {
                 return Err(Error::io("allocating a cluster", std::io::Error::from_raw_os_error(libc::EFBIG)));
             }
-            m.file_end += self.g.cluster_size;
-            self.reserve_ahead(m)?;
-            if self.refcount(m, idx)? == 0 {
+            self.reserve_to(m, next)?;
+            m.file_end = next;
+            if self.refcount(m, idx)? == 0 && !m.meta_clusters.contains_key(&idx) {
                 return Ok(idx);
             }
         }
     }
 
-    /// Reserves file space in chunks ahead of the allocation end, so data
-    /// writes into new clusters overwrite reserved blocks instead of
-    /// extending the file (file systems serialize extending writes). A clean
-    /// close trims what was not used.
-    fn reserve_ahead(&self, m: &mut Meta) -> Result<()> {
-        if m.file_end <= m.prealloc_end {
+    /// Makes sure the image file has room up to `need`, reserving ahead
+    /// in chunks (file_end/16, 1-128 MiB) so data writes into new clusters
+    /// overwrite reserved blocks instead of extending the file (file
+    /// systems serialize extending writes); a clean close trims what was
+    /// not used. Reserving ahead is only an optimisation: when a chunk
+    /// does not fit, smaller ones are tried down to exactly `need`, and
+    /// only when that does not fit either does the allocation fail (with
+    /// the host's ENOSPC, nothing changed).
+    pub(crate) fn reserve_to(&self, m: &mut Meta, need: u64) -> Result<()> {
+        if need <= m.prealloc_end {
             return Ok(());
         }
         let cs = self.g.cluster_size;
-        let chunk = (m.file_end / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs;
-        let end = m.file_end + chunk;
-        self.file
-            .allocate(m.prealloc_end, end - m.prealloc_end)
-            .map_err(|e| Error::io("reserving space in the image file", e))?;
-        m.prealloc_end = end;
-        Ok(())
+        let mut chunk = ((need / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs).min(m.reserve_cap);
+        loop {
+            let end = need + chunk;
+            match self.file.allocate(m.prealloc_end, end - m.prealloc_end) {
+                Ok(()) => {
+                    m.prealloc_end = end;
+                    m.reserve_cap = m.reserve_cap.saturating_mul(2).max(cs);
+                    return Ok(());
+                }
+                Err(e) if chunk > 0 && is_no_space(&e) => {
+                    chunk = if chunk > cs { chunk / 2 / cs * cs } else { 0 };
+                    m.reserve_cap = chunk;
+                }
+                Err(e) => return Err(Error::io("reserving space in the image file", e)),
+            }
+        }
     }
 
     /// Allocates a refcount block for refcount table entry `t`, placed at
     /// the end of the file so it cannot collide with a range the caller is
     /// about to take; when it falls in its own range it counts itself.
+    /// Nothing is published before every fallible step has succeeded: a
+    /// failure leaves at most an unused cluster past the old end, with
+    /// refcount zero.
     fn new_refblock(&self, m: &mut Meta, t: usize) -> Result<()> {
         let idx = self.take_end_cluster(m)?;
         let off = idx * self.g.cluster_size;
+        let own_range = (idx >> self.g.rc.block_entries_bits()) as usize == t;
+        if !own_range {
+            // Its own refcount lives in another block, which may have to
+            // be created (and may fail) first.
+            self.set_refcount(m, idx, 1)?;
+            if m.reftable.get(t).is_some_and(|&e| e & REFTABLE_OFFSET_MASK != 0) {
+                // Creating that block filled entry `t` on the way.
+                return self.set_refcount(m, idx, 0);
+            }
+        }
         m.rb.insert(off, vec![0u8; self.g.cluster_size as usize], true);
         m.reftable[t] = off;
         m.mark_reftable_dirty(t);
         m.meta_clusters.insert(idx, MetaKind::RefcountBlock);
-        self.set_refcount(m, idx, 1)
+        if own_range {
+            // Cannot fail: the block is cached and its table entry set.
+            self.set_refcount(m, idx, 1)?;
+        }
+        Ok(())
     }
 
     /// Grows the refcount table so entry `need` exists. The new table is
@@ -171,6 +216,22 @@ impl Qcow2 {
                 std::io::Error::new(std::io::ErrorKind::StorageFull, "refcount table would exceed 8 MiB"),
             ));
         }
+        // Room for the table and the blocks describing it, before any
+        // change: running out of space here fails the request only.
+        self.reserve_to(m, m.file_end + (clusters + 2 * (clusters + 2)) * cs)?;
+        // From here on the cached table outgrows the one on disk until the
+        // header points at the new one; a failure on the way cannot be
+        // rolled back, so it poisons the image (it is rare: one refcount
+        // table cluster covers terabytes with the default cluster size).
+        let r = self.grow_reftable_reserved(m, entries, clusters);
+        if let Err(e) = &r {
+            self.poison(e);
+        }
+        r
+    }
+
+    fn grow_reftable_reserved(&self, m: &mut Meta, entries: usize, clusters: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
         let old_off = m.hc.header.refcount_table_offset;
         let old_clusters = u64::from(m.hc.header.refcount_table_clusters);
         let new_off = m.file_end;
@@ -198,7 +259,7 @@ impl Qcow2 {
         let dirty = m.rb.dirty();
         for &off in &dirty {
             let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
-            self.write_meta(m, off, &data, "writing refcount block")?;
+            self.write_meta(m, off, &data, MetaKind::RefcountBlock)?;
             m.rb.mark_clean(off);
         }
         Ok(!dirty.is_empty())
@@ -211,10 +272,12 @@ impl Qcow2 {
     pub(crate) fn install_reftable(&self, m: &mut Meta, off: u64, clusters: u64) -> Result<()> {
         let mut table = encode_u64_table(&m.reftable);
         table.resize((clusters * self.g.cluster_size) as usize, 0);
-        self.write_meta(m, off, &table, "writing refcount table")?;
+        self.write_meta(m, off, &table, MetaKind::RefcountTable)?;
         self.sync("flushing new refcount table")?;
         m.hc.header.refcount_table_offset = off;
         m.hc.header.refcount_table_clusters = clusters as u32;
+        // Should the write fail, the header is still owed to the disk.
+        m.header_dirty = true;
         self.write_header(m)?;
         self.sync("flushing header")?;
         m.reftable_dirty = None;
@@ -246,7 +309,8 @@ impl Qcow2 {
         Ok((idx * cs, true))
     }
 
-    /// Allocates `n` contiguous clusters (for tables), at the end.
+    /// Allocates `n` contiguous clusters (for tables), at the end. On
+    /// failure nothing stays allocated.
     pub(crate) fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<u64> {
         let cs = self.g.cluster_size;
         if n == 1 {
@@ -255,14 +319,20 @@ impl Qcow2 {
         'retry: loop {
             let start = m.file_end;
             for k in 0..n {
-                if self.refcount(m, start / cs + k)? != 0 {
+                if self.refcount(m, start / cs + k)? != 0 || m.meta_clusters.contains_key(&(start / cs + k)) {
                     m.file_end = start + (k + 1) * cs;
                     continue 'retry;
                 }
             }
+            self.reserve_to(m, start + n * cs)?;
             m.file_end = start + n * cs;
             for k in 0..n {
-                self.set_refcount(m, start / cs + k, 1)?;
+                if let Err(e) = self.set_refcount(m, start / cs + k, 1) {
+                    for j in 0..k {
+                        let _ = self.set_refcount(m, start / cs + j, 0);
+                    }
+                    return Err(e);
+                }
             }
             // Refcount blocks allocated above sit past the range: fine.
             return Ok(start);
@@ -303,13 +373,22 @@ impl Qcow2 {
     }
 
     /// Applies scheduled releases; called once no on-disk table references
-    /// them any more.
+    /// them any more. Those a failure leaves unapplied stay scheduled.
     pub(crate) fn apply_pending_frees(&self, m: &mut Meta) -> Result<()> {
         let pending = std::mem::take(&mut m.pending_free);
         let cs = self.g.cluster_size;
-        for p in pending {
+        for (i, p) in pending.iter().enumerate() {
             let idx = p.offset / cs;
-            let left = self.adjust_refcount(m, idx, -1)?;
+            let left = match self.adjust_refcount(m, idx, -1) {
+                Ok(left) => left,
+                Err(e) => {
+                    // A host failure is retried with the next write-back;
+                    // a refcount found wrong is not retried forever.
+                    let rest = if e.is_io() { i } else { i + 1 };
+                    m.pending_free.extend_from_slice(&pending[rest..]);
+                    return Err(e);
+                }
+            };
             if left == 0 {
                 m.meta_clusters.remove(&idx);
                 if m.compress_cursor / cs == idx {
@@ -325,17 +404,35 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes metadata at `off` after checking it does not overlap other
-    /// metadata it is not meant to replace.
-    pub(crate) fn write_meta(&self, _m: &Meta, off: u64, data: &[u8], what: &'static str) -> Result<()> {
-        self.file.write_at(data, off).map_err(|e| Error::io(what, e))
+    /// Writes metadata of `kind` at `off` after checking it does not
+    /// overlap other metadata (`overlap.rs`): every metadata write but the
+    /// header's goes through here.
+    pub(crate) fn write_meta(&self, m: &mut Meta, off: u64, data: &[u8], kind: MetaKind) -> Result<()> {
+        self.check_overlap_range(m, off, data.len() as u64, Some(kind))?;
+        self.file.write_at(data, off).map_err(|e| Error::io(kind.writing(), e))
     }
 
     /// fsync of the image file (and the data file, when separate).
+    ///
+    /// A failed fsync poisons the image, whatever its errno: the kernel may
+    /// have dropped the dirty pages it could not write and will report
+    /// success for the next fsync, so what reached the disk since the last
+    /// good one is unknown, and writing metadata on top of it could make
+    /// an on-disk table point at a cluster whose refcount was lost.
+    /// Recorded here, where every fsync of the engine passes, so no caller
+    /// can forget it; and refused again by every later sync, so a flush
+    /// never succeeds after one failed.
     pub(crate) fn sync(&self, what: &'static str) -> Result<()> {
-        if self.g.external_data {
-            self.data.flush().map_err(|e| Error::io(what, e))?;
+        self.poison.check()?;
+        let r = (|| {
+            if self.g.external_data {
+                self.data.flush().map_err(|e| Error::io(what, e))?;
+            }
+            self.file.flush().map_err(|e| Error::io(what, e))
+        })();
+        if let Err(e) = &r {
+            self.poison(e);
         }
-        self.file.flush().map_err(|e| Error::io(what, e))
+        r
     }
 }

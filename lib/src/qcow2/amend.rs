@@ -199,7 +199,7 @@ impl Qcow2 {
             m.hc = old;
             let e = r.as_ref().err().map(|e| e.duplicate());
             if let Some(e) = e {
-                self.poison(&mut m, &e);
+                self.poison(&e);
             }
         }
         r

@@ -13,7 +13,7 @@
 //! structure too damaged to fix in place is rebuilt in free space at the
 //! end of the file and switched to with one header write.
 
-use super::state::Meta;
+use super::state::{Meta, MetaKind};
 use super::Qcow2;
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::bitmap::{parse_directory, TABLE_OFFSET_MASK};
@@ -118,7 +118,7 @@ impl Qcow2 {
         while !m.inflight.is_empty() {
             m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
         }
-        if !self.read_only && m.poisoned.is_none() {
+        if !self.read_only && !self.poison.is_set() {
             // The check reads the file: everything cached must be there,
             // refcount blocks too (lazy refcounts keep them back).
             self.write_back(&mut m)?;
@@ -130,6 +130,7 @@ impl Qcow2 {
             return Ok(first.report);
         }
         let mut said = self.repair(&mut m, &first, repair)?;
+        m.meta_clusters.forget_taken();
         let mut after = self.scan(&mut m)?.report;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
@@ -236,6 +237,22 @@ impl Qcow2 {
         if let Some(b) = m.hc.extensions.bitmaps {
             self.scan_bitmaps(&mut s, nb, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
         }
+        // A refcount block anything else also uses (the L1 table, another
+        // entry's block) cannot be repaired in place: every refcount
+        // written into it would overwrite the other structure. As QEMU
+        // does, rebuild the refcount structures instead.
+        for (i, &e) in m.reftable.iter().enumerate() {
+            let off = e & REFTABLE_OFFSET_MASK;
+            if off == 0 || !off.is_multiple_of(cs) || off / cs >= nb {
+                continue;
+            }
+            let counted = s.refs.get(off / cs);
+            if counted != 1 {
+                s.report.corruptions += 1;
+                s.bad_refblocks = true;
+                s.report.messages.push(format!("ERROR refcount block {i} refcount={counted}"));
+            }
+        }
         if compare {
             self.compare_refcounts(m, &mut s, nb)?;
             self.check_copied(m, &mut s)?;
@@ -246,7 +263,7 @@ impl Qcow2 {
     }
 
     /// How many clusters past the end of the file may still be referenced.
-    fn beyond_eof_slack(&self) -> u64 {
+    pub(crate) fn beyond_eof_slack(&self) -> u64 {
         (MAX_BEYOND_EOF_BYTES / self.g.cluster_size).max(16)
     }
 
@@ -500,7 +517,7 @@ impl Qcow2 {
         if let Some((a, b)) = m.reftable_dirty.take() {
             let bytes = encode_u64_table(&m.reftable[a..=b]);
             let off = m.hc.header.refcount_table_offset + a as u64 * 8;
-            self.write_meta(m, off, &bytes, "writing refcount table")?;
+            self.write_meta(m, off, &bytes, MetaKind::RefcountTable)?;
             self.sync("flushing refcount table")?;
         }
         Ok(())
@@ -587,10 +604,12 @@ impl Qcow2 {
                 }
             }
             let off = (start + b) * cs;
-            self.file.write_at(&block, off).map_err(|e| Error::io("writing rebuilt refcount block", e))?;
+            m.meta_clusters.insert(start + b, MetaKind::RefcountBlock);
+            self.write_meta(m, off, &block, MetaKind::RefcountBlock)?;
             table[b as usize] = off;
         }
         let table_off = (start + blocks) * cs;
+        m.meta_clusters.insert_range(start + blocks, table_clusters, MetaKind::RefcountTable);
         m.reftable = table;
         self.install_reftable(m, table_off, table_clusters)?;
         m.rb = super::cache::TableCache::new(((8u64 << 20) / cs).max(4) as usize);

@@ -18,8 +18,10 @@ impl Qcow2 {
     /// host cluster when that one is free (as QEMU packs). Every host
     /// cluster the bytes touch gets one more reference; the refcounts are
     /// raised (in the cache) here, before any L2 entry points at the
-    /// bytes, and flush writes refcounts first.
-    fn alloc_compressed(&self, m: &mut Meta, len: u64) -> Result<u64> {
+    /// bytes, and flush writes refcounts first. Returns the offset and
+    /// whether the first host cluster was already in use (shared with the
+    /// previous compressed cluster).
+    fn alloc_compressed(&self, m: &mut Meta, len: u64) -> Result<(u64, bool)> {
         let cs = self.g.cluster_size;
         let cur = m.compress_cursor;
         if cur & (cs - 1) != 0 {
@@ -39,19 +41,52 @@ impl Qcow2 {
                 if free {
                     // Claim the clusters past the allocator's end first, so
                     // a refcount block allocated below lands after them.
+                    self.reserve_to(m, (last + 1) * cs)?;
                     m.file_end = m.file_end.max((last + 1) * cs);
-                    self.adjust_refcount(m, first, 1)?;
-                    for c in first + 1..=last {
-                        self.set_refcount(m, c, 1)?;
-                    }
+                    self.claim_packed(m, first, last)?;
                     m.compress_cursor = cur + len;
-                    return Ok(cur);
+                    return Ok((cur, true));
                 }
             }
         }
         let start = self.alloc_contiguous(m, len.div_ceil(cs))?;
         m.compress_cursor = start + len;
-        Ok(start)
+        Ok((start, false))
+    }
+
+    /// Takes one more reference to `first` and the free clusters up to
+    /// `last`; all or nothing.
+    fn claim_packed(&self, m: &mut Meta, first: u64, last: u64) -> Result<()> {
+        self.adjust_refcount(m, first, 1)?;
+        for c in first + 1..=last {
+            if let Err(e) = self.set_refcount(m, c, 1) {
+                for d in first + 1..c {
+                    let _ = self.set_refcount(m, d, 0);
+                }
+                let _ = self.adjust_refcount(m, first, -1);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back what `alloc_compressed` took for `len` bytes at `at`
+    /// (nothing points there yet), and starts the next compressed cluster
+    /// in a new host cluster rather than after bytes never written. A
+    /// refcount that cannot be lowered again stays a leak, never damage.
+    fn undo_compressed_alloc(&self, m: &mut Meta, at: u64, len: u64, shared_first: bool) {
+        let cs = self.g.cluster_size;
+        let first = at / cs;
+        for c in first..=(at + len - 1) / cs {
+            if c == first && shared_first {
+                if self.refcount(m, c).is_ok_and(|rc| rc > 1) {
+                    let _ = self.adjust_refcount(m, c, -1);
+                }
+            } else if self.refcount(m, c).is_ok_and(|rc| rc == 1) {
+                let _ = self.set_refcount(m, c, 0);
+            }
+        }
+        m.compress_cursor = 0;
     }
 
     /// Writes one whole guest cluster compressed.
@@ -84,8 +119,13 @@ impl Qcow2 {
             self.check_writable(&m)?;
         }
         let len = packed.len() as u64;
+        // The L2 table first: once the space is taken, only the data write
+        // and the entry change are left, and a failure of either gives the
+        // space back, so a failed compressed write changes nothing.
+        let (l1i, _) = self.split(gc);
+        self.writable_l2(&mut m, l1i)?;
+        let (at, shared_first) = self.alloc_compressed(&mut m, len)?;
         let r = (|| {
-            let at = self.alloc_compressed(&mut m, len)?;
             let d = CompressedDescriptor::for_data(at, len);
             for c in d.offset / cs..=(d.offset + d.byte_len() - 1) / cs {
                 self.check_overlap(&mut m, c * cs, None)?;
@@ -97,9 +137,9 @@ impl Qcow2 {
             self.release_entry(&mut m, old, None, false);
             Ok(())
         })();
-        if let Err(e) = &r {
-            self.poison(&mut m, e);
-            return r;
+        if let Err(e) = r {
+            self.undo_compressed_alloc(&mut m, at, len, shared_first);
+            return Err(e);
         }
         drop(m);
         if self.writethrough {

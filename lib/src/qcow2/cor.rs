@@ -134,6 +134,13 @@ impl Qcow2 {
                 return Err(e);
             }
             for (i, c) in claims.iter().enumerate() {
+                // The L2 table is made writable before anything is
+                // allocated or written: the commit then allocates nothing.
+                if let Err(e) = self.writable_l2(&mut m, self.split(c.gc).0) {
+                    self.drop_new_hosts(&mut m, &hosts);
+                    self.unclaim(&mut m, claims);
+                    return Err(e);
+                }
                 if zero_ok && is_zero(i) {
                     hosts.push(None);
                     continue;
@@ -142,7 +149,10 @@ impl Qcow2 {
                     Ok((c.gc * self.g.cluster_size, false))
                 } else {
                     self.alloc_cluster(&mut m).map(|h| (h, true)).and_then(|(h, new)| {
-                        self.check_overlap(&mut m, h, None)?;
+                        if let Err(e) = self.check_overlap(&mut m, h, None) {
+                            let _ = self.set_refcount(&mut m, h / self.g.cluster_size, 0);
+                            return Err(e);
+                        }
                         Ok((h, new))
                     })
                 };
@@ -182,40 +192,39 @@ impl Qcow2 {
             self.unclaim(&mut m, claims);
             return Err(e);
         }
-        let committed = (|| {
-            for (c, h) in claims.iter().zip(&hosts) {
-                let entry = match h {
-                    Some((host, _)) => {
-                        m.cow_unsynced = true;
-                        if self.g.extended {
-                            L2Entry { word: host | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
-                        } else {
-                            L2Entry::normal(*host, true)
-                        }
+        // Should an entry fail to change (its table was evicted and cannot
+        // be read back), the clusters before it stay stored and the rest
+        // are given back: only the caching is lost.
+        for (k, (c, h)) in claims.iter().zip(&hosts).enumerate() {
+            let entry = match h {
+                Some((host, _)) => {
+                    if self.g.extended {
+                        L2Entry { word: host | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
+                    } else {
+                        L2Entry::normal(*host, true)
                     }
-                    None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
-                    None => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
-                };
-                let (l1i, l2i) = self.split(c.gc);
-                let off = self.writable_l2(&mut m, l1i)?;
-                let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-                self.g.l2.set(t, l2i, entry);
-                // An extended cluster that had data of its own moved to a
-                // new host cluster: the old one loses this reference.
-                let old_host = c.old.host_offset();
-                if old_host != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
-                    self.free_later(&mut m, old_host, false);
                 }
-                self.release_inflight(&mut m, c.gc);
+                None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
+                None => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
+            };
+            if let Err(e) = self.set_l2_entry(&mut m, c.gc, entry) {
+                self.drop_new_hosts(&mut m, &hosts[k..]);
+                self.unclaim(&mut m, &claims[k..]);
+                return Err(e);
             }
-            Ok::<(), Error>(())
-        })();
-        if let Err(e) = &committed {
-            self.poison(&mut m, e);
-            self.unclaim(&mut m, claims);
+            if h.is_some() {
+                m.cow_unsynced = true;
+            }
+            // An extended cluster that had data of its own moved to a
+            // new host cluster: the old one loses this reference.
+            let old_host = c.old.host_offset();
+            if old_host != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
+                self.free_later(&mut m, old_host, false);
+            }
+            self.release_inflight(&mut m, c.gc);
         }
         self.inflight_done.notify_all();
-        committed
+        Ok(())
     }
 
     /// Gives back clusters allocated for claims that will not be committed.

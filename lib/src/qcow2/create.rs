@@ -293,7 +293,7 @@ impl Qcow2 {
         }
         let r = self.grow_locked(&mut m, new_size, need);
         if let Err(e) = &r {
-            self.poison(&mut m, e);
+            self.poison(e);
         }
         r
     }
@@ -315,7 +315,7 @@ impl Qcow2 {
             let mut bytes = encode_u64_table(&m.l1);
             bytes.resize((clusters * cs) as usize, 0);
             self.write_back(m)?;
-            self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+            self.write_meta(m, new_off, &bytes, MetaKind::ActiveL1)?;
             self.sync("flushing new L1 table")?;
             m.hc.header.l1_table_offset = new_off;
             m.hc.header.l1_size = need as u32;

@@ -21,7 +21,7 @@ use super::state::{Meta, MetaKind};
 use super::Qcow2;
 use crate::format::be::encode_u64_table;
 use crate::format::{Compatible, Incompatible};
-use crate::{Error, Result};
+use crate::Result;
 
 impl Qcow2 {
     fn lazy_configured(&self, m: &Meta) -> bool {
@@ -35,7 +35,12 @@ impl Qcow2 {
             return Ok(());
         }
         m.hc.header.incompatible_features |= Incompatible::DIRTY;
-        self.write_header(m)?;
+        if let Err(e) = self.write_header(m) {
+            // Not in effect: a later header write must not carry the bit
+            // without lazy_active (a clean close would leave it set).
+            m.hc.header.incompatible_features &= !Incompatible::DIRTY;
+            return Err(e);
+        }
         self.sync("flushing dirty bit")?;
         m.lazy_active = true;
         Ok(())
@@ -47,23 +52,31 @@ impl Qcow2 {
         let mut wrote = false;
         for (off, a, b) in m.rb.dirty_ranges() {
             let data = m.rb.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-            self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
-            self.write_meta(m, off + a as u64, &data, "writing refcount block")?;
+            self.write_meta(m, off + a as u64, &data, MetaKind::RefcountBlock)?;
             m.rb.mark_clean(off);
             wrote = true;
         }
         if let Some((a, b)) = m.reftable_dirty {
-            // The blocks must be durable before the table points at them.
-            if wrote {
-                self.sync("flushing refcount blocks")?;
+            // The blocks must be durable before the table points at them,
+            // those an eviction wrote earlier too.
+            if wrote || m.refblocks_unsynced {
+                self.sync_stage(m, "flushing refcount blocks")?;
             }
             let bytes = encode_u64_table(&m.reftable[a..=b]);
             let off = m.hc.header.refcount_table_offset + a as u64 * 8;
-            self.write_meta(m, off, &bytes, "writing refcount table")?;
+            self.write_meta(m, off, &bytes, MetaKind::RefcountTable)?;
             m.reftable_dirty = None;
             wrote = true;
         }
         Ok(wrote)
+    }
+
+    /// An fsync between stages; it also covers refcount blocks written
+    /// early by an eviction.
+    fn sync_stage(&self, m: &mut Meta, what: &'static str) -> Result<()> {
+        self.sync(what)?;
+        m.refblocks_unsynced = false;
+        Ok(())
     }
 
     /// Writes all dirty metadata in contract order (no final fsync when
@@ -85,26 +98,25 @@ impl Qcow2 {
             }
         }
         if need_l2 {
-            if unsynced || m.cow_unsynced {
-                self.sync("flushing refcounts and copied data")?;
+            if unsynced || m.cow_unsynced || m.refblocks_unsynced {
+                self.sync_stage(m, "flushing refcounts and copied data")?;
                 m.cow_unsynced = false;
             }
             for (off, a, b) in m.l2.dirty_ranges() {
-                self.check_overlap(m, off, Some(MetaKind::ActiveL2))?;
                 let data = m.l2.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-                self.write_meta(m, off + a as u64, &data, "writing L2 table")?;
+                self.write_meta(m, off + a as u64, &data, MetaKind::ActiveL2)?;
                 m.l2.mark_clean(off);
             }
             unsynced = true;
         }
         if need_l1 {
-            if unsynced {
-                self.sync("flushing L2 tables")?;
+            if unsynced || m.refblocks_unsynced {
+                self.sync_stage(m, "flushing L2 tables")?;
             }
             if let Some((a, b)) = m.l1_dirty {
                 let bytes = encode_u64_table(&m.l1[a..=b]);
                 let off = m.hc.header.l1_table_offset + a as u64 * 8;
-                self.write_meta(m, off, &bytes, "writing L1 table")?;
+                self.write_meta(m, off, &bytes, MetaKind::ActiveL1)?;
                 m.l1_dirty = None;
             }
             if m.header_dirty {
@@ -114,7 +126,7 @@ impl Qcow2 {
         }
         if !m.pending_free.is_empty() {
             if unsynced {
-                self.sync("flushing L1 table")?;
+                self.sync_stage(m, "flushing L1 table")?;
                 unsynced = false;
             }
             // Wait for fast-path I/O that looked up a mapping before the
@@ -122,32 +134,25 @@ impl Qcow2 {
             let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
             self.apply_pending_frees(m)?;
         }
-        Ok(unsynced)
+        Ok(unsynced || m.refblocks_unsynced)
     }
 
     /// `BlockDevice::flush`: all metadata in order, then fsync.
+    ///
+    /// A metadata write that fails leaves its table dirty in the cache and
+    /// the flush fails; the next flush writes it again (see "Failures:
+    /// what poisons and why" in docs/DESIGN.md for why that keeps the
+    /// crash contract). A failed fsync poisons the image (`sync`).
     pub(crate) fn flush_all(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        {
-            let mut m = self.lock();
-            if let Some(e) = &m.poisoned {
-                return Err(Error::Poisoned(e.to_string()));
-            }
-            if let Err(e) = self.write_back(&mut m) {
-                self.poison(&mut m, &e);
-                return Err(e);
-            }
-        }
+        self.poison.check()?;
+        self.write_back(&mut self.lock())?;
         // The final fsync runs without the metadata lock: in writethrough
         // mode every request flushes, and holding the lock here would
         // serialize all other requests behind the disk.
-        let r = self.sync("flushing image");
-        if let Err(e) = &r {
-            self.poison(&mut self.lock(), e);
-        }
-        r
+        self.sync("flushing image")
     }
 
     /// A clean close: everything written, refcounts included, and the
@@ -157,19 +162,14 @@ impl Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
-        }
-        let r = (|| {
+        self.poison.check()?;
+        // A failure leaves the dirty tables dirty: closing again (or the
+        // drop that follows) retries, as a flush would.
+        (|| {
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;
-            // Give back space reserved ahead but never used.
-            let len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
-            if m.prealloc_end > m.file_end && len > m.file_end {
-                self.file.set_len(m.file_end).map_err(|e| Error::io("trimming reserved space", e))?;
-                m.prealloc_end = m.file_end;
-            }
+            self.trim_reserved(&mut m)?;
             self.sync("flushing image")?;
             if m.lazy_active {
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;
@@ -178,10 +178,6 @@ impl Qcow2 {
                 m.lazy_active = false;
             }
             Ok(())
-        })();
-        if let Err(e) = &r {
-            self.poison(&mut m, e);
-        }
-        r
+        })()
     }
 }

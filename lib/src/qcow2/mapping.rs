@@ -23,6 +23,7 @@ impl Qcow2 {
         let mut t = self.make_room_l2(m)?.unwrap_or_default();
         t.resize(self.g.cluster_size as usize, 0);
         self.file.read_at(&mut t, off).map_err(|e| Error::io("reading L2 table", e))?;
+        self.note_free_refs(m, &t)?;
         m.l2.insert(off, t, false);
         Ok(())
     }

@@ -10,6 +10,7 @@
 
 mod alloc;
 mod amend;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -17,16 +18,21 @@ mod cor;
 mod create;
 mod flush;
 mod mapping;
+mod overlap;
+mod preallocation;
 mod read;
 mod resize;
 mod snapshot;
+mod snapshot_validate;
 mod snapshot_view;
 mod state;
 mod write;
 
 pub use amend::{amend, AmendOptions};
+pub use bitmaps::BitmapInfo;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
+pub use preallocation::HostExtent;
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;
@@ -35,8 +41,9 @@ use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
 use crate::storage::Storage;
 use crate::{Error, Result};
 use cache::TableCache;
-use state::{Geometry, Meta, MetaKind};
-use std::collections::{HashMap, HashSet};
+use overlap::OverlapMap;
+use state::{Geometry, Meta, MetaKind, Poison};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
@@ -88,6 +95,8 @@ pub struct Qcow2 {
     repaired_on_open: Option<check::CheckReport>,
     /// Reads store backing data in this image (`cor.rs`).
     copy_on_read: bool,
+    /// The failure that left the on-disk state unknown, if any.
+    poison: Poison,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -170,12 +179,14 @@ impl Qcow2 {
             free_hint: 0,
             file_end,
             prealloc_end: file_len,
+            reserve_cap: u64::MAX,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
-            meta_clusters: HashMap::new(),
+            meta_clusters: OverlapMap::default(),
+            keep_end: 0,
             cow_unsynced: false,
+            refblocks_unsynced: false,
             lazy_active: false,
-            poisoned: None,
             corrupt: h.is_corrupt() && !opts.repair,
             compress_cursor: 0,
         };
@@ -194,6 +205,7 @@ impl Qcow2 {
             io_gate: RwLock::new(()),
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
+            poison: Poison::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -287,26 +299,37 @@ impl Qcow2 {
         m.corrupt || m.hc.header.is_corrupt()
     }
 
+    /// Whether another entry of the active L1 table points at the L2 table
+    /// mapping guest offset `guest` (a damaged image aliasing two ranges of
+    /// the disk, which only a full check sees).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn l2_table_shared(&self, guest: u64) -> bool {
+        let m = self.lock();
+        let l1i = (guest / self.g.cluster_size / self.g.l2_entries) as usize;
+        let table = |e: u64| e & crate::format::l1::OFFSET_MASK;
+        match m.l1.get(l1i).map(|&e| table(e)) {
+            Some(t) if t != 0 => m.l1.iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
+            _ => false,
+        }
+    }
+
     /// Refuses writes when the image is read-only, poisoned or corrupt.
     fn check_writable(&self, m: &Meta) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly("image opened read-only".into()));
         }
-        if let Some(e) = &m.poisoned {
-            return Err(Error::Poisoned(e.to_string()));
-        }
+        self.poison.check()?;
         if m.corrupt {
             return Err(Error::ReadOnly("image is marked corrupt".into()));
         }
         Ok(())
     }
 
-    /// Records the first failure of a write or flush: the image refuses
-    /// writes from now on, so nothing is silently lost.
-    fn poison(&self, m: &mut Meta, e: &Error) {
-        if m.poisoned.is_none() {
-            m.poisoned = Some(e.duplicate());
-        }
+    /// Records a failure after which the on-disk state is unknown: the
+    /// image refuses writes and flushes from now on, answering with that
+    /// failure's errno, so nothing is silently lost.
+    fn poison(&self, e: &Error) {
+        self.poison.set(e);
     }
 
     /// Marks the image corrupt on disk (best effort) and refuses writes.
@@ -314,61 +337,48 @@ impl Qcow2 {
         m.corrupt = true;
         if self.g.v3 && !self.read_only {
             m.hc.header.incompatible_features |= Incompatible::CORRUPT;
-            if self.write_header(m).is_ok() {
+            // Cluster 0 is the header whatever else claims it: the corrupt
+            // bit must get out even when the overlap is with the header.
+            if self.write_header_unchecked(m).is_ok() {
                 let _ = self.file.flush();
             }
         }
         Error::corrupt(format!("{what}; image marked corrupt, further writes refused"))
     }
 
-    /// Writes cluster 0 (header, extensions, backing name).
+    /// Writes cluster 0 (header, extensions, backing name), unless other
+    /// metadata claims it too.
     fn write_header(&self, m: &mut Meta) -> Result<()> {
+        self.check_overlap(m, 0, Some(MetaKind::Header))?;
+        self.write_header_unchecked(m)
+    }
+
+    fn write_header_unchecked(&self, m: &mut Meta) -> Result<()> {
         let bytes = m.hc.encode()?;
         self.file.write_at(&bytes, 0).map_err(io_err("writing image header"))?;
         m.header_dirty = false;
         Ok(())
     }
+
+    /// Gives back the space reserved ahead of the allocation end but never
+    /// used, at a clean close. Nothing anything points at is cut off: not
+    /// metadata past the allocator's end (a damaged image's L1 table past
+    /// the end of the file, say), nor guest data found mapped there.
+    pub(crate) fn trim_reserved(&self, m: &mut Meta) -> Result<()> {
+        let keep = m.file_end.max(m.keep_end).max(m.meta_clusters.end().saturating_mul(self.g.cluster_size));
+        let len = self.file.len().map_err(io_err("reading image size"))?;
+        if m.prealloc_end > keep && len > keep {
+            self.file.set_len(keep).map_err(io_err("trimming reserved space"))?;
+            m.prealloc_end = keep;
+        }
+        Ok(())
+    }
 }
 
-/// The set of clusters holding metadata that the overlap check protects:
-/// header, L1 tables (active and snapshots), refcount table and blocks,
-/// snapshot table and active L2 tables.
-pub(crate) fn metadata_clusters(g: &Geometry, m: &Meta) -> HashMap<u64, MetaKind> {
-    let cs = g.cluster_size;
-    let mut map = HashMap::new();
-    map.insert(0, MetaKind::Header);
-    let add_range = |map: &mut HashMap<u64, MetaKind>, off: u64, bytes: u64, kind: MetaKind| {
-        for c in off / cs..(off + bytes.max(1)).div_ceil(cs) {
-            map.insert(c, kind);
-        }
-    };
-    let h = &m.hc.header;
-    if h.l1_size > 0 {
-        add_range(&mut map, h.l1_table_offset, u64::from(h.l1_size) * 8, MetaKind::ActiveL1);
-    }
-    add_range(&mut map, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, MetaKind::RefcountTable);
-    if h.nb_snapshots > 0 {
-        let bytes: u64 = m.snapshots.iter().map(|s| s.encode(g.v3).len() as u64).sum();
-        add_range(&mut map, h.snapshots_offset, bytes, MetaKind::SnapshotTable);
-        for s in &m.snapshots {
-            if s.l1_size > 0 {
-                add_range(&mut map, s.l1_table_offset, u64::from(s.l1_size) * 8, MetaKind::SnapshotL1);
-            }
-        }
-    }
-    for &e in &m.reftable {
-        let off = e & crate::format::refcount::REFTABLE_OFFSET_MASK;
-        if off != 0 {
-            map.insert(off / cs, MetaKind::RefcountBlock);
-        }
-    }
-    for &e in &m.l1 {
-        let off = e & crate::format::l1::OFFSET_MASK;
-        if off != 0 {
-            map.insert(off / cs, MetaKind::ActiveL2);
-        }
-    }
-    map
+/// The clusters holding metadata that the overlap check protects (see
+/// `overlap.rs`), as `m` describes them.
+pub(crate) fn metadata_clusters(g: &Geometry, m: &Meta) -> OverlapMap {
+    OverlapMap::build(g, m)
 }
 
 /// Reads the snapshot table entry by entry, so a lying `nb_snapshots`

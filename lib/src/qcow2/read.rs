@@ -166,7 +166,11 @@ impl Qcow2 {
             let gc = pos / cs;
             let (l1i, _) = self.split(gc);
             let l2_unallocated = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
-            let (n, st) = if l2_unallocated {
+            let (n, st) = if l1i >= m.l1.len() {
+                // Past the L1 table (a snapshot view whose disk is larger
+                // than its table covers): unallocated to the end at once.
+                (end - pos, BlockStatus::unallocated(pos, end - pos))
+            } else if l2_unallocated {
                 // A whole L2 table's range at once: fast on huge sparse disks.
                 let span = self.g.l2_entries * cs;
                 let n = ((pos / span + 1) * span).min(end) - pos;

@@ -10,6 +10,7 @@
 //! decreases happen only after the structure that needed them is gone from
 //! disk. A crash therefore leaves at most leaked clusters.
 
+use super::snapshot_validate::GotoPlan;
 use super::state::{Meta, MetaKind};
 use super::{metadata_clusters, Qcow2};
 use crate::format::be::{encode_u64_table, u64_table};
@@ -60,11 +61,12 @@ impl Qcow2 {
 
     /// Records a failure of a multi-step operation: I/O and corruption
     /// errors poison the image (its on-disk state is no longer known to
-    /// match the caches); refused requests do not.
-    pub(crate) fn fail<T>(&self, m: &mut Meta, r: Result<T>) -> Result<T> {
+    /// match the caches); refused requests do not. Takes the metadata
+    /// guard to show it runs before the failed operation lets go of it.
+    pub(crate) fn fail<T>(&self, _m: &mut Meta, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             if !matches!(e, Error::InvalidArgument(_) | Error::Unsupported(_)) {
-                self.poison(m, e);
+                self.poison(e);
             }
         }
         r
@@ -232,12 +234,10 @@ impl Qcow2 {
         } else {
             let clusters = (bytes.len() as u64).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            for k in 0..clusters {
-                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotTable);
-            }
+            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotTable);
             let mut padded = bytes.clone();
             padded.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, off, &padded, "writing snapshot table")?;
+            self.write_meta(m, off, &padded, MetaKind::SnapshotTable)?;
             off
         };
         // The table and its refcount must be on disk before the header
@@ -296,6 +296,8 @@ impl Qcow2 {
         if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::invalid("too many snapshots"));
         }
+        // A refusal here has changed nothing: no poisoning.
+        self.validate_snapshot_table(&mut m)?;
         let r = self.snapshot_create_locked(&mut m, name);
         self.fail(&mut m, r)
     }
@@ -315,13 +317,11 @@ impl Qcow2 {
         } else {
             let clusters = (l1.len() as u64 * 8).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            for k in 0..clusters {
-                m.meta_clusters.insert(off / cs + k, MetaKind::SnapshotL1);
-            }
+            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotL1);
             let copy: Vec<u64> = m.l1.iter().map(|&e| e & !L1_COPIED).collect();
             let mut bytes = encode_u64_table(&copy);
             bytes.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, off, &bytes, "writing snapshot L1 table")?;
+            self.write_meta(m, off, &bytes, MetaKind::SnapshotL1)?;
             off
         };
         // 3. Refcounts (then flags) durable before the table names the copy.
@@ -361,18 +361,19 @@ impl Qcow2 {
             return Err(Error::invalid(format!("Failed to load snapshot: snapshot '{name_or_id}' not found")));
         };
         let sn = m.snapshots[i].clone();
-        let r = self.snapshot_apply_locked(&mut m, &sn);
+        // Everything the revert installs or drops is checked before a byte
+        // changes; a refusal leaves the image as it was (no poisoning).
+        let plan = self.plan_goto(&mut m, &sn)?;
+        let r = self.snapshot_apply_locked(&mut m, plan);
         self.fail(&mut m, r)
     }
 
-    fn snapshot_apply_locked(&self, m: &mut Meta, sn: &SnapshotEntry) -> Result<()> {
+    fn snapshot_apply_locked(&self, m: &mut Meta, plan: GotoPlan) -> Result<()> {
         let cs = self.g.cluster_size;
-        let sn_l1 = self.read_snapshot_l1(sn)?;
-        let refs = self.tree_refs(m, &sn_l1)?;
-        self.check_increments(m, &refs)?;
+        let GotoPlan { sn_l1, refs, old_refs, header } = plan;
         m.compress_cursor = 0;
-        let size = sn.disk_size.unwrap_or(m.hc.header.size);
-        let need = m.hc.header.l1_entries_for(size) as usize;
+        let size = header.size;
+        let need = header.l1_size as usize;
         // 1. The new active tree's references, before anything uses them.
         self.adjust_all(m, &refs, 1)?;
         // Everything in the new active tree is now shared with the
@@ -394,7 +395,7 @@ impl Qcow2 {
         if clusters > 0 {
             let mut bytes = encode_u64_table(&new_l1);
             bytes.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, new_off, &bytes, "writing L1 table")?;
+            self.write_meta(m, new_off, &bytes, MetaKind::ActiveL1)?;
         }
         // 2. Refcounts, flags and the new L1 durable before the switch.
         self.write_back_durable(m)?;
@@ -409,7 +410,6 @@ impl Qcow2 {
         self.sync("flushing header")?;
         self.size.store(size, std::sync::atomic::Ordering::Release);
         // 3. Nothing on disk references the old tree any more.
-        let old_refs = self.tree_refs(m, &old_l1)?;
         self.adjust_all(m, &old_refs, -1)?;
         if !old_l1.is_empty() {
             for k in 0..old_clusters {
@@ -431,15 +431,15 @@ impl Qcow2 {
         let Some(i) = self.find_snapshot(&m, name_or_id) else {
             return Err(Error::invalid("snapshot not found"));
         };
-        let r = self.snapshot_delete_locked(&mut m, i);
+        // Checked before a byte changes; a refusal does not poison.
+        let refs = self.plan_delete(&mut m, i)?;
+        let r = self.snapshot_delete_locked(&mut m, i, refs);
         self.fail(&mut m, r)
     }
 
-    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize) -> Result<()> {
+    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<u64>) -> Result<()> {
         let cs = self.g.cluster_size;
         let sn = m.snapshots[i].clone();
-        let sn_l1 = self.read_snapshot_l1(&sn)?;
-        let refs = self.tree_refs(m, &sn_l1)?;
         m.compress_cursor = 0;
         let mut list = m.snapshots.clone();
         list.remove(i);

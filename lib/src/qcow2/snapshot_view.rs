@@ -20,16 +20,19 @@ impl Qcow2 {
                 .cloned()
                 .ok_or_else(|| Error::invalid(format!("Can't find snapshot '{name_or_id}'")))?
         };
-        if snap.l1_table_offset % self.g.cluster_size != 0 {
-            return Err(Error::corrupt_at("snapshot L1 table is not cluster aligned", snap.l1_table_offset));
-        }
+        // The view follows the entry's L1 table and takes its disk size:
+        // both must be ones an image could have.
+        let size = {
+            let m = self.lock();
+            self.check_snapshot_l1_place(&m, &snap)?;
+            snap.installed_header(&m.hc.header)?.size
+        };
         let view = Qcow2::open(
             self.file.clone(),
             Qcow2Options { read_only: true, backing: self.backing.clone(), ..Default::default() },
         )?;
         let mut raw = vec![0u8; snap.l1_size as usize * 8];
         self.file.read_at(&mut raw, snap.l1_table_offset).map_err(|e| Error::io("reading snapshot L1 table", e))?;
-        let size = snap.disk_size.unwrap_or_else(|| view.len());
         {
             let mut m = view.lock();
             m.l1 = u64_table(&raw);

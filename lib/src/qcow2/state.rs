@@ -1,13 +1,15 @@
 //! The engine's mutable metadata state, guarded by one mutex.
 
 use super::cache::TableCache;
+use super::overlap::OverlapMap;
 use crate::format::extensions::HeaderCluster;
 use crate::format::header::CompressionType;
 use crate::format::l2::L2Layout;
 use crate::format::refcount::RefcountLayout;
 use crate::format::SnapshotEntry;
 use crate::Error;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 /// Fixed geometry of an open image.
 #[derive(Debug, Clone, Copy)]
@@ -44,17 +46,7 @@ impl Geometry {
     }
 }
 
-/// What a metadata cluster holds, for the overlap check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MetaKind {
-    Header,
-    ActiveL1,
-    RefcountTable,
-    RefcountBlock,
-    ActiveL2,
-    SnapshotTable,
-    SnapshotL1,
-}
+pub(crate) use super::overlap::MetaKind;
 
 /// A refcount decrement waiting until no on-disk table points at the
 /// cluster any more (crash-safety rule: a freed cluster is not reused, and
@@ -94,22 +86,33 @@ pub(crate) struct Meta {
     pub file_end: u64,
     /// End of the space reserved in the image file ahead of `file_end`.
     pub prealloc_end: u64,
+    /// Largest chunk to try reserving ahead: halved when the file system
+    /// has no room for a chunk, doubled back with each reservation that
+    /// fits, so a nearly full disk costs few failing reservations.
+    pub reserve_cap: u64,
     /// Decrements to apply after the next metadata write-out.
     pub pending_free: Vec<PendingFree>,
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
     /// flight; others wait on the condition variable.
     pub inflight: HashSet<u64>,
-    /// Cluster indices holding metadata, with what they hold (overlap check).
-    pub meta_clusters: HashMap<u64, MetaKind>,
+    /// Clusters holding metadata, with what they hold (overlap check).
+    pub meta_clusters: OverlapMap,
+    /// End of the clusters guest data was found mapped to, when past
+    /// `file_end` (a damaged or truncated image): the truncation at close
+    /// keeps them.
+    pub keep_end: u64,
     /// Copy-on-write data (the old content around a write, copied into a
     /// newly mapped cluster) was written since the last sync: it must be
     /// durable before an L2 entry pointing at it is.
     pub cow_unsynced: bool,
+    /// A dirty refcount block was written early (evicted from the cache)
+    /// since the last sync: like copied data, it must be durable before
+    /// an L2 or L1 entry that relies on it, or the refcount table entry
+    /// pointing at it, is written.
+    pub refblocks_unsynced: bool,
     /// Lazy refcounts in effect: refcount blocks are not written until a
     /// clean close, and the dirty bit is on disk.
     pub lazy_active: bool,
-    /// The first error of a failed write or flush; writes refuse after it.
-    pub poisoned: Option<Error>,
     /// The image was found corrupt while writing; read-only from now on.
     pub corrupt: bool,
     /// End of the last compressed cluster written, where the next one is
@@ -130,5 +133,40 @@ impl Meta {
             Some((a, b)) => (a.min(i), b.max(i)),
             None => (i, i),
         });
+    }
+}
+
+/// The first failure after which the image's on-disk state is no longer
+/// known (see "Failures: what poisons and why" in docs/DESIGN.md). Kept
+/// outside [`Meta`] because a failed fsync is recorded where it happens,
+/// with or without the metadata lock held; it is a leaf lock.
+#[derive(Default)]
+pub(crate) struct Poison(Mutex<Option<Error>>);
+
+impl Poison {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Error>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Records `e` unless an earlier failure is recorded already.
+    pub fn set(&self, e: &Error) {
+        let mut slot = self.slot();
+        if slot.is_none() {
+            let cause = match e {
+                Error::Poisoned(cause) => cause.duplicate(),
+                other => other.duplicate(),
+            };
+            *slot = Some(cause);
+        }
+    }
+    /// Whether a failure is recorded.
+    pub fn is_set(&self) -> bool {
+        self.slot().is_some()
+    }
+    /// Refuses with the recorded failure, if any.
+    pub fn check(&self) -> Result<(), Error> {
+        match &*self.slot() {
+            Some(cause) => Err(Error::Poisoned(Box::new(cause.duplicate()))),
+            None => Ok(()),
+        }
     }
 }

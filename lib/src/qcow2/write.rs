@@ -102,9 +102,11 @@ impl Qcow2 {
         } else {
             vec![0u8; self.g.cluster_size as usize]
         };
+        // Room in the cache before the allocation, so that a failure of
+        // either leaves nothing allocated and nothing changed.
+        self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
-        self.make_room_l2(m)?;
         m.meta_clusters.insert(new / self.g.cluster_size, MetaKind::ActiveL2);
         m.l2.insert(new, content, true);
         m.l1[l1i] = new | L1_COPIED;
@@ -115,23 +117,6 @@ impl Qcow2 {
             self.free_later(m, old, false);
         }
         Ok(new)
-    }
-
-    /// Overlap check: refuses to write data (`kind == None`) or metadata
-    /// of `kind` into a cluster that holds other metadata, and marks the
-    /// image corrupt when it happens.
-    pub(crate) fn check_overlap(&self, m: &mut Meta, host: u64, kind: Option<MetaKind>) -> Result<()> {
-        if self.g.external_data && kind.is_none() {
-            return Ok(());
-        }
-        let idx = host / self.g.cluster_size;
-        match (m.meta_clusters.get(&idx).copied(), kind) {
-            (None, _) => Ok(()),
-            (Some(k), Some(want)) if k == want => Ok(()),
-            (Some(k), _) => {
-                Err(self.mark_corrupt(m, format!("write at host offset {host:#x} would overwrite metadata ({k:?})")))
-            }
-        }
     }
 
     /// Updates the L2 entry of guest cluster `gc` (its table must already
@@ -176,6 +161,7 @@ impl Qcow2 {
         let e = self.l2_entry(m, gc)?;
         let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
+        self.check_mapped_entry(m, e)?;
         let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
         if owned && l1_copied {
             let in_place = if self.g.extended {
@@ -189,6 +175,10 @@ impl Qcow2 {
                 return Ok(Some(Step::InPlace(host)));
             }
         }
+        // The L2 table the commit will change is made writable now: an
+        // allocation that fails must fail before the data is written, and
+        // the commit, after the data, then has nothing left to allocate.
+        self.writable_l2(m, l1i)?;
         let (host, fresh, new_cluster) = if owned {
             (host, false, false)
         } else if self.g.external_data {
@@ -246,21 +236,15 @@ impl Qcow2 {
             drop(m);
             let result = self.execute_writes(buf, offset, &steps, gate);
             let mut m = self.lock();
-            match result {
-                Ok(()) => {
-                    let committed = self.commit_allocs(&mut m, &steps, offset);
-                    if let Err(e) = committed {
-                        self.poison(&mut m, &e);
-                        self.abandon(&mut m, steps);
-                        return Err(e);
-                    }
-                }
-                Err(e) => {
-                    self.poison(&mut m, &e);
-                    self.abandon(&mut m, steps);
-                    return Err(e);
-                }
+            // A failed data write fails this request only: no metadata
+            // points at the new clusters yet, so giving them back leaves
+            // the cache as it was (the guest sees old or new data in the
+            // range, as with any failed write).
+            if let Err(e) = result {
+                self.abandon(&mut m, steps);
+                return Err(e);
             }
+            self.commit_allocs(&mut m, steps)?;
             pos = at;
         }
         if self.writethrough {
@@ -270,16 +254,24 @@ impl Qcow2 {
     }
 
     /// Gives back clusters planned but not committed: their new host
-    /// clusters were never referenced, so they are freed at once.
-    fn abandon(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) {
+    /// clusters were never referenced, so they are freed at once (their
+    /// refcount was raised in the cache only, and a refcount block written
+    /// early meanwhile at worst shows a leak after a crash). Such a cluster
+    /// is below the allocation end from now on, so it is never taken for
+    /// fresh again: whatever the failed write left in it gets copied over.
+    fn abandon(&self, m: &mut Meta, steps: impl IntoIterator<Item = (u64, u64, Step)>) {
         for (_, _, s) in steps {
             if let Step::Alloc(a) = s {
-                if a.new_cluster {
-                    let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
-                }
-                self.release_inflight(m, a.gc);
+                self.abandon_alloc(m, &a);
             }
         }
+    }
+
+    fn abandon_alloc(&self, m: &mut Meta, a: &Alloc) {
+        if a.new_cluster {
+            let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
+        }
+        self.release_inflight(m, a.gc);
     }
 
     /// Whether the write leaves parts of the new mapping that must come
@@ -366,10 +358,25 @@ impl Qcow2 {
         if !self.g.extended {
             return (0, cs);
         }
-        let mask = self.sub_mask(from, to) | self.carried_subs(a);
-        let first = mask.trailing_zeros() as u64;
-        let last = 31 - mask.leading_zeros() as u64;
-        (first * self.g.sub_size, (last + 1) * self.g.sub_size)
+        let carried = self.carried_subs(a);
+        let mask = self.sub_mask(from, to) | carried;
+        let first = mask.trailing_zeros();
+        let last = 31 - mask.leading_zeros();
+        let mut span = (u64::from(first) * self.g.sub_size, u64::from(last + 1) * self.g.sub_size);
+        if carried == 0 {
+            // An edge subcluster already allocated in this host cluster
+            // holds its bytes there: copying them around the write would
+            // put back old bytes over an in-place write into them, which
+            // does not wait for this cluster (found by the torture test).
+            let alloc = a.old.bitmap.alloc();
+            if alloc & (1 << first) != 0 {
+                span.0 = from;
+            }
+            if alloc & (1 << last) != 0 {
+                span.1 = to;
+            }
+        }
+        span
     }
 
     /// Subclusters whose old data must move to the new host cluster.
@@ -423,30 +430,42 @@ impl Qcow2 {
     }
 
     /// Points the L2 entries of a batch's allocated clusters at their new
-    /// data, which has been written.
-    fn commit_allocs(&self, m: &mut Meta, steps: &[(u64, u64, Step)], _base: u64) -> Result<()> {
-        let cs = self.g.cluster_size;
-        for (pos, len, s) in steps {
+    /// data, which has been written. Should one fail (its L2 table was
+    /// evicted meanwhile and cannot be read back), the clusters before it
+    /// stay committed and the rest are given back: the request fails,
+    /// the image stays consistent.
+    fn commit_allocs(&self, m: &mut Meta, steps: Vec<(u64, u64, Step)>) -> Result<()> {
+        let mut steps = steps.into_iter();
+        while let Some((pos, len, s)) = steps.next() {
             let Step::Alloc(a) = s else { continue };
-            let from = pos % cs;
-            if self.needs_cow_sync(a, from, from + len) {
-                m.cow_unsynced = true;
+            if let Err(e) = self.commit_alloc(m, pos, len, &a) {
+                self.abandon_alloc(m, &a);
+                self.abandon(m, steps);
+                return Err(e);
             }
-            let entry = if self.g.extended {
-                let written = self.sub_mask(from, from + len) | self.carried_subs(a);
-                let (alloc, zero) = if a.old.is_compressed() {
-                    (ALL_SUBS, 0)
-                } else {
-                    (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
-                };
-                L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
-            } else {
-                L2Entry::normal(a.host, true)
-            };
-            self.set_l2_entry(m, a.gc, entry)?;
-            self.release_entry(m, a.old, Some(a.host), false);
-            self.release_inflight(m, a.gc);
         }
+        Ok(())
+    }
+
+    fn commit_alloc(&self, m: &mut Meta, pos: u64, len: u64, a: &Alloc) -> Result<()> {
+        let from = pos % self.g.cluster_size;
+        let entry = if self.g.extended {
+            let written = self.sub_mask(from, from + len) | self.carried_subs(a);
+            let (alloc, zero) = if a.old.is_compressed() {
+                (ALL_SUBS, 0)
+            } else {
+                (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
+            };
+            L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
+        } else {
+            L2Entry::normal(a.host, true)
+        };
+        self.set_l2_entry(m, a.gc, entry)?;
+        if self.needs_cow_sync(a, from, from + len) {
+            m.cow_unsynced = true;
+        }
+        self.release_entry(m, a.old, Some(a.host), false);
+        self.release_inflight(m, a.gc);
         Ok(())
     }
 
@@ -508,16 +527,11 @@ impl Qcow2 {
             let gc = pos / cs;
             let from = pos % cs;
             let to = (b - gc * cs).min(cs);
+            // A failure changes nothing (zero_cluster changes the entry
+            // last, and making its table writable is all or nothing).
             let explicit = {
-                let m = self.wait_cluster(self.lock(), gc)?;
-                let mut m = m;
-                match self.zero_cluster(&mut m, gc, from, to, may_unmap) {
-                    Ok(explicit) => explicit,
-                    Err(e) => {
-                        self.poison(&mut m, &e);
-                        return Err(e);
-                    }
-                }
+                let mut m = self.wait_cluster(self.lock(), gc)?;
+                self.zero_cluster(&mut m, gc, from, to, may_unmap)?
             };
             if explicit {
                 self.write_explicit_zeros(gc * cs + from, to - from)?;
@@ -611,11 +625,9 @@ impl Qcow2 {
         // The last cluster may be partial only at the end of the disk.
         let last = if end == self.len() { end.div_ceil(cs) } else { end / cs };
         for gc in first..last {
+            // As for zeroing, a failure changes nothing.
             let mut m = self.wait_cluster(self.lock(), gc)?;
-            if let Err(e) = self.discard_cluster(&mut m, gc) {
-                self.poison(&mut m, &e);
-                return Err(e);
-            }
+            self.discard_cluster(&mut m, gc)?;
         }
         if self.writethrough {
             self.flush_all()?;

@@ -8,6 +8,8 @@
 //! storages) exist only with the `testing` feature, which the crate's own
 //! tests and the fuzz targets turn on.
 
+mod aligned;
+mod buffer;
 #[cfg(any(test, feature = "testing"))]
 mod counting;
 #[cfg(any(test, feature = "testing"))]
@@ -17,21 +19,26 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+mod no_flush;
+mod serialise;
 mod sys;
 
+pub use aligned::AlignedStorage;
+pub use buffer::{AlignedBuf, MAX_DIRECT_ALIGN};
 #[cfg(any(test, feature = "testing"))]
 pub use counting::CountingStorage;
 #[cfg(any(test, feature = "testing"))]
 pub use crash::{apply_event, CrashLog, CrashStorage, CrashVariant, Event};
 #[cfg(any(test, feature = "testing"))]
-pub use fault::{Fault, FaultStorage};
-pub use file::{FileStorage, OpenFlags};
+pub use fault::{Fault, FaultOps, FaultStorage};
+pub use file::{host_io_counts, FileStorage, HostIoCounts, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
+pub use no_flush::NoFlushStorage;
 
 use std::io;
 
-setters!(OpenFlags { write: bool, direct: bool, create: bool, no_flush: bool });
+setters!(OpenFlags { write: bool, direct: bool, create: bool, direct_align: usize });
 
 /// Positional byte storage under an image (a host file, memory, ...).
 ///

@@ -174,3 +174,27 @@ pub fn unlock(file: &File, start: u64, len: u64) -> io::Result<()> {
 pub fn locked_by_other(file: &File, byte: u64) -> io::Result<bool> {
     imp::ofd_conflicts(file, libc::F_WRLCK as libc::c_int, byte, 1)
 }
+
+/// The (offset, memory) alignments O_DIRECT needs on `file`, as `statx`
+/// reports them (Linux 6.1 and later); `None` when it does not.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn direct_io_alignment(file: &File) -> Option<(u32, u32)> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: `statx` is a plain C struct of integers, for which all
+    // zeros is a valid value; the kernel fills it in.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: with AT_EMPTY_PATH and an empty, NUL-terminated path, statx
+    // describes the open descriptor; it writes only into `st`, which is
+    // ours and lives across the call.
+    let r = unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut st) };
+    if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((st.stx_dio_offset_align, st.stx_dio_mem_align))
+}
+
+/// Hosts without `statx`: alignments are probed instead.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn direct_io_alignment(_: &File) -> Option<(u32, u32)> {
+    None
+}

@@ -2,6 +2,7 @@
 //! flight (qemu-img bench semantics), for measuring the engine.
 
 use crate::device::BlockDevice;
+use crate::storage::AlignedBuf;
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -85,7 +86,9 @@ pub fn run(dev: &dyn BlockDevice, o: &BenchOptions) -> Result<Duration> {
     std::thread::scope(|s| {
         for _ in 0..o.depth.min(o.count.max(1) as usize) {
             s.spawn(|| {
-                let mut buf = vec![o.pattern; o.size as usize];
+                // Aligned, so O_DIRECT takes it without a bounce copy.
+                let mut buf = AlignedBuf::for_direct_io(o.size as usize);
+                buf.fill(o.pattern);
                 loop {
                     if failed.load(Ordering::Relaxed) {
                         return;

@@ -209,9 +209,7 @@ fn bitmaps_size(q: &crate::qcow2::Qcow2, cs: u64) -> Result<u64> {
     if h.autoclear_features & crate::format::Autoclear::BITMAPS == 0 || ext.nb_bitmaps == 0 {
         return Ok(0);
     }
-    let mut dir = vec![0u8; ext.directory_size as usize];
-    q.file().read_at(&mut dir, ext.directory_offset).map_err(|e| Error::io("reading bitmap directory", e))?;
-    let entries = crate::format::bitmap::parse_directory(&dir, ext.nb_bitmaps)?;
+    let entries = q.bitmap_directory()?;
     let mut total = 0u64;
     let mut dir_size = 0u64;
     for e in entries {

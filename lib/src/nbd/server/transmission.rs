@@ -8,6 +8,7 @@ use super::conn::Connection;
 use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
 use super::status::{block_status, read_segments, Segment, StatusReply};
 use crate::nbd::proto::*;
+use crate::storage::AlignedBuf;
 use crate::Error;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;
@@ -91,16 +92,24 @@ impl<C: Connection> Replies<C> {
 /// A request ready for a worker.
 struct Job {
     req: Request,
-    payload: Vec<u8>,
+    /// Aligned, so a device over O_DIRECT writes it without a copy.
+    payload: AlignedBuf,
     _permit: Permit,
 }
 
 /// What a request came to.
 enum Outcome {
     Done,
-    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    /// `buf` is aligned, so a device over O_DIRECT reads into it directly.
+    Read {
+        buf: AlignedBuf,
+        segments: Vec<Segment>,
+    },
     Status(StatusReply),
-    Failed { errno: u32, msg: String },
+    Failed {
+        errno: u32,
+        msg: String,
+    },
 }
 
 fn fail(errno: u32, msg: impl Into<String>) -> Outcome {
@@ -185,7 +194,7 @@ pub(crate) fn run<C: Connection>(
                     break;
                 }
                 let permit = budget.acquire(req.length as usize);
-                let mut payload = vec![0u8; req.length as usize];
+                let mut payload = AlignedBuf::for_direct_io(req.length as usize);
                 if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
                     // Disconnected mid-payload: the partial write is dropped.
                     break;
@@ -194,9 +203,9 @@ pub(crate) fn run<C: Connection>(
             }
             CMD_READ => {
                 let permit = budget.acquire(req.length.min(MAX_PAYLOAD) as usize);
-                Job { req, payload: Vec::new(), _permit: permit }
+                Job { req, payload: AlignedBuf::new(0, 1), _permit: permit }
             }
-            _ => Job { req, payload: Vec::new(), _permit: budget.acquire(0) },
+            _ => Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) },
         };
         if tx.send(job).is_err() {
             break;
@@ -289,7 +298,7 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
                 return Err(fail(EINVAL, format!("read of {len} bytes at {off} is past the end ({size} bytes)")));
             }
             let n = req.length as usize;
-            let mut buf = vec![0u8; n];
+            let mut buf = AlignedBuf::for_direct_io(n);
             let segments = if n == 0 {
                 Vec::new()
             } else if ctx.session.structured && req.flags & CMD_FLAG_DF == 0 {
@@ -445,7 +454,29 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_zero;
+    use super::{failed, is_zero, Outcome, EIO, ENOSPC};
+    use crate::Error;
+    use std::io;
+
+    fn wire_errno(e: &Error) -> u32 {
+        match failed(e) {
+            Outcome::Failed { errno, .. } => errno,
+            _ => unreachable!("failed() always fails"),
+        }
+    }
+
+    #[test]
+    fn enospc_reaches_the_client_as_enospc_also_from_a_poisoned_image() {
+        let nospc = || Error::io("writing guest data", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(wire_errno(&nospc()), ENOSPC);
+        assert_eq!(wire_errno(&Error::Poisoned(Box::new(nospc()))), ENOSPC);
+        let eio = Error::io("flushing image", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(wire_errno(&Error::Poisoned(Box::new(eio))), EIO);
+        // An error rebuilt from a message (as an NBD client's) keeps its kind.
+        let rebuilt = Error::io("NBD server error", io::Error::new(io::ErrorKind::StorageFull, "No space left"));
+        assert_eq!(wire_errno(&rebuilt), ENOSPC);
+        assert_eq!(wire_errno(&Error::corrupt("L2 entry")), EIO);
+    }
 
     #[test]
     fn zero_detection() {

@@ -1,0 +1,18 @@
+//! The CLI's integration tests, linked into one binary: one module per
+//! concern, named as the test files used to be, so
+//! `cargo test -p oxcow-cli --test it NAME::` runs one of them. Shared
+//! helpers live in `support`.
+
+mod support;
+
+mod cache_mode_cli;
+mod check_cli;
+mod cli_behaviour;
+mod damaged_cli;
+mod direct_write_race;
+mod lifecycle_cli;
+mod read_compat;
+mod remote_cli;
+mod serve_cli;
+mod small_filesystem;
+mod write_diff;
