@@ -520,6 +520,7 @@ impl Qcow2 {
     fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
         let cs = self.g.cluster_size;
         let e = self.l2_entry(m, gc)?;
+        self.check_mapped_entry(m, e)?;
         let whole = from == 0 && to == cs;
         if !self.g.v3 {
             // No zero flag in v2: deallocate when nothing shows through,
@@ -614,6 +615,7 @@ impl Qcow2 {
             return Ok(());
         }
         let e = self.l2_entry(m, gc)?;
+        self.check_mapped_entry(m, e)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
         let unallocated = e.word == 0 && e.bitmap.0 == 0;
