@@ -169,7 +169,7 @@ impl Qcow2 {
                 !self.g.v3 || e.word & ZERO == 0
             };
             if in_place {
-                self.check_overlap(m, host, None)?;
+                // `check_mapped_entry` above did the overlap check.
                 return Ok(Some(Step::InPlace(host)));
             }
         }
