@@ -421,11 +421,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Checks the host clusters a guest cluster maps to before a write uses
-    /// them (in place, or as the old content of a copy-on-write). A cluster
-    /// whose refcount is zero is free as far as the allocator knows: the
-    /// next allocation could hand it out, and a write into it (past the end
-    /// of the file, say) would be lost at the next truncation. So that is
+    /// Checks the host clusters a guest cluster maps to before a request
+    /// uses them (a write in place, or copy-on-write, zeroing or discard,
+    /// which release them). They must hold no metadata: releasing one would
+    /// free a table's cluster for reuse. And their refcount must not be 0:
+    /// such a cluster is free as far as the allocator knows, the next
+    /// allocation could hand it out, and a write into it (past the end of
+    /// the file, say) would be lost at the next truncation. Either is
     /// corruption, refused with the corrupt bit set. A referenced cluster
     /// past the allocator's end is kept by the truncation at close.
     pub(crate) fn check_mapped_entry(&self, m: &mut Meta, e: L2Entry) -> Result<()> {
@@ -440,6 +442,7 @@ impl Qcow2 {
             let first = d.offset / cs;
             let last = (d.offset + d.byte_len().max(1) - 1) / cs;
             for c in first..=last {
+                self.check_overlap(m, c * cs, None)?;
                 if self.refcount(m, c)? == 0 {
                     return Err(self.mark_corrupt(
                         m,
@@ -456,6 +459,9 @@ impl Qcow2 {
         if host == 0 {
             return Ok(());
         }
+        // Guest data on metadata: writing it in place would overwrite the
+        // table, and copy-on-write would free the table's cluster.
+        self.check_overlap(m, host, None)?;
         let cs = self.g.cluster_size;
         if self.refcount(m, host / cs)? == 0 {
             return Err(self.mark_corrupt(

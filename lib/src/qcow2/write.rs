@@ -171,7 +171,7 @@ impl Qcow2 {
                 !self.g.v3 || e.word & ZERO == 0
             };
             if in_place {
-                self.check_overlap(m, host, None)?;
+                // `check_mapped_entry` above did the overlap check.
                 return Ok(Some(Step::InPlace(host)));
             }
         }
@@ -550,6 +550,7 @@ impl Qcow2 {
     fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
         let cs = self.g.cluster_size;
         let e = self.l2_entry(m, gc)?;
+        self.check_mapped_entry(m, e)?;
         let whole = from == 0 && to == cs;
         if !self.g.v3 {
             // No zero flag in v2: deallocate when nothing shows through,
@@ -642,6 +643,7 @@ impl Qcow2 {
             return Ok(());
         }
         let e = self.l2_entry(m, gc)?;
+        self.check_mapped_entry(m, e)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
         let unallocated = e.word == 0 && e.bitmap.0 == 0;

@@ -597,3 +597,31 @@ fn repair_rebuilds_a_refcount_block_lying_on_the_l1_table() {
     let data: Vec<_> = (0..4).map(|i| (i * CS, CS, 0x10 + i as u8)).collect();
     assert!(lost(&p, &data).is_empty());
 }
+
+#[test]
+fn discard_through_an_entry_on_metadata_is_refused() {
+    // Freeing the "data" would free the L1 table's cluster for the next
+    // allocation; zeroing with unmap alike.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bytes, l) = base_image(dir.path());
+    put64(&mut bytes, l.l2 + 3 * 8, COPIED | l.l1);
+    for op in ["discard", "zero"] {
+        let p = dir.path().join(format!("{op}.qcow2"));
+        std::fs::write(&p, &bytes).unwrap();
+        let opts = OpenOptions { format: Some(Format::Qcow2), write: true, ..Default::default() };
+        let img = image::open(&p, &opts).unwrap();
+        let dev = img.device();
+        let r = match op {
+            "discard" => dev.discard(3 * CS, CS),
+            _ => dev.write_zeroes(3 * CS, CS, true),
+        };
+        let e = r.expect_err(op);
+        assert!(e.is_corrupt(), "{op}: {e}");
+        assert!(dev.write_at(&[7u8; 512], 1 << 20).is_err(), "{op}: writes refused after");
+        let _ = img.close();
+        drop(img);
+        assert!(qemu_says_corrupt(&p), "{op}");
+        let data: Vec<_> = (0..3).map(|i| (i * CS, CS, 0x10 + i as u8)).collect();
+        assert!(lost(&p, &data).is_empty(), "{op}: the L1 table was damaged");
+    }
+}
