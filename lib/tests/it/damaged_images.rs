@@ -608,8 +608,8 @@ fn discard_through_an_entry_on_metadata_is_refused() {
     for op in ["discard", "zero"] {
         let p = dir.path().join(format!("{op}.qcow2"));
         std::fs::write(&p, &bytes).unwrap();
-        let opts = OpenOptions { format: Some(Format::Qcow2), write: true, ..Default::default() };
-        let img = image::open(&p, &opts).unwrap();
+        let opts = OpenOptions::default().format(Some(Format::Qcow2)).write(true);
+        let img = oxcow::open(&p, &opts).unwrap();
         let dev = img.device();
         let r = match op {
             "discard" => dev.discard(3 * CS, CS),
