@@ -36,7 +36,7 @@ pub struct FileStorage {
     /// QEMU-compatible image locks, released when the storage is dropped.
     lock: Option<ImageLock>,
     /// Modifications completed so far (writes, hole punches, length
-    /// changes)...
+    /// changes, space reservations)...
     modified: AtomicU64,
     /// ... and one more than how many of them had completed when the last
     /// successful sync began (0: no sync yet, so the first flush always
@@ -53,7 +53,7 @@ enum FileIo {
 }
 
 /// Host writes and syncs of all file storages of this process, for the
-/// cache-mode tests (`OXCOW_REPORT_IO` in the CLI): the one place where
+/// cache-mode tests (`OXCOW_REPORT_HOST_IO` in the CLI): the one place where
 /// what really reaches the host can be counted without tracing syscalls.
 static HOST_WRITES: AtomicU64 = AtomicU64::new(0);
 static HOST_SYNCS: AtomicU64 = AtomicU64::new(0);
