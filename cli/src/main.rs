@@ -3,6 +3,8 @@
 
 mod cmd;
 mod error;
+mod image_opts;
+mod object;
 mod progress;
 mod util;
 

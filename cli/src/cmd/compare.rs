@@ -26,15 +26,19 @@ pub struct Args {
     /// Open even if another process has the images open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// First image.
     a: String,
     /// Second image.
     b: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
     let _ = a.progress;
     let e2 = |e: CliError| e.with_code(2);
+    a.objects.apply(&mut a.a, &mut a.format_a).map_err(e2)?;
+    a.objects.apply(&mut a.b, &mut a.format_b).map_err(e2)?;
     let fa = parse_format(a.format_a.as_deref()).map_err(e2)?;
     let fb = parse_format(a.format_b.as_deref()).map_err(e2)?;
     let share = a.force_share;

@@ -56,12 +56,15 @@ pub struct Args {
     /// `snapshot.id=ID`, or a bare name or id.
     #[arg(short = 'l')]
     snapshot_param: Option<String>,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Source image, then target.
     #[arg(required = true, num_args = 2)]
     files: Vec<String>,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.files[0], &mut a.format)?;
     let _ = (a.unordered, a.quiet);
     let cache_mode = |v: &Option<String>, default: &str| {
         v.as_deref().unwrap_or(default).parse::<oxcow::CacheMode>().map_err(|e| CliError::new(e.to_string()))

@@ -21,11 +21,14 @@ pub struct Args {
     /// Open even if another process has the image open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let json_out = match a.output.as_str() {
         "json" => true,
         "human" => false,

@@ -41,11 +41,14 @@ pub struct Args {
     /// A command to run (repeatable); commands are read from stdin without any.
     #[arg(short = 'c', long = "cmd", allow_hyphen_values = true)]
     cmds: Vec<String>,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let format = parse_format(a.format.as_deref())?;
     let cache = match &a.cache {
         Some(c) => c.parse::<CacheMode>().map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,

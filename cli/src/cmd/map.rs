@@ -23,6 +23,8 @@ pub struct Args {
     /// How much to map at most.
     #[arg(short = 'l', long = "max-length")]
     max_length: Option<String>,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
@@ -145,7 +147,8 @@ fn refine_with_file(e: &mut Extent, ls: &[Layer]) {
     e.zero |= h.hole;
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let json_out = match a.output.as_str() {
         "json" => true,
         "human" => false,

@@ -5,8 +5,10 @@
 //! without unsafe process tricks.
 
 use crate::error::{message, os_message, CliError, CliResult};
+use crate::object::{Object, Objects};
 use crate::util::{open_image, parse_format};
 use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use oxcow::nbd::tls::TlsServer;
 use oxcow::{CacheMode, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::AtomicBool;
@@ -20,7 +22,8 @@ pub struct Args {
     /// Image format.
     #[arg(short = 'f', long = "format")]
     format: Option<String>,
-    /// Address to listen on.
+    /// Address to listen on (127.0.0.1 unless given: an export, without
+    /// TLS, hands the whole disk to anyone who reaches the port).
     #[arg(short = 'b', long = "bind", default_value = "127.0.0.1")]
     bind: String,
     /// TCP port.
@@ -76,8 +79,55 @@ pub struct Args {
     /// RATE bytes per second when given (--prefetch=20M).
     #[arg(long = "prefetch", value_name = "RATE", num_args = 0..=1, require_equals = true, default_missing_value = "0")]
     prefetch: Option<String>,
+    /// Define an object (qemu's TYPE,id=ID,...): tls-creds-x509,
+    /// authz-simple, authz-list, authz-listfile.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
+    /// Require TLS with the credentials of this object (tls-creds-x509
+    /// with endpoint=server).
+    #[arg(long = "tls-creds", value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Let in only clients whose certificate name this authz object allows.
+    #[arg(long = "tls-authz", value_name = "ID")]
+    tls_authz: Option<String>,
+    /// Override the host name checked in the server's certificate (a
+    /// client-side setting, accepted as qemu-nbd does).
+    #[arg(long = "tls-hostname", value_name = "HOSTNAME")]
+    tls_hostname: Option<String>,
     /// Image file.
     file: String,
+}
+
+/// The TLS setup `--tls-creds` and `--tls-authz` name, checked as qemu-nbd
+/// checks them, before the image is opened.
+fn tls_setup(a: &Args) -> CliResult<Option<TlsServer>> {
+    let objects = Objects::parse(&a.objects)?;
+    let Some(creds_id) = &a.tls_creds else {
+        if a.tls_authz.is_some() {
+            return Err(CliError::new("--tls-authz is not permitted without --tls-creds"));
+        }
+        if a.tls_hostname.is_some() {
+            return Err(CliError::new("--tls-hostname is not permitted without --tls-creds"));
+        }
+        return Ok(None);
+    };
+    let creds = match objects.get(creds_id) {
+        Some(Object::TlsCreds(c)) => c,
+        Some(_) => {
+            return Err(CliError::new(format!(
+                "Failed to get TLS creds: Object with id '{creds_id}' is not TLS credentials"
+            )))
+        }
+        None => return Err(CliError::new(format!("Failed to get TLS creds: No TLS credentials with id '{creds_id}'"))),
+    };
+    let authz = match &a.tls_authz {
+        None => None,
+        Some(id) => match objects.get(id) {
+            Some(Object::Authz(z)) => Some(z.0.clone()),
+            _ => return Err(CliError::new(format!("Cannot find QAuthZ object with id '{id}'"))),
+        },
+    };
+    creds.server(authz).map(Some).map_err(|e| CliError::new(format!("Failed to get TLS creds: {}", e.msg)))
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
@@ -90,6 +140,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         return Err(CliError::new("--share-rw/-U is not allowed for writable exports; use -r"));
     }
     let cache = a.cache.parse::<CacheMode>().map_err(|e| CliError::new(e.to_string()))?;
+    let tls = tls_setup(&a)?;
     let read_only = a.read_only || a.snapshot.is_some();
     let caching = a.copy_on_read || a.prefetch.is_some();
     if caching && (a.snapshot.is_some() || a.force_share) {
@@ -136,7 +187,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         signal_hook::flag::register(sig, shutdown.clone())
             .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
     }
-    let serve_opts = ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16);
+    let serve_opts =
+        ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16).tls(tls);
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {}", os_message(&e))))?;

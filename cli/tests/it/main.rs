@@ -15,4 +15,5 @@ mod read_compat;
 mod remote_cli;
 mod serve_cli;
 mod small_filesystem;
+mod tls_interop;
 mod write_diff;

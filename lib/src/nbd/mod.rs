@@ -8,6 +8,8 @@
 //!   decoding), no I/O; shared by both ends;
 //! - [`server`]: [`Server`](server::Server) and its handshake,
 //!   transmission phase and block-status walks;
+//! - [`tls`]: credentials, access lists and the TLS stream both ends use
+//!   after `NBD_OPT_STARTTLS`;
 //! - [`client`]: [`NbdClient`](client::NbdClient), a remote export as a
 //!   [`BlockDevice`](crate::BlockDevice), and
 //!   [`NbdStorage`](client::NbdStorage), the storage driver that
@@ -18,3 +20,4 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;

@@ -10,6 +10,8 @@ pub mod process;
 #[path = "../../../../lib/tests/it/support/rng.rs"]
 pub mod rng;
 
+pub mod certs;
+
 pub use rng::Rng;
 use serde_json::Value;
 use std::path::Path;

@@ -10,6 +10,7 @@
 //! connection.
 
 use crate::nbd::proto::*;
+use crate::nbd::tls::{complete_handshake, Socket, TlsClient, TlsStream};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -53,10 +54,11 @@ impl std::fmt::Display for NbdAddr {
     }
 }
 
-/// The socket under a connection.
+/// The socket under a connection, or the TLS session over it.
 pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(TlsStream<Stream>),
 }
 
 impl Stream {
@@ -64,6 +66,7 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
     fn shutdown(&self) {
@@ -71,19 +74,40 @@ impl Stream {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tls(s) => {
+                s.shutdown();
+                Ok(())
+            }
         };
     }
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.set_read_timeout(t),
         }
     }
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.set_write_timeout(t),
         }
+    }
+}
+
+impl Socket for Stream {
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_socket(&self) {
+        self.shutdown()
+    }
+    fn set_read_timeout_socket(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+    fn set_write_timeout_socket(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(t)
     }
 }
 
@@ -92,6 +116,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -101,14 +126,36 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
+}
+
+/// Upgrades `s` to TLS: `NBD_OPT_STARTTLS`, then the TLS handshake
+/// (bounded by the socket's timeouts, which the caller set).
+fn start_tls(s: &mut Stream, tls: &TlsClient, host: Option<&str>) -> io::Result<()> {
+    send_option(s, OPT_STARTTLS, &[])?;
+    let replies = option_replies(s, OPT_STARTTLS)?;
+    let (t, data) = replies.last().cloned().unwrap_or((REP_ERR_UNSUP, Vec::new()));
+    if t != REP_ACK {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("Server does not support the STARTTLS option: {}", reply_error_text(t, &data)),
+        ));
+    }
+    let mut session = tls.session(host)?;
+    let mut raw = s.try_clone()?;
+    complete_handshake(&mut session, &mut raw)
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {}", plain_io_message(&e))))?;
+    *s = Stream::Tls(TlsStream::new(session, raw)?);
+    Ok(())
 }
 
 /// `strerror` text of an I/O error without Rust's " (os error N)" suffix,
@@ -221,8 +268,14 @@ fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
     }
 }
 
-/// Runs the fixed newstyle handshake and enters transmission.
-pub(crate) fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> {
+/// Runs the fixed newstyle handshake, upgrading to TLS first when `tls`
+/// is given (with the host name connected to, for the certificate
+/// check), and enters transmission.
+pub(crate) fn handshake(
+    s: &mut Stream,
+    export: &str,
+    tls: Option<(&TlsClient, Option<&str>)>,
+) -> io::Result<ExportInfo> {
     let mut g = [0u8; greeting::SIZE];
     s.read_exact(&mut g)?;
     let magic = u64::from_be_bytes(g[0..8].try_into().unwrap_or_default());
@@ -243,6 +296,9 @@ pub(crate) fn handshake(s: &mut Stream, export: &str) -> io::Result<ExportInfo> 
         cflags |= FLAG_C_NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes())?;
+    if let Some((tls, host)) = tls {
+        start_tls(s, tls, host)?;
+    }
 
     // Structured replies first: metadata contexts need them.
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
@@ -404,11 +460,21 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// Connects, negotiates and starts the reader thread.
-    pub fn open(addr: &NbdAddr, export: &str, timeout: Duration, io_timeout: Duration) -> io::Result<Conn> {
+    pub fn open(
+        addr: &NbdAddr,
+        export: &str,
+        tls: Option<&TlsClient>,
+        timeout: Duration,
+        io_timeout: Duration,
+    ) -> io::Result<Conn> {
         let mut s = open_socket(addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        let info = handshake(&mut s, export)?;
+        let host = match addr {
+            NbdAddr::Tcp { host, .. } => Some(host.as_str()),
+            NbdAddr::Unix(_) => None,
+        };
+        let info = handshake(&mut s, export, tls.map(|t| (t, host)))?;
         // Idle time between replies is unlimited (the caller bounds each
         // request instead); a server that stops taking our bytes is not.
         s.set_read_timeout(None)?;

@@ -17,6 +17,7 @@ use super::conn::{plain_io_message, Conn, Event, ExportInfo, ReqError};
 use super::url::NbdUrl;
 use crate::device::{check_range, BlockDevice, BlockStatus};
 use crate::nbd::proto::*;
+use crate::nbd::tls::TlsClient;
 use crate::{Error, Result};
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,8 @@ impl Default for ClientOptions {
 /// A remote NBD export as a block device.
 pub struct NbdClient {
     url: NbdUrl,
+    /// Credentials, loaded once, when the location asks for TLS.
+    tls: Option<TlsClient>,
     opts: ClientOptions,
     info: ExportInfo,
     /// The live connection, with a generation number so that of several
@@ -85,10 +88,16 @@ impl NbdClient {
 
     /// Connects with explicit options.
     pub fn connect_with(url: NbdUrl, opts: ClientOptions) -> Result<NbdClient> {
-        let conn = Conn::open(&url.addr, &url.export, opts.connect_timeout, opts.request_timeout)
+        let tls = match &url.tls {
+            Some(t) => {
+                Some(TlsClient::from_x509_dir(&t.certificates, t.verify_peer)?.with_hostname(t.hostname.clone()))
+            }
+            None => None,
+        };
+        let conn = Conn::open(&url.addr, &url.export, tls.as_ref(), opts.connect_timeout, opts.request_timeout)
             .map_err(|e| connect_error(&url, &e))?;
         let info = conn.info;
-        Ok(NbdClient { url, opts, info, conn: Mutex::new((0, Some(Arc::new(conn)))), rmw: Mutex::new(()) })
+        Ok(NbdClient { url, tls, opts, info, conn: Mutex::new((0, Some(Arc::new(conn)))), rmw: Mutex::new(()) })
     }
 
     /// The location connected to.
@@ -127,8 +136,14 @@ impl NbdClient {
         if let Some(old) = g.1.take() {
             old.kill("reconnecting");
         }
-        let conn = Conn::open(&self.url.addr, &self.url.export, self.opts.connect_timeout, self.opts.request_timeout)
-            .map_err(|e| connect_error(&self.url, &e))?;
+        let conn = Conn::open(
+            &self.url.addr,
+            &self.url.export,
+            self.tls.as_ref(),
+            self.opts.connect_timeout,
+            self.opts.request_timeout,
+        )
+        .map_err(|e| connect_error(&self.url, &e))?;
         if conn.info.size != self.info.size {
             return Err(Error::invalid(format!(
                 "export '{}' changed size from {} to {} across a reconnect",

@@ -1,5 +1,7 @@
 //! NBD locations: QEMU's URI syntax (`nbd://HOST[:PORT]/NAME`,
-//! `nbd+unix:///NAME?socket=PATH`) and its legacy `nbd:HOST:PORT` form.
+//! `nbd+unix:///NAME?socket=PATH`), its legacy `nbd:HOST:PORT` form, and
+//! libnbd's TLS forms (`nbds://HOST[:PORT]/NAME?tls-certificates=DIR`,
+//! `nbds+unix:///NAME?socket=PATH&tls-certificates=DIR`).
 
 use super::conn::NbdAddr;
 use crate::{Error, Result};
@@ -15,6 +17,79 @@ pub struct NbdUrl {
     pub addr: NbdAddr,
     /// The export name (may be empty: the server's default export).
     pub export: String,
+    /// Start TLS before anything else, with these credentials.
+    pub tls: Option<UrlTls>,
+}
+
+/// The TLS settings of an `nbds:` location (libnbd's query parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlTls {
+    /// Credential directory in QEMU's layout (`ca-cert.pem`, and
+    /// `client-cert.pem`/`client-key.pem` when the server wants them):
+    /// `tls-certificates=DIR`.
+    pub certificates: PathBuf,
+    /// Check the server's certificate (`tls-verify-peer=false` turns it off).
+    pub verify_peer: bool,
+    /// The name the server's certificate must carry, instead of the host
+    /// connected to (`tls-hostname=NAME`).
+    pub hostname: Option<String>,
+}
+
+/// Percent-encodes what a query value or path segment cannot hold as is.
+fn percent_encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The query of a URL: `socket` (Unix forms only) and, for `nbds:` forms,
+/// the TLS parameters.
+#[derive(Default)]
+struct Query {
+    socket: Option<String>,
+    certificates: Option<String>,
+    verify_peer: Option<bool>,
+    hostname: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &str, unix: bool, tls: bool, bad: &dyn Fn(&str) -> Error) -> Result<Query> {
+        let mut q = Query::default();
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("unknown query parameter '{kv}'")))?;
+            let v = percent_decode(v)?;
+            match k {
+                "socket" if unix => q.socket = Some(v),
+                "tls-certificates" if tls => q.certificates = Some(v),
+                "tls-hostname" if tls => q.hostname = Some(v),
+                "tls-verify-peer" if tls => {
+                    q.verify_peer = Some(match v.as_str() {
+                        "true" | "on" | "yes" | "1" => true,
+                        "false" | "off" | "no" | "0" => false,
+                        _ => return Err(bad(&format!("tls-verify-peer takes true or false, not '{v}'"))),
+                    })
+                }
+                _ => return Err(bad(&format!("unknown query parameter '{kv}'"))),
+            }
+        }
+        Ok(q)
+    }
+
+    fn tls(&self, bad: &dyn Fn(&str) -> Error) -> Result<UrlTls> {
+        let dir = self.certificates.as_ref().filter(|d| !d.is_empty());
+        let dir = dir.ok_or_else(|| bad("nbds URLs need tls-certificates=DIR (the credential directory)"))?;
+        Ok(UrlTls {
+            certificates: PathBuf::from(dir),
+            verify_peer: self.verify_peer.unwrap_or(true),
+            hostname: self.hostname.clone(),
+        })
+    }
 }
 
 fn percent_decode(s: &str) -> Result<String> {
@@ -42,7 +117,12 @@ fn percent_decode(s: &str) -> Result<String> {
 impl NbdUrl {
     /// Whether `name` is an NBD location rather than a file name.
     pub fn is_nbd(name: &str) -> bool {
-        name.starts_with("nbd:") || name.starts_with("nbd+tcp://") || name.starts_with("nbd+unix://")
+        name.starts_with("nbd:")
+            || name.starts_with("nbd+tcp://")
+            || name.starts_with("nbd+unix://")
+            || name.starts_with("nbds://")
+            || name.starts_with("nbds+tcp://")
+            || name.starts_with("nbds+unix://")
     }
 
     /// QEMU's legacy syntax: `nbd:HOST[:PORT][:exportname=NAME]` and
@@ -56,7 +136,7 @@ impl NbdUrl {
             if path.is_empty() {
                 return Err(Error::invalid(format!("invalid NBD name '{url}': no socket path")));
             }
-            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(path)), export });
+            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(path)), export, tls: None });
         }
         let mut u = Self::parse(&format!("nbd://{target}"))
             .map_err(|_| Error::invalid(format!("invalid NBD name '{url}': expected nbd:HOST[:PORT]")))?;
@@ -65,35 +145,45 @@ impl NbdUrl {
     }
 
     /// Parses `nbd://HOST[:PORT][/NAME]`, `nbd+tcp://...` or
-    /// `nbd+unix:///NAME?socket=PATH` (QEMU's URI syntax).
+    /// `nbd+unix:///NAME?socket=PATH` (QEMU's URI syntax), and the same
+    /// with `nbds` (TLS, libnbd's syntax) and a `tls-certificates=DIR`
+    /// query, optionally `tls-verify-peer=false` and `tls-hostname=NAME`.
     pub fn parse(url: &str) -> Result<NbdUrl> {
         let bad = |why: &str| Error::invalid(format!("invalid NBD URL '{url}': {why}"));
-        if let Some(rest) = url.strip_prefix("nbd+unix://") {
+        let unix = url
+            .strip_prefix("nbd+unix://")
+            .map(|r| (r, false))
+            .or_else(|| url.strip_prefix("nbds+unix://").map(|r| (r, true)));
+        if let Some((rest, tls)) = unix {
             let (path, query) = rest.split_once('?').ok_or_else(|| bad("a socket=PATH query is required"))?;
             if !path.is_empty() && !path.starts_with('/') {
                 return Err(bad("nbd+unix URLs take no host"));
             }
             let export = percent_decode(path.strip_prefix('/').unwrap_or(path))?;
-            let mut socket = None;
-            for kv in query.split('&') {
-                match kv.split_once('=') {
-                    Some(("socket", v)) => socket = Some(percent_decode(v)?),
-                    _ => return Err(bad(&format!("unknown query parameter '{kv}'"))),
-                }
-            }
-            let socket = socket.filter(|s| !s.is_empty()).ok_or_else(|| bad("a socket=PATH query is required"))?;
-            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(socket)), export });
+            let q = Query::parse(query, true, tls, &bad)?;
+            let socket =
+                q.socket.clone().filter(|s| !s.is_empty()).ok_or_else(|| bad("a socket=PATH query is required"))?;
+            let tls = if tls { Some(q.tls(&bad)?) } else { None };
+            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(socket)), export, tls });
         }
-        let rest = match url.strip_prefix("nbd://").or_else(|| url.strip_prefix("nbd+tcp://")) {
+        let tcp = ["nbd://", "nbd+tcp://"].iter().find_map(|p| url.strip_prefix(p)).map(|r| (r, false));
+        let tcp =
+            tcp.or_else(|| ["nbds://", "nbds+tcp://"].iter().find_map(|p| url.strip_prefix(p)).map(|r| (r, true)));
+        let (rest, tls) = match tcp {
             Some(r) => r,
             None => match url.strip_prefix("nbd:") {
                 Some(r) if !r.contains("://") && !r.is_empty() => return Self::parse_legacy(url, r),
-                _ => return Err(bad("expected nbd://, nbd+tcp://, nbd+unix:// or nbd:HOST:PORT")),
+                _ => {
+                    return Err(bad("expected nbd://, nbd+tcp://, nbd+unix://, nbds://, nbds+unix:// or nbd:HOST:PORT"))
+                }
             },
         };
-        if rest.contains('?') {
-            return Err(bad("TCP URLs take no query"));
-        }
+        let (rest, tls) = match (rest.split_once('?'), tls) {
+            (Some(_), false) => return Err(bad("TCP URLs take no query")),
+            (Some((r, query)), true) => (r, Some(Query::parse(query, false, true, &bad)?.tls(&bad)?)),
+            (None, true) => return Err(bad("nbds URLs need tls-certificates=DIR (the credential directory)")),
+            (None, false) => (rest, None),
+        };
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
@@ -119,15 +209,33 @@ impl NbdUrl {
             Some(p) => p.parse::<u16>().map_err(|_| bad(&format!("bad port '{p}'")))?,
             None => DEFAULT_PORT,
         };
-        Ok(NbdUrl { addr: NbdAddr::Tcp { host, port }, export: percent_decode(path)? })
+        Ok(NbdUrl { addr: NbdAddr::Tcp { host, port }, export: percent_decode(path)?, tls })
     }
 }
 
 impl std::fmt::Display for NbdUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(tls) = &self.tls else {
+            return match &self.addr {
+                NbdAddr::Tcp { .. } => write!(f, "nbd://{}/{}", self.addr, self.export),
+                NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            };
+        };
+        let export = percent_encode(&self.export, b"/");
+        let mut query = Vec::new();
+        if let NbdAddr::Unix(p) = &self.addr {
+            query.push(format!("socket={}", percent_encode(&p.to_string_lossy(), b"/")));
+        }
+        query.push(format!("tls-certificates={}", percent_encode(&tls.certificates.to_string_lossy(), b"/")));
+        if !tls.verify_peer {
+            query.push("tls-verify-peer=false".into());
+        }
+        if let Some(h) = &tls.hostname {
+            query.push(format!("tls-hostname={}", percent_encode(h, b"")));
+        }
         match &self.addr {
-            NbdAddr::Tcp { .. } => write!(f, "nbd://{}/{}", self.addr, self.export),
-            NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            NbdAddr::Tcp { .. } => write!(f, "nbds://{}/{export}?{}", self.addr, query.join("&")),
+            NbdAddr::Unix(_) => write!(f, "nbds+unix:///{export}?{}", query.join("&")),
         }
     }
 }
@@ -137,7 +245,37 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdUrl {
-        NbdUrl { addr: NbdAddr::Tcp { host: host.into(), port }, export: export.into() }
+        NbdUrl { addr: NbdAddr::Tcp { host: host.into(), port }, export: export.into(), tls: None }
+    }
+
+    #[test]
+    fn parses_libnbd_tls_forms() {
+        let u = NbdUrl::parse("nbds://h:2/e%20x?tls-certificates=/etc/pki/q%2Cx").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp { host: "h".into(), port: 2 });
+        assert_eq!(u.export, "e x");
+        assert_eq!(u.tls, Some(UrlTls { certificates: "/etc/pki/q,x".into(), verify_peer: true, hostname: None }));
+        let u = NbdUrl::parse("nbds+unix:///d?socket=/s&tls-certificates=c&tls-verify-peer=false&tls-hostname=srv")
+            .unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/s".into()));
+        assert_eq!(u.tls, Some(UrlTls { certificates: "c".into(), verify_peer: false, hostname: Some("srv".into()) }));
+        for round in [
+            "nbds://h:2/e?tls-certificates=/d",
+            "nbds+unix:///d?socket=/s&tls-certificates=c&tls-verify-peer=false&tls-hostname=srv",
+        ] {
+            assert_eq!(NbdUrl::parse(round).unwrap().to_string(), round);
+            assert!(NbdUrl::is_nbd(round));
+        }
+        for bad in [
+            "nbds://h/e",
+            "nbds://h/e?tls-certificates=",
+            "nbds://h/e?socket=/s&tls-certificates=/d",
+            "nbds://h/e?tls-certificates=/d&tls-verify-peer=maybe",
+            "nbd://h/e?tls-certificates=/d",
+            "nbd+unix:///e?socket=/s&tls-certificates=/d",
+            "nbds+unix:///e?socket=/s",
+        ] {
+            assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]
@@ -149,11 +287,11 @@ mod tests {
         assert_eq!(NbdUrl::parse("nbd://[::1]:99/x/y").unwrap(), tcp("::1", 99, "x/y"));
         assert_eq!(
             NbdUrl::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/tmp/s.sock".into()), export: "exp".into() }
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s.sock".into()), export: "exp".into(), tls: None }
         );
         assert_eq!(
             NbdUrl::parse("nbd+unix://?socket=/s").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/s".into()), export: "".into() }
+            NbdUrl { addr: NbdAddr::Unix("/s".into()), export: "".into(), tls: None }
         );
     }
 
@@ -192,7 +330,7 @@ mod tests {
         assert_eq!(NbdUrl::parse("nbd:[::1]:2").unwrap(), tcp("::1", 2, ""));
         assert_eq!(
             NbdUrl::parse("nbd:unix:/tmp/s:exportname=e").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/tmp/s".into()), export: "e".into() }
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s".into()), export: "e".into(), tls: None }
         );
         for bad in ["nbd:", "nbd:unix:", "nbd:h:x", "nbd:h/x?y"] {
             assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");

@@ -4,13 +4,15 @@
 use super::config::{ExportConfig, ServeOptions};
 use super::conn::{Connection, Listener};
 use super::export::Shared;
-use super::{handshake, transmission};
+use super::handshake::{self, Outcome, Phase};
+use super::transmission;
+use crate::nbd::tls::Socket;
 use crate::{BlockDevice, Error, Result};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the accept loop looks at the shutdown flag and the number of
 /// live connections.
@@ -108,18 +110,40 @@ impl Server {
 
     /// Serves one already connected client on the calling thread (with
     /// worker threads of its own) until it disconnects.
-    pub fn serve_connection<C: Connection>(&self, mut conn: C, opts: &ServeOptions) -> io::Result<()> {
+    ///
+    /// With [`ServeOptions::tls`] set, the client must start TLS before
+    /// anything else (every other option is refused with
+    /// `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME` ends the connection),
+    /// and its certificate is checked during the TLS handshake.
+    pub fn serve_connection<C: Connection + Socket>(&self, conn: C, opts: &ServeOptions) -> io::Result<()> {
         conn.prepare()?;
         let control = conn.try_clone_conn()?;
         let Some(id) = self.shared.register(Box::new(move || control.shutdown_conn())) else {
             return Ok(());
         };
-        let result = (|| match handshake::negotiate(&mut conn, &self.shared, opts.handshake_timeout)? {
-            Some(session) => transmission::run(conn, Arc::clone(&self.shared), session, opts),
-            None => Ok(()),
-        })();
+        let result = self.negotiate_and_serve(conn, opts);
         self.shared.unregister(id);
         result
+    }
+
+    fn negotiate_and_serve<C: Connection + Socket>(&self, mut conn: C, opts: &ServeOptions) -> io::Result<()> {
+        let deadline = Instant::now() + opts.handshake_timeout;
+        let shared = &self.shared;
+        let Some(tls) = &opts.tls else {
+            return match handshake::negotiate(&mut conn, shared, deadline, Phase::NoTls)? {
+                Outcome::Session(session) => transmission::run(conn, Arc::clone(shared), session, opts),
+                Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+            };
+        };
+        let flags = match handshake::negotiate(&mut conn, shared, deadline, Phase::BeforeTls)? {
+            Outcome::StartTls(flags) => flags,
+            Outcome::Session(_) | Outcome::Closed => return Ok(()),
+        };
+        let mut conn = handshake::start_tls(conn, tls, deadline)?;
+        match handshake::negotiate_after_tls(&mut conn, shared, deadline, flags)? {
+            Outcome::Session(session) => transmission::run(conn, Arc::clone(shared), session, opts),
+            Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+        }
     }
 }
 

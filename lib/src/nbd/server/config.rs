@@ -2,6 +2,7 @@
 //! ([`ServeOptions`]): plain values, shared by the accept loop, the
 //! handshake and the transmission phase.
 
+use crate::nbd::tls::TlsServer;
 use crate::Error;
 use std::str::FromStr;
 use std::time::Duration;
@@ -137,6 +138,9 @@ pub struct ServeOptions {
     pub max_in_flight_bytes: usize,
     /// Requests one client may have in flight before its further requests wait.
     pub max_in_flight_requests: usize,
+    /// Require TLS with these credentials (qemu-nbd's `--tls-creds`):
+    /// clients must send `NBD_OPT_STARTTLS` before anything else.
+    pub tls: Option<TlsServer>,
 }
 
 setters!(ServeOptions {
@@ -147,6 +151,7 @@ setters!(ServeOptions {
     io_timeout: Duration,
     max_in_flight_bytes: usize,
     max_in_flight_requests: usize,
+    tls: Option<TlsServer>,
 });
 
 impl Default for ServeOptions {
@@ -159,6 +164,7 @@ impl Default for ServeOptions {
             io_timeout: Duration::from_secs(60),
             max_in_flight_bytes: 64 << 20,
             max_in_flight_requests: 128,
+            tls: None,
         }
     }
 }

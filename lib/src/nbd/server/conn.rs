@@ -1,5 +1,6 @@
 //! The sockets a server can serve: TCP and Unix streams and their listeners.
 
+use crate::nbd::tls::{Socket, TlsStream};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -63,10 +64,31 @@ impl Connection for UnixStream {
     }
 }
 
+/// A session after `NBD_OPT_STARTTLS`: what follows the handshake runs
+/// over it as over the plain socket.
+impl<S: Socket> Connection for TlsStream<S> {
+    fn try_clone_conn(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_conn(&self) {
+        self.shutdown();
+    }
+    fn set_read_timeout_conn(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn set_write_timeout_conn(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+    fn prepare(&self) -> io::Result<()> {
+        // The socket underneath was prepared before the handshake.
+        Ok(())
+    }
+}
+
 /// A listening socket the server accepts clients from.
 pub trait Listener: Send {
-    /// The connections it yields.
-    type Conn: Connection;
+    /// The connections it yields (sockets, which TLS can run over).
+    type Conn: Connection + Socket;
     /// Accepts one client (non-blocking once [`Listener::set_nonblocking_listener`]
     /// was called with `true`).
     fn accept_conn(&self) -> io::Result<Self::Conn>;

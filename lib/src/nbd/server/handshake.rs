@@ -7,6 +7,7 @@
 use super::conn::Connection;
 use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
 use crate::nbd::proto::*;
+use crate::nbd::tls::{complete_handshake, Socket, TlsServer, TlsStream};
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -106,16 +107,39 @@ fn select_contexts(queries: &[Vec<u8>], listing: bool) -> (bool, bool) {
     (base, depth)
 }
 
-/// Runs the negotiation. `Ok(None)` means the client ended it (or asked for
-/// an export we cannot give through `NBD_OPT_EXPORT_NAME`); errors are I/O
-/// failures, timeouts and protocol violations, after which the connection
-/// is simply dropped.
-pub(crate) fn negotiate<C: Connection>(
-    conn: &mut C,
-    shared: &Shared,
-    timeout: Duration,
-) -> io::Result<Option<Session>> {
-    let mut io = Deadlined { conn, deadline: Instant::now() + timeout };
+/// Where a connection stands with respect to TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The server offers no TLS: `NBD_OPT_STARTTLS` is refused by policy.
+    NoTls,
+    /// TLS is required and not started yet: only `NBD_OPT_STARTTLS` goes
+    /// anywhere (qemu-nbd's and the specification's FORCEDTLS).
+    BeforeTls,
+    /// The session is encrypted.
+    Tls,
+}
+
+/// What the client said in reply to the greeting.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// How a negotiation ended.
+pub(crate) enum Outcome {
+    /// Transmission begins.
+    Session(Session),
+    /// The client left, or asked for an export we cannot give through
+    /// `NBD_OPT_EXPORT_NAME`.
+    Closed,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next,
+    /// then [`negotiate_after_tls`].
+    StartTls(ClientFlags),
+}
+
+/// Sends the greeting and reads the client's flags.
+fn greet<C: Connection>(io: &mut Deadlined<'_, C>) -> io::Result<ClientFlags> {
     io.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))?;
     let mut cf = [0u8; 4];
     io.read_exact(&mut cf)?;
@@ -123,21 +147,88 @@ pub(crate) fn negotiate<C: Connection>(
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(violation(format!("unknown client flags {client_flags:#x}")));
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(ClientFlags {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// Runs the negotiation from the greeting, all of it bounded by
+/// `deadline`. Errors are I/O failures, timeouts and protocol violations,
+/// after which the connection is simply dropped.
+pub(crate) fn negotiate<C: Connection>(
+    conn: &mut C,
+    shared: &Shared,
+    deadline: Instant,
+    phase: Phase,
+) -> io::Result<Outcome> {
+    let mut io = Deadlined { conn, deadline };
+    let flags = greet(&mut io)?;
+    options(&mut io, shared, phase, flags)
+}
+
+/// Goes on with the negotiation over the encrypted stream, where the
+/// client starts over with its options (nothing negotiated before TLS
+/// counts).
+pub(crate) fn negotiate_after_tls<C: Connection>(
+    conn: &mut C,
+    shared: &Shared,
+    deadline: Instant,
+    flags: ClientFlags,
+) -> io::Result<Outcome> {
+    let mut io = Deadlined { conn, deadline };
+    options(&mut io, shared, Phase::Tls, flags)
+}
+
+/// Runs the TLS handshake after an acknowledged `NBD_OPT_STARTTLS`,
+/// within the negotiation's deadline. The client's certificate, when one
+/// is required, is checked here (chain and access list), before any
+/// option is read in the clear of the session.
+pub(crate) fn start_tls<C: Connection + Socket>(
+    conn: C,
+    tls: &TlsServer,
+    deadline: Instant,
+) -> io::Result<TlsStream<C>> {
+    let mut session = tls.session()?;
+    let mut c = conn;
+    complete_handshake(&mut session, &mut Deadlined { conn: &mut c, deadline })?;
+    TlsStream::new(session, c)
+}
+
+/// The reply qemu-nbd gives to every option but `NBD_OPT_STARTTLS` before
+/// TLS: an error, without a word about the export.
+fn refuse_before_tls<C: Connection>(io: &mut Deadlined<'_, C>, opt: u32) -> io::Result<()> {
+    reply(io, opt, REP_ERR_TLS_REQD, format!("Option {opt:#x} not permitted before TLS").as_bytes())
+}
+
+/// The option loop.
+fn options<C: Connection>(
+    io: &mut Deadlined<'_, C>,
+    shared: &Shared,
+    phase: Phase,
+    flags: ClientFlags,
+) -> io::Result<Outcome> {
+    let ClientFlags { fixed, no_zeroes } = flags;
     let mut s = Session { structured: false, base_allocation: false, allocation_depth: false };
+    let mut io = io;
 
     loop {
         let mut h = [0u8; option_header::SIZE];
         io.read_exact(&mut h)?;
         let hdr = OptionHeader::decode(&h).map_err(|e| violation(e.0))?;
         let opt = hdr.option;
-        if !fixed && opt != OPT_EXPORT_NAME {
-            // Plain newstyle clients cannot parse option replies.
+        if !fixed && (opt != OPT_EXPORT_NAME || phase == Phase::BeforeTls) {
+            // Plain newstyle clients cannot parse option replies (nor
+            // start TLS).
             return Err(violation(format!("option {opt} from a client without fixed newstyle")));
         }
         if hdr.length > MAX_OPTION_SKIP {
             return Err(violation(format!("option {opt} with {} bytes of data", hdr.length)));
+        }
+        if phase == Phase::BeforeTls && opt == OPT_EXPORT_NAME {
+            // It cannot carry an error, and the name must not be read in
+            // plaintext: the connection ends (as with qemu-nbd).
+            return Err(violation("NBD_OPT_EXPORT_NAME before TLS"));
         }
         if hdr.length > MAX_OPTION_DATA {
             if opt == OPT_EXPORT_NAME {
@@ -149,9 +240,31 @@ pub(crate) fn negotiate<C: Connection>(
         }
         let mut data = vec![0u8; hdr.length as usize];
         io.read_exact(&mut data)?;
+        if phase == Phase::BeforeTls {
+            match opt {
+                OPT_STARTTLS if !data.is_empty() => {
+                    // A client that cannot start TLS correctly is dropped.
+                    reply(io, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                    return Err(violation("NBD_OPT_STARTTLS with data"));
+                }
+                OPT_STARTTLS => {
+                    reply(io, opt, REP_ACK, &[])?;
+                    return Ok(Outcome::StartTls(flags));
+                }
+                OPT_ABORT => {
+                    // The client may hang up before reading it.
+                    let _ = refuse_before_tls(io, opt);
+                    return Ok(Outcome::Closed);
+                }
+                _ => {
+                    refuse_before_tls(io, opt)?;
+                    continue;
+                }
+            }
+        }
         if shared.is_stopping() && opt != OPT_ABORT {
             if opt == OPT_EXPORT_NAME {
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             reply(&mut io, opt, REP_ERR_SHUTDOWN, b"server is shutting down")?;
             continue;
@@ -162,16 +275,16 @@ pub(crate) fn negotiate<C: Connection>(
                 if !shared.name_matches(&data) {
                     // This option cannot carry an error: the specification
                     // says to end the session.
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 }
-                let flags = transmission_flags(shared, s.structured);
-                io.write_all(&encode_export_name_reply(shared.device.len(), flags, no_zeroes))?;
-                return Ok(Some(s));
+                let tflags = transmission_flags(shared, s.structured);
+                io.write_all(&encode_export_name_reply(shared.device.len(), tflags, no_zeroes))?;
+                return Ok(Outcome::Session(s));
             }
             OPT_ABORT => {
                 // The client may already have closed; the ack is a courtesy.
                 let _ = reply(&mut io, opt, REP_ACK, &[]);
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -195,8 +308,8 @@ pub(crate) fn negotiate<C: Connection>(
                     reply(&mut io, opt, REP_ERR_UNKNOWN, truncate_utf8(&msg, MAX_STRING).as_bytes())?;
                     continue;
                 }
-                let flags = transmission_flags(shared, s.structured);
-                reply(&mut io, opt, REP_INFO, &encode_info_export(shared.device.len(), flags))?;
+                let tflags = transmission_flags(shared, s.structured);
+                reply(&mut io, opt, REP_INFO, &encode_info_export(shared.device.len(), tflags))?;
                 if req.requests.contains(&INFO_NAME) {
                     reply(&mut io, opt, REP_INFO, &encode_info_string(INFO_NAME, shared.config.name.as_bytes()))?;
                 }
@@ -214,7 +327,7 @@ pub(crate) fn negotiate<C: Connection>(
                 )?;
                 reply(&mut io, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
-                    return Ok(Some(s));
+                    return Ok(Outcome::Session(s));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -270,6 +383,7 @@ pub(crate) fn negotiate<C: Connection>(
                 }
                 reply(&mut io, opt, REP_ACK, &[])?;
             }
+            OPT_STARTTLS if phase == Phase::Tls => reply(&mut io, opt, REP_ERR_INVALID, b"TLS is already enabled")?,
             OPT_STARTTLS => reply(&mut io, opt, REP_ERR_POLICY, b"TLS is not offered by this server")?,
             _ => reply(&mut io, opt, REP_ERR_UNSUP, b"option not supported")?,
         }

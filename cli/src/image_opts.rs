@@ -1,0 +1,157 @@
+//! `--object` and `--image-opts` on the commands that open images: an
+//! image named by QEMU's option string (`driver=nbd,server.type=unix,
+//! server.path=S,export=E,tls-creds=ID`) instead of a file name, turned
+//! into the format and the name `oxcow::open` takes.
+//!
+//! Only the drivers an option string is needed for are understood: `nbd`
+//! (possibly under a format, `driver=qcow2,file.driver=nbd,...`) and
+//! `file` (`filename=`).
+
+use crate::error::{CliError, CliResult};
+use crate::object::{parse_keyval, Object, Objects};
+use oxcow::nbd::client::{NbdAddr, NbdUrl, DEFAULT_PORT};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The flags, flattened into a command's arguments.
+#[derive(clap::Args, Debug, Default)]
+pub struct ObjectArgs {
+    /// Define an object (qemu's TYPE,id=ID,...), e.g. tls-creds-x509 for
+    /// --image-opts ...,tls-creds=ID.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    pub objects: Vec<String>,
+    /// Image names are option strings (driver=nbd,server.host=...,tls-creds=ID).
+    #[arg(long = "image-opts")]
+    pub image_opts: bool,
+}
+
+impl ObjectArgs {
+    /// Checks the objects and, with `--image-opts`, rewrites `name` into
+    /// a name `oxcow::open` takes and `format` into the format it names.
+    pub fn apply(&self, name: &mut String, format: &mut Option<String>) -> CliResult<()> {
+        let objects = Objects::parse(&self.objects)?;
+        if !self.image_opts {
+            return Ok(());
+        }
+        if format.is_some() {
+            return Err(CliError::new("--image-opts and --format are mutually exclusive"));
+        }
+        let (f, n) = resolve(name, &objects)?;
+        *name = n;
+        *format = f;
+        Ok(())
+    }
+}
+
+/// An option string's format (none when it names only a protocol and the
+/// content is to be probed) and the name to open.
+pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
+    let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
+    let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
+    let (format, proto, mut props) = match driver.as_str() {
+        "nbd" | "file" => (Some("raw".to_string()), driver, map),
+        fmt => {
+            // A format over a protocol: the protocol's keys are under `file.`.
+            let mut inner = BTreeMap::new();
+            let mut rest = BTreeMap::new();
+            for (k, v) in map {
+                match k.strip_prefix("file.") {
+                    Some(sub) => inner.insert(sub.to_string(), v),
+                    None => rest.insert(k, v),
+                };
+            }
+            if let Some(k) = rest.keys().next() {
+                return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
+            }
+            let proto = inner.remove("driver").unwrap_or_else(|| "file".into());
+            (Some(fmt.to_string()), proto, inner)
+        }
+    };
+    let name = match proto.as_str() {
+        "file" => props.remove("filename").ok_or_else(|| CliError::new("Parameter 'filename' is required"))?,
+        "nbd" => nbd_name(&mut props, objects)?,
+        other => return Err(CliError::new(format!("Unknown driver '{other}'"))),
+    };
+    // Options the open path does not take (cache.*, discard, ...) are
+    // refused rather than silently dropped.
+    if let Some(k) = props.keys().next() {
+        return Err(CliError::new(format!("Invalid parameter '{k}'")));
+    }
+    Ok((format, name))
+}
+
+/// The NBD location the keys of QEMU's `nbd` driver describe, TLS included.
+fn nbd_name(p: &mut BTreeMap<String, String>, objects: &Objects) -> CliResult<String> {
+    if let Some(uri) = p.remove("uri") {
+        if p.contains_key("tls-creds") {
+            return Err(CliError::new("tls-creds with uri= is not supported; use server.* keys"));
+        }
+        return Ok(uri);
+    }
+    // The legacy keys (host, port, path) and the server.* struct.
+    let path = p.remove("server.path").or_else(|| p.remove("path"));
+    let host = p.remove("server.host").or_else(|| p.remove("host"));
+    let port = p.remove("server.port").or_else(|| p.remove("port"));
+    let kind = p.remove("server.type").unwrap_or_else(|| if path.is_some() { "unix".into() } else { "inet".into() });
+    let addr = match kind.as_str() {
+        "unix" => {
+            NbdAddr::Unix(PathBuf::from(path.ok_or_else(|| CliError::new("Parameter 'server.path' is missing"))?))
+        }
+        "inet" => {
+            let host = host.ok_or_else(|| CliError::new("Parameter 'server.host' is missing"))?;
+            let port = match port {
+                Some(v) => v.parse::<u16>().map_err(|_| CliError::new(format!("Invalid port '{v}'")))?,
+                None => DEFAULT_PORT,
+            };
+            NbdAddr::Tcp { host, port }
+        }
+        other => return Err(CliError::new(format!("Parameter 'type' does not accept value '{other}'"))),
+    };
+    let export = p.remove("export").unwrap_or_default();
+    let hostname = p.remove("tls-hostname");
+    let tls = match p.remove("tls-creds") {
+        None => None,
+        Some(id) => {
+            let creds = match objects.get(&id) {
+                Some(Object::TlsCreds(c)) => c,
+                Some(_) => return Err(CliError::new(format!("Object with id '{id}' is not TLS credentials"))),
+                None => return Err(CliError::new(format!("No TLS credentials with id '{id}'"))),
+            };
+            let tls = creds.client(hostname)?;
+            if tls.verify_peer && tls.hostname.is_none() && matches!(addr, NbdAddr::Unix(_)) {
+                // QEMU has no name to check a certificate against then.
+                return Err(CliError::new("No hostname for certificate validation"));
+            }
+            Some(tls)
+        }
+    };
+    Ok(NbdUrl { addr, export, tls }.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_option_strings_become_locations() {
+        let none = Objects::default();
+        let r = |s: &str| resolve(s, &none).map_err(|e| e.msg);
+        assert_eq!(
+            r("driver=nbd,server.type=unix,server.path=/s,export=disk").unwrap(),
+            (Some("raw".into()), "nbd+unix:///disk?socket=/s".into())
+        );
+        assert_eq!(r("driver=nbd,host=h,port=99").unwrap(), (Some("raw".into()), "nbd://h:99/".into()));
+        assert_eq!(
+            r("driver=qcow2,file.driver=nbd,file.server.type=inet,file.server.host=h").unwrap(),
+            (Some("qcow2".into()), "nbd://h:10809/".into())
+        );
+        assert_eq!(r("driver=qcow2,file.filename=a.qcow2").unwrap(), (Some("qcow2".into()), "a.qcow2".into()));
+        assert_eq!(r("driver=nbd,host=h,tls-creds=t").unwrap_err(), "No TLS credentials with id 't'");
+        assert!(r("driver=nbd,host=h,bogus=1").is_err() && r("host=h").is_err());
+        let objs = Objects::parse(&["authz-simple,id=a,identity=x".into()]).unwrap();
+        assert_eq!(
+            resolve("driver=nbd,host=h,tls-creds=a", &objs).unwrap_err().msg,
+            "Object with id 'a' is not TLS credentials"
+        );
+    }
+}
