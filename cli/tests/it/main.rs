@@ -16,4 +16,5 @@ mod remote_cli;
 mod serve_cli;
 mod small_filesystem;
 mod tls_interop;
+mod tls_refusals;
 mod write_diff;

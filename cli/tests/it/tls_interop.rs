@@ -27,6 +27,11 @@ impl Server {
         Server(child)
     }
 
+    /// Takes charge of an already started server.
+    pub fn adopt(child: Child) -> Server {
+        Server(child)
+    }
+
     /// Asks the server to stop and checks it exits cleanly.
     pub fn term(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
@@ -97,6 +102,8 @@ pub struct Setup {
     pub sock: PathBuf,
     /// Server credentials, and a client certificate `CN=client1`.
     pub creds: PathBuf,
+    /// The CA that signed them.
+    pub ca: Ca,
 }
 
 pub fn setup() -> Setup {
@@ -106,7 +113,7 @@ pub fn setup() -> Setup {
     let img = dir.path().join("img.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "16M"]);
     let sock = dir.path().join("nbd.sock");
-    Setup { dir, img, sock, creds }
+    Setup { dir, img, sock, creds, ca }
 }
 
 #[test]
@@ -141,5 +148,36 @@ fn oxcow_client_reads_and_writes_through_qemu_nbd_over_tls() {
     assert_eq!(code, 0, "{out}{err}");
     let data = std::fs::read(&copy).unwrap();
     assert!(data[64 << 10..192 << 10].iter().all(|&b| b == 0x33) && data[..64 << 10].iter().all(|&b| b == 0));
+    // QEMU's own way of naming it works as well.
+    let obj = client_creds(&t.creds);
+    let opts = image_opts(&t.sock);
+    let (code, out, err) = run(OXCOW, &["io", "--object", &obj, "--image-opts", "-c", "read -P 0x33 64k 128k", &opts]);
+    assert!(code == 0 && !out.contains("failed"), "{out}{err}");
+    let (code, out, err) = run(OXCOW, &["map", "--output=json", "--object", &obj, "--image-opts", &opts]);
+    assert!(code == 0 && out.contains("\"data\": true"), "{out}{err}");
+    drop(server);
+}
+
+#[test]
+fn qcow2_over_tls_as_a_backing_file_with_network_backing_allowed() {
+    let t = setup();
+    // The server exports the qcow2 file's bytes (-f raw), so the client
+    // reads the format itself.
+    run("qemu-io", &["-c", "write -P 0x44 0 64k", s(&t.img)]);
+    let mut args = vec!["serve", "-t", "-f", "raw", "-x", "disk", "-k", s(&t.sock)];
+    let obj = server_creds(&t.creds, true);
+    args.extend_from_slice(&["--object", &obj, "--tls-creds", "tls0", s(&t.img)]);
+    let server = Server::start(OXCOW, &args, &t.sock);
+    let url = nbds_url(&t.creds, &t.sock);
+    let top = t.dir.path().join("top.qcow2");
+    let (code, out, err) = run(OXCOW, &["create", "-f", "qcow2", "-F", "qcow2", "-b", &url, s(&top)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let out = Command::new(OXCOW)
+        .args(["io", "-c", "read -P 0x44 0 64k", s(&top)])
+        .env("OXCOW_ALLOW_NETWORK_BACKING", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("failed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     drop(server);
 }

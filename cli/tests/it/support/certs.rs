@@ -3,7 +3,8 @@
 //! `client-cert.pem`, `client-key.pem`. ECDSA P-256 keys: milliseconds.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -14,11 +15,18 @@ pub struct Ca {
     key: KeyPair,
 }
 
-fn dn(parts: &[(DnType, &str)]) -> rcgen::DistinguishedName {
+/// A name `C=GB,O=<org>,CN=<cn>`, the country as a PrintableString (as
+/// certtool and openssl write it) or, with `utf8_country`, as a
+/// UTF8String, which gnutls prints as hex.
+fn dn(org: &str, cn: &str, utf8_country: bool) -> rcgen::DistinguishedName {
     let mut d = rcgen::DistinguishedName::new();
-    for (t, v) in parts {
-        d.push(t.clone(), *v);
+    if utf8_country {
+        d.push(DnType::CountryName, "GB");
+    } else {
+        d.push(DnType::CountryName, DnValue::PrintableString("GB".try_into().unwrap()));
     }
+    d.push(DnType::OrganizationName, org);
+    d.push(DnType::CommonName, cn);
     d
 }
 
@@ -27,11 +35,7 @@ impl Ca {
     pub fn new(org: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
-        p.distinguished_name = dn(&[
-            (DnType::CountryName, "GB"),
-            (DnType::OrganizationName, org),
-            (DnType::CommonName, &format!("{org} CA")),
-        ]);
+        p.distinguished_name = dn(org, &format!("{org} CA"), false);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = p.self_signed(&key).unwrap();
@@ -39,10 +43,13 @@ impl Ca {
     }
 
     fn leaf(&self, cn: &str, server: bool) -> (String, String) {
+        self.leaf_named(dn("Example", cn, false), server)
+    }
+
+    fn leaf_named(&self, name: rcgen::DistinguishedName, server: bool) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
-        p.distinguished_name =
-            dn(&[(DnType::CountryName, "GB"), (DnType::OrganizationName, "Example"), (DnType::CommonName, cn)]);
+        p.distinguished_name = name;
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         if server {
@@ -56,6 +63,19 @@ impl Ca {
         }
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// Writes a client's credential directory `root/name`: this CA's
+    /// certificate and a client certificate `C=GB,O=Example,CN=<cn>`.
+    /// With `utf8_country`, the country is a UTF8String.
+    pub fn client_dir(&self, root: &Path, name: &str, cn: &str, utf8_country: bool) -> PathBuf {
+        let d = root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("ca-cert.pem"), self.cert.pem()).unwrap();
+        let (c, k) = self.leaf_named(dn("Example", cn, utf8_country), false);
+        std::fs::write(d.join("client-cert.pem"), c).unwrap();
+        std::fs::write(d.join("client-key.pem"), k).unwrap();
+        d
     }
 
     /// Writes a credential directory `root/name`: this CA's certificate, a
