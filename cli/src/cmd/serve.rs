@@ -94,6 +94,10 @@ pub struct Args {
     /// client-side setting, accepted as qemu-nbd does).
     #[arg(long = "tls-hostname", value_name = "HOSTNAME")]
     tls_hostname: Option<String>,
+    /// Longest a client may take to negotiate, TLS handshake included
+    /// (seconds; 0: no limit).
+    #[arg(long = "handshake-limit", value_name = "N", default_value = "10")]
+    handshake_limit: u64,
     /// Image file.
     file: String,
 }
@@ -189,6 +193,9 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let serve_opts =
         ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16).tls(tls);
+    // No limit is a very distant one.
+    let limit = if a.handshake_limit == 0 { u64::from(u32::MAX) } else { a.handshake_limit };
+    let serve_opts = serve_opts.handshake_timeout(std::time::Duration::from_secs(limit));
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| CliError::new(format!("Failed to write pid file '{p}': {}", os_message(&e))))?;

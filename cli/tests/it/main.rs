@@ -15,6 +15,7 @@ mod read_compat;
 mod remote_cli;
 mod serve_cli;
 mod small_filesystem;
+mod tls_hostile;
 mod tls_interop;
 mod tls_refusals;
 mod write_diff;

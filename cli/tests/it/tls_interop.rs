@@ -27,6 +27,11 @@ impl Server {
         Server(child)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// Takes charge of an already started server.
     pub fn adopt(child: Child) -> Server {
         Server(child)

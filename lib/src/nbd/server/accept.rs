@@ -127,7 +127,9 @@ impl Server {
     }
 
     fn negotiate_and_serve<C: Connection + Socket>(&self, mut conn: C, opts: &ServeOptions) -> io::Result<()> {
-        let deadline = Instant::now() + opts.handshake_timeout;
+        // A limit too large to add is no limit: a year will do.
+        let now = Instant::now();
+        let deadline = now.checked_add(opts.handshake_timeout).unwrap_or(now + Duration::from_secs(365 * 86400));
         let shared = &self.shared;
         let Some(tls) = &opts.tls else {
             return match handshake::negotiate(&mut conn, shared, deadline, Phase::NoTls)? {
