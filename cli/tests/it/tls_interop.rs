@@ -186,3 +186,32 @@ fn qcow2_over_tls_as_a_backing_file_with_network_backing_allowed() {
     assert!(out.status.success() && !text.contains("failed"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     drop(server);
 }
+
+#[test]
+fn libnbd_reaches_oxcow_serve_with_certificates_and_plaintext_libnbd_is_refused() {
+    if !crate::support::process::have("nbdinfo") {
+        eprintln!("skipped: nbdinfo (libnbd-bin) not installed");
+        return;
+    }
+    let t = setup();
+    run("qemu-io", &["-c", "write -P 0x61 0 1M", s(&t.img)]);
+    let server = oxcow_serve(&t.img, &t.sock, &["--object", &server_creds(&t.creds, true), "--tls-creds", "tls0"]);
+    let url = nbds_url(&t.creds, &t.sock);
+    let (code, out, err) = run("nbdinfo", &["--json", &url]);
+    assert!(code == 0 && out.contains("\"export-size\": 16777216"), "{out}{err}");
+    assert!(out.contains("\"uri\""), "{out}");
+    let (code, out, err) = run("nbdinfo", &["--map", &url]);
+    assert!(code == 0 && out.contains("data"), "{out}{err}");
+    let plain = format!("nbd+unix:///disk?socket={}", s(&t.sock));
+    let (code, out, err) = run("nbdinfo", &[&plain]);
+    assert_ne!(code, 0, "plaintext libnbd got in: {out}{err}");
+    if crate::support::process::have("nbdcopy") {
+        let copy = t.dir.path().join("copy.raw");
+        std::fs::write(&copy, vec![0u8; 16 << 20]).unwrap();
+        let (code, out, err) = run("nbdcopy", &[&url, s(&copy)]);
+        assert_eq!(code, 0, "{out}{err}");
+        let data = std::fs::read(&copy).unwrap();
+        assert!(data[..1 << 20].iter().all(|&b| b == 0x61) && data[1 << 20..].iter().all(|&b| b == 0));
+    }
+    server.term();
+}
