@@ -120,7 +120,28 @@ def w_convert(src_fmt, dst_fmt, extra):
     return prep, run
 
 
-def w_nbd(write):
+def make_tls_creds(d):
+    """A CA, a server certificate for localhost and a client certificate,
+    in QEMU's layout under d (openssl; once per run)."""
+    if os.path.exists(os.path.join(d, "client-key.pem")):
+        return d
+    os.makedirs(d, exist_ok=True)
+    j = lambda n: os.path.join(d, n)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sh("openssl", "req", "-x509", *ec, "-keyout", j("ca-key.pem"), "-out", j("ca-cert.pem"), "-days", "30",
+       "-subj", "/C=GB/O=Bench/CN=Bench CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
+    for role, ext in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):
+        sh("openssl", "req", *ec, "-keyout", j(f"{role}-key.pem"), "-out", j(f"{role}.csr"),
+           "-subj", f"/C=GB/O=Bench/CN={role}")
+        with open(j(f"{role}.ext"), "w") as f:
+            f.write("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n" + ext + "\n")
+        sh("openssl", "x509", "-req", "-in", j(f"{role}.csr"), "-CA", j("ca-cert.pem"), "-CAkey", j("ca-key.pem"),
+           "-CAcreateserial", "-days", "30", "-extfile", j(f"{role}.ext"), "-out", j(f"{role}-cert.pem"))
+    return d
+
+
+def w_nbd(write, tls=False):
     def prep(c, tool):
         img = c.p(f"nbd-{tool}.qcow2")
         if not os.path.exists(img):
@@ -129,10 +150,14 @@ def w_nbd(write):
         sock = c.p(f"nbd-{tool}.sock")
         if os.path.exists(sock):
             os.unlink(sock)
+        extra = []
+        if tls:
+            creds = make_tls_creds(c.p("tls-creds"))
+            extra = ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=server", "--tls-creds", "tls0"]
         if tool == "oxcow":
-            proc = subprocess.Popen([OX, "serve", "-t", "-f", "qcow2", "-k", sock, img])
+            proc = subprocess.Popen([OX, "serve", "-t", "-f", "qcow2", "-k", sock, *extra, img])
         else:
-            proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", sock, img])
+            proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", sock, *extra, img])
         for _ in range(500):
             if os.path.exists(sock):
                 break
@@ -145,7 +170,15 @@ def w_nbd(write):
             args = ["-f", "raw", "-d", "16", "-c", "20000"]
             if write:
                 args += ["-w"]
-            out = sh("qemu-img", "bench", *args, f"nbd+unix:///?socket={sock}").stdout
+            if tls:
+                creds = c.p("tls-creds")
+                args += ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client", "--image-opts",
+                         f"driver=nbd,server.type=unix,server.path={sock},tls-creds=tls0,tls-hostname=localhost"]
+                args.remove("-f")
+                args.remove("raw")
+                out = sh("qemu-img", "bench", *args).stdout
+            else:
+                out = sh("qemu-img", "bench", *args, f"nbd+unix:///?socket={sock}").stdout
             return bench_time(out)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -178,6 +211,8 @@ def workloads(size):
         ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),
         ("NBD 4k reads, depth 16 (qemu-img bench client)", w_nbd(False)),
         ("NBD 4k writes, depth 16 (qemu-img bench client)", w_nbd(True)),
+        ("NBD over TLS 4k reads, depth 16 (client certificates)", w_nbd(False, tls=True)),
+        ("NBD over TLS 4k writes, depth 16", w_nbd(True, tls=True)),
     ]
 
 

@@ -4,7 +4,9 @@
 //! Speaks fixed newstyle negotiation only, with `NBD_OPT_GO`/`NBD_OPT_INFO`,
 //! structured replies (sparse reads as hole chunks), and two metadata
 //! contexts for `NBD_CMD_BLOCK_STATUS`: `base:allocation` and QEMU's
-//! `qemu:allocation-depth`. TLS and extended headers are not offered.
+//! `qemu:allocation-depth`. With [`ServeOptions::tls`] set, TLS is
+//! required before anything else (qemu-nbd's `--tls-creds`). Extended
+//! headers are not offered.
 //!
 //! Layout, one concern per file, each depending only on those above it:
 //!
