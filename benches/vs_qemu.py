@@ -141,7 +141,7 @@ def make_tls_creds(d):
     return d
 
 
-def w_nbd(write, tls=False):
+def w_nbd(write, tls=False, client="qemu"):
     def prep(c, tool):
         img = c.p(f"nbd-{tool}.qcow2")
         if not os.path.exists(img):
@@ -171,14 +171,14 @@ def w_nbd(write, tls=False):
             if write:
                 args += ["-w"]
             if tls:
-                creds = c.p("tls-creds")
-                args += ["--object", f"tls-creds-x509,id=tls0,dir={creds},endpoint=client", "--image-opts",
-                         f"driver=nbd,server.type=unix,server.path={sock},tls-creds=tls0,tls-hostname=localhost"]
-                args.remove("-f")
-                args.remove("raw")
-                out = sh("qemu-img", "bench", *args).stdout
+                # qemu-img bench takes no --object, so no TLS: the client
+                # is oxcow's bench for both servers (rustls against rustls
+                # for oxcow, rustls against gnutls for qemu-nbd).
+                url = f"nbds+unix:///?socket={sock}&tls-certificates={c.p('tls-creds')}"
+                out = sh(OX, "bench", *args, url).stdout
             else:
-                out = sh("qemu-img", "bench", *args, f"nbd+unix:///?socket={sock}").stdout
+                exe = OX if client == "oxcow" else "qemu-img"
+                out = sh(exe, "bench", *args, f"nbd+unix:///?socket={sock}").stdout
             return bench_time(out)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -211,8 +211,10 @@ def workloads(size):
         ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),
         ("NBD 4k reads, depth 16 (qemu-img bench client)", w_nbd(False)),
         ("NBD 4k writes, depth 16 (qemu-img bench client)", w_nbd(True)),
-        ("NBD over TLS 4k reads, depth 16 (client certificates)", w_nbd(False, tls=True)),
-        ("NBD over TLS 4k writes, depth 16", w_nbd(True, tls=True)),
+        ("NBD over TLS 4k reads, depth 16 (oxcow bench client, client certificates)", w_nbd(False, tls=True)),
+        ("NBD over TLS 4k writes, depth 16 (oxcow bench client)", w_nbd(True, tls=True)),
+        ("NBD plaintext 4k reads, depth 16 (oxcow bench client)", w_nbd(False, tls=False, client="oxcow")),
+        ("NBD plaintext 4k writes, depth 16 (oxcow bench client)", w_nbd(True, tls=False, client="oxcow")),
     ]
 
 
