@@ -250,3 +250,57 @@ fn options_before_starttls_get_the_replies_qemu_nbd_gives() {
     assert_eq!(bad_tls, &vec![Some((1 << 31) + 3), None], "STARTTLS with data is invalid and fatal");
     assert_eq!(seen[0], seen[1], "qemu-nbd and oxcow serve differ");
 }
+
+#[test]
+fn object_errors_read_as_qemu_img() {
+    let t = setup();
+    let img = s(&t.img);
+    let missing = t.dir.path().join("missing");
+    let creds = s(&t.creds);
+    let cases = [
+        "foo,id=x".to_string(),
+        "id=x".to_string(),
+        "tls-creds-x509,dir=/tmp".to_string(),
+        "tls-creds-x509,id=x".to_string(),
+        format!("tls-creds-x509,id=x,dir={}", s(&missing)),
+        format!("tls-creds-x509,id=x,dir={},endpoint=server", s(&missing)),
+        format!("tls-creds-x509,id=x,dir={creds},endpoint=bad"),
+        format!("tls-creds-x509,id=x,dir={creds},bogus=1"),
+        format!("tls-creds-x509,id=x,dir={creds},verify-peer=maybe"),
+        format!("tls-creds-psk,id=p,dir={creds},endpoint=server"),
+        "authz-simple,id=a".to_string(),
+        "authz-list,id=a,rules.0.match=x,rules.0.policy=maybe".to_string(),
+    ];
+    for obj in &cases {
+        let (qcode, _, qerr) = run("qemu-img", &["info", "--object", obj, img]);
+        let (ocode, _, oerr) = run(OXCOW, &["info", "--object", obj, img]);
+        let strip = |e: &str| e.lines().next().unwrap_or("").split_once(": ").map(|(_, m)| m.to_string());
+        assert!(qcode != 0 && ocode != 0, "{obj}: qemu-img {qcode}, oxcow {ocode}");
+        assert_eq!(strip(&oerr), strip(&qerr), "--object {obj}");
+    }
+    // Accepted by both.
+    let good = [
+        format!("tls-creds-x509,id=x,dir={creds}"),
+        format!("tls-creds-x509,id=x,dir={creds},endpoint=server,verify-peer=off"),
+    ];
+    for obj in &good {
+        assert_eq!(run("qemu-img", &["info", "--object", obj, img]).0, 0, "{obj}");
+        let (code, out, err) = run(OXCOW, &["info", "--object", obj, img]);
+        assert_eq!(code, 0, "{obj}: {out}{err}");
+    }
+}
+
+#[test]
+fn psk_credentials_are_refused_with_the_reason() {
+    let t = setup();
+    std::fs::write(t.creds.join("keys.psk"), "qemu:0123456789abcdef0123456789abcdef\n").unwrap();
+    let obj = format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(&t.creds));
+    let (code, out, err) = run(OXCOW, &["serve", "-k", s(&t.sock), "--object", &obj, "--tls-creds", "tls0", s(&t.img)]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("pre-shared keys") && err.contains("rustls"), "{err}");
+    assert!(!t.sock.exists(), "nothing was served");
+    let obj = format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&t.creds));
+    let opts = crate::tls_interop::image_opts(&t.sock);
+    let (code, _, err) = run(OXCOW, &["info", "--object", &obj, "--image-opts", &opts]);
+    assert!(code != 0 && err.contains("pre-shared keys"), "{err}");
+}
