@@ -71,8 +71,9 @@ struct Inner<S> {
     /// Taken before `session` by whoever sends records, and held until they
     /// are on the wire.
     sender: Mutex<S>,
-    /// Held by the one reader while it waits on the socket.
-    receiver: Mutex<S>,
+    /// Held by the one reader while it waits on the socket, with the
+    /// buffer it reads into.
+    receiver: Mutex<(S, Vec<u8>)>,
     control: S,
 }
 
@@ -122,7 +123,7 @@ impl<S: Socket> TlsStream<S> {
             inner: Arc::new(Inner {
                 session: Mutex::new(Session { tls, raw: Vec::new(), raw_pos: 0, eof: false }),
                 sender: Mutex::new(sock),
-                receiver: Mutex::new(receiver),
+                receiver: Mutex::new((receiver, Vec::new())),
                 control,
             }),
         })
@@ -173,8 +174,8 @@ impl<S: Socket> Read for TlsStream<S> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let mut receiver = lock(&self.inner.receiver);
-        let mut chunk = Vec::new();
+        let mut guard = lock(&self.inner.receiver);
+        let (receiver, chunk) = &mut *guard;
         loop {
             let replies = {
                 let mut guard = lock(&self.inner.session);
@@ -225,7 +226,7 @@ impl<S: Socket> Read for TlsStream<S> {
             }
             // The session needs bytes the socket has not delivered yet.
             chunk.resize(READ_CHUNK, 0);
-            let n = match receiver.read(&mut chunk) {
+            let n = match receiver.read(chunk) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
