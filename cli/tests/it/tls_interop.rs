@@ -215,3 +215,22 @@ fn libnbd_reaches_oxcow_serve_with_certificates_and_plaintext_libnbd_is_refused(
     }
     server.term();
 }
+
+#[test]
+fn concurrent_requests_over_tls_keep_their_data() {
+    let t = setup();
+    let server = oxcow_serve(&t.img, &t.sock, &["--object", &server_creds(&t.creds, true), "--tls-creds", "tls0"]);
+    let url = nbds_url(&t.creds, &t.sock);
+    // 16 requests in flight from oxcow's client: many writer threads
+    // sealing records on one session, one reader thread opening them.
+    for (pattern, size) in [("0x55", "4k"), ("0x66", "64k")] {
+        let (code, out, err) =
+            run(OXCOW, &["bench", "-f", "raw", "-w", "-d", "16", "-s", size, "-c", "4096", "--pattern", pattern, &url]);
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, out, err) = qemu_io_tls(&t.creds, &t.sock, &[&format!("read -P {pattern} 0 16M")]);
+        assert!(code == 0 && !out.contains("fail"), "{out}{err}");
+        let (code, out, err) = run(OXCOW, &["bench", "-f", "raw", "-d", "16", "-s", size, "-c", "4096", &url]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    server.term();
+}
