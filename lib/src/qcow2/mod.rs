@@ -9,6 +9,7 @@
 //! `alloc.rs` (reuse of freed clusters); see the comments there.
 
 mod alloc;
+mod allocator;
 mod amend;
 mod bitmaps;
 mod cache;
@@ -21,11 +22,13 @@ mod mapping;
 mod overlap;
 mod preallocation;
 mod read;
+mod refcounts;
 mod resize;
 mod snapshot;
 mod snapshot_validate;
 mod snapshot_view;
 mod state;
+mod units;
 mod write;
 
 pub use amend::{amend, AmendOptions};
@@ -40,7 +43,6 @@ use crate::format::extensions::{Extensions, HeaderCluster};
 use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
 use crate::storage::Storage;
 use crate::{Error, Result};
-use cache::TableCache;
 use overlap::OverlapMap;
 use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::HashSet;
@@ -169,28 +171,16 @@ impl Qcow2 {
         let mut meta = Meta {
             hc: hc.clone(),
             header_dirty: false,
-            l1,
-            l1_dirty: None,
-            l2: TableCache::new(l2_cap),
-            reftable,
-            reftable_dirty: None,
-            rb: TableCache::new(rb_cap),
+            map: mapping::Mapping::new(l1, l2_cap),
+            refs: refcounts::Refcounts::new(reftable, rb_cap),
+            alloc: allocator::Allocator::new(units::HostOffset(file_end), file_len),
+            overlap: OverlapMap::default(),
             snapshots,
-            free_hint: 0,
-            file_end,
-            prealloc_end: file_len,
-            reserve_cap: u64::MAX,
-            pending_free: Vec::new(),
             inflight: HashSet::new(),
-            meta_clusters: OverlapMap::default(),
-            keep_end: 0,
             cow_unsynced: false,
-            refblocks_unsynced: false,
-            lazy_active: false,
             corrupt: h.is_corrupt() && !opts.repair,
-            compress_cursor: 0,
         };
-        meta.meta_clusters = metadata_clusters(&g, &meta);
+        meta.overlap = metadata_clusters(&g, &meta);
         let q = Qcow2 {
             file,
             data,
@@ -307,8 +297,8 @@ impl Qcow2 {
         let m = self.lock();
         let l1i = (guest / self.g.cluster_size / self.g.l2_entries) as usize;
         let table = |e: u64| e & crate::format::l1::OFFSET_MASK;
-        match m.l1.get(l1i).map(|&e| table(e)) {
-            Some(t) if t != 0 => m.l1.iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
+        match m.map.l1().get(l1i).map(|&e| table(e)) {
+            Some(t) if t != 0 => m.map.l1().iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
             _ => false,
         }
     }
@@ -349,7 +339,7 @@ impl Qcow2 {
     /// Writes cluster 0 (header, extensions, backing name), unless other
     /// metadata claims it too.
     fn write_header(&self, m: &mut Meta) -> Result<()> {
-        self.check_overlap(m, 0, Some(MetaKind::Header))?;
+        self.check_overlap(m, units::HostOffset(0), Some(MetaKind::Header))?;
         self.write_header_unchecked(m)
     }
 
@@ -365,11 +355,12 @@ impl Qcow2 {
     /// metadata past the allocator's end (a damaged image's L1 table past
     /// the end of the file, say), nor guest data found mapped there.
     pub(crate) fn trim_reserved(&self, m: &mut Meta) -> Result<()> {
-        let keep = m.file_end.max(m.keep_end).max(m.meta_clusters.end().saturating_mul(self.g.cluster_size));
+        let keep =
+            m.alloc.file_end().max(m.alloc.keep_end()).0.max(m.overlap.end().saturating_mul(self.g.cluster_size));
         let len = self.file.len().map_err(io_err("reading image size"))?;
-        if m.prealloc_end > keep && len > keep {
+        if m.alloc.prealloc_end().0 > keep && len > keep {
             self.file.set_len(keep).map_err(io_err("trimming reserved space"))?;
-            m.prealloc_end = keep;
+            m.alloc.set_prealloc_end(units::HostOffset(keep));
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The read path and block status.
 
 use super::state::Meta;
+use super::units::{GuestCluster, GuestOffset};
 use super::Qcow2;
 use crate::device::{check_range, read_backing, BlockDevice, BlockStatus};
 use crate::format::compressed::{decompress, CompressedDescriptor};
@@ -31,13 +32,13 @@ impl Qcow2 {
         while pos < end {
             let gc = pos / cs;
             let in_off = pos % cs;
-            let e = self.l2_entry(m, gc)?;
+            let e = self.l2_entry(m, GuestCluster(gc))?;
             // Without extended L2 (or for compressed clusters) one kind
             // covers the whole cluster; otherwise it changes per subcluster.
             let step = if self.g.extended && !e.is_compressed() { self.g.sub_size } else { cs };
             let sub = (in_off / self.g.sub_size) as u32;
             let sub = if self.g.extended { sub } else { 0 };
-            let kind = self.classify(e, sub, gc)?;
+            let kind = self.classify(e, sub, GuestCluster(gc))?;
             let piece_end = ((pos / step + 1) * step).min(end);
             let n = piece_end - pos;
             let piece = match kind {
@@ -63,8 +64,8 @@ impl Qcow2 {
         // random read, needs no plan to be built.
         let step = self.g.sub_size;
         if !buf.is_empty() && offset / step == (offset + buf.len() as u64 - 1) / step {
-            let gc = offset / self.g.cluster_size;
-            let in_off = offset % self.g.cluster_size;
+            let gc = GuestOffset(offset).cluster(&self.g);
+            let in_off = GuestOffset(offset).in_cluster(&self.g);
             let (piece, _gate) = {
                 let mut m = self.lock();
                 let e = self.l2_entry(&mut m, gc)?;
@@ -164,9 +165,9 @@ impl Qcow2 {
         while pos < end && budget > 0 {
             budget -= 1;
             let gc = pos / cs;
-            let (l1i, _) = self.split(gc);
-            let l2_unallocated = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
-            let (n, st) = if l1i >= m.l1.len() {
+            let (l1i, _) = GuestCluster(gc).split(&self.g);
+            let l2_unallocated = m.map.l1().get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
+            let (n, st) = if l1i >= m.map.l1().len() {
                 // Past the L1 table (a snapshot view whose disk is larger
                 // than its table covers): unallocated to the end at once.
                 (end - pos, BlockStatus::unallocated(pos, end - pos))
@@ -176,12 +177,12 @@ impl Qcow2 {
                 let n = ((pos / span + 1) * span).min(end) - pos;
                 (n, BlockStatus::unallocated(pos, n))
             } else {
-                let e = self.l2_entry(&mut m, gc)?;
+                let e = self.l2_entry(&mut m, GuestCluster(gc))?;
                 let in_off = pos % cs;
                 let step = if self.g.extended && !e.is_compressed() { self.g.sub_size } else { cs };
                 let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
                 let n = ((pos / step + 1) * step).min(end) - pos;
-                let kind = self.classify(e, sub, gc)?;
+                let kind = self.classify(e, sub, GuestCluster(gc))?;
                 let mut st = BlockStatus::unallocated(pos, n);
                 match kind {
                     ClusterKind::Unallocated => {

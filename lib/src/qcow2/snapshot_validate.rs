@@ -11,6 +11,7 @@
 
 use super::overlap::snapshot_table_bytes;
 use super::state::{Meta, MetaKind};
+use super::units::HostCluster;
 use super::Qcow2;
 use crate::format::l1::L1Entry;
 use crate::format::{Header, SnapshotEntry};
@@ -52,7 +53,7 @@ impl Qcow2 {
                 return Err(Error::corrupt_at(format!("snapshot table overlaps with {what}"), c));
             }
             for idx in off / cs..(off + bytes).div_ceil(cs) {
-                if self.refcount(m, idx)? == 0 {
+                if self.refcount(m, HostCluster(idx))? == 0 {
                     return Err(Error::corrupt_at("snapshot table cluster has refcount 0", idx * cs));
                 }
             }
@@ -67,7 +68,7 @@ impl Qcow2 {
     /// than `allowed`, by offset and name, without marking anything.
     fn meta_conflict(&self, m: &Meta, off: u64, bytes: u64, allowed: Option<MetaKind>) -> Option<(u64, String)> {
         let cs = self.g.cluster_size;
-        m.meta_clusters.conflict_names(off / cs, (off + bytes.max(1)).div_ceil(cs), allowed).map(|(c, n)| (c * cs, n))
+        m.overlap.conflict_names(off / cs, (off + bytes.max(1)).div_ceil(cs), allowed).map(|(c, n)| (c * cs, n))
     }
 
     /// The references one snapshot's tree holds, refusing a tree that
@@ -119,7 +120,7 @@ impl Qcow2 {
         let mut dec: Vec<_> = per_cluster(dec).into_iter().collect();
         dec.sort_unstable();
         for (idx, n) in dec {
-            let have = self.refcount(m, idx)? + inc.get(&idx).copied().unwrap_or(0);
+            let have = self.refcount(m, HostCluster(idx))? + inc.get(&idx).copied().unwrap_or(0);
             if have < n {
                 return Err(Error::corrupt_at(
                     format!("cluster has refcount {have} but {n} references would be dropped (refcount too low; run 'oxcow check -r all')"),
@@ -146,7 +147,7 @@ impl Qcow2 {
         let sn_l1 = self.read_snapshot_l1(sn)?;
         let refs = self.checked_tree_refs(m, sn, &sn_l1)?;
         self.check_increments(m, &refs)?;
-        let active = m.l1.clone();
+        let active = m.map.l1().to_vec();
         let old_refs = self.tree_refs(m, &active)?;
         let mut dropped = old_refs.clone();
         let h = &m.hc.header;

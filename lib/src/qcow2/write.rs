@@ -6,6 +6,7 @@
 //! cluster is marked in flight meanwhile so no other writer allocates it.
 
 use super::state::{Meta, MetaKind};
+use super::units::{GuestCluster, HostOffset};
 use super::Qcow2;
 use crate::device::{check_range, BlockDevice};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
@@ -18,7 +19,7 @@ struct Alloc {
     /// Guest cluster index.
     gc: u64,
     /// Host cluster receiving the data.
-    host: u64,
+    host: HostOffset,
     /// The host cluster was never used (reads as zeros).
     fresh: bool,
     /// Refcount was raised for `host` by this writer.
@@ -30,7 +31,7 @@ struct Alloc {
 /// What one guest cluster of a write needs.
 enum Step {
     /// Overwrite at this host offset (cluster start); no metadata change.
-    InPlace(u64),
+    InPlace(HostOffset),
     /// Allocation or copy-on-write.
     Alloc(Alloc),
 }
@@ -42,16 +43,16 @@ const ALL_SUBS: u32 = u32::MAX;
 #[derive(Default)]
 struct DataRun {
     /// (host offset, guest offset, length) of the run so far.
-    run: Option<(u64, u64, u64)>,
+    run: Option<(HostOffset, u64, u64)>,
 }
 
 impl DataRun {
     /// Adds `len` bytes of guest offset `guest` (`buf` starts at `base`)
     /// going to `host`, writing out the run so far if this does not
     /// continue it.
-    fn add(&mut self, q: &Qcow2, buf: &[u8], base: u64, host: u64, guest: u64, len: u64) -> Result<()> {
+    fn add(&mut self, q: &Qcow2, buf: &[u8], base: u64, host: HostOffset, guest: u64, len: u64) -> Result<()> {
         match &mut self.run {
-            Some((rh, rg, rl)) if *rh + *rl == host && *rg + *rl == guest => *rl += len,
+            Some((rh, rg, rl)) if rh.add(*rl) == host && *rg + *rl == guest => *rl += len,
             _ => {
                 self.finish(q, buf, base)?;
                 self.run = Some((host, guest, len));
@@ -88,17 +89,17 @@ impl Qcow2 {
 
     /// Returns an L2 table for L1 index `l1i` that may be modified in place
     /// (allocating it, or copying a shared one), with the L1 entry updated.
-    pub(crate) fn writable_l2(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
-        let raw = *m.l1.get(l1i).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+    pub(crate) fn writable_l2(&self, m: &mut Meta, l1i: usize) -> Result<HostOffset> {
+        let raw = *m.map.l1().get(l1i).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
         let l1e = L1Entry(raw);
         let old = l1e.l2_offset();
         if old != 0 && l1e.copied() {
             self.load_l2(m, old)?;
-            return Ok(old);
+            return Ok(HostOffset(old));
         }
         let content = if old != 0 {
             self.load_l2(m, old)?;
-            m.l2.peek(old).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
+            m.map.l2().peek(old).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
         } else {
             vec![0u8; self.g.cluster_size as usize]
         };
@@ -107,27 +108,28 @@ impl Qcow2 {
         self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
-        m.meta_clusters.insert(new / self.g.cluster_size, MetaKind::ActiveL2);
-        m.l2.insert(new, content, true);
-        m.l1[l1i] = new | L1_COPIED;
-        m.mark_l1_dirty(l1i);
+        m.overlap.insert(new.cluster(&self.g), MetaKind::ActiveL2);
+        m.map.l2_mut().insert(new.0, content, true);
+        m.map.set_l1(l1i, new.0 | L1_COPIED);
         if old != 0 {
             // The shared table stays referenced by a snapshot (or is freed
             // once the new L1 entry is on disk).
-            self.free_later(m, old, false);
+            self.free_later(m, HostOffset(old), false);
         }
         Ok(new)
     }
 
     /// Updates the L2 entry of guest cluster `gc` (its table must already
     /// be writable).
-    pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
-        let (l1i, l2i) = self.split(gc);
+    pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: GuestCluster, e: L2Entry) -> Result<()> {
+        let (l1i, l2i) = gc.split(&self.g);
         let off = self.writable_l2(m, l1i)?;
         let es = self.g.l2.entry_size();
-        let t =
-            m.l2.get_mut_range(off, l2i * es, (l2i + 1) * es)
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let t = m
+            .map
+            .l2_mut()
+            .get_mut_range(off.0, l2i * es, (l2i + 1) * es)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         self.g.l2.set(t, l2i, e);
         Ok(())
     }
@@ -147,7 +149,7 @@ impl Qcow2 {
         }
         let h = old.host_offset();
         if h != 0 && Some(h) != keep {
-            self.free_later(m, h, punch);
+            self.free_later(m, HostOffset(h), punch);
         }
     }
 
@@ -157,9 +159,9 @@ impl Qcow2 {
         if m.inflight.contains(&gc) {
             return Ok(None);
         }
-        let (l1i, _) = self.split(gc);
-        let e = self.l2_entry(m, gc)?;
-        let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
+        let (l1i, _) = GuestCluster(gc).split(&self.g);
+        let e = self.l2_entry(m, GuestCluster(gc))?;
+        let l1_copied = m.map.l1().get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
         self.check_mapped_entry(m, e)?;
         let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
@@ -172,7 +174,7 @@ impl Qcow2 {
             };
             if in_place {
                 // `check_mapped_entry` above did the overlap check.
-                return Ok(Some(Step::InPlace(host)));
+                return Ok(Some(Step::InPlace(HostOffset(host))));
             }
         }
         // The L2 table the commit will change is made writable now: an
@@ -180,16 +182,16 @@ impl Qcow2 {
         // the commit, after the data, then has nothing left to allocate.
         self.writable_l2(m, l1i)?;
         let (host, fresh, new_cluster) = if owned {
-            (host, false, false)
+            (HostOffset(host), false, false)
         } else if self.g.external_data {
-            (gc * self.g.cluster_size, false, false)
+            (HostOffset(gc * self.g.cluster_size), false, false)
         } else {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
             (h, fresh, true)
         };
         if let Err(err) = self.check_overlap(m, host, None) {
             if new_cluster {
-                let _ = self.set_refcount(m, host / self.g.cluster_size, 0);
+                let _ = self.set_refcount(m, host.cluster(&self.g), 0);
             }
             return Err(err);
         }
@@ -269,7 +271,7 @@ impl Qcow2 {
 
     fn abandon_alloc(&self, m: &mut Meta, a: &Alloc) {
         if a.new_cluster {
-            let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
+            let _ = self.set_refcount(m, a.host.cluster(&self.g), 0);
         }
         self.release_inflight(m, a.gc);
     }
@@ -301,7 +303,7 @@ impl Qcow2 {
             let mut run = DataRun::default();
             for (pos, len, s) in steps {
                 if let Step::InPlace(host) = s {
-                    run.add(self, buf, base, host + pos % cs, *pos, *len)?;
+                    run.add(self, buf, base, host.add(pos % cs), *pos, *len)?;
                 }
             }
             run.finish(self, buf, base)?;
@@ -314,7 +316,7 @@ impl Qcow2 {
             let Step::Alloc(a) = s else { continue };
             let from = pos % cs;
             if self.alloc_span(a, from, from + len) == (from, from + len) {
-                run.add(self, buf, base, a.host + from, *pos, *len)?;
+                run.add(self, buf, base, a.host.add(from), *pos, *len)?;
             } else {
                 let data = &buf[(pos - base) as usize..(pos - base + len) as usize];
                 self.write_allocated(a, from, data)?;
@@ -323,8 +325,8 @@ impl Qcow2 {
         run.finish(self, buf, base)
     }
 
-    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
-        self.data.write_at(data, host).map_err(|e| Error::io("writing guest data", e))
+    fn write_data(&self, data: &[u8], host: HostOffset) -> Result<()> {
+        self.data.write_at(data, host.0).map_err(|e| Error::io("writing guest data", e))
     }
 
     /// Writes `data` at `from` within a cluster being allocated, copying
@@ -333,7 +335,7 @@ impl Qcow2 {
         if a.fresh && self.old_is_zero(a.old) {
             // Around the write the old content is zeros, which a cluster
             // never used before already reads as: only the data goes out.
-            return self.write_data(data, a.host + from);
+            return self.write_data(data, a.host.add(from));
         }
         let to = from + data.len() as u64;
         let (span_from, span_to) = self.alloc_span(a, from, to);
@@ -346,7 +348,7 @@ impl Qcow2 {
             self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
         }
         buf[(from - span_from) as usize..(to - span_from) as usize].copy_from_slice(data);
-        self.write_data(&buf, a.host + span_from)
+        self.write_data(&buf, a.host.add(span_from))
     }
 
     /// The byte range within the cluster that the write must produce: the
@@ -383,7 +385,7 @@ impl Qcow2 {
     fn carried_subs(&self, a: &Alloc) -> u32 {
         if a.old.is_compressed() {
             ALL_SUBS
-        } else if a.old.host_offset() != a.host && a.old.host_offset() != 0 {
+        } else if a.old.host_offset() != a.host.0 && a.old.host_offset() != 0 {
             a.old.bitmap.alloc()
         } else {
             0
@@ -456,15 +458,15 @@ impl Qcow2 {
             } else {
                 (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
             };
-            L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
+            L2Entry { word: a.host.0 | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
         } else {
-            L2Entry::normal(a.host, true)
+            L2Entry::normal(a.host.0, true)
         };
-        self.set_l2_entry(m, a.gc, entry)?;
+        self.set_l2_entry(m, GuestCluster(a.gc), entry)?;
         if self.needs_cow_sync(a, from, from + len) {
             m.cow_unsynced = true;
         }
-        self.release_entry(m, a.old, Some(a.host), false);
+        self.release_entry(m, a.old, Some(a.host.0), false);
         self.release_inflight(m, a.gc);
         Ok(())
     }
@@ -549,20 +551,20 @@ impl Qcow2 {
     /// true when this needs explicit zero data instead.
     fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
         let cs = self.g.cluster_size;
-        let e = self.l2_entry(m, gc)?;
+        let e = self.l2_entry(m, GuestCluster(gc))?;
         self.check_mapped_entry(m, e)?;
         let whole = from == 0 && to == cs;
         if !self.g.v3 {
             // No zero flag in v2: deallocate when nothing shows through,
             // otherwise write zeros.
-            let kind = self.classify(e, 0, gc)?;
+            let kind = self.classify(e, 0, GuestCluster(gc))?;
             if self.backing.is_some() {
                 return Ok(true);
             }
             return match kind {
                 ClusterKind::Unallocated => Ok(false),
                 _ if may_unmap && whole && !self.g.external_data => {
-                    self.set_l2_entry(m, gc, L2Entry::default())?;
+                    self.set_l2_entry(m, GuestCluster(gc), L2Entry::default())?;
                     self.release_entry(m, e, None, true);
                     Ok(false)
                 }
@@ -576,7 +578,7 @@ impl Qcow2 {
                     if !explicit {
                         self.set_l2_entry(
                             m,
-                            gc,
+                            GuestCluster(gc),
                             L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) },
                         )?;
                         self.release_entry(m, e, None, may_unmap);
@@ -587,7 +589,11 @@ impl Qcow2 {
             let host = e.host_offset();
             let shared = host != 0 && !e.copied();
             if whole && (may_unmap || shared || host == 0) {
-                self.set_l2_entry(m, gc, L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) })?;
+                self.set_l2_entry(
+                    m,
+                    GuestCluster(gc),
+                    L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) },
+                )?;
                 self.release_entry(m, e, None, may_unmap);
                 return Ok(false);
             }
@@ -595,20 +601,20 @@ impl Qcow2 {
                 return Ok(true);
             }
             let bm = SubclusterBitmap::from_parts(e.bitmap.alloc() & !mask, e.bitmap.zero() | mask);
-            self.set_l2_entry(m, gc, L2Entry { word: e.word, bitmap: bm })?;
+            self.set_l2_entry(m, GuestCluster(gc), L2Entry { word: e.word, bitmap: bm })?;
             return Ok(false);
         }
         if !whole {
             return Ok(true);
         }
-        let kind = self.classify(e, 0, gc)?;
+        let kind = self.classify(e, 0, GuestCluster(gc))?;
         let keep = !may_unmap && e.copied() && !e.is_compressed() && e.host_offset() != 0;
         let new = match kind {
             ClusterKind::Zero(None) => return Ok(false),
             _ if keep => L2Entry { word: e.word | ZERO, bitmap: SubclusterBitmap(0) },
             _ => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
         };
-        self.set_l2_entry(m, gc, new)?;
+        self.set_l2_entry(m, GuestCluster(gc), new)?;
         if !keep {
             self.release_entry(m, e, None, may_unmap);
         }
@@ -642,7 +648,7 @@ impl Qcow2 {
             // make backing data reappear: QEMU leaves the data, so do we.
             return Ok(());
         }
-        let e = self.l2_entry(m, gc)?;
+        let e = self.l2_entry(m, GuestCluster(gc))?;
         self.check_mapped_entry(m, e)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
@@ -667,7 +673,7 @@ impl Qcow2 {
         if new == e {
             return Ok(());
         }
-        self.set_l2_entry(m, gc, new)?;
+        self.set_l2_entry(m, GuestCluster(gc), new)?;
         if self.g.external_data {
             let cs = self.g.cluster_size;
             self.data.punch_hole(gc * cs, cs).map_err(|err| Error::io("discarding in the data file", err))?;
