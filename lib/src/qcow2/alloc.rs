@@ -33,7 +33,7 @@ impl Qcow2 {
             return Err(Error::corrupt_at("refcount block offset is not cluster aligned", off.0));
         }
         if m.refs.blocks().is_full() {
-            if let Some((victim, dirty)) = m.refs.blocks().lru() {
+            if let Some((victim, dirty)) = m.refs.blocks_mut().victim() {
                 if dirty {
                     // Writing a refcount block early is always safe: it
                     // only ever holds increments and already-safe frees.

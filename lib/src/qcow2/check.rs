@@ -115,10 +115,7 @@ const MAX_BEYOND_EOF_BYTES: u64 = 64 << 20;
 impl Qcow2 {
     /// Checks the image; with `repair`, fixes what it may and checks again.
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let mut m = self.lock();
-        while !m.inflight.is_empty() {
-            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut m = self.wait_idle(self.lock());
         if !self.read_only && !self.poison.is_set() {
             // The check reads the file: everything cached must be there,
             // refcount blocks too (lazy refcounts keep them back).

@@ -116,8 +116,8 @@ impl Qcow2 {
         let gc = guest_offset / cs;
         let mut m = self.lock();
         self.check_writable(&m)?;
-        while m.inflight.contains(&gc) {
-            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        while self.is_inflight(&m, gc) {
+            m = self.wait_for_cluster(m, gc);
             self.check_writable(&m)?;
         }
         let len = packed.len() as u64;

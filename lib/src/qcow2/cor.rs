@@ -53,7 +53,7 @@ impl Qcow2 {
     fn claim_range(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<Claim>> {
         let mut claims = Vec::new();
         for gc in first..=last {
-            if m.inflight.contains(&gc) {
+            if self.is_inflight(m, gc) {
                 continue;
             }
             let e = match self.l2_entry(m, GuestCluster(gc)) {
@@ -64,7 +64,7 @@ impl Qcow2 {
                 }
             };
             if self.falls_through(e) {
-                m.inflight.insert(gc);
+                self.claim_inflight(m, gc);
                 claims.push(Claim { gc, old: e });
             }
         }

@@ -88,14 +88,14 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Evicts the least recently used L2 table when the cache is full,
+    /// Evicts an L2 table not used lately when the cache is full,
     /// returning its buffer. A dirty one is written with the full flush
     /// ordering first (refcounts before the L2 entries that need them).
     pub(crate) fn make_room_l2(&self, m: &mut Meta) -> Result<Option<Vec<u8>>> {
         if !m.map.l2().is_full() {
             return Ok(None);
         }
-        if let Some((off, dirty)) = m.map.l2().lru() {
+        if let Some((off, dirty)) = m.map.l2_mut().victim() {
             if dirty {
                 self.write_back(m)?;
             }
@@ -104,20 +104,29 @@ impl Qcow2 {
         Ok(None)
     }
 
-    /// The L2 entry of guest cluster `gc` (all-zero when unallocated).
-    pub(crate) fn l2_entry(&self, m: &mut Meta, gc: GuestCluster) -> Result<L2Entry> {
+    /// The L2 entry of guest cluster `gc` if the lookup needs no table
+    /// read (its table is cached, or it has none): a lookup that runs
+    /// under the shared metadata lock. `None`: the table must be loaded.
+    pub(crate) fn cached_l2_entry(&self, m: &Meta, gc: GuestCluster) -> Option<L2Entry> {
         let (l1i, l2i) = gc.split(&self.g);
         let Some(&raw) = m.map.l1().get(l1i) else {
-            return Ok(L2Entry::default());
+            return Some(L2Entry::default());
         };
         let off = L1Entry(raw).l2_offset();
         if off == 0 {
-            return Ok(L2Entry::default());
+            return Some(L2Entry::default());
         }
+        m.map.l2().get(off).map(|t| self.g.l2.get(t, l2i))
+    }
+
+    /// The L2 entry of guest cluster `gc` (all-zero when unallocated).
+    pub(crate) fn l2_entry(&self, m: &mut Meta, gc: GuestCluster) -> Result<L2Entry> {
         // One lookup on the hot path (a cached table); load only on a miss.
-        if let Some(t) = m.map.l2_mut().get(off) {
-            return Ok(self.g.l2.get(t, l2i));
+        if let Some(e) = self.cached_l2_entry(m, gc) {
+            return Ok(e);
         }
+        let (l1i, l2i) = gc.split(&self.g);
+        let off = m.map.l1().get(l1i).map_or(0, |&raw| L1Entry(raw).l2_offset());
         self.load_l2(m, off)?;
         let t = m.map.l2_mut().get(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         Ok(self.g.l2.get(t, l2i))

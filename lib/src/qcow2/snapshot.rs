@@ -13,6 +13,7 @@
 use super::snapshot_validate::GotoPlan;
 use super::state::{Meta, MetaKind};
 use super::units::{HostCluster, HostOffset};
+use super::MetaGuard;
 use super::{metadata_clusters, Qcow2};
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
@@ -22,7 +23,6 @@ use crate::format::snapshot::{encode_table, EXTRA_WITH_ICOUNT, FIXED_LEN};
 use crate::format::SnapshotEntry;
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::sync::MutexGuard;
 
 /// Bytes one entry occupies on disk (padded to 8).
 fn entry_disk_len(e: &SnapshotEntry) -> u64 {
@@ -34,12 +34,10 @@ impl Qcow2 {
     /// allocating writes in flight, then writes every cached change back
     /// (refcounts included, even with lazy refcounts) and syncs, so the
     /// operation starts from a consistent on-disk state.
-    pub(crate) fn quiesce(&self) -> Result<MutexGuard<'_, Meta>> {
-        let mut m = self.lock();
+    pub(crate) fn quiesce(&self) -> Result<MetaGuard<'_>> {
+        let m = self.lock();
         self.check_writable(&m)?;
-        while !m.inflight.is_empty() {
-            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut m = self.wait_idle(m);
         self.check_writable(&m)?;
         self.write_back_durable(&mut m)?;
         // A barrier: fast-path I/O that looked up a mapping before this
@@ -76,8 +74,8 @@ impl Qcow2 {
     /// Forgets every cached L2 table (all clean after a write-back): tables
     /// freed by a whole-image operation may be reused as anything.
     pub(crate) fn drop_l2_cache(m: &mut Meta) {
-        while let Some((off, dirty)) = m.map.l2().lru() {
-            debug_assert!(!dirty, "dropping a dirty L2 table");
+        debug_assert!(!m.map.l2().any_dirty(), "dropping a dirty L2 table");
+        for off in m.map.l2().offsets() {
             m.map.l2_mut().remove(off);
         }
     }

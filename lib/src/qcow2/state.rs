@@ -10,7 +10,6 @@ use crate::format::l2::L2Layout;
 use crate::format::refcount::RefcountLayout;
 use crate::format::SnapshotEntry;
 use crate::Error;
-use std::collections::HashSet;
 use std::sync::Mutex;
 
 /// Fixed geometry of an open image.
@@ -67,9 +66,6 @@ pub(crate) struct Meta {
     pub overlap: OverlapMap,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotEntry>,
-    /// Guest clusters whose L2 entry a writer is changing with data I/O in
-    /// flight; others wait on the condition variable.
-    pub inflight: HashSet<u64>,
     /// Copy-on-write data (the old content around a write, copied into a
     /// newly mapped cluster) was written since the last sync: it must be
     /// durable before an L2 entry pointing at it is.

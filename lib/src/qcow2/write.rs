@@ -7,12 +7,11 @@
 
 use super::state::{Meta, MetaKind};
 use super::units::{GuestCluster, HostOffset};
-use super::Qcow2;
+use super::{MetaGuard, Qcow2};
 use crate::device::{check_range, BlockDevice};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
 use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
 use crate::{Error, Result};
-use std::sync::MutexGuard;
 
 /// A cluster whose L2 entry this writer will change after its data I/O.
 struct Alloc {
@@ -156,7 +155,7 @@ impl Qcow2 {
     /// Decides what guest cluster `gc` needs for a write of `[from, to)`
     /// within it. Returns `None` when another writer owns the cluster.
     fn plan_write(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<Option<Step>> {
-        if m.inflight.contains(&gc) {
+        if self.is_inflight(m, gc) {
             return Ok(None);
         }
         let (l1i, _) = GuestCluster(gc).split(&self.g);
@@ -195,7 +194,7 @@ impl Qcow2 {
             }
             return Err(err);
         }
-        m.inflight.insert(gc);
+        self.claim_inflight(m, gc);
         Ok(Some(Step::Alloc(Alloc { gc, host, fresh, new_cluster, old: e })))
     }
 
@@ -472,8 +471,8 @@ impl Qcow2 {
     }
 
     /// Waits until guest cluster `gc` is not in flight; returns the guard.
-    fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>, gc: u64) -> Result<MutexGuard<'a, Meta>> {
-        while m.inflight.contains(&gc) {
+    fn wait_cluster<'a>(&'a self, mut m: MetaGuard<'a>, gc: u64) -> Result<MetaGuard<'a>> {
+        while self.is_inflight(&m, gc) {
             m = self.wait_for_cluster(m, gc);
         }
         self.check_writable(&m)?;
