@@ -26,7 +26,7 @@ fn is_no_space(e: &std::io::Error) -> bool {
 impl Qcow2 {
     /// Makes sure the refcount block at `off` is cached.
     fn load_refblock(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
-        if m.refs.blocks().contains(off.0) {
+        if m.refs.blocks().contains(off) {
             return Ok(());
         }
         if !off.is_aligned(&self.g) {
@@ -38,7 +38,7 @@ impl Qcow2 {
                     // Writing a refcount block early is always safe: it
                     // only ever holds increments and already-safe frees.
                     let data = m.refs.blocks().peek(victim).map(|d| d.to_vec()).unwrap_or_default();
-                    self.write_meta(m, HostOffset(victim), &data, MetaKind::RefcountBlock)?;
+                    self.write_meta(m, victim, &data, MetaKind::RefcountBlock)?;
                     // Not durable yet: the next stage of a write-back
                     // that relies on it syncs first.
                     m.refs.block_written_early();
@@ -48,7 +48,7 @@ impl Qcow2 {
         }
         let mut b = vec![0u8; self.g.cluster_size as usize];
         self.file.read_at(&mut b, off.0).map_err(|e| Error::io("reading refcount block", e))?;
-        m.refs.blocks_mut().insert(off.0, b, false);
+        m.refs.blocks_mut().insert(off, b, false);
         Ok(())
     }
 
@@ -61,8 +61,21 @@ impl Qcow2 {
             return Ok(0);
         }
         self.load_refblock(m, off)?;
-        let b = m.refs.blocks_mut().get(off.0).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        let b = m.refs.blocks().get(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
         Ok(self.g.rc.get(b, (c.0 & ((1 << bits) - 1)) as usize))
+    }
+
+    /// Refcount of host cluster `c` if its refcount block is cached (or it
+    /// has none): a lookup under the shared metadata lock.
+    pub(crate) fn cached_refcount(&self, m: &Meta, c: HostCluster) -> Option<u64> {
+        let bits = self.g.rc.block_entries_bits();
+        let t = (c.0 >> bits) as usize;
+        let Some(off) = m.refs.block_offset(t) else { return Some(0) };
+        if off.0 == 0 {
+            return Some(0);
+        }
+        let b = m.refs.blocks().get(off)?;
+        Some(self.g.rc.get(b, (c.0 & ((1 << bits) - 1)) as usize))
     }
 
     /// Sets the refcount of host cluster `c`, allocating refcount blocks
@@ -87,7 +100,7 @@ impl Qcow2 {
         let b = m
             .refs
             .blocks_mut()
-            .get_mut_range(off.0, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
+            .get_mut_range(off, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
             .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
         self.g.rc.set(b, i, value);
         if value == 0 {
@@ -184,7 +197,7 @@ impl Qcow2 {
                 return self.set_refcount(m, c, 0);
             }
         }
-        m.refs.blocks_mut().insert(off.0, vec![0u8; self.g.cluster_size as usize], true);
+        m.refs.blocks_mut().insert(off, vec![0u8; self.g.cluster_size as usize], true);
         m.refs.set_block_offset(t, off);
         m.overlap.insert(c, MetaKind::RefcountBlock);
         if own_range {
@@ -263,7 +276,7 @@ impl Qcow2 {
         let dirty = m.refs.blocks().dirty();
         for &off in &dirty {
             let data = m.refs.blocks().peek(off).map(|d| d.to_vec()).unwrap_or_default();
-            self.write_meta(m, HostOffset(off), &data, MetaKind::RefcountBlock)?;
+            self.write_meta(m, off, &data, MetaKind::RefcountBlock)?;
             m.refs.blocks_mut().mark_clean(off);
         }
         Ok(!dirty.is_empty())

@@ -292,8 +292,8 @@ impl Qcow2 {
         let tables = self.all_l2_tables(m)?;
         if self.g.compression != CompressionType::Zlib {
             for &off in &tables {
-                self.load_l2(m, off)?;
-                let t = m.map.l2().peek(off).map(|t| t.to_vec()).unwrap_or_default();
+                self.load_l2(m, HostOffset(off))?;
+                let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
                 if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
                     return Err(Error::invalid(
                         "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -304,8 +304,8 @@ impl Qcow2 {
         let has_backing = m.hc.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         for &off in &tables {
-            self.load_l2(m, off)?;
-            let t = m.map.l2().peek(off).map(|t| t.to_vec()).unwrap_or_default();
+            self.load_l2(m, HostOffset(off))?;
+            let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
             let mut changes = Vec::new();
             for i in 0..self.g.l2_entries as usize {
                 let e = self.g.l2.get(&t, i);
@@ -334,8 +334,12 @@ impl Qcow2 {
             }
             if !changes.is_empty() {
                 self.sync("flushing expanded zero clusters")?;
-                self.load_l2(m, off)?;
-                let t = m.map.l2_mut().get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                self.load_l2(m, HostOffset(off))?;
+                let t = m
+                    .map
+                    .l2_mut()
+                    .get_mut(HostOffset(off))
+                    .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                 for (i, e) in changes {
                     self.g.l2.set(t, i, e);
                 }

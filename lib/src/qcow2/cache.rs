@@ -12,11 +12,12 @@
 //! The cache holds no policy about write ordering: callers decide when a
 //! dirty table may reach disk (see `flush.rs`).
 
+use super::units::HostOffset;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 struct Slot {
-    off: u64,
+    off: HostOffset,
     data: Vec<u8>,
     /// Byte range changed since the table was last written.
     dirty: Option<(usize, usize)>,
@@ -41,7 +42,7 @@ const WRITE_GRAIN: usize = 4096;
 /// Tables cached by host offset.
 pub(crate) struct TableCache {
     slots: Vec<Slot>,
-    index: HashMap<u64, usize>,
+    index: HashMap<HostOffset, usize>,
     capacity: usize,
     /// Next slot the eviction sweep looks at.
     hand: usize,
@@ -53,16 +54,16 @@ impl TableCache {
         TableCache { slots: Vec::new(), index: HashMap::new(), capacity: capacity.max(4), hand: 0 }
     }
 
-    fn slot(&self, off: u64) -> Option<&Slot> {
+    fn slot(&self, off: HostOffset) -> Option<&Slot> {
         self.index.get(&off).map(|&i| &self.slots[i])
     }
 
-    fn slot_mut(&mut self, off: u64) -> Option<&mut Slot> {
+    fn slot_mut(&mut self, off: HostOffset) -> Option<&mut Slot> {
         self.index.get(&off).map(|&i| &mut self.slots[i])
     }
 
     /// The cached table at `off`, if present.
-    pub fn get(&self, off: u64) -> Option<&[u8]> {
+    pub fn get(&self, off: HostOffset) -> Option<&[u8]> {
         self.slot(off).map(|s| {
             s.touch();
             &s.data[..]
@@ -70,13 +71,13 @@ impl TableCache {
     }
 
     /// The cached table at `off` for modification; marks it all dirty.
-    pub fn get_mut(&mut self, off: u64) -> Option<&mut Vec<u8>> {
+    pub fn get_mut(&mut self, off: HostOffset) -> Option<&mut Vec<u8>> {
         self.get_mut_range(off, 0, usize::MAX)
     }
 
     /// The cached table at `off` for a change of bytes `[from, to)` only;
     /// marks just that range dirty.
-    pub fn get_mut_range(&mut self, off: u64, from: usize, to: usize) -> Option<&mut Vec<u8>> {
+    pub fn get_mut_range(&mut self, off: HostOffset, from: usize, to: usize) -> Option<&mut Vec<u8>> {
         self.slot_mut(off).map(|s| {
             *s.referenced.get_mut() = true;
             let to = to.min(s.data.len());
@@ -89,12 +90,12 @@ impl TableCache {
     }
 
     /// Whether `off` is cached.
-    pub fn contains(&self, off: u64) -> bool {
+    pub fn contains(&self, off: HostOffset) -> bool {
         self.index.contains_key(&off)
     }
 
     /// Inserts a table (replacing any cached one at `off`).
-    pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
+    pub fn insert(&mut self, off: HostOffset, data: Vec<u8>, dirty: bool) {
         let dirty = dirty.then_some((0, data.len()));
         let slot = Slot { off, data, dirty, referenced: AtomicBool::new(true) };
         match self.index.get(&off) {
@@ -113,7 +114,7 @@ impl TableCache {
 
     /// The table to evict: (offset, dirty). Moves the clock hand, giving
     /// every table used since the last sweep a second chance.
-    pub fn victim(&mut self) -> Option<(u64, bool)> {
+    pub fn victim(&mut self) -> Option<(HostOffset, bool)> {
         let n = self.slots.len();
         if n == 0 {
             return None;
@@ -133,7 +134,7 @@ impl TableCache {
     }
 
     /// Drops a table from the cache.
-    pub fn remove(&mut self, off: u64) -> Option<Vec<u8>> {
+    pub fn remove(&mut self, off: HostOffset) -> Option<Vec<u8>> {
         let i = self.index.remove(&off)?;
         let s = self.slots.swap_remove(i);
         if let Some(moved) = self.slots.get(i) {
@@ -143,21 +144,21 @@ impl TableCache {
     }
 
     /// Offsets of every cached table.
-    pub fn offsets(&self) -> Vec<u64> {
+    pub fn offsets(&self) -> Vec<HostOffset> {
         self.slots.iter().map(|s| s.off).collect()
     }
 
     /// Offsets of dirty tables, ascending (so writes go out in file order).
-    pub fn dirty(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.slots.iter().filter(|s| s.dirty.is_some()).map(|s| s.off).collect();
+    pub fn dirty(&self) -> Vec<HostOffset> {
+        let mut v: Vec<HostOffset> = self.slots.iter().filter(|s| s.dirty.is_some()).map(|s| s.off).collect();
         v.sort_unstable();
         v
     }
 
     /// Dirty tables with the byte range to write, widened to whole pages:
     /// (offset, start within the table, end), ascending by offset.
-    pub fn dirty_ranges(&self) -> Vec<(u64, usize, usize)> {
-        let mut v: Vec<(u64, usize, usize)> = self
+    pub fn dirty_ranges(&self) -> Vec<(HostOffset, usize, usize)> {
+        let mut v: Vec<(HostOffset, usize, usize)> = self
             .slots
             .iter()
             .filter_map(|s| {
@@ -178,12 +179,12 @@ impl TableCache {
     }
 
     /// The table's bytes without touching its reference bit or dirtiness.
-    pub fn peek(&self, off: u64) -> Option<&[u8]> {
+    pub fn peek(&self, off: HostOffset) -> Option<&[u8]> {
         self.slot(off).map(|s| &s.data[..])
     }
 
     /// Marks a table clean after it was written.
-    pub fn mark_clean(&mut self, off: u64) {
+    pub fn mark_clean(&mut self, off: HostOffset) {
         if let Some(s) = self.slot_mut(off) {
             s.dirty = None;
         }
@@ -194,41 +195,45 @@ impl TableCache {
 mod tests {
     use super::*;
 
+    fn h(off: u64) -> HostOffset {
+        HostOffset(off)
+    }
+
     #[test]
     fn eviction_spares_tables_used_since_the_last_sweep() {
         let mut c = TableCache::new(4);
         for off in 0..4u64 {
-            c.insert(off, vec![off as u8], false);
+            c.insert(h(off), vec![off as u8], false);
         }
         // All fresh: the sweep clears every bit, then takes the first.
-        assert_eq!(c.victim(), Some((0, false)));
-        c.remove(0);
-        c.insert(4, vec![4], true);
-        c.get(1);
-        c.get(3);
+        assert_eq!(c.victim(), Some((h(0), false)));
+        c.remove(h(0));
+        c.insert(h(4), vec![4], true);
+        c.get(h(1));
+        c.get(h(3));
         // 3 and 1 were used since the sweep, 2 was not.
-        assert_eq!(c.victim(), Some((2, false)));
-        c.remove(2);
-        assert_eq!(c.peek(1), Some(&[1u8][..]));
-        assert_eq!(c.peek(4), Some(&[4u8][..]));
-        assert_eq!(c.peek(3), Some(&[3u8][..]));
-        assert!(!c.contains(2));
-        assert_eq!(c.dirty(), vec![4]);
+        assert_eq!(c.victim(), Some((h(2), false)));
+        c.remove(h(2));
+        assert_eq!(c.peek(h(1)), Some(&[1u8][..]));
+        assert_eq!(c.peek(h(4)), Some(&[4u8][..]));
+        assert_eq!(c.peek(h(3)), Some(&[3u8][..]));
+        assert!(!c.contains(h(2)));
+        assert_eq!(c.dirty(), vec![h(4)]);
     }
 
     #[test]
     fn remove_keeps_the_index_right() {
         let mut c = TableCache::new(8);
         for off in [10u64, 20, 30, 40] {
-            c.insert(off, vec![off as u8; 2], false);
+            c.insert(h(off), vec![off as u8; 2], false);
         }
-        c.remove(20);
-        c.get_mut_range(40, 1, 2).expect("cached")[1] = 7;
-        assert_eq!(c.peek(40), Some(&[40u8, 7][..]));
-        assert_eq!(c.peek(30), Some(&[30u8, 30][..]));
-        assert_eq!(c.dirty_ranges(), vec![(40, 0, 2)]);
+        c.remove(h(20));
+        c.get_mut_range(h(40), 1, 2).expect("cached")[1] = 7;
+        assert_eq!(c.peek(h(40)), Some(&[40u8, 7][..]));
+        assert_eq!(c.peek(h(30)), Some(&[30u8, 30][..]));
+        assert_eq!(c.dirty_ranges(), vec![(h(40), 0, 2)]);
         let mut offs = c.offsets();
         offs.sort_unstable();
-        assert_eq!(offs, vec![10, 30, 40]);
+        assert_eq!(offs, vec![h(10), h(30), h(40)]);
     }
 }

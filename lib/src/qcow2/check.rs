@@ -538,10 +538,14 @@ impl Qcow2 {
             if self.g.external_data {
                 continue;
             }
-            self.load_l2(m, l2)?;
+            self.load_l2(m, HostOffset(l2))?;
             for j in 0..self.g.l2_entries as usize {
                 let le = {
-                    let t = m.map.l2().peek(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    let t = m
+                        .map
+                        .l2()
+                        .peek(HostOffset(l2))
+                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                     self.g.l2.get(t, j)
                 };
                 let host = le.host_offset();
@@ -555,7 +559,11 @@ impl Qcow2 {
                     if !L1Entry(m.map.l1()[i]).copied() {
                         continue;
                     }
-                    let t = m.map.l2_mut().get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    let t = m
+                        .map
+                        .l2_mut()
+                        .get_mut(HostOffset(l2))
+                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                     self.g.l2.set(t, j, L2Entry { word, bitmap: le.bitmap });
                 }
             }

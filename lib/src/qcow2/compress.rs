@@ -6,7 +6,7 @@
 //! bytes touch (QEMU's refcount rule for compressed clusters).
 
 use super::state::Meta;
-use super::units::{GuestCluster, HostCluster, HostOffset};
+use super::units::{GuestOffset, HostCluster, HostOffset};
 use super::Qcow2;
 use crate::device::{check_range, BlockDevice};
 use crate::format::compressed::{compress, CompressedDescriptor};
@@ -113,7 +113,7 @@ impl Qcow2 {
             let n = (size - guest_offset).min(cs) as usize;
             return self.write_at(&data[..n], guest_offset);
         };
-        let gc = guest_offset / cs;
+        let gc = GuestOffset(guest_offset).cluster(&self.g);
         let mut m = self.lock();
         self.check_writable(&m)?;
         while self.is_inflight(&m, gc) {
@@ -124,7 +124,7 @@ impl Qcow2 {
         // The L2 table first: once the space is taken, only the data write
         // and the entry change are left, and a failure of either gives the
         // space back, so a failed compressed write changes nothing.
-        let (l1i, _) = GuestCluster(gc).split(&self.g);
+        let (l1i, _) = gc.split(&self.g);
         self.writable_l2(&mut m, l1i)?;
         let (at, shared_first) = self.alloc_compressed(&mut m, len)?;
         let r = (|| {
@@ -134,8 +134,8 @@ impl Qcow2 {
             }
             // Data before the entry that makes it visible.
             self.file.write_at(&packed, at.0).map_err(|e| Error::io("writing compressed cluster", e))?;
-            let old = self.l2_entry(&mut m, GuestCluster(gc))?;
-            self.set_l2_entry(&mut m, GuestCluster(gc), L2Entry::compressed(d, self.g.cluster_bits))?;
+            let old = self.l2_entry(&mut m, gc)?;
+            self.set_l2_entry(&mut m, gc, L2Entry::compressed(d, self.g.cluster_bits))?;
             self.release_entry(&mut m, old, None, false);
             Ok(())
         })();

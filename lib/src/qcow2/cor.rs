@@ -31,7 +31,7 @@ const BATCH: u64 = 8 << 20;
 
 /// A guest cluster claimed (marked in flight) for materializing.
 struct Claim {
-    gc: u64,
+    gc: GuestCluster,
     old: L2Entry,
 }
 
@@ -52,11 +52,11 @@ impl Qcow2 {
     /// writer has in flight.
     fn claim_range(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<Claim>> {
         let mut claims = Vec::new();
-        for gc in first..=last {
+        for gc in (first..=last).map(GuestCluster) {
             if self.is_inflight(m, gc) {
                 continue;
             }
-            let e = match self.l2_entry(m, GuestCluster(gc)) {
+            let e = match self.l2_entry(m, gc) {
                 Ok(e) => e,
                 Err(err) => {
                     self.unclaim(m, &claims);
@@ -92,11 +92,11 @@ impl Qcow2 {
             let dst_at = i * cs as usize;
             if wholly(c.old) {
                 let mut j = i + 1;
-                while j < claims.len() && wholly(claims[j].old) && claims[j].gc == claims[j - 1].gc + 1 {
+                while j < claims.len() && wholly(claims[j].old) && claims[j].gc.0 == claims[j - 1].gc.0 + 1 {
                     j += 1;
                 }
-                let start = c.gc * cs;
-                let end = (claims[j - 1].gc * cs + cs).min(size);
+                let start = c.gc.offset(&self.g).0;
+                let end = (claims[j - 1].gc.offset(&self.g).0 + cs).min(size);
                 if end > start {
                     let n = (end - start) as usize;
                     read_backing(self.backing.as_deref(), &mut out[dst_at..dst_at + n], start)?;
@@ -107,12 +107,12 @@ impl Qcow2 {
             // A cluster with parts of its own: subcluster by subcluster.
             let step = if self.g.extended { self.g.sub_size } else { cs };
             let mut off = 0;
-            while off < cs && c.gc * cs + off < size {
+            while off < cs && c.gc.offset(&self.g).0 + off < size {
                 let sub = if self.g.extended { (off / self.g.sub_size) as u32 } else { 0 };
-                let kind = self.classify(c.old, sub, GuestCluster(c.gc))?;
-                let n = step.min(size - (c.gc * cs + off)) as usize;
+                let kind = self.classify(c.old, sub, c.gc)?;
+                let n = step.min(size - (c.gc.offset(&self.g).0 + off)) as usize;
                 let at = dst_at + off as usize;
-                self.read_current(&mut out[at..at + n], c.gc * cs + off, kind, off)?;
+                self.read_current(&mut out[at..at + n], c.gc.offset(&self.g).0 + off, kind, off)?;
                 off += step;
             }
             i += 1;
@@ -137,7 +137,7 @@ impl Qcow2 {
             for (i, c) in claims.iter().enumerate() {
                 // The L2 table is made writable before anything is
                 // allocated or written: the commit then allocates nothing.
-                if let Err(e) = self.writable_l2(&mut m, GuestCluster(c.gc).split(&self.g).0) {
+                if let Err(e) = self.writable_l2(&mut m, c.gc.split(&self.g).0) {
                     self.drop_new_hosts(&mut m, &hosts);
                     self.unclaim(&mut m, claims);
                     return Err(e);
@@ -147,7 +147,7 @@ impl Qcow2 {
                     continue;
                 }
                 let got = if self.g.external_data {
-                    Ok((HostOffset(c.gc * self.g.cluster_size), false))
+                    Ok((HostOffset(c.gc.offset(&self.g).0), false))
                 } else {
                     self.alloc_cluster(&mut m).map(|h| (h, true)).and_then(|(h, new)| {
                         if let Err(e) = self.check_overlap(&mut m, h, None) {
@@ -208,7 +208,7 @@ impl Qcow2 {
                 None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
                 None => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
             };
-            if let Err(e) = self.set_l2_entry(&mut m, GuestCluster(c.gc), entry) {
+            if let Err(e) = self.set_l2_entry(&mut m, c.gc, entry) {
                 self.drop_new_hosts(&mut m, &hosts[k..]);
                 self.unclaim(&mut m, &claims[k..]);
                 return Err(e);
@@ -295,10 +295,10 @@ impl Qcow2 {
         let mut ci = 0;
         while pos < to {
             let gc = pos / cs;
-            while ci < claims.len() && claims[ci].gc < gc {
+            while ci < claims.len() && claims[ci].gc.0 < gc {
                 ci += 1;
             }
-            if ci < claims.len() && claims[ci].gc == gc {
+            if ci < claims.len() && claims[ci].gc.0 == gc {
                 let n = ((gc + 1) * cs).min(to) - pos;
                 let src = ci * cs as usize + (pos % cs) as usize;
                 let dst = (pos - base) as usize;
@@ -306,7 +306,7 @@ impl Qcow2 {
                 pos += n;
             } else {
                 // Up to the next claimed cluster (or the end).
-                let next = claims.get(ci).map_or(to, |c| (c.gc * cs).max(pos)).min(to);
+                let next = claims.get(ci).map_or(to, |c| (c.gc.offset(&self.g).0).max(pos)).min(to);
                 self.read(&mut buf[(pos - base) as usize..(next - base) as usize], pos)?;
                 pos = next;
             }

@@ -363,7 +363,7 @@ impl Qcow2 {
             } else {
                 L2Entry::normal(host, true)
             };
-            let t = m.map.l2_mut().get_mut(l2.0).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            let t = m.map.l2_mut().get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             self.g.l2.set(t, l2i, e);
         }
         let target: &dyn Storage = &*self.data;

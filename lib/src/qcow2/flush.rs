@@ -53,7 +53,7 @@ impl Qcow2 {
         let mut wrote = false;
         for (off, a, b) in m.refs.blocks().dirty_ranges() {
             let data = m.refs.blocks().peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-            self.write_meta(m, HostOffset(off + a as u64), &data, MetaKind::RefcountBlock)?;
+            self.write_meta(m, off.add(a as u64), &data, MetaKind::RefcountBlock)?;
             m.refs.blocks_mut().mark_clean(off);
             wrote = true;
         }
@@ -105,7 +105,7 @@ impl Qcow2 {
             }
             for (off, a, b) in m.map.l2().dirty_ranges() {
                 let data = m.map.l2().peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-                self.write_meta(m, HostOffset(off + a as u64), &data, MetaKind::ActiveL2)?;
+                self.write_meta(m, off.add(a as u64), &data, MetaKind::ActiveL2)?;
                 m.map.l2_mut().mark_clean(off);
             }
             unsynced = true;

@@ -6,7 +6,7 @@
 
 use super::cache::TableCache;
 use super::state::Meta;
-use super::units::GuestCluster;
+use super::units::{GuestCluster, HostOffset};
 use super::Qcow2;
 use crate::format::l1::L1Entry;
 use crate::format::l2::{ClusterKind, L2Entry};
@@ -68,21 +68,21 @@ impl Mapping {
 
 impl Qcow2 {
     /// Makes sure the L2 table at `off` is cached, evicting if needed.
-    pub(crate) fn load_l2(&self, m: &mut Meta, off: u64) -> Result<()> {
+    pub(crate) fn load_l2(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
         if m.map.l2().contains(off) {
             return Ok(());
         }
-        if !off.is_multiple_of(self.g.cluster_size) {
-            return Err(Error::corrupt_at("L2 table offset is not cluster aligned", off));
+        if !off.is_aligned(&self.g) {
+            return Err(Error::corrupt_at("L2 table offset is not cluster aligned", off.0));
         }
-        if off == 0 || off >= crate::format::limits::MAX_HOST_OFFSET {
-            return Err(Error::corrupt_at("L2 table offset is invalid", off));
+        if off.0 == 0 || off.0 >= crate::format::limits::MAX_HOST_OFFSET {
+            return Err(Error::corrupt_at("L2 table offset is invalid", off.0));
         }
         // Reuse the evicted table's buffer: no allocator churn, so memory
         // stays at the cache size however many tables pass through.
         let mut t = self.make_room_l2(m)?.unwrap_or_default();
         t.resize(self.g.cluster_size as usize, 0);
-        self.file.read_at(&mut t, off).map_err(|e| Error::io("reading L2 table", e))?;
+        self.file.read_at(&mut t, off.0).map_err(|e| Error::io("reading L2 table", e))?;
         self.note_free_refs(m, &t)?;
         m.map.l2_mut().insert(off, t, false);
         Ok(())
@@ -116,7 +116,7 @@ impl Qcow2 {
         if off == 0 {
             return Some(L2Entry::default());
         }
-        m.map.l2().get(off).map(|t| self.g.l2.get(t, l2i))
+        m.map.l2().get(HostOffset(off)).map(|t| self.g.l2.get(t, l2i))
     }
 
     /// The L2 entry of guest cluster `gc` (all-zero when unallocated).
@@ -126,9 +126,9 @@ impl Qcow2 {
             return Ok(e);
         }
         let (l1i, l2i) = gc.split(&self.g);
-        let off = m.map.l1().get(l1i).map_or(0, |&raw| L1Entry(raw).l2_offset());
+        let off = HostOffset(m.map.l1().get(l1i).map_or(0, |&raw| L1Entry(raw).l2_offset()));
         self.load_l2(m, off)?;
-        let t = m.map.l2_mut().get(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let t = m.map.l2().get(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         Ok(self.g.l2.get(t, l2i))
     }
 

@@ -21,9 +21,10 @@
 //! `inflight` or `io_gate`.
 //!
 //! - `meta` is taken exclusively for every change and for lookups that may
-//!   read a table from disk (an L2 miss, any refcount). The read path takes
-//!   it shared to look a mapping up in a cached L2 table, and falls back to
-//!   the exclusive lock on a miss. Metadata I/O (table reads, write-back,
+//!   read a table from disk (an L2 miss, a refcount). The read path takes
+//!   it shared to look a mapping up in a cached L2 table, and so does an
+//!   overwrite inside one owned cluster whose table and refcount block are
+//!   cached (`write.rs`); both fall back to the exclusive lock otherwise. Metadata I/O (table reads, write-back,
 //!   the fsyncs between write-back stages) runs under the exclusive lock.
 //! - `inflight` is changed only with `meta` held exclusively. A writer
 //!   waiting for a cluster takes `inflight`, then releases `meta` and waits
@@ -82,6 +83,7 @@ use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use units::GuestCluster;
 
 /// The metadata lock held for writing.
 pub(crate) type MetaGuard<'a> = RwLockWriteGuard<'a, Meta>;
@@ -123,7 +125,7 @@ pub struct Qcow2 {
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
     /// flight; others wait on the condition variables. Changed only with
     /// `meta` held for writing (see "Locks and order").
-    inflight: Mutex<HashSet<u64>>,
+    inflight: Mutex<HashSet<GuestCluster>>,
     /// Signalled whenever a guest cluster leaves `inflight`.
     inflight_done: Condvar,
     /// Signalled when a guest cluster leaves `inflight`, one per
@@ -271,10 +273,10 @@ impl Qcow2 {
 
     /// Ends a writer's ownership of guest cluster `gc` and wakes those
     /// waiting for it (and those waiting for no cluster to be in flight).
-    pub(crate) fn release_inflight(&self, _m: &mut Meta, gc: u64) {
+    pub(crate) fn release_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
         let mut set = self.inflight_set();
         set.remove(&gc);
-        self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].notify_all();
+        self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].notify_all();
         if set.is_empty() {
             self.inflight_done.notify_all();
         }
@@ -282,16 +284,16 @@ impl Qcow2 {
 
     /// Makes this writer the owner of guest cluster `gc` (the metadata
     /// lock held for writing, as the `&mut Meta` says).
-    pub(crate) fn claim_inflight(&self, _m: &mut Meta, gc: u64) {
+    pub(crate) fn claim_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
         self.inflight_set().insert(gc);
     }
 
     /// Whether a writer owns guest cluster `gc`.
-    pub(crate) fn is_inflight(&self, _m: &Meta, gc: u64) -> bool {
+    pub(crate) fn is_inflight(&self, _m: &Meta, gc: GuestCluster) -> bool {
         self.inflight_set().contains(&gc)
     }
 
-    fn inflight_set(&self) -> MutexGuard<'_, HashSet<u64>> {
+    fn inflight_set(&self) -> MutexGuard<'_, HashSet<GuestCluster>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -299,14 +301,14 @@ impl Qcow2 {
     /// The in-flight lock is taken before the metadata lock is released,
     /// and a writer releases a cluster only with both held, so the wake-up
     /// cannot be missed.
-    pub(crate) fn wait_for_cluster<'a>(&'a self, m: MetaGuard<'a>, gc: u64) -> MetaGuard<'a> {
+    pub(crate) fn wait_for_cluster<'a>(&'a self, m: MetaGuard<'a>, gc: GuestCluster) -> MetaGuard<'a> {
         let set = self.inflight_set();
         if !set.contains(&gc) {
             return m;
         }
         drop(m);
         let set =
-            self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].wait(set).unwrap_or_else(|e| e.into_inner());
+            self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].wait(set).unwrap_or_else(|e| e.into_inner());
         drop(set);
         self.lock()
     }

@@ -393,7 +393,7 @@ impl Qcow2 {
             let readable = block != 0 && self.refcount(m, HostCluster(inside[i])).is_ok();
             let mask = (1u64 << bits) - 1;
             let taken = &mut m.overlap.taken;
-            match m.refs.blocks().peek(block) {
+            match m.refs.blocks().peek(HostOffset(block)) {
                 Some(b) if readable && self.g.rc.bits() == 16 => {
                     // The default width, read directly.
                     let zero = |c: u64| {
@@ -467,6 +467,20 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_mapped_cluster(m, e.host_offset())
+    }
+
+    /// Whether `check_mapped_cluster` would pass for the data cluster at
+    /// `host` without changing anything, as far as the shared lock lets
+    /// it see: false sends the caller to the exclusive path, which does
+    /// the full check (and reports what is wrong).
+    pub(crate) fn mapped_cluster_ok(&self, m: &Meta, host: u64) -> bool {
+        if self.g.external_data || host == 0 {
+            return true;
+        }
+        let first = host / self.g.cluster_size;
+        m.overlap.conflict(first, first + 1, None).is_none()
+            && self.cached_refcount(m, HostOffset(host).cluster(&self.g)).is_some_and(|rc| rc != 0)
+            && m.alloc.keep_end().0 >= host + self.g.cluster_size
     }
 
     fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {

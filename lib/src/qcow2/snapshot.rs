@@ -95,7 +95,7 @@ impl Qcow2 {
     /// Host cluster indices one L1 table references, once per reference:
     /// its L2 tables, their data clusters and every host cluster that
     /// compressed data touches.
-    pub(crate) fn tree_refs(&self, m: &mut Meta, l1: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn tree_refs(&self, m: &mut Meta, l1: &[u64]) -> Result<Vec<HostCluster>> {
         let cs = self.g.cluster_size;
         let mut out = Vec::new();
         for &raw in l1 {
@@ -103,12 +103,12 @@ impl Qcow2 {
             if off == 0 {
                 continue;
             }
-            out.push(off / cs);
-            self.load_l2(m, off)?;
+            out.push(HostOffset(off).cluster(&self.g));
+            self.load_l2(m, HostOffset(off))?;
             let t = m
                 .map
                 .l2()
-                .peek(off)
+                .peek(HostOffset(off))
                 .map(|t| t.to_vec())
                 .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             for i in 0..self.g.l2_entries as usize {
@@ -118,7 +118,7 @@ impl Qcow2 {
                 }
                 if let ClusterKind::Compressed(d) = self.g.l2.classify(e, 0, self.g.v3) {
                     let last = (d.offset + d.byte_len() - 1) / cs;
-                    out.extend(d.offset / cs..=last);
+                    out.extend((d.offset / cs..=last).map(HostCluster));
                     continue;
                 }
                 let host = e.host_offset();
@@ -126,7 +126,7 @@ impl Qcow2 {
                     if host & (cs - 1) != 0 {
                         return Err(Error::corrupt_at("data cluster offset is not cluster aligned", host));
                     }
-                    out.push(host / cs);
+                    out.push(HostOffset(host).cluster(&self.g));
                 }
             }
         }
@@ -135,8 +135,8 @@ impl Qcow2 {
 
     /// Refuses, before anything changes, increments that would overflow
     /// a refcount (refcount_bits = 1 allows no sharing at all).
-    pub(crate) fn check_increments(&self, m: &mut Meta, refs: &[u64]) -> Result<()> {
-        let mut counts: HashMap<u64, u64> = HashMap::new();
+    pub(crate) fn check_increments(&self, m: &mut Meta, refs: &[HostCluster]) -> Result<()> {
+        let mut counts: HashMap<HostCluster, u64> = HashMap::new();
         for &i in refs {
             *counts.entry(i).or_default() += 1;
         }
@@ -144,12 +144,12 @@ impl Qcow2 {
         let mut idxs: Vec<_> = counts.into_iter().collect();
         idxs.sort_unstable();
         for (idx, n) in idxs {
-            let cur = self.refcount(m, HostCluster(idx))?;
+            let cur = self.refcount(m, idx)?;
             if cur.checked_add(n).is_none_or(|v| v > max) {
                 return Err(Error::invalid(format!(
                     "refcount of cluster at offset {:#x} would exceed {max}, the maximum for refcount_bits={} \
                      (sharing clusters with a snapshot needs wider refcounts; change them with amend -o refcount_bits=16)",
-                    idx * self.g.cluster_size,
+                    idx.offset(&self.g).0,
                     self.g.rc.bits()
                 )));
             }
@@ -157,9 +157,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn adjust_all(&self, m: &mut Meta, refs: &[u64], delta: i64) -> Result<()> {
-        for &idx in refs {
-            self.adjust_refcount(m, HostCluster(idx), delta)?;
+    fn adjust_all(&self, m: &mut Meta, refs: &[HostCluster], delta: i64) -> Result<()> {
+        for &c in refs {
+            self.adjust_refcount(m, c, delta)?;
         }
         Ok(())
     }
@@ -188,9 +188,13 @@ impl Qcow2 {
     /// refcounts (`clear_only`: only clears, for tables outside the
     /// active tree).
     fn fix_l2_flags(&self, m: &mut Meta, off: u64, clear_only: bool) -> Result<()> {
-        self.load_l2(m, off)?;
-        let t =
-            m.map.l2().peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        self.load_l2(m, HostOffset(off))?;
+        let t = m
+            .map
+            .l2()
+            .peek(HostOffset(off))
+            .map(|t| t.to_vec())
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         let mut changes = Vec::new();
         for i in 0..self.g.l2_entries as usize {
             let e = self.g.l2.get(&t, i);
@@ -205,7 +209,11 @@ impl Qcow2 {
             }
         }
         if !changes.is_empty() {
-            let t = m.map.l2_mut().get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            let t = m
+                .map
+                .l2_mut()
+                .get_mut(HostOffset(off))
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             for (i, e) in changes {
                 self.g.l2.set(t, i, e);
             }
@@ -438,7 +446,7 @@ impl Qcow2 {
         self.fail(&mut m, r)
     }
 
-    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<u64>) -> Result<()> {
+    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<HostCluster>) -> Result<()> {
         let cs = self.g.cluster_size;
         let sn = m.snapshots[i].clone();
         m.alloc.reset_compress_cursor();

@@ -6,7 +6,7 @@
 //! cluster is marked in flight meanwhile so no other writer allocates it.
 
 use super::state::{Meta, MetaKind};
-use super::units::{GuestCluster, HostOffset};
+use super::units::{GuestCluster, GuestOffset, HostOffset};
 use super::{MetaGuard, Qcow2};
 use crate::device::{check_range, BlockDevice};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
@@ -15,8 +15,8 @@ use crate::{Error, Result};
 
 /// A cluster whose L2 entry this writer will change after its data I/O.
 struct Alloc {
-    /// Guest cluster index.
-    gc: u64,
+    /// The guest cluster.
+    gc: GuestCluster,
     /// Host cluster receiving the data.
     host: HostOffset,
     /// The host cluster was never used (reads as zeros).
@@ -93,12 +93,16 @@ impl Qcow2 {
         let l1e = L1Entry(raw);
         let old = l1e.l2_offset();
         if old != 0 && l1e.copied() {
-            self.load_l2(m, old)?;
+            self.load_l2(m, HostOffset(old))?;
             return Ok(HostOffset(old));
         }
         let content = if old != 0 {
-            self.load_l2(m, old)?;
-            m.map.l2().peek(old).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
+            self.load_l2(m, HostOffset(old))?;
+            m.map
+                .l2()
+                .peek(HostOffset(old))
+                .map(|t| t.to_vec())
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
         } else {
             vec![0u8; self.g.cluster_size as usize]
         };
@@ -108,7 +112,7 @@ impl Qcow2 {
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
         m.overlap.insert(new.cluster(&self.g), MetaKind::ActiveL2);
-        m.map.l2_mut().insert(new.0, content, true);
+        m.map.l2_mut().insert(new, content, true);
         m.map.set_l1(l1i, new.0 | L1_COPIED);
         if old != 0 {
             // The shared table stays referenced by a snapshot (or is freed
@@ -127,7 +131,7 @@ impl Qcow2 {
         let t = m
             .map
             .l2_mut()
-            .get_mut_range(off.0, l2i * es, (l2i + 1) * es)
+            .get_mut_range(off, l2i * es, (l2i + 1) * es)
             .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         self.g.l2.set(t, l2i, e);
         Ok(())
@@ -152,29 +156,78 @@ impl Qcow2 {
         }
     }
 
+    /// Whether entry `e` maps a cluster this image alone owns.
+    fn owned(&self, e: L2Entry) -> bool {
+        !e.is_compressed() && e.copied() && (e.host_offset() != 0 || self.g.external_data)
+    }
+
+    /// Whether a write of `[from, to)` into the owned cluster of `e` can
+    /// go in place (every touched subcluster allocated, no zero flag).
+    fn fits_in_place(&self, e: L2Entry, from: u64, to: u64) -> bool {
+        if self.g.extended {
+            let mask = self.sub_mask(from, to);
+            e.bitmap.alloc() & mask == mask
+        } else {
+            !self.g.v3 || e.word & ZERO == 0
+        }
+    }
+
+    /// The host cluster a write of `[from, to)` into guest cluster `gc`
+    /// overwrites in place, found under the shared lock; `None` when the
+    /// write needs the exclusive path (a table or refcount block not
+    /// cached, allocation, copy-on-write, another writer owning the
+    /// cluster, or a check that must report).
+    fn in_place_target(&self, m: &Meta, gc: GuestCluster, from: u64, to: u64) -> Option<HostOffset> {
+        if self.is_inflight(m, gc) {
+            return None;
+        }
+        let e = self.cached_l2_entry(m, gc)?;
+        let l1_copied = m.map.l1().get(gc.split(&self.g).0).is_some_and(|&r| L1Entry(r).copied());
+        let ok =
+            self.owned(e) && l1_copied && self.fits_in_place(e, from, to) && self.mapped_cluster_ok(m, e.host_offset());
+        ok.then_some(HostOffset(e.host_offset()))
+    }
+
+    /// An overwrite inside one cluster this image owns, looked up under
+    /// the shared lock: the common rewrite, which then never waits for
+    /// the exclusive lock. Returns false, having done nothing, when the
+    /// write needs the planned path.
+    fn write_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let at = GuestOffset(offset);
+        let (gc, from) = (at.cluster(&self.g), at.in_cluster(&self.g));
+        let to = from + buf.len() as u64;
+        if buf.is_empty() || to > self.g.cluster_size {
+            return Ok(false);
+        }
+        let (host, _gate) = {
+            let m = self.lock_shared();
+            self.check_writable(&m)?;
+            let Some(host) = self.in_place_target(&m, gc, from, to) else {
+                return Ok(false);
+            };
+            // As on the planned path: the gate before the lock goes, so
+            // no free can hand the cluster out before the write lands.
+            (host, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+        };
+        self.write_data(buf, host.add(from))?;
+        Ok(true)
+    }
+
     /// Decides what guest cluster `gc` needs for a write of `[from, to)`
     /// within it. Returns `None` when another writer owns the cluster.
-    fn plan_write(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<Option<Step>> {
+    fn plan_write(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64) -> Result<Option<Step>> {
         if self.is_inflight(m, gc) {
             return Ok(None);
         }
-        let (l1i, _) = GuestCluster(gc).split(&self.g);
-        let e = self.l2_entry(m, GuestCluster(gc))?;
+        let (l1i, _) = gc.split(&self.g);
+        let e = self.l2_entry(m, gc)?;
         let l1_copied = m.map.l1().get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
         self.check_mapped_entry(m, e)?;
-        let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
-        if owned && l1_copied {
-            let in_place = if self.g.extended {
-                let mask = self.sub_mask(from, to);
-                e.bitmap.alloc() & mask == mask
-            } else {
-                !self.g.v3 || e.word & ZERO == 0
-            };
-            if in_place {
-                // `check_mapped_entry` above did the overlap check.
-                return Ok(Some(Step::InPlace(HostOffset(host))));
-            }
+        let owned = self.owned(e);
+        if owned && l1_copied && self.fits_in_place(e, from, to) {
+            // `check_mapped_entry` above did the overlap check.
+            return Ok(Some(Step::InPlace(HostOffset(host))));
         }
         // The L2 table the commit will change is made writable now: an
         // allocation that fails must fail before the data is written, and
@@ -183,7 +236,7 @@ impl Qcow2 {
         let (host, fresh, new_cluster) = if owned {
             (HostOffset(host), false, false)
         } else if self.g.external_data {
-            (HostOffset(gc * self.g.cluster_size), false, false)
+            (HostOffset(gc.offset(&self.g).0), false, false)
         } else {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
             (h, fresh, true)
@@ -200,6 +253,18 @@ impl Qcow2 {
 
     pub(crate) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
+        if !self.write_in_place(buf, offset)? {
+            self.write_planned(buf, offset)?;
+        }
+        if self.writethrough {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+
+    /// A write through the plan: lookups, allocation and copy-on-write
+    /// under the exclusive lock, data outside it, then the commit.
+    fn write_planned(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable(&self.lock())?;
         let cs = self.g.cluster_size;
         let end = offset + buf.len() as u64;
@@ -210,9 +275,9 @@ impl Qcow2 {
             let mut steps: Vec<(u64, u64, Step)> = Vec::new();
             let mut at = pos;
             while at < end && steps.len() < 512 {
-                let gc = at / cs;
-                let chunk_end = ((gc + 1) * cs).min(end);
-                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc * cs) {
+                let gc = GuestOffset(at).cluster(&self.g);
+                let chunk_end = ((gc.0 + 1) * cs).min(end);
+                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc.0 * cs) {
                     Ok(p) => p,
                     Err(e) => {
                         self.abandon(&mut m, steps);
@@ -247,9 +312,6 @@ impl Qcow2 {
             }
             self.commit_allocs(&mut m, steps)?;
             pos = at;
-        }
-        if self.writethrough {
-            self.flush_all()?;
         }
         Ok(())
     }
@@ -412,8 +474,7 @@ impl Qcow2 {
 
     /// Fills `dst` with the old content of the cluster from offset `at`.
     fn fill_old(&self, dst: &mut [u8], a: &Alloc, at: u64) -> Result<()> {
-        let cs = self.g.cluster_size;
-        let guest = a.gc * cs;
+        let guest = a.gc.offset(&self.g).0;
         if !self.g.extended || a.old.is_compressed() {
             let kind = self.g.l2.classify(a.old, 0, self.g.v3);
             return self.read_current(dst, guest + at, kind, at);
@@ -461,7 +522,7 @@ impl Qcow2 {
         } else {
             L2Entry::normal(a.host.0, true)
         };
-        self.set_l2_entry(m, GuestCluster(a.gc), entry)?;
+        self.set_l2_entry(m, a.gc, entry)?;
         if self.needs_cow_sync(a, from, from + len) {
             m.cow_unsynced = true;
         }
@@ -471,7 +532,7 @@ impl Qcow2 {
     }
 
     /// Waits until guest cluster `gc` is not in flight; returns the guard.
-    fn wait_cluster<'a>(&'a self, mut m: MetaGuard<'a>, gc: u64) -> Result<MetaGuard<'a>> {
+    fn wait_cluster<'a>(&'a self, mut m: MetaGuard<'a>, gc: GuestCluster) -> Result<MetaGuard<'a>> {
         while self.is_inflight(&m, gc) {
             m = self.wait_for_cluster(m, gc);
         }
@@ -525,9 +586,10 @@ impl Qcow2 {
         let cs = self.g.cluster_size;
         let mut pos = a;
         while pos < b {
-            let gc = pos / cs;
-            let from = pos % cs;
-            let to = (b - gc * cs).min(cs);
+            let gc = GuestOffset(pos).cluster(&self.g);
+            let start = gc.offset(&self.g).0;
+            let from = pos - start;
+            let to = (b - start).min(cs);
             // A failure changes nothing (zero_cluster changes the entry
             // last, and making its table writable is all or nothing).
             let explicit = {
@@ -535,9 +597,9 @@ impl Qcow2 {
                 self.zero_cluster(&mut m, gc, from, to, may_unmap)?
             };
             if explicit {
-                self.write_explicit_zeros(gc * cs + from, to - from)?;
+                self.write_explicit_zeros(start + from, to - from)?;
             }
-            pos = gc * cs + to;
+            pos = start + to;
         }
         if self.g.data_raw {
             // The raw data file must read as the guest sees the disk.
@@ -548,22 +610,22 @@ impl Qcow2 {
 
     /// Zeroes `[from, to)` of one cluster through its L2 entry. Returns
     /// true when this needs explicit zero data instead.
-    fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
+    fn zero_cluster(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
         let cs = self.g.cluster_size;
-        let e = self.l2_entry(m, GuestCluster(gc))?;
+        let e = self.l2_entry(m, gc)?;
         self.check_mapped_entry(m, e)?;
         let whole = from == 0 && to == cs;
         if !self.g.v3 {
             // No zero flag in v2: deallocate when nothing shows through,
             // otherwise write zeros.
-            let kind = self.classify(e, 0, GuestCluster(gc))?;
+            let kind = self.classify(e, 0, gc)?;
             if self.backing.is_some() {
                 return Ok(true);
             }
             return match kind {
                 ClusterKind::Unallocated => Ok(false),
                 _ if may_unmap && whole && !self.g.external_data => {
-                    self.set_l2_entry(m, GuestCluster(gc), L2Entry::default())?;
+                    self.set_l2_entry(m, gc, L2Entry::default())?;
                     self.release_entry(m, e, None, true);
                     Ok(false)
                 }
@@ -577,7 +639,7 @@ impl Qcow2 {
                     if !explicit {
                         self.set_l2_entry(
                             m,
-                            GuestCluster(gc),
+                            gc,
                             L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) },
                         )?;
                         self.release_entry(m, e, None, may_unmap);
@@ -588,11 +650,7 @@ impl Qcow2 {
             let host = e.host_offset();
             let shared = host != 0 && !e.copied();
             if whole && (may_unmap || shared || host == 0) {
-                self.set_l2_entry(
-                    m,
-                    GuestCluster(gc),
-                    L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) },
-                )?;
+                self.set_l2_entry(m, gc, L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, ALL_SUBS) })?;
                 self.release_entry(m, e, None, may_unmap);
                 return Ok(false);
             }
@@ -600,20 +658,20 @@ impl Qcow2 {
                 return Ok(true);
             }
             let bm = SubclusterBitmap::from_parts(e.bitmap.alloc() & !mask, e.bitmap.zero() | mask);
-            self.set_l2_entry(m, GuestCluster(gc), L2Entry { word: e.word, bitmap: bm })?;
+            self.set_l2_entry(m, gc, L2Entry { word: e.word, bitmap: bm })?;
             return Ok(false);
         }
         if !whole {
             return Ok(true);
         }
-        let kind = self.classify(e, 0, GuestCluster(gc))?;
+        let kind = self.classify(e, 0, gc)?;
         let keep = !may_unmap && e.copied() && !e.is_compressed() && e.host_offset() != 0;
         let new = match kind {
             ClusterKind::Zero(None) => return Ok(false),
             _ if keep => L2Entry { word: e.word | ZERO, bitmap: SubclusterBitmap(0) },
             _ => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
         };
-        self.set_l2_entry(m, GuestCluster(gc), new)?;
+        self.set_l2_entry(m, gc, new)?;
         if !keep {
             self.release_entry(m, e, None, may_unmap);
         }
@@ -630,7 +688,7 @@ impl Qcow2 {
         let end = offset + len;
         // The last cluster may be partial only at the end of the disk.
         let last = if end == self.len() { end.div_ceil(cs) } else { end / cs };
-        for gc in first..last {
+        for gc in (first..last).map(GuestCluster) {
             // As for zeroing, a failure changes nothing.
             let mut m = self.wait_cluster(self.lock(), gc)?;
             self.discard_cluster(&mut m, gc)?;
@@ -641,13 +699,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn discard_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+    fn discard_cluster(&self, m: &mut Meta, gc: GuestCluster) -> Result<()> {
         if !self.g.v3 && self.backing.is_some() {
             // v2 cannot mark a cluster as zero, and deallocating it would
             // make backing data reappear: QEMU leaves the data, so do we.
             return Ok(());
         }
-        let e = self.l2_entry(m, GuestCluster(gc))?;
+        let e = self.l2_entry(m, gc)?;
         self.check_mapped_entry(m, e)?;
         let allocated = e.is_compressed() || e.host_offset() != 0;
         let plain_zero = !self.g.extended && self.g.v3 && e.word & ZERO != 0 && !allocated;
@@ -672,10 +730,12 @@ impl Qcow2 {
         if new == e {
             return Ok(());
         }
-        self.set_l2_entry(m, GuestCluster(gc), new)?;
+        self.set_l2_entry(m, gc, new)?;
         if self.g.external_data {
             let cs = self.g.cluster_size;
-            self.data.punch_hole(gc * cs, cs).map_err(|err| Error::io("discarding in the data file", err))?;
+            self.data
+                .punch_hole(gc.offset(&self.g).0, cs)
+                .map_err(|err| Error::io("discarding in the data file", err))?;
         } else {
             self.release_entry(m, e, None, true);
         }
