@@ -81,7 +81,7 @@ use crate::{Error, Result};
 use overlap::OverlapMap;
 use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use units::GuestCluster;
 
@@ -126,6 +126,10 @@ pub struct Qcow2 {
     /// flight; others wait on the condition variables. Changed only with
     /// `meta` held for writing (see "Locks and order").
     inflight: Mutex<HashSet<GuestCluster>>,
+    /// How many clusters `inflight` holds, readable without its lock: it
+    /// changes only with `meta` held exclusively, so a holder of `meta`
+    /// sees it exact, and the common case (none in flight) costs no lock.
+    inflight_count: AtomicUsize,
     /// Signalled whenever a guest cluster leaves `inflight`.
     inflight_done: Condvar,
     /// Signalled when a guest cluster leaves `inflight`, one per
@@ -233,6 +237,7 @@ impl Qcow2 {
             size: AtomicU64::new(hc.header.size),
             meta: RwLock::new(meta),
             inflight: Mutex::new(HashSet::new()),
+            inflight_count: AtomicUsize::new(0),
             inflight_done: Condvar::new(),
             cluster_done: (0..INFLIGHT_BUCKETS).map(|_| Condvar::new()).collect(),
             io_gate: RwLock::new(()),
@@ -276,6 +281,7 @@ impl Qcow2 {
     pub(crate) fn release_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
         let mut set = self.inflight_set();
         set.remove(&gc);
+        self.inflight_count.store(set.len(), Ordering::Release);
         self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].notify_all();
         if set.is_empty() {
             self.inflight_done.notify_all();
@@ -285,12 +291,14 @@ impl Qcow2 {
     /// Makes this writer the owner of guest cluster `gc` (the metadata
     /// lock held for writing, as the `&mut Meta` says).
     pub(crate) fn claim_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
-        self.inflight_set().insert(gc);
+        let mut set = self.inflight_set();
+        set.insert(gc);
+        self.inflight_count.store(set.len(), Ordering::Release);
     }
 
     /// Whether a writer owns guest cluster `gc`.
     pub(crate) fn is_inflight(&self, _m: &Meta, gc: GuestCluster) -> bool {
-        self.inflight_set().contains(&gc)
+        self.inflight_count.load(Ordering::Acquire) != 0 && self.inflight_set().contains(&gc)
     }
 
     fn inflight_set(&self) -> MutexGuard<'_, HashSet<GuestCluster>> {
