@@ -1,4 +1,5 @@
-//! The engine's mutable metadata state, guarded by one mutex.
+//! The engine's mutable metadata state, guarded by the metadata lock
+//! (see "Locks and order" in `mod.rs`).
 
 use super::allocator::Allocator;
 use super::mapping::Mapping;
@@ -49,7 +50,7 @@ impl Geometry {
 
 pub(crate) use super::overlap::MetaKind;
 
-/// Everything the metadata mutex protects: the header, the snapshot
+/// Everything the metadata lock protects: the header, the snapshot
 /// table and a few flags, and the parts that keep their own invariants.
 pub(crate) struct Meta {
     /// Header, extensions and backing name as they are (or will be) on disk.
