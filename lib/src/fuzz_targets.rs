@@ -220,3 +220,23 @@ fn damaged_snapshots(data: &[u8]) {
         }
     }
 }
+
+/// Opens arbitrary bytes as each of the other formats (QED, VDI, VPC,
+/// VMDK, VHDX) and reads what opens, in pieces.
+pub fn formats(data: &[u8]) {
+    use crate::formats::mapped::{read_all, MappedImage};
+    let no_extents = |_: &std::path::Path| -> crate::Result<Arc<dyn Storage>> {
+        Err(crate::Error::unsupported("no extent files while fuzzing"))
+    };
+    let path = std::path::Path::new("fuzz.img");
+    let opened = [
+        crate::formats::qed::open(storage(data)),
+        crate::formats::vdi::open(storage(data)),
+        crate::formats::vpc::open(storage(data)),
+        crate::formats::vmdk::open(storage(data), path, &no_extents),
+        crate::formats::vhdx::open(storage(data), path),
+    ];
+    for o in opened.into_iter().flatten() {
+        read_all(&MappedImage::new(o.layout, None), 8 << 20);
+    }
+}

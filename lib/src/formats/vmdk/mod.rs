@@ -1,0 +1,398 @@
+//! VMDK, VMware's disk: a text descriptor (its own file, or embedded in a
+//! sparse file) lists extents, each flat (sectors as they are), sparse
+//! (hosted "KDMV" or ESX "COWD" files with a grain directory of grain
+//! tables of 32-bit sector numbers) or zero. streamOptimized files are
+//! sparse files whose grains are deflate-compressed, each behind a marker,
+//! with the grain directory found through a footer at the end.
+//!
+//! Grain table entries: 0 unallocated (the parent decides), 1 a zeroed
+//! grain (when the header's zero-grain flag is set), else the grain's
+//! sector.
+
+pub mod descriptor;
+
+use super::mapped::{Layout, Piece};
+use super::{le32, le64, read_exact, read_vec, FormatInfo, InfoValue, OpenExtra, Opened, MAX_TABLE_BYTES};
+use crate::resolve_backing;
+use crate::storage::Storage;
+use crate::{Error, Result};
+use descriptor::{Descriptor, ExtentKind, CREATE_TYPES};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+const FLAG_ZERO_GRAIN: u32 = 1 << 2;
+const FLAG_MARKER: u32 = 1 << 17;
+const COMPRESSION_DEFLATE: u16 = 1;
+const GD_AT_END: u64 = u64::MAX;
+const MARKER_END_OF_STREAM: u32 = 0;
+const MARKER_FOOTER: u32 = 3;
+/// Descriptors larger than this are refused (QEMU reads under 1 MiB).
+const MAX_DESCRIPTOR: u64 = (1 << 20) - 1;
+
+/// A sparse extent's grain directory and geometry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseHeader {
+    /// Extent size in sectors.
+    pub capacity: u64,
+    /// Grain size in sectors.
+    pub grain_sectors: u64,
+    /// Entries per grain table.
+    pub gt_entries: u64,
+    /// Byte offset of the grain directory.
+    pub gd_offset: u64,
+    /// Whether entry 1 means a zeroed grain.
+    pub zero_grain: bool,
+    /// Grains are deflate-compressed.
+    pub compressed: bool,
+    /// Grains sit behind markers.
+    pub markers: bool,
+    /// The embedded descriptor (byte offset, length), if any.
+    pub descriptor: Option<(u64, u64)>,
+}
+
+impl SparseHeader {
+    /// Parses a hosted sparse ("KDMV") header: the first 512 bytes.
+    pub fn parse_vmdk4(b: &[u8]) -> Result<SparseHeader> {
+        if b.len() < 512 || &b[..4] != b"KDMV" {
+            return Err(Error::invalid("not a VMDK sparse extent"));
+        }
+        let version = le32(b, 4);
+        if version > 3 {
+            return Err(Error::unsupported(format!("Unsupported VMDK version {version}")));
+        }
+        let flags = le32(b, 8);
+        let capacity = le64(b, 12);
+        let grain_sectors = le64(b, 20);
+        let desc_offset = le64(b, 28);
+        let desc_size = le64(b, 36);
+        let gt_entries = u64::from(le32(b, 44));
+        let gd_offset = le64(b, 56);
+        let compress = u16::from_le_bytes([b[77], b[78]]);
+        let h = SparseHeader {
+            capacity,
+            grain_sectors,
+            gt_entries,
+            gd_offset: if gd_offset == GD_AT_END {
+                GD_AT_END
+            } else {
+                gd_offset.checked_mul(512).ok_or_else(|| Error::invalid("VMDK grain directory offset overflows"))?
+            },
+            zero_grain: flags & FLAG_ZERO_GRAIN != 0,
+            compressed: compress == COMPRESSION_DEFLATE,
+            markers: flags & FLAG_MARKER != 0,
+            descriptor: (desc_offset != 0 && desc_size != 0)
+                .then(|| (desc_offset.saturating_mul(512), desc_size.saturating_mul(512))),
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    /// Parses an ESX sparse ("COWD") header: 4096-entry grain tables.
+    pub fn parse_vmdk3(b: &[u8]) -> Result<SparseHeader> {
+        if b.len() < 44 || &b[..4] != b"COWD" {
+            return Err(Error::invalid("not a VMDK3 sparse extent"));
+        }
+        let h = SparseHeader {
+            capacity: u64::from(le32(b, 12)),
+            grain_sectors: u64::from(le32(b, 16)),
+            gt_entries: 4096,
+            gd_offset: u64::from(le32(b, 20)) * 512,
+            zero_grain: false,
+            compressed: false,
+            markers: false,
+            descriptor: None,
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.grain_sectors == 0 || self.grain_sectors > 0x20_0000 {
+            return Err(Error::invalid("Invalid granularity, image may be corrupt"));
+        }
+        if self.gt_entries == 0 || self.gt_entries > 4096 {
+            return Err(Error::invalid("L2 table size too big"));
+        }
+        if self.capacity > (1 << 41) {
+            return Err(Error::invalid(format!("VMDK capacity too large: {} sectors", self.capacity)));
+        }
+        if self.gd_entries() > 32 << 20 {
+            return Err(Error::invalid("L1 size too big"));
+        }
+        Ok(())
+    }
+
+    /// Sectors one grain table covers.
+    fn gt_span(&self) -> u64 {
+        self.gt_entries * self.grain_sectors
+    }
+
+    /// Entries of the grain directory.
+    pub fn gd_entries(&self) -> u64 {
+        self.capacity.div_ceil(self.gt_span())
+    }
+}
+
+enum ExtentData {
+    Flat { file: usize, start: u64 },
+    Zero,
+    Sparse { file: usize, header: SparseHeader, gd: Vec<u32> },
+}
+
+struct Extent {
+    /// First guest byte.
+    start: u64,
+    /// Bytes.
+    len: u64,
+    data: ExtentData,
+}
+
+/// Grain tables read, by extent and sector.
+type GrainTables = HashMap<(usize, u32), Arc<Vec<u32>>>;
+
+struct Vmdk {
+    files: Vec<Arc<dyn Storage>>,
+    extents: Vec<Extent>,
+    len: u64,
+    gt_cache: Mutex<GrainTables>,
+}
+
+impl Vmdk {
+    fn grain_table(&self, ext: usize, file: usize, header: &SparseHeader, sector: u32) -> Result<Arc<Vec<u32>>> {
+        let poisoned = || Error::invalid("VMDK cache poisoned");
+        if let Some(t) = self.gt_cache.lock().map_err(|_| poisoned())?.get(&(ext, sector)) {
+            return Ok(t.clone());
+        }
+        let f = &self.files[file];
+        let raw = read_vec(&**f, u64::from(sector) * 512, header.gt_entries * 4, MAX_TABLE_BYTES, "VMDK grain table")?;
+        let t = Arc::new(raw.chunks_exact(4).map(|c| le32(c, 0)).collect::<Vec<_>>());
+        let mut cache = self.gt_cache.lock().map_err(|_| poisoned())?;
+        if cache.len() >= 256 {
+            cache.clear();
+        }
+        cache.insert((ext, sector), t.clone());
+        Ok(t)
+    }
+}
+
+impl Layout for Vmdk {
+    fn format_name(&self) -> &'static str {
+        "vmdk"
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn file_zeroes(&self, file: usize) -> bool {
+        self.extents.iter().any(|e| matches!(e.data, ExtentData::Flat { file: f, .. } if f == file))
+    }
+    fn files(&self) -> &[Arc<dyn Storage>] {
+        &self.files
+    }
+    fn piece(&self, offset: u64, max: u64) -> Result<(Piece, u64)> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        let e = self.extents.get(i).ok_or_else(|| Error::invalid("offset past the last VMDK extent"))?;
+        let rel = offset - e.start;
+        let max = max.min(e.len - rel);
+        match &e.data {
+            ExtentData::Flat { file, start } => Ok((Piece::Data { file: *file, host: start + rel }, max)),
+            ExtentData::Zero => Ok((Piece::Zero, max)),
+            ExtentData::Sparse { file, header, gd } => {
+                let grain = header.grain_sectors * 512;
+                let within = rel % grain;
+                let n = max.min(grain - within);
+                let sector = rel / 512;
+                let gt_sector = gd.get((sector / header.gt_span()) as usize).copied().unwrap_or(0);
+                if gt_sector == 0 {
+                    let span = header.gt_span() * 512;
+                    return Ok((Piece::Unallocated, max.min(span - rel % span)));
+                }
+                let gt = self.grain_table(i, *file, header, gt_sector)?;
+                let entry =
+                    gt.get(((sector / header.grain_sectors) % header.gt_entries) as usize).copied().unwrap_or(0);
+                Ok(match entry {
+                    0 => (Piece::Unallocated, n),
+                    1 if header.zero_grain => (Piece::Zero, n),
+                    s if header.compressed => {
+                        (Piece::Compressed { key: (i as u64) << 48 | u64::from(s), skip: within }, n)
+                    }
+                    s => (Piece::Data { file: *file, host: u64::from(s) * 512 + within }, n),
+                })
+            }
+        }
+    }
+    fn read_compressed(&self, key: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
+        let ext = (key >> 48) as usize;
+        let sector = key & 0xffff_ffff;
+        let Some(Extent { data: ExtentData::Sparse { file, header, .. }, .. }) = self.extents.get(ext) else {
+            return Err(Error::invalid("bad VMDK compressed grain"));
+        };
+        let grain = header.grain_sectors * 512;
+        let f = &self.files[*file];
+        let (data_off, clen) = if header.markers {
+            let mut m = [0u8; 12];
+            read_exact(&**f, &mut m, sector * 512, "VMDK grain marker")?;
+            (sector * 512 + 12, u64::from(le32(&m, 8)))
+        } else {
+            (sector * 512, grain * 2)
+        };
+        let comp = read_vec(&**f, data_off, clen, grain * 2 + 4096, "VMDK compressed grain")?;
+        let mut out = Vec::with_capacity(grain as usize);
+        flate2::read::ZlibDecoder::new(&comp[..])
+            .take(grain)
+            .read_to_end(&mut out)
+            .map_err(|_| Error::corrupt_at("VMDK compressed grain does not inflate", sector * 512))?;
+        if out.len() as u64 != grain {
+            return Err(Error::corrupt_at("VMDK compressed grain has the wrong size", sector * 512));
+        }
+        let s = skip as usize;
+        let src = out.get(s..s + buf.len()).ok_or_else(|| Error::invalid("read past a VMDK grain"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// Reads a sparse extent's header (following a streamOptimized footer)
+/// and grain directory.
+fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>)> {
+    let mut h = if &head[..4] == b"COWD" { SparseHeader::parse_vmdk3(head)? } else { SparseHeader::parse_vmdk4(head)? };
+    if h.gd_offset == GD_AT_END {
+        let len = f.len().map_err(|e| Error::io("reading VMDK size", e))?;
+        if len < 1536 {
+            return Err(Error::invalid("Invalid footer"));
+        }
+        let mut foot = vec![0u8; 1536];
+        read_exact(f, &mut foot, len - 1536, "VMDK footer")?;
+        let ok = le32(&foot, 8) == 0
+            && le32(&foot, 12) == MARKER_FOOTER
+            && le64(&foot, 1024) == 0
+            && le32(&foot, 1032) == 0
+            && le32(&foot, 1036) == MARKER_END_OF_STREAM;
+        let fh = SparseHeader::parse_vmdk4(&foot[512..1024]).ok().filter(|_| ok);
+        let fh = fh.filter(|x| x.gd_offset != GD_AT_END).ok_or_else(|| Error::invalid("Invalid footer"))?;
+        h = fh;
+    }
+    let raw = read_vec(f, h.gd_offset, h.gd_entries() * 4, MAX_TABLE_BYTES, "VMDK grain directory")?;
+    let gd = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+    Ok((h, gd))
+}
+
+fn extent_info(
+    len: u64,
+    filename: &str,
+    type_name: &str,
+    sparse: Option<&SparseHeader>,
+) -> Vec<(&'static str, InfoValue)> {
+    let mut v = Vec::new();
+    if sparse.is_some_and(|s| s.compressed) {
+        v.push(("compressed", InfoValue::Bool(true)));
+    }
+    v.push(("virtual-size", InfoValue::U64(len)));
+    v.push(("filename", InfoValue::Str(filename.to_string())));
+    if let Some(s) = sparse {
+        v.push(("cluster-size", InfoValue::U64(s.grain_sectors * 512)));
+    }
+    v.push(("format", InfoValue::Str(type_name.to_string())));
+    v
+}
+
+/// Opens a VMDK image: `file` is the descriptor or a sparse file, found at
+/// `path`; `extra` opens the extent files a descriptor names.
+pub fn open(file: Arc<dyn Storage>, path: &Path, extra: &OpenExtra) -> Result<Opened> {
+    let mut head = vec![0u8; 512];
+    read_exact(&*file, &mut head, 0, "VMDK header")?;
+    let mut files = vec![file.clone()];
+    let mut extents = Vec::new();
+    let mut info_extents = Vec::new();
+    let desc;
+    let mut cluster_size = None;
+    if &head[..4] == b"KDMV" || &head[..4] == b"COWD" {
+        let (h, gd) = open_sparse(&*file, &head)?;
+        desc = match h.descriptor {
+            Some((off, len)) => Descriptor::parse(&read_vec(&*file, off, len, MAX_DESCRIPTOR, "VMDK descriptor")?)?,
+            None => Descriptor { create_type: "vmfsSparse".into(), parent_cid: u32::MAX, ..Descriptor::default() },
+        };
+        let create_type = if h.compressed { "streamOptimized".to_string() } else { desc.create_type.clone() };
+        let desc = Descriptor { create_type, ..desc };
+        cluster_size = Some(h.grain_sectors * 512);
+        let len = h.capacity * 512;
+        info_extents.push(extent_info(len, &path.display().to_string(), "", Some(&h)));
+        extents.push(Extent { start: 0, len, data: ExtentData::Sparse { file: 0, header: h, gd } });
+        return finish(files, extents, desc, cluster_size, info_extents);
+    }
+    let len = file.len().map_err(|e| Error::io("reading VMDK size", e))?;
+    let text = read_vec(&*file, 0, len.min(MAX_DESCRIPTOR), MAX_DESCRIPTOR, "VMDK descriptor")?;
+    desc = Descriptor::parse(&text)?;
+    if !CREATE_TYPES.contains(&desc.create_type.as_str()) {
+        return Err(Error::unsupported(format!("Unsupported image type '{}'", desc.create_type)));
+    }
+    if desc.extents.is_empty() {
+        return Err(Error::invalid("Not enough extents in the descriptor"));
+    }
+    let mut start = 0u64;
+    let mut extent_paths = Vec::new();
+    for line in &desc.extents {
+        let (ext_len, data, sparse) = match line.kind {
+            ExtentKind::Zero => (line.sectors * 512, ExtentData::Zero, None),
+            kind => {
+                let epath = resolve_backing(path, &line.file);
+                let ef = extra(&epath).map_err(|e| match e {
+                    Error::Io { context, source } => {
+                        Error::Io { context: format!("Could not open '{}': {context}", epath.display()), source }
+                    }
+                    other => other,
+                })?;
+                files.push(ef.clone());
+                extent_paths.push(epath.clone());
+                let idx = files.len() - 1;
+                if kind == ExtentKind::Flat {
+                    let off =
+                        line.offset.checked_mul(512).ok_or_else(|| Error::invalid("VMDK extent offset overflows"))?;
+                    (line.sectors * 512, ExtentData::Flat { file: idx, start: off }, None)
+                } else {
+                    let mut eh = vec![0u8; 512];
+                    read_exact(&*ef, &mut eh, 0, "VMDK extent header")?;
+                    let (h, gd) = open_sparse(&*ef, &eh)?;
+                    cluster_size.get_or_insert(h.grain_sectors * 512);
+                    (h.capacity * 512, ExtentData::Sparse { file: idx, header: h.clone(), gd }, Some(h))
+                }
+            }
+        };
+        let fname = resolve_backing(path, &line.file).display().to_string();
+        info_extents.push(extent_info(ext_len, &fname, &line.type_name, sparse.as_ref()));
+        extents.push(Extent { start, len: ext_len, data });
+        start = start.checked_add(ext_len).filter(|&s| s <= 1 << 50).ok_or_else(|| Error::invalid("VMDK too large"))?;
+    }
+    let mut opened = finish(files, extents, desc, cluster_size, info_extents)?;
+    opened.info.extent_files = extent_paths;
+    Ok(opened)
+}
+
+fn finish(
+    files: Vec<Arc<dyn Storage>>,
+    extents: Vec<Extent>,
+    desc: Descriptor,
+    cluster_size: Option<u64>,
+    info_extents: Vec<Vec<(&'static str, InfoValue)>>,
+) -> Result<Opened> {
+    let len = extents.last().map_or(0, |e| e.start + e.len);
+    let info = FormatInfo {
+        cluster_size,
+        backing_format: desc.parent.as_ref().map(|_| "vmdk".to_string()),
+        backing_name: desc.parent.clone(),
+        specific: vec![
+            ("cid", InfoValue::U64(u64::from(desc.cid))),
+            ("parent-cid", InfoValue::U64(u64::from(desc.parent_cid))),
+            ("create-type", InfoValue::Str(desc.create_type.clone())),
+            ("extents", InfoValue::List(info_extents)),
+        ],
+        dirty: false,
+        extent_files: Vec::new(),
+    };
+    let layout = Vmdk { files, extents, len, gt_cache: Mutex::new(HashMap::new()) };
+    Ok(Opened { layout: Arc::new(layout), info })
+}
