@@ -89,6 +89,9 @@ fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
     let err = |m: String| CliError::new(format!("{file}: {m}"));
     let format = a.format.parse::<Format>().map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
+    if !format.writable() {
+        return Err(err(format!("oxcow cannot create {format} images yet")));
+    }
     let mut g = Given::default();
     for (k, v) in parse_options(&a.options)? {
         let slot = match (format, k.as_str()) {
@@ -161,6 +164,7 @@ fn create(a: Args) -> CliResult<i32> {
     match format {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
         Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
+        other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
 }
@@ -198,6 +202,7 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
         }
+        _ => add("size", &size.to_string()),
     }
     s
 }
