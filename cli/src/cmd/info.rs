@@ -151,9 +151,11 @@ fn extent_sizes(img: &Image) -> Vec<(String, u64, u64)> {
 }
 
 fn file_child(img: &Image, path: &str) -> Value {
+    // qemu lists a descriptor's extent files last one first.
     let mut children: Vec<Value> = extent_sizes(img)
         .into_iter()
         .enumerate()
+        .rev()
         .map(|(i, (p, len, actual))| json!({"name": format!("extents.{i}"), "info": protocol_info(&p, len, actual)}))
         .collect();
     let file = protocol_info(path, img.file().len().unwrap_or(0), img.actual_size());
