@@ -288,3 +288,54 @@ fn hostile_headers_of_every_format_are_refused_with_an_error() {
         }
     }
 }
+
+/// Points both VHDX headers at log GUID `guid` (checksums redone) and,
+/// when `entry`, writes one valid, empty log entry of that log.
+fn vhdx_with_log(path: &Path, guid: [u8; 16], entry: bool) {
+    use oxcow::formats::vhdx::crc32c;
+    let mut b = std::fs::read(path).unwrap();
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    for off in [64 << 10, 128 << 10] {
+        let h = &mut b[off..off + 4096];
+        h[48..64].copy_from_slice(&guid);
+        h[4..8].fill(0);
+        let c = crc32c(h);
+        h[4..8].copy_from_slice(&c.to_le_bytes());
+    }
+    if entry {
+        let log_off = u64::from_le_bytes(b[(64 << 10) + 72..(64 << 10) + 80].try_into().unwrap()) as usize;
+        let len = b.len() as u64;
+        let e = &mut b[log_off..log_off + 4096];
+        e.fill(0);
+        e[..4].copy_from_slice(b"loge");
+        e[8..12].copy_from_slice(&4096u32.to_le_bytes());
+        e[16..24].copy_from_slice(&1u64.to_le_bytes());
+        e[32..48].copy_from_slice(&guid);
+        e[48..56].copy_from_slice(&len.to_le_bytes());
+        e[56..64].copy_from_slice(&len.to_le_bytes());
+        let c = crc32c(e);
+        e[4..8].copy_from_slice(&c.to_le_bytes());
+        assert_eq!(le32(e, 4), c);
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn vhdx_with_a_log_to_replay_is_refused_read_only_as_qemu_refuses_it() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vhdx", "l.vhdx", "16M"]);
+    fill(dir, "l.vhdx", "vhdx", 16 << 20, &mut Rng::new(5));
+    let guid: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+    // A log GUID with no entry of that log behind it: nothing to replay.
+    vhdx_with_log(&dir.join("l.vhdx"), guid, false);
+    assert_reads_as_qemu(dir, "l.vhdx", "vhdx");
+    vhdx_with_log(&dir.join("l.vhdx"), guid, true);
+    let q = qemu_img(dir, &["info", "l.vhdx"]);
+    assert_eq!(q.code, 1);
+    let o = oxcow(dir, &["info", "l.vhdx"]);
+    assert_eq!(o.code, 1);
+    let want = "VHDX image file 'l.vhdx' opened read-only, but contains a log that needs to be replayed";
+    assert!(q.stderr.contains(want), "{}", q.stderr);
+    assert!(o.stderr.contains(want), "{}", o.stderr);
+}

@@ -76,8 +76,10 @@ fn checksum_ok(b: &[u8], at: usize) -> bool {
 pub struct Header {
     /// Sequence number.
     pub sequence: u64,
-    /// Non-zero when a log needs replaying.
+    /// Non-zero when the log may hold entries to replay.
     pub log_guid: Guid,
+    /// The log region: offset and length.
+    pub log: (u64, u32),
 }
 
 /// Parses one 4 KiB header; `None` when it is not valid.
@@ -87,7 +89,25 @@ pub fn parse_header(b: &[u8]) -> Option<Header> {
     }
     let mut log_guid = [0u8; 16];
     log_guid.copy_from_slice(&b[48..64]);
-    Some(Header { sequence: le64(b, 8), log_guid })
+    Some(Header { sequence: le64(b, 8), log_guid, log: (le64(b, 72), le32(b, 68)) })
+}
+
+/// Whether the log region `log` holds an entry of the log `guid`: a
+/// 4 KiB-aligned "loge" header naming that log, whose CRC-32C over the
+/// whole entry holds. QEMU replays such an image when it opens it for
+/// writing and refuses it read-only; a log GUID with no valid entry
+/// behind it needs nothing.
+pub fn log_has_entries(log: &[u8], guid: &Guid) -> bool {
+    (0..log.len() / 4096).any(|i| {
+        let e = &log[i * 4096..];
+        let len = le32(e, 8) as usize;
+        &e[..4] == b"loge"
+            && &e[32..48] == guid
+            && len >= 4096
+            && len.is_multiple_of(4096)
+            && len <= e.len()
+            && checksum_ok(&e[..len], 4)
+    })
 }
 
 /// The image's geometry, from the metadata region.
@@ -228,7 +248,14 @@ pub fn open(file: Arc<dyn Storage>, path: &Path) -> Result<Opened> {
         }
     }
     let header = best.ok_or_else(|| Error::invalid("No valid VHDX header found"))?;
-    if header.log_guid != [0u8; 16] {
+    if header.log_guid != [0u8; 16] && {
+        let (off, len) = header.log;
+        if off % MIB != 0 || len % (MIB as u32) != 0 {
+            return Err(Error::invalid("VHDX log region is misaligned"));
+        }
+        let log = read_vec(&*file, off, u64::from(len), MAX_TABLE_BYTES, "VHDX log")?;
+        log_has_entries(&log, &header.log_guid)
+    } {
         return Err(Error::invalid(format!(
             "VHDX image file '{}' opened read-only, but contains a log that needs to be replayed",
             path.display()
