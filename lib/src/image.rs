@@ -54,7 +54,7 @@ impl Format {
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Vdi)
     }
 }
 
@@ -497,7 +497,10 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
             if let (Some(name), false) = (&info.backing_name, opts.no_backing) {
                 backing = Some(Box::new(open_backing(path, name, info.backing_format.as_deref(), opts, depth, chain)?));
             }
-            let dev = MappedImage::new(opened.layout, backing.as_ref().map(|b| b.device().clone()));
+            let mut dev = MappedImage::new(opened.layout, backing.as_ref().map(|b| b.device().clone()));
+            if opts.write {
+                dev = dev.writable(opts.cache.writethrough());
+            }
             Ok(Image {
                 path: path.to_path_buf(),
                 format,

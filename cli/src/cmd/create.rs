@@ -51,6 +51,7 @@ struct Given {
     refcount_bits: Option<String>,
     compression_type: Option<String>,
     extended_l2: Option<String>,
+    vdi_static: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -107,6 +108,7 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qcow2, "refcount_bits") => &mut g.refcount_bits,
             (Format::Qcow2, "compression_type") => &mut g.compression_type,
             (Format::Qcow2, "extended_l2") => &mut g.extended_l2,
+            (Format::Vdi, "static") => &mut g.vdi_static,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
         *slot = Some(v);
@@ -164,6 +166,7 @@ fn create(a: Args) -> CliResult<i32> {
     match format {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
         Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
+        Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -202,6 +205,10 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
         }
+        Format::Vdi => {
+            add("size", &size.to_string());
+            add("static", g.vdi_static.as_deref().unwrap_or("off"));
+        }
         _ => add("size", &size.to_string()),
     }
     s
@@ -233,6 +240,16 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let r#static = match &g.vdi_static {
+        Some(v) => parse_bool("static", v).map_err(|e| e.msg)?,
+        None => false,
+    };
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vdi::create(&*f, size, r#static).map_err(|e| message(&e))
 }
 
 fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {

@@ -61,27 +61,75 @@ pub trait Layout: Send + Sync {
     fn has_block_status(&self) -> bool {
         true
     }
+    /// Writes a prefix of `buf` at guest `offset` (allocating what it
+    /// needs, in the order the format's crash safety asks for) and returns
+    /// how many bytes it wrote, at least 1. Formats oxcow does not write
+    /// keep the default.
+    fn write_run(&self, _offset: u64, _buf: &[u8]) -> Result<usize> {
+        Err(Error::ReadOnly(format!("oxcow does not write {} images", self.format_name())))
+    }
     /// Reads uncompressed bytes of a compressed unit.
     fn read_compressed(&self, _key: u64, _skip: u64, _buf: &mut [u8]) -> Result<()> {
         Err(Error::unsupported(format!("compressed data in {} images", self.format_name())))
     }
 }
 
-/// A read-only image over a layout and an optional backing image.
+/// An image over a layout and an optional backing image: read-only
+/// unless opened writable and the layout writes.
 pub struct MappedImage {
     layout: Arc<dyn Layout>,
     backing: Option<Arc<dyn BlockDevice>>,
+    read_only: bool,
+    writethrough: bool,
 }
 
 impl MappedImage {
-    /// The image `layout` describes, reading unallocated runs from
-    /// `backing`.
+    /// The read-only image `layout` describes, reading unallocated runs
+    /// from `backing`.
     pub fn new(layout: Arc<dyn Layout>, backing: Option<Arc<dyn BlockDevice>>) -> Self {
-        MappedImage { layout, backing }
+        MappedImage { layout, backing, read_only: true, writethrough: false }
+    }
+
+    /// Lets writes through to the layout; with `writethrough`, each is
+    /// durable before it completes.
+    pub fn writable(mut self, writethrough: bool) -> Self {
+        self.read_only = false;
+        self.writethrough = writethrough;
+        self
     }
 
     fn refuse(&self) -> Error {
+        if self.read_only {
+            return Error::ReadOnly("image opened read-only".into());
+        }
         Error::ReadOnly(format!("oxcow does not write {} images", self.layout.format_name()))
+    }
+
+    fn flush_files(&self) -> Result<()> {
+        for f in self.layout.files() {
+            f.flush().map_err(|e| Error::io(format!("flushing {} image", self.layout.format_name()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`, run by run.
+    fn write_runs(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(self.refuse());
+        }
+        check_range(offset, buf.len() as u64, self.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.layout.write_run(offset + done as u64, &buf[done..])?;
+            if n == 0 || n > buf.len() - done {
+                return Err(Error::invalid("layout wrote a bad run"));
+            }
+            done += n;
+        }
+        if self.writethrough {
+            self.flush_files()?;
+        }
+        Ok(())
     }
 
     /// The next run at `offset`, at most `max` long, checked against what
@@ -123,17 +171,49 @@ impl BlockDevice for MappedImage {
         }
         Ok(())
     }
-    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(self.refuse())
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_runs(buf, offset)
     }
-    fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
-        Err(self.refuse())
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> Result<()> {
+        if self.read_only {
+            return Err(self.refuse());
+        }
+        check_range(offset, len, self.len())?;
+        // Runs that already read as zeros stay as they are; others get
+        // zeros written, so the format needs no zero flag of its own.
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = offset;
+        while pos < offset + len {
+            let (piece, n) = self.next(pos, offset + len - pos)?;
+            let reads_zero = match piece {
+                Piece::Zero => true,
+                Piece::Unallocated => self.backing.is_none(),
+                _ => false,
+            };
+            if !reads_zero {
+                let mut p = pos;
+                while p < pos + n {
+                    let m = (pos + n - p).min(zeros.len() as u64) as usize;
+                    self.write_runs(&zeros[..m], p)?;
+                    p += m as u64;
+                }
+            }
+            pos += n;
+        }
+        Ok(())
     }
     fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-        Err(self.refuse())
+        // Advisory, and these formats have nothing to give back.
+        if self.read_only {
+            return Err(self.refuse());
+        }
+        Ok(())
     }
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_files()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
         let size = self.len();
@@ -182,10 +262,10 @@ impl BlockDevice for MappedImage {
         self.layout.format_name()
     }
     fn is_read_only(&self) -> bool {
-        true
+        self.read_only
     }
     fn resize(&self, _new_len: u64) -> Result<()> {
-        Err(self.refuse())
+        Err(Error::invalid("Image format driver does not support resize"))
     }
 }
 

@@ -8,7 +8,7 @@ use super::mapped::{Layout, Piece};
 use super::{le32, le64, read_exact, read_vec, FormatInfo, Opened, MAX_TABLE_BYTES};
 use crate::storage::Storage;
 use crate::{Error, Result};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The header's signature, at offset 64.
 pub const SIGNATURE: u32 = 0xbeda_107f;
@@ -32,6 +32,8 @@ pub struct Header {
     pub disk_size: u64,
     /// Entries in the block map.
     pub blocks_in_image: u32,
+    /// Blocks in the data area.
+    pub blocks_allocated: u32,
 }
 
 impl Header {
@@ -93,14 +95,43 @@ impl Header {
         if bmap_end > u64::from(offset_data) && blocks_in_image > 0 {
             return Err(Error::invalid("VDI block map overlaps the data area"));
         }
-        Ok(Header { image_type, offset_bmap, offset_data, disk_size: disk_size / 512 * 512, blocks_in_image })
+        let blocks_allocated = le32(b, 388);
+        Ok(Header {
+            image_type,
+            offset_bmap,
+            offset_data,
+            disk_size: disk_size / 512 * 512,
+            blocks_in_image,
+            blocks_allocated,
+        })
     }
 }
 
 struct Vdi {
     files: [Arc<dyn Storage>; 1],
     header: Header,
-    bmap: Vec<u32>,
+    bmap: RwLock<Vec<u32>>,
+    /// The next free block of the data area; held while allocating.
+    next_block: Mutex<u32>,
+}
+
+fn allocated(e: u32) -> bool {
+    e != UNALLOCATED && e != DISCARDED
+}
+
+impl Vdi {
+    fn entry(&self, block: u64) -> Result<u32> {
+        let bmap = self.bmap.read().map_err(|_| Error::invalid("VDI block map lock poisoned"))?;
+        Ok(bmap.get(block as usize).copied().unwrap_or(UNALLOCATED))
+    }
+
+    fn host(&self, idx: u32) -> u64 {
+        u64::from(self.header.offset_data) + u64::from(idx) * u64::from(BLOCK_SIZE)
+    }
+
+    fn io(&self, r: std::io::Result<()>, what: &str) -> Result<()> {
+        r.map_err(|e| Error::io(format!("writing VDI {what}"), e))
+    }
 }
 
 impl Layout for Vdi {
@@ -115,17 +146,56 @@ impl Layout for Vdi {
     }
     fn piece(&self, offset: u64, max: u64) -> Result<(Piece, u64)> {
         let bs = u64::from(BLOCK_SIZE);
-        let block = offset / bs;
         let within = offset % bs;
         let n = max.min(bs - within);
-        let e = self.bmap.get(block as usize).copied().unwrap_or(UNALLOCATED);
-        Ok(match e {
+        Ok(match self.entry(offset / bs)? {
             UNALLOCATED => (Piece::Unallocated, n),
             DISCARDED => (Piece::Zero, n),
-            idx => {
-                (Piece::Data { file: 0, host: u64::from(self.header.offset_data) + u64::from(idx) * bs + within }, n)
-            }
+            idx => (Piece::Data { file: 0, host: self.host(idx) + within }, n),
         })
+    }
+    fn write_run(&self, offset: u64, buf: &[u8]) -> Result<usize> {
+        let bs = u64::from(BLOCK_SIZE);
+        let block = offset / bs;
+        let within = offset % bs;
+        let n = (buf.len() as u64).min(bs - within) as usize;
+        let f = &self.files[0];
+        let e = self.entry(block)?;
+        if allocated(e) {
+            self.io(f.write_at(&buf[..n], self.host(e) + within), "data")?;
+            return Ok(n);
+        }
+        let mut next = self.next_block.lock().map_err(|_| Error::invalid("VDI allocation lock poisoned"))?;
+        // Somebody may have allocated the block while we waited.
+        let e = self.entry(block)?;
+        if allocated(e) {
+            drop(next);
+            self.io(f.write_at(&buf[..n], self.host(e) + within), "data")?;
+            return Ok(n);
+        }
+        let idx = *next;
+        if idx >= self.header.blocks_in_image {
+            return Err(Error::Corrupt { what: "VDI data area is full".into(), offset: None });
+        }
+        // The whole block is written, zero-padded: whatever an earlier
+        // crash left in this part of the file must not show through.
+        if n as u64 == bs {
+            self.io(f.write_at(&buf[..n], self.host(idx)), "data")?;
+        } else {
+            let mut block_buf = vec![0u8; bs as usize];
+            block_buf[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
+            self.io(f.write_at(&block_buf, self.host(idx)), "data")?;
+        }
+        // Crash safety: the data is written before the map entry that
+        // points to it. The header's count goes first; open takes the
+        // larger of it and the highest mapped block, so no order of the
+        // two on disk lets one block be handed out twice.
+        *next = idx + 1;
+        self.io(f.write_at(&(idx + 1).to_le_bytes(), 388), "header")?;
+        let at = u64::from(self.header.offset_bmap) + block * 4;
+        self.io(f.write_at(&idx.to_le_bytes(), at), "block map")?;
+        self.bmap.write().map_err(|_| Error::invalid("VDI block map lock poisoned"))?[block as usize] = idx;
+        Ok(n)
     }
 }
 
@@ -145,6 +215,70 @@ pub fn open(file: Arc<dyn Storage>) -> Result<Opened> {
     if let Some(bad) = bmap.iter().find(|&&e| e != UNALLOCATED && e != DISCARDED && e >= header.blocks_in_image) {
         return Err(Error::Corrupt { what: format!("VDI block map entry {bad} is past the last block"), offset: None });
     }
+    let highest = bmap.iter().filter(|&&e| allocated(e)).map(|&e| e + 1).max().unwrap_or(0);
+    let next = header.blocks_allocated.min(header.blocks_in_image).max(highest);
     let info = FormatInfo { cluster_size: Some(u64::from(BLOCK_SIZE)), ..FormatInfo::default() };
-    Ok(Opened { layout: Arc::new(Vdi { files: [file], header, bmap }), info })
+    let vdi = Vdi { files: [file], header, bmap: RwLock::new(bmap), next_block: Mutex::new(next) };
+    Ok(Opened { layout: Arc::new(vdi), info })
+}
+
+/// Random bytes for UUIDs: std's per-process random hash keys, mixed
+/// with the time (no dependency for sixteen bytes).
+fn random_uuid() -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; 16];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    out[6] = (out[6] & 0x0f) | 0x40;
+    out[8] = (out[8] & 0x3f) | 0x80;
+    out
+}
+
+/// Creates a VDI image of `size` bytes (rounded up to a sector) in the
+/// empty `file`, as qemu-img does: dynamic, or `static` with every block
+/// allocated.
+pub fn create(file: &dyn Storage, size: u64, r#static: bool) -> Result<()> {
+    let bytes = size.div_ceil(512) * 512;
+    let bs = u64::from(BLOCK_SIZE);
+    let blocks = bytes.div_ceil(bs);
+    if blocks > u64::from(MAX_BLOCKS) {
+        return Err(Error::invalid(format!(
+            "Unsupported VDI image size (size is {bytes:#x}, max supported is {:#x})",
+            u64::from(MAX_BLOCKS) * bs
+        )));
+    }
+    let bmap_bytes = (blocks * 4).div_ceil(512) * 512;
+    let offset_data = 512 + bmap_bytes;
+    let mut h = vec![0u8; 512];
+    let text = b"<<< QEMU VM Virtual Disk Image >>>\n";
+    h[..text.len()].copy_from_slice(text);
+    let put32 = |h: &mut [u8], o: usize, v: u32| h[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut h, 64, SIGNATURE);
+    put32(&mut h, 68, 0x0001_0001);
+    put32(&mut h, 72, 0x180);
+    put32(&mut h, 76, if r#static { 2 } else { 1 });
+    put32(&mut h, 340, 512);
+    put32(&mut h, 344, offset_data as u32);
+    put32(&mut h, 360, 512);
+    h[368..376].copy_from_slice(&bytes.to_le_bytes());
+    put32(&mut h, 376, BLOCK_SIZE);
+    put32(&mut h, 384, blocks as u32);
+    put32(&mut h, 388, if r#static { blocks as u32 } else { 0 });
+    h[392..408].copy_from_slice(&random_uuid());
+    h[408..424].copy_from_slice(&random_uuid());
+    let mut bmap = vec![0u8; bmap_bytes as usize];
+    for (i, e) in bmap.chunks_exact_mut(4).take(blocks as usize).enumerate() {
+        e.copy_from_slice(&(if r#static { i as u32 } else { UNALLOCATED }).to_le_bytes());
+    }
+    let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating VDI image", e));
+    io(file.write_at(&h, 0))?;
+    io(file.write_at(&bmap, 512))?;
+    if r#static {
+        io(file.set_len(offset_data + blocks * bs))?;
+    }
+    io(file.flush())
 }
