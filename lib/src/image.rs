@@ -54,7 +54,7 @@ impl Format {
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Vdi)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Vdi | Format::Vpc)
     }
 }
 

@@ -52,6 +52,8 @@ struct Given {
     compression_type: Option<String>,
     extended_l2: Option<String>,
     vdi_static: Option<String>,
+    subformat: Option<String>,
+    force_size: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -109,6 +111,8 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qcow2, "compression_type") => &mut g.compression_type,
             (Format::Qcow2, "extended_l2") => &mut g.extended_l2,
             (Format::Vdi, "static") => &mut g.vdi_static,
+            (Format::Vpc, "subformat") => &mut g.subformat,
+            (Format::Vpc, "force_size") => &mut g.force_size,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
         *slot = Some(v);
@@ -167,6 +171,7 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
         Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
         Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
+        Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -205,6 +210,15 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
         }
+        Format::Vpc => {
+            add("size", &size.to_string());
+            if let Some(v) = &g.subformat {
+                add("subformat", v);
+            }
+            if let Some(v) = &g.force_size {
+                add("force_size", v);
+            }
+        }
         Format::Vdi => {
             add("size", &size.to_string());
             add("static", g.vdi_static.as_deref().unwrap_or("off"));
@@ -240,6 +254,21 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_vpc(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let fixed = match g.subformat.as_deref() {
+        None | Some("dynamic") => false,
+        Some("fixed") => true,
+        Some(other) => return Err(format!("Invalid subformat '{other}'")),
+    };
+    let force = match &g.force_size {
+        Some(v) => parse_bool("force_size", v).map_err(|e| e.msg)?,
+        None => false,
+    };
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vpc::create(&*f, size, fixed, force).map(|_| ()).map_err(|e| message(&e))
 }
 
 fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {

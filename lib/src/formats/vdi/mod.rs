@@ -224,7 +224,7 @@ pub fn open(file: Arc<dyn Storage>) -> Result<Opened> {
 
 /// Random bytes for UUIDs: std's per-process random hash keys, mixed
 /// with the time (no dependency for sixteen bytes).
-fn random_uuid() -> [u8; 16] {
+pub(crate) fn random_uuid() -> [u8; 16] {
     use std::hash::{BuildHasher, Hasher};
     let mut out = [0u8; 16];
     for (i, chunk) in out.chunks_mut(8).enumerate() {
