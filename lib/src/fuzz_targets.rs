@@ -230,7 +230,7 @@ pub fn formats(data: &[u8]) {
     };
     let path = std::path::Path::new("fuzz.img");
     let opened = [
-        crate::formats::qed::open(storage(data)),
+        crate::formats::qed::open(storage(data), false),
         crate::formats::vdi::open(storage(data)),
         crate::formats::vpc::open(storage(data)),
         crate::formats::vmdk::open(storage(data), path, &no_extents),

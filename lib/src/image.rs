@@ -54,7 +54,7 @@ impl Format {
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Vdi | Format::Vpc)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Qed | Format::Vdi | Format::Vpc)
     }
 }
 
@@ -486,7 +486,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 Ok(file_layers(p, f, opts))
             };
             let opened = match format {
-                Format::Qed => crate::formats::qed::open(storage.clone())?,
+                Format::Qed => crate::formats::qed::open(storage.clone(), opts.write)?,
                 Format::Vdi => crate::formats::vdi::open(storage.clone())?,
                 Format::Vpc => crate::formats::vpc::open(storage.clone())?,
                 Format::Vmdk => crate::formats::vmdk::open(storage.clone(), path, &extra)?,

@@ -54,6 +54,7 @@ struct Given {
     vdi_static: Option<String>,
     subformat: Option<String>,
     force_size: Option<String>,
+    table_size: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -111,6 +112,10 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qcow2, "compression_type") => &mut g.compression_type,
             (Format::Qcow2, "extended_l2") => &mut g.extended_l2,
             (Format::Vdi, "static") => &mut g.vdi_static,
+            (Format::Qed, "backing_file") => &mut g.backing_file,
+            (Format::Qed, "backing_fmt") => &mut g.backing_fmt,
+            (Format::Qed, "cluster_size") => &mut g.cluster_size,
+            (Format::Qed, "table_size") => &mut g.table_size,
             (Format::Vpc, "subformat") => &mut g.subformat,
             (Format::Vpc, "force_size") => &mut g.force_size,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
@@ -120,6 +125,9 @@ fn create(a: Args) -> CliResult<i32> {
     if let Some(b) = a.backing {
         if format == Format::Raw {
             return Err(err("Invalid parameter 'backing_file'".into()));
+        }
+        if !matches!(format, Format::Qcow2 | Format::Qed) {
+            return Err(err(format!("Backing file not supported for file format '{format}'")));
         }
         g.backing_file = Some(b);
     }
@@ -172,6 +180,7 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
         Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
         Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
+        Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -209,6 +218,19 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             }
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
+        }
+        Format::Qed => {
+            add("size", &size.to_string());
+            for (k, v) in [("backing_file", &g.backing_file), ("backing_fmt", &g.backing_fmt)] {
+                if let Some(v) = v {
+                    add(k, v);
+                }
+            }
+            let cs = g.cluster_size.as_deref().and_then(crate::util::parse_num).unwrap_or(65536);
+            add("cluster_size", &cs.to_string());
+            if let Some(t) = &g.table_size {
+                add("table_size", t);
+            }
         }
         Format::Vpc => {
             add("size", &size.to_string());
@@ -254,6 +276,28 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let num = |k: &str, v: &Option<String>, default: u64| -> Result<u32, String> {
+        let n = match v {
+            Some(v) => num_opt(k, v).map_err(|e| e.msg)?,
+            None => default,
+        };
+        u32::try_from(n).map_err(|_| format!("Parameter '{k}' is too large"))
+    };
+    let cs = num("cluster_size", &g.cluster_size, 65536)?;
+    let ts = num("table_size", &g.table_size, 4)?;
+    if !cs.is_power_of_two() || !(4096..=64 << 20).contains(&cs) {
+        return Err(format!("QED cluster size must be within range [{}, {}] and power of 2", 4096, 64 << 20));
+    }
+    if !ts.is_power_of_two() || !(1..=16).contains(&ts) {
+        return Err("QED table size must be within range [1, 16] and power of 2".into());
+    }
+    let backing = g.backing_file.as_deref().map(|b| (b, g.backing_fmt.as_deref() == Some("raw")));
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::qed::create(&*f, size, cs, ts, backing).map_err(|e| message(&e))
 }
 
 fn create_vpc(path: &str, size: u64, g: &Given) -> Result<(), String> {

@@ -455,3 +455,87 @@ fn vpc_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
         assert_eq!(len("c.vpc"), len("cq.vpc"), "converted {sub} VPC is the size of qemu-img's");
     }
 }
+
+#[test]
+fn qed_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "base.qcow2", "40M"]);
+    fill(dir, "base.qcow2", "qcow2", 40 << 20, &mut Rng::new(21));
+    let cases: [(&str, &[&str], u64); 3] = [
+        ("p.qed", &[], 24 << 20),
+        ("c.qed", &["-o", "cluster_size=16k,table_size=2"], 10_000_001),
+        ("b.qed", &["-b", "base.qcow2", "-F", "qcow2"], 40 << 20),
+    ];
+    for (f, extra, size) in cases {
+        let sz = size.to_string();
+        let mut a = vec!["create", "-f", "qed"];
+        a.extend_from_slice(extra);
+        let (mut o, mut q) = (a.clone(), a);
+        o.extend_from_slice(&[f, &sz]);
+        q.extend_from_slice(&["q.qed", &sz]);
+        let (ro, rq) = (ok(dir, OXCOW, &o), ok(dir, "qemu-img", &q));
+        assert_eq!(ro.stdout.replace(f, "q.qed"), rq.stdout);
+        assert!(std::fs::read(dir.join(f)).unwrap() == std::fs::read(dir.join("q.qed")).unwrap(), "{f} as created");
+        if extra.contains(&"-b") {
+            // Copy-on-write from the backing file: the same writes through
+            // qemu-io into qemu-img's twin give the same disk.
+            let cmds = ["write -q -P 3 1000 70000", "write -q -z 3000000 5000", "write -q -P 4 41942528 512"];
+            let run = |prog: &str, file: &str| {
+                let mut args: Vec<&str> = if prog == OXCOW { vec!["io"] } else { vec![] };
+                for c in &cmds {
+                    args.extend_from_slice(&["-c", c]);
+                }
+                args.push(file);
+                ok(dir, prog, &args);
+            };
+            run(OXCOW, f);
+            run("qemu-io", "q.qed");
+            ok(dir, "qemu-img", &["compare", f, "q.qed"]);
+            let r = ok(dir, "qemu-img", &["check", f]);
+            assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+        } else {
+            assert_writes_as_qemu(dir, f, "qed", size.div_ceil(512) * 512, size);
+        }
+        assert_reads_as_qemu(dir, f, "qed");
+    }
+    ok(dir, OXCOW, &["convert", "-O", "qed", "base.qcow2", "cv.qed"]);
+    ok(dir, "qemu-img", &["convert", "-O", "qed", "base.qcow2", "cvq.qed"]);
+    ok(dir, "qemu-img", &["compare", "base.qcow2", "cv.qed"]);
+    let len = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+    assert_eq!(len("cv.qed"), len("cvq.qed"));
+}
+
+#[test]
+fn qed_left_with_need_check_is_repaired_when_opened_for_writing() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, OXCOW, &["create", "-q", "-f", "qed", "n.qed", "8M"]);
+    ok(dir, OXCOW, &["io", "-c", "write -q -P 1 0 64k", "-c", "write -q -P 2 4M 64k", "n.qed"]);
+    let mut b = std::fs::read(dir.join("n.qed")).unwrap();
+    assert_eq!(b[16] & 2, 0, "a clean close clears the need-check bit");
+    // An interrupted run: need-check set, and an L2 entry pointing past
+    // the end of the file (a cluster that never reached the disk).
+    b[16] |= 2;
+    let l1 = u64::from_le_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_le_bytes(b[l1..l1 + 8].try_into().unwrap()) as usize;
+    let past = (b.len() as u64 + (1 << 20)).to_le_bytes();
+    b[l2 + 8 * 100..l2 + 8 * 100 + 8].copy_from_slice(&past);
+    std::fs::write(dir.join("n.qed"), &b).unwrap();
+    for out in ["--output=json", "--output=human"] {
+        let args = ["info", out, "n.qed"];
+        assert_eq!(ok(dir, OXCOW, &args).stdout, ok(dir, "qemu-img", &args).stdout, "info {out} of a dirty QED");
+    }
+    ok(dir, OXCOW, &["io", "-c", "write -q -P 3 1M 4k", "n.qed"]);
+    let r = ok(dir, "qemu-img", &["check", "n.qed"]);
+    assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+    let reads = ["read -P 1 0 64k", "read -P 2 4M 64k", "read -P 3 1M 4k", "read -P 0 6553600 64k"];
+    let mut args = vec!["-r"];
+    for c in &reads {
+        args.extend_from_slice(&["-c", c]);
+    }
+    args.push("n.qed");
+    let r = run_in(dir, "qemu-io", &args);
+    assert!(!r.stdout.contains("failed"), "{}", r.stdout);
+    assert_eq!(std::fs::read(dir.join("n.qed")).unwrap()[16] & 2, 0);
+}

@@ -65,8 +65,14 @@ pub trait Layout: Send + Sync {
     /// needs, in the order the format's crash safety asks for) and returns
     /// how many bytes it wrote, at least 1. Formats oxcow does not write
     /// keep the default.
-    fn write_run(&self, _offset: u64, _buf: &[u8]) -> Result<usize> {
+    /// `backing` gives what unallocated runs read, for copy-on-write.
+    fn write_run(&self, _offset: u64, _buf: &[u8], _backing: Option<&dyn BlockDevice>) -> Result<usize> {
         Err(Error::ReadOnly(format!("oxcow does not write {} images", self.format_name())))
+    }
+    /// Finishes a clean close of a writable image, after its files are
+    /// flushed (QED clears its need-check bit).
+    fn close(&self) -> Result<()> {
+        Ok(())
     }
     /// Reads uncompressed bytes of a compressed unit.
     fn read_compressed(&self, _key: u64, _skip: u64, _buf: &mut [u8]) -> Result<()> {
@@ -120,7 +126,7 @@ impl MappedImage {
         check_range(offset, buf.len() as u64, self.len())?;
         let mut done = 0;
         while done < buf.len() {
-            let n = self.layout.write_run(offset + done as u64, &buf[done..])?;
+            let n = self.layout.write_run(offset + done as u64, &buf[done..], self.backing.as_deref())?;
             if n == 0 || n > buf.len() - done {
                 return Err(Error::invalid("layout wrote a bad run"));
             }
@@ -266,6 +272,13 @@ impl BlockDevice for MappedImage {
     }
     fn resize(&self, _new_len: u64) -> Result<()> {
         Err(Error::invalid("Image format driver does not support resize"))
+    }
+    fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_files()?;
+        self.layout.close()
     }
 }
 

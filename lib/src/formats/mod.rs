@@ -38,7 +38,7 @@ pub struct FormatInfo {
     pub backing_format: Option<String>,
     /// Fields of qemu-img's `format-specific` block, in its order.
     pub specific: Vec<(&'static str, InfoValue)>,
-    /// The image was not closed cleanly (QED's need-check bit).
+    /// The image was not closed cleanly, as qemu-img info shows it.
     pub dirty: bool,
     /// Files other than the image's own that hold its data (VMDK
     /// extents), as opened.

@@ -12,7 +12,8 @@ use super::{le32, le64, read_exact, read_vec, FormatInfo, Opened, MAX_TABLE_BYTE
 use crate::storage::Storage;
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Feature bits.
 pub const F_BACKING_FILE: u64 = 1;
@@ -98,9 +99,24 @@ impl Header {
 struct Qed {
     files: [Arc<dyn Storage>; 1],
     header: Header,
-    l1: Vec<u64>,
+    l1: RwLock<Vec<u64>>,
     file_len: u64,
+    /// L2 tables read, by offset. Loads and entry updates both hold it,
+    /// so a table loaded from disk is never older than an update.
     l2_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// The end of the file, where clusters are allocated; held while
+    /// allocating.
+    alloc: Mutex<u64>,
+    /// The need-check bit is set on disk (and must be cleared on close).
+    need_check: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| Error::invalid("QED lock poisoned"))
+}
+
+fn wio(r: std::io::Result<()>, what: &str) -> Result<()> {
+    r.map_err(|e| Error::io(format!("writing QED {what}"), e))
 }
 
 impl Qed {
@@ -108,27 +124,61 @@ impl Qed {
         self.header.entries() * 8
     }
 
-    fn check_table_offset(&self, off: u64) -> Result<()> {
+    fn check_table_offset(&self, off: u64, file_len: u64) -> Result<()> {
         let cs = u64::from(self.header.cluster_size);
-        if !off.is_multiple_of(cs) || off < u64::from(self.header.header_size) * cs || off >= self.file_len {
+        if !off.is_multiple_of(cs) || off < u64::from(self.header.header_size) * cs || off >= file_len {
             return Err(Error::corrupt_at("QED table offset out of the image", off));
         }
         Ok(())
     }
 
+    fn file_end(&self) -> u64 {
+        self.alloc.lock().map(|a| *a).unwrap_or(self.file_len).max(self.file_len)
+    }
+
     fn l2(&self, off: u64) -> Result<Arc<Vec<u64>>> {
-        if let Some(t) = self.l2_cache.lock().map_err(|_| Error::invalid("QED cache poisoned"))?.get(&off) {
+        let mut cache = lock(&self.l2_cache)?;
+        if let Some(t) = cache.get(&off) {
             return Ok(t.clone());
         }
-        self.check_table_offset(off)?;
+        self.check_table_offset(off, self.file_end())?;
         let bytes = read_vec(&*self.files[0], off, self.table_bytes(), MAX_TABLE_BYTES, "QED L2 table")?;
         let t = Arc::new(bytes.chunks_exact(8).map(|c| le64(c, 0)).collect::<Vec<_>>());
-        let mut cache = self.l2_cache.lock().map_err(|_| Error::invalid("QED cache poisoned"))?;
         if cache.len() >= 64 {
             cache.clear();
         }
         cache.insert(off, t.clone());
         Ok(t)
+    }
+
+    fn l1_entry(&self, i: u64) -> Result<u64> {
+        let l1 = self.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?;
+        Ok(l1.get(i as usize).copied().unwrap_or(0))
+    }
+
+    /// The L2 entry of `cluster` (0 when its table is missing).
+    fn l2_entry(&self, cluster: u64) -> Result<u64> {
+        let entries = self.header.entries();
+        let l1 = self.l1_entry(cluster / entries)?;
+        if l1 == 0 {
+            return Ok(0);
+        }
+        Ok(self.l2(l1)?.get((cluster % entries) as usize).copied().unwrap_or(0))
+    }
+
+    /// Sets the need-check bit on disk, durably, before the first
+    /// allocation changes any table: an image left with it set is
+    /// checked and repaired when next opened for writing.
+    fn mark_need_check(&self) -> Result<()> {
+        if self.need_check.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let f = &self.files[0];
+        let features = self.header.features | F_NEED_CHECK;
+        wio(f.write_at(&features.to_le_bytes(), 16), "header")?;
+        wio(f.flush(), "header")?;
+        self.need_check.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -154,29 +204,95 @@ impl Layout for Qed {
         let cluster = offset / cs;
         let within = offset % cs;
         let n = max.min(cs - within);
-        let l1 = self.l1.get((cluster / entries) as usize).copied().unwrap_or(0);
-        if l1 == 0 {
+        if self.l1_entry(cluster / entries)? == 0 {
             // A whole L2 table's worth is unallocated.
             let span = entries * cs - (offset % (entries * cs));
             return Ok((Piece::Unallocated, max.min(span)));
         }
-        let l2 = self.l2(l1)?;
-        let e = l2.get((cluster % entries) as usize).copied().unwrap_or(0);
-        Ok(match e {
+        Ok(match self.l2_entry(cluster)? {
             0 => (Piece::Unallocated, n),
             1 => (Piece::Zero, n),
             host => {
-                if host % cs != 0 || host >= self.file_len {
+                if !host.is_multiple_of(cs) || host >= self.file_end() {
                     return Err(Error::corrupt_at("QED data cluster offset out of the image", host));
                 }
                 (Piece::Data { file: 0, host: host + within }, n)
             }
         })
     }
+    fn write_run(&self, offset: u64, buf: &[u8], backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let cluster = offset / cs;
+        let within = offset % cs;
+        let n = (buf.len() as u64).min(cs - within) as usize;
+        let f = &self.files[0];
+        let e = self.l2_entry(cluster)?;
+        if e > 1 {
+            wio(f.write_at(&buf[..n], e + within), "data")?;
+            return Ok(n);
+        }
+        let mut end = lock(&self.alloc)?;
+        let e = self.l2_entry(cluster)?;
+        if e > 1 {
+            drop(end);
+            wio(f.write_at(&buf[..n], e + within), "data")?;
+            return Ok(n);
+        }
+        self.mark_need_check()?;
+        // The new cluster holds what the old one read as around the
+        // write: the backing file's data (copy-on-write), or zeros.
+        let mut data = vec![0u8; cs as usize];
+        let start = cluster * cs;
+        if e == 0 {
+            let upto = (start + cs).min(self.header.image_size);
+            crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
+        }
+        data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
+        let host = *end;
+        wio(f.write_at(&data, host), "data")?;
+        *end += cs;
+        // Crash safety: the cluster's data is written before the entry
+        // that points to it, and a new L2 table before the L1 entry.
+        let (l1i, l2i) = (cluster / entries, cluster % entries);
+        let l2off = self.l1_entry(l1i)?;
+        if l2off == 0 {
+            let mut table = vec![0u64; entries as usize];
+            table[l2i as usize] = host;
+            let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let toff = *end;
+            wio(f.write_at(&bytes, toff), "L2 table")?;
+            *end += self.table_bytes();
+            lock(&self.l2_cache)?.insert(toff, Arc::new(table));
+            wio(f.write_at(&toff.to_le_bytes(), self.header.l1_table_offset + l1i * 8), "L1 table")?;
+            self.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[l1i as usize] = toff;
+        } else {
+            let table = self.l2(l2off)?;
+            let mut cache = lock(&self.l2_cache)?;
+            wio(f.write_at(&host.to_le_bytes(), l2off + l2i * 8), "L2 table")?;
+            let mut t = (*table).clone();
+            t[l2i as usize] = host;
+            cache.insert(l2off, Arc::new(t));
+        }
+        Ok(n)
+    }
+    fn close(&self) -> Result<()> {
+        if self.need_check.swap(false, Ordering::AcqRel) {
+            // Everything the tables point to is flushed (the caller
+            // flushed): the image is consistent again.
+            let f = &self.files[0];
+            wio(f.write_at(&(self.header.features & !F_NEED_CHECK).to_le_bytes(), 16), "header")?;
+            wio(f.flush(), "header")?;
+        }
+        Ok(())
+    }
 }
 
-/// Opens a QED image.
-pub fn open(file: Arc<dyn Storage>) -> Result<Opened> {
+/// Opens a QED image; `write` when it will be written. An image whose
+/// need-check bit is set (not closed cleanly) gets its tables checked
+/// first when opened for writing, as QEMU does: entries pointing outside
+/// the file or off cluster boundaries are cleared.
+pub fn open(file: Arc<dyn Storage>, write: bool) -> Result<Opened> {
     let mut head = [0u8; 64];
     read_exact(&*file, &mut head, 0, "QED header")?;
     let header = Header::parse(&head)?;
@@ -186,19 +302,102 @@ pub fn open(file: Arc<dyn Storage>) -> Result<Opened> {
         let raw = read_vec(&*file, u64::from(off), u64::from(len), 1023, "QED backing file name")?;
         backing_name = Some(String::from_utf8_lossy(&raw).into_owned());
     }
-    let mut q = Qed { files: [file], header, l1: Vec::new(), file_len, l2_cache: Mutex::new(HashMap::new()) };
-    q.check_table_offset(q.header.l1_table_offset)?;
+    let cs = u64::from(header.cluster_size);
+    let end = file_len.div_ceil(cs) * cs;
+    let dirty = header.features & F_NEED_CHECK != 0;
+    let q = Qed {
+        files: [file],
+        header,
+        l1: RwLock::new(Vec::new()),
+        file_len,
+        l2_cache: Mutex::new(HashMap::new()),
+        alloc: Mutex::new(end),
+        need_check: AtomicBool::new(dirty && write),
+    };
+    q.check_table_offset(q.header.l1_table_offset, file_len)?;
     let l1 = read_vec(&*q.files[0], q.header.l1_table_offset, q.table_bytes(), MAX_TABLE_BYTES, "QED L1 table")?;
-    q.l1 = l1.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    *q.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))? = l1.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    if dirty && write {
+        repair(&q)?;
+    }
     let info = FormatInfo {
-        cluster_size: Some(u64::from(q.header.cluster_size)),
+        cluster_size: Some(cs),
         backing_format: backing_name
             .as_ref()
             .and_then(|_| (q.header.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string())),
         backing_name,
         specific: Vec::new(),
-        dirty: q.header.features & F_NEED_CHECK != 0,
+        // qemu-img info does not show the need-check bit as a dirty flag.
+        dirty: false,
         extent_files: Vec::new(),
     };
     Ok(Opened { layout: Arc::new(q), info })
+}
+
+/// Clears table entries an interrupted run may have left pointing
+/// outside the file; the need-check bit stays set until a clean close.
+fn repair(q: &Qed) -> Result<()> {
+    let cs = u64::from(q.header.cluster_size);
+    let f = &q.files[0];
+    let bad = |e: u64| e > 1 && (!e.is_multiple_of(cs) || e >= q.file_len);
+    let l1: Vec<u64> = q.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
+    for (i, &t) in l1.iter().enumerate() {
+        if t == 0 {
+            continue;
+        }
+        if t == 1 || bad(t) || q.check_table_offset(t, q.file_len).is_err() {
+            wio(f.write_at(&0u64.to_le_bytes(), q.header.l1_table_offset + i as u64 * 8), "L1 table")?;
+            q.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[i] = 0;
+            continue;
+        }
+        let table = q.l2(t)?;
+        for (j, &e) in table.iter().enumerate() {
+            if bad(e) {
+                wio(f.write_at(&0u64.to_le_bytes(), t + j as u64 * 8), "L2 table")?;
+            }
+        }
+    }
+    lock(&q.l2_cache)?.clear();
+    wio(f.flush(), "repair")
+}
+
+/// Creates a QED image in the empty `file` as qemu-img does: one header
+/// cluster (with the backing file name after the header), then the L1
+/// table. A raw backing file is marked so it is never probed.
+pub fn create(
+    file: &dyn Storage,
+    size: u64,
+    cluster_size: u32,
+    table_size: u32,
+    backing: Option<(&str, bool)>,
+) -> Result<()> {
+    let size = size.div_ceil(512) * 512;
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"QED\0");
+    h[4..8].copy_from_slice(&cluster_size.to_le_bytes());
+    h[8..12].copy_from_slice(&table_size.to_le_bytes());
+    h[12..16].copy_from_slice(&1u32.to_le_bytes());
+    let cs = u64::from(cluster_size);
+    h[40..48].copy_from_slice(&cs.to_le_bytes());
+    h[48..56].copy_from_slice(&size.to_le_bytes());
+    let mut features = 0;
+    if let Some((name, raw)) = backing {
+        if name.len() > 1023 || 64 + name.len() as u64 > cs {
+            return Err(Error::invalid("Backing file name too long"));
+        }
+        features |= F_BACKING_FILE;
+        if raw {
+            features |= F_BACKING_FORMAT_NO_PROBE;
+        }
+        h[56..60].copy_from_slice(&64u32.to_le_bytes());
+        h[60..64].copy_from_slice(&(name.len() as u32).to_le_bytes());
+        h.extend_from_slice(name.as_bytes());
+    }
+    h[16..24].copy_from_slice(&features.to_le_bytes());
+    // Validated as any opened image is, before a byte is written.
+    Header::parse(&h)?;
+    let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating QED image", e));
+    io(file.write_at(&h, 0))?;
+    io(file.set_len(cs * (1 + u64::from(table_size))))?;
+    io(file.flush())
 }

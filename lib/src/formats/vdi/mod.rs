@@ -154,7 +154,7 @@ impl Layout for Vdi {
             idx => (Piece::Data { file: 0, host: self.host(idx) + within }, n),
         })
     }
-    fn write_run(&self, offset: u64, buf: &[u8]) -> Result<usize> {
+    fn write_run(&self, offset: u64, buf: &[u8], _backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
         let bs = u64::from(BLOCK_SIZE);
         let block = offset / bs;
         let within = offset % bs;

@@ -138,7 +138,7 @@ impl Layout for Vpc {
             sector => (Piece::Data { file: 0, host: u64::from(sector) * 512 + d.bitmap + within }, n),
         })
     }
-    fn write_run(&self, offset: u64, buf: &[u8]) -> Result<usize> {
+    fn write_run(&self, offset: u64, buf: &[u8], _backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
         let f = &self.files[0];
         let Some(d) = &self.dynamic else {
             wio(f.write_at(buf, offset), "data")?;
