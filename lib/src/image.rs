@@ -54,7 +54,7 @@ impl Format {
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Qed | Format::Vdi | Format::Vpc)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk)
     }
 }
 
@@ -481,8 +481,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
         }
         Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             let extra = |p: &Path| -> Result<Arc<dyn Storage>> {
-                let ro = OpenOptions { write: false, ..opts.clone() };
-                let f = open_file(p, false, opts.cache, lock_mode(&ro, format))?;
+                let f = open_file(p, opts.write, opts.cache, lock_mode(opts, format))?;
                 Ok(file_layers(p, f, opts))
             };
             let opened = match format {

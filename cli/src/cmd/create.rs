@@ -116,7 +116,7 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qed, "backing_fmt") => &mut g.backing_fmt,
             (Format::Qed, "cluster_size") => &mut g.cluster_size,
             (Format::Qed, "table_size") => &mut g.table_size,
-            (Format::Vpc, "subformat") => &mut g.subformat,
+            (Format::Vpc, "subformat") | (Format::Vmdk, "subformat") => &mut g.subformat,
             (Format::Vpc, "force_size") => &mut g.force_size,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
@@ -181,6 +181,7 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
         Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
         Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
+        Format::Vmdk => create_vmdk(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -232,6 +233,14 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
                 add("table_size", t);
             }
         }
+        Format::Vmdk => {
+            add("size", &size.to_string());
+            add("compat6", "off");
+            add("hwversion", "undefined");
+            if let Some(v) = &g.subformat {
+                add("subformat", v);
+            }
+        }
         Format::Vpc => {
             add("size", &size.to_string());
             if let Some(v) = &g.subformat {
@@ -276,6 +285,17 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    match g.subformat.as_deref() {
+        None | Some("monolithicSparse") => {}
+        Some(other) => return Err(format!("oxcow cannot create {other} VMDK images yet")),
+    }
+    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size).map_err(|e| message(&e))
 }
 
 fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {

@@ -539,3 +539,56 @@ fn qed_left_with_need_check_is_repaired_when_opened_for_writing() {
     assert!(!r.stdout.contains("failed"), "{}", r.stdout);
     assert_eq!(std::fs::read(dir.join("n.qed")).unwrap()[16] & 2, 0);
 }
+
+#[test]
+fn vmdk_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    for (f, size) in [("m.vmdk", 24u64 << 20), ("odd.vmdk", 70_000_001)] {
+        let o = ok(dir, OXCOW, &["create", "-f", "vmdk", f, &size.to_string()]);
+        let q = ok(dir, "qemu-img", &["create", "-f", "vmdk", "q.vmdk", &size.to_string()]);
+        assert_eq!(o.stdout.replace(f, "q.vmdk"), q.stdout);
+        // Header and tables as qemu-img's; the descriptor differs only in
+        // its random CID and the file's own name.
+        let (a, b) = (std::fs::read(dir.join(f)).unwrap(), std::fs::read(dir.join("q.vmdk")).unwrap());
+        assert_eq!((a.len(), &a[..512], &a[21 * 512..]), (b.len(), &b[..512], &b[21 * 512..]), "{f} as created");
+        let desc = |x: &[u8]| {
+            String::from_utf8_lossy(&x[512..21 * 512])
+                .trim_end_matches('\0')
+                .lines()
+                .filter(|l| !l.starts_with("CID="))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(desc(&a).replace(f, "q.vmdk"), desc(&b));
+        assert_writes_as_qemu(dir, f, "vmdk", size.div_ceil(512) * 512, size);
+        assert_reads_as_qemu(dir, f, "vmdk");
+    }
+    // Writes into images qemu-img made, with a parent: copy-on-write.
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vmdk", "base.vmdk", "16M"]);
+    fill(dir, "base.vmdk", "vmdk", 16 << 20, &mut Rng::new(31));
+    for f in ["c1.vmdk", "c2.vmdk"] {
+        ok(dir, "qemu-img", &["create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", f]);
+    }
+    let cmds = ["write -q -P 3 1000 70000", "write -q -z 3000000 5000", "write -q -P 4 16776704 512"];
+    for (prog, f) in [(OXCOW, "c1.vmdk"), ("qemu-io", "c2.vmdk")] {
+        let mut args: Vec<&str> = if prog == OXCOW { vec!["io"] } else { vec![] };
+        for c in &cmds {
+            args.extend_from_slice(&["-c", c]);
+        }
+        args.push(f);
+        ok(dir, prog, &args);
+    }
+    ok(dir, "qemu-img", &["compare", "c1.vmdk", "c2.vmdk"]);
+    let r = ok(dir, "qemu-img", &["check", "c1.vmdk"]);
+    assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+    // Flat extents are written in place.
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentFlat", "tf.vmdk", "8M"]);
+    assert_writes_as_qemu_unchecked(dir, "tf.vmdk", "vmdk", 8 << 20, 5);
+    // convert -O vmdk: what qemu-img convert makes.
+    ok(dir, OXCOW, &["convert", "-O", "vmdk", "base.vmdk", "cv.vmdk"]);
+    ok(dir, "qemu-img", &["convert", "-O", "vmdk", "base.vmdk", "cvq.vmdk"]);
+    ok(dir, "qemu-img", &["compare", "base.vmdk", "cv.vmdk"]);
+    let len = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+    assert_eq!(len("cv.vmdk"), len("cvq.vmdk"));
+}

@@ -58,7 +58,8 @@ pub enum InfoValue {
     List(Vec<Vec<(&'static str, InfoValue)>>),
 }
 
-/// Opens the other files an image names (VMDK extents), read-only.
+/// Opens the other files an image names (VMDK extents), with the access
+/// the image itself was opened with.
 pub type OpenExtra<'a> = dyn Fn(&Path) -> Result<Arc<dyn Storage>> + 'a;
 
 /// An opened image: its layout and what it says about itself.

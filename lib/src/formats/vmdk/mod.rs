@@ -22,6 +22,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+const FLAG_RGD: u32 = 1 << 1;
 const FLAG_ZERO_GRAIN: u32 = 1 << 2;
 const FLAG_MARKER: u32 = 1 << 17;
 const COMPRESSION_DEFLATE: u16 = 1;
@@ -50,6 +51,8 @@ pub struct SparseHeader {
     pub markers: bool,
     /// The embedded descriptor (byte offset, length), if any.
     pub descriptor: Option<(u64, u64)>,
+    /// Byte offset of the redundant grain directory, when kept.
+    pub rgd_offset: Option<u64>,
 }
 
 impl SparseHeader {
@@ -84,6 +87,7 @@ impl SparseHeader {
             markers: flags & FLAG_MARKER != 0,
             descriptor: (desc_offset != 0 && desc_size != 0)
                 .then(|| (desc_offset.saturating_mul(512), desc_size.saturating_mul(512))),
+            rgd_offset: (flags & FLAG_RGD != 0 && le64(b, 48) != 0).then(|| le64(b, 48).saturating_mul(512)),
         };
         h.validate()?;
         Ok(h)
@@ -103,6 +107,7 @@ impl SparseHeader {
             compressed: false,
             markers: false,
             descriptor: None,
+            rgd_offset: None,
         };
         h.validate()?;
         Ok(h)
@@ -136,9 +141,20 @@ impl SparseHeader {
 }
 
 enum ExtentData {
-    Flat { file: usize, start: u64 },
+    Flat {
+        file: usize,
+        start: u64,
+    },
     Zero,
-    Sparse { file: usize, header: SparseHeader, gd: Vec<u32> },
+    Sparse {
+        file: usize,
+        header: SparseHeader,
+        gd: Vec<u32>,
+        /// The redundant directory, kept in step on writes.
+        rgd: Vec<u32>,
+        /// Where the next grain goes; held while allocating.
+        next: Mutex<u64>,
+    },
 }
 
 struct Extent {
@@ -161,14 +177,15 @@ struct Vmdk {
 
 impl Vmdk {
     fn grain_table(&self, ext: usize, file: usize, header: &SparseHeader, sector: u32) -> Result<Arc<Vec<u32>>> {
-        let poisoned = || Error::invalid("VMDK cache poisoned");
-        if let Some(t) = self.gt_cache.lock().map_err(|_| poisoned())?.get(&(ext, sector)) {
+        // Loads and entry updates hold the cache, so a table loaded from
+        // disk is never older than an update.
+        let mut cache = self.gt_cache.lock().map_err(|_| Error::invalid("VMDK cache poisoned"))?;
+        if let Some(t) = cache.get(&(ext, sector)) {
             return Ok(t.clone());
         }
         let f = &self.files[file];
         let raw = read_vec(&**f, u64::from(sector) * 512, header.gt_entries * 4, MAX_TABLE_BYTES, "VMDK grain table")?;
         let t = Arc::new(raw.chunks_exact(4).map(|c| le32(c, 0)).collect::<Vec<_>>());
-        let mut cache = self.gt_cache.lock().map_err(|_| poisoned())?;
         if cache.len() >= 256 {
             cache.clear();
         }
@@ -201,7 +218,7 @@ impl Layout for Vmdk {
         match &e.data {
             ExtentData::Flat { file, start } => Ok((Piece::Data { file: *file, host: start + rel }, max)),
             ExtentData::Zero => Ok((Piece::Zero, max)),
-            ExtentData::Sparse { file, header, gd } => {
+            ExtentData::Sparse { file, header, gd, .. } => {
                 let grain = header.grain_sectors * 512;
                 let within = rel % grain;
                 let n = max.min(grain - within);
@@ -224,6 +241,74 @@ impl Layout for Vmdk {
                 })
             }
         }
+    }
+    fn write_run(&self, offset: u64, buf: &[u8], backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
+        let i = self.extents.partition_point(|e| e.start + e.len <= offset);
+        let e = self.extents.get(i).ok_or_else(|| Error::invalid("offset past the last VMDK extent"))?;
+        let rel = offset - e.start;
+        let max = (buf.len() as u64).min(e.len - rel) as usize;
+        let (file, header, gd, rgd, next) = match &e.data {
+            ExtentData::Flat { file, start } => {
+                wio(self.files[*file].write_at(&buf[..max], start + rel), "flat extent")?;
+                return Ok(max);
+            }
+            ExtentData::Zero => return Err(Error::ReadOnly("VMDK zero extents are not writable".into())),
+            ExtentData::Sparse { header, .. } if header.compressed => {
+                return Err(Error::unsupported("writing into streamOptimized VMDK images"))
+            }
+            ExtentData::Sparse { file, header, gd, rgd, next } => (*file, header, gd, rgd, next),
+        };
+        let f = &self.files[file];
+        let grain = header.grain_sectors * 512;
+        let within = rel % grain;
+        let n = max.min((grain - within) as usize);
+        let sector = rel / 512;
+        let gdi = (sector / header.gt_span()) as usize;
+        let gti = (sector / header.grain_sectors) % header.gt_entries;
+        let gt_sector = gd.get(gdi).copied().unwrap_or(0);
+        if gt_sector == 0 {
+            return Err(Error::unsupported("writing where a VMDK grain table is missing"));
+        }
+        let entry = |me: &Self| -> Result<u32> {
+            Ok(me.grain_table(i, file, header, gt_sector)?.get(gti as usize).copied().unwrap_or(0))
+        };
+        let ent = entry(self)?;
+        if ent > 1 || (ent == 1 && !header.zero_grain) {
+            wio(f.write_at(&buf[..n], u64::from(ent) * 512 + within), "grain")?;
+            return Ok(n);
+        }
+        let mut end = next.lock().map_err(|_| Error::invalid("VMDK allocation lock poisoned"))?;
+        let ent = entry(self)?;
+        if ent > 1 || (ent == 1 && !header.zero_grain) {
+            drop(end);
+            wio(f.write_at(&buf[..n], u64::from(ent) * 512 + within), "grain")?;
+            return Ok(n);
+        }
+        // The new grain holds what the old one read as around the write:
+        // the parent's data (copy-on-write), or zeros.
+        let mut data = vec![0u8; grain as usize];
+        let start = e.start + rel - within;
+        if ent == 0 {
+            let upto = (start + grain).min(self.len);
+            crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
+        }
+        data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
+        let host = *end;
+        let host_sector = u32::try_from(host / 512).map_err(|_| Error::invalid("VMDK extent file too large"))?;
+        wio(f.write_at(&data, host), "grain")?;
+        *end += grain;
+        // Crash safety: the grain is written before the table entries
+        // that point to it (the redundant table's too).
+        let table = self.grain_table(i, file, header, gt_sector)?;
+        let mut cache = self.gt_cache.lock().map_err(|_| Error::invalid("VMDK cache poisoned"))?;
+        wio(f.write_at(&host_sector.to_le_bytes(), u64::from(gt_sector) * 512 + gti * 4), "grain table")?;
+        if let Some(&r) = rgd.get(gdi).filter(|&&r| r != 0) {
+            wio(f.write_at(&host_sector.to_le_bytes(), u64::from(r) * 512 + gti * 4), "grain table")?;
+        }
+        let mut t = (*table).clone();
+        t[gti as usize] = host_sector;
+        cache.insert((i, gt_sector), Arc::new(t));
+        Ok(n)
     }
     fn read_compressed(&self, key: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
         let ext = (key >> 48) as usize;
@@ -258,7 +343,7 @@ impl Layout for Vmdk {
 
 /// Reads a sparse extent's header (following a streamOptimized footer)
 /// and grain directory.
-fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>)> {
+fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>, Vec<u32>)> {
     let mut h = if &head[..4] == b"COWD" { SparseHeader::parse_vmdk3(head)? } else { SparseHeader::parse_vmdk4(head)? };
     if h.gd_offset == GD_AT_END {
         let len = f.len().map_err(|e| Error::io("reading VMDK size", e))?;
@@ -278,7 +363,26 @@ fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>)>
     }
     let raw = read_vec(f, h.gd_offset, h.gd_entries() * 4, MAX_TABLE_BYTES, "VMDK grain directory")?;
     let gd = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
-    Ok((h, gd))
+    let rgd = match h.rgd_offset {
+        Some(off) => {
+            let raw = read_vec(f, off, h.gd_entries() * 4, MAX_TABLE_BYTES, "VMDK redundant grain directory")?;
+            raw.chunks_exact(4).map(|c| le32(c, 0)).collect()
+        }
+        None => Vec::new(),
+    };
+    Ok((h, gd, rgd))
+}
+
+/// Where a sparse extent's next grain goes: the end of its file, on a
+/// grain boundary.
+fn sparse_end(f: &dyn Storage, h: &SparseHeader) -> Result<Mutex<u64>> {
+    let len = f.len().map_err(|e| Error::io("reading VMDK size", e))?;
+    let grain = h.grain_sectors * 512;
+    Ok(Mutex::new(len.div_ceil(grain) * grain))
+}
+
+fn wio(r: std::io::Result<()>, what: &str) -> Result<()> {
+    r.map_err(|e| Error::io(format!("writing VMDK {what}"), e))
 }
 
 fn extent_info(
@@ -311,7 +415,8 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, extra: &OpenExtra) -> Result<Op
     let desc;
     let mut cluster_size = None;
     if &head[..4] == b"KDMV" || &head[..4] == b"COWD" {
-        let (h, gd) = open_sparse(&*file, &head)?;
+        let (h, gd, rgd) = open_sparse(&*file, &head)?;
+        let next = sparse_end(&*file, &h)?;
         desc = match h.descriptor {
             Some((off, len)) => Descriptor::parse(&read_vec(&*file, off, len, MAX_DESCRIPTOR, "VMDK descriptor")?)?,
             None => Descriptor { create_type: "vmfsSparse".into(), parent_cid: u32::MAX, ..Descriptor::default() },
@@ -321,7 +426,7 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, extra: &OpenExtra) -> Result<Op
         cluster_size = Some(h.grain_sectors * 512);
         let len = h.capacity * 512;
         info_extents.push(extent_info(len, &path.display().to_string(), "", Some(&h)));
-        extents.push(Extent { start: 0, len, data: ExtentData::Sparse { file: 0, header: h, gd } });
+        extents.push(Extent { start: 0, len, data: ExtentData::Sparse { file: 0, header: h, gd, rgd, next } });
         return finish(files, extents, desc, cluster_size, info_extents);
     }
     let len = file.len().map_err(|e| Error::io("reading VMDK size", e))?;
@@ -356,9 +461,10 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, extra: &OpenExtra) -> Result<Op
                 } else {
                     let mut eh = vec![0u8; 512];
                     read_exact(&*ef, &mut eh, 0, "VMDK extent header")?;
-                    let (h, gd) = open_sparse(&*ef, &eh)?;
+                    let (h, gd, rgd) = open_sparse(&*ef, &eh)?;
                     cluster_size.get_or_insert(h.grain_sectors * 512);
-                    (h.capacity * 512, ExtentData::Sparse { file: idx, header: h.clone(), gd }, Some(h))
+                    let next = sparse_end(&*ef, &h)?;
+                    (h.capacity * 512, ExtentData::Sparse { file: idx, header: h.clone(), gd, rgd, next }, Some(h))
                 }
             }
         };
@@ -395,4 +501,56 @@ fn finish(
     };
     let layout = Vmdk { files, extents, len, gt_cache: Mutex::new(HashMap::new()) };
     Ok(Opened { layout: Arc::new(layout), info })
+}
+
+/// Creates a monolithicSparse VMDK of `size` bytes in the empty `file`
+/// named `name`, laid out as qemu-img lays it out: header, embedded
+/// descriptor, redundant and primary grain directories with every grain
+/// table preallocated, grains from the first 64 KiB boundary on.
+pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
+    let capacity = size.div_ceil(512);
+    let (grain, gt_entries) = (128u64, 512u64);
+    let gd_entries = capacity.div_ceil(grain * gt_entries);
+    if gd_entries > 32 << 20 {
+        return Err(Error::invalid("VMDK image too large"));
+    }
+    let gd_sectors = (gd_entries * 4).div_ceil(512);
+    let gt_sectors = gt_entries * 4 / 512;
+    let rgd = 21u64;
+    let gd = rgd + gd_sectors + gd_entries * gt_sectors;
+    let overhead = (gd + gd_sectors + gd_entries * gt_sectors).div_ceil(grain) * grain;
+    let mut h = vec![0u8; 512];
+    h[..4].copy_from_slice(b"KDMV");
+    h[4..8].copy_from_slice(&1u32.to_le_bytes());
+    h[8..12].copy_from_slice(&(1u32 | FLAG_RGD).to_le_bytes());
+    h[12..20].copy_from_slice(&capacity.to_le_bytes());
+    h[20..28].copy_from_slice(&grain.to_le_bytes());
+    h[28..36].copy_from_slice(&1u64.to_le_bytes());
+    h[36..44].copy_from_slice(&20u64.to_le_bytes());
+    h[44..48].copy_from_slice(&(gt_entries as u32).to_le_bytes());
+    h[48..56].copy_from_slice(&rgd.to_le_bytes());
+    h[56..64].copy_from_slice(&gd.to_le_bytes());
+    h[64..72].copy_from_slice(&overhead.to_le_bytes());
+    h[73..77].copy_from_slice(b"\n \r\n");
+    let cid = u32::from_le_bytes(super::vdi::random_uuid()[..4].try_into().unwrap_or([0; 4]));
+    let cylinders = (capacity / (16 * 63)).min(16383);
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n\
+         # Extent description\nRW {capacity} SPARSE \"{name}\"\n\n# The Disk Data Base\n#DDB\n\n\
+         ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
+         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n"
+    );
+    if desc.len() > 20 * 512 {
+        return Err(Error::invalid("VMDK file name too long"));
+    }
+    let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating VMDK image", e));
+    io(file.write_at(&h, 0))?;
+    io(file.write_at(desc.as_bytes(), 512))?;
+    for dir in [rgd, gd] {
+        let tables = dir + gd_sectors;
+        let entries: Vec<u8> = (0..gd_entries).flat_map(|i| ((tables + i * gt_sectors) as u32).to_le_bytes()).collect();
+        io(file.write_at(&entries, dir * 512))?;
+    }
+    io(file.set_len(overhead * 512))?;
+    io(file.flush())
 }
