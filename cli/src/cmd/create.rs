@@ -288,14 +288,20 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
 }
 
 fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
-    match g.subformat.as_deref() {
-        None | Some("monolithicSparse") => {}
+    let stream = match g.subformat.as_deref() {
+        None | Some("monolithicSparse") => false,
+        Some("streamOptimized") => true,
         Some(other) => return Err(format!("oxcow cannot create {other} VMDK images yet")),
-    }
+    };
     let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
     f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
-    oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size).map_err(|e| message(&e))
+    let r = if stream {
+        oxcow::formats::vmdk::create_stream_optimized(&*f, &name, size)
+    } else {
+        oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size)
+    };
+    r.map_err(|e| message(&e))
 }
 
 fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {

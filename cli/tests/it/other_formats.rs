@@ -592,3 +592,30 @@ fn vmdk_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
     let len = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
     assert_eq!(len("cv.vmdk"), len("cvq.vmdk"));
 }
+
+#[test]
+fn stream_optimized_vmdk_oxcow_writes_checks_clean_and_reads_back_in_qemu() {
+    let d = tmp();
+    let dir = d.path();
+    let o = ok(dir, OXCOW, &["create", "-f", "vmdk", "-o", "subformat=streamOptimized", "s.vmdk", "24M"]);
+    let q = ok(dir, "qemu-img", &["create", "-f", "vmdk", "-o", "subformat=streamOptimized", "q.vmdk", "24M"]);
+    assert_eq!(o.stdout.replace("s.vmdk", "q.vmdk"), q.stdout);
+    let (a, b) = (std::fs::read(dir.join("s.vmdk")).unwrap(), std::fs::read(dir.join("q.vmdk")).unwrap());
+    assert_eq!((a.len(), &a[..512], &a[21 * 512..]), (b.len(), &b[..512], &b[21 * 512..]), "as created");
+    // Random writes, partial grains rewritten: each rewrite appends a new
+    // compressed grain and repoints the table.
+    assert_writes_as_qemu(dir, "s.vmdk", "vmdk", 24 << 20, 41);
+    assert_reads_as_qemu(dir, "s.vmdk", "vmdk");
+    // The OVA export path: convert -O vmdk -o subformat=streamOptimized.
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "src.qcow2", "32M"]);
+    fill(dir, "src.qcow2", "qcow2", 32 << 20, &mut Rng::new(42));
+    ok(dir, OXCOW, &["convert", "-O", "vmdk", "-o", "subformat=streamOptimized", "src.qcow2", "out.vmdk"]);
+    ok(dir, "qemu-img", &["compare", "src.qcow2", "out.vmdk"]);
+    let r = ok(dir, "qemu-img", &["check", "out.vmdk"]);
+    assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+    let info = json(&ok(dir, "qemu-img", &["info", "--output=json", "out.vmdk"]).stdout);
+    assert_eq!(info["format-specific"]["data"]["create-type"], "streamOptimized");
+    // The stream ends with an end-of-stream marker.
+    let out = std::fs::read(dir.join("out.vmdk")).unwrap();
+    assert!(out[out.len() - 512..].iter().all(|&x| x == 0));
+}

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 const FLAG_RGD: u32 = 1 << 1;
 const FLAG_ZERO_GRAIN: u32 = 1 << 2;
+const FLAG_COMPRESSED: u32 = 1 << 16;
 const FLAG_MARKER: u32 = 1 << 17;
 const COMPRESSION_DEFLATE: u16 = 1;
 const GD_AT_END: u64 = u64::MAX;
@@ -173,6 +174,9 @@ struct Vmdk {
     extents: Vec<Extent>,
     len: u64,
     gt_cache: Mutex<GrainTables>,
+    /// A compressed grain was appended: the stream needs its
+    /// end-of-stream marker again on close.
+    appended: std::sync::atomic::AtomicBool,
 }
 
 impl Vmdk {
@@ -253,9 +257,6 @@ impl Layout for Vmdk {
                 return Ok(max);
             }
             ExtentData::Zero => return Err(Error::ReadOnly("VMDK zero extents are not writable".into())),
-            ExtentData::Sparse { header, .. } if header.compressed => {
-                return Err(Error::unsupported("writing into streamOptimized VMDK images"))
-            }
             ExtentData::Sparse { file, header, gd, rgd, next } => (*file, header, gd, rgd, next),
         };
         let f = &self.files[file];
@@ -273,30 +274,52 @@ impl Layout for Vmdk {
             Ok(me.grain_table(i, file, header, gt_sector)?.get(gti as usize).copied().unwrap_or(0))
         };
         let ent = entry(self)?;
-        if ent > 1 || (ent == 1 && !header.zero_grain) {
+        let in_place = |ent: u32| !header.compressed && (ent > 1 || (ent == 1 && !header.zero_grain));
+        if in_place(ent) {
             wio(f.write_at(&buf[..n], u64::from(ent) * 512 + within), "grain")?;
             return Ok(n);
         }
         let mut end = next.lock().map_err(|_| Error::invalid("VMDK allocation lock poisoned"))?;
         let ent = entry(self)?;
-        if ent > 1 || (ent == 1 && !header.zero_grain) {
+        if in_place(ent) {
             drop(end);
             wio(f.write_at(&buf[..n], u64::from(ent) * 512 + within), "grain")?;
             return Ok(n);
         }
         // The new grain holds what the old one read as around the write:
-        // the parent's data (copy-on-write), or zeros.
+        // the parent's data (copy-on-write), zeros, or (compressed grains
+        // are never rewritten in place) the old grain's data.
         let mut data = vec![0u8; grain as usize];
         let start = e.start + rel - within;
-        if ent == 0 {
-            let upto = (start + grain).min(self.len);
-            crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
+        match ent {
+            0 => {
+                let upto = (start + grain).min(self.len);
+                crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
+            }
+            1 if header.zero_grain => {}
+            s => self.read_compressed((i as u64) << 48 | u64::from(s), 0, &mut data)?,
         }
         data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
         let host = *end;
         let host_sector = u32::try_from(host / 512).map_err(|_| Error::invalid("VMDK extent file too large"))?;
-        wio(f.write_at(&data, host), "grain")?;
-        *end += grain;
+        if header.compressed {
+            // A grain marker: the grain's first sector, the compressed
+            // length, the deflate stream; padded to a sector.
+            let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut enc, &data).map_err(|e| Error::io("compressing a VMDK grain", e))?;
+            let z = enc.finish().map_err(|e| Error::io("compressing a VMDK grain", e))?;
+            let mut rec = Vec::with_capacity(12 + z.len() + 512);
+            rec.extend_from_slice(&((rel - within) / 512).to_le_bytes());
+            rec.extend_from_slice(&(z.len() as u32).to_le_bytes());
+            rec.extend_from_slice(&z);
+            rec.resize(rec.len().div_ceil(512) * 512, 0);
+            wio(f.write_at(&rec, host), "grain")?;
+            *end += rec.len() as u64;
+            self.appended.store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            wio(f.write_at(&data, host), "grain")?;
+            *end += grain;
+        }
         // Crash safety: the grain is written before the table entries
         // that point to it (the redundant table's too).
         let table = self.grain_table(i, file, header, gt_sector)?;
@@ -309,6 +332,23 @@ impl Layout for Vmdk {
         t[gti as usize] = host_sector;
         cache.insert((i, gt_sector), Arc::new(t));
         Ok(n)
+    }
+    fn close(&self) -> Result<()> {
+        if !self.appended.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return Ok(());
+        }
+        // The stream ends with an end-of-stream marker (a zero sector)
+        // after the last grain; later grains go after it.
+        for e in &self.extents {
+            if let ExtentData::Sparse { file, header, next, .. } = &e.data {
+                if header.compressed {
+                    let end = *next.lock().map_err(|_| Error::invalid("VMDK allocation lock poisoned"))?;
+                    wio(self.files[*file].write_at(&[0u8; 512], end), "end-of-stream marker")?;
+                    wio(self.files[*file].flush(), "end-of-stream marker")?;
+                }
+            }
+        }
+        Ok(())
     }
     fn read_compressed(&self, key: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
         let ext = (key >> 48) as usize;
@@ -377,8 +417,9 @@ fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>, 
 /// grain boundary.
 fn sparse_end(f: &dyn Storage, h: &SparseHeader) -> Result<Mutex<u64>> {
     let len = f.len().map_err(|e| Error::io("reading VMDK size", e))?;
-    let grain = h.grain_sectors * 512;
-    Ok(Mutex::new(len.div_ceil(grain) * grain))
+    // Compressed grains are packed sector by sector.
+    let unit = if h.compressed { 512 } else { h.grain_sectors * 512 };
+    Ok(Mutex::new(len.div_ceil(unit) * unit))
 }
 
 fn wio(r: std::io::Result<()>, what: &str) -> Result<()> {
@@ -499,7 +540,7 @@ fn finish(
         dirty: false,
         extent_files: Vec::new(),
     };
-    let layout = Vmdk { files, extents, len, gt_cache: Mutex::new(HashMap::new()) };
+    let layout = Vmdk { files, extents, len, gt_cache: Mutex::new(HashMap::new()), appended: Default::default() };
     Ok(Opened { layout: Arc::new(layout), info })
 }
 
@@ -508,6 +549,16 @@ fn finish(
 /// descriptor, redundant and primary grain directories with every grain
 /// table preallocated, grains from the first 64 KiB boundary on.
 pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
+    create_sparse(file, name, size, false)
+}
+
+/// Creates a streamOptimized VMDK as qemu-img does: the monolithicSparse
+/// layout, version 3, with deflate-compressed grains behind markers.
+pub fn create_stream_optimized(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
+    create_sparse(file, name, size, true)
+}
+
+fn create_sparse(file: &dyn Storage, name: &str, size: u64, stream: bool) -> Result<()> {
     let capacity = size.div_ceil(512);
     let (grain, gt_entries) = (128u64, 512u64);
     let gd_entries = capacity.div_ceil(grain * gt_entries);
@@ -521,8 +572,10 @@ pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Re
     let overhead = (gd + gd_sectors + gd_entries * gt_sectors).div_ceil(grain) * grain;
     let mut h = vec![0u8; 512];
     h[..4].copy_from_slice(b"KDMV");
-    h[4..8].copy_from_slice(&1u32.to_le_bytes());
-    h[8..12].copy_from_slice(&(1u32 | FLAG_RGD).to_le_bytes());
+    let (version, flags) =
+        if stream { (3u32, 1 | FLAG_RGD | FLAG_COMPRESSED | FLAG_MARKER) } else { (1, 1 | FLAG_RGD) };
+    h[4..8].copy_from_slice(&version.to_le_bytes());
+    h[8..12].copy_from_slice(&flags.to_le_bytes());
     h[12..20].copy_from_slice(&capacity.to_le_bytes());
     h[20..28].copy_from_slice(&grain.to_le_bytes());
     h[28..36].copy_from_slice(&1u64.to_le_bytes());
@@ -532,10 +585,14 @@ pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Re
     h[56..64].copy_from_slice(&gd.to_le_bytes());
     h[64..72].copy_from_slice(&overhead.to_le_bytes());
     h[73..77].copy_from_slice(b"\n \r\n");
+    if stream {
+        h[77..79].copy_from_slice(&COMPRESSION_DEFLATE.to_le_bytes());
+    }
+    let create_type = if stream { "streamOptimized" } else { "monolithicSparse" };
     let cid = u32::from_le_bytes(super::vdi::random_uuid()[..4].try_into().unwrap_or([0; 4]));
     let cylinders = (capacity / (16 * 63)).min(16383);
     let desc = format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n\
+        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
          # Extent description\nRW {capacity} SPARSE \"{name}\"\n\n# The Disk Data Base\n#DDB\n\n\
          ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
          ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n"
