@@ -279,6 +279,10 @@ impl Layout for Vmdk {
             wio(f.write_at(&buf[..n], u64::from(ent) * 512 + within), "grain")?;
             return Ok(n);
         }
+        // A whole grain's record does not depend on the old grain: it is
+        // compressed before taking the allocation lock, so writers
+        // compress in parallel.
+        let whole = (header.compressed && within == 0 && n as u64 == grain).then(|| grain_record(&buf[..n], rel / 512));
         let mut end = next.lock().map_err(|_| Error::invalid("VMDK allocation lock poisoned"))?;
         let ent = entry(self)?;
         if in_place(ent) {
@@ -303,16 +307,10 @@ impl Layout for Vmdk {
         let host = *end;
         let host_sector = u32::try_from(host / 512).map_err(|_| Error::invalid("VMDK extent file too large"))?;
         if header.compressed {
-            // A grain marker: the grain's first sector, the compressed
-            // length, the deflate stream; padded to a sector.
-            let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-            std::io::Write::write_all(&mut enc, &data).map_err(|e| Error::io("compressing a VMDK grain", e))?;
-            let z = enc.finish().map_err(|e| Error::io("compressing a VMDK grain", e))?;
-            let mut rec = Vec::with_capacity(12 + z.len() + 512);
-            rec.extend_from_slice(&((rel - within) / 512).to_le_bytes());
-            rec.extend_from_slice(&(z.len() as u32).to_le_bytes());
-            rec.extend_from_slice(&z);
-            rec.resize(rec.len().div_ceil(512) * 512, 0);
+            let rec = match whole {
+                Some(r) => r?,
+                None => grain_record(&data, (rel - within) / 512)?,
+            };
             wio(f.write_at(&rec, host), "grain")?;
             *end += rec.len() as u64;
             self.appended.store(true, std::sync::atomic::Ordering::Release);
@@ -411,6 +409,21 @@ fn open_sparse(f: &dyn Storage, head: &[u8]) -> Result<(SparseHeader, Vec<u32>, 
         None => Vec::new(),
     };
     Ok((h, gd, rgd))
+}
+
+/// A compressed grain as streamOptimized stores it: a marker (the
+/// grain's first sector, the compressed length), the deflate stream,
+/// padding to a sector.
+fn grain_record(data: &[u8], lba: u64) -> Result<Vec<u8>> {
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut enc, data).map_err(|e| Error::io("compressing a VMDK grain", e))?;
+    let z = enc.finish().map_err(|e| Error::io("compressing a VMDK grain", e))?;
+    let mut rec = Vec::with_capacity(12 + z.len() + 512);
+    rec.extend_from_slice(&lba.to_le_bytes());
+    rec.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    rec.extend_from_slice(&z);
+    rec.resize(rec.len().div_ceil(512) * 512, 0);
+    Ok(rec)
 }
 
 /// Where a sparse extent's next grain goes: the end of its file, on a
