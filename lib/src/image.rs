@@ -261,6 +261,7 @@ pub struct Image {
     backing_name: Option<String>,
     backing_format: Option<String>,
     format_info: Option<FormatInfo>,
+    layout: Option<Arc<dyn crate::formats::Layout>>,
     probed: bool,
 }
 
@@ -269,6 +270,11 @@ impl Image {
     /// itself (cluster size, qemu-img's format-specific fields).
     pub fn format_info(&self) -> Option<&FormatInfo> {
         self.format_info.as_ref()
+    }
+    /// Checks an image of the formats in [`crate::formats`] as `qemu-img
+    /// check` does (none for raw and qcow2, which have their own).
+    pub fn check_format(&self) -> Option<Result<crate::qcow2::CheckReport>> {
+        self.layout.as_ref().map(|l| l.check())
     }
     /// Whether the format was probed rather than given.
     pub fn format_probed(&self) -> bool {
@@ -476,6 +482,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing_name: None,
                 backing_format: None,
                 format_info: None,
+                layout: None,
                 probed,
             })
         }
@@ -496,6 +503,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
             if let (Some(name), false) = (&info.backing_name, opts.no_backing) {
                 backing = Some(Box::new(open_backing(path, name, info.backing_format.as_deref(), opts, depth, chain)?));
             }
+            let layout = opened.layout.clone();
             let mut dev = MappedImage::new(opened.layout, backing.as_ref().map(|b| b.device().clone()));
             if opts.write {
                 dev = dev.writable(opts.cache.writethrough());
@@ -510,6 +518,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing_name: info.backing_name.clone(),
                 backing_format: info.backing_format.clone(),
                 format_info: Some(info),
+                layout: Some(layout),
                 probed,
             })
         }
@@ -568,6 +577,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing_name,
                 backing_format,
                 format_info: None,
+                layout: None,
                 probed,
             })
         }

@@ -619,3 +619,40 @@ fn stream_optimized_vmdk_oxcow_writes_checks_clean_and_reads_back_in_qemu() {
     let out = std::fs::read(dir.join("out.vmdk")).unwrap();
     assert!(out[out.len() - 512..].iter().all(|&x| x == 0));
 }
+
+fn assert_check_as_qemu(dir: &Path, file: &str, fmt: &str) {
+    for out in ["--output=human", "--output=json"] {
+        let args = ["check", "-f", fmt, out, file];
+        let (o, q) = (oxcow(dir, &args), qemu_img(dir, &args));
+        assert_eq!((o.code, &o.stdout), (q.code, &q.stdout), "check {out} of {file}: {}", o.stderr);
+        let strip = |s: &str| s.lines().map(|l| l.splitn(2, ": ").last().unwrap_or("").to_string()).collect::<Vec<_>>();
+        assert_eq!(strip(&o.stderr), strip(&q.stderr), "check {out} of {file}: messages");
+    }
+}
+
+#[test]
+fn check_of_the_other_formats_says_what_qemu_img_says() {
+    let d = tmp();
+    let dir = d.path();
+    let mut rng = Rng::new(77);
+    for s in SPECS {
+        create(dir, s);
+        let size = virtual_size(dir, s.file, s.fmt);
+        fill(dir, s.file, s.fmt, size, &mut rng);
+        assert_check_as_qemu(dir, s.file, s.fmt);
+    }
+    // A VDI block mapped twice.
+    let mut b = std::fs::read(dir.join("d.vdi")).unwrap();
+    let bmap = u32::from_le_bytes(b[340..344].try_into().unwrap()) as usize;
+    let entries: Vec<u32> =
+        (0..64).map(|i| u32::from_le_bytes(b[bmap + 4 * i..bmap + 4 * i + 4].try_into().unwrap())).collect();
+    let used: Vec<usize> = (0..64).filter(|&i| entries[i] < 0xffff_fffe).collect();
+    b[bmap + 4 * used[1]..bmap + 4 * used[1] + 4].copy_from_slice(&entries[used[0]].to_le_bytes());
+    std::fs::write(dir.join("dup.vdi"), &b).unwrap();
+    assert_check_as_qemu(dir, "dup.vdi", "vdi");
+    // A QED file with a cluster nobody points to.
+    let mut b = std::fs::read(dir.join("d.qed")).unwrap();
+    b.extend_from_slice(&[1u8; 65536]);
+    std::fs::write(dir.join("leak.qed"), &b).unwrap();
+    assert_check_as_qemu(dir, "leak.qed", "qed");
+}

@@ -69,6 +69,11 @@ pub trait Layout: Send + Sync {
     fn write_run(&self, _offset: u64, _buf: &[u8], _backing: Option<&dyn BlockDevice>) -> Result<usize> {
         Err(Error::ReadOnly(format!("oxcow does not write {} images", self.format_name())))
     }
+    /// Checks the format's tables as `qemu-img check` does; formats
+    /// qemu-img does not check keep the default.
+    fn check(&self) -> Result<crate::qcow2::CheckReport> {
+        Err(Error::unsupported("This image format does not support checks"))
+    }
     /// Finishes a clean close of a writable image, after its files are
     /// flushed (QED clears its need-check bit).
     fn close(&self) -> Result<()> {

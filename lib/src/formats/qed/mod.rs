@@ -276,6 +276,53 @@ impl Layout for Qed {
         }
         Ok(n)
     }
+    fn check(&self) -> Result<crate::qcow2::CheckReport> {
+        let mut r = crate::qcow2::CheckReport::default();
+        let cs = u64::from(self.header.cluster_size);
+        let file_len = self.file_end();
+        let nclusters = file_len.div_ceil(cs);
+        // Which host clusters something refers to: header, L1, tables, data.
+        let mut used = vec![false; nclusters as usize];
+        let mut mark = |off: u64, n: u64| {
+            for c in off / cs..(off / cs + n).min(nclusters) {
+                used[c as usize] = true;
+            }
+        };
+        mark(0, u64::from(self.header.header_size));
+        let tcl = self.table_bytes() / cs;
+        mark(self.header.l1_table_offset, tcl);
+        r.total_clusters = self.header.image_size.div_ceil(cs);
+        let bad = |e: u64| !e.is_multiple_of(cs) || e >= file_len;
+        let l1: Vec<u64> = self.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
+        let mut last = 0u64;
+        for &t in &l1 {
+            if t == 0 {
+                continue;
+            }
+            if self.check_table_offset(t, file_len).is_err() {
+                r.corruptions += 1;
+                continue;
+            }
+            mark(t, tcl);
+            for &e in self.l2(t)?.iter() {
+                if e <= 1 {
+                    continue;
+                }
+                if bad(e) {
+                    r.corruptions += 1;
+                    continue;
+                }
+                mark(e, 1);
+                r.allocated_clusters += 1;
+                if last != 0 && last + cs != e {
+                    r.fragmented_clusters += 1;
+                }
+                last = e;
+            }
+        }
+        r.leaks = used.iter().filter(|&&u| !u).count() as u64;
+        Ok(r)
+    }
     fn close(&self) -> Result<()> {
         if self.need_check.swap(false, Ordering::AcqRel) {
             // Everything the tables point to is flushed (the caller

@@ -195,6 +195,21 @@ impl Layout for Vhdx {
     fn len(&self) -> u64 {
         self.params.virtual_size
     }
+    fn check(&self) -> Result<crate::qcow2::CheckReport> {
+        let mut r = crate::qcow2::CheckReport::default();
+        let bs = self.params.block_size;
+        for (i, &e) in self.bat.iter().enumerate() {
+            let off = e & !(MIB - 1);
+            if e & 7 == PAYLOAD_FULLY_PRESENT && off + bs > self.file_len {
+                r.messages.push(format!(
+                    "VHDX BAT entry {i} start offset {off} points after end of file ({}). Image has probably been truncated.",
+                    self.file_len
+                ));
+                r.corruptions += 1;
+            }
+        }
+        Ok(r)
+    }
     fn has_block_status(&self) -> bool {
         false
     }

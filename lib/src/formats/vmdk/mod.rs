@@ -331,6 +331,31 @@ impl Layout for Vmdk {
         cache.insert((i, gt_sector), Arc::new(t));
         Ok(n)
     }
+    fn check(&self) -> Result<crate::qcow2::CheckReport> {
+        let mut r = crate::qcow2::CheckReport::default();
+        for (i, e) in self.extents.iter().enumerate() {
+            let ExtentData::Sparse { file, header, gd, .. } = &e.data else { continue };
+            let len = self.files[*file].len().map_err(|e| Error::io("reading VMDK size", e))?;
+            for (gdi, &gt) in gd.iter().enumerate() {
+                if gt == 0 {
+                    continue;
+                }
+                if u64::from(gt) * 512 >= len {
+                    r.messages.push(format!("ERROR: grain table {gdi} points after EOF"));
+                    r.corruptions += 1;
+                    continue;
+                }
+                for (j, &g) in self.grain_table(i, *file, header, gt)?.iter().enumerate() {
+                    if g > 1 && u64::from(g) * 512 >= len {
+                        let sector = (gdi as u64 * header.gt_entries + j as u64) * header.grain_sectors;
+                        r.messages.push(format!("ERROR: cluster offset for sector {sector} points after EOF"));
+                        r.corruptions += 1;
+                    }
+                }
+            }
+        }
+        Ok(r)
+    }
     fn close(&self) -> Result<()> {
         if !self.appended.swap(false, std::sync::atomic::Ordering::AcqRel) {
             return Ok(());
