@@ -656,3 +656,39 @@ fn check_of_the_other_formats_says_what_qemu_img_says() {
     std::fs::write(dir.join("leak.qed"), &b).unwrap();
     assert_check_as_qemu(dir, "leak.qed", "qed");
 }
+
+#[test]
+fn resize_grows_qed_and_is_refused_elsewhere_as_qemu_img_does() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qed", "o.qed", "16M"]);
+    fill(dir, "o.qed", "qed", 16 << 20, &mut Rng::new(9));
+    std::fs::copy(dir.join("o.qed"), dir.join("q.qed")).unwrap();
+    for args in [
+        &["resize", "-f", "qed", "F", "+1M"][..],
+        &["resize", "-f", "qed", "--shrink", "F", "1M"],
+        &["resize", "-f", "qed", "F", "100000001"],
+        &["resize", "-f", "qed", "F", "1T"],
+    ] {
+        let a: Vec<&str> = args.iter().map(|x| if *x == "F" { "o.qed" } else { x }).collect();
+        let b: Vec<&str> = args.iter().map(|x| if *x == "F" { "q.qed" } else { x }).collect();
+        let (o, q) = (oxcow(dir, &a), qemu_img(dir, &b));
+        assert_eq!((o.code, &o.stdout), (q.code, &q.stdout), "{args:?}");
+        let msg = |s: &str| s.lines().map(|l| l.splitn(2, ": ").last().unwrap_or("").to_string()).collect::<Vec<_>>();
+        assert_eq!(msg(&o.stderr), msg(&q.stderr), "{args:?}");
+        assert!(std::fs::read(dir.join("o.qed")).unwrap() == std::fs::read(dir.join("q.qed")).unwrap(), "{args:?}");
+    }
+    let r = ok(dir, "qemu-img", &["check", "o.qed"]);
+    assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+    for (f, fmt) in [("v.vdi", "vdi"), ("v.vpc", "vpc"), ("v.vmdk", "vmdk"), ("v.vhdx", "vhdx")] {
+        ok(dir, "qemu-img", &["create", "-q", "-f", fmt, f, "8M"]);
+        let before = std::fs::read(dir.join(f)).unwrap();
+        let (o, q) = (oxcow(dir, &["resize", "-f", fmt, f, "+1M"]), qemu_img(dir, &["resize", "-f", fmt, f, "+1M"]));
+        assert_eq!((o.code, q.code), (1, 1), "{f}");
+        assert!(q.stderr.contains("Image format driver does not support resize"), "{}", q.stderr);
+        // VHDX is not writable by oxcow: refused at open, still one line.
+        let want = if fmt == "vhdx" { "cannot write vhdx" } else { "Image format driver does not support resize" };
+        assert!(o.stderr.contains(want), "{f}: {}", o.stderr);
+        assert!(std::fs::read(dir.join(f)).unwrap() == before, "{f} changed");
+    }
+}

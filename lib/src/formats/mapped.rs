@@ -69,6 +69,10 @@ pub trait Layout: Send + Sync {
     fn write_run(&self, _offset: u64, _buf: &[u8], _backing: Option<&dyn BlockDevice>) -> Result<usize> {
         Err(Error::ReadOnly(format!("oxcow does not write {} images", self.format_name())))
     }
+    /// Changes the virtual size, where the format allows it.
+    fn resize(&self, _new_len: u64) -> Result<()> {
+        Err(Error::invalid("Image format driver does not support resize"))
+    }
     /// Checks the format's tables as `qemu-img check` does; formats
     /// qemu-img does not check keep the default.
     fn check(&self) -> Result<crate::qcow2::CheckReport> {
@@ -275,8 +279,11 @@ impl BlockDevice for MappedImage {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
-    fn resize(&self, _new_len: u64) -> Result<()> {
-        Err(Error::invalid("Image format driver does not support resize"))
+    fn resize(&self, new_len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(self.refuse());
+        }
+        self.layout.resize(new_len)
     }
     fn close(&self) -> Result<()> {
         if self.read_only {

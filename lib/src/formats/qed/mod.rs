@@ -12,7 +12,7 @@ use super::{le32, le64, read_exact, read_vec, FormatInfo, Opened, MAX_TABLE_BYTE
 use crate::storage::Storage;
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Feature bits.
@@ -109,6 +109,8 @@ struct Qed {
     alloc: Mutex<u64>,
     /// The need-check bit is set on disk (and must be cleared on close).
     need_check: AtomicBool,
+    /// The virtual size (grows on resize).
+    size: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
@@ -187,7 +189,7 @@ impl Layout for Qed {
         "qed"
     }
     fn len(&self) -> u64 {
-        self.header.image_size
+        self.size.load(Ordering::Acquire)
     }
     fn supports_backing(&self) -> bool {
         true
@@ -245,7 +247,7 @@ impl Layout for Qed {
         let mut data = vec![0u8; cs as usize];
         let start = cluster * cs;
         if e == 0 {
-            let upto = (start + cs).min(self.header.image_size);
+            let upto = (start + cs).min(self.len());
             crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
         }
         data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
@@ -291,7 +293,7 @@ impl Layout for Qed {
         mark(0, u64::from(self.header.header_size));
         let tcl = self.table_bytes() / cs;
         mark(self.header.l1_table_offset, tcl);
-        r.total_clusters = self.header.image_size.div_ceil(cs);
+        r.total_clusters = self.len().div_ceil(cs);
         let bad = |e: u64| !e.is_multiple_of(cs) || e >= file_len;
         let l1: Vec<u64> = self.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
         let mut last = 0u64;
@@ -322,6 +324,23 @@ impl Layout for Qed {
         }
         r.leaks = used.iter().filter(|&&u| !u).count() as u64;
         Ok(r)
+    }
+    fn resize(&self, new_len: u64) -> Result<()> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let max = entries.saturating_mul(entries).saturating_mul(cs);
+        if !new_len.is_multiple_of(512) || new_len > max {
+            return Err(Error::invalid("Invalid image size specified"));
+        }
+        if new_len < self.len() {
+            return Err(Error::invalid("Shrinking images is currently not supported"));
+        }
+        // One field: the tables already cover the largest size.
+        let f = &self.files[0];
+        wio(f.write_at(&new_len.to_le_bytes(), 48), "header")?;
+        wio(f.flush(), "header")?;
+        self.size.store(new_len, Ordering::Release);
+        Ok(())
     }
     fn close(&self) -> Result<()> {
         if self.need_check.swap(false, Ordering::AcqRel) {
@@ -354,12 +373,13 @@ pub fn open(file: Arc<dyn Storage>, write: bool) -> Result<Opened> {
     let dirty = header.features & F_NEED_CHECK != 0;
     let q = Qed {
         files: [file],
-        header,
+        header: header.clone(),
         l1: RwLock::new(Vec::new()),
         file_len,
         l2_cache: Mutex::new(HashMap::new()),
         alloc: Mutex::new(end),
         need_check: AtomicBool::new(dirty && write),
+        size: AtomicU64::new(header.image_size),
     };
     q.check_table_offset(q.header.l1_table_offset, file_len)?;
     let l1 = read_vec(&*q.files[0], q.header.l1_table_offset, q.table_bytes(), MAX_TABLE_BYTES, "QED L1 table")?;
