@@ -291,7 +291,10 @@ fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let stream = match g.subformat.as_deref() {
         None | Some("monolithicSparse") => false,
         Some("streamOptimized") => true,
-        Some(other) => return Err(format!("oxcow cannot create {other} VMDK images yet")),
+        Some(sub @ ("monolithicFlat" | "twoGbMaxExtentFlat" | "twoGbMaxExtentSparse")) => {
+            return create_vmdk_extents(path, size, sub);
+        }
+        Some(other) => return Err(format!("Unknown subformat '{other}'")),
     };
     let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
@@ -302,6 +305,23 @@ fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
         oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size)
     };
     r.map_err(|e| message(&e))
+}
+
+/// A descriptor and its extent files, named after it as qemu-img names
+/// them, next to it.
+fn create_vmdk_extents(path: &str, size: u64, sub: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    let file_name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = file_name.strip_suffix(".vmdk").unwrap_or(&file_name).to_string();
+    let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+    let desc = create_file(p).map_err(|e| message(&e))?;
+    desc.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    let extents = |name: &str| -> oxcow::Result<std::sync::Arc<dyn oxcow::storage::Storage>> {
+        let f = create_file(&dir.join(name))?;
+        f.set_len(0).map_err(|e| oxcow::Error::io("creating VMDK extent", e))?;
+        Ok(f)
+    };
+    oxcow::formats::vmdk::create_with_extents(&*desc, sub, &base, size, &extents).map_err(|e| message(&e))
 }
 
 fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {

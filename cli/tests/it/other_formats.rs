@@ -692,3 +692,50 @@ fn resize_grows_qed_and_is_refused_elsewhere_as_qemu_img_does() {
         assert!(std::fs::read(dir.join(f)).unwrap() == before, "{f} changed");
     }
 }
+
+#[test]
+fn vmdk_descriptor_subformats_oxcow_creates_are_qemu_imgs_and_take_writes_across_extents() {
+    let d = tmp();
+    let dir = d.path();
+    for sub in ["monolithicFlat", "twoGbMaxExtentFlat", "twoGbMaxExtentSparse"] {
+        let o = format!("subformat={sub}");
+        ok(dir, OXCOW, &["create", "-q", "-f", "vmdk", "-o", &o, "e1.vmdk", "5G"]);
+        ok(dir, "qemu-img", &["create", "-q", "-f", "vmdk", "-o", &o, "e2.vmdk", "5G"]);
+        let desc = |f: &str| {
+            let t = std::fs::read_to_string(dir.join(f)).unwrap();
+            t.lines()
+                .filter(|l| !l.starts_with("CID="))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .replace(f.trim_end_matches(".vmdk"), "E")
+        };
+        assert_eq!(desc("e1.vmdk"), desc("e2.vmdk"), "{sub} descriptor");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("e1-"))
+            .collect();
+        names.sort();
+        assert!(!names.is_empty());
+        for n in &names {
+            let twin = n.replacen("e1", "e2", 1);
+            let len = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+            assert_eq!(len(n), len(&twin), "{sub}: {n}");
+            // Flat extents are holes; sparse ones are small: compare those.
+            if sub.ends_with("Sparse") {
+                assert!(std::fs::read(dir.join(n)).unwrap() == std::fs::read(dir.join(&twin)).unwrap(), "{sub}: {n}");
+            }
+        }
+        // A write across the first 2 GiB extent boundary.
+        let w = "write -q -P 3 2147483000 10000";
+        ok(dir, OXCOW, &["io", "-c", w, "e1.vmdk"]);
+        ok(dir, "qemu-io", &["-c", w, "e2.vmdk"]);
+        ok(dir, "qemu-img", &["compare", "e1.vmdk", "e2.vmdk"]);
+        let r = ok(dir, "qemu-img", &["check", "e1.vmdk"]);
+        assert!(r.stdout.contains("No errors were found"), "{}", r.stdout);
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+}

@@ -590,6 +590,76 @@ pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Re
     create_sparse(file, name, size, false)
 }
 
+/// The descriptor text qemu-img writes (`cid` aside) for `create_type`
+/// with `extents` lines, for a disk of `sectors`.
+fn descriptor_text(create_type: &str, extents: &str, sectors: u64) -> String {
+    let cid = u32::from_le_bytes(super::vdi::random_uuid()[..4].try_into().unwrap_or([0; 4]));
+    let cylinders = (sectors / (16 * 63)).min(16383);
+    format!(
+        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
+         # Extent description\n{extents}\n# The Disk Data Base\n#DDB\n\n\
+         ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
+         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n"
+    )
+}
+
+/// The extent files of a new descriptor-based VMDK of `size` bytes
+/// whose descriptor is named `base` + ".vmdk": name and sectors of each,
+/// as qemu-img names and sizes them (2 GiB extents for twoGbMaxExtent*).
+pub fn extent_plan(create_type: &str, base: &str, size: u64) -> Result<Vec<(String, u64)>> {
+    let sectors = size.div_ceil(512);
+    let (suffix, max) = match create_type {
+        "monolithicFlat" => ("flat", u64::MAX),
+        "twoGbMaxExtentFlat" => ("f", 4_194_304),
+        "twoGbMaxExtentSparse" => ("s", 4_194_304),
+        other => return Err(Error::unsupported(format!("creating {other} VMDK images"))),
+    };
+    let n = sectors.div_ceil(max).max(1);
+    Ok((0..n)
+        .map(|i| {
+            let name =
+                if max == u64::MAX { format!("{base}-flat.vmdk") } else { format!("{base}-{suffix}{:03}.vmdk", i + 1) };
+            (name, (sectors - i * max.min(sectors)).min(max))
+        })
+        .collect())
+}
+
+/// Creates a descriptor-based VMDK (monolithicFlat, twoGbMaxExtentFlat,
+/// twoGbMaxExtentSparse): the descriptor in `desc`, each extent of
+/// `extent_plan` in the storage `extents` returns for its name.
+pub fn create_with_extents(
+    desc: &dyn Storage,
+    create_type: &str,
+    base: &str,
+    size: u64,
+    extents: &dyn Fn(&str) -> Result<Arc<dyn Storage>>,
+) -> Result<()> {
+    let plan = extent_plan(create_type, base, size)?;
+    let sparse = create_type == "twoGbMaxExtentSparse";
+    let mut lines = String::new();
+    for (name, sectors) in &plan {
+        let f = extents(name)?;
+        if sparse {
+            create_extent(&*f, *sectors * 512)?;
+            lines += &format!("RW {sectors} SPARSE \"{name}\"\n");
+        } else {
+            f.set_len(sectors * 512).map_err(|e| Error::io("creating VMDK extent", e))?;
+            f.flush().map_err(|e| Error::io("creating VMDK extent", e))?;
+            lines += &format!("RW {sectors} FLAT \"{name}\" 0\n");
+        }
+    }
+    let text = descriptor_text(create_type, &lines, size.div_ceil(512));
+    let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating VMDK descriptor", e));
+    io(desc.write_at(text.as_bytes(), 0))?;
+    io(desc.flush())
+}
+
+/// A hosted sparse extent of a descriptor: monolithicSparse's layout
+/// with room for, but no, embedded descriptor.
+fn create_extent(file: &dyn Storage, size: u64) -> Result<()> {
+    create_sparse_inner(file, "", size, false, false)
+}
+
 /// Creates a streamOptimized VMDK as qemu-img does: the monolithicSparse
 /// layout, version 3, with deflate-compressed grains behind markers.
 pub fn create_stream_optimized(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
@@ -597,6 +667,10 @@ pub fn create_stream_optimized(file: &dyn Storage, name: &str, size: u64) -> Res
 }
 
 fn create_sparse(file: &dyn Storage, name: &str, size: u64, stream: bool) -> Result<()> {
+    create_sparse_inner(file, name, size, stream, true)
+}
+
+fn create_sparse_inner(file: &dyn Storage, name: &str, size: u64, stream: bool, with_desc: bool) -> Result<()> {
     let capacity = size.div_ceil(512);
     let (grain, gt_entries) = (128u64, 512u64);
     let gd_entries = capacity.div_ceil(grain * gt_entries);
@@ -640,7 +714,9 @@ fn create_sparse(file: &dyn Storage, name: &str, size: u64, stream: bool) -> Res
     }
     let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating VMDK image", e));
     io(file.write_at(&h, 0))?;
-    io(file.write_at(desc.as_bytes(), 512))?;
+    if with_desc {
+        io(file.write_at(desc.as_bytes(), 512))?;
+    }
     for dir in [rgd, gd] {
         let tables = dir + gd_sectors;
         let entries: Vec<u8> = (0..gd_entries).flat_map(|i| ((tables + i * gt_sectors) as u32).to_le_bytes()).collect();
