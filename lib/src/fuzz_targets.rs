@@ -220,3 +220,49 @@ fn damaged_snapshots(data: &[u8]) {
         }
     }
 }
+
+/// Opens arbitrary bytes as each of the other formats (QED, VDI, VPC,
+/// VMDK, VHDX) and reads what opens, in pieces.
+pub fn formats(data: &[u8]) {
+    use crate::formats::mapped::{read_all, MappedImage};
+    let no_extents = |_: &std::path::Path| -> crate::Result<Arc<dyn Storage>> {
+        Err(crate::Error::unsupported("no extent files while fuzzing"))
+    };
+    let path = std::path::Path::new("fuzz.img");
+    let opened = [
+        crate::formats::qed::open(storage(data), false),
+        crate::formats::vdi::open(storage(data)),
+        crate::formats::vpc::open(storage(data)),
+        crate::formats::vmdk::open(storage(data), path, &no_extents),
+        crate::formats::vhdx::open(storage(data), path),
+    ];
+    for o in opened.into_iter().flatten() {
+        read_all(&MappedImage::new(o.layout, None), 8 << 20);
+    }
+    // The same bytes opened writable, a few writes driven by the input
+    // (allocation over hostile tables must fail cleanly), then read
+    // back and checked.
+    let writable = [
+        crate::formats::qed::open(storage(data), true),
+        crate::formats::vdi::open(storage(data)),
+        crate::formats::vpc::open(storage(data)),
+        crate::formats::vmdk::open(storage(data), path, &no_extents),
+    ];
+    for o in writable.into_iter().flatten() {
+        let layout = o.layout.clone();
+        let dev = MappedImage::new(o.layout, None).writable(false);
+        let len = dev.len();
+        if len == 0 {
+            continue;
+        }
+        for (i, chunk) in data.chunks(97).take(8).enumerate() {
+            let seed = chunk.iter().fold(i as u64, |h, &b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+            let off = seed % len;
+            let n = (chunk.len() as u64 * 41).min(len - off) as usize;
+            let _ = dev.write_at(&vec![chunk[0]; n], off);
+        }
+        read_all(&dev, 8 << 20);
+        let _ = layout.check();
+        let _ = dev.close();
+    }
+}

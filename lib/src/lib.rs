@@ -99,6 +99,7 @@ mod cache_mode;
 mod device;
 mod error;
 pub mod format;
+pub mod formats;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzz_targets;

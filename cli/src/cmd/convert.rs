@@ -74,7 +74,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let [src_path, dst_path] = [&a.files[0], &a.files[1]];
     let out_fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
-    if a.backing.is_some() && out_fmt != Format::Qcow2 {
+    if a.backing.is_some() && !matches!(out_fmt, Format::Qcow2 | Format::Qed) {
         return Err(CliError::new(format!("Backing file not supported for file format '{}'", out_fmt.name())));
     }
     if a.backing.is_some() && a.no_create {

@@ -79,6 +79,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let img = oxcow::open(&a.file, &opts)
         .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::error::message(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);
+    crate::util::warn_if_probed_raw(&a.file, &img, write);
     let snap = match &a.snapshot {
         Some(name) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;

@@ -16,6 +16,7 @@ mod engine_vs_qemu;
 mod enospc_serve;
 mod failure_scope;
 mod fault_sweep;
+mod formats_concurrency;
 mod fuzz_corpus;
 mod hostile_images;
 mod lifecycle_chain;
