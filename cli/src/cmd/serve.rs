@@ -183,8 +183,14 @@ fn report_ready() {
 /// Runs the same command line without `--fork` as a child, waits until it
 /// listens (or fails), and returns.
 fn fork_and_wait() -> CliResult<i32> {
-    let exe =
-        std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?;
+    // Answering as qemu-nbd, the child must be started by that name too
+    // (the executable itself is oxcow and would read the line as its own).
+    let exe = match std::env::args_os().next() {
+        Some(name) if crate::dropin::active() => std::path::PathBuf::from(name),
+        _ => {
+            std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?
+        }
+    };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
     let mut child = std::process::Command::new(exe)
         .args(&args)

@@ -1,0 +1,85 @@
+//! The `qemu-img` front: global options, the command word, then the
+//! subcommand's own options, which `cmd/` already takes in qemu-img's
+//! spelling.
+
+use super::{prog, version_text, Tool, SUBCOMMAND};
+
+/// qemu-img's commands; the ones oxcow lacks are refused as qemu-img
+/// refuses a command it does not know.
+const COMMANDS: &[(&str, &str)] = &[
+    ("amend", "Update format-specific options of the image"),
+    ("bench", "Run a simple image benchmark"),
+    ("check", "Check the image's metadata for consistency"),
+    ("commit", "Commit an overlay's data into its backing image"),
+    ("compare", "Compare the guest-visible contents of two images"),
+    ("convert", "Copy an image, converting its format if asked"),
+    ("create", "Create a new image file"),
+    ("info", "Show information about an image"),
+    ("map", "Show the allocation map of an image"),
+    ("measure", "Compute the host size a new image needs"),
+    ("rebase", "Change the backing file of an image"),
+    ("resize", "Change the virtual size of an image"),
+    ("snapshot", "List, create, apply or delete internal snapshots"),
+];
+
+fn try_help() {
+    eprintln!("Try '{} --help' for more info", prog());
+}
+
+fn help() -> String {
+    let mut s = version_text(Tool::Img);
+    s += "Disk image utility (oxcow answering as qemu-img).  Usage:\n\n";
+    s += "  qemu-img [standard options] COMMAND [--help | command options]\n\n";
+    s += "Standard options:\n";
+    s += "  -h, --help\n     show this help and exit\n";
+    s += "  -V, --version\n     show the version and exit\n";
+    s += "  -T, --trace TRACE\n     tracing options (accepted, no trace points)\n\n";
+    s += "Commands (qemu-img COMMAND --help shows a command's options):\n\n";
+    for (c, what) in COMMANDS {
+        s += &format!("  {c} - {what}\n");
+    }
+    s
+}
+
+pub fn run(args: &[String]) -> u8 {
+    let mut i = 0;
+    // Global options come before the command word.
+    while let Some(a) = args.get(i) {
+        match a.as_str() {
+            "-h" | "--help" => {
+                print!("{}", help());
+                return 0;
+            }
+            "-V" | "--version" => {
+                print!("{}", version_text(Tool::Img));
+                return 0;
+            }
+            "-T" | "--trace" => i += 2,
+            s if s.starts_with("--trace=") || (s.starts_with("-T") && s.len() > 2) => i += 1,
+            s if s.starts_with('-') && s.len() > 1 => {
+                if s.starts_with("--") {
+                    eprintln!("{}: unrecognized option '{s}'", prog());
+                } else {
+                    eprintln!("{}: invalid option -- '{}'", prog(), &s[1..2]);
+                }
+                try_help();
+                return 1;
+            }
+            _ => break,
+        }
+    }
+    let Some(cmd) = args.get(i) else {
+        eprintln!("{}: Not enough arguments", prog());
+        try_help();
+        return 1;
+    };
+    if !COMMANDS.iter().any(|c| c.0 == cmd) {
+        eprintln!("{}: Command not found: {cmd}", prog());
+        try_help();
+        return 1;
+    }
+    let _ = SUBCOMMAND.set(cmd.clone());
+    let mut argv = vec![prog().to_string()];
+    argv.extend(args[i..].iter().cloned());
+    super::oxcow(argv)
+}
