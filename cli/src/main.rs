@@ -13,7 +13,13 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "oxcow", version, about = "qcow2 image tool compatible with qemu-img and qemu-io")]
+// A repeated option overrides the earlier one, as getopt-based qemu-img's do.
+#[command(
+    name = "oxcow",
+    version,
+    about = "qcow2 image tool compatible with qemu-img and qemu-io",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -72,7 +72,10 @@ struct Opened {
     img: Image,
     snap: Option<Arc<dyn BlockDevice>>,
     unmap: bool,
+    read_only: bool,
     path: String,
+    /// What it was opened with, for `reopen`.
+    cfg: OpenCfg,
 }
 
 impl Opened {
@@ -96,27 +99,55 @@ fn parse_discard(d: &str) -> CliResult<bool> {
     }
 }
 
+/// Request-size limits that QEMU's blkdebug and file drivers take: they
+/// change how requests are split, never what they read or write.
+const LIMIT_KEYS: &[&str] =
+    &["align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard", "request-alignment"];
+
 /// `--image-opts` / `open -o`: the driver and file name out of qemu's
 /// option string; other keys are refused rather than silently dropped.
+/// A blkdebug layer that only sets request limits passes straight through
+/// to its image.
 fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut file = None;
     for (k, v) in oxcow::options::split_options(spec) {
+        let last = k.rsplit('.').next().unwrap_or(&k);
         match k.as_str() {
-            "driver" => cfg.format = parse_format(Some(&v))?,
-            "file.filename" | "filename" | "file" => file = Some(v),
-            "file.driver" if v == "file" => {}
+            "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
+            "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
+            "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
+            "file.filename"
+            | "filename"
+            | "file"
+            | "image.filename"
+            | "file.image.filename"
+            | "image.file.filename" => file = Some(v),
             "read-only" => cfg.read_only = crate::util::parse_bool(&k, &v)?,
             "cache.direct" if crate::util::parse_bool(&k, &v)? => cfg.cache = CacheMode::None,
-            "cache.direct" => {}
+            "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
         }
     }
     Ok(file)
 }
 
+/// `blkdebug::FILE` (no rules file) is FILE; blkdebug with rules injects
+/// errors, which oxcow cannot.
+fn strip_blkdebug(path: &str) -> CliResult<&str> {
+    match path.strip_prefix("blkdebug:") {
+        None => Ok(path),
+        Some(rest) => match rest.strip_prefix(':') {
+            Some(file) => Ok(file),
+            None => Err(CliError::new("blkdebug error injection rules are not supported by oxcow")),
+        },
+    }
+}
+
 fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
+    let path = strip_blkdebug(path)?;
     let write = !cfg.read_only && cfg.snapshot.is_none();
     if cfg.force_share && write {
         return Err(CliError::new(format!(
@@ -143,7 +174,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         }
         None => None,
     };
-    Ok(Opened { img, snap, unmap: cfg.unmap, path: path.to_string() })
+    Ok(Opened { img, snap, unmap: cfg.unmap, read_only: !write, path: path.to_string(), cfg: cfg.clone() })
 }
 
 /// The state commands run in: the open image, if any, and the flags a
@@ -265,6 +296,9 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         "abort" => std::process::abort(),
         _ => {}
     }
+    if matches!(cmd, "reopen") {
+        return Flow::Done(cmd_reopen(s, &words[1..], out));
+    }
     let Some(o) = s.open.as_ref() else {
         if !known(cmd) {
             eprintln!("command \"{cmd}\" not found");
@@ -273,8 +307,81 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         }
         return Flow::Done(false);
     };
+    // Commands that need write permission are refused up front on a
+    // read-only node, in the block layer's words.
+    if matches!(cmd, "write" | "writev" | "aio_write" | "discard" | "truncate") && o.read_only {
+        eprintln!("{}: Block node is read-only", crate::dropin::prog());
+        return Flow::Done(false);
+    }
     // A command that stopped early has already said why.
     Flow::Done(exec(&o.img, o.dev(), o.unmap, &words, out).unwrap_or(false))
+}
+
+/// `reopen [(-r|-w)] [-c cache] [-o options]`: the same file again with
+/// changed flags; oxcow closes and opens it, which a qemu-io user cannot
+/// tell apart.
+fn cmd_reopen(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
+    let prog = crate::dropin::prog();
+    let Some(cur) = s.open.as_ref() else {
+        eprintln!("no file open, try 'help open'");
+        return false;
+    };
+    let o = match getopt(args, "c:o:rw") {
+        Ok(o) => o,
+        Err(c) => {
+            eprintln!("reopen: invalid option -- '{c}'");
+            usage(out, "reopen");
+            return false;
+        }
+    };
+    if !o.rest.is_empty() {
+        usage(out, "reopen");
+        return false;
+    }
+    let mut cfg = cur.cfg.clone();
+    let path = cur.path.clone();
+    if o.has('r') && o.has('w') {
+        eprintln!("{prog}: Only one -r/-w option may be given");
+        return false;
+    }
+    let r: CliResult<()> = (|| {
+        if let Some(c) = o.value('c') {
+            cfg.cache = parse_cache(c)?;
+        }
+        if let Some(spec) = o.value('o') {
+            for (k, v) in oxcow::options::split_options(spec) {
+                match k.as_str() {
+                    "read-only" => cfg.read_only = crate::util::parse_bool(&k, &v)?,
+                    "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+                    other => return Err(CliError::new(format!("Cannot change the option '{other}'"))),
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        eprintln!("{prog}: {}", e.msg);
+        return false;
+    }
+    if o.has('r') {
+        cfg.read_only = true;
+    }
+    if o.has('w') {
+        cfg.read_only = false;
+    }
+    if !s.close() {
+        return false;
+    }
+    match open_image(&path, &cfg) {
+        Ok(op) => {
+            s.open = Some(op);
+            true
+        }
+        Err(e) => {
+            eprintln!("{prog}: {}", e.msg);
+            false
+        }
+    }
 }
 
 /// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
@@ -292,6 +399,10 @@ fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
             return false;
         }
     };
+    if o.rest.len() > 1 {
+        usage(out, "open");
+        return false;
+    }
     let mut cfg = s.cfg.clone();
     let r: CliResult<Opened> = (|| {
         for (c, v) in &o.flags {
@@ -400,33 +511,29 @@ const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
     ),
     ("alloc", "alloc offset [count] -- checks if offset is allocated in the file", 1, Some(2)),
     ("close", "close -- close the current open file", 0, Some(0)),
-    ("discard", "discard [-Cq] off len -- discards a number of bytes at a specified offset", 2, Some(2)),
+    ("discard", "discard [-Cq] off len -- discards a number of bytes at a specified offset", 2, None),
     ("flush", "flush -- flush all in-core file state to disk", 0, Some(0)),
     ("help", "help [command] -- help for one or all commands", 0, Some(1)),
     ("info", "info -- prints information about the current file", 0, Some(0)),
     ("length", "length -- gets the length of the current file", 0, Some(0)),
     ("map", "map  -- prints the allocated areas of a file", 0, Some(0)),
-    (
-        "open",
-        "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
-        0,
-        Some(1),
-    ),
+    ("open", "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path", 0, None),
     ("quit", "quit -- exit the program", 0, Some(0)),
+    ("reopen", "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options", 0, None),
     (
         "read",
         "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
         2,
-        Some(2),
+        None,
     ),
     ("readv", "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset", 2, None),
     ("sleep", "sleep -- waits for the given value in milliseconds", 1, Some(1)),
-    ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1, Some(1)),
+    ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1, Some(3)),
     (
         "write",
         "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
         2,
-        Some(2),
+        None,
     ),
     (
         "writev",
@@ -527,8 +634,19 @@ fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Dur
     );
 }
 
+/// A request past the end of the device fails as the block layer fails
+/// it, with EIO, before it reaches the image.
+fn in_range(dev: &dyn BlockDevice, what: &str, off: u64, len: u64) -> Result<(), Stop> {
+    if off.checked_add(len).is_some_and(|end| end <= dev.len()) {
+        return Ok(());
+    }
+    println!("{what} failed: {}", crate::error::os_message(&std::io::Error::from_raw_os_error(libc::EIO)));
+    Err(Stop)
+}
+
+/// qemu-io reports a failed request on stdout, where its result would go.
 fn fail(what: &str, e: oxcow::Error) -> Stop {
-    eprintln!("{what} failed: {}", crate::error::request_message(&e));
+    println!("{what} failed: {}", crate::error::request_message(&e));
     Stop
 }
 
@@ -538,7 +656,7 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
     let args = &words[1..];
     let spec = match cmd {
         "read" => "P:vqCabprs:l:",
-        "write" => "P:zuqCbcfnrs:",
+        "write" => "P:zuqCbcfnprs:",
         "readv" => "P:vqCr",
         "writev" => "P:qCfr",
         "aio_read" => "P:vqCir",
@@ -562,6 +680,16 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
     if !arg_count(cmd, o.rest.len()) {
         return Err(Stop);
     }
+    // These take any count past their least and check it themselves.
+    let exact = match cmd {
+        "read" | "write" | "discard" => Some(2),
+        "truncate" => Some(1),
+        _ => None,
+    };
+    if exact.is_some_and(|n| o.rest.len() != n) {
+        usage(out, cmd);
+        return Err(Stop);
+    }
     match cmd {
         "readv" | "aio_read" => {
             let off = num(out, o.rest[0])?;
@@ -574,9 +702,10 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                 return Err(Stop);
             }
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
+            in_range(dev, cmd, off, len)?;
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
-            dev.read_at(&mut buf, off).map_err(|e| fail("read", e))?;
+            dev.read_at(&mut buf, off).map_err(|e| fail(cmd, e))?;
             let el = t.elapsed();
             let mut ok = true;
             if let Some(p) = pat {
@@ -599,20 +728,21 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             for w in &o.rest[1..] {
                 len += length(out, w, "")?;
             }
+            in_range(dev, cmd, off, len)?;
             let t = Instant::now();
             if o.has('z') {
                 if o.has('P') {
                     let _ = writeln!(out, "-z and -P cannot be specified at the same time");
                     return Err(Stop);
                 }
-                dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail("write", e))?;
+                dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail(cmd, e))?;
             } else {
                 let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
                 let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
-                dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
+                dev.write_at(&buf, off).map_err(|e| fail(cmd, e))?;
             }
             if o.has('f') {
-                dev.flush().map_err(|e| fail("write", e))?;
+                dev.flush().map_err(|e| fail(cmd, e))?;
             }
             if !o.has('q') {
                 report(out, "wrote", len, off, t.elapsed());
@@ -648,6 +778,7 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             let off = num(out, o.rest[0])?;
             let len = length(out, o.rest[1], "")?;
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
+            in_range(dev, "read", off, len)?;
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
             dev.read_at(&mut buf, off).map_err(|e| fail("read", e))?;
@@ -698,12 +829,18 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                 let _ = writeln!(out, "-z and -P cannot be specified at the same time");
                 return Err(Stop);
             }
+            in_range(dev, "write", off, len)?;
             let t = Instant::now();
             if zero {
                 dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail("write", e))?;
             } else {
-                let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
-                let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
+                let buf = match o.value('s') {
+                    Some(f) => source_file(f, len)?,
+                    None => {
+                        let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
+                        vec![p; usize::try_from(len).map_err(|_| Stop)?]
+                    }
+                };
                 if o.has('c') {
                     write_compressed(img, &buf, off).map_err(|e| fail("write", e))?;
                 } else {
@@ -722,6 +859,7 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
         "discard" => {
             let off = num(out, o.rest[0])?;
             let len = num(out, o.rest[1])?;
+            in_range(dev, "discard", off, len)?;
             let t = Instant::now();
             if unmap {
                 dev.discard(off, len).map_err(|e| fail("discard", e))?;
@@ -758,6 +896,20 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
         }
         _ => Err(Stop),
     }
+}
+
+/// `write -s FILE`: the request's bytes from the start of a file.
+fn source_file(path: &str, len: u64) -> Result<Vec<u8>, Stop> {
+    let data = std::fs::read(path).map_err(|e| {
+        eprintln!("{}: Failed to open file '{path}': {}", crate::dropin::prog(), crate::error::os_message(&e));
+        Stop
+    })?;
+    let n = usize::try_from(len).map_err(|_| Stop)?;
+    if data.len() < n {
+        eprintln!("{}: Failed to read file '{path}': file is shorter than the request", crate::dropin::prog());
+        return Err(Stop);
+    }
+    Ok(data[..n].to_vec())
 }
 
 /// `write -c`: whole clusters, each compressed on its own.

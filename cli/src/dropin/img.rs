@@ -23,7 +23,7 @@ const COMMANDS: &[(&str, &str)] = &[
 ];
 
 fn try_help() {
-    eprintln!("Try '{} --help' for more info", prog());
+    eprintln!("Try '{} --help' for more info", super::argv0());
 }
 
 fn help() -> String {

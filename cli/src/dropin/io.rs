@@ -59,7 +59,7 @@ pub fn run(args: &[String]) -> u8 {
     let p = match parse(args, SHORTS, LONGS) {
         Ok(p) => p,
         Err(msg) => {
-            eprintln!("{}: {msg}", prog());
+            eprintln!("{}: {msg}", super::argv0());
             print!("{}", help());
             return 1;
         }
@@ -81,7 +81,11 @@ pub fn run(args: &[String]) -> u8 {
         return 1;
     }
     let mut argv: Vec<String> = vec![prog().into(), "io".into()];
-    for (k, v) in &p.opts {
+    for (i, (k, v)) in p.opts.iter().enumerate() {
+        // getopt lets a later value win; pass each single-valued option once.
+        if k != "c" && p.opts[i + 1..].iter().any(|o| &o.0 == k) {
+            continue;
+        }
         match (k.as_str(), v) {
             ("c", Some(c)) => argv.extend(["-c".to_string(), c.clone()]),
             ("f" | "t" | "d" | "i", Some(v)) => argv.extend([format!("-{k}"), v.clone()]),

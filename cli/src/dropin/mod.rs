@@ -43,6 +43,13 @@ impl Tool {
 }
 
 static PROG: OnceLock<&'static str> = OnceLock::new();
+static ARGV0: OnceLock<String> = OnceLock::new();
+
+/// argv[0] as given: glibc's getopt and qemu-img's "Try ... --help" hint
+/// quote it whole, where message prefixes use the tool's name.
+pub fn argv0() -> &'static str {
+    ARGV0.get().map_or_else(prog, String::as_str)
+}
 
 /// The prefix of every message: the tool's name in drop-in mode, else `oxcow`.
 pub fn prog() -> &'static str {
@@ -72,6 +79,7 @@ pub fn tool_for(argv0: Option<&OsString>) -> Option<Tool> {
 /// Runs the tool's front over the whole command line (argv[0] included).
 pub fn run(tool: Tool, argv: Vec<OsString>) -> ExitCode {
     let _ = PROG.set(tool.name());
+    let _ = ARGV0.set(argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default());
     let args: Vec<String> = argv.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
     let code = match tool {
         Tool::Img => img::run(&args),
@@ -121,9 +129,9 @@ pub fn usage_error(e: &clap::Error) -> Option<String> {
         }
         _ => return None,
     };
-    let p = prog();
-    let head = if what.starts_with("Expecting") { p.to_string() } else { format!("{p} {sub}") };
-    Some(format!("{head}: {what}\nTry '{p} {sub} --help' for more info\n"))
+    let a = argv0();
+    let head = if what.starts_with("Expecting") { prog().to_string() } else { format!("{a} {sub}") };
+    Some(format!("{head}: {what}\nTry '{a} {sub} --help' for more info\n"))
 }
 
 /// Runs an `oxcow` command line (program name first) through the normal

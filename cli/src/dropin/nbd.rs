@@ -96,8 +96,9 @@ pub fn run(args: &[String]) -> u8 {
     let p = match parse(args, SHORTS, LONGS) {
         Ok(p) => p,
         Err(msg) => {
-            eprintln!("{}: {msg}", prog());
-            eprintln!("Try '{} --help' for more information.", prog());
+            let a = super::argv0();
+            eprintln!("{a}: {msg}");
+            eprintln!("{}: Try `{a} --help' for more information.", prog());
             return 1;
         }
     };
