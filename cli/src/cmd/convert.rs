@@ -56,8 +56,9 @@ pub struct Args {
     /// `snapshot.id=ID`, or a bare name or id.
     #[arg(short = 'l')]
     snapshot_param: Option<String>,
-    /// Source image, then target.
-    #[arg(required = true, num_args = 2)]
+    /// Source image, then target. One value per occurrence, so options
+    /// may come between them as getopt allows.
+    #[arg(required = true)]
     files: Vec<String>,
 }
 
@@ -68,7 +69,11 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
-    let [src_path, dst_path] = [&a.files[0], &a.files[1]];
+    let (src_path, dst_path) = match a.files.as_slice() {
+        [s, d] => (s, d),
+        [_] => return Err(CliError::new("Must specify image file name")),
+        _ => return Err(CliError::new("Converting several source images into one is not supported by oxcow")),
+    };
     let out_fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
     if a.backing.is_some() && out_fmt != Format::Qcow2 {

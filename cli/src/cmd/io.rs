@@ -266,17 +266,26 @@ enum Flow {
 
 fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
     let words: Vec<&str> = line.split_whitespace().collect();
-    let Some(&cmd) = words.first() else { return Flow::Done(true) };
+    let Some(&typed) = words.first() else { return Flow::Done(true) };
+    let cmd = canonical(typed);
     match cmd {
-        "quit" | "q" => return Flow::Quit,
-        "open" | "o" => return Flow::Done(cmd_open(s, &words[1..], out)),
-        "close" | "c" => {
+        "quit" => return Flow::Quit,
+        "open" => {
+            if !arg_count("open", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
+            return Flow::Done(cmd_open(s, &words[1..], out));
+        }
+        "close" => {
+            if !arg_count("close", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
             if s.open.is_none() {
                 return Flow::Done(true);
             }
             return Flow::Done(s.close());
         }
-        "help" | "?" => {
+        "help" => {
             help(out, words.get(1).copied());
             return Flow::Done(true);
         }
@@ -517,7 +526,7 @@ const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
     ("info", "info -- prints information about the current file", 0, Some(0)),
     ("length", "length -- gets the length of the current file", 0, Some(0)),
     ("map", "map  -- prints the allocated areas of a file", 0, Some(0)),
-    ("open", "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path", 0, None),
+    ("open", "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path", 1, None),
     ("quit", "quit -- exit the program", 0, Some(0)),
     ("reopen", "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options", 0, None),
     (
@@ -569,7 +578,28 @@ fn help(out: &mut dyn Write, cmd: Option<&str>) {
 }
 
 /// Checks the argument count as qemu-io does, in its words.
-fn arg_count(cmd: &str, n: usize) -> bool {
+/// qemu-io's one-letter names for its commands.
+const ALIASES: &[(&str, &str)] = &[
+    ("r", "read"),
+    ("w", "write"),
+    ("a", "alloc"),
+    ("l", "length"),
+    ("i", "info"),
+    ("t", "truncate"),
+    ("d", "discard"),
+    ("o", "open"),
+    ("c", "close"),
+    ("q", "quit"),
+    ("?", "help"),
+    ("f", "flush"),
+];
+
+fn canonical(word: &str) -> &str {
+    ALIASES.iter().find(|a| a.0 == word).map_or(word, |a| a.1)
+}
+
+/// `typed` is the name as given (messages quote it, alias or not).
+fn arg_count(cmd: &str, typed: &str, n: usize) -> bool {
     let Some(&(_, _, min, max)) = USAGE.iter().find(|u| u.0 == cmd) else { return true };
     if n >= min && max.is_none_or(|m| n <= m) {
         return true;
@@ -579,7 +609,7 @@ fn arg_count(cmd: &str, n: usize) -> bool {
         Some(m) if m == min => format!("{min}"),
         Some(m) => format!("between {min} and {m}"),
     };
-    eprintln!("bad argument count {n} to {cmd}, expected {expected} arguments");
+    eprintln!("bad argument count {n} to {typed}, expected {expected} arguments");
     false
 }
 
@@ -652,7 +682,8 @@ fn fail(what: &str, e: oxcow::Error) -> Stop {
 
 /// Runs one command; Ok(false) means it ran but reported a failure.
 fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
-    let cmd = words[0];
+    let typed = words[0];
+    let cmd = canonical(typed);
     let args = &words[1..];
     let spec = match cmd {
         "read" => "P:vqCabprs:l:",
@@ -677,7 +708,7 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             return Err(Stop);
         }
     };
-    if !arg_count(cmd, o.rest.len()) {
+    if !arg_count(cmd, typed, o.rest.len()) {
         return Err(Stop);
     }
     // These take any count past their least and check it themselves.

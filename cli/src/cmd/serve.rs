@@ -147,8 +147,13 @@ pub fn run(a: Args) -> CliResult<i32> {
             let l = std::os::unix::net::UnixListener::bind(path)
                 .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {}", os_message(&e))))?;
             report_ready();
+            let ours = socket_identity(path);
             let r = server.serve(l, shutdown, &serve_opts);
-            let _ = std::fs::remove_file(path);
+            // A successor may already listen at the same path (a script
+            // that stops one server and starts the next); its socket stays.
+            if ours.is_some() && socket_identity(path) == ours {
+                let _ = std::fs::remove_file(path);
+            }
             r
         }
         None => {
@@ -169,6 +174,12 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     img.close()?;
     Ok(0)
+}
+
+/// The socket file's device and inode, to tell ours from a successor's.
+fn socket_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// In a forked child: tell the parent the server listens.

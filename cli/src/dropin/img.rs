@@ -80,6 +80,59 @@ pub fn run(args: &[String]) -> u8 {
     }
     let _ = SUBCOMMAND.set(cmd.clone());
     let mut argv = vec![prog().to_string()];
-    argv.extend(args[i..].iter().cloned());
+    if args[i..].iter().any(|a| a == "--image-opts") {
+        match image_opts(cmd, &args[i + 1..]) {
+            Ok(rest) => {
+                argv.push(cmd.clone());
+                argv.extend(rest);
+            }
+            Err(msg) => {
+                eprintln!("{}: {msg}", prog());
+                return 1;
+            }
+        }
+    } else {
+        argv.extend(args[i..].iter().cloned());
+    }
     super::oxcow(argv)
+}
+
+/// Commands that take one image, named by `-f` and a file name.
+const ONE_IMAGE: &[&str] =
+    &["amend", "bench", "check", "commit", "info", "map", "measure", "rebase", "resize", "snapshot"];
+
+/// `--image-opts`: each image is an option string; for the commands
+/// with one image it becomes its file name and `-f DRIVER`. Keys beyond
+/// the driver and file name are refused, not dropped.
+fn image_opts(cmd: &str, args: &[String]) -> Result<Vec<String>, String> {
+    if !ONE_IMAGE.contains(&cmd) {
+        return Err(format!("--image-opts is not supported by oxcow {cmd}"));
+    }
+    let mut out = Vec::new();
+    for a in args {
+        if a == "--image-opts" {
+            continue;
+        }
+        let opts = oxcow::options::split_options(a);
+        if !a.contains('=') || !opts.iter().any(|(k, _)| k == "driver" || k.ends_with("filename")) {
+            out.push(a.clone());
+            continue;
+        }
+        let mut file = None;
+        let mut driver = None;
+        for (k, v) in opts {
+            match k.as_str() {
+                "driver" => driver = Some(v),
+                "file.filename" | "filename" => file = Some(v),
+                "file.driver" if v == "file" => {}
+                _ => return Err(format!("Unsupported image option '{k}'")),
+            }
+        }
+        let file = file.ok_or_else(|| "A block device must be specified by filename".to_string())?;
+        if let Some(d) = driver.filter(|d| d != "file") {
+            out.extend(["-f".to_string(), d]);
+        }
+        out.push(file);
+    }
+    Ok(out)
 }

@@ -142,6 +142,27 @@ fn qemu_io_command_errors() {
 }
 
 #[test]
+fn qemu_io_one_letter_command_names() {
+    io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "w -P 3 0 512",
+        "-c",
+        "r -P 3 0 512",
+        "-c",
+        "r",
+        "-c",
+        "a 0",
+        "-c",
+        "l",
+        "-c",
+        "c 1",
+        "x.qcow2",
+    ]);
+}
+
+#[test]
 fn qemu_io_read_only_refuses_writes() {
     io(&["-f", "qcow2", "-r", "-c", "write 0 512", "-c", "discard 0 64k", "-c", "read 0 512", "x.qcow2"]);
 }
@@ -208,6 +229,10 @@ fn qemu_img_commands() {
     same("qemu-img", &["info", "missing.qcow2"], None, Cmp::All);
     same("qemu-img", &["create", "-f", "qcow2", "y.qcow2"], None, Cmp::All);
     same("qemu-img", &["compare", "x.qcow2", "x.qcow2"], None, Cmp::All);
+    // Sizes differ and so does the common part: only the mismatch is told.
+    same("qemu-img", &["compare", "x.qcow2", "raw.img"], None, Cmp::All);
+    // getopt lets options follow the first file name.
+    same("qemu-img", &["convert", "x.qcow2", "-O", "raw", "y.raw"], None, Cmp::All);
 }
 
 #[test]
