@@ -3,6 +3,7 @@
 //! as `qemu-img`, `qemu-io` or `qemu-nbd` it takes that tool's command
 //! line instead (`dropin/`).
 
+mod broken_pipe;
 mod cmd;
 mod dropin;
 mod error;
@@ -64,6 +65,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    broken_pipe::install();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(tool) = dropin::tool_for(argv.first()) {
         return dropin::run(tool, argv);

@@ -310,3 +310,24 @@ fn qemu_nbd_fork_serves_to_qemu_io() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("read 65536/65536 bytes at offset 65536"), "{out}");
 }
+
+/// Output into a pipe nobody reads ended in a panic and a backtrace; the
+/// C tools end quietly there (SIGPIPE). The pipe's read end is closed
+/// before the program starts, so its first write fails every time.
+#[test]
+fn info_into_a_closed_pipe_ends_quietly() {
+    let (ours, _) = sides();
+    let script = "import os, subprocess, sys\n\
+                  r, w = os.pipe()\n\
+                  os.close(r)\n\
+                  p = subprocess.run(sys.argv[1:], stdout=w, stderr=subprocess.PIPE)\n\
+                  sys.stdout.write('%d\\n%s' % (p.returncode, p.stderr.decode()))\n";
+    for prog in [OXCOW.to_string(), ours.bin.join("qemu-img").display().to_string()] {
+        let x = ours.dir.path().join("x.qcow2");
+        let (code, out, err) = process::run("python3", &["-c", script, &prog, "info", s(&x)]);
+        assert_eq!(code, 0, "{err}");
+        let (status, stderr) = out.split_once('\n').unwrap_or((&out, ""));
+        assert_eq!(status, "-13", "{prog}: not ended by SIGPIPE: {out}");
+        assert_eq!(stderr, "", "{prog}");
+    }
+}
