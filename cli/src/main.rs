@@ -73,6 +73,13 @@ fn main() -> ExitCode {
     ExitCode::from(run_args(argv))
 }
 
+/// Whether oxcow has this subcommand (the drop-in fronts offer QEMU's
+/// commands that oxcow implements, whichever those are at build time).
+pub(crate) fn has_subcommand(name: &str) -> bool {
+    use clap::CommandFactory;
+    Cli::command().find_subcommand(name).is_some()
+}
+
 /// Parses an `oxcow` command line (program name first) and runs it;
 /// returns the exit status.
 pub(crate) fn run_args<I, T>(argv: I) -> u8

@@ -5,15 +5,17 @@
 use super::{prog, version_text, Tool, SUBCOMMAND};
 
 /// qemu-img's commands; the ones oxcow lacks are refused as qemu-img
-/// refuses a command it does not know.
+/// refuses a command it does not know (see [`offered`]).
 const COMMANDS: &[(&str, &str)] = &[
     ("amend", "Update format-specific options of the image"),
     ("bench", "Run a simple image benchmark"),
+    ("bitmap", "Change the persistent dirty bitmaps of an image"),
     ("check", "Check the image's metadata for consistency"),
     ("commit", "Commit an overlay's data into its backing image"),
     ("compare", "Compare the guest-visible contents of two images"),
     ("convert", "Copy an image, converting its format if asked"),
     ("create", "Create a new image file"),
+    ("dd", "Copy between images dd-style"),
     ("info", "Show information about an image"),
     ("map", "Show the allocation map of an image"),
     ("measure", "Compute the host size a new image needs"),
@@ -21,6 +23,11 @@ const COMMANDS: &[(&str, &str)] = &[
     ("resize", "Change the virtual size of an image"),
     ("snapshot", "List, create, apply or delete internal snapshots"),
 ];
+
+/// A qemu-img command that oxcow implements.
+fn offered(cmd: &str) -> bool {
+    COMMANDS.iter().any(|c| c.0 == cmd) && crate::has_subcommand(cmd)
+}
 
 fn try_help() {
     eprintln!("Try '{} --help' for more info", super::argv0());
@@ -35,7 +42,7 @@ fn help() -> String {
     s += "  -V, --version\n     show the version and exit\n";
     s += "  -T, --trace TRACE\n     tracing options (accepted, no trace points)\n\n";
     s += "Commands (qemu-img COMMAND --help shows a command's options):\n\n";
-    for (c, what) in COMMANDS {
+    for (c, what) in COMMANDS.iter().filter(|c| offered(c.0)) {
         s += &format!("  {c} - {what}\n");
     }
     s
@@ -73,7 +80,7 @@ pub fn run(args: &[String]) -> u8 {
         try_help();
         return 1;
     };
-    if !COMMANDS.iter().any(|c| c.0 == cmd) {
+    if !offered(cmd) {
         eprintln!("{}: Command not found: {cmd}", prog());
         try_help();
         return 1;
