@@ -303,6 +303,19 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
             };
         }
         "abort" => std::process::abort(),
+        "sigraise" => {
+            if !arg_count("sigraise", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
+            let Ok(n) = num(out, words[1]) else { return Flow::Done(false) };
+            let Some(sig) = i32::try_from(n).ok().filter(|&s| s <= libc::SIGRTMAX()) else {
+                let _ = writeln!(out, "signal argument '{}' is too large to be a valid signal", words[1]);
+                return Flow::Done(false);
+            };
+            // What was printed so far must be out before the signal ends us.
+            let _ = out.flush();
+            return Flow::Done(signal_hook::low_level::raise(sig).is_ok());
+        }
         _ => {}
     }
     if matches!(cmd, "reopen") {
@@ -536,6 +549,7 @@ const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
         None,
     ),
     ("readv", "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset", 2, None),
+    ("sigraise", "sigraise signal -- raises a signal", 1, Some(1)),
     ("sleep", "sleep -- waits for the given value in milliseconds", 1, Some(1)),
     ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1, Some(3)),
     (

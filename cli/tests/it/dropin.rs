@@ -163,6 +163,12 @@ fn qemu_io_one_letter_command_names() {
 }
 
 #[test]
+fn qemu_io_sigraise_ends_the_run_by_the_signal() {
+    io(&["-f", "qcow2", "-c", "sigraise x", "-c", "sigraise 99999", "x.qcow2"]);
+    io(&["-f", "qcow2", "-c", "write -P 7 0 512", "-c", "sigraise 9", "-c", "read 0 512", "x.qcow2"]);
+}
+
+#[test]
 fn qemu_io_read_only_refuses_writes() {
     io(&["-f", "qcow2", "-r", "-c", "write 0 512", "-c", "discard 0 64k", "-c", "read 0 512", "x.qcow2"]);
 }
