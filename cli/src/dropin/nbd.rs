@@ -128,11 +128,12 @@ pub fn run(args: &[String]) -> u8 {
             return fail(&format!("{what} is not supported by oxcow"));
         }
     }
-    let file = match p.args.as_slice() {
-        [f] => f.clone(),
-        [] => return fail("Expected exactly one file name"),
-        [_, extra, ..] => return fail(&format!("Invalid argument '{extra}'")),
+    let [file] = p.args.as_slice() else {
+        eprintln!("{}: Invalid number of arguments", prog());
+        eprintln!("Try `{} --help' for more information.", super::argv0());
+        return 1;
     };
+    let file = file.clone();
     if p.has("k") && (p.has("p") || p.has("b")) {
         return fail("-p and -b cannot be used together with -k");
     }

@@ -245,6 +245,9 @@ fn qemu_img_commands() {
 fn qemu_nbd_usage_errors() {
     same("qemu-nbd", &["--bogus", "x.qcow2"], None, Cmp::All);
     same("qemu-nbd", &["-z", "x.qcow2"], None, Cmp::All);
+    same("qemu-nbd", &[], None, Cmp::All);
+    same("qemu-nbd", &["x.qcow2", "raw.img"], None, Cmp::All);
+    same("qemu-nbd", &["-c", "/dev/nbd-none", "x.qcow2"], None, Cmp::All);
 }
 
 #[test]
