@@ -9,13 +9,19 @@
 # target/dropin-bin, fetches QEMU 10.0.2's test sources once into
 # target/qemu-iotests (from Debian's source package, by the fetch script in
 # $IOTESTS_DIR), and runs them with the runner from the same place.
-# Environment: IOTESTS_DIR (default ../shared/iotests, holding
+# Environment: IOTESTS_DIR (default ../shared/iotests or ../../shared/iotests, holding
 # fetch-qemu-iotests.sh, run-iotests.sh and iotests-baseline.txt), and the
 # runner's own knobs (IOTESTS_JOBS, IOTESTS_TIMEOUT, IOTESTS_WORK, ...).
 # The last line is the runner's: "iotests: P/N qcow2 tests pass".
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# Beside the checkout (../shared), or beside a worktree's parent (../../shared).
+if [ -z "${IOTESTS_DIR:-}" ]; then
+    for d in "$ROOT/../shared/iotests" "$ROOT/../../shared/iotests"; do
+        [ -x "$d/run-iotests.sh" ] && { IOTESTS_DIR=$(cd "$d" && pwd); break; }
+    done
+fi
 IOTESTS_DIR=${IOTESTS_DIR:-$ROOT/../shared/iotests}
 [ -x "$IOTESTS_DIR/run-iotests.sh" ] || { echo "iotests.sh: no runner in $IOTESTS_DIR (set IOTESTS_DIR)" >&2; exit 2; }
 SRC="$ROOT/target/qemu-iotests"
