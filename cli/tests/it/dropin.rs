@@ -237,6 +237,12 @@ fn qemu_img_commands() {
     same("qemu-img", &["compare", "x.qcow2", "x.qcow2"], None, Cmp::All);
     // Sizes differ and so does the common part: only the mismatch is told.
     same("qemu-img", &["compare", "x.qcow2", "raw.img"], None, Cmp::All);
+    // The backing file is opened before its format is asked for.
+    same("qemu-img", &["create", "-f", "qcow2", "-b", "missing.qcow2", "z.qcow2", "1M"], None, Cmp::All);
+    same("qemu-img", &["create", "-f", "qcow2", "-b", "x.qcow2", "z.qcow2"], None, Cmp::All);
+    same("qemu-img", &["create", "-f", "qcow2", "-u", "-b", "x.qcow2", "z.qcow2", "1M"], None, Cmp::All);
+    // -B needs its format named.
+    same("qemu-img", &["convert", "-O", "qcow2", "-B", "x.qcow2", "x.qcow2", "z.qcow2"], None, Cmp::All);
     // getopt lets options follow the first file name.
     same("qemu-img", &["convert", "x.qcow2", "-O", "raw", "y.raw"], None, Cmp::All);
 }
