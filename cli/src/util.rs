@@ -56,9 +56,14 @@ pub fn network_backing_allowed() -> bool {
 /// Says on stderr that opening the image repaired it (dirty bit set by an
 /// unclean close with lazy refcounts), as the user should know.
 pub fn report_dirty_repair(path: &str, img: &Image) {
+    // QEMU's tools repair silently; as them, so does oxcow.
+    if crate::dropin::active() {
+        return;
+    }
     if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {
         eprintln!(
-            "oxcow: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            "{}: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            crate::dropin::prog(),
             rep.leaks_fixed, rep.corruptions_fixed
         );
     }

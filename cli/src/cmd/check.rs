@@ -67,7 +67,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let report = match q.check(repair) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("oxcow: Check failed: {}", crate::error::message(&e));
+            eprintln!("{}: Check failed: {}", crate::dropin::prog(), crate::error::message(&e));
             return Ok(1);
         }
     };

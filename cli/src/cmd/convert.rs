@@ -5,8 +5,7 @@ use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
 use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
-use oxcow::{resolve_backing, Format, OpenOptions};
-use std::path::Path;
+use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,8 +57,9 @@ pub struct Args {
     snapshot_param: Option<String>,
     #[command(flatten)]
     objects: crate::image_opts::ObjectArgs,
-    /// Source image, then target.
-    #[arg(required = true, num_args = 2)]
+    /// Source image, then target. One value per occurrence, so options
+    /// may come between them as getopt allows.
+    #[arg(required = true)]
     files: Vec<String>,
 }
 
@@ -71,7 +71,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     };
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
-    let [src_path, dst_path] = [&a.files[0], &a.files[1]];
+    let (src_path, dst_path) = match a.files.as_slice() {
+        [s, d] => (s, d),
+        [_] => return Err(CliError::new("Must specify image file name")),
+        _ => return Err(CliError::new("Converting several source images into one is not supported by oxcow")),
+    };
     let out_fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
     if a.backing.is_some() && !matches!(out_fmt, Format::Qcow2 | Format::Qed) {
@@ -105,12 +109,12 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let size = sdev.len();
 
     if !a.no_create {
-        let mut bfmt = a.backing_format.clone();
-        if let (Some(b), None) = (&a.backing, &bfmt) {
-            // qemu-img convert probes the backing format when not given.
-            let bp = resolve_backing(Path::new(dst_path), b);
-            let bi = open_image(&bp.display().to_string(), &OpenOptions::default())?;
-            bfmt = Some(bi.format().name().to_string());
+        let bfmt = a.backing_format.clone();
+        // qemu-img no longer probes a -B file's format: it must
+        // be given, by -F or -o backing_fmt.
+        let fmt_in_options = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "backing_fmt");
+        if a.backing.is_some() && bfmt.is_none() && !fmt_in_options {
+            return Err(CliError::new("Use of backing file requires explicit backing format"));
         }
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }

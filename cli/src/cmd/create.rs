@@ -139,9 +139,6 @@ fn create(a: Args) -> CliResult<i32> {
         crate::util::parse_num(&s).ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'.")))?;
         g.size = Some(s);
     }
-    if g.backing_file.is_some() && g.backing_fmt.is_none() {
-        return Err(err("Backing file specified without backing format".into()));
-    }
     let mut size = match &g.size {
         Some(s) => Some(num_opt("size", s)?),
         None => None,
@@ -161,10 +158,21 @@ fn create(a: Args) -> CliResult<i32> {
                 err(format!("Could not open '{b}': {why}\nCould not open backing image."))
             })?;
             crate::util::report_dirty_repair(&bpath.display().to_string(), &bimg);
+            // As qemu-img: the backing file is opened first, so a missing
+            // one is reported before a missing format.
+            if g.backing_fmt.is_none() {
+                return Err(err(format!(
+                    "Backing file specified without backing format\nDetected format of {}.",
+                    bimg.format().name()
+                )));
+            }
             if size.is_none() {
                 size = Some(bimg.device().len());
             }
         }
+    }
+    if g.backing_file.is_some() && g.backing_fmt.is_none() {
+        return Err(err("Backing file specified without backing format".into()));
     }
     let Some(size) = size else {
         return Err(err("Image creation needs a size parameter".into()));

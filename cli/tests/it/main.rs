@@ -10,6 +10,7 @@ mod check_cli;
 mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
+mod dropin;
 mod lifecycle_cli;
 mod other_formats;
 mod read_compat;
