@@ -10,7 +10,7 @@
 
 mod alloc;
 mod amend;
-mod bitmaps;
+mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -29,7 +29,7 @@ mod state;
 mod write;
 
 pub use amend::{amend, AmendOptions};
-pub use bitmaps::BitmapInfo;
+pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::HostExtent;
@@ -97,6 +97,8 @@ pub struct Qcow2 {
     copy_on_read: bool,
     /// The failure that left the on-disk state unknown, if any.
     poison: Poison,
+    /// Persistent dirty bitmaps (`bitmap/`), a leaf lock after `meta`.
+    bitmaps: bitmap::Tracker,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -206,6 +208,7 @@ impl Qcow2 {
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
             poison: Poison::default(),
+            bitmaps: bitmap::Tracker::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -216,6 +219,8 @@ impl Qcow2 {
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
+            drop(m);
+            q.open_bitmaps(opts.repair)?;
         }
         Ok(q)
     }
@@ -227,9 +232,9 @@ impl Qcow2 {
         if h.version < 3 {
             return Ok(());
         }
-        // oxcow keeps the raw data file consistent but does not update
-        // persistent bitmaps, so their consistency bit must go.
-        let keep = Autoclear::KNOWN & !Autoclear::BITMAPS;
+        // oxcow keeps the raw data file consistent and maintains
+        // persistent bitmaps (`bitmap/`).
+        let keep = Autoclear::KNOWN;
         if h.autoclear_features & !keep != 0 {
             h.autoclear_features &= keep;
             self.write_header(m)?;
@@ -424,12 +429,15 @@ impl BlockDevice for Qcow2 {
         self.read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.note_guest_write(offset, buf.len() as u64)?;
         self.write(buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.zero_range(offset, len, may_unmap)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.discard_range(offset, len)
     }
     fn flush(&self) -> Result<()> {
