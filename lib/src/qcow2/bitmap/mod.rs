@@ -128,17 +128,17 @@ impl Qcow2 {
 
     /// Runs `f` on the bitmaps of an image open for writing; changes reach
     /// disk at the next clean close.
-    fn edit_bitmaps<T>(&self, f: impl FnOnce(&mut TrackState) -> Result<T>) -> Result<T> {
+    fn edit_bitmaps<T>(&self, name: &str, f: impl FnOnce(&mut TrackState) -> Result<T>) -> Result<T> {
         if self.read_only {
             return Err(Error::ReadOnly("image opened read-only".into()));
         }
         let mut st = self.bitmaps.lock();
         if !st.managed {
-            return Err(Error::unsupported(if self.g.v3 {
-                "persistent bitmaps of this image (its bitmap directory could not be loaded)"
+            return Err(if self.g.v3 {
+                Error::unsupported("persistent bitmaps of this image (its bitmap directory could not be loaded)")
             } else {
-                "Cannot store dirty bitmaps in qcow2 v2 files"
-            }));
+                not_found(name)
+            });
         }
         let r = f(&mut st);
         self.bitmaps.refresh(&st);
@@ -168,9 +168,14 @@ impl Qcow2 {
         if name.is_empty() {
             return Err(Error::invalid("Bitmap name cannot be empty"));
         }
+        if !self.g.v3 {
+            return Err(Error::invalid(format!(
+                "Can't make bitmap '{name}' persistent: Cannot store dirty bitmaps in qcow2 v2 files"
+            )));
+        }
         let size = crate::BlockDevice::len(self);
         let cluster_bits = self.g.cluster_bits;
-        self.edit_bitmaps(|st| {
+        self.edit_bitmaps(name, |st| {
             if st.find(name).is_some() {
                 return Err(Error::invalid(format!("Bitmap already exists: {name}")));
             }
@@ -200,7 +205,7 @@ impl Qcow2 {
     /// Removes bitmap `name` (an inconsistent one too); its clusters are
     /// freed when the change is stored.
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
-        self.edit_bitmaps(|st| {
+        self.edit_bitmaps(name, |st| {
             let i = st.find(name).ok_or_else(|| not_found(name))?;
             let b = st.bitmaps.remove(i);
             if let Some(t) = b.table {
@@ -213,7 +218,7 @@ impl Qcow2 {
 
     /// Runs `f` on the consistent bitmap `name`.
     fn edit_one<T>(&self, name: &str, f: impl FnOnce(&mut Bitmap) -> T) -> Result<T> {
-        self.edit_bitmaps(|st| {
+        self.edit_bitmaps(name, |st| {
             let i = st.find(name).ok_or_else(|| not_found(name))?;
             let b = &mut st.bitmaps[i];
             if b.inconsistent {

@@ -1,0 +1,207 @@
+//! Persistent dirty bitmaps against QEMU: the same operation run by oxcow
+//! and by QEMU's tools on copies of one image must leave the same bitmaps
+//! (names, flags, granularity: `qemu-img info`) with the same dirty
+//! ranges, and oxcow's image must check clean with `qemu-img check`.
+
+use crate::support::{json, ok, oxcow, qemu_img, run_in, tmp};
+use serde_json::Value;
+use std::path::Path;
+
+/// An image with QEMU's bitmaps: `b0` enabled, `b1` disabled at 128 KiB,
+/// some data written while b0 was recording.
+fn base(dir: &Path, name: &str) {
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", name, "64M"]);
+    ok(dir, "qemu-img", &["bitmap", "--add", name, "b0"]);
+    ok(dir, "qemu-img", &["bitmap", "--add", "-g", "128k", "--disable", name, "b1"]);
+    ok(dir, "qemu-io", &["-c", "write -P 1 1M 64k", "-c", "write -z 8M 1M", name]);
+}
+
+fn bitmaps_info(dir: &Path, name: &str) -> Value {
+    let r = ok(dir, "qemu-img", &["info", "--output=json", name]);
+    json(&r.stdout)["format-specific"]["data"]["bitmaps"].clone()
+}
+
+/// Every bitmap's dirty ranges, read by oxcow's library (consistent
+/// bitmaps only; inconsistent ones give their error text).
+fn dirty_maps(dir: &Path, name: &str) -> Vec<(String, Result<Vec<(u64, u64)>, String>)> {
+    let img = oxcow::open(dir.join(name), &oxcow::OpenOptions::read_only()).unwrap();
+    let q = img.qcow2().unwrap();
+    q.bitmaps()
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let d = q.bitmap_data(&b.name).map(|d| d.dirty_extents()).map_err(|e| e.to_string());
+            (b.name, d)
+        })
+        .collect()
+}
+
+fn assert_same_bitmaps(dir: &Path, ours: &str, theirs: &str) {
+    assert_eq!(bitmaps_info(dir, ours), bitmaps_info(dir, theirs), "qemu-img info bitmaps");
+    assert_eq!(dirty_maps(dir, ours), dirty_maps(dir, theirs), "dirty ranges");
+    let c = qemu_img(dir, &["check", ours]);
+    assert_eq!(c.code, 0, "qemu-img check of oxcow's image:\n{}{}", c.stdout, c.stderr);
+    let c = oxcow(dir, &["check", ours]);
+    assert_eq!(c.code, 0, "oxcow check:\n{}{}", c.stdout, c.stderr);
+}
+
+/// Runs `ours` with oxcow and `theirs` with QEMU's tool on two copies of
+/// the base image (`{}` in the arguments is the image) and compares.
+fn same_as_qemu(ours: &[&str], qemu_prog: &str, theirs: &[&str], want: i32) {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    let sub = |args: &[&str], f: &'static str| args.iter().map(|a| a.replace("{}", f)).collect::<Vec<_>>();
+    let a = sub(ours, "a.qcow2");
+    let b = sub(theirs, "b.qcow2");
+    let ra = oxcow(dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let rb = run_in(dir, qemu_prog, &b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!((ra.code, rb.code), (want, want), "oxcow {}{}\nqemu {}{}", ra.stdout, ra.stderr, rb.stdout, rb.stderr);
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+}
+
+#[test]
+fn io_writes_zeroes_and_discards_are_recorded_in_enabled_bitmaps_only() {
+    let cmds = ["-c", "write 2M 64k", "-c", "write -z 16M 3M", "-c", "discard 30M 128k", "-c", "write 63M 4k", "{}"];
+    let mut ours = vec!["io"];
+    ours.extend_from_slice(&cmds);
+    same_as_qemu(&ours, "qemu-io", &cmds, 0);
+}
+
+#[test]
+fn snapshot_create_and_delete_keep_bitmaps() {
+    same_as_qemu(&["snapshot", "-c", "s1", "{}"], "qemu-img", &["snapshot", "-c", "s1", "{}"], 0);
+}
+
+#[test]
+fn snapshot_apply_is_refused_with_bitmaps() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    ok(dir, "qemu-img", &["snapshot", "-c", "s1", "a.qcow2"]);
+    let r = oxcow(dir, &["snapshot", "-a", "s1", "a.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Could not apply snapshot 's1': Device has active dirty bitmaps"), "{}", r.stderr);
+    let q = qemu_img(dir, &["snapshot", "-a", "s1", "a.qcow2"]);
+    assert_eq!(q.code, 1);
+    assert_eq!(qemu_img(dir, &["check", "a.qcow2"]).code, 0);
+}
+
+#[test]
+fn resize_grows_and_shrinks_bitmaps() {
+    same_as_qemu(&["resize", "{}", "128M"], "qemu-img", &["resize", "{}", "128M"], 0);
+    same_as_qemu(&["resize", "--shrink", "{}", "2M"], "qemu-img", &["resize", "--shrink", "{}", "2M"], 0);
+}
+
+#[test]
+fn amend_keeps_bitmaps() {
+    same_as_qemu(
+        &["amend", "-o", "lazy_refcounts=on", "{}"],
+        "qemu-img",
+        &["amend", "-o", "lazy_refcounts=on", "{}"],
+        0,
+    );
+}
+
+#[test]
+fn check_repair_keeps_bitmaps() {
+    same_as_qemu(&["check", "-r", "all", "{}"], "qemu-img", &["check", "-r", "all", "{}"], 0);
+}
+
+#[test]
+fn bitmap_subcommand_matches_qemu_img() {
+    let seqs: &[(&[&str], i32)] = &[
+        (&["--add", "{}", "n"], 0),
+        (&["--add", "-g", "512", "--disable", "{}", "n"], 0),
+        (&["--remove", "{}", "b0"], 0),
+        (&["--remove", "{}", "b1"], 0),
+        (&["--clear", "{}", "b0"], 0),
+        (&["--disable", "{}", "b0"], 0),
+        (&["--enable", "{}", "b1"], 0),
+        (&["--merge", "b0", "{}", "b1"], 0),
+        (&["--add", "--merge", "b0", "-g", "4k", "{}", "n"], 0),
+        (&["--add", "--remove", "{}", "n"], 0),
+        (&["--add", "{}", "b0"], 1),
+        (&["--remove", "{}", "zz"], 1),
+        (&["--merge", "zz", "{}", "b1"], 1),
+        (&["--add", "-g", "1000", "{}", "x"], 1),
+    ];
+    for &(seq, want) in seqs {
+        let mut ours = vec!["bitmap"];
+        ours.extend_from_slice(seq);
+        let mut theirs = vec!["bitmap"];
+        theirs.extend_from_slice(seq);
+        same_as_qemu(&ours, "qemu-img", &theirs, want);
+    }
+}
+
+#[test]
+fn bitmap_errors_are_worded_as_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    for (args, want) in [
+        (&["--add", "a.qcow2", "b0"][..], "Operation add on bitmap b0 failed: Bitmap already exists: b0"),
+        (&["--remove", "a.qcow2", "zz"], "Operation remove on bitmap zz failed: Dirty bitmap 'zz' not found"),
+        (&["--add", "-g", "256", "a.qcow2", "x"], "failed: Granularity must be power of 2 and at least 512"),
+        (&["--add", "a.qcow2"], "Expecting filename and bitmap name"),
+    ] {
+        let mut a = vec!["bitmap"];
+        a.extend_from_slice(args);
+        let r = oxcow(dir, &a);
+        assert_eq!(r.code, 1, "{args:?}");
+        assert!(r.stderr.contains(want), "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn merge_from_another_image() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "src.qcow2");
+    base(dir, "a.qcow2");
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    ok(dir, "qemu-io", &["-c", "write 40M 64k", "src.qcow2"]);
+    let args = |f: &'static str| ["bitmap", "--merge", "b0", "-b", "src.qcow2", "-F", "qcow2", f, "b1"];
+    ok(dir, crate::support::OXCOW, &args("a.qcow2"));
+    ok(dir, "qemu-img", &args("b.qcow2"));
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+}
+
+/// A bitmap left in use by a crash (QEMU aborted while writing) stays
+/// inconsistent through oxcow's writes and checks as qemu-img does.
+#[test]
+fn in_use_bitmap_after_a_crash_is_kept_inconsistent() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    let r = run_in(dir, "qemu-io", &["-c", "write 0 64k", "-c", "abort", "a.qcow2"]);
+    assert_ne!(r.code, 0, "qemu-io abort");
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    ok(dir, crate::support::OXCOW, &["io", "-c", "write 4M 64k", "a.qcow2"]);
+    ok(dir, "qemu-io", &["-c", "write 4M 64k", "b.qcow2"]);
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+    let info = bitmaps_info(dir, "a.qcow2");
+    assert_eq!(info[0]["flags"], serde_json::json!(["in-use", "auto"]));
+    // QEMU's rules for an inconsistent bitmap: resize refused, removal works.
+    let r = oxcow(dir, &["resize", "a.qcow2", "128M"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Bitmap 'b0' is inconsistent and cannot be used"), "{}", r.stderr);
+    let r = oxcow(dir, &["bitmap", "--clear", "a.qcow2", "b0"]);
+    assert!(r.stderr.contains("Operation clear on bitmap b0 failed: Bitmap 'b0' is inconsistent"), "{}", r.stderr);
+    ok(dir, crate::support::OXCOW, &["bitmap", "--remove", "a.qcow2", "b0"]);
+    ok(dir, "qemu-img", &["bitmap", "--remove", "b.qcow2", "b0"]);
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+}
+
+#[test]
+fn info_human_output_matches_qemu_img() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    let section = |s: &str| s.lines().skip_while(|l| !l.contains("bitmaps:")).take(12).collect::<Vec<_>>().join("\n");
+    let ours = ok(dir, crate::support::OXCOW, &["info", "a.qcow2"]).stdout;
+    let theirs = ok(dir, "qemu-img", &["info", "a.qcow2"]).stdout;
+    assert_eq!(section(&ours), section(&theirs));
+}
