@@ -21,9 +21,12 @@ fn bitmaps_info(dir: &Path, name: &str) -> Value {
     json(&r.stdout)["format-specific"]["data"]["bitmaps"].clone()
 }
 
+/// A bitmap's name and its dirty ranges (or why it has none).
+type DirtyMap = (String, Result<Vec<(u64, u64)>, String>);
+
 /// Every bitmap's dirty ranges, read by oxcow's library (consistent
 /// bitmaps only; inconsistent ones give their error text).
-fn dirty_maps(dir: &Path, name: &str) -> Vec<(String, Result<Vec<(u64, u64)>, String>)> {
+fn dirty_maps(dir: &Path, name: &str) -> Vec<DirtyMap> {
     let img = oxcow::open(dir.join(name), &oxcow::OpenOptions::read_only()).unwrap();
     let q = img.qcow2().unwrap();
     q.bitmaps()
