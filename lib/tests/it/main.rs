@@ -10,6 +10,7 @@ mod check_vs_qemu;
 mod concurrency;
 mod concurrency_torture;
 mod crash_sweep;
+mod crash_sweep_bitmaps;
 mod damaged_images;
 mod direct_write_race;
 mod engine_vs_qemu;
