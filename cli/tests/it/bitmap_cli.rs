@@ -208,3 +208,26 @@ fn info_human_output_matches_qemu_img() {
     let theirs = ok(dir, "qemu-img", &["info", "a.qcow2"]).stdout;
     assert_eq!(section(&ours), section(&theirs));
 }
+
+#[test]
+fn convert_carries_bitmaps_as_qemu_img_does() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "src.qcow2");
+    ok(dir, crate::support::OXCOW, &["convert", "--bitmaps", "-O", "qcow2", "src.qcow2", "a.qcow2"]);
+    ok(dir, "qemu-img", &["convert", "--bitmaps", "-O", "qcow2", "src.qcow2", "b.qcow2"]);
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+    let r = oxcow(dir, &["convert", "--bitmaps", "-O", "raw", "src.qcow2", "x.raw"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Format driver 'raw' does not support bitmaps"), "{}", r.stderr);
+    // A bitmap left in use: refused, or skipped on request.
+    assert_ne!(run_in(dir, "qemu-io", &["-c", "write 0 64k", "-c", "abort", "src.qcow2"]).code, 0);
+    let r = oxcow(dir, &["convert", "--bitmaps", "-O", "qcow2", "src.qcow2", "c.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Cannot copy inconsistent bitmap 'b0'"), "{}", r.stderr);
+    let args = |f: &'static str| ["convert", "--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "src.qcow2", f];
+    let r = ok(dir, crate::support::OXCOW, &args("c.qcow2"));
+    assert!(r.stderr.contains("Skipping inconsistent bitmap 'b0'"), "{}", r.stderr);
+    ok(dir, "qemu-img", &args("d.qcow2"));
+    assert_same_bitmaps(dir, "c.qcow2", "d.qcow2");
+}

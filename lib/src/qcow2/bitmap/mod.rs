@@ -272,6 +272,30 @@ impl Qcow2 {
         b.bits.ok_or_else(|| inconsistent(name))
     }
 
+    /// Copies every bitmap of `src` into this image (`convert --bitmaps`):
+    /// same names, granularities, enabled state and bits. A bitmap `src`
+    /// found in use (inconsistent) is an error, or skipped when
+    /// `skip_inconsistent`; the names skipped are returned.
+    pub fn copy_bitmaps_from(&self, src: &Qcow2, skip_inconsistent: bool) -> Result<Vec<String>> {
+        let mut skipped = Vec::new();
+        for b in src.bitmaps()? {
+            if b.in_use {
+                if skip_inconsistent {
+                    skipped.push(b.name);
+                    continue;
+                }
+                return Err(Error::invalid(format!(
+                    "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                    b.name
+                )));
+            }
+            let bits = src.bitmap_data(&b.name)?;
+            self.bitmap_add(&b.name, Some(b.granularity), b.auto)?;
+            self.bitmap_merge(&b.name, &bits)?;
+        }
+        Ok(skipped)
+    }
+
     /// Whether the image has bitmaps QEMU would load (an operation that
     /// rewrites the whole disk, like reverting to a snapshot, is refused).
     pub fn has_bitmaps(&self) -> bool {
