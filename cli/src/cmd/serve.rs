@@ -50,6 +50,10 @@ pub struct Args {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer the persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME metadata context.
+    #[arg(short = 'B', long = "bitmap")]
+    bitmap: Option<String>,
     /// What discard requests do (ignore or unmap).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -129,7 +133,11 @@ pub fn run(a: Args) -> CliResult<i32> {
         .discard(discard)
         .detect_zeroes(detect_zeroes)
         .multi_conn_ok(a.shared > 1)
-        .allocation_depth(a.allocation_depth);
+        .allocation_depth(a.allocation_depth)
+        .dirty_bitmap(a.bitmap.clone());
+    if let Some(b) = &a.bitmap {
+        check_bitmap(&img, b)?;
+    }
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -201,4 +209,17 @@ fn fork_and_wait() -> CliResult<i32> {
     }
     let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
     Ok(status.code().unwrap_or(1).max(1))
+}
+
+/// qemu-nbd's refusals of `-B NAME`: no such bitmap, or one left in use.
+fn check_bitmap(img: &oxcow::Image, name: &str) -> CliResult<()> {
+    let found = match img.qcow2() {
+        Some(q) => q.bitmaps()?.into_iter().find(|b| b.name == name),
+        None => None,
+    };
+    match found {
+        None => Err(CliError::new(format!("Bitmap '{name}' is not found"))),
+        Some(b) if b.in_use => Err(CliError::new(format!("Bitmap '{name}' is inconsistent and cannot be used"))),
+        Some(_) => Ok(()),
+    }
 }

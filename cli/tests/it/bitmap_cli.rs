@@ -231,3 +231,116 @@ fn convert_carries_bitmaps_as_qemu_img_does() {
     ok(dir, "qemu-img", &args("d.qcow2"));
     assert_same_bitmaps(dir, "c.qcow2", "d.qcow2");
 }
+
+/// Serves `file` with `prog` (oxcow serve or qemu-nbd) exporting bitmap
+/// b0, runs guest writes over NBD, and returns `qemu-img map` of the
+/// `qemu:dirty-bitmap:b0` context with the server still running.
+fn served_dirty_map(dir: &Path, prog: &[&str], file: &str, sock: &str) -> (Server, String) {
+    use crate::support::process::wait_for_socket;
+    let path = dir.join(sock);
+    let mut args: Vec<&str> = prog[1..].to_vec();
+    let sock_path = path.to_str().unwrap().to_string();
+    args.extend_from_slice(&["-t", "-k", &sock_path, "-B", "b0", file]);
+    let mut child = std::process::Command::new(prog[0])
+        .args(&args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&path, Some(&mut child), prog[0]);
+    let child = Server(Some(child));
+    let url = format!("nbd+unix:///?socket={sock_path}");
+    ok(
+        dir,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 3 5M 64k", "-c", "write -z 50M 4k", "-c", "discard 60M 1M", &url],
+    );
+    let opts = format!("driver=nbd,server.type=unix,server.path={sock_path},x-dirty-bitmap=qemu:dirty-bitmap:b0");
+    let map = ok(dir, "qemu-img", &["map", "--output=json", "--image-opts", &opts]).stdout;
+    (child, map)
+}
+
+/// A server process, killed if a failing test leaves it running.
+struct Server(Option<std::process::Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Stops a server as a user would (SIGTERM) and insists on a clean exit.
+fn stop(mut server: Server) {
+    let Some(mut child) = server.0.take() else { return };
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success());
+}
+
+/// `serve -B` answers block status of `qemu:dirty-bitmap:b0` as
+/// `qemu-nbd -B` does, live (writes through the export show), and the
+/// bitmap stored at exit has them.
+#[test]
+fn serve_exports_dirty_bitmap_as_qemu_nbd() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    std::fs::copy(dir.join("a.qcow2"), dir.join("b.qcow2")).unwrap();
+    let (ours, map_a) = served_dirty_map(dir, &[crate::support::OXCOW, "serve"], "a.qcow2", "a.sock");
+    let (theirs, map_b) = served_dirty_map(dir, &["qemu-nbd"], "b.qcow2", "b.sock");
+    assert_eq!(map_a, map_b, "dirty map over NBD");
+    assert!(map_a.contains("\"start\": 5242880, \"length\": 65536"), "{map_a}");
+    stop(ours);
+    stop(theirs);
+    assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+    let r = oxcow(dir, &["serve", "-k", "x.sock", "-B", "zz", "a.qcow2"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Bitmap 'zz' is not found"), "{}", r.stderr);
+}
+
+/// The incremental backup workflow of QEMU's bitmap documentation, end
+/// to end: full backup, guest writes through `oxcow serve`, a pull of
+/// only the extents the bitmap calls dirty (block status over NBD),
+/// applied to the backup, makes it equal to the image; then the bitmap
+/// is cleared for the next round.
+#[test]
+fn incremental_backup_over_nbd_pulls_only_dirty_extents() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"]);
+    ok(dir, "qemu-io", &["-c", "write -P 1 0 8M", "vm.qcow2"]);
+    // Full backup, and a bitmap that records from then on.
+    ok(dir, crate::support::OXCOW, &["convert", "-O", "qcow2", "vm.qcow2", "backup.qcow2"]);
+    ok(dir, crate::support::OXCOW, &["bitmap", "--add", "vm.qcow2", "b0"]);
+    let (server, map) = served_dirty_map(dir, &[crate::support::OXCOW, "serve"], "vm.qcow2", "vm.sock");
+    // Dirty extents are those the map shows as not present.
+    let dirty: Vec<(u64, u64)> = json(&map)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["present"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    // The discard is not among them: serve ignores discards by default,
+    // as qemu-nbd does, so the disk did not change there.
+    assert_eq!(dirty, vec![(5 << 20, 65536), (50 << 20, 65536)]);
+    let url = format!("nbd+unix:///?socket={}", dir.join("vm.sock").display());
+    let src = oxcow::open(&url, &oxcow::OpenOptions::read_only().format(Some(oxcow::Format::Raw))).unwrap();
+    let dst = oxcow::open(dir.join("backup.qcow2"), &oxcow::OpenOptions::read_write()).unwrap();
+    for (off, len) in dirty {
+        let mut buf = vec![0u8; len as usize];
+        src.device().read_at(&mut buf, off).unwrap();
+        dst.device().write_at(&buf, off).unwrap();
+    }
+    dst.close().unwrap();
+    drop((dst, src));
+    stop(server);
+    ok(dir, "qemu-img", &["compare", "vm.qcow2", "backup.qcow2"]);
+    // Next round: a clean bitmap.
+    ok(dir, crate::support::OXCOW, &["bitmap", "--clear", "vm.qcow2", "b0"]);
+    let img = oxcow::open(dir.join("vm.qcow2"), &oxcow::OpenOptions::read_only()).unwrap();
+    assert!(img.qcow2().unwrap().bitmap_data("b0").unwrap().dirty_extents().is_empty());
+    assert_eq!(qemu_img(dir, &["check", "vm.qcow2"]).code, 0);
+}

@@ -461,6 +461,9 @@ impl BlockDevice for Qcow2 {
     fn resize(&self, new_len: u64) -> Result<()> {
         self.resize_to(new_len, true)
     }
+    fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+        Some(self.bitmap_extents(name, offset, len))
+    }
 }
 
 impl Drop for Qcow2 {

@@ -79,6 +79,9 @@ pub struct ExportConfig {
     /// it only with `-A`; offering it costs nothing to clients that do not
     /// ask for it).
     pub allocation_depth: bool,
+    /// Offer this persistent dirty bitmap of the device as the
+    /// `qemu:dirty-bitmap:NAME` metadata context (qemu-nbd's `-B NAME`).
+    pub dirty_bitmap: Option<String>,
 }
 
 setters!(ExportConfig {
@@ -89,6 +92,7 @@ setters!(ExportConfig {
     detect_zeroes: DetectZeroes,
     multi_conn_ok: bool,
     allocation_depth: bool,
+    dirty_bitmap: Option<String>,
 });
 
 impl ExportConfig {
@@ -108,6 +112,7 @@ impl Default for ExportConfig {
             detect_zeroes: DetectZeroes::Off,
             multi_conn_ok: false,
             allocation_depth: true,
+            dirty_bitmap: None,
         }
     }
 }

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 pub(crate) const ID_BASE_ALLOCATION: u32 = 1;
 /// Context id of `qemu:allocation-depth`.
 pub(crate) const ID_ALLOCATION_DEPTH: u32 = 2;
+/// Context id of `qemu:dirty-bitmap:NAME`.
+pub(crate) const ID_DIRTY_BITMAP: u32 = 3;
 
 /// What negotiation agreed on, for the transmission phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,8 @@ pub(crate) struct Session {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected.
     pub allocation_depth: bool,
+    /// `qemu:dirty-bitmap:NAME` (the export's bitmap) was selected.
+    pub dirty_bitmap: bool,
 }
 
 /// State shared by every connection of a server.

@@ -5,7 +5,7 @@
 //! hold a connection slot.
 
 use super::conn::Connection;
-use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION, ID_DIRTY_BITMAP};
 use crate::nbd::proto::*;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -106,6 +106,19 @@ fn select_contexts(queries: &[Vec<u8>], listing: bool) -> (bool, bool) {
     (base, depth)
 }
 
+/// Whether the queries name the dirty bitmap context of bitmap `name`
+/// (when listing, also the `qemu:` and `qemu:dirty-bitmap:` wildcards).
+fn select_bitmap(queries: &[Vec<u8>], listing: bool, name: &str) -> bool {
+    if listing && queries.is_empty() {
+        return true;
+    }
+    let full = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{name}");
+    queries.iter().any(|q| {
+        q.as_slice() == full.as_bytes()
+            || (listing && (q.as_slice() == b"qemu:" || q.as_slice() == CONTEXT_QEMU_DIRTY_BITMAP.as_bytes()))
+    })
+}
+
 /// Runs the negotiation. `Ok(None)` means the client ended it (or asked for
 /// an export we cannot give through `NBD_OPT_EXPORT_NAME`); errors are I/O
 /// failures, timeouts and protocol violations, after which the connection
@@ -125,7 +138,7 @@ pub(crate) fn negotiate<C: Connection>(
     }
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false };
+    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false, dirty_bitmap: false };
 
     loop {
         let mut h = [0u8; option_header::SIZE];
@@ -233,6 +246,7 @@ pub(crate) fn negotiate<C: Connection>(
                     // Replaces the selection even when the option fails.
                     s.base_allocation = false;
                     s.allocation_depth = false;
+                    s.dirty_bitmap = false;
                 }
                 if !s.structured {
                     reply(&mut io, opt, REP_ERR_INVALID, b"structured replies must be negotiated first")?;
@@ -251,6 +265,7 @@ pub(crate) fn negotiate<C: Connection>(
                 }
                 let (base, depth) = select_contexts(&req.queries, listing);
                 let depth = depth && shared.config.allocation_depth;
+                let bitmap = shared.config.dirty_bitmap.as_deref().filter(|b| select_bitmap(&req.queries, listing, b));
                 // Listing replies carry id 0, as the specification asks.
                 let (id_base, id_depth) = if listing { (0, 0) } else { (ID_BASE_ALLOCATION, ID_ALLOCATION_DEPTH) };
                 if base {
@@ -264,9 +279,15 @@ pub(crate) fn negotiate<C: Connection>(
                         &encode_meta_context(id_depth, CONTEXT_QEMU_ALLOCATION_DEPTH),
                     )?;
                 }
+                if let Some(b) = bitmap {
+                    let id = if listing { 0 } else { ID_DIRTY_BITMAP };
+                    let name = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{b}");
+                    reply(&mut io, opt, REP_META_CONTEXT, &encode_meta_context(id, &name))?;
+                }
                 if !listing {
                     s.base_allocation = base;
                     s.allocation_depth = depth;
+                    s.dirty_bitmap = bitmap.is_some();
                 }
                 reply(&mut io, opt, REP_ACK, &[])?;
             }

@@ -296,6 +296,27 @@ impl Qcow2 {
         Ok(skipped)
     }
 
+    /// The dirty and clean ranges of `[offset, offset + len)` in bitmap
+    /// `name`, live for an image open for writing; a read-only image's
+    /// bitmap is loaded once and kept.
+    pub fn bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        {
+            let st = self.bitmaps.lock();
+            if st.managed {
+                let i = st.find(name).ok_or_else(|| not_found(name))?;
+                let bits = st.bitmaps[i].bits.as_ref().ok_or_else(|| inconsistent(name))?;
+                return Ok(bits.extents(offset, len));
+            }
+            if let Some((_, bits)) = st.read_cache.iter().find(|(n, _)| n == name) {
+                return Ok(bits.extents(offset, len));
+            }
+        }
+        let bits = self.bitmap_data(name)?;
+        let r = bits.extents(offset, len);
+        self.bitmaps.lock().read_cache.push((name.to_string(), bits));
+        Ok(r)
+    }
+
     /// Whether the image has bitmaps QEMU would load (an operation that
     /// rewrites the whole disk, like reverting to a snapshot, is refused).
     pub fn has_bitmaps(&self) -> bool {

@@ -50,6 +50,8 @@ pub(crate) struct TrackState {
     /// Tables (offset, entries) and their entries of removed bitmaps,
     /// freed once a directory without them is on disk.
     pub removed: Vec<((u64, u32), Vec<u64>)>,
+    /// Bitmaps of a read-only image loaded for queries, by name.
+    pub read_cache: Vec<(String, DirtyBitmap)>,
 }
 
 impl TrackState {
