@@ -36,6 +36,8 @@ pub const MIN_GRANULARITY_BITS: u8 = 9;
 pub const MAX_GRANULARITY_BITS: u8 = 31;
 /// Most entries QEMU accepts in one bitmap table.
 pub const MAX_TABLE_ENTRIES: u32 = 0x0800_0000;
+/// Largest bitmap QEMU accepts, in bytes of bitmap data.
+pub const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
 /// Mask of a bitmap table entry's offset bits.
 pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Fixed part of a directory entry.

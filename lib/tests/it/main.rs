@@ -18,6 +18,7 @@ mod enospc_serve;
 mod failure_scope;
 mod fault_sweep;
 mod fuzz_corpus;
+mod hostile_bitmaps;
 mod hostile_images;
 mod lifecycle_chain;
 mod lifecycle_compress;

@@ -33,6 +33,14 @@ impl DirtyBitmap {
         b
     }
 
+    /// Chunks (bitmap table entries) a bitmap of `size` bytes at
+    /// `granularity_bits` needs with `cluster_bits` clusters, and its data
+    /// in bytes: to check limits before allocating anything.
+    pub(crate) fn geometry(size: u64, granularity_bits: u8, cluster_bits: u32) -> (u64, u64) {
+        let bits = size.div_ceil(1 << granularity_bits);
+        (bits.div_ceil(1 << (cluster_bits + 3)), bits.div_ceil(8))
+    }
+
     /// Guest bytes covered.
     pub fn size(&self) -> u64 {
         self.size

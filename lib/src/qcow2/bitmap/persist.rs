@@ -23,7 +23,7 @@ use super::tracker::{Bitmap, TrackState};
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::bitmap::{
     encode_directory, parse_directory, BitmapDirEntry, FLAGS_KNOWN, FLAG_AUTO, FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE,
-    MAX_GRANULARITY_BITS, MAX_TABLE_ENTRIES, MIN_GRANULARITY_BITS, TABLE_ALL_ONES, TABLE_OFFSET_MASK,
+    MAX_BITMAP_BYTES, MAX_GRANULARITY_BITS, MAX_TABLE_ENTRIES, MIN_GRANULARITY_BITS, TABLE_ALL_ONES, TABLE_OFFSET_MASK,
     TABLE_RESERVED_MASK, TYPE_DIRTY_TRACKING,
 };
 use crate::format::extensions::BitmapsExt;
@@ -85,8 +85,11 @@ impl Qcow2 {
             if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&e.granularity_bits) {
                 return Err(bad(&name, "granularity out of range"));
             }
-            let mut bits = DirtyBitmap::new(m.hc.header.size, e.granularity_bits, self.g.cluster_bits);
-            if e.table_size > MAX_TABLE_ENTRIES || u64::from(e.table_size) != bits.chunk_count() {
+            let (chunks, bytes) = DirtyBitmap::geometry(m.hc.header.size, e.granularity_bits, self.g.cluster_bits);
+            if bytes > MAX_BITMAP_BYTES {
+                return Err(bad(&name, "bitmap too large"));
+            }
+            if e.table_size > MAX_TABLE_ENTRIES || u64::from(e.table_size) != chunks {
                 return Err(bad(&name, "bitmap table size does not match the disk size"));
             }
             let table_bytes = u64::from(e.table_size) * 8;
@@ -96,6 +99,8 @@ impl Qcow2 {
             {
                 return Err(bad(&name, "invalid bitmap table offset"));
             }
+            // Sizes are bounded by the file now: allocating is safe.
+            let mut bits = DirtyBitmap::new(m.hc.header.size, e.granularity_bits, self.g.cluster_bits);
             let mut raw = vec![0u8; table_bytes as usize];
             self.file.read_at(&mut raw, e.table_offset).map_err(|e| Error::io("reading bitmap table", e))?;
             let entries = u64_table(&raw);
@@ -103,10 +108,17 @@ impl Qcow2 {
             // forbids using the bitmap: kept as it is, like one in use.
             let foreign = !e.extra.is_empty() && e.flags & FLAG_EXTRA_DATA_COMPATIBLE == 0;
             let inconsistent = e.flags & FLAG_IN_USE != 0 || foreign;
+            // Clusters a store frees later must hold nothing else the
+            // engine knows (a hostile table pointing at the L1 table, say).
+            let overlaps =
+                |off: u64, len: u64| m.meta_clusters.conflict_names(off / cs, (off + len).div_ceil(cs), None).is_some();
+            if overlaps(e.table_offset, table_bytes) {
+                return Err(bad(&name, "bitmap table overlaps other metadata"));
+            }
             for &t in &entries {
                 let off = t & TABLE_OFFSET_MASK;
                 if t & TABLE_RESERVED_MASK != 0
-                    || (off != 0 && (t & TABLE_ALL_ONES != 0 || off.saturating_add(cs) > file_len))
+                    || (off != 0 && (t & TABLE_ALL_ONES != 0 || off.saturating_add(cs) > file_len || overlaps(off, cs)))
                 {
                     return Err(bad(&name, "invalid bitmap table entry"));
                 }
