@@ -344,3 +344,52 @@ fn incremental_backup_over_nbd_pulls_only_dirty_extents() {
     assert!(img.qcow2().unwrap().bitmap_data("b0").unwrap().dirty_extents().is_empty());
     assert_eq!(qemu_img(dir, &["check", "vm.qcow2"]).code, 0);
 }
+
+/// Commit writes into the base through its bitmaps; a safe rebase onto
+/// nothing copies the old backing data into the overlay through its own:
+/// both record what they write, as QEMU's do.
+#[test]
+fn commit_and_rebase_record_their_writes() {
+    let d = tmp();
+    let dir = d.path();
+    for t in ["a", "b"] {
+        let (base, top) = (format!("base-{t}.qcow2"), format!("top-{t}.qcow2"));
+        ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", &base, "64M"]);
+        ok(dir, "qemu-img", &["bitmap", "--add", &base, "b0"]);
+        ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+        ok(dir, "qemu-io", &["-c", "write -P 4 3M 128k", &top]);
+        ok(dir, "qemu-img", &["bitmap", "--add", &top, "t0"]);
+        ok(dir, "qemu-io", &["-c", "write -P 5 9M 64k", &base]);
+    }
+    ok(dir, crate::support::OXCOW, &["rebase", "-b", "", "top-a.qcow2"]);
+    ok(dir, "qemu-img", &["rebase", "-b", "", "top-b.qcow2"]);
+    assert_same_bitmaps(dir, "top-a.qcow2", "top-b.qcow2");
+    for t in ["a", "b"] {
+        ok(
+            dir,
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-b", &format!("base-{t}.qcow2"), "-F", "qcow2", &format!("o-{t}.qcow2")],
+        );
+        ok(dir, "qemu-io", &["-c", "write -P 6 20M 256k", &format!("o-{t}.qcow2")]);
+    }
+    ok(dir, crate::support::OXCOW, &["commit", "o-a.qcow2"]);
+    ok(dir, "qemu-img", &["commit", "o-b.qcow2"]);
+    assert_same_bitmaps(dir, "base-a.qcow2", "base-b.qcow2");
+}
+
+/// compat=0.10 has no bitmaps: QEMU's downgrade abandons them (leaked
+/// clusters, `check` exit 3); oxcow's removes them and frees their
+/// clusters, so the v2 image checks clean.
+#[test]
+fn amend_to_compat_0_10_drops_bitmaps_cleanly() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    ok(dir, crate::support::OXCOW, &["amend", "-o", "compat=0.10", "a.qcow2"]);
+    let c = qemu_img(dir, &["check", "a.qcow2"]);
+    assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+    let info = json(&ok(dir, "qemu-img", &["info", "--output=json", "a.qcow2"]).stdout);
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
+    assert!(info["format-specific"]["data"]["bitmaps"].is_null());
+    ok(dir, "qemu-io", &["-c", "read -P 1 1M 64k", "a.qcow2"]);
+}
