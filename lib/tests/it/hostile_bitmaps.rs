@@ -79,3 +79,32 @@ fn damaged_bitmap_directories_and_tables_are_errors() {
         exercise(b, what);
     }
 }
+
+/// Random byte mutations of the seed images of the `bitmaps` fuzz target,
+/// concentrated on the header, bitmap directory and tables, through that
+/// target: a deterministic slice of what the fuzzer does, in CI.
+#[test]
+fn random_mutations_of_bitmap_images_survive() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/bitmaps");
+    let runs = if std::env::var("OXCOW_LONG").is_ok_and(|v| v == "1") { 20000 } else { 1500 };
+    let mut rng = crate::support::Rng(0xb17a);
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let seed = std::fs::read(e.path()).unwrap();
+        let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(seed.clone()));
+        let q = Qcow2::open(st, Qcow2Options::default().read_only(true)).unwrap();
+        let d = q.extensions().bitmaps.unwrap().directory_offset as usize;
+        drop(q);
+        for _ in 0..runs {
+            let mut b = seed.clone();
+            for _ in 0..1 + rng.below(4) {
+                // Half the mutations in the directory, the rest anywhere.
+                let at =
+                    if rng.below(2) == 0 { d + rng.below(64) as usize } else { rng.below(b.len() as u64) as usize };
+                if at < b.len() {
+                    b[at] = rng.below(256) as u8;
+                }
+            }
+            oxcow::fuzz_targets::bitmaps(&b);
+        }
+    }
+}
