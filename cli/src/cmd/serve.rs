@@ -51,9 +51,9 @@ pub struct Args {
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
     /// Offer the persistent dirty bitmap NAME as the
-    /// qemu:dirty-bitmap:NAME metadata context.
+    /// qemu:dirty-bitmap:NAME metadata context (repeatable).
     #[arg(short = 'B', long = "bitmap")]
-    bitmap: Option<String>,
+    bitmap: Vec<String>,
     /// What discard requests do (ignore or unmap).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -134,8 +134,11 @@ pub fn run(a: Args) -> CliResult<i32> {
         .detect_zeroes(detect_zeroes)
         .multi_conn_ok(a.shared > 1)
         .allocation_depth(a.allocation_depth)
-        .dirty_bitmap(a.bitmap.clone());
-    if let Some(b) = &a.bitmap {
+        .dirty_bitmaps(a.bitmap.clone());
+    if a.bitmap.len() > 64 {
+        return Err(CliError::new("at most 64 bitmaps can be exported"));
+    }
+    for b in &a.bitmap {
         check_bitmap(&img, b)?;
     }
     let server = Server::new(device, config);

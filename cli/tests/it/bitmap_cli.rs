@@ -241,6 +241,9 @@ fn served_dirty_map(dir: &Path, prog: &[&str], file: &str, sock: &str) -> (Serve
     let mut args: Vec<&str> = prog[1..].to_vec();
     let sock_path = path.to_str().unwrap().to_string();
     args.extend_from_slice(&["-t", "-k", &sock_path, "-B", "b0", file]);
+    if file.starts_with("multi") {
+        args.splice(args.len() - 1.., ["-B", "b1", file]);
+    }
     let mut child = std::process::Command::new(prog[0])
         .args(&args)
         .current_dir(dir)
@@ -295,6 +298,27 @@ fn serve_exports_dirty_bitmap_as_qemu_nbd() {
     stop(ours);
     stop(theirs);
     assert_same_bitmaps(dir, "a.qcow2", "b.qcow2");
+    // Several bitmaps: the same contexts listed, the same maps of each.
+    std::fs::copy(dir.join("a.qcow2"), dir.join("multi-a.qcow2")).unwrap();
+    std::fs::copy(dir.join("b.qcow2"), dir.join("multi-b.qcow2")).unwrap();
+    let (ours, _) = served_dirty_map(dir, &[crate::support::OXCOW, "serve"], "multi-a.qcow2", "ma.sock");
+    let (theirs, _) = served_dirty_map(dir, &["qemu-nbd"], "multi-b.qcow2", "mb.sock");
+    let contexts = |sock: &str| {
+        let out = ok(dir, "qemu-nbd", &["--list", "-k", dir.join(sock).to_str().unwrap()]).stdout;
+        out.lines().skip_while(|l| !l.contains("available meta contexts")).map(String::from).collect::<Vec<_>>()
+    };
+    assert_eq!(contexts("ma.sock"), contexts("mb.sock"));
+    for b in ["b0", "b1"] {
+        let opts = |sock: &str| {
+            let p = dir.join(sock);
+            format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{b}", p.display())
+        };
+        let map = |sock: &str| ok(dir, "qemu-img", &["map", "--output=json", "--image-opts", &opts(sock)]).stdout;
+        assert_eq!(map("ma.sock"), map("mb.sock"), "{b}");
+    }
+    stop(ours);
+    stop(theirs);
+    assert_same_bitmaps(dir, "multi-a.qcow2", "multi-b.qcow2");
     let r = oxcow(dir, &["serve", "-k", "x.sock", "-B", "zz", "a.qcow2"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("Bitmap 'zz' is not found"), "{}", r.stderr);

@@ -79,9 +79,10 @@ pub struct ExportConfig {
     /// it only with `-A`; offering it costs nothing to clients that do not
     /// ask for it).
     pub allocation_depth: bool,
-    /// Offer this persistent dirty bitmap of the device as the
-    /// `qemu:dirty-bitmap:NAME` metadata context (qemu-nbd's `-B NAME`).
-    pub dirty_bitmap: Option<String>,
+    /// Offer these persistent dirty bitmaps of the device as
+    /// `qemu:dirty-bitmap:NAME` metadata contexts (qemu-nbd's `-B NAME`,
+    /// repeated; at most 64).
+    pub dirty_bitmaps: Vec<String>,
 }
 
 setters!(ExportConfig {
@@ -92,7 +93,7 @@ setters!(ExportConfig {
     detect_zeroes: DetectZeroes,
     multi_conn_ok: bool,
     allocation_depth: bool,
-    dirty_bitmap: Option<String>,
+    dirty_bitmaps: Vec<String>,
 });
 
 impl ExportConfig {
@@ -112,7 +113,7 @@ impl Default for ExportConfig {
             detect_zeroes: DetectZeroes::Off,
             multi_conn_ok: false,
             allocation_depth: true,
-            dirty_bitmap: None,
+            dirty_bitmaps: Vec::new(),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! hold a connection slot.
 
 use super::conn::Connection;
-use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION, ID_DIRTY_BITMAP};
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION, ID_DIRTY_BITMAP, MAX_DIRTY_BITMAPS};
 use crate::nbd::proto::*;
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -138,7 +138,7 @@ pub(crate) fn negotiate<C: Connection>(
     }
     let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
-    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false, dirty_bitmap: false };
+    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false, dirty_bitmaps: 0 };
 
     loop {
         let mut h = [0u8; option_header::SIZE];
@@ -246,7 +246,7 @@ pub(crate) fn negotiate<C: Connection>(
                     // Replaces the selection even when the option fails.
                     s.base_allocation = false;
                     s.allocation_depth = false;
-                    s.dirty_bitmap = false;
+                    s.dirty_bitmaps = 0;
                 }
                 if !s.structured {
                     reply(&mut io, opt, REP_ERR_INVALID, b"structured replies must be negotiated first")?;
@@ -265,7 +265,12 @@ pub(crate) fn negotiate<C: Connection>(
                 }
                 let (base, depth) = select_contexts(&req.queries, listing);
                 let depth = depth && shared.config.allocation_depth;
-                let bitmap = shared.config.dirty_bitmap.as_deref().filter(|b| select_bitmap(&req.queries, listing, b));
+                let mut bitmaps = 0u64;
+                for (i, b) in shared.config.dirty_bitmaps.iter().enumerate().take(MAX_DIRTY_BITMAPS) {
+                    if select_bitmap(&req.queries, listing, b) {
+                        bitmaps |= 1 << i;
+                    }
+                }
                 // Listing replies carry id 0, as the specification asks.
                 let (id_base, id_depth) = if listing { (0, 0) } else { (ID_BASE_ALLOCATION, ID_ALLOCATION_DEPTH) };
                 if base {
@@ -279,15 +284,18 @@ pub(crate) fn negotiate<C: Connection>(
                         &encode_meta_context(id_depth, CONTEXT_QEMU_ALLOCATION_DEPTH),
                     )?;
                 }
-                if let Some(b) = bitmap {
-                    let id = if listing { 0 } else { ID_DIRTY_BITMAP };
-                    let name = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{b}");
-                    reply(&mut io, opt, REP_META_CONTEXT, &encode_meta_context(id, &name))?;
+                // Last added first, as qemu-nbd lists them.
+                for (i, b) in shared.config.dirty_bitmaps.iter().enumerate().rev() {
+                    if bitmaps & (1 << i) != 0 {
+                        let id = if listing { 0 } else { ID_DIRTY_BITMAP + i as u32 };
+                        let name = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{b}");
+                        reply(&mut io, opt, REP_META_CONTEXT, &encode_meta_context(id, &name))?;
+                    }
                 }
                 if !listing {
                     s.base_allocation = base;
                     s.allocation_depth = depth;
-                    s.dirty_bitmap = bitmap.is_some();
+                    s.dirty_bitmaps = bitmaps;
                 }
                 reply(&mut io, opt, REP_ACK, &[])?;
             }

@@ -90,8 +90,9 @@ pub(crate) struct StatusReply {
     pub base: Vec<(u32, u32)>,
     /// `qemu:allocation-depth` descriptors.
     pub depth: Vec<(u32, u32)>,
-    /// `qemu:dirty-bitmap:NAME` descriptors.
-    pub bitmap: Vec<(u32, u32)>,
+    /// `qemu:dirty-bitmap:NAME` descriptors, by the index of the bitmap
+    /// in the export's list.
+    pub bitmaps: Vec<(usize, Vec<(u32, u32)>)>,
 }
 
 /// One context's descriptor list under construction.
@@ -166,7 +167,7 @@ pub(crate) fn block_status(
         td.push(n, d, req_one);
         pos += st.length;
     }
-    Ok(StatusReply { base: tb.out, depth: td.out, bitmap: Vec::new() })
+    Ok(StatusReply { base: tb.out, depth: td.out, bitmaps: Vec::new() })
 }
 
 /// `qemu:dirty-bitmap:NAME` descriptors of `[offset, offset + len)`:
