@@ -315,6 +315,15 @@ fn serve_exports_dirty_bitmap_as_qemu_nbd() {
         };
         let map = |sock: &str| ok(dir, "qemu-img", &["map", "--output=json", "--image-opts", &opts(sock)]).stdout;
         assert_eq!(map("ma.sock"), map("mb.sock"), "{b}");
+        // libnbd's view too, where it is installed.
+        let nbdinfo = |sock: &str| {
+            let url = format!("nbd+unix:///?socket={}", dir.join(sock).display());
+            let ctx = format!("--map=qemu:dirty-bitmap:{b}");
+            std::process::Command::new("nbdinfo").args([&ctx, &url]).output().ok().map(|o| o.stdout)
+        };
+        if let (Some(x), Some(y)) = (nbdinfo("ma.sock"), nbdinfo("mb.sock")) {
+            assert_eq!(String::from_utf8_lossy(&x), String::from_utf8_lossy(&y), "nbdinfo --map of {b}");
+        }
     }
     stop(ours);
     stop(theirs);
