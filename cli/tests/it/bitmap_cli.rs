@@ -426,3 +426,32 @@ fn amend_to_compat_0_10_drops_bitmaps_cleanly() {
     assert!(info["format-specific"]["data"]["bitmaps"].is_null());
     ok(dir, "qemu-io", &["-c", "read -P 1 1M 64k", "a.qcow2"]);
 }
+
+/// An image whose bitmaps a program without bitmap support touched (the
+/// autoclear bit cleared, as oxcow itself did before it kept bitmaps):
+/// QEMU ignores the extension, counts its clusters as leaks and drops it
+/// on the next writable open; so does oxcow.
+#[test]
+fn bitmaps_without_their_autoclear_bit_are_ignored_and_dropped_as_qemu_does() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    // Autoclear features: header bytes 88..96; bit 0 is the bitmaps bit.
+    let mut bytes = std::fs::read(dir.join("a.qcow2")).unwrap();
+    bytes[95] &= !1;
+    std::fs::write(dir.join("a.qcow2"), &bytes).unwrap();
+    std::fs::write(dir.join("b.qcow2"), &bytes).unwrap();
+    let fmt = |f: &str, prog: &str| {
+        let r = ok(dir, prog, &["info", "--output=json", f]);
+        json(&r.stdout)["format-specific"].clone()
+    };
+    assert_eq!(fmt("a.qcow2", crate::support::OXCOW), fmt("b.qcow2", "qemu-img"));
+    assert_eq!(oxcow(dir, &["check", "a.qcow2"]).code, 3);
+    assert_eq!(qemu_img(dir, &["check", "b.qcow2"]).code, 3);
+    ok(dir, crate::support::OXCOW, &["check", "-r", "all", "a.qcow2"]);
+    ok(dir, "qemu-img", &["check", "-r", "all", "b.qcow2"]);
+    assert_eq!(qemu_img(dir, &["check", "a.qcow2"]).code, 0);
+    assert_eq!(fmt("a.qcow2", "qemu-img"), fmt("b.qcow2", "qemu-img"));
+    let ours = ok(dir, crate::support::OXCOW, &["info", "a.qcow2"]).stdout;
+    assert!(!ours.contains("bitmaps:"), "{ours}");
+}

@@ -83,7 +83,9 @@ impl Qcow2 {
     /// Reads and parses the bitmap directory on disk (its size was
     /// bounded when the header extension was parsed).
     pub(crate) fn bitmap_directory(&self) -> Result<Vec<crate::format::bitmap::BitmapDirEntry>> {
-        let Some(ext) = self.extensions().bitmaps else { return Ok(Vec::new()) };
+        // Without the autoclear bit QEMU ignores the extension: a program
+        // that did not maintain the bitmaps wrote the image since.
+        let Some(ext) = Self::bitmaps_ext_valid(&self.lock()) else { return Ok(Vec::new()) };
         self.read_directory(&ext)
     }
 
@@ -95,6 +97,14 @@ impl Qcow2 {
             return Ok(());
         }
         let mut m = self.lock();
+        if m.hc.extensions.bitmaps.is_some() && Self::bitmaps_ext_valid(&m).is_none() {
+            // As QEMU does: an extension the autoclear bit no longer vouches
+            // for is dropped (its clusters are leaks for `check -r`).
+            m.hc.extensions.bitmaps = None;
+            self.write_header(&mut m)?;
+            self.sync("dropping stale bitmaps extension")?;
+            m.meta_clusters = super::metadata_clusters(&self.g, &m);
+        }
         let loaded = match self.load_bitmaps(&m) {
             Ok(b) => b,
             Err(_) if repair => return Ok(()),
