@@ -60,6 +60,8 @@ enum Command {
     Amend(cmd::amend::Args),
     /// Compute the size a new image needs (like `qemu-img measure`).
     Measure(cmd::measure::Args),
+    /// Change persistent dirty bitmaps (like `qemu-img bitmap`).
+    Bitmap(cmd::bitmap::Args),
     /// Copy the backing chain into the image and drop the backing file.
     Stream(cmd::stream::Args),
     /// Create qemu-img, qemu-io and qemu-nbd links to this binary in DIR.
@@ -136,6 +138,7 @@ where
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Stream(a) => cmd::stream::run(a),
         Command::InstallLinks(a) => dropin::links::run(a),
     };

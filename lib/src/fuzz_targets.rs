@@ -122,6 +122,35 @@ pub fn ops(data: &[u8]) {
     q.close().expect("clean close");
 }
 
+/// Persistent bitmaps of a damaged image: opened for writing (refused, or
+/// written, changed and closed), then read-only (listed and read), then
+/// checked: errors, never panics or allocations sized by bad fields.
+pub fn bitmaps(data: &[u8]) {
+    let st = storage(data);
+    if let Ok(q) = Qcow2::open(st.clone(), Qcow2Options::default()) {
+        let _ = q.write_at(&[0x5a; 4096], 0);
+        let names: Vec<String> = q.bitmaps().map(|l| l.into_iter().map(|b| b.name).collect()).unwrap_or_default();
+        let _ = q.bitmap_add("fuzz", Some(512), true);
+        for n in &names {
+            if let Ok(bits) = q.bitmap_data(n) {
+                let _ = q.bitmap_merge("fuzz", &bits);
+            }
+            let _ = q.bitmap_set_enabled(n, false);
+        }
+        if let Some(n) = names.first() {
+            let _ = q.bitmap_remove(n);
+        }
+        let _ = q.write_zeroes(0, 65536, true);
+        let _ = q.close();
+    }
+    if let Ok(q) = Qcow2::open(st.clone(), Qcow2Options { read_only: true, ..Default::default() }) {
+        for b in q.bitmaps().unwrap_or_default() {
+            let _ = q.bitmap_extents(&b.name, 0, q.len());
+        }
+        let _ = q.check(Repair::None);
+    }
+}
+
 /// Opens arbitrary bytes as a writable image and writes to it: a damaged
 /// image may refuse writes, never swallow one. Every write acknowledged
 /// and flushed must read back after a clean close and a reopen (unless

@@ -57,6 +57,12 @@ pub struct Args {
     snapshot_param: Option<String>,
     #[command(flatten)]
     objects: crate::image_opts::ObjectArgs,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2).
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip bitmaps left inconsistent instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Source image, then target. One value per occurrence, so options
     /// may come between them as getopt allows.
     #[arg(required = true)]
@@ -107,6 +113,12 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         None => src.device(),
     };
     let size = sdev.len();
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(CliError::new("--skip-broken-bitmaps requires --bitmaps"));
+    }
+    if a.bitmaps {
+        check_bitmaps(&src, out_fmt, a.skip_broken_bitmaps)?;
+    }
 
     if !a.no_create {
         let bfmt = a.backing_format.clone();
@@ -147,8 +159,33 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
     copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
     progress.finish();
+    if a.bitmaps {
+        if let (Some(s), Some(d)) = (src.qcow2(), dst.qcow2()) {
+            for name in d.copy_bitmaps_from(s, a.skip_broken_bitmaps)? {
+                eprintln!("oxcow: warning: Skipping inconsistent bitmap '{name}'");
+            }
+        }
+    }
     dst.close().map_err(werr)?;
     Ok(0)
+}
+
+/// `--bitmaps` refusals, before the target is created: a target format
+/// without bitmaps, a source bitmap left in use (unless skipped).
+fn check_bitmaps(src: &oxcow::Image, out: Format, skip: bool) -> CliResult<()> {
+    if out != Format::Qcow2 {
+        return Err(CliError::new(format!("Format driver '{}' does not support bitmaps", out.name())));
+    }
+    let Some(q) = src.qcow2() else { return Ok(()) };
+    if let Some(b) = q.bitmaps()?.into_iter().find(|b| b.in_use) {
+        if !skip {
+            return Err(CliError::new(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The snapshot named by a `-l` parameter list.

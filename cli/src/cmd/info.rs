@@ -201,8 +201,10 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         d.insert("compression-type".into(), json!(h.compression_type.name()));
         if v3 {
             d.insert("lazy-refcounts".into(), json!(h.compatible_features & 1 != 0));
-            if ext.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0) {
-                d.insert("bitmaps".into(), bitmaps_json(&q.bitmaps()?));
+            // Listed only when QEMU would load them (autoclear bit set).
+            let bitmaps = if ext.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0) { q.bitmaps()? } else { vec![] };
+            if !bitmaps.is_empty() {
+                d.insert("bitmaps".into(), bitmaps_json(&bitmaps));
             }
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));

@@ -53,6 +53,10 @@ pub struct Args {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer the persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME metadata context (repeatable).
+    #[arg(short = 'B', long = "bitmap")]
+    bitmap: Vec<String>,
     /// What discard requests do (ignore or unmap).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -184,7 +188,14 @@ pub fn run(a: Args) -> CliResult<i32> {
         .discard(discard)
         .detect_zeroes(detect_zeroes)
         .multi_conn_ok(a.shared > 1)
-        .allocation_depth(a.allocation_depth);
+        .allocation_depth(a.allocation_depth)
+        .dirty_bitmaps(a.bitmap.clone());
+    if a.bitmap.len() > 64 {
+        return Err(CliError::new("at most 64 bitmaps can be exported"));
+    }
+    for b in &a.bitmap {
+        check_bitmap(&img, b)?;
+    }
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -297,4 +308,17 @@ fn fork_and_wait() -> CliResult<i32> {
     let _ = (&log).seek(std::io::SeekFrom::Start(0)).and_then(|_| (&log).read_to_end(&mut said));
     let _ = std::io::stderr().write_all(&said);
     Ok(code)
+}
+
+/// qemu-nbd's refusals of `-B NAME`: no such bitmap, or one left in use.
+fn check_bitmap(img: &oxcow::Image, name: &str) -> CliResult<()> {
+    let found = match img.qcow2() {
+        Some(q) => q.bitmaps()?.into_iter().find(|b| b.name == name),
+        None => None,
+    };
+    match found {
+        None => Err(CliError::new(format!("Bitmap '{name}' is not found"))),
+        Some(b) if b.in_use => Err(CliError::new(format!("Bitmap '{name}' is inconsistent and cannot be used"))),
+        Some(_) => Ok(()),
+    }
 }

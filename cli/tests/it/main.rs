@@ -5,6 +5,7 @@
 
 mod support;
 
+mod bitmap_cli;
 mod cache_mode_cli;
 mod check_cli;
 mod cli_behaviour;

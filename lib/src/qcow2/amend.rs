@@ -289,6 +289,9 @@ impl Qcow2 {
 
     fn downgrade_locked(&self, m: &mut Meta) -> Result<()> {
         let cs = self.g.cluster_size;
+        // v2 cannot hold bitmaps: QEMU's downgrade abandons them (leaked);
+        // they are removed here, their clusters freed.
+        self.drop_bitmaps_for_v2(m)?;
         let tables = self.all_l2_tables(m)?;
         if self.g.compression != CompressionType::Zlib {
             for &off in &tables {

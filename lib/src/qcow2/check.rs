@@ -232,7 +232,9 @@ impl Qcow2 {
                 self.add_range(&mut s, nb, off, cs, "refcount block");
             }
         }
-        if let Some(b) = m.hc.extensions.bitmaps {
+        // As QEMU: without the autoclear bit the extension is ignored and
+        // what it points at is leaked.
+        if let Some(b) = Self::bitmaps_ext_valid(m) {
             self.scan_bitmaps(&mut s, nb, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
         }
         // A refcount block anything else also uses (the L1 table, another

@@ -167,6 +167,7 @@ impl Qcow2 {
         // A failure leaves the dirty tables dirty: closing again (or the
         // drop that follows) retries, as a flush would.
         (|| {
+            self.close_bitmaps(&mut m)?;
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;

@@ -15,9 +15,12 @@
 //! | `inflight` (`Mutex`) and its condition variables `inflight_done`, `cluster_done[64]` | the guest clusters whose L2 entry a writer changes around data I/O |
 //! | `io_gate` (`RwLock<()>`) | nothing by itself: a barrier between data I/O through a looked-up mapping and the reuse of freed clusters |
 //! | `poison` (`Mutex`) | the failure that made the on-disk state unknown |
+//! | `bitmaps` (`bitmap::Tracker`: a `Mutex` and atomics) | the persistent dirty bitmaps in memory and their in-use state on disk |
 //!
-//! Order: `meta`, then `inflight` or `io_gate`; `poison` is a leaf, taken
-//! with or without the others. Nothing takes `meta` while holding
+//! Order: `meta`, then `inflight` or `io_gate`; `meta`, then `bitmaps`
+//! (a guest write marks its range with no other lock held, taking `meta`
+//! then `bitmaps` only to set the in-use flags before its first write);
+//! `poison` is a leaf, taken with or without the others. Nothing takes `meta` while holding
 //! `inflight` or `io_gate`.
 //!
 //! - `meta` is taken exclusively for every change and for lookups that may
@@ -46,7 +49,7 @@
 mod alloc;
 mod allocator;
 mod amend;
-mod bitmaps;
+mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -67,7 +70,7 @@ mod units;
 mod write;
 
 pub use amend::{amend, AmendOptions};
-pub use bitmaps::BitmapInfo;
+pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::HostExtent;
@@ -146,6 +149,8 @@ pub struct Qcow2 {
     copy_on_read: bool,
     /// The failure that left the on-disk state unknown, if any.
     poison: Poison,
+    /// Persistent dirty bitmaps (`bitmap/`), a leaf lock after `meta`.
+    bitmaps: bitmap::Tracker,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -244,6 +249,7 @@ impl Qcow2 {
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
             poison: Poison::default(),
+            bitmaps: bitmap::Tracker::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -254,6 +260,8 @@ impl Qcow2 {
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
+            drop(m);
+            q.open_bitmaps(opts.repair)?;
         }
         Ok(q)
     }
@@ -265,9 +273,9 @@ impl Qcow2 {
         if h.version < 3 {
             return Ok(());
         }
-        // oxcow keeps the raw data file consistent but does not update
-        // persistent bitmaps, so their consistency bit must go.
-        let keep = Autoclear::KNOWN & !Autoclear::BITMAPS;
+        // oxcow keeps the raw data file consistent and maintains
+        // persistent bitmaps (`bitmap/`).
+        let keep = Autoclear::KNOWN;
         if h.autoclear_features & !keep != 0 {
             h.autoclear_features &= keep;
             self.write_header(m)?;
@@ -514,12 +522,15 @@ impl BlockDevice for Qcow2 {
         self.read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.note_guest_write(offset, buf.len() as u64)?;
         self.write(buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.zero_range(offset, len, may_unmap)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.discard_range(offset, len)
     }
     fn flush(&self) -> Result<()> {
@@ -542,6 +553,9 @@ impl BlockDevice for Qcow2 {
     }
     fn resize(&self, new_len: u64) -> Result<()> {
         self.resize_to(new_len, true)
+    }
+    fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+        Some(self.bitmap_extents(name, offset, len))
     }
 }
 

@@ -23,6 +23,7 @@ impl Qcow2 {
                 return Err(Error::invalid("Can't resize a v2 image which has snapshots"));
             }
         }
+        self.resize_bitmaps_check()?;
         if new_size >= self.len() {
             self.grow(new_size)?;
         } else if !allow_shrink {
@@ -30,6 +31,7 @@ impl Qcow2 {
         } else {
             self.shrink(new_size)?;
         }
+        self.resize_bitmaps(new_size);
         if self.g.external_data {
             // The data file mirrors the guest disk: QEMU resizes it too
             // (after the header, so a crash leaves at most a longer file).

@@ -371,6 +371,10 @@ impl Qcow2 {
             return Err(Error::invalid(format!("Failed to load snapshot: snapshot '{name_or_id}' not found")));
         };
         let sn = m.snapshots[i].clone();
+        // QEMU's rule: bitmaps cannot follow a revert of the whole disk.
+        if self.bitmaps_loaded() {
+            return Err(Error::invalid("Device has active dirty bitmaps"));
+        }
         // Everything the revert installs or drops is checked before a byte
         // changes; a refusal leaves the image as it was (no poisoning).
         let plan = self.plan_goto(&mut m, &sn)?;
