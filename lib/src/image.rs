@@ -162,6 +162,11 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Wraps the storage of every file opened (tests).
     pub storage_hook: Option<StorageHook>,
+    /// The password of an encrypted image (`encrypt.key-secret`).
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// Open an encrypted image without its key, for its metadata only
+    /// (`info`, as QEMU's no-I/O opens): its data reads then fail.
+    pub no_io: bool,
 }
 
 impl Default for OpenOptions {
@@ -177,6 +182,8 @@ impl Default for OpenOptions {
             force_share: false,
             copy_on_read: false,
             storage_hook: None,
+            key_secret: None,
+            no_io: false,
         }
     }
 }
@@ -189,9 +196,11 @@ setters!(OpenOptions {
     copy_on_read: bool,
     locking: bool,
     force_share: bool,
+    no_io: bool,
 } opt {
     format: Format,
     storage_hook: StorageHook,
+    key_secret: crate::crypto::Secret,
 });
 
 impl OpenOptions {
@@ -476,6 +485,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     l2_cache_bytes: 0,
                     repair: opts.repair,
                     copy_on_read: opts.copy_on_read,
+                    key_secret: opts.key_secret.clone(),
+                    no_io: opts.no_io,
                 },
             )?);
             Ok(Image {

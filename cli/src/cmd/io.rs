@@ -75,7 +75,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         .force_share(a.force_share)
         .copy_on_read(a.copy_on_read)
         .allow_network_backing(a.copy_on_read);
-    let opts = crate::util::with_network_permission(&opts);
+    let opts = crate::object::secret::with_key(&a.file, crate::util::with_network_permission(&opts));
     let img = oxcow::open(&a.file, &opts)
         .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::error::message(&e))))?;
     crate::util::report_dirty_repair(&a.file, &img);

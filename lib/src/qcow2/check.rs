@@ -232,6 +232,9 @@ impl Qcow2 {
                 self.add_range(&mut s, nb, off, cs, "refcount block");
             }
         }
+        if let Some(f) = m.hc.extensions.fde {
+            self.add_range(&mut s, nb, f.offset, f.length, "encryption header");
+        }
         if let Some(b) = m.hc.extensions.bitmaps {
             self.scan_bitmaps(&mut s, nb, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
         }
