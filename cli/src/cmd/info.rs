@@ -201,13 +201,13 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
 fn luks_json(l: &oxcow::crypto::LuksHeader, in_qcow2: bool) -> Value {
     let mut e = Map::new();
     e.insert("ivgen-alg".into(), json!(l.ivgen.name()));
-    if let oxcow::crypto::IvGen::Essiv(h) = l.ivgen {
-        e.insert("ivgen-hash-alg".into(), json!(h.name()));
-    }
     e.insert("detached-header".into(), json!(false));
     e.insert("hash-alg".into(), json!(l.hash.name()));
     e.insert("cipher-alg".into(), json!(l.alg.name()));
     e.insert("uuid".into(), json!(l.uuid));
+    if let Some(h) = l.ivgen_hash {
+        e.insert("ivgen-hash-alg".into(), json!(h.name()));
+    }
     if in_qcow2 {
         e.insert("format".into(), json!("luks"));
     }

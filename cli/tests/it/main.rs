@@ -11,6 +11,7 @@ mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
 mod lifecycle_cli;
+mod luks_qcow2;
 mod read_compat;
 mod remote_cli;
 mod serve_cli;

@@ -51,6 +51,8 @@ pub struct LuksHeader {
     pub mode: CipherMode,
     /// The IV generator.
     pub ivgen: IvGen,
+    /// The hash named with the IV generator, if any.
+    pub ivgen_hash: Option<Hash>,
     /// The hash of PBKDF2 and the AF splitter.
     pub hash: Hash,
     /// Payload offset in sectors (raw LUKS images).
@@ -108,13 +110,20 @@ impl LuksHeader {
         if mode == CipherMode::Xts && key_bytes % 2 != 0 {
             return Err(Error::corrupt("LUKS header: odd XTS key length"));
         }
-        let ivgen = match iv_spec {
-            None | Some("plain64") => IvGen::Plain64,
-            Some("plain") => IvGen::Plain,
-            Some(s) => match s.strip_prefix("essiv:") {
-                Some(h) => IvGen::Essiv(Hash::from_name(h)?),
-                None => return Err(Error::unsupported(format!("IV generator '{s}'"))),
+        // `plain64:sha256` is what QEMU writes when given a hash for a
+        // generator that needs none: the hash is kept for `info` only.
+        let (iv_name, iv_hash) = match iv_spec {
+            Some(s) => match s.split_once(':') {
+                Some((n, h)) => (n, Some(Hash::from_name(h)?)),
+                None => (s, None),
             },
+            None => ("plain64", None),
+        };
+        let ivgen = match (iv_name, iv_hash) {
+            ("plain64", _) => IvGen::Plain64,
+            ("plain", _) => IvGen::Plain,
+            ("essiv", Some(h)) => IvGen::Essiv(h),
+            (s, _) => return Err(Error::unsupported(format!("IV generator '{s}'"))),
         };
         let mut mk_digest = [0u8; DIGEST_LEN];
         mk_digest.copy_from_slice(&b[112..132]);
@@ -140,6 +149,7 @@ impl LuksHeader {
             alg,
             mode,
             ivgen,
+            ivgen_hash: iv_hash,
             hash,
             payload_offset,
             key_bytes,
