@@ -45,7 +45,7 @@ impl Hash {
         }
     }
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Hash::Sha1 | Hash::Ripemd160 => 20,
             Hash::Sha224 => 28,

@@ -107,7 +107,7 @@ impl LuksHeader {
         let mode = CipherMode::from_name(mode_name)?;
         let one_key = if mode == CipherMode::Xts { key_bytes / 2 } else { key_bytes };
         let alg = CipherAlg::from_luks(&cipher_name, one_key as usize)?;
-        if mode == CipherMode::Xts && key_bytes % 2 != 0 {
+        if mode == CipherMode::Xts && !key_bytes.is_multiple_of(2) {
             return Err(Error::corrupt("LUKS header: odd XTS key length"));
         }
         // `plain64:sha256` is what QEMU writes when given a hash for a

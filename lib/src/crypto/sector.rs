@@ -133,7 +133,7 @@ impl<C: Block> Mode<C> {
             CipherMode::Ecb => Mode::Ecb(C::new_from_slice(key).map_err(|_| bad())?),
             CipherMode::Cbc => Mode::Cbc(C::new_from_slice(key).map_err(|_| bad())?),
             CipherMode::Xts => {
-                if key.len() % 2 != 0 {
+                if !key.len().is_multiple_of(2) {
                     return Err(bad());
                 }
                 let (k1, k2) = key.split_at(key.len() / 2);

@@ -41,7 +41,7 @@ impl CryptStorage {
 
 impl Storage for CryptStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0 {
+        if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
             self.inner.read_at(buf, self.base + offset)?;
             self.cipher.apply(offset / SECTOR, buf, false);
             return Ok(());
@@ -53,7 +53,7 @@ impl Storage for CryptStorage {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0 {
+        if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
             let mut b = buf.to_vec();
             self.cipher.apply(offset / SECTOR, &mut b, true);
             return self.inner.write_at(&b, self.base + offset);
