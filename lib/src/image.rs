@@ -23,6 +23,8 @@ pub enum Format {
     Raw,
     /// QEMU's qcow2, v2 or v3.
     Qcow2,
+    /// A raw LUKS1 volume.
+    Luks,
 }
 
 impl Format {
@@ -31,6 +33,7 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Luks => "luks",
         }
     }
 }
@@ -42,6 +45,7 @@ impl FromStr for Format {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "luks" => Ok(Format::Luks),
             other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
         }
     }
@@ -236,6 +240,7 @@ pub struct Image {
     format: Format,
     device: Arc<dyn BlockDevice>,
     qcow2: Option<Arc<Qcow2>>,
+    luks: Option<Arc<crate::crypto::LuksImage>>,
     file: Arc<dyn Storage>,
     backing: Option<Box<Image>>,
     backing_name: Option<String>,
@@ -252,6 +257,10 @@ impl Image {
     /// work such as prefetching).
     pub fn qcow2(&self) -> Option<&Arc<Qcow2>> {
         self.qcow2.as_ref()
+    }
+    /// The LUKS device, for raw LUKS images.
+    pub fn luks(&self) -> Option<&Arc<crate::crypto::LuksImage>> {
+        self.luks.as_ref()
     }
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
@@ -370,9 +379,15 @@ fn lock_mode(opts: &OpenOptions, format: Format) -> Option<LockMode> {
 
 /// Probes the format of a file from its first bytes.
 pub fn probe_format(file: &dyn Storage) -> Result<Format> {
-    let mut magic = [0u8; 4];
+    let mut magic = [0u8; 6];
     file.read_at(&mut magic, 0).map_err(|e| Error::io("reading image", e))?;
-    Ok(if crate::format::has_magic(&magic) { Format::Qcow2 } else { Format::Raw })
+    Ok(if crate::format::has_magic(&magic) {
+        Format::Qcow2
+    } else if crate::crypto::luks::has_magic(&magic) {
+        Format::Luks
+    } else {
+        Format::Raw
+    })
 }
 
 /// Opens an image by file name.
@@ -409,6 +424,23 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
     }
     let Opened { storage, native_raw, format, probed } = open_storage(path, opts)?;
     match format {
+        Format::Luks => {
+            let dev =
+                crate::crypto::LuksImage::open(storage.clone(), opts.key_secret.as_ref(), !opts.write, opts.no_io)?
+                    .writethrough(opts.cache.writethrough());
+            let dev = Arc::new(dev);
+            Ok(Image {
+                path: path.to_path_buf(),
+                format,
+                device: dev.clone(),
+                qcow2: None,
+                luks: Some(dev),
+                file: storage,
+                backing: None,
+                backing_name: None,
+                backing_format: None,
+            })
+        }
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match native_raw {
                 Some(d) => d,
@@ -421,6 +453,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: dev,
                 qcow2: None,
+                luks: None,
                 file: storage,
                 backing: None,
                 backing_name: None,
@@ -494,6 +527,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: q.clone(),
                 qcow2: Some(q),
+                luks: None,
                 file: storage,
                 backing,
                 backing_name,

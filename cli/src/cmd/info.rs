@@ -185,11 +185,14 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         }
         m.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(d)}));
     }
+    if let Some(l) = img.luks() {
+        m.insert("format-specific".into(), json!({"type": "luks", "data": luks_json(l.header(), false)}));
+    }
     if let Some(name) = img.backing_name() {
         m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
         m.insert("backing-filename".into(), json!(name));
     }
-    if q.is_some_and(|q| q.luks_header().is_some()) {
+    if q.is_some_and(|q| q.luks_header().is_some()) || img.luks().is_some() {
         m.insert("encrypted".into(), json!(true));
     }
     m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty())));

@@ -131,3 +131,36 @@ fn secret_objects_from_a_file_and_base64() {
     let b64 = "secret,id=s0,data=Y29ycmVjdCBob3JzZQ==,format=base64";
     ok(dir, OXCOW, &["io", "--object", b64, "--image-opts", &img, "-c", "read 0 512"]);
 }
+
+#[test]
+fn raw_luks_images_both_ways_and_info() {
+    let t = tmp();
+    let dir = t.path();
+    let o = "key-secret=s0,iter-time=10";
+    ok(dir, "qemu-img", &["create", "-q", "-f", "luks", "--object", SECRET, "-o", o, "r.luks", "4M"]);
+    for extra in [&["--output=json"][..], &[]] {
+        let mut a = vec!["info"];
+        a.extend_from_slice(extra);
+        a.push("r.luks");
+        assert_eq!(ok(dir, OXCOW, &a).stdout, ok(dir, "qemu-img", &a).stdout);
+    }
+    let img = "driver=luks,file.filename=r.luks,key-secret=s0";
+    let pre = ["--object", SECRET, "--image-opts"];
+    let pats = [(0x12, 0, 70 << 10), (0x13, 3 << 20, 1 << 10)];
+    qemu_write(dir, img, &pats, &pre);
+    assert_patterns(dir, img, &pats, &pre);
+    let cmds = ["write -q -P 0x44 1048579 3".to_string(), "write -q -P 0x45 2M 64k".to_string()];
+    ok(dir, OXCOW, &io_args(&["io", "--object", SECRET, "--image-opts"], &cmds, img));
+    let check = [
+        "read -q -P 0x44 1048579 3".to_string(),
+        "read -q -P 0x45 2M 64k".to_string(),
+        "read -q -P 0x12 0 70k".to_string(),
+    ];
+    let r = run_in(dir, "qemu-io", &io_args(&pre, &check, img));
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("verification failed"), "{}", r.stdout);
+    assert_convert_matches(dir, img, &pre);
+    let r = oxcow(dir, &["io", "--object", "secret,id=s0,data=nope", "--image-opts", img, "-c", "read 0 1"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("Invalid password, cannot unlock any keyslot"), "{}", r.stderr);
+}

@@ -8,11 +8,13 @@
 
 mod af;
 mod hash;
+mod image;
 pub mod luks;
 mod sector;
 mod storage;
 
 pub use hash::Hash;
+pub use image::LuksImage;
 pub use luks::LuksHeader;
 pub use sector::{CipherAlg, CipherMode, IvGen, SectorCipher, SECTOR};
 pub use storage::{CryptStorage, NoKey};

@@ -122,3 +122,28 @@ impl std::fmt::Debug for CryptStorage {
         f.debug_struct("CryptStorage").field("base", &self.base).finish_non_exhaustive()
     }
 }
+
+/// A storage that only reports a length (the payload of a raw LUKS image
+/// opened without its key, for `info`).
+pub(super) struct PayloadLen(pub Arc<dyn Storage>, pub u64);
+
+impl Storage for PayloadLen {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.1)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.punch_hole(offset, len)
+    }
+}
