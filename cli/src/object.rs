@@ -9,6 +9,7 @@
 //! change: a file, a variant and a line.
 
 mod authz;
+pub mod secret;
 mod tls;
 
 use crate::error::{CliError, CliResult};
@@ -24,6 +25,8 @@ pub enum Object {
     TlsCreds(TlsCreds),
     /// `authz-simple`, `authz-list` or `authz-listfile`.
     Authz(AuthzObject),
+    /// `secret`.
+    Secret(secret::SecretObject),
 }
 
 impl Object {
@@ -31,7 +34,7 @@ impl Object {
     fn complete(&self) -> CliResult<()> {
         match self {
             Object::TlsCreds(c) => c.complete(),
-            Object::Authz(_) => Ok(()),
+            Object::Authz(_) | Object::Secret(_) => Ok(()),
         }
     }
 }
@@ -46,6 +49,7 @@ const TYPES: &[(&str, Builder)] = &[
     ("authz-simple", authz::simple),
     ("authz-list", authz::list),
     ("authz-listfile", authz::listfile),
+    ("secret", secret::secret),
 ];
 
 /// The properties of one object definition, taken one by one by the

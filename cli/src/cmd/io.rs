@@ -174,7 +174,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .force_share(cfg.force_share)
         .copy_on_read(cfg.copy_on_read)
         .allow_network_backing(cfg.copy_on_read);
-    let opts = crate::util::with_network_permission(&opts);
+    let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let img = oxcow::open(path, &opts)
         .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
     crate::util::report_dirty_repair(path, &img);

@@ -239,7 +239,9 @@ impl Qcow2 {
             (HostOffset(gc.offset(&self.g).0), false, false)
         } else {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
-            (h, fresh, true)
+            // A never-used cluster of an encrypted image does not read as
+            // zeros: the zeros around the write must go out encrypted.
+            (h, fresh && self.luks.is_none(), true)
         };
         if let Err(err) = self.check_overlap(m, host, None) {
             if new_cluster {
