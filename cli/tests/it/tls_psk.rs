@@ -153,3 +153,22 @@ fn libnbd_reaches_oxcow_serve_with_psk() {
     assert_ne!(code, 0, "an unknown user got in: {out}{err}");
     server.term();
 }
+
+#[test]
+fn garbage_and_a_stalled_handshake_leave_a_psk_server_serving() {
+    use std::io::Write;
+    let t = setup();
+    let extra = ["--object", &server_obj(&t.keys), "--tls-creds", "tls0", "--handshake-limit", "1"];
+    let server = oxcow_serve(&t.img, &t.sock, &extra);
+    let client = key_dir(t.dir.path(), "alice", &format!("{ALICE}\n"));
+    let mut c = crate::tls_hostile::after_starttls(&t.sock);
+    // A handshake record header announcing a ClientHello, then nonsense.
+    c.write_all(&[0x16, 3, 1, 0, 8, 1, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef]).unwrap();
+    crate::tls_hostile::closed_by_server(c);
+    let stalled = crate::tls_hostile::after_starttls(&t.sock);
+    assert!(reads("qemu-io", &client, "alice", &t.sock), "served while a handshake stalls");
+    // The handshake limit ends the stalled one.
+    crate::tls_hostile::closed_by_server(stalled);
+    assert!(reads("qemu-io", &client, "alice", &t.sock));
+    server.term();
+}

@@ -14,6 +14,9 @@ use std::io::{self, Read, Write};
 #[derive(Debug, Default)]
 pub struct MemIo {
     incoming: Vec<u8>,
+    /// How much of `incoming` OpenSSL has read (it reads a record header,
+    /// then its body: consumed bytes are dropped only once all are).
+    pos: usize,
     outgoing: Vec<u8>,
     /// The peer's side of the socket ended.
     eof: bool,
@@ -21,12 +24,17 @@ pub struct MemIo {
 
 impl Read for MemIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.incoming.is_empty() {
+        let rest = &self.incoming[self.pos..];
+        if rest.is_empty() {
             return if self.eof { Ok(0) } else { Err(io::ErrorKind::WouldBlock.into()) };
         }
-        let n = buf.len().min(self.incoming.len());
-        buf[..n].copy_from_slice(&self.incoming[..n]);
-        self.incoming.drain(..n);
+        let n = buf.len().min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        if self.pos == self.incoming.len() {
+            self.incoming.clear();
+            self.pos = 0;
+        }
         Ok(n)
     }
 }
@@ -147,6 +155,7 @@ impl Engine {
     pub fn write_plain(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Engine::Rustls(c) => c.writer().write(buf),
+            Engine::Openssl(_) if buf.is_empty() => Ok(0),
             Engine::Openssl(s) => s.ssl_write(buf).map_err(tls_error),
         }
     }
