@@ -127,7 +127,7 @@ fn nbd_name(p: &mut BTreeMap<String, String>, objects: &Objects) -> CliResult<St
                 None => return Err(CliError::new(format!("No TLS credentials with id '{id}'"))),
             };
             let tls = creds.client(hostname)?;
-            if tls.verify_peer && tls.hostname.is_none() && matches!(addr, NbdAddr::Unix(_)) {
+            if tls.psk.is_none() && tls.verify_peer && tls.hostname.is_none() && matches!(addr, NbdAddr::Unix(_)) {
                 // QEMU has no name to check a certificate against then.
                 return Err(CliError::new("No hostname for certificate validation"));
             }

@@ -499,6 +499,9 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing: None,
                 backing_name: None,
                 backing_format: None,
+                format_info: None,
+                layout: None,
+                probed,
             })
         }
         Format::Raw => {
@@ -550,6 +553,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: Arc::new(dev),
                 qcow2: None,
+                luks: None,
                 file: storage,
                 backing,
                 backing_name: info.backing_name.clone(),

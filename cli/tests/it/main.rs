@@ -21,5 +21,6 @@ mod serve_cli;
 mod small_filesystem;
 mod tls_hostile;
 mod tls_interop;
+mod tls_psk;
 mod tls_refusals;
 mod write_diff;
