@@ -57,7 +57,10 @@ impl Format {
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Luks | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Luks | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk
+        )
     }
 }
 
