@@ -561,11 +561,7 @@ impl Qcow2 {
             if offset < a {
                 self.zero_partial(a - gran, offset, a.min(end))?;
             }
-            if a < b && self.partly_compressed(a, b)? {
-                // QEMU cannot zero part of a compressed cluster and then
-                // writes the whole aligned request as zero data.
-                self.write_explicit_zeros(a, b - a)?;
-            } else if a < b {
+            if a < b {
                 self.zero_aligned(a, b, may_unmap)?;
             }
             if b < end {
@@ -607,17 +603,6 @@ impl Qcow2 {
             }
         }
         self.write_explicit_zeros(from, to - from)
-    }
-
-    /// Whether the first or last cluster of `[a, b)` is compressed here
-    /// and only partly covered.
-    fn partly_compressed(&self, a: u64, b: u64) -> Result<bool> {
-        let cs = self.g.cluster_size;
-        let partial_head = !a.is_multiple_of(cs) || b - a < cs;
-        if partial_head && self.status(a, 1)?.compressed {
-            return Ok(true);
-        }
-        Ok(!b.is_multiple_of(cs) && b - 1 < self.len() && self.status(b - 1, 1)?.compressed)
     }
 
     /// Whether `[from, to)` reads as zeros by block status through the

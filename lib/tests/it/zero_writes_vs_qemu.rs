@@ -16,8 +16,7 @@ fn map_shape(p: &Path) -> Vec<String> {
 /// of an overlay whose backing file reads as zeros around it makes the
 /// whole (sub)cluster a zero one, as QEMU does; where the rest of it
 /// shows data (here or below) the zeros are written as data. A range
-/// ending at an unaligned end of disk counts as aligned there. One that
-/// covers part of a compressed cluster is written as data (iotest 271).
+/// ending at an unaligned end of disk counts as aligned there.
 #[test]
 fn partial_zero_write_on_overlay_makes_zero_clusters_as_qemu() {
     let size = (1 << 20) - 4096;
@@ -29,7 +28,6 @@ fn partial_zero_write_on_overlay_makes_zero_clusters_as_qemu() {
         (514 << 10, 2 << 10),
         (700 << 10, 1 << 10),
         (701 << 10, 1 << 10),
-        (800 << 10, 96 << 10),
         (1000 << 10, size - (1000 << 10)),
     ];
     for extended in [false, true] {
@@ -39,7 +37,7 @@ fn partial_zero_write_on_overlay_makes_zero_clusters_as_qemu() {
         qio(&base, &["write -P 0x11 128k 4k", "write -P 0x11 322k 1k"]);
         let o = format!("extended_l2={},backing_file=b.qcow2,backing_fmt=qcow2", if extended { "on" } else { "off" });
         ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &o, s(&ox), &size.to_string()]);
-        qio(&ox, &["write -P 0x22 512k 8k", "write -c -P 0x33 768k 64k", "write -c -P 0x33 832k 64k"]);
+        qio(&ox, &["write -P 0x22 512k 8k"]);
         copy(&ox, &qm);
         {
             let img = open_rw(&ox);
