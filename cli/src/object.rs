@@ -103,22 +103,7 @@ impl Props {
 /// Splits a keyval string: `,,` is a comma; an element without `=` is
 /// `implied`'s value when it comes first.
 pub fn parse_keyval(s: &str, implied: Option<&str>) -> CliResult<Vec<(String, String)>> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
+    let parts = oxcow::options::split_escaped(s);
     let mut out = Vec::new();
     for (i, p) in parts.into_iter().enumerate() {
         match p.split_once('=') {
