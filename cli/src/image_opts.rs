@@ -134,7 +134,8 @@ fn nbd_name(p: &mut BTreeMap<String, String>, objects: &Objects) -> CliResult<St
             Some(tls)
         }
     };
-    Ok(NbdUrl { addr, export, tls }.to_string())
+    let x_dirty_bitmap = p.remove("x-dirty-bitmap");
+    Ok(NbdUrl { addr, export, tls, x_dirty_bitmap }.to_string())
 }
 
 #[cfg(test)]

@@ -80,7 +80,13 @@ pub fn layers(img: &Image) -> Vec<Layer<'_>> {
             (Some(df), _) => resolve_backing(i.path(), df).display().to_string(),
             // A VMDK descriptor's data is in its extent file.
             (None, [only]) => only.display().to_string(),
-            (None, _) => i.path().display().to_string(),
+            (None, _) => {
+                let p = i.path().display().to_string();
+                match oxcow::nbd::client::NbdUrl::parse(&p) {
+                    Ok(u) if oxcow::nbd::client::NbdUrl::is_nbd(&p) => u.qemu_filename(),
+                    _ => p,
+                }
+            }
         };
         // QEMU only asks the file about holes under qcow2 data when it
         // believes the image was preallocated; raw layers report holes

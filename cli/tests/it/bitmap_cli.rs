@@ -234,7 +234,8 @@ fn convert_carries_bitmaps_as_qemu_img_does() {
 
 /// Serves `file` with `prog` (oxcow serve or qemu-nbd) exporting bitmap
 /// b0, runs guest writes over NBD, and returns `qemu-img map` of the
-/// `qemu:dirty-bitmap:b0` context with the server still running.
+/// `qemu:dirty-bitmap:b0` context (checked equal to `oxcow map`'s) with
+/// the server still running.
 fn served_dirty_map(dir: &Path, prog: &[&str], file: &str, sock: &str) -> (Server, String) {
     use crate::support::process::wait_for_socket;
     let path = dir.join(sock);
@@ -260,6 +261,9 @@ fn served_dirty_map(dir: &Path, prog: &[&str], file: &str, sock: &str) -> (Serve
     );
     let opts = format!("driver=nbd,server.type=unix,server.path={sock_path},x-dirty-bitmap=qemu:dirty-bitmap:b0");
     let map = ok(dir, "qemu-img", &["map", "--output=json", "--image-opts", &opts]).stdout;
+    // oxcow's NBD client reads the context the same way (x-dirty-bitmap).
+    let ours = ok(dir, crate::support::OXCOW, &["map", "--output=json", "--image-opts", &opts]).stdout;
+    assert_eq!(ours, map, "oxcow map with x-dirty-bitmap");
     (child, map)
 }
 
@@ -454,4 +458,57 @@ fn bitmaps_without_their_autoclear_bit_are_ignored_and_dropped_as_qemu_does() {
     assert_eq!(fmt("a.qcow2", "qemu-img"), fmt("b.qcow2", "qemu-img"));
     let ours = ok(dir, crate::support::OXCOW, &["info", "a.qcow2"]).stdout;
     assert!(!ours.contains("bitmaps:"), "{ours}");
+}
+
+/// A bitmap over 512 MiB (512-byte granularity past 2 TiB) is one QEMU
+/// refuses to open: `bitmap --add` refuses it with qemu-img's words, and
+/// `resize` refuses to grow an image past where a bitmap still fits
+/// (QEMU resizes and then loses the bitmap), leaving the size and the
+/// bitmap as they were.
+#[test]
+fn bitmaps_over_qemus_size_limit_are_refused_before_a_byte_changes() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "big.qcow2", "3T"]);
+    let q = qemu_img(dir, &["bitmap", "--add", "-g", "512", "big.qcow2", "b0"]);
+    let o = oxcow(dir, &["bitmap", "--add", "-g", "512", "big.qcow2", "b0"]);
+    assert_eq!((o.code, q.code), (1, 1));
+    let words = "Too much space will be occupied by the bitmap. Use larger granularity";
+    assert!(q.stderr.contains(words) && o.stderr.contains(words), "{}\n{}", q.stderr, o.stderr);
+
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "a.qcow2", "1T"]);
+    ok(dir, "qemu-img", &["bitmap", "--add", "-g", "512", "a.qcow2", "b0"]);
+    ok(dir, "qemu-io", &["-c", "write 1M 4k", "a.qcow2"]);
+    let before = (bitmaps_info(dir, "a.qcow2"), dirty_maps(dir, "a.qcow2"));
+    let r = oxcow(dir, &["resize", "a.qcow2", "3T"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("bitmap 'b0' would not fit"), "{}", r.stderr);
+    let info = json(&ok(dir, "qemu-img", &["info", "--output=json", "a.qcow2"]).stdout);
+    assert_eq!(info["virtual-size"], 1u64 << 40);
+    assert!(
+        before == (bitmaps_info(dir, "a.qcow2"), dirty_maps(dir, "a.qcow2")),
+        "a refused resize changed the bitmap"
+    );
+    assert_eq!(qemu_img(dir, &["check", "a.qcow2"]).code, 0);
+    // Exactly at the limit it fits, and QEMU still opens the bitmap.
+    ok(dir, crate::support::OXCOW, &["resize", "a.qcow2", "2T"]);
+    let info = bitmaps_info(dir, "a.qcow2");
+    assert_eq!(info[0]["name"], "b0", "{info}");
+    assert_eq!(qemu_img(dir, &["check", "a.qcow2"]).code, 0);
+}
+
+/// A metadata context the server does not offer is an open error, with
+/// QEMU's words, never a map made up from nothing.
+#[test]
+fn x_dirty_bitmap_of_a_missing_context_is_refused() {
+    let d = tmp();
+    let dir = d.path();
+    base(dir, "a.qcow2");
+    let (server, _) = served_dirty_map(dir, &[crate::support::OXCOW, "serve"], "a.qcow2", "a.sock");
+    let opts =
+        format!("driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:nope", dir.join("a.sock").display());
+    let r = oxcow(dir, &["map", "--image-opts", &opts]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("requested x-dirty-bitmap qemu:nope not found"), "{}", r.stderr);
+    stop(server);
 }

@@ -23,7 +23,7 @@ impl Qcow2 {
                 return Err(Error::invalid("Can't resize a v2 image which has snapshots"));
             }
         }
-        self.resize_bitmaps_check()?;
+        self.resize_bitmaps_check(new_size)?;
         let old = self.len();
         if new_size > old && self.backing.as_ref().is_some_and(|b| b.len() > old) {
             self.grow_over_backing(old, new_size)?;

@@ -197,7 +197,10 @@ pub(crate) struct ExportInfo {
     pub flags: u16,
     /// Structured replies were negotiated.
     pub structured: bool,
-    /// Context id of `base:allocation`, when the server selected it.
+    /// Context id of `base:allocation` (or of the context asked for in
+    /// its place, see [`NbdUrl::x_dirty_bitmap`]), when the server selected it.
+    ///
+    /// [`NbdUrl::x_dirty_bitmap`]: super::NbdUrl::x_dirty_bitmap
     pub base_allocation: Option<u32>,
     /// Minimum block size (requests are aligned to it).
     pub min_block: u32,
@@ -274,6 +277,7 @@ fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
 pub(crate) fn handshake(
     s: &mut Stream,
     export: &str,
+    context: Option<&str>,
     tls: Option<(&TlsClient, Option<&str>)>,
 ) -> io::Result<ExportInfo> {
     let mut g = [0u8; greeting::SIZE];
@@ -305,17 +309,20 @@ pub(crate) fn handshake(
     let structured = option_replies(s, OPT_STRUCTURED_REPLY)?.last().is_some_and(|(t, _)| *t == REP_ACK);
 
     let mut base_allocation = None;
+    let wanted = context.unwrap_or(CONTEXT_BASE_ALLOCATION);
     if structured {
-        let req = MetaContextRequest {
-            export: export.as_bytes().to_vec(),
-            queries: vec![CONTEXT_BASE_ALLOCATION.as_bytes().to_vec()],
-        };
+        let req = MetaContextRequest { export: export.as_bytes().to_vec(), queries: vec![wanted.as_bytes().to_vec()] };
         send_option(s, OPT_SET_META_CONTEXT, &req.encode())?;
         for (t, data) in option_replies(s, OPT_SET_META_CONTEXT)? {
-            if t == REP_META_CONTEXT && data.len() >= 4 && &data[4..] == CONTEXT_BASE_ALLOCATION.as_bytes() {
+            if t == REP_META_CONTEXT && data.len() >= 4 && &data[4..] == wanted.as_bytes() {
                 base_allocation = Some(u32::from_be_bytes([data[0], data[1], data[2], data[3]]));
             }
         }
+    }
+    // Without base:allocation block status just reports data; a context
+    // asked for by name must exist, or its answers would be made up.
+    if let (Some(c), None) = (context, base_allocation) {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("requested x-dirty-bitmap {c} not found")));
     }
 
     let req = InfoRequest { name: export.as_bytes().to_vec(), requests: vec![INFO_BLOCK_SIZE] };
@@ -463,6 +470,7 @@ impl Conn {
     pub fn open(
         addr: &NbdAddr,
         export: &str,
+        context: Option<&str>,
         tls: Option<&TlsClient>,
         timeout: Duration,
         io_timeout: Duration,
@@ -474,7 +482,7 @@ impl Conn {
             NbdAddr::Tcp { host, .. } => Some(host.as_str()),
             NbdAddr::Unix(_) => None,
         };
-        let info = handshake(&mut s, export, tls.map(|t| (t, host)))?;
+        let info = handshake(&mut s, export, context, tls.map(|t| (t, host)))?;
         // Idle time between replies is unlimited (the caller bounds each
         // request instead); a server that stops taking our bytes is not.
         s.set_read_timeout(None)?;

@@ -98,8 +98,15 @@ impl NbdClient {
             }
             None => None,
         };
-        let conn = Conn::open(&url.addr, &url.export, tls.as_ref(), opts.connect_timeout, opts.request_timeout)
-            .map_err(|e| connect_error(&url, &e))?;
+        let conn = Conn::open(
+            &url.addr,
+            &url.export,
+            url.x_dirty_bitmap.as_deref(),
+            tls.as_ref(),
+            opts.connect_timeout,
+            opts.request_timeout,
+        )
+        .map_err(|e| connect_error(&url, &e))?;
         let info = conn.info;
         Ok(NbdClient { url, tls, opts, info, conn: Mutex::new((0, Some(Arc::new(conn)))), rmw: Mutex::new(()) })
     }
@@ -143,6 +150,7 @@ impl NbdClient {
         let conn = Conn::open(
             &self.url.addr,
             &self.url.export,
+            self.url.x_dirty_bitmap.as_deref(),
             self.tls.as_ref(),
             self.opts.connect_timeout,
             self.opts.request_timeout,
@@ -506,7 +514,15 @@ impl BlockDevice for NbdClient {
             return Ok(data_status(self.align_up(offset + 1).min(size) - offset, false, true));
         }
         let n = (ext_end - offset).min(len);
-        Ok(data_status(n, flags & STATE_ZERO != 0, flags & STATE_HOLE == 0))
+        let (zero, data) = (flags & STATE_ZERO != 0, flags & STATE_HOLE == 0);
+        let mut st = data_status(n, zero, data);
+        // A dirty bitmap read as allocation (QEMU's x-dirty-bitmap): dirty
+        // extents come as holes and show as not present, as QEMU maps them.
+        if self.url.x_dirty_bitmap.is_some() && !(zero || data) {
+            st.allocated = false;
+            st.host_offset = None;
+        }
+        Ok(st)
     }
 
     fn format_name(&self) -> &'static str {

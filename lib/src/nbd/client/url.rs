@@ -19,6 +19,11 @@ pub struct NbdUrl {
     pub export: String,
     /// Start TLS before anything else, with these credentials.
     pub tls: Option<UrlTls>,
+    /// Take block status from this metadata context instead of
+    /// `base:allocation` (QEMU's `x-dirty-bitmap` option, e.g.
+    /// `qemu:dirty-bitmap:NAME`): dirty extents read as not present, which
+    /// is how a backup tool maps them. Query key `x-dirty-bitmap=`.
+    pub x_dirty_bitmap: Option<String>,
 }
 
 /// The TLS settings of an `nbds:` location (libnbd's query parameters).
@@ -70,6 +75,7 @@ struct Query {
     hostname: Option<String>,
     psk_file: Option<String>,
     username: Option<String>,
+    x_dirty_bitmap: Option<String>,
 }
 
 impl Query {
@@ -80,6 +86,7 @@ impl Query {
             let v = percent_decode(v)?;
             match k {
                 "socket" if unix => q.socket = Some(v),
+                "x-dirty-bitmap" => q.x_dirty_bitmap = Some(v),
                 "tls-certificates" if tls => q.certificates = Some(v),
                 "tls-hostname" if tls => q.hostname = Some(v),
                 "tls-psk-file" if tls => q.psk_file = Some(v),
@@ -162,7 +169,7 @@ impl NbdUrl {
             if path.is_empty() {
                 return Err(Error::invalid(format!("invalid NBD name '{url}': no socket path")));
             }
-            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(path)), export, tls: None });
+            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(path)), export, tls: None, x_dirty_bitmap: None });
         }
         let mut u = Self::parse(&format!("nbd://{target}"))
             .map_err(|_| Error::invalid(format!("invalid NBD name '{url}': expected nbd:HOST[:PORT]")))?;
@@ -190,7 +197,8 @@ impl NbdUrl {
             let socket =
                 q.socket.clone().filter(|s| !s.is_empty()).ok_or_else(|| bad("a socket=PATH query is required"))?;
             let tls = if tls { Some(q.tls(&bad)?) } else { None };
-            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(socket)), export, tls });
+            let x_dirty_bitmap = q.x_dirty_bitmap;
+            return Ok(NbdUrl { addr: NbdAddr::Unix(PathBuf::from(socket)), export, tls, x_dirty_bitmap });
         }
         let tcp = ["nbd://", "nbd+tcp://"].iter().find_map(|p| url.strip_prefix(p)).map(|r| (r, false));
         let tcp =
@@ -204,10 +212,15 @@ impl NbdUrl {
                 }
             },
         };
+        let mut x_dirty_bitmap = None;
         let (rest, tls) = match (rest.split_once('?'), tls) {
-            (Some(_), false) => return Err(bad("TCP URLs take no query")),
+            (Some((r, query)), false) => {
+                x_dirty_bitmap = Query::parse(query, false, false, &bad)?.x_dirty_bitmap;
+                (r, None)
+            }
             (Some((r, query)), true) => {
                 let mut q = Query::parse(query, false, true, &bad)?;
+                x_dirty_bitmap = q.x_dirty_bitmap.take();
                 // libnbd's PSK username: nbds://USER@HOST/...
                 let authority = &r[..r.find('/').unwrap_or(r.len())];
                 let r = match authority.split_once('@') {
@@ -247,16 +260,36 @@ impl NbdUrl {
             Some(p) => p.parse::<u16>().map_err(|_| bad(&format!("bad port '{p}'")))?,
             None => DEFAULT_PORT,
         };
-        Ok(NbdUrl { addr: NbdAddr::Tcp { host, port }, export: percent_decode(path)?, tls })
+        Ok(NbdUrl { addr: NbdAddr::Tcp { host, port }, export: percent_decode(path)?, tls, x_dirty_bitmap })
+    }
+}
+
+impl NbdUrl {
+    /// The name QEMU gives this location in its output (`qemu-img map`'s
+    /// file column): no empty export path, no query but the socket. TLS
+    /// locations keep the full form, which QEMU would print as `json:`.
+    pub fn qemu_filename(&self) -> String {
+        if self.tls.is_some() {
+            return self.to_string();
+        }
+        match (&self.addr, self.export.is_empty()) {
+            (NbdAddr::Tcp { .. }, true) => format!("nbd://{}", self.addr),
+            (NbdAddr::Tcp { .. }, false) => format!("nbd://{}/{}", self.addr, self.export),
+            (NbdAddr::Unix(p), true) => format!("nbd+unix://?socket={}", p.display()),
+            (NbdAddr::Unix(p), false) => format!("nbd+unix:///{}?socket={}", self.export, p.display()),
+        }
     }
 }
 
 impl std::fmt::Display for NbdUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bitmap = self.x_dirty_bitmap.as_ref().map(|b| format!("x-dirty-bitmap={}", percent_encode(b, b":")));
         let Some(tls) = &self.tls else {
-            return match &self.addr {
-                NbdAddr::Tcp { .. } => write!(f, "nbd://{}/{}", self.addr, self.export),
-                NbdAddr::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            return match (&self.addr, bitmap) {
+                (NbdAddr::Tcp { .. }, None) => write!(f, "nbd://{}/{}", self.addr, self.export),
+                (NbdAddr::Tcp { .. }, Some(b)) => write!(f, "nbd://{}/{}?{b}", self.addr, self.export),
+                (NbdAddr::Unix(p), None) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+                (NbdAddr::Unix(p), Some(b)) => write!(f, "nbd+unix:///{}?socket={}&{b}", self.export, p.display()),
             };
         };
         let export = percent_encode(&self.export, b"/");
@@ -264,6 +297,7 @@ impl std::fmt::Display for NbdUrl {
         if let NbdAddr::Unix(p) = &self.addr {
             query.push(format!("socket={}", percent_encode(&p.to_string_lossy(), b"/")));
         }
+        query.extend(bitmap);
         if let Some(p) = &tls.psk {
             query.push(format!("tls-psk-file={}", percent_encode(&p.file.to_string_lossy(), b"/")));
             query.push(format!("tls-username={}", percent_encode(&p.username, b"")));
@@ -288,7 +322,12 @@ mod tests {
     use super::*;
 
     fn tcp(host: &str, port: u16, export: &str) -> NbdUrl {
-        NbdUrl { addr: NbdAddr::Tcp { host: host.into(), port }, export: export.into(), tls: None }
+        NbdUrl {
+            addr: NbdAddr::Tcp { host: host.into(), port },
+            export: export.into(),
+            tls: None,
+            x_dirty_bitmap: None,
+        }
     }
 
     #[test]
@@ -336,11 +375,11 @@ mod tests {
         assert_eq!(NbdUrl::parse("nbd://[::1]:99/x/y").unwrap(), tcp("::1", 99, "x/y"));
         assert_eq!(
             NbdUrl::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/tmp/s.sock".into()), export: "exp".into(), tls: None }
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s.sock".into()), export: "exp".into(), tls: None, x_dirty_bitmap: None }
         );
         assert_eq!(
             NbdUrl::parse("nbd+unix://?socket=/s").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/s".into()), export: "".into(), tls: None }
+            NbdUrl { addr: NbdAddr::Unix("/s".into()), export: "".into(), tls: None, x_dirty_bitmap: None }
         );
     }
 
@@ -379,7 +418,7 @@ mod tests {
         assert_eq!(NbdUrl::parse("nbd:[::1]:2").unwrap(), tcp("::1", 2, ""));
         assert_eq!(
             NbdUrl::parse("nbd:unix:/tmp/s:exportname=e").unwrap(),
-            NbdUrl { addr: NbdAddr::Unix("/tmp/s".into()), export: "e".into(), tls: None }
+            NbdUrl { addr: NbdAddr::Unix("/tmp/s".into()), export: "e".into(), tls: None, x_dirty_bitmap: None }
         );
         for bad in ["nbd:", "nbd:unix:", "nbd:h:x", "nbd:h/x?y"] {
             assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");
@@ -398,5 +437,23 @@ mod tests {
         let u = NbdUrl::parse("nbds://h/e?tls-psk-file=k&tls-username=bob").unwrap();
         assert_eq!(NbdUrl::parse(&u.to_string()).unwrap(), u);
         assert_eq!(u.tls.unwrap().psk, Some(psk("k", "bob")));
+    }
+
+    #[test]
+    fn x_dirty_bitmap_query_round_trips_and_qemu_names_drop_it() {
+        for name in [
+            "nbd://h:1/e?x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            "nbd+unix:///?socket=/s&x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            "nbds://h/e?tls-certificates=/c&x-dirty-bitmap=qemu:dirty-bitmap:b0",
+        ] {
+            let u = NbdUrl::parse(name).unwrap();
+            assert_eq!(u.x_dirty_bitmap.as_deref(), Some("qemu:dirty-bitmap:b0"), "{name}");
+            assert_eq!(NbdUrl::parse(&u.to_string()).unwrap(), u, "{name}");
+        }
+        let u = NbdUrl::parse("nbd+unix:///?socket=/s&x-dirty-bitmap=qemu:dirty-bitmap:b0").unwrap();
+        assert_eq!(u.qemu_filename(), "nbd+unix://?socket=/s");
+        assert_eq!(NbdUrl::parse("nbd://h:1/").unwrap().qemu_filename(), "nbd://h:1");
+        assert_eq!(NbdUrl::parse("nbd://h/e").unwrap().qemu_filename(), "nbd://h:10809/e");
+        assert!(NbdUrl::parse("nbd://h/e?bogus=1").is_err());
     }
 }

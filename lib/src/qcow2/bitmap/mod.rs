@@ -17,10 +17,16 @@ pub use dirty::DirtyBitmap;
 pub(crate) use tracker::Tracker;
 
 use super::Qcow2;
-use crate::format::bitmap::{FLAG_AUTO, FLAG_IN_USE, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS, TYPE_DIRTY_TRACKING};
+use crate::format::bitmap::{
+    FLAG_AUTO, FLAG_IN_USE, MAX_BITMAP_BYTES, MAX_GRANULARITY_BITS, MAX_TABLE_ENTRIES, MIN_GRANULARITY_BITS,
+    TYPE_DIRTY_TRACKING,
+};
 use crate::format::limits::{MAX_BITMAPS, MAX_BITMAP_NAME};
 use crate::{Error, Result};
 use tracker::{Bitmap, TrackState};
+
+/// QEMU's words for a bitmap over its size limit.
+const TOO_LARGE: &str = "Too much space will be occupied by the bitmap. Use larger granularity";
 
 /// One persistent bitmap of an image, as `qemu-img info` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +191,9 @@ impl Qcow2 {
         }
         let size = crate::BlockDevice::len(self);
         let cluster_bits = self.g.cluster_bits;
+        if !Self::bitmap_fits(size, bits, cluster_bits) {
+            return Err(Error::invalid(format!("Can't make bitmap '{name}' persistent: {TOO_LARGE}")));
+        }
         self.edit_bitmaps(name, |st| {
             if st.find(name).is_some() {
                 return Err(Error::invalid(format!("Bitmap already exists: {name}")));
@@ -374,12 +383,31 @@ impl Qcow2 {
 
     /// Follows a change of the virtual size: refused while a bitmap is
     /// inconsistent (QEMU's rule), else every bitmap is resized.
-    pub(crate) fn resize_bitmaps_check(&self) -> Result<()> {
+    pub(crate) fn resize_bitmaps_check(&self, new_size: u64) -> Result<()> {
         let st = self.bitmaps.lock();
-        match st.bitmaps.iter().find(|b| b.inconsistent) {
-            Some(b) if st.managed => Err(inconsistent(&b.name)),
-            _ => Ok(()),
+        if !st.managed {
+            return Ok(());
         }
+        if let Some(b) = st.bitmaps.iter().find(|b| b.inconsistent) {
+            return Err(inconsistent(&b.name));
+        }
+        // QEMU resizes anyway and then cannot store the bitmap (it stays
+        // marked in use, lost for incremental backup); refusing before a
+        // byte changes keeps the bitmap and tells the user why.
+        match st.bitmaps.iter().find(|b| !Self::bitmap_fits(new_size, b.granularity_bits, self.g.cluster_bits)) {
+            Some(b) => Err(Error::invalid(format!(
+                "Cannot resize to {new_size} bytes: bitmap '{}' would not fit: {TOO_LARGE}",
+                b.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a bitmap of `granularity_bits` over `size` guest bytes is
+    /// within the limits QEMU checks when it opens or stores one.
+    fn bitmap_fits(size: u64, granularity_bits: u8, cluster_bits: u32) -> bool {
+        let (chunks, bytes) = DirtyBitmap::geometry(size, granularity_bits, cluster_bits);
+        bytes <= MAX_BITMAP_BYTES && chunks <= u64::from(MAX_TABLE_ENTRIES)
     }
 
     /// Resizes every consistent bitmap to `size` guest bytes.
