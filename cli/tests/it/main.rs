@@ -21,6 +21,7 @@ mod serve_cli;
 mod small_filesystem;
 mod tls_hostile;
 mod tls_interop;
+mod tls_libnbd_python;
 mod tls_psk;
 mod tls_refusals;
 mod write_diff;
