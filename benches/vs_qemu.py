@@ -215,6 +215,79 @@ def w_nbd(write, tls=False, client="qemu"):
     return prep, run
 
 
+def w_nbdcopy(write, conns):
+    """nbdcopy (libnbd) through the whole disk with `conns` connections,
+    the server started with `-e conns` (so qemu-nbd advertises multi-conn
+    too): reads of an allocated image into null:, or writes of a raw file
+    with data into a fresh image."""
+    def prep(c, tool):
+        img = c.p(f"copy-{tool}.qcow2")
+        src = c.p("copy-src.raw")
+        if not os.path.exists(src):
+            sh("qemu-img", "create", "-q", "-f", "raw", src, str(c.size))
+            sh("qemu-img", "bench", "-q", "-w", "-t", "none", "-s", "1M", "-d", "4", "-c", str(c.size >> 20), "--pattern", "0x5a", "-f", "raw", src)
+        if write or not os.path.exists(img):
+            if os.path.exists(img):
+                os.unlink(img)
+            sh("qemu-img", "create", "-q", "-f", "qcow2", img, str(c.size))
+            if not write:
+                sh("qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", src, img)
+        sock = c.p(f"copy-{tool}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        argv = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
+        proc = subprocess.Popen(argv + ["-t", "-e", str(conns), "-f", "qcow2", "-k", sock, img])
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        return (proc, sock, src)
+
+    def run(c, tool, st):
+        proc, sock, src = st
+        url = f"nbd+unix:///?socket={sock}"
+        try:
+            args = ["nbdcopy", f"--connections={conns}", "--requests=16"]
+            args += [src, url] if write else [url, "null:"]
+            return timed(lambda: sh(*args))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+
+    return prep, run
+
+
+def big_image(c, name, size, step_mib, snapshots):
+    """A sparse qcow2 of `size` with one 64 KiB write every `step_mib` MiB
+    (so that many L2 tables are in use) and `snapshots` internal
+    snapshots, made once per run by QEMU's tools."""
+    img = c.p(name)
+    if os.path.exists(img):
+        return img
+    sh("qemu-img", "create", "-q", "-f", "qcow2", img, str(size))
+    cmds = []
+    for i in range(size // (step_mib << 20)):
+        cmds += ["-c", f"write -q -P 0x{(i % 250) + 1:x} {i * step_mib}M 64k"]
+    for k in range(0, len(cmds), 4000):
+        sh("qemu-io", *cmds[k:k + 4000], img)
+    for n in range(snapshots):
+        sh("qemu-img", "snapshot", "-c", f"s{n}", img)
+    return img
+
+
+def w_metadata(cmd, name, size, step_mib, snapshots):
+    """`qemu-img CMD` against `oxcow CMD` on a big image: the time to open
+    it and walk its metadata."""
+    def prep(c, tool):
+        return big_image(c, name, size, step_mib, snapshots)
+
+    def run(c, tool, img):
+        exe = OX if tool == "oxcow" else "qemu-img"
+        return timed(lambda: sh(exe, *cmd, img, check=cmd[0] != "check"))
+
+    return prep, run
+
+
 def workloads(size):
     n4k = 32768
     return [
@@ -245,6 +318,13 @@ def workloads(size):
         ("NBD over TLS 4k writes, depth 16 (oxcow bench client)", w_nbd(True, tls=True)),
         ("NBD plaintext 4k reads, depth 16 (oxcow bench client)", w_nbd(False, tls=False, client="oxcow")),
         ("NBD plaintext 4k writes, depth 16 (oxcow bench client)", w_nbd(True, tls=False, client="oxcow")),
+        ("info, 4 TiB image, 64 snapshots, 1024 L2 tables", w_metadata(["info"], "meta-4t.qcow2", 4 << 40, 4096, 64)),
+        ("info --output=json, 4 TiB image, 64 snapshots", w_metadata(["info", "--output=json"], "meta-4t.qcow2", 4 << 40, 4096, 64)),
+        ("check, 1 TiB image, all 2048 L2 tables in use", w_metadata(["check"], "meta-1t.qcow2", 1 << 40, 512, 0)),
+        ("nbdcopy reads, 4 connections (-e 4, multi-conn)", w_nbdcopy(False, 4)),
+        ("nbdcopy writes into a fresh image, 4 connections (-e 4, multi-conn)", w_nbdcopy(True, 4)),
+        ("nbdcopy reads, 1 connection", w_nbdcopy(False, 1)),
+        ("nbdcopy writes into a fresh image, 1 connection", w_nbdcopy(True, 1)),
     ]
 
 
