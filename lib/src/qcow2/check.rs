@@ -20,7 +20,7 @@ use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::bitmap::{parse_directory, TABLE_OFFSET_MASK};
 use crate::format::compressed::CompressedDescriptor;
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
-use crate::format::l2::{L2Entry, COPIED as L2_COPIED};
+use crate::format::l2::{L2Entry, SubclusterBitmap, COPIED as L2_COPIED};
 use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{BlockDevice, Error, Result};
 use std::collections::HashMap;
@@ -93,8 +93,15 @@ impl Refs {
 
 /// A COPIED flag to verify once all references are counted.
 enum CopiedSite {
-    L1 { index: usize, l2: u64 },
-    L2 { table: u64, index: usize, host: u64 },
+    L1 {
+        index: usize,
+        l2: u64,
+    },
+    /// A data cluster's L2 entry, kept from the scan so that the COPIED
+    /// check need not read every table a second time.
+    L2 {
+        word: u64,
+    },
 }
 
 struct Scan {
@@ -317,7 +324,13 @@ impl Qcow2 {
             // Like qemu-img, contiguity is judged within one L2 table.
             next_contiguous = 0;
             let table = self.read_table(l2, cs)?;
-            for j in 0..self.g.l2_entries as usize {
+            let entries = table.chunks_exact(self.g.l2.entry_size()).take(self.g.l2_entries as usize);
+            for (j, raw) in entries.enumerate() {
+                // Most entries of a sparse image's tables are empty (no
+                // host cluster, nothing compressed): skip them undecoded.
+                if raw[..8] == [0u8; 8] {
+                    continue;
+                }
                 let le = self.g.l2.get(&table, j);
                 if le.is_compressed() {
                     let d = CompressedDescriptor::decode(
@@ -368,7 +381,7 @@ impl Qcow2 {
                     }
                     next_contiguous = host + cs;
                     if !self.g.external_data {
-                        s.copied.push(CopiedSite::L2 { table: l2, index: j, host });
+                        s.copied.push(CopiedSite::L2 { word: le.word });
                     }
                 }
             }
@@ -436,8 +449,6 @@ impl Qcow2 {
     }
 
     fn check_copied(&self, m: &mut Meta, s: &mut Scan) -> Result<()> {
-        // Sites come grouped by table: read each table once.
-        let mut last: Option<(u64, Vec<u8>)> = None;
         for site in &s.copied {
             match *site {
                 // Like qemu-img, compare with the stored refcount.
@@ -452,14 +463,10 @@ impl Qcow2 {
                         ));
                     }
                 }
-                CopiedSite::L2 { table, index, host } => {
-                    let refs = self.refcount(m, HostOffset(host).cluster(&self.g)).unwrap_or(0);
+                CopiedSite::L2 { word } => {
+                    let e = L2Entry { word, bitmap: SubclusterBitmap(0) };
+                    let refs = self.refcount(m, HostOffset(e.host_offset()).cluster(&self.g)).unwrap_or(0);
                     let want = refs == 1;
-                    if last.as_ref().is_none_or(|(off, _)| *off != table) {
-                        last = Some((table, self.read_table(table, self.g.cluster_size)?));
-                    }
-                    let t = last.as_ref().map(|(_, t)| &t[..]).unwrap_or(&[]);
-                    let e = self.g.l2.get(t, index);
                     if e.copied() != want {
                         s.report.corruptions += 1;
                         s.report
