@@ -30,6 +30,16 @@ impl ObjectArgs {
     /// a name `oxcow::open` takes and `format` into the format it names.
     pub fn apply(&self, name: &mut String, format: &mut Option<String>) -> CliResult<()> {
         let objects = Objects::parse(&self.objects)?;
+        if let Some(spec) = json_spec(name) {
+            // QEMU lets `-f` stand beside a json: name; the tree's driver
+            // says the format where it names one.
+            let (f, n) = resolve(&spec?, &objects)?;
+            *name = n;
+            if f.is_some() {
+                *format = f;
+            }
+            return Ok(());
+        }
         if !self.image_opts {
             return Ok(());
         }
@@ -41,6 +51,24 @@ impl ObjectArgs {
         *format = f;
         Ok(())
     }
+}
+
+/// A `json:{...}` file name as the option string `--image-opts` takes
+/// (nested objects become dotted keys, commas in values doubled); None
+/// for any other name.
+pub fn json_spec(name: &str) -> Option<CliResult<String>> {
+    let text = name.strip_prefix("json:")?;
+    let v: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(CliError::new(format!("Could not parse the JSON options: {e}")))),
+    };
+    if !v.is_object() {
+        return Some(Err(CliError::new("Invalid JSON object given")));
+    }
+    let mut pairs = Vec::new();
+    crate::object::flatten_json("", &v, &mut pairs);
+    let spec = pairs.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))).collect::<Vec<_>>().join(",");
+    Some(Ok(spec))
 }
 
 /// An option string's format (none when it names only a protocol and the
@@ -157,6 +185,20 @@ mod tests {
         assert_eq!(r("driver=qcow2,file.filename=a.qcow2").unwrap(), (Some("qcow2".into()), "a.qcow2".into()));
         assert_eq!(r("driver=nbd,host=h,tls-creds=t").unwrap_err(), "No TLS credentials with id 't'");
         assert!(r("driver=nbd,host=h,bogus=1").is_err() && r("host=h").is_err());
+        let j = |s: &str| json_spec(s).map(|r| r.map_err(|e| e.msg));
+        assert_eq!(j("x.qcow2"), None);
+        assert_eq!(
+            j(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a,b.qcow2"}}"#),
+            Some(Ok("driver=qcow2,file.driver=file,file.filename=a,,b.qcow2".into()))
+        );
+        assert_eq!(
+            r(&j(r#"json:{"driver":"nbd","server":{"type":"inet","host":"h","port":"99"},"export":"e"}"#)
+                .unwrap()
+                .unwrap())
+            .unwrap(),
+            (Some("raw".into()), "nbd://h:99/e".into())
+        );
+        assert!(j("json:[1]").unwrap().is_err() && j("json:{").unwrap().is_err());
         let objs = Objects::parse(&["authz-simple,id=a,identity=x".into()]).unwrap();
         assert_eq!(
             resolve("driver=nbd,host=h,tls-creds=a", &objs).unwrap_err().msg,

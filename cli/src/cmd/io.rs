@@ -110,6 +110,17 @@ fn parse_discard(d: &str) -> CliResult<bool> {
 const LIMIT_KEYS: &[&str] =
     &["align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard", "request-alignment"];
 
+/// A `json:{...}` name opens what its option tree says, as with
+/// `--image-opts`; any other name is a file name.
+fn json_name(name: &str, cfg: &mut OpenCfg) -> CliResult<String> {
+    match crate::image_opts::json_spec(name) {
+        None => Ok(name.to_string()),
+        Some(spec) => {
+            image_opts(&spec?, cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))
+        }
+    }
+}
+
 /// `--image-opts` / `open -o`: the driver and file name out of qemu's
 /// option string; other keys are refused rather than silently dropped.
 /// A blkdebug layer that only sets request limits passes straight through
@@ -242,7 +253,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         let path = if a.image_opts {
             image_opts(f, &mut cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))?
         } else {
-            f.clone()
+            json_name(f, &mut cfg)?
         };
         session.open = Some(open_image(&path, &cfg)?);
     }
@@ -457,7 +468,10 @@ fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
                 _ => {}
             }
         }
-        let mut path = o.rest.first().map(|p| p.to_string());
+        let mut path = match o.rest.first() {
+            Some(p) => Some(json_name(p, &mut cfg)?),
+            None => None,
+        };
         if let Some(spec) = o.value('o') {
             if let Some(f) = image_opts(spec, &mut cfg)? {
                 path = Some(f);
