@@ -674,6 +674,11 @@ struct Opened {
 /// local file, so no locks), anything else a host file, locked once the
 /// format is known.
 fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    if let Some(null) = path.to_str().and_then(crate::storage::NullStorage::from_name) {
+        // QEMU's null-co: nothing to probe or lock.
+        let storage = Arc::new(null.map_err(|e| Error::io("null-co", e))?);
+        return Ok(Opened { storage, native_raw: None, format: opts.format.unwrap_or(Format::Raw), probed: false });
+    }
     Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
         Some(name) => {
             let nbd = NbdStorage::open(name, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;

@@ -128,10 +128,13 @@ fn json_name(name: &str, cfg: &mut OpenCfg) -> CliResult<String> {
 fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let opts = oxcow::options::split_options(spec);
     if opts.iter().any(|(k, v)| {
-        ((k == "driver" || k == "file.driver") && v == "nbd") || k == "encrypt.key-secret" || k == "key-secret"
+        ((k == "driver" || k == "file.driver") && matches!(v.as_str(), "nbd" | "null-co" | "null-aio"))
+            || k == "encrypt.key-secret"
+            || k == "key-secret"
     }) {
-        // NBD keys (server.*, export, tls-creds) become an NBD location;
-        // a key secret is registered for the file it opens.
+        // NBD keys (server.*, export, tls-creds) become an NBD location,
+        // null-co's a null one; a key secret is registered for the file
+        // it opens.
         let (format, name) = crate::image_opts::resolve(spec, &cfg.objects)?;
         cfg.format = parse_format(format.as_deref())?;
         return Ok(Some(name));

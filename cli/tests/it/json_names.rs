@@ -69,3 +69,27 @@ fn qcow2_over_nbd_over_tls_from_qemu_nbd_by_json_name_and_image_opts() {
     let (code, _, err) = run(OXCOW, &["info", &json]);
     assert!(code != 0 && err.contains("tls0"), "{err}");
 }
+
+/// iotest 150: QEMU's `null-co` driver as a convert source, named by a
+/// `json:` name in QEMU's single-quoted JSON: it reads as zeros, so a
+/// sparse convert allocates nothing and `-S 0` everything, as qemu-img.
+#[test]
+fn null_co_json_source_converts_as_qemu_img() {
+    let d = tmp();
+    let src = "json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true }";
+    for sparse in ["512", "0"] {
+        for (prog, out) in [(OXCOW, "ox.qcow2"), ("qemu-img", "qm.qcow2")] {
+            ok(d.path(), prog, &["convert", "-O", "qcow2", "-S", sparse, src, out]);
+        }
+        let map = |f: &str| ok(d.path(), "qemu-img", &["map", "--output=json", f]).stdout;
+        let strip =
+            |m: String| m.lines().map(|l| l.split(", \"offset\"").next().unwrap_or(l).to_string()).collect::<Vec<_>>();
+        assert_eq!(strip(map("ox.qcow2")), strip(map("qm.qcow2")), "-S {sparse}");
+    }
+    let io = ok(
+        d.path(),
+        OXCOW,
+        &["io", "-c", "write -P 1 0 4k", "-c", "read -P 0 0 4k", "json:{'driver':'null-co','size':8192}"],
+    );
+    assert!(!io.stdout.contains("fail"), "{}", io.stdout);
+}
