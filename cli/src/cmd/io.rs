@@ -70,6 +70,8 @@ struct OpenCfg {
     snapshot: Option<String>,
     /// The `--object`s, for `--image-opts` names that refer to them.
     objects: Arc<crate::object::Objects>,
+    /// `backing.driver`: the backing file's format, overriding the image's.
+    backing_driver: Option<oxcow::Format>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -145,6 +147,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
         match k.as_str() {
             "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
+            "backing.driver" => cfg.backing_driver = parse_format(Some(&v))?,
             "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
             "file.filename"
             | "filename"
@@ -190,6 +193,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .cache(cfg.cache)
         .force_share(cfg.force_share)
         .copy_on_read(cfg.copy_on_read)
+        .backing_driver(cfg.backing_driver)
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let img = oxcow::open(path, &opts)
@@ -245,6 +249,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         unmap: parse_discard(&a.discard)?,
         snapshot: a.snapshot.clone(),
         objects: Arc::new(crate::object::Objects::parse(&a.objects)?),
+        backing_driver: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
