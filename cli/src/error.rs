@@ -53,6 +53,8 @@ pub fn message(e: &Error) -> String {
         Error::Unsupported(what) if crate::dropin::active() && what.starts_with("Unknown incompatible feature") => {
             format!("Unsupported qcow2 feature(s): {what}")
         }
+        // An unknown format name, as qemu's block layer words it.
+        Error::Unsupported(what) if crate::dropin::active() && what.contains("Unknown driver '") => what.clone(),
         other => without_os_codes(&other.to_string()),
     }
 }

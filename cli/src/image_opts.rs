@@ -30,6 +30,16 @@ impl ObjectArgs {
     /// a name `oxcow::open` takes and `format` into the format it names.
     pub fn apply(&self, name: &mut String, format: &mut Option<String>) -> CliResult<()> {
         let objects = Objects::parse(&self.objects)?;
+        if let Some(spec) = json_spec(name) {
+            // QEMU lets `-f` stand beside a json: name; the tree's driver
+            // says the format where it names one.
+            let (f, n) = resolve(&spec?, &objects)?;
+            *name = n;
+            if f.is_some() {
+                *format = f;
+            }
+            return Ok(());
+        }
         if !self.image_opts {
             return Ok(());
         }
@@ -43,13 +53,74 @@ impl ObjectArgs {
     }
 }
 
+/// A `json:{...}` file name as the option string `--image-opts` takes
+/// (nested objects become dotted keys, commas in values doubled); None
+/// for any other name.
+pub fn json_spec(name: &str) -> Option<CliResult<String>> {
+    let text = name.strip_prefix("json:")?;
+    let v: serde_json::Value = match serde_json::from_str(&single_quotes_to_double(text)) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(CliError::new(format!("Could not parse the JSON options: {e}")))),
+    };
+    if !v.is_object() {
+        return Some(Err(CliError::new("Invalid JSON object given")));
+    }
+    let mut pairs = Vec::new();
+    crate::object::flatten_json("", &v, &mut pairs);
+    let spec = pairs.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))).collect::<Vec<_>>().join(",");
+    Some(Ok(spec))
+}
+
+/// QEMU's JSON takes 'single-quoted' strings too (the iotests write
+/// their `json:` names so); they become standard double-quoted ones.
+fn single_quotes_to_double(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push('"');
+                while let Some(c) = chars.next() {
+                    out.push(c);
+                    match c {
+                        '\\' => out.extend(chars.next()),
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            '\'' => {
+                out.push('"');
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some('\'') => out.push('\''),
+                            Some(e) => {
+                                out.push('\\');
+                                out.push(e);
+                            }
+                            None => {}
+                        },
+                        '"' => out.push_str("\\\""),
+                        '\'' => break,
+                        c => out.push(c),
+                    }
+                }
+                out.push('"');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// An option string's format (none when it names only a protocol and the
 /// content is to be probed) and the name to open.
 pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
     let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
     let (format, proto, mut props) = match driver.as_str() {
-        "nbd" | "file" => (Some("raw".to_string()), driver, map),
+        "nbd" | "file" | "null-co" | "null-aio" => (Some("raw".to_string()), driver, map),
         fmt => {
             // A format over a protocol: the protocol's keys are under `file.`.
             let mut inner = BTreeMap::new();
@@ -79,6 +150,19 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
     let name = match proto.as_str() {
         "file" => props.remove("filename").ok_or_else(|| CliError::new("Parameter 'filename' is required"))?,
         "nbd" => nbd_name(&mut props, objects)?,
+        "null-co" | "null-aio" => {
+            let size = match props.remove("size") {
+                None => oxcow::storage::NullStorage::name(oxcow::storage::NULL_DEFAULT_SIZE),
+                Some(v) => crate::util::parse_num(&v)
+                    .map(oxcow::storage::NullStorage::name)
+                    .ok_or_else(|| CliError::new(format!("Parameter 'size' expects a size, got '{v}'")))?,
+            };
+            // Reads are zeros either way; timing knobs change no result.
+            for k in ["read-zeroes", "latency-ns"] {
+                props.remove(k);
+            }
+            size
+        }
         other => return Err(CliError::new(format!("Unknown driver '{other}'"))),
     };
     // Options the open path does not take (cache.*, discard, ...) are
@@ -158,6 +242,28 @@ mod tests {
         assert_eq!(r("driver=qcow2,file.filename=a.qcow2").unwrap(), (Some("qcow2".into()), "a.qcow2".into()));
         assert_eq!(r("driver=nbd,host=h,tls-creds=t").unwrap_err(), "No TLS credentials with id 't'");
         assert!(r("driver=nbd,host=h,bogus=1").is_err() && r("host=h").is_err());
+        let j = |s: &str| json_spec(s).map(|r| r.map_err(|e| e.msg));
+        assert_eq!(j("x.qcow2"), None);
+        assert_eq!(
+            j(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a,b.qcow2"}}"#),
+            Some(Ok("driver=qcow2,file.driver=file,file.filename=a,,b.qcow2".into()))
+        );
+        assert_eq!(
+            r(&j(r#"json:{"driver":"nbd","server":{"type":"inet","host":"h","port":"99"},"export":"e"}"#)
+                .unwrap()
+                .unwrap())
+            .unwrap(),
+            (Some("raw".into()), "nbd://h:99/e".into())
+        );
+        assert!(j("json:[1]").unwrap().is_err() && j("json:{").unwrap().is_err());
+        assert_eq!(
+            j(r#"json:{ 'driver': 'null-co', 'size': 1048576, 'read-zeroes': true, 'x': 'it\'s "q"' }"#),
+            Some(Ok(r#"driver=null-co,size=1048576,read-zeroes=on,x=it's "q""#.into()))
+        );
+        assert_eq!(
+            r("driver=null-co,size=1M,read-zeroes=on").unwrap(),
+            (Some("raw".into()), "null-co://?size=1048576".into())
+        );
         let objs = Objects::parse(&["authz-simple,id=a,identity=x".into()]).unwrap();
         assert_eq!(
             resolve("driver=nbd,host=h,tls-creds=a", &objs).unwrap_err().msg,

@@ -121,7 +121,7 @@ pub fn parse_keyval(s: &str, implied: Option<&str>) -> CliResult<Vec<(String, St
 
 /// Flattens JSON into keyval's dotted keys (`{"rules": [{"match": "x"}]}`
 /// becomes `rules.0.match=x`).
-fn flatten_json(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+pub(crate) fn flatten_json(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
     let key = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
     match v {
         serde_json::Value::Object(m) => m.iter().for_each(|(k, x)| flatten_json(&key(k), x, out)),

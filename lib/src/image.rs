@@ -203,6 +203,9 @@ pub struct OpenOptions {
     /// Open an encrypted image without its key, for its metadata only
     /// (`info`, as QEMU's no-I/O opens): its data reads then fail.
     pub no_io: bool,
+    /// The format of the image's backing file, instead of the one the
+    /// image names (QEMU's `backing.driver`); not passed further down.
+    pub backing_driver: Option<Format>,
 }
 
 impl Default for OpenOptions {
@@ -220,6 +223,7 @@ impl Default for OpenOptions {
             storage_hook: None,
             key_secret: None,
             no_io: false,
+            backing_driver: None,
         }
     }
 }
@@ -237,6 +241,7 @@ setters!(OpenOptions {
     format: Format,
     storage_hook: StorageHook,
     key_secret: crate::crypto::Secret,
+    backing_driver: Format,
 });
 
 impl OpenOptions {
@@ -643,11 +648,15 @@ fn open_backing(
 ) -> Result<Image> {
     opts.backing_policy.check(&BackingName::new(name))?;
     let bpath = resolve_backing(path, name);
-    let bfmt = match format {
-        Some(f) => Some(f.parse::<Format>()?),
-        None => None,
+    let bfmt = match (opts.backing_driver, format) {
+        (Some(f), _) => Some(f),
+        (None, Some(f)) => Some(f.parse::<Format>().map_err(|e| match e {
+            Error::Unsupported(m) => Error::Unsupported(format!("Could not open backing file: {m}")),
+            other => other,
+        })?),
+        (None, None) => None,
     };
-    let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
+    let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
     chain.enter(&bpath)?;
     open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
         Error::Io { context, source } => {
@@ -674,6 +683,11 @@ struct Opened {
 /// local file, so no locks), anything else a host file, locked once the
 /// format is known.
 fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    if let Some(null) = path.to_str().and_then(crate::storage::NullStorage::from_name) {
+        // QEMU's null-co: nothing to probe or lock.
+        let storage = Arc::new(null.map_err(|e| Error::io("null-co", e))?);
+        return Ok(Opened { storage, native_raw: None, format: opts.format.unwrap_or(Format::Raw), probed: false });
+    }
     Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
         Some(name) => {
             let nbd = NbdStorage::open(name, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;

@@ -70,6 +70,8 @@ struct OpenCfg {
     snapshot: Option<String>,
     /// The `--object`s, for `--image-opts` names that refer to them.
     objects: Arc<crate::object::Objects>,
+    /// `backing.driver`: the backing file's format, overriding the image's.
+    backing_driver: Option<oxcow::Format>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -110,6 +112,17 @@ fn parse_discard(d: &str) -> CliResult<bool> {
 const LIMIT_KEYS: &[&str] =
     &["align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard", "request-alignment"];
 
+/// A `json:{...}` name opens what its option tree says, as with
+/// `--image-opts`; any other name is a file name.
+fn json_name(name: &str, cfg: &mut OpenCfg) -> CliResult<String> {
+    match crate::image_opts::json_spec(name) {
+        None => Ok(name.to_string()),
+        Some(spec) => {
+            image_opts(&spec?, cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))
+        }
+    }
+}
+
 /// `--image-opts` / `open -o`: the driver and file name out of qemu's
 /// option string; other keys are refused rather than silently dropped.
 /// A blkdebug layer that only sets request limits passes straight through
@@ -117,10 +130,13 @@ const LIMIT_KEYS: &[&str] =
 fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let opts = oxcow::options::split_options(spec);
     if opts.iter().any(|(k, v)| {
-        ((k == "driver" || k == "file.driver") && v == "nbd") || k == "encrypt.key-secret" || k == "key-secret"
+        ((k == "driver" || k == "file.driver") && matches!(v.as_str(), "nbd" | "null-co" | "null-aio"))
+            || k == "encrypt.key-secret"
+            || k == "key-secret"
     }) {
-        // NBD keys (server.*, export, tls-creds) become an NBD location;
-        // a key secret is registered for the file it opens.
+        // NBD keys (server.*, export, tls-creds) become an NBD location,
+        // null-co's a null one; a key secret is registered for the file
+        // it opens.
         let (format, name) = crate::image_opts::resolve(spec, &cfg.objects)?;
         cfg.format = parse_format(format.as_deref())?;
         return Ok(Some(name));
@@ -131,6 +147,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
         match k.as_str() {
             "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
+            "backing.driver" => cfg.backing_driver = parse_format(Some(&v))?,
             "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
             "file.filename"
             | "filename"
@@ -176,6 +193,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .cache(cfg.cache)
         .force_share(cfg.force_share)
         .copy_on_read(cfg.copy_on_read)
+        .backing_driver(cfg.backing_driver)
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let img = oxcow::open(path, &opts)
@@ -231,6 +249,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         unmap: parse_discard(&a.discard)?,
         snapshot: a.snapshot.clone(),
         objects: Arc::new(crate::object::Objects::parse(&a.objects)?),
+        backing_driver: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -242,7 +261,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         let path = if a.image_opts {
             image_opts(f, &mut cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))?
         } else {
-            f.clone()
+            json_name(f, &mut cfg)?
         };
         session.open = Some(open_image(&path, &cfg)?);
     }
@@ -457,7 +476,10 @@ fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
                 _ => {}
             }
         }
-        let mut path = o.rest.first().map(|p| p.to_string());
+        let mut path = match o.rest.first() {
+            Some(p) => Some(json_name(p, &mut cfg)?),
+            None => None,
+        };
         if let Some(spec) = o.value('o') {
             if let Some(f) = image_opts(spec, &mut cfg)? {
                 path = Some(f);

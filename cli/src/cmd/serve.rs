@@ -102,6 +102,10 @@ pub struct Args {
     /// (seconds; 0: no limit).
     #[arg(long = "handshake-limit", value_name = "N", default_value = "10")]
     handshake_limit: u64,
+    /// The image is an option string (driver=qcow2,file.driver=nbd,...),
+    /// as a `json:{...}` name is.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Image file.
     file: String,
 }
@@ -160,13 +164,16 @@ pub fn run(a: Args) -> CliResult<i32> {
             Some(crate::util::parse_num(r).ok_or_else(|| CliError::new(format!("Invalid prefetch rate '{r}'")))?)
         }
     };
+    let (mut file, mut format) = (a.file.clone(), a.format.clone());
+    crate::image_opts::ObjectArgs { objects: a.objects.clone(), image_opts: a.image_opts }
+        .apply(&mut file, &mut format)?;
     let opts = OpenOptions::default()
-        .format(parse_format(a.format.as_deref())?)
+        .format(parse_format(format.as_deref())?)
         .write(!read_only || caching)
         .cache(cache)
         .copy_on_read(a.copy_on_read)
         .allow_network_backing(caching);
-    let img = open_image(&a.file, &opts)?;
+    let img = open_image(&file, &opts)?;
     let mut prefetcher = None;
     let device = match (&a.snapshot, prefetch_rate) {
         (Some(name), _) => {

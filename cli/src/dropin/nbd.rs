@@ -122,7 +122,6 @@ pub fn run(args: &[String]) -> u8 {
         ("s", "-s (temporary snapshot overlay)"),
         ("o", "-o (exporting from an offset)"),
         ("B", "-B (dirty bitmap export)"),
-        ("image-opts", "--image-opts"),
     ] {
         if p.has(key) {
             return fail(&format!("{what} is not supported by oxcow"));
@@ -157,6 +156,7 @@ pub fn run(args: &[String]) -> u8 {
             "cache" | "discard" | "detect-zeroes" | "pid-file" | "object" | "tls-creds" | "tls-authz"
             | "tls-hostname" => argv.extend(pair(&format!("--{k}"), v)),
             "fork" => argv.push("--fork".into()),
+            "image-opts" => argv.push("--image-opts".into()),
             // Verbosity, tracing, SELinux labels and the handshake time
             // limit change nothing in what clients see.
             _ => {}

@@ -346,3 +346,29 @@ fn info_into_a_closed_pipe_ends_quietly() {
         assert_eq!(stderr, "", "{prog}");
     }
 }
+
+/// iotest 114: `open -o backing.driver=FMT` opens the backing file with
+/// that format instead of the one the image names (here a wrong `raw`
+/// for a qcow2 backing file), as qemu-io does; without it the backing
+/// file reads as raw bytes and the pattern check fails on both sides.
+#[test]
+fn qemu_io_open_backing_driver_overrides_the_backing_format() {
+    let (ours, theirs) = sides();
+    for side in [&ours, &theirs] {
+        let create = ["create", "-q", "-f", "qcow2", "-u", "-b", "x.qcow2", "-F", "raw", "top.qcow2", "1M"];
+        ok(side.dir.path(), "qemu-img", &create);
+    }
+    for cmds in
+        [["open -o backing.driver=qcow2 top.qcow2", "read -P 0x11 64k 64k"], ["open top.qcow2", "read -P 0x11 64k 64k"]]
+    {
+        let args = ["-c", cmds[0], "-c", cmds[1]];
+        let (o, t) = (run(&ours, "qemu-io", &args, None), run(&theirs, "qemu-io", &args, None));
+        assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{cmds:?}");
+        assert_eq!(
+            o.stdout.contains("Pattern verification failed"),
+            !cmds[0].contains("backing.driver"),
+            "{}",
+            o.stdout
+        );
+    }
+}

@@ -12,6 +12,8 @@ mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
 mod dropin;
+mod iotests_ci;
+mod json_names;
 mod lifecycle_cli;
 mod luks_qcow2;
 mod other_formats;

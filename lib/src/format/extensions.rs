@@ -124,7 +124,9 @@ impl Extensions {
                 ));
             }
             let data = &area[pos..pos + len];
-            if ty != kind::FEATURE_NAMES && seen.contains(&ty) && is_known(ty) {
+            // QEMU takes the last backing format given (older qemu-img
+            // appended one instead of replacing it; iotest 114).
+            if ty != kind::FEATURE_NAMES && ty != kind::BACKING_FORMAT && seen.contains(&ty) && is_known(ty) {
                 return Err(Error::corrupt_at(format!("header extension {ty:#x} appears twice"), at));
             }
             seen.push(ty);
@@ -356,6 +358,20 @@ mod tests {
         let b = e.encode();
         assert_eq!(b.len() % 8, 0);
         assert_eq!(Extensions::parse(&b, 112).unwrap(), e);
+    }
+
+    /// iotest 114: an image with a second backing format extension
+    /// (appended by qcow2.py, as old qemu-img did) opens with the last.
+    #[test]
+    fn repeated_backing_format_extension_takes_the_last() {
+        let mut b = Extensions { backing_format: Some("raw".into()), ..Default::default() }.encode();
+        b.truncate(b.len() - 8);
+        b.extend(Extensions { backing_format: Some("foo".into()), ..Default::default() }.encode());
+        assert_eq!(Extensions::parse(&b, 0).unwrap().backing_format.as_deref(), Some("foo"));
+        let data = Extensions { data_file: Some("d".into()), ..Default::default() }.encode();
+        let mut twice = data[..data.len() - 8].to_vec();
+        twice.extend(&data);
+        assert!(Extensions::parse(&twice, 0).is_err(), "other known extensions stay unique");
     }
 
     #[test]

@@ -552,22 +552,88 @@ impl Qcow2 {
         let gran = self.g.sub_size;
         let end = offset + len;
         let a = offset.div_ceil(gran) * gran;
-        let b = end / gran * gran;
-        if a >= b {
-            self.write_explicit_zeros(offset, len)?;
+        // The last (sub)cluster ends the disk even when the disk is not a
+        // multiple of it, so a range ending there ends aligned where zero
+        // (sub)clusters exist to mark it (v3 in the image itself). Below,
+        // whatever falls back to zero data stops at the disk's end.
+        let to_end = end == self.len() && self.g.v3 && !self.g.external_data;
+        let b = if to_end { end.div_ceil(gran) * gran } else { end / gran * gran };
+        if a > b {
+            self.zero_partial(b, offset, end)?;
         } else {
             if offset < a {
-                self.write_explicit_zeros(offset, a - offset)?;
+                self.zero_partial(a - gran, offset, a.min(end))?;
             }
-            self.zero_aligned(a, b, may_unmap)?;
+            if a < b && self.partly_compressed(a, b)? {
+                // QEMU cannot zero part of a compressed cluster and then
+                // writes the whole aligned request as zero data.
+                self.write_explicit_zeros(a, b.min(end) - a)?;
+            } else if a < b {
+                self.zero_aligned(a, b, may_unmap)?;
+            }
             if b < end {
-                self.write_explicit_zeros(b, end - b)?;
+                self.zero_partial(b, b, end)?;
             }
         }
         if self.writethrough {
             self.flush_all()?;
         }
         Ok(())
+    }
+
+    /// Zeroes `[from, to)`, part of the (sub)cluster at `start`. As QEMU
+    /// does, the whole (sub)cluster becomes a zero one, instead of taking
+    /// zero data, when the rest of it reads as zeros through the backing
+    /// chain (by block status, not content) and this layer leaves it
+    /// unallocated or zero, which is checked again under the lock: a
+    /// write landing in the meantime keeps its data.
+    fn zero_partial(&self, start: u64, from: u64, to: u64) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let stop = (start + self.g.sub_size).min(self.len());
+        if self.g.v3 && !self.g.external_data && self.reads_zero(start, from)? && self.reads_zero(to, stop)? {
+            let gc = GuestOffset(start).cluster(&self.g);
+            let base = gc.offset(&self.g).0;
+            let explicit = {
+                let mut m = self.wait_cluster(self.lock(), gc)?;
+                let e = self.l2_entry(&mut m, gc)?;
+                let sub = ((start - base) / self.g.sub_size) as u32;
+                match self.classify(e, sub, gc)? {
+                    ClusterKind::Unallocated | ClusterKind::Zero(_) => {
+                        let to_in = (start - base + self.g.sub_size).min(cs);
+                        self.zero_cluster(&mut m, gc, start - base, to_in, false)?
+                    }
+                    _ => true,
+                }
+            };
+            if !explicit {
+                return Ok(());
+            }
+        }
+        self.write_explicit_zeros(from, to - from)
+    }
+
+    /// Whether the first or last cluster of `[a, b)` is compressed here
+    /// and only partly covered.
+    fn partly_compressed(&self, a: u64, b: u64) -> Result<bool> {
+        let cs = self.g.cluster_size;
+        let partial_head = !a.is_multiple_of(cs) || b - a < cs;
+        if partial_head && self.status(a, 1)?.compressed {
+            return Ok(true);
+        }
+        Ok(!b.is_multiple_of(cs) && b - 1 < self.len() && self.status(b - 1, 1)?.compressed)
+    }
+
+    /// Whether `[from, to)` reads as zeros by block status through the
+    /// backing chain.
+    fn reads_zero(&self, mut from: u64, to: u64) -> Result<bool> {
+        while from < to {
+            let st = crate::device::chain_status(self, from, to - from)?;
+            if st.allocated && !st.zero {
+                return Ok(false);
+            }
+            from += st.length.max(1);
+        }
+        Ok(true)
     }
 
     pub(super) fn write_explicit_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
@@ -598,14 +664,17 @@ impl Qcow2 {
                 let mut m = self.wait_cluster(self.lock(), gc)?;
                 self.zero_cluster(&mut m, gc, from, to, may_unmap)?
             };
-            if explicit {
-                self.write_explicit_zeros(start + from, to - from)?;
+            // `b` may be rounded up past an unaligned end of disk.
+            let stop = (start + to).min(self.len());
+            if explicit && start + from < stop {
+                self.write_explicit_zeros(start + from, stop - start - from)?;
             }
             pos = start + to;
         }
         if self.g.data_raw {
             // The raw data file must read as the guest sees the disk.
-            self.data.punch_hole(a, b - a).map_err(|e| Error::io("zeroing the raw data file", e))?;
+            let stop = b.min(self.len());
+            self.data.punch_hole(a, stop - a).map_err(|e| Error::io("zeroing the raw data file", e))?;
         }
         Ok(())
     }

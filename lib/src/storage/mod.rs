@@ -20,6 +20,7 @@ mod file;
 pub mod lock;
 mod memory;
 mod no_flush;
+mod null;
 mod serialise;
 mod sys;
 
@@ -35,6 +36,7 @@ pub use file::{host_io_counts, FileStorage, HostIoCounts, OpenFlags};
 pub use lock::{lock_image, ImageLock, LockMode, Perms};
 pub use memory::MemoryStorage;
 pub use no_flush::NoFlushStorage;
+pub use null::{NullStorage, DEFAULT_SIZE as NULL_DEFAULT_SIZE};
 
 use std::io;
 

@@ -45,3 +45,4 @@ mod remote_cor_geometry;
 mod remote_hostile;
 mod remote_nbdkit;
 mod torture_model;
+mod zero_writes_vs_qemu;
