@@ -59,7 +59,14 @@ impl Format {
     pub fn writable(self) -> bool {
         matches!(
             self,
-            Format::Raw | Format::Qcow2 | Format::Luks | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk
+            Format::Raw
+                | Format::Qcow2
+                | Format::Luks
+                | Format::Qed
+                | Format::Vdi
+                | Format::Vpc
+                | Format::Vmdk
+                | Format::Vhdx
         )
     }
 }
@@ -539,7 +546,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 Format::Vdi => crate::formats::vdi::open(storage.clone())?,
                 Format::Vpc => crate::formats::vpc::open(storage.clone())?,
                 Format::Vmdk => crate::formats::vmdk::open(storage.clone(), path, &extra)?,
-                _ => crate::formats::vhdx::open(storage.clone(), path)?,
+                _ => crate::formats::vhdx::open(storage.clone(), path, opts.write)?,
             };
             let info = opened.info;
             let mut backing = None;

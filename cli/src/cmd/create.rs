@@ -55,6 +55,9 @@ struct Given {
     subformat: Option<String>,
     force_size: Option<String>,
     table_size: Option<String>,
+    block_size: Option<String>,
+    log_size: Option<String>,
+    block_state_zero: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -118,6 +121,10 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qed, "table_size") => &mut g.table_size,
             (Format::Vpc, "subformat") | (Format::Vmdk, "subformat") => &mut g.subformat,
             (Format::Vpc, "force_size") => &mut g.force_size,
+            (Format::Vhdx, "subformat") => &mut g.subformat,
+            (Format::Vhdx, "block_size") => &mut g.block_size,
+            (Format::Vhdx, "log_size") => &mut g.log_size,
+            (Format::Vhdx, "block_state_zero") => &mut g.block_state_zero,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
         *slot = Some(v);
@@ -193,6 +200,7 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
         Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
         Format::Vmdk => create_vmdk(&a.file, size, &g).map_err(&err)?,
+        Format::Vhdx => create_vhdx(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -265,7 +273,20 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             add("size", &size.to_string());
             add("static", g.vdi_static.as_deref().unwrap_or("off"));
         }
-        _ => add("size", &size.to_string()),
+        Format::Vhdx => {
+            add("size", &size.to_string());
+            add("log_size", &g.log_size.as_deref().and_then(crate::util::parse_num).unwrap_or(1 << 20).to_string());
+            add("block_size", &g.block_size.as_deref().and_then(crate::util::parse_num).unwrap_or(0).to_string());
+            for (k, v) in [
+                ("subformat", &g.subformat),
+                ("block_state_zero", &g.block_state_zero),
+                ("preallocation", &g.preallocation),
+            ] {
+                if let Some(v) = v {
+                    add(k, v);
+                }
+            }
+        }
     }
     s
 }
@@ -380,6 +401,32 @@ fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
     f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     oxcow::formats::vdi::create(&*f, size, r#static).map_err(|e| message(&e))
+}
+
+fn create_vhdx(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let mut o = oxcow::formats::vhdx::CreateOptions::new(size);
+    o.fixed = match g.subformat.as_deref() {
+        None | Some("dynamic") => false,
+        Some("fixed") => true,
+        Some(other) => return Err(format!("Parameter 'subformat' does not accept value '{other}'")),
+    };
+    if let Some(v) = &g.block_size {
+        o.block_size = num_opt("block_size", v).map_err(|e| e.msg)?;
+    }
+    if let Some(v) = &g.log_size {
+        o.log_size = num_opt("log_size", v).map_err(|e| e.msg)?;
+    }
+    if let Some(v) = &g.block_state_zero {
+        o.zero_blocks = parse_bool("block_state_zero", v).map_err(|e| e.msg)?;
+    }
+    // qemu-img takes these and leaves the image as it would be without.
+    match g.preallocation.as_deref() {
+        None | Some("off" | "falloc" | "full") => {}
+        Some(p) => return Err(format!("Parameter 'preallocation' does not accept value '{p}'")),
+    }
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vhdx::create(&*f, &o).map_err(|e| message(&e))
 }
 
 fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
