@@ -300,6 +300,11 @@ impl Image {
     pub fn check_format(&self) -> Option<Result<crate::qcow2::CheckReport>> {
         self.layout.as_ref().map(|l| l.check())
     }
+    /// Repairs an image of the formats in [`crate::formats`] opened for
+    /// writing, as `qemu-img check -r` does: (leaks, corruptions) fixed.
+    pub fn repair_format(&self) -> Option<Result<(u64, u64)>> {
+        self.layout.as_ref().map(|l| l.repair())
+    }
     /// Whether the format was probed rather than given.
     pub fn format_probed(&self) -> bool {
         self.probed

@@ -231,6 +231,8 @@ struct Vhdx {
     bat_offset: u64,
     file_len: AtomicU64,
     state: Mutex<WriteState>,
+    /// The log was replayed at open: what `check -r` reports as fixed.
+    replayed: bool,
 }
 
 fn poisoned() -> Error {
@@ -387,6 +389,9 @@ impl Layout for Vhdx {
         self.set_bat(&mut st, idx, host | PAYLOAD_FULLY_PRESENT)?;
         Ok(n)
     }
+    fn repair(&self) -> Result<(u64, u64)> {
+        Ok((0, u64::from(self.replayed)))
+    }
     fn close(&self) -> Result<()> {
         let mut st = self.state.lock().map_err(|_| poisoned())?;
         if st.header.log_guid != [0u8; 16] {
@@ -420,6 +425,7 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> 
         return Err(Error::invalid("not a VHDX image"));
     }
     let (mut header, mut slot) = current_header(&*file)?;
+    let mut replayed = false;
     if header.log_guid != [0u8; 16] {
         let (off, len) = header.log;
         if off % MIB != 0 || len % (MIB as u32) != 0 || off < MIB {
@@ -434,6 +440,7 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> 
                 )));
             }
             log::replay(&*file, &active_sequence(&log, &header.log_guid)?)?;
+            replayed = true;
         }
         if write {
             // The log is spent: a header without its GUID says so, as
@@ -500,6 +507,7 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> 
         bat_offset: bat_off,
         file_len: AtomicU64::new(file_len),
         state: Mutex::new(state),
+        replayed,
     };
     Ok(Opened { layout: Arc::new(vhdx), info })
 }
