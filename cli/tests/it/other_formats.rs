@@ -909,3 +909,82 @@ fn vhdx_closed_uncleanly_is_replayed_when_opened_writable_as_qemu_does() {
     std::fs::write(dir.join("c.vhdx"), &crashed).unwrap();
     assert_repair_as_qemu(dir, "c.vhdx", "vhdx", "all");
 }
+
+#[test]
+fn vmdk_create_options_make_what_qemu_img_makes() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vmdk", "base.vmdk", "8M"]);
+    ok(dir, "qemu-io", &["-c", "write -q -P 9 1M 64k", "base.vmdk"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "bq.qcow2", "8M"]);
+    // The header and descriptor of a sparse image, or the descriptor
+    // file, with the CID and the image's own name masked.
+    let masked = |f: &str| {
+        let b = std::fs::read(dir.join(f)).unwrap_or_default();
+        let (head, text) = if b.starts_with(b"KDMV") {
+            (b[..512].to_vec(), String::from_utf8_lossy(&b[512..21 * 512]).trim_end_matches('\0').to_string())
+        } else {
+            (Vec::new(), String::from_utf8_lossy(&b).into_owned())
+        };
+        let stem = f.trim_end_matches(".vmdk");
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("CID="))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace(f, "X.vmdk")
+            .replace(&format!("\"{stem}-"), "\"X-");
+        (b.len(), head, text)
+    };
+    for (opts, backing) in [
+        ("adapter_type=lsilogic,hwversion=6,toolsversion=1234,zeroed_grain=on", true),
+        ("adapter_type=buslogic,subformat=streamOptimized,zeroed_grain=on", false),
+        ("compat6=on,adapter_type=legacyESX,preallocation=full", false),
+        ("subformat=twoGbMaxExtentSparse,zeroed_grain=on", true),
+        ("compat6=on,hwversion=7", false),
+        ("adapter_type=foo", false),
+        ("subformat=monolithicFlat", true),
+        ("preallocation=bogus", false),
+        ("preallocation=metadata", false),
+    ] {
+        let mut args = vec!["create", "-f", "vmdk", "-o", opts];
+        if backing {
+            args.extend_from_slice(&["-b", "base.vmdk", "-F", "vmdk"]);
+        }
+        let (o, q) = (
+            oxcow(dir, &[&args[..], &["o.vmdk", "8M"]].concat()),
+            qemu_img(dir, &[&args[..], &["q.vmdk", "8M"]].concat()),
+        );
+        assert_eq!((o.code, o.stdout.replace("o.vmdk", "q.vmdk")), (q.code, q.stdout.clone()), "{opts}");
+        let strip = |s: &str| {
+            s.replace("o.vmdk", "q.vmdk")
+                .lines()
+                .map(|l| l.splitn(2, ": ").last().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&o.stderr), strip(&q.stderr), "{opts}");
+        if q.code == 0 {
+            assert_eq!(masked("o.vmdk"), masked("q.vmdk"), "{opts}");
+            let r = ok(dir, "qemu-img", &["check", "o.vmdk"]);
+            assert!(r.stdout.contains("No errors were found"), "{opts}: {}", r.stdout);
+            if backing {
+                // The parent link holds: QEMU reads the base's data through it.
+                ok(dir, "qemu-io", &["-r", "-c", "read -q -P 9 1M 64k", "o.vmdk"]);
+                ok(dir, OXCOW, &["io", "-c", "write -q -P 3 1M 4k", "o.vmdk"]);
+                ok(dir, "qemu-io", &["-r", "-c", "read -q -P 3 1M 4k", "-c", "read -q -P 9 1052672 61440", "o.vmdk"]);
+            }
+        }
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("o") || n.starts_with("q") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
+    // A backing file that is no VMDK is refused as qemu-img refuses it.
+    let args = ["create", "-f", "vmdk", "-b", "bq.qcow2", "-F", "qcow2"];
+    let (o, q) = (oxcow(dir, &[&args[..], &["o.vmdk"]].concat()), qemu_img(dir, &[&args[..], &["q.vmdk"]].concat()));
+    assert_eq!((o.code, q.code), (1, 1));
+    assert!(o.stderr.contains("backing_file must be a vmdk image"), "{}", o.stderr);
+    assert!(q.stderr.contains("backing_file must be a vmdk image"), "{}", q.stderr);
+}
