@@ -280,4 +280,27 @@ mod tests {
         log[100] ^= 1;
         assert!(active_sequence(&log, &guid).unwrap().is_empty());
     }
+
+    #[test]
+    fn replay_starts_at_the_newest_entrys_tail_and_ignores_older_runs() {
+        let guid = [3u8; 16];
+        let sector = |b: u8| vec![b; 4096];
+        let mut log = vec![0u8; 8 * 8192];
+        let put = |log: &mut [u8], slot: usize, seq: u64, tail: u64, b: u8| {
+            let e = build_entry(&guid, seq, tail, 1 << 20, &[(0, &sector(b))]).unwrap();
+            log[slot * 8192..slot * 8192 + 8192].copy_from_slice(&e);
+        };
+        // An old run (1, 2) and the active one (7, 8, 9) whose head says
+        // replay starts at 8.
+        put(&mut log, 0, 1, 0, 1);
+        put(&mut log, 1, 2, 0, 2);
+        put(&mut log, 4, 7, 4 * 8192, 7);
+        put(&mut log, 5, 8, 5 * 8192, 8);
+        put(&mut log, 6, 9, 5 * 8192, 9);
+        let seq = active_sequence(&log, &guid).unwrap();
+        assert_eq!(seq.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![8, 9]);
+        // A head whose tail points outside its run is an error, not a guess.
+        put(&mut log, 6, 9, 2 * 8192, 9);
+        assert!(active_sequence(&log, &guid).is_err());
+    }
 }
