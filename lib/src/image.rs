@@ -26,15 +26,15 @@ pub enum Format {
     Raw,
     /// QEMU's qcow2, v2 or v3.
     Qcow2,
-    /// QEMU Enhanced Disk (read only).
+    /// QEMU Enhanced Disk.
     Qed,
-    /// VirtualBox's VDI (read only).
+    /// VirtualBox's VDI.
     Vdi,
-    /// Microsoft's VHD, QEMU's `vpc` (read only).
+    /// Microsoft's VHD, QEMU's `vpc`.
     Vpc,
-    /// VMware's VMDK (read only).
+    /// VMware's VMDK.
     Vmdk,
-    /// Hyper-V's VHDX (read only).
+    /// Hyper-V's VHDX.
     Vhdx,
     /// A raw LUKS1 volume.
     Luks,

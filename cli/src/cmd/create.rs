@@ -1,4 +1,4 @@
-//! `oxcow create`: qemu-img create for qcow2 and raw images.
+//! `oxcow create`: qemu-img create for raw, qcow2, QED, VDI, VPC, VMDK and VHDX images.
 
 use crate::error::{message, os_message, CliError, CliResult};
 use crate::util::{parse_bool, parse_options};

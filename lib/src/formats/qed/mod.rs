@@ -312,7 +312,7 @@ impl Layout for Qed {
                 }
                 // As qemu-img, a bad entry still counts in the statistics.
                 r.allocated_clusters += 1;
-                if last != 0 && last + cs != e {
+                if last != 0 && last.checked_add(cs) != Some(e) {
                     r.fragmented_clusters += 1;
                 }
                 last = e;

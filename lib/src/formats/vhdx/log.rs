@@ -194,6 +194,18 @@ pub fn replay(file: &dyn Storage, entries: &[Entry]) -> Result<()> {
         if len < e.flushed_file_offset {
             return Err(Error::invalid("VHDX image file is shorter than its log says: truncated"));
         }
+        // An entry writes inside the file it describes: no hostile offset
+        // grows the file past what the entry says its length is.
+        let limit = len.max(e.last_file_offset);
+        for c in &e.changes {
+            let (at, n) = match c {
+                Change::Sector { file_offset, .. } => (*file_offset, SECTOR),
+                Change::Zero { file_offset, len } => (*file_offset, *len),
+            };
+            if at.checked_add(n).is_none_or(|end| end > limit) {
+                return Err(Error::invalid("VHDX log entry writes past the end of the file"));
+            }
+        }
         for c in &e.changes {
             match c {
                 Change::Sector { file_offset, data } => io(file.write_at(&data[..], *file_offset))?,
