@@ -934,7 +934,9 @@ fn vmdk_create_options_make_what_qemu_img_makes() {
             .join("\n")
             .replace(f, "X.vmdk")
             .replace(&format!("\"{stem}-"), "\"X-");
-        (b.len(), head, text)
+        // A descriptor file's length follows its CID's digits (qemu-img
+        // writes them unpadded); a sparse file's is its layout.
+        (if head.is_empty() { 0 } else { b.len() }, head, text)
     };
     for (opts, backing) in [
         ("adapter_type=lsilogic,hwversion=6,toolsversion=1234,zeroed_grain=on", true),

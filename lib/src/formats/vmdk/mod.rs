@@ -643,7 +643,7 @@ fn descriptor_text(create_type: &str, extents: &str, sectors: u64, o: &CreateOpt
         None => (u32::MAX, "\n".to_string()),
     };
     format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID={parent_cid:08x}\ncreateType=\"{create_type}\"\n{hint}\
+        "# Disk DescriptorFile\nversion=1\nCID={cid:x}\nparentCID={parent_cid:x}\ncreateType=\"{create_type}\"\n{hint}\
          # Extent description\n{extents}\n# The Disk Data Base\n#DDB\n\n\
          ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"{heads}\"\n\
          ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{}\"\nddb.toolsVersion = \"{}\"\n",
