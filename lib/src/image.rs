@@ -26,15 +26,15 @@ pub enum Format {
     Raw,
     /// QEMU's qcow2, v2 or v3.
     Qcow2,
-    /// QEMU Enhanced Disk (read only).
+    /// QEMU Enhanced Disk.
     Qed,
-    /// VirtualBox's VDI (read only).
+    /// VirtualBox's VDI.
     Vdi,
-    /// Microsoft's VHD, QEMU's `vpc` (read only).
+    /// Microsoft's VHD, QEMU's `vpc`.
     Vpc,
-    /// VMware's VMDK (read only).
+    /// VMware's VMDK.
     Vmdk,
-    /// Hyper-V's VHDX (read only).
+    /// Hyper-V's VHDX.
     Vhdx,
     /// A raw LUKS1 volume.
     Luks,
@@ -59,7 +59,14 @@ impl Format {
     pub fn writable(self) -> bool {
         matches!(
             self,
-            Format::Raw | Format::Qcow2 | Format::Luks | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk
+            Format::Raw
+                | Format::Qcow2
+                | Format::Luks
+                | Format::Qed
+                | Format::Vdi
+                | Format::Vpc
+                | Format::Vmdk
+                | Format::Vhdx
         )
     }
 }
@@ -297,6 +304,11 @@ impl Image {
     /// check` does (none for raw and qcow2, which have their own).
     pub fn check_format(&self) -> Option<Result<crate::qcow2::CheckReport>> {
         self.layout.as_ref().map(|l| l.check())
+    }
+    /// Repairs an image of the formats in [`crate::formats`] opened for
+    /// writing, as `qemu-img check -r` does: (leaks, corruptions) fixed.
+    pub fn repair_format(&self) -> Option<Result<(u64, u64)>> {
+        self.layout.as_ref().map(|l| l.repair())
     }
     /// Whether the format was probed rather than given.
     pub fn format_probed(&self) -> bool {
@@ -544,7 +556,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 Format::Vdi => crate::formats::vdi::open(storage.clone())?,
                 Format::Vpc => crate::formats::vpc::open(storage.clone())?,
                 Format::Vmdk => crate::formats::vmdk::open(storage.clone(), path, &extra)?,
-                _ => crate::formats::vhdx::open(storage.clone(), path)?,
+                _ => crate::formats::vhdx::open(storage.clone(), path, opts.write)?,
             };
             let info = opened.info;
             let mut backing = None;

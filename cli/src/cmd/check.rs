@@ -51,9 +51,23 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         OpenOptions::default().format(format).write(write).repair(write).no_backing(true).force_share(a.force_share);
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
-        // The other formats: checked, never repaired (a QED image left
-        // dirty was repaired when opened for writing, as QEMU does).
-        let report = match img.check_format() {
+        // The other formats: repaired where their QEMU driver repairs
+        // (a QED image left dirty was already repaired when opened for
+        // writing, as QEMU does), then checked.
+        let mut fixed = (0, 0);
+        if write {
+            fixed = match img.repair_format() {
+                Some(Ok(f)) => f,
+                Some(Err(oxcow::Error::Unsupported(_))) | None => {
+                    return Err(CliError::new("This image format does not support checks").with_code(63))
+                }
+                Some(Err(e)) => {
+                    eprintln!("oxcow: Check failed: {}", crate::error::message(&e));
+                    return Ok(1);
+                }
+            };
+        }
+        let mut report = match img.check_format() {
             Some(Ok(r)) => r,
             Some(Err(oxcow::Error::Unsupported(_))) | None => {
                 return Err(CliError::new("This image format does not support checks").with_code(63))
@@ -63,6 +77,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
                 return Ok(1);
             }
         };
+        (report.leaks_fixed, report.corruptions_fixed) = fixed;
+        if fixed != (0, 0) {
+            report.found_before_repair = Some(fixed);
+        }
         img.close()?;
         return Ok(print_report(&report, &a, img.format().name(), json));
     }
@@ -109,15 +127,16 @@ fn to_json(r: &CheckReport, file: &str, format: &str) -> Value {
             m.insert(k.to_string(), Value::from(v));
         }
     };
-    // qemu-img prints its keys in this (hash table) order.
+    // qemu-img prints its keys in this (hash table) order: QDict's
+    // buckets, by its key hash modulo 512.
     put("image-end-offset", r.image_end_offset, false);
     put("compressed-clusters", r.compressed_clusters, false);
     put("total-clusters", r.total_clusters, false);
     put("corruptions", r.corruptions, false);
+    put("corruptions-fixed", r.corruptions_fixed, false);
     put("check-errors", r.check_errors, true);
     put("leaks", r.leaks, false);
     put("leaks-fixed", r.leaks_fixed, false);
-    put("corruptions-fixed", r.corruptions_fixed, false);
     put("allocated-clusters", r.allocated_clusters, false);
     m.insert("filename".into(), Value::from(file));
     m.insert("format".into(), Value::from(format));

@@ -1,4 +1,4 @@
-//! `oxcow create`: qemu-img create for qcow2 and raw images.
+//! `oxcow create`: qemu-img create for raw, qcow2, QED, VDI, VPC, VMDK and VHDX images.
 
 use crate::error::{message, os_message, CliError, CliResult};
 use crate::util::{parse_bool, parse_options};
@@ -55,6 +55,14 @@ struct Given {
     subformat: Option<String>,
     force_size: Option<String>,
     table_size: Option<String>,
+    block_size: Option<String>,
+    log_size: Option<String>,
+    block_state_zero: Option<String>,
+    adapter_type: Option<String>,
+    hwversion: Option<String>,
+    toolsversion: Option<String>,
+    zeroed_grain: Option<String>,
+    compat6: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -118,6 +126,17 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qed, "table_size") => &mut g.table_size,
             (Format::Vpc, "subformat") | (Format::Vmdk, "subformat") => &mut g.subformat,
             (Format::Vpc, "force_size") => &mut g.force_size,
+            (Format::Vmdk, "adapter_type") => &mut g.adapter_type,
+            (Format::Vmdk, "hwversion") => &mut g.hwversion,
+            (Format::Vmdk, "toolsversion") => &mut g.toolsversion,
+            (Format::Vmdk, "zeroed_grain") => &mut g.zeroed_grain,
+            (Format::Vmdk, "compat6") => &mut g.compat6,
+            (Format::Vmdk, "backing_file") => &mut g.backing_file,
+            (Format::Vmdk, "backing_fmt") => &mut g.backing_fmt,
+            (Format::Vhdx, "subformat") => &mut g.subformat,
+            (Format::Vhdx, "block_size") => &mut g.block_size,
+            (Format::Vhdx, "log_size") => &mut g.log_size,
+            (Format::Vhdx, "block_state_zero") => &mut g.block_state_zero,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
         *slot = Some(v);
@@ -126,7 +145,7 @@ fn create(a: Args) -> CliResult<i32> {
         if format == Format::Raw {
             return Err(err("Invalid parameter 'backing_file'".into()));
         }
-        if !matches!(format, Format::Qcow2 | Format::Qed) {
+        if !matches!(format, Format::Qcow2 | Format::Qed | Format::Vmdk) {
             return Err(err(format!("Backing file not supported for file format '{format}'")));
         }
         g.backing_file = Some(b);
@@ -193,6 +212,7 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
         Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
         Format::Vmdk => create_vmdk(&a.file, size, &g).map_err(&err)?,
+        Format::Vhdx => create_vhdx(&a.file, size, &g).map_err(&err)?,
         other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
@@ -243,13 +263,30 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             if let Some(t) = &g.table_size {
                 add("table_size", t);
             }
+            if let Some(p) = &g.preallocation {
+                add("preallocation", p);
+            }
         }
         Format::Vmdk => {
             add("size", &size.to_string());
-            add("compat6", "off");
-            add("hwversion", "undefined");
-            if let Some(v) = &g.subformat {
-                add("subformat", v);
+            for (k, v) in
+                [("adapter_type", &g.adapter_type), ("backing_file", &g.backing_file), ("backing_fmt", &g.backing_fmt)]
+            {
+                if let Some(v) = v {
+                    add(k, v);
+                }
+            }
+            add("compat6", g.compat6.as_deref().unwrap_or("off"));
+            add("hwversion", g.hwversion.as_deref().unwrap_or("undefined"));
+            for (k, v) in [
+                ("toolsversion", &g.toolsversion),
+                ("subformat", &g.subformat),
+                ("zeroed_grain", &g.zeroed_grain),
+                ("preallocation", &g.preallocation),
+            ] {
+                if let Some(v) = v {
+                    add(k, v);
+                }
             }
         }
         Format::Vpc => {
@@ -260,12 +297,31 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             if let Some(v) = &g.force_size {
                 add("force_size", v);
             }
+            if let Some(p) = &g.preallocation {
+                add("preallocation", p);
+            }
         }
         Format::Vdi => {
             add("size", &size.to_string());
             add("static", g.vdi_static.as_deref().unwrap_or("off"));
+            if let Some(p) = &g.preallocation {
+                add("preallocation", p);
+            }
         }
-        _ => add("size", &size.to_string()),
+        Format::Vhdx => {
+            add("size", &size.to_string());
+            add("log_size", &g.log_size.as_deref().and_then(crate::util::parse_num).unwrap_or(1 << 20).to_string());
+            add("block_size", &g.block_size.as_deref().and_then(crate::util::parse_num).unwrap_or(0).to_string());
+            for (k, v) in [
+                ("subformat", &g.subformat),
+                ("block_state_zero", &g.block_state_zero),
+                ("preallocation", &g.preallocation),
+            ] {
+                if let Some(v) = v {
+                    add(k, v);
+                }
+            }
+        }
     }
     s
 }
@@ -276,6 +332,17 @@ fn prealloc(g: &Given) -> CliResult<Preallocation> {
         Some(p) => p
             .parse::<Preallocation>()
             .map_err(|_| CliError::new(format!("Parameter 'preallocation' does not accept value '{p}'"))),
+    }
+}
+
+/// `preallocation` for the formats whose QEMU drivers pass it to the
+/// file they create empty: checked as qemu-img checks it, and then
+/// without effect, as there.
+fn file_prealloc(g: &Given) -> Result<(), String> {
+    match g.preallocation.as_deref() {
+        None | Some("off" | "falloc" | "full") => Ok(()),
+        Some("metadata") => Err("Unsupported preallocation mode: metadata".into()),
+        Some(p) => Err(format!("invalid parameter value: {p}")),
     }
 }
 
@@ -299,11 +366,16 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
 }
 
 fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    file_prealloc(g)?;
+    let o = vmdk_options(path, g)?;
     let stream = match g.subformat.as_deref() {
         None | Some("monolithicSparse") => false,
         Some("streamOptimized") => true,
         Some(sub @ ("monolithicFlat" | "twoGbMaxExtentFlat" | "twoGbMaxExtentSparse")) => {
-            return create_vmdk_extents(path, size, sub);
+            if o.parent.is_some() && sub.ends_with("Flat") {
+                return Err("Flat image can't have backing file".into());
+            }
+            return create_vmdk_extents(path, size, sub, &o);
         }
         Some(other) => return Err(format!("Unknown subformat '{other}'")),
     };
@@ -311,16 +383,61 @@ fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
     f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     let r = if stream {
-        oxcow::formats::vmdk::create_stream_optimized(&*f, &name, size)
+        oxcow::formats::vmdk::create_stream_optimized(&*f, &name, size, &o)
     } else {
-        oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size)
+        oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size, &o)
     };
     r.map_err(|e| message(&e))
 }
 
+/// The VMDK options as given, checked as qemu-img checks them; a backing
+/// file must be a VMDK, whose CID the new image records.
+fn vmdk_options(path: &str, g: &Given) -> Result<oxcow::formats::vmdk::CreateOptions, String> {
+    let mut o = oxcow::formats::vmdk::CreateOptions::default();
+    let flag = |k: &str, v: &Option<String>| -> Result<bool, String> {
+        v.as_deref().map(|v| parse_bool(k, v).map_err(|e| e.msg)).transpose().map(|b| b.unwrap_or(false))
+    };
+    let compat6 = flag("compat6", &g.compat6)?;
+    o.zeroed_grain = flag("zeroed_grain", &g.zeroed_grain)?;
+    match (&g.hwversion, compat6) {
+        (Some(_), true) => return Err("compat6 cannot be enabled with hwversion set".into()),
+        (Some(h), false) if h != "undefined" => o.hw_version = h.clone(),
+        (_, true) => o.hw_version = "6".into(),
+        _ => {}
+    }
+    if let Some(a) = &g.adapter_type {
+        o.adapter_type = a.clone();
+    }
+    if let Some(t) = &g.toolsversion {
+        o.tools_version = t.clone();
+    }
+    if let Some(b) = &g.backing_file {
+        let bpath = resolve_backing(Path::new(path), b);
+        let bimg = oxcow::open(&bpath, &OpenOptions::default())
+            .map_err(|e| format!("Could not open '{b}': {}", message(&e)))?;
+        if bimg.format() != Format::Vmdk {
+            return Err("backing_file must be a vmdk image".into());
+        }
+        let cid = bimg.format_info().and_then(|i| {
+            i.specific.iter().find_map(|(k, v)| match (k, v) {
+                (&"cid", oxcow::formats::InfoValue::U64(c)) => u32::try_from(*c).ok(),
+                _ => None,
+            })
+        });
+        o.parent = Some((b.clone(), cid.ok_or("backing_file must be a vmdk image")?));
+    }
+    o.validate().map_err(|e| message(&e))?;
+    Ok(o)
+}
+
 /// A descriptor and its extent files, named after it as qemu-img names
 /// them, next to it.
-fn create_vmdk_extents(path: &str, size: u64, sub: &str) -> Result<(), String> {
+fn create_vmdk_extents(
+    path: &str,
+    size: u64,
+    sub: &str,
+    o: &oxcow::formats::vmdk::CreateOptions,
+) -> Result<(), String> {
     let p = Path::new(path);
     let file_name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let base = file_name.strip_suffix(".vmdk").unwrap_or(&file_name).to_string();
@@ -332,10 +449,11 @@ fn create_vmdk_extents(path: &str, size: u64, sub: &str) -> Result<(), String> {
         f.set_len(0).map_err(|e| oxcow::Error::io("creating VMDK extent", e))?;
         Ok(f)
     };
-    oxcow::formats::vmdk::create_with_extents(&*desc, sub, &base, size, &extents).map_err(|e| message(&e))
+    oxcow::formats::vmdk::create_with_extents(&*desc, sub, &base, size, &extents, o).map_err(|e| message(&e))
 }
 
 fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    file_prealloc(g)?;
     let num = |k: &str, v: &Option<String>, default: u64| -> Result<u32, String> {
         let n = match v {
             Some(v) => num_opt(k, v).map_err(|e| e.msg)?,
@@ -358,6 +476,7 @@ fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {
 }
 
 fn create_vpc(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    file_prealloc(g)?;
     let fixed = match g.subformat.as_deref() {
         None | Some("dynamic") => false,
         Some("fixed") => true,
@@ -373,6 +492,7 @@ fn create_vpc(path: &str, size: u64, g: &Given) -> Result<(), String> {
 }
 
 fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    file_prealloc(g)?;
     let r#static = match &g.vdi_static {
         Some(v) => parse_bool("static", v).map_err(|e| e.msg)?,
         None => false,
@@ -380,6 +500,28 @@ fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {
     let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
     f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     oxcow::formats::vdi::create(&*f, size, r#static).map_err(|e| message(&e))
+}
+
+fn create_vhdx(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let mut o = oxcow::formats::vhdx::CreateOptions::new(size);
+    o.fixed = match g.subformat.as_deref() {
+        None | Some("dynamic") => false,
+        Some("fixed") => true,
+        Some(other) => return Err(format!("Parameter 'subformat' does not accept value '{other}'")),
+    };
+    if let Some(v) = &g.block_size {
+        o.block_size = num_opt("block_size", v).map_err(|e| e.msg)?;
+    }
+    if let Some(v) = &g.log_size {
+        o.log_size = num_opt("log_size", v).map_err(|e| e.msg)?;
+    }
+    if let Some(v) = &g.block_state_zero {
+        o.zero_blocks = parse_bool("block_state_zero", v).map_err(|e| e.msg)?;
+    }
+    file_prealloc(g)?;
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vhdx::create(&*f, &o).map_err(|e| message(&e))
 }
 
 fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {

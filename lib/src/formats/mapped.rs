@@ -78,6 +78,12 @@ pub trait Layout: Send + Sync {
     fn check(&self) -> Result<crate::qcow2::CheckReport> {
         Err(Error::unsupported("This image format does not support checks"))
     }
+    /// Repairs what [`Layout::check`] finds and the format can fix, as
+    /// `qemu-img check -r` does: leaks and corruptions fixed. Formats whose
+    /// QEMU driver repairs nothing keep the default.
+    fn repair(&self) -> Result<(u64, u64)> {
+        Err(Error::unsupported("This image format does not support checks"))
+    }
     /// Finishes a clean close of a writable image, after its files are
     /// flushed (QED clears its need-check bit).
     fn close(&self) -> Result<()> {

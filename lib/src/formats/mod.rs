@@ -7,9 +7,9 @@
 //! block status and everything built on them (convert, compare, map,
 //! measure, serve) work over every format without special cases.
 //!
-//! oxcow writes none of these formats yet: [`crate::open`] refuses to
-//! open them for writing before a byte changes, so no command can treat
-//! one as raw or damage it half way.
+//! Each layout writes through [`Layout::write_run`] in the order its
+//! format's crash safety asks for (see each folder's module docs); what
+//! a format cannot do (resize, repair) is refused before a byte changes.
 
 pub(crate) mod mapped;
 pub mod probe;

@@ -1,4 +1,4 @@
-//! Threads writing one QED, VDI, VPC or VMDK image at once, racing to
+//! Threads writing one QED, VDI, VPC, VMDK or VHDX image at once, racing to
 //! allocate the same blocks: every write lands (read back against a model
 //! of the disk), no block is handed out twice, and qemu-img finds the
 //! image clean and equal to the model.
@@ -59,6 +59,8 @@ fn concurrent_allocating_writes_into_other_formats_all_land() {
         ("vpc", vec!["-o", "force_size=on"]),
         ("vmdk", vec![]),
         ("vmdk", vec!["-o", "subformat=streamOptimized"]),
+        ("vhdx", vec!["-o", "block_size=1M"]),
+        ("vhdx", vec!["-o", "subformat=fixed"]),
     ];
     for (i, (fmt, opts)) in cases.iter().enumerate() {
         let p = d.p(&format!("c{i}.{fmt}"));

@@ -310,20 +310,27 @@ impl Layout for Qed {
                 if e <= 1 {
                     continue;
                 }
+                // As qemu-img, a bad entry still counts in the statistics.
+                r.allocated_clusters += 1;
+                if last != 0 && last.checked_add(cs) != Some(e) {
+                    r.fragmented_clusters += 1;
+                }
+                last = e;
                 if bad(e) {
                     r.corruptions += 1;
                     continue;
                 }
                 mark(e, 1);
-                r.allocated_clusters += 1;
-                if last != 0 && last + cs != e {
-                    r.fragmented_clusters += 1;
-                }
-                last = e;
             }
         }
         r.leaks = used.iter().filter(|&&u| !u).count() as u64;
         Ok(r)
+    }
+    fn repair(&self) -> Result<(u64, u64)> {
+        // Entries cleared are corruptions fixed; leaked clusters stay, as
+        // QED has nothing that could give them back.
+        self.mark_need_check()?;
+        Ok((0, repair(self)?))
     }
     fn resize(&self, new_len: u64) -> Result<()> {
         let cs = u64::from(self.header.cluster_size);
@@ -403,11 +410,12 @@ pub fn open(file: Arc<dyn Storage>, write: bool) -> Result<Opened> {
 
 /// Clears table entries an interrupted run may have left pointing
 /// outside the file; the need-check bit stays set until a clean close.
-fn repair(q: &Qed) -> Result<()> {
+fn repair(q: &Qed) -> Result<u64> {
     let cs = u64::from(q.header.cluster_size);
     let f = &q.files[0];
     let bad = |e: u64| e > 1 && (!e.is_multiple_of(cs) || e >= q.file_len);
     let l1: Vec<u64> = q.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
+    let mut fixed = 0;
     for (i, &t) in l1.iter().enumerate() {
         if t == 0 {
             continue;
@@ -415,17 +423,20 @@ fn repair(q: &Qed) -> Result<()> {
         if t == 1 || bad(t) || q.check_table_offset(t, q.file_len).is_err() {
             wio(f.write_at(&0u64.to_le_bytes(), q.header.l1_table_offset + i as u64 * 8), "L1 table")?;
             q.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[i] = 0;
+            fixed += 1;
             continue;
         }
         let table = q.l2(t)?;
         for (j, &e) in table.iter().enumerate() {
             if bad(e) {
                 wio(f.write_at(&0u64.to_le_bytes(), t + j as u64 * 8), "L2 table")?;
+                fixed += 1;
             }
         }
     }
     lock(&q.l2_cache)?.clear();
-    wio(f.flush(), "repair")
+    wio(f.flush(), "repair")?;
+    Ok(fixed)
 }
 
 /// Creates a QED image in the empty `file` as qemu-img does: one header

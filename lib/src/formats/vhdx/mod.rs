@@ -6,18 +6,33 @@
 //! payload entries.
 //!
 //! Every structure is protected by a CRC-32C, checked before use. An image
-//! whose header names a log (it was not closed cleanly) needs the log
-//! replayed before its metadata can be trusted: QEMU replays it when it
-//! opens the image for writing and refuses to open it read-only; oxcow,
-//! which does not write VHDX, refuses it with QEMU's read-only message.
-//! Differencing images are refused, as QEMU refuses them.
+//! whose header names a log with entries (it was not closed cleanly) needs
+//! the log replayed before its metadata can be trusted: as QEMU, oxcow
+//! replays it when it opens the image for writing and refuses it read-only
+//! with QEMU's message. Differencing images are refused, as QEMU refuses
+//! them.
+//!
+//! Writes (crash safety): a block is allocated at the end of the file,
+//! MiB-aligned; its data is written and flushed, then the BAT sector that
+//! points to it goes through the log (entry written and flushed, then the
+//! sector in place and flushed), so a crash leaves either the old entry or
+//! a log whose replay gives the new one. The first allocation of a session
+//! writes a header with fresh write GUIDs and a new log GUID; a clean
+//! close writes one with the log GUID cleared, as QEMU does.
+
+mod create;
+mod log;
+
+pub use create::{create, CreateOptions, MAX_SIZE};
+pub use log::{active_sequence, build_entry, parse_entry, Change, Entry};
 
 use super::mapped::{Layout, Piece};
 use super::{le16, le32, le64, read_exact, read_vec, FormatInfo, Opened, MAX_TABLE_BYTES};
 use crate::storage::Storage;
 use crate::{Error, Result};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 const MIB: u64 = 1 << 20;
 const HEADER_OFFSETS: [u64; 2] = [64 << 10, 128 << 10];
@@ -51,14 +66,27 @@ const PAYLOAD_ZERO: u64 = 2;
 const PAYLOAD_FULLY_PRESENT: u64 = 6;
 const PAYLOAD_PARTIALLY_PRESENT: u64 = 7;
 
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82f6_3b78 } else { c >> 1 };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
 /// CRC-32C (Castagnoli), as VHDX checksums use.
 pub fn crc32c(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
-        }
+        crc = (crc >> 8) ^ CRC_TABLE[((crc ^ u32::from(b)) & 0xff) as usize];
     }
     !crc
 }
@@ -76,6 +104,10 @@ fn checksum_ok(b: &[u8], at: usize) -> bool {
 pub struct Header {
     /// Sequence number.
     pub sequence: u64,
+    /// Changed when the file is first written in a session.
+    pub file_write_guid: Guid,
+    /// Changed when the disk's data is first written in a session.
+    pub data_write_guid: Guid,
     /// Non-zero when the log may hold entries to replay.
     pub log_guid: Guid,
     /// The log region: offset and length.
@@ -87,27 +119,26 @@ pub fn parse_header(b: &[u8]) -> Option<Header> {
     if b.len() < 4096 || &b[..4] != b"head" || !checksum_ok(&b[..4096], 4) || le16(b, 66) != 1 {
         return None;
     }
-    let mut log_guid = [0u8; 16];
-    log_guid.copy_from_slice(&b[48..64]);
-    Some(Header { sequence: le64(b, 8), log_guid, log: (le64(b, 72), le32(b, 68)) })
+    let guid_at = |at: usize| {
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&b[at..at + 16]);
+        g
+    };
+    Some(Header {
+        sequence: le64(b, 8),
+        file_write_guid: guid_at(16),
+        data_write_guid: guid_at(32),
+        log_guid: guid_at(48),
+        log: (le64(b, 72), le32(b, 68)),
+    })
 }
 
-/// Whether the log region `log` holds an entry of the log `guid`: a
-/// 4 KiB-aligned "loge" header naming that log, whose CRC-32C over the
-/// whole entry holds. QEMU replays such an image when it opens it for
-/// writing and refuses it read-only; a log GUID with no valid entry
-/// behind it needs nothing.
+/// Whether the log region `log` holds entries of the log `guid` to
+/// replay. QEMU replays such an image when it opens it for writing and
+/// refuses it read-only; a log GUID with no valid entry behind it needs
+/// nothing.
 pub fn log_has_entries(log: &[u8], guid: &Guid) -> bool {
-    (0..log.len() / 4096).any(|i| {
-        let e = &log[i * 4096..];
-        let len = le32(e, 8) as usize;
-        &e[..4] == b"loge"
-            && &e[32..48] == guid
-            && len >= 4096
-            && len.is_multiple_of(4096)
-            && len <= e.len()
-            && checksum_ok(&e[..len], 4)
-    })
+    active_sequence(log, guid).map_or(true, |s| !s.is_empty())
 }
 
 /// The image's geometry, from the metadata region.
@@ -180,12 +211,111 @@ pub fn parse_metadata(m: &[u8]) -> Result<Params> {
     Ok(Params { block_size, virtual_size, logical_sector_size, has_parent })
 }
 
+/// What writing changes, held while allocating.
+struct WriteState {
+    /// The current header and the slot it is in.
+    header: Header,
+    slot: usize,
+    /// Where the next block goes (before MiB alignment).
+    file_end: u64,
+    /// Where the next log entry goes, and its sequence number.
+    log_pos: u64,
+    log_seq: u64,
+}
+
 struct Vhdx {
     files: [Arc<dyn Storage>; 1],
     params: Params,
     chunk_ratio: u64,
-    bat: Vec<u64>,
-    file_len: u64,
+    bat: RwLock<Vec<u64>>,
+    bat_offset: u64,
+    file_len: AtomicU64,
+    state: Mutex<WriteState>,
+    /// The log was replayed at open: what `check -r` reports as fixed.
+    replayed: bool,
+}
+
+fn poisoned() -> Error {
+    Error::invalid("VHDX lock poisoned")
+}
+
+impl Vhdx {
+    /// The host offset of block table entry `idx` when its block is
+    /// present; `None` when it reads as zeros.
+    fn present(&self, idx: usize) -> Result<Option<u64>> {
+        let entry = self.bat.read().map_err(|_| poisoned())?.get(idx).copied().unwrap_or(0);
+        let host = entry & !(MIB - 1);
+        match entry & 7 {
+            PAYLOAD_FULLY_PRESENT => {
+                // Payload blocks live after the headers and region tables.
+                if host < MIB || host >= self.file_len.load(Ordering::Acquire) {
+                    return Err(Error::corrupt_at("VHDX payload block offset out of the image", host));
+                }
+                Ok(Some(host))
+            }
+            PAYLOAD_PARTIALLY_PRESENT => Err(Error::Corrupt {
+                what: "partially present VHDX block in an image without parent".into(),
+                offset: None,
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    fn io(r: std::io::Result<()>, what: &str) -> Result<()> {
+        r.map_err(|e| Error::io(format!("writing VHDX {what}"), e))
+    }
+
+    /// Writes a new header over the older one, with fresh write GUIDs
+    /// and `log_guid`.
+    fn update_header(&self, st: &mut WriteState, log_guid: Guid) -> Result<()> {
+        let f = &self.files[0];
+        let mut h = st.header.clone();
+        h.sequence += 1;
+        h.file_write_guid = crate::formats::vdi::random_uuid();
+        h.data_write_guid = crate::formats::vdi::random_uuid();
+        h.log_guid = log_guid;
+        let bytes = create::build_header(h.sequence, &h.file_write_guid, &h.data_write_guid, &h.log_guid, h.log);
+        let slot = 1 - st.slot;
+        Self::io(f.write_at(&bytes, HEADER_OFFSETS[slot]), "header")?;
+        Self::io(f.flush(), "header")?;
+        st.header = h;
+        st.slot = slot;
+        Ok(())
+    }
+
+    /// Sets BAT entry `idx` through the log.
+    fn set_bat(&self, st: &mut WriteState, idx: usize, entry: u64) -> Result<()> {
+        let f = &self.files[0];
+        if st.header.log_guid == [0u8; 16] {
+            self.update_header(st, crate::formats::vdi::random_uuid())?;
+            st.log_pos = 0;
+            st.log_seq = 1;
+        }
+        let byte = idx as u64 * 8;
+        let sector_at = self.bat_offset + byte / log::SECTOR * log::SECTOR;
+        let mut sector = vec![0u8; log::SECTOR as usize];
+        read_exact(&**f, &mut sector, sector_at, "VHDX BAT")?;
+        let within = (byte % log::SECTOR) as usize;
+        sector[within..within + 8].copy_from_slice(&entry.to_le_bytes());
+        let e = build_entry(&st.header.log_guid, st.log_seq, st.log_pos, st.file_end, &[(sector_at, &sector)])?;
+        let (log_off, log_len) = (st.header.log.0, u64::from(st.header.log.1));
+        if e.len() as u64 > log_len {
+            return Err(Error::invalid("VHDX log is too small for an entry"));
+        }
+        for (i, s) in e.chunks(log::SECTOR as usize).enumerate() {
+            let at = (st.log_pos + i as u64 * log::SECTOR) % log_len;
+            Self::io(f.write_at(s, log_off + at), "log")?;
+        }
+        Self::io(f.flush(), "log")?;
+        Self::io(f.write_at(&sector, sector_at), "BAT")?;
+        Self::io(f.flush(), "BAT")?;
+        st.log_pos = (st.log_pos + e.len() as u64) % log_len;
+        st.log_seq += 1;
+        if let Some(slot) = self.bat.write().map_err(|_| poisoned())?.get_mut(idx) {
+            *slot = entry;
+        }
+        Ok(())
+    }
 }
 
 impl Layout for Vhdx {
@@ -198,12 +328,12 @@ impl Layout for Vhdx {
     fn check(&self) -> Result<crate::qcow2::CheckReport> {
         let mut r = crate::qcow2::CheckReport::default();
         let bs = self.params.block_size;
-        for (i, &e) in self.bat.iter().enumerate() {
+        let file_len = self.file_len.load(Ordering::Acquire);
+        for (i, &e) in self.bat.read().map_err(|_| poisoned())?.iter().enumerate() {
             let off = e & !(MIB - 1);
-            if e & 7 == PAYLOAD_FULLY_PRESENT && off + bs > self.file_len {
+            if e & 7 == PAYLOAD_FULLY_PRESENT && off + bs > file_len {
                 r.messages.push(format!(
-                    "VHDX BAT entry {i} start offset {off} points after end of file ({}). Image has probably been truncated.",
-                    self.file_len
+                    "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
                 ));
                 r.corruptions += 1;
             }
@@ -221,61 +351,111 @@ impl Layout for Vhdx {
         let block = offset / bs;
         let within = offset % bs;
         let n = max.min(bs - within);
-        let entry = self.bat.get((block + block / self.chunk_ratio) as usize).copied().unwrap_or(0);
-        let host = entry & !(MIB - 1);
-        Ok(match entry & 7 {
-            PAYLOAD_FULLY_PRESENT => {
-                // Payload blocks live after the headers and region tables.
-                if host < MIB || host >= self.file_len {
-                    return Err(Error::corrupt_at("VHDX payload block offset out of the image", host));
-                }
-                (Piece::Data { file: 0, host: host + within }, n)
-            }
-            PAYLOAD_ZERO => (Piece::Zero, n),
-            PAYLOAD_PARTIALLY_PRESENT => {
-                return Err(Error::Corrupt {
-                    what: "partially present VHDX block in an image without parent".into(),
-                    offset: None,
-                })
-            }
-            // Not present, undefined, unmapped: zeros without a parent.
-            _ => (Piece::Unallocated, n),
-        })
+        let idx = (block + block / self.chunk_ratio) as usize;
+        if let Some(host) = self.present(idx)? {
+            return Ok((Piece::Data { file: 0, host: host + within }, n));
+        }
+        let entry = self.bat.read().map_err(|_| poisoned())?.get(idx).copied().unwrap_or(0);
+        // Not present, undefined, unmapped: zeros without a parent.
+        Ok((if entry & 7 == PAYLOAD_ZERO { Piece::Zero } else { Piece::Unallocated }, n))
+    }
+    fn write_run(&self, offset: u64, buf: &[u8], _backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
+        let bs = self.params.block_size;
+        let block = offset / bs;
+        let within = offset % bs;
+        let n = (buf.len() as u64).min(bs - within) as usize;
+        let idx = (block + block / self.chunk_ratio) as usize;
+        let f = &self.files[0];
+        if let Some(host) = self.present(idx)? {
+            Self::io(f.write_at(&buf[..n], host + within), "data")?;
+            return Ok(n);
+        }
+        let mut st = self.state.lock().map_err(|_| poisoned())?;
+        // Somebody may have allocated the block while we waited.
+        if let Some(host) = self.present(idx)? {
+            drop(st);
+            Self::io(f.write_at(&buf[..n], host + within), "data")?;
+            return Ok(n);
+        }
+        // A fresh block past the end of the file reads as zeros where this
+        // write does not cover it, whatever its state said before.
+        let host = st.file_end.div_ceil(MIB) * MIB;
+        let end = host + bs;
+        Self::io(f.set_len(end), "data")?;
+        st.file_end = end;
+        self.file_len.fetch_max(end, Ordering::AcqRel);
+        Self::io(f.write_at(&buf[..n], host + within), "data")?;
+        Self::io(f.flush(), "data")?;
+        self.set_bat(&mut st, idx, host | PAYLOAD_FULLY_PRESENT)?;
+        Ok(n)
+    }
+    fn repair(&self) -> Result<(u64, u64)> {
+        Ok((0, u64::from(self.replayed)))
+    }
+    fn close(&self) -> Result<()> {
+        let mut st = self.state.lock().map_err(|_| poisoned())?;
+        if st.header.log_guid != [0u8; 16] {
+            self.update_header(&mut st, [0u8; 16])?;
+        }
+        Ok(())
     }
 }
 
-/// Opens a VHDX image.
-pub fn open(file: Arc<dyn Storage>, path: &Path) -> Result<Opened> {
-    let file_len = file.len().map_err(|e| Error::io("reading VHDX size", e))?;
+/// The current header and its slot.
+fn current_header(file: &dyn Storage) -> Result<(Header, usize)> {
+    let mut best: Option<(Header, usize)> = None;
+    for (slot, off) in HEADER_OFFSETS.into_iter().enumerate() {
+        let mut b = vec![0u8; 4096];
+        read_exact(file, &mut b, off, "VHDX header")?;
+        if let Some(h) = parse_header(&b) {
+            if best.as_ref().is_none_or(|(x, _)| h.sequence > x.sequence) {
+                best = Some((h, slot));
+            }
+        }
+    }
+    best.ok_or_else(|| Error::invalid("No valid VHDX header found"))
+}
+
+/// Opens a VHDX image; `write` replays a log left by an unclean close, as
+/// QEMU does (read-only, such an image is refused).
+pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> {
     let mut id = [0u8; 8];
     read_exact(&*file, &mut id, 0, "VHDX file identifier")?;
     if &id != b"vhdxfile" {
         return Err(Error::invalid("not a VHDX image"));
     }
-    let mut best: Option<Header> = None;
-    for off in HEADER_OFFSETS {
-        let mut b = vec![0u8; 4096];
-        read_exact(&*file, &mut b, off, "VHDX header")?;
-        if let Some(h) = parse_header(&b) {
-            if best.as_ref().is_none_or(|x| h.sequence > x.sequence) {
-                best = Some(h);
-            }
-        }
-    }
-    let header = best.ok_or_else(|| Error::invalid("No valid VHDX header found"))?;
-    if header.log_guid != [0u8; 16] && {
+    let (mut header, mut slot) = current_header(&*file)?;
+    let mut replayed = false;
+    if header.log_guid != [0u8; 16] {
         let (off, len) = header.log;
-        if off % MIB != 0 || len % (MIB as u32) != 0 {
+        if off % MIB != 0 || len % (MIB as u32) != 0 || off < MIB {
             return Err(Error::invalid("VHDX log region is misaligned"));
         }
         let log = read_vec(&*file, off, u64::from(len), MAX_TABLE_BYTES, "VHDX log")?;
-        log_has_entries(&log, &header.log_guid)
-    } {
-        return Err(Error::invalid(format!(
-            "VHDX image file '{}' opened read-only, but contains a log that needs to be replayed",
-            path.display()
-        )));
+        if log_has_entries(&log, &header.log_guid) {
+            if !write {
+                return Err(Error::invalid(format!(
+                    "VHDX image file '{}' opened read-only, but contains a log that needs to be replayed",
+                    path.display()
+                )));
+            }
+            log::replay(&*file, &active_sequence(&log, &header.log_guid)?)?;
+            replayed = true;
+        }
+        if write {
+            // The log is spent: a header without its GUID says so, as
+            // QEMU's does after a replay.
+            let mut h = header.clone();
+            h.sequence += 1;
+            h.log_guid = [0u8; 16];
+            let bytes = create::build_header(h.sequence, &h.file_write_guid, &h.data_write_guid, &h.log_guid, h.log);
+            slot = 1 - slot;
+            file.write_at(&bytes, HEADER_OFFSETS[slot]).map_err(|e| Error::io("writing VHDX header", e))?;
+            file.flush().map_err(|e| Error::io("writing VHDX header", e))?;
+            header = h;
+        }
     }
+    let file_len = file.len().map_err(|e| Error::io("reading VHDX size", e))?;
     let mut rt = vec![0u8; REGION_TABLE_SIZE];
     read_exact(&*file, &mut rt, REGION_TABLE_OFFSET, "VHDX region table")?;
     if &rt[..4] != b"regi" || !checksum_ok(&rt, 4) {
@@ -318,7 +498,18 @@ pub fn open(file: Arc<dyn Storage>, path: &Path) -> Result<Opened> {
     let raw = read_vec(&*file, bat_off, entries * 8, MAX_TABLE_BYTES, "VHDX BAT")?;
     let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
     let info = FormatInfo { cluster_size: Some(params.block_size), ..FormatInfo::default() };
-    Ok(Opened { layout: Arc::new(Vhdx { files: [file], params, chunk_ratio, bat, file_len }), info })
+    let state = WriteState { header, slot, file_end: file_len, log_pos: 0, log_seq: 1 };
+    let vhdx = Vhdx {
+        files: [file],
+        params,
+        chunk_ratio,
+        bat: RwLock::new(bat),
+        bat_offset: bat_off,
+        file_len: AtomicU64::new(file_len),
+        state: Mutex::new(state),
+        replayed,
+    };
+    Ok(Opened { layout: Arc::new(vhdx), info })
 }
 
 #[cfg(test)]

@@ -582,24 +582,72 @@ fn finish(
     Ok(Opened { layout: Arc::new(layout), info })
 }
 
+/// qemu-img's VMDK creation options beyond the subformat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// `ddb.adapterType`: ide, lsilogic, buslogic or legacyESX.
+    pub adapter_type: String,
+    /// `ddb.virtualHWVersion`.
+    pub hw_version: String,
+    /// `ddb.toolsVersion`.
+    pub tools_version: String,
+    /// Grain table entry 1 means a zeroed grain (header version 2).
+    pub zeroed_grain: bool,
+    /// The parent (backing) file name as recorded and its CID.
+    pub parent: Option<(String, u32)>,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            adapter_type: "ide".into(),
+            hw_version: "4".into(),
+            tools_version: "2147483647".into(),
+            zeroed_grain: false,
+            parent: None,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Checks the options as qemu-img does, in its words.
+    pub fn validate(&self) -> Result<()> {
+        if !["ide", "lsilogic", "buslogic", "legacyESX"].contains(&self.adapter_type.as_str()) {
+            return Err(Error::invalid(format!("invalid parameter value: {}", self.adapter_type)));
+        }
+        let bad = |s: &str| s.chars().any(|c| c == '"' || c == '\n' || c == '\r');
+        if bad(&self.hw_version) || bad(&self.tools_version) || self.parent.as_ref().is_some_and(|(n, _)| bad(n)) {
+            return Err(Error::invalid("VMDK descriptor values cannot hold quotes or line breaks"));
+        }
+        Ok(())
+    }
+}
+
 /// Creates a monolithicSparse VMDK of `size` bytes in the empty `file`
 /// named `name`, laid out as qemu-img lays it out: header, embedded
 /// descriptor, redundant and primary grain directories with every grain
 /// table preallocated, grains from the first 64 KiB boundary on.
-pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
-    create_sparse(file, name, size, false)
+pub fn create_monolithic_sparse(file: &dyn Storage, name: &str, size: u64, o: &CreateOptions) -> Result<()> {
+    create_sparse(file, name, size, false, o)
 }
 
 /// The descriptor text qemu-img writes (`cid` aside) for `create_type`
 /// with `extents` lines, for a disk of `sectors`.
-fn descriptor_text(create_type: &str, extents: &str, sectors: u64) -> String {
+fn descriptor_text(create_type: &str, extents: &str, sectors: u64, o: &CreateOptions) -> String {
     let cid = u32::from_le_bytes(super::vdi::random_uuid()[..4].try_into().unwrap_or([0; 4]));
-    let cylinders = (sectors / (16 * 63)).min(16383);
+    // As qemu-img: IDE disks get 16 heads, SCSI ones 255; no cap.
+    let heads = if o.adapter_type == "ide" { 16 } else { 255 };
+    let cylinders = sectors / (heads * 63);
+    let (parent_cid, hint) = match &o.parent {
+        Some((name, cid)) => (*cid, format!("parentFileNameHint=\"{name}\"\n")),
+        None => (u32::MAX, "\n".to_string()),
+    };
     format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
+        "# Disk DescriptorFile\nversion=1\nCID={cid:x}\nparentCID={parent_cid:x}\ncreateType=\"{create_type}\"\n{hint}\
          # Extent description\n{extents}\n# The Disk Data Base\n#DDB\n\n\
-         ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
-         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n"
+         ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"{heads}\"\n\
+         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{}\"\nddb.toolsVersion = \"{}\"\n",
+        o.hw_version, o.adapter_type, o.tools_version
     )
 }
 
@@ -633,6 +681,7 @@ pub fn create_with_extents(
     base: &str,
     size: u64,
     extents: &dyn Fn(&str) -> Result<Arc<dyn Storage>>,
+    o: &CreateOptions,
 ) -> Result<()> {
     let plan = extent_plan(create_type, base, size)?;
     let sparse = create_type == "twoGbMaxExtentSparse";
@@ -640,7 +689,7 @@ pub fn create_with_extents(
     for (name, sectors) in &plan {
         let f = extents(name)?;
         if sparse {
-            create_extent(&*f, *sectors * 512)?;
+            create_sparse_inner(&*f, "", *sectors * 512, false, false, o)?;
             lines += &format!("RW {sectors} SPARSE \"{name}\"\n");
         } else {
             f.set_len(sectors * 512).map_err(|e| Error::io("creating VMDK extent", e))?;
@@ -648,29 +697,33 @@ pub fn create_with_extents(
             lines += &format!("RW {sectors} FLAT \"{name}\" 0\n");
         }
     }
-    let text = descriptor_text(create_type, &lines, size.div_ceil(512));
+    let text = descriptor_text(create_type, &lines, size.div_ceil(512), o);
     let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating VMDK descriptor", e));
     io(desc.write_at(text.as_bytes(), 0))?;
     io(desc.flush())
 }
 
-/// A hosted sparse extent of a descriptor: monolithicSparse's layout
-/// with room for, but no, embedded descriptor.
-fn create_extent(file: &dyn Storage, size: u64) -> Result<()> {
-    create_sparse_inner(file, "", size, false, false)
-}
-
 /// Creates a streamOptimized VMDK as qemu-img does: the monolithicSparse
 /// layout, version 3, with deflate-compressed grains behind markers.
-pub fn create_stream_optimized(file: &dyn Storage, name: &str, size: u64) -> Result<()> {
-    create_sparse(file, name, size, true)
+pub fn create_stream_optimized(file: &dyn Storage, name: &str, size: u64, o: &CreateOptions) -> Result<()> {
+    create_sparse(file, name, size, true, o)
 }
 
-fn create_sparse(file: &dyn Storage, name: &str, size: u64, stream: bool) -> Result<()> {
-    create_sparse_inner(file, name, size, stream, true)
+fn create_sparse(file: &dyn Storage, name: &str, size: u64, stream: bool, o: &CreateOptions) -> Result<()> {
+    create_sparse_inner(file, name, size, stream, true, o)
 }
 
-fn create_sparse_inner(file: &dyn Storage, name: &str, size: u64, stream: bool, with_desc: bool) -> Result<()> {
+/// A sparse extent: monolithicSparse's layout, with its descriptor
+/// embedded when `with_desc` (the hosted extents of a descriptor file
+/// keep the room but not the text).
+fn create_sparse_inner(
+    file: &dyn Storage,
+    name: &str,
+    size: u64,
+    stream: bool,
+    with_desc: bool,
+    o: &CreateOptions,
+) -> Result<()> {
     let capacity = size.div_ceil(512);
     let (grain, gt_entries) = (128u64, 512u64);
     let gd_entries = capacity.div_ceil(grain * gt_entries);
@@ -684,8 +737,12 @@ fn create_sparse_inner(file: &dyn Storage, name: &str, size: u64, stream: bool, 
     let overhead = (gd + gd_sectors + gd_entries * gt_sectors).div_ceil(grain) * grain;
     let mut h = vec![0u8; 512];
     h[..4].copy_from_slice(b"KDMV");
-    let (version, flags) =
-        if stream { (3u32, 1 | FLAG_RGD | FLAG_COMPRESSED | FLAG_MARKER) } else { (1, 1 | FLAG_RGD) };
+    let zeroed = if o.zeroed_grain { FLAG_ZERO_GRAIN } else { 0 };
+    let (version, flags) = match (stream, o.zeroed_grain) {
+        (true, _) => (3u32, 1 | FLAG_RGD | FLAG_COMPRESSED | FLAG_MARKER | zeroed),
+        (false, true) => (2, 1 | FLAG_RGD | zeroed),
+        (false, false) => (1, 1 | FLAG_RGD),
+    };
     h[4..8].copy_from_slice(&version.to_le_bytes());
     h[8..12].copy_from_slice(&flags.to_le_bytes());
     h[12..20].copy_from_slice(&capacity.to_le_bytes());
@@ -701,14 +758,7 @@ fn create_sparse_inner(file: &dyn Storage, name: &str, size: u64, stream: bool, 
         h[77..79].copy_from_slice(&COMPRESSION_DEFLATE.to_le_bytes());
     }
     let create_type = if stream { "streamOptimized" } else { "monolithicSparse" };
-    let cid = u32::from_le_bytes(super::vdi::random_uuid()[..4].try_into().unwrap_or([0; 4]));
-    let cylinders = (capacity / (16 * 63)).min(16383);
-    let desc = format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{create_type}\"\n\n\
-         # Extent description\nRW {capacity} SPARSE \"{name}\"\n\n# The Disk Data Base\n#DDB\n\n\
-         ddb.virtualHWVersion = \"4\"\nddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
-         ddb.geometry.sectors = \"63\"\nddb.adapterType = \"ide\"\nddb.toolsVersion = \"2147483647\"\n"
-    );
+    let desc = descriptor_text(create_type, &format!("RW {capacity} SPARSE \"{name}\"\n"), capacity, o);
     if desc.len() > 20 * 512 {
         return Err(Error::invalid("VMDK file name too long"));
     }
