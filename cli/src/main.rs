@@ -10,6 +10,7 @@ mod error;
 mod image_opts;
 mod object;
 mod progress;
+mod remote_opts;
 mod util;
 
 use clap::{Parser, Subcommand};

@@ -674,6 +674,9 @@ struct Opened {
 /// local file, so no locks), anything else a host file, locked once the
 /// format is known.
 fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    if let Some(name) = path.to_str().filter(|n| crate::remote::is_remote(n)) {
+        return open_remote(name, opts);
+    }
     Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
         Some(name) => {
             let nbd = NbdStorage::open(name, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
@@ -708,6 +711,20 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             Opened { storage: file_layers(path, file, opts), native_raw: None, format, probed }
         }
     })
+}
+
+/// Opens an `http://`, `https://` or `s3://` name: read-only, no locks
+/// (no local file), the format probed unless given.
+fn open_remote(name: &str, opts: &OpenOptions) -> Result<Opened> {
+    if opts.write {
+        return Err(Error::invalid(format!("'{name}' is read-only (remote objects are opened read-only)")));
+    }
+    let storage = crate::remote::open_storage(name).map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+    let (format, probed) = match opts.format {
+        Some(f) => (f, false),
+        None => (probe_format(&*storage)?, true),
+    };
+    Ok(Opened { storage, native_raw: None, format, probed })
 }
 
 /// Creates an empty file (or truncates one) for a new image, holding it

@@ -21,6 +21,7 @@ mod formats_concurrency;
 mod fuzz_corpus;
 mod hostile_bitmaps;
 mod hostile_images;
+mod http_driver;
 mod lifecycle_chain;
 mod lifecycle_compress;
 mod lifecycle_concurrency;
