@@ -12,6 +12,7 @@ mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
 mod dropin;
+mod http_nginx;
 mod lifecycle_cli;
 mod luks_qcow2;
 mod other_formats;

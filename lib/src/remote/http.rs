@@ -398,6 +398,40 @@ impl HttpStorage {
         Ok(w)
     }
 
+    /// A large read: windows still cached are copied (so readahead never
+    /// makes a byte travel twice), the runs between them are fetched in
+    /// parallel chunks, uncached.
+    fn read_large(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let ra = self.opts.readahead;
+        if ra == 0 || lock(&self.cache).is_empty() {
+            return self.read_parallel(buf, offset);
+        }
+        let end = offset + buf.len() as u64;
+        let mut run_start = offset;
+        let mut at = offset;
+        while at < end {
+            let start = at / ra * ra;
+            let next = (start + ra).min(end);
+            let cached = lock(&self.cache).iter().find(|(s, _)| *s == start).map(|(_, w)| w.clone());
+            if let Some(w) = cached {
+                if run_start < at {
+                    let (a, b) = ((run_start - offset) as usize, (at - offset) as usize);
+                    self.read_parallel(&mut buf[a..b], run_start)?;
+                }
+                let (a, b) = ((at - offset) as usize, (next - offset) as usize);
+                let from = (at - start) as usize;
+                buf[a..b].copy_from_slice(&w[from..from + (b - a)]);
+                run_start = next;
+            }
+            at = next;
+        }
+        if run_start < end {
+            let a = (run_start - offset) as usize;
+            self.read_parallel(&mut buf[a..], run_start)?;
+        }
+        Ok(())
+    }
+
     /// A large read as parallel chunk requests.
     fn read_parallel(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let chunks: Vec<(u64, &mut [u8])> =
@@ -555,7 +589,7 @@ impl Storage for HttpStorage {
         if buf.is_empty() || self.read_windowed(buf, offset)? {
             return Ok(());
         }
-        self.read_parallel(buf, offset)
+        self.read_large(buf, offset)
     }
     fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         Err(read_only())

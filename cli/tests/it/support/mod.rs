@@ -11,6 +11,7 @@ pub mod process;
 pub mod rng;
 
 pub mod certs;
+pub mod nginx;
 
 pub use rng::Rng;
 use serde_json::Value;
