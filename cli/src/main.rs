@@ -11,6 +11,7 @@ mod image_opts;
 mod object;
 mod progress;
 mod remote_opts;
+mod remote_upload;
 mod util;
 
 use clap::{Parser, Subcommand};

@@ -158,3 +158,63 @@ fn missing_object_is_one_line_and_nonzero() {
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("no such object (HTTP 404)"), "{}", r.stderr);
 }
+
+mod s3 {
+    //! `convert -O qcow2 local s3://...` (multipart upload) and reading the
+    //! object back by its `s3://` name, with the endpoint and credentials
+    //! from the AWS environment variables, against the library tests'
+    //! in-test S3 endpoint.
+    use super::*;
+    use crate::support::s3_server::{S3Server, KEY_ID, SECRET};
+
+    fn aws_env(srv: &S3Server, key: &str) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), srv.endpoint()),
+            ("AWS_REGION".into(), "garage".into()),
+            ("AWS_ACCESS_KEY_ID".into(), key.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), SECRET.into()),
+            // No profile of the machine's user may leak in.
+            ("AWS_CONFIG_FILE".into(), "/nonexistent".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), "/nonexistent".into()),
+        ]
+    }
+
+    fn ox_aws(dir: &Path, args: &[&str], env: &[(String, String)]) -> Run {
+        let (code, stdout, stderr) = capture(
+            Command::new(OXCOW).args(args).current_dir(dir).envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+        );
+        Run { code, stdout, stderr }
+    }
+
+    #[test]
+    fn convert_uploads_to_s3_and_reads_back() {
+        let dir = tmp();
+        let d = dir.path();
+        ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "src.qcow2", "12M"]);
+        qemu_write(d, "src.qcow2", &[(0x41, 0, 3 << 20), (0x42, 9 << 20, 2 << 20)], &[]);
+        let srv = S3Server::start();
+        let env = aws_env(&srv, KEY_ID);
+        let r = ox_aws(d, &["convert", "-O", "qcow2", "src.qcow2", "s3://images/base.qcow2"], &env);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(srv.store.lock().unwrap().objects.contains_key("images/base.qcow2"));
+        let r = ox_aws(d, &["info", "--output=json", "s3://images/base.qcow2"], &env);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(json(&r.stdout)["format"], "qcow2");
+        let r = ox_aws(d, &["compare", "s3://images/base.qcow2", "src.qcow2"], &env);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        // A wrong key: one line, non-zero, for reads and uploads alike.
+        let bad = aws_env(&srv, "GKwrong");
+        for args in [
+            &["info", "s3://images/base.qcow2"][..],
+            &["convert", "-O", "qcow2", "src.qcow2", "s3://images/other.qcow2"][..],
+        ] {
+            let r = ox_aws(d, args, &bad);
+            assert_ne!(r.code, 0);
+            assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+            assert!(r.stderr.contains("access denied"), "{}", r.stderr);
+        }
+        let r = ox_aws(d, &["info", "s3://images/missing.qcow2"], &env);
+        assert_ne!(r.code, 0);
+        assert!(r.stderr.contains("no such object (HTTP 404)"), "{}", r.stderr);
+    }
+}

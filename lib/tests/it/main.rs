@@ -45,4 +45,5 @@ mod remote_cor_crash;
 mod remote_cor_geometry;
 mod remote_hostile;
 mod remote_nbdkit;
+mod s3_driver;
 mod torture_model;

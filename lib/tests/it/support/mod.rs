@@ -8,6 +8,7 @@ pub mod process;
 pub mod qemu;
 pub mod remote;
 pub mod rng;
+pub mod s3_server;
 
 pub use model::{apply_model, Op};
 pub use process::{ok, run};
