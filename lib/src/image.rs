@@ -719,7 +719,13 @@ fn open_remote(name: &str, opts: &OpenOptions) -> Result<Opened> {
     if opts.write {
         return Err(Error::invalid(format!("'{name}' is read-only (remote objects are opened read-only)")));
     }
-    let storage = crate::remote::open_storage(name).map_err(|e| Error::io(format!("Could not open '{name}'"), e))?;
+    let storage = crate::remote::open_storage(name).map_err(|e| {
+        // The context names the object already; the driver's message
+        // starts with the name too, for callers of the driver itself.
+        let msg = e.to_string();
+        let rest = msg.strip_prefix('\'').and_then(|m| m.split_once("': ")).map_or(msg.as_str(), |(_, r)| r);
+        Error::io(format!("Could not open '{name}'"), std::io::Error::new(e.kind(), rest.to_string()))
+    })?;
     let (format, probed) = match opts.format {
         Some(f) => (f, false),
         None => (probe_format(&*storage)?, true),
