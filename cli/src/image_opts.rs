@@ -120,7 +120,7 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
     let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
     let (format, proto, mut props) = match driver.as_str() {
-        "nbd" | "file" | "null-co" | "null-aio" => (Some("raw".to_string()), driver, map),
+        "nbd" | "file" | "null-co" | "null-aio" | "http" | "https" | "s3" => (Some("raw".to_string()), driver, map),
         fmt => {
             // A format over a protocol: the protocol's keys are under `file.`.
             let mut inner = BTreeMap::new();
@@ -163,6 +163,7 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
             }
             size
         }
+        "http" | "https" | "s3" => crate::remote_opts::remote_name(&proto, &mut props, objects)?,
         other => return Err(CliError::new(format!("Unknown driver '{other}'"))),
     };
     // Options the open path does not take (cache.*, discard, ...) are

@@ -10,6 +10,8 @@ mod error;
 mod image_opts;
 mod object;
 mod progress;
+mod remote_opts;
+mod remote_upload;
 mod util;
 
 use clap::{Parser, Subcommand};

@@ -7,7 +7,7 @@
 //! ([`BackingName`]) and asks the [`BackingPolicy`] of its
 //! [`OpenOptions`](crate::OpenOptions) before opening anything. The
 //! default, [`LocalBacking`], follows host files only; [`NetworkBacking`]
-//! also follows NBD exports. Names of external data files are never
+//! also follows NBD exports, HTTP(S) URLs and S3 objects. Names of external data files are never
 //! followed to a protocol, whatever the policy.
 
 use crate::nbd::client::NbdUrl;
@@ -23,10 +23,15 @@ pub enum BackingKind {
     /// An NBD export: `nbd://HOST[:PORT]/NAME`, `nbd+tcp://`,
     /// `nbd+unix:///NAME?socket=PATH` or QEMU's legacy `nbd:HOST:PORT`.
     Nbd,
+    /// An HTTP(S) URL (`http://`, `https://`), read through
+    /// [`crate::remote`].
+    Http,
+    /// An S3 object, `s3://BUCKET/KEY`.
+    S3,
     /// QEMU's `json:{...}` pseudo-protocol, a whole block-layer
     /// configuration; oxcow never follows it.
     Json,
-    /// Any other protocol (`http://`, `ssh://`, ...); oxcow opens none.
+    /// Any other protocol (`ssh://`, `ftp://`, ...); oxcow opens none.
     OtherProtocol,
 }
 
@@ -55,6 +60,10 @@ impl BackingName {
             BackingKind::Json
         } else if NbdUrl::is_nbd(&name) {
             BackingKind::Nbd
+        } else if crate::remote::is_http(&name) {
+            BackingKind::Http
+        } else if crate::remote::s3::parse_name(&name).is_some() {
+            BackingKind::S3
         } else if name.contains("://") {
             BackingKind::OtherProtocol
         } else {
@@ -112,8 +121,8 @@ impl BackingPolicy for LocalBacking {
     }
 }
 
-/// Host files and NBD exports are followed (the CLI selects this with
-/// `OXCOW_ALLOW_NETWORK_BACKING=1`); `json:` and other protocols are
+/// Host files, NBD exports, HTTP(S) URLs and S3 objects are followed
+/// (the CLI selects this with `OXCOW_ALLOW_NETWORK_BACKING=1`); `json:` and other protocols are
 /// still refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetworkBacking;
@@ -121,7 +130,7 @@ pub struct NetworkBacking;
 impl BackingPolicy for NetworkBacking {
     fn check(&self, name: &BackingName) -> Result<()> {
         match name.kind() {
-            BackingKind::File | BackingKind::Nbd => Ok(()),
+            BackingKind::File | BackingKind::Nbd | BackingKind::Http | BackingKind::S3 => Ok(()),
             _ => Err(name.refused(format!(
                 "backing file name '{name}' uses a protocol oxcow does not open; refusing to follow it"
             ))),
@@ -143,7 +152,10 @@ mod tests {
             ("nbd://h:1/e", BackingKind::Nbd),
             ("nbd+unix:///e?socket=/s", BackingKind::Nbd),
             ("nbd:localhost:10809", BackingKind::Nbd),
-            ("http://example.invalid/x", BackingKind::OtherProtocol),
+            ("http://example.invalid/x", BackingKind::Http),
+            ("https://example.invalid/x", BackingKind::Http),
+            ("s3://bucket/base.qcow2", BackingKind::S3),
+            ("ssh://example.invalid/x", BackingKind::OtherProtocol),
         ] {
             assert_eq!(BackingName::new(name).kind(), kind, "{name}");
         }

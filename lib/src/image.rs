@@ -700,6 +700,9 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
         let storage = Arc::new(null.map_err(|e| Error::io("null-co", e))?);
         return Ok(Opened { storage, native_raw: None, format: opts.format.unwrap_or(Format::Raw), probed: false });
     }
+    if let Some(name) = path.to_str().filter(|n| crate::remote::is_remote(n)) {
+        return open_remote(name, opts);
+    }
     Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
         Some(name) => {
             let nbd = NbdStorage::open(name, ClientOptions { read_only: !opts.write, ..ClientOptions::default() })?;
@@ -734,6 +737,26 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             Opened { storage: file_layers(path, file, opts), native_raw: None, format, probed }
         }
     })
+}
+
+/// Opens an `http://`, `https://` or `s3://` name: read-only, no locks
+/// (no local file), the format probed unless given.
+fn open_remote(name: &str, opts: &OpenOptions) -> Result<Opened> {
+    if opts.write {
+        return Err(Error::invalid(format!("'{name}' is read-only (remote objects are opened read-only)")));
+    }
+    let storage = crate::remote::open_storage(name).map_err(|e| {
+        // The context names the object already; the driver's message
+        // starts with the name too, for callers of the driver itself.
+        let msg = e.to_string();
+        let rest = msg.strip_prefix('\'').and_then(|m| m.split_once("': ")).map_or(msg.as_str(), |(_, r)| r);
+        Error::io(format!("Could not open '{name}'"), std::io::Error::new(e.kind(), rest.to_string()))
+    })?;
+    let (format, probed) = match opts.format {
+        Some(f) => (f, false),
+        None => (probe_format(&*storage)?, true),
+    };
+    Ok(Opened { storage, native_raw: None, format, probed })
 }
 
 /// Creates an empty file (or truncates one) for a new image, holding it

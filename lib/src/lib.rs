@@ -109,6 +109,7 @@ pub mod nbd;
 pub mod options;
 pub mod qcow2;
 mod raw;
+pub mod remote;
 mod size;
 pub mod storage;
 pub mod tools;

@@ -70,6 +70,15 @@ pub struct Args {
 }
 
 pub fn run(mut a: Args) -> CliResult<i32> {
+    if let Some(target) = a.files.get(1).filter(|d| d.starts_with("s3://")).cloned() {
+        if a.no_create {
+            return Err(CliError::new("-n cannot write into an existing S3 object"));
+        }
+        return crate::remote_upload::convert_to_s3(&target, |tmp| {
+            a.files[1] = tmp;
+            run(a)
+        });
+    }
     a.objects.apply(&mut a.files[0], &mut a.format)?;
     let _ = (a.unordered, a.quiet);
     let cache_mode = |v: &Option<String>, default: &str| {

@@ -191,7 +191,10 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     }
     m.insert("format".into(), json!(img.format().name()));
     let extents_actual: u64 = extent_sizes(img).iter().map(|e| e.2).sum();
-    m.insert("actual-size".into(), json!(img.actual_size() + extents_actual));
+    // A remote object's allocation is unknown; QEMU leaves the key out.
+    if !oxcow::remote::is_remote(path) {
+        m.insert("actual-size".into(), json!(img.actual_size() + extents_actual));
+    }
     if let Some(q) = q {
         let h = q.header();
         let ext = q.extensions();
@@ -302,7 +305,10 @@ pub fn human_info(v: &Value) -> String {
     s += &format!("image: {}\n", as_str(v, "filename"));
     s += &format!("file format: {}\n", as_str(v, "format"));
     s += &format!("virtual size: {} ({vsize} bytes)\n", human(vsize));
-    s += &format!("disk size: {}\n", human(as_u64(v, "actual-size")));
+    match v.get("actual-size").and_then(Value::as_u64) {
+        Some(a) => s += &format!("disk size: {}\n", human(a)),
+        None => s += "disk size: unavailable\n",
+    }
     if v.get("encrypted").and_then(Value::as_bool) == Some(true) {
         s += "encrypted: yes\n";
     }

@@ -9,8 +9,12 @@ pub mod process;
 #[allow(dead_code)]
 #[path = "../../../../lib/tests/it/support/rng.rs"]
 pub mod rng;
+#[allow(dead_code)]
+#[path = "../../../../lib/tests/it/support/s3_server.rs"]
+pub mod s3_server;
 
 pub mod certs;
+pub mod nginx;
 
 pub use rng::Rng;
 use serde_json::Value;

@@ -1,0 +1,191 @@
+//! A minimal in-test S3 endpoint (path-style): ranged GET, and multipart
+//! upload (create, upload part, complete, abort). It checks which access
+//! key a presigned request names (403 for any other) but not the
+//! signature itself, which is rusty-s3's to get right; it stands in for a
+//! real store where none is installed, to test oxcow's wiring: endpoint,
+//! addressing, credentials, errors and the upload protocol.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct Store {
+    /// Objects by "bucket/key".
+    pub objects: HashMap<String, Vec<u8>>,
+    /// Parts of open uploads by upload id, then part number.
+    parts: HashMap<String, HashMap<u32, Vec<u8>>>,
+    /// Ranged GETs served with data.
+    pub gets: u64,
+    /// Parts received.
+    pub parts_received: u64,
+    /// Uploads aborted.
+    pub aborted: u64,
+    next_id: u64,
+}
+
+pub struct S3Server {
+    pub port: u16,
+    pub store: Arc<Mutex<Store>>,
+    stop: Arc<AtomicBool>,
+}
+
+pub const KEY_ID: &str = "GKtestkey";
+pub const SECRET: &str = "testsecret";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let store = Arc::new(Mutex::new(Store::default()));
+        let requests = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, q, s) = (store.clone(), requests.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if s.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(c) = c else { continue };
+                let (st, q) = (st.clone(), q.clone());
+                std::thread::spawn(move || {
+                    let _ = serve(c, &st, &q);
+                });
+            }
+        });
+        S3Server { port, store, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn reply(w: &mut TcpStream, status: &str, headers: &str, body: &[u8]) -> std::io::Result<()> {
+    write!(w, "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\n\r\n", body.len())?;
+    w.write_all(body)
+}
+
+fn serve(c: TcpStream, store: &Mutex<Store>, n: &AtomicU64) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut r = BufReader::new(c.try_clone()?);
+    let mut w = c;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        n.fetch_add(1, Ordering::SeqCst);
+        let mut it = line.split_whitespace();
+        let (method, target) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or("").to_string());
+        let (mut range, mut len) = (None, 0usize);
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("range") {
+                    if let Some((a, b)) = v.trim().trim_start_matches("bytes=").split_once('-') {
+                        range = Some((a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(u64::MAX)));
+                    }
+                } else if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body)?;
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let q: HashMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=').or(Some((kv, "")))).collect();
+        let object = path.trim_start_matches('/').to_string();
+        let cred = q.get("X-Amz-Credential").copied().unwrap_or("");
+        if !cred.starts_with(&format!("{KEY_ID}%2F")) {
+            reply(&mut w, "403 Forbidden", "", b"<Error><Code>InvalidAccessKeyId</Code></Error>")?;
+            continue;
+        }
+        let mut s = store.lock().unwrap();
+        match method.as_str() {
+            "GET" => match (s.objects.get(&object).cloned(), range) {
+                (None, _) => reply(&mut w, "404 Not Found", "", b"<Error><Code>NoSuchKey</Code></Error>")?,
+                (Some(o), Some((a, b))) if (a as usize) < o.len() => {
+                    let b = b.min(o.len() as u64 - 1);
+                    s.gets += 1;
+                    let hdr = format!("Content-Range: bytes {a}-{b}/{}\r\n", o.len());
+                    reply(&mut w, "206 Partial Content", &hdr, &o[a as usize..=b as usize])?;
+                }
+                (Some(o), _) => reply(&mut w, "200 OK", "", &o)?,
+            },
+            "POST" if q.contains_key("uploads") => {
+                s.next_id += 1;
+                let id = format!("up{}", s.next_id);
+                s.parts.insert(id.clone(), HashMap::new());
+                let xml = format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?><InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><UploadId>{id}</UploadId></InitiateMultipartUploadResult>"
+                );
+                reply(&mut w, "200 OK", "", xml.as_bytes())?;
+            }
+            "PUT" => {
+                let (Some(id), Some(num)) = (q.get("uploadId"), q.get("partNumber").and_then(|p| p.parse().ok()))
+                else {
+                    reply(&mut w, "400 Bad Request", "", b"")?;
+                    continue;
+                };
+                s.parts_received += 1;
+                match s.parts.get_mut(*id) {
+                    Some(p) => {
+                        p.insert(num, body);
+                        reply(&mut w, "200 OK", &format!("ETag: \"etag{num}\"\r\n"), b"")?;
+                    }
+                    None => reply(&mut w, "404 Not Found", "", b"<Error><Code>NoSuchUpload</Code></Error>")?,
+                }
+            }
+            "POST" => {
+                let id = q.get("uploadId").copied().unwrap_or("");
+                let text = String::from_utf8_lossy(&body).to_string();
+                let Some(parts) = s.parts.remove(id) else {
+                    reply(&mut w, "404 Not Found", "", b"")?;
+                    continue;
+                };
+                // Parts in the order the completion lists them, each
+                // with the ETag it was given.
+                let mut data = Vec::new();
+                let mut ok = true;
+                for (i, _) in text.match_indices("<PartNumber>") {
+                    let rest = &text[i + 12..];
+                    let num: u32 = rest[..rest.find('<').unwrap_or(0)].parse().unwrap_or(0);
+                    ok &= text.contains(&format!("etag{num}"));
+                    match parts.get(&num) {
+                        Some(p) => data.extend_from_slice(p),
+                        None => ok = false,
+                    }
+                }
+                if ok && (!data.is_empty() || parts.len() == 1) {
+                    s.objects.insert(object, data);
+                    reply(&mut w, "200 OK", "", b"<CompleteMultipartUploadResult/>")?;
+                } else {
+                    reply(&mut w, "400 Bad Request", "", b"<Error><Code>InvalidPart</Code></Error>")?;
+                }
+            }
+            "DELETE" => {
+                s.parts.remove(q.get("uploadId").copied().unwrap_or(""));
+                s.aborted += 1;
+                reply(&mut w, "204 No Content", "", b"")?;
+            }
+            _ => reply(&mut w, "405 Method Not Allowed", "", b"")?,
+        }
+        w.flush()?;
+    }
+}
