@@ -6,6 +6,7 @@ mod error;
 mod image_opts;
 mod object;
 mod progress;
+mod storage_daemon;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,8 @@ enum Command {
     Measure(cmd::measure::Args),
     /// Copy the backing chain into the image and drop the backing file.
     Stream(cmd::stream::Args),
+    /// Serve images to VMs and NBD clients (like `qemu-storage-daemon`).
+    StorageDaemon(storage_daemon::Args),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Stream(a) => cmd::stream::run(a),
+        Command::StorageDaemon(a) => storage_daemon::run(a),
     };
     report_host_io();
     match r {

@@ -15,6 +15,7 @@ mod read_compat;
 mod remote_cli;
 mod serve_cli;
 mod small_filesystem;
+mod storage_daemon_cli;
 mod tls_hostile;
 mod tls_interop;
 mod tls_refusals;
