@@ -98,6 +98,8 @@ pub mod backing;
 mod cache_mode;
 mod device;
 mod error;
+#[cfg(feature = "fuse")]
+pub mod export;
 pub mod format;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
