@@ -6,10 +6,11 @@
 //! error instead of being served wrongly.
 
 use super::blockdev::Nodes;
-use super::export::{Clients, Export, ExportSpec, Kind};
+use super::export::{Clients, Export, ExportSpec, Handle, Kind};
 use super::nbd::{Lookup, NbdServer};
 use crate::error::{CliError, CliResult};
 use crate::object::{Objects, Props};
+use oxcow::export::fuse::{FuseExport, FuseOptions};
 use oxcow::nbd::server::{DiscardMode, ExportConfig, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,8 +49,12 @@ impl Daemon {
             return Err(CliError::new("NBD server already running"));
         }
         let exports = Arc::clone(&self.exports);
-        let lookup: Lookup =
-            Arc::new(move || lock(&exports).first().map(|e| (e.server.clone(), Arc::clone(&e.clients))));
+        let lookup: Lookup = Arc::new(move || {
+            lock(&exports).iter().find_map(|e| match &e.handle {
+                Handle::Nbd { server, clients } => Some((server.clone(), Arc::clone(clients))),
+                Handle::Fuse(_) => None,
+            })
+        });
         *nbd = Some(NbdServer::start(p, &self.objects, lookup)?);
         Ok(())
     }
@@ -72,29 +77,39 @@ impl Daemon {
         if spec.writable && dev.is_read_only() {
             return Err(CliError::new("Cannot export read-only node as writable"));
         }
-        let Kind::Nbd { name, description, allocation_depth } = &spec.kind;
-        if lock(&self.nbd).is_none() {
-            return Err(CliError::new("NBD server not running"));
-        }
-        if exports.iter().any(|e| matches!(&e.spec.kind, Kind::Nbd { name: n, .. } if n == name)) {
-            return Err(CliError::new(format!("NBD server already has export named '{name}'")));
-        }
-        if let Some(other) = exports.first() {
-            return Err(CliError::new(format!(
-                "oxcow serves one NBD export at a time ('{}' is exported); delete it first",
-                other.spec.id
-            )));
-        }
-        let discard = if io.unmap { DiscardMode::Unmap } else { DiscardMode::Ignore };
-        let config = ExportConfig::new(name.clone())
-            .description(description.clone())
-            .read_only(!spec.writable)
-            .discard(discard)
-            .detect_zeroes(io.detect_zeroes)
-            .multi_conn_ok(true)
-            .allocation_depth(*allocation_depth);
-        let server = Server::new(dev, config);
-        exports.insert(0, Export { spec, server, clients: Arc::default() });
+        let handle = match &spec.kind {
+            Kind::Nbd { name, description, allocation_depth } => {
+                if lock(&self.nbd).is_none() {
+                    return Err(CliError::new("NBD server not running"));
+                }
+                let nbd = |e: &&Export| matches!(e.handle, Handle::Nbd { .. });
+                if exports.iter().filter(nbd).any(|e| matches!(&e.spec.kind, Kind::Nbd { name: n, .. } if n == name)) {
+                    return Err(CliError::new(format!("NBD server already has export named '{name}'")));
+                }
+                if let Some(other) = exports.iter().find(nbd) {
+                    return Err(CliError::new(format!(
+                        "oxcow serves one NBD export at a time ('{}' is exported); delete it first",
+                        other.spec.id
+                    )));
+                }
+                let discard = if io.unmap { DiscardMode::Unmap } else { DiscardMode::Ignore };
+                let config = ExportConfig::new(name.clone())
+                    .description(description.clone())
+                    .read_only(!spec.writable)
+                    .discard(discard)
+                    .detect_zeroes(io.detect_zeroes)
+                    .multi_conn_ok(true)
+                    .allocation_depth(*allocation_depth);
+                Handle::Nbd { server: Server::new(dev, config), clients: Arc::default() }
+            }
+            Kind::Fuse { mountpoint, growable, allow_other } => {
+                let opts = FuseOptions::default().writable(spec.writable).growable(*growable).allow_other(*allow_other);
+                let mounted = FuseExport::mount(dev, std::path::Path::new(mountpoint), opts)
+                    .map_err(|e| CliError::new(crate::error::message(&e)))?;
+                Handle::Fuse(mounted)
+            }
+        };
+        exports.insert(0, Export { spec, handle });
         Ok(())
     }
 
@@ -107,13 +122,12 @@ impl Daemon {
                 .iter()
                 .position(|e| e.spec.id == id)
                 .ok_or_else(|| CliError::new(format!("Export '{id}' is not found")))?;
-            if !hard && exports[i].clients.count() > 0 {
+            if !hard && matches!(&exports[i].handle, Handle::Nbd { clients, .. } if clients.count() > 0) {
                 return Err(CliError::new(format!("export '{id}' still in use")));
             }
             exports.remove(i)
         };
-        disconnect(&export.clients);
-        Ok(())
+        end(export)
     }
 
     /// `query-block-exports`.
@@ -141,15 +155,29 @@ impl Daemon {
         }
         let exports = std::mem::take(&mut *lock(&self.exports));
         let ids = exports.iter().map(|e| e.spec.id.clone()).collect();
+        let mut first = None;
         for e in exports {
-            disconnect(&e.clients);
+            if let Err(e) = end(e) {
+                first.get_or_insert(e);
+            }
         }
         lock(&self.nodes).close_all()?;
-        Ok(ids)
+        first.map_or(Ok(ids), Err)
     }
 
     pub fn request_quit(&self) {
         self.quit.store(true, Ordering::Release);
+    }
+}
+
+/// Stops serving an export.
+fn end(export: Export) -> CliResult<()> {
+    match export.handle {
+        Handle::Nbd { clients, .. } => {
+            disconnect(&clients);
+            Ok(())
+        }
+        Handle::Fuse(f) => f.unmount().map_err(|e| CliError::new(crate::error::message(&e))),
     }
 }
 

@@ -27,6 +27,12 @@ pub enum Kind {
         description: String,
         allocation_depth: bool,
     },
+    Fuse {
+        /// The regular file the image is mounted over.
+        mountpoint: String,
+        growable: bool,
+        allow_other: bool,
+    },
 }
 
 impl Kind {
@@ -34,6 +40,7 @@ impl Kind {
     pub fn type_name(&self) -> &'static str {
         match self {
             Kind::Nbd { .. } => "nbd",
+            Kind::Fuse { .. } => "fuse",
         }
     }
 }
@@ -61,7 +68,16 @@ impl ExportSpec {
                 }
                 Kind::Nbd { name, description, allocation_depth }
             }
-            "vhost-user-blk" | "fuse" | "vduse-blk" => {
+            "fuse" => {
+                let mountpoint = p.require("mountpoint")?;
+                let growable = p.take_bool("growable")?.unwrap_or(false);
+                // auto: allowed where the system permits, which for the
+                // root this daemon mostly runs as means allowed.
+                let allow_other =
+                    p.take_enum("allow-other", &[("on", true), ("off", false), ("auto", true)])?.unwrap_or(true);
+                Kind::Fuse { mountpoint, growable, allow_other }
+            }
+            "vhost-user-blk" | "vduse-blk" => {
                 return Err(CliError::new(format!("Export type '{ty}' is not supported yet")))
             }
             other => return Err(CliError::new(format!("Parameter 'type' does not accept value '{other}'"))),
@@ -103,7 +119,13 @@ impl Clients {
 /// A running export.
 pub struct Export {
     pub spec: ExportSpec,
-    /// The NBD server of an NBD export.
-    pub server: Server,
-    pub clients: std::sync::Arc<Clients>,
+    pub handle: Handle,
+}
+
+/// What serves a running export.
+pub enum Handle {
+    /// The NBD server of the export's node, and its clients.
+    Nbd { server: Server, clients: std::sync::Arc<Clients> },
+    /// The mounted file.
+    Fuse(oxcow::export::fuse::FuseExport),
 }

@@ -16,6 +16,7 @@ mod remote_cli;
 mod serve_cli;
 mod small_filesystem;
 mod storage_daemon_cli;
+mod storage_daemon_fuse;
 mod tls_hostile;
 mod tls_interop;
 mod tls_refusals;

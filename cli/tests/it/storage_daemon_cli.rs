@@ -19,14 +19,14 @@ fn have_qsd() -> bool {
 
 /// A daemon started with `--daemonize` (so it serves once the command
 /// returns), killed on drop unless it quit.
-struct Daemon {
+pub struct Daemon {
     pid: u32,
 }
 
 impl Daemon {
     /// Starts `prog` (`[OXCOW, "storage-daemon"]` or qemu-storage-daemon)
     /// in `dir` with a pid file and a QMP monitor on `qmp.sock`.
-    fn start(dir: &Path, prog: &[&str], args: &[String]) -> Daemon {
+    pub fn start(dir: &Path, prog: &[&str], args: &[String]) -> Daemon {
         let pidfile = dir.join("daemon.pid");
         let _ = std::fs::remove_file(&pidfile);
         let mut all: Vec<String> = prog[1..].iter().map(|s| s.to_string()).collect();
@@ -131,7 +131,7 @@ fn nbd_uri(dir: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", dir.join("nbd.sock").display())
 }
 
-fn quit(dir: &Path, d: &Daemon) {
+pub fn quit(dir: &Path, d: &Daemon) {
     let (mut q, _) = Qmp::connect(&dir.join("qmp.sock"));
     q.cmd(&json!({"execute": "qmp_capabilities"}));
     let r = q.cmd(&json!({"execute": "quit"}));
