@@ -141,6 +141,34 @@ def make_tls_creds(d):
     return d
 
 
+def w_convert_vmdk_stream(to_stream):
+    """qcow2 -> vmdk streamOptimized (the OVA export) and back."""
+    prep_q, _ = w_convert("qcow2", "raw", [])
+
+    def prep(c, tool):
+        src_q, _ = prep_q(c, tool)
+        src = src_q
+        if not to_stream:
+            src = c.p("convsrc-stream.vmdk")
+            if not os.path.exists(src):
+                sh("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src_q, src)
+        dst = c.p(f"convdst-{tool}." + ("vmdk" if to_stream else "qcow2"))
+        if os.path.exists(dst):
+            os.unlink(dst)
+        return (src, dst)
+
+    def run(c, tool, st):
+        src, dst = st
+        exe = OX if tool == "oxcow" else "qemu-img"
+        if to_stream:
+            args = ["-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+        else:
+            args = ["-f", "vmdk", "-O", "qcow2"]
+        return timed(lambda: sh(exe, "convert", *args, src, dst))
+
+    return prep, run
+
+
 def w_nbd(write, tls=False, client="qemu"):
     def prep(c, tool):
         img = c.p(f"nbd-{tool}.qcow2")
@@ -209,6 +237,8 @@ def workloads(size):
         ("convert qcow2 -> raw", w_convert("qcow2", "raw", [])),
         ("convert raw -> qcow2", w_convert("raw", "qcow2", [])),
         ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),
+        ("convert vmdk streamOptimized -> qcow2", w_convert_vmdk_stream(False)),
+        ("convert qcow2 -> vmdk streamOptimized", w_convert_vmdk_stream(True)),
         ("NBD 4k reads, depth 16 (qemu-img bench client)", w_nbd(False)),
         ("NBD 4k writes, depth 16 (qemu-img bench client)", w_nbd(True)),
         ("NBD over TLS 4k reads, depth 16 (oxcow bench client, client certificates)", w_nbd(False, tls=True)),

@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 secs=${1:-600}
 export RUSTC_BOOTSTRAP=1
-for t in ${TARGETS:-header open_read check ops damaged}; do
+for t in ${TARGETS:-header open_read check ops damaged formats bitmaps}; do
     mkdir -p corpus/$t regressions/$t artifacts/$t
     # Past crashes seed the corpus; so do the issue-21 damaged images for
     # every target that takes an image.

@@ -45,6 +45,14 @@ pub fn message(e: &Error) -> String {
         Error::RefusedName { role: NameRole::Backing, reason, .. } if !crate::util::network_backing_allowed() => {
             format!("{reason} (set OXCOW_ALLOW_NETWORK_BACKING=1 to allow network backing files)")
         }
+        // QEMU's tools print the reason alone, without the kind's label.
+        Error::InvalidField { reason, .. } if crate::dropin::active() => reason.clone(),
+        Error::Corrupt { what, .. } if crate::dropin::active() && what == "not a qcow2 image (bad magic)" => {
+            "Image is not in qcow2 format".to_string()
+        }
+        Error::Unsupported(what) if crate::dropin::active() && what.starts_with("Unknown incompatible feature") => {
+            format!("Unsupported qcow2 feature(s): {what}")
+        }
         other => without_os_codes(&other.to_string()),
     }
 }
@@ -54,7 +62,9 @@ pub fn message(e: &Error) -> String {
 /// device"), also when the image refuses writes because of it; anything
 /// else as [`message`] words it.
 pub fn request_message(e: &Error) -> String {
-    if e.is_no_space() {
+    // QEMU's block layer hands its callers an errno only; answering as
+    // qemu-io, so does oxcow.
+    if e.is_no_space() || crate::dropin::active() {
         return os_message(&std::io::Error::from_raw_os_error(e.errno()));
     }
     message(e)

@@ -1,7 +1,11 @@
 //! `oxcow`: a qemu-img / qemu-io compatible command-line tool over the oxcow
-//! library. Each subcommand lives in its own module under `cmd/`.
+//! library. Each subcommand lives in its own module under `cmd/`; started
+//! as `qemu-img`, `qemu-io` or `qemu-nbd` it takes that tool's command
+//! line instead (`dropin/`).
 
+mod broken_pipe;
 mod cmd;
+mod dropin;
 mod error;
 mod image_opts;
 mod object;
@@ -13,7 +17,13 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "oxcow", version, about = "qcow2 image tool compatible with qemu-img and qemu-io")]
+// A repeated option overrides the earlier one, as getopt-based qemu-img's do.
+#[command(
+    name = "oxcow",
+    version,
+    about = "qcow2 image tool compatible with qemu-img and qemu-io",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,24 +61,54 @@ enum Command {
     Amend(cmd::amend::Args),
     /// Compute the size a new image needs (like `qemu-img measure`).
     Measure(cmd::measure::Args),
+    /// Change persistent dirty bitmaps (like `qemu-img bitmap`).
+    Bitmap(cmd::bitmap::Args),
     /// Copy the backing chain into the image and drop the backing file.
     Stream(cmd::stream::Args),
     /// Serve images to VMs and NBD clients (like `qemu-storage-daemon`).
     StorageDaemon(storage_daemon::Args),
+    /// Create qemu-img, qemu-io and qemu-nbd links to this binary in DIR.
+    InstallLinks(dropin::links::Args),
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    broken_pipe::install();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(tool) = dropin::tool_for(argv.first()) {
+        return dropin::run(tool, argv);
+    }
+    ExitCode::from(run_args(argv))
+}
+
+/// Whether oxcow has this subcommand (the drop-in fronts offer QEMU's
+/// commands that oxcow implements, whichever those are at build time).
+pub(crate) fn has_subcommand(name: &str) -> bool {
+    use clap::CommandFactory;
+    Cli::command().find_subcommand(name).is_some()
+}
+
+/// Parses an `oxcow` command line (program name first) and runs it;
+/// returns the exit status.
+pub(crate) fn run_args<I, T>(argv: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return ExitCode::SUCCESS;
+                return 0;
             }
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 let _ = e.print();
-                return ExitCode::from(1);
+                return 1;
+            }
+            if let Some(msg) = dropin::usage_error(&e) {
+                eprint!("{msg}");
+                return 1;
             }
             // Usage errors stay on one line, like every other error.
             let text = e.render().to_string();
@@ -81,8 +121,8 @@ fn main() -> ExitCode {
                     msg = format!("{msg} {next}");
                 }
             }
-            eprintln!("oxcow: {msg}");
-            return ExitCode::from(1);
+            eprintln!("{}: {msg}", dropin::prog());
+            return 1;
         }
     };
     let r = match cli.command {
@@ -101,15 +141,17 @@ fn main() -> ExitCode {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Stream(a) => cmd::stream::run(a),
         Command::StorageDaemon(a) => storage_daemon::run(a),
+        Command::InstallLinks(a) => dropin::links::run(a),
     };
     report_host_io();
     match r {
-        Ok(code) => ExitCode::from(code as u8),
+        Ok(code) => code as u8,
         Err(e) => {
-            eprintln!("oxcow: {}", e.msg);
-            ExitCode::from(e.code as u8)
+            eprintln!("{}: {}", dropin::prog(), e.msg);
+            e.code as u8
         }
     }
 }
@@ -120,6 +162,6 @@ fn main() -> ExitCode {
 fn report_host_io() {
     if std::env::var_os("OXCOW_REPORT_HOST_IO").is_some() {
         let c = oxcow::storage::host_io_counts();
-        eprintln!("oxcow: host I/O: {} writes, {} syncs", c.writes, c.syncs);
+        eprintln!("{}: host I/O: {} writes, {} syncs", dropin::prog(), c.writes, c.syncs);
     }
 }

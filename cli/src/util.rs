@@ -21,7 +21,20 @@ pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
         CliError::new(format!("Could not open '{path}': {}", message(&e)))
     })?;
     report_dirty_repair(path, &img);
+    warn_if_probed_raw(path, &img, opts.write);
     Ok(img)
+}
+
+/// qemu's warning, in its words, where qemu says it: an image whose
+/// format was probed as raw, opened for writing.
+pub fn warn_if_probed_raw(path: &str, img: &Image, write: bool) {
+    if img.format_probed() && img.format() == Format::Raw && write {
+        eprintln!(
+            "WARNING: Image format was not specified for '{path}' and probing guessed raw.\n         \
+             Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+             Specify the 'raw' format explicitly to remove the restrictions."
+        );
+    }
 }
 
 /// Backing files named by network addresses inside an image are followed
@@ -43,9 +56,14 @@ pub fn network_backing_allowed() -> bool {
 /// Says on stderr that opening the image repaired it (dirty bit set by an
 /// unclean close with lazy refcounts), as the user should know.
 pub fn report_dirty_repair(path: &str, img: &Image) {
+    // QEMU's tools repair silently; as them, so does oxcow.
+    if crate::dropin::active() {
+        return;
+    }
     if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {
         eprintln!(
-            "oxcow: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            "{}: '{path}' was not closed cleanly (dirty bit set): refcounts repaired ({} leaked clusters and {} corruptions fixed)",
+            crate::dropin::prog(),
             rep.leaks_fixed, rep.corruptions_fixed
         );
     }

@@ -102,6 +102,13 @@ pub trait BlockDevice: Send + Sync {
     fn close(&self) -> Result<()> {
         self.flush()
     }
+    /// The dirty and clean ranges of `[offset, offset + len)` in the
+    /// persistent dirty bitmap `name`, as `(start, length, dirty)`, live
+    /// (writes through this device included); `None` for devices without
+    /// bitmaps. NBD's `qemu:dirty-bitmap:NAME` context reads it.
+    fn dirty_bitmap_extents(&self, _name: &str, _offset: u64, _len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+        None
+    }
 }
 
 /// A shared device is a device (what [`Image::device`](crate::Image::device)
@@ -142,6 +149,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
     }
     fn close(&self) -> Result<()> {
         (**self).close()
+    }
+    fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+        (**self).dirty_bitmap_extents(name, offset, len)
     }
 }
 

@@ -122,6 +122,35 @@ pub fn ops(data: &[u8]) {
     q.close().expect("clean close");
 }
 
+/// Persistent bitmaps of a damaged image: opened for writing (refused, or
+/// written, changed and closed), then read-only (listed and read), then
+/// checked: errors, never panics or allocations sized by bad fields.
+pub fn bitmaps(data: &[u8]) {
+    let st = storage(data);
+    if let Ok(q) = Qcow2::open(st.clone(), Qcow2Options::default()) {
+        let _ = q.write_at(&[0x5a; 4096], 0);
+        let names: Vec<String> = q.bitmaps().map(|l| l.into_iter().map(|b| b.name).collect()).unwrap_or_default();
+        let _ = q.bitmap_add("fuzz", Some(512), true);
+        for n in &names {
+            if let Ok(bits) = q.bitmap_data(n) {
+                let _ = q.bitmap_merge("fuzz", &bits);
+            }
+            let _ = q.bitmap_set_enabled(n, false);
+        }
+        if let Some(n) = names.first() {
+            let _ = q.bitmap_remove(n);
+        }
+        let _ = q.write_zeroes(0, 65536, true);
+        let _ = q.close();
+    }
+    if let Ok(q) = Qcow2::open(st.clone(), Qcow2Options { read_only: true, ..Default::default() }) {
+        for b in q.bitmaps().unwrap_or_default() {
+            let _ = q.bitmap_extents(&b.name, 0, q.len());
+        }
+        let _ = q.check(Repair::None);
+    }
+}
+
 /// Opens arbitrary bytes as a writable image and writes to it: a damaged
 /// image may refuse writes, never swallow one. Every write acknowledged
 /// and flushed must read back after a clean close and a reopen (unless
@@ -218,5 +247,51 @@ fn damaged_snapshots(data: &[u8]) {
                 }
             }
         }
+    }
+}
+
+/// Opens arbitrary bytes as each of the other formats (QED, VDI, VPC,
+/// VMDK, VHDX) and reads what opens, in pieces.
+pub fn formats(data: &[u8]) {
+    use crate::formats::mapped::{read_all, MappedImage};
+    let no_extents = |_: &std::path::Path| -> crate::Result<Arc<dyn Storage>> {
+        Err(crate::Error::unsupported("no extent files while fuzzing"))
+    };
+    let path = std::path::Path::new("fuzz.img");
+    let opened = [
+        crate::formats::qed::open(storage(data), false),
+        crate::formats::vdi::open(storage(data)),
+        crate::formats::vpc::open(storage(data)),
+        crate::formats::vmdk::open(storage(data), path, &no_extents),
+        crate::formats::vhdx::open(storage(data), path),
+    ];
+    for o in opened.into_iter().flatten() {
+        read_all(&MappedImage::new(o.layout, None), 8 << 20);
+    }
+    // The same bytes opened writable, a few writes driven by the input
+    // (allocation over hostile tables must fail cleanly), then read
+    // back and checked.
+    let writable = [
+        crate::formats::qed::open(storage(data), true),
+        crate::formats::vdi::open(storage(data)),
+        crate::formats::vpc::open(storage(data)),
+        crate::formats::vmdk::open(storage(data), path, &no_extents),
+    ];
+    for o in writable.into_iter().flatten() {
+        let layout = o.layout.clone();
+        let dev = MappedImage::new(o.layout, None).writable(false);
+        let len = dev.len();
+        if len == 0 {
+            continue;
+        }
+        for (i, chunk) in data.chunks(97).take(8).enumerate() {
+            let seed = chunk.iter().fold(i as u64, |h, &b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+            let off = seed % len;
+            let n = (chunk.len() as u64 * 41).min(len - off) as usize;
+            let _ = dev.write_at(&vec![chunk[0]; n], off);
+        }
+        read_all(&dev, 8 << 20);
+        let _ = layout.check();
+        let _ = dev.close();
     }
 }

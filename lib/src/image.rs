@@ -5,6 +5,9 @@ use crate::backing::{BackingName, BackingPolicy, LocalBacking, NameRole, Network
 use crate::cache_mode::CacheModeDevice;
 use crate::device::BlockDevice;
 use crate::format::limits::MAX_BACKING_DEPTH;
+use crate::formats::mapped::MappedImage;
+use crate::formats::probe::{probe, Probed, PROBE_BYTES};
+use crate::formats::FormatInfo;
 use crate::nbd::client::{ClientOptions, NbdStorage, NbdUrl};
 use crate::qcow2::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::raw::RawImage;
@@ -23,6 +26,16 @@ pub enum Format {
     Raw,
     /// QEMU's qcow2, v2 or v3.
     Qcow2,
+    /// QEMU Enhanced Disk (read only).
+    Qed,
+    /// VirtualBox's VDI (read only).
+    Vdi,
+    /// Microsoft's VHD, QEMU's `vpc` (read only).
+    Vpc,
+    /// VMware's VMDK (read only).
+    Vmdk,
+    /// Hyper-V's VHDX (read only).
+    Vhdx,
 }
 
 impl Format {
@@ -31,17 +44,33 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Qed => "qed",
+            Format::Vdi => "vdi",
+            Format::Vpc => "vpc",
+            Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
         }
+    }
+
+    /// Whether oxcow can open images of this format for writing.
+    pub fn writable(self) -> bool {
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk)
     }
 }
 
 impl FromStr for Format {
     type Err = Error;
-    /// Parses a driver name (`-f`): `raw` or `qcow2`.
+    /// Parses a driver name (`-f`): `raw`, `qcow2`, `qed`, `vdi`, `vpc`,
+    /// `vmdk` or `vhdx`.
     fn from_str(s: &str) -> Result<Format> {
         match s {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
+            "qed" => Ok(Format::Qed),
+            "vdi" => Ok(Format::Vdi),
+            "vpc" => Ok(Format::Vpc),
+            "vmdk" => Ok(Format::Vmdk),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
         }
     }
@@ -231,9 +260,26 @@ pub struct Image {
     backing: Option<Box<Image>>,
     backing_name: Option<String>,
     backing_format: Option<String>,
+    format_info: Option<FormatInfo>,
+    layout: Option<Arc<dyn crate::formats::Layout>>,
+    probed: bool,
 }
 
 impl Image {
+    /// What an image of the formats in [`crate::formats`] says about
+    /// itself (cluster size, qemu-img's format-specific fields).
+    pub fn format_info(&self) -> Option<&FormatInfo> {
+        self.format_info.as_ref()
+    }
+    /// Checks an image of the formats in [`crate::formats`] as `qemu-img
+    /// check` does (none for raw and qcow2, which have their own).
+    pub fn check_format(&self) -> Option<Result<crate::qcow2::CheckReport>> {
+        self.layout.as_ref().map(|l| l.check())
+    }
+    /// Whether the format was probed rather than given.
+    pub fn format_probed(&self) -> bool {
+        self.probed
+    }
     /// The image as a block device (clone the `Arc` to share it, with an
     /// NBD server for one).
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
@@ -359,11 +405,25 @@ fn lock_mode(opts: &OpenOptions, format: Format) -> Option<LockMode> {
     })
 }
 
-/// Probes the format of a file from its first bytes.
+/// Probes the format of a file from its first bytes, as QEMU does (see
+/// [`crate::formats::probe`]); a format QEMU knows and oxcow does not read
+/// is an error, never raw.
 pub fn probe_format(file: &dyn Storage) -> Result<Format> {
-    let mut magic = [0u8; 4];
-    file.read_at(&mut magic, 0).map_err(|e| Error::io("reading image", e))?;
-    Ok(if crate::format::has_magic(&magic) { Format::Qcow2 } else { Format::Raw })
+    probe_named(file, Path::new(""))
+}
+
+/// [`probe_format`] for a file named `path` (QEMU's dmg rule looks at
+/// the name).
+fn probe_named(file: &dyn Storage, path: &Path) -> Result<Format> {
+    let len = file.len().map_err(|e| Error::io("reading image", e))?;
+    let mut head = vec![0u8; (len.min(PROBE_BYTES as u64)) as usize];
+    file.read_at(&mut head, 0).map_err(|e| Error::io("reading image", e))?;
+    match probe(&head, &path.to_string_lossy()) {
+        Probed::Format(f) => Ok(f),
+        Probed::Unsupported(name) => {
+            Err(Error::unsupported(format!("image format '{name}' is not supported by oxcow")))
+        }
+    }
 }
 
 /// Opens an image by file name.
@@ -399,6 +459,11 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
         return Err(Error::invalid(format!("backing chain deeper than {MAX_BACKING_DEPTH}")));
     }
     let Opened { storage, native_raw, format, probed } = open_storage(path, opts)?;
+    if opts.write && !format.writable() {
+        return Err(Error::unsupported(format!(
+            "oxcow cannot write {format} images yet; open it read-only, or convert it to qcow2"
+        )));
+    }
     match format {
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match native_raw {
@@ -416,6 +481,45 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing: None,
                 backing_name: None,
                 backing_format: None,
+                format_info: None,
+                layout: None,
+                probed,
+            })
+        }
+        Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
+            let extra = |p: &Path| -> Result<Arc<dyn Storage>> {
+                let f = open_file(p, opts.write, opts.cache, lock_mode(opts, format))?;
+                Ok(file_layers(p, f, opts))
+            };
+            let opened = match format {
+                Format::Qed => crate::formats::qed::open(storage.clone(), opts.write)?,
+                Format::Vdi => crate::formats::vdi::open(storage.clone())?,
+                Format::Vpc => crate::formats::vpc::open(storage.clone())?,
+                Format::Vmdk => crate::formats::vmdk::open(storage.clone(), path, &extra)?,
+                _ => crate::formats::vhdx::open(storage.clone(), path)?,
+            };
+            let info = opened.info;
+            let mut backing = None;
+            if let (Some(name), false) = (&info.backing_name, opts.no_backing) {
+                backing = Some(Box::new(open_backing(path, name, info.backing_format.as_deref(), opts, depth, chain)?));
+            }
+            let layout = opened.layout.clone();
+            let mut dev = MappedImage::new(opened.layout, backing.as_ref().map(|b| b.device().clone()));
+            if opts.write {
+                dev = dev.writable(opts.cache.writethrough());
+            }
+            Ok(Image {
+                path: path.to_path_buf(),
+                format,
+                device: Arc::new(dev),
+                qcow2: None,
+                file: storage,
+                backing,
+                backing_name: info.backing_name.clone(),
+                backing_format: info.backing_format.clone(),
+                format_info: Some(info),
+                layout: Some(layout),
+                probed,
             })
         }
         Format::Qcow2 => {
@@ -424,22 +528,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
             let backing_format = hc.extensions.backing_format.clone();
             let mut backing = None;
             if let (Some(name), false) = (&backing_name, opts.no_backing) {
-                opts.backing_policy.check(&BackingName::new(name.as_str()))?;
-                let bpath = resolve_backing(path, name);
-                let bfmt = match backing_format.as_deref() {
-                    Some(f) => Some(f.parse::<Format>()?),
-                    None => None,
-                };
-                let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
-                chain.enter(&bpath)?;
-                let b = open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
-                    Error::Io { context, source } => {
-                        Error::Io { context: format!("Could not open backing file: {context}"), source }
-                    }
-                    Error::Locked(m) => Error::Locked(format!("Could not open backing file: {m}")),
-                    other => other,
-                })?;
-                backing = Some(Box::new(b));
+                backing = Some(Box::new(open_backing(path, name, backing_format.as_deref(), opts, depth, chain)?));
             }
             let data_file = if hc.header.has_data_file() {
                 let name = hc
@@ -487,9 +576,39 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing,
                 backing_name,
                 backing_format,
+                format_info: None,
+                layout: None,
+                probed,
             })
         }
     }
+}
+
+/// Opens the backing file `name` of the image at `path` (number `depth`
+/// of its chain) read-only, in `format` when the image records one.
+fn open_backing(
+    path: &Path,
+    name: &str,
+    format: Option<&str>,
+    opts: &OpenOptions,
+    depth: usize,
+    chain: &mut ChainFiles,
+) -> Result<Image> {
+    opts.backing_policy.check(&BackingName::new(name))?;
+    let bpath = resolve_backing(path, name);
+    let bfmt = match format {
+        Some(f) => Some(f.parse::<Format>()?),
+        None => None,
+    };
+    let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
+    chain.enter(&bpath)?;
+    open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
+        Error::Io { context, source } => {
+            Error::Io { context: format!("Could not open backing file: {context}"), source }
+        }
+        Error::Locked(m) => Error::Locked(format!("Could not open backing file: {m}")),
+        other => other,
+    })
 }
 
 /// The bytes under an image, opened by the storage driver its name
@@ -534,7 +653,7 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             let mut file = open_file(path, opts.write, opts.cache, None)?;
             let (format, probed) = match opts.format {
                 Some(f) => (f, false),
-                None => (probe_format(&file)?, true),
+                None => (probe_named(&file, path)?, true),
             };
             if let Some(mode) = lock_mode(opts, format) {
                 file.lock(path, mode)?;

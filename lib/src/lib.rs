@@ -101,6 +101,7 @@ mod error;
 #[cfg(feature = "fuse")]
 pub mod export;
 pub mod format;
+pub mod formats;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod fuzz_targets;

@@ -48,13 +48,26 @@ pub fn run(a: Args) -> CliResult<i32> {
         OpenOptions::default().format(format).write(write).repair(write).no_backing(true).force_share(a.force_share);
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
-        return Err(CliError::new("This image format does not support checks").with_code(63));
+        // The other formats: checked, never repaired (a QED image left
+        // dirty was repaired when opened for writing, as QEMU does).
+        let report = match img.check_format() {
+            Some(Ok(r)) => r,
+            Some(Err(oxcow::Error::Unsupported(_))) | None => {
+                return Err(CliError::new("This image format does not support checks").with_code(63))
+            }
+            Some(Err(e)) => {
+                eprintln!("oxcow: Check failed: {}", crate::error::message(&e));
+                return Ok(1);
+            }
+        };
+        img.close()?;
+        return Ok(print_report(&report, &a, img.format().name(), json));
     }
     let q = img.qcow2().ok_or_else(|| CliError::new("This image format does not support checks").with_code(63))?;
     let report = match q.check(repair) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("oxcow: Check failed: {}", crate::error::message(&e));
+            eprintln!("{}: Check failed: {}", crate::dropin::prog(), crate::error::message(&e));
             return Ok(1);
         }
     };
@@ -62,15 +75,20 @@ pub fn run(a: Args) -> CliResult<i32> {
         q.clear_corrupt()?;
     }
     img.close()?;
+    Ok(print_report(&report, &a, "qcow2", json))
+}
+
+/// Prints a report as qemu-img does and gives its exit status.
+fn print_report(report: &CheckReport, a: &Args, format: &str, json: bool) -> i32 {
     for m in &report.messages {
         eprintln!("{m}");
     }
     if json {
-        println!("{}", qemu_json(&to_json(&report, &a.file)));
+        println!("{}", qemu_json(&to_json(report, &a.file, format)));
     } else if !a.quiet {
-        print!("{}", human(&report));
+        print!("{}", human(report));
     }
-    Ok(if report.check_errors > 0 {
+    if report.check_errors > 0 {
         1
     } else if report.corruptions > 0 {
         2
@@ -78,10 +96,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         3
     } else {
         0
-    })
+    }
 }
 
-fn to_json(r: &CheckReport, file: &str) -> Value {
+fn to_json(r: &CheckReport, file: &str, format: &str) -> Value {
     let mut m = Map::new();
     let mut put = |k: &str, v: u64, always: bool| {
         if always || v != 0 {
@@ -99,7 +117,7 @@ fn to_json(r: &CheckReport, file: &str) -> Value {
     put("corruptions-fixed", r.corruptions_fixed, false);
     put("allocated-clusters", r.allocated_clusters, false);
     m.insert("filename".into(), Value::from(file));
-    m.insert("format".into(), Value::from("qcow2"));
+    m.insert("format".into(), Value::from(format));
     if r.fragmented_clusters != 0 {
         m.insert("fragmented-clusters".into(), Value::from(r.fragmented_clusters));
     }

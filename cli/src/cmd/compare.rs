@@ -51,12 +51,9 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     };
     let (da, db) = (ia.device(), ib.device());
     let (la, lb) = (da.len(), db.len());
-    if la != lb {
-        if a.strict {
-            say("Strict mode: Image size mismatch!".into());
-            return Ok(1);
-        }
-        say("Warning: Image size mismatch!".into());
+    if la != lb && a.strict {
+        say("Strict mode: Image size mismatch!".into());
+        return Ok(1);
     }
     let common = la.min(lb);
     match first_difference(da, db, common, a.strict).map_err(|e| CliError::from(e).with_code(2))? {
@@ -71,7 +68,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         }
         None => {}
     }
-    // The longer image must read as zeros past the end of the shorter one.
+    if la == lb {
+        say("Images are identical.".into());
+        return Ok(0);
+    }
+    // qemu-img warns of the sizes only once the common part matched; the
+    // longer image must then read as zeros past the end of the shorter one.
+    say("Warning: Image size mismatch!".into());
     let longer = if la > lb { da } else { db };
     if let Some(off) = first_nonzero(longer, common).map_err(|e| CliError::from(e).with_code(2))? {
         say(format!("Content mismatch at offset {}!", off / 512 * 512));

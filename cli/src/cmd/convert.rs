@@ -5,8 +5,7 @@ use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
 use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
-use oxcow::{resolve_backing, Format, OpenOptions};
-use std::path::Path;
+use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -58,8 +57,15 @@ pub struct Args {
     snapshot_param: Option<String>,
     #[command(flatten)]
     objects: crate::image_opts::ObjectArgs,
-    /// Source image, then target.
-    #[arg(required = true, num_args = 2)]
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2).
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip bitmaps left inconsistent instead of failing.
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
+    /// Source image, then target. One value per occurrence, so options
+    /// may come between them as getopt allows.
+    #[arg(required = true)]
     files: Vec<String>,
 }
 
@@ -71,10 +77,14 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     };
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
-    let [src_path, dst_path] = [&a.files[0], &a.files[1]];
+    let (src_path, dst_path) = match a.files.as_slice() {
+        [s, d] => (s, d),
+        [_] => return Err(CliError::new("Must specify image file name")),
+        _ => return Err(CliError::new("Converting several source images into one is not supported by oxcow")),
+    };
     let out_fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
-    if a.backing.is_some() && out_fmt != Format::Qcow2 {
+    if a.backing.is_some() && !matches!(out_fmt, Format::Qcow2 | Format::Qed) {
         return Err(CliError::new(format!("Backing file not supported for file format '{}'", out_fmt.name())));
     }
     if a.backing.is_some() && a.no_create {
@@ -103,14 +113,20 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         None => src.device(),
     };
     let size = sdev.len();
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(CliError::new("--skip-broken-bitmaps requires --bitmaps"));
+    }
+    if a.bitmaps {
+        check_bitmaps(&src, out_fmt, a.skip_broken_bitmaps)?;
+    }
 
     if !a.no_create {
-        let mut bfmt = a.backing_format.clone();
-        if let (Some(b), None) = (&a.backing, &bfmt) {
-            // qemu-img convert probes the backing format when not given.
-            let bp = resolve_backing(Path::new(dst_path), b);
-            let bi = open_image(&bp.display().to_string(), &OpenOptions::default())?;
-            bfmt = Some(bi.format().name().to_string());
+        let bfmt = a.backing_format.clone();
+        // qemu-img no longer probes a -B file's format: it must
+        // be given, by -F or -o backing_fmt.
+        let fmt_in_options = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "backing_fmt");
+        if a.backing.is_some() && bfmt.is_none() && !fmt_in_options {
+            return Err(CliError::new("Use of backing file requires explicit backing format"));
         }
         crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
     }
@@ -143,8 +159,33 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
     copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
     progress.finish();
+    if a.bitmaps {
+        if let (Some(s), Some(d)) = (src.qcow2(), dst.qcow2()) {
+            for name in d.copy_bitmaps_from(s, a.skip_broken_bitmaps)? {
+                eprintln!("oxcow: warning: Skipping inconsistent bitmap '{name}'");
+            }
+        }
+    }
     dst.close().map_err(werr)?;
     Ok(0)
+}
+
+/// `--bitmaps` refusals, before the target is created: a target format
+/// without bitmaps, a source bitmap left in use (unless skipped).
+fn check_bitmaps(src: &oxcow::Image, out: Format, skip: bool) -> CliResult<()> {
+    if out != Format::Qcow2 {
+        return Err(CliError::new(format!("Format driver '{}' does not support bitmaps", out.name())));
+    }
+    let Some(q) = src.qcow2() else { return Ok(()) };
+    if let Some(b) = q.bitmaps()?.into_iter().find(|b| b.in_use) {
+        if !skip {
+            return Err(CliError::new(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The snapshot named by a `-l` parameter list.

@@ -51,6 +51,10 @@ struct Given {
     refcount_bits: Option<String>,
     compression_type: Option<String>,
     extended_l2: Option<String>,
+    vdi_static: Option<String>,
+    subformat: Option<String>,
+    force_size: Option<String>,
+    table_size: Option<String>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -89,6 +93,9 @@ fn create(a: Args) -> CliResult<i32> {
     let file = a.file.clone();
     let err = |m: String| CliError::new(format!("{file}: {m}"));
     let format = a.format.parse::<Format>().map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
+    if !format.writable() {
+        return Err(err(format!("oxcow cannot create {format} images yet")));
+    }
     let mut g = Given::default();
     for (k, v) in parse_options(&a.options)? {
         let slot = match (format, k.as_str()) {
@@ -104,6 +111,13 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qcow2, "refcount_bits") => &mut g.refcount_bits,
             (Format::Qcow2, "compression_type") => &mut g.compression_type,
             (Format::Qcow2, "extended_l2") => &mut g.extended_l2,
+            (Format::Vdi, "static") => &mut g.vdi_static,
+            (Format::Qed, "backing_file") => &mut g.backing_file,
+            (Format::Qed, "backing_fmt") => &mut g.backing_fmt,
+            (Format::Qed, "cluster_size") => &mut g.cluster_size,
+            (Format::Qed, "table_size") => &mut g.table_size,
+            (Format::Vpc, "subformat") | (Format::Vmdk, "subformat") => &mut g.subformat,
+            (Format::Vpc, "force_size") => &mut g.force_size,
             _ => return Err(err(format!("Invalid parameter '{k}'"))),
         };
         *slot = Some(v);
@@ -111,6 +125,9 @@ fn create(a: Args) -> CliResult<i32> {
     if let Some(b) = a.backing {
         if format == Format::Raw {
             return Err(err("Invalid parameter 'backing_file'".into()));
+        }
+        if !matches!(format, Format::Qcow2 | Format::Qed) {
+            return Err(err(format!("Backing file not supported for file format '{format}'")));
         }
         g.backing_file = Some(b);
     }
@@ -121,9 +138,6 @@ fn create(a: Args) -> CliResult<i32> {
         // qemu-img refuses sizes with junk after the suffix or negative ones.
         crate::util::parse_num(&s).ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'.")))?;
         g.size = Some(s);
-    }
-    if g.backing_file.is_some() && g.backing_fmt.is_none() {
-        return Err(err("Backing file specified without backing format".into()));
     }
     let mut size = match &g.size {
         Some(s) => Some(num_opt("size", s)?),
@@ -144,10 +158,21 @@ fn create(a: Args) -> CliResult<i32> {
                 err(format!("Could not open '{b}': {why}\nCould not open backing image."))
             })?;
             crate::util::report_dirty_repair(&bpath.display().to_string(), &bimg);
+            // As qemu-img: the backing file is opened first, so a missing
+            // one is reported before a missing format.
+            if g.backing_fmt.is_none() {
+                return Err(err(format!(
+                    "Backing file specified without backing format\nDetected format of {}.",
+                    bimg.format().name()
+                )));
+            }
             if size.is_none() {
                 size = Some(bimg.device().len());
             }
         }
+    }
+    if g.backing_file.is_some() && g.backing_fmt.is_none() {
+        return Err(err("Backing file specified without backing format".into()));
     }
     let Some(size) = size else {
         return Err(err("Image creation needs a size parameter".into()));
@@ -161,6 +186,11 @@ fn create(a: Args) -> CliResult<i32> {
     match format {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
         Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
+        Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
+        Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
+        Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
+        Format::Vmdk => create_vmdk(&a.file, size, &g).map_err(&err)?,
+        other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
 }
@@ -198,6 +228,41 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
         }
+        Format::Qed => {
+            add("size", &size.to_string());
+            for (k, v) in [("backing_file", &g.backing_file), ("backing_fmt", &g.backing_fmt)] {
+                if let Some(v) = v {
+                    add(k, v);
+                }
+            }
+            let cs = g.cluster_size.as_deref().and_then(crate::util::parse_num).unwrap_or(65536);
+            add("cluster_size", &cs.to_string());
+            if let Some(t) = &g.table_size {
+                add("table_size", t);
+            }
+        }
+        Format::Vmdk => {
+            add("size", &size.to_string());
+            add("compat6", "off");
+            add("hwversion", "undefined");
+            if let Some(v) = &g.subformat {
+                add("subformat", v);
+            }
+        }
+        Format::Vpc => {
+            add("size", &size.to_string());
+            if let Some(v) = &g.subformat {
+                add("subformat", v);
+            }
+            if let Some(v) = &g.force_size {
+                add("force_size", v);
+            }
+        }
+        Format::Vdi => {
+            add("size", &size.to_string());
+            add("static", g.vdi_static.as_deref().unwrap_or("off"));
+        }
+        _ => add("size", &size.to_string()),
     }
     s
 }
@@ -228,6 +293,90 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let stream = match g.subformat.as_deref() {
+        None | Some("monolithicSparse") => false,
+        Some("streamOptimized") => true,
+        Some(sub @ ("monolithicFlat" | "twoGbMaxExtentFlat" | "twoGbMaxExtentSparse")) => {
+            return create_vmdk_extents(path, size, sub);
+        }
+        Some(other) => return Err(format!("Unknown subformat '{other}'")),
+    };
+    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    let r = if stream {
+        oxcow::formats::vmdk::create_stream_optimized(&*f, &name, size)
+    } else {
+        oxcow::formats::vmdk::create_monolithic_sparse(&*f, &name, size)
+    };
+    r.map_err(|e| message(&e))
+}
+
+/// A descriptor and its extent files, named after it as qemu-img names
+/// them, next to it.
+fn create_vmdk_extents(path: &str, size: u64, sub: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    let file_name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = file_name.strip_suffix(".vmdk").unwrap_or(&file_name).to_string();
+    let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+    let desc = create_file(p).map_err(|e| message(&e))?;
+    desc.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    let extents = |name: &str| -> oxcow::Result<std::sync::Arc<dyn oxcow::storage::Storage>> {
+        let f = create_file(&dir.join(name))?;
+        f.set_len(0).map_err(|e| oxcow::Error::io("creating VMDK extent", e))?;
+        Ok(f)
+    };
+    oxcow::formats::vmdk::create_with_extents(&*desc, sub, &base, size, &extents).map_err(|e| message(&e))
+}
+
+fn create_qed(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let num = |k: &str, v: &Option<String>, default: u64| -> Result<u32, String> {
+        let n = match v {
+            Some(v) => num_opt(k, v).map_err(|e| e.msg)?,
+            None => default,
+        };
+        u32::try_from(n).map_err(|_| format!("Parameter '{k}' is too large"))
+    };
+    let cs = num("cluster_size", &g.cluster_size, 65536)?;
+    let ts = num("table_size", &g.table_size, 4)?;
+    if !cs.is_power_of_two() || !(4096..=64 << 20).contains(&cs) {
+        return Err(format!("QED cluster size must be within range [{}, {}] and power of 2", 4096, 64 << 20));
+    }
+    if !ts.is_power_of_two() || !(1..=16).contains(&ts) {
+        return Err("QED table size must be within range [1, 16] and power of 2".into());
+    }
+    let backing = g.backing_file.as_deref().map(|b| (b, g.backing_fmt.as_deref() == Some("raw")));
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::qed::create(&*f, size, cs, ts, backing).map_err(|e| message(&e))
+}
+
+fn create_vpc(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let fixed = match g.subformat.as_deref() {
+        None | Some("dynamic") => false,
+        Some("fixed") => true,
+        Some(other) => return Err(format!("Invalid subformat '{other}'")),
+    };
+    let force = match &g.force_size {
+        Some(v) => parse_bool("force_size", v).map_err(|e| e.msg)?,
+        None => false,
+    };
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vpc::create(&*f, size, fixed, force).map(|_| ()).map_err(|e| message(&e))
+}
+
+fn create_vdi(path: &str, size: u64, g: &Given) -> Result<(), String> {
+    let r#static = match &g.vdi_static {
+        Some(v) => parse_bool("static", v).map_err(|e| e.msg)?,
+        None => false,
+    };
+    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    f.set_len(0).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
+    oxcow::formats::vdi::create(&*f, size, r#static).map_err(|e| message(&e))
 }
 
 fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {

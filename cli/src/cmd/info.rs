@@ -3,6 +3,7 @@
 use crate::error::{CliError, CliResult};
 use crate::util::{human, open_image, parse_format, qemu_json};
 use oxcow::format::{Autoclear, SnapshotEntry};
+use oxcow::formats::InfoValue;
 use oxcow::qcow2::BitmapInfo;
 use oxcow::{resolve_backing, ChainFiles, Image, OpenOptions};
 use serde_json::{json, Map, Value};
@@ -123,18 +124,46 @@ fn bitmaps_json(bitmaps: &[BitmapInfo]) -> Value {
     Value::Array(list.collect())
 }
 
-fn file_child(img: &Image, path: &str) -> Value {
+fn protocol_info(path: &str, len: u64, actual: u64) -> Value {
     // qemu reports the protocol length in whole sectors.
-    let flen = img.file().len().unwrap_or(0).div_ceil(512) * 512;
+    let flen = len.div_ceil(512) * 512;
     let mut m = Map::new();
     m.insert("children".into(), json!([]));
     m.insert("virtual-size".into(), json!(flen));
     m.insert("filename".into(), json!(path));
     m.insert("format".into(), json!("file"));
-    m.insert("actual-size".into(), json!(img.actual_size()));
+    m.insert("actual-size".into(), json!(actual));
     m.insert("format-specific".into(), json!({"type": "file", "data": {}}));
     m.insert("dirty-flag".into(), json!(false));
-    json!([{"name": "file", "info": Value::Object(m)}])
+    Value::Object(m)
+}
+
+/// The extent files of a VMDK descriptor: length and allocated bytes.
+fn extent_sizes(img: &Image) -> Vec<(String, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let files = img.format_info().map(|f| f.extent_files.as_slice()).unwrap_or_default();
+    files
+        .iter()
+        .map(|p| {
+            let md = std::fs::metadata(p).ok();
+            let len = md.as_ref().map_or(0, |m| m.len());
+            let actual = md.as_ref().map_or(0, |m| m.blocks() * 512);
+            (p.display().to_string(), len, actual)
+        })
+        .collect()
+}
+
+fn file_child(img: &Image, path: &str) -> Value {
+    // qemu lists a descriptor's extent files last one first.
+    let mut children: Vec<Value> = extent_sizes(img)
+        .into_iter()
+        .enumerate()
+        .rev()
+        .map(|(i, (p, len, actual))| json!({"name": format!("extents.{i}"), "info": protocol_info(&p, len, actual)}))
+        .collect();
+    let file = protocol_info(path, img.file().len().unwrap_or(0), img.actual_size());
+    children.push(json!({"name": "file", "info": file}));
+    Value::Array(children)
 }
 
 /// One image's information with qemu-img's keys, in its order.
@@ -156,8 +185,13 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     if let Some(q) = q {
         m.insert("cluster-size".into(), json!(q.cluster_size()));
     }
+    let other = img.format_info();
+    if let Some(cs) = other.and_then(|f| f.cluster_size) {
+        m.insert("cluster-size".into(), json!(cs));
+    }
     m.insert("format".into(), json!(img.format().name()));
-    m.insert("actual-size".into(), json!(img.actual_size()));
+    let extents_actual: u64 = extent_sizes(img).iter().map(|e| e.2).sum();
+    m.insert("actual-size".into(), json!(img.actual_size() + extents_actual));
     if let Some(q) = q {
         let h = q.header();
         let ext = q.extensions();
@@ -167,8 +201,10 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         d.insert("compression-type".into(), json!(h.compression_type.name()));
         if v3 {
             d.insert("lazy-refcounts".into(), json!(h.compatible_features & 1 != 0));
-            if ext.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0) {
-                d.insert("bitmaps".into(), bitmaps_json(&q.bitmaps()?));
+            // Listed only when QEMU would load them (autoclear bit set).
+            let bitmaps = if ext.bitmaps.as_ref().is_some_and(|b| b.nb_bitmaps > 0) { q.bitmaps()? } else { vec![] };
+            if !bitmaps.is_empty() {
+                d.insert("bitmaps".into(), bitmaps_json(&bitmaps));
             }
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
@@ -182,12 +218,30 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         }
         m.insert("format-specific".into(), json!({"type": "qcow2", "data": Value::Object(d)}));
     }
+    if let Some(f) = other.filter(|f| !f.specific.is_empty()) {
+        m.insert("format-specific".into(), json!({"type": img.format().name(), "data": info_fields(&f.specific)}));
+    }
     if let Some(name) = img.backing_name() {
         m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
         m.insert("backing-filename".into(), json!(name));
     }
-    m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty())));
+    m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty()) || other.is_some_and(|f| f.dirty)));
     Ok(Value::Object(m))
+}
+
+/// The format-specific fields of the other formats, in their order.
+fn info_fields(fields: &[(&'static str, InfoValue)]) -> Value {
+    let mut m = Map::new();
+    for (k, v) in fields {
+        let v = match v {
+            InfoValue::U64(n) => json!(n),
+            InfoValue::Str(s) => json!(s),
+            InfoValue::Bool(b) => json!(b),
+            InfoValue::List(l) => Value::Array(l.iter().map(|r| info_fields(r)).collect()),
+        };
+        m.insert((*k).into(), v);
+    }
+    Value::Object(m)
 }
 
 fn as_u64(v: &Value, k: &str) -> u64 {

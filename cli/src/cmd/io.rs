@@ -6,8 +6,9 @@
 
 use crate::error::{CliError, CliResult};
 use crate::util::{io_size, parse_format, parse_num};
-use oxcow::{chain_status, BlockDevice, CacheMode, Image, OpenOptions};
+use oxcow::{BlockDevice, CacheMode, Image, OpenOptions};
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -38,48 +39,147 @@ pub struct Args {
     /// (discard requests succeed without doing anything).
     #[arg(short = 'd', long = "discard", default_value = "unmap")]
     discard: String,
+    /// AIO mode (threads, native, io_uring): accepted for qemu-io's sake;
+    /// oxcow's I/O path is the same for all three.
+    #[arg(short = 'i', long = "aio")]
+    aio: Option<String>,
+    /// Treat FILE as an option string (`driver=qcow2,file.filename=x`).
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// A command to run (repeatable); commands are read from stdin without any.
     #[arg(short = 'c', long = "cmd", allow_hyphen_values = true)]
     cmds: Vec<String>,
-    #[command(flatten)]
-    objects: crate::image_opts::ObjectArgs,
-    /// Image file.
-    file: String,
+    /// Define an object (qemu's TYPE,id=ID,...), e.g. tls-creds-x509 for
+    /// --image-opts driver=nbd,...,tls-creds=ID.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
+    /// Image file (or `open` it with a command).
+    file: Option<String>,
 }
 
-pub fn run(mut a: Args) -> CliResult<i32> {
-    a.objects.apply(&mut a.file, &mut a.format)?;
-    let format = parse_format(a.format.as_deref())?;
-    let cache = match &a.cache {
-        Some(c) => c.parse::<CacheMode>().map_err(|_| CliError::new(format!("Invalid cache option: {c}")))?,
-        None if a.nocache => CacheMode::None,
-        // qemu-io's default: each write durable before the next command.
-        None => CacheMode::Writethrough,
-    };
-    let unmap = match a.discard.as_str() {
-        "ignore" | "off" => false,
-        "unmap" | "on" => true,
-        other => return Err(CliError::new(format!("Invalid discard option: {other}"))),
-    };
-    let write = !a.read_only && a.snapshot.is_none();
-    if a.force_share && write {
+/// How an image is opened: the command line's flags, which `open`'s own
+/// flags start from.
+#[derive(Clone)]
+struct OpenCfg {
+    format: Option<oxcow::Format>,
+    read_only: bool,
+    copy_on_read: bool,
+    cache: CacheMode,
+    force_share: bool,
+    unmap: bool,
+    snapshot: Option<String>,
+    /// The `--object`s, for `--image-opts` names that refer to them.
+    objects: Arc<crate::object::Objects>,
+}
+
+/// The open image, with the device commands go to (a snapshot's, or the
+/// image's own).
+struct Opened {
+    img: Image,
+    snap: Option<Arc<dyn BlockDevice>>,
+    unmap: bool,
+    read_only: bool,
+    path: String,
+    /// What it was opened with, for `reopen`.
+    cfg: OpenCfg,
+}
+
+impl Opened {
+    fn dev(&self) -> &dyn BlockDevice {
+        match &self.snap {
+            Some(d) => &**d,
+            None => &**self.img.device(),
+        }
+    }
+}
+
+fn parse_cache(c: &str) -> CliResult<CacheMode> {
+    c.parse::<CacheMode>().map_err(|_| CliError::new(format!("Invalid cache option: {c}")))
+}
+
+fn parse_discard(d: &str) -> CliResult<bool> {
+    match d {
+        "ignore" | "off" => Ok(false),
+        "unmap" | "on" => Ok(true),
+        other => Err(CliError::new(format!("Invalid discard option: {other}"))),
+    }
+}
+
+/// Request-size limits that QEMU's blkdebug and file drivers take: they
+/// change how requests are split, never what they read or write.
+const LIMIT_KEYS: &[&str] =
+    &["align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard", "request-alignment"];
+
+/// `--image-opts` / `open -o`: the driver and file name out of qemu's
+/// option string; other keys are refused rather than silently dropped.
+/// A blkdebug layer that only sets request limits passes straight through
+/// to its image.
+fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
+    let opts = oxcow::options::split_options(spec);
+    if opts.iter().any(|(k, v)| (k == "driver" || k == "file.driver") && v == "nbd") {
+        // NBD keys (server.*, export, tls-creds) become an NBD location.
+        let (format, name) = crate::image_opts::resolve(spec, &cfg.objects)?;
+        cfg.format = parse_format(format.as_deref())?;
+        return Ok(Some(name));
+    }
+    let mut file = None;
+    for (k, v) in opts {
+        let last = k.rsplit('.').next().unwrap_or(&k);
+        match k.as_str() {
+            "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
+            "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
+            "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
+            "file.filename"
+            | "filename"
+            | "file"
+            | "image.filename"
+            | "file.image.filename"
+            | "image.file.filename" => file = Some(v),
+            "read-only" => cfg.read_only = crate::util::parse_bool(&k, &v)?,
+            "cache.direct" if crate::util::parse_bool(&k, &v)? => cfg.cache = CacheMode::None,
+            "cache.direct" | "cache.no-flush" => {}
+            "discard" => cfg.unmap = parse_discard(&v)?,
+            "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            _ if LIMIT_KEYS.contains(&last) => {}
+            _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
+        }
+    }
+    Ok(file)
+}
+
+/// `blkdebug::FILE` (no rules file) is FILE; blkdebug with rules injects
+/// errors, which oxcow cannot.
+fn strip_blkdebug(path: &str) -> CliResult<&str> {
+    match path.strip_prefix("blkdebug:") {
+        None => Ok(path),
+        Some(rest) => match rest.strip_prefix(':') {
+            Some(file) => Ok(file),
+            None => Err(CliError::new("blkdebug error injection rules are not supported by oxcow")),
+        },
+    }
+}
+
+fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
+    let path = strip_blkdebug(path)?;
+    let write = !cfg.read_only && cfg.snapshot.is_none();
+    if cfg.force_share && write {
         return Err(CliError::new(format!(
-            "can't open device {}: force-share=on can only be used with read-only images",
-            a.file
+            "can't open device {path}: force-share=on can only be used with read-only images"
         )));
     }
     let opts = OpenOptions::default()
-        .format(format)
+        .format(cfg.format)
         .write(write)
-        .cache(cache)
-        .force_share(a.force_share)
-        .copy_on_read(a.copy_on_read)
-        .allow_network_backing(a.copy_on_read);
+        .cache(cfg.cache)
+        .force_share(cfg.force_share)
+        .copy_on_read(cfg.copy_on_read)
+        .allow_network_backing(cfg.copy_on_read);
     let opts = crate::util::with_network_permission(&opts);
-    let img = oxcow::open(&a.file, &opts)
-        .map_err(|e| CliError::new(format!("can't open device {}: {}", a.file, crate::error::message(&e))))?;
-    crate::util::report_dirty_repair(&a.file, &img);
-    let snap = match &a.snapshot {
+    let img = oxcow::open(path, &opts)
+        .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
+    crate::util::report_dirty_repair(path, &img);
+    crate::util::warn_if_probed_raw(path, &img, write);
+    let snap = match &cfg.snapshot {
         Some(name) => {
             let q = img.qcow2().ok_or_else(|| CliError::new("this image format does not support snapshots"))?;
             Some(q.snapshot_device(name).map_err(|e| {
@@ -88,41 +188,291 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         }
         None => None,
     };
-    let dev: &dyn BlockDevice = match &snap {
-        Some(d) => &**d,
-        None => img.device(),
+    Ok(Opened { img, snap, unmap: cfg.unmap, read_only: !write, path: path.to_string(), cfg: cfg.clone() })
+}
+
+/// The state commands run in: the open image, if any, and the flags a
+/// later `open` starts from.
+struct Session {
+    cfg: OpenCfg,
+    open: Option<Opened>,
+}
+
+impl Session {
+    fn close(&mut self) -> bool {
+        match self.open.take() {
+            Some(o) => match o.img.close() {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("{}: closing {}: {}", crate::dropin::prog(), o.path, crate::error::message(&e));
+                    false
+                }
+            },
+            None => true,
+        }
+    }
+}
+
+pub fn run(a: Args) -> CliResult<i32> {
+    let mut cfg = OpenCfg {
+        format: parse_format(a.format.as_deref())?,
+        read_only: a.read_only,
+        copy_on_read: a.copy_on_read,
+        cache: match &a.cache {
+            Some(c) => parse_cache(c)?,
+            None if a.nocache => CacheMode::None,
+            // qemu-io's default: each write durable before the next command.
+            None => CacheMode::Writethrough,
+        },
+        force_share: a.force_share,
+        unmap: parse_discard(&a.discard)?,
+        snapshot: a.snapshot.clone(),
+        objects: Arc::new(crate::object::Objects::parse(&a.objects)?),
     };
+    if let Some(m) = &a.aio {
+        if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
+            return Err(CliError::new(format!("Invalid aio option: {m}")));
+        }
+    }
+    let mut session = Session { cfg: cfg.clone(), open: None };
+    if let Some(f) = &a.file {
+        let path = if a.image_opts {
+            image_opts(f, &mut cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))?
+        } else {
+            f.clone()
+        };
+        session.open = Some(open_image(&path, &cfg)?);
+    }
     let mut failed = false;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let run_line = |line: &str, out: &mut dyn Write| -> bool {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.is_empty() {
-            return true;
-        }
-        // A command that stopped early has already said why.
-        exec(&img, dev, unmap, &words, out).unwrap_or(false)
-    };
     if a.cmds.is_empty() {
-        for line in std::io::stdin().lock().lines() {
+        // qemu-io prompts for each command, on a terminal or not.
+        let prompt = format!("{}> ", crate::dropin::prog());
+        let mut lines = std::io::stdin().lock().lines();
+        loop {
+            let _ = write!(out, "{prompt}");
+            let _ = out.flush();
+            let Some(line) = lines.next() else { break };
             let line =
                 line.map_err(|e| CliError::new(format!("reading commands: {}", crate::error::os_message(&e))))?;
-            if matches!(line.trim(), "quit" | "q") {
-                break;
+            match run_line(&mut session, &line, &mut out) {
+                Flow::Quit => break,
+                Flow::Done(ok) => failed |= !ok,
             }
-            failed |= !run_line(&line, &mut out);
         }
     } else {
         for c in &a.cmds {
-            failed |= !run_line(c, &mut out);
+            match run_line(&mut session, c, &mut out) {
+                Flow::Quit => break,
+                Flow::Done(ok) => failed |= !ok,
+            }
         }
     }
     let _ = out.flush();
-    if let Err(e) = img.close() {
-        eprintln!("oxcow: closing {}: {}", a.file, crate::error::message(&e));
-        failed = true;
-    }
+    failed |= !session.close();
     Ok(i32::from(failed))
+}
+
+enum Flow {
+    Done(bool),
+    Quit,
+}
+
+fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let Some(&typed) = words.first() else { return Flow::Done(true) };
+    let cmd = canonical(typed);
+    match cmd {
+        "quit" => return Flow::Quit,
+        "open" => {
+            if !arg_count("open", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
+            return Flow::Done(cmd_open(s, &words[1..], out));
+        }
+        "close" => {
+            if !arg_count("close", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
+            if s.open.is_none() {
+                return Flow::Done(true);
+            }
+            return Flow::Done(s.close());
+        }
+        "help" => {
+            help(out, words.get(1).copied());
+            return Flow::Done(true);
+        }
+        "sleep" => {
+            let ms = words.get(1).and_then(|w| parse_num(w));
+            return match ms {
+                Some(ms) => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    Flow::Done(true)
+                }
+                None => {
+                    eprintln!("sleep: invalid argument");
+                    Flow::Done(false)
+                }
+            };
+        }
+        "abort" => std::process::abort(),
+        "sigraise" => {
+            if !arg_count("sigraise", typed, words.len() - 1) {
+                return Flow::Done(false);
+            }
+            let Ok(n) = num(out, words[1]) else { return Flow::Done(false) };
+            let Some(sig) = i32::try_from(n).ok().filter(|&s| s <= libc::SIGRTMAX()) else {
+                let _ = writeln!(out, "signal argument '{}' is too large to be a valid signal", words[1]);
+                return Flow::Done(false);
+            };
+            // What was printed so far must be out before the signal ends us.
+            let _ = out.flush();
+            return Flow::Done(signal_hook::low_level::raise(sig).is_ok());
+        }
+        _ => {}
+    }
+    if matches!(cmd, "reopen") {
+        return Flow::Done(cmd_reopen(s, &words[1..], out));
+    }
+    let Some(o) = s.open.as_ref() else {
+        if !known(cmd) {
+            eprintln!("command \"{cmd}\" not found");
+        } else {
+            eprintln!("no file open, try 'help open'");
+        }
+        return Flow::Done(false);
+    };
+    // Commands that need write permission are refused up front on a
+    // read-only node, in the block layer's words.
+    if matches!(cmd, "write" | "writev" | "aio_write" | "discard" | "truncate") && o.read_only {
+        eprintln!("{}: Block node is read-only", crate::dropin::prog());
+        return Flow::Done(false);
+    }
+    // A command that stopped early has already said why.
+    Flow::Done(exec(&o.img, o.dev(), o.unmap, &words, out).unwrap_or(false))
+}
+
+/// `reopen [(-r|-w)] [-c cache] [-o options]`: the same file again with
+/// changed flags; oxcow closes and opens it, which a qemu-io user cannot
+/// tell apart.
+fn cmd_reopen(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
+    let prog = crate::dropin::prog();
+    let Some(cur) = s.open.as_ref() else {
+        eprintln!("no file open, try 'help open'");
+        return false;
+    };
+    let o = match getopt(args, "c:o:rw") {
+        Ok(o) => o,
+        Err(c) => {
+            eprintln!("reopen: invalid option -- '{c}'");
+            usage(out, "reopen");
+            return false;
+        }
+    };
+    if !o.rest.is_empty() {
+        usage(out, "reopen");
+        return false;
+    }
+    let mut cfg = cur.cfg.clone();
+    let path = cur.path.clone();
+    if o.has('r') && o.has('w') {
+        eprintln!("{prog}: Only one -r/-w option may be given");
+        return false;
+    }
+    let r: CliResult<()> = (|| {
+        if let Some(c) = o.value('c') {
+            cfg.cache = parse_cache(c)?;
+        }
+        if let Some(spec) = o.value('o') {
+            for (k, v) in oxcow::options::split_options(spec) {
+                match k.as_str() {
+                    "read-only" => cfg.read_only = crate::util::parse_bool(&k, &v)?,
+                    "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+                    other => return Err(CliError::new(format!("Cannot change the option '{other}'"))),
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        eprintln!("{prog}: {}", e.msg);
+        return false;
+    }
+    if o.has('r') {
+        cfg.read_only = true;
+    }
+    if o.has('w') {
+        cfg.read_only = false;
+    }
+    if !s.close() {
+        return false;
+    }
+    match open_image(&path, &cfg) {
+        Ok(op) => {
+            s.open = Some(op);
+            true
+        }
+        Err(e) => {
+            eprintln!("{prog}: {}", e.msg);
+            false
+        }
+    }
+}
+
+/// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
+fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
+    let prog = crate::dropin::prog();
+    if s.open.is_some() {
+        eprintln!("{prog}: file open already, try 'help close'");
+        return false;
+    }
+    let o = match getopt(args, "rsCnkUt:d:o:") {
+        Ok(o) => o,
+        Err(c) => {
+            eprintln!("open: invalid option -- '{c}'");
+            usage(out, "open");
+            return false;
+        }
+    };
+    if o.rest.len() > 1 {
+        usage(out, "open");
+        return false;
+    }
+    let mut cfg = s.cfg.clone();
+    let r: CliResult<Opened> = (|| {
+        for (c, v) in &o.flags {
+            match (c, v) {
+                ('r', _) => cfg.read_only = true,
+                ('C', _) => cfg.copy_on_read = true,
+                ('n', _) => cfg.cache = CacheMode::None,
+                ('U', _) => cfg.force_share = true,
+                ('t', Some(v)) => cfg.cache = parse_cache(v)?,
+                ('d', Some(v)) => cfg.unmap = parse_discard(v)?,
+                ('s', _) => return Err(CliError::new("open -s (temporary snapshot) is not supported by oxcow")),
+                _ => {}
+            }
+        }
+        let mut path = o.rest.first().map(|p| p.to_string());
+        if let Some(spec) = o.value('o') {
+            if let Some(f) = image_opts(spec, &mut cfg)? {
+                path = Some(f);
+            }
+        }
+        let path = path.ok_or_else(|| CliError::new("A block device must be specified by filename"))?;
+        open_image(&path, &cfg)
+    })();
+    match r {
+        Ok(op) => {
+            s.open = Some(op);
+            true
+        }
+        Err(e) => {
+            eprintln!("{prog}: {}", e.msg);
+            false
+        }
+    }
 }
 
 /// A command failed after reporting why.
@@ -185,30 +535,111 @@ impl Opts<'_> {
     }
 }
 
-const USAGE: &[(&str, &str, usize)] = &[
+/// Each command: name, usage line, fewest and most arguments (None: no limit).
+const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
+    ("abort", "abort -- simulate a program crash using abort(3)", 0, Some(0)),
+    ("aio_flush", "aio_flush -- completes all outstanding aio requests", 0, Some(0)),
+    ("aio_read", "aio_read [-Ciqrv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes", 2, None),
+    (
+        "aio_write",
+        "aio_write [-Cfiqruz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+        2,
+        None,
+    ),
+    ("alloc", "alloc offset [count] -- checks if offset is allocated in the file", 1, Some(2)),
+    ("close", "close -- close the current open file", 0, Some(0)),
+    ("discard", "discard [-Cq] off len -- discards a number of bytes at a specified offset", 2, None),
+    ("flush", "flush -- flush all in-core file state to disk", 0, Some(0)),
+    ("help", "help [command] -- help for one or all commands", 0, Some(1)),
+    ("info", "info -- prints information about the current file", 0, Some(0)),
+    ("length", "length -- gets the length of the current file", 0, Some(0)),
+    ("map", "map  -- prints the allocated areas of a file", 0, Some(0)),
+    ("open", "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path", 1, None),
+    ("quit", "quit -- exit the program", 0, Some(0)),
+    ("reopen", "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options", 0, None),
     (
         "read",
         "read [-abCqrv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
         2,
+        None,
     ),
+    ("readv", "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset", 2, None),
+    ("sigraise", "sigraise signal -- raises a signal", 1, Some(1)),
+    ("sleep", "sleep -- waits for the given value in milliseconds", 1, Some(1)),
+    ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1, Some(3)),
     (
         "write",
-        "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
+        "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
         2,
+        None,
     ),
-    ("discard", "discard [-Cq] off len -- discards a number of bytes at a specified offset", 2),
-    ("flush", "flush -- flush all in-core file state to disk", 0),
-    ("aio_flush", "aio_flush -- completes all outstanding aio requests", 0),
-    ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1),
-    ("length", "length -- gets the length of the current file", 0),
-    ("map", "map -- prints the allocation state of the whole file", 0),
-    ("info", "info -- prints information about the current file", 0),
+    (
+        "writev",
+        "writev [-Cfqr] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
+        2,
+        None,
+    ),
 ];
+
+fn known(cmd: &str) -> bool {
+    USAGE.iter().any(|u| u.0 == cmd)
+}
 
 fn usage(out: &mut dyn Write, cmd: &str) {
     if let Some(u) = USAGE.iter().find(|u| u.0 == cmd) {
         let _ = writeln!(out, "{}", u.1);
     }
+}
+
+fn help(out: &mut dyn Write, cmd: Option<&str>) {
+    match cmd {
+        Some(c) if known(c) => usage(out, c),
+        Some(c) => {
+            eprintln!("command {c} not found");
+        }
+        None => {
+            for u in USAGE {
+                let _ = writeln!(out, "{}", u.1);
+            }
+            let _ = writeln!(out, "\nUse 'help commandname' for extended help.");
+        }
+    }
+}
+
+/// Checks the argument count as qemu-io does, in its words.
+/// qemu-io's one-letter names for its commands.
+const ALIASES: &[(&str, &str)] = &[
+    ("r", "read"),
+    ("w", "write"),
+    ("a", "alloc"),
+    ("l", "length"),
+    ("i", "info"),
+    ("t", "truncate"),
+    ("d", "discard"),
+    ("o", "open"),
+    ("c", "close"),
+    ("q", "quit"),
+    ("?", "help"),
+    ("f", "flush"),
+];
+
+fn canonical(word: &str) -> &str {
+    ALIASES.iter().find(|a| a.0 == word).map_or(word, |a| a.1)
+}
+
+/// `typed` is the name as given (messages quote it, alias or not).
+fn arg_count(cmd: &str, typed: &str, n: usize) -> bool {
+    let Some(&(_, _, min, max)) = USAGE.iter().find(|u| u.0 == cmd) else { return true };
+    if n >= min && max.is_none_or(|m| n <= m) {
+        return true;
+    }
+    let expected = match max {
+        None => format!("at least {min}"),
+        Some(m) if m == min => format!("{min}"),
+        Some(m) => format!("between {min} and {m}"),
+    };
+    eprintln!("bad argument count {n} to {typed}, expected {expected} arguments");
+    false
 }
 
 fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
@@ -262,21 +693,37 @@ fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Dur
     );
 }
 
+/// A request past the end of the device fails as the block layer fails
+/// it, with EIO, before it reaches the image.
+fn in_range(dev: &dyn BlockDevice, what: &str, off: u64, len: u64) -> Result<(), Stop> {
+    if off.checked_add(len).is_some_and(|end| end <= dev.len()) {
+        return Ok(());
+    }
+    println!("{what} failed: {}", crate::error::os_message(&std::io::Error::from_raw_os_error(libc::EIO)));
+    Err(Stop)
+}
+
+/// qemu-io reports a failed request on stdout, where its result would go.
 fn fail(what: &str, e: oxcow::Error) -> Stop {
-    eprintln!("{what} failed: {}", crate::error::request_message(&e));
+    println!("{what} failed: {}", crate::error::request_message(&e));
     Stop
 }
 
 /// Runs one command; Ok(false) means it ran but reported a failure.
 fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &mut dyn Write) -> Result<bool, Stop> {
-    let cmd = words[0];
+    let typed = words[0];
+    let cmd = canonical(typed);
     let args = &words[1..];
     let spec = match cmd {
-        "read" => "P:vqCabrs:l:",
-        "write" => "P:zuqCbcfn",
+        "read" => "P:vqCabprs:l:",
+        "write" => "P:zuqCbcfnprs:",
+        "readv" => "P:vqCr",
+        "writev" => "P:qCfr",
+        "aio_read" => "P:vqCir",
+        "aio_write" => "P:zuqCfir",
         "discard" => "qC",
         "truncate" => "m:",
-        "flush" | "aio_flush" | "length" | "map" | "info" => "",
+        "flush" | "aio_flush" | "length" | "map" | "info" | "alloc" => "",
         _ => {
             eprintln!("command \"{cmd}\" not found");
             return Err(Stop);
@@ -290,16 +737,108 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             return Err(Stop);
         }
     };
-    let nargs = USAGE.iter().find(|u| u.0 == cmd).map_or(0, |u| u.2);
-    if o.rest.len() != nargs {
+    if !arg_count(cmd, typed, o.rest.len()) {
+        return Err(Stop);
+    }
+    // These take any count past their least and check it themselves.
+    let exact = match cmd {
+        "read" | "write" | "discard" => Some(2),
+        "truncate" => Some(1),
+        _ => None,
+    };
+    if exact.is_some_and(|n| o.rest.len() != n) {
         usage(out, cmd);
         return Err(Stop);
     }
     match cmd {
+        "readv" | "aio_read" => {
+            let off = num(out, o.rest[0])?;
+            let mut len = 0u64;
+            for w in &o.rest[1..] {
+                len += length(out, w, "")?;
+            }
+            if len > MAX_REQUEST {
+                let _ = writeln!(out, "length cannot exceed {MAX_REQUEST}, given {len}");
+                return Err(Stop);
+            }
+            let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
+            in_range(dev, cmd, off, len)?;
+            let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
+            let t = Instant::now();
+            dev.read_at(&mut buf, off).map_err(|e| fail(cmd, e))?;
+            let el = t.elapsed();
+            let mut ok = true;
+            if let Some(p) = pat {
+                if buf.iter().any(|&b| b != p) {
+                    let _ = writeln!(out, "Pattern verification failed at offset {off}, {len} bytes");
+                    ok = false;
+                }
+            }
+            if !o.has('q') {
+                if o.has('v') {
+                    dump(out, &buf, off);
+                }
+                report(out, "read", len, off, el);
+            }
+            Ok(ok)
+        }
+        "writev" | "aio_write" => {
+            let off = num(out, o.rest[0])?;
+            let mut len = 0u64;
+            for w in &o.rest[1..] {
+                len += length(out, w, "")?;
+            }
+            in_range(dev, cmd, off, len)?;
+            let t = Instant::now();
+            if o.has('z') {
+                if o.has('P') {
+                    let _ = writeln!(out, "-z and -P cannot be specified at the same time");
+                    return Err(Stop);
+                }
+                dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail(cmd, e))?;
+            } else {
+                let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
+                let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
+                dev.write_at(&buf, off).map_err(|e| fail(cmd, e))?;
+            }
+            if o.has('f') {
+                dev.flush().map_err(|e| fail(cmd, e))?;
+            }
+            if !o.has('q') {
+                report(out, "wrote", len, off, t.elapsed());
+            }
+            Ok(true)
+        }
+        "alloc" => {
+            let off = num(out, o.rest[0])?;
+            let count = match o.rest.get(1) {
+                Some(c) => num(out, c)?,
+                None => 512,
+            };
+            let end = off.saturating_add(count).min(dev.len());
+            let mut pos = off;
+            let mut allocated = 0u64;
+            while pos < end {
+                let st = dev.block_status(pos, end - pos).map_err(|e| fail("alloc", e))?;
+                let n = st.length.max(1).min(end - pos);
+                if st.allocated {
+                    allocated += n;
+                }
+                pos += n;
+            }
+            let _ = writeln!(
+                out,
+                "{allocated}/{} bytes allocated at offset {}",
+                end.saturating_sub(off),
+                io_size(off as f64)
+            );
+            Ok(true)
+        }
         "read" => {
             let off = num(out, o.rest[0])?;
             let len = length(out, o.rest[1], "")?;
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
+            in_range(dev, "read", off, len)?;
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
             dev.read_at(&mut buf, off).map_err(|e| fail("read", e))?;
@@ -350,12 +889,18 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                 let _ = writeln!(out, "-z and -P cannot be specified at the same time");
                 return Err(Stop);
             }
+            in_range(dev, "write", off, len)?;
             let t = Instant::now();
             if zero {
                 dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail("write", e))?;
             } else {
-                let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
-                let buf = vec![p; usize::try_from(len).map_err(|_| Stop)?];
+                let buf = match o.value('s') {
+                    Some(f) => source_file(f, len)?,
+                    None => {
+                        let p = o.value('P').map(|p| pattern(out, p)).transpose()?.unwrap_or(0xcd);
+                        vec![p; usize::try_from(len).map_err(|_| Stop)?]
+                    }
+                };
                 if o.has('c') {
                     write_compressed(img, &buf, off).map_err(|e| fail("write", e))?;
                 } else {
@@ -374,6 +919,7 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
         "discard" => {
             let off = num(out, o.rest[0])?;
             let len = num(out, o.rest[1])?;
+            in_range(dev, "discard", off, len)?;
             let t = Instant::now();
             if unmap {
                 dev.discard(off, len).map_err(|e| fail("discard", e))?;
@@ -412,6 +958,20 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
     }
 }
 
+/// `write -s FILE`: the request's bytes from the start of a file.
+fn source_file(path: &str, len: u64) -> Result<Vec<u8>, Stop> {
+    let data = std::fs::read(path).map_err(|e| {
+        eprintln!("{}: Failed to open file '{path}': {}", crate::dropin::prog(), crate::error::os_message(&e));
+        Stop
+    })?;
+    let n = usize::try_from(len).map_err(|_| Stop)?;
+    if data.len() < n {
+        eprintln!("{}: Failed to read file '{path}': file is shorter than the request", crate::dropin::prog());
+        return Err(Stop);
+    }
+    Ok(data[..n].to_vec())
+}
+
 /// `write -c`: whole clusters, each compressed on its own.
 fn write_compressed(img: &Image, buf: &[u8], off: u64) -> oxcow::Result<()> {
     let q = img.qcow2().ok_or_else(|| oxcow::Error::unsupported("compressed writes on raw images"))?;
@@ -440,7 +1000,8 @@ fn dump(out: &mut dyn Write, buf: &[u8], base: u64) {
     }
 }
 
-/// qemu-io's map: runs of allocated-anywhere-in-the-chain versus not.
+/// qemu-io's map: runs this layer decides versus runs falling through
+/// to the backing chain (qemu-io asks the top layer only).
 fn io_map(dev: &dyn BlockDevice, out: &mut dyn Write) -> oxcow::Result<()> {
     let len = dev.len();
     let mut pos = 0;
@@ -455,7 +1016,7 @@ fn io_map(dev: &dyn BlockDevice, out: &mut dyn Write) -> oxcow::Result<()> {
         );
     };
     while pos < len {
-        let st = chain_status(dev, pos, len - pos)?;
+        let st = dev.block_status(pos, len - pos)?;
         let n = st.length.max(1).min(len - pos);
         match &mut run {
             Some(r) if r.2 == st.allocated => r.1 += n,

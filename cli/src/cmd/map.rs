@@ -75,9 +75,12 @@ pub fn layers(img: &Image) -> Vec<Layer<'_>> {
     let mut cur = Some(img);
     while let Some(i) = cur {
         let ext_data = i.qcow2().and_then(|q| q.extensions().data_file);
-        let name = match &ext_data {
-            Some(df) => resolve_backing(i.path(), df).display().to_string(),
-            None => i.path().display().to_string(),
+        let extents = i.format_info().map(|f| f.extent_files.as_slice()).unwrap_or_default();
+        let name = match (&ext_data, extents) {
+            (Some(df), _) => resolve_backing(i.path(), df).display().to_string(),
+            // A VMDK descriptor's data is in its extent file.
+            (None, [only]) => only.display().to_string(),
+            (None, _) => i.path().display().to_string(),
         };
         // QEMU only asks the file about holes under qcow2 data when it
         // believes the image was preallocated; raw layers report holes

@@ -42,7 +42,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let mut opts = MeasureOptions::default().format(fmt);
     for (k, v) in parse_options(&a.options)? {
         if let Err(e) = opts.set(&k, &v) {
-            eprintln!("oxcow: {}", crate::error::message(&e));
+            eprintln!("{}: {}", crate::dropin::prog(), crate::error::message(&e));
             return Err(CliError::new(format!("Invalid options for file format '{}'", fmt.name())));
         }
     }

@@ -10,7 +10,7 @@ use crate::util::{open_image, parse_format};
 use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
 use oxcow::nbd::tls::TlsServer;
 use oxcow::{CacheMode, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -53,6 +53,10 @@ pub struct Args {
     /// Offer the qemu:allocation-depth metadata context.
     #[arg(short = 'A', long = "allocation-depth")]
     allocation_depth: bool,
+    /// Offer the persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME metadata context (repeatable).
+    #[arg(short = 'B', long = "bitmap")]
+    bitmap: Vec<String>,
     /// What discard requests do (ignore or unmap).
     #[arg(long = "discard", default_value = "ignore")]
     discard: String,
@@ -184,7 +188,14 @@ pub fn run(a: Args) -> CliResult<i32> {
         .discard(discard)
         .detect_zeroes(detect_zeroes)
         .multi_conn_ok(a.shared > 1)
-        .allocation_depth(a.allocation_depth);
+        .allocation_depth(a.allocation_depth)
+        .dirty_bitmaps(a.bitmap.clone());
+    if a.bitmap.len() > 64 {
+        return Err(CliError::new("at most 64 bitmaps can be exported"));
+    }
+    for b in &a.bitmap {
+        check_bitmap(&img, b)?;
+    }
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -206,8 +217,13 @@ pub fn run(a: Args) -> CliResult<i32> {
             let l = std::os::unix::net::UnixListener::bind(path)
                 .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {}", os_message(&e))))?;
             report_ready();
+            let ours = socket_identity(path);
             let r = server.serve(l, shutdown, &serve_opts);
-            let _ = std::fs::remove_file(path);
+            // A successor may already listen at the same path (a script
+            // that stops one server and starts the next); its socket stays.
+            if ours.is_some() && socket_identity(path) == ours {
+                let _ = std::fs::remove_file(path);
+            }
             r
         }
         None => {
@@ -230,6 +246,12 @@ pub fn run(a: Args) -> CliResult<i32> {
     Ok(0)
 }
 
+/// The socket file's device and inode, to tell ours from a successor's.
+fn socket_identity(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// In a forked child: tell the parent the server listens.
 fn report_ready() {
     if std::env::var_os(READY_ENV).is_some() {
@@ -242,22 +264,61 @@ fn report_ready() {
 /// Runs the same command line without `--fork` as a child, waits until it
 /// listens (or fails), and returns.
 fn fork_and_wait() -> CliResult<i32> {
-    let exe =
-        std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?;
+    // Answering as qemu-nbd, the child must be started by that name too
+    // (the executable itself is oxcow and would read the line as its own).
+    let exe = match std::env::args_os().next() {
+        Some(name) if crate::dropin::active() => std::path::PathBuf::from(name),
+        _ => {
+            std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?
+        }
+    };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
+    // The server must not hold our stderr once we return (a caller reading
+    // it to its end would wait for the server's exit), yet its start-up
+    // errors are ours to print: it writes into an unlinked file that we
+    // read back, and what it says later goes nowhere, as qemu-nbd's does.
+    let log_path = std::env::temp_dir().join(format!("oxcow-serve-{}.log", std::process::id()));
+    let log = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&log_path)
+        .map_err(|e| CliError::new(format!("starting server: {}: {}", log_path.display(), os_message(&e))))?;
+    let _ = std::fs::remove_file(&log_path);
+    let child_err = log.try_clone().map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
     let mut child = std::process::Command::new(exe)
         .args(&args)
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        .stderr(child_err)
         .spawn()
         .map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
     let stdout = child.stdout.take().ok_or_else(|| CliError::new("starting server: no pipe"))?;
     let mut line = String::new();
     let _ = BufReader::new(stdout).read_line(&mut line);
-    if line.trim() == "ready" {
-        return Ok(0);
+    let ready = line.trim() == "ready";
+    let code = if ready {
+        0
+    } else {
+        let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
+        status.code().unwrap_or(1).max(1)
+    };
+    let mut said = Vec::new();
+    let _ = (&log).seek(std::io::SeekFrom::Start(0)).and_then(|_| (&log).read_to_end(&mut said));
+    let _ = std::io::stderr().write_all(&said);
+    Ok(code)
+}
+
+/// qemu-nbd's refusals of `-B NAME`: no such bitmap, or one left in use.
+fn check_bitmap(img: &oxcow::Image, name: &str) -> CliResult<()> {
+    let found = match img.qcow2() {
+        Some(q) => q.bitmaps()?.into_iter().find(|b| b.name == name),
+        None => None,
+    };
+    match found {
+        None => Err(CliError::new(format!("Bitmap '{name}' is not found"))),
+        Some(b) if b.in_use => Err(CliError::new(format!("Bitmap '{name}' is inconsistent and cannot be used"))),
+        Some(_) => Ok(()),
     }
-    let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
-    Ok(status.code().unwrap_or(1).max(1))
 }

@@ -5,12 +5,15 @@
 
 mod support;
 
+mod bitmap_cli;
 mod cache_mode_cli;
 mod check_cli;
 mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
+mod dropin;
 mod lifecycle_cli;
+mod other_formats;
 mod read_compat;
 mod remote_cli;
 mod serve_cli;

@@ -13,13 +13,31 @@
 //!  24  n  extra data, then name, then zero padding to a multiple of 8
 //! ```
 
-use super::be::{pad8, u16_at, u32_at, u64_at};
+use super::be::{pad8, put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::{Error, Result};
 
 /// Flag: the bitmap was not saved cleanly.
 pub const FLAG_IN_USE: u32 = 1 << 0;
 /// Flag: the bitmap tracks every write.
 pub const FLAG_AUTO: u32 = 1 << 1;
+/// Flag: extra data unknown to the reader does not forbid using the bitmap.
+pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+/// Flags the spec defines (the others are reserved, must be zero).
+pub const FLAGS_KNOWN: u32 = 0x7;
+/// The only bitmap type defined: dirty tracking.
+pub const TYPE_DIRTY_TRACKING: u8 = 1;
+/// A table entry with no offset and this bit reads as all ones.
+pub const TABLE_ALL_ONES: u64 = 1;
+/// Reserved bits of a table entry (1-8, 56-63).
+pub const TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Smallest granularity QEMU accepts (bits).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// Largest granularity QEMU accepts (bits).
+pub const MAX_GRANULARITY_BITS: u8 = 31;
+/// Most entries QEMU accepts in one bitmap table.
+pub const MAX_TABLE_ENTRIES: u32 = 0x0800_0000;
+/// Largest bitmap QEMU accepts, in bytes of bitmap data.
+pub const MAX_BITMAP_BYTES: u64 = 0x2000_0000;
 /// Mask of a bitmap table entry's offset bits.
 pub const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Fixed part of a directory entry.
@@ -40,6 +58,8 @@ pub struct BitmapDirEntry {
     pub granularity_bits: u8,
     /// The bitmap's name.
     pub name: String,
+    /// Extra data, kept verbatim.
+    pub extra: Vec<u8>,
 }
 
 impl BitmapDirEntry {
@@ -47,6 +67,33 @@ impl BitmapDirEntry {
     pub fn granularity(&self) -> u64 {
         1u64 << self.granularity_bits.min(63)
     }
+
+    /// Bytes this entry takes in the directory (padding included).
+    pub fn disk_len(&self) -> usize {
+        pad8(DIR_ENTRY_FIXED + self.extra.len() + self.name.len())
+    }
+}
+
+/// Encodes a directory (the inverse of `parse_directory`). Names longer
+/// than the spec allows are the caller's error, refused before this.
+pub fn encode_directory(entries: &[BitmapDirEntry]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        let at = out.len();
+        out.resize(at + e.disk_len(), 0);
+        let b = &mut out[at..];
+        put_u64(b, 0, e.table_offset);
+        put_u32(b, 8, e.table_size);
+        put_u32(b, 12, e.flags);
+        b[16] = e.kind;
+        b[17] = e.granularity_bits;
+        put_u16(b, 18, e.name.len() as u16);
+        put_u32(b, 20, e.extra.len() as u32);
+        b[DIR_ENTRY_FIXED..DIR_ENTRY_FIXED + e.extra.len()].copy_from_slice(&e.extra);
+        let n = DIR_ENTRY_FIXED + e.extra.len();
+        b[n..n + e.name.len()].copy_from_slice(e.name.as_bytes());
+    }
+    out
 }
 
 /// Parses `count` directory entries from `buf`.
@@ -71,6 +118,7 @@ pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapDirEntry>> {
             return Err(Error::corrupt("bitmap directory truncated"));
         }
         let name = String::from_utf8_lossy(&e[DIR_ENTRY_FIXED + extra..total]).into_owned();
+        let extra_data = e[DIR_ENTRY_FIXED..DIR_ENTRY_FIXED + extra].to_vec();
         out.push(BitmapDirEntry {
             table_offset: u64_at(e, 0),
             table_size: u32_at(e, 8),
@@ -78,8 +126,41 @@ pub fn parse_directory(buf: &[u8], count: u32) -> Result<Vec<BitmapDirEntry>> {
             kind: e[16],
             granularity_bits: e[17],
             name,
+            extra: extra_data,
         });
         pos += pad8(total);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_round_trips_with_extra_data_and_padding() {
+        let entries = vec![
+            BitmapDirEntry {
+                table_offset: 0x30000,
+                table_size: 1,
+                flags: FLAG_AUTO,
+                kind: TYPE_DIRTY_TRACKING,
+                granularity_bits: 16,
+                name: "b0".into(),
+                extra: Vec::new(),
+            },
+            BitmapDirEntry {
+                table_offset: 0x40000,
+                table_size: 3,
+                flags: FLAG_IN_USE | FLAG_EXTRA_DATA_COMPATIBLE,
+                kind: TYPE_DIRTY_TRACKING,
+                granularity_bits: 9,
+                name: "a longer name".into(),
+                extra: vec![1, 2, 3],
+            },
+        ];
+        let bytes = encode_directory(&entries);
+        assert_eq!(bytes.len(), 32 + 40);
+        assert_eq!(parse_directory(&bytes, 2).unwrap(), entries);
+    }
 }

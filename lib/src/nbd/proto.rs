@@ -183,6 +183,11 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
 /// QEMU's backing-chain depth context.
 pub const CONTEXT_QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+/// Prefix of QEMU's dirty bitmap contexts (`qemu:dirty-bitmap:NAME`).
+pub const CONTEXT_QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+/// `qemu:dirty-bitmap:` flag: the extent was written while the bitmap
+/// was enabled.
+pub const STATE_DIRTY: u32 = 1;
 /// `base:allocation`: the extent is not allocated.
 pub const STATE_HOLE: u32 = 1 << 0;
 /// `base:allocation`: the extent reads as zeros.

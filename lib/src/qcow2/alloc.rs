@@ -4,15 +4,17 @@
 //! - a cluster's refcount is raised (in the cache) before any L2/L1 entry
 //!   points at it, and `flush.rs` writes refcount blocks before L2 tables;
 //! - a refcount is lowered only after the entry that pointed at the cluster
-//!   is gone from disk: decrements wait in `Meta::pending_free` until the
+//!   is gone from disk: decrements wait in the allocator's pending list until the
 //!   next metadata write-out, so a freed cluster cannot be reused while an
 //!   on-disk table still points at it.
 
-use super::state::{Meta, MetaKind, PendingFree};
+use super::allocator::PendingFree;
+use super::state::{Meta, MetaKind};
+use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::be::encode_u64_table;
+use crate::format::compressed::CompressedDescriptor;
 use crate::format::limits::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
-use crate::format::refcount::REFTABLE_OFFSET_MASK;
 use crate::{Error, Result};
 
 /// Whether a failed reservation means there is not room for that much
@@ -23,109 +25,123 @@ fn is_no_space(e: &std::io::Error) -> bool {
 
 impl Qcow2 {
     /// Makes sure the refcount block at `off` is cached.
-    fn load_refblock(&self, m: &mut Meta, off: u64) -> Result<()> {
-        if m.rb.contains(off) {
+    fn load_refblock(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
+        if m.refs.blocks().contains(off) {
             return Ok(());
         }
-        if !off.is_multiple_of(self.g.cluster_size) {
-            return Err(Error::corrupt_at("refcount block offset is not cluster aligned", off));
+        if !off.is_aligned(&self.g) {
+            return Err(Error::corrupt_at("refcount block offset is not cluster aligned", off.0));
         }
-        if m.rb.is_full() {
-            if let Some((victim, dirty)) = m.rb.lru() {
+        if m.refs.blocks().is_full() {
+            if let Some((victim, dirty)) = m.refs.blocks_mut().victim() {
                 if dirty {
                     // Writing a refcount block early is always safe: it
                     // only ever holds increments and already-safe frees.
-                    let data = m.rb.peek(victim).map(|d| d.to_vec()).unwrap_or_default();
+                    let data = m.refs.blocks().peek(victim).map(|d| d.to_vec()).unwrap_or_default();
                     self.write_meta(m, victim, &data, MetaKind::RefcountBlock)?;
                     // Not durable yet: the next stage of a write-back
                     // that relies on it syncs first.
-                    m.refblocks_unsynced = true;
+                    m.refs.block_written_early();
                 }
-                m.rb.remove(victim);
+                m.refs.blocks_mut().remove(victim);
             }
         }
         let mut b = vec![0u8; self.g.cluster_size as usize];
-        self.file.read_at(&mut b, off).map_err(|e| Error::io("reading refcount block", e))?;
-        m.rb.insert(off, b, false);
+        self.file.read_at(&mut b, off.0).map_err(|e| Error::io("reading refcount block", e))?;
+        m.refs.blocks_mut().insert(off, b, false);
         Ok(())
     }
 
-    /// Refcount of host cluster `idx`.
-    pub(crate) fn refcount(&self, m: &mut Meta, idx: u64) -> Result<u64> {
+    /// Refcount of host cluster `c`.
+    pub(crate) fn refcount(&self, m: &mut Meta, c: HostCluster) -> Result<u64> {
         let bits = self.g.rc.block_entries_bits();
-        let t = (idx >> bits) as usize;
-        let Some(&e) = m.reftable.get(t) else { return Ok(0) };
-        let off = e & REFTABLE_OFFSET_MASK;
-        if off == 0 {
+        let t = (c.0 >> bits) as usize;
+        let Some(off) = m.refs.block_offset(t) else { return Ok(0) };
+        if off.0 == 0 {
             return Ok(0);
         }
         self.load_refblock(m, off)?;
-        let b = m.rb.get(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
-        Ok(self.g.rc.get(b, (idx & ((1 << bits) - 1)) as usize))
+        let b = m.refs.blocks().get(off).ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        Ok(self.g.rc.get(b, (c.0 & ((1 << bits) - 1)) as usize))
     }
 
-    /// Sets the refcount of host cluster `idx`, allocating refcount blocks
-    /// and growing the refcount table as needed.
-    pub(crate) fn set_refcount(&self, m: &mut Meta, idx: u64, value: u64) -> Result<()> {
+    /// Refcount of host cluster `c` if its refcount block is cached (or it
+    /// has none): a lookup under the shared metadata lock.
+    pub(crate) fn cached_refcount(&self, m: &Meta, c: HostCluster) -> Option<u64> {
         let bits = self.g.rc.block_entries_bits();
-        let t = (idx >> bits) as usize;
-        if t >= m.reftable.len() {
+        let t = (c.0 >> bits) as usize;
+        let Some(off) = m.refs.block_offset(t) else { return Some(0) };
+        if off.0 == 0 {
+            return Some(0);
+        }
+        let b = m.refs.blocks().get(off)?;
+        Some(self.g.rc.get(b, (c.0 & ((1 << bits) - 1)) as usize))
+    }
+
+    /// Sets the refcount of host cluster `c`, allocating refcount blocks
+    /// and growing the refcount table as needed.
+    pub(crate) fn set_refcount(&self, m: &mut Meta, c: HostCluster, value: u64) -> Result<()> {
+        let bits = self.g.rc.block_entries_bits();
+        let t = (c.0 >> bits) as usize;
+        if t >= m.refs.table_len() {
             self.grow_reftable(m, t)?;
         }
-        if m.reftable[t] & REFTABLE_OFFSET_MASK == 0 {
+        if m.refs.block_offset(t).unwrap_or_default().0 == 0 {
             self.new_refblock(m, t)?;
         }
-        let off = m.reftable[t] & REFTABLE_OFFSET_MASK;
+        let off = m.refs.block_offset(t).unwrap_or_default();
         // A refcount block that is also other metadata, or past the end of
         // the file (a damaged refcount table), is refused before any
         // allocation trusts it.
         self.check_refblock(m, off)?;
         self.load_refblock(m, off)?;
-        let i = (idx & ((1 << bits) - 1)) as usize;
+        let i = (c.0 & ((1 << bits) - 1)) as usize;
         let byte = i * self.g.rc.bits() as usize / 8;
-        let b =
-            m.rb.get_mut_range(off, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
-                .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        let b = m
+            .refs
+            .blocks_mut()
+            .get_mut_range(off, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
+            .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
         self.g.rc.set(b, i, value);
-        if value == 0 && idx < m.free_hint {
-            m.free_hint = idx;
+        if value == 0 {
+            m.alloc.note_free(c);
         }
         Ok(())
     }
 
     /// Changes a refcount by `delta`, refusing overflow and underflow.
-    pub(crate) fn adjust_refcount(&self, m: &mut Meta, idx: u64, delta: i64) -> Result<u64> {
-        let cur = self.refcount(m, idx)?;
+    pub(crate) fn adjust_refcount(&self, m: &mut Meta, c: HostCluster, delta: i64) -> Result<u64> {
+        let cur = self.refcount(m, c)?;
         let new = if delta >= 0 {
             cur.checked_add(delta as u64).filter(|&v| v <= self.g.rc.max()).ok_or_else(|| {
                 Error::invalid(format!(
-                    "refcount of cluster {idx} would exceed the maximum of {} for refcount_bits={}",
+                    "refcount of cluster {c} would exceed the maximum of {} for refcount_bits={}",
                     self.g.rc.max(),
                     self.g.rc.bits()
                 ))
             })?
         } else {
             cur.checked_sub(delta.unsigned_abs())
-                .ok_or_else(|| Error::corrupt(format!("refcount of cluster {idx} would drop below zero")))?
+                .ok_or_else(|| Error::corrupt(format!("refcount of cluster {c} would drop below zero")))?
         };
-        self.set_refcount(m, idx, new)?;
+        self.set_refcount(m, c, new)?;
         Ok(new)
     }
 
     /// Takes the next cluster at the end of the allocated area whose
     /// refcount is zero (without raising it). The space is reserved before
     /// the allocation end moves, so running out of it changes nothing.
-    fn take_end_cluster(&self, m: &mut Meta) -> Result<u64> {
+    fn take_end_cluster(&self, m: &mut Meta) -> Result<HostCluster> {
         loop {
-            let idx = m.file_end / self.g.cluster_size;
-            let next = m.file_end + self.g.cluster_size;
-            if next > MAX_HOST_OFFSET {
+            let c = m.alloc.file_end().cluster(&self.g);
+            let next = m.alloc.file_end().add(self.g.cluster_size);
+            if next.0 > MAX_HOST_OFFSET {
                 return Err(Error::io("allocating a cluster", std::io::Error::from_raw_os_error(libc::EFBIG)));
             }
             self.reserve_to(m, next)?;
-            m.file_end = next;
-            if self.refcount(m, idx)? == 0 && !m.meta_clusters.contains_key(&idx) {
-                return Ok(idx);
+            m.alloc.extend_end(next);
+            if self.refcount(m, c)? == 0 && !m.overlap.contains(c) {
+                return Ok(c);
             }
         }
     }
@@ -138,23 +154,24 @@ impl Qcow2 {
     /// does not fit, smaller ones are tried down to exactly `need`, and
     /// only when that does not fit either does the allocation fail (with
     /// the host's ENOSPC, nothing changed).
-    pub(crate) fn reserve_to(&self, m: &mut Meta, need: u64) -> Result<()> {
-        if need <= m.prealloc_end {
+    pub(crate) fn reserve_to(&self, m: &mut Meta, need: HostOffset) -> Result<()> {
+        let have = m.alloc.prealloc_end();
+        if need <= have {
             return Ok(());
         }
         let cs = self.g.cluster_size;
-        let mut chunk = ((need / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs).min(m.reserve_cap);
+        let mut chunk = ((need.0 / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs).min(m.alloc.reserve_cap());
         loop {
-            let end = need + chunk;
-            match self.file.allocate(m.prealloc_end, end - m.prealloc_end) {
+            let end = need.add(chunk);
+            match self.file.allocate(have.0, end.0 - have.0) {
                 Ok(()) => {
-                    m.prealloc_end = end;
-                    m.reserve_cap = m.reserve_cap.saturating_mul(2).max(cs);
+                    m.alloc.set_prealloc_end(end);
+                    m.alloc.set_reserve_cap(m.alloc.reserve_cap().saturating_mul(2).max(cs));
                     return Ok(());
                 }
                 Err(e) if chunk > 0 && is_no_space(&e) => {
                     chunk = if chunk > cs { chunk / 2 / cs * cs } else { 0 };
-                    m.reserve_cap = chunk;
+                    m.alloc.set_reserve_cap(chunk);
                 }
                 Err(e) => return Err(Error::io("reserving space in the image file", e)),
             }
@@ -168,25 +185,24 @@ impl Qcow2 {
     /// failure leaves at most an unused cluster past the old end, with
     /// refcount zero.
     fn new_refblock(&self, m: &mut Meta, t: usize) -> Result<()> {
-        let idx = self.take_end_cluster(m)?;
-        let off = idx * self.g.cluster_size;
-        let own_range = (idx >> self.g.rc.block_entries_bits()) as usize == t;
+        let c = self.take_end_cluster(m)?;
+        let off = c.offset(&self.g);
+        let own_range = (c.0 >> self.g.rc.block_entries_bits()) as usize == t;
         if !own_range {
             // Its own refcount lives in another block, which may have to
             // be created (and may fail) first.
-            self.set_refcount(m, idx, 1)?;
-            if m.reftable.get(t).is_some_and(|&e| e & REFTABLE_OFFSET_MASK != 0) {
+            self.set_refcount(m, c, 1)?;
+            if m.refs.block_offset(t).is_some_and(|o| o.0 != 0) {
                 // Creating that block filled entry `t` on the way.
-                return self.set_refcount(m, idx, 0);
+                return self.set_refcount(m, c, 0);
             }
         }
-        m.rb.insert(off, vec![0u8; self.g.cluster_size as usize], true);
-        m.reftable[t] = off;
-        m.mark_reftable_dirty(t);
-        m.meta_clusters.insert(idx, MetaKind::RefcountBlock);
+        m.refs.blocks_mut().insert(off, vec![0u8; self.g.cluster_size as usize], true);
+        m.refs.set_block_offset(t, off);
+        m.overlap.insert(c, MetaKind::RefcountBlock);
         if own_range {
             // Cannot fail: the block is cached and its table entry set.
-            self.set_refcount(m, idx, 1)?;
+            self.set_refcount(m, c, 1)?;
         }
         Ok(())
     }
@@ -197,13 +213,14 @@ impl Qcow2 {
     fn grow_reftable(&self, m: &mut Meta, need: usize) -> Result<()> {
         let cs = self.g.cluster_size;
         let per_cluster = (cs / 8) as usize;
-        let mut entries = (need + 1).max(m.reftable.len() * 3 / 2);
+        let mut entries = (need + 1).max(m.refs.table_len() * 3 / 2);
+        let end = m.alloc.file_end().cluster(&self.g).0;
         loop {
             entries = entries.div_ceil(per_cluster) * per_cluster;
             let clusters = (entries / per_cluster) as u64;
             // The table and the blocks describing it go at the end of the
             // file: make sure the table covers them too.
-            let last = m.file_end / cs + clusters + 2 * (clusters + 2);
+            let last = end + clusters + 2 * (clusters + 2);
             if ((last >> self.g.rc.block_entries_bits()) as usize) < entries {
                 break;
             }
@@ -218,7 +235,7 @@ impl Qcow2 {
         }
         // Room for the table and the blocks describing it, before any
         // change: running out of space here fails the request only.
-        self.reserve_to(m, m.file_end + (clusters + 2 * (clusters + 2)) * cs)?;
+        self.reserve_to(m, m.alloc.file_end().add((clusters + 2 * (clusters + 2)) * cs))?;
         // From here on the cached table outgrows the one on disk until the
         // header points at the new one; a failure on the way cannot be
         // rolled back, so it poisons the image (it is rare: one refcount
@@ -232,172 +249,149 @@ impl Qcow2 {
 
     fn grow_reftable_reserved(&self, m: &mut Meta, entries: usize, clusters: u64) -> Result<()> {
         let cs = self.g.cluster_size;
-        let old_off = m.hc.header.refcount_table_offset;
+        let old = HostOffset(m.hc.header.refcount_table_offset).cluster(&self.g);
         let old_clusters = u64::from(m.hc.header.refcount_table_clusters);
-        let new_off = m.file_end;
-        m.file_end += clusters * cs;
-        m.reftable.resize(entries, 0);
+        let new_off = m.alloc.file_end();
+        let new = new_off.cluster(&self.g);
+        m.alloc.extend_end(new_off.add(clusters * cs));
+        m.refs.grow_table(entries);
         for k in 0..clusters {
-            m.meta_clusters.insert(new_off / cs + k, MetaKind::RefcountTable);
+            m.overlap.insert(new.add(k), MetaKind::RefcountTable);
         }
         for k in 0..clusters {
-            self.set_refcount(m, new_off / cs + k, 1)?;
+            self.set_refcount(m, new.add(k), 1)?;
         }
         // Blocks first, then the table that points to them, then the header.
         self.write_dirty_refblocks(m)?;
         self.install_reftable(m, new_off, clusters)?;
         for k in 0..old_clusters {
-            let idx = old_off / cs + k;
-            m.meta_clusters.remove(&idx);
-            self.set_refcount(m, idx, 0)?;
+            m.overlap.remove(old.add(k));
+            self.set_refcount(m, old.add(k), 0)?;
         }
         Ok(())
     }
 
     /// Writes every dirty refcount block whole; returns whether any was.
     pub(crate) fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<bool> {
-        let dirty = m.rb.dirty();
+        let dirty = m.refs.blocks().dirty();
         for &off in &dirty {
-            let data = m.rb.peek(off).map(|d| d.to_vec()).unwrap_or_default();
+            let data = m.refs.blocks().peek(off).map(|d| d.to_vec()).unwrap_or_default();
             self.write_meta(m, off, &data, MetaKind::RefcountBlock)?;
-            m.rb.mark_clean(off);
+            m.refs.blocks_mut().mark_clean(off);
         }
         Ok(!dirty.is_empty())
     }
 
-    /// Writes `m.reftable` as a new refcount table of `clusters` clusters at
+    /// Writes the cached refcount table as a new refcount table of `clusters` clusters at
     /// `off`, durably, then points the header at it, durably: a crash
     /// leaves either the old table in use or the complete new one. The
     /// blocks it points to must already be on disk.
-    pub(crate) fn install_reftable(&self, m: &mut Meta, off: u64, clusters: u64) -> Result<()> {
-        let mut table = encode_u64_table(&m.reftable);
+    pub(crate) fn install_reftable(&self, m: &mut Meta, off: HostOffset, clusters: u64) -> Result<()> {
+        let mut table = encode_u64_table(m.refs.table());
         table.resize((clusters * self.g.cluster_size) as usize, 0);
         self.write_meta(m, off, &table, MetaKind::RefcountTable)?;
         self.sync("flushing new refcount table")?;
-        m.hc.header.refcount_table_offset = off;
+        m.hc.header.refcount_table_offset = off.0;
         m.hc.header.refcount_table_clusters = clusters as u32;
         // Should the write fail, the header is still owed to the disk.
         m.header_dirty = true;
         self.write_header(m)?;
         self.sync("flushing header")?;
-        m.reftable_dirty = None;
+        m.refs.table_written();
         Ok(())
     }
 
     /// Allocates one cluster with refcount 1, reusing freed space first.
-    pub(crate) fn alloc_cluster(&self, m: &mut Meta) -> Result<u64> {
+    pub(crate) fn alloc_cluster(&self, m: &mut Meta) -> Result<HostOffset> {
         Ok(self.alloc_cluster_fresh(m)?.0)
     }
 
     /// Allocates one cluster; the flag tells whether it was never used
     /// before (past the old end of the file, so it reads as zeros).
-    pub(crate) fn alloc_cluster_fresh(&self, m: &mut Meta) -> Result<(u64, bool)> {
-        let cs = self.g.cluster_size;
-        let end_idx = m.file_end / cs;
-        let mut idx = m.free_hint.max(1);
-        while idx < end_idx {
-            if self.refcount(m, idx)? == 0 && !m.meta_clusters.contains_key(&idx) {
-                m.free_hint = idx + 1;
-                self.set_refcount(m, idx, 1)?;
-                return Ok((idx * cs, false));
+    pub(crate) fn alloc_cluster_fresh(&self, m: &mut Meta) -> Result<(HostOffset, bool)> {
+        let end = m.alloc.file_end().cluster(&self.g);
+        let mut c = m.alloc.free_hint().max(HostCluster(1));
+        while c < end {
+            if self.refcount(m, c)? == 0 && !m.overlap.contains(c) {
+                m.alloc.set_free_hint(c.add(1));
+                self.set_refcount(m, c, 1)?;
+                return Ok((c.offset(&self.g), false));
             }
-            idx += 1;
+            c = c.add(1);
         }
-        m.free_hint = end_idx;
-        let idx = self.take_end_cluster(m)?;
-        self.set_refcount(m, idx, 1)?;
-        Ok((idx * cs, true))
+        m.alloc.set_free_hint(end);
+        let c = self.take_end_cluster(m)?;
+        self.set_refcount(m, c, 1)?;
+        Ok((c.offset(&self.g), true))
     }
 
     /// Allocates `n` contiguous clusters (for tables), at the end. On
     /// failure nothing stays allocated.
-    pub(crate) fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<u64> {
-        let cs = self.g.cluster_size;
+    pub(crate) fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<HostOffset> {
         if n == 1 {
             return self.alloc_cluster(m);
         }
         'retry: loop {
-            let start = m.file_end;
+            let start = m.alloc.file_end().cluster(&self.g);
             for k in 0..n {
-                if self.refcount(m, start / cs + k)? != 0 || m.meta_clusters.contains_key(&(start / cs + k)) {
-                    m.file_end = start + (k + 1) * cs;
+                if self.refcount(m, start.add(k))? != 0 || m.overlap.contains(start.add(k)) {
+                    m.alloc.extend_end(start.add(k + 1).offset(&self.g));
                     continue 'retry;
                 }
             }
-            self.reserve_to(m, start + n * cs)?;
-            m.file_end = start + n * cs;
+            let end = start.add(n).offset(&self.g);
+            self.reserve_to(m, end)?;
+            m.alloc.extend_end(end);
             for k in 0..n {
-                if let Err(e) = self.set_refcount(m, start / cs + k, 1) {
+                if let Err(e) = self.set_refcount(m, start.add(k), 1) {
                     for j in 0..k {
-                        let _ = self.set_refcount(m, start / cs + j, 0);
+                        let _ = self.set_refcount(m, start.add(j), 0);
                     }
                     return Err(e);
                 }
             }
             // Refcount blocks allocated above sit past the range: fine.
-            return Ok(start);
+            return Ok(start.offset(&self.g));
         }
     }
 
-    /// Allocates space for `len` bytes of compressed data, packing it
-    /// right after the previous compressed cluster when it fits.
-    #[allow(dead_code)] // for compressed writes (convert -c)
-    pub(crate) fn alloc_bytes(&self, m: &mut Meta, cursor: &mut u64, len: u64) -> Result<u64> {
-        let cs = self.g.cluster_size;
-        if *cursor != 0 && !(*cursor).is_multiple_of(cs) && (*cursor % cs) + len <= cs {
-            let at = *cursor;
-            // A compressed cluster sharing a host cluster raises its refcount.
-            self.adjust_refcount(m, at / cs, 1)?;
-            *cursor += len;
-            return Ok(at);
-        }
-        let clusters = len.div_ceil(cs);
-        let start = self.alloc_contiguous(m, clusters)?;
-        *cursor = start + len;
-        Ok(start)
-    }
-
-    /// Schedules the release of one reference to host cluster `off`.
-    pub(crate) fn free_later(&self, m: &mut Meta, off: u64, punch: bool) {
-        m.pending_free.push(PendingFree { offset: off, punch });
+    /// Schedules the release of one reference to the host cluster at `off`.
+    pub(crate) fn free_later(&self, m: &mut Meta, off: HostOffset, punch: bool) {
+        m.alloc.free_later(PendingFree { offset: off, punch });
     }
 
     /// Schedules the release of the clusters a compressed cluster uses.
-    pub(crate) fn free_compressed_later(&self, m: &mut Meta, d: crate::format::compressed::CompressedDescriptor) {
-        let cs = self.g.cluster_size;
-        let first = d.offset / cs;
-        let last = (d.offset + d.byte_len() - 1) / cs;
-        for c in first..=last {
-            self.free_later(m, c * cs, false);
+    pub(crate) fn free_compressed_later(&self, m: &mut Meta, d: CompressedDescriptor) {
+        let first = HostOffset(d.offset).cluster(&self.g);
+        let last = HostOffset(d.offset + d.byte_len() - 1).cluster(&self.g);
+        for c in first.0..=last.0 {
+            self.free_later(m, HostCluster(c).offset(&self.g), false);
         }
     }
 
     /// Applies scheduled releases; called once no on-disk table references
     /// them any more. Those a failure leaves unapplied stay scheduled.
     pub(crate) fn apply_pending_frees(&self, m: &mut Meta) -> Result<()> {
-        let pending = std::mem::take(&mut m.pending_free);
-        let cs = self.g.cluster_size;
+        let pending = m.alloc.take_pending();
         for (i, p) in pending.iter().enumerate() {
-            let idx = p.offset / cs;
-            let left = match self.adjust_refcount(m, idx, -1) {
+            let c = p.offset.cluster(&self.g);
+            let left = match self.adjust_refcount(m, c, -1) {
                 Ok(left) => left,
                 Err(e) => {
                     // A host failure is retried with the next write-back;
                     // a refcount found wrong is not retried forever.
                     let rest = if e.is_io() { i } else { i + 1 };
-                    m.pending_free.extend_from_slice(&pending[rest..]);
+                    m.alloc.requeue(&pending[rest..]);
                     return Err(e);
                 }
             };
             if left == 0 {
-                m.meta_clusters.remove(&idx);
-                if m.compress_cursor / cs == idx {
-                    m.compress_cursor = 0;
-                }
+                m.overlap.remove(c);
+                m.alloc.cluster_freed(c, self.g.cluster_bits);
                 if p.punch {
                     // Returning space to the host is advisory (as QEMU
                     // treats discards): a failure leaves data, not damage.
-                    let _ = self.file.punch_hole(p.offset, cs);
+                    let _ = self.file.punch_hole(p.offset.0, self.g.cluster_size);
                 }
             }
         }
@@ -407,9 +401,9 @@ impl Qcow2 {
     /// Writes metadata of `kind` at `off` after checking it does not
     /// overlap other metadata (`overlap.rs`): every metadata write but the
     /// header's goes through here.
-    pub(crate) fn write_meta(&self, m: &mut Meta, off: u64, data: &[u8], kind: MetaKind) -> Result<()> {
+    pub(crate) fn write_meta(&self, m: &mut Meta, off: HostOffset, data: &[u8], kind: MetaKind) -> Result<()> {
         self.check_overlap_range(m, off, data.len() as u64, Some(kind))?;
-        self.file.write_at(data, off).map_err(|e| Error::io(kind.writing(), e))
+        self.file.write_at(data, off.0).map_err(|e| Error::io(kind.writing(), e))
     }
 
     /// fsync of the image file (and the data file, when separate).

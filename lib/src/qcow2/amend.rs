@@ -3,6 +3,7 @@
 //! backing file name (rebase).
 
 use super::state::Meta;
+use super::units::{HostCluster, HostOffset};
 use super::{read_header_cluster, Qcow2, Qcow2Options};
 use crate::format::be::encode_u64_table;
 use crate::format::extensions::Extensions;
@@ -220,7 +221,7 @@ impl Qcow2 {
             } else {
                 m.hc.header.compatible_features &= !Compatible::LAZY_REFCOUNTS;
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;
-                m.lazy_active = false;
+                m.refs.set_lazy_active(false);
             }
             self.write_header(&mut m)?;
             self.sync("flushing header")
@@ -274,7 +275,7 @@ impl Qcow2 {
     }
 
     fn all_l2_tables(&self, m: &mut Meta) -> Result<BTreeSet<u64>> {
-        let mut set: BTreeSet<u64> = m.l1.iter().map(|&e| L1Entry(e).l2_offset()).filter(|&o| o != 0).collect();
+        let mut set: BTreeSet<u64> = m.map.l1().iter().map(|&e| L1Entry(e).l2_offset()).filter(|&o| o != 0).collect();
         for sn in m.snapshots.clone() {
             for e in self.read_snapshot_l1(&sn)? {
                 let o = L1Entry(e).l2_offset();
@@ -288,11 +289,14 @@ impl Qcow2 {
 
     fn downgrade_locked(&self, m: &mut Meta) -> Result<()> {
         let cs = self.g.cluster_size;
+        // v2 cannot hold bitmaps: QEMU's downgrade abandons them (leaked);
+        // they are removed here, their clusters freed.
+        self.drop_bitmaps_for_v2(m)?;
         let tables = self.all_l2_tables(m)?;
         if self.g.compression != CompressionType::Zlib {
             for &off in &tables {
-                self.load_l2(m, off)?;
-                let t = m.l2.peek(off).map(|t| t.to_vec()).unwrap_or_default();
+                self.load_l2(m, HostOffset(off))?;
+                let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
                 if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
                     return Err(Error::invalid(
                         "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -303,8 +307,8 @@ impl Qcow2 {
         let has_backing = m.hc.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         for &off in &tables {
-            self.load_l2(m, off)?;
-            let t = m.l2.peek(off).map(|t| t.to_vec()).unwrap_or_default();
+            self.load_l2(m, HostOffset(off))?;
+            let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
             let mut changes = Vec::new();
             for i in 0..self.g.l2_entries as usize {
                 let e = self.g.l2.get(&t, i);
@@ -323,18 +327,22 @@ impl Qcow2 {
                 } else {
                     // A real cluster of zeros, referenced once per L1 table
                     // that reaches this (possibly shared) L2 table.
-                    let shares = self.refcount(m, off / cs)?;
+                    let shares = self.refcount(m, HostOffset(off).cluster(&self.g))?;
                     let new = self.alloc_cluster(m)?;
-                    self.set_refcount(m, new / cs, shares)?;
-                    self.data.write_at(&zeros, new).map_err(|e| Error::io("expanding zero cluster", e))?;
-                    new | if shares == 1 { COPIED } else { 0 }
+                    self.set_refcount(m, new.cluster(&self.g), shares)?;
+                    self.data.write_at(&zeros, new.0).map_err(|e| Error::io("expanding zero cluster", e))?;
+                    new.0 | if shares == 1 { COPIED } else { 0 }
                 };
                 changes.push((i, L2Entry { word, bitmap: e.bitmap }));
             }
             if !changes.is_empty() {
                 self.sync("flushing expanded zero clusters")?;
-                self.load_l2(m, off)?;
-                let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                self.load_l2(m, HostOffset(off))?;
+                let t = m
+                    .map
+                    .l2_mut()
+                    .get_mut(HostOffset(off))
+                    .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                 for (i, e) in changes {
                     self.g.l2.set(t, i, e);
                 }
@@ -355,7 +363,7 @@ impl Qcow2 {
         m.hc.extensions.bitmaps = None;
         self.write_header(m)?;
         self.sync("flushing header")?;
-        m.lazy_active = false;
+        m.refs.set_lazy_active(false);
         Ok(())
     }
 }
@@ -373,7 +381,7 @@ fn rebuild_refcounts(file: &Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>
     {
         let mut m = q.lock();
         for idx in 0..n {
-            counts.push(q.refcount(&mut m, idx)?);
+            counts.push(q.refcount(&mut m, HostCluster(idx))?);
         }
         // The old refcount structures are not counted by the new ones.
         let h = &m.hc.header;
@@ -382,7 +390,7 @@ fn rebuild_refcounts(file: &Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>
                 *c = 0;
             }
         }
-        for &e in &m.reftable {
+        for &e in m.refs.table() {
             let off = e & REFTABLE_OFFSET_MASK;
             if let Some(c) = counts.get_mut((off / cs) as usize).filter(|_| off != 0) {
                 *c = 0;

@@ -1,16 +1,38 @@
-//! A small LRU cache of metadata tables (L2 tables, refcount blocks),
-//! keyed by host offset, with dirty tracking.
+//! A small cache of metadata tables (L2 tables, refcount blocks), keyed
+//! by host offset, with dirty tracking and clock (second-chance)
+//! eviction.
+//!
+//! A lookup takes `&self`: it only sets the slot's reference bit, an
+//! atomic, so lookups can run under a shared lock (the read path's L2
+//! lookups do). Eviction sweeps a hand over the slots, clearing reference
+//! bits, and picks the first slot not used since the hand last passed:
+//! constant work per eviction on average, where a least-recently-used
+//! stamp needed a scan of every slot and a write per lookup.
 //!
 //! The cache holds no policy about write ordering: callers decide when a
 //! dirty table may reach disk (see `flush.rs`).
 
+use super::units::HostOffset;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 struct Slot {
+    off: HostOffset,
     data: Vec<u8>,
     /// Byte range changed since the table was last written.
     dirty: Option<(usize, usize)>,
-    last_use: u64,
+    /// Used since the clock hand last passed.
+    referenced: AtomicBool,
+}
+
+impl Slot {
+    fn touch(&self) {
+        // A load first: a hot slot's cache line stays shared between the
+        // cores reading it instead of bouncing with every lookup.
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Granularity of partial table write-back: a page, so O_DIRECT needs no
@@ -19,42 +41,45 @@ const WRITE_GRAIN: usize = 4096;
 
 /// Tables cached by host offset.
 pub(crate) struct TableCache {
-    slots: HashMap<u64, Slot>,
+    slots: Vec<Slot>,
+    index: HashMap<HostOffset, usize>,
     capacity: usize,
-    tick: u64,
+    /// Next slot the eviction sweep looks at.
+    hand: usize,
 }
 
 impl TableCache {
     /// A cache holding at most `capacity` tables (at least 4).
     pub fn new(capacity: usize) -> Self {
-        TableCache { slots: HashMap::new(), capacity: capacity.max(4), tick: 0 }
+        TableCache { slots: Vec::new(), index: HashMap::new(), capacity: capacity.max(4), hand: 0 }
     }
 
-    fn touch(&mut self) -> u64 {
-        self.tick += 1;
-        self.tick
+    fn slot(&self, off: HostOffset) -> Option<&Slot> {
+        self.index.get(&off).map(|&i| &self.slots[i])
+    }
+
+    fn slot_mut(&mut self, off: HostOffset) -> Option<&mut Slot> {
+        self.index.get(&off).map(|&i| &mut self.slots[i])
     }
 
     /// The cached table at `off`, if present.
-    pub fn get(&mut self, off: u64) -> Option<&[u8]> {
-        let t = self.touch();
-        self.slots.get_mut(&off).map(|s| {
-            s.last_use = t;
+    pub fn get(&self, off: HostOffset) -> Option<&[u8]> {
+        self.slot(off).map(|s| {
+            s.touch();
             &s.data[..]
         })
     }
 
     /// The cached table at `off` for modification; marks it all dirty.
-    pub fn get_mut(&mut self, off: u64) -> Option<&mut Vec<u8>> {
+    pub fn get_mut(&mut self, off: HostOffset) -> Option<&mut Vec<u8>> {
         self.get_mut_range(off, 0, usize::MAX)
     }
 
     /// The cached table at `off` for a change of bytes `[from, to)` only;
     /// marks just that range dirty.
-    pub fn get_mut_range(&mut self, off: u64, from: usize, to: usize) -> Option<&mut Vec<u8>> {
-        let t = self.touch();
-        self.slots.get_mut(&off).map(|s| {
-            s.last_use = t;
+    pub fn get_mut_range(&mut self, off: HostOffset, from: usize, to: usize) -> Option<&mut Vec<u8>> {
+        self.slot_mut(off).map(|s| {
+            *s.referenced.get_mut() = true;
             let to = to.min(s.data.len());
             s.dirty = Some(match s.dirty {
                 Some((a, b)) => (a.min(from), b.max(to)),
@@ -65,15 +90,21 @@ impl TableCache {
     }
 
     /// Whether `off` is cached.
-    pub fn contains(&self, off: u64) -> bool {
-        self.slots.contains_key(&off)
+    pub fn contains(&self, off: HostOffset) -> bool {
+        self.index.contains_key(&off)
     }
 
     /// Inserts a table (replacing any cached one at `off`).
-    pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
-        let t = self.touch();
+    pub fn insert(&mut self, off: HostOffset, data: Vec<u8>, dirty: bool) {
         let dirty = dirty.then_some((0, data.len()));
-        self.slots.insert(off, Slot { data, dirty, last_use: t });
+        let slot = Slot { off, data, dirty, referenced: AtomicBool::new(true) };
+        match self.index.get(&off) {
+            Some(&i) => self.slots[i] = slot,
+            None => {
+                self.index.insert(off, self.slots.len());
+                self.slots.push(slot);
+            }
+        }
     }
 
     /// Whether inserting one more table needs an eviction first.
@@ -81,34 +112,60 @@ impl TableCache {
         self.slots.len() >= self.capacity
     }
 
-    /// The least recently used table: (offset, dirty).
-    pub fn lru(&self) -> Option<(u64, bool)> {
-        self.slots.iter().min_by_key(|(_, s)| s.last_use).map(|(&o, s)| (o, s.dirty.is_some()))
+    /// The table to evict: (offset, dirty). Moves the clock hand, giving
+    /// every table used since the last sweep a second chance.
+    pub fn victim(&mut self) -> Option<(HostOffset, bool)> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        // Two turns at most: the first clears every bit it passes.
+        for _ in 0..2 * n {
+            let i = self.hand % n;
+            let s = &mut self.slots[i];
+            if std::mem::take(s.referenced.get_mut()) {
+                self.hand = i + 1;
+                continue;
+            }
+            self.hand = i;
+            return Some((s.off, s.dirty.is_some()));
+        }
+        None
     }
 
     /// Drops a table from the cache.
-    pub fn remove(&mut self, off: u64) -> Option<Vec<u8>> {
-        self.slots.remove(&off).map(|s| s.data)
+    pub fn remove(&mut self, off: HostOffset) -> Option<Vec<u8>> {
+        let i = self.index.remove(&off)?;
+        let s = self.slots.swap_remove(i);
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.off, i);
+        }
+        Some(s.data)
+    }
+
+    /// Offsets of every cached table.
+    pub fn offsets(&self) -> Vec<HostOffset> {
+        self.slots.iter().map(|s| s.off).collect()
     }
 
     /// Offsets of dirty tables, ascending (so writes go out in file order).
-    pub fn dirty(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.slots.iter().filter(|(_, s)| s.dirty.is_some()).map(|(&o, _)| o).collect();
+    pub fn dirty(&self) -> Vec<HostOffset> {
+        let mut v: Vec<HostOffset> = self.slots.iter().filter(|s| s.dirty.is_some()).map(|s| s.off).collect();
         v.sort_unstable();
         v
     }
 
     /// Dirty tables with the byte range to write, widened to whole pages:
     /// (offset, start within the table, end), ascending by offset.
-    pub fn dirty_ranges(&self) -> Vec<(u64, usize, usize)> {
-        let mut v: Vec<(u64, usize, usize)> = self
+    pub fn dirty_ranges(&self) -> Vec<(HostOffset, usize, usize)> {
+        let mut v: Vec<(HostOffset, usize, usize)> = self
             .slots
             .iter()
-            .filter_map(|(&o, s)| {
+            .filter_map(|s| {
                 s.dirty.map(|(a, b)| {
                     let a = a / WRITE_GRAIN * WRITE_GRAIN;
                     let b = b.div_ceil(WRITE_GRAIN) * WRITE_GRAIN;
-                    (o, a.min(s.data.len()), b.min(s.data.len()))
+                    (s.off, a.min(s.data.len()), b.min(s.data.len()))
                 })
             })
             .collect();
@@ -118,18 +175,65 @@ impl TableCache {
 
     /// Whether any table is dirty.
     pub fn any_dirty(&self) -> bool {
-        self.slots.values().any(|s| s.dirty.is_some())
+        self.slots.iter().any(|s| s.dirty.is_some())
     }
 
-    /// The table's bytes without touching LRU order or dirtiness.
-    pub fn peek(&self, off: u64) -> Option<&[u8]> {
-        self.slots.get(&off).map(|s| &s.data[..])
+    /// The table's bytes without touching its reference bit or dirtiness.
+    pub fn peek(&self, off: HostOffset) -> Option<&[u8]> {
+        self.slot(off).map(|s| &s.data[..])
     }
 
     /// Marks a table clean after it was written.
-    pub fn mark_clean(&mut self, off: u64) {
-        if let Some(s) = self.slots.get_mut(&off) {
+    pub fn mark_clean(&mut self, off: HostOffset) {
+        if let Some(s) = self.slot_mut(off) {
             s.dirty = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(off: u64) -> HostOffset {
+        HostOffset(off)
+    }
+
+    #[test]
+    fn eviction_spares_tables_used_since_the_last_sweep() {
+        let mut c = TableCache::new(4);
+        for off in 0..4u64 {
+            c.insert(h(off), vec![off as u8], false);
+        }
+        // All fresh: the sweep clears every bit, then takes the first.
+        assert_eq!(c.victim(), Some((h(0), false)));
+        c.remove(h(0));
+        c.insert(h(4), vec![4], true);
+        c.get(h(1));
+        c.get(h(3));
+        // 3 and 1 were used since the sweep, 2 was not.
+        assert_eq!(c.victim(), Some((h(2), false)));
+        c.remove(h(2));
+        assert_eq!(c.peek(h(1)), Some(&[1u8][..]));
+        assert_eq!(c.peek(h(4)), Some(&[4u8][..]));
+        assert_eq!(c.peek(h(3)), Some(&[3u8][..]));
+        assert!(!c.contains(h(2)));
+        assert_eq!(c.dirty(), vec![h(4)]);
+    }
+
+    #[test]
+    fn remove_keeps_the_index_right() {
+        let mut c = TableCache::new(8);
+        for off in [10u64, 20, 30, 40] {
+            c.insert(h(off), vec![off as u8; 2], false);
+        }
+        c.remove(h(20));
+        c.get_mut_range(h(40), 1, 2).expect("cached")[1] = 7;
+        assert_eq!(c.peek(h(40)), Some(&[40u8, 7][..]));
+        assert_eq!(c.peek(h(30)), Some(&[30u8, 30][..]));
+        assert_eq!(c.dirty_ranges(), vec![(h(40), 0, 2)]);
+        let mut offs = c.offsets();
+        offs.sort_unstable();
+        assert_eq!(offs, vec![h(10), h(30), h(40)]);
     }
 }

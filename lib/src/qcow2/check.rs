@@ -14,6 +14,7 @@
 //! end of the file and switched to with one header write.
 
 use super::state::{Meta, MetaKind};
+use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::bitmap::{parse_directory, TABLE_OFFSET_MASK};
@@ -114,10 +115,7 @@ const MAX_BEYOND_EOF_BYTES: u64 = 64 << 20;
 impl Qcow2 {
     /// Checks the image; with `repair`, fixes what it may and checks again.
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let mut m = self.lock();
-        while !m.inflight.is_empty() {
-            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut m = self.wait_idle(self.lock());
         if !self.read_only && !self.poison.is_set() {
             // The check reads the file: everything cached must be there,
             // refcount blocks too (lazy refcounts keep them back).
@@ -130,7 +128,7 @@ impl Qcow2 {
             return Ok(first.report);
         }
         let mut said = self.repair(&mut m, &first, repair)?;
-        m.meta_clusters.forget_taken();
+        m.overlap.forget_taken();
         let mut after = self.scan(&mut m)?.report;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
@@ -183,7 +181,7 @@ impl Qcow2 {
         let h = m.hc.header.clone();
         self.add_range(&mut s, nb, 0, cs, "header");
         self.add_range(&mut s, nb, h.l1_table_offset, u64::from(h.l1_size) * 8, "active L1 table");
-        let l1 = m.l1.clone();
+        let l1 = m.map.l1().to_vec();
         self.scan_l1(&mut s, nb, &l1, true)?;
         if h.nb_snapshots > 0 {
             let bytes: u64 = m.snapshots.iter().map(|e| e.encode(self.g.v3).len() as u64).sum();
@@ -215,7 +213,7 @@ impl Qcow2 {
             // A refcount table out of reach cannot be fixed in place.
             s.bad_refblocks = true;
         }
-        for (i, &e) in m.reftable.iter().enumerate() {
+        for (i, &e) in m.refs.table().iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off == 0 {
                 continue;
@@ -234,14 +232,16 @@ impl Qcow2 {
                 self.add_range(&mut s, nb, off, cs, "refcount block");
             }
         }
-        if let Some(b) = m.hc.extensions.bitmaps {
+        // As QEMU: without the autoclear bit the extension is ignored and
+        // what it points at is leaked.
+        if let Some(b) = Self::bitmaps_ext_valid(m) {
             self.scan_bitmaps(&mut s, nb, b.directory_offset, b.directory_size, b.nb_bitmaps)?;
         }
         // A refcount block anything else also uses (the L1 table, another
         // entry's block) cannot be repaired in place: every refcount
         // written into it would overwrite the other structure. As QEMU
         // does, rebuild the refcount structures instead.
-        for (i, &e) in m.reftable.iter().enumerate() {
+        for (i, &e) in m.refs.table().iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off == 0 || !off.is_multiple_of(cs) || off / cs >= nb {
                 continue;
@@ -409,10 +409,11 @@ impl Qcow2 {
 
     fn compare_refcounts(&self, m: &mut Meta, s: &mut Scan, nb: u64) -> Result<()> {
         let highest = s.refs.highest().map_or(0, |h| h + 1);
-        let covered = (m.reftable.len() as u64) << self.g.rc.block_entries_bits();
+        let covered = (m.refs.table_len() as u64) << self.g.rc.block_entries_bits();
         let limit = nb.max(highest).min(covered.max(highest));
         for idx in 0..limit {
-            let stored = if s.bad_refblocks { self.refcount(m, idx).unwrap_or(0) } else { self.refcount(m, idx)? };
+            let c = HostCluster(idx);
+            let stored = if s.bad_refblocks { self.refcount(m, c).unwrap_or(0) } else { self.refcount(m, c)? };
             let counted = s.refs.get(idx);
             if stored > 0 {
                 s.highest_stored = Some(idx);
@@ -438,9 +439,9 @@ impl Qcow2 {
             match *site {
                 // Like qemu-img, compare with the stored refcount.
                 CopiedSite::L1 { index, l2 } => {
-                    let refs = self.refcount(m, l2 / self.g.cluster_size).unwrap_or(0);
+                    let refs = self.refcount(m, HostOffset(l2).cluster(&self.g)).unwrap_or(0);
                     let want = refs == 1;
-                    let raw = m.l1.get(index).copied().unwrap_or(0);
+                    let raw = m.map.l1().get(index).copied().unwrap_or(0);
                     if L1Entry(raw).copied() != want {
                         s.report.corruptions += 1;
                         s.report.messages.push(format!(
@@ -449,7 +450,7 @@ impl Qcow2 {
                     }
                 }
                 CopiedSite::L2 { table, index, host } => {
-                    let refs = self.refcount(m, host / self.g.cluster_size).unwrap_or(0);
+                    let refs = self.refcount(m, HostOffset(host).cluster(&self.g)).unwrap_or(0);
                     let want = refs == 1;
                     if last.as_ref().is_none_or(|(off, _)| *off != table) {
                         last = Some((table, self.read_table(table, self.g.cluster_size)?));
@@ -470,13 +471,12 @@ impl Qcow2 {
 
     fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<Vec<String>> {
         let mut said = Vec::new();
-        let cs = self.g.cluster_size;
         // The allocator must not hand out a cluster that something
         // references, even past the current end of the file.
         if let Some(h) = scan.refs.highest() {
-            m.file_end = m.file_end.max((h + 1) * cs);
+            m.alloc.extend_end(HostCluster(h + 1).offset(&self.g));
         }
-        m.free_hint = 0;
+        m.alloc.rescan();
         if scan.bad_refblocks && repair != Repair::All {
             return Err(Error::corrupt("ERROR need to rebuild refcount structures; use -r all"));
         }
@@ -484,20 +484,20 @@ impl Qcow2 {
             said.push("Rebuilding refcount structure".to_string());
             self.rebuild_refcounts(m)?;
         } else {
-            let covered = (m.reftable.len() as u64) << self.g.rc.block_entries_bits();
+            let covered = (m.refs.table_len() as u64) << self.g.rc.block_entries_bits();
             let file_clusters = scan.refs.below.len() as u64;
             let highest = scan.refs.highest().map_or(0, |h| h + 1);
             let limit = file_clusters.max(highest).min(covered.max(highest));
             // Raise before lowering: a crash in between leaves leaks only.
             for pass in 0..2 {
                 for idx in 0..limit {
-                    let stored = self.refcount(m, idx)?;
+                    let stored = self.refcount(m, HostCluster(idx))?;
                     let counted = scan.refs.get(idx);
                     let raise = stored < counted && repair == Repair::All;
                     let lower = stored > counted;
                     if (pass == 0 && raise) || (pass == 1 && lower) {
                         said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
-                        self.set_refcount(m, idx, counted.min(self.g.rc.max()))?;
+                        self.set_refcount(m, HostCluster(idx), counted.min(self.g.rc.max()))?;
                     }
                 }
                 self.write_refcounts_now(m)?;
@@ -514,9 +514,9 @@ impl Qcow2 {
     fn write_refcounts_now(&self, m: &mut Meta) -> Result<()> {
         self.write_dirty_refblocks(m)?;
         self.sync("flushing refcount blocks")?;
-        if let Some((a, b)) = m.reftable_dirty.take() {
-            let bytes = encode_u64_table(&m.reftable[a..=b]);
-            let off = m.hc.header.refcount_table_offset + a as u64 * 8;
+        if let Some((a, b)) = m.refs.take_table_dirty() {
+            let bytes = encode_u64_table(&m.refs.table()[a..=b]);
+            let off = HostOffset(m.hc.header.refcount_table_offset + a as u64 * 8);
             self.write_meta(m, off, &bytes, MetaKind::RefcountTable)?;
             self.sync("flushing refcount table")?;
         }
@@ -526,38 +526,46 @@ impl Qcow2 {
     /// Sets COPIED flags from the (now correct) refcounts.
     fn fix_copied(&self, m: &mut Meta) -> Result<()> {
         let cs = self.g.cluster_size;
-        for i in 0..m.l1.len() {
-            let e = L1Entry(m.l1[i]);
+        for i in 0..m.map.l1().len() {
+            let raw = m.map.l1()[i];
+            let e = L1Entry(raw);
             let l2 = e.l2_offset();
             if l2 == 0 || !l2.is_multiple_of(cs) {
                 continue;
             }
-            let want = self.refcount(m, l2 / cs)? == 1;
+            let want = self.refcount(m, HostOffset(l2).cluster(&self.g))? == 1;
             if e.copied() != want {
-                m.l1[i] = if want { m.l1[i] | L1_COPIED } else { m.l1[i] & !L1_COPIED };
-                m.mark_l1_dirty(i);
+                m.map.set_l1(i, if want { raw | L1_COPIED } else { raw & !L1_COPIED });
             }
             if self.g.external_data {
                 continue;
             }
-            self.load_l2(m, l2)?;
+            self.load_l2(m, HostOffset(l2))?;
             for j in 0..self.g.l2_entries as usize {
                 let le = {
-                    let t = m.l2.peek(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    let t = m
+                        .map
+                        .l2()
+                        .peek(HostOffset(l2))
+                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                     self.g.l2.get(t, j)
                 };
                 let host = le.host_offset();
                 if le.is_compressed() || host == 0 || host % cs != 0 {
                     continue;
                 }
-                let want = self.refcount(m, host / cs)? == 1;
+                let want = self.refcount(m, HostOffset(host).cluster(&self.g))? == 1;
                 if le.copied() != want {
                     let word = if want { le.word | L2_COPIED } else { le.word & !L2_COPIED };
                     // Only tables the active L1 owns may be changed in place.
-                    if !L1Entry(m.l1[i]).copied() {
+                    if !L1Entry(m.map.l1()[i]).copied() {
                         continue;
                     }
-                    let t = m.l2.get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                    let t = m
+                        .map
+                        .l2_mut()
+                        .get_mut(HostOffset(l2))
+                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                     self.g.l2.set(t, j, L2Entry { word, bitmap: le.bitmap });
                 }
             }
@@ -574,7 +582,7 @@ impl Qcow2 {
         // replaced and become free space.
         let mut scan = self.scan_without_refcounts(m)?;
         let per_block = self.g.rc.block_entries();
-        let start = scan.refs.highest().map_or(1, |h| h + 1).max(m.file_end / cs);
+        let start = scan.refs.highest().map_or(1, |h| h + 1).max(m.alloc.file_end().cluster(&self.g).0);
         // Fixed point: blocks and table must also describe themselves.
         let mut blocks;
         let mut table_clusters;
@@ -603,28 +611,28 @@ impl Qcow2 {
                     self.g.rc.set(&mut block, i as usize, v);
                 }
             }
-            let off = (start + b) * cs;
-            m.meta_clusters.insert(start + b, MetaKind::RefcountBlock);
-            self.write_meta(m, off, &block, MetaKind::RefcountBlock)?;
-            table[b as usize] = off;
+            let c = HostCluster(start + b);
+            m.overlap.insert(c, MetaKind::RefcountBlock);
+            self.write_meta(m, c.offset(&self.g), &block, MetaKind::RefcountBlock)?;
+            table[b as usize] = c.offset(&self.g).0;
         }
-        let table_off = (start + blocks) * cs;
-        m.meta_clusters.insert_range(start + blocks, table_clusters, MetaKind::RefcountTable);
-        m.reftable = table;
-        self.install_reftable(m, table_off, table_clusters)?;
-        m.rb = super::cache::TableCache::new(((8u64 << 20) / cs).max(4) as usize);
-        m.file_end = m.file_end.max(table_off + table_clusters * cs);
-        m.free_hint = 0;
-        m.meta_clusters = super::metadata_clusters(&self.g, m);
+        let table_at = HostCluster(start + blocks);
+        m.overlap.insert_range(table_at, table_clusters, MetaKind::RefcountTable);
+        m.refs.swap_table(table);
+        self.install_reftable(m, table_at.offset(&self.g), table_clusters)?;
+        m.refs.reset_blocks(((8u64 << 20) / cs).max(4) as usize);
+        m.alloc.extend_end(table_at.add(table_clusters).offset(&self.g));
+        m.alloc.rescan();
+        m.overlap = super::metadata_clusters(&self.g, m);
         Ok(())
     }
 
     fn scan_without_refcounts(&self, m: &mut Meta) -> Result<Scan> {
-        let saved_table = std::mem::take(&mut m.reftable);
+        let saved_table = m.refs.swap_table(Vec::new());
         let saved_clusters = m.hc.header.refcount_table_clusters;
         m.hc.header.refcount_table_clusters = 0;
         let r = self.scan_inner(m, false);
-        m.reftable = saved_table;
+        m.refs.swap_table(saved_table);
         m.hc.header.refcount_table_clusters = saved_clusters;
         r
     }

@@ -20,6 +20,7 @@
 //!   only the cache.
 
 use super::state::Meta;
+use super::units::{GuestCluster, HostOffset};
 use super::Qcow2;
 use crate::device::{chain_status, check_range, read_backing, BlockDevice};
 use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
@@ -30,7 +31,7 @@ const BATCH: u64 = 8 << 20;
 
 /// A guest cluster claimed (marked in flight) for materializing.
 struct Claim {
-    gc: u64,
+    gc: GuestCluster,
     old: L2Entry,
 }
 
@@ -51,8 +52,8 @@ impl Qcow2 {
     /// writer has in flight.
     fn claim_range(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<Claim>> {
         let mut claims = Vec::new();
-        for gc in first..=last {
-            if m.inflight.contains(&gc) {
+        for gc in (first..=last).map(GuestCluster) {
+            if self.is_inflight(m, gc) {
                 continue;
             }
             let e = match self.l2_entry(m, gc) {
@@ -63,7 +64,7 @@ impl Qcow2 {
                 }
             };
             if self.falls_through(e) {
-                m.inflight.insert(gc);
+                self.claim_inflight(m, gc);
                 claims.push(Claim { gc, old: e });
             }
         }
@@ -91,11 +92,11 @@ impl Qcow2 {
             let dst_at = i * cs as usize;
             if wholly(c.old) {
                 let mut j = i + 1;
-                while j < claims.len() && wholly(claims[j].old) && claims[j].gc == claims[j - 1].gc + 1 {
+                while j < claims.len() && wholly(claims[j].old) && claims[j].gc.0 == claims[j - 1].gc.0 + 1 {
                     j += 1;
                 }
-                let start = c.gc * cs;
-                let end = (claims[j - 1].gc * cs + cs).min(size);
+                let start = c.gc.offset(&self.g).0;
+                let end = (claims[j - 1].gc.offset(&self.g).0 + cs).min(size);
                 if end > start {
                     let n = (end - start) as usize;
                     read_backing(self.backing.as_deref(), &mut out[dst_at..dst_at + n], start)?;
@@ -106,12 +107,12 @@ impl Qcow2 {
             // A cluster with parts of its own: subcluster by subcluster.
             let step = if self.g.extended { self.g.sub_size } else { cs };
             let mut off = 0;
-            while off < cs && c.gc * cs + off < size {
+            while off < cs && c.gc.offset(&self.g).0 + off < size {
                 let sub = if self.g.extended { (off / self.g.sub_size) as u32 } else { 0 };
                 let kind = self.classify(c.old, sub, c.gc)?;
-                let n = step.min(size - (c.gc * cs + off)) as usize;
+                let n = step.min(size - (c.gc.offset(&self.g).0 + off)) as usize;
                 let at = dst_at + off as usize;
-                self.read_current(&mut out[at..at + n], c.gc * cs + off, kind, off)?;
+                self.read_current(&mut out[at..at + n], c.gc.offset(&self.g).0 + off, kind, off)?;
                 off += step;
             }
             i += 1;
@@ -126,7 +127,7 @@ impl Qcow2 {
         let is_zero = |i: usize| content[i * cs..(i + 1) * cs].iter().all(|&b| b == 0);
         let zero_ok = self.g.v3;
         // Allocate hosts for the data clusters under one lock.
-        let mut hosts: Vec<Option<(u64, bool)>> = Vec::with_capacity(claims.len());
+        let mut hosts: Vec<Option<(HostOffset, bool)>> = Vec::with_capacity(claims.len());
         {
             let mut m = self.lock();
             if let Err(e) = self.check_writable(&m) {
@@ -136,7 +137,7 @@ impl Qcow2 {
             for (i, c) in claims.iter().enumerate() {
                 // The L2 table is made writable before anything is
                 // allocated or written: the commit then allocates nothing.
-                if let Err(e) = self.writable_l2(&mut m, self.split(c.gc).0) {
+                if let Err(e) = self.writable_l2(&mut m, c.gc.split(&self.g).0) {
                     self.drop_new_hosts(&mut m, &hosts);
                     self.unclaim(&mut m, claims);
                     return Err(e);
@@ -146,11 +147,11 @@ impl Qcow2 {
                     continue;
                 }
                 let got = if self.g.external_data {
-                    Ok((c.gc * self.g.cluster_size, false))
+                    Ok((HostOffset(c.gc.offset(&self.g).0), false))
                 } else {
                     self.alloc_cluster(&mut m).map(|h| (h, true)).and_then(|(h, new)| {
                         if let Err(e) = self.check_overlap(&mut m, h, None) {
-                            let _ = self.set_refcount(&mut m, h / self.g.cluster_size, 0);
+                            let _ = self.set_refcount(&mut m, h.cluster(&self.g), 0);
                             return Err(e);
                         }
                         Ok((h, new))
@@ -176,11 +177,11 @@ impl Qcow2 {
                     continue;
                 };
                 let mut j = i + 1;
-                while j < claims.len() && hosts[j].is_some_and(|(hj, _)| hj == h + ((j - i) * cs) as u64) {
+                while j < claims.len() && hosts[j].is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64)) {
                     j += 1;
                 }
                 self.data
-                    .write_at(&content[i * cs..j * cs], h)
+                    .write_at(&content[i * cs..j * cs], h.0)
                     .map_err(|e| Error::io("writing copied backing data", e))?;
                 i = j;
             }
@@ -199,9 +200,9 @@ impl Qcow2 {
             let entry = match h {
                 Some((host, _)) => {
                     if self.g.extended {
-                        L2Entry { word: host | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
+                        L2Entry { word: host.0 | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
                     } else {
-                        L2Entry::normal(*host, true)
+                        L2Entry::normal(host.0, true)
                     }
                 }
                 None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
@@ -217,8 +218,8 @@ impl Qcow2 {
             }
             // An extended cluster that had data of its own moved to a
             // new host cluster: the old one loses this reference.
-            let old_host = c.old.host_offset();
-            if old_host != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
+            let old_host = HostOffset(c.old.host_offset());
+            if old_host.0 != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
                 self.free_later(&mut m, old_host, false);
             }
             self.release_inflight(&mut m, c.gc);
@@ -228,10 +229,10 @@ impl Qcow2 {
     }
 
     /// Gives back clusters allocated for claims that will not be committed.
-    fn drop_new_hosts(&self, m: &mut Meta, hosts: &[Option<(u64, bool)>]) {
+    fn drop_new_hosts(&self, m: &mut Meta, hosts: &[Option<(HostOffset, bool)>]) {
         for (h, new) in hosts.iter().flatten() {
             if *new {
-                let _ = self.set_refcount(m, h / self.g.cluster_size, 0);
+                let _ = self.set_refcount(m, h.cluster(&self.g), 0);
             }
         }
     }
@@ -294,10 +295,10 @@ impl Qcow2 {
         let mut ci = 0;
         while pos < to {
             let gc = pos / cs;
-            while ci < claims.len() && claims[ci].gc < gc {
+            while ci < claims.len() && claims[ci].gc.0 < gc {
                 ci += 1;
             }
-            if ci < claims.len() && claims[ci].gc == gc {
+            if ci < claims.len() && claims[ci].gc.0 == gc {
                 let n = ((gc + 1) * cs).min(to) - pos;
                 let src = ci * cs as usize + (pos % cs) as usize;
                 let dst = (pos - base) as usize;
@@ -305,7 +306,7 @@ impl Qcow2 {
                 pos += n;
             } else {
                 // Up to the next claimed cluster (or the end).
-                let next = claims.get(ci).map_or(to, |c| (c.gc * cs).max(pos)).min(to);
+                let next = claims.get(ci).map_or(to, |c| (c.gc.offset(&self.g).0).max(pos)).min(to);
                 self.read(&mut buf[(pos - base) as usize..(next - base) as usize], pos)?;
                 pos = next;
             }
@@ -361,13 +362,13 @@ impl Qcow2 {
         let mut gc = pos / cs;
         let end_gc = end.div_ceil(cs);
         while gc < end_gc {
-            let (l1i, _) = self.split(gc);
-            let no_table = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
+            let (l1i, _) = GuestCluster(gc).split(&self.g);
+            let no_table = m.map.l1().get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
             // A missing L2 table: its whole range falls through at once.
             let (falls, next) = if no_table {
                 (true, ((l1i as u64) + 1) * self.g.l2_entries)
             } else {
-                (self.falls_through(self.l2_entry(&mut m, gc)?), gc + 1)
+                (self.falls_through(self.l2_entry(&mut m, GuestCluster(gc))?), gc + 1)
             };
             match (falls, run) {
                 (true, None) => run = Some(gc),

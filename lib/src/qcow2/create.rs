@@ -6,6 +6,7 @@
 //! every refcount width and cluster size works the same way.
 
 use super::state::{Meta, MetaKind};
+use super::units::{GuestCluster, HostOffset};
 use super::{Qcow2, Qcow2Options};
 use crate::format::be::encode_u64_table;
 use crate::format::extensions::{Extensions, HeaderCluster};
@@ -300,34 +301,33 @@ impl Qcow2 {
 
     fn grow_locked(&self, m: &mut Meta, new_size: u64, need: u64) -> Result<()> {
         let cs = self.g.cluster_size;
-        if need as usize > m.l1.len() {
+        if need as usize > m.map.l1().len() {
             // Make everything else durable first: the L1 switch must not
             // race with dirty L2 tables or pending L1 entries.
             self.write_back(m)?;
-            let old_off = m.hc.header.l1_table_offset;
-            let old_len = m.l1.len() as u64;
+            let old = HostOffset(m.hc.header.l1_table_offset).cluster(&self.g);
+            let old_len = m.map.l1().len() as u64;
             let clusters = (need * 8).div_ceil(cs);
             let new_off = self.alloc_contiguous(m, clusters)?;
             for k in 0..clusters {
-                m.meta_clusters.insert(new_off / cs + k, MetaKind::ActiveL1);
+                m.overlap.insert(new_off.cluster(&self.g).add(k), MetaKind::ActiveL1);
             }
-            m.l1.resize(need as usize, 0);
-            let mut bytes = encode_u64_table(&m.l1);
+            m.map.grow_l1(need as usize);
+            let mut bytes = encode_u64_table(m.map.l1());
             bytes.resize((clusters * cs) as usize, 0);
             self.write_back(m)?;
             self.write_meta(m, new_off, &bytes, MetaKind::ActiveL1)?;
             self.sync("flushing new L1 table")?;
-            m.hc.header.l1_table_offset = new_off;
+            m.hc.header.l1_table_offset = new_off.0;
             m.hc.header.l1_size = need as u32;
             m.hc.header.size = new_size;
             self.write_header(m)?;
             self.sync("flushing header")?;
-            m.l1_dirty = None;
+            m.map.l1_written();
             if old_len > 0 {
                 for k in 0..(old_len * 8).div_ceil(cs) {
-                    let idx = old_off / cs + k;
-                    m.meta_clusters.remove(&idx);
-                    self.set_refcount(m, idx, 0)?;
+                    m.overlap.remove(old.add(k));
+                    self.set_refcount(m, old.add(k), 0)?;
                 }
             }
         } else {
@@ -349,9 +349,9 @@ impl Qcow2 {
         // Host-contiguous runs of data clusters: (start, bytes).
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for gc in 0..clusters {
-            let (l1i, l2i) = self.split(gc);
+            let (l1i, l2i) = GuestCluster(gc).split(&self.g);
             let l2 = self.writable_l2(&mut m, l1i)?;
-            let host = if self.g.external_data { gc * cs } else { self.alloc_cluster(&mut m)? };
+            let host = if self.g.external_data { gc * cs } else { self.alloc_cluster(&mut m)?.0 };
             match runs.last_mut() {
                 Some((start, len)) if *start + *len == host => *len += cs,
                 _ => runs.push((host, cs)),
@@ -363,7 +363,7 @@ impl Qcow2 {
             } else {
                 L2Entry::normal(host, true)
             };
-            let t = m.l2.get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            let t = m.map.l2_mut().get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             self.g.l2.set(t, l2i, e);
         }
         let target: &dyn Storage = &*self.data;

@@ -18,6 +18,7 @@
 //! nothing to write costs no fsync.
 
 use super::state::{Meta, MetaKind};
+use super::units::HostOffset;
 use super::Qcow2;
 use crate::format::be::encode_u64_table;
 use crate::format::{Compatible, Incompatible};
@@ -31,7 +32,7 @@ impl Qcow2 {
     /// Sets the dirty bit durably before the first write that relies on
     /// it (refcount updates skipped).
     fn ensure_dirty_bit(&self, m: &mut Meta) -> Result<()> {
-        if m.lazy_active {
+        if m.refs.lazy_active() {
             return Ok(());
         }
         m.hc.header.incompatible_features |= Incompatible::DIRTY;
@@ -42,7 +43,7 @@ impl Qcow2 {
             return Err(e);
         }
         self.sync("flushing dirty bit")?;
-        m.lazy_active = true;
+        m.refs.set_lazy_active(true);
         Ok(())
     }
 
@@ -50,22 +51,22 @@ impl Qcow2 {
     /// table. Returns whether anything was written.
     fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
         let mut wrote = false;
-        for (off, a, b) in m.rb.dirty_ranges() {
-            let data = m.rb.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-            self.write_meta(m, off + a as u64, &data, MetaKind::RefcountBlock)?;
-            m.rb.mark_clean(off);
+        for (off, a, b) in m.refs.blocks().dirty_ranges() {
+            let data = m.refs.blocks().peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
+            self.write_meta(m, off.add(a as u64), &data, MetaKind::RefcountBlock)?;
+            m.refs.blocks_mut().mark_clean(off);
             wrote = true;
         }
-        if let Some((a, b)) = m.reftable_dirty {
+        if let Some((a, b)) = m.refs.table_dirty() {
             // The blocks must be durable before the table points at them,
             // those an eviction wrote earlier too.
-            if wrote || m.refblocks_unsynced {
+            if wrote || m.refs.blocks_unsynced() {
                 self.sync_stage(m, "flushing refcount blocks")?;
             }
-            let bytes = encode_u64_table(&m.reftable[a..=b]);
-            let off = m.hc.header.refcount_table_offset + a as u64 * 8;
+            let bytes = encode_u64_table(&m.refs.table()[a..=b]);
+            let off = HostOffset(m.hc.header.refcount_table_offset + a as u64 * 8);
             self.write_meta(m, off, &bytes, MetaKind::RefcountTable)?;
-            m.reftable_dirty = None;
+            m.refs.table_written();
             wrote = true;
         }
         Ok(wrote)
@@ -75,7 +76,7 @@ impl Qcow2 {
     /// early by an eviction.
     fn sync_stage(&self, m: &mut Meta, what: &'static str) -> Result<()> {
         self.sync(what)?;
-        m.refblocks_unsynced = false;
+        m.refs.synced();
         Ok(())
     }
 
@@ -87,10 +88,10 @@ impl Qcow2 {
     }
 
     pub(crate) fn write_back_inner(&self, m: &mut Meta, force_refcounts: bool) -> Result<bool> {
-        let need_l2 = m.l2.any_dirty();
-        let need_l1 = m.l1_dirty.is_some() || m.header_dirty;
+        let need_l2 = m.map.l2().any_dirty();
+        let need_l1 = m.map.l1_dirty().is_some() || m.header_dirty;
         let mut unsynced = false;
-        if m.rb.any_dirty() || m.reftable_dirty.is_some() {
+        if m.refs.blocks().any_dirty() || m.refs.table_dirty().is_some() {
             if self.lazy_configured(m) && !force_refcounts {
                 self.ensure_dirty_bit(m)?;
             } else {
@@ -98,33 +99,33 @@ impl Qcow2 {
             }
         }
         if need_l2 {
-            if unsynced || m.cow_unsynced || m.refblocks_unsynced {
+            if unsynced || m.cow_unsynced || m.refs.blocks_unsynced() {
                 self.sync_stage(m, "flushing refcounts and copied data")?;
                 m.cow_unsynced = false;
             }
-            for (off, a, b) in m.l2.dirty_ranges() {
-                let data = m.l2.peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
-                self.write_meta(m, off + a as u64, &data, MetaKind::ActiveL2)?;
-                m.l2.mark_clean(off);
+            for (off, a, b) in m.map.l2().dirty_ranges() {
+                let data = m.map.l2().peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
+                self.write_meta(m, off.add(a as u64), &data, MetaKind::ActiveL2)?;
+                m.map.l2_mut().mark_clean(off);
             }
             unsynced = true;
         }
         if need_l1 {
-            if unsynced || m.refblocks_unsynced {
+            if unsynced || m.refs.blocks_unsynced() {
                 self.sync_stage(m, "flushing L2 tables")?;
             }
-            if let Some((a, b)) = m.l1_dirty {
-                let bytes = encode_u64_table(&m.l1[a..=b]);
-                let off = m.hc.header.l1_table_offset + a as u64 * 8;
+            if let Some((a, b)) = m.map.l1_dirty() {
+                let bytes = encode_u64_table(&m.map.l1()[a..=b]);
+                let off = HostOffset(m.hc.header.l1_table_offset + a as u64 * 8);
                 self.write_meta(m, off, &bytes, MetaKind::ActiveL1)?;
-                m.l1_dirty = None;
+                m.map.l1_written();
             }
             if m.header_dirty {
                 self.write_header(m)?;
             }
             unsynced = true;
         }
-        if !m.pending_free.is_empty() {
+        if m.alloc.has_pending() {
             if unsynced {
                 self.sync_stage(m, "flushing L1 table")?;
                 unsynced = false;
@@ -134,7 +135,7 @@ impl Qcow2 {
             let _gate = self.io_gate.write().unwrap_or_else(|e| e.into_inner());
             self.apply_pending_frees(m)?;
         }
-        Ok(unsynced || m.refblocks_unsynced)
+        Ok(unsynced || m.refs.blocks_unsynced())
     }
 
     /// `BlockDevice::flush`: all metadata in order, then fsync.
@@ -166,16 +167,17 @@ impl Qcow2 {
         // A failure leaves the dirty tables dirty: closing again (or the
         // drop that follows) retries, as a flush would.
         (|| {
+            self.close_bitmaps(&mut m)?;
             self.write_back(&mut m)?;
             // Decrements applied by the first pass.
             self.write_back_inner(&mut m, true)?;
             self.trim_reserved(&mut m)?;
             self.sync("flushing image")?;
-            if m.lazy_active {
+            if m.refs.lazy_active() {
                 m.hc.header.incompatible_features &= !Incompatible::DIRTY;
                 self.write_header(&mut m)?;
                 self.sync("clearing dirty bit")?;
-                m.lazy_active = false;
+                m.refs.set_lazy_active(false);
             }
             Ok(())
         })()

@@ -1,16 +1,55 @@
 //! The qcow2 engine: caches, allocation, copy-on-write, flush ordering.
 //!
-//! One mutex guards the metadata (`state::Meta`); data I/O to clusters
-//! that are already allocated runs outside it. Writers that must change a
-//! guest cluster's L2 entry around data I/O (allocation, copy-on-write)
-//! mark the cluster in flight so nobody else allocates it meanwhile.
+//! The metadata state (`state::Meta`) is made of parts that keep their own
+//! invariants: `mapping::Mapping` (L1, L2 cache), `refcounts::Refcounts`,
+//! `allocator::Allocator` and `overlap::OverlapMap`. Positions are typed
+//! (`units.rs`). The crash-safety contract is enforced in `flush.rs`
+//! (write ordering) and `alloc.rs` (reuse of freed clusters); see the
+//! comments there.
 //!
-//! The crash-safety contract is enforced in `flush.rs` (write ordering) and
-//! `alloc.rs` (reuse of freed clusters); see the comments there.
+//! # Locks and order
+//!
+//! | lock | guards |
+//! |---|---|
+//! | `meta` (`RwLock<Meta>`) | all metadata: header, L1, L2 and refcount caches, allocator, overlap map, snapshot list |
+//! | `inflight` (`Mutex`) and its condition variables `inflight_done`, `cluster_done[64]` | the guest clusters whose L2 entry a writer changes around data I/O |
+//! | `io_gate` (`RwLock<()>`) | nothing by itself: a barrier between data I/O through a looked-up mapping and the reuse of freed clusters |
+//! | `poison` (`Mutex`) | the failure that made the on-disk state unknown |
+//! | `bitmaps` (`bitmap::Tracker`: a `Mutex` and atomics) | the persistent dirty bitmaps in memory and their in-use state on disk |
+//!
+//! Order: `meta`, then `inflight` or `io_gate`; `meta`, then `bitmaps`
+//! (a guest write marks its range with no other lock held, taking `meta`
+//! then `bitmaps` only to set the in-use flags before its first write);
+//! `poison` is a leaf, taken with or without the others. Nothing takes `meta` while holding
+//! `inflight` or `io_gate`.
+//!
+//! - `meta` is taken exclusively for every change and for lookups that may
+//!   read a table from disk (an L2 miss, a refcount). The read path takes
+//!   it shared to look a mapping up in a cached L2 table, and so does an
+//!   overwrite inside one owned cluster whose table and refcount block are
+//!   cached (`write.rs`); both fall back to the exclusive lock otherwise. Metadata I/O (table reads, write-back,
+//!   the fsyncs between write-back stages) runs under the exclusive lock.
+//! - `inflight` is changed only with `meta` held exclusively. A writer
+//!   waiting for a cluster takes `inflight`, then releases `meta` and waits
+//!   on the condition variable; it takes `meta` again only after releasing
+//!   `inflight`. Because the owner releases a cluster with both held, no
+//!   wake-up is lost.
+//! - `io_gate` is taken shared before `meta` is released by the paths that
+//!   do data I/O through a mapping they looked up (reads, in-place
+//!   overwrites), and held across that I/O; copy-on-read takes it shared,
+//!   without `meta`, around its data writes. It is taken exclusively with
+//!   `meta` held, by the write-back before deferred frees are applied and
+//!   by `quiesce` as a barrier, so no I/O that looked up a mapping before a
+//!   free lands in the cluster after it is reused.
+//! - Outside every lock: guest data I/O (reads, in-place overwrites,
+//!   writes into clusters this writer holds in flight), reads from the
+//!   backing device (which takes its own image's locks: a chain is
+//!   acyclic), and the final fsync of a flush.
 
 mod alloc;
+mod allocator;
 mod amend;
-mod bitmaps;
+mod bitmap;
 mod cache;
 mod check;
 mod compress;
@@ -21,15 +60,17 @@ mod mapping;
 mod overlap;
 mod preallocation;
 mod read;
+mod refcounts;
 mod resize;
 mod snapshot;
 mod snapshot_validate;
 mod snapshot_view;
 mod state;
+mod units;
 mod write;
 
 pub use amend::{amend, AmendOptions};
-pub use bitmaps::BitmapInfo;
+pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::HostExtent;
@@ -40,12 +81,15 @@ use crate::format::extensions::{Extensions, HeaderCluster};
 use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
 use crate::storage::Storage;
 use crate::{Error, Result};
-use cache::TableCache;
 use overlap::OverlapMap;
 use state::{Geometry, Meta, MetaKind, Poison};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use units::GuestCluster;
+
+/// The metadata lock held for writing.
+pub(crate) type MetaGuard<'a> = RwLockWriteGuard<'a, Meta>;
 
 /// Buckets of guest clusters with a condition variable each.
 const INFLIGHT_BUCKETS: usize = 64;
@@ -80,10 +124,18 @@ pub struct Qcow2 {
     read_only: bool,
     writethrough: bool,
     size: AtomicU64,
-    meta: Mutex<Meta>,
-    /// Signalled whenever a guest cluster leaves `Meta::inflight`.
+    meta: RwLock<Meta>,
+    /// Guest clusters whose L2 entry a writer is changing with data I/O in
+    /// flight; others wait on the condition variables. Changed only with
+    /// `meta` held for writing (see "Locks and order").
+    inflight: Mutex<HashSet<GuestCluster>>,
+    /// How many clusters `inflight` holds, readable without its lock: it
+    /// changes only with `meta` held exclusively, so a holder of `meta`
+    /// sees it exact, and the common case (none in flight) costs no lock.
+    inflight_count: AtomicUsize,
+    /// Signalled whenever a guest cluster leaves `inflight`.
     inflight_done: Condvar,
-    /// Signalled when a guest cluster leaves `Meta::inflight`, one per
+    /// Signalled when a guest cluster leaves `inflight`, one per
     /// bucket of clusters, so a commit wakes only writers that may be
     /// waiting for that cluster, not every waiter.
     cluster_done: Vec<Condvar>,
@@ -97,6 +149,8 @@ pub struct Qcow2 {
     copy_on_read: bool,
     /// The failure that left the on-disk state unknown, if any.
     poison: Poison,
+    /// Persistent dirty bitmaps (`bitmap/`), a leaf lock after `meta`.
+    bitmaps: bitmap::Tracker,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
@@ -169,28 +223,15 @@ impl Qcow2 {
         let mut meta = Meta {
             hc: hc.clone(),
             header_dirty: false,
-            l1,
-            l1_dirty: None,
-            l2: TableCache::new(l2_cap),
-            reftable,
-            reftable_dirty: None,
-            rb: TableCache::new(rb_cap),
+            map: mapping::Mapping::new(l1, l2_cap),
+            refs: refcounts::Refcounts::new(reftable, rb_cap),
+            alloc: allocator::Allocator::new(units::HostOffset(file_end), file_len),
+            overlap: OverlapMap::default(),
             snapshots,
-            free_hint: 0,
-            file_end,
-            prealloc_end: file_len,
-            reserve_cap: u64::MAX,
-            pending_free: Vec::new(),
-            inflight: HashSet::new(),
-            meta_clusters: OverlapMap::default(),
-            keep_end: 0,
             cow_unsynced: false,
-            refblocks_unsynced: false,
-            lazy_active: false,
             corrupt: h.is_corrupt() && !opts.repair,
-            compress_cursor: 0,
         };
-        meta.meta_clusters = metadata_clusters(&g, &meta);
+        meta.overlap = metadata_clusters(&g, &meta);
         let q = Qcow2 {
             file,
             data,
@@ -199,13 +240,16 @@ impl Qcow2 {
             read_only,
             writethrough: opts.writethrough,
             size: AtomicU64::new(hc.header.size),
-            meta: Mutex::new(meta),
+            meta: RwLock::new(meta),
+            inflight: Mutex::new(HashSet::new()),
+            inflight_count: AtomicUsize::new(0),
             inflight_done: Condvar::new(),
             cluster_done: (0..INFLIGHT_BUCKETS).map(|_| Condvar::new()).collect(),
             io_gate: RwLock::new(()),
             repaired_on_open: None,
             copy_on_read: opts.copy_on_read,
             poison: Poison::default(),
+            bitmaps: bitmap::Tracker::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -216,6 +260,8 @@ impl Qcow2 {
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
+            drop(m);
+            q.open_bitmaps(opts.repair)?;
         }
         Ok(q)
     }
@@ -227,9 +273,9 @@ impl Qcow2 {
         if h.version < 3 {
             return Ok(());
         }
-        // oxcow keeps the raw data file consistent but does not update
-        // persistent bitmaps, so their consistency bit must go.
-        let keep = Autoclear::KNOWN & !Autoclear::BITMAPS;
+        // oxcow keeps the raw data file consistent and maintains
+        // persistent bitmaps (`bitmap/`).
+        let keep = Autoclear::KNOWN;
         if h.autoclear_features & !keep != 0 {
             h.autoclear_features &= keep;
             self.write_header(m)?;
@@ -240,34 +286,85 @@ impl Qcow2 {
 
     /// Ends a writer's ownership of guest cluster `gc` and wakes those
     /// waiting for it (and those waiting for no cluster to be in flight).
-    pub(crate) fn release_inflight(&self, m: &mut Meta, gc: u64) {
-        m.inflight.remove(&gc);
-        self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].notify_all();
-        if m.inflight.is_empty() {
+    pub(crate) fn release_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
+        let mut set = self.inflight_set();
+        set.remove(&gc);
+        self.inflight_count.store(set.len(), Ordering::Release);
+        self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].notify_all();
+        if set.is_empty() {
             self.inflight_done.notify_all();
         }
     }
 
-    /// Waits until `gc` may have left the in-flight set (callers re-check).
-    pub(crate) fn wait_for_cluster<'a>(&self, m: MutexGuard<'a, Meta>, gc: u64) -> MutexGuard<'a, Meta> {
-        self.cluster_done[(gc % INFLIGHT_BUCKETS as u64) as usize].wait(m).unwrap_or_else(|e| e.into_inner())
+    /// Makes this writer the owner of guest cluster `gc` (the metadata
+    /// lock held for writing, as the `&mut Meta` says).
+    pub(crate) fn claim_inflight(&self, _m: &mut Meta, gc: GuestCluster) {
+        let mut set = self.inflight_set();
+        set.insert(gc);
+        self.inflight_count.store(set.len(), Ordering::Release);
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether a writer owns guest cluster `gc`.
+    pub(crate) fn is_inflight(&self, _m: &Meta, gc: GuestCluster) -> bool {
+        self.inflight_count.load(Ordering::Acquire) != 0 && self.inflight_set().contains(&gc)
+    }
+
+    fn inflight_set(&self) -> MutexGuard<'_, HashSet<GuestCluster>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `gc` may have left the in-flight set (callers re-check).
+    /// The in-flight lock is taken before the metadata lock is released,
+    /// and a writer releases a cluster only with both held, so the wake-up
+    /// cannot be missed.
+    pub(crate) fn wait_for_cluster<'a>(&'a self, m: MetaGuard<'a>, gc: GuestCluster) -> MetaGuard<'a> {
+        let set = self.inflight_set();
+        if !set.contains(&gc) {
+            return m;
+        }
+        drop(m);
+        let set =
+            self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].wait(set).unwrap_or_else(|e| e.into_inner());
+        drop(set);
+        self.lock()
+    }
+
+    /// Waits until no guest cluster is in flight; returns the lock held
+    /// with that true.
+    pub(crate) fn wait_idle<'a>(&'a self, mut m: MetaGuard<'a>) -> MetaGuard<'a> {
+        loop {
+            let set = self.inflight_set();
+            if set.is_empty() {
+                return m;
+            }
+            drop(m);
+            let set = self.inflight_done.wait(set).unwrap_or_else(|e| e.into_inner());
+            drop(set);
+            m = self.lock();
+        }
+    }
+
+    /// The metadata lock, for changes (and for lookups that may load).
+    pub(crate) fn lock(&self) -> MetaGuard<'_> {
+        self.meta.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The metadata lock shared: for lookups in what is cached.
+    pub(crate) fn lock_shared(&self) -> RwLockReadGuard<'_, Meta> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The header as it is now.
     pub fn header(&self) -> Header {
-        self.lock().hc.header.clone()
+        self.lock_shared().hc.header.clone()
     }
     /// The header extensions.
     pub fn extensions(&self) -> Extensions {
-        self.lock().hc.extensions.clone()
+        self.lock_shared().hc.extensions.clone()
     }
     /// The backing file name recorded in the image.
     pub fn backing_file(&self) -> Option<String> {
-        self.lock().hc.backing_file.clone()
+        self.lock_shared().hc.backing_file.clone()
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -291,11 +388,11 @@ impl Qcow2 {
     }
     /// Whether the image has its dirty bit set on disk.
     pub fn is_dirty(&self) -> bool {
-        self.lock().hc.header.is_dirty()
+        self.lock_shared().hc.header.is_dirty()
     }
     /// Whether the image is marked corrupt.
     pub fn is_corrupt(&self) -> bool {
-        let m = self.lock();
+        let m = self.lock_shared();
         m.corrupt || m.hc.header.is_corrupt()
     }
 
@@ -307,8 +404,8 @@ impl Qcow2 {
         let m = self.lock();
         let l1i = (guest / self.g.cluster_size / self.g.l2_entries) as usize;
         let table = |e: u64| e & crate::format::l1::OFFSET_MASK;
-        match m.l1.get(l1i).map(|&e| table(e)) {
-            Some(t) if t != 0 => m.l1.iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
+        match m.map.l1().get(l1i).map(|&e| table(e)) {
+            Some(t) if t != 0 => m.map.l1().iter().enumerate().any(|(j, &e)| j != l1i && table(e) == t),
             _ => false,
         }
     }
@@ -349,7 +446,7 @@ impl Qcow2 {
     /// Writes cluster 0 (header, extensions, backing name), unless other
     /// metadata claims it too.
     fn write_header(&self, m: &mut Meta) -> Result<()> {
-        self.check_overlap(m, 0, Some(MetaKind::Header))?;
+        self.check_overlap(m, units::HostOffset(0), Some(MetaKind::Header))?;
         self.write_header_unchecked(m)
     }
 
@@ -365,11 +462,12 @@ impl Qcow2 {
     /// metadata past the allocator's end (a damaged image's L1 table past
     /// the end of the file, say), nor guest data found mapped there.
     pub(crate) fn trim_reserved(&self, m: &mut Meta) -> Result<()> {
-        let keep = m.file_end.max(m.keep_end).max(m.meta_clusters.end().saturating_mul(self.g.cluster_size));
+        let keep =
+            m.alloc.file_end().max(m.alloc.keep_end()).0.max(m.overlap.end().saturating_mul(self.g.cluster_size));
         let len = self.file.len().map_err(io_err("reading image size"))?;
-        if m.prealloc_end > keep && len > keep {
+        if m.alloc.prealloc_end().0 > keep && len > keep {
             self.file.set_len(keep).map_err(io_err("trimming reserved space"))?;
-            m.prealloc_end = keep;
+            m.alloc.set_prealloc_end(units::HostOffset(keep));
         }
         Ok(())
     }
@@ -424,12 +522,15 @@ impl BlockDevice for Qcow2 {
         self.read(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.note_guest_write(offset, buf.len() as u64)?;
         self.write(buf, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.zero_range(offset, len, may_unmap)
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.note_guest_write(offset, len)?;
         self.discard_range(offset, len)
     }
     fn flush(&self) -> Result<()> {
@@ -445,13 +546,16 @@ impl BlockDevice for Qcow2 {
         "qcow2"
     }
     fn is_read_only(&self) -> bool {
-        self.read_only || self.lock().corrupt
+        self.read_only || self.lock_shared().corrupt
     }
     fn close(&self) -> Result<()> {
         self.close_clean()
     }
     fn resize(&self, new_len: u64) -> Result<()> {
         self.resize_to(new_len, true)
+    }
+    fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+        Some(self.bitmap_extents(name, offset, len))
     }
 }
 

@@ -19,6 +19,7 @@
 //! must cost 65536 entries, not billions.
 
 use super::state::{Geometry, Meta};
+use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::l1::OFFSET_MASK as L1_OFFSET_MASK;
 use crate::format::l2::{ClusterKind, L2Entry, COMPRESSED as L2_COMPRESSED, OFFSET_MASK as L2_OFFSET_MASK};
@@ -120,21 +121,25 @@ pub(crate) struct OverlapMap {
 const MAX_TAKEN: usize = 1 << 16;
 
 impl OverlapMap {
-    /// Marks cluster `idx` as holding `kind`.
-    pub fn insert(&mut self, idx: u64, kind: MetaKind) {
+    /// Marks cluster `c` as holding `kind`.
+    pub fn insert(&mut self, c: HostCluster, kind: MetaKind) {
+        self.insert_raw(c.0, kind);
+    }
+
+    fn insert_raw(&mut self, idx: u64, kind: MetaKind) {
         *self.clusters.entry(idx).or_insert(0) |= kind.bit();
         self.end = self.end.max(idx.saturating_add(1));
     }
 
     /// Marks `count` clusters from `first` as holding `kind`.
-    pub fn insert_range(&mut self, first: u64, count: u64, kind: MetaKind) {
+    pub fn insert_range(&mut self, first: HostCluster, count: u64, kind: MetaKind) {
         if count == 0 {
             return;
         }
         if count == 1 && kind != MetaKind::SnapshotL1 {
             self.insert(first, kind);
         } else {
-            self.push_extent(first, count, kind);
+            self.push_extent(first.0, count, kind);
             self.reindex();
         }
     }
@@ -154,9 +159,9 @@ impl OverlapMap {
         }
     }
 
-    /// Forgets what cluster `idx` held (its refcount dropped to zero).
-    pub fn remove(&mut self, idx: &u64) {
-        let idx = *idx;
+    /// Forgets what cluster `c` held (its refcount dropped to zero).
+    pub fn remove(&mut self, c: HostCluster) {
+        let idx = c.0;
         self.clusters.remove(&idx);
         if self.extent_bits(idx) == 0 {
             return;
@@ -198,10 +203,10 @@ impl OverlapMap {
         self.clusters.get(&idx).copied().unwrap_or(0) | self.extent_bits(idx)
     }
 
-    /// Whether the allocator must leave cluster `idx` alone: it holds
+    /// Whether the allocator must leave cluster `c` alone: it holds
     /// metadata, or a table points at it from past the allocation end.
-    pub fn contains_key(&self, idx: &u64) -> bool {
-        self.kinds(*idx) != 0 || self.taken.contains(idx)
+    pub fn contains(&self, c: HostCluster) -> bool {
+        self.kinds(c.0) != 0 || self.taken.contains(&c.0)
     }
 
     /// Forgets the clusters noted by `note_free_refs`: refcounts were
@@ -251,12 +256,12 @@ impl OverlapMap {
             let first = off / cs;
             let end = off.saturating_add(bytes).div_ceil(cs);
             if end - first == 1 && kind != MetaKind::SnapshotL1 {
-                map.insert(first, kind);
+                map.insert_raw(first, kind);
             } else {
                 map.push_extent(first, end - first, kind);
             }
         };
-        map.insert(0, MetaKind::Header);
+        map.insert_raw(0, MetaKind::Header);
         let h = &m.hc.header;
         add(&mut map, h.l1_table_offset, u64::from(h.l1_size) * 8, MetaKind::ActiveL1);
         add(&mut map, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, MetaKind::RefcountTable);
@@ -271,21 +276,21 @@ impl OverlapMap {
                 add(&mut map, b.directory_offset, b.directory_size, MetaKind::BitmapDirectory);
             }
         }
-        for &e in &m.reftable {
+        for &e in m.refs.table() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off != 0 {
-                map.insert(off / cs, MetaKind::RefcountBlock);
+                map.insert_raw(off / cs, MetaKind::RefcountBlock);
             }
         }
-        for &e in &m.l1 {
+        for &e in m.map.l1() {
             let off = e & L1_OFFSET_MASK;
             if off != 0 {
-                map.insert(off / cs, MetaKind::ActiveL2);
+                map.insert_raw(off / cs, MetaKind::ActiveL2);
             }
         }
         // What loaded tables were found to point at stays true when the
         // map is rebuilt after a whole-image operation.
-        map.taken = m.meta_clusters.taken.clone();
+        map.taken = m.overlap.taken.clone();
         map.reindex();
         map
     }
@@ -300,19 +305,26 @@ impl Qcow2 {
     /// Refuses to write guest data (`kind == None`) or metadata of `kind`
     /// into the cluster at `host` when it holds other metadata, and marks
     /// the image corrupt when that happens.
-    pub(crate) fn check_overlap(&self, m: &mut Meta, host: u64, kind: Option<MetaKind>) -> Result<()> {
+    pub(crate) fn check_overlap(&self, m: &mut Meta, host: HostOffset, kind: Option<MetaKind>) -> Result<()> {
         self.check_overlap_range(m, host, 1, kind)
     }
 
     /// `check_overlap` for every cluster `[off, off + len)` touches.
-    pub(crate) fn check_overlap_range(&self, m: &mut Meta, off: u64, len: u64, kind: Option<MetaKind>) -> Result<()> {
+    pub(crate) fn check_overlap_range(
+        &self,
+        m: &mut Meta,
+        off: HostOffset,
+        len: u64,
+        kind: Option<MetaKind>,
+    ) -> Result<()> {
+        let off = off.0;
         if self.g.external_data && kind.is_none() {
             return Ok(());
         }
         let cs = self.g.cluster_size;
         let first = off / cs;
         let end = off.saturating_add(len.max(1)).div_ceil(cs);
-        match m.meta_clusters.conflict(first, end, kind) {
+        match m.overlap.conflict(first, end, kind) {
             None => Ok(()),
             Some((c, bits)) => Err(self.mark_corrupt(
                 m,
@@ -346,12 +358,13 @@ impl Qcow2 {
         // gone from disk: only clusters from the hint up can be handed out
         // by mistake. Past the first allocation, on a full image, that
         // leaves a comparison per entry.
-        let floor = m.free_hint.max(1).saturating_mul(cs);
+        let floor = m.alloc.free_hint().0.max(1).saturating_mul(cs);
+        let file_end = m.alloc.file_end().0;
         // The first word of each entry: `L2Entry::host_offset` on the raw
         // words, without building entries.
         let mut note = |m: &mut Meta, host: u64| {
-            if host >= m.file_end {
-                m.meta_clusters.taken.insert(host / cs);
+            if host >= file_end {
+                m.overlap.taken.insert(host / cs);
             } else if host >= floor {
                 inside.push(host / cs);
             }
@@ -374,13 +387,13 @@ impl Qcow2 {
         while i < inside.len() {
             let t = inside[i] >> bits;
             let run = inside[i..].iter().take_while(|&&c| c >> bits == t).count();
-            let block = m.reftable.get(t as usize).map_or(0, |e| e & REFTABLE_OFFSET_MASK);
+            let block = m.refs.block_offset(t as usize).unwrap_or_default().0;
             // Loads the block; one that cannot be read (a damaged refcount
             // table) is left for the allocator and check to report.
-            let readable = block != 0 && self.refcount(m, inside[i]).is_ok();
+            let readable = block != 0 && self.refcount(m, HostCluster(inside[i])).is_ok();
             let mask = (1u64 << bits) - 1;
-            let taken = &mut m.meta_clusters.taken;
-            match m.rb.peek(block) {
+            let taken = &mut m.overlap.taken;
+            match m.refs.blocks().peek(HostOffset(block)) {
                 Some(b) if readable && self.g.rc.bits() == 16 => {
                     // The default width, read directly.
                     let zero = |c: u64| {
@@ -398,7 +411,7 @@ impl Qcow2 {
             }
             i += run;
         }
-        if m.meta_clusters.taken.len() > MAX_TAKEN {
+        if m.overlap.taken.len() > MAX_TAKEN {
             return Err(self.mark_corrupt(
                 m,
                 format!("more than {MAX_TAKEN} guest clusters are mapped to clusters whose refcount is 0"),
@@ -411,9 +424,10 @@ impl Qcow2 {
     /// (so before an allocation trusts what it says): it must be no other
     /// metadata, and lie inside the allocated area. A block past the end
     /// of the file reads as zeros, calling every cluster it covers free.
-    pub(crate) fn check_refblock(&self, m: &mut Meta, off: u64) -> Result<()> {
+    pub(crate) fn check_refblock(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
         self.check_overlap(m, off, Some(MetaKind::RefcountBlock))?;
-        if off >= m.file_end {
+        let off = off.0;
+        if off >= m.alloc.file_end().0 {
             return Err(
                 self.mark_corrupt(m, format!("refcount block at host offset {off:#x} lies past the end of the file"))
             );
@@ -442,8 +456,8 @@ impl Qcow2 {
             let first = d.offset / cs;
             let last = (d.offset + d.byte_len().max(1) - 1) / cs;
             for c in first..=last {
-                self.check_overlap(m, c * cs, None)?;
-                if self.refcount(m, c)? == 0 {
+                self.check_overlap(m, HostCluster(c).offset(&self.g), None)?;
+                if self.refcount(m, HostCluster(c))? == 0 {
                     return Err(self.mark_corrupt(
                         m,
                         format!("compressed guest data at host offset {:#x} has refcount 0", d.offset),
@@ -455,21 +469,35 @@ impl Qcow2 {
         self.check_mapped_cluster(m, e.host_offset())
     }
 
+    /// Whether `check_mapped_cluster` would pass for the data cluster at
+    /// `host` without changing anything, as far as the shared lock lets
+    /// it see: false sends the caller to the exclusive path, which does
+    /// the full check (and reports what is wrong).
+    pub(crate) fn mapped_cluster_ok(&self, m: &Meta, host: u64) -> bool {
+        if self.g.external_data || host == 0 {
+            return true;
+        }
+        let first = host / self.g.cluster_size;
+        m.overlap.conflict(first, first + 1, None).is_none()
+            && self.cached_refcount(m, HostOffset(host).cluster(&self.g)).is_some_and(|rc| rc != 0)
+            && m.alloc.keep_end().0 >= host + self.g.cluster_size
+    }
+
     fn check_mapped_cluster(&self, m: &mut Meta, host: u64) -> Result<()> {
         if host == 0 {
             return Ok(());
         }
         // Guest data on metadata: writing it in place would overwrite the
         // table, and copy-on-write would free the table's cluster.
-        self.check_overlap(m, host, None)?;
+        self.check_overlap(m, HostOffset(host), None)?;
         let cs = self.g.cluster_size;
-        if self.refcount(m, host / cs)? == 0 {
+        if self.refcount(m, HostOffset(host).cluster(&self.g))? == 0 {
             return Err(self.mark_corrupt(
                 m,
                 format!("guest data at host offset {host:#x} has refcount 0 (refcount too low, or past the end of the file)"),
             ));
         }
-        m.keep_end = m.keep_end.max(host + cs);
+        m.alloc.keep(HostOffset(host + cs));
         Ok(())
     }
 
@@ -494,10 +522,10 @@ impl Qcow2 {
             return Err(bad("lies past the end of the file".into()));
         }
         let (first, end) = (off / cs, (off + bytes).div_ceil(cs));
-        if let Some((c, bits)) = m.meta_clusters.conflict(first, end, Some(MetaKind::SnapshotL1)) {
+        if let Some((c, bits)) = m.overlap.conflict(first, end, Some(MetaKind::SnapshotL1)) {
             return Err(bad(format!("overlaps with {} at offset {:#x}", names(bits), c * cs)));
         }
-        if m.meta_clusters.other_snapshot_l1(first, end) {
+        if m.overlap.other_snapshot_l1(first, end) {
             return Err(bad("overlaps with another snapshot's L1 table".into()));
         }
         Ok(())
@@ -511,10 +539,10 @@ mod tests {
     #[test]
     fn kinds_union_over_clusters_and_extents() {
         let mut m = OverlapMap::default();
-        m.insert(0, MetaKind::Header);
-        m.insert_range(3, 4, MetaKind::ActiveL1);
-        m.insert_range(100, 2, MetaKind::SnapshotL1);
-        m.insert(4, MetaKind::RefcountBlock);
+        m.insert(HostCluster(0), MetaKind::Header);
+        m.insert_range(HostCluster(3), 4, MetaKind::ActiveL1);
+        m.insert_range(HostCluster(100), 2, MetaKind::SnapshotL1);
+        m.insert(HostCluster(4), MetaKind::RefcountBlock);
         assert_eq!(m.kinds(2), 0);
         assert_eq!(m.kinds(3), MetaKind::ActiveL1.bit());
         assert_eq!(m.kinds(4), MetaKind::ActiveL1.bit() | MetaKind::RefcountBlock.bit());
@@ -531,14 +559,14 @@ mod tests {
         let mut m = OverlapMap::default();
         // A long extent, then short ones inside it: the lookup must walk
         // back past the short ones to the long one.
-        m.insert_range(10, 100, MetaKind::SnapshotL1);
-        m.insert_range(20, 2, MetaKind::ActiveL1);
-        m.insert_range(30, 2, MetaKind::RefcountTable);
+        m.insert_range(HostCluster(10), 100, MetaKind::SnapshotL1);
+        m.insert_range(HostCluster(20), 2, MetaKind::ActiveL1);
+        m.insert_range(HostCluster(30), 2, MetaKind::RefcountTable);
         assert_eq!(m.kinds(50), MetaKind::SnapshotL1.bit());
         assert_eq!(m.kinds(31), MetaKind::SnapshotL1.bit() | MetaKind::RefcountTable.bit());
         assert_eq!(m.kinds(110), 0);
         assert!(!m.other_snapshot_l1(10, 110), "only itself");
-        m.insert_range(40, 1, MetaKind::SnapshotL1);
+        m.insert_range(HostCluster(40), 1, MetaKind::SnapshotL1);
         assert!(m.other_snapshot_l1(40, 41));
         assert!(m.other_snapshot_l1(10, 110));
     }
@@ -546,14 +574,14 @@ mod tests {
     #[test]
     fn remove_splits_extents() {
         let mut m = OverlapMap::default();
-        m.insert_range(10, 5, MetaKind::RefcountTable);
-        m.insert(12, MetaKind::ActiveL2);
-        m.remove(&12);
+        m.insert_range(HostCluster(10), 5, MetaKind::RefcountTable);
+        m.insert(HostCluster(12), MetaKind::ActiveL2);
+        m.remove(HostCluster(12));
         assert_eq!(m.kinds(12), 0);
         assert_eq!(m.kinds(11), MetaKind::RefcountTable.bit());
         assert_eq!(m.kinds(13), MetaKind::RefcountTable.bit());
-        m.remove(&10);
-        m.remove(&14);
+        m.remove(HostCluster(10));
+        m.remove(HostCluster(14));
         assert_eq!(m.kinds(10), 0);
         assert_eq!(m.kinds(14), 0);
         assert_eq!(m.kinds(13), MetaKind::RefcountTable.bit());

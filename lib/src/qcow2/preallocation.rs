@@ -3,6 +3,7 @@
 //! which read as zeros, so block status asks the file about them (QEMU's
 //! qcow2 driver then lets the file layer refine the answer).
 
+use super::units::HostCluster;
 use super::Qcow2;
 use crate::{Error, Result};
 
@@ -36,7 +37,7 @@ impl Qcow2 {
             let last = (first + per_block).min(end);
             let mut m = self.lock();
             for idx in first..last {
-                if self.refcount(&mut m, idx)? != 0 {
+                if self.refcount(&mut m, HostCluster(idx))? != 0 {
                     counted += 1;
                     if counted >= threshold {
                         break;

@@ -1,10 +1,10 @@
 //! The read path and block status.
 
-use super::state::Meta;
+use super::units::{GuestCluster, GuestOffset};
 use super::Qcow2;
 use crate::device::{check_range, read_backing, BlockDevice, BlockStatus};
 use crate::format::compressed::{decompress, CompressedDescriptor};
-use crate::format::l2::ClusterKind;
+use crate::format::l2::{ClusterKind, L2Entry};
 use crate::{Error, Result};
 
 /// One piece of a read, planned under the metadata lock and carried out
@@ -22,8 +22,15 @@ enum Piece {
 }
 
 impl Qcow2 {
-    /// Splits `[offset, offset + len)` into pieces of uniform kind.
-    fn plan_read(&self, m: &mut Meta, offset: u64, len: u64) -> Result<Vec<(u64, u64, Piece)>> {
+    /// Splits `[offset, offset + len)` into pieces of uniform kind, with
+    /// `entry` giving each guest cluster's L2 entry; `None` when `entry`
+    /// has none (a lookup in the cache only, whose table is not cached).
+    fn plan_read(
+        &self,
+        offset: u64,
+        len: u64,
+        mut entry: impl FnMut(GuestCluster) -> Result<Option<L2Entry>>,
+    ) -> Result<Option<Vec<(u64, u64, Piece)>>> {
         let cs = self.g.cluster_size;
         let mut plan: Vec<(u64, u64, Piece)> = Vec::new();
         let mut pos = offset;
@@ -31,13 +38,13 @@ impl Qcow2 {
         while pos < end {
             let gc = pos / cs;
             let in_off = pos % cs;
-            let e = self.l2_entry(m, gc)?;
+            let Some(e) = entry(GuestCluster(gc))? else { return Ok(None) };
             // Without extended L2 (or for compressed clusters) one kind
             // covers the whole cluster; otherwise it changes per subcluster.
             let step = if self.g.extended && !e.is_compressed() { self.g.sub_size } else { cs };
             let sub = (in_off / self.g.sub_size) as u32;
             let sub = if self.g.extended { sub } else { 0 };
-            let kind = self.classify(e, sub, gc)?;
+            let kind = self.classify(e, sub, GuestCluster(gc))?;
             let piece_end = ((pos / step + 1) * step).min(end);
             let n = piece_end - pos;
             let piece = match kind {
@@ -54,7 +61,7 @@ impl Qcow2 {
             }
             pos = piece_end;
         }
-        Ok(plan)
+        Ok(Some(plan))
     }
 
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -63,19 +70,30 @@ impl Qcow2 {
         // random read, needs no plan to be built.
         let step = self.g.sub_size;
         if !buf.is_empty() && offset / step == (offset + buf.len() as u64 - 1) / step {
-            let gc = offset / self.g.cluster_size;
-            let in_off = offset % self.g.cluster_size;
-            let (piece, _gate) = {
-                let mut m = self.lock();
-                let e = self.l2_entry(&mut m, gc)?;
-                let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
-                let piece = match self.classify(e, sub, gc)? {
+            let gc = GuestOffset(offset).cluster(&self.g);
+            let in_off = GuestOffset(offset).in_cluster(&self.g);
+            let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
+            let piece = |e: L2Entry| -> Result<Piece> {
+                Ok(match self.classify(e, sub, gc)? {
                     ClusterKind::Unallocated => Piece::Backing,
                     ClusterKind::Zero(_) => Piece::Zero,
                     ClusterKind::Normal(host) => Piece::Host(host + in_off),
                     ClusterKind::Compressed(d) => Piece::Compressed(d, in_off),
-                };
-                (piece, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+                })
+            };
+            // A cached table is read under the shared lock; only a miss
+            // takes it exclusively, to load the table.
+            let (piece, _gate) = {
+                let m = self.lock_shared();
+                match self.cached_l2_entry(&m, gc) {
+                    Some(e) => (piece(e)?, self.io_gate.read().unwrap_or_else(|e| e.into_inner())),
+                    None => {
+                        drop(m);
+                        let mut m = self.lock();
+                        let e = self.l2_entry(&mut m, gc)?;
+                        (piece(e)?, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+                    }
+                }
             };
             return self.read_piece(buf, offset, piece);
         }
@@ -89,9 +107,18 @@ impl Qcow2 {
             // Take the gate before releasing the metadata lock, so no
             // cluster in the plan can be freed and reused before it is read.
             let (plan, _gate) = {
-                let mut m = self.lock();
-                let plan = self.plan_read(&mut m, offset + done, n)?;
-                (plan, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+                let m = self.lock_shared();
+                match self.plan_read(offset + done, n, |gc| Ok(self.cached_l2_entry(&m, gc)))? {
+                    Some(plan) => (plan, self.io_gate.read().unwrap_or_else(|e| e.into_inner())),
+                    None => {
+                        drop(m);
+                        let mut m = self.lock();
+                        let plan = self
+                            .plan_read(offset + done, n, |gc| self.l2_entry(&mut m, gc).map(Some))?
+                            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+                        (plan, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+                    }
+                }
             };
             for (pos, len, piece) in plan {
                 let at = (pos - offset) as usize;
@@ -164,9 +191,9 @@ impl Qcow2 {
         while pos < end && budget > 0 {
             budget -= 1;
             let gc = pos / cs;
-            let (l1i, _) = self.split(gc);
-            let l2_unallocated = m.l1.get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
-            let (n, st) = if l1i >= m.l1.len() {
+            let (l1i, _) = GuestCluster(gc).split(&self.g);
+            let l2_unallocated = m.map.l1().get(l1i).is_none_or(|&e| e & crate::format::l1::OFFSET_MASK == 0);
+            let (n, st) = if l1i >= m.map.l1().len() {
                 // Past the L1 table (a snapshot view whose disk is larger
                 // than its table covers): unallocated to the end at once.
                 (end - pos, BlockStatus::unallocated(pos, end - pos))
@@ -176,12 +203,12 @@ impl Qcow2 {
                 let n = ((pos / span + 1) * span).min(end) - pos;
                 (n, BlockStatus::unallocated(pos, n))
             } else {
-                let e = self.l2_entry(&mut m, gc)?;
+                let e = self.l2_entry(&mut m, GuestCluster(gc))?;
                 let in_off = pos % cs;
                 let step = if self.g.extended && !e.is_compressed() { self.g.sub_size } else { cs };
                 let sub = if self.g.extended { (in_off / self.g.sub_size) as u32 } else { 0 };
                 let n = ((pos / step + 1) * step).min(end) - pos;
-                let kind = self.classify(e, sub, gc)?;
+                let kind = self.classify(e, sub, GuestCluster(gc))?;
                 let mut st = BlockStatus::unallocated(pos, n);
                 match kind {
                     ClusterKind::Unallocated => {

@@ -2,6 +2,7 @@
 //! Growing lives in `create.rs`.
 
 use super::state::Meta;
+use super::units::{GuestCluster, HostCluster, HostOffset};
 use super::{metadata_clusters, Qcow2};
 use crate::format::l1::L1Entry;
 use crate::format::L2Entry;
@@ -22,6 +23,7 @@ impl Qcow2 {
                 return Err(Error::invalid("Can't resize a v2 image which has snapshots"));
             }
         }
+        self.resize_bitmaps_check()?;
         if new_size >= self.len() {
             self.grow(new_size)?;
         } else if !allow_shrink {
@@ -29,6 +31,7 @@ impl Qcow2 {
         } else {
             self.shrink(new_size)?;
         }
+        self.resize_bitmaps(new_size);
         if self.g.external_data {
             // The data file mirrors the guest disk: QEMU resizes it too
             // (after the header, so a crash leaves at most a longer file).
@@ -54,7 +57,7 @@ impl Qcow2 {
     fn shrink_locked(&self, m: &mut Meta, new_size: u64) -> Result<()> {
         let cs = self.g.cluster_size;
         let first = new_size.div_ceil(cs);
-        let end = m.l1.len() as u64 * self.g.l2_entries;
+        let end = m.map.l1().len() as u64 * self.g.l2_entries;
         // Dropped entries are on disk before their clusters are freed
         // (write_back defers the frees); the header shrinks after that, so
         // a crash in between leaves a disk whose tail reads as unallocated.
@@ -65,15 +68,15 @@ impl Qcow2 {
         self.sync("flushing header")?;
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
         Self::drop_l2_cache(m);
-        m.meta_clusters = metadata_clusters(&self.g, m);
+        m.overlap = metadata_clusters(&self.g, m);
         self.truncate_tail(m)
     }
 
     /// Cuts the file after its last cluster with a nonzero refcount.
     fn truncate_tail(&self, m: &mut Meta) -> Result<()> {
         let cs = self.g.cluster_size;
-        let mut last = m.file_end / cs;
-        while last > 1 && self.refcount(m, last - 1)? == 0 && !m.meta_clusters.contains_key(&(last - 1)) {
+        let mut last = m.alloc.file_end().cluster(&self.g).0;
+        while last > 1 && self.refcount(m, HostCluster(last - 1))? == 0 && !m.overlap.contains(HostCluster(last - 1)) {
             last -= 1;
         }
         let len = last * cs;
@@ -82,8 +85,8 @@ impl Qcow2 {
             self.file.set_len(len).map_err(|e| Error::io("truncating image", e))?;
             self.sync("flushing truncation")?;
         }
-        m.file_end = len;
-        m.free_hint = m.free_hint.min(last);
+        m.alloc.truncate_end(HostOffset(len));
+        m.alloc.note_free(HostCluster(last));
         Ok(())
     }
 
@@ -93,11 +96,11 @@ impl Qcow2 {
     pub fn make_empty(&self) -> Result<()> {
         let mut m = self.quiesce()?;
         let r = (|| {
-            let end = m.l1.len() as u64 * self.g.l2_entries;
+            let end = m.map.l1().len() as u64 * self.g.l2_entries;
             self.drop_clusters(&mut m, 0, end)?;
             self.write_back_durable(&mut m)?;
             Self::drop_l2_cache(&mut m);
-            m.meta_clusters = metadata_clusters(&self.g, &m);
+            m.overlap = metadata_clusters(&self.g, &m);
             Ok(())
         })();
         self.fail(&mut m, r)
@@ -109,33 +112,37 @@ impl Qcow2 {
     /// entry is gone from disk.
     pub(crate) fn drop_clusters(&self, m: &mut Meta, first: u64, end: u64) -> Result<()> {
         let n = self.g.l2_entries;
-        m.compress_cursor = 0;
-        for l1i in (first / n) as usize..(end.div_ceil(n) as usize).min(m.l1.len()) {
-            let off = L1Entry(m.l1[l1i]).l2_offset();
+        m.alloc.reset_compress_cursor();
+        for l1i in (first / n) as usize..(end.div_ceil(n) as usize).min(m.map.l1().len()) {
+            let off = L1Entry(m.map.l1()[l1i]).l2_offset();
             if off == 0 {
                 continue;
             }
             let t_first = l1i as u64 * n;
             if first <= t_first && end >= t_first + n {
-                self.load_l2(m, off)?;
-                let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished"))?;
+                self.load_l2(m, HostOffset(off))?;
+                let t = m
+                    .map
+                    .l2()
+                    .peek(HostOffset(off))
+                    .map(|t| t.to_vec())
+                    .ok_or_else(|| Error::corrupt("L2 table vanished"))?;
                 // Every reference this L1 entry carried goes: the table's
                 // and, through it, each cluster's.
-                m.l1[l1i] = 0;
-                m.mark_l1_dirty(l1i);
+                m.map.set_l1(l1i, 0);
                 for i in 0..n as usize {
                     let e = self.g.l2.get(&t, i);
                     self.release_entry(m, e, None, false);
                 }
-                self.free_later(m, off, false);
+                self.free_later(m, HostOffset(off), false);
                 continue;
             }
             for gc in first.max(t_first)..end.min(t_first + n) {
-                let e = self.l2_entry(m, gc)?;
+                let e = self.l2_entry(m, GuestCluster(gc))?;
                 if e == L2Entry::default() {
                     continue;
                 }
-                self.set_l2_entry(m, gc, L2Entry::default())?;
+                self.set_l2_entry(m, GuestCluster(gc), L2Entry::default())?;
                 self.release_entry(m, e, None, false);
             }
         }

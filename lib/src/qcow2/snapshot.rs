@@ -12,6 +12,8 @@
 
 use super::snapshot_validate::GotoPlan;
 use super::state::{Meta, MetaKind};
+use super::units::{HostCluster, HostOffset};
+use super::MetaGuard;
 use super::{metadata_clusters, Qcow2};
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
@@ -21,7 +23,6 @@ use crate::format::snapshot::{encode_table, EXTRA_WITH_ICOUNT, FIXED_LEN};
 use crate::format::SnapshotEntry;
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::sync::MutexGuard;
 
 /// Bytes one entry occupies on disk (padded to 8).
 fn entry_disk_len(e: &SnapshotEntry) -> u64 {
@@ -33,12 +34,10 @@ impl Qcow2 {
     /// allocating writes in flight, then writes every cached change back
     /// (refcounts included, even with lazy refcounts) and syncs, so the
     /// operation starts from a consistent on-disk state.
-    pub(crate) fn quiesce(&self) -> Result<MutexGuard<'_, Meta>> {
-        let mut m = self.lock();
+    pub(crate) fn quiesce(&self) -> Result<MetaGuard<'_>> {
+        let m = self.lock();
         self.check_writable(&m)?;
-        while !m.inflight.is_empty() {
-            m = self.inflight_done.wait(m).unwrap_or_else(|e| e.into_inner());
-        }
+        let mut m = self.wait_idle(m);
         self.check_writable(&m)?;
         self.write_back_durable(&mut m)?;
         // A barrier: fast-path I/O that looked up a mapping before this
@@ -75,9 +74,9 @@ impl Qcow2 {
     /// Forgets every cached L2 table (all clean after a write-back): tables
     /// freed by a whole-image operation may be reused as anything.
     pub(crate) fn drop_l2_cache(m: &mut Meta) {
-        while let Some((off, dirty)) = m.l2.lru() {
-            debug_assert!(!dirty, "dropping a dirty L2 table");
-            m.l2.remove(off);
+        debug_assert!(!m.map.l2().any_dirty(), "dropping a dirty L2 table");
+        for off in m.map.l2().offsets() {
+            m.map.l2_mut().remove(off);
         }
     }
 
@@ -96,7 +95,7 @@ impl Qcow2 {
     /// Host cluster indices one L1 table references, once per reference:
     /// its L2 tables, their data clusters and every host cluster that
     /// compressed data touches.
-    pub(crate) fn tree_refs(&self, m: &mut Meta, l1: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn tree_refs(&self, m: &mut Meta, l1: &[u64]) -> Result<Vec<HostCluster>> {
         let cs = self.g.cluster_size;
         let mut out = Vec::new();
         for &raw in l1 {
@@ -104,9 +103,14 @@ impl Qcow2 {
             if off == 0 {
                 continue;
             }
-            out.push(off / cs);
-            self.load_l2(m, off)?;
-            let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            out.push(HostOffset(off).cluster(&self.g));
+            self.load_l2(m, HostOffset(off))?;
+            let t = m
+                .map
+                .l2()
+                .peek(HostOffset(off))
+                .map(|t| t.to_vec())
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             for i in 0..self.g.l2_entries as usize {
                 let e = self.g.l2.get(&t, i);
                 if e.word == 0 {
@@ -114,7 +118,7 @@ impl Qcow2 {
                 }
                 if let ClusterKind::Compressed(d) = self.g.l2.classify(e, 0, self.g.v3) {
                     let last = (d.offset + d.byte_len() - 1) / cs;
-                    out.extend(d.offset / cs..=last);
+                    out.extend((d.offset / cs..=last).map(HostCluster));
                     continue;
                 }
                 let host = e.host_offset();
@@ -122,7 +126,7 @@ impl Qcow2 {
                     if host & (cs - 1) != 0 {
                         return Err(Error::corrupt_at("data cluster offset is not cluster aligned", host));
                     }
-                    out.push(host / cs);
+                    out.push(HostOffset(host).cluster(&self.g));
                 }
             }
         }
@@ -131,8 +135,8 @@ impl Qcow2 {
 
     /// Refuses, before anything changes, increments that would overflow
     /// a refcount (refcount_bits = 1 allows no sharing at all).
-    pub(crate) fn check_increments(&self, m: &mut Meta, refs: &[u64]) -> Result<()> {
-        let mut counts: HashMap<u64, u64> = HashMap::new();
+    pub(crate) fn check_increments(&self, m: &mut Meta, refs: &[HostCluster]) -> Result<()> {
+        let mut counts: HashMap<HostCluster, u64> = HashMap::new();
         for &i in refs {
             *counts.entry(i).or_default() += 1;
         }
@@ -145,7 +149,7 @@ impl Qcow2 {
                 return Err(Error::invalid(format!(
                     "refcount of cluster at offset {:#x} would exceed {max}, the maximum for refcount_bits={} \
                      (sharing clusters with a snapshot needs wider refcounts; change them with amend -o refcount_bits=16)",
-                    idx * self.g.cluster_size,
+                    idx.offset(&self.g).0,
                     self.g.rc.bits()
                 )));
             }
@@ -153,9 +157,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn adjust_all(&self, m: &mut Meta, refs: &[u64], delta: i64) -> Result<()> {
-        for &idx in refs {
-            self.adjust_refcount(m, idx, delta)?;
+    fn adjust_all(&self, m: &mut Meta, refs: &[HostCluster], delta: i64) -> Result<()> {
+        for &c in refs {
+            self.adjust_refcount(m, c, delta)?;
         }
         Ok(())
     }
@@ -166,16 +170,14 @@ impl Qcow2 {
         if self.g.external_data {
             return Ok(());
         }
-        let cs = self.g.cluster_size;
-        for l1i in 0..m.l1.len() {
-            let off = L1Entry(m.l1[l1i]).l2_offset();
+        for l1i in 0..m.map.l1().len() {
+            let off = L1Entry(m.map.l1()[l1i]).l2_offset();
             if off == 0 {
                 continue;
             }
-            let want = if self.refcount(m, off / cs)? == 1 { off | L1_COPIED } else { off };
-            if m.l1[l1i] != want {
-                m.l1[l1i] = want;
-                m.mark_l1_dirty(l1i);
+            let want = if self.refcount(m, HostOffset(off).cluster(&self.g))? == 1 { off | L1_COPIED } else { off };
+            if m.map.l1()[l1i] != want {
+                m.map.set_l1(l1i, want);
             }
             self.fix_l2_flags(m, off, false)?;
         }
@@ -186,9 +188,13 @@ impl Qcow2 {
     /// refcounts (`clear_only`: only clears, for tables outside the
     /// active tree).
     fn fix_l2_flags(&self, m: &mut Meta, off: u64, clear_only: bool) -> Result<()> {
-        let cs = self.g.cluster_size;
-        self.load_l2(m, off)?;
-        let t = m.l2.peek(off).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        self.load_l2(m, HostOffset(off))?;
+        let t = m
+            .map
+            .l2()
+            .peek(HostOffset(off))
+            .map(|t| t.to_vec())
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         let mut changes = Vec::new();
         for i in 0..self.g.l2_entries as usize {
             let e = self.g.l2.get(&t, i);
@@ -196,14 +202,18 @@ impl Qcow2 {
             if e.is_compressed() || host == 0 {
                 continue;
             }
-            let owned = !clear_only && self.refcount(m, host / cs)? == 1;
+            let owned = !clear_only && self.refcount(m, HostOffset(host).cluster(&self.g))? == 1;
             let word = if owned { e.word | COPIED } else { e.word & !COPIED };
             if word != e.word {
                 changes.push((i, crate::format::L2Entry { word, bitmap: e.bitmap }));
             }
         }
         if !changes.is_empty() {
-            let t = m.l2.get_mut(off).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            let t = m
+                .map
+                .l2_mut()
+                .get_mut(HostOffset(off))
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
             for (i, e) in changes {
                 self.g.l2.set(t, i, e);
             }
@@ -230,11 +240,11 @@ impl Qcow2 {
         let old_bytes: u64 =
             if m.hc.header.nb_snapshots > 0 { m.snapshots.iter().map(entry_disk_len).sum() } else { 0 };
         let new_off = if bytes.is_empty() {
-            0
+            HostOffset(0)
         } else {
             let clusters = (bytes.len() as u64).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotTable);
+            m.overlap.insert_range(off.cluster(&self.g), clusters, MetaKind::SnapshotTable);
             let mut padded = bytes.clone();
             padded.resize((clusters * cs) as usize, 0);
             self.write_meta(m, off, &padded, MetaKind::SnapshotTable)?;
@@ -244,15 +254,15 @@ impl Qcow2 {
         // points at it.
         self.write_back_durable(m)?;
         m.hc.header.nb_snapshots = list.len() as u32;
-        m.hc.header.snapshots_offset = new_off;
+        m.hc.header.snapshots_offset = new_off.0;
         self.write_header(m)?;
         self.sync("flushing header")?;
         m.snapshots = list;
         if old_bytes > 0 && old_off != 0 {
             for k in 0..old_bytes.div_ceil(cs) {
-                let idx = old_off / cs + k;
-                m.meta_clusters.remove(&idx);
-                self.adjust_refcount(m, idx, -1)?;
+                let c = HostOffset(old_off).cluster(&self.g).add(k);
+                m.overlap.remove(c);
+                self.adjust_refcount(m, c, -1)?;
             }
         }
         Ok(())
@@ -304,21 +314,21 @@ impl Qcow2 {
 
     fn snapshot_create_locked(&self, m: &mut Meta, name: &str) -> Result<SnapshotEntry> {
         let cs = self.g.cluster_size;
-        let l1 = m.l1.clone();
+        let l1 = m.map.l1().to_vec();
         let refs = self.tree_refs(m, &l1)?;
         self.check_increments(m, &refs)?;
-        m.compress_cursor = 0;
+        m.alloc.reset_compress_cursor();
         // 1. Share the tree: raise refcounts, clear COPIED flags.
         self.adjust_all(m, &refs, 1)?;
         self.fix_copied_flags(m)?;
         // 2. The snapshot's copy of the L1 table.
         let l1_off = if l1.is_empty() {
-            0
+            HostOffset(0)
         } else {
             let clusters = (l1.len() as u64 * 8).div_ceil(cs);
             let off = self.alloc_contiguous(m, clusters)?;
-            m.meta_clusters.insert_range(off / cs, clusters, MetaKind::SnapshotL1);
-            let copy: Vec<u64> = m.l1.iter().map(|&e| e & !L1_COPIED).collect();
+            m.overlap.insert_range(off.cluster(&self.g), clusters, MetaKind::SnapshotL1);
+            let copy: Vec<u64> = m.map.l1().iter().map(|&e| e & !L1_COPIED).collect();
             let mut bytes = encode_u64_table(&copy);
             bytes.resize((clusters * cs) as usize, 0);
             self.write_meta(m, off, &bytes, MetaKind::SnapshotL1)?;
@@ -329,7 +339,7 @@ impl Qcow2 {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let next_id = m.snapshots.iter().map(|s| s.id.parse::<u64>().unwrap_or(0)).max().unwrap_or(0) + 1;
         let entry = SnapshotEntry {
-            l1_table_offset: l1_off,
+            l1_table_offset: l1_off.0,
             l1_size: l1.len() as u32,
             id: next_id.to_string(),
             name: name.to_string(),
@@ -349,7 +359,7 @@ impl Qcow2 {
         // 4. Table, then header.
         self.rewrite_snapshot_table(m, list)?;
         self.write_back_durable(m)?;
-        m.meta_clusters = metadata_clusters(&self.g, m);
+        m.overlap = metadata_clusters(&self.g, m);
         Ok(entry)
     }
 
@@ -361,6 +371,10 @@ impl Qcow2 {
             return Err(Error::invalid(format!("Failed to load snapshot: snapshot '{name_or_id}' not found")));
         };
         let sn = m.snapshots[i].clone();
+        // QEMU's rule: bitmaps cannot follow a revert of the whole disk.
+        if self.bitmaps_loaded() {
+            return Err(Error::invalid("Device has active dirty bitmaps"));
+        }
         // Everything the revert installs or drops is checked before a byte
         // changes; a refusal leaves the image as it was (no poisoning).
         let plan = self.plan_goto(&mut m, &sn)?;
@@ -371,7 +385,7 @@ impl Qcow2 {
     fn snapshot_apply_locked(&self, m: &mut Meta, plan: GotoPlan) -> Result<()> {
         let cs = self.g.cluster_size;
         let GotoPlan { sn_l1, refs, old_refs, header } = plan;
-        m.compress_cursor = 0;
+        m.alloc.reset_compress_cursor();
         let size = header.size;
         let need = header.l1_size as usize;
         // 1. The new active tree's references, before anything uses them.
@@ -391,7 +405,7 @@ impl Qcow2 {
         // An empty L1 table (zero-sized disk) occupies no cluster: QEMU's
         // check would count an allocated one as leaked.
         let clusters = (new_l1.len() as u64 * 8).div_ceil(cs);
-        let new_off = if clusters == 0 { 0 } else { self.alloc_contiguous(m, clusters)? };
+        let new_off = if clusters == 0 { HostOffset(0) } else { self.alloc_contiguous(m, clusters)? };
         if clusters > 0 {
             let mut bytes = encode_u64_table(&new_l1);
             bytes.resize((clusters * cs) as usize, 0);
@@ -399,12 +413,11 @@ impl Qcow2 {
         }
         // 2. Refcounts, flags and the new L1 durable before the switch.
         self.write_back_durable(m)?;
-        let old_l1 = std::mem::replace(&mut m.l1, new_l1);
-        let old_off = m.hc.header.l1_table_offset;
+        let old_l1 = m.map.replace_l1(new_l1);
+        let old = HostOffset(m.hc.header.l1_table_offset).cluster(&self.g);
         let old_clusters = (old_l1.len() as u64 * 8).div_ceil(cs);
-        m.l1_dirty = None;
-        m.hc.header.l1_table_offset = new_off;
-        m.hc.header.l1_size = m.l1.len() as u32;
+        m.hc.header.l1_table_offset = new_off.0;
+        m.hc.header.l1_size = m.map.l1().len() as u32;
         m.hc.header.size = size;
         self.write_header(m)?;
         self.sync("flushing header")?;
@@ -413,14 +426,14 @@ impl Qcow2 {
         self.adjust_all(m, &old_refs, -1)?;
         if !old_l1.is_empty() {
             for k in 0..old_clusters {
-                self.adjust_refcount(m, old_off / cs + k, -1)?;
+                self.adjust_refcount(m, old.add(k), -1)?;
             }
         }
         self.fix_copied_flags(m)?;
         self.write_back_durable(m)?;
         // Tables freed above may be reused for anything.
         Self::drop_l2_cache(m);
-        m.meta_clusters = metadata_clusters(&self.g, m);
+        m.overlap = metadata_clusters(&self.g, m);
         Ok(())
     }
 
@@ -437,10 +450,10 @@ impl Qcow2 {
         self.fail(&mut m, r)
     }
 
-    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<u64>) -> Result<()> {
+    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<HostCluster>) -> Result<()> {
         let cs = self.g.cluster_size;
         let sn = m.snapshots[i].clone();
-        m.compress_cursor = 0;
+        m.alloc.reset_compress_cursor();
         let mut list = m.snapshots.clone();
         list.remove(i);
         // 1. The table without the entry, durable (header switched).
@@ -449,9 +462,9 @@ impl Qcow2 {
         self.adjust_all(m, &refs, -1)?;
         if sn.l1_size > 0 {
             for k in 0..(u64::from(sn.l1_size) * 8).div_ceil(cs) {
-                let idx = sn.l1_table_offset / cs + k;
-                m.meta_clusters.remove(&idx);
-                self.adjust_refcount(m, idx, -1)?;
+                let c = HostOffset(sn.l1_table_offset).cluster(&self.g).add(k);
+                m.overlap.remove(c);
+                self.adjust_refcount(m, c, -1)?;
             }
         }
         // 3. Clusters back to a single owner get COPIED again; write_back
@@ -459,7 +472,7 @@ impl Qcow2 {
         self.fix_copied_flags(m)?;
         self.write_back_durable(m)?;
         Self::drop_l2_cache(m);
-        m.meta_clusters = metadata_clusters(&self.g, m);
+        m.overlap = metadata_clusters(&self.g, m);
         Ok(())
     }
 }

@@ -11,6 +11,7 @@
 
 use super::overlap::snapshot_table_bytes;
 use super::state::{Meta, MetaKind};
+use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::l1::L1Entry;
 use crate::format::{Header, SnapshotEntry};
@@ -22,16 +23,16 @@ pub(crate) struct GotoPlan {
     /// The snapshot's L1 table.
     pub sn_l1: Vec<u64>,
     /// References the snapshot's tree adds (`Qcow2::tree_refs`).
-    pub refs: Vec<u64>,
+    pub refs: Vec<HostCluster>,
     /// References the active tree drops.
-    pub old_refs: Vec<u64>,
+    pub old_refs: Vec<HostCluster>,
     /// The header once the snapshot is installed (before the new L1
     /// table's offset is known).
     pub header: Header,
 }
 
-fn per_cluster(refs: &[u64]) -> HashMap<u64, u64> {
-    let mut counts: HashMap<u64, u64> = HashMap::new();
+fn per_cluster(refs: &[HostCluster]) -> HashMap<HostCluster, u64> {
+    let mut counts: HashMap<HostCluster, u64> = HashMap::new();
     for &i in refs {
         *counts.entry(i).or_default() += 1;
     }
@@ -52,7 +53,7 @@ impl Qcow2 {
                 return Err(Error::corrupt_at(format!("snapshot table overlaps with {what}"), c));
             }
             for idx in off / cs..(off + bytes).div_ceil(cs) {
-                if self.refcount(m, idx)? == 0 {
+                if self.refcount(m, HostCluster(idx))? == 0 {
                     return Err(Error::corrupt_at("snapshot table cluster has refcount 0", idx * cs));
                 }
             }
@@ -67,14 +68,14 @@ impl Qcow2 {
     /// than `allowed`, by offset and name, without marking anything.
     fn meta_conflict(&self, m: &Meta, off: u64, bytes: u64, allowed: Option<MetaKind>) -> Option<(u64, String)> {
         let cs = self.g.cluster_size;
-        m.meta_clusters.conflict_names(off / cs, (off + bytes.max(1)).div_ceil(cs), allowed).map(|(c, n)| (c * cs, n))
+        m.overlap.conflict_names(off / cs, (off + bytes.max(1)).div_ceil(cs), allowed).map(|(c, n)| (c * cs, n))
     }
 
     /// The references one snapshot's tree holds, refusing a tree that
     /// points where no table or data can be: past the end of the file
     /// (beyond the slack `check` allows for), or an L2 table or data
     /// cluster on other metadata.
-    pub(crate) fn checked_tree_refs(&self, m: &mut Meta, sn: &SnapshotEntry, l1: &[u64]) -> Result<Vec<u64>> {
+    pub(crate) fn checked_tree_refs(&self, m: &mut Meta, sn: &SnapshotEntry, l1: &[u64]) -> Result<Vec<HostCluster>> {
         let cs = self.g.cluster_size;
         let file_len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
         let limit = file_len.div_ceil(cs) + self.beyond_eof_slack();
@@ -95,15 +96,16 @@ impl Qcow2 {
             if let Some((c, what)) = self.meta_conflict(m, off, cs, Some(MetaKind::ActiveL2)) {
                 return Err(bad(format!("L2 table overlaps with {what}"), c));
             }
-            tables.insert(off / cs);
+            tables.insert(HostOffset(off).cluster(&self.g));
         }
         let refs = self.tree_refs(m, l1)?;
-        for &idx in &refs {
-            if idx >= limit {
-                return Err(bad("data cluster lies past the end of the file".into(), idx * cs));
+        for &c in &refs {
+            let at = c.offset(&self.g).0;
+            if c.0 >= limit {
+                return Err(bad("data cluster lies past the end of the file".into(), at));
             }
-            if !tables.contains(&idx) {
-                if let Some((c, what)) = self.meta_conflict(m, idx * cs, cs, None) {
+            if !tables.contains(&c) {
+                if let Some((c, what)) = self.meta_conflict(m, at, cs, None) {
                     return Err(bad(format!("data cluster overlaps with {what}"), c));
                 }
             }
@@ -114,7 +116,7 @@ impl Qcow2 {
     /// Refuses references to drop (`dec`, after `inc` were added) below
     /// zero: a tree whose refcounts are too low would otherwise fail half
     /// way through the operation, after the header changed.
-    fn check_decrements(&self, m: &mut Meta, dec: &[u64], inc: &[u64]) -> Result<()> {
+    fn check_decrements(&self, m: &mut Meta, dec: &[HostCluster], inc: &[HostCluster]) -> Result<()> {
         let inc = per_cluster(inc);
         let mut dec: Vec<_> = per_cluster(dec).into_iter().collect();
         dec.sort_unstable();
@@ -123,7 +125,7 @@ impl Qcow2 {
             if have < n {
                 return Err(Error::corrupt_at(
                     format!("cluster has refcount {have} but {n} references would be dropped (refcount too low; run 'oxcow check -r all')"),
-                    idx * self.g.cluster_size,
+                    idx.offset(&self.g).0,
                 ));
             }
         }
@@ -131,12 +133,12 @@ impl Qcow2 {
     }
 
     /// Clusters of a table of `bytes` at `off`.
-    fn table_clusters(&self, off: u64, bytes: u64) -> Vec<u64> {
+    fn table_clusters(&self, off: u64, bytes: u64) -> Vec<HostCluster> {
         let cs = self.g.cluster_size;
         if bytes == 0 {
             return Vec::new();
         }
-        (off / cs..(off + bytes).div_ceil(cs)).collect()
+        (off / cs..(off + bytes).div_ceil(cs)).map(HostCluster).collect()
     }
 
     /// Reads and checks everything reverting to `sn` installs or drops.
@@ -146,7 +148,7 @@ impl Qcow2 {
         let sn_l1 = self.read_snapshot_l1(sn)?;
         let refs = self.checked_tree_refs(m, sn, &sn_l1)?;
         self.check_increments(m, &refs)?;
-        let active = m.l1.clone();
+        let active = m.map.l1().to_vec();
         let old_refs = self.tree_refs(m, &active)?;
         let mut dropped = old_refs.clone();
         let h = &m.hc.header;
@@ -156,7 +158,7 @@ impl Qcow2 {
     }
 
     /// Reads and checks everything deleting snapshot `i` drops.
-    pub(crate) fn plan_delete(&self, m: &mut Meta, i: usize) -> Result<Vec<u64>> {
+    pub(crate) fn plan_delete(&self, m: &mut Meta, i: usize) -> Result<Vec<HostCluster>> {
         self.validate_snapshot_table(m)?;
         let sn = m.snapshots[i].clone();
         let sn_l1 = self.read_snapshot_l1(&sn)?;

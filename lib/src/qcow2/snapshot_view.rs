@@ -35,7 +35,7 @@ impl Qcow2 {
         self.file.read_at(&mut raw, snap.l1_table_offset).map_err(|e| Error::io("reading snapshot L1 table", e))?;
         {
             let mut m = view.lock();
-            m.l1 = u64_table(&raw);
+            m.map.replace_l1(u64_table(&raw));
             m.hc.header.size = size;
         }
         view.size.store(size, Ordering::Release);

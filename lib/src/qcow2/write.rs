@@ -6,19 +6,19 @@
 //! cluster is marked in flight meanwhile so no other writer allocates it.
 
 use super::state::{Meta, MetaKind};
-use super::Qcow2;
+use super::units::{GuestCluster, GuestOffset, HostOffset};
+use super::{MetaGuard, Qcow2};
 use crate::device::{check_range, BlockDevice};
 use crate::format::l1::{L1Entry, COPIED as L1_COPIED};
 use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
 use crate::{Error, Result};
-use std::sync::MutexGuard;
 
 /// A cluster whose L2 entry this writer will change after its data I/O.
 struct Alloc {
-    /// Guest cluster index.
-    gc: u64,
+    /// The guest cluster.
+    gc: GuestCluster,
     /// Host cluster receiving the data.
-    host: u64,
+    host: HostOffset,
     /// The host cluster was never used (reads as zeros).
     fresh: bool,
     /// Refcount was raised for `host` by this writer.
@@ -30,7 +30,7 @@ struct Alloc {
 /// What one guest cluster of a write needs.
 enum Step {
     /// Overwrite at this host offset (cluster start); no metadata change.
-    InPlace(u64),
+    InPlace(HostOffset),
     /// Allocation or copy-on-write.
     Alloc(Alloc),
 }
@@ -42,16 +42,16 @@ const ALL_SUBS: u32 = u32::MAX;
 #[derive(Default)]
 struct DataRun {
     /// (host offset, guest offset, length) of the run so far.
-    run: Option<(u64, u64, u64)>,
+    run: Option<(HostOffset, u64, u64)>,
 }
 
 impl DataRun {
     /// Adds `len` bytes of guest offset `guest` (`buf` starts at `base`)
     /// going to `host`, writing out the run so far if this does not
     /// continue it.
-    fn add(&mut self, q: &Qcow2, buf: &[u8], base: u64, host: u64, guest: u64, len: u64) -> Result<()> {
+    fn add(&mut self, q: &Qcow2, buf: &[u8], base: u64, host: HostOffset, guest: u64, len: u64) -> Result<()> {
         match &mut self.run {
-            Some((rh, rg, rl)) if *rh + *rl == host && *rg + *rl == guest => *rl += len,
+            Some((rh, rg, rl)) if rh.add(*rl) == host && *rg + *rl == guest => *rl += len,
             _ => {
                 self.finish(q, buf, base)?;
                 self.run = Some((host, guest, len));
@@ -88,17 +88,21 @@ impl Qcow2 {
 
     /// Returns an L2 table for L1 index `l1i` that may be modified in place
     /// (allocating it, or copying a shared one), with the L1 entry updated.
-    pub(crate) fn writable_l2(&self, m: &mut Meta, l1i: usize) -> Result<u64> {
-        let raw = *m.l1.get(l1i).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
+    pub(crate) fn writable_l2(&self, m: &mut Meta, l1i: usize) -> Result<HostOffset> {
+        let raw = *m.map.l1().get(l1i).ok_or_else(|| Error::corrupt("guest offset beyond the L1 table"))?;
         let l1e = L1Entry(raw);
         let old = l1e.l2_offset();
         if old != 0 && l1e.copied() {
-            self.load_l2(m, old)?;
-            return Ok(old);
+            self.load_l2(m, HostOffset(old))?;
+            return Ok(HostOffset(old));
         }
         let content = if old != 0 {
-            self.load_l2(m, old)?;
-            m.l2.peek(old).map(|t| t.to_vec()).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
+            self.load_l2(m, HostOffset(old))?;
+            m.map
+                .l2()
+                .peek(HostOffset(old))
+                .map(|t| t.to_vec())
+                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
         } else {
             vec![0u8; self.g.cluster_size as usize]
         };
@@ -107,27 +111,28 @@ impl Qcow2 {
         self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
-        m.meta_clusters.insert(new / self.g.cluster_size, MetaKind::ActiveL2);
-        m.l2.insert(new, content, true);
-        m.l1[l1i] = new | L1_COPIED;
-        m.mark_l1_dirty(l1i);
+        m.overlap.insert(new.cluster(&self.g), MetaKind::ActiveL2);
+        m.map.l2_mut().insert(new, content, true);
+        m.map.set_l1(l1i, new.0 | L1_COPIED);
         if old != 0 {
             // The shared table stays referenced by a snapshot (or is freed
             // once the new L1 entry is on disk).
-            self.free_later(m, old, false);
+            self.free_later(m, HostOffset(old), false);
         }
         Ok(new)
     }
 
     /// Updates the L2 entry of guest cluster `gc` (its table must already
     /// be writable).
-    pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: u64, e: L2Entry) -> Result<()> {
-        let (l1i, l2i) = self.split(gc);
+    pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: GuestCluster, e: L2Entry) -> Result<()> {
+        let (l1i, l2i) = gc.split(&self.g);
         let off = self.writable_l2(m, l1i)?;
         let es = self.g.l2.entry_size();
-        let t =
-            m.l2.get_mut_range(off, l2i * es, (l2i + 1) * es)
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let t = m
+            .map
+            .l2_mut()
+            .get_mut_range(off, l2i * es, (l2i + 1) * es)
+            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
         self.g.l2.set(t, l2i, e);
         Ok(())
     }
@@ -147,58 +152,119 @@ impl Qcow2 {
         }
         let h = old.host_offset();
         if h != 0 && Some(h) != keep {
-            self.free_later(m, h, punch);
+            self.free_later(m, HostOffset(h), punch);
         }
+    }
+
+    /// Whether entry `e` maps a cluster this image alone owns.
+    fn owned(&self, e: L2Entry) -> bool {
+        !e.is_compressed() && e.copied() && (e.host_offset() != 0 || self.g.external_data)
+    }
+
+    /// Whether a write of `[from, to)` into the owned cluster of `e` can
+    /// go in place (every touched subcluster allocated, no zero flag).
+    fn fits_in_place(&self, e: L2Entry, from: u64, to: u64) -> bool {
+        if self.g.extended {
+            let mask = self.sub_mask(from, to);
+            e.bitmap.alloc() & mask == mask
+        } else {
+            !self.g.v3 || e.word & ZERO == 0
+        }
+    }
+
+    /// The host cluster a write of `[from, to)` into guest cluster `gc`
+    /// overwrites in place, found under the shared lock; `None` when the
+    /// write needs the exclusive path (a table or refcount block not
+    /// cached, allocation, copy-on-write, another writer owning the
+    /// cluster, or a check that must report).
+    fn in_place_target(&self, m: &Meta, gc: GuestCluster, from: u64, to: u64) -> Option<HostOffset> {
+        if self.is_inflight(m, gc) {
+            return None;
+        }
+        let e = self.cached_l2_entry(m, gc)?;
+        let l1_copied = m.map.l1().get(gc.split(&self.g).0).is_some_and(|&r| L1Entry(r).copied());
+        let ok =
+            self.owned(e) && l1_copied && self.fits_in_place(e, from, to) && self.mapped_cluster_ok(m, e.host_offset());
+        ok.then_some(HostOffset(e.host_offset()))
+    }
+
+    /// An overwrite inside one cluster this image owns, looked up under
+    /// the shared lock: the common rewrite, which then never waits for
+    /// the exclusive lock. Returns false, having done nothing, when the
+    /// write needs the planned path.
+    fn write_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let at = GuestOffset(offset);
+        let (gc, from) = (at.cluster(&self.g), at.in_cluster(&self.g));
+        let to = from + buf.len() as u64;
+        if buf.is_empty() || to > self.g.cluster_size {
+            return Ok(false);
+        }
+        let (host, _gate) = {
+            let m = self.lock_shared();
+            self.check_writable(&m)?;
+            let Some(host) = self.in_place_target(&m, gc, from, to) else {
+                return Ok(false);
+            };
+            // As on the planned path: the gate before the lock goes, so
+            // no free can hand the cluster out before the write lands.
+            (host, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
+        };
+        self.write_data(buf, host.add(from))?;
+        Ok(true)
     }
 
     /// Decides what guest cluster `gc` needs for a write of `[from, to)`
     /// within it. Returns `None` when another writer owns the cluster.
-    fn plan_write(&self, m: &mut Meta, gc: u64, from: u64, to: u64) -> Result<Option<Step>> {
-        if m.inflight.contains(&gc) {
+    fn plan_write(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64) -> Result<Option<Step>> {
+        if self.is_inflight(m, gc) {
             return Ok(None);
         }
-        let (l1i, _) = self.split(gc);
+        let (l1i, _) = gc.split(&self.g);
         let e = self.l2_entry(m, gc)?;
-        let l1_copied = m.l1.get(l1i).is_some_and(|&r| L1Entry(r).copied());
+        let l1_copied = m.map.l1().get(l1i).is_some_and(|&r| L1Entry(r).copied());
         let host = e.host_offset();
         self.check_mapped_entry(m, e)?;
-        let owned = !e.is_compressed() && e.copied() && (host != 0 || self.g.external_data);
-        if owned && l1_copied {
-            let in_place = if self.g.extended {
-                let mask = self.sub_mask(from, to);
-                e.bitmap.alloc() & mask == mask
-            } else {
-                !self.g.v3 || e.word & ZERO == 0
-            };
-            if in_place {
-                // `check_mapped_entry` above did the overlap check.
-                return Ok(Some(Step::InPlace(host)));
-            }
+        let owned = self.owned(e);
+        if owned && l1_copied && self.fits_in_place(e, from, to) {
+            // `check_mapped_entry` above did the overlap check.
+            return Ok(Some(Step::InPlace(HostOffset(host))));
         }
         // The L2 table the commit will change is made writable now: an
         // allocation that fails must fail before the data is written, and
         // the commit, after the data, then has nothing left to allocate.
         self.writable_l2(m, l1i)?;
         let (host, fresh, new_cluster) = if owned {
-            (host, false, false)
+            (HostOffset(host), false, false)
         } else if self.g.external_data {
-            (gc * self.g.cluster_size, false, false)
+            (HostOffset(gc.offset(&self.g).0), false, false)
         } else {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
             (h, fresh, true)
         };
         if let Err(err) = self.check_overlap(m, host, None) {
             if new_cluster {
-                let _ = self.set_refcount(m, host / self.g.cluster_size, 0);
+                let _ = self.set_refcount(m, host.cluster(&self.g), 0);
             }
             return Err(err);
         }
-        m.inflight.insert(gc);
+        self.claim_inflight(m, gc);
         Ok(Some(Step::Alloc(Alloc { gc, host, fresh, new_cluster, old: e })))
     }
 
     pub(crate) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
+        if !self.write_in_place(buf, offset)? {
+            self.write_planned(buf, offset)?;
+        }
+        if self.writethrough {
+            self.flush_all()?;
+        }
+        Ok(())
+    }
+
+    /// A write through the plan: lookups, allocation and copy-on-write
+    /// under the exclusive lock, data outside it, then the commit.
+    fn write_planned(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable(&self.lock())?;
         let cs = self.g.cluster_size;
         let end = offset + buf.len() as u64;
@@ -209,9 +275,9 @@ impl Qcow2 {
             let mut steps: Vec<(u64, u64, Step)> = Vec::new();
             let mut at = pos;
             while at < end && steps.len() < 512 {
-                let gc = at / cs;
-                let chunk_end = ((gc + 1) * cs).min(end);
-                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc * cs) {
+                let gc = GuestOffset(at).cluster(&self.g);
+                let chunk_end = ((gc.0 + 1) * cs).min(end);
+                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc.0 * cs) {
                     Ok(p) => p,
                     Err(e) => {
                         self.abandon(&mut m, steps);
@@ -247,9 +313,6 @@ impl Qcow2 {
             self.commit_allocs(&mut m, steps)?;
             pos = at;
         }
-        if self.writethrough {
-            self.flush_all()?;
-        }
         Ok(())
     }
 
@@ -269,7 +332,7 @@ impl Qcow2 {
 
     fn abandon_alloc(&self, m: &mut Meta, a: &Alloc) {
         if a.new_cluster {
-            let _ = self.set_refcount(m, a.host / self.g.cluster_size, 0);
+            let _ = self.set_refcount(m, a.host.cluster(&self.g), 0);
         }
         self.release_inflight(m, a.gc);
     }
@@ -301,7 +364,7 @@ impl Qcow2 {
             let mut run = DataRun::default();
             for (pos, len, s) in steps {
                 if let Step::InPlace(host) = s {
-                    run.add(self, buf, base, host + pos % cs, *pos, *len)?;
+                    run.add(self, buf, base, host.add(pos % cs), *pos, *len)?;
                 }
             }
             run.finish(self, buf, base)?;
@@ -314,7 +377,7 @@ impl Qcow2 {
             let Step::Alloc(a) = s else { continue };
             let from = pos % cs;
             if self.alloc_span(a, from, from + len) == (from, from + len) {
-                run.add(self, buf, base, a.host + from, *pos, *len)?;
+                run.add(self, buf, base, a.host.add(from), *pos, *len)?;
             } else {
                 let data = &buf[(pos - base) as usize..(pos - base + len) as usize];
                 self.write_allocated(a, from, data)?;
@@ -323,8 +386,8 @@ impl Qcow2 {
         run.finish(self, buf, base)
     }
 
-    fn write_data(&self, data: &[u8], host: u64) -> Result<()> {
-        self.data.write_at(data, host).map_err(|e| Error::io("writing guest data", e))
+    fn write_data(&self, data: &[u8], host: HostOffset) -> Result<()> {
+        self.data.write_at(data, host.0).map_err(|e| Error::io("writing guest data", e))
     }
 
     /// Writes `data` at `from` within a cluster being allocated, copying
@@ -333,7 +396,7 @@ impl Qcow2 {
         if a.fresh && self.old_is_zero(a.old) {
             // Around the write the old content is zeros, which a cluster
             // never used before already reads as: only the data goes out.
-            return self.write_data(data, a.host + from);
+            return self.write_data(data, a.host.add(from));
         }
         let to = from + data.len() as u64;
         let (span_from, span_to) = self.alloc_span(a, from, to);
@@ -346,7 +409,7 @@ impl Qcow2 {
             self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
         }
         buf[(from - span_from) as usize..(to - span_from) as usize].copy_from_slice(data);
-        self.write_data(&buf, a.host + span_from)
+        self.write_data(&buf, a.host.add(span_from))
     }
 
     /// The byte range within the cluster that the write must produce: the
@@ -383,7 +446,7 @@ impl Qcow2 {
     fn carried_subs(&self, a: &Alloc) -> u32 {
         if a.old.is_compressed() {
             ALL_SUBS
-        } else if a.old.host_offset() != a.host && a.old.host_offset() != 0 {
+        } else if a.old.host_offset() != a.host.0 && a.old.host_offset() != 0 {
             a.old.bitmap.alloc()
         } else {
             0
@@ -411,8 +474,7 @@ impl Qcow2 {
 
     /// Fills `dst` with the old content of the cluster from offset `at`.
     fn fill_old(&self, dst: &mut [u8], a: &Alloc, at: u64) -> Result<()> {
-        let cs = self.g.cluster_size;
-        let guest = a.gc * cs;
+        let guest = a.gc.offset(&self.g).0;
         if !self.g.extended || a.old.is_compressed() {
             let kind = self.g.l2.classify(a.old, 0, self.g.v3);
             return self.read_current(dst, guest + at, kind, at);
@@ -456,22 +518,22 @@ impl Qcow2 {
             } else {
                 (a.old.bitmap.alloc() | written, a.old.bitmap.zero() & !written)
             };
-            L2Entry { word: a.host | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
+            L2Entry { word: a.host.0 | COPIED, bitmap: SubclusterBitmap::from_parts(alloc, zero) }
         } else {
-            L2Entry::normal(a.host, true)
+            L2Entry::normal(a.host.0, true)
         };
         self.set_l2_entry(m, a.gc, entry)?;
         if self.needs_cow_sync(a, from, from + len) {
             m.cow_unsynced = true;
         }
-        self.release_entry(m, a.old, Some(a.host), false);
+        self.release_entry(m, a.old, Some(a.host.0), false);
         self.release_inflight(m, a.gc);
         Ok(())
     }
 
     /// Waits until guest cluster `gc` is not in flight; returns the guard.
-    fn wait_cluster<'a>(&self, mut m: MutexGuard<'a, Meta>, gc: u64) -> Result<MutexGuard<'a, Meta>> {
-        while m.inflight.contains(&gc) {
+    fn wait_cluster<'a>(&'a self, mut m: MetaGuard<'a>, gc: GuestCluster) -> Result<MetaGuard<'a>> {
+        while self.is_inflight(&m, gc) {
             m = self.wait_for_cluster(m, gc);
         }
         self.check_writable(&m)?;
@@ -524,9 +586,10 @@ impl Qcow2 {
         let cs = self.g.cluster_size;
         let mut pos = a;
         while pos < b {
-            let gc = pos / cs;
-            let from = pos % cs;
-            let to = (b - gc * cs).min(cs);
+            let gc = GuestOffset(pos).cluster(&self.g);
+            let start = gc.offset(&self.g).0;
+            let from = pos - start;
+            let to = (b - start).min(cs);
             // A failure changes nothing (zero_cluster changes the entry
             // last, and making its table writable is all or nothing).
             let explicit = {
@@ -534,9 +597,9 @@ impl Qcow2 {
                 self.zero_cluster(&mut m, gc, from, to, may_unmap)?
             };
             if explicit {
-                self.write_explicit_zeros(gc * cs + from, to - from)?;
+                self.write_explicit_zeros(start + from, to - from)?;
             }
-            pos = gc * cs + to;
+            pos = start + to;
         }
         if self.g.data_raw {
             // The raw data file must read as the guest sees the disk.
@@ -547,7 +610,7 @@ impl Qcow2 {
 
     /// Zeroes `[from, to)` of one cluster through its L2 entry. Returns
     /// true when this needs explicit zero data instead.
-    fn zero_cluster(&self, m: &mut Meta, gc: u64, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
+    fn zero_cluster(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64, may_unmap: bool) -> Result<bool> {
         let cs = self.g.cluster_size;
         let e = self.l2_entry(m, gc)?;
         self.check_mapped_entry(m, e)?;
@@ -625,7 +688,7 @@ impl Qcow2 {
         let end = offset + len;
         // The last cluster may be partial only at the end of the disk.
         let last = if end == self.len() { end.div_ceil(cs) } else { end / cs };
-        for gc in first..last {
+        for gc in (first..last).map(GuestCluster) {
             // As for zeroing, a failure changes nothing.
             let mut m = self.wait_cluster(self.lock(), gc)?;
             self.discard_cluster(&mut m, gc)?;
@@ -636,7 +699,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn discard_cluster(&self, m: &mut Meta, gc: u64) -> Result<()> {
+    fn discard_cluster(&self, m: &mut Meta, gc: GuestCluster) -> Result<()> {
         if !self.g.v3 && self.backing.is_some() {
             // v2 cannot mark a cluster as zero, and deallocating it would
             // make backing data reappear: QEMU leaves the data, so do we.
@@ -670,7 +733,9 @@ impl Qcow2 {
         self.set_l2_entry(m, gc, new)?;
         if self.g.external_data {
             let cs = self.g.cluster_size;
-            self.data.punch_hole(gc * cs, cs).map_err(|err| Error::io("discarding in the data file", err))?;
+            self.data
+                .punch_hole(gc.offset(&self.g).0, cs)
+                .map_err(|err| Error::io("discarding in the data file", err))?;
         } else {
             self.release_entry(m, e, None, true);
         }

@@ -111,7 +111,7 @@ fn leak_is_found_and_repaired() {
     assert_eq!(o.leaks, 1);
     let r = oxcow_check(&p, Repair::Leaks);
     assert_eq!((r.leaks, r.leaks_fixed), (0, 1));
-    assert_checks_clean(&p);
+    check_clean(&p);
     ok("qemu-io", &["-c", "read -P 5 0 128k", s(&p)]);
 }
 
@@ -132,7 +132,7 @@ fn low_refcount_and_copied_flag_are_corruptions_repaired_by_all() {
     assert!(r.corruptions >= 1);
     let r = oxcow_check(&p, Repair::All);
     assert_eq!(r.corruptions, 0, "{r:?}");
-    assert_checks_clean(&p);
+    check_clean(&p);
     ok("qemu-io", &["-c", "read -P 7 0 192k", s(&p)]);
 
     // A cleared COPIED flag on a data cluster.
@@ -146,7 +146,7 @@ fn low_refcount_and_copied_flag_are_corruptions_repaired_by_all() {
     assert_matches_qemu(&p2);
     let r = oxcow_check(&p2, Repair::All);
     assert_eq!(r.corruptions, 0, "{r:?}");
-    assert_checks_clean(&p2);
+    check_clean(&p2);
     ok("qemu-io", &["-c", "read -P 3 0 64k", s(&p2)]);
 }
 
@@ -168,6 +168,6 @@ fn dirty_image_from_qemu_abort_is_repaired_on_writable_open() {
     assert!(!img.qcow2().unwrap().is_dirty());
     img.close().unwrap();
     drop(img);
-    assert_checks_clean(&p);
+    check_clean(&p);
     ok("qemu-io", &["-c", "read -P 4 0 256k", "-c", "read -P 6 1M 64k", s(&p)]);
 }

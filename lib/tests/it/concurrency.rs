@@ -69,7 +69,7 @@ fn run(opts: CreateOptions, backing: bool, name: &str) {
     img.close().unwrap();
     drop(dev);
     drop(img);
-    assert_checks_clean(&p);
+    check_clean(&p);
     let m = d.join("model.raw");
     std::fs::write(&m, &model).unwrap();
     assert_same(&p, "qcow2", &m, "raw");

@@ -7,7 +7,7 @@
 //!
 //! Run: `cargo test -p oxcow --release --test it remote_bench:: -- --ignored --nocapture`
 
-use crate::support as common;
+use crate::support;
 
 use crate::support::remote::*;
 use oxcow::qcow2::CreateOptions;
@@ -25,7 +25,7 @@ const LATENCY: Duration = Duration::from_millis(2);
 /// small reads, with some locality (runs of nearby reads, as a boot
 /// reading a few files at a time does).
 fn pattern() -> Vec<(u64, u64)> {
-    let mut rng = common::Rng(0xb007);
+    let mut rng = support::Rng(0xb007);
     let mut v = Vec::with_capacity(READS);
     let mut at = 0u64;
     for _ in 0..READS {
@@ -47,7 +47,7 @@ fn make_base(dir: &Path) -> std::path::PathBuf {
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(GIB).unwrap();
     // Data in 1 MiB runs covering about a quarter of the disk, the rest holes.
-    let mut rng = common::Rng(42);
+    let mut rng = support::Rng(42);
     let mut block = vec![0u8; 1 << 20];
     for mb in 0..(GIB >> 20) {
         if rng.below(4) == 0 {

@@ -2,7 +2,7 @@
 //! copy-on-read, stream and background prefetch, with the base served by
 //! qemu-nbd and by oxcow's own server behind a counting proxy.
 
-use crate::support as common;
+use crate::support;
 
 use crate::support::process::wait_ready;
 use crate::support::remote::*;
@@ -78,7 +78,7 @@ fn open_overlay(path: &Path, cor: bool) -> oxcow::Image {
 
 /// Scattered reads of assorted sizes, some across cluster boundaries.
 fn ranges() -> Vec<(u64, usize)> {
-    let mut rng = common::Rng(0x1234_5678);
+    let mut rng = support::Rng(0x1234_5678);
     let mut v: Vec<(u64, usize)> = (0..150)
         .map(|_| {
             let len = [512usize, 4096, 4096, 16384, 65536, 100_000][rng.below(6) as usize];
@@ -110,7 +110,7 @@ fn copy_on_read(qemu: bool) {
     assert_eq!(s.proxy.reads(), first, "second pass sent READs to the base");
     img.close().unwrap();
     drop(img);
-    common::assert_checks_clean(&s.overlay);
+    support::check_clean(&s.overlay);
     // Reopened, the copies are still there (and still correct).
     let img = open_overlay(&s.overlay, false);
     read_pass(img.device(), &s.content);
@@ -189,7 +189,7 @@ fn copy_on_read_never_overwrites_racing_writes() {
     }
     img.close().unwrap();
     drop(img);
-    common::assert_checks_clean(&s.overlay);
+    support::check_clean(&s.overlay);
 }
 
 #[test]
@@ -210,7 +210,7 @@ fn stream_resumes_and_makes_the_image_standalone() {
         img.close().unwrap();
     }
     let after_first = s.proxy.read_bytes();
-    common::assert_checks_clean(&s.overlay);
+    support::check_clean(&s.overlay);
     // Second run: resumes, copies the rest, detaches.
     let img = open_overlay(&s.overlay, false);
     let mut last = None;
@@ -226,9 +226,9 @@ fn stream_resumes_and_makes_the_image_standalone() {
     // The base is gone; the overlay stands alone.
     s.server.take();
     drop(s.proxy);
-    common::assert_checks_clean(&s.overlay);
-    common::assert_same(&s.overlay, "qcow2", &s.base, "raw");
-    let info = common::ok("qemu-img", &["info", s.overlay.to_str().unwrap()]);
+    support::check_clean(&s.overlay);
+    support::assert_same(&s.overlay, "qcow2", &s.base, "raw");
+    let info = support::ok("qemu-img", &["info", s.overlay.to_str().unwrap()]);
     assert!(!info.contains("backing file"), "{info}");
     drop(s.dir);
 }
@@ -257,7 +257,7 @@ fn prefetch_fills_the_overlay_while_a_client_works() {
     // A client writing and reading in bursts, checking against a model.
     let client = NbdClient::connect(&srv.upstream.url()).unwrap();
     let mut model = s.content.clone();
-    let mut rng = common::Rng(99);
+    let mut rng = support::Rng(99);
     let mut bursts = 0;
     while !pf.is_done() {
         for _ in 0..20 {
@@ -296,7 +296,7 @@ fn prefetch_fills_the_overlay_while_a_client_works() {
     drop(srv);
     img.close().unwrap();
     drop(img);
-    common::assert_checks_clean(&s.overlay);
+    support::check_clean(&s.overlay);
 }
 
 #[test]
@@ -340,7 +340,7 @@ fn stream_pulls_a_whole_chain_local_and_remote() {
     assert!(r.complete && r.detached);
     img.close().unwrap();
     drop(img);
-    common::assert_checks_clean(&top);
+    support::check_clean(&top);
     let img = oxcow::open(&top, &OpenOptions::read_only()).unwrap();
     assert!(img.backing().is_none());
     let mut all = vec![0u8; SIZE as usize];
@@ -392,7 +392,7 @@ fn copy_on_read_with_many_readers_at_once() {
                 let (img, content) = (Arc::clone(&img), Arc::clone(&content));
                 std::thread::spawn(move || {
                     // Overlapping ranges across threads, same per seed.
-                    let mut rng = common::Rng(seed + t % 4);
+                    let mut rng = support::Rng(seed + t % 4);
                     for _ in 0..40 {
                         let len = 1 + rng.below(200_000) as usize;
                         let off = rng.below(SIZE - len as u64);
@@ -412,5 +412,5 @@ fn copy_on_read_with_many_readers_at_once() {
     pass(500);
     assert_eq!(s.proxy.reads(), first, "second pass reached the base");
     Arc::try_unwrap(img).expect("image still shared").close().unwrap();
-    common::assert_checks_clean(&s.overlay);
+    support::check_clean(&s.overlay);
 }

@@ -5,7 +5,7 @@
 //! is checked against a model after every operation, and `qemu-img check`
 //! must find the image clean.
 
-use crate::support as common;
+use crate::support;
 
 use oxcow::qcow2::{CreateOptions, Qcow2, Qcow2Options};
 use oxcow::storage::{FileStorage, MemoryStorage, OpenFlags, Storage};
@@ -75,7 +75,7 @@ struct Case {
 }
 
 fn backing_content(len: u64, seed: u64) -> Vec<u8> {
-    let mut rng = common::Rng(seed);
+    let mut rng = support::Rng(seed);
     let mut v = vec![0u8; len as usize];
     // Data in 4 KiB blocks, two in three; zeros elsewhere.
     for (i, b) in v.chunks_mut(4096).enumerate() {
@@ -115,7 +115,7 @@ fn run_case(c: &Case, seed: u64) {
     model[..n].copy_from_slice(&bcontent[..n]);
 
     let q = open(&path, Arc::clone(&backing), true);
-    let mut rng = common::Rng(seed ^ 0x55);
+    let mut rng = support::Rng(seed ^ 0x55);
     let mut ranges = Vec::new();
     for i in 0..60 {
         let len = 1 + rng.below(3 * c.cluster) as usize;
@@ -145,7 +145,7 @@ fn run_case(c: &Case, seed: u64) {
     assert_eq!(backing.reads.load(Ordering::Relaxed), before, "re-reads reached the backing file");
     q.close().unwrap();
     drop(q);
-    common::assert_checks_clean(&path);
+    support::check_clean(&path);
 
     // Stream the rest and drop the backing file.
     let q = open(&path, Arc::clone(&backing), false);
@@ -154,7 +154,7 @@ fn run_case(c: &Case, seed: u64) {
     q.close().unwrap();
     drop(q);
     std::fs::remove_file(&base_path).unwrap();
-    common::assert_checks_clean(&path);
+    support::check_clean(&path);
     let st = FileStorage::open(&path, OpenFlags::default()).unwrap();
     let q = Qcow2::open(Arc::new(st), Qcow2Options::default().read_only(true)).unwrap();
     assert_eq!(q.backing_file(), None);

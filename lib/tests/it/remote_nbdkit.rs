@@ -3,7 +3,7 @@
 //! with a local qcow2 overlay using copy-on-read and then stream.
 //! Skipped (with a note) when nbdkit is not installed.
 
-use crate::support as common;
+use crate::support;
 
 use crate::support::remote::*;
 use oxcow::qcow2::CreateOptions;
@@ -152,6 +152,6 @@ fn http_base_through_nbdkit_curl() {
     drop(img);
     drop(k);
     drop(http);
-    common::assert_checks_clean(&overlay);
-    common::assert_same(&overlay, "qcow2", &base, "raw");
+    support::check_clean(&overlay);
+    support::assert_same(&overlay, "qcow2", &base, "raw");
 }

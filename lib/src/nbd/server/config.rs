@@ -80,6 +80,10 @@ pub struct ExportConfig {
     /// it only with `-A`; offering it costs nothing to clients that do not
     /// ask for it).
     pub allocation_depth: bool,
+    /// Offer these persistent dirty bitmaps of the device as
+    /// `qemu:dirty-bitmap:NAME` metadata contexts (qemu-nbd's `-B NAME`,
+    /// repeated; at most 64).
+    pub dirty_bitmaps: Vec<String>,
 }
 
 setters!(ExportConfig {
@@ -90,6 +94,7 @@ setters!(ExportConfig {
     detect_zeroes: DetectZeroes,
     multi_conn_ok: bool,
     allocation_depth: bool,
+    dirty_bitmaps: Vec<String>,
 });
 
 impl ExportConfig {
@@ -109,6 +114,7 @@ impl Default for ExportConfig {
             detect_zeroes: DetectZeroes::Off,
             multi_conn_ok: false,
             allocation_depth: true,
+            dirty_bitmaps: Vec::new(),
         }
     }
 }

@@ -14,6 +14,11 @@ use std::sync::{Arc, Mutex};
 pub(crate) const ID_BASE_ALLOCATION: u32 = 1;
 /// Context id of `qemu:allocation-depth`.
 pub(crate) const ID_ALLOCATION_DEPTH: u32 = 2;
+/// Context id of `qemu:dirty-bitmap:NAME` for the export's first bitmap
+/// (the next ones follow).
+pub(crate) const ID_DIRTY_BITMAP: u32 = 3;
+/// Most dirty bitmaps one export offers (one bit each in a session).
+pub(crate) const MAX_DIRTY_BITMAPS: usize = 64;
 
 /// What negotiation agreed on, for the transmission phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +29,9 @@ pub(crate) struct Session {
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected.
     pub allocation_depth: bool,
+    /// Which of the export's `qemu:dirty-bitmap:NAME` contexts were
+    /// selected (bit i: the export's bitmap i).
+    pub dirty_bitmaps: u64,
 }
 
 /// State shared by every connection of a server.

@@ -5,7 +5,7 @@
 //! hold a connection slot.
 
 use super::conn::Connection;
-use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION, ID_DIRTY_BITMAP, MAX_DIRTY_BITMAPS};
 use crate::nbd::proto::*;
 use crate::nbd::tls::{complete_handshake, Socket, TlsServer, TlsStream};
 use std::io::{self, Read, Write};
@@ -105,6 +105,19 @@ fn select_contexts(queries: &[Vec<u8>], listing: bool) -> (bool, bool) {
         }
     }
     (base, depth)
+}
+
+/// Whether the queries name the dirty bitmap context of bitmap `name`
+/// (when listing, also the `qemu:` and `qemu:dirty-bitmap:` wildcards).
+fn select_bitmap(queries: &[Vec<u8>], listing: bool, name: &str) -> bool {
+    if listing && queries.is_empty() {
+        return true;
+    }
+    let full = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{name}");
+    queries.iter().any(|q| {
+        q.as_slice() == full.as_bytes()
+            || (listing && (q.as_slice() == b"qemu:" || q.as_slice() == CONTEXT_QEMU_DIRTY_BITMAP.as_bytes()))
+    })
 }
 
 /// Where a connection stands with respect to TLS.
@@ -209,7 +222,7 @@ fn options<C: Connection>(
     flags: ClientFlags,
 ) -> io::Result<Outcome> {
     let ClientFlags { fixed, no_zeroes } = flags;
-    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false };
+    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false, dirty_bitmaps: 0 };
     let mut io = io;
 
     loop {
@@ -346,6 +359,7 @@ fn options<C: Connection>(
                     // Replaces the selection even when the option fails.
                     s.base_allocation = false;
                     s.allocation_depth = false;
+                    s.dirty_bitmaps = 0;
                 }
                 if !s.structured {
                     reply(&mut io, opt, REP_ERR_INVALID, b"structured replies must be negotiated first")?;
@@ -364,6 +378,12 @@ fn options<C: Connection>(
                 }
                 let (base, depth) = select_contexts(&req.queries, listing);
                 let depth = depth && shared.config.allocation_depth;
+                let mut bitmaps = 0u64;
+                for (i, b) in shared.config.dirty_bitmaps.iter().enumerate().take(MAX_DIRTY_BITMAPS) {
+                    if select_bitmap(&req.queries, listing, b) {
+                        bitmaps |= 1 << i;
+                    }
+                }
                 // Listing replies carry id 0, as the specification asks.
                 let (id_base, id_depth) = if listing { (0, 0) } else { (ID_BASE_ALLOCATION, ID_ALLOCATION_DEPTH) };
                 if base {
@@ -377,9 +397,18 @@ fn options<C: Connection>(
                         &encode_meta_context(id_depth, CONTEXT_QEMU_ALLOCATION_DEPTH),
                     )?;
                 }
+                // Last added first, as qemu-nbd lists them.
+                for (i, b) in shared.config.dirty_bitmaps.iter().enumerate().rev() {
+                    if bitmaps & (1 << i) != 0 {
+                        let id = if listing { 0 } else { ID_DIRTY_BITMAP + i as u32 };
+                        let name = format!("{CONTEXT_QEMU_DIRTY_BITMAP}{b}");
+                        reply(&mut io, opt, REP_META_CONTEXT, &encode_meta_context(id, &name))?;
+                    }
+                }
                 if !listing {
                     s.base_allocation = base;
                     s.allocation_depth = depth;
+                    s.dirty_bitmaps = bitmaps;
                 }
                 reply(&mut io, opt, REP_ACK, &[])?;
             }

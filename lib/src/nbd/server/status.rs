@@ -1,7 +1,7 @@
 //! Extent walks over the backing chain: which parts of a read are holes,
 //! and the descriptors of `NBD_CMD_BLOCK_STATUS`.
 
-use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use crate::nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
 use crate::{BlockDevice, BlockStatus, Result};
 
 /// Most extents looked up for one read; past it the rest is read as data
@@ -90,6 +90,9 @@ pub(crate) struct StatusReply {
     pub base: Vec<(u32, u32)>,
     /// `qemu:allocation-depth` descriptors.
     pub depth: Vec<(u32, u32)>,
+    /// `qemu:dirty-bitmap:NAME` descriptors, by the index of the bitmap
+    /// in the export's list.
+    pub bitmaps: Vec<(usize, Vec<(u32, u32)>)>,
 }
 
 /// One context's descriptor list under construction.
@@ -164,7 +167,32 @@ pub(crate) fn block_status(
         td.push(n, d, req_one);
         pos += st.length;
     }
-    Ok(StatusReply { base: tb.out, depth: td.out })
+    Ok(StatusReply { base: tb.out, depth: td.out, bitmaps: Vec::new() })
+}
+
+/// `qemu:dirty-bitmap:NAME` descriptors of `[offset, offset + len)`:
+/// `STATE_DIRTY` where the device's bitmap `name` is set, as qemu-nbd
+/// answers (the whole range as clean when the device has no bitmaps).
+pub(crate) fn bitmap_status(
+    dev: &dyn BlockDevice,
+    name: &str,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<(u32, u32)>> {
+    let extents = match dev.dirty_bitmap_extents(name, offset, u64::from(len)) {
+        Some(r) => r?,
+        None => vec![(offset, u64::from(len), false)],
+    };
+    let mut t = Track { wanted: true, done: false, out: Vec::new() };
+    for (_, l, dirty) in extents {
+        // Within a u32-long request: cannot truncate.
+        t.push(l as u32, if dirty { STATE_DIRTY } else { 0 }, req_one);
+        if !t.open() {
+            break;
+        }
+    }
+    Ok(t.out)
 }
 
 #[cfg(test)]

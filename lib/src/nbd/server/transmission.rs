@@ -5,8 +5,8 @@
 
 use super::config::{DetectZeroes, DiscardMode, ServeOptions};
 use super::conn::Connection;
-use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
-use super::status::{block_status, read_segments, Segment, StatusReply};
+use super::export::{Session, Shared, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION, ID_DIRTY_BITMAP, MAX_DIRTY_BITMAPS};
+use super::status::{bitmap_status, block_status, read_segments, Segment, StatusReply};
 use crate::nbd::proto::*;
 use crate::storage::AlignedBuf;
 use crate::Error;
@@ -379,15 +379,21 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
         CMD_BLOCK_STATUS => {
             check_flags(req, CMD_FLAG_FUA | CMD_FLAG_REQ_ONE)?;
             let s = &ctx.session;
-            if !s.base_allocation && !s.allocation_depth {
+            if !s.base_allocation && !s.allocation_depth && s.dirty_bitmaps == 0 {
                 return Err(fail(EINVAL, "no metadata context was negotiated"));
             }
             if len == 0 || !in_range(off, len, size) {
                 return Err(fail(EINVAL, format!("block status of {len} bytes at {off} is out of bounds")));
             }
             let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-            let r = block_status(dev, off, req.length, req_one, s.base_allocation, s.allocation_depth)
+            let mut r = block_status(dev, off, req.length, req_one, s.base_allocation, s.allocation_depth)
                 .map_err(|e| failed(&e))?;
+            for (i, name) in cfg.dirty_bitmaps.iter().enumerate().take(MAX_DIRTY_BITMAPS) {
+                if s.dirty_bitmaps & (1 << i) != 0 {
+                    let d = bitmap_status(dev, name, off, req.length, req_one).map_err(|e| failed(&e))?;
+                    r.bitmaps.push((i, d));
+                }
+            }
             Ok(Outcome::Status(r))
         }
         other => Err(fail(EINVAL, format!("unknown command {other}"))),
@@ -440,6 +446,9 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
             }
             if ctx.session.allocation_depth {
                 chunks.push(encode_block_status(ID_ALLOCATION_DEPTH, &r.depth));
+            }
+            for (i, d) in &r.bitmaps {
+                chunks.push(encode_block_status(ID_DIRTY_BITMAP + *i as u32, d));
             }
             let last = chunks.len().saturating_sub(1);
             for (i, c) in chunks.iter().enumerate() {

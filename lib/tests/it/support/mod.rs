@@ -12,7 +12,3 @@ pub use model::{apply_model, Op};
 pub use process::{ok, run};
 pub use qemu::*;
 pub use rng::Rng;
-
-/// The name some test modules still use for [`check_clean`]; kept so that
-/// branches written before the test binaries were merged still apply.
-pub use qemu::check_clean as assert_checks_clean;

@@ -1,0 +1,470 @@
+//! QED, QEMU Enhanced Disk: a header, then two levels of tables of 64-bit
+//! cluster offsets (L1 in memory, L2 read on demand). An L2 entry of 0 is
+//! unallocated (the backing file decides), 1 is a zero cluster.
+//!
+//! Header fields (little-endian): magic "QED\0", cluster_size, table_size
+//! (clusters per table), header_size (clusters), features,
+//! compat_features, autoclear_features, l1_table_offset, image_size,
+//! backing_filename_offset, backing_filename_size.
+
+use super::mapped::{Layout, Piece};
+use super::{le32, le64, read_exact, read_vec, FormatInfo, Opened, MAX_TABLE_BYTES};
+use crate::storage::Storage;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Feature bits.
+pub const F_BACKING_FILE: u64 = 1;
+/// The image was not closed cleanly; QEMU checks it when opening it for
+/// writing.
+pub const F_NEED_CHECK: u64 = 2;
+/// The backing file is raw, not to be probed.
+pub const F_BACKING_FORMAT_NO_PROBE: u64 = 4;
+const KNOWN_FEATURES: u64 = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_FORMAT_NO_PROBE;
+
+/// The parsed and validated QED header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Bytes per cluster (a power of two, 4 KiB to 64 MiB).
+    pub cluster_size: u32,
+    /// Clusters per table (a power of two, 1 to 16).
+    pub table_size: u32,
+    /// Header length in clusters.
+    pub header_size: u32,
+    /// Incompatible features.
+    pub features: u64,
+    /// L1 table offset.
+    pub l1_table_offset: u64,
+    /// Virtual size.
+    pub image_size: u64,
+    /// Where the backing file name is, and its length.
+    pub backing_filename: Option<(u32, u32)>,
+}
+
+impl Header {
+    /// Parses and validates the first 64 bytes of a QED file as QEMU does.
+    pub fn parse(b: &[u8]) -> Result<Header> {
+        if b.len() < 64 || &b[..4] != b"QED\0" {
+            return Err(Error::invalid("not a QED image"));
+        }
+        let cluster_size = le32(b, 4);
+        let table_size = le32(b, 8);
+        let header_size = le32(b, 12);
+        let features = le64(b, 16);
+        let l1_table_offset = le64(b, 40);
+        let image_size = le64(b, 48);
+        if features & !KNOWN_FEATURES != 0 {
+            return Err(Error::unsupported(format!("Unsupported QED features: {:#x}", features & !KNOWN_FEATURES)));
+        }
+        if !cluster_size.is_power_of_two() || !(4096..=64 << 20).contains(&cluster_size) {
+            return Err(Error::invalid("QED cluster size is invalid"));
+        }
+        if !table_size.is_power_of_two() || !(1..=16).contains(&table_size) {
+            return Err(Error::invalid("QED table size is invalid"));
+        }
+        let cs = u64::from(cluster_size);
+        let entries = u64::from(table_size) * cs / 8;
+        // Two levels of tables of `entries` clusters bound the disk.
+        let max_size = entries.saturating_mul(entries).saturating_mul(cs);
+        if !image_size.is_multiple_of(512) || image_size > max_size {
+            return Err(Error::invalid(format!("QED image size is invalid: {image_size}")));
+        }
+        if !l1_table_offset.is_multiple_of(cs) || l1_table_offset == 0 {
+            return Err(Error::invalid("QED L1 table offset is invalid"));
+        }
+        if header_size == 0 || u64::from(header_size).saturating_mul(cs) > u64::from(u32::MAX) {
+            return Err(Error::invalid("QED header size is invalid"));
+        }
+        let backing_filename = if features & F_BACKING_FILE != 0 {
+            let off = le32(b, 56);
+            let len = le32(b, 60);
+            let end = u64::from(off) + u64::from(len);
+            if end > u64::from(header_size) * cs || len > 1023 {
+                return Err(Error::invalid("QED backing file name is out of bounds"));
+            }
+            Some((off, len))
+        } else {
+            None
+        };
+        Ok(Header { cluster_size, table_size, header_size, features, l1_table_offset, image_size, backing_filename })
+    }
+
+    fn entries(&self) -> u64 {
+        u64::from(self.table_size) * u64::from(self.cluster_size) / 8
+    }
+}
+
+struct Qed {
+    files: [Arc<dyn Storage>; 1],
+    header: Header,
+    l1: RwLock<Vec<u64>>,
+    file_len: u64,
+    /// L2 tables read, by offset. Loads and entry updates both hold it,
+    /// so a table loaded from disk is never older than an update.
+    l2_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// The end of the file, where clusters are allocated; held while
+    /// allocating.
+    alloc: Mutex<u64>,
+    /// The need-check bit is set on disk (and must be cleared on close).
+    need_check: AtomicBool,
+    /// The virtual size (grows on resize).
+    size: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| Error::invalid("QED lock poisoned"))
+}
+
+fn wio(r: std::io::Result<()>, what: &str) -> Result<()> {
+    r.map_err(|e| Error::io(format!("writing QED {what}"), e))
+}
+
+impl Qed {
+    fn table_bytes(&self) -> u64 {
+        self.header.entries() * 8
+    }
+
+    fn check_table_offset(&self, off: u64, file_len: u64) -> Result<()> {
+        let cs = u64::from(self.header.cluster_size);
+        if !off.is_multiple_of(cs) || off < u64::from(self.header.header_size) * cs || off >= file_len {
+            return Err(Error::corrupt_at("QED table offset out of the image", off));
+        }
+        Ok(())
+    }
+
+    fn file_end(&self) -> u64 {
+        self.alloc.lock().map(|a| *a).unwrap_or(self.file_len).max(self.file_len)
+    }
+
+    fn l2(&self, off: u64) -> Result<Arc<Vec<u64>>> {
+        let mut cache = lock(&self.l2_cache)?;
+        if let Some(t) = cache.get(&off) {
+            return Ok(t.clone());
+        }
+        self.check_table_offset(off, self.file_end())?;
+        let bytes = read_vec(&*self.files[0], off, self.table_bytes(), MAX_TABLE_BYTES, "QED L2 table")?;
+        let t = Arc::new(bytes.chunks_exact(8).map(|c| le64(c, 0)).collect::<Vec<_>>());
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.insert(off, t.clone());
+        Ok(t)
+    }
+
+    fn l1_entry(&self, i: u64) -> Result<u64> {
+        let l1 = self.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?;
+        Ok(l1.get(i as usize).copied().unwrap_or(0))
+    }
+
+    /// The L2 entry of `cluster` (0 when its table is missing).
+    fn l2_entry(&self, cluster: u64) -> Result<u64> {
+        let entries = self.header.entries();
+        let l1 = self.l1_entry(cluster / entries)?;
+        if l1 == 0 {
+            return Ok(0);
+        }
+        Ok(self.l2(l1)?.get((cluster % entries) as usize).copied().unwrap_or(0))
+    }
+
+    /// Sets the need-check bit on disk, durably, before the first
+    /// allocation changes any table: an image left with it set is
+    /// checked and repaired when next opened for writing.
+    fn mark_need_check(&self) -> Result<()> {
+        if self.need_check.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let f = &self.files[0];
+        let features = self.header.features | F_NEED_CHECK;
+        wio(f.write_at(&features.to_le_bytes(), 16), "header")?;
+        wio(f.flush(), "header")?;
+        self.need_check.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Layout for Qed {
+    fn format_name(&self) -> &'static str {
+        "qed"
+    }
+    fn len(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn file_zeroes(&self, _file: usize) -> bool {
+        false
+    }
+    fn files(&self) -> &[Arc<dyn Storage>] {
+        &self.files
+    }
+    fn piece(&self, offset: u64, max: u64) -> Result<(Piece, u64)> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let cluster = offset / cs;
+        let within = offset % cs;
+        let n = max.min(cs - within);
+        if self.l1_entry(cluster / entries)? == 0 {
+            // A whole L2 table's worth is unallocated.
+            let span = entries * cs - (offset % (entries * cs));
+            return Ok((Piece::Unallocated, max.min(span)));
+        }
+        Ok(match self.l2_entry(cluster)? {
+            0 => (Piece::Unallocated, n),
+            1 => (Piece::Zero, n),
+            host => {
+                if !host.is_multiple_of(cs) || host >= self.file_end() {
+                    return Err(Error::corrupt_at("QED data cluster offset out of the image", host));
+                }
+                (Piece::Data { file: 0, host: host + within }, n)
+            }
+        })
+    }
+    fn write_run(&self, offset: u64, buf: &[u8], backing: Option<&dyn crate::BlockDevice>) -> Result<usize> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let cluster = offset / cs;
+        let within = offset % cs;
+        let n = (buf.len() as u64).min(cs - within) as usize;
+        let f = &self.files[0];
+        let e = self.l2_entry(cluster)?;
+        if e > 1 {
+            wio(f.write_at(&buf[..n], e + within), "data")?;
+            return Ok(n);
+        }
+        let mut end = lock(&self.alloc)?;
+        let e = self.l2_entry(cluster)?;
+        if e > 1 {
+            drop(end);
+            wio(f.write_at(&buf[..n], e + within), "data")?;
+            return Ok(n);
+        }
+        self.mark_need_check()?;
+        // The new cluster holds what the old one read as around the
+        // write: the backing file's data (copy-on-write), or zeros.
+        let mut data = vec![0u8; cs as usize];
+        let start = cluster * cs;
+        if e == 0 {
+            let upto = (start + cs).min(self.len());
+            crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
+        }
+        data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
+        let host = *end;
+        wio(f.write_at(&data, host), "data")?;
+        *end += cs;
+        // Crash safety: the cluster's data is written before the entry
+        // that points to it, and a new L2 table before the L1 entry.
+        let (l1i, l2i) = (cluster / entries, cluster % entries);
+        let l2off = self.l1_entry(l1i)?;
+        if l2off == 0 {
+            let mut table = vec![0u64; entries as usize];
+            table[l2i as usize] = host;
+            let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let toff = *end;
+            wio(f.write_at(&bytes, toff), "L2 table")?;
+            *end += self.table_bytes();
+            lock(&self.l2_cache)?.insert(toff, Arc::new(table));
+            wio(f.write_at(&toff.to_le_bytes(), self.header.l1_table_offset + l1i * 8), "L1 table")?;
+            self.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[l1i as usize] = toff;
+        } else {
+            let table = self.l2(l2off)?;
+            let mut cache = lock(&self.l2_cache)?;
+            wio(f.write_at(&host.to_le_bytes(), l2off + l2i * 8), "L2 table")?;
+            let mut t = (*table).clone();
+            t[l2i as usize] = host;
+            cache.insert(l2off, Arc::new(t));
+        }
+        Ok(n)
+    }
+    fn check(&self) -> Result<crate::qcow2::CheckReport> {
+        let mut r = crate::qcow2::CheckReport::default();
+        let cs = u64::from(self.header.cluster_size);
+        let file_len = self.file_end();
+        let nclusters = file_len.div_ceil(cs);
+        // Which host clusters something refers to: header, L1, tables, data.
+        let mut used = vec![false; nclusters as usize];
+        let mut mark = |off: u64, n: u64| {
+            for c in off / cs..(off / cs + n).min(nclusters) {
+                used[c as usize] = true;
+            }
+        };
+        mark(0, u64::from(self.header.header_size));
+        let tcl = self.table_bytes() / cs;
+        mark(self.header.l1_table_offset, tcl);
+        r.total_clusters = self.len().div_ceil(cs);
+        let bad = |e: u64| !e.is_multiple_of(cs) || e >= file_len;
+        let l1: Vec<u64> = self.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
+        let mut last = 0u64;
+        for &t in &l1 {
+            if t == 0 {
+                continue;
+            }
+            if self.check_table_offset(t, file_len).is_err() {
+                r.corruptions += 1;
+                continue;
+            }
+            mark(t, tcl);
+            for &e in self.l2(t)?.iter() {
+                if e <= 1 {
+                    continue;
+                }
+                if bad(e) {
+                    r.corruptions += 1;
+                    continue;
+                }
+                mark(e, 1);
+                r.allocated_clusters += 1;
+                if last != 0 && last + cs != e {
+                    r.fragmented_clusters += 1;
+                }
+                last = e;
+            }
+        }
+        r.leaks = used.iter().filter(|&&u| !u).count() as u64;
+        Ok(r)
+    }
+    fn resize(&self, new_len: u64) -> Result<()> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let max = entries.saturating_mul(entries).saturating_mul(cs);
+        if !new_len.is_multiple_of(512) || new_len > max {
+            return Err(Error::invalid("Invalid image size specified"));
+        }
+        if new_len < self.len() {
+            return Err(Error::invalid("Shrinking images is currently not supported"));
+        }
+        // One field: the tables already cover the largest size.
+        let f = &self.files[0];
+        wio(f.write_at(&new_len.to_le_bytes(), 48), "header")?;
+        wio(f.flush(), "header")?;
+        self.size.store(new_len, Ordering::Release);
+        Ok(())
+    }
+    fn close(&self) -> Result<()> {
+        if self.need_check.swap(false, Ordering::AcqRel) {
+            // Everything the tables point to is flushed (the caller
+            // flushed): the image is consistent again.
+            let f = &self.files[0];
+            wio(f.write_at(&(self.header.features & !F_NEED_CHECK).to_le_bytes(), 16), "header")?;
+            wio(f.flush(), "header")?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a QED image; `write` when it will be written. An image whose
+/// need-check bit is set (not closed cleanly) gets its tables checked
+/// first when opened for writing, as QEMU does: entries pointing outside
+/// the file or off cluster boundaries are cleared.
+pub fn open(file: Arc<dyn Storage>, write: bool) -> Result<Opened> {
+    let mut head = [0u8; 64];
+    read_exact(&*file, &mut head, 0, "QED header")?;
+    let header = Header::parse(&head)?;
+    let file_len = file.len().map_err(|e| Error::io("reading QED image size", e))?;
+    let mut backing_name = None;
+    if let Some((off, len)) = header.backing_filename {
+        let raw = read_vec(&*file, u64::from(off), u64::from(len), 1023, "QED backing file name")?;
+        backing_name = Some(String::from_utf8_lossy(&raw).into_owned());
+    }
+    let cs = u64::from(header.cluster_size);
+    let end = file_len.div_ceil(cs) * cs;
+    let dirty = header.features & F_NEED_CHECK != 0;
+    let q = Qed {
+        files: [file],
+        header: header.clone(),
+        l1: RwLock::new(Vec::new()),
+        file_len,
+        l2_cache: Mutex::new(HashMap::new()),
+        alloc: Mutex::new(end),
+        need_check: AtomicBool::new(dirty && write),
+        size: AtomicU64::new(header.image_size),
+    };
+    q.check_table_offset(q.header.l1_table_offset, file_len)?;
+    let l1 = read_vec(&*q.files[0], q.header.l1_table_offset, q.table_bytes(), MAX_TABLE_BYTES, "QED L1 table")?;
+    *q.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))? = l1.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    if dirty && write {
+        repair(&q)?;
+    }
+    let info = FormatInfo {
+        cluster_size: Some(cs),
+        backing_format: backing_name
+            .as_ref()
+            .and_then(|_| (q.header.features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string())),
+        backing_name,
+        specific: Vec::new(),
+        // qemu-img info does not show the need-check bit as a dirty flag.
+        dirty: false,
+        extent_files: Vec::new(),
+    };
+    Ok(Opened { layout: Arc::new(q), info })
+}
+
+/// Clears table entries an interrupted run may have left pointing
+/// outside the file; the need-check bit stays set until a clean close.
+fn repair(q: &Qed) -> Result<()> {
+    let cs = u64::from(q.header.cluster_size);
+    let f = &q.files[0];
+    let bad = |e: u64| e > 1 && (!e.is_multiple_of(cs) || e >= q.file_len);
+    let l1: Vec<u64> = q.l1.read().map_err(|_| Error::invalid("QED lock poisoned"))?.clone();
+    for (i, &t) in l1.iter().enumerate() {
+        if t == 0 {
+            continue;
+        }
+        if t == 1 || bad(t) || q.check_table_offset(t, q.file_len).is_err() {
+            wio(f.write_at(&0u64.to_le_bytes(), q.header.l1_table_offset + i as u64 * 8), "L1 table")?;
+            q.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[i] = 0;
+            continue;
+        }
+        let table = q.l2(t)?;
+        for (j, &e) in table.iter().enumerate() {
+            if bad(e) {
+                wio(f.write_at(&0u64.to_le_bytes(), t + j as u64 * 8), "L2 table")?;
+            }
+        }
+    }
+    lock(&q.l2_cache)?.clear();
+    wio(f.flush(), "repair")
+}
+
+/// Creates a QED image in the empty `file` as qemu-img does: one header
+/// cluster (with the backing file name after the header), then the L1
+/// table. A raw backing file is marked so it is never probed.
+pub fn create(
+    file: &dyn Storage,
+    size: u64,
+    cluster_size: u32,
+    table_size: u32,
+    backing: Option<(&str, bool)>,
+) -> Result<()> {
+    let size = size.div_ceil(512) * 512;
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"QED\0");
+    h[4..8].copy_from_slice(&cluster_size.to_le_bytes());
+    h[8..12].copy_from_slice(&table_size.to_le_bytes());
+    h[12..16].copy_from_slice(&1u32.to_le_bytes());
+    let cs = u64::from(cluster_size);
+    h[40..48].copy_from_slice(&cs.to_le_bytes());
+    h[48..56].copy_from_slice(&size.to_le_bytes());
+    let mut features = 0;
+    if let Some((name, raw)) = backing {
+        if name.len() > 1023 || 64 + name.len() as u64 > cs {
+            return Err(Error::invalid("Backing file name too long"));
+        }
+        features |= F_BACKING_FILE;
+        if raw {
+            features |= F_BACKING_FORMAT_NO_PROBE;
+        }
+        h[56..60].copy_from_slice(&64u32.to_le_bytes());
+        h[60..64].copy_from_slice(&(name.len() as u32).to_le_bytes());
+        h.extend_from_slice(name.as_bytes());
+    }
+    h[16..24].copy_from_slice(&features.to_le_bytes());
+    // Validated as any opened image is, before a byte is written.
+    Header::parse(&h)?;
+    let io = |r: std::io::Result<()>| r.map_err(|e| Error::io("creating QED image", e));
+    io(file.write_at(&h, 0))?;
+    io(file.set_len(cs * (1 + u64::from(table_size))))?;
+    io(file.flush())
+}
