@@ -267,7 +267,11 @@ impl Qcow2 {
             let mut padded = bytes.clone();
             padded.resize((clusters * cs) as usize, 0);
             self.write_meta(m, off, &padded, MetaKind::BitmapDirectory)?;
-            Some(BitmapsExt { nb_bitmaps: dir.len() as u32, directory_size: bytes.len() as u64, directory_offset: off.0 })
+            Some(BitmapsExt {
+                nb_bitmaps: dir.len() as u32,
+                directory_size: bytes.len() as u64,
+                directory_offset: off.0,
+            })
         };
         self.write_back_durable(m)?;
         // 2. The switch.
