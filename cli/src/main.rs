@@ -67,7 +67,8 @@ enum Command {
     Stream(cmd::stream::Args),
     /// Serve images to VMs and NBD clients (like `qemu-storage-daemon`).
     StorageDaemon(storage_daemon::Args),
-    /// Create qemu-img, qemu-io and qemu-nbd links to this binary in DIR.
+    /// Create qemu-img, qemu-io, qemu-nbd and qemu-storage-daemon links to
+    /// this binary in DIR.
     InstallLinks(dropin::links::Args),
 }
 

@@ -152,13 +152,14 @@ fn daemonize() -> CliResult<i32> {
     use std::os::unix::process::CommandExt;
     let exe =
         std::env::current_exe().map_err(|e| CliError::new(format!("finding own executable: {}", os_message(&e))))?;
-    let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemonize").collect();
-    // Run as `qemu-storage-daemon`, the executable still needs the
-    // subcommand.
-    if args.first().map(String::as_str) != Some("storage-daemon") {
-        args.insert(0, "storage-daemon".into());
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemonize").collect();
+    let mut cmd = std::process::Command::new(exe);
+    // Under the drop-in name the child answers as qemu-storage-daemon too
+    // (its messages carry that prefix); argv[0] decides, as for us.
+    if crate::dropin::active() {
+        cmd.arg0(crate::dropin::argv0());
     }
-    let mut child = std::process::Command::new(exe)
+    let mut child = cmd
         .args(&args)
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())

@@ -285,3 +285,29 @@ fn startup_errors_match_qemu_storage_daemon() {
         assert_eq!(ours_msg, theirs_msg, "{args:?}");
     }
 }
+
+#[test]
+fn qemu_storage_daemon_name_serves_nbd_export_and_answers_version() {
+    let t = tmp();
+    let dir = t.path();
+    let bin = dir.join("bin");
+    ok(dir, OXCOW, &["install-links", &bin.display().to_string()]);
+    let qsd = bin.join("qemu-storage-daemon").display().to_string();
+    let v = ok(dir, &qsd, &["--version"]);
+    assert!(v.stdout.starts_with("qemu-storage-daemon version "), "{}", show(&v));
+    ok(dir, "qemu-img", &["create", "-f", "qcow2", "d.qcow2", "4M"]);
+    let args = nbd_args(
+        dir,
+        &["driver=file,node-name=f,filename=d.qcow2", "driver=qcow2,node-name=q,file=f"],
+        "type=nbd,id=e,node-name=q,name=disk,writable=on",
+    );
+    let d = Daemon::start(dir, &[&qsd], &args);
+    let uri = nbd_uri(dir, "disk");
+    ok(dir, "qemu-io", &["-f", "raw", "-c", "write -P 0x3c 64k 64k", &uri]);
+    quit(dir, &d);
+    ok(dir, "qemu-img", &["check", "d.qcow2"]);
+    ok(dir, "qemu-io", &["-c", "read -P 0x3c 64k 64k", "d.qcow2"]);
+    // Startup errors carry the name it was started under.
+    let r = run_in(dir, &qsd, &["--blockdev", "driver=file,node-name=f,filename=missing.img"]);
+    assert!(r.code != 0 && r.stderr.starts_with("qemu-storage-daemon: "), "{}", show(&r));
+}
