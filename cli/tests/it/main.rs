@@ -20,6 +20,7 @@ mod serve_cli;
 mod small_filesystem;
 mod storage_daemon_cli;
 mod storage_daemon_fuse;
+mod storage_daemon_guest;
 mod tls_hostile;
 mod tls_interop;
 mod tls_refusals;
