@@ -60,6 +60,15 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                     None => rest.insert(k, v),
                 };
             }
+            let key_id = rest.remove("encrypt.key-secret").or_else(|| rest.remove("key-secret"));
+            if let Some(id) = key_id {
+                let key = match objects.get(&id) {
+                    Some(Object::Secret(s)) => s.0.clone(),
+                    _ => return Err(CliError::new(format!("No secret with id '{id}'"))),
+                };
+                let fname = inner.get("filename").cloned().unwrap_or_default();
+                crate::object::secret::register(&fname, key);
+            }
             if let Some(k) = rest.keys().next() {
                 return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
             }
@@ -118,7 +127,7 @@ fn nbd_name(p: &mut BTreeMap<String, String>, objects: &Objects) -> CliResult<St
                 None => return Err(CliError::new(format!("No TLS credentials with id '{id}'"))),
             };
             let tls = creds.client(hostname)?;
-            if tls.verify_peer && tls.hostname.is_none() && matches!(addr, NbdAddr::Unix(_)) {
+            if tls.psk.is_none() && tls.verify_peer && tls.hostname.is_none() && matches!(addr, NbdAddr::Unix(_)) {
                 // QEMU has no name to check a certificate against then.
                 return Err(CliError::new("No hostname for certificate validation"));
             }

@@ -9,6 +9,7 @@
 //! change: a file, a variant and a line.
 
 mod authz;
+pub mod secret;
 mod tls;
 
 use crate::error::{CliError, CliResult};
@@ -24,6 +25,8 @@ pub enum Object {
     TlsCreds(TlsCreds),
     /// `authz-simple`, `authz-list` or `authz-listfile`.
     Authz(AuthzObject),
+    /// `secret`.
+    Secret(secret::SecretObject),
 }
 
 impl Object {
@@ -31,7 +34,7 @@ impl Object {
     fn complete(&self) -> CliResult<()> {
         match self {
             Object::TlsCreds(c) => c.complete(),
-            Object::Authz(_) => Ok(()),
+            Object::Authz(_) | Object::Secret(_) => Ok(()),
         }
     }
 }
@@ -46,6 +49,7 @@ const TYPES: &[(&str, Builder)] = &[
     ("authz-simple", authz::simple),
     ("authz-list", authz::list),
     ("authz-listfile", authz::listfile),
+    ("secret", secret::secret),
 ];
 
 /// The properties of one object definition, taken one by one by the
@@ -131,22 +135,7 @@ impl Props {
 /// Splits a keyval string: `,,` is a comma; an element without `=` is
 /// `implied`'s value when it comes first.
 pub fn parse_keyval(s: &str, implied: Option<&str>) -> CliResult<Vec<(String, String)>> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
+    let parts = oxcow::options::split_escaped(s);
     let mut out = Vec::new();
     for (i, p) in parts.into_iter().enumerate() {
         match p.split_once('=') {

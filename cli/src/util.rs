@@ -15,7 +15,7 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
 /// Opens an image, wrapping errors the way qemu-img does ("Could not open
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
-    let opts = with_network_permission(opts);
+    let opts = crate::object::secret::with_key(path, with_network_permission(opts));
     let img = oxcow::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
         CliError::new(format!("Could not open '{path}': {}", message(&e)))

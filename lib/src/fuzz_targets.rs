@@ -295,3 +295,17 @@ pub fn formats(data: &[u8]) {
         let _ = dev.close();
     }
 }
+
+/// Parses a LUKS1 header and, when its PBKDF2 work is small, tries to
+/// unlock it with the rest of the input as key material.
+pub fn luks_header(data: &[u8]) {
+    use crate::crypto::{LuksHeader, Secret};
+    let Ok(h) = LuksHeader::parse(data) else { return };
+    if h.mk_iterations > 64 || h.slots.iter().any(|s| s.active && s.iterations > 64) {
+        return;
+    }
+    let read = |buf: &mut [u8], off: u64| -> crate::Result<()> {
+        storage(data).read_at(buf, off).map_err(|e| crate::Error::io("reading key material", e))
+    };
+    let _ = h.unlock(&Secret::new(b"fuzz".to_vec()), &read);
+}

@@ -36,6 +36,8 @@ pub enum Format {
     Vmdk,
     /// Hyper-V's VHDX (read only).
     Vhdx,
+    /// A raw LUKS1 volume.
+    Luks,
 }
 
 impl Format {
@@ -49,12 +51,16 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vmdk => "vmdk",
             Format::Vhdx => "vhdx",
+            Format::Luks => "luks",
         }
     }
 
     /// Whether oxcow can open images of this format for writing.
     pub fn writable(self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Luks | Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk
+        )
     }
 }
 
@@ -71,6 +77,7 @@ impl FromStr for Format {
             "vpc" => Ok(Format::Vpc),
             "vmdk" => Ok(Format::Vmdk),
             "vhdx" => Ok(Format::Vhdx),
+            "luks" => Ok(Format::Luks),
             other => Err(Error::unsupported(format!("Unknown driver '{other}'"))),
         }
     }
@@ -191,6 +198,11 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Wraps the storage of every file opened (tests).
     pub storage_hook: Option<StorageHook>,
+    /// The password of an encrypted image (`encrypt.key-secret`).
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// Open an encrypted image without its key, for its metadata only
+    /// (`info`, as QEMU's no-I/O opens): its data reads then fail.
+    pub no_io: bool,
 }
 
 impl Default for OpenOptions {
@@ -206,6 +218,8 @@ impl Default for OpenOptions {
             force_share: false,
             copy_on_read: false,
             storage_hook: None,
+            key_secret: None,
+            no_io: false,
         }
     }
 }
@@ -218,9 +232,11 @@ setters!(OpenOptions {
     copy_on_read: bool,
     locking: bool,
     force_share: bool,
+    no_io: bool,
 } opt {
     format: Format,
     storage_hook: StorageHook,
+    key_secret: crate::crypto::Secret,
 });
 
 impl OpenOptions {
@@ -256,6 +272,7 @@ pub struct Image {
     format: Format,
     device: Arc<dyn BlockDevice>,
     qcow2: Option<Arc<Qcow2>>,
+    luks: Option<Arc<crate::crypto::LuksImage>>,
     file: Arc<dyn Storage>,
     backing: Option<Box<Image>>,
     backing_name: Option<String>,
@@ -289,6 +306,10 @@ impl Image {
     /// work such as prefetching).
     pub fn qcow2(&self) -> Option<&Arc<Qcow2>> {
         self.qcow2.as_ref()
+    }
+    /// The LUKS device, for raw LUKS images.
+    pub fn luks(&self) -> Option<&Arc<crate::crypto::LuksImage>> {
+        self.luks.as_ref()
     }
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
@@ -420,6 +441,7 @@ fn probe_named(file: &dyn Storage, path: &Path) -> Result<Format> {
     file.read_at(&mut head, 0).map_err(|e| Error::io("reading image", e))?;
     match probe(&head, &path.to_string_lossy()) {
         Probed::Format(f) => Ok(f),
+        Probed::Unsupported("luks") => Ok(Format::Luks),
         Probed::Unsupported(name) => {
             Err(Error::unsupported(format!("image format '{name}' is not supported by oxcow")))
         }
@@ -465,6 +487,26 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
         )));
     }
     match format {
+        Format::Luks => {
+            let dev =
+                crate::crypto::LuksImage::open(storage.clone(), opts.key_secret.as_ref(), !opts.write, opts.no_io)?
+                    .writethrough(opts.cache.writethrough());
+            let dev = Arc::new(dev);
+            Ok(Image {
+                path: path.to_path_buf(),
+                format,
+                device: dev.clone(),
+                qcow2: None,
+                luks: Some(dev),
+                file: storage,
+                backing: None,
+                backing_name: None,
+                backing_format: None,
+                format_info: None,
+                layout: None,
+                probed,
+            })
+        }
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match native_raw {
                 Some(d) => d,
@@ -477,6 +519,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: dev,
                 qcow2: None,
+                luks: None,
                 file: storage,
                 backing: None,
                 backing_name: None,
@@ -513,6 +556,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: Arc::new(dev),
                 qcow2: None,
+                luks: None,
                 file: storage,
                 backing,
                 backing_name: info.backing_name.clone(),
@@ -565,6 +609,8 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     l2_cache_bytes: 0,
                     repair: opts.repair,
                     copy_on_read: opts.copy_on_read,
+                    key_secret: opts.key_secret.clone(),
+                    no_io: opts.no_io,
                 },
             )?);
             Ok(Image {
@@ -572,6 +618,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 format,
                 device: q.clone(),
                 qcow2: Some(q),
+                luks: None,
                 file: storage,
                 backing,
                 backing_name,

@@ -96,6 +96,7 @@ macro_rules! setters {
 
 pub mod backing;
 mod cache_mode;
+pub mod crypto;
 mod device;
 mod error;
 #[cfg(feature = "fuse")]

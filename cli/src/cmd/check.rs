@@ -25,11 +25,14 @@ pub struct Args {
     /// Open without taking locks that conflict with a writer (read-only checks).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let repair = match a.repair.as_deref() {
         None => Repair::None,
         Some(r) => r.parse::<Repair>().map_err(|e| CliError::new(e.to_string()))?,

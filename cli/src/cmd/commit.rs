@@ -30,11 +30,14 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let _ = (a.cache, a.rate);
     let opts = CommitOptions::default()
         .format(parse_format(a.format.as_deref())?)

@@ -178,6 +178,9 @@ fn create(a: Args) -> CliResult<i32> {
         return Err(err("Image creation needs a size parameter".into()));
     };
 
+    if format == Format::Luks {
+        return Err(err("creating LUKS images is not supported yet (convert from one qemu-img made)".into()));
+    }
     let line = formatting_line(&a.file, format, &g, size);
     if !a.quiet {
         println!("{line}");
@@ -199,7 +202,7 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
     let mut s = format!("Formatting '{file}', fmt={}", format.name());
     let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
     match format {
-        Format::Raw => {
+        Format::Raw | Format::Luks => {
             add("size", &size.to_string());
             if let Some(p) = &g.preallocation {
                 add("preallocation", p);

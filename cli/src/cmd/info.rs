@@ -43,7 +43,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     loop {
         // Backing files are opened one at a time, as qemu-img does, so a
         // missing backing file does not hide the top image's information.
-        let opts = OpenOptions::default().format(format).no_backing(true).force_share(a.force_share);
+        let opts = OpenOptions::default().format(format).no_backing(true).force_share(a.force_share).no_io(true);
         let img = open_image(&path, &opts)?;
         let info = image_info(&img, &path)?;
         let next = if a.backing_chain {
@@ -208,6 +208,9 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
             }
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(l) = q.luks_header() {
+            d.insert("encrypt".into(), luks_json(l, true));
+        }
         if let Some(df) = &ext.data_file {
             d.insert("data-file".into(), json!(df));
             d.insert("data-file-raw".into(), json!(h.autoclear_features & Autoclear::DATA_FILE_RAW != 0));
@@ -221,9 +224,15 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     if let Some(f) = other.filter(|f| !f.specific.is_empty()) {
         m.insert("format-specific".into(), json!({"type": img.format().name(), "data": info_fields(&f.specific)}));
     }
+    if let Some(l) = img.luks() {
+        m.insert("format-specific".into(), json!({"type": "luks", "data": luks_json(l.header(), false)}));
+    }
     if let Some(name) = img.backing_name() {
         m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
         m.insert("backing-filename".into(), json!(name));
+    }
+    if q.is_some_and(|q| q.luks_header().is_some()) || img.luks().is_some() {
+        m.insert("encrypted".into(), json!(true));
     }
     m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty()) || other.is_some_and(|f| f.dirty)));
     Ok(Value::Object(m))
@@ -244,6 +253,40 @@ fn info_fields(fields: &[(&'static str, InfoValue)]) -> Value {
     Value::Object(m)
 }
 
+/// A LUKS header as qemu-img shows it (`format: luks` only inside qcow2,
+/// where the block says which encryption it describes).
+fn luks_json(l: &oxcow::crypto::LuksHeader, in_qcow2: bool) -> Value {
+    let mut e = Map::new();
+    e.insert("ivgen-alg".into(), json!(l.ivgen.name()));
+    e.insert("detached-header".into(), json!(false));
+    e.insert("hash-alg".into(), json!(l.hash.name()));
+    e.insert("cipher-alg".into(), json!(l.alg.name()));
+    e.insert("uuid".into(), json!(l.uuid));
+    if let Some(h) = l.ivgen_hash {
+        e.insert("ivgen-hash-alg".into(), json!(h.name()));
+    }
+    if in_qcow2 {
+        e.insert("format".into(), json!("luks"));
+    }
+    e.insert("cipher-mode".into(), json!(l.mode.name()));
+    let slots: Vec<Value> = l
+        .slots
+        .iter()
+        .map(|s| {
+            let key_offset = u64::from(s.key_offset) * 512;
+            if s.active {
+                json!({"active": true, "iters": s.iterations, "key-offset": key_offset, "stripes": s.stripes})
+            } else {
+                json!({"active": false, "key-offset": key_offset})
+            }
+        })
+        .collect();
+    e.insert("slots".into(), Value::Array(slots));
+    e.insert("payload-offset".into(), json!(u64::from(l.payload_offset) * 512));
+    e.insert("master-key-iters".into(), json!(l.mk_iterations));
+    Value::Object(e)
+}
+
 fn as_u64(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
@@ -260,6 +303,9 @@ pub fn human_info(v: &Value) -> String {
     s += &format!("file format: {}\n", as_str(v, "format"));
     s += &format!("virtual size: {} ({vsize} bytes)\n", human(vsize));
     s += &format!("disk size: {}\n", human(as_u64(v, "actual-size")));
+    if v.get("encrypted").and_then(Value::as_bool) == Some(true) {
+        s += "encrypted: yes\n";
+    }
     if let Some(cs) = v.get("cluster-size").and_then(Value::as_u64) {
         s += &format!("cluster_size: {cs}\n");
     }

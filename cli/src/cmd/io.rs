@@ -116,8 +116,11 @@ const LIMIT_KEYS: &[&str] =
 /// to its image.
 fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let opts = oxcow::options::split_options(spec);
-    if opts.iter().any(|(k, v)| (k == "driver" || k == "file.driver") && v == "nbd") {
-        // NBD keys (server.*, export, tls-creds) become an NBD location.
+    if opts.iter().any(|(k, v)| {
+        ((k == "driver" || k == "file.driver") && v == "nbd") || k == "encrypt.key-secret" || k == "key-secret"
+    }) {
+        // NBD keys (server.*, export, tls-creds) become an NBD location;
+        // a key secret is registered for the file it opens.
         let (format, name) = crate::image_opts::resolve(spec, &cfg.objects)?;
         cfg.format = parse_format(format.as_deref())?;
         return Ok(Some(name));
@@ -174,7 +177,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .force_share(cfg.force_share)
         .copy_on_read(cfg.copy_on_read)
         .allow_network_backing(cfg.copy_on_read);
-    let opts = crate::util::with_network_permission(&opts);
+    let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let img = oxcow::open(path, &opts)
         .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
     crate::util::report_dirty_repair(path, &img);

@@ -35,11 +35,14 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let _ = (a.cache, a.src_cache);
     if a.backing.is_none() && !a.unsafe_mode {
         return Err(CliError::new(

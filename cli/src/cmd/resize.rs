@@ -19,6 +19,8 @@ pub struct Args {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -26,7 +28,8 @@ pub struct Args {
     size: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     if let Some(p) = a.preallocation.as_deref() {
         if p.parse::<Preallocation>().ok() != Some(Preallocation::Off) {
             return Err(CliError::new(format!("Preallocation mode '{p}' is not supported by oxcow resize")));

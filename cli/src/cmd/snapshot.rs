@@ -29,6 +29,8 @@ pub struct Args {
     /// Open read-only without conflicting with a writer (listing only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
@@ -78,7 +80,8 @@ pub fn list_line(sn: &SnapshotEntry) -> String {
 /// The header line of the list.
 pub const LIST_HEADER: &str = "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT";
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let actions = usize::from(a.list) + [&a.create, &a.apply, &a.delete].iter().filter(|x| x.is_some()).count();
     if actions > 1 {
         return Err(CliError::new("Cannot mix '-l', '-a', '-c', '-d'\nTry 'oxcow snapshot --help' for more info"));

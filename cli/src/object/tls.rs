@@ -3,8 +3,8 @@
 
 use super::{Object, Props};
 use crate::error::{message, CliError, CliResult};
-use oxcow::nbd::client::UrlTls;
-use oxcow::nbd::tls::{Authz, TlsClient, TlsServer};
+use oxcow::nbd::client::{UrlPsk, UrlTls};
+use oxcow::nbd::tls::{Authz, TlsClient, TlsServer, DEFAULT_USERNAME, PSK_FILE};
 use std::path::PathBuf;
 
 /// Which end of a connection credentials are for.
@@ -63,10 +63,6 @@ pub fn psk(p: &mut Props) -> CliResult<Object> {
     Ok(Object::TlsCreds(TlsCreds { dir, endpoint, kind: CredsKind::Psk { username } }))
 }
 
-/// Why PSK credentials cannot be used.
-const NO_PSK: &str = "TLS with pre-shared keys (tls-creds-psk) is not supported: rustls, the TLS library oxcow \
-uses, implements no external pre-shared keys; use tls-creds-x509";
-
 impl TlsCreds {
     /// Loads the files as QEMU does when the object is created, so a bad
     /// directory is reported before anything is opened.
@@ -78,21 +74,17 @@ impl TlsCreds {
             (CredsKind::X509 { verify_peer }, Endpoint::Client) => {
                 TlsClient::from_x509_dir(&self.dir, *verify_peer).map(|_| ())
             }
-            (CredsKind::Psk { .. }, _) => {
-                let path = self.dir.join("keys.psk");
-                return std::fs::metadata(&path).map(|_| ()).map_err(|e| {
-                    CliError::new(format!(
-                        "Unable to access credentials {}: {}",
-                        path.display(),
-                        crate::error::os_message(&e)
-                    ))
-                });
+            (CredsKind::Psk { .. }, Endpoint::Server) => TlsServer::from_psk_dir(&self.dir, None).map(|_| ()),
+            (CredsKind::Psk { username }, Endpoint::Client) => {
+                TlsClient::from_psk_file(&self.dir.join(PSK_FILE), username.as_deref().unwrap_or(DEFAULT_USERNAME))
+                    .map(|_| ())
             }
         }
         .map_err(|e| CliError::new(message(&e)))
     }
 
-    /// Server credentials, with an access list on client certificates.
+    /// Server credentials, with an access list on client certificates
+    /// (or, for PSK, on the client's username).
     pub fn server(&self, authz: Option<Authz>) -> CliResult<TlsServer> {
         if self.endpoint != Endpoint::Server {
             return Err(CliError::new("Expecting TLS credentials with a server endpoint"));
@@ -101,7 +93,7 @@ impl TlsCreds {
             CredsKind::X509 { verify_peer } => {
                 TlsServer::from_x509_dir(&self.dir, *verify_peer, authz).map_err(|e| CliError::new(message(&e)))
             }
-            CredsKind::Psk { .. } => Err(CliError::new(NO_PSK)),
+            CredsKind::Psk { .. } => TlsServer::from_psk_dir(&self.dir, authz).map_err(|e| CliError::new(message(&e))),
         }
     }
 
@@ -112,9 +104,17 @@ impl TlsCreds {
         }
         match &self.kind {
             CredsKind::X509 { verify_peer } => {
-                Ok(UrlTls { certificates: self.dir.clone(), verify_peer: *verify_peer, hostname })
+                Ok(UrlTls { certificates: self.dir.clone(), verify_peer: *verify_peer, hostname, psk: None })
             }
-            CredsKind::Psk { .. } => Err(CliError::new(NO_PSK)),
+            CredsKind::Psk { username } => Ok(UrlTls {
+                certificates: self.dir.clone(),
+                verify_peer: true,
+                hostname,
+                psk: Some(UrlPsk {
+                    file: self.dir.join(PSK_FILE),
+                    username: username.clone().unwrap_or_else(|| DEFAULT_USERNAME.into()),
+                }),
+            }),
         }
     }
 }

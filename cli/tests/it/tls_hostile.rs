@@ -15,7 +15,7 @@ use std::time::Duration;
 const OXCOW: &str = env!("CARGO_BIN_EXE_oxcow");
 
 /// Connects and gets as far as an acknowledged `NBD_OPT_STARTTLS`.
-fn after_starttls(sock: &Path) -> UnixStream {
+pub fn after_starttls(sock: &Path) -> UnixStream {
     let mut c = UnixStream::connect(sock).unwrap();
     // A safety net against a server that never answers, not a measurement.
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -34,7 +34,7 @@ fn after_starttls(sock: &Path) -> UnixStream {
 
 /// Reads until the server closes the connection (a reset is a close
 /// too; the safety-net timeout is not).
-fn closed_by_server(mut c: UnixStream) {
+pub fn closed_by_server(mut c: UnixStream) {
     let mut buf = [0u8; 4096];
     loop {
         match c.read(&mut buf) {

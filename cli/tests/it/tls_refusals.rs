@@ -289,18 +289,3 @@ fn object_errors_read_as_qemu_img() {
         assert_eq!(code, 0, "{obj}: {out}{err}");
     }
 }
-
-#[test]
-fn psk_credentials_are_refused_with_the_reason() {
-    let t = setup();
-    std::fs::write(t.creds.join("keys.psk"), "qemu:0123456789abcdef0123456789abcdef\n").unwrap();
-    let obj = format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(&t.creds));
-    let (code, out, err) = run(OXCOW, &["serve", "-k", s(&t.sock), "--object", &obj, "--tls-creds", "tls0", s(&t.img)]);
-    assert_ne!(code, 0, "{out}{err}");
-    assert!(err.contains("pre-shared keys") && err.contains("rustls"), "{err}");
-    assert!(!t.sock.exists(), "nothing was served");
-    let obj = format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&t.creds));
-    let opts = crate::tls_interop::image_opts(&t.sock);
-    let (code, _, err) = run(OXCOW, &["info", "--object", &obj, "--image-opts", &opts]);
-    assert!(code != 0 && err.contains("pre-shared keys"), "{err}");
-}

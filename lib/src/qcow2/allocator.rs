@@ -71,6 +71,8 @@ impl Allocator {
     /// Takes back the space from `end` on (a truncation of the file).
     pub fn truncate_end(&mut self, end: HostOffset) {
         self.file_end = end;
+        // The file is cut there too: nothing past it is reserved any more.
+        self.prealloc_end = self.prealloc_end.min(end);
     }
 
     /// Where the next search for a free cluster starts.

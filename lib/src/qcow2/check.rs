@@ -232,6 +232,9 @@ impl Qcow2 {
                 self.add_range(&mut s, nb, off, cs, "refcount block");
             }
         }
+        if let Some(f) = m.hc.extensions.fde {
+            self.add_range(&mut s, nb, f.offset, f.length, "encryption header");
+        }
         // As QEMU: without the autoclear bit the extension is ignored and
         // what it points at is leaked.
         if let Some(b) = Self::bitmaps_ext_valid(m) {

@@ -278,15 +278,22 @@ impl Qcow2 {
     /// table when needed. The new L1 table is durable before the header
     /// points at it; the old one is freed after.
     pub fn grow(&self, new_size: u64) -> Result<()> {
+        self.grow_l1_and_size(new_size, new_size)
+    }
+
+    /// Sizes the L1 table for `l1_for` bytes and sets the virtual size to
+    /// `new_size` (at most `l1_for`): resizing over a backing file grows
+    /// the table first, zeroes the new tail, and only then the size.
+    pub(super) fn grow_l1_and_size(&self, l1_for: u64, new_size: u64) -> Result<()> {
         let mut m = self.lock();
         self.check_writable(&m)?;
         if new_size < m.hc.header.size {
             return Err(Error::invalid("use shrink to make an image smaller"));
         }
-        if new_size > MAX_VIRTUAL_SIZE {
+        if l1_for > MAX_VIRTUAL_SIZE {
             return Err(Error::invalid("Image size is too large"));
         }
-        let need = l1_entries(new_size, self.g.cluster_size, self.g.extended);
+        let need = l1_entries(l1_for, self.g.cluster_size, self.g.extended);
         if need * 8 > MAX_L1_BYTES {
             return Err(Error::invalid(
                 "The image size is too large for file format 'qcow2' (try using a larger cluster size)",

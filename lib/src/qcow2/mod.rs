@@ -113,12 +113,19 @@ pub struct Qcow2Options {
     /// Copy-on-read: data read through to the backing file is also
     /// stored in this image (see `cor.rs`); needs a writable image.
     pub copy_on_read: bool,
+    /// The password of a LUKS-encrypted image (`encrypt.key-secret`).
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// Open an encrypted image without its key, for its metadata only
+    /// (`info`): guest data I/O then fails.
+    pub no_io: bool,
 }
 
 /// An open qcow2 image.
 pub struct Qcow2 {
     file: Arc<dyn Storage>,
     data: Arc<dyn Storage>,
+    /// The LUKS header of an encrypted image.
+    luks: Option<crate::crypto::LuksHeader>,
     backing: Option<Arc<dyn BlockDevice>>,
     g: Geometry,
     read_only: bool,
@@ -163,6 +170,38 @@ pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
     HeaderCluster::parse(&buf)
 }
 
+/// The LUKS header an encrypted image points at, and the data storage
+/// that encrypts through its key (or refuses I/O without one).
+fn open_luks(
+    file: &Arc<dyn Storage>,
+    hc: &HeaderCluster,
+    opts: &Qcow2Options,
+) -> Result<(crate::crypto::LuksHeader, Arc<dyn Storage>)> {
+    use crate::crypto::{luks, CryptStorage, LuksHeader};
+    let fde = hc.extensions.fde.ok_or_else(|| Error::corrupt("encrypted image has no encryption header extension"))?;
+    if fde.length < luks::HEADER_LEN as u64 || fde.length > 64 << 20 {
+        return Err(Error::corrupt("encryption header extension: bad length"));
+    }
+    let mut b = vec![0u8; luks::HEADER_LEN];
+    file.read_at(&mut b, fde.offset).map_err(io_err("reading the encryption header"))?;
+    let header = LuksHeader::parse(&b)?;
+    let data: Arc<dyn Storage> = match &opts.key_secret {
+        _ if opts.no_io => Arc::new(crate::crypto::NoKey),
+        Some(pw) => {
+            let read = |buf: &mut [u8], off: u64| -> Result<()> {
+                if off + buf.len() as u64 > fde.length {
+                    return Err(Error::corrupt("LUKS key material past the encryption header"));
+                }
+                file.read_at(buf, fde.offset + off).map_err(io_err("reading LUKS key material"))
+            };
+            let cipher = header.unlock(pw, &read)?;
+            Arc::new(CryptStorage::new(file.clone(), 0, Arc::new(cipher)))
+        }
+        None => return Err(Error::invalid("Parameter 'encrypt.key-secret' is required for cipher")),
+    };
+    Ok((header, data))
+}
+
 fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |e| Error::io(what, e)
 }
@@ -172,10 +211,15 @@ impl Qcow2 {
     pub fn open(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
         let hc = read_header_cluster(&*file)?;
         let h = &hc.header;
-        if h.crypt_method != 0 {
-            return Err(Error::unsupported("encryption"));
-        }
+        let crypt = match h.crypt_method {
+            0 => None,
+            2 => Some(open_luks(&file, &hc, &opts)?),
+            _ => return Err(Error::unsupported("the legacy AES encryption (crypt_method 1)")),
+        };
         let g = Geometry::from_header(h);
+        if crypt.is_some() && g.external_data {
+            return Err(Error::unsupported("encryption with an external data file"));
+        }
         if g.external_data && h.nb_snapshots > 0 {
             return Err(Error::corrupt("image with an external data file has internal snapshots"));
         }
@@ -183,6 +227,8 @@ impl Qcow2 {
             opts.data_file
                 .clone()
                 .ok_or_else(|| Error::invalid("image needs its external data file, which was not given"))?
+        } else if let Some((_, c)) = &crypt {
+            c.clone()
         } else {
             file.clone()
         };
@@ -235,6 +281,7 @@ impl Qcow2 {
         let q = Qcow2 {
             file,
             data,
+            luks: crypt.map(|(h, _)| h),
             backing: opts.backing,
             g,
             read_only,
@@ -358,6 +405,11 @@ impl Qcow2 {
     pub fn header(&self) -> Header {
         self.lock_shared().hc.header.clone()
     }
+    /// The LUKS header of an encrypted image.
+    pub fn luks_header(&self) -> Option<&crate::crypto::LuksHeader> {
+        self.luks.as_ref()
+    }
+
     /// The header extensions.
     pub fn extensions(&self) -> Extensions {
         self.lock_shared().hc.extensions.clone()

@@ -24,7 +24,10 @@ impl Qcow2 {
             }
         }
         self.resize_bitmaps_check()?;
-        if new_size >= self.len() {
+        let old = self.len();
+        if new_size > old && self.backing.as_ref().is_some_and(|b| b.len() > old) {
+            self.grow_over_backing(old, new_size)?;
+        } else if new_size >= old {
             self.grow(new_size)?;
         } else if !allow_shrink {
             return Err(Error::invalid("Use the --shrink option to perform a shrink operation."));
@@ -39,6 +42,39 @@ impl Qcow2 {
             self.data.flush().map_err(|e| Error::io("flushing the data file", e))?;
         }
         Ok(())
+    }
+
+    /// Grows an image whose backing file reaches past its end: the new
+    /// tail must read as zeros, not as the backing file's data there (nor
+    /// as what a shrink left in the last cluster), so it is zeroed, as
+    /// QEMU does: explicit zeros up to the next (sub)cluster boundary,
+    /// zero clusters after. v2 has no zero clusters; QEMU refuses then.
+    /// The size switches last, so a crash leaves the old size.
+    fn grow_over_backing(&self, old: u64, new_size: u64) -> Result<()> {
+        if !self.g.v3 {
+            return Err(Error::invalid("Failed to zero out new clusters: Operation not supported"));
+        }
+        self.grow_l1_and_size(new_size, old)?;
+        // The in-memory size reaches the tail so the writes below may;
+        // the header keeps the old one until they are durable.
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        let r = (|| {
+            let gran = self.g.sub_size;
+            let head_end = old.div_ceil(gran) * gran;
+            if head_end > old {
+                self.write_explicit_zeros(old, head_end.min(new_size) - old)?;
+            }
+            if new_size > head_end {
+                // The last (sub)cluster may be partial: it ends the disk.
+                self.zero_aligned(head_end, new_size.div_ceil(gran) * gran, false)?;
+            }
+            self.flush_all()
+        })();
+        if let Err(e) = r {
+            self.size.store(old, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
+        self.grow(new_size)
     }
 
     /// Shrinks the virtual size to `new_size`: clusters wholly past the new

@@ -239,7 +239,9 @@ impl Qcow2 {
             (HostOffset(gc.offset(&self.g).0), false, false)
         } else {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
-            (h, fresh, true)
+            // A never-used cluster of an encrypted image does not read as
+            // zeros: the zeros around the write must go out encrypted.
+            (h, fresh && self.luks.is_none(), true)
         };
         if let Err(err) = self.check_overlap(m, host, None) {
             if new_cluster {
@@ -568,7 +570,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn write_explicit_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
+    pub(super) fn write_explicit_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let end = offset + len;
@@ -582,7 +584,7 @@ impl Qcow2 {
 
     /// Zeroes granularity-aligned `[a, b)` through metadata where the
     /// format allows, cluster by cluster.
-    fn zero_aligned(&self, a: u64, b: u64, may_unmap: bool) -> Result<()> {
+    pub(super) fn zero_aligned(&self, a: u64, b: u64, may_unmap: bool) -> Result<()> {
         let cs = self.g.cluster_size;
         let mut pos = a;
         while pos < b {

@@ -30,6 +30,7 @@ mod lifecycle_measure;
 mod lifecycle_resize_amend;
 mod lifecycle_snapshot;
 mod locking;
+mod luks_header;
 mod metadata_writes;
 mod nbd_hostile;
 mod nbd_protocol;

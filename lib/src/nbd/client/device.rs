@@ -90,7 +90,11 @@ impl NbdClient {
     pub fn connect_with(url: NbdUrl, opts: ClientOptions) -> Result<NbdClient> {
         let tls = match &url.tls {
             Some(t) => {
-                Some(TlsClient::from_x509_dir(&t.certificates, t.verify_peer)?.with_hostname(t.hostname.clone()))
+                let creds = match &t.psk {
+                    Some(p) => TlsClient::from_psk_file(&p.file, &p.username)?,
+                    None => TlsClient::from_x509_dir(&t.certificates, t.verify_peer)?,
+                };
+                Some(creds.with_hostname(t.hostname.clone()))
             }
             None => None,
         };

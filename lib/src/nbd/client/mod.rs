@@ -19,4 +19,4 @@ mod url;
 pub use conn::NbdAddr;
 pub use device::{ClientOptions, NbdClient};
 pub use storage::NbdStorage;
-pub use url::{NbdUrl, UrlTls, DEFAULT_PORT};
+pub use url::{NbdUrl, UrlPsk, UrlTls, DEFAULT_PORT};

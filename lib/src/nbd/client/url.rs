@@ -33,6 +33,18 @@ pub struct UrlTls {
     /// The name the server's certificate must carry, instead of the host
     /// connected to (`tls-hostname=NAME`).
     pub hostname: Option<String>,
+    /// Pre-shared keys instead of certificates (`tls-psk-file=FILE`).
+    pub psk: Option<UrlPsk>,
+}
+
+/// PSK login of an `nbds:` location: libnbd's `tls-psk-file=FILE` with the
+/// URI's user (`nbds://USER@HOST/...`) or `tls-username=USER`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlPsk {
+    /// A `keys.psk` file (`username:hexkey` lines).
+    pub file: PathBuf,
+    /// Who the client says it is (QEMU's default: `qemu`).
+    pub username: String,
 }
 
 /// Percent-encodes what a query value or path segment cannot hold as is.
@@ -56,6 +68,8 @@ struct Query {
     certificates: Option<String>,
     verify_peer: Option<bool>,
     hostname: Option<String>,
+    psk_file: Option<String>,
+    username: Option<String>,
 }
 
 impl Query {
@@ -68,6 +82,8 @@ impl Query {
                 "socket" if unix => q.socket = Some(v),
                 "tls-certificates" if tls => q.certificates = Some(v),
                 "tls-hostname" if tls => q.hostname = Some(v),
+                "tls-psk-file" if tls => q.psk_file = Some(v),
+                "tls-username" if tls => q.username = Some(v),
                 "tls-verify-peer" if tls => {
                     q.verify_peer = Some(match v.as_str() {
                         "true" | "on" | "yes" | "1" => true,
@@ -82,12 +98,22 @@ impl Query {
     }
 
     fn tls(&self, bad: &dyn Fn(&str) -> Error) -> Result<UrlTls> {
+        if let Some(file) = self.psk_file.as_ref().filter(|f| !f.is_empty()) {
+            let username = self.username.clone().unwrap_or_else(|| crate::nbd::tls::DEFAULT_USERNAME.into());
+            return Ok(UrlTls {
+                certificates: PathBuf::new(),
+                verify_peer: true,
+                hostname: None,
+                psk: Some(UrlPsk { file: PathBuf::from(file), username }),
+            });
+        }
         let dir = self.certificates.as_ref().filter(|d| !d.is_empty());
         let dir = dir.ok_or_else(|| bad("nbds URLs need tls-certificates=DIR (the credential directory)"))?;
         Ok(UrlTls {
             certificates: PathBuf::from(dir),
             verify_peer: self.verify_peer.unwrap_or(true),
             hostname: self.hostname.clone(),
+            psk: None,
         })
     }
 }
@@ -180,7 +206,19 @@ impl NbdUrl {
         };
         let (rest, tls) = match (rest.split_once('?'), tls) {
             (Some(_), false) => return Err(bad("TCP URLs take no query")),
-            (Some((r, query)), true) => (r, Some(Query::parse(query, false, true, &bad)?.tls(&bad)?)),
+            (Some((r, query)), true) => {
+                let mut q = Query::parse(query, false, true, &bad)?;
+                // libnbd's PSK username: nbds://USER@HOST/...
+                let authority = &r[..r.find('/').unwrap_or(r.len())];
+                let r = match authority.split_once('@') {
+                    Some((user, _)) => {
+                        q.username.get_or_insert(percent_decode(user)?);
+                        &r[user.len() + 1..]
+                    }
+                    None => r,
+                };
+                (r, Some(q.tls(&bad)?))
+            }
             (None, true) => return Err(bad("nbds URLs need tls-certificates=DIR (the credential directory)")),
             (None, false) => (rest, None),
         };
@@ -226,7 +264,12 @@ impl std::fmt::Display for NbdUrl {
         if let NbdAddr::Unix(p) = &self.addr {
             query.push(format!("socket={}", percent_encode(&p.to_string_lossy(), b"/")));
         }
-        query.push(format!("tls-certificates={}", percent_encode(&tls.certificates.to_string_lossy(), b"/")));
+        if let Some(p) = &tls.psk {
+            query.push(format!("tls-psk-file={}", percent_encode(&p.file.to_string_lossy(), b"/")));
+            query.push(format!("tls-username={}", percent_encode(&p.username, b"")));
+        } else {
+            query.push(format!("tls-certificates={}", percent_encode(&tls.certificates.to_string_lossy(), b"/")));
+        }
         if !tls.verify_peer {
             query.push("tls-verify-peer=false".into());
         }
@@ -253,11 +296,17 @@ mod tests {
         let u = NbdUrl::parse("nbds://h:2/e%20x?tls-certificates=/etc/pki/q%2Cx").unwrap();
         assert_eq!(u.addr, NbdAddr::Tcp { host: "h".into(), port: 2 });
         assert_eq!(u.export, "e x");
-        assert_eq!(u.tls, Some(UrlTls { certificates: "/etc/pki/q,x".into(), verify_peer: true, hostname: None }));
+        assert_eq!(
+            u.tls,
+            Some(UrlTls { certificates: "/etc/pki/q,x".into(), verify_peer: true, hostname: None, psk: None })
+        );
         let u = NbdUrl::parse("nbds+unix:///d?socket=/s&tls-certificates=c&tls-verify-peer=false&tls-hostname=srv")
             .unwrap();
         assert_eq!(u.addr, NbdAddr::Unix("/s".into()));
-        assert_eq!(u.tls, Some(UrlTls { certificates: "c".into(), verify_peer: false, hostname: Some("srv".into()) }));
+        assert_eq!(
+            u.tls,
+            Some(UrlTls { certificates: "c".into(), verify_peer: false, hostname: Some("srv".into()), psk: None })
+        );
         for round in [
             "nbds://h:2/e?tls-certificates=/d",
             "nbds+unix:///d?socket=/s&tls-certificates=c&tls-verify-peer=false&tls-hostname=srv",
@@ -335,5 +384,19 @@ mod tests {
         for bad in ["nbd:", "nbd:unix:", "nbd:h:x", "nbd:h/x?y"] {
             assert!(NbdUrl::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn parses_libnbd_psk_forms() {
+        let psk = |file: &str, user: &str| UrlPsk { file: file.into(), username: user.into() };
+        let u = NbdUrl::parse("nbds://alice@h:2/e?tls-psk-file=/k/keys.psk").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp { host: "h".into(), port: 2 });
+        assert_eq!(u.tls.unwrap().psk, Some(psk("/k/keys.psk", "alice")));
+        let u = NbdUrl::parse("nbds+unix:///d?socket=/s&tls-psk-file=k").unwrap();
+        assert_eq!(u.tls.clone().unwrap().psk, Some(psk("k", "qemu")));
+        assert_eq!(NbdUrl::parse(&u.to_string()).unwrap(), u);
+        let u = NbdUrl::parse("nbds://h/e?tls-psk-file=k&tls-username=bob").unwrap();
+        assert_eq!(NbdUrl::parse(&u.to_string()).unwrap(), u);
+        assert_eq!(u.tls.unwrap().psk, Some(psk("k", "bob")));
     }
 }

@@ -7,6 +7,8 @@
 
 use super::authz::Authz;
 use super::dn::subject_dn;
+use super::engine::{Engine, MemIo};
+use super::psk::{client_context, server_context, PskKeys, PSK_FILE};
 use crate::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -76,10 +78,29 @@ fn tls_config_error(e: rustls::Error) -> Error {
     Error::invalid(format!("TLS configuration: {e}"))
 }
 
-/// What a server needs to speak TLS: its rustls configuration.
+/// What a server needs to speak TLS: its rustls configuration
+/// (certificates) or OpenSSL context (pre-shared keys).
 #[derive(Clone)]
 pub struct TlsServer {
-    pub(crate) config: Arc<rustls::ServerConfig>,
+    config: Config<rustls::ServerConfig>,
+}
+
+#[derive(Clone)]
+enum Config<R> {
+    X509(Arc<R>),
+    Psk(openssl::ssl::SslContext),
+}
+
+fn openssl_session(ctx: &openssl::ssl::SslContext, server: bool) -> std::io::Result<Engine> {
+    let mut ssl = openssl::ssl::Ssl::new(ctx).map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    if server {
+        ssl.set_accept_state();
+    } else {
+        ssl.set_connect_state();
+    }
+    let stream =
+        openssl::ssl::SslStream::new(ssl, MemIo::default()).map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+    Ok(Engine::Openssl(Box::new(stream)))
 }
 
 impl std::fmt::Debug for TlsServer {
@@ -116,14 +137,25 @@ impl TlsServer {
             builder.with_no_client_auth()
         };
         let config = builder.with_single_cert(certs, key).map_err(tls_config_error)?;
-        Ok(TlsServer { config: Arc::new(config) })
+        Ok(TlsServer { config: Config::X509(Arc::new(config)) })
+    }
+
+    /// Loads `keys.psk` from `dir` (QEMU's `tls-creds-psk`): a client gets
+    /// in with a username the file lists and the same key, and, with
+    /// `authz`, only if the access list lets that username in.
+    pub fn from_psk_dir(dir: &Path, authz: Option<Authz>) -> Result<TlsServer> {
+        let keys = PskKeys::load(&dir.join(PSK_FILE))?;
+        Ok(TlsServer { config: Config::Psk(server_context(keys, authz)?) })
     }
 
     /// A fresh server session.
-    pub(crate) fn session(&self) -> std::io::Result<rustls::Connection> {
-        rustls::ServerConnection::new(Arc::clone(&self.config))
-            .map(rustls::Connection::Server)
-            .map_err(|e| std::io::Error::other(format!("TLS: {e}")))
+    pub(crate) fn session(&self) -> std::io::Result<Engine> {
+        match &self.config {
+            Config::X509(c) => rustls::ServerConnection::new(Arc::clone(c))
+                .map(|c| Engine::Rustls(Box::new(rustls::Connection::Server(c))))
+                .map_err(|e| std::io::Error::other(format!("TLS: {e}"))),
+            Config::Psk(ctx) => openssl_session(ctx, true),
+        }
     }
 }
 
@@ -131,7 +163,7 @@ impl TlsServer {
 /// server's certificate must carry.
 #[derive(Clone)]
 pub struct TlsClient {
-    config: Arc<rustls::ClientConfig>,
+    config: Config<rustls::ClientConfig>,
     hostname: Option<String>,
 }
 
@@ -165,7 +197,15 @@ impl TlsClient {
         } else {
             builder.with_no_client_auth()
         };
-        Ok(TlsClient { config: Arc::new(config), hostname: None })
+        Ok(TlsClient { config: Config::X509(Arc::new(config)), hostname: None })
+    }
+
+    /// Presents `username` with its key from the `keys.psk` file at
+    /// `path` (QEMU's client `tls-creds-psk`); the server is trusted for
+    /// knowing the same key, so no host name is checked.
+    pub fn from_psk_file(path: &Path, username: &str) -> Result<TlsClient> {
+        let keys = PskKeys::load(path)?;
+        Ok(TlsClient { config: Config::Psk(client_context(&keys, username, path)?), hostname: None })
     }
 
     /// The name the server's certificate must carry (QEMU's
@@ -183,13 +223,17 @@ impl TlsClient {
 
     /// A fresh client session for a server reached as `host` (`None` for a
     /// Unix socket); [`TlsClient::with_hostname`] overrides it.
-    pub(crate) fn session(&self, host: Option<&str>) -> std::io::Result<rustls::Connection> {
+    pub(crate) fn session(&self, host: Option<&str>) -> std::io::Result<Engine> {
+        let config = match &self.config {
+            Config::X509(c) => c,
+            Config::Psk(ctx) => return openssl_session(ctx, false),
+        };
         let name = self.hostname.as_deref().or(host).unwrap_or(UNCHECKED_NAME).to_string();
         let server_name = ServerName::try_from(name.clone()).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid TLS host name '{name}'"))
         })?;
-        rustls::ClientConnection::new(Arc::clone(&self.config), server_name)
-            .map(rustls::Connection::Client)
+        rustls::ClientConnection::new(Arc::clone(config), server_name)
+            .map(|c| Engine::Rustls(Box::new(rustls::Connection::Client(c))))
             .map_err(|e| std::io::Error::other(format!("TLS: {e}")))
     }
 }

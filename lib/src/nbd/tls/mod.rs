@@ -7,19 +7,22 @@
 //!   match (QEMU's gnutls order);
 //! - `creds`: [`TlsServer`] and [`TlsClient`], rustls configurations
 //!   (ring provider) with QEMU's certificate checks;
+//! - `psk`: QEMU's `keys.psk` and the OpenSSL contexts for pre-shared
+//!   keys (`tls-creds-psk`), which rustls does not implement;
+//! - `engine`: [`Engine`], a session of either library behind one
+//!   buffer-driven interface;
 //! - `stream`: [`TlsStream`], the session over a socket after STARTTLS.
-//!
-//! TLS with pre-shared keys (QEMU's `tls-creds-psk`) is not offered:
-//! rustls implements PSK only for session resumption, not the external
-//! keys (RFC 4279 / RFC 8446 section 2.2 with an out-of-band key) that
-//! gnutls and QEMU use.
 
 mod authz;
 mod creds;
 mod dn;
+mod engine;
+mod psk;
 mod stream;
 
 pub use authz::{glob_match, Authz, MatchFormat, Policy, Rule};
 pub use creds::{TlsClient, TlsServer, CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 pub use dn::subject_dn;
+pub use engine::Engine;
+pub use psk::{PskKeys, DEFAULT_USERNAME, PSK_FILE};
 pub use stream::{complete_handshake, Socket, TlsStream};

@@ -9,7 +9,7 @@
 //! under the session lock and sends the records under a separate send
 //! lock, taken first, so records leave in the order they were sealed.
 
-use rustls::Connection;
+use super::engine::Engine;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -57,7 +57,7 @@ impl_socket!(TcpStream);
 impl_socket!(UnixStream);
 
 struct Session {
-    tls: Connection,
+    tls: Engine,
     /// Raw bytes read from the socket that rustls has not taken yet (it
     /// takes no more while decrypted data waits to be read).
     raw: Vec<u8>,
@@ -91,32 +91,18 @@ impl<S: Socket> std::fmt::Debug for TlsStream<S> {
 
 /// Runs the handshake of `tls` over `io` (whose reads and writes the
 /// caller bounds), including the tickets a TLS 1.3 server sends after it.
-pub fn complete_handshake<T: Read + Write>(tls: &mut Connection, io: &mut T) -> io::Result<()> {
-    while tls.is_handshaking() {
-        if let Err(e) = tls.complete_io(io) {
-            // Tell the peer why, when rustls has an alert queued.
-            let _ = tls.write_tls(io);
-            return Err(e);
-        }
-    }
-    while tls.wants_write() {
-        tls.write_tls(io)?;
-    }
-    io.flush()
+pub fn complete_handshake<T: Read + Write>(tls: &mut Engine, io: &mut T) -> io::Result<()> {
+    tls.complete_handshake(io)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
-}
-
 impl<S: Socket> TlsStream<S> {
     /// Wraps a session whose handshake [`complete_handshake`] finished
     /// over `sock`.
-    pub fn new(tls: Connection, sock: S) -> io::Result<TlsStream<S>> {
+    pub fn new(tls: Engine, sock: S) -> io::Result<TlsStream<S>> {
         let receiver = sock.try_clone_socket()?;
         let control = sock.try_clone_socket()?;
         Ok(TlsStream {
@@ -131,7 +117,7 @@ impl<S: Socket> TlsStream<S> {
 
     /// The peer's certificate chain (end entity first), if it sent one.
     pub fn peer_certificates(&self) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
-        lock(&self.inner.session).tls.peer_certificates().map(|c| c.to_vec())
+        lock(&self.inner.session).tls.peer_certificates()
     }
 
     /// Another handle to the same session.
@@ -180,7 +166,7 @@ impl<S: Socket> Read for TlsStream<S> {
             let replies = {
                 let mut guard = lock(&self.inner.session);
                 let s = &mut *guard;
-                match s.tls.reader().read(buf) {
+                match s.tls.read_plain(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
@@ -197,11 +183,11 @@ impl<S: Socket> Read for TlsStream<S> {
                         drop(guard);
                         // The alert explaining the failure, best effort.
                         let _ = self.send_pending();
-                        return Err(tls_error(e));
+                        return Err(e);
                     }
                     if !pending {
                         // The end, clean (close_notify) or truncated.
-                        return match s.tls.reader().read(buf) {
+                        return match s.tls.read_plain(buf) {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                 Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the TLS connection"))
                             }
@@ -250,7 +236,7 @@ impl<S: Socket> Write for TlsStream<S> {
         let mut out = Vec::with_capacity(buf.len() + 64);
         let n = {
             let mut s = lock(&self.inner.session);
-            let n = s.tls.writer().write(buf)?;
+            let n = s.tls.write_plain(buf)?;
             while s.tls.wants_write() {
                 s.tls.write_tls(&mut out)?;
             }
