@@ -90,7 +90,11 @@ impl Qmp {
     /// Sends one command; returns the events before its reply, then the
     /// reply.
     fn cmd(&mut self, c: &Value) -> Vec<Value> {
-        writeln!(self.out, "{c}").unwrap();
+        // One write: `writeln!` on the socket sends the JSON in pieces and
+        // the newline last, and a daemon that acts on the object as soon
+        // as it is complete may already have hung up after `quit` by then
+        // (qemu-storage-daemon does under load: a broken pipe).
+        self.out.write_all(format!("{c}\n").as_bytes()).unwrap();
         let mut got = Vec::new();
         loop {
             let line = self.lines.next().expect("QMP reply").unwrap();
