@@ -43,6 +43,7 @@ setters!(FuseOptions { writable: bool, growable: bool, allow_other: bool });
 /// A mounted FUSE export; dropping it unmounts too, without reporting.
 pub struct FuseExport {
     session: BackgroundSession,
+    mountpoint: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for FuseExport {
@@ -86,14 +87,31 @@ impl FuseExport {
         config.n_threads = Some(4);
         let session = fuser::spawn_mount(fs, mountpoint, &config)
             .map_err(|e| Error::io(format!("mounting a FUSE export on {}", mountpoint.display()), e))?;
-        Ok(FuseExport { session })
+        Ok(FuseExport { session, mountpoint: mountpoint.to_path_buf() })
     }
 
     /// Unmounts and waits for the request threads to end.
     pub fn unmount(self) -> Result<()> {
+        // The last user's close does not free the mount at once when some
+        // process forks meanwhile: the child holds a copy of every open
+        // file until it execs, and unmounting fails with EBUSY for that
+        // moment (seen under load). Such moments are waited out; a user
+        // that keeps the file open still gets the error, from fuser's
+        // unmount below. Any other failure (EPERM without root: fuser goes
+        // through fusermount3) is left to fuser too; once unmounted here,
+        // fuser sees the connection gone and only joins its threads.
+        let until = std::time::Instant::now() + BUSY_WAIT;
+        while nix::mount::umount(self.mountpoint.as_path()) == Err(nix::errno::Errno::EBUSY)
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.session.umount_and_join().map_err(|e| Error::io("unmounting a FUSE export", e))
     }
 }
+
+/// How long unmounting waits for a busy mount to be let go.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
 
 /// Attributes are cached by the kernel for this long; the size can only
 /// change through this export, which answers with fresh attributes.
