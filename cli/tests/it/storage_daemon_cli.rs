@@ -21,6 +21,8 @@ fn have_qsd() -> bool {
 /// returns), killed on drop unless it quit.
 pub struct Daemon {
     pid: u32,
+    /// Seen gone: its pid may belong to another process by now.
+    exited: std::cell::Cell<bool>,
 }
 
 impl Daemon {
@@ -46,12 +48,17 @@ impl Daemon {
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         ok(dir, prog[0], &refs);
         let pid = std::fs::read_to_string(&pidfile).expect("pid file").trim().parse().expect("pid");
-        Daemon { pid }
+        Daemon { pid, exited: false.into() }
     }
 
     fn alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.pid)).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).is_ok_and(|s| s.contains(") Z "))
+        let proc = format!("/proc/{}", self.pid);
+        // The main thread shows as a zombie as soon as it has exited,
+        // while other threads may still be ending and holding the image's
+        // files and locks: the process is gone with its last thread.
+        let zombie = std::fs::read_to_string(format!("{proc}/stat")).is_ok_and(|s| s.contains(") Z "));
+        let threads = std::fs::read_dir(format!("{proc}/task")).map_or(0, |d| d.count());
+        Path::new(&proc).exists() && (!zombie || threads > 1)
     }
 
     /// Waits until the daemon has exited (a generous limit turns a hang
@@ -62,12 +69,13 @@ impl Daemon {
             assert!(Instant::now() < limit, "daemon {} did not exit", self.pid);
             std::thread::sleep(Duration::from_millis(10));
         }
+        self.exited.set(true);
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.alive() {
+        if !self.exited.get() && self.alive() {
             let _ = std::process::Command::new("kill").arg("-9").arg(self.pid.to_string()).status();
         }
     }
