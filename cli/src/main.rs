@@ -12,6 +12,7 @@ mod object;
 mod progress;
 mod remote_opts;
 mod remote_upload;
+mod storage_daemon;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -66,7 +67,10 @@ enum Command {
     Bitmap(cmd::bitmap::Args),
     /// Copy the backing chain into the image and drop the backing file.
     Stream(cmd::stream::Args),
-    /// Create qemu-img, qemu-io and qemu-nbd links to this binary in DIR.
+    /// Serve images to VMs and NBD clients (like `qemu-storage-daemon`).
+    StorageDaemon(storage_daemon::Args),
+    /// Create qemu-img, qemu-io, qemu-nbd and qemu-storage-daemon links to
+    /// this binary in DIR.
     InstallLinks(dropin::links::Args),
 }
 
@@ -142,6 +146,7 @@ where
         Command::Measure(a) => cmd::measure::run(a),
         Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Stream(a) => cmd::stream::run(a),
+        Command::StorageDaemon(a) => storage_daemon::run(a),
         Command::InstallLinks(a) => dropin::links::run(a),
     };
     report_host_io();

@@ -92,7 +92,39 @@ impl Props {
         self.values.keys().any(|k| k.starts_with(prefix))
     }
 
-    fn finish(self) -> CliResult<()> {
+    /// The properties of a keyval string (`implied` names a leading
+    /// element without `=`) or of a JSON object: the syntaxes every qemu
+    /// option taking structured values accepts (`--blockdev`, `--export`).
+    pub fn from_arg(arg: &str, implied: Option<&str>) -> CliResult<Props> {
+        let pairs = if arg.trim_start().starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(arg).map_err(|e| CliError::new(format!("JSON parse error, {e}")))?;
+            Props::from_json(&v)?
+        } else {
+            parse_keyval(arg, implied)?
+        };
+        Ok(Props::from_pairs(pairs))
+    }
+
+    /// The properties of a JSON object, flattened to dotted keys (QMP
+    /// arguments).
+    pub fn from_json(v: &serde_json::Value) -> CliResult<Vec<(String, String)>> {
+        if !v.is_object() {
+            return Err(CliError::new("Invalid parameter type, expected 'object'"));
+        }
+        let mut out = Vec::new();
+        flatten_json("", v, &mut out);
+        Ok(out)
+    }
+
+    /// Properties from key-value pairs; a later value for a key wins, as
+    /// in keyval.
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Props {
+        Props { values: pairs.into_iter().collect() }
+    }
+
+    /// Fails on the first property nobody took.
+    pub fn finish(self) -> CliResult<()> {
         match self.values.into_keys().next() {
             Some(k) => Err(CliError::new(format!("Parameter '{k}' is unexpected"))),
             None => Ok(()),

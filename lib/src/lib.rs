@@ -99,6 +99,8 @@ mod cache_mode;
 pub mod crypto;
 mod device;
 mod error;
+#[cfg(feature = "fuse")]
+pub mod export;
 pub mod format;
 pub mod formats;
 #[cfg(feature = "testing")]

@@ -1,5 +1,5 @@
-//! Drop-in mode: the same binary answers as `qemu-img`, `qemu-io` and
-//! `qemu-nbd` when started under one of those names (a symlink or hard
+//! Drop-in mode: the same binary answers as `qemu-img`, `qemu-io`,
+//! `qemu-nbd` and `qemu-storage-daemon` when started under one of those names (a symlink or hard
 //! link; argv[0]'s file name decides). Each front here takes that tool's
 //! whole command line, parses it the way the tool does (getopt_long, its
 //! words for usage errors, its `--help`/`--version` shapes) and hands an
@@ -23,13 +23,14 @@ use std::sync::OnceLock;
 pub const QEMU_VERSION: &str = "10.0.2";
 
 /// The names oxcow answers to besides its own.
-pub const TOOL_NAMES: [&str; 3] = ["qemu-img", "qemu-io", "qemu-nbd"];
+pub const TOOL_NAMES: [&str; 4] = ["qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon"];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Tool {
     Img,
     Io,
     Nbd,
+    StorageDaemon,
 }
 
 impl Tool {
@@ -38,6 +39,7 @@ impl Tool {
             Tool::Img => "qemu-img",
             Tool::Io => "qemu-io",
             Tool::Nbd => "qemu-nbd",
+            Tool::StorageDaemon => "qemu-storage-daemon",
         }
     }
 }
@@ -72,6 +74,7 @@ pub fn tool_for(argv0: Option<&OsString>) -> Option<Tool> {
         "qemu-img" => Some(Tool::Img),
         "qemu-io" => Some(Tool::Io),
         "qemu-nbd" => Some(Tool::Nbd),
+        "qemu-storage-daemon" => Some(Tool::StorageDaemon),
         _ => None,
     }
 }
@@ -85,8 +88,20 @@ pub fn run(tool: Tool, argv: Vec<OsString>) -> ExitCode {
         Tool::Img => img::run(&args),
         Tool::Io => io::run(&args),
         Tool::Nbd => nbd::run(&args),
+        Tool::StorageDaemon => storage_daemon(&args),
     };
     ExitCode::from(code)
+}
+
+/// qemu-storage-daemon's command line is already `oxcow storage-daemon`'s,
+/// so only the version option needs its own answer here.
+fn storage_daemon(args: &[String]) -> u8 {
+    if args.iter().any(|a| a == "-V" || a == "--version") {
+        print!("{}", version_text(Tool::StorageDaemon));
+        return 0;
+    }
+    let argv = ["oxcow", "storage-daemon"].into_iter().map(String::from).chain(args.iter().cloned());
+    crate::run_args(argv)
 }
 
 /// `--version` in the tool's shape; the parenthesis, where distributions

@@ -1,0 +1,131 @@
+//! `--export` / `block-export-add`: what an export definition says, and a
+//! live export's handles (for NBD: the server of its node and the way to
+//! cut its clients off).
+
+use crate::error::{CliError, CliResult};
+use crate::object::Props;
+use oxcow::nbd::server::Server;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A parsed export definition.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    pub id: String,
+    pub node_name: String,
+    pub writable: bool,
+    pub kind: Kind,
+}
+
+/// The type-specific part of a definition.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Nbd {
+        /// Export name clients ask for (the node name unless given).
+        name: String,
+        description: String,
+        allocation_depth: bool,
+    },
+    Fuse {
+        /// The regular file the image is mounted over.
+        mountpoint: String,
+        growable: bool,
+        allow_other: bool,
+    },
+}
+
+impl Kind {
+    /// The QAPI name of the type.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Kind::Nbd { .. } => "nbd",
+            Kind::Fuse { .. } => "fuse",
+        }
+    }
+}
+
+impl ExportSpec {
+    /// Reads a definition (every property must be understood).
+    pub fn parse(mut p: Props) -> CliResult<ExportSpec> {
+        let ty = p.require("type")?;
+        let id = p.require("id")?;
+        let node_name = p.require("node-name")?;
+        let writable = p.take_bool("writable")?.unwrap_or(false);
+        if p.take_bool("writethrough")?.unwrap_or(false) {
+            return Err(CliError::new("writethrough=on is not supported (open the node with cache settings instead)"));
+        }
+        // Every export runs on its own threads; there are no iothreads.
+        p.take("iothread");
+        p.take_bool("fixed-iothread")?;
+        let kind = match ty.as_str() {
+            "nbd" => {
+                let name = p.take("name").unwrap_or_else(|| node_name.clone());
+                let description = p.take("description").unwrap_or_default();
+                let allocation_depth = p.take_bool("allocation-depth")?.unwrap_or(false);
+                if p.has_prefix("bitmaps") {
+                    return Err(CliError::new("NBD exports of dirty bitmaps are not supported"));
+                }
+                Kind::Nbd { name, description, allocation_depth }
+            }
+            "fuse" => {
+                let mountpoint = p.require("mountpoint")?;
+                let growable = p.take_bool("growable")?.unwrap_or(false);
+                // auto: allowed where the system permits, which for the
+                // root this daemon mostly runs as means allowed.
+                let allow_other =
+                    p.take_enum("allow-other", &[("on", true), ("off", false), ("auto", true)])?.unwrap_or(true);
+                Kind::Fuse { mountpoint, growable, allow_other }
+            }
+            "vhost-user-blk" | "vduse-blk" => {
+                return Err(CliError::new(format!("Export type '{ty}' is not supported yet")))
+            }
+            other => return Err(CliError::new(format!("Parameter 'type' does not accept value '{other}'"))),
+        };
+        p.finish()?;
+        Ok(ExportSpec { id, node_name, writable, kind })
+    }
+}
+
+/// The live clients of an export: how to disconnect each.
+#[derive(Default)]
+pub struct Clients {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Box<dyn Fn() + Send>>>,
+}
+
+impl Clients {
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Box<dyn Fn() + Send>>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Remembers a client; the id unregisters it.
+    pub fn register(&self, shutdown: Box<dyn Fn() + Send>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live().insert(id, shutdown);
+        id
+    }
+    pub fn unregister(&self, id: u64) {
+        self.live().remove(&id);
+    }
+    pub fn count(&self) -> usize {
+        self.live().len()
+    }
+    /// Shuts every client's socket down; their threads then end.
+    pub fn disconnect_all(&self) {
+        self.live().values().for_each(|s| s());
+    }
+}
+
+/// A running export.
+pub struct Export {
+    pub spec: ExportSpec,
+    pub handle: Handle,
+}
+
+/// What serves a running export.
+pub enum Handle {
+    /// The NBD server of the export's node, and its clients.
+    Nbd { server: Server, clients: std::sync::Arc<Clients> },
+    /// The mounted file.
+    Fuse(oxcow::export::fuse::FuseExport),
+}
