@@ -6,6 +6,7 @@
 mod broken_pipe;
 mod cmd;
 mod dropin;
+mod encrypt_opts;
 mod error;
 mod image_opts;
 mod object;

@@ -128,7 +128,15 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         if a.backing.is_some() && bfmt.is_none() && !fmt_in_options {
             return Err(CliError::new("Use of backing file requires explicit backing format"));
         }
-        crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
+        crate::cmd::create::create_target(
+            dst_path,
+            out_fmt,
+            a.options.clone(),
+            a.backing.clone(),
+            bfmt,
+            size,
+            a.objects.objects.clone(),
+        )?;
     }
     let dst = open_image(dst_path, &OpenOptions::default().format(Some(out_fmt)).write(true).cache(dst_cache))?;
     let ddev = dst.device();

@@ -24,8 +24,12 @@ pub const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Header length.
 pub const HEADER_LEN: usize = 592;
 const SLOT_ACTIVE: u32 = 0x00AC_71F3;
-const SLOTS: usize = 8;
-const DIGEST_LEN: usize = 20;
+/// What QEMU and cryptsetup write into an unused slot's state.
+const SLOT_INACTIVE: u32 = 0x0000_DEAD;
+/// Key slots in a header.
+pub const SLOTS: usize = 8;
+/// Length of the master key digest.
+pub const DIGEST_LEN: usize = 20;
 /// Most key material bytes one slot may hold (512-byte keys × 4000 stripes
 /// fit twice over).
 const MAX_KEY_MATERIAL: usize = 4 << 20;
@@ -162,6 +166,49 @@ impl LuksHeader {
             uuid,
             slots,
         })
+    }
+
+    /// The header's bytes (the inverse of [`LuksHeader::parse`]).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; HEADER_LEN];
+        let mut put_str = |off: usize, len: usize, s: &str| -> Result<()> {
+            if s.len() >= len {
+                return Err(Error::invalid(format!("LUKS header: '{s}' is too long")));
+            }
+            b[off..off + s.len()].copy_from_slice(s.as_bytes());
+            Ok(())
+        };
+        put_str(8, 32, self.alg.luks_name())?;
+        put_str(40, 32, &self.mode_spec())?;
+        put_str(72, 32, self.hash.name())?;
+        put_str(168, 40, &self.uuid)?;
+        b[..6].copy_from_slice(MAGIC);
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        b[104..108].copy_from_slice(&self.payload_offset.to_be_bytes());
+        b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
+        b[112..132].copy_from_slice(&self.mk_digest);
+        b[132..164].copy_from_slice(&self.mk_salt);
+        b[164..168].copy_from_slice(&self.mk_iterations.to_be_bytes());
+        for (i, slot) in self.slots.iter().take(SLOTS).enumerate() {
+            let o = 208 + i * 48;
+            let state = if slot.active { SLOT_ACTIVE } else { SLOT_INACTIVE };
+            b[o..o + 4].copy_from_slice(&state.to_be_bytes());
+            b[o + 4..o + 8].copy_from_slice(&slot.iterations.to_be_bytes());
+            b[o + 8..o + 40].copy_from_slice(&slot.salt);
+            b[o + 40..o + 44].copy_from_slice(&slot.key_offset.to_be_bytes());
+            b[o + 44..o + 48].copy_from_slice(&slot.stripes.to_be_bytes());
+        }
+        Ok(b)
+    }
+
+    /// The cipher mode field (`xts-plain64`, `cbc-essiv:sha256`).
+    pub fn mode_spec(&self) -> String {
+        let mut s = format!("{}-{}", self.mode.name(), self.ivgen.name());
+        if let Some(h) = self.ivgen_hash {
+            s.push(':');
+            s.push_str(h.name());
+        }
+        s
     }
 
     /// Tries each active key slot with `password`; `read` reads key

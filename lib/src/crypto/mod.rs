@@ -7,12 +7,14 @@
 //! material lives in [`Secret`]s and cipher states that are wiped on drop.
 
 mod af;
+mod create;
 mod hash;
 mod image;
 pub mod luks;
 mod sector;
 mod storage;
 
+pub use create::{format as format_luks, iterations_for, LuksParams, NewVolume};
 pub use hash::Hash;
 pub use image::LuksImage;
 pub use luks::LuksHeader;
