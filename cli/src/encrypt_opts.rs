@@ -85,6 +85,18 @@ impl EncryptOpts {
         }
     }
 
+    /// The checks qemu-img makes before its "Formatting" line (numbers).
+    pub fn precheck(&self) -> CliResult<u64> {
+        match self.get("iter-time") {
+            None => Ok(LuksParams::default().iter_time_ms),
+            Some(v) => v
+                .parse()
+                .ok()
+                .filter(|&n: &u64| n <= i64::MAX as u64)
+                .ok_or_else(|| CliError::new(format!("Parameter '{}' expects a number", self.name("iter-time")))),
+        }
+    }
+
     /// The "Formatting" line's words for these options, in qemu-img's order.
     pub fn formatting(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -159,13 +171,7 @@ impl EncryptOpts {
             Some(v) => return Err(bad("ivgen-alg", v)),
         };
         p.ivgen_hash = ivgen_hash;
-        if let Some(v) = self.get("iter-time") {
-            p.iter_time_ms = v
-                .parse()
-                .ok()
-                .filter(|&n: &u64| n <= i64::MAX as u64)
-                .ok_or_else(|| CliError::new("Parameter 'iter-time' expects a number"))?;
-        }
+        p.iter_time_ms = self.precheck()?;
         let Some(id) = self.get("key-secret") else {
             return Err(CliError::new(format!("Parameter '{}' is required for cipher", self.name("key-secret"))));
         };

@@ -164,7 +164,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         return Ok(0);
     }
     let werr = |e: oxcow::Error| CliError::new(format!("error while converting: {}", crate::error::message(&e)));
-    let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
+    // A new raw LUKS payload reads as noise, not zeros (QEMU's luks has
+    // no zero init either): its zero ranges are written like an existing
+    // target's.
+    let no_zero_init = a.no_create || out_fmt == Format::Luks;
+    let o = CopyOptions::default().zero_granularity(gran).existing_target(no_zero_init).base(base);
     copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
     progress.finish();
     if a.bitmaps {

@@ -189,11 +189,16 @@ fn create(a: Args) -> CliResult<i32> {
         return Err(err("Image creation needs a size parameter".into()));
     };
 
+    let encrypts = matches!(format, Format::Qcow2 | Format::Luks);
+    if encrypts {
+        g.enc.precheck().map_err(|e| err(e.msg))?;
+    }
     let line = formatting_line(&a.file, format, &g, size);
     if !a.quiet {
         println!("{line}");
     }
-    let encryption = match g.enc.resolve(&objects).map_err(|e| err(e.msg))? {
+    let resolved = if encrypts { g.enc.resolve(&objects).map_err(|e| err(e.msg))? } else { None };
+    let encryption = match resolved {
         Some(crate::encrypt_opts::Encryption::Aes) => {
             return Err(err("oxcow does not create legacy AES-encrypted images (use encrypt.format=luks)".into()))
         }
@@ -328,7 +333,13 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     Ok(())
 }
 
-fn create_luks(path: &str, size: u64, g: &Given, p: &oxcow::crypto::LuksParams, key: &oxcow::crypto::Secret) -> Result<(), String> {
+fn create_luks(
+    path: &str,
+    size: u64,
+    g: &Given,
+    p: &oxcow::crypto::LuksParams,
+    key: &oxcow::crypto::Secret,
+) -> Result<(), String> {
     let mode = prealloc(g).map_err(|e| e.msg)?;
     let f: Arc<dyn Storage> = create_file(Path::new(path)).map_err(|e| message(&e))?;
     oxcow::crypto::LuksImage::create(&f, size, p, key, mode == Preallocation::Full).map_err(|e| message(&e))

@@ -313,8 +313,7 @@ impl Qcow2 {
         self.write_back(&mut m)?;
         self.sync("flushing the encryption header")?;
         m.hc.header.crypt_method = 2;
-        m.hc.extensions.fde =
-            Some(crate::format::extensions::FdeExt { offset: at.0, length: volume.len() as u64 });
+        m.hc.extensions.fde = Some(crate::format::extensions::FdeExt { offset: at.0, length: volume.len() as u64 });
         self.write_header(&mut m)?;
         self.sync("flushing header")
     }
