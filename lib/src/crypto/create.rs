@@ -55,6 +55,12 @@ impl LuksParams {
         self.alg.key_len() * if self.mode == CipherMode::Xts { 2 } else { 1 }
     }
 
+    /// Bytes of header and key material before the payload (what a
+    /// qcow2 image gives the encryption header, what `measure` adds).
+    pub fn volume_len(&self) -> u64 {
+        u64::from(ALIGN_SECTORS + SLOTS as u32 * slot_sectors(self.key_bytes())) * SECTOR
+    }
+
     /// Checks the combination before any work, with qemu-img's messages.
     pub fn validate(&self) -> Result<()> {
         if let IvGen::Essiv(h) = self.ivgen {
@@ -188,6 +194,7 @@ pub fn format(p: &LuksParams, password: &Secret) -> Result<NewVolume> {
         })
         .collect();
     let payload_offset = first + SLOTS as u32 * per_slot;
+    debug_assert_eq!(u64::from(payload_offset) * SECTOR, p.volume_len());
     let ivgen_hash = match p.ivgen {
         IvGen::Essiv(h) => Some(h),
         _ => p.ivgen_hash,
