@@ -203,6 +203,10 @@ pub struct OpenOptions {
     /// Open an encrypted image without its key, for its metadata only
     /// (`info`, as QEMU's no-I/O opens): its data reads then fail.
     pub no_io: bool,
+    /// The passwords of encrypted backing files, nearest first
+    /// (`backing.encrypt.key-secret`, `backing.backing....`). A backing
+    /// file without one here is tried with the overlay's password.
+    pub backing_keys: Vec<Option<crate::crypto::Secret>>,
 }
 
 impl Default for OpenOptions {
@@ -220,6 +224,7 @@ impl Default for OpenOptions {
             storage_hook: None,
             key_secret: None,
             no_io: false,
+            backing_keys: Vec::new(),
         }
     }
 }
@@ -647,7 +652,13 @@ fn open_backing(
         Some(f) => Some(f.parse::<Format>()?),
         None => None,
     };
-    let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
+    let mut bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, ..opts.clone() };
+    if !opts.backing_keys.is_empty() {
+        if let Some(k) = opts.backing_keys[0].clone() {
+            bopts.key_secret = Some(k);
+        }
+        bopts.backing_keys = opts.backing_keys[1..].to_vec();
+    }
     chain.enter(&bpath)?;
     open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
         Error::Io { context, source } => {

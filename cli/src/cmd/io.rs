@@ -116,9 +116,7 @@ const LIMIT_KEYS: &[&str] =
 /// to its image.
 fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let opts = oxcow::options::split_options(spec);
-    if opts.iter().any(|(k, v)| {
-        ((k == "driver" || k == "file.driver") && v == "nbd") || k == "encrypt.key-secret" || k == "key-secret"
-    }) {
+    if opts.iter().any(|(k, v)| ((k == "driver" || k == "file.driver") && v == "nbd") || k.ends_with("key-secret")) {
         // NBD keys (server.*, export, tls-creds) become an NBD location;
         // a key secret is registered for the file it opens.
         let (format, name) = crate::image_opts::resolve(spec, &cfg.objects)?;
