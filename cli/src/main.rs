@@ -9,6 +9,7 @@ mod dropin;
 mod encrypt_opts;
 mod error;
 mod image_opts;
+mod keyslot_opts;
 mod object;
 mod progress;
 mod util;

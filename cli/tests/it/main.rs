@@ -13,6 +13,7 @@ mod damaged_cli;
 mod direct_write_race;
 mod dropin;
 mod lifecycle_cli;
+mod luks_amend;
 mod luks_chain;
 mod luks_create;
 mod luks_qcow2;

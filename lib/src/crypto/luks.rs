@@ -215,30 +215,48 @@ impl LuksHeader {
     /// material at a byte offset from the header. Returns the payload
     /// cipher.
     pub fn unlock(&self, password: &Secret, read: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<SectorCipher> {
+        let key = self.unlock_key(password, read)?;
+        SectorCipher::new(self.alg, self.mode, self.ivgen, &key)
+    }
+
+    /// The master key, from the first active slot `password` opens.
+    pub fn unlock_key(&self, password: &Secret, read: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<Secret> {
+        for i in 0..self.slots.len() {
+            if let Some(k) = self.try_slot(i, password, read)? {
+                return Ok(k);
+            }
+        }
+        Err(Error::invalid("Invalid password, cannot unlock any keyslot"))
+    }
+
+    /// The master key if slot `i` is active and `password` opens it.
+    pub fn try_slot(
+        &self,
+        i: usize,
+        password: &Secret,
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Option<Secret>> {
         let kb = self.key_bytes as usize;
         if kb == 0 || kb > 512 {
             return Err(Error::corrupt("LUKS header: bad master key length"));
         }
-        for slot in self.slots.iter().filter(|s| s.active) {
-            // QEMU and cryptsetup write 4000 stripes; the bound keeps a
-            // hostile header from sizing a huge buffer.
-            if slot.stripes == 0 || kb * slot.stripes as usize > MAX_KEY_MATERIAL {
-                return Err(Error::corrupt("LUKS header: bad key slot stripes"));
-            }
-            let mut slot_key = Secret::new(vec![0u8; kb]);
-            self.hash.pbkdf2(password.expose(), &slot.salt, slot.iterations, &mut slot_key.0[..]);
-            let len = kb * slot.stripes as usize;
-            let mut split = Zeroizing::new(vec![0u8; len.div_ceil(SECTOR as usize) * SECTOR as usize]);
-            read(&mut split, u64::from(slot.key_offset) * SECTOR)?;
-            SectorCipher::new(self.alg, self.mode, self.ivgen, &slot_key)?.apply(0, &mut split, false);
-            let mk = af::merge(self.hash, &split[..len], kb, slot.stripes as usize);
-            let mut digest = [0u8; DIGEST_LEN];
-            self.hash.pbkdf2(&mk, &self.mk_salt, self.mk_iterations, &mut digest);
-            if digest == self.mk_digest {
-                let key = Secret::new(mk.to_vec());
-                return SectorCipher::new(self.alg, self.mode, self.ivgen, &key);
-            }
+        let Some(slot) = self.slots.get(i).filter(|s| s.active) else {
+            return Ok(None);
+        };
+        // QEMU and cryptsetup write 4000 stripes; the bound keeps a
+        // hostile header from sizing a huge buffer.
+        if slot.stripes == 0 || kb * slot.stripes as usize > MAX_KEY_MATERIAL {
+            return Err(Error::corrupt("LUKS header: bad key slot stripes"));
         }
-        Err(Error::invalid("Invalid password, cannot unlock any keyslot"))
+        let mut slot_key = Secret::new(vec![0u8; kb]);
+        self.hash.pbkdf2(password.expose(), &slot.salt, slot.iterations, &mut slot_key.0[..]);
+        let len = kb * slot.stripes as usize;
+        let mut split = Zeroizing::new(vec![0u8; len.div_ceil(SECTOR as usize) * SECTOR as usize]);
+        read(&mut split, u64::from(slot.key_offset) * SECTOR)?;
+        SectorCipher::new(self.alg, self.mode, self.ivgen, &slot_key)?.apply(0, &mut split, false);
+        let mk = af::merge(self.hash, &split[..len], kb, slot.stripes as usize);
+        let mut digest = [0u8; DIGEST_LEN];
+        self.hash.pbkdf2(&mk, &self.mk_salt, self.mk_iterations, &mut digest);
+        Ok((digest == self.mk_digest).then(|| Secret::new(mk.to_vec())))
     }
 }
