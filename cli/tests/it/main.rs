@@ -17,6 +17,7 @@ mod luks_amend;
 mod luks_chain;
 mod luks_create;
 mod luks_qcow2;
+mod luks_serve;
 mod other_formats;
 mod read_compat;
 mod remote_cli;

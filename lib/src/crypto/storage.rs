@@ -150,4 +150,3 @@ impl Storage for PayloadLen {
         self.0.punch_hole(offset, len)
     }
 }
-
