@@ -311,6 +311,8 @@ def workloads(size):
         ("convert raw -> qcow2", w_convert("raw", "qcow2", [])),
         ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),
         ("convert vmdk streamOptimized -> qcow2", w_convert_vmdk_stream(False)),
+        *[(f"convert {f} -> qcow2", w_convert(f, "qcow2", [])) for f in ("qed", "vdi", "vpc", "vhdx", "vmdk")],
+        *[(f"convert qcow2 -> {f}", w_convert("qcow2", f, [])) for f in ("qed", "vdi", "vpc", "vhdx", "vmdk")],
         ("convert qcow2 -> vmdk streamOptimized", w_convert_vmdk_stream(True)),
         ("NBD 4k reads, depth 16 (qemu-img bench client)", w_nbd(False)),
         ("NBD 4k writes, depth 16 (qemu-img bench client)", w_nbd(True)),

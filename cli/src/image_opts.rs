@@ -131,14 +131,28 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                     None => rest.insert(k, v),
                 };
             }
-            let key_id = rest.remove("encrypt.key-secret").or_else(|| rest.remove("key-secret"));
-            if let Some(id) = key_id {
+            // Key secrets of the image (depth 0) and of its backing files
+            // (`backing.encrypt.key-secret`, `backing.backing....`).
+            let fname = inner.get("filename").cloned().unwrap_or_default();
+            let key_opts: Vec<(usize, String)> = rest
+                .keys()
+                .filter_map(|k| {
+                    let mut depth = 0;
+                    let mut sub = k.as_str();
+                    while let Some(r) = sub.strip_prefix("backing.") {
+                        depth += 1;
+                        sub = r;
+                    }
+                    matches!(sub, "encrypt.key-secret" | "key-secret").then(|| (depth, k.clone()))
+                })
+                .collect();
+            for (depth, k) in key_opts {
+                let id = rest.remove(&k).unwrap_or_default();
                 let key = match objects.get(&id) {
                     Some(Object::Secret(s)) => s.0.clone(),
                     _ => return Err(CliError::new(format!("No secret with id '{id}'"))),
                 };
-                let fname = inner.get("filename").cloned().unwrap_or_default();
-                crate::object::secret::register(&fname, key);
+                crate::object::secret::register_at(&fname, depth, key);
             }
             if let Some(k) = rest.keys().next() {
                 return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));

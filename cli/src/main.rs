@@ -6,8 +6,10 @@
 mod broken_pipe;
 mod cmd;
 mod dropin;
+mod encrypt_opts;
 mod error;
 mod image_opts;
+mod keyslot_opts;
 mod object;
 mod progress;
 mod remote_opts;

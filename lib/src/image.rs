@@ -213,6 +213,10 @@ pub struct OpenOptions {
     /// The format of the image's backing file, instead of the one the
     /// image names (QEMU's `backing.driver`); not passed further down.
     pub backing_driver: Option<Format>,
+    /// The passwords of encrypted backing files, nearest first
+    /// (`backing.encrypt.key-secret`, `backing.backing....`). A backing
+    /// file without one here is tried with the overlay's password.
+    pub backing_keys: Vec<Option<crate::crypto::Secret>>,
 }
 
 impl Default for OpenOptions {
@@ -231,6 +235,7 @@ impl Default for OpenOptions {
             key_secret: None,
             no_io: false,
             backing_driver: None,
+            backing_keys: Vec::new(),
         }
     }
 }
@@ -668,7 +673,13 @@ fn open_backing(
         })?),
         (None, None) => None,
     };
-    let bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
+    let mut bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
+    if !opts.backing_keys.is_empty() {
+        if let Some(k) = opts.backing_keys[0].clone() {
+            bopts.key_secret = Some(k);
+        }
+        bopts.backing_keys = opts.backing_keys[1..].to_vec();
+    }
     chain.enter(&bpath)?;
     open_depth(&bpath, &bopts, depth + 1, chain).map_err(|e| match e {
         Error::Io { context, source } => {

@@ -29,6 +29,8 @@ pub struct Args {
     /// Allow amendments QEMU deems unsafe (accepted for compatibility).
     #[arg(long = "force")]
     force: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
@@ -44,17 +46,51 @@ fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
     Ok(Arc::new(f))
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
-    let _ = (a.cache, a.progress, a.quiet, a.force);
+pub fn run(mut a: Args) -> CliResult<i32> {
+    let _ = (a.cache, a.progress, a.quiet);
     if a.options.is_empty() {
         return Err(CliError::new("Must specify options (-o)\nTry 'oxcow amend --help' for more info"));
     }
-    let opts = AmendOptions::parse(&a.options.join(",")).map_err(CliError::from)?;
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let file = open_rw(&a.file, LockMode::writer())?;
     let format = match parse_format(a.format.as_deref())? {
         Some(f) => f,
         None => oxcow::probe_format(&*file)?,
     };
+    // Key slot options (`encrypt.*` for qcow2, bare for raw LUKS) go to
+    // the LUKS header; the rest to the qcow2 amend.
+    let (keys, rest) = crate::keyslot_opts::split(&a.options, format == Format::Qcow2)?;
+    if let Some(k) = keys {
+        let objects = crate::object::Objects::parse(&a.objects.objects)?;
+        let change = k.change(&objects, a.force)?;
+        let current = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default()).key_secret;
+        let (base, len) = match format {
+            Format::Luks => {
+                let mut b = vec![0u8; oxcow::crypto::luks::HEADER_LEN];
+                file.read_at(&mut b, 0).map_err(|e| CliError::new(crate::error::os_message(&e)))?;
+                let h = oxcow::crypto::LuksHeader::parse(&b)?;
+                (0, u64::from(h.payload_offset) * oxcow::crypto::SECTOR)
+            }
+            Format::Qcow2 => {
+                let hc = oxcow::qcow2::read_header_cluster(&*file)?;
+                match (hc.header.crypt_method, hc.extensions.fde) {
+                    (2, Some(f)) => (f.offset, f.length),
+                    _ => return Err(CliError::new("Image is not LUKS-encrypted: no key slots to amend")),
+                }
+            }
+            other => {
+                return Err(CliError::new(format!(
+                    "Format driver '{}' does not support option amendment",
+                    other.name()
+                )))
+            }
+        };
+        oxcow::crypto::amend_keyslots(&*file, base, len, current.as_ref(), &change)?;
+        if rest.is_empty() {
+            return Ok(0);
+        }
+    }
+    let opts = AmendOptions::parse(&rest.join(",")).map_err(CliError::from)?;
     if format != Format::Qcow2 {
         return Err(CliError::new(format!("Format driver '{}' does not support option amendment", format.name())));
     }

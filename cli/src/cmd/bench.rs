@@ -53,6 +53,8 @@ pub struct Args {
     /// Open without conflicting with a writer (reads only).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
@@ -61,7 +63,8 @@ fn num(what: &str, s: &str) -> CliResult<u64> {
     parse_num(s).ok_or_else(|| CliError::new(format!("Invalid {what} specified")))
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     if let Some(aio) = &a.aio {
         if !matches!(aio.as_str(), "threads" | "native" | "io_uring") {
             return Err(CliError::new(format!("Invalid aio option: {aio}")));

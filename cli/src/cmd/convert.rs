@@ -137,7 +137,15 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         if a.backing.is_some() && bfmt.is_none() && !fmt_in_options {
             return Err(CliError::new("Use of backing file requires explicit backing format"));
         }
-        crate::cmd::create::create_target(dst_path, out_fmt, a.options.clone(), a.backing.clone(), bfmt, size)?;
+        crate::cmd::create::create_target(
+            dst_path,
+            out_fmt,
+            a.options.clone(),
+            a.backing.clone(),
+            bfmt,
+            size,
+            a.objects.objects.clone(),
+        )?;
     }
     let dst = open_image(dst_path, &OpenOptions::default().format(Some(out_fmt)).write(true).cache(dst_cache))?;
     let ddev = dst.device();
@@ -165,7 +173,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         return Ok(0);
     }
     let werr = |e: oxcow::Error| CliError::new(format!("error while converting: {}", crate::error::message(&e)));
-    let o = CopyOptions::default().zero_granularity(gran).existing_target(a.no_create).base(base);
+    // A new raw LUKS payload reads as noise, not zeros (QEMU's luks has
+    // no zero init either): its zero ranges are written like an existing
+    // target's.
+    let no_zero_init = a.no_create || out_fmt == Format::Luks;
+    let o = CopyOptions::default().zero_granularity(gran).existing_target(no_zero_init).base(base);
     copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
     progress.finish();
     if a.bitmaps {

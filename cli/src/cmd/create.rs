@@ -29,6 +29,10 @@ pub struct Args {
     /// Do not open the backing file (the size must then be given).
     #[arg(short = 'u')]
     unsafe_backing: bool,
+    /// Define an object (qemu's TYPE,id=ID,...), e.g. the secret that
+    /// `-o encrypt.key-secret=ID` names.
+    #[arg(long = "object", value_name = "TYPE,id=ID,...")]
+    objects: Vec<String>,
     /// Image file to create.
     file: String,
     /// Virtual size (512, 4k, 1M, 2G, ...).
@@ -63,6 +67,7 @@ struct Given {
     toolsversion: Option<String>,
     zeroed_grain: Option<String>,
     compat6: Option<String>,
+    enc: crate::encrypt_opts::EncryptOpts,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -84,6 +89,7 @@ pub fn create_target(
     backing: Option<String>,
     backing_format: Option<String>,
     size: u64,
+    objects: Vec<String>,
 ) -> CliResult<i32> {
     create(Args {
         quiet: true,
@@ -92,6 +98,7 @@ pub fn create_target(
         backing,
         backing_format,
         unsafe_backing: true,
+        objects,
         file: file.to_string(),
         size: Some(size.to_string()),
     })
@@ -104,8 +111,12 @@ fn create(a: Args) -> CliResult<i32> {
     if !format.writable() {
         return Err(err(format!("oxcow cannot create {format} images yet")));
     }
-    let mut g = Given::default();
+    let objects = crate::object::Objects::parse(&a.objects)?;
+    let mut g = Given { enc: crate::encrypt_opts::EncryptOpts::new(format == Format::Qcow2), ..Given::default() };
     for (k, v) in parse_options(&a.options)? {
+        if matches!(format, Format::Qcow2 | Format::Luks) && g.enc.take(&k, &v) {
+            continue;
+        }
         let slot = match (format, k.as_str()) {
             (_, "size") => &mut g.size,
             (_, "preallocation") => &mut g.preallocation,
@@ -197,17 +208,34 @@ fn create(a: Args) -> CliResult<i32> {
         return Err(err("Image creation needs a size parameter".into()));
     };
 
-    if format == Format::Luks {
-        return Err(err("creating LUKS images is not supported yet (convert from one qemu-img made)".into()));
+    let encrypts = matches!(format, Format::Qcow2 | Format::Luks);
+    if encrypts {
+        g.enc.precheck().map_err(|e| err(e.msg))?;
     }
     let line = formatting_line(&a.file, format, &g, size);
     if !a.quiet {
         println!("{line}");
     }
+    let resolved = if encrypts { g.enc.resolve(&objects).map_err(|e| err(e.msg))? } else { None };
+    let encryption = match resolved {
+        Some(crate::encrypt_opts::Encryption::Aes) => {
+            return Err(err("oxcow does not create legacy AES-encrypted images (use encrypt.format=luks)".into()))
+        }
+        Some(crate::encrypt_opts::Encryption::Luks(p, key)) => {
+            // `convert` opens the image it creates with the same key.
+            crate::object::secret::register(&a.file, key.clone());
+            Some((p, key))
+        }
+        None => None,
+    };
 
     match format {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
-        Format::Qcow2 => create_qcow2(&a.file, size, &g).map_err(&err)?,
+        Format::Qcow2 => create_qcow2(&a.file, size, &g, encryption).map_err(&err)?,
+        Format::Luks => {
+            let (p, key) = encryption.ok_or_else(|| err("Parameter 'key-secret' is required for cipher".into()))?;
+            create_luks(&a.file, size, &g, &p, &key).map_err(&err)?
+        }
         Format::Vdi => create_vdi(&a.file, size, &g).map_err(&err)?,
         Format::Vpc => create_vpc(&a.file, size, &g).map_err(&err)?,
         Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
@@ -221,14 +249,21 @@ fn create(a: Args) -> CliResult<i32> {
 fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
     let mut s = format!("Formatting '{file}', fmt={}", format.name());
     let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
+    let enc = g.enc.formatting();
     match format {
         Format::Raw | Format::Luks => {
             add("size", &size.to_string());
+            for (k, v) in &enc {
+                add(k, v);
+            }
             if let Some(p) = &g.preallocation {
                 add("preallocation", p);
             }
         }
         Format::Qcow2 => {
+            for (k, v) in &enc {
+                add(k, v);
+            }
             let cs = g.cluster_size.as_deref().and_then(crate::util::parse_num).unwrap_or(65536);
             add("cluster_size", &cs.to_string());
             add("extended_l2", g.extended_l2.as_deref().unwrap_or("off"));
@@ -363,6 +398,18 @@ fn create_raw(path: &str, size: u64, g: &Given) -> Result<(), String> {
     f.set_len(size).map_err(|e| format!("Could not resize file: {}", os_message(&e)))?;
     f.flush().map_err(|e| os_message(&e))?;
     Ok(())
+}
+
+fn create_luks(
+    path: &str,
+    size: u64,
+    g: &Given,
+    p: &oxcow::crypto::LuksParams,
+    key: &oxcow::crypto::Secret,
+) -> Result<(), String> {
+    let mode = prealloc(g).map_err(|e| e.msg)?;
+    let f: Arc<dyn Storage> = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    oxcow::crypto::LuksImage::create(&f, size, p, key, mode == Preallocation::Full).map_err(|e| message(&e))
 }
 
 fn create_vmdk(path: &str, size: u64, g: &Given) -> Result<(), String> {
@@ -524,7 +571,12 @@ fn create_vhdx(path: &str, size: u64, g: &Given) -> Result<(), String> {
     oxcow::formats::vhdx::create(&*f, &o).map_err(|e| message(&e))
 }
 
-fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
+fn create_qcow2(
+    path: &str,
+    size: u64,
+    g: &Given,
+    encryption: Option<(oxcow::crypto::LuksParams, oxcow::crypto::Secret)>,
+) -> Result<(), String> {
     let bool_opt = |k: &str, v: &Option<String>| -> Result<bool, String> {
         v.as_deref().map(|v| parse_bool(k, v).map_err(|e| e.msg)).transpose().map(|b| b.unwrap_or(false))
     };
@@ -556,6 +608,7 @@ fn create_qcow2(path: &str, size: u64, g: &Given) -> Result<(), String> {
     o.backing_format = g.backing_fmt.clone();
     o.data_file = g.data_file.clone();
     o.preallocation = prealloc(g).map_err(|e| e.msg)?;
+    o.encryption = encryption;
     o.validate().map_err(|e| message(&e))?;
 
     let data: Option<Arc<dyn Storage>> = match &g.data_file {

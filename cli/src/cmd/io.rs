@@ -131,8 +131,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let opts = oxcow::options::split_options(spec);
     if opts.iter().any(|(k, v)| {
         ((k == "driver" || k == "file.driver") && matches!(v.as_str(), "nbd" | "null-co" | "null-aio"))
-            || k == "encrypt.key-secret"
-            || k == "key-secret"
+            || k.ends_with("key-secret")
     }) {
         // NBD keys (server.*, export, tls-creds) become an NBD location,
         // null-co's a null one; a key secret is registered for the file

@@ -26,12 +26,17 @@ pub struct Args {
     /// Open the input without conflicting with a writer.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Input image.
     file: Option<String>,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
     let _ = a.force_share;
+    if let Some(f) = a.file.as_mut() {
+        a.objects.apply(f, &mut a.format)?;
+    }
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
@@ -39,8 +44,14 @@ pub fn run(a: Args) -> CliResult<i32> {
     };
     let fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
-    let mut opts = MeasureOptions::default().format(fmt);
+    // A raw LUKS image measures as raw plus its header.
+    let luks = fmt == Format::Luks;
+    let mut opts = MeasureOptions::default().format(if luks { Format::Raw } else { fmt });
+    let mut enc = crate::encrypt_opts::EncryptOpts::new(fmt == Format::Qcow2);
     for (k, v) in parse_options(&a.options)? {
+        if matches!(fmt, Format::Qcow2 | Format::Luks) && enc.take(&k, &v) {
+            continue;
+        }
         if let Err(e) = opts.set(&k, &v) {
             eprintln!("{}: {}", crate::dropin::prog(), crate::error::message(&e));
             return Err(CliError::new(format!("Invalid options for file format '{}'", fmt.name())));
@@ -62,7 +73,16 @@ pub fn run(a: Args) -> CliResult<i32> {
         }
         None => None,
     };
-    let m = measure(img.as_ref(), size, &opts)?;
+    let mut m = measure(img.as_ref(), size, &opts)?;
+    let objects = crate::object::Objects::parse(&a.objects.objects)?;
+    let encryption = if luks || fmt == Format::Qcow2 { enc.resolve(&objects)? } else { None };
+    if let Some(crate::encrypt_opts::Encryption::Luks(p, _)) = encryption {
+        // The header and key material, in whole clusters inside qcow2.
+        let unit = if luks { 1 } else { opts.cluster_size };
+        let extra = p.volume_len().div_ceil(unit) * unit;
+        m.required += extra;
+        m.fully_allocated += extra;
+    }
     if json {
         let mut o = Map::new();
         if let Some(b) = m.bitmaps {

@@ -102,8 +102,9 @@ pub struct Args {
     /// (seconds; 0: no limit).
     #[arg(long = "handshake-limit", value_name = "N", default_value = "10")]
     handshake_limit: u64,
-    /// The image is an option string (driver=qcow2,file.driver=nbd,...),
-    /// as a `json:{...}` name is.
+    /// The image is an option string (driver=qcow2,file.driver=nbd,...,
+    /// or file.filename=F,encrypt.key-secret=ID), as a `json:{...}` name
+    /// is and as qemu-nbd --image-opts takes it.
     #[arg(long = "image-opts")]
     image_opts: bool,
     /// Image file.
@@ -142,7 +143,16 @@ fn tls_setup(a: &Args) -> CliResult<Option<TlsServer>> {
     creds.server(authz).map(Some).map_err(|e| CliError::new(format!("Failed to get TLS creds: {}", e.msg)))
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    if a.image_opts {
+        let objects = Objects::parse(&a.objects)?;
+        let (format, name) = crate::image_opts::resolve(&a.file, &objects)?;
+        if a.format.is_some() {
+            return Err(CliError::new("--image-opts and --format are mutually exclusive"));
+        }
+        a.file = name;
+        a.format = format;
+    }
     if a.fork {
         return fork_and_wait();
     }

@@ -31,11 +31,14 @@ pub struct Args {
     /// Quiet: print nothing but errors.
     #[arg(short = 'q')]
     quiet: bool,
+    #[command(flatten)]
+    objects: crate::image_opts::ObjectArgs,
     /// Image file.
     file: String,
 }
 
-pub fn run(a: Args) -> CliResult<i32> {
+pub fn run(mut a: Args) -> CliResult<i32> {
+    a.objects.apply(&mut a.file, &mut a.format)?;
     let format = parse_format(a.format.as_deref())?;
     let rate = match a.rate.as_deref() {
         None => None,

@@ -41,19 +41,33 @@ pub fn secret(p: &mut Props) -> CliResult<Object> {
 }
 
 /// The keys images were given (`--image-opts ...,encrypt.key-secret=ID`),
-/// by the name they are opened by.
-static KEYS: Mutex<Vec<(String, Secret)>> = Mutex::new(Vec::new());
+/// by the name they are opened by and the depth in its backing chain
+/// (0 for the image, 1 for `backing.encrypt.key-secret`, ...).
+static KEYS: Mutex<Vec<(String, usize, Secret)>> = Mutex::new(Vec::new());
 
 /// Remembers the key of the image opened as `name`.
 pub fn register(name: &str, key: Secret) {
-    KEYS.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), key));
+    register_at(name, 0, key);
 }
 
-/// `opts` with the key registered for `name`, if any.
-pub fn with_key(name: &str, opts: oxcow::OpenOptions) -> oxcow::OpenOptions {
+/// Remembers the key of the backing file `depth` levels under `name`.
+pub fn register_at(name: &str, depth: usize, key: Secret) {
+    KEYS.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), depth, key));
+}
+
+/// `opts` with the keys registered for `name` and its backing chain.
+pub fn with_key(name: &str, mut opts: oxcow::OpenOptions) -> oxcow::OpenOptions {
     let keys = KEYS.lock().unwrap_or_else(|p| p.into_inner());
-    match keys.iter().rev().find(|(n, _)| n == name) {
-        Some((_, k)) => opts.key_secret(k.clone()),
-        None => opts,
+    // Later registrations win: iterate oldest first and overwrite.
+    for (_, depth, k) in keys.iter().filter(|(n, _, _)| n == name) {
+        if *depth == 0 {
+            opts.key_secret = Some(k.clone());
+        } else {
+            if opts.backing_keys.len() < *depth {
+                opts.backing_keys.resize(*depth, None);
+            }
+            opts.backing_keys[depth - 1] = Some(k.clone());
+        }
     }
+    opts
 }

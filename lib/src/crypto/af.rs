@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 /// Diffuses `block` in place: each digest-sized piece `i` becomes
 /// H(be32(i) || piece), the last piece truncated.
-fn diffuse(hash: Hash, block: &mut [u8]) {
+pub(super) fn diffuse(hash: Hash, block: &mut [u8]) {
     let n = hash.digest_len();
     for (i, piece) in block.chunks_mut(n).enumerate() {
         let d = Zeroizing::new(hash.digest(&[&(i as u32).to_be_bytes(), piece]));

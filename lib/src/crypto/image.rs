@@ -46,6 +46,30 @@ impl LuksImage {
         Ok(LuksImage { header, payload })
     }
 
+    /// Formats `file` as a raw LUKS volume of `size` guest bytes whose
+    /// key slot 0 opens with `password`. With `zero_fill` the payload is
+    /// written with encrypted zeros (preallocation=full); otherwise it is
+    /// left sparse, reading as noise until written, as QEMU leaves it.
+    pub fn create(
+        file: &Arc<dyn Storage>,
+        size: u64,
+        params: &super::LuksParams,
+        password: &Secret,
+        zero_fill: bool,
+    ) -> Result<()> {
+        let vol = super::format_luks(params, password)?;
+        let err = |e| Error::io("writing the LUKS header", e);
+        file.set_len(0).map_err(err)?;
+        file.write_at(&vol.bytes, 0).map_err(err)?;
+        let base = vol.bytes.len() as u64;
+        file.set_len(base + size).map_err(err)?;
+        if zero_fill {
+            let c = CryptStorage::new(file.clone(), base, Arc::new(vol.cipher));
+            crate::storage::write_zeros_chunked(&c, 0, size).map_err(err)?;
+        }
+        file.flush().map_err(err)
+    }
+
     /// The header.
     pub fn header(&self) -> &LuksHeader {
         &self.header

@@ -24,8 +24,12 @@ pub const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Header length.
 pub const HEADER_LEN: usize = 592;
 const SLOT_ACTIVE: u32 = 0x00AC_71F3;
-const SLOTS: usize = 8;
-const DIGEST_LEN: usize = 20;
+/// What QEMU and cryptsetup write into an unused slot's state.
+const SLOT_INACTIVE: u32 = 0x0000_DEAD;
+/// Key slots in a header.
+pub const SLOTS: usize = 8;
+/// Length of the master key digest.
+pub const DIGEST_LEN: usize = 20;
 /// Most key material bytes one slot may hold (512-byte keys × 4000 stripes
 /// fit twice over).
 const MAX_KEY_MATERIAL: usize = 4 << 20;
@@ -164,34 +168,95 @@ impl LuksHeader {
         })
     }
 
+    /// The header's bytes (the inverse of [`LuksHeader::parse`]).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; HEADER_LEN];
+        let mut put_str = |off: usize, len: usize, s: &str| -> Result<()> {
+            if s.len() >= len {
+                return Err(Error::invalid(format!("LUKS header: '{s}' is too long")));
+            }
+            b[off..off + s.len()].copy_from_slice(s.as_bytes());
+            Ok(())
+        };
+        put_str(8, 32, self.alg.luks_name())?;
+        put_str(40, 32, &self.mode_spec())?;
+        put_str(72, 32, self.hash.name())?;
+        put_str(168, 40, &self.uuid)?;
+        b[..6].copy_from_slice(MAGIC);
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        b[104..108].copy_from_slice(&self.payload_offset.to_be_bytes());
+        b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
+        b[112..132].copy_from_slice(&self.mk_digest);
+        b[132..164].copy_from_slice(&self.mk_salt);
+        b[164..168].copy_from_slice(&self.mk_iterations.to_be_bytes());
+        for (i, slot) in self.slots.iter().take(SLOTS).enumerate() {
+            let o = 208 + i * 48;
+            let state = if slot.active { SLOT_ACTIVE } else { SLOT_INACTIVE };
+            b[o..o + 4].copy_from_slice(&state.to_be_bytes());
+            b[o + 4..o + 8].copy_from_slice(&slot.iterations.to_be_bytes());
+            b[o + 8..o + 40].copy_from_slice(&slot.salt);
+            b[o + 40..o + 44].copy_from_slice(&slot.key_offset.to_be_bytes());
+            b[o + 44..o + 48].copy_from_slice(&slot.stripes.to_be_bytes());
+        }
+        Ok(b)
+    }
+
+    /// The cipher mode field (`xts-plain64`, `cbc-essiv:sha256`).
+    pub fn mode_spec(&self) -> String {
+        let mut s = format!("{}-{}", self.mode.name(), self.ivgen.name());
+        if let Some(h) = self.ivgen_hash {
+            s.push(':');
+            s.push_str(h.name());
+        }
+        s
+    }
+
     /// Tries each active key slot with `password`; `read` reads key
     /// material at a byte offset from the header. Returns the payload
     /// cipher.
     pub fn unlock(&self, password: &Secret, read: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<SectorCipher> {
+        let key = self.unlock_key(password, read)?;
+        SectorCipher::new(self.alg, self.mode, self.ivgen, &key)
+    }
+
+    /// The master key, from the first active slot `password` opens.
+    pub fn unlock_key(&self, password: &Secret, read: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<Secret> {
+        for i in 0..self.slots.len() {
+            if let Some(k) = self.try_slot(i, password, read)? {
+                return Ok(k);
+            }
+        }
+        Err(Error::invalid("Invalid password, cannot unlock any keyslot"))
+    }
+
+    /// The master key if slot `i` is active and `password` opens it.
+    pub fn try_slot(
+        &self,
+        i: usize,
+        password: &Secret,
+        read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<Option<Secret>> {
         let kb = self.key_bytes as usize;
         if kb == 0 || kb > 512 {
             return Err(Error::corrupt("LUKS header: bad master key length"));
         }
-        for slot in self.slots.iter().filter(|s| s.active) {
-            // QEMU and cryptsetup write 4000 stripes; the bound keeps a
-            // hostile header from sizing a huge buffer.
-            if slot.stripes == 0 || kb * slot.stripes as usize > MAX_KEY_MATERIAL {
-                return Err(Error::corrupt("LUKS header: bad key slot stripes"));
-            }
-            let mut slot_key = Secret::new(vec![0u8; kb]);
-            self.hash.pbkdf2(password.expose(), &slot.salt, slot.iterations, &mut slot_key.0[..]);
-            let len = kb * slot.stripes as usize;
-            let mut split = Zeroizing::new(vec![0u8; len.div_ceil(SECTOR as usize) * SECTOR as usize]);
-            read(&mut split, u64::from(slot.key_offset) * SECTOR)?;
-            SectorCipher::new(self.alg, self.mode, self.ivgen, &slot_key)?.apply(0, &mut split, false);
-            let mk = af::merge(self.hash, &split[..len], kb, slot.stripes as usize);
-            let mut digest = [0u8; DIGEST_LEN];
-            self.hash.pbkdf2(&mk, &self.mk_salt, self.mk_iterations, &mut digest);
-            if digest == self.mk_digest {
-                let key = Secret::new(mk.to_vec());
-                return SectorCipher::new(self.alg, self.mode, self.ivgen, &key);
-            }
+        let Some(slot) = self.slots.get(i).filter(|s| s.active) else {
+            return Ok(None);
+        };
+        // QEMU and cryptsetup write 4000 stripes; the bound keeps a
+        // hostile header from sizing a huge buffer.
+        if slot.stripes == 0 || kb * slot.stripes as usize > MAX_KEY_MATERIAL {
+            return Err(Error::corrupt("LUKS header: bad key slot stripes"));
         }
-        Err(Error::invalid("Invalid password, cannot unlock any keyslot"))
+        let mut slot_key = Secret::new(vec![0u8; kb]);
+        self.hash.pbkdf2(password.expose(), &slot.salt, slot.iterations, &mut slot_key.0[..]);
+        let len = kb * slot.stripes as usize;
+        let mut split = Zeroizing::new(vec![0u8; len.div_ceil(SECTOR as usize) * SECTOR as usize]);
+        read(&mut split, u64::from(slot.key_offset) * SECTOR)?;
+        SectorCipher::new(self.alg, self.mode, self.ivgen, &slot_key)?.apply(0, &mut split, false);
+        let mk = af::merge(self.hash, &split[..len], kb, slot.stripes as usize);
+        let mut digest = [0u8; DIGEST_LEN];
+        self.hash.pbkdf2(&mk, &self.mk_salt, self.mk_iterations, &mut digest);
+        Ok((digest == self.mk_digest).then(|| Secret::new(mk.to_vec())))
     }
 }

@@ -7,14 +7,18 @@
 //! material lives in [`Secret`]s and cipher states that are wiped on drop.
 
 mod af;
+mod create;
 mod hash;
 mod image;
+mod keyslots;
 pub mod luks;
 mod sector;
 mod storage;
 
+pub use create::{format as format_luks, iterations_for, LuksParams, NewVolume};
 pub use hash::Hash;
 pub use image::LuksImage;
+pub use keyslots::{amend_keyslots, KeyslotChange};
 pub use luks::LuksHeader;
 pub use sector::{CipherAlg, CipherMode, IvGen, SectorCipher, SECTOR};
 pub use storage::{CryptStorage, NoKey};

@@ -53,6 +53,11 @@ impl CipherAlg {
             _ => Err(Error::unsupported(format!("cipher '{name}' with a {}-bit key", key_bytes * 8))),
         }
     }
+    /// The name a LUKS header gives the cipher (the key size is the
+    /// header's master key length).
+    pub fn luks_name(self) -> &'static str {
+        "aes"
+    }
     /// Key size in bytes (of one key: XTS takes two).
     pub fn key_len(self) -> usize {
         match self {

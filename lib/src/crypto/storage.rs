@@ -6,7 +6,7 @@
 use super::{SectorCipher, SECTOR};
 use crate::storage::Storage;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 /// Encrypting view of `inner` from byte `base` on; offsets through the
 /// view are relative to `base` and give the IV's sector number.
@@ -14,15 +14,17 @@ pub struct CryptStorage {
     inner: Arc<dyn Storage>,
     base: u64,
     cipher: Arc<SectorCipher>,
-    /// Serialises read-modify-write of partial sectors: two writers into
-    /// one sector would otherwise lose one's bytes.
-    rmw: Mutex<()>,
+    /// Read-modify-write of partial sectors holds it exclusively, whole
+    /// sector writes shared: a whole-sector write landing between an
+    /// RMW's read and its write back would otherwise be undone for the
+    /// bytes the partial write does not cover.
+    rmw: RwLock<()>,
 }
 
 impl CryptStorage {
     /// A view of `inner` from `base`, keyed by `cipher`.
     pub fn new(inner: Arc<dyn Storage>, base: u64, cipher: Arc<SectorCipher>) -> CryptStorage {
-        CryptStorage { inner, base, cipher, rmw: Mutex::new(()) }
+        CryptStorage { inner, base, cipher, rmw: RwLock::new(()) }
     }
 
     fn span(offset: u64, len: usize) -> (u64, u64) {
@@ -56,9 +58,10 @@ impl Storage for CryptStorage {
         if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
             let mut b = buf.to_vec();
             self.cipher.apply(offset / SECTOR, &mut b, true);
+            let _g = self.rmw.read().unwrap_or_else(|p| p.into_inner());
             return self.inner.write_at(&b, self.base + offset);
         }
-        let _g = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let (start, end) = Self::span(offset, buf.len());
         let mut b = self.read_sectors(start, end)?;
         let skip = (offset - start) as usize;

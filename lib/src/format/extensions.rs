@@ -199,6 +199,13 @@ impl Extensions {
         if let Some(f) = &self.data_file {
             push(kind::DATA_FILE, f.as_bytes());
         }
+        // QEMU's order: the encryption pointer before the feature table.
+        if let Some(f) = &self.fde {
+            let mut d = [0u8; FDE_EXT_LEN];
+            put_u64(&mut d, 0, f.offset);
+            put_u64(&mut d, 8, f.length);
+            push(kind::FDE, &d);
+        }
         if !self.feature_names.is_empty() {
             let mut t = Vec::new();
             for n in &self.feature_names {
@@ -218,12 +225,6 @@ impl Extensions {
             put_u64(&mut d, 8, b.directory_size);
             put_u64(&mut d, 16, b.directory_offset);
             push(kind::BITMAPS, &d);
-        }
-        if let Some(f) = &self.fde {
-            let mut d = [0u8; FDE_EXT_LEN];
-            put_u64(&mut d, 0, f.offset);
-            put_u64(&mut d, 8, f.length);
-            push(kind::FDE, &d);
         }
         for u in &self.unknown {
             push(u.kind, &u.data);

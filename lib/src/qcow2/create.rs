@@ -75,6 +75,9 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// `preallocation`.
     pub preallocation: Preallocation,
+    /// `encrypt.format=luks`: the `encrypt.*` choices and the
+    /// `encrypt.key-secret` password.
+    pub encryption: Option<(crate::crypto::LuksParams, crate::crypto::Secret)>,
 }
 
 impl Default for CreateOptions {
@@ -92,6 +95,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             preallocation: Preallocation::Off,
+            encryption: None,
         }
     }
 }
@@ -158,6 +162,12 @@ impl CreateOptions {
             return Err(Error::invalid(
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
+        }
+        if self.encryption.is_some() && self.data_file.is_some() {
+            return Err(Error::unsupported("encryption with an external data file"));
+        }
+        if let Some((p, _)) = &self.encryption {
+            p.validate()?;
         }
         if self.data_file_raw && self.data_file.is_none() {
             return Err(Error::invalid("data-file-raw requires data-file"));
@@ -265,15 +275,49 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
     if let Some(d) = &data_file {
         d.set_len(0).map_err(|e| Error::io("truncating data file", e))?;
     }
-    let q = Qcow2::open(file, Qcow2Options { data_file, ..Default::default() })?;
+    let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), ..Default::default() })?;
     q.grow(opts.size)?;
+    let Some((params, password)) = &opts.encryption else {
+        if opts.preallocation != Preallocation::Off {
+            q.preallocate(opts.preallocation)?;
+        }
+        return q.close_clean();
+    };
+    // After the L1 table, as QEMU places it.
+    q.set_up_encryption(&crate::crypto::format_luks(params, password)?.bytes)?;
+    q.close_clean()?;
+    drop(q);
     if opts.preallocation != Preallocation::Off {
+        // Through the key, so preallocated zeros are written encrypted.
+        let o = Qcow2Options { data_file, key_secret: Some(password.clone()), ..Default::default() };
+        let q = Qcow2::open(file, o)?;
         q.preallocate(opts.preallocation)?;
+        q.close_clean()?;
     }
-    q.close_clean()
+    Ok(())
 }
 
 impl Qcow2 {
+    /// Stores a new LUKS volume's header and key material (`volume`) in
+    /// clusters of their own and points the header at them. The header
+    /// switches to crypt_method 2 only once the volume is durable.
+    fn set_up_encryption(&self, volume: &[u8]) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let mut m = self.lock();
+        self.check_writable(&m)?;
+        let clusters = (volume.len() as u64).div_ceil(cs);
+        let at = self.alloc_contiguous(&mut m, clusters)?;
+        let mut bytes = volume.to_vec();
+        bytes.resize((clusters * cs) as usize, 0);
+        self.file.write_at(&bytes, at.0).map_err(|e| Error::io("writing the encryption header", e))?;
+        self.write_back(&mut m)?;
+        self.sync("flushing the encryption header")?;
+        m.hc.header.crypt_method = 2;
+        m.hc.extensions.fde = Some(crate::format::extensions::FdeExt { offset: at.0, length: volume.len() as u64 });
+        self.write_header(&mut m)?;
+        self.sync("flushing header")
+    }
+
     /// Grows (or keeps) the virtual size to `new_size`, growing the L1
     /// table when needed. The new L1 table is durable before the header
     /// points at it; the old one is freed after.
