@@ -673,7 +673,8 @@ fn open_backing(
         })?),
         (None, None) => None,
     };
-    let mut bopts = OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
+    let mut bopts =
+        OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
     if !opts.backing_keys.is_empty() {
         if let Some(k) = opts.backing_keys[0].clone() {
             bopts.key_secret = Some(k);

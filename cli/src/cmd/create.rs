@@ -241,7 +241,6 @@ fn create(a: Args) -> CliResult<i32> {
         Format::Qed => create_qed(&a.file, size, &g).map_err(&err)?,
         Format::Vmdk => create_vmdk(&a.file, size, &g).map_err(&err)?,
         Format::Vhdx => create_vhdx(&a.file, size, &g).map_err(&err)?,
-        other => return Err(err(format!("oxcow cannot create {other} images yet"))),
     }
     Ok(0)
 }
