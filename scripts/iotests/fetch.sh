@@ -10,6 +10,8 @@
 # own state directory beside DEST: the system's apt state is not touched.
 set -euo pipefail
 DEST=${1:?usage: fetch.sh DEST}
+# apt takes relative paths as relative to /etc/apt: make them absolute.
+DEST=$(realpath -m "$DEST")
 if [ -d "$DEST/tests/qemu-iotests" ]; then exit 0; fi
 TARBALL_SHA256=0901da33844a331bf8b3602b9c1fbd178e60b737c8e3ade678255bd090c9b9f1
 VERSION='1:10.0.2+ds-2+deb13u1~bpo12+1'

@@ -9,15 +9,15 @@ use super::storage_daemon_fuse::Unmount;
 use crate::support::{ok, tmp, OXCOW};
 use std::path::{Path, PathBuf};
 
-/// `guest.sh` beside the checkout (`../shared`) or beside a worktree's
-/// parent (`../../shared`), with its kernel set up and qemu-system present.
+/// The project's copy of `guest.sh` (or the shared one beside the
+/// checkout), with its kernel set up and qemu-system present.
 fn guest_script() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let script = ["../shared/vm/guest.sh", "../../shared/vm/guest.sh"]
+    let script = ["scripts/vm/guest.sh", "../shared/vm/guest.sh", "../../shared/vm/guest.sh"]
         .iter()
         .map(|p| root.join(p))
         .find(|p| p.is_file())
-        .ok_or("no shared/vm/guest.sh beside the checkout")?;
+        .ok_or("no scripts/vm/guest.sh")?;
     let dir = std::env::var("GUEST_DIR").unwrap_or_else(|_| "/tmp/oxcow-guest".into());
     if !Path::new(&dir).join("vmlinuz").is_file() {
         return Err(format!("no guest kernel in {dir} (run guest.sh setup)"));
