@@ -143,16 +143,7 @@ fn tls_setup(a: &Args) -> CliResult<Option<TlsServer>> {
     creds.server(authz).map(Some).map_err(|e| CliError::new(format!("Failed to get TLS creds: {}", e.msg)))
 }
 
-pub fn run(mut a: Args) -> CliResult<i32> {
-    if a.image_opts {
-        let objects = Objects::parse(&a.objects)?;
-        let (format, name) = crate::image_opts::resolve(&a.file, &objects)?;
-        if a.format.is_some() {
-            return Err(CliError::new("--image-opts and --format are mutually exclusive"));
-        }
-        a.file = name;
-        a.format = format;
-    }
+pub fn run(a: Args) -> CliResult<i32> {
     if a.fork {
         return fork_and_wait();
     }
