@@ -300,6 +300,31 @@ pub struct Image {
 }
 
 impl Image {
+    /// A single-layer image (raw or LUKS): its device over `file`, no
+    /// backing chain and no format metadata.
+    fn without_backing(
+        path: &Path,
+        format: Format,
+        device: Arc<dyn BlockDevice>,
+        file: Arc<dyn Storage>,
+        probed: bool,
+    ) -> Image {
+        Image {
+            path: path.to_path_buf(),
+            format,
+            device,
+            qcow2: None,
+            luks: None,
+            file,
+            backing: None,
+            backing_name: None,
+            backing_format: None,
+            format_info: None,
+            layout: None,
+            probed,
+        }
+    }
+
     /// What an image of the formats in [`crate::formats`] says about
     /// itself (cluster size, qemu-img's format-specific fields).
     pub fn format_info(&self) -> Option<&FormatInfo> {
@@ -514,20 +539,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 crate::crypto::LuksImage::open(storage.clone(), opts.key_secret.as_ref(), !opts.write, opts.no_io)?
                     .writethrough(opts.cache.writethrough());
             let dev = Arc::new(dev);
-            Ok(Image {
-                path: path.to_path_buf(),
-                format,
-                device: dev.clone(),
-                qcow2: None,
-                luks: Some(dev),
-                file: storage,
-                backing: None,
-                backing_name: None,
-                backing_format: None,
-                format_info: None,
-                layout: None,
-                probed,
-            })
+            Ok(Image { luks: Some(dev.clone()), ..Image::without_backing(path, format, dev, storage, probed) })
         }
         Format::Raw => {
             let dev: Arc<dyn BlockDevice> = match native_raw {
@@ -536,20 +548,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     RawImage::new(storage.clone(), !opts.write, probed)?.writethrough(opts.cache.writethrough()),
                 ),
             };
-            Ok(Image {
-                path: path.to_path_buf(),
-                format,
-                device: dev,
-                qcow2: None,
-                luks: None,
-                file: storage,
-                backing: None,
-                backing_name: None,
-                backing_format: None,
-                format_info: None,
-                layout: None,
-                probed,
-            })
+            Ok(Image::without_backing(path, format, dev, storage, probed))
         }
         Format::Qed | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             let extra = |p: &Path| -> Result<Arc<dyn Storage>> {
