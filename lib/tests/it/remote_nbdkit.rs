@@ -71,26 +71,11 @@ fn serve_http(c: TcpStream, file: &std::path::Path, gets: &AtomicU64) -> std::io
             return Ok(());
         }
         let method = line.split_whitespace().next().unwrap_or("").to_string();
-        let mut range = None;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("range") {
-                    let v = v.trim().trim_start_matches("bytes=");
-                    if let Some((a, b)) = v.split_once('-') {
-                        // Like real servers, clamp an end past the file
-                        // (nbdkit 1.32 asks for one byte more than it needs).
-                        let end = b.parse::<u64>().unwrap_or(len - 1).min(len - 1);
-                        range = Some((a.parse::<u64>().unwrap_or(0), end));
-                    }
-                }
-            }
-        }
+        // Like real servers, clamp an end past the file (nbdkit 1.32 asks
+        // for one byte more than it needs).
+        let range = crate::support::http_server::read_headers(&mut r)?
+            .range
+            .map(|(a, b)| (a, b.unwrap_or(len - 1).min(len - 1)));
         match (method.as_str(), range) {
             ("HEAD", _) => write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nAccept-Ranges: bytes\r\n\r\n")?,
             ("GET", Some((a, b))) if a <= b && b < len => {

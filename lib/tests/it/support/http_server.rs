@@ -34,6 +34,53 @@ pub struct HttpServer {
     stop: Arc<AtomicBool>,
 }
 
+/// Headers of one request the test servers look at.
+#[derive(Debug, Default)]
+pub struct RequestHeaders {
+    /// `Range: bytes=A-B`, as (A, B); B is None when absent or unparsable.
+    pub range: Option<(u64, Option<u64>)>,
+    /// `Content-Length`, 0 when absent.
+    pub content_length: usize,
+}
+
+/// Reads header lines up to the blank line ending them.
+pub fn read_headers(r: &mut impl BufRead) -> std::io::Result<RequestHeaders> {
+    let mut out = RequestHeaders::default();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            return Ok(out);
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                if let Some((a, b)) = v.trim().trim_start_matches("bytes=").split_once('-') {
+                    out.range = Some((a.parse::<u64>().unwrap_or(0), b.parse::<u64>().ok()));
+                }
+            } else if k.eq_ignore_ascii_case("content-length") {
+                out.content_length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+}
+
+/// Accepts connections on `l` until `stop` is set (the owner sets it and
+/// connects once to wake the loop), one thread per connection.
+pub fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, handle: impl Fn(TcpStream) + Send + Sync + 'static) {
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(c) = c else { continue };
+            let h = Arc::clone(&handle);
+            std::thread::spawn(move || h(c));
+        }
+    });
+}
+
 impl HttpServer {
     /// Serves `file` in `mode` on a free port of 127.0.0.1.
     pub fn start(file: PathBuf, mode: Mode) -> HttpServer {
@@ -42,18 +89,9 @@ impl HttpServer {
         let ranges = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, q, s) = (ranges.clone(), requests.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if s.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(c) = c else { continue };
-                let (file, r, q) = (file.clone(), r.clone(), q.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(c, &file, mode, &r, &q);
-                });
-            }
+        let (r, q) = (ranges.clone(), requests.clone());
+        accept_loop(l, stop.clone(), move |c| {
+            let _ = serve(c, &file, mode, &r, &q);
         });
         HttpServer { port, ranges, requests, stop }
     }
@@ -90,22 +128,7 @@ fn serve(
             return Ok(());
         }
         let seen = n.fetch_add(1, Ordering::SeqCst);
-        let mut range = None;
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("range") {
-                    if let Some((a, b)) = v.trim().trim_start_matches("bytes=").split_once('-') {
-                        range = Some((a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(u64::MAX)));
-                    }
-                }
-            }
-        }
+        let range = read_headers(&mut r)?.range.map(|(a, b)| (a, b.unwrap_or(u64::MAX)));
         let status = match mode {
             Mode::Status(s) => Some(s),
             Mode::FailFirst(k) if seen < k => Some(503),

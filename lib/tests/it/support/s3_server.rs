@@ -43,18 +43,9 @@ impl S3Server {
         let store = Arc::new(Mutex::new(Store::default()));
         let requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, q, s) = (store.clone(), requests.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if s.load(Ordering::Acquire) {
-                    return;
-                }
-                let Ok(c) = c else { continue };
-                let (st, q) = (st.clone(), q.clone());
-                std::thread::spawn(move || {
-                    let _ = serve(c, &st, &q);
-                });
-            }
+        let (st, q) = (store.clone(), requests.clone());
+        super::http_server::accept_loop(l, stop.clone(), move |c| {
+            let _ = serve(c, &st, &q);
         });
         S3Server { port, store, stop }
     }
@@ -88,24 +79,9 @@ fn serve(c: TcpStream, store: &Mutex<Store>, n: &AtomicU64) -> std::io::Result<(
         n.fetch_add(1, Ordering::SeqCst);
         let mut it = line.split_whitespace();
         let (method, target) = (it.next().unwrap_or("").to_string(), it.next().unwrap_or("").to_string());
-        let (mut range, mut len) = (None, 0usize);
-        loop {
-            let mut h = String::new();
-            r.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("range") {
-                    if let Some((a, b)) = v.trim().trim_start_matches("bytes=").split_once('-') {
-                        range = Some((a.parse::<u64>().unwrap_or(0), b.parse::<u64>().unwrap_or(u64::MAX)));
-                    }
-                } else if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
+        let headers = super::http_server::read_headers(&mut r)?;
+        let range = headers.range.map(|(a, b)| (a, b.unwrap_or(u64::MAX)));
+        let len = headers.content_length;
         let mut body = vec![0u8; len];
         r.read_exact(&mut body)?;
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
