@@ -263,7 +263,7 @@ pub fn formats(data: &[u8]) {
         crate::formats::vdi::open(storage(data)),
         crate::formats::vpc::open(storage(data)),
         crate::formats::vmdk::open(storage(data), path, &no_extents),
-        crate::formats::vhdx::open(storage(data), path, false),
+        crate::formats::vhdx::open(storage(data), path, false, false),
     ];
     for o in opened.into_iter().flatten() {
         read_all(&MappedImage::new(o.layout, None), 8 << 20);
@@ -297,7 +297,7 @@ pub fn formats(data: &[u8]) {
     // VHDX opened writable replays its log (no writes: a hostile block
     // size would have the fuzzer allocate hundreds of MiB); the log parser
     // also sees the raw bytes, under the GUID they start with.
-    if let Ok(o) = crate::formats::vhdx::open(storage(data), path, true) {
+    if let Ok(o) = crate::formats::vhdx::open(storage(data), path, true, false) {
         read_all(&MappedImage::new(o.layout, None), 8 << 20);
     }
     let mut guid = [0u8; 16];

@@ -195,6 +195,10 @@ pub struct OpenOptions {
     pub backing_policy: Arc<dyn BackingPolicy>,
     /// Open a damaged qcow2 image writable so `check -r` can repair it.
     pub repair: bool,
+    /// Opened by `check` (QEMU's check mode): damage that `check` counts
+    /// and reports does not refuse the open (a VHDX block table pointing
+    /// past the end of the file).
+    pub checking: bool,
     /// Copy-on-read for the top qcow2 image (never for its backing files).
     pub copy_on_read: bool,
     /// Take QEMU-compatible image locks on every file opened (default on;
@@ -228,6 +232,7 @@ impl Default for OpenOptions {
             no_backing: false,
             backing_policy: Arc::new(LocalBacking),
             repair: false,
+            checking: false,
             locking: true,
             force_share: false,
             copy_on_read: false,
@@ -245,6 +250,7 @@ setters!(OpenOptions {
     cache: CacheMode,
     no_backing: bool,
     repair: bool,
+    checking: bool,
     copy_on_read: bool,
     locking: bool,
     force_share: bool,
@@ -560,7 +566,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 Format::Vdi => crate::formats::vdi::open(storage.clone())?,
                 Format::Vpc => crate::formats::vpc::open(storage.clone())?,
                 Format::Vmdk => crate::formats::vmdk::open(storage.clone(), path, &extra)?,
-                _ => crate::formats::vhdx::open(storage.clone(), path, opts.write)?,
+                _ => crate::formats::vhdx::open(storage.clone(), path, opts.write, opts.checking)?,
             };
             let info = opened.info;
             let mut backing = None;

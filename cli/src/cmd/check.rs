@@ -47,8 +47,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     }
     let format = parse_format(a.format.as_deref())?;
     let write = repair != Repair::None;
-    let opts =
-        OpenOptions::default().format(format).write(write).repair(write).no_backing(true).force_share(a.force_share);
+    let opts = OpenOptions::default()
+        .format(format)
+        .write(write)
+        .repair(write)
+        .checking(true)
+        .no_backing(true)
+        .force_share(a.force_share);
     let img = open_image(&a.file, &opts)?;
     if img.format() != Format::Qcow2 {
         // The other formats: repaired where their QEMU driver repairs
@@ -102,7 +107,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
 /// Prints a report as qemu-img does and gives its exit status.
 fn print_report(report: &CheckReport, a: &Args, format: &str, json: bool) -> i32 {
     for m in &report.messages {
-        eprintln!("{m}");
+        // QEMU's VHDX driver reports through error_report, which names the
+        // tool; the other drivers print bare lines.
+        if format == "vhdx" {
+            eprintln!("{}: {m}", crate::dropin::prog());
+        } else {
+            eprintln!("{m}");
+        }
     }
     if json {
         println!("{}", qemu_json(&to_json(report, &a.file, format)));

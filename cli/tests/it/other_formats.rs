@@ -990,3 +990,30 @@ fn vmdk_create_options_make_what_qemu_img_makes() {
     assert!(o.stderr.contains("backing_file must be a vmdk image"), "{}", o.stderr);
     assert!(q.stderr.contains("backing_file must be a vmdk image"), "{}", q.stderr);
 }
+
+/// A VHDX file cut short opened anywhere but `check`: QEMU refuses it with
+/// the first block past the end; a last block cut inside the disk's tail
+/// (the partial last block QEMU once wrote) still opens.
+#[test]
+fn vhdx_blocks_past_the_end_refuse_the_open_outside_check_as_qemu_does() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vhdx", "-o", "block_size=1M", "p.vhdx", "3584K"]);
+    ok(dir, "qemu-io", &["-c", "write -P 9 0 3584K", "p.vhdx"]);
+    let full = std::fs::read(dir.join("p.vhdx")).unwrap();
+    // The last block holds 512 KiB of the disk: cutting the file there keeps it whole.
+    let keep = full.len() - (512 << 10);
+    for (name, len, opens) in [("tail.vhdx", keep, true), ("cut.vhdx", keep - 4096, false)] {
+        std::fs::write(dir.join(name), &full[..len]).unwrap();
+        for args in [&["info", name][..], &["convert", "-O", "raw", name, "out.raw"][..]] {
+            let (o, q) = (oxcow(dir, args), qemu_img(dir, args));
+            assert_eq!(o.code, q.code, "{args:?}: {} / {}", o.stderr, q.stderr);
+            assert_eq!(o.code == 0, opens, "{args:?}: {}", o.stderr);
+            if !opens {
+                let first = q.stderr.lines().next().unwrap().split_once(": ").unwrap().1;
+                assert!(o.stderr.contains(first), "{args:?}: {} lacks {first}", o.stderr);
+            }
+        }
+        assert_check_as_qemu(dir, name, "vhdx");
+    }
+}

@@ -327,17 +327,9 @@ impl Layout for Vhdx {
     }
     fn check(&self) -> Result<crate::qcow2::CheckReport> {
         let mut r = crate::qcow2::CheckReport::default();
-        let bs = self.params.block_size;
         let file_len = self.file_len.load(Ordering::Acquire);
-        for (i, &e) in self.bat.read().map_err(|_| poisoned())?.iter().enumerate() {
-            let off = e & !(MIB - 1);
-            if e & 7 == PAYLOAD_FULLY_PRESENT && off + bs > file_len {
-                r.messages.push(format!(
-                    "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
-                ));
-                r.corruptions += 1;
-            }
-        }
+        r.messages = bat_problems(&self.bat.read().map_err(|_| poisoned())?, &self.params, file_len);
+        r.corruptions = r.messages.len() as u64;
         Ok(r)
     }
     fn has_block_status(&self) -> bool {
@@ -401,6 +393,40 @@ impl Layout for Vhdx {
     }
 }
 
+/// QEMU's block table checks: a fully present block must start and end
+/// inside the file (the last block may be partial, as QEMU once wrote
+/// them). Each problem in QEMU's words; `check` counts them, an open
+/// outside `check` refuses the image on the first.
+fn bat_problems(bat: &[u64], params: &Params, file_len: u64) -> Vec<String> {
+    let bs = params.block_size;
+    let mut problems = Vec::new();
+    for (i, &e) in bat.iter().enumerate() {
+        if e & 7 != PAYLOAD_FULLY_PRESENT {
+            continue;
+        }
+        let off = e & !(MIB - 1);
+        // QEMU sizes by the entry index, sector-bitmap entries included.
+        let block_len = match params.virtual_size.checked_sub(i as u64 * bs) {
+            Some(rest) => rest.min(bs),
+            None => bs,
+        };
+        if off > i64::MAX as u64 - bs {
+            problems.push(format!("VHDX BAT entry {i} offset overflow."));
+        }
+        if off >= file_len {
+            problems.push(format!(
+                "VHDX BAT entry {i} start offset {off} points after end of file ({file_len}). Image has probably been truncated."
+            ));
+        } else if off + block_len > file_len {
+            problems.push(format!(
+                "VHDX BAT entry {i} end offset {} points after end of file ({file_len}). Image has probably been truncated.",
+                off + block_len - 1
+            ));
+        }
+    }
+    problems
+}
+
 /// The current header and its slot.
 fn current_header(file: &dyn Storage) -> Result<(Header, usize)> {
     let mut best: Option<(Header, usize)> = None;
@@ -417,8 +443,9 @@ fn current_header(file: &dyn Storage) -> Result<(Header, usize)> {
 }
 
 /// Opens a VHDX image; `write` replays a log left by an unclean close, as
-/// QEMU does (read-only, such an image is refused).
-pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> {
+/// QEMU does (read-only, such an image is refused). Outside `checking`, a
+/// block table pointing past the end of the file refuses the open.
+pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool, checking: bool) -> Result<Opened> {
     let mut id = [0u8; 8];
     read_exact(&*file, &mut id, 0, "VHDX file identifier")?;
     if &id != b"vhdxfile" {
@@ -496,7 +523,12 @@ pub fn open(file: Arc<dyn Storage>, path: &Path, write: bool) -> Result<Opened> 
         return Err(Error::invalid("VHDX BAT region is too small for the disk"));
     }
     let raw = read_vec(&*file, bat_off, entries * 8, MAX_TABLE_BYTES, "VHDX BAT")?;
-    let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+    if !checking {
+        if let Some(first) = bat_problems(&bat, &params, file_len).into_iter().next() {
+            return Err(Error::invalid(first));
+        }
+    }
     let info = FormatInfo { cluster_size: Some(params.block_size), ..FormatInfo::default() };
     let state = WriteState { header, slot, file_end: file_len, log_pos: 0, log_seq: 1 };
     let vhdx = Vhdx {
