@@ -24,6 +24,7 @@ mod luks_serve;
 mod other_formats;
 mod read_compat;
 mod remote_cli;
+mod s3_garage_cli;
 mod serve_cli;
 mod small_filesystem;
 mod storage_daemon_cli;

@@ -451,9 +451,11 @@ fn qed_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
     let dir = d.path();
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "base.qcow2", "40M"]);
     fill(dir, "base.qcow2", "qcow2", 40 << 20, &mut Rng::new(21));
-    let cases: [(&str, &[&str], u64); 3] = [
+    let cases: [(&str, &[&str], u64); 4] = [
         ("p.qed", &[], 24 << 20),
         ("c.qed", &["-o", "cluster_size=16k,table_size=2"], 10_000_001),
+        // 4 MiB per L2 table: multi-cluster writes cross tables.
+        ("t.qed", &["-o", "cluster_size=4k,table_size=2"], 9 << 20),
         ("b.qed", &["-b", "base.qcow2", "-F", "qcow2"], 40 << 20),
     ];
     for (f, extra, size) in cases {
@@ -469,7 +471,13 @@ fn qed_images_oxcow_creates_and_writes_check_clean_and_read_back_in_qemu() {
         if extra.contains(&"-b") {
             // Copy-on-write from the backing file: the same writes through
             // qemu-io into qemu-img's twin give the same disk.
-            let cmds = ["write -q -P 3 1000 70000", "write -q -z 3000000 5000", "write -q -P 4 41942528 512"];
+            let cmds = [
+                "write -q -P 3 1000 70000",
+                "write -q -z 3000000 5000",
+                "write -q -P 4 41942528 512",
+                // Many clusters at once, copy-on-write at both ends.
+                "write -q -P 5 262000 900000",
+            ];
             let run = |prog: &str, file: &str| {
                 let mut args: Vec<&str> = if prog == OXCOW { vec!["io"] } else { vec![] };
                 for c in &cmds {

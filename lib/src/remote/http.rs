@@ -15,11 +15,11 @@
 
 use super::s3::S3Object;
 use crate::storage::Storage;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use ureq::tls::{RootCerts, TlsConfig};
 
@@ -132,18 +132,53 @@ pub struct RemoteStats {
     pub retries: u64,
 }
 
-static TOTAL_REQUESTS: AtomicU64 = AtomicU64::new(0);
-static TOTAL_BYTES: AtomicU64 = AtomicU64::new(0);
-static TOTAL_RETRIES: AtomicU64 = AtomicU64::new(0);
+/// Running [`RemoteStats`], bumped by the storages that share them.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl Counters {
+    const fn new() -> Counters {
+        Counters { requests: AtomicU64::new(0), bytes: AtomicU64::new(0), retries: AtomicU64::new(0) }
+    }
+    fn fetched(&self, bytes: usize) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> RemoteStats {
+        RemoteStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+        }
+    }
+}
+
+static TOTAL: Counters = Counters::new();
+
+/// Counters per object name, shared by every storage opened on it.
+fn by_name() -> &'static Mutex<HashMap<String, Arc<Counters>>> {
+    static BY_NAME: OnceLock<Mutex<HashMap<String, Arc<Counters>>>> = OnceLock::new();
+    BY_NAME.get_or_init(Mutex::default)
+}
 
 /// What every remote storage of this process has fetched so far: the
 /// store's view of a run (tests and the scale note count with it).
 pub fn total_stats() -> RemoteStats {
-    RemoteStats {
-        requests: TOTAL_REQUESTS.load(Ordering::Relaxed),
-        bytes: TOTAL_BYTES.load(Ordering::Relaxed),
-        retries: TOTAL_RETRIES.load(Ordering::Relaxed),
-    }
+    TOTAL.snapshot()
+}
+
+/// What the storages opened on `name` (as errors show it: `s3://B/K`, or
+/// the URL without credentials) have fetched so far in this process, open
+/// or since dropped: one object's view of a run while others run too.
+pub fn stats_for(name: &str) -> RemoteStats {
+    by_name().lock().unwrap_or_else(|p| p.into_inner()).get(name).map_or_else(RemoteStats::default, |c| c.snapshot())
 }
 
 /// Windows kept in memory; a boot reads with locality, and an L2 table
@@ -160,9 +195,8 @@ pub struct HttpStorage {
     opts: HttpOptions,
     len: u64,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
-    requests: AtomicU64,
-    bytes: AtomicU64,
-    retries: AtomicU64,
+    own: Counters,
+    named: Arc<Counters>,
 }
 
 impl std::fmt::Debug for HttpStorage {
@@ -191,15 +225,15 @@ impl HttpStorage {
 
     pub(crate) fn open_target(target: Target, opts: HttpOptions) -> io::Result<HttpStorage> {
         let agent = agent(&opts)?;
+        let named = by_name().lock().unwrap_or_else(|p| p.into_inner()).entry(target.name()).or_default().clone();
         let mut s = HttpStorage {
             agent,
             target,
             opts,
             len: 0,
             cache: Mutex::new(VecDeque::new()),
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
+            own: Counters::new(),
+            named,
         };
         s.len = s.probe_len()?;
         Ok(s)
@@ -207,18 +241,13 @@ impl HttpStorage {
 
     /// What this storage has fetched so far.
     pub fn stats(&self) -> RemoteStats {
-        RemoteStats {
-            requests: self.requests.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            retries: self.retries.load(Ordering::Relaxed),
-        }
+        self.own.snapshot()
     }
 
     fn count(&self, bytes: usize) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        TOTAL_REQUESTS.fetch_add(1, Ordering::Relaxed);
-        TOTAL_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+        for c in [&self.own, &*self.named, &TOTAL] {
+            c.fetched(bytes);
+        }
     }
 
     /// The object's length from `Content-Range` of `bytes=0-0`.
@@ -323,8 +352,9 @@ impl HttpStorage {
                     return Err(err(e.kind(), format!("{e} (after {tries} attempts)")));
                 }
                 Err(Failure::Transient(_)) => {
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    TOTAL_RETRIES.fetch_add(1, Ordering::Relaxed);
+                    for c in [&self.own, &*self.named, &TOTAL] {
+                        c.retried();
+                    }
                     std::thread::sleep(Duration::from_millis((100u64 << attempt.min(4)).min(2000)));
                     attempt += 1;
                 }

@@ -12,7 +12,7 @@
 pub mod http;
 pub mod s3;
 
-pub use http::{total_stats, HttpOptions, HttpStorage, RemoteStats};
+pub use http::{stats_for, total_stats, HttpOptions, HttpStorage, RemoteStats};
 pub use s3::S3Options;
 
 use crate::storage::Storage;

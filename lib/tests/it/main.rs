@@ -46,5 +46,6 @@ mod remote_cor_geometry;
 mod remote_hostile;
 mod remote_nbdkit;
 mod s3_driver;
+mod s3_garage;
 mod torture_model;
 mod zero_writes_vs_qemu;

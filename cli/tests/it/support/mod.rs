@@ -4,6 +4,9 @@
 
 // Shared files: not every helper in them serves both crates.
 #[allow(dead_code)]
+#[path = "../../../../lib/tests/it/support/garage.rs"]
+pub mod garage;
+#[allow(dead_code)]
 #[path = "../../../../lib/tests/it/support/http_server.rs"]
 pub mod http_server;
 #[allow(dead_code)]

@@ -113,6 +113,9 @@ struct Qed {
     size: AtomicU64,
 }
 
+/// The most one write call allocates or rewrites at once.
+const MAX_RUN_BYTES: u64 = 8 << 20;
+
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     m.lock().map_err(|_| Error::invalid("QED lock poisoned"))
 }
@@ -166,6 +169,21 @@ impl Qed {
             return Ok(0);
         }
         Ok(self.l2(l1)?.get((cluster % entries) as usize).copied().unwrap_or(0))
+    }
+
+    /// How much of a write of `len` bytes at `within` of allocated
+    /// `cluster` (at `host`) lands in this and the following clusters while
+    /// they are allocated contiguously in the file: one write for a
+    /// rewrite of a sequentially written range.
+    fn allocated_span(&self, cluster: u64, host: u64, within: u64, len: u64) -> Result<usize> {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        let reach = (within + len).div_ceil(cs).min(entries - cluster % entries).min(MAX_RUN_BYTES / cs).max(1);
+        let mut k = 1;
+        while k < reach && self.l2_entry(cluster + k)? == host + k * cs {
+            k += 1;
+        }
+        Ok(len.min(k * cs - within) as usize)
     }
 
     /// Sets the need-check bit on disk, durably, before the first
@@ -227,10 +245,10 @@ impl Layout for Qed {
         let entries = self.header.entries();
         let cluster = offset / cs;
         let within = offset % cs;
-        let n = (buf.len() as u64).min(cs - within) as usize;
         let f = &self.files[0];
         let e = self.l2_entry(cluster)?;
         if e > 1 {
+            let n = self.allocated_span(cluster, e, within, buf.len() as u64)?;
             wio(f.write_at(&buf[..n], e + within), "data")?;
             return Ok(n);
         }
@@ -238,29 +256,54 @@ impl Layout for Qed {
         let e = self.l2_entry(cluster)?;
         if e > 1 {
             drop(end);
+            let n = self.allocated_span(cluster, e, within, buf.len() as u64)?;
             wio(f.write_at(&buf[..n], e + within), "data")?;
             return Ok(n);
         }
         self.mark_need_check()?;
-        // The new cluster holds what the old one read as around the
-        // write: the backing file's data (copy-on-write), or zeros.
-        let mut data = vec![0u8; cs as usize];
-        let start = cluster * cs;
-        if e == 0 {
-            let upto = (start + cs).min(self.len());
-            crate::device::read_backing(backing, &mut data[..(upto - start) as usize], start)?;
-        }
-        data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
-        let host = *end;
-        wio(f.write_at(&data, host), "data")?;
-        *end += cs;
-        // Crash safety: the cluster's data is written before the entry
-        // that points to it, and a new L2 table before the L1 entry.
+        // The run: this cluster and the following unallocated ones the
+        // write reaches in the same L2 table, allocated together at the
+        // end of the file so the data goes in one write and the table
+        // entries in another (a sequential copy would otherwise pay two
+        // writes per cluster).
         let (l1i, l2i) = (cluster / entries, cluster % entries);
+        let reach = (within + buf.len() as u64).div_ceil(cs).min(entries - l2i).min(MAX_RUN_BYTES / cs).max(1);
+        let mut states = vec![e];
+        while (states.len() as u64) < reach {
+            match self.l2_entry(cluster + states.len() as u64)? {
+                s @ (0 | 1) => states.push(s),
+                _ => break,
+            }
+        }
+        let k = states.len() as u64;
+        let n = (buf.len() as u64).min(k * cs - within) as usize;
+        let host = *end;
+        if within == 0 && n as u64 == k * cs {
+            wio(f.write_at(&buf[..n], host), "data")?;
+        } else {
+            // The new clusters hold what the old ones read as around the
+            // write: the backing file's data (copy-on-write), or zeros.
+            let mut data = vec![0u8; (k * cs) as usize];
+            for (i, &state) in states.iter().enumerate() {
+                let start = (cluster + i as u64) * cs;
+                let covered = start >= offset && start + cs <= offset + n as u64;
+                if state == 0 && !covered && start < self.len() {
+                    let upto = (start + cs).min(self.len());
+                    let at = i * cs as usize;
+                    crate::device::read_backing(backing, &mut data[at..at + (upto - start) as usize], start)?;
+                }
+            }
+            data[within as usize..within as usize + n].copy_from_slice(&buf[..n]);
+            wio(f.write_at(&data, host), "data")?;
+        }
+        *end += k * cs;
+        // Crash safety: the clusters' data is written before the entries
+        // that point to them, and a new L2 table before the L1 entry.
+        let hosts: Vec<u64> = (0..k).map(|i| host + i * cs).collect();
         let l2off = self.l1_entry(l1i)?;
         if l2off == 0 {
             let mut table = vec![0u64; entries as usize];
-            table[l2i as usize] = host;
+            table[l2i as usize..(l2i + k) as usize].copy_from_slice(&hosts);
             let bytes: Vec<u8> = table.iter().flat_map(|v| v.to_le_bytes()).collect();
             let toff = *end;
             wio(f.write_at(&bytes, toff), "L2 table")?;
@@ -269,12 +312,15 @@ impl Layout for Qed {
             wio(f.write_at(&toff.to_le_bytes(), self.header.l1_table_offset + l1i * 8), "L1 table")?;
             self.l1.write().map_err(|_| Error::invalid("QED lock poisoned"))?[l1i as usize] = toff;
         } else {
-            let table = self.l2(l2off)?;
+            // Loaded (and checked) before the cache lock is taken again.
+            drop(self.l2(l2off)?);
             let mut cache = lock(&self.l2_cache)?;
-            wio(f.write_at(&host.to_le_bytes(), l2off + l2i * 8), "L2 table")?;
-            let mut t = (*table).clone();
-            t[l2i as usize] = host;
-            cache.insert(l2off, Arc::new(t));
+            let bytes: Vec<u8> = hosts.iter().flat_map(|v| v.to_le_bytes()).collect();
+            wio(f.write_at(&bytes, l2off + l2i * 8), "L2 table")?;
+            // Evicted meanwhile: the next use reads the entries just written.
+            if let Some(t) = cache.get_mut(&l2off) {
+                Arc::make_mut(t)[l2i as usize..(l2i + k) as usize].copy_from_slice(&hosts);
+            }
         }
         Ok(n)
     }

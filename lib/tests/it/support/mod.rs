@@ -1,6 +1,7 @@
 //! Helpers shared by the library's integration tests. The most used ones
 //! are re-exported here, so a test module imports `crate::support::*`.
 
+pub mod garage;
 pub mod http_server;
 pub mod model;
 pub mod nbd;
