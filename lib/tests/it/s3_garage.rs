@@ -65,6 +65,7 @@ fn overlay_on_a_garage_base_reads_through_copy_on_read_fetching_each_cluster_onc
             assert!(buf == data[off as usize..off as usize + len], "pass {pass}: read of {len} at {off}");
         }
         let gets = stats_for(&name).requests - before;
+        eprintln!("pass {pass}: {gets} GETs, {} bytes so far, {} at open", stats_for(&name).bytes, at_open);
         if pass == 0 {
             // Data clusters and the base's own L2 tables, each at most once.
             assert!(gets > 0 && gets <= clusters, "{gets} GETs for {clusters} base clusters");
