@@ -331,6 +331,10 @@ impl Image {
         }
     }
 
+    /// The layout of an image of the formats in [`crate::formats`].
+    pub(crate) fn layout(&self) -> Option<&Arc<dyn crate::formats::Layout>> {
+        self.layout.as_ref()
+    }
     /// What an image of the formats in [`crate::formats`] says about
     /// itself (cluster size, qemu-img's format-specific fields).
     pub fn format_info(&self) -> Option<&FormatInfo> {

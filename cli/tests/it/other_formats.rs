@@ -1025,3 +1025,41 @@ fn vhdx_blocks_past_the_end_refuse_the_open_outside_check_as_qemu_does() {
         assert_check_as_qemu(dir, name, "vhdx");
     }
 }
+
+/// `rebase` of a QED image, safe and unsafe, to a new base, to a raw base
+/// (the no-probe bit) and to none: the same bytes as qemu-img's. Formats
+/// that keep no backing name are refused in qemu-img's words, unchanged.
+#[test]
+fn rebase_of_qed_writes_what_qemu_img_writes_and_other_formats_refuse_it() {
+    let d = tmp();
+    let dir = d.path();
+    for (name, pattern, at) in [("b1.qcow2", "1", "0"), ("b2.qcow2", "2", "1M")] {
+        ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", name, "4M"]);
+        ok(dir, "qemu-io", &["-c", &format!("write -P {pattern} {at} 1M"), name]);
+    }
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qed", "-b", "b1.qcow2", "-F", "qcow2", "r.qed", "4M"]);
+    ok(dir, "qemu-io", &["-c", "write -P 3 100k 50k", "r.qed"]);
+    let modes: [&[&str]; 5] = [
+        &["-u", "-b", "b2.qcow2", "-F", "qcow2"],
+        &["-u", "-b", "b2.qcow2", "-F", "raw"],
+        &["-u", "-b", ""],
+        &["-b", "b2.qcow2", "-F", "qcow2"],
+        &["-b", ""],
+    ];
+    for m in modes {
+        std::fs::copy(dir.join("r.qed"), dir.join("o.qed")).unwrap();
+        std::fs::copy(dir.join("r.qed"), dir.join("q.qed")).unwrap();
+        ok(dir, OXCOW, &[&["rebase"], m, &["o.qed"]].concat());
+        ok(dir, "qemu-img", &[&["rebase"], m, &["q.qed"]].concat());
+        assert!(std::fs::read(dir.join("o.qed")).unwrap() == std::fs::read(dir.join("q.qed")).unwrap(), "rebase {m:?}");
+    }
+    ok(dir, "qemu-img", &["create", "-q", "-f", "vdi", "v.vdi", "4M"]);
+    let before = std::fs::read(dir.join("v.vdi")).unwrap();
+    for m in [&["-u", "-b", "b2.qcow2", "-F", "qcow2"][..], &["-b", "b2.qcow2", "-F", "qcow2"][..]] {
+        let args = [&["rebase"], m, &["v.vdi"]].concat();
+        let (o, q) = (oxcow(dir, &args), qemu_img(dir, &args));
+        assert_eq!(o.code, q.code);
+        assert_eq!(o.stderr.split_once(": ").unwrap().1, q.stderr.split_once(": ").unwrap().1);
+        assert!(std::fs::read(dir.join("v.vdi")).unwrap() == before, "rebase {m:?} changed the VDI");
+    }
+}

@@ -109,7 +109,10 @@ fn bench_convert_from_s3_and_https() {
     let runs: [(&str, Vec<&str>); 3] = [
         ("oxcow from s3:// (Garage)", vec![OXCOW, "convert", "-O", "qcow2", &name, "out.qcow2"]),
         ("oxcow from https:// (nginx)", vec![OXCOW, "convert", "--image-opts", "-O", "qcow2", &ox_https, "out.qcow2"]),
-        ("qemu-img -m 1 from https://", vec!["qemu-img", "convert", "-m", "1", "-O", "qcow2", &qemu_https, "out.qcow2"]),
+        (
+            "qemu-img -m 1 from https://",
+            vec!["qemu-img", "convert", "-m", "1", "-O", "qcow2", &qemu_https, "out.qcow2"],
+        ),
     ];
     let mut times = vec![Vec::new(); runs.len()];
     for _round in 0..3 {

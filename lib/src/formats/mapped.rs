@@ -69,6 +69,15 @@ pub trait Layout: Send + Sync {
     fn write_run(&self, _offset: u64, _buf: &[u8], _backing: Option<&dyn BlockDevice>) -> Result<usize> {
         Err(Error::ReadOnly(format!("oxcow does not write {} images", self.format_name())))
     }
+    /// Whether [`Layout::set_backing`] can record a backing file name.
+    fn can_set_backing(&self) -> bool {
+        false
+    }
+    /// Records a new backing file name (`None`: standalone) and format
+    /// (where the format keeps one) in the header: `rebase`'s last step.
+    fn set_backing(&self, _name: Option<&str>, _format: Option<&str>) -> Result<()> {
+        Err(Error::unsupported(format!("changing the backing file of {} images", self.format_name())))
+    }
     /// Changes the virtual size, where the format allows it.
     fn resize(&self, _new_len: u64) -> Result<()> {
         Err(Error::invalid("Image format driver does not support resize"))

@@ -43,11 +43,17 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
         path,
         &OpenOptions { format: opts.format, write: true, no_backing: opts.unsafe_mode, ..Default::default() },
     )?;
-    let Some(q) = img.qcow2() else {
-        return Err(Error::unsupported(format!(
-            "Could not change the backing file to '{}': Operation not supported",
-            new_name.unwrap_or_default()
-        )));
+    // Refused before a byte changes where the format keeps no backing
+    // file name (QEMU's words; it finds out only after the copy).
+    let cs = match (img.qcow2(), img.layout()) {
+        (Some(q), _) => q.cluster_size(),
+        (None, Some(l)) if l.can_set_backing() => img.format_info().and_then(|i| i.cluster_size).unwrap_or(CHUNK),
+        _ => {
+            return Err(Error::io(
+                format!("Could not change the backing file to '{}'", new_name.unwrap_or_default()),
+                std::io::Error::from_raw_os_error(libc::ENOTSUP),
+            ))
+        }
     };
     if !opts.unsafe_mode {
         let new = match &new_name {
@@ -62,7 +68,6 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
         let old = dev.backing();
         let new_dev = new.as_ref().map(|i| &**i.device());
         let size = dev.len();
-        let cs = q.cluster_size();
         let mut a = vec![0u8; CHUNK as usize];
         let mut b = vec![0u8; CHUNK as usize];
         let mut pos = 0u64;
@@ -102,7 +107,11 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
         dev.flush()?;
     }
     let fmt = if new_name.is_some() { opts.backing_format.clone() } else { None };
-    q.set_backing(new_name, fmt)?;
+    if let Some(q) = img.qcow2() {
+        q.set_backing(new_name, fmt)?;
+    } else if let Some(l) = img.layout() {
+        l.set_backing(new_name.as_deref(), fmt.as_deref())?;
+    }
     img.close()
 }
 

@@ -84,7 +84,8 @@ fn overlay_on_a_garage_base_reads_through_copy_on_read_fetching_each_cluster_onc
         assert!(buf == data[off as usize..off as usize + len], "overlay copy of {len} at {off}");
     }
     // QEMU has no S3 driver: it checks the overlay without its backing.
-    let spec = format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#, ov.display());
+    let spec =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#, ov.display());
     crate::support::ok("qemu-img", &["check", &spec]);
 }
 

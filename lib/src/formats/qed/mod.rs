@@ -109,6 +109,9 @@ struct Qed {
     alloc: Mutex<u64>,
     /// The need-check bit is set on disk (and must be cleared on close).
     need_check: AtomicBool,
+    /// The header's feature bits other than need-check (rebase changes
+    /// the backing-file bits).
+    features: AtomicU64,
     /// The virtual size (grows on resize).
     size: AtomicU64,
 }
@@ -194,7 +197,7 @@ impl Qed {
             return Ok(());
         }
         let f = &self.files[0];
-        let features = self.header.features | F_NEED_CHECK;
+        let features = self.features.load(Ordering::Acquire) | F_NEED_CHECK;
         wio(f.write_at(&features.to_le_bytes(), 16), "header")?;
         wio(f.flush(), "header")?;
         self.need_check.store(true, Ordering::Release);
@@ -395,12 +398,45 @@ impl Layout for Qed {
         self.size.store(new_len, Ordering::Release);
         Ok(())
     }
+    fn can_set_backing(&self) -> bool {
+        true
+    }
+    fn set_backing(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        // No allocation (which sets need-check) while the header changes.
+        let _alloc = lock(&self.alloc)?;
+        let f = &self.files[0];
+        let name = name.unwrap_or("");
+        let room = u64::from(self.header.header_size) * u64::from(self.header.cluster_size);
+        if name.len() > 1023 || 64 + name.len() as u64 > room {
+            return Err(Error::invalid("Backing file name too long"));
+        }
+        // The header as it is on disk (size after a resize, need-check),
+        // with the backing bits and the name (right after the fields, as
+        // QEMU places it) replaced.
+        let mut head = vec![0u8; 64];
+        read_exact(&**f, &mut head, 0, "QED header")?;
+        let mut features = le64(&head, 16) & !(F_BACKING_FILE | F_BACKING_FORMAT_NO_PROBE);
+        if !name.is_empty() {
+            features |= F_BACKING_FILE;
+            if format == Some("raw") {
+                features |= F_BACKING_FORMAT_NO_PROBE;
+            }
+        }
+        head[16..24].copy_from_slice(&features.to_le_bytes());
+        head[56..60].copy_from_slice(&64u32.to_le_bytes());
+        head[60..64].copy_from_slice(&(name.len() as u32).to_le_bytes());
+        head.extend_from_slice(name.as_bytes());
+        wio(f.write_at(&head, 0), "header")?;
+        wio(f.flush(), "header")?;
+        self.features.store(features & !F_NEED_CHECK, Ordering::Release);
+        Ok(())
+    }
     fn close(&self) -> Result<()> {
         if self.need_check.swap(false, Ordering::AcqRel) {
             // Everything the tables point to is flushed (the caller
             // flushed): the image is consistent again.
             let f = &self.files[0];
-            wio(f.write_at(&(self.header.features & !F_NEED_CHECK).to_le_bytes(), 16), "header")?;
+            wio(f.write_at(&self.features.load(Ordering::Acquire).to_le_bytes(), 16), "header")?;
             wio(f.flush(), "header")?;
         }
         Ok(())
@@ -432,6 +468,7 @@ pub fn open(file: Arc<dyn Storage>, write: bool) -> Result<Opened> {
         l2_cache: Mutex::new(HashMap::new()),
         alloc: Mutex::new(end),
         need_check: AtomicBool::new(dirty && write),
+        features: AtomicU64::new(header.features & !F_NEED_CHECK),
         size: AtomicU64::new(header.image_size),
     };
     q.check_table_offset(q.header.l1_table_offset, file_len)?;

@@ -59,7 +59,10 @@ impl Garage {
     /// when Garage is not installed outside CI.
     pub fn start() -> Option<Garage> {
         let Some(bin) = binary() else {
-            assert!(std::env::var_os("CI").is_none(), "garage is not installed (.ci/run installs it with cargo install)");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "garage is not installed (.ci/run installs it with cargo install)"
+            );
             eprintln!("note: garage not installed (cargo install --locked garage); skipping");
             return None;
         };
@@ -100,7 +103,9 @@ impl Garage {
         let mut g = Garage { bin, nodes, _dir: dir };
         for i in 0..3 {
             let port = g.nodes[i].s3_port;
-            wait_ready("garage", g.nodes[i].child.as_mut(), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+            wait_ready("garage", g.nodes[i].child.as_mut(), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
         }
         let ids: Vec<String> = (0..3).map(|i| g.cli(i, &["node", "id", "-q"]).trim().to_string()).collect();
         for id in &ids[1..] {
