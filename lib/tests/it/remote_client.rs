@@ -256,3 +256,43 @@ fn request_in_flight_when_the_connection_drops_is_retried() {
     // Everyone retried on one new connection.
     assert_eq!(proxy.counts.connections.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+/// A server asking for 512-byte blocks makes the client read-modify-write
+/// unaligned writes. An aligned write of the same block landing between
+/// the RMW's read and its write was undone, also in the bytes the unaligned
+/// write never touched: whatever order the two writes take, the block
+/// outside the small write must hold the aligned write's pattern.
+#[test]
+fn aligned_write_racing_an_unaligned_read_modify_write_is_never_undone() {
+    use crate::support::nbd::{opts, sparse_file, start_tcp};
+    use oxcow::nbd::server::ExportConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), "rmw.raw", 1 << 20);
+    let srv = start_tcp(raw_dev(&file, false), ExportConfig::new("").min_block_size(512), opts(true, 4));
+    let c = Arc::new(NbdClient::connect(&srv.addr.url()).unwrap());
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let rounds = 400u32;
+    let small = {
+        let (c, b) = (c.clone(), barrier.clone());
+        std::thread::spawn(move || {
+            for r in 0..rounds {
+                let block = u64::from(r % 8) * 512;
+                b.wait();
+                c.write_at(&[0xee; 100], block + 100).unwrap();
+                b.wait();
+            }
+        })
+    };
+    for r in 0..rounds {
+        let block = u64::from(r % 8) * 512;
+        let pattern = (r % 200) as u8 + 1;
+        barrier.wait();
+        c.write_at(&[pattern; 512], block).unwrap();
+        barrier.wait();
+        let mut got = [0u8; 512];
+        c.read_at(&mut got, block).unwrap();
+        let outside = got[..100].iter().chain(&got[200..]).all(|&x| x == pattern);
+        assert!(outside, "round {r}: the aligned write of {pattern:#x} was undone: {:?}", &got[..8]);
+    }
+    small.join().unwrap();
+}

@@ -20,7 +20,7 @@ use crate::nbd::proto::*;
 use crate::nbd::tls::TlsClient;
 use crate::{Error, Result};
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 /// Tuning of an [`NbdClient`].
@@ -61,8 +61,11 @@ pub struct NbdClient {
     /// The live connection, with a generation number so that of several
     /// callers seeing the same dead connection only one reconnects.
     conn: Mutex<(u64, Option<Arc<Conn>>)>,
-    /// Serializes read-modify-write of unaligned writes.
-    rmw: Mutex<()>,
+    /// Unaligned writes (read-modify-write) hold it exclusively, every
+    /// other write, zeroing and trim shared: an aligned write landing
+    /// between an RMW's read and write would otherwise be undone, also in
+    /// the bytes the unaligned write never touched.
+    rmw: RwLock<()>,
 }
 
 impl std::fmt::Debug for NbdClient {
@@ -108,7 +111,7 @@ impl NbdClient {
         )
         .map_err(|e| connect_error(&url, &e))?;
         let info = conn.info;
-        Ok(NbdClient { url, tls, opts, info, conn: Mutex::new((0, Some(Arc::new(conn)))), rmw: Mutex::new(()) })
+        Ok(NbdClient { url, tls, opts, info, conn: Mutex::new((0, Some(Arc::new(conn)))), rmw: RwLock::new(()) })
     }
 
     /// The location connected to.
@@ -401,10 +404,11 @@ impl BlockDevice for NbdClient {
         }
         let (a, b) = (self.align_down(offset), self.align_up(offset + buf.len() as u64).min(self.len()));
         if a == offset && b == offset + buf.len() as u64 {
+            let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
             return self.write_aligned(buf, offset);
         }
         // Read-modify-write of the blocks around an unaligned write.
-        let _g = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw.write().unwrap_or_else(|e| e.into_inner());
         let mut tmp = vec![0u8; (b - a) as usize];
         self.read_aligned(&mut tmp, a)?;
         let s = (offset - a) as usize;
@@ -418,6 +422,7 @@ impl BlockDevice for NbdClient {
         let aligned = self.align_down(offset) == offset && (self.align_up(offset + len) == offset + len);
         if self.info.flags & FLAG_SEND_WRITE_ZEROES != 0 && aligned {
             let flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
+            let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
             return self.ranged("writing zeroes to NBD export", CMD_WRITE_ZEROES, flags, offset, len);
         }
         const CHUNK: u64 = 1 << 20;
@@ -443,6 +448,7 @@ impl BlockDevice for NbdClient {
         if a >= b {
             return Ok(());
         }
+        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         self.ranged("discarding on NBD export", CMD_TRIM, 0, a, b - a)
     }
 

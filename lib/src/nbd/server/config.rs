@@ -84,6 +84,10 @@ pub struct ExportConfig {
     /// `qemu:dirty-bitmap:NAME` metadata contexts (qemu-nbd's `-B NAME`,
     /// repeated; at most 64).
     pub dirty_bitmaps: Vec<String>,
+    /// The minimum block size advertised in `NBD_INFO_BLOCK_SIZE` (a power
+    /// of two up to 64 KiB; anything else advertises 1). Smaller requests
+    /// are still served: it only asks clients to align theirs.
+    pub min_block_size: u32,
 }
 
 setters!(ExportConfig {
@@ -95,6 +99,7 @@ setters!(ExportConfig {
     multi_conn_ok: bool,
     allocation_depth: bool,
     dirty_bitmaps: Vec<String>,
+    min_block_size: u32,
 });
 
 impl ExportConfig {
@@ -115,6 +120,7 @@ impl Default for ExportConfig {
             multi_conn_ok: false,
             allocation_depth: true,
             dirty_bitmaps: Vec::new(),
+            min_block_size: crate::nbd::proto::MIN_BLOCK_SIZE,
         }
     }
 }

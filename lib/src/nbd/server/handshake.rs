@@ -332,11 +332,12 @@ fn options<C: Connection>(
                 }
                 // Sent unasked too: it is a hint, and clients that ignore it
                 // meet defaults we honour anyway.
+                let min = min_block(&shared.config);
                 reply(
                     &mut io,
                     opt,
                     REP_INFO,
-                    &encode_info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD),
+                    &encode_info_block_size(min, PREFERRED_BLOCK_SIZE.max(min), MAX_PAYLOAD),
                 )?;
                 reply(&mut io, opt, REP_ACK, &[])?;
                 if opt == OPT_GO {
@@ -416,6 +417,17 @@ fn options<C: Connection>(
             OPT_STARTTLS => reply(&mut io, opt, REP_ERR_POLICY, b"TLS is not offered by this server")?,
             _ => reply(&mut io, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
+    }
+}
+
+/// The minimum block size an export advertises: its configured one when
+/// the protocol allows it (a power of two, at most 64 KiB).
+fn min_block(config: &super::config::ExportConfig) -> u32 {
+    let m = config.min_block_size;
+    if m.is_power_of_two() && m <= 64 << 10 {
+        m
+    } else {
+        MIN_BLOCK_SIZE
     }
 }
 
