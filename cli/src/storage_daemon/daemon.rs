@@ -11,6 +11,7 @@ use super::nbd::{Lookup, NbdServer};
 use crate::error::{CliError, CliResult};
 use crate::object::{Objects, Props};
 use oxcow::export::fuse::{FuseExport, FuseOptions};
+#[cfg(target_os = "linux")]
 use oxcow::export::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkOptions};
 use oxcow::nbd::server::{DiscardMode, ExportConfig, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +54,7 @@ impl Daemon {
         let lookup: Lookup = Arc::new(move || {
             lock(&exports).iter().find_map(|e| match &e.handle {
                 Handle::Nbd { server, clients } => Some((server.clone(), Arc::clone(clients))),
-                Handle::Fuse(_) | Handle::VhostUserBlk(_) => None,
+                _ => None,
             })
         });
         *nbd = Some(NbdServer::start(p, &self.objects, lookup)?);
@@ -109,6 +110,11 @@ impl Daemon {
                     .map_err(|e| CliError::new(crate::error::message(&e)))?;
                 Handle::Fuse(mounted)
             }
+            #[cfg(not(target_os = "linux"))]
+            Kind::VhostUserBlk { .. } => {
+                return Err(CliError::new("vhost-user-blk exports are supported on Linux only"))
+            }
+            #[cfg(target_os = "linux")]
             Kind::VhostUserBlk { path, num_queues, logical_block_size } => {
                 let opts = VhostUserBlkOptions::default()
                     .writable(spec.writable)
@@ -135,6 +141,7 @@ impl Daemon {
                 .ok_or_else(|| CliError::new(format!("Export '{id}' is not found")))?;
             let in_use = match &exports[i].handle {
                 Handle::Nbd { clients, .. } => clients.count() > 0,
+                #[cfg(target_os = "linux")]
                 Handle::VhostUserBlk(v) => v.connected(),
                 Handle::Fuse(_) => false,
             };
@@ -194,6 +201,7 @@ fn end(export: Export) -> CliResult<()> {
             Ok(())
         }
         Handle::Fuse(f) => f.unmount().map_err(|e| CliError::new(crate::error::message(&e))),
+        #[cfg(target_os = "linux")]
         Handle::VhostUserBlk(v) => {
             v.stop();
             Ok(())

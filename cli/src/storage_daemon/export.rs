@@ -164,5 +164,6 @@ pub enum Handle {
     /// The mounted file.
     Fuse(oxcow::export::fuse::FuseExport),
     /// The listening socket and its front end.
+    #[cfg(target_os = "linux")]
     VhostUserBlk(oxcow::export::vhost_user_blk::VhostUserBlkExport),
 }
