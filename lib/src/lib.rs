@@ -99,7 +99,7 @@ mod cache_mode;
 pub mod crypto;
 mod device;
 mod error;
-#[cfg(feature = "fuse")]
+#[cfg(any(feature = "fuse", feature = "vhost-user-blk"))]
 pub mod export;
 pub mod format;
 pub mod formats;

@@ -11,6 +11,8 @@ use super::nbd::{Lookup, NbdServer};
 use crate::error::{CliError, CliResult};
 use crate::object::{Objects, Props};
 use oxcow::export::fuse::{FuseExport, FuseOptions};
+#[cfg(target_os = "linux")]
+use oxcow::export::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkOptions};
 use oxcow::nbd::server::{DiscardMode, ExportConfig, Server};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -52,7 +54,7 @@ impl Daemon {
         let lookup: Lookup = Arc::new(move || {
             lock(&exports).iter().find_map(|e| match &e.handle {
                 Handle::Nbd { server, clients } => Some((server.clone(), Arc::clone(clients))),
-                Handle::Fuse(_) => None,
+                _ => None,
             })
         });
         *nbd = Some(NbdServer::start(p, &self.objects, lookup)?);
@@ -108,6 +110,21 @@ impl Daemon {
                     .map_err(|e| CliError::new(crate::error::message(&e)))?;
                 Handle::Fuse(mounted)
             }
+            #[cfg(not(target_os = "linux"))]
+            Kind::VhostUserBlk { .. } => {
+                return Err(CliError::new("vhost-user-blk exports are supported on Linux only"))
+            }
+            #[cfg(target_os = "linux")]
+            Kind::VhostUserBlk { path, num_queues, logical_block_size } => {
+                let opts = VhostUserBlkOptions::default()
+                    .writable(spec.writable)
+                    .num_queues(*num_queues)
+                    .logical_block_size(*logical_block_size)
+                    .discard(io.unmap);
+                let export = VhostUserBlkExport::start(dev, std::path::Path::new(path), opts)
+                    .map_err(|e| CliError::new(crate::error::message(&e)))?;
+                Handle::VhostUserBlk(export)
+            }
         };
         exports.insert(0, Export { spec, handle });
         Ok(())
@@ -122,7 +139,13 @@ impl Daemon {
                 .iter()
                 .position(|e| e.spec.id == id)
                 .ok_or_else(|| CliError::new(format!("Export '{id}' is not found")))?;
-            if !hard && matches!(&exports[i].handle, Handle::Nbd { clients, .. } if clients.count() > 0) {
+            let in_use = match &exports[i].handle {
+                Handle::Nbd { clients, .. } => clients.count() > 0,
+                #[cfg(target_os = "linux")]
+                Handle::VhostUserBlk(v) => v.connected(),
+                Handle::Fuse(_) => false,
+            };
+            if !hard && in_use {
                 return Err(CliError::new(format!("export '{id}' still in use")));
             }
             exports.remove(i)
@@ -178,6 +201,11 @@ fn end(export: Export) -> CliResult<()> {
             Ok(())
         }
         Handle::Fuse(f) => f.unmount().map_err(|e| CliError::new(crate::error::message(&e))),
+        #[cfg(target_os = "linux")]
+        Handle::VhostUserBlk(v) => {
+            v.stop();
+            Ok(())
+        }
     }
 }
 

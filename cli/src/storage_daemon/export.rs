@@ -1,6 +1,6 @@
 //! `--export` / `block-export-add`: what an export definition says, and a
 //! live export's handles (for NBD: the server of its node and the way to
-//! cut its clients off).
+//! cut its clients off; for FUSE the mount; for vhost-user-blk the socket).
 
 use crate::error::{CliError, CliResult};
 use crate::object::Props;
@@ -33,6 +33,12 @@ pub enum Kind {
         growable: bool,
         allow_other: bool,
     },
+    VhostUserBlk {
+        /// The Unix socket the front end connects to.
+        path: String,
+        num_queues: u16,
+        logical_block_size: u32,
+    },
 }
 
 impl Kind {
@@ -41,6 +47,7 @@ impl Kind {
         match self {
             Kind::Nbd { .. } => "nbd",
             Kind::Fuse { .. } => "fuse",
+            Kind::VhostUserBlk { .. } => "vhost-user-blk",
         }
     }
 }
@@ -77,9 +84,37 @@ impl ExportSpec {
                     p.take_enum("allow-other", &[("on", true), ("off", false), ("auto", true)])?.unwrap_or(true);
                 Kind::Fuse { mountpoint, growable, allow_other }
             }
-            "vhost-user-blk" | "vduse-blk" => {
-                return Err(CliError::new(format!("Export type '{ty}' is not supported yet")))
+            "vhost-user-blk" => {
+                let ty = p.require("addr.type")?;
+                if ty != "unix" {
+                    return Err(CliError::new(format!(
+                        "vhost-user-blk exports listen on a Unix socket, not addr.type={ty}"
+                    )));
+                }
+                let path = p.require("addr.path")?;
+                let num_queues = match p.take("num-queues") {
+                    None => 1,
+                    Some(v) => v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| CliError::new(format!("num-queues must be between 1 and 64, not '{v}'")))?,
+                };
+                let logical_block_size = match p.take("logical-block-size") {
+                    None => 512,
+                    Some(v) => {
+                        v.parse::<u32>().ok().filter(|n| n.is_power_of_two() && (512..=32768).contains(n)).ok_or_else(
+                            || {
+                                CliError::new(format!(
+                                    "logical-block-size must be a power of 2 between 512 and 32768, not '{v}'"
+                                ))
+                            },
+                        )?
+                    }
+                };
+                Kind::VhostUserBlk { path, num_queues, logical_block_size }
             }
+            "vduse-blk" => return Err(CliError::new(format!("Export type '{ty}' is not supported yet"))),
             other => return Err(CliError::new(format!("Parameter 'type' does not accept value '{other}'"))),
         };
         p.finish()?;
@@ -128,4 +163,7 @@ pub enum Handle {
     Nbd { server: Server, clients: std::sync::Arc<Clients> },
     /// The mounted file.
     Fuse(oxcow::export::fuse::FuseExport),
+    /// The listening socket and its front end.
+    #[cfg(target_os = "linux")]
+    VhostUserBlk(oxcow::export::vhost_user_blk::VhostUserBlkExport),
 }

@@ -1,7 +1,8 @@
 //! `oxcow storage-daemon`: qemu-storage-daemon's command line and role.
-//! Block nodes (`--blockdev`) are served by exports (`--export`, today of
-//! type `nbd`, on the listener `--nbd-server` starts) and managed at run
-//! time over a QMP monitor (`--monitor` on a `--chardev` socket).
+//! Block nodes (`--blockdev`) are served by exports (`--export` of type
+//! `nbd`, on the listener `--nbd-server` starts, `fuse` or
+//! `vhost-user-blk`) and managed at run time over a QMP monitor
+//! (`--monitor` on a `--chardev` socket).
 //!
 //! Options are applied by kind in dependency order (objects, nodes,
 //! chardevs, the NBD server, exports, monitors) rather than in command-line
@@ -38,8 +39,10 @@ pub struct Args {
     /// driver=qcow2|raw|...,node-name=M,file=N).
     #[arg(long = "blockdev", value_name = "[driver=]DRIVER,node-name=NAME,...")]
     blockdev: Vec<String>,
-    /// Export a node (type=nbd,id=ID,node-name=NAME[,name=N][,writable=on]).
-    #[arg(long = "export", value_name = "[type=]nbd,id=ID,node-name=NAME,...")]
+    /// Export a node (type=nbd,id=ID,node-name=NAME[,name=N][,writable=on];
+    /// type=fuse,...,mountpoint=FILE; type=vhost-user-blk,...,
+    /// addr.type=unix,addr.path=SOCKET[,num-queues=N][,logical-block-size=N]).
+    #[arg(long = "export", value_name = "[type=]nbd|fuse|vhost-user-blk,id=ID,node-name=NAME,...")]
     export: Vec<String>,
     /// Start the NBD server (addr.type=unix,addr.path=P or
     /// addr.type=inet,addr.host=H,addr.port=N; tls-creds, tls-authz,

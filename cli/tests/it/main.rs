@@ -30,6 +30,8 @@ mod small_filesystem;
 mod storage_daemon_cli;
 mod storage_daemon_fuse;
 mod storage_daemon_guest;
+mod storage_daemon_vhost;
+mod storage_daemon_vhost_guest;
 mod tls_hostile;
 mod tls_interop;
 mod tls_libnbd_python;

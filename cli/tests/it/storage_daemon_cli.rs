@@ -55,6 +55,10 @@ impl Daemon {
         Daemon { pid, exited: false.into() }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     fn alive(&self) -> bool {
         let proc = format!("/proc/{}", self.pid);
         // The main thread shows as a zombie as soon as it has exited,
@@ -67,7 +71,7 @@ impl Daemon {
 
     /// Waits until the daemon has exited (a generous limit turns a hang
     /// into a failure).
-    fn wait_exit(&self) {
+    pub fn wait_exit(&self) {
         let limit = Instant::now() + Duration::from_secs(60);
         while self.alive() {
             assert!(Instant::now() < limit, "daemon {} did not exit", self.pid);
@@ -86,13 +90,13 @@ impl Drop for Daemon {
 }
 
 /// A QMP client.
-struct Qmp {
+pub struct Qmp {
     out: UnixStream,
     lines: std::io::Lines<BufReader<UnixStream>>,
 }
 
 impl Qmp {
-    fn connect(path: &Path) -> (Qmp, Value) {
+    pub fn connect(path: &Path) -> (Qmp, Value) {
         let s = UnixStream::connect(path).expect("connect to QMP");
         let mut lines = BufReader::new(s.try_clone().unwrap()).lines();
         let greeting = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -101,7 +105,7 @@ impl Qmp {
 
     /// Sends one command; returns the events before its reply, then the
     /// reply.
-    fn cmd(&mut self, c: &Value) -> Vec<Value> {
+    pub fn cmd(&mut self, c: &Value) -> Vec<Value> {
         // One write: `writeln!` on the socket sends the JSON in pieces and
         // the newline last, and a daemon that acts on the object as soon
         // as it is complete may already have hung up after `quit` by then

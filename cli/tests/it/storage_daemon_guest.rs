@@ -32,7 +32,7 @@ fn guest_script() -> Result<PathBuf, String> {
 /// The guest script, or None (the test then returns) after saying why
 /// there is no guest; under CI, where .ci/run sets the guest up, its
 /// absence fails the test instead.
-fn guest() -> Option<PathBuf> {
+pub fn guest() -> Option<PathBuf> {
     match guest_script() {
         Ok(s) => Some(s),
         Err(why) if std::env::var_os("CI").is_some() => panic!("no guest under CI: {why}"),
@@ -45,7 +45,7 @@ fn guest() -> Option<PathBuf> {
 
 /// TCG unless GUEST_ACCEL says otherwise: an openable /dev/kvm is no
 /// proof that KVM runs guests (nested, it may hang in the firmware).
-fn accel() -> String {
+pub fn accel() -> String {
     std::env::var("GUEST_ACCEL").unwrap_or_else(|_| "tcg".into())
 }
 
@@ -70,7 +70,7 @@ poweroff -f
 
 /// The same, then the big file deleted and the free space trimmed
 /// (discards reach the export).
-const WRITE_REMOUNT_READ_TRIM: &str = r#"
+pub const WRITE_REMOUNT_READ_TRIM: &str = r#"
 if ! mke2fs -q /dev/vda || ! mount -t ext4 /dev/vda /mnt; then echo "GUEST-FAIL mkfs"; poweroff -f; fi
 i=0
 while [ $i -lt 60 ]; do dd if=/dev/urandom of=/mnt/f$i bs=4k count=$((i % 9 + 1)) 2>/dev/null; i=$((i + 1)); done
@@ -90,7 +90,7 @@ poweroff -f
 "#;
 
 /// Boots the guest with `init` and the disk arguments; returns its console.
-fn boot(script: &Path, dir: &Path, init: &str, disk: &[String]) -> String {
+pub fn boot(script: &Path, dir: &Path, init: &str, disk: &[String]) -> String {
     std::fs::write(dir.join("init.sh"), init).expect("write init");
     ok(dir, "bash", &[&script.display().to_string(), "initrd", "init.sh", "initrd.gz"]);
     let out = std::process::Command::new("bash")
