@@ -242,15 +242,19 @@ pub fn run(a: Args) -> CliResult<i32> {
             server.serve(l, shutdown, &serve_opts)
         }
     };
-    if let Some(p) = &a.pid_file {
-        let _ = std::fs::remove_file(p);
-    }
-    result.map_err(CliError::from)?;
     drop(server);
     if let Some(p) = prefetcher {
         p.stop();
     }
-    img.close()?;
+    let closed = if result.is_ok() { img.close() } else { Ok(()) };
+    // The pid file goes last: whoever waits for it to vanish may use the
+    // image at once, so it must be closed and its locks released.
+    drop(img);
+    if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result?;
+    closed?;
     Ok(0)
 }
 
