@@ -74,6 +74,8 @@ struct OpenCfg {
     backing_driver: Option<oxcow::Format>,
     /// Error-injection rules of a blkdebug layer over the image's file.
     blkdebug: Option<oxcow::storage::BlkdebugRules>,
+    /// Zero-write limits of a blkdebug node above the format.
+    zero_limits: super::io_limits::ZeroLimits,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -174,6 +176,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            _ if cfg.zero_limits.take(&k, &v) => {}
             _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
         }
@@ -233,6 +236,16 @@ impl Session {
         match self.open.take() {
             Some(o) => match o.img.close() {
                 Ok(()) => true,
+                // QEMU's qcow2 driver writes back both of its caches on
+                // close, each followed by a flush, and reports each
+                // failure; the run's status stays as the commands left it.
+                Err(e) if crate::dropin::active() && e.is_io() && o.img.qcow2().is_some() => {
+                    let m = crate::error::request_message(&e);
+                    for cache in ["L2 table", "refcount block"] {
+                        eprintln!("{}: Failed to flush the {cache} cache: {m}", crate::dropin::prog());
+                    }
+                    true
+                }
                 Err(e) => {
                     eprintln!("{}: closing {}: {}", crate::dropin::prog(), o.path, crate::error::message(&e));
                     false
@@ -260,6 +273,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         objects: Arc::new(crate::object::Objects::parse(&a.objects)?),
         backing_driver: None,
         blkdebug: None,
+        zero_limits: Default::default(),
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -383,7 +397,13 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         return Flow::Done(false);
     }
     // A command that stopped early has already said why.
-    Flow::Done(exec(&o.img, o.dev(), o.unmap, &words, out).unwrap_or(false))
+    let limits = o.cfg.zero_limits;
+    let r = if limits.active() {
+        exec(&o.img, &super::io_limits::Limited { dev: o.dev(), limits }, o.unmap, &words, out)
+    } else {
+        exec(&o.img, o.dev(), o.unmap, &words, out)
+    };
+    Flow::Done(r.unwrap_or(false))
 }
 
 /// `reopen [(-r|-w)] [-c cache] [-o options]`: the same file again with
