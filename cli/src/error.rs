@@ -50,8 +50,8 @@ pub fn message(e: &Error) -> String {
         Error::Corrupt { what, .. } if crate::dropin::active() && what == "not a qcow2 image (bad magic)" => {
             "Image is not in qcow2 format".to_string()
         }
-        Error::Unsupported(what) if crate::dropin::active() && what.starts_with("Unknown incompatible feature") => {
-            format!("Unsupported qcow2 feature(s): {what}")
+        Error::Unsupported(what) if crate::dropin::active() && what.starts_with("Unsupported qcow2 feature(s)") => {
+            what.clone()
         }
         // An unknown format name, as qemu's block layer words it.
         Error::Unsupported(what) if crate::dropin::active() && what.contains("Unknown driver '") => what.clone(),

@@ -119,6 +119,9 @@ fn single_quotes_to_double(text: &str) -> String {
 pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
     let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
+    if driver == "blkdebug" {
+        return resolve(&blkdebug_image(map)?, objects);
+    }
     let (format, proto, mut props) = match driver.as_str() {
         "nbd" | "file" | "null-co" | "null-aio" | "http" | "https" | "s3" => (Some("raw".to_string()), driver, map),
         fmt => {
@@ -186,6 +189,31 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
         return Err(CliError::new(format!("Invalid parameter '{k}'")));
     }
     Ok((format, name))
+}
+
+/// Request-size limits of QEMU's blkdebug driver: they change how
+/// requests are split, never what they read or write.
+const BLKDEBUG_LIMITS: &[&str] =
+    &["align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"];
+
+/// The options of the image under a top-level blkdebug node that only
+/// sets request limits (which change nothing oxcow does). Rules there
+/// would act above the format, on guest requests, which oxcow's blkdebug
+/// layer (under the format, on its file) does not do: refused.
+fn blkdebug_image(map: BTreeMap<String, String>) -> CliResult<String> {
+    let mut inner = Vec::new();
+    for (k, v) in map {
+        match k.strip_prefix("image.") {
+            Some(sub) => inner.push(format!("{sub}={}", v.replace(',', ",,"))),
+            None if BLKDEBUG_LIMITS.contains(&k.as_str()) => {}
+            None => {
+                return Err(CliError::new(format!(
+                    "blkdebug option '{k}' above a format layer is not supported by oxcow"
+                )))
+            }
+        }
+    }
+    Ok(inner.join(","))
 }
 
 /// The NBD location the keys of QEMU's `nbd` driver describe, TLS included.
@@ -279,6 +307,11 @@ mod tests {
             r("driver=null-co,size=1M,read-zeroes=on").unwrap(),
             (Some("raw".into()), "null-co://?size=1048576".into())
         );
+        assert_eq!(
+            r("driver=blkdebug,image.driver=qcow2,image.file.driver=file,image.file.filename=t,align=4k").unwrap(),
+            (Some("qcow2".into()), "t".into())
+        );
+        assert!(r("driver=blkdebug,image.filename=t,inject-error.0.event=l2_load").is_err());
         let objs = Objects::parse(&["authz-simple,id=a,identity=x".into()]).unwrap();
         assert_eq!(
             resolve("driver=nbd,host=h,tls-creds=a", &objs).unwrap_err().msg,

@@ -221,6 +221,10 @@ pub struct OpenOptions {
     /// (`backing.encrypt.key-secret`, `backing.backing....`). A backing
     /// file without one here is tried with the overlay's password.
     pub backing_keys: Vec<Option<crate::crypto::Secret>>,
+    /// Error-injection rules over the image's own file (QEMU's blkdebug
+    /// driver; `blkdebug:CONFIG:FILE` names set them too); never passed
+    /// to backing files.
+    pub blkdebug: Option<crate::storage::BlkdebugRules>,
 }
 
 impl Default for OpenOptions {
@@ -241,6 +245,7 @@ impl Default for OpenOptions {
             no_io: false,
             backing_driver: None,
             backing_keys: Vec::new(),
+            blkdebug: None,
         }
     }
 }
@@ -260,6 +265,7 @@ setters!(OpenOptions {
     storage_hook: StorageHook,
     key_secret: crate::crypto::Secret,
     backing_driver: Format,
+    blkdebug: crate::storage::BlkdebugRules,
 });
 
 impl OpenOptions {
@@ -524,6 +530,10 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
     }
     let path = path.as_ref();
+    if let Some(parsed) = path.to_str().and_then(crate::storage::parse_blkdebug_name) {
+        let (rules, file) = parsed.map_err(|e| Error::invalid(e.0))?;
+        return open(file, &OpenOptions { blkdebug: Some(rules), ..opts.clone() });
+    }
     let mut chain = ChainFiles::default();
     chain.enter(path)?;
     open_depth(path, opts, 0, &mut chain)
@@ -682,8 +692,14 @@ fn open_backing(
         })?),
         (None, None) => None,
     };
-    let mut bopts =
-        OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
+    let mut bopts = OpenOptions {
+        format: bfmt,
+        write: false,
+        copy_on_read: false,
+        backing_driver: None,
+        blkdebug: None,
+        ..opts.clone()
+    };
     if !opts.backing_keys.is_empty() {
         if let Some(k) = opts.backing_keys[0].clone() {
             bopts.key_secret = Some(k);
@@ -755,7 +771,11 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             if let Some(mode) = lock_mode(opts, format) {
                 file.lock(path, mode)?;
             }
-            Opened { storage: file_layers(path, file, opts), native_raw: None, format, probed }
+            let mut storage = file_layers(path, file, opts);
+            if let Some(rules) = &opts.blkdebug {
+                storage = Arc::new(crate::storage::BlkdebugStorage::new(storage, rules.clone()));
+            }
+            Opened { storage, native_raw: None, format, probed }
         }
     })
 }

@@ -72,6 +72,10 @@ struct OpenCfg {
     objects: Arc<crate::object::Objects>,
     /// `backing.driver`: the backing file's format, overriding the image's.
     backing_driver: Option<oxcow::Format>,
+    /// Error-injection rules of a blkdebug layer over the image's file.
+    blkdebug: Option<oxcow::storage::BlkdebugRules>,
+    /// Zero-write limits of a blkdebug node above the format.
+    zero_limits: super::io_limits::ZeroLimits,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -141,8 +145,21 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
         return Ok(Some(name));
     }
     let mut file = None;
+    let mut rules = Vec::new();
+    let mut blkdebug = Vec::new();
     for (k, v) in opts {
         let last = k.rsplit('.').next().unwrap_or(&k);
+        // blkdebug's own keys, on the format's file or on the top node.
+        let bk = k.strip_prefix("file.").unwrap_or(&k);
+        if bk.starts_with("inject-error.") || bk.starts_with("set-state.") {
+            blkdebug.push((bk.to_string(), v));
+            continue;
+        }
+        if bk == "config" {
+            let r = oxcow::storage::BlkdebugRules::from_config_file(&v).map_err(|e| CliError::new(e.0))?;
+            rules.extend(r.0);
+            continue;
+        }
         match k.as_str() {
             "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
@@ -159,27 +176,22 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            _ if cfg.zero_limits.take(&k, &v) => {}
             _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
         }
     }
+    rules.extend(
+        oxcow::storage::parse_blkdebug_options(blkdebug.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| CliError::new(e.0))?,
+    );
+    if !rules.is_empty() {
+        cfg.blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
+    }
     Ok(file)
 }
 
-/// `blkdebug::FILE` (no rules file) is FILE; blkdebug with rules injects
-/// errors, which oxcow cannot.
-fn strip_blkdebug(path: &str) -> CliResult<&str> {
-    match path.strip_prefix("blkdebug:") {
-        None => Ok(path),
-        Some(rest) => match rest.strip_prefix(':') {
-            Some(file) => Ok(file),
-            None => Err(CliError::new("blkdebug error injection rules are not supported by oxcow")),
-        },
-    }
-}
-
 fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
-    let path = strip_blkdebug(path)?;
     let write = !cfg.read_only && cfg.snapshot.is_none();
     if cfg.force_share && write {
         return Err(CliError::new(format!(
@@ -193,6 +205,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .force_share(cfg.force_share)
         .copy_on_read(cfg.copy_on_read)
         .backing_driver(cfg.backing_driver)
+        .blkdebug(cfg.blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let img = oxcow::open(path, &opts)
@@ -223,6 +236,16 @@ impl Session {
         match self.open.take() {
             Some(o) => match o.img.close() {
                 Ok(()) => true,
+                // QEMU's qcow2 driver writes back both of its caches on
+                // close, each followed by a flush, and reports each
+                // failure; the run's status stays as the commands left it.
+                Err(e) if crate::dropin::active() && e.is_io() && o.img.qcow2().is_some() => {
+                    let m = crate::error::request_message(&e);
+                    for cache in ["L2 table", "refcount block"] {
+                        eprintln!("{}: Failed to flush the {cache} cache: {m}", crate::dropin::prog());
+                    }
+                    true
+                }
                 Err(e) => {
                     eprintln!("{}: closing {}: {}", crate::dropin::prog(), o.path, crate::error::message(&e));
                     false
@@ -249,6 +272,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         snapshot: a.snapshot.clone(),
         objects: Arc::new(crate::object::Objects::parse(&a.objects)?),
         backing_driver: None,
+        blkdebug: None,
+        zero_limits: Default::default(),
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -372,7 +397,13 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         return Flow::Done(false);
     }
     // A command that stopped early has already said why.
-    Flow::Done(exec(&o.img, o.dev(), o.unmap, &words, out).unwrap_or(false))
+    let limits = o.cfg.zero_limits;
+    let r = if limits.active() {
+        exec(&o.img, &super::io_limits::Limited { dev: o.dev(), limits }, o.unmap, &words, out)
+    } else {
+        exec(&o.img, o.dev(), o.unmap, &words, out)
+    };
+    Flow::Done(r.unwrap_or(false))
 }
 
 /// `reopen [(-r|-w)] [-c cache] [-o options]`: the same file again with

@@ -372,3 +372,41 @@ fn qemu_io_open_backing_driver_overrides_the_backing_format() {
         );
     }
 }
+
+/// blkdebug under the format, rules as a qemu-io option tree: an armed
+/// `once` error fails one guest read, a set-state rule gates another
+/// error to the second write.
+#[test]
+fn qemu_io_blkdebug_option_trees() {
+    let tree = |rules: &str| {
+        format!(
+            r#"json:{{"driver":"qcow2","file":{{"driver":"blkdebug",{rules},"image":{{"driver":"file","filename":"x.qcow2"}}}}}}"#
+        )
+    };
+    let once = tree(r#""inject-error":[{"event":"read_aio","once":true}]"#);
+    io(&["-c", "read -P 0x11 64k 4k", "-c", "read -P 0x11 64k 4k", "-c", "read 0 4k", &once]);
+    let gated = tree(
+        r#""set-state":[{"event":"write_aio","new_state":2}],"inject-error":[{"event":"write_aio","state":2,"errno":28}]"#,
+    );
+    io(&["-c", "write 64k 4k", "-c", "write 64k 4k", "-c", "write 64k 4k", &gated]);
+}
+
+/// `blkdebug:CONFIG:FILE` names, with qemu-img compare's report of a
+/// failed read (its own exit status, 4).
+#[test]
+fn qemu_img_compare_through_a_blkdebug_name() {
+    let (ours, theirs) = sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
+        let conf = "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nonce =\"off\"\n";
+        std::fs::write(d.join("b.conf"), conf).expect("write config");
+        ok(d, "cp", &["x.qcow2", "y.qcow2"]);
+    }
+    for args in
+        [&["compare", "blkdebug:b.conf:x.qcow2", "y.qcow2"][..], &["compare", "y.qcow2", "blkdebug:b.conf:x.qcow2"]]
+    {
+        let o = run(&ours, "qemu-img", args, None);
+        let t = run(&theirs, "qemu-img", args, None);
+        assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{args:?}");
+        assert_eq!(t.code, 4, "{args:?}: {}", t.stderr);
+    }
+}

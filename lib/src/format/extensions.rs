@@ -134,7 +134,9 @@ impl Extensions {
                 kind::BACKING_FORMAT => exts.backing_format = Some(string_ext("backing format", data, at)?),
                 kind::DATA_FILE => exts.data_file = Some(string_ext("data file name", data, at)?),
                 kind::FEATURE_NAMES => {
-                    for e in data.chunks_exact(FEATURE_NAME_ENTRY) {
+                    // A short last entry counts, its name cut short, as
+                    // QEMU reads the table into a zero-padded buffer.
+                    for e in data.chunks(FEATURE_NAME_ENTRY).filter(|e| e.len() > 2) {
                         let raw = &e[2..];
                         let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
                         exts.feature_names.push(FeatureName {

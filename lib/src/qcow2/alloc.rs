@@ -47,6 +47,7 @@ impl Qcow2 {
             }
         }
         let mut b = vec![0u8; self.g.cluster_size as usize];
+        self.file.debug_event(crate::storage::BlkdebugEvent::RefblockLoad);
         self.file.read_at(&mut b, off.0).map_err(|e| Error::io("reading refcount block", e))?;
         m.refs.blocks_mut().insert(off, b, false);
         Ok(())
@@ -185,6 +186,7 @@ impl Qcow2 {
     /// failure leaves at most an unused cluster past the old end, with
     /// refcount zero.
     fn new_refblock(&self, m: &mut Meta, t: usize) -> Result<()> {
+        self.file.debug_event(crate::storage::BlkdebugEvent::RefblockAlloc);
         let c = self.take_end_cluster(m)?;
         let off = c.offset(&self.g);
         let own_range = (c.0 >> self.g.rc.block_entries_bits()) as usize == t;
@@ -309,6 +311,7 @@ impl Qcow2 {
     /// Allocates one cluster; the flag tells whether it was never used
     /// before (past the old end of the file, so it reads as zeros).
     pub(crate) fn alloc_cluster_fresh(&self, m: &mut Meta) -> Result<(HostOffset, bool)> {
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
         let end = m.alloc.file_end().cluster(&self.g);
         let mut c = m.alloc.free_hint().max(HostCluster(1));
         while c < end {
@@ -331,6 +334,7 @@ impl Qcow2 {
         if n == 1 {
             return self.alloc_cluster(m);
         }
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
         'retry: loop {
             let start = m.alloc.file_end().cluster(&self.g);
             for k in 0..n {
@@ -357,6 +361,7 @@ impl Qcow2 {
 
     /// Schedules the release of one reference to the host cluster at `off`.
     pub(crate) fn free_later(&self, m: &mut Meta, off: HostOffset, punch: bool) {
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterFree);
         m.alloc.free_later(PendingFree { offset: off, punch });
     }
 
@@ -403,6 +408,9 @@ impl Qcow2 {
     /// header's goes through here.
     pub(crate) fn write_meta(&self, m: &mut Meta, off: HostOffset, data: &[u8], kind: MetaKind) -> Result<()> {
         self.check_overlap_range(m, off, data.len() as u64, Some(kind))?;
+        if let Some(event) = kind.debug_event() {
+            self.file.debug_event(event);
+        }
         self.file.write_at(data, off.0).map_err(|e| Error::io(kind.writing(), e))
     }
 

@@ -180,6 +180,7 @@ impl Qcow2 {
                 while j < claims.len() && hosts[j].is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64)) {
                     j += 1;
                 }
+                self.data.debug_event(crate::storage::BlkdebugEvent::CorWrite);
                 self.data
                     .write_at(&content[i * cs..j * cs], h.0)
                     .map_err(|e| Error::io("writing copied backing data", e))?;

@@ -82,6 +82,7 @@ impl Qcow2 {
         // stays at the cache size however many tables pass through.
         let mut t = self.make_room_l2(m)?.unwrap_or_default();
         t.resize(self.g.cluster_size as usize, 0);
+        self.file.debug_event(crate::storage::BlkdebugEvent::L2Load);
         self.file.read_at(&mut t, off.0).map_err(|e| Error::io("reading L2 table", e))?;
         self.note_free_refs(m, &t)?;
         m.map.l2_mut().insert(off, t, false);

@@ -68,6 +68,18 @@ impl MetaKind {
             MetaKind::BitmapDirectory => "bitmap directory",
         }
     }
+    /// The blkdebug event QEMU's qcow2 driver emits before writing
+    /// metadata of this kind.
+    pub fn debug_event(self) -> Option<crate::storage::BlkdebugEvent> {
+        use crate::storage::BlkdebugEvent as E;
+        match self {
+            MetaKind::ActiveL1 => Some(E::L1Update),
+            MetaKind::ActiveL2 => Some(E::L2Update),
+            MetaKind::RefcountBlock => Some(E::RefblockUpdatePart),
+            MetaKind::RefcountTable => Some(E::ReftableUpdate),
+            _ => None,
+        }
+    }
     /// The context of an I/O error while writing it.
     pub fn writing(self) -> &'static str {
         match self {

@@ -132,7 +132,10 @@ impl Qcow2 {
 
     fn read_piece(&self, dst: &mut [u8], guest: u64, piece: Piece) -> Result<()> {
         match piece {
-            Piece::Host(h) => self.data.read_at(dst, h).map_err(|e| Error::io("reading guest data", e)),
+            Piece::Host(h) => {
+                self.data.debug_event(crate::storage::BlkdebugEvent::ReadAio);
+                self.data.read_at(dst, h).map_err(|e| Error::io("reading guest data", e))
+            }
             Piece::Zero => {
                 dst.fill(0);
                 Ok(())

@@ -389,6 +389,7 @@ impl Qcow2 {
     }
 
     fn write_data(&self, data: &[u8], host: HostOffset) -> Result<()> {
+        self.data.debug_event(crate::storage::BlkdebugEvent::WriteAio);
         self.data.write_at(data, host.0).map_err(|e| Error::io("writing guest data", e))
     }
 
@@ -742,6 +743,11 @@ impl Qcow2 {
             _ if keep => L2Entry { word: e.word | ZERO, bitmap: SubclusterBitmap(0) },
             _ => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
         };
+        if new.word == e.word && !e.is_compressed() {
+            // Already a preallocated zero cluster: QEMU leaves the table
+            // untouched (no L2 update), and so must a blkdebug rule see it.
+            return Ok(false);
+        }
         self.set_l2_entry(m, gc, new)?;
         if !keep {
             self.release_entry(m, e, None, may_unmap);

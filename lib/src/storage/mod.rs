@@ -9,6 +9,8 @@
 //! tests and the fuzz targets turn on.
 
 mod aligned;
+mod blkdebug;
+mod blkdebug_rules;
 mod buffer;
 #[cfg(any(test, feature = "testing"))]
 mod counting;
@@ -25,6 +27,11 @@ mod serialise;
 mod sys;
 
 pub use aligned::AlignedStorage;
+pub use blkdebug::{parse_name as parse_blkdebug_name, BlkdebugRules, BlkdebugStorage};
+pub use blkdebug_rules::{
+    parse_config as parse_blkdebug_config, parse_options as parse_blkdebug_options, Action as BlkdebugAction,
+    BlkdebugEvent, Rule as BlkdebugRule, RuleError as BlkdebugRuleError,
+};
 pub use buffer::{AlignedBuf, MAX_DIRECT_ALIGN};
 #[cfg(any(test, feature = "testing"))]
 pub use counting::CountingStorage;
@@ -79,6 +86,10 @@ pub trait Storage: Send + Sync {
     fn extent_at(&self, _offset: u64) -> Option<(bool, u64)> {
         None
     }
+    /// An engine above announces a point of its work (QEMU's blkdebug
+    /// events); only a blkdebug layer listens, everything else ignores it
+    /// for the cost of an empty call.
+    fn debug_event(&self, _event: BlkdebugEvent) {}
 }
 
 impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
@@ -108,6 +119,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
         (**self).extent_at(offset)
+    }
+    fn debug_event(&self, event: BlkdebugEvent) {
+        (**self).debug_event(event)
     }
 }
 

@@ -44,4 +44,7 @@ impl Storage for NoFlushStorage {
     fn extent_at(&self, offset: u64) -> Option<(bool, u64)> {
         self.0.extent_at(offset)
     }
+    fn debug_event(&self, event: super::BlkdebugEvent) {
+        self.0.debug_event(event)
+    }
 }

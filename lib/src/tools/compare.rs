@@ -14,6 +14,20 @@ pub enum Difference {
     /// One device allocates the extent at this offset (anywhere in its
     /// chain) and the other does not; only reported when asked for.
     Allocation(u64),
+    /// A read failed: qemu-img compare reports where and stops there
+    /// with its own status, unlike other errors.
+    Unreadable {
+        /// The second device given failed (always false for [`first_nonzero`]).
+        second: bool,
+        /// Where the failed read started.
+        offset: u64,
+        /// The failure's errno.
+        errno: i32,
+    },
+}
+
+fn unreadable(second: bool, offset: u64) -> impl FnOnce(crate::Error) -> Difference {
+    move |e| Difference::Unreadable { second, offset, errno: e.errno() }
 }
 
 /// Compares the first `len` bytes of `a` and `b` (both must be at least that
@@ -42,13 +56,13 @@ pub fn first_difference(
             bb.resize(n as usize, 0);
             if sa.zero {
                 ba.fill(0);
-            } else {
-                a.read_at(&mut ba, pos)?;
+            } else if let Err(e) = a.read_at(&mut ba, pos) {
+                return Ok(Some(unreadable(false, pos)(e)));
             }
             if sb.zero {
                 bb.fill(0);
-            } else {
-                b.read_at(&mut bb, pos)?;
+            } else if let Err(e) = b.read_at(&mut bb, pos) {
+                return Ok(Some(unreadable(true, pos)(e)));
             }
             if let Some(i) = ba.iter().zip(bb.iter()).position(|(x, y)| x != y) {
                 return Ok(Some(Difference::Content(pos + i as u64)));
@@ -59,8 +73,9 @@ pub fn first_difference(
     Ok(None)
 }
 
-/// The first non-zero byte of `dev` at or after `from`.
-pub fn first_nonzero(dev: &dyn BlockDevice, from: u64) -> Result<Option<u64>> {
+/// The first non-zero byte of `dev` at or after `from`
+/// ([`Difference::Content`]), or the read that failed first.
+pub fn first_nonzero(dev: &dyn BlockDevice, from: u64) -> Result<Option<Difference>> {
     let len = dev.len();
     let mut pos = from;
     let mut buf = Vec::new();
@@ -70,9 +85,11 @@ pub fn first_nonzero(dev: &dyn BlockDevice, from: u64) -> Result<Option<u64>> {
         if !st.zero {
             n = n.min(CHUNK);
             buf.resize(n as usize, 0);
-            dev.read_at(&mut buf, pos)?;
+            if let Err(e) = dev.read_at(&mut buf, pos) {
+                return Ok(Some(unreadable(false, pos)(e)));
+            }
             if let Some(i) = buf.iter().position(|&v| v != 0) {
-                return Ok(Some(pos + i as u64));
+                return Ok(Some(Difference::Content(pos + i as u64)));
             }
         }
         pos += n;
@@ -100,7 +117,7 @@ mod tests {
         b.write_at(&[7], 300_007).unwrap();
         a.write_at(&[7], 500_000).unwrap();
         assert_eq!(first_difference(&a, &b, 1 << 20, false).unwrap(), Some(Difference::Content(300_007)));
-        assert_eq!(first_nonzero(&a, 0).unwrap(), Some(500_000));
+        assert_eq!(first_nonzero(&a, 0).unwrap(), Some(Difference::Content(500_000)));
         assert_eq!(first_nonzero(&a, 500_001).unwrap(), None);
     }
 }

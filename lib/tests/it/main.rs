@@ -5,6 +5,7 @@
 
 mod support;
 
+mod blkdebug;
 mod cache_modes;
 mod check_vs_qemu;
 mod concurrency;
