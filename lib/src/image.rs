@@ -217,6 +217,9 @@ pub struct OpenOptions {
     /// (`backing.encrypt.key-secret`, `backing.backing....`). A backing
     /// file without one here is tried with the overlay's password.
     pub backing_keys: Vec<Option<crate::crypto::Secret>>,
+    /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
+    /// backing files keep the defaults, as in QEMU without `backing.*`.
+    pub qcow2_cache: crate::qcow2::CacheOptions,
 }
 
 impl Default for OpenOptions {
@@ -236,6 +239,7 @@ impl Default for OpenOptions {
             no_io: false,
             backing_driver: None,
             backing_keys: Vec::new(),
+            qcow2_cache: Default::default(),
         }
     }
 }
@@ -249,6 +253,7 @@ setters!(OpenOptions {
     locking: bool,
     force_share: bool,
     no_io: bool,
+    qcow2_cache: crate::qcow2::CacheOptions,
 } opt {
     format: Format,
     storage_hook: StorageHook,
@@ -628,12 +633,14 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     backing: backing.as_ref().map(|b| b.device().clone()),
                     data_file,
                     l2_cache_bytes: 0,
+                    cache: opts.qcow2_cache,
                     repair: opts.repair,
                     copy_on_read: opts.copy_on_read,
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
                 },
             )?);
+            Qcow2::start_cache_cleaner(&q);
             Ok(Image {
                 path: path.to_path_buf(),
                 format,
@@ -672,8 +679,14 @@ fn open_backing(
         })?),
         (None, None) => None,
     };
-    let mut bopts =
-        OpenOptions { format: bfmt, write: false, copy_on_read: false, backing_driver: None, ..opts.clone() };
+    let mut bopts = OpenOptions {
+        format: bfmt,
+        write: false,
+        copy_on_read: false,
+        backing_driver: None,
+        qcow2_cache: Default::default(),
+        ..opts.clone()
+    };
     if !opts.backing_keys.is_empty() {
         if let Some(k) = opts.backing_keys[0].clone() {
             bopts.key_secret = Some(k);
