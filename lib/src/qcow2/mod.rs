@@ -175,7 +175,19 @@ pub struct Qcow2 {
 /// name) without opening it.
 pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
     let len = file.len().map_err(|e| Error::io("reading image size", e))?;
-    let want = len.min(1 << crate::format::limits::MAX_CLUSTER_BITS) as usize;
+    // The cluster size first, then that one cluster: reading the largest
+    // cluster QEMU allows every time cost 2 MiB of touched memory that
+    // stayed in the process (glibc raises its mmap threshold after the
+    // first such buffer is freed, so the next one comes from the heap).
+    let mut head = [0u8; 24];
+    let got = len.min(head.len() as u64) as usize;
+    file.read_at(&mut head[..got], 0).map_err(|e| Error::io("reading image header", e))?;
+    let bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    use crate::format::limits::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+    // A bad header: the parser reports it, and needs only the start.
+    let cluster =
+        if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) { 1u64 << bits } else { 1 << MIN_CLUSTER_BITS };
+    let want = len.min(cluster) as usize;
     let mut buf = vec![0u8; want];
     file.read_at(&mut buf, 0).map_err(|e| Error::io("reading image header", e))?;
     HeaderCluster::parse(&buf)
