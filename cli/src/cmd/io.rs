@@ -141,8 +141,12 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
         return Ok(Some(name));
     }
     let mut file = None;
+    let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
     for (k, v) in opts {
         let last = k.rsplit('.').next().unwrap_or(&k);
+        if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
+            continue;
+        }
         match k.as_str() {
             "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
@@ -162,6 +166,9 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
         }
+    }
+    if let Some(f) = &file {
+        crate::qcow2_cache_opts::remember(f, qcow2_cache);
     }
     Ok(file)
 }
@@ -195,6 +202,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .backing_driver(cfg.backing_driver)
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
+    let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts)
         .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
     crate::util::report_dirty_repair(path, &img);
