@@ -157,6 +157,7 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                 };
                 crate::object::secret::register_at(&fname, depth, key);
             }
+            crate::qcow2_cache_opts::take(fmt, &fname, &mut rest, opts)?;
             if let Some(k) = rest.keys().next() {
                 return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
             }

@@ -12,6 +12,7 @@ mod image_opts;
 mod keyslot_opts;
 mod object;
 mod progress;
+mod qcow2_cache_opts;
 mod remote_opts;
 mod remote_upload;
 mod storage_daemon;

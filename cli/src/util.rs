@@ -16,6 +16,7 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
     let opts = crate::object::secret::with_key(path, with_network_permission(opts));
+    let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
         CliError::new(format!("Could not open '{path}': {}", message(&e)))

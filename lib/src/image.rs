@@ -225,6 +225,9 @@ pub struct OpenOptions {
     /// driver; `blkdebug:CONFIG:FILE` names set them too); never passed
     /// to backing files.
     pub blkdebug: Option<crate::storage::BlkdebugRules>,
+    /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
+    /// backing files keep the defaults, as in QEMU without `backing.*`.
+    pub qcow2_cache: crate::qcow2::CacheOptions,
 }
 
 impl Default for OpenOptions {
@@ -246,6 +249,7 @@ impl Default for OpenOptions {
             backing_driver: None,
             backing_keys: Vec::new(),
             blkdebug: None,
+            qcow2_cache: Default::default(),
         }
     }
 }
@@ -260,6 +264,7 @@ setters!(OpenOptions {
     locking: bool,
     force_share: bool,
     no_io: bool,
+    qcow2_cache: crate::qcow2::CacheOptions,
 } opt {
     format: Format,
     storage_hook: StorageHook,
@@ -648,12 +653,14 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     backing: backing.as_ref().map(|b| b.device().clone()),
                     data_file,
                     l2_cache_bytes: 0,
+                    cache: opts.qcow2_cache,
                     repair: opts.repair,
                     copy_on_read: opts.copy_on_read,
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
                 },
             )?);
+            Qcow2::start_cache_cleaner(&q);
             Ok(Image {
                 path: path.to_path_buf(),
                 format,
@@ -698,6 +705,7 @@ fn open_backing(
         copy_on_read: false,
         backing_driver: None,
         blkdebug: None,
+        qcow2_cache: Default::default(),
         ..opts.clone()
     };
     if !opts.backing_keys.is_empty() {

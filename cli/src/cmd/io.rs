@@ -147,8 +147,12 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut file = None;
     let mut rules = Vec::new();
     let mut blkdebug = Vec::new();
+    let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
     for (k, v) in opts {
         let last = k.rsplit('.').next().unwrap_or(&k);
+        if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
+            continue;
+        }
         // blkdebug's own keys, on the format's file or on the top node.
         let bk = k.strip_prefix("file.").unwrap_or(&k);
         if bk.starts_with("inject-error.") || bk.starts_with("set-state.") {
@@ -188,6 +192,9 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     if !rules.is_empty() {
         cfg.blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
     }
+    if let Some(f) = &file {
+        crate::qcow2_cache_opts::remember(f, qcow2_cache);
+    }
     Ok(file)
 }
 
@@ -208,6 +215,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .blkdebug(cfg.blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
+    let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts)
         .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
     crate::util::report_dirty_repair(path, &img);

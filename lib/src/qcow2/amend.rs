@@ -295,8 +295,7 @@ impl Qcow2 {
         let tables = self.all_l2_tables(m)?;
         if self.g.compression != CompressionType::Zlib {
             for &off in &tables {
-                self.load_l2(m, HostOffset(off))?;
-                let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
+                let t = self.l2_table(m, HostOffset(off))?;
                 if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
                     return Err(Error::invalid(
                         "Cannot downgrade an image with zstd compression type and existing compressed clusters",
@@ -307,8 +306,7 @@ impl Qcow2 {
         let has_backing = m.hc.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         for &off in &tables {
-            self.load_l2(m, HostOffset(off))?;
-            let t = m.map.l2().peek(HostOffset(off)).map(|t| t.to_vec()).unwrap_or_default();
+            let t = self.l2_table(m, HostOffset(off))?;
             let mut changes = Vec::new();
             for i in 0..self.g.l2_entries as usize {
                 let e = self.g.l2.get(&t, i);
@@ -337,14 +335,8 @@ impl Qcow2 {
             }
             if !changes.is_empty() {
                 self.sync("flushing expanded zero clusters")?;
-                self.load_l2(m, HostOffset(off))?;
-                let t = m
-                    .map
-                    .l2_mut()
-                    .get_mut(HostOffset(off))
-                    .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
                 for (i, e) in changes {
-                    self.g.l2.set(t, i, e);
+                    self.set_l2_raw(m, HostOffset(off), i, e)?;
                 }
                 // The new clusters' refcounts reach disk before this table.
                 self.write_back_durable(m)?;

@@ -23,6 +23,8 @@ struct Slot {
     dirty: Option<(usize, usize)>,
     /// Used since the clock hand last passed.
     referenced: AtomicBool,
+    /// Not used since the last cleaning (`cache-clean-interval`).
+    idle: AtomicBool,
 }
 
 impl Slot {
@@ -31,6 +33,9 @@ impl Slot {
         // cores reading it instead of bouncing with every lookup.
         if !self.referenced.load(Ordering::Relaxed) {
             self.referenced.store(true, Ordering::Relaxed);
+        }
+        if self.idle.load(Ordering::Relaxed) {
+            self.idle.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -70,16 +75,12 @@ impl TableCache {
         })
     }
 
-    /// The cached table at `off` for modification; marks it all dirty.
-    pub fn get_mut(&mut self, off: HostOffset) -> Option<&mut Vec<u8>> {
-        self.get_mut_range(off, 0, usize::MAX)
-    }
-
     /// The cached table at `off` for a change of bytes `[from, to)` only;
     /// marks just that range dirty.
     pub fn get_mut_range(&mut self, off: HostOffset, from: usize, to: usize) -> Option<&mut Vec<u8>> {
         self.slot_mut(off).map(|s| {
             *s.referenced.get_mut() = true;
+            *s.idle.get_mut() = false;
             let to = to.min(s.data.len());
             s.dirty = Some(match s.dirty {
                 Some((a, b)) => (a.min(from), b.max(to)),
@@ -97,7 +98,7 @@ impl TableCache {
     /// Inserts a table (replacing any cached one at `off`).
     pub fn insert(&mut self, off: HostOffset, data: Vec<u8>, dirty: bool) {
         let dirty = dirty.then_some((0, data.len()));
-        let slot = Slot { off, data, dirty, referenced: AtomicBool::new(true) };
+        let slot = Slot { off, data, dirty, referenced: AtomicBool::new(true), idle: AtomicBool::new(false) };
         match self.index.get(&off) {
             Some(&i) => self.slots[i] = slot,
             None => {
@@ -183,6 +184,31 @@ impl TableCache {
         self.slot(off).map(|s| &s.data[..])
     }
 
+    /// Drops the clean tables not used since the last call, and starts a
+    /// new period for the rest; returns how many went. Dirty ones stay:
+    /// they leave through the write-back, not here.
+    pub fn drop_idle(&mut self) -> usize {
+        let before = self.slots.len();
+        let mut i = 0;
+        while i < self.slots.len() {
+            let s = &mut self.slots[i];
+            if *s.idle.get_mut() && s.dirty.is_none() {
+                let off = s.off;
+                self.remove(off);
+                continue;
+            }
+            *s.idle.get_mut() = true;
+            i += 1;
+        }
+        // The memory goes back too, not just the slots.
+        if self.slots.len() < self.slots.capacity() / 2 {
+            self.slots.shrink_to_fit();
+            self.index.shrink_to_fit();
+        }
+        self.hand = 0;
+        before - self.slots.len()
+    }
+
     /// Marks a table clean after it was written.
     pub fn mark_clean(&mut self, off: HostOffset) {
         if let Some(s) = self.slot_mut(off) {
@@ -235,5 +261,25 @@ mod tests {
         let mut offs = c.offsets();
         offs.sort_unstable();
         assert_eq!(offs, vec![h(10), h(30), h(40)]);
+    }
+
+    #[test]
+    fn cleaning_drops_only_clean_tables_unused_for_a_whole_period() {
+        let mut c = TableCache::new(8);
+        for off in [1u64, 2, 3] {
+            c.insert(h(off), vec![0; 4], false);
+        }
+        // Everything was used in the first period.
+        assert_eq!(c.drop_idle(), 0);
+        c.get(h(1));
+        c.get_mut_range(h(2), 0, 1);
+        assert_eq!(c.drop_idle(), 1);
+        assert!(!c.contains(h(3)));
+        // 2 is dirty: unused, yet kept until written.
+        assert_eq!(c.drop_idle(), 1);
+        assert!(c.contains(h(2)) && !c.contains(h(1)));
+        c.mark_clean(h(2));
+        assert_eq!(c.drop_idle(), 1);
+        assert!(c.offsets().is_empty());
     }
 }

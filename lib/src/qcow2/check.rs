@@ -550,18 +550,11 @@ impl Qcow2 {
             if self.g.external_data {
                 continue;
             }
-            self.load_l2(m, HostOffset(l2))?;
+            let t = self.l2_table(m, HostOffset(l2))?;
             for j in 0..self.g.l2_entries as usize {
-                let le = {
-                    let t = m
-                        .map
-                        .l2()
-                        .peek(HostOffset(l2))
-                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-                    self.g.l2.get(t, j)
-                };
+                let le = self.g.l2.get(&t, j);
                 let host = le.host_offset();
-                if le.is_compressed() || host == 0 || host % cs != 0 {
+                if le.is_compressed() || host == 0 || !host.is_multiple_of(cs) {
                     continue;
                 }
                 let want = self.refcount(m, HostOffset(host).cluster(&self.g))? == 1;
@@ -571,12 +564,7 @@ impl Qcow2 {
                     if !L1Entry(m.map.l1()[i]).copied() {
                         continue;
                     }
-                    let t = m
-                        .map
-                        .l2_mut()
-                        .get_mut(HostOffset(l2))
-                        .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-                    self.g.l2.set(t, j, L2Entry { word, bitmap: le.bitmap });
+                    self.set_l2_raw(m, HostOffset(l2), j, L2Entry { word, bitmap: le.bitmap })?;
                 }
             }
         }

@@ -414,8 +414,7 @@ impl Qcow2 {
             } else {
                 L2Entry::normal(host, true)
             };
-            let t = m.map.l2_mut().get_mut(l2).ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-            self.g.l2.set(t, l2i, e);
+            self.set_l2_raw(&mut m, l2, l2i, e)?;
         }
         let target: &dyn Storage = &*self.data;
         let err = |e| Error::io("preallocating", e);

@@ -51,6 +51,7 @@ mod allocator;
 mod amend;
 mod bitmap;
 mod cache;
+mod cache_opts;
 mod check;
 mod compress;
 mod cor;
@@ -71,6 +72,7 @@ mod write;
 
 pub use amend::{amend, AmendOptions};
 pub use bitmap::{BitmapInfo, DirtyBitmap};
+pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::HostExtent;
@@ -106,8 +108,11 @@ pub struct Qcow2Options {
     pub backing: Option<Arc<dyn BlockDevice>>,
     /// The opened external data file, for images with one.
     pub data_file: Option<Arc<dyn Storage>>,
-    /// Bytes of L2 tables to cache (0 = default: 32 MiB or the whole disk).
+    /// Bytes of L2 tables to cache (0 = default: 32 MiB or the whole disk);
+    /// `cache.l2_cache_size` wins when set.
     pub l2_cache_bytes: u64,
+    /// QEMU's cache options (`cache_opts.rs`).
+    pub cache: CacheOptions,
     /// Open damaged images (corrupt bit) writable, for `check -r`.
     pub repair: bool,
     /// Copy-on-read: data read through to the backing file is also
@@ -158,13 +163,31 @@ pub struct Qcow2 {
     poison: Poison,
     /// Persistent dirty bitmaps (`bitmap/`), a leaf lock after `meta`.
     bitmaps: bitmap::Tracker,
+    /// Seconds between cache cleanings (`cache_opts.rs`; 0: none).
+    clean_interval: u64,
+    /// The cache cleaner thread, woken when the image goes.
+    cleaner: Mutex<Option<std::thread::Thread>>,
+    /// Tells the cleaner to end.
+    cleaner_stop: std::sync::atomic::AtomicBool,
 }
 
 /// Reads and parses cluster 0 of an image (header, extensions, backing
 /// name) without opening it.
 pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
     let len = file.len().map_err(|e| Error::io("reading image size", e))?;
-    let want = len.min(1 << crate::format::limits::MAX_CLUSTER_BITS) as usize;
+    // The cluster size first, then that one cluster: reading the largest
+    // cluster QEMU allows every time cost 2 MiB of touched memory that
+    // stayed in the process (glibc raises its mmap threshold after the
+    // first such buffer is freed, so the next one comes from the heap).
+    let mut head = [0u8; 24];
+    let got = len.min(head.len() as u64) as usize;
+    file.read_at(&mut head[..got], 0).map_err(|e| Error::io("reading image header", e))?;
+    let bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+    use crate::format::limits::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+    // A bad header: the parser reports it, and needs only the start.
+    let cluster =
+        if (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) { 1u64 << bits } else { 1 << MIN_CLUSTER_BITS };
+    let want = len.min(cluster) as usize;
     let mut buf = vec![0u8; want];
     file.read_at(&mut buf, 0).map_err(|e| Error::io("reading image header", e))?;
     HeaderCluster::parse(&buf)
@@ -261,16 +284,17 @@ impl Qcow2 {
         let file_len = file.len().map_err(io_err("reading image size"))?;
         let file_end = file_len.div_ceil(g.cluster_size) * g.cluster_size;
 
-        let disk_tables = h.size.div_ceil(g.cluster_size).div_ceil(g.l2_entries).max(1);
-        let l2_cache_bytes = if opts.l2_cache_bytes > 0 { opts.l2_cache_bytes } else { 32 << 20 };
-        let l2_cap = (l2_cache_bytes / g.cluster_size).min(disk_tables).max(4) as usize;
-        let rb_cap = ((8u64 << 20) / g.cluster_size).max(4) as usize;
+        let mut cache = opts.cache;
+        if cache.l2_cache_size.is_none() && opts.l2_cache_bytes > 0 {
+            cache.l2_cache_size = Some(opts.l2_cache_bytes);
+        }
+        let sizes = cache.resolve(h.size, g.cluster_size, g.l2.entry_size() as u64)?;
 
         let mut meta = Meta {
             hc: hc.clone(),
             header_dirty: false,
-            map: mapping::Mapping::new(l1, l2_cap),
-            refs: refcounts::Refcounts::new(reftable, rb_cap),
+            map: mapping::Mapping::new(l1, sizes.l2_slices, sizes.slice_bytes),
+            refs: refcounts::Refcounts::new(reftable, sizes.refcount_blocks),
             alloc: allocator::Allocator::new(units::HostOffset(file_end), file_len),
             overlap: OverlapMap::default(),
             snapshots,
@@ -297,6 +321,9 @@ impl Qcow2 {
             copy_on_read: opts.copy_on_read,
             poison: Poison::default(),
             bitmaps: bitmap::Tracker::default(),
+            clean_interval: sizes.clean_interval,
+            cleaner: Mutex::new(None),
+            cleaner_stop: Default::default(),
         };
         let mut q = q;
         if dirty_repair {
@@ -613,6 +640,7 @@ impl BlockDevice for Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        self.stop_cache_cleaner();
         if !self.read_only {
             let _ = self.close_clean();
         }
@@ -623,6 +651,7 @@ setters!(Qcow2Options {
     read_only: bool,
     writethrough: bool,
     l2_cache_bytes: u64,
+    cache: CacheOptions,
     repair: bool,
     copy_on_read: bool,
     backing: Option<Arc<dyn BlockDevice>>,
@@ -637,6 +666,7 @@ impl std::fmt::Debug for Qcow2Options {
             .field("backing", &self.backing.as_ref().map(|b| b.format_name()))
             .field("data_file", &self.data_file.is_some())
             .field("l2_cache_bytes", &self.l2_cache_bytes)
+            .field("cache", &self.cache)
             .field("repair", &self.repair)
             .field("copy_on_read", &self.copy_on_read)
             .finish()

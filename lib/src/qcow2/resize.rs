@@ -156,13 +156,7 @@ impl Qcow2 {
             }
             let t_first = l1i as u64 * n;
             if first <= t_first && end >= t_first + n {
-                self.load_l2(m, HostOffset(off))?;
-                let t = m
-                    .map
-                    .l2()
-                    .peek(HostOffset(off))
-                    .map(|t| t.to_vec())
-                    .ok_or_else(|| Error::corrupt("L2 table vanished"))?;
+                let t = self.l2_table(m, HostOffset(off))?;
                 // Every reference this L1 entry carried goes: the table's
                 // and, through it, each cluster's.
                 m.map.set_l1(l1i, 0);

@@ -104,13 +104,7 @@ impl Qcow2 {
                 continue;
             }
             out.push(HostOffset(off).cluster(&self.g));
-            self.load_l2(m, HostOffset(off))?;
-            let t = m
-                .map
-                .l2()
-                .peek(HostOffset(off))
-                .map(|t| t.to_vec())
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+            let t = self.l2_table(m, HostOffset(off))?;
             for i in 0..self.g.l2_entries as usize {
                 let e = self.g.l2.get(&t, i);
                 if e.word == 0 {
@@ -188,13 +182,7 @@ impl Qcow2 {
     /// refcounts (`clear_only`: only clears, for tables outside the
     /// active tree).
     fn fix_l2_flags(&self, m: &mut Meta, off: u64, clear_only: bool) -> Result<()> {
-        self.load_l2(m, HostOffset(off))?;
-        let t = m
-            .map
-            .l2()
-            .peek(HostOffset(off))
-            .map(|t| t.to_vec())
-            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
+        let t = self.l2_table(m, HostOffset(off))?;
         let mut changes = Vec::new();
         for i in 0..self.g.l2_entries as usize {
             let e = self.g.l2.get(&t, i);
@@ -208,15 +196,8 @@ impl Qcow2 {
                 changes.push((i, crate::format::L2Entry { word, bitmap: e.bitmap }));
             }
         }
-        if !changes.is_empty() {
-            let t = m
-                .map
-                .l2_mut()
-                .get_mut(HostOffset(off))
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-            for (i, e) in changes {
-                self.g.l2.set(t, i, e);
-            }
+        for (i, e) in changes {
+            self.set_l2_raw(m, HostOffset(off), i, e)?;
         }
         Ok(())
     }

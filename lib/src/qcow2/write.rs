@@ -93,26 +93,17 @@ impl Qcow2 {
         let l1e = L1Entry(raw);
         let old = l1e.l2_offset();
         if old != 0 && l1e.copied() {
-            self.load_l2(m, HostOffset(old))?;
             return Ok(HostOffset(old));
         }
-        let content = if old != 0 {
-            self.load_l2(m, HostOffset(old))?;
-            m.map
-                .l2()
-                .peek(HostOffset(old))
-                .map(|t| t.to_vec())
-                .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?
-        } else {
-            vec![0u8; self.g.cluster_size as usize]
-        };
+        let content =
+            if old != 0 { self.l2_table(m, HostOffset(old))? } else { vec![0u8; self.g.cluster_size as usize] };
         // Room in the cache before the allocation, so that a failure of
         // either leaves nothing allocated and nothing changed.
         self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
         self.check_overlap(m, new, None)?;
         m.overlap.insert(new.cluster(&self.g), MetaKind::ActiveL2);
-        m.map.l2_mut().insert(new, content, true);
+        self.insert_l2_table(m, new, &content)?;
         m.map.set_l1(l1i, new.0 | L1_COPIED);
         if old != 0 {
             // The shared table stays referenced by a snapshot (or is freed
@@ -127,14 +118,7 @@ impl Qcow2 {
     pub(crate) fn set_l2_entry(&self, m: &mut Meta, gc: GuestCluster, e: L2Entry) -> Result<()> {
         let (l1i, l2i) = gc.split(&self.g);
         let off = self.writable_l2(m, l1i)?;
-        let es = self.g.l2.entry_size();
-        let t = m
-            .map
-            .l2_mut()
-            .get_mut_range(off, l2i * es, (l2i + 1) * es)
-            .ok_or_else(|| Error::corrupt("L2 table vanished from cache"))?;
-        self.g.l2.set(t, l2i, e);
-        Ok(())
+        self.set_l2_raw(m, off, l2i, e)
     }
 
     /// Schedules the release of whatever host clusters entry `old`

@@ -677,7 +677,12 @@ fn run_config(cfg: &Config, seed: u64, load: Duration) -> Result<String, String>
     let geo = &cfg.geo;
     let (path, initial) = prepare(d, geo);
     let fmt = if geo.raw { Format::Raw } else { Format::Qcow2 };
-    let opts = OpenOptions::default().format(Some(fmt)).write(true).cache(cfg.mode);
+    let mut opts = OpenOptions::default().format(Some(fmt)).write(true).cache(cfg.mode);
+    if cfg.index % 2 == 1 {
+        // Half the runs with 512-byte L2 slices in a cache of a few, so
+        // slices are evicted (dirty ones written back) under the load.
+        opts = opts.qcow2_cache(crate::support::small_slices().l2_cache_size(4096));
+    }
     let img = oxcow::open(&path, &opts).map_err(|e| format!("opening: {e}"))?;
     let dev = img.device().clone();
     let mut rng = Rng(seed | 1);

@@ -72,7 +72,8 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize, direct:
     qcow2::create(fresh.clone(), None, &create).unwrap();
     let crash = Arc::new(CrashStorage::new(fresh.to_bytes()));
     let open = |st: Arc<dyn Storage>| {
-        Qcow2::open(st, Qcow2Options::default().backing(cfg.backing.then(|| backing_dev(&backing))))
+        let opts = Qcow2Options::default().backing(cfg.backing.then(|| backing_dev(&backing)));
+        Qcow2::open(st, opts.cache(crate::support::small_slices()))
     };
 
     // The workload.

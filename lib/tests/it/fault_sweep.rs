@@ -226,7 +226,9 @@ fn point(sw: &mut Sweep, n: u64, fault: Fault, lasting: Lasting, qemu_check: boo
     model.reset();
     let mut closed_clean = false;
     let mut recovered = false;
-    if let Ok(q) = Qcow2::open(engine_storage(&st, direct), Qcow2Options::default()) {
+    if let Ok(q) =
+        Qcow2::open(engine_storage(&st, direct), Qcow2Options::default().cache(crate::support::small_slices()))
+    {
         let errors = workload(&q, 7, cs, model, fault, &what);
         if let Lasting::Clearing(_) = lasting {
             // The admin frees space, if it did not come back by itself.
@@ -310,7 +312,8 @@ fn sweep_io(name: &str, opts: CreateOptions, direct: bool) -> usize {
     // Count the I/Os of a clean run, all of them and those that can run out of space.
     let count = |ops: FaultOps| {
         let st = Arc::new(FaultStorage::new(image.clone(), 0, Fault::Eio, false).only(ops));
-        let q = Qcow2::open(engine_storage(&st, direct), Qcow2Options::default()).unwrap();
+        let q = Qcow2::open(engine_storage(&st, direct), Qcow2Options::default().cache(crate::support::small_slices()))
+            .unwrap();
         assert_eq!(workload(&q, 7, cs, &mut Model::new(), Fault::Eio, name), 0);
         q.close().unwrap();
         st.ops()

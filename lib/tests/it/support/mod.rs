@@ -15,3 +15,11 @@ pub use model::{apply_model, Op};
 pub use process::{ok, run};
 pub use qemu::*;
 pub use rng::Rng;
+
+/// Cache options that cut L2 tables into the smallest slices QEMU allows
+/// (512 bytes), so tests on small disks, whose default cache holds whole
+/// tables, go through the slice paths (partial loads, tables assembled
+/// from slices, new tables inserted slice by slice).
+pub fn small_slices() -> oxcow::qcow2::CacheOptions {
+    oxcow::qcow2::CacheOptions::default().l2_cache_entry_size(512)
+}

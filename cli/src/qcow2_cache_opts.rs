@@ -1,0 +1,56 @@
+//! The qcow2 cache options of `--image-opts` (`l2-cache-size`,
+//! `l2-cache-entry-size`, `refcount-cache-size`, `cache-size`,
+//! `cache-clean-interval`): taken out of the option string when it is
+//! resolved, and put into the open options of the image it names.
+//!
+//! The option string is resolved into a name long before the image is
+//! opened (by code that only passes names on), so the options wait here
+//! keyed by that name, as the image's key secrets do.
+
+use crate::error::{CliError, CliResult};
+use oxcow::qcow2::CacheOptions;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+static GIVEN: Mutex<Vec<(String, CacheOptions)>> = Mutex::new(Vec::new());
+
+/// Takes the cache options of a `driver=qcow2` option string out of
+/// `props` and remembers them for the image `name`. Values that do not
+/// parse are refused here, in the words of the open that QEMU refuses
+/// them at (naming the option string `spec`); sizes that do not fit
+/// together are refused at the open.
+pub fn take(format: &str, name: &str, props: &mut BTreeMap<String, String>, spec: &str) -> CliResult<()> {
+    if format != "qcow2" {
+        return Ok(());
+    }
+    let mut opts = CacheOptions::default();
+    let keys: Vec<String> = props.keys().cloned().collect();
+    for k in keys {
+        let Some(v) = props.get(&k) else { continue };
+        let taken = opts
+            .set(&k, v)
+            .map_err(|e| CliError::new(format!("Could not open '{spec}': {}", crate::error::message(&e))))?;
+        if taken {
+            props.remove(&k);
+        }
+    }
+    remember(name, opts);
+    Ok(())
+}
+
+/// Remembers cache options given for the image `name`.
+pub fn remember(name: &str, opts: CacheOptions) {
+    if opts.is_set() {
+        GIVEN.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), opts));
+    }
+}
+
+/// `opts` with the cache options given for the image `name`, if any
+/// (the last given wins).
+pub fn with_cache(name: &str, mut opts: oxcow::OpenOptions) -> oxcow::OpenOptions {
+    let given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = given.iter().rev().find(|(n, _)| n == name) {
+        opts.qcow2_cache = *c;
+    }
+    opts
+}
