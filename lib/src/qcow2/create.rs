@@ -9,7 +9,7 @@ use super::state::{Meta, MetaKind};
 use super::units::{GuestCluster, HostOffset};
 use super::{Qcow2, Qcow2Options};
 use crate::format::be::encode_u64_table;
-use crate::format::extensions::{Extensions, HeaderCluster};
+use crate::format::extensions::{Extension, Extensions, HeaderCluster};
 use crate::format::header::{CompressionType, Header, V2_HEADER_LEN, V3_HEADER_LEN};
 use crate::format::l2::{L2Entry, SubclusterBitmap};
 use crate::format::limits::{MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
@@ -78,6 +78,10 @@ pub struct CreateOptions {
     /// `encrypt.format=luks`: the `encrypt.*` choices and the
     /// `encrypt.key-secret` password.
     pub encryption: Option<(crate::crypto::LuksParams, crate::crypto::Secret)>,
+    /// `journal` (oxcow's own): a recovery journal for lazy refcounts
+    /// (`journal.rs`), so a crash is repaired from what changed since the
+    /// last clean point instead of by a scan of every table.
+    pub journal: bool,
 }
 
 impl Default for CreateOptions {
@@ -96,6 +100,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             preallocation: Preallocation::Off,
             encryption: None,
+            journal: false,
         }
     }
 }
@@ -106,6 +111,7 @@ setters!(CreateOptions {
     version: u32,
     refcount_bits: u32,
     lazy_refcounts: bool,
+    journal: bool,
     extended_l2: bool,
     compression: CompressionType,
     data_file_raw: bool,
@@ -175,6 +181,9 @@ impl CreateOptions {
         if self.data_file_raw && self.backing_file.is_some() {
             return Err(Error::invalid("Backing file and data-file-raw cannot be used at the same time"));
         }
+        if self.journal && !self.lazy_refcounts {
+            return Err(Error::invalid("The recovery journal requires lazy_refcounts=on"));
+        }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid("Backing format cannot be used without backing file"));
         }
@@ -233,7 +242,32 @@ impl CreateOptions {
             data_file: self.data_file.clone(),
             ..Default::default()
         };
-        HeaderCluster { header, extensions, backing_file: self.backing_file.clone() }
+        let mut hc = HeaderCluster { header, extensions, backing_file: self.backing_file.clone() };
+        if self.journal {
+            hc.extensions.unknown.push(Extension { kind: super::journal::EXT_MAGIC, data: Vec::new() });
+            // An empty journal of a clean image is complete.
+            hc.header.autoclear_features |= super::journal::AUTOCLEAR_JOURNAL;
+        }
+        hc
+    }
+
+    /// Sizes the journal extension to what cluster 0 has room for, leaving
+    /// space for a backing file name of the longest kind a rebase may set.
+    fn size_journal(&self, hc: &mut HeaderCluster) -> Result<()> {
+        use super::journal::{extension_bytes, new_extension_data, MAX_CAPACITY};
+        let Some(pos) = hc.extensions.unknown.iter().position(|e| e.kind == super::journal::EXT_MAGIC) else {
+            return Ok(());
+        };
+        let used = hc.encode()?.len() as u64;
+        let cs = self.cluster_size;
+        let spare = if cs >= 8192 { 1024 + 64 } else { 0 };
+        let room = cs.saturating_sub(used + spare + extension_bytes(0));
+        let cap = (room / extension_bytes(1).saturating_sub(extension_bytes(0))).min(u64::from(MAX_CAPACITY)) as u32;
+        if cap == 0 {
+            return Err(Error::invalid("The first cluster has no room for the recovery journal"));
+        }
+        hc.extensions.unknown[pos].data = new_extension_data(cap);
+        Ok(())
     }
 }
 
@@ -248,7 +282,8 @@ fn l1_entries(size: u64, cs: u64, extended: bool) -> u64 {
 pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     let cs = opts.cluster_size;
-    let hc = opts.header_cluster();
+    let mut hc = opts.header_cluster();
+    opts.size_journal(&mut hc)?;
     let head = hc.encode()?;
     file.set_len(0).map_err(|e| Error::io("truncating new image", e))?;
     let mut cluster0 = vec![0u8; cs as usize];

@@ -56,6 +56,7 @@ mod compress;
 mod cor;
 mod create;
 mod flush;
+mod journal;
 mod mapping;
 mod overlap;
 mod preallocation;
@@ -118,6 +119,10 @@ pub struct Qcow2Options {
     /// Open an encrypted image without its key, for its metadata only
     /// (`info`): guest data I/O then fails.
     pub no_io: bool,
+    /// Neither use nor keep the image's recovery journal (`journal.rs`):
+    /// a dirty image is repaired by the full scan, and a writable open
+    /// clears the journal's autoclear bit.
+    pub ignore_journal: bool,
 }
 
 /// An open qcow2 image.
@@ -276,6 +281,7 @@ impl Qcow2 {
             snapshots,
             cow_unsynced: false,
             corrupt: h.is_corrupt() && !opts.repair,
+            journal: journal::Journal::default(),
         };
         meta.overlap = metadata_clusters(&g, &meta);
         let q = Qcow2 {
@@ -302,11 +308,12 @@ impl Qcow2 {
         if dirty_repair {
             // As QEMU does: refcounts may be stale after a crash with lazy
             // refcounts; rebuild them before the first write.
-            q.repaired_on_open = Some(q.repair_dirty()?);
+            q.repaired_on_open = Some(q.repair_dirty(!opts.ignore_journal)?);
         }
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
+            q.journal_open(&mut m, !opts.ignore_journal)?;
             drop(m);
             q.open_bitmaps(opts.repair)?;
         }
@@ -321,8 +328,9 @@ impl Qcow2 {
             return Ok(());
         }
         // oxcow keeps the raw data file consistent and maintains
-        // persistent bitmaps (`bitmap/`).
-        let keep = Autoclear::KNOWN;
+        // persistent bitmaps (`bitmap/`); `journal_open` decides on the
+        // journal's bit.
+        let keep = Autoclear::KNOWN | journal::AUTOCLEAR_JOURNAL;
         if h.autoclear_features & !keep != 0 {
             h.autoclear_features &= keep;
             self.write_header(m)?;
@@ -506,6 +514,7 @@ impl Qcow2 {
         let bytes = m.hc.encode()?;
         self.file.write_at(&bytes, 0).map_err(io_err("writing image header"))?;
         m.header_dirty = false;
+        self.journal_header_written(m, &bytes);
         Ok(())
     }
 
@@ -625,6 +634,7 @@ setters!(Qcow2Options {
     l2_cache_bytes: u64,
     repair: bool,
     copy_on_read: bool,
+    ignore_journal: bool,
     backing: Option<Arc<dyn BlockDevice>>,
     data_file: Option<Arc<dyn Storage>>,
 });
@@ -639,6 +649,7 @@ impl std::fmt::Debug for Qcow2Options {
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("repair", &self.repair)
             .field("copy_on_read", &self.copy_on_read)
+            .field("ignore_journal", &self.ignore_journal)
             .finish()
     }
 }
