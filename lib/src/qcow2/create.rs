@@ -9,7 +9,7 @@ use super::state::{Meta, MetaKind};
 use super::units::{GuestCluster, HostOffset};
 use super::{Qcow2, Qcow2Options};
 use crate::format::be::encode_u64_table;
-use crate::format::extensions::{Extension, Extensions, HeaderCluster};
+use crate::format::extensions::{Extensions, HeaderCluster};
 use crate::format::header::{CompressionType, Header, V2_HEADER_LEN, V3_HEADER_LEN};
 use crate::format::l2::{L2Entry, SubclusterBitmap};
 use crate::format::limits::{MAX_L1_BYTES, MAX_VIRTUAL_SIZE};
@@ -242,32 +242,7 @@ impl CreateOptions {
             data_file: self.data_file.clone(),
             ..Default::default()
         };
-        let mut hc = HeaderCluster { header, extensions, backing_file: self.backing_file.clone() };
-        if self.journal {
-            hc.extensions.unknown.push(Extension { kind: super::journal::EXT_MAGIC, data: Vec::new() });
-            // An empty journal of a clean image is complete.
-            hc.header.autoclear_features |= super::journal::AUTOCLEAR_JOURNAL;
-        }
-        hc
-    }
-
-    /// Sizes the journal extension to what cluster 0 has room for, leaving
-    /// space for a backing file name of the longest kind a rebase may set.
-    fn size_journal(&self, hc: &mut HeaderCluster) -> Result<()> {
-        use super::journal::{extension_bytes, new_extension_data, MAX_CAPACITY};
-        let Some(pos) = hc.extensions.unknown.iter().position(|e| e.kind == super::journal::EXT_MAGIC) else {
-            return Ok(());
-        };
-        let used = hc.encode()?.len() as u64;
-        let cs = self.cluster_size;
-        let spare = if cs >= 8192 { 1024 + 64 } else { 0 };
-        let room = cs.saturating_sub(used + spare + extension_bytes(0));
-        let cap = (room / extension_bytes(1).saturating_sub(extension_bytes(0))).min(u64::from(MAX_CAPACITY)) as u32;
-        if cap == 0 {
-            return Err(Error::invalid("The first cluster has no room for the recovery journal"));
-        }
-        hc.extensions.unknown[pos].data = new_extension_data(cap);
-        Ok(())
+        HeaderCluster { header, extensions, backing_file: self.backing_file.clone() }
     }
 }
 
@@ -283,7 +258,9 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
     opts.validate()?;
     let cs = opts.cluster_size;
     let mut hc = opts.header_cluster();
-    opts.size_journal(&mut hc)?;
+    if opts.journal {
+        super::journal::add_extension(&mut hc, cs)?;
+    }
     let head = hc.encode()?;
     file.set_len(0).map_err(|e| Error::io("truncating new image", e))?;
     let mut cluster0 = vec![0u8; cs as usize];

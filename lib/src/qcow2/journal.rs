@@ -43,6 +43,7 @@ use super::state::{Geometry, Meta};
 use super::units::HostCluster;
 use super::Qcow2;
 use crate::format::be::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
+use crate::format::extensions::{Extension, HeaderCluster};
 use crate::formats::vhdx::crc32c;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
@@ -278,7 +279,64 @@ pub fn extension_bytes(capacity: u32) -> u64 {
     8 + (RECORDS_AT + capacity as usize * RECORD_LEN) as u64
 }
 
+/// Adds an empty journal to cluster 0 as large as it has room for, the
+/// autoclear bit set (an empty journal of a clean image is complete),
+/// leaving room for a 1023-byte backing file name when clusters are 8 KiB
+/// or more.
+pub(crate) fn add_extension(hc: &mut HeaderCluster, cluster_size: u64) -> Result<()> {
+    hc.extensions.unknown.retain(|e| e.kind != EXT_MAGIC);
+    hc.extensions.unknown.push(Extension { kind: EXT_MAGIC, data: Vec::new() });
+    let used = hc.encode()?.len() as u64;
+    let spare = if cluster_size >= 8192 { 1024 + 64 } else { 0 };
+    let room = cluster_size.saturating_sub(used + spare + RECORDS_AT as u64);
+    let cap = (room / RECORD_LEN as u64).min(u64::from(MAX_CAPACITY)) as u32;
+    if cap == 0 {
+        hc.extensions.unknown.retain(|e| e.kind != EXT_MAGIC);
+        return Err(Error::invalid("The first cluster has no room for the recovery journal"));
+    }
+    if let Some(e) = hc.extensions.unknown.iter_mut().find(|e| e.kind == EXT_MAGIC) {
+        e.data = new_extension_data(cap);
+    }
+    hc.header.autoclear_features |= AUTOCLEAR_JOURNAL;
+    Ok(())
+}
+
 impl Qcow2 {
+    /// Adds a recovery journal to the image, or removes it (`amend -o
+    /// journal=on|off`). Adding needs lazy refcounts; the refcounts are
+    /// written first, so the empty journal is complete.
+    pub fn set_journal(&self, on: bool) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let r = (|| {
+            self.write_back_inner(&mut m, true)?;
+            self.sync("flushing refcounts")?;
+            let mut hc = m.hc.clone();
+            if on {
+                let lazy = m.hc.header.compatible_features & crate::format::Compatible::LAZY_REFCOUNTS != 0;
+                if !self.g.v3 || !lazy {
+                    return Err(Error::invalid("The recovery journal requires lazy_refcounts=on"));
+                }
+                if ext_data(&mut m).is_some_and(|d| layout(d).is_some()) {
+                    return Ok(());
+                }
+                add_extension(&mut hc, self.g.cluster_size)?;
+            } else {
+                hc.extensions.unknown.retain(|e| e.kind != EXT_MAGIC);
+                hc.header.autoclear_features &= !AUTOCLEAR_JOURNAL;
+            }
+            hc.encode()?;
+            m.journal = Journal::default();
+            m.hc = hc;
+            self.write_header(&mut m)?;
+            self.sync("flushing header")?;
+            if on {
+                self.journal_open(&mut m, true)?;
+            }
+            Ok(())
+        })();
+        self.fail(&mut m, r)
+    }
+
     /// `set_refcount` raised the refcount of `c` to `value`.
     pub(crate) fn journal_note_raise(&self, m: &mut Meta, c: HostCluster, value: u64) {
         m.journal.note_raise(c, value, ahead(&self.g));

@@ -263,3 +263,38 @@ fn damaged_journal_falls_back_to_the_full_scan() {
     }
     assert!(scanned > 0, "no random damage was noticed");
 }
+
+/// `amend -o journal=on` gives an image made without it a journal that
+/// the next crash is recovered from; `journal=off` takes it away again
+/// (the full scan repairs).
+#[test]
+fn amend_adds_and_removes_the_journal() {
+    let crash_once = |st: &Arc<MemoryStorage>, at: u64, byte: u8| -> Option<bool> {
+        let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+        q.write_at(&vec![byte; 64 << 10], at).unwrap();
+        q.flush().unwrap();
+        std::mem::forget(q);
+        let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+        let mut got = vec![0u8; 64 << 10];
+        q.read_at(&mut got, at).unwrap();
+        assert!(got.iter().all(|&b| b == byte));
+        assert_eq!(q.check(Repair::None).unwrap().corruptions, 0);
+        let r = repaired_from_journal(&q);
+        q.close().unwrap();
+        r
+    };
+    let st = Arc::new(MemoryStorage::new());
+    qcow2::create(st.clone(), None, &CreateOptions::new(DISK).cluster_size(CS).lazy_refcounts(true)).unwrap();
+    assert_eq!(crash_once(&st, 0, 1), Some(false));
+    let err = qcow2::amend(
+        Arc::new(MemoryStorage::from_bytes(st.to_bytes())),
+        None,
+        &qcow2::AmendOptions::default().journal(true).lazy_refcounts(false),
+    );
+    assert!(err.is_err(), "a journal without lazy refcounts was accepted");
+    qcow2::amend(st.clone(), None, &qcow2::AmendOptions::default().journal(true)).unwrap();
+    assert_eq!(crash_once(&st, 1 << 20, 2), Some(true));
+    qcow2::amend(st.clone(), None, &qcow2::AmendOptions::default().journal(false)).unwrap();
+    assert!(ext_at(&st.to_bytes()[..CS as usize]).is_none());
+    assert_eq!(crash_once(&st, 2 << 20, 3), Some(false));
+}
