@@ -273,12 +273,6 @@ fn ext_data(m: &mut Meta) -> Option<&mut Vec<u8>> {
     m.hc.extensions.unknown.iter_mut().find(|e| e.kind == EXT_MAGIC).map(|e| &mut e.data)
 }
 
-/// Space a journal of `capacity` records takes in cluster 0 (extension
-/// header and data).
-pub fn extension_bytes(capacity: u32) -> u64 {
-    8 + (RECORDS_AT + capacity as usize * RECORD_LEN) as u64
-}
-
 /// Adds an empty journal to cluster 0 as large as it has room for, the
 /// autoclear bit set (an empty journal of a clean image is complete),
 /// leaving room for a 1023-byte backing file name when clusters are 8 KiB
