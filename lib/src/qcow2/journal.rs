@@ -230,6 +230,15 @@ impl Journal {
                 return;
             }
         }
+        // Allocations at the end of the file come in runs: one record
+        // grows with them until it is written.
+        if let Some(last) = self.pending.last_mut() {
+            if last.floor == 1 && last.start + u64::from(last.count) == c && last.count < u16::MAX {
+                last.count += 1;
+                self.covered.insert(last.start, c + 1);
+                return;
+            }
+        }
         let next = self.covered.range(c + 1..).next().map_or(u64::MAX, |(&s, _)| s);
         let count = ahead.clamp(1, AHEAD_MAX).min(next - c);
         self.covered.insert(c, c + count);
@@ -331,9 +340,13 @@ impl Qcow2 {
         self.fail(&mut m, r)
     }
 
-    /// `set_refcount` raised the refcount of `c` to `value`.
+    /// `set_refcount` raised the refcount of `c` to `value`. Records are
+    /// noted ahead only in writethrough mode, where each request writes
+    /// its records (and syncs) by itself; otherwise a flush writes them
+    /// all at once, and exact ranges leave no leak behind a crash.
     pub(crate) fn journal_note_raise(&self, m: &mut Meta, c: HostCluster, value: u64) {
-        m.journal.note_raise(c, value, ahead(&self.g));
+        let ahead = if self.writethrough { ahead(&self.g) } else { 1 };
+        m.journal.note_raise(c, value, ahead);
     }
 
     /// The header was written as `bytes`: remembers where the journal's
@@ -368,7 +381,11 @@ impl Qcow2 {
         let j = &m.journal;
         let fits = !j.overflow && j.used + j.pending.len() <= j.capacity && j.disk_offset.is_some();
         if !fits {
-            let wrote = self.write_refcounts(m)?;
+            // Tables on disk may rely on records of this generation: the
+            // refcounts must be durable before the generation changes.
+            self.write_refcounts(m)?;
+            self.sync("flushing refcounts for a clean point")?;
+            m.refs.synced();
             let mut j = std::mem::take(&mut m.journal);
             j.clean_point();
             let generation = ext_data(m).map(|d| {
@@ -384,7 +401,7 @@ impl Qcow2 {
                     .write_at(&g, at + GENERATION_AT as u64)
                     .map_err(|e| Error::io("writing the recovery journal", e))?;
             }
-            return Ok(wrote || at.is_some());
+            return Ok(at.is_some());
         }
         let generation = j.generation;
         let used = j.used;
@@ -525,6 +542,12 @@ mod tests {
         j.note_raise(HostCluster(11), 2, 4);
         j.note_raise(HostCluster(11), 2, 4);
         assert_eq!(j.pending.len(), 3);
+        // A run grows the last record.
+        j.note_raise(HostCluster(20), 1, 1);
+        j.note_raise(HostCluster(21), 1, 1);
+        j.note_raise(HostCluster(22), 1, 1);
+        assert_eq!(j.pending[3], Record { start: 20, count: 3, floor: 1 });
+        assert_eq!(j.pending.len(), 4);
         j.note_raise(HostCluster(11), 70000, 4);
         assert!(j.overflow);
         j.clean_point();

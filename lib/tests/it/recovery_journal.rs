@@ -208,7 +208,7 @@ fn damaged_journal_falls_back_to_the_full_scan() {
     assert_eq!(open_and_verify(bytes.clone(), &model, "intact"), Some(true));
 
     type Damage = Box<dyn Fn(&mut Vec<u8>)>;
-    let cases: Vec<(&str, Damage)> = vec![
+    let mut cases: Vec<(&str, Damage)> = vec![
         ("bad magic", Box::new(move |b| put_u32(b, ext, 0x1234_5678))),
         ("bad version", Box::new(move |b| put_u32(b, data, 9))),
         ("capacity past the extension", Box::new(move |b| put_u32(b, data + 4, 100_000))),
@@ -236,8 +236,11 @@ fn damaged_journal_falls_back_to_the_full_scan() {
                 b[at..at + 16].copy_from_slice(&record(generation, 10, 1, 1));
             }),
         ),
-        ("damaged first record", Box::new(move |b| b[data + 16] ^= 0x40)),
     ];
+    // (Damage to the last record looks like a shorter log: a known limit.)
+    if used >= 2 {
+        cases.push(("damaged first record", Box::new(move |b| b[data + 16] ^= 0x40)));
+    }
     for (what, damage) in &cases {
         let mut b = bytes.clone();
         damage(&mut b);
