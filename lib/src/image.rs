@@ -658,6 +658,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     copy_on_read: opts.copy_on_read,
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
+                    ignore_journal: false,
                 },
             )?);
             Qcow2::start_cache_cleaner(&q);

@@ -55,6 +55,7 @@ struct Given {
     refcount_bits: Option<String>,
     compression_type: Option<String>,
     extended_l2: Option<String>,
+    journal: Option<String>,
     vdi_static: Option<String>,
     subformat: Option<String>,
     force_size: Option<String>,
@@ -130,6 +131,7 @@ fn create(a: Args) -> CliResult<i32> {
             (Format::Qcow2, "refcount_bits") => &mut g.refcount_bits,
             (Format::Qcow2, "compression_type") => &mut g.compression_type,
             (Format::Qcow2, "extended_l2") => &mut g.extended_l2,
+            (Format::Qcow2, "journal") => &mut g.journal,
             (Format::Vdi, "static") => &mut g.vdi_static,
             (Format::Qed, "backing_file") => &mut g.backing_file,
             (Format::Qed, "backing_fmt") => &mut g.backing_fmt,
@@ -284,6 +286,11 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
             }
             add("lazy_refcounts", g.lazy_refcounts.as_deref().unwrap_or("off"));
             add("refcount_bits", g.refcount_bits.as_deref().unwrap_or("16"));
+            // oxcow's own option, named only when given (qemu-img's line
+            // otherwise).
+            if let Some(j) = &g.journal {
+                add("journal", j);
+            }
         }
         Format::Qed => {
             add("size", &size.to_string());
@@ -597,6 +604,7 @@ fn create_qcow2(
     }
     o.lazy_refcounts = bool_opt("lazy_refcounts", &g.lazy_refcounts)?;
     o.extended_l2 = bool_opt("extended_l2", &g.extended_l2)?;
+    o.journal = bool_opt("journal", &g.journal)?;
     o.data_file_raw = bool_opt("data_file_raw", &g.data_file_raw)?;
     if let Some(c) = &g.compression_type {
         o.compression = c

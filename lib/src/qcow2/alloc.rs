@@ -103,7 +103,11 @@ impl Qcow2 {
             .blocks_mut()
             .get_mut_range(off, byte, byte + (self.g.rc.bits() as usize).div_ceil(8))
             .ok_or_else(|| Error::corrupt("refcount block vanished from cache"))?;
+        let old = self.g.rc.get(b, i);
         self.g.rc.set(b, i, value);
+        if value > old {
+            self.journal_note_raise(m, c, value);
+        }
         if value == 0 {
             m.alloc.note_free(c);
         }

@@ -35,6 +35,8 @@ pub struct AmendOptions {
     pub backing_format: Option<String>,
     /// `size` in bytes (may shrink, as QEMU's amend allows).
     pub size: Option<u64>,
+    /// `journal` (oxcow's own): add or remove the recovery journal.
+    pub journal: Option<bool>,
 }
 
 setters!(AmendOptions {} opt {
@@ -44,6 +46,7 @@ setters!(AmendOptions {} opt {
     backing_file: String,
     backing_format: String,
     size: u64,
+    journal: bool,
 });
 
 const CREATE_ONLY: &[&str] = &[
@@ -80,6 +83,7 @@ impl AmendOptions {
                     })
                 }
                 "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&key, &value)?),
+                "journal" => o.journal = Some(parse_bool(&key, &value)?),
                 "refcount_bits" => {
                     o.refcount_bits = Some(value.parse().map_err(|_| {
                         Error::invalid("Parameter 'refcount_bits' expects a non-negative number below 2^64")
@@ -150,6 +154,9 @@ pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: 
         }
         if let Some(size) = opts.size {
             q.resize_to(size, true)?;
+        }
+        if let Some(j) = opts.journal {
+            q.set_journal(j)?;
         }
         q.close_clean()?;
     }

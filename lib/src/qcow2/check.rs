@@ -149,7 +149,14 @@ impl Qcow2 {
 
     /// Rebuilds refcounts of an image whose dirty bit is set (lazy
     /// refcounts, unclean close) and clears the bit, before any write.
-    pub(crate) fn repair_dirty(&self) -> Result<CheckReport> {
+    /// With `use_journal`, a recovery journal oxcow trusts replaces the
+    /// scan (`journal.rs`).
+    pub(crate) fn repair_dirty(&self, use_journal: bool) -> Result<CheckReport> {
+        if use_journal {
+            if let Some(report) = self.journal_recover() {
+                return Ok(report);
+            }
+        }
         let report = self.check(Repair::All)?;
         let mut m = self.lock();
         if report.corruptions > 0 {

@@ -78,6 +78,10 @@ pub struct CreateOptions {
     /// `encrypt.format=luks`: the `encrypt.*` choices and the
     /// `encrypt.key-secret` password.
     pub encryption: Option<(crate::crypto::LuksParams, crate::crypto::Secret)>,
+    /// `journal` (oxcow's own): a recovery journal for lazy refcounts
+    /// (`journal.rs`), so a crash is repaired from what changed since the
+    /// last clean point instead of by a scan of every table.
+    pub journal: bool,
 }
 
 impl Default for CreateOptions {
@@ -96,6 +100,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             preallocation: Preallocation::Off,
             encryption: None,
+            journal: false,
         }
     }
 }
@@ -106,6 +111,7 @@ setters!(CreateOptions {
     version: u32,
     refcount_bits: u32,
     lazy_refcounts: bool,
+    journal: bool,
     extended_l2: bool,
     compression: CompressionType,
     data_file_raw: bool,
@@ -174,6 +180,9 @@ impl CreateOptions {
         }
         if self.data_file_raw && self.backing_file.is_some() {
             return Err(Error::invalid("Backing file and data-file-raw cannot be used at the same time"));
+        }
+        if self.journal && !self.lazy_refcounts {
+            return Err(Error::invalid("The recovery journal requires lazy_refcounts=on"));
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return Err(Error::invalid("Backing format cannot be used without backing file"));
@@ -248,7 +257,10 @@ fn l1_entries(size: u64, cs: u64, extended: bool) -> u64 {
 pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
     let cs = opts.cluster_size;
-    let hc = opts.header_cluster();
+    let mut hc = opts.header_cluster();
+    if opts.journal {
+        super::journal::add_extension(&mut hc, cs)?;
+    }
     let head = hc.encode()?;
     file.set_len(0).map_err(|e| Error::io("truncating new image", e))?;
     let mut cluster0 = vec![0u8; cs as usize];

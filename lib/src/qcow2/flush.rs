@@ -36,6 +36,7 @@ impl Qcow2 {
             return Ok(());
         }
         m.hc.header.incompatible_features |= Incompatible::DIRTY;
+        self.journal_dirty_epoch(m);
         if let Err(e) = self.write_header(m) {
             // Not in effect: a later header write must not carry the bit
             // without lazy_active (a clean close would leave it set).
@@ -49,7 +50,7 @@ impl Qcow2 {
 
     /// Writes dirty refcount blocks and the changed part of the refcount
     /// table. Returns whether anything was written.
-    fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
+    pub(crate) fn write_refcounts(&self, m: &mut Meta) -> Result<bool> {
         let mut wrote = false;
         for (off, a, b) in m.refs.blocks().dirty_ranges() {
             let data = m.refs.blocks().peek(off).map(|d| d[a..b].to_vec()).unwrap_or_default();
@@ -91,11 +92,14 @@ impl Qcow2 {
         let need_l2 = m.map.l2().any_dirty();
         let need_l1 = m.map.l1_dirty().is_some() || m.header_dirty;
         let mut unsynced = false;
-        if m.refs.blocks().any_dirty() || m.refs.table_dirty().is_some() {
+        if m.refs.blocks().any_dirty() || m.refs.table_dirty().is_some() || m.journal.has_pending() {
             if self.lazy_configured(m) && !force_refcounts {
                 self.ensure_dirty_bit(m)?;
+                // The journal's records, synced before the tables below.
+                unsynced = self.journal_commit(m)?;
             } else {
                 unsynced = self.write_refcounts(m)?;
+                m.journal.clean_point();
             }
         }
         if need_l2 {

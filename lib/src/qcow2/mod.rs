@@ -57,6 +57,7 @@ mod compress;
 mod cor;
 mod create;
 mod flush;
+mod journal;
 mod mapping;
 mod overlap;
 mod preallocation;
@@ -123,6 +124,10 @@ pub struct Qcow2Options {
     /// Open an encrypted image without its key, for its metadata only
     /// (`info`): guest data I/O then fails.
     pub no_io: bool,
+    /// Neither use nor keep the image's recovery journal (`journal.rs`):
+    /// a dirty image is repaired by the full scan, and a writable open
+    /// clears the journal's autoclear bit.
+    pub ignore_journal: bool,
 }
 
 /// An open qcow2 image.
@@ -300,6 +305,7 @@ impl Qcow2 {
             snapshots,
             cow_unsynced: false,
             corrupt: h.is_corrupt() && !opts.repair,
+            journal: journal::Journal::default(),
         };
         meta.overlap = metadata_clusters(&g, &meta);
         let q = Qcow2 {
@@ -329,11 +335,12 @@ impl Qcow2 {
         if dirty_repair {
             // As QEMU does: refcounts may be stale after a crash with lazy
             // refcounts; rebuild them before the first write.
-            q.repaired_on_open = Some(q.repair_dirty()?);
+            q.repaired_on_open = Some(q.repair_dirty(!opts.ignore_journal)?);
         }
         if !read_only {
             let mut m = q.lock();
             q.prepare_for_writing(&mut m)?;
+            q.journal_open(&mut m, !opts.ignore_journal)?;
             drop(m);
             q.open_bitmaps(opts.repair)?;
         }
@@ -348,8 +355,9 @@ impl Qcow2 {
             return Ok(());
         }
         // oxcow keeps the raw data file consistent and maintains
-        // persistent bitmaps (`bitmap/`).
-        let keep = Autoclear::KNOWN;
+        // persistent bitmaps (`bitmap/`); `journal_open` decides on the
+        // journal's bit.
+        let keep = Autoclear::KNOWN | journal::AUTOCLEAR_JOURNAL;
         if h.autoclear_features & !keep != 0 {
             h.autoclear_features &= keep;
             self.write_header(m)?;
@@ -533,6 +541,7 @@ impl Qcow2 {
         let bytes = m.hc.encode()?;
         self.file.write_at(&bytes, 0).map_err(io_err("writing image header"))?;
         m.header_dirty = false;
+        self.journal_header_written(m, &bytes);
         Ok(())
     }
 
@@ -654,6 +663,7 @@ setters!(Qcow2Options {
     cache: CacheOptions,
     repair: bool,
     copy_on_read: bool,
+    ignore_journal: bool,
     backing: Option<Arc<dyn BlockDevice>>,
     data_file: Option<Arc<dyn Storage>>,
 });
@@ -669,6 +679,7 @@ impl std::fmt::Debug for Qcow2Options {
             .field("cache", &self.cache)
             .field("repair", &self.repair)
             .field("copy_on_read", &self.copy_on_read)
+            .field("ignore_journal", &self.ignore_journal)
             .finish()
     }
 }

@@ -73,6 +73,8 @@ pub(crate) struct Meta {
     pub cow_unsynced: bool,
     /// The image was found corrupt while writing; read-only from now on.
     pub corrupt: bool,
+    /// The recovery journal's state (`journal.rs`).
+    pub journal: super::journal::Journal,
 }
 
 /// The first failure after which the image's on-disk state is no longer

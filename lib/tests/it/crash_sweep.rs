@@ -141,6 +141,7 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize, direct:
     model[..backing.len()].copy_from_slice(&backing);
     let mut model_ops = 0usize; // ops applied to `model`
     let mut states = 0usize;
+    let mut from_journal_count = 0usize;
     let mut rng = Rng(seed ^ 0x5555);
     for (fi, &f) in flushes.iter().enumerate() {
         while applied <= f {
@@ -165,11 +166,24 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize, direct:
         for variant in variants {
             let mut bytes = durable.clone();
             log.apply_variant(&mut bytes, &variant);
-            verify_state(&name, bytes, &model, &unstable, &open, f, states);
+            if let Some(from_journal) = verify_state(&name, bytes, &model, &unstable, &open, f, states) {
+                // An image with a journal oxcow keeps is never scanned.
+                assert_eq!(from_journal, cfg.create.journal, "{name}: state {states} (after event {f})");
+                from_journal_count += usize::from(from_journal);
+            }
             states += 1;
         }
     }
+    if cfg.create.journal {
+        assert!(from_journal_count > 0, "{name}: no state was recovered from the journal");
+        eprintln!("{name}: {from_journal_count} states recovered from the journal");
+    }
     states
+}
+
+/// Whether a repair at open came from the recovery journal.
+pub fn repaired_from_journal(q: &Qcow2) -> Option<bool> {
+    q.repaired_on_open().map(|r| r.messages.iter().any(|m| m.starts_with("Refcounts recovered from the journal")))
 }
 
 fn verify_state(
@@ -180,13 +194,14 @@ fn verify_state(
     open: &dyn Fn(Arc<dyn Storage>) -> oxcow::Result<Qcow2>,
     at: usize,
     n: usize,
-) {
+) -> Option<bool> {
     if let Ok(path) = std::env::var("OXCOW_CRASH_DUMP") {
         // Debugging aid: the last state tried is left for qemu-img to see.
         std::fs::write(path, &bytes).unwrap();
     }
     let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(bytes));
     let q = open(st).unwrap_or_else(|e| panic!("{name}: state {n} (after event {at}) does not open: {e}"));
+    let from_journal = repaired_from_journal(&q);
     let report = q.check(Repair::None).unwrap();
     assert_eq!(report.corruptions, 0, "{name}: state {n} (after event {at}): {:?}", report.messages);
     let mut got = vec![0u8; DISK as usize];
@@ -209,6 +224,7 @@ fn verify_state(
     }
     cmp(pos, DISK);
     drop(q);
+    from_journal
 }
 
 fn configs() -> Vec<Config> {
@@ -218,6 +234,12 @@ fn configs() -> Vec<Config> {
         Config { name: "v3-backing", create: base.clone(), backing: true },
         Config { name: "v3-lazy", create: base.clone().lazy_refcounts(true), backing: false },
         Config { name: "v3-lazy-backing", create: base.clone().lazy_refcounts(true), backing: true },
+        Config { name: "v3-lazy-journal", create: base.clone().lazy_refcounts(true).journal(true), backing: false },
+        Config {
+            name: "v3-lazy-journal-backing",
+            create: base.clone().lazy_refcounts(true).journal(true),
+            backing: true,
+        },
         Config { name: "v2", create: base.clone().version(2), backing: false },
         Config { name: "v2-backing", create: base.clone().version(2), backing: true },
         Config {

@@ -356,6 +356,7 @@ fn fault_sweep() {
     let mut points = 0;
     points += sweep("v3", base.clone());
     points += sweep("v3-lazy", (base.clone()).lazy_refcounts(true));
+    points += sweep("v3-lazy-journal", (base.clone()).lazy_refcounts(true).journal(true));
     points += sweep("v2", (base.clone()).version(2));
     points += sweep("v3-extended-l2", CreateOptions::default().cluster_size(16384).extended_l2(true));
     eprintln!("fault sweep: {points} fault points in all");

@@ -39,6 +39,7 @@ mod nbd_protocol;
 mod nbd_qcow2;
 mod nbd_server;
 mod read_qemu_images;
+mod recovery_journal;
 mod remote_bench;
 mod remote_client;
 mod remote_cor;
