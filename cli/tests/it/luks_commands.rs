@@ -154,3 +154,22 @@ fn map_compare_check_and_bitmap_take_the_secrets() {
     assert_eq!(names, ["b0", "b1"]);
     ok(dir, "qemu-img", &["check", "--object", S0, "--image-opts", base]);
 }
+
+/// iotest 188: a preallocated encrypted qcow2 has no zero init (its
+/// clusters decrypt to noise), so convert must write the zeros.
+#[test]
+fn convert_into_a_preallocated_encrypted_qcow2_writes_the_zeros() {
+    let t = tmp();
+    let dir = t.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "src.qcow2", "1M"]);
+    qemu_write(dir, "src.qcow2", &[(0x11, 64 << 10, 4096)], &[]);
+    let o = format!("{ENC0},preallocation=metadata");
+    ok(dir, OXCOW, &["convert", "--object", S0, "-O", "qcow2", "-o", &o, "src.qcow2", "dst.qcow2"]);
+    let dst = "driver=qcow2,file.filename=dst.qcow2,encrypt.key-secret=s0";
+    let r = run_in(
+        dir,
+        "qemu-img",
+        &["compare", "--object", S0, "--image-opts", "driver=qcow2,file.filename=src.qcow2", dst],
+    );
+    assert_eq!((r.code, r.stdout.trim()), (0, "Images are identical."), "{}", r.stderr);
+}
