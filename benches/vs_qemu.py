@@ -21,7 +21,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OX = os.path.join(ROOT, "target", "release", "oxcow")
+# OXCOW_BIN: another build of oxcow (say so next to the numbers).
+OX = os.environ.get("OXCOW_BIN") or os.path.join(ROOT, "target", "release", "oxcow")
 
 
 def sh(*args, check=True, **kw):
@@ -93,6 +94,51 @@ def w_on_allocated(args, fmt="qcow2"):
 
     def run(c, tool, path):
         return tool_bench(tool, path, args, fmt)
+
+    return prep, run
+
+
+SECRET = "secret,id=s0,data=bench password"
+
+
+def w_encrypted(fmt, write):
+    """4k requests at depth 32 on a fully written LUKS image (qcow2 with
+    encrypt.format=luks, or raw -f luks), aes-256-xts-plain64, served by
+    oxcow serve or qemu-nbd given the secret through --image-opts, with
+    qemu-img bench as the client (it takes no --object itself)."""
+    def prep(c, tool):
+        path = c.p(f"enc-{tool}.{fmt}")
+        key = "encrypt.key-secret=s0" if fmt == "qcow2" else "key-secret=s0"
+        opts = f"driver={fmt},file.filename={path},{key}"
+        if not os.path.exists(path):
+            src = c.p("enc-src.raw")
+            if not os.path.exists(src):
+                sh("qemu-img", "create", "-q", "-f", "raw", src, str(c.size))
+                sh("qemu-img", "bench", "-q", "-w", "-s", "1M", "-d", "4", "-c", str(c.size >> 20),
+                   "--pattern", "0x5a", "-f", "raw", src)
+            o = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10" if fmt == "qcow2" \
+                else "key-secret=s0,iter-time=10"
+            sh("qemu-img", "create", "-q", "-f", fmt, "--object", SECRET, "-o", o, path, str(c.size))
+            sh("qemu-img", "convert", "-n", "--object", SECRET, "-f", "raw", src, "--target-image-opts", opts)
+        sock = c.p(f"enc-{tool}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        exe = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
+        proc = subprocess.Popen([*exe, "-t", "-k", sock, "--object", SECRET, "--image-opts", opts])
+        for _ in range(1000):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        return (proc, sock)
+
+    def run(c, tool, st):
+        proc, sock = st
+        try:
+            args = ["-f", "raw", "-d", "32", "-c", "20000"] + (["-w", "--pattern", "0x66"] if write else [])
+            return bench_time(sh("qemu-img", "bench", *args, f"nbd+unix:///?socket={sock}").stdout)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
 
     return prep, run
 
@@ -307,6 +353,9 @@ def workloads(size):
         ("4k alloc writes at offset 512 (unaligned), depth 32, O_DIRECT",
          w_alloc("", ["-w", "-t", "none", "-d", "32", "-o", "512", "-c", str(n4k)])),
         ("raw: 512B rewrites, depth 32, O_DIRECT", w_on_allocated(["-w", "-t", "none", "-d", "32", "-s", "512", "-c", str(n4k), "--pattern", "0x77"], fmt="raw")),
+        *[(f"NBD {name} (aes-256-xts): 4k {what}, depth 32 (qemu-img bench client)", w_encrypted(fmt, write))
+          for name, fmt in (("qcow2+luks", "qcow2"), ("raw luks", "luks"))
+          for what, write in (("reads", False), ("rewrites", True))],
         ("convert qcow2 -> raw", w_convert("qcow2", "raw", [])),
         ("convert raw -> qcow2", w_convert("raw", "qcow2", [])),
         ("convert raw -> qcow2 compressed", w_convert("raw", "qcow2", ["-c"])),

@@ -46,10 +46,12 @@ struct Parsed {
     source_format: Option<String>,
     granularity: Option<u64>,
     positional: Vec<String>,
+    /// `--object` and `--image-opts` (an encrypted image's secret).
+    objects: crate::image_opts::ObjectArgs,
 }
 
 const USAGE: &str = "Usage: oxcow bitmap ( --merge SOURCE | --add | --remove | --clear | --enable | --disable )...\n\
-    \x20      [-f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g SIZE] FILENAME BITMAP";
+    \x20      [--object OBJ] [--image-opts | -f FMT] [-b SOURCE_FILE [-F SOURCE_FMT]] [-g SIZE] FILENAME BITMAP";
 
 fn parse(args: &[String]) -> CliResult<Option<Parsed>> {
     let mut p = Parsed::default();
@@ -77,6 +79,8 @@ fn parse(args: &[String]) -> CliResult<Option<Parsed>> {
             "--disable" => p.ops.push(Op::Disable),
             "--merge" => p.ops.push(Op::Merge(val("--merge")?)),
             "-f" | "--format" => p.format = Some(val("-f")?),
+            "--object" => p.objects.objects.push(val("--object")?),
+            "--image-opts" => p.objects.image_opts = true,
             "-b" | "--source-file" => p.source_file = Some(val("-b")?),
             "-F" | "--source-format" => p.source_format = Some(val("-F")?),
             "-g" | "--granularity" => {
@@ -115,8 +119,11 @@ pub fn run(a: Args) -> CliResult<i32> {
         println!("{USAGE}");
         return Ok(0);
     };
-    let (file, name) = (&p.positional[0], &p.positional[1]);
-    let format = parse_format(p.format.as_deref())?;
+    let (mut file, name) = (p.positional[0].clone(), &p.positional[1]);
+    let mut format = p.format.clone();
+    p.objects.apply(&mut file, &mut format)?;
+    let file = &file;
+    let format = parse_format(format.as_deref())?;
     let img = open_image(file, &OpenOptions::default().format(format).write(true))?;
     let q = img.qcow2().ok_or_else(|| {
         CliError::new(format!(

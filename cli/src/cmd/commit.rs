@@ -39,10 +39,12 @@ pub struct Args {
 pub fn run(mut a: Args) -> CliResult<i32> {
     a.objects.apply(&mut a.file, &mut a.format)?;
     let _ = (a.cache, a.rate);
-    let opts = CommitOptions::default()
+    let mut opts = CommitOptions::default()
         .format(parse_format(a.format.as_deref())?)
         .base(a.base.map(PathBuf::from))
         .keep_overlay(a.drop);
+    let keys = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default());
+    (opts.key_secret, opts.backing_keys) = (keys.key_secret, keys.backing_keys);
     let progress = Progress::new(a.progress && !a.quiet);
     commit(std::path::Path::new(&a.file), &opts, &mut |done, total| progress.update(done, total))
         .map_err(CliError::from)?;

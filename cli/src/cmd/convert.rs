@@ -176,7 +176,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     // A new raw LUKS payload reads as noise, not zeros (QEMU's luks has
     // no zero init either): its zero ranges are written like an existing
     // target's.
-    let no_zero_init = a.no_create || out_fmt == Format::Luks;
+    // Nor does a preallocated encrypted qcow2 (iotest 188): its allocated
+    // clusters decrypt to noise.
+    let prealloc = crate::util::parse_options(&a.options)?.iter().any(|(k, v)| k == "preallocation" && v != "off");
+    let encrypted = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "encrypt.format");
+    let no_zero_init = a.no_create || out_fmt == Format::Luks || (prealloc && encrypted);
     let o = CopyOptions::default().zero_granularity(gran).existing_target(no_zero_init).base(base);
     copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
     progress.finish();

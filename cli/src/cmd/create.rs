@@ -180,7 +180,7 @@ fn create(a: Args) -> CliResult<i32> {
             let bpath = resolve_backing(Path::new(&a.file), b);
             let bfmt = crate::util::parse_format(g.backing_fmt.as_deref())
                 .map_err(|e| err(format!("{}\nCould not open backing image.", e.msg)))?;
-            let opts = OpenOptions::default().format(bfmt);
+            let opts = OpenOptions::default().format(bfmt).no_io(true);
             let opts = crate::util::with_network_permission(&opts);
             let bimg = oxcow::open(&bpath, &opts).map_err(|e| {
                 let why = match e {

@@ -52,11 +52,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     if a.compress {
         return Err(CliError::new("Compression is not supported by oxcow rebase"));
     }
-    let opts = RebaseOptions::default()
+    let mut opts = RebaseOptions::default()
         .format(parse_format(a.format.as_deref())?)
         .backing(a.backing)
         .backing_format(a.backing_format)
         .unsafe_mode(a.unsafe_mode);
+    let keys = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default());
+    (opts.key_secret, opts.backing_keys) = (keys.key_secret, keys.backing_keys);
     let progress = Progress::new(a.progress && !a.quiet);
     rebase(std::path::Path::new(&a.file), &opts, &mut |done, total| progress.update(done, total))
         .map_err(CliError::from)?;

@@ -18,6 +18,8 @@ mod json_names;
 mod lifecycle_cli;
 mod luks_amend;
 mod luks_chain;
+mod luks_ciphers;
+mod luks_commands;
 mod luks_create;
 mod luks_qcow2;
 mod luks_serve;

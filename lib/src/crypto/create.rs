@@ -63,11 +63,21 @@ impl LuksParams {
 
     /// Checks the combination before any work, with qemu-img's messages.
     pub fn validate(&self) -> Result<()> {
+        if !self.alg.supports(self.mode) {
+            return Err(Error::invalid(format!("Unsupported cipher mode {}", self.mode.name())));
+        }
         if let IvGen::Essiv(h) = self.ivgen {
-            // ESSIV keys the cipher with the hash's digest.
-            if !matches!(h.digest_len(), 16 | 24 | 32) {
-                return Err(Error::invalid(format!("No AES cipher with key size {} available", h.digest_len())));
-            }
+            self.alg.essiv(h)?;
+        }
+        // QEMU encrypts key material in whole sectors without padding it:
+        // with a 24-byte key and 4000 stripes it aborts, and could not
+        // open such a volume either.
+        if !(self.key_bytes() * STRIPES as usize).is_multiple_of(SECTOR as usize) {
+            return Err(Error::invalid(format!(
+                "cipher {} in mode {}: QEMU cannot use a LUKS volume whose key material is not whole sectors",
+                self.alg.name(),
+                self.mode.name()
+            )));
         }
         Ok(())
     }

@@ -18,6 +18,12 @@ pub struct CommitOptions {
     pub base: Option<PathBuf>,
     /// `-d`: leave the overlay's clusters in place instead of emptying it.
     pub keep_overlay: bool,
+    /// The top's password, as [`OpenOptions::key_secret`].
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// The backing chain's passwords, as [`OpenOptions::backing_keys`]:
+    /// the base is opened again with its own (or, like any backing file,
+    /// the top's).
+    pub backing_keys: Vec<Option<crate::crypto::Secret>>,
 }
 
 setters!(CommitOptions { keep_overlay: bool } opt { format: image::Format, base: PathBuf });
@@ -42,7 +48,14 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     // The chain is opened without locks: the base is opened again, for
     // writing, and a reader's lock on it would refuse that. The locks
     // qemu-img commit holds are taken separately below instead.
-    let unlocked = OpenOptions { format: opts.format, write: empty_top, locking: false, ..Default::default() };
+    let unlocked = OpenOptions {
+        format: opts.format,
+        write: empty_top,
+        locking: false,
+        key_secret: opts.key_secret.clone(),
+        backing_keys: opts.backing_keys.clone(),
+        ..Default::default()
+    };
     let img = image::open(top, &unlocked)?;
     if img.backing().is_none() {
         return Err(Error::invalid("Image does not have a backing file"));
@@ -78,9 +91,17 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     };
     let _top_lock = lock(top, empty_top, LockMode::for_open(empty_top, false))?;
     let _between_locks = between.iter().map(|p| lock(p, false, LockMode::reader())).collect::<Result<Vec<_>>>()?;
+    let d = depth as usize;
+    let base_key = opts.backing_keys.get(d - 1).cloned().flatten().or_else(|| opts.key_secret.clone());
     let base = image::open(
         base_layer.path(),
-        &OpenOptions { format: Some(base_layer.format()), write: true, ..Default::default() },
+        &OpenOptions {
+            format: Some(base_layer.format()),
+            write: true,
+            key_secret: base_key,
+            backing_keys: opts.backing_keys.get(d..).unwrap_or_default().to_vec(),
+            ..Default::default()
+        },
     )?;
     let dev = img.device();
     let size = dev.len();

@@ -21,6 +21,12 @@ pub struct RebaseOptions {
     pub backing_format: Option<String>,
     /// `-u`: only rewrite the header.
     pub unsafe_mode: bool,
+    /// The image's password, as [`OpenOptions::key_secret`].
+    pub key_secret: Option<crate::crypto::Secret>,
+    /// The old backing chain's passwords, as [`OpenOptions::backing_keys`];
+    /// the new backing file gets the first of them (or the image's), as a
+    /// backing file would.
+    pub backing_keys: Vec<Option<crate::crypto::Secret>>,
 }
 
 setters!(RebaseOptions { unsafe_mode: bool } opt { format: Format, backing: String, backing_format: String });
@@ -41,7 +47,14 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
     }
     let img = image::open(
         path,
-        &OpenOptions { format: opts.format, write: true, no_backing: opts.unsafe_mode, ..Default::default() },
+        &OpenOptions {
+            format: opts.format,
+            write: true,
+            no_backing: opts.unsafe_mode,
+            key_secret: opts.key_secret.clone(),
+            backing_keys: opts.backing_keys.clone(),
+            ..Default::default()
+        },
     )?;
     // Refused before a byte changes where the format keeps no backing
     // file name (QEMU's words; it finds out only after the copy).
@@ -60,7 +73,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
             Some(n) => {
                 let fmt = opts.backing_format.as_deref().map(str::parse::<Format>).transpose()?;
                 let p = image::resolve_backing(path, n);
-                Some(image::open(&p, &OpenOptions { format: fmt, ..Default::default() })?)
+                let key = opts.backing_keys.first().cloned().flatten().or_else(|| opts.key_secret.clone());
+                Some(image::open(&p, &OpenOptions { format: fmt, key_secret: key, ..Default::default() })?)
             }
             None => None,
         };

@@ -4,7 +4,8 @@
 //! offsets chosen to overlap and to meet inside shared sectors, 4 KiB blocks
 //! and clusters, on images of every geometry (raw; qcow2 with 512 B to
 //! 2 MiB clusters, with and without subclusters, v2 and v3, raw and qcow2
-//! backing files, lazy refcounts, 1-bit refcounts), in every cache mode,
+//! backing files, lazy refcounts, 1-bit refcounts, LUKS-encrypted), in
+//! every cache mode,
 //! through the library on real files (so O_DIRECT is really used) and
 //! through the NBD server. `torture_model` checks the bytes kept from every
 //! read made during the run, and every byte at the end as read by oxcow,
@@ -75,7 +76,12 @@ struct Geometry {
     backing: Backing,
     lazy_refcounts: bool,
     refcount_bits: u32,
+    /// LUKS (`encrypt.format=luks`) under the password [`SECRET`].
+    encrypted: bool,
 }
+
+/// The encrypted geometries' password.
+const SECRET: &str = "torture";
 
 const Q: Geometry = Geometry {
     name: "",
@@ -86,6 +92,7 @@ const Q: Geometry = Geometry {
     backing: Backing::None,
     lazy_refcounts: false,
     refcount_bits: 16,
+    encrypted: false,
 };
 
 const GEOMETRIES: &[Geometry] = &[
@@ -103,7 +110,20 @@ const GEOMETRIES: &[Geometry] = &[
     Geometry { name: "v2-c64k-rawbase", v2: true, backing: Backing::Raw, ..Q },
     Geometry { name: "v2-c512", v2: true, cluster: 512, ..Q },
     Geometry { name: "c4k-lazy", cluster: 4096, lazy_refcounts: true, ..Q },
+    Geometry { name: "c4k-luks", cluster: 4096, encrypted: true, ..Q },
+    Geometry { name: "c64k-ext-luks-rawbase", extended_l2: true, backing: Backing::Raw, encrypted: true, ..Q },
 ];
+
+/// qemu-img's arguments naming the disk at `p`: an option string with the
+/// secret for the encrypted geometries, else `-f FMT P`.
+fn qemu_names(geo: &Geometry, fmt: &str, p: &str) -> Vec<String> {
+    if geo.encrypted {
+        let o = format!("driver=qcow2,file.filename={p},encrypt.key-secret=s0");
+        ["--object", &format!("secret,id=s0,data={SECRET}"), "--image-opts", &o].map(String::from).to_vec()
+    } else {
+        ["-f", fmt, p].map(String::from).to_vec()
+    }
+}
 
 const MODES: [CacheMode; 5] =
     [CacheMode::None, CacheMode::Directsync, CacheMode::Writeback, CacheMode::Writethrough, CacheMode::Unsafe];
@@ -561,7 +581,12 @@ fn prepare(dir: &Path, geo: &Geometry) -> (PathBuf, Vec<u8>) {
     if geo.lazy_refcounts {
         o.push_str(",lazy_refcounts=on");
     }
-    let mut args: Vec<String> = ["create", "-q", "-f", "qcow2", "-o", &o].iter().map(|s| s.to_string()).collect();
+    if geo.encrypted {
+        o.push_str(",encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10");
+    }
+    let secret = format!("secret,id=s0,data={SECRET}");
+    let mut args: Vec<String> =
+        ["create", "-q", "-f", "qcow2", "--object", &secret, "-o", &o].iter().map(|s| s.to_string()).collect();
     if geo.backing != Backing::None {
         let base = base_content(BASE_LEN);
         std::fs::write(dir.join("base.raw"), &base).unwrap();
@@ -592,11 +617,16 @@ fn read_all(dev: &dyn BlockDevice) -> Result<Vec<u8>, String> {
     Ok(v)
 }
 
-/// The disk as QEMU reads it from `src` (a file or an NBD URI).
-fn qemu_view(dir: &Path, src: &str, fmt: &str, what: &str) -> Result<Vec<u8>, String> {
+/// The disk as QEMU reads it from `src` (the file named by qemu-img's
+/// arguments `names`, or an NBD URI).
+fn qemu_view(dir: &Path, names: &[String], what: &str) -> Result<Vec<u8>, String> {
     let out = dir.join(format!("{what}.raw"));
     let o = out.to_str().unwrap();
-    let (code, so, se) = support::run("qemu-img", &["convert", "-f", fmt, "-O", "raw", src, o]);
+    let mut args = vec!["convert"];
+    args.extend(names.iter().map(String::as_str));
+    args.extend(["-O", "raw", o]);
+    let src = names.join(" ");
+    let (code, so, se) = support::run("qemu-img", &args);
     if code != 0 {
         return Err(format!("qemu-img convert of {src} failed: {so}{se}"));
     }
@@ -683,6 +713,9 @@ fn run_config(cfg: &Config, seed: u64, load: Duration) -> Result<String, String>
         // slices are evicted (dirty ones written back) under the load.
         opts = opts.qcow2_cache(crate::support::small_slices().l2_cache_size(4096));
     }
+    if geo.encrypted {
+        opts.key_secret = Some(oxcow::crypto::Secret::new(SECRET.as_bytes().to_vec()));
+    }
     let img = oxcow::open(&path, &opts).map_err(|e| format!("opening: {e}"))?;
     let dev = img.device().clone();
     let mut rng = Rng(seed | 1);
@@ -727,7 +760,7 @@ fn run_config(cfg: &Config, seed: u64, load: Duration) -> Result<String, String>
             log
         });
         let ours = read_all(&*clients[0]);
-        nbd_view = Some(qemu_view(d, &uri, "raw", "over-nbd"));
+        nbd_view = Some(qemu_view(d, &["-f", "raw", &uri].map(String::from), "over-nbd"));
         drop(clients);
         if let Err(e) = server.stop() {
             problems.push(format!("the NBD server failed: {e}"));
@@ -780,13 +813,16 @@ fn run_config(cfg: &Config, seed: u64, load: Duration) -> Result<String, String>
     let p = path.to_str().unwrap();
     let fmt_name = fmt.name();
     if !geo.raw {
-        let (code, out, err) = support::run("qemu-img", &["check", "-f", "qcow2", p]);
+        let mut args = vec!["check".to_string()];
+        args.extend(qemu_names(geo, "qcow2", p));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, out, err) = support::run("qemu-img", &args);
         if code != 0 {
             problems.push(format!("qemu-img check exit {code}: {out}{err}"));
         }
     }
     let mut views: Vec<(&str, Result<Vec<u8>, String>)> = vec![("oxcow", ours)];
-    views.push(("QEMU from the file", qemu_view(d, p, fmt_name, "qemu")));
+    views.push(("QEMU from the file", qemu_view(d, &qemu_names(geo, fmt_name, p), "qemu")));
     if let Some(v) = nbd_view {
         views.push(("QEMU over NBD", v));
     }
