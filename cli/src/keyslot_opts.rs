@@ -63,7 +63,7 @@ impl KeyslotOpts {
         match self.get("state") {
             Some("active") => {
                 let id = new_secret.ok_or_else(|| CliError::new("'new-secret' is required to activate a keyslot"))?;
-                Ok(KeyslotChange::Add { new_secret: Self::secret(objects, id)?, keyslot, iter_time_ms })
+                Ok(KeyslotChange::Add { new_secret: Self::secret(objects, id)?, keyslot, iter_time_ms, force })
             }
             Some("inactive") => {
                 if new_secret.is_some() {

@@ -76,6 +76,9 @@ struct OpenCfg {
     blkdebug: Option<oxcow::storage::BlkdebugRules>,
     /// Zero-write limits of a blkdebug node above the format.
     zero_limits: super::io_limits::ZeroLimits,
+    /// Named by an option string alone (`--image-opts`, `open -o` without
+    /// a file name): qemu-io's open errors then name no device.
+    unnamed: bool,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -216,8 +219,10 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let opts = crate::qcow2_cache_opts::with_cache(path, opts);
-    let img = oxcow::open(path, &opts)
-        .map_err(|e| CliError::new(format!("can't open device {path}: {}", crate::error::message(&e))))?;
+    let img = oxcow::open(path, &opts).map_err(|e| {
+        let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        CliError::new(format!("can't open{what}: {}", crate::error::message(&e)))
+    })?;
     crate::util::report_dirty_repair(path, &img);
     crate::util::warn_if_probed_raw(path, &img, write);
     let snap = match &cfg.snapshot {
@@ -282,6 +287,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         backing_driver: None,
         blkdebug: None,
         zero_limits: Default::default(),
+        unnamed: false,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -290,6 +296,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let mut session = Session { cfg: cfg.clone(), open: None };
     if let Some(f) = &a.file {
+        cfg.unnamed = a.image_opts;
         let path = if a.image_opts {
             image_opts(f, &mut cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))?
         } else {
@@ -518,6 +525,7 @@ fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
             Some(p) => Some(json_name(p, &mut cfg)?),
             None => None,
         };
+        cfg.unnamed = path.is_none();
         if let Some(spec) = o.value('o') {
             if let Some(f) = image_opts(spec, &mut cfg)? {
                 path = Some(f);

@@ -24,6 +24,8 @@ pub enum KeyslotChange {
         keyslot: Option<u32>,
         /// `iter-time` (default 2000).
         iter_time_ms: Option<u64>,
+        /// `--force`: `keyslot` may be an active one, overwritten.
+        force: bool,
     },
     /// `state=inactive`: erase `keyslot`, or every slot `old_secret`
     /// opens; refusing to erase the last active slot unless `force`.
@@ -68,13 +70,13 @@ pub fn amend_keyslots(
         file.read_at(buf, base + off).map_err(io("reading LUKS key material"))
     };
     match change {
-        KeyslotChange::Add { new_secret, keyslot, iter_time_ms } => {
+        KeyslotChange::Add { new_secret, keyslot, iter_time_ms, force } => {
             let current = current.ok_or_else(|| Error::invalid("Parameter 'key-secret' is required for cipher"))?;
             let master = h.unlock_key(current, &read)?;
             let i = match keyslot {
                 Some(k) => {
                     let i = check_index(*k)?;
-                    if h.slots[i].active {
+                    if h.slots[i].active && !force {
                         return Err(Error::invalid(format!(
                             "Refusing to overwrite active keyslot {i} - please erase it first"
                         )));
@@ -105,7 +107,7 @@ pub fn amend_keyslots(
             let doomed: Vec<usize> = match (keyslot, old_secret) {
                 (Some(k), _) => {
                     let i = check_index(*k)?;
-                    if !h.slots[i].active {
+                    if !h.slots[i].active && !force {
                         return Err(Error::invalid(format!("Given keyslot {i} is already erased (inactive) ")));
                     }
                     if active.len() == 1 && !force {
