@@ -130,8 +130,7 @@ fn guest_fs_on_nbd_export_of_qcow2_with_backing_reads_back_and_image_is_clean() 
     let disk = ["-drive".to_string(), format!("file=nbd+unix:///disk?socket={sock},format=raw,if=virtio,cache=none")];
     let console = boot(&script, dir, WRITE_REMOUNT_READ, &disk);
     quit(dir, &d);
-    assert!(console.contains("GUEST-SYNCED 61"), "guest did not sync its files:\n{console}");
-    assert!(console.contains("GUEST-READBACK-OK"), "guest read back something else:\n{console}");
+    assert_synced_and_read_back(&console);
     ok(dir, "qemu-img", &["check", "top.qcow2"]);
     // The guest's writes went to the overlay only.
     ok(dir, "qemu-io", &["-c", "read -P 0x6b 0 64M", "base.qcow2"]);
@@ -163,8 +162,14 @@ fn guest_fs_on_fuse_export_of_vmdk_reads_back_trims_and_image_is_clean() {
     let disk = ["-drive".to_string(), format!("file={mnt},format=raw,if=virtio,discard=unmap")];
     let console = boot(&script, dir, WRITE_REMOUNT_READ_TRIM, &disk);
     quit(dir, &d);
-    assert!(console.contains("GUEST-SYNCED 61"), "guest did not sync its files:\n{console}");
-    assert!(console.contains("GUEST-READBACK-OK"), "guest read back something else:\n{console}");
+    assert_synced_and_read_back(&console);
     assert!(console.contains("GUEST-TRIMMED"), "guest could not trim:\n{console}");
     ok(dir, "qemu-img", &["check", "disk.vmdk"]);
+}
+
+/// The guest script's report: every file written and synced, and read
+/// back equal after the remount.
+pub fn assert_synced_and_read_back(console: &str) {
+    assert!(console.contains("GUEST-SYNCED 61"), "guest did not sync its files:\n{console}");
+    assert!(console.contains("GUEST-READBACK-OK"), "guest read back something else:\n{console}");
 }
