@@ -135,3 +135,31 @@ fn wrong_key_and_missing_object_fail_in_one_line_against_garage() {
     let e = oxcow::remote::open_with("s3://no-such-bucket/x", &good).unwrap_err().to_string();
     assert!(!e.contains('\n') && e.contains("s3://no-such-bucket/x"), "{e}");
 }
+
+/// `--prefetch` over `s3://`: the prefetcher copies the whole base into
+/// the overlay while nothing else runs; afterwards the served device reads
+/// the base's bytes without a request to the store.
+#[test]
+fn prefetch_copies_a_garage_base_into_the_overlay() {
+    let Some(g) = Garage::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("s3://{BUCKET}/prefetch/base.qcow2");
+    let data = upload_base(&g, dir.path(), &name);
+    oxcow::remote::configure(&name, g.options_at(0));
+    let ov = dir.path().join("ov.qcow2");
+    let c = CreateOptions::new(16 << 20).backing_file(name.clone()).backing_format(Some("qcow2".into()));
+    oxcow::qcow2::create(oxcow::create_file(&ov).unwrap(), None, &c).unwrap();
+    let img = oxcow::open(&ov, &OpenOptions::default().write(true).allow_network_backing(true)).unwrap();
+    let opts = oxcow::tools::prefetch::PrefetchOptions::default().chunk(1 << 20);
+    let (served, pf) = oxcow::tools::prefetch::for_export(&img, opts).unwrap();
+    crate::support::process::wait_ready("prefetch to finish", None, || pf.is_done());
+    assert_eq!(pf.error(), None);
+    let p = pf.stop();
+    assert!(p.finished && p.copied > 0, "{p:?}");
+    let before = stats_for(&name).requests;
+    let mut all = vec![0u8; 16 << 20];
+    served.read_at(&mut all, 0).unwrap();
+    assert!(all == data, "the prefetched overlay reads differently");
+    assert_eq!(stats_for(&name).requests, before, "reads after the prefetch went to the store");
+    img.close().unwrap();
+}
