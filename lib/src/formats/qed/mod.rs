@@ -174,14 +174,22 @@ impl Qed {
         Ok(self.l2(l1)?.get((cluster % entries) as usize).copied().unwrap_or(0))
     }
 
+    /// How many clusters from `cluster` one call handles for a write of
+    /// `len` bytes at `within` of it: those it reaches, in the same L2
+    /// table, at most [`MAX_RUN_BYTES`], at least one.
+    fn run_reach(&self, cluster: u64, within: u64, len: u64) -> u64 {
+        let cs = u64::from(self.header.cluster_size);
+        let entries = self.header.entries();
+        (within + len).div_ceil(cs).min(entries - cluster % entries).min(MAX_RUN_BYTES / cs).max(1)
+    }
+
     /// How much of a write of `len` bytes at `within` of allocated
     /// `cluster` (at `host`) lands in this and the following clusters while
     /// they are allocated contiguously in the file: one write for a
     /// rewrite of a sequentially written range.
     fn allocated_span(&self, cluster: u64, host: u64, within: u64, len: u64) -> Result<usize> {
         let cs = u64::from(self.header.cluster_size);
-        let entries = self.header.entries();
-        let reach = (within + len).div_ceil(cs).min(entries - cluster % entries).min(MAX_RUN_BYTES / cs).max(1);
+        let reach = self.run_reach(cluster, within, len);
         let mut k = 1;
         while k < reach && self.l2_entry(cluster + k)? == host + k * cs {
             k += 1;
@@ -249,19 +257,20 @@ impl Layout for Qed {
         let cluster = offset / cs;
         let within = offset % cs;
         let f = &self.files[0];
+        let rewrite = |host: u64| -> Result<usize> {
+            let n = self.allocated_span(cluster, host, within, buf.len() as u64)?;
+            wio(f.write_at(&buf[..n], host + within), "data")?;
+            Ok(n)
+        };
         let e = self.l2_entry(cluster)?;
         if e > 1 {
-            let n = self.allocated_span(cluster, e, within, buf.len() as u64)?;
-            wio(f.write_at(&buf[..n], e + within), "data")?;
-            return Ok(n);
+            return rewrite(e);
         }
         let mut end = lock(&self.alloc)?;
         let e = self.l2_entry(cluster)?;
         if e > 1 {
             drop(end);
-            let n = self.allocated_span(cluster, e, within, buf.len() as u64)?;
-            wio(f.write_at(&buf[..n], e + within), "data")?;
-            return Ok(n);
+            return rewrite(e);
         }
         self.mark_need_check()?;
         // The run: this cluster and the following unallocated ones the
@@ -270,7 +279,7 @@ impl Layout for Qed {
         // entries in another (a sequential copy would otherwise pay two
         // writes per cluster).
         let (l1i, l2i) = (cluster / entries, cluster % entries);
-        let reach = (within + buf.len() as u64).div_ceil(cs).min(entries - l2i).min(MAX_RUN_BYTES / cs).max(1);
+        let reach = self.run_reach(cluster, within, buf.len() as u64);
         let mut states = vec![e];
         while (states.len() as u64) < reach {
             match self.l2_entry(cluster + states.len() as u64)? {
