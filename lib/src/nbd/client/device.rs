@@ -297,6 +297,12 @@ impl NbdClient {
         (u64::from(self.info.max_payload) / min * min).max(min)
     }
 
+    /// The read-modify-write lock, shared: held by every write, zeroing
+    /// and trim that is not itself a read-modify-write.
+    fn rmw_shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.rmw.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn align_down(&self, v: u64) -> u64 {
         let a = u64::from(self.info.min_block.max(1));
         v / a * a
@@ -404,7 +410,7 @@ impl BlockDevice for NbdClient {
         }
         let (a, b) = (self.align_down(offset), self.align_up(offset + buf.len() as u64).min(self.len()));
         if a == offset && b == offset + buf.len() as u64 {
-            let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            let _g = self.rmw_shared();
             return self.write_aligned(buf, offset);
         }
         // Read-modify-write of the blocks around an unaligned write.
@@ -422,7 +428,7 @@ impl BlockDevice for NbdClient {
         let aligned = self.align_down(offset) == offset && (self.align_up(offset + len) == offset + len);
         if self.info.flags & FLAG_SEND_WRITE_ZEROES != 0 && aligned {
             let flags = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
-            let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+            let _g = self.rmw_shared();
             return self.ranged("writing zeroes to NBD export", CMD_WRITE_ZEROES, flags, offset, len);
         }
         const CHUNK: u64 = 1 << 20;
@@ -448,7 +454,7 @@ impl BlockDevice for NbdClient {
         if a >= b {
             return Ok(());
         }
-        let _g = self.rmw.read().unwrap_or_else(|e| e.into_inner());
+        let _g = self.rmw_shared();
         self.ranged("discarding on NBD export", CMD_TRIM, 0, a, b - a)
     }
 
