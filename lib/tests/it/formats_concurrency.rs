@@ -4,7 +4,7 @@
 //! image clean and equal to the model.
 
 use crate::support::{ok, run, s, Dir, Rng};
-use oxcow::{BlockDevice, OpenOptions};
+use oxcow::{BlockDevice, CacheMode, OpenOptions};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,10 +12,15 @@ use std::sync::Arc;
 /// in random order: neighbouring slots share blocks, grains and clusters,
 /// so allocations race, and no two writes overlap (the model is exact).
 fn race(path: &Path, fmt: &str, size: u64) -> Vec<u8> {
-    let img = oxcow::open(path, &OpenOptions::read_write().format(fmt.parse::<oxcow::Format>().unwrap())).unwrap();
+    race_with(path, fmt, size, 3 << 10, CacheMode::default())
+}
+
+/// [`race`] with slots of `slot` bytes, opened in cache mode `cache`.
+fn race_with(path: &Path, fmt: &str, size: u64, slot: u64, cache: CacheMode) -> Vec<u8> {
+    let opts = OpenOptions::read_write().format(fmt.parse::<oxcow::Format>().unwrap()).cache(cache);
+    let img = oxcow::open(path, &opts).unwrap();
     let dev: Arc<dyn BlockDevice> = img.device().clone();
-    const SLOT: u64 = 3 << 10;
-    let slots = size / SLOT;
+    let slots = size / slot;
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let dev = dev.clone();
@@ -27,7 +32,7 @@ fn race(path: &Path, fmt: &str, size: u64) -> Vec<u8> {
                 }
                 for &i in mine.iter().take(300) {
                     let byte = (i % 251) as u8 + 1;
-                    dev.write_at(&vec![byte; SLOT as usize], i * SLOT).unwrap();
+                    dev.write_at(&vec![byte; slot as usize], i * slot).unwrap();
                 }
                 mine.truncate(300);
                 mine
@@ -37,8 +42,8 @@ fn race(path: &Path, fmt: &str, size: u64) -> Vec<u8> {
     let mut model = vec![0u8; size as usize];
     for t in threads {
         for i in t.join().unwrap() {
-            let o = (i * SLOT) as usize;
-            model[o..o + SLOT as usize].fill((i % 251) as u8 + 1);
+            let o = (i * slot) as usize;
+            model[o..o + slot as usize].fill((i % 251) as u8 + 1);
         }
     }
     let mut back = vec![0u8; size as usize];
@@ -78,5 +83,29 @@ fn concurrent_allocating_writes_into_other_formats_all_land() {
         }
         let (code, out, err) = run("qemu-img", &["compare", "-f", fmt, "-F", "raw", s(&p), s(&raw)]);
         assert_eq!(code, 0, "{fmt} {opts:?} differs from the model in qemu: {out}{err}");
+    }
+}
+
+/// QED allocates the run of clusters a write reaches at once: 9 KiB slots
+/// over 4 KiB clusters make runs of three racing their neighbours' runs,
+/// in every cache mode (O_DIRECT included).
+#[test]
+fn concurrent_multi_cluster_qed_writes_land_in_every_cache_mode() {
+    let d = Dir::new();
+    let size: u64 = 8 << 20;
+    for (i, cache) in
+        [CacheMode::None, CacheMode::Directsync, CacheMode::Writethrough, CacheMode::Writeback, CacheMode::Unsafe]
+            .into_iter()
+            .enumerate()
+    {
+        let p = d.p(&format!("m{i}.qed"));
+        ok("qemu-img", &["create", "-q", "-f", "qed", "-o", "cluster_size=4096", s(&p), &size.to_string()]);
+        let model = race_with(&p, "qed", size, 9 << 10, cache);
+        let raw = d.p(&format!("m{i}.raw"));
+        std::fs::write(&raw, &model).unwrap();
+        let (code, out, err) = run("qemu-img", &["check", "-f", "qed", s(&p)]);
+        assert_eq!(code, 0, "qemu-img check, cache {cache:?}: {out}{err}");
+        let (code, out, err) = run("qemu-img", &["compare", "-f", "qed", "-F", "raw", s(&p), s(&raw)]);
+        assert_eq!(code, 0, "cache {cache:?}: differs from the model in qemu: {out}{err}");
     }
 }
