@@ -219,30 +219,7 @@ pub fn upload(name: &str, s3: &S3Options, http: &HttpOptions, src: &mut dyn Read
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("'{}': bad upload answer: {e}", obj.name())))?;
     let id = created.upload_id().to_string();
     let result = (|| {
-        let mut etags = Vec::new();
-        let mut total = 0u64;
-        let mut buf = vec![0u8; part_size];
-        loop {
-            let n = fill(src, &mut buf)?;
-            // S3 wants at least one part, even of an empty object.
-            if n == 0 && !etags.is_empty() {
-                break;
-            }
-            let number = u16::try_from(etags.len() + 1)
-                .ok()
-                .filter(|n| *n <= 10000)
-                .ok_or_else(|| invalid(format!("'{}': more than 10000 parts; use a larger part size", obj.name())))?;
-            let url = obj.bucket.upload_part(creds, &obj.key, number, &id).sign(SIGNATURE_LIFETIME);
-            let (etag, _) = send(&agent, http, &obj, "PUT", url.as_str(), Some(&buf[..n]))?;
-            let etag = etag.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("'{}': part {number} got no ETag", obj.name()))
-            })?;
-            etags.push(etag);
-            total += n as u64;
-            if n < part_size {
-                break;
-            }
-        }
+        let (etags, total) = upload_parts(&agent, http, &obj, &id, src, part_size)?;
         let complete = obj.bucket.complete_multipart_upload(creds, &obj.key, &id, etags.iter().map(String::as_str));
         let url = complete.sign(SIGNATURE_LIFETIME);
         let body = complete.body();
@@ -254,6 +231,109 @@ pub fn upload(name: &str, s3: &S3Options, http: &HttpOptions, src: &mut dyn Read
         let _ = send(&agent, http, &obj, "DELETE", url.as_str(), None);
     }
     result
+}
+
+/// Sends `src` as the parts of upload `id`, up to `http.parallel` at a
+/// time (one request at a time leaves the link idle while the store hashes
+/// and replicates each part); the parts' ETags in order and the bytes sent.
+/// Memory stays bounded: the reader fills at most one part ahead of the
+/// senders.
+fn upload_parts(
+    agent: &ureq::Agent,
+    http: &HttpOptions,
+    obj: &S3Object,
+    id: &str,
+    src: &mut dyn Read,
+    part_size: usize,
+) -> io::Result<(Vec<String>, u64)> {
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    let senders = http.parallel.clamp(1, 16);
+    let (tx, rx) = mpsc::sync_channel::<(u16, Vec<u8>)>(0);
+    let rx = Mutex::new(rx);
+    let etags: Mutex<Vec<Option<String>>> = Mutex::new(Vec::new());
+    let failure: Mutex<Option<io::Error>> = Mutex::new(None);
+    let creds = obj.credentials.as_ref();
+    let mut total = 0u64;
+    std::thread::scope(|scope| {
+        for _ in 0..senders {
+            scope.spawn(|| loop {
+                // The lock is held only while waiting for the next part.
+                let next = rx.lock().map(|r| r.recv());
+                let Ok(Ok((number, buf))) = next else { return };
+                // After a failure the parts still coming are drained, not
+                // sent, so the reader never blocks on a channel nobody reads.
+                if failure.lock().map_or(true, |f| f.is_some()) {
+                    continue;
+                }
+                let url = obj.bucket.upload_part(creds, &obj.key, number, id).sign(SIGNATURE_LIFETIME);
+                let sent = send(agent, http, obj, "PUT", url.as_str(), Some(&buf)).and_then(|(etag, _)| {
+                    etag.ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("'{}': part {number} got no ETag", obj.name()),
+                        )
+                    })
+                });
+                match sent {
+                    Ok(etag) => {
+                        if let Ok(mut e) = etags.lock() {
+                            let i = usize::from(number) - 1;
+                            if e.len() <= i {
+                                e.resize(i + 1, None);
+                            }
+                            e[i] = Some(etag);
+                        }
+                    }
+                    Err(err) => {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(err);
+                        }
+                    }
+                }
+            });
+        }
+        let read = (|| {
+            let mut parts = 0usize;
+            loop {
+                if failure.lock().map_or(true, |f| f.is_some()) {
+                    return Ok(());
+                }
+                let mut buf = vec![0u8; part_size];
+                let n = fill(src, &mut buf)?;
+                // S3 wants at least one part, even of an empty object.
+                if n == 0 && parts > 0 {
+                    return Ok(());
+                }
+                parts += 1;
+                let number = u16::try_from(parts).ok().filter(|n| *n <= 10000).ok_or_else(|| {
+                    invalid(format!("'{}': more than 10000 parts; use a larger part size", obj.name()))
+                })?;
+                buf.truncate(n);
+                total += n as u64;
+                if tx.send((number, buf)).is_err() {
+                    return Ok(());
+                }
+                if n < part_size {
+                    return Ok(());
+                }
+            }
+        })();
+        // Closing the channel lets the senders finish the parts in flight.
+        drop(tx);
+        if let Err(e) = read {
+            if let Ok(mut f) = failure.lock() {
+                f.get_or_insert(e);
+            }
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let etags = etags.into_inner().unwrap_or_default();
+    let etags: Option<Vec<String>> = etags.into_iter().collect();
+    let etags = etags.ok_or_else(|| io::Error::other(format!("'{}': a part was not sent", obj.name())))?;
+    Ok((etags, total))
 }
 
 /// Reads until `buf` is full or `src` ends; the bytes read.

@@ -113,3 +113,31 @@ fn wrong_access_key_and_missing_object_fail_in_one_line() {
     let e = s3::upload("s3://bucket/y", &bad.s3, &bad.http, &mut &b"x"[..], 5 << 20).unwrap_err().to_string();
     assert!(e.contains("access denied"), "{e}");
 }
+
+#[test]
+fn upload_sends_parts_in_parallel_and_assembles_them_in_order() {
+    let srv = S3Server::start();
+    srv.store.lock().unwrap().part_delay = std::time::Duration::from_millis(150);
+    let o = opts(&srv, KEY_ID);
+    let data = pattern((40 << 20) + 1, 11);
+    let n = s3::upload("s3://bucket/par.raw", &o.s3, &o.http, &mut &data[..], 5 << 20).unwrap();
+    assert_eq!(n, data.len() as u64);
+    let st = srv.store.lock().unwrap();
+    assert_eq!(st.parts_received, 9);
+    assert!(st.objects["bucket/par.raw"] == data, "parts assembled out of order");
+    assert!(st.max_parts_in_flight >= 2, "parts went one at a time ({})", st.max_parts_in_flight);
+    assert!(st.max_parts_in_flight <= o.http.parallel as u64, "{} parts in flight", st.max_parts_in_flight);
+}
+
+#[test]
+fn a_part_refused_mid_upload_aborts_it_and_leaves_no_object() {
+    let srv = S3Server::start();
+    srv.store.lock().unwrap().refuse_part = Some(3);
+    let o = opts(&srv, KEY_ID);
+    let data = pattern(30 << 20, 5);
+    let e = s3::upload("s3://bucket/half.raw", &o.s3, &o.http, &mut &data[..], 5 << 20).unwrap_err().to_string();
+    assert!(e.contains("access denied") && !e.contains('\n') && !e.contains("X-Amz"), "{e}");
+    let st = srv.store.lock().unwrap();
+    assert_eq!(st.aborted, 1, "the failed upload was not aborted");
+    assert!(!st.objects.contains_key("bucket/half.raw"));
+}

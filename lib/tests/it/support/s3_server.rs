@@ -24,6 +24,13 @@ pub struct Store {
     pub parts_received: u64,
     /// Uploads aborted.
     pub aborted: u64,
+    /// A part number refused with 403 (a store failing mid-upload).
+    pub refuse_part: Option<u32>,
+    /// How long each part takes to arrive (a slow store), and the most
+    /// parts seen in flight at once.
+    pub part_delay: Duration,
+    pub parts_in_flight: u64,
+    pub max_parts_in_flight: u64,
     next_id: u64,
 }
 
@@ -92,6 +99,16 @@ fn serve(c: TcpStream, store: &Mutex<Store>, n: &AtomicU64) -> std::io::Result<(
             reply(&mut w, "403 Forbidden", "", b"<Error><Code>InvalidAccessKeyId</Code></Error>")?;
             continue;
         }
+        let delay = store.lock().unwrap().part_delay;
+        if method == "PUT" && !delay.is_zero() {
+            {
+                let mut s = store.lock().unwrap();
+                s.parts_in_flight += 1;
+                s.max_parts_in_flight = s.max_parts_in_flight.max(s.parts_in_flight);
+            }
+            std::thread::sleep(delay);
+            store.lock().unwrap().parts_in_flight -= 1;
+        }
         let mut s = store.lock().unwrap();
         match method.as_str() {
             "GET" => match (s.objects.get(&object).cloned(), range) {
@@ -120,6 +137,10 @@ fn serve(c: TcpStream, store: &Mutex<Store>, n: &AtomicU64) -> std::io::Result<(
                     continue;
                 };
                 s.parts_received += 1;
+                if s.refuse_part == Some(num) {
+                    reply(&mut w, "403 Forbidden", "", b"<Error><Code>AccessDenied</Code></Error>")?;
+                    continue;
+                }
                 match s.parts.get_mut(*id) {
                     Some(p) => {
                         p.insert(num, body);
