@@ -82,6 +82,50 @@ fn create_backing_rules() {
     );
 }
 
+#[test]
+fn preallocation_over_a_backing_file_keeps_the_backing_data_visible() {
+    let d = tmp();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "base", "1M"]);
+    qemu_write(dir, "base", &[(0x11, 0, 1 << 20)], &["-f", "raw"]);
+    for mode in ["metadata", "falloc", "full"] {
+        // Extended L2: the clusters are reserved, every subcluster left
+        // unallocated; with metadata byte for byte what qemu-img writes
+        // (falloc and full: QEMU moves its refcount table first).
+        let o = format!("extended_l2=on,preallocation={mode}");
+        let args = ["create", "-q", "-f", "qcow2", "-o", &o, "-b", "base", "-F", "raw"];
+        ok(dir, OXCOW, &[&args[..], &["ours.qcow2", "512k"]].concat());
+        ok(dir, "qemu-img", &[&args[..], &["theirs.qcow2", "512k"]].concat());
+        let (a, b) = (std::fs::read(dir.join("ours.qcow2")).unwrap(), std::fs::read(dir.join("theirs.qcow2")).unwrap());
+        assert!(mode != "metadata" || a == b, "preallocation={mode}: the image differs from qemu-img's");
+        assert_eq!(a.len(), b.len(), "preallocation={mode}");
+        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 512 << 10)], &[]);
+        // A write lands in the reserved cluster; the rest still reads the base.
+        ok(dir, OXCOW, &["io", "-c", "write -P 0x22 4k 4k", "ours.qcow2"]);
+        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 4096), (0x22, 4096, 4096), (0x11, 8192, 500 << 10)], &[]);
+        let c = qemu_img(dir, &["check", "ours.qcow2"]);
+        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+        assert_eq!(
+            std::fs::metadata(dir.join("ours.qcow2")).unwrap().len(),
+            b.len() as u64,
+            "the write allocated anew"
+        );
+    }
+    // Without subclusters a preallocated cluster would hide the base:
+    // refused as qemu-img refuses it, and no file is left.
+    let r = oxcow(
+        dir,
+        &["create", "-f", "qcow2", "-o", "preallocation=metadata", "-b", "base", "-F", "raw", "x.qcow2", "512k"],
+    );
+    let q = qemu_img(
+        dir,
+        &["create", "-f", "qcow2", "-o", "preallocation=metadata", "-b", "base", "-F", "raw", "y.qcow2", "512k"],
+    );
+    assert_eq!((r.code, q.code), (1, 1));
+    assert_eq!(r.stderr.replace("oxcow: x.qcow2", "qemu-img: y.qcow2"), q.stderr);
+    assert!(!dir.join("x.qcow2").exists() && !dir.join("y.qcow2").exists());
+}
+
 /// Refused options: qemu-img's first error line, after our prefix.
 fn refused_like_qemu(dir: &std::path::Path, opts: &[&str]) {
     for o in opts {

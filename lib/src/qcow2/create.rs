@@ -181,6 +181,14 @@ impl CreateOptions {
         if self.data_file_raw && self.backing_file.is_some() {
             return Err(Error::invalid("Backing file and data-file-raw cannot be used at the same time"));
         }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off && !self.extended_l2 {
+            // Preallocated clusters would hide the backing file: only
+            // subcluster bitmaps can point at a cluster and still leave
+            // every subcluster unallocated.
+            return Err(Error::invalid(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            ));
+        }
         if self.journal && !self.lazy_refcounts {
             return Err(Error::invalid("The recovery journal requires lazy_refcounts=on"));
         }
@@ -291,7 +299,7 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
     q.grow(opts.size)?;
     let Some((params, password)) = &opts.encryption else {
         if opts.preallocation != Preallocation::Off {
-            q.preallocate(opts.preallocation)?;
+            q.preallocate(opts.preallocation, opts.backing_file.is_some())?;
         }
         return q.close_clean();
     };
@@ -303,7 +311,7 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
         // Through the key, so preallocated zeros are written encrypted.
         let o = Qcow2Options { data_file, key_secret: Some(password.clone()), ..Default::default() };
         let q = Qcow2::open(file, o)?;
-        q.preallocate(opts.preallocation)?;
+        q.preallocate(opts.preallocation, opts.backing_file.is_some())?;
         q.close_clean()?;
     }
     Ok(())
@@ -405,7 +413,10 @@ impl Qcow2 {
     /// Allocates every cluster of the disk (preallocation=metadata and up).
     /// With falloc the data clusters get their blocks, with full they are
     /// written with zeros, before the L2 entries pointing at them are.
-    fn preallocate(&self, mode: Preallocation) -> Result<()> {
+    /// Over a backing file (extended L2 only, see `validate`) the clusters
+    /// are reserved with every subcluster left unallocated, as QEMU does,
+    /// so the backing file still shows through until the guest writes.
+    fn preallocate(&self, mode: Preallocation, over_backing: bool) -> Result<()> {
         let cs = self.g.cluster_size;
         let clusters = self.len().div_ceil(cs);
         let mut m = self.lock();
@@ -422,7 +433,8 @@ impl Qcow2 {
             // Plain allocated entries, as QEMU writes them: the new file
             // is sparse, so the clusters read as zeros.
             let e = if self.g.extended {
-                L2Entry { word: host | crate::format::l2::COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
+                let allocated = if over_backing { 0 } else { u32::MAX };
+                L2Entry { word: host | crate::format::l2::COPIED, bitmap: SubclusterBitmap::from_parts(allocated, 0) }
             } else {
                 L2Entry::normal(host, true)
             };
