@@ -227,8 +227,31 @@ impl Qcow2 {
         Ok(self.g.l2.get(t, j))
     }
 
+    /// Whether an extended entry's subcluster bitmap can mean anything, by
+    /// the spec's rules (QEMU refuses the same entries): a compressed
+    /// cluster has no bitmap, a subcluster is never both allocated and
+    /// zero, and without a host cluster nothing is allocated.
+    pub(crate) fn subcluster_bits_valid(&self, e: L2Entry) -> bool {
+        let (alloc, zero) = (e.bitmap.alloc(), e.bitmap.zero());
+        if e.is_compressed() {
+            return e.bitmap.0 == 0;
+        }
+        let has_host = e.host_offset() != 0 || (self.g.external_data && e.word & crate::format::l2::COPIED != 0);
+        if has_host {
+            alloc & zero == 0
+        } else {
+            alloc == 0
+        }
+    }
+
     /// How subcluster `sub` of an entry reads, validating host offsets.
     pub(crate) fn classify(&self, e: L2Entry, sub: u32, gc: GuestCluster) -> Result<ClusterKind> {
+        if self.g.extended && !self.subcluster_bits_valid(e) {
+            return Err(Error::corrupt(format!(
+                "invalid cluster entry for guest cluster {gc} (subcluster bitmap {:#018x})",
+                e.bitmap.0
+            )));
+        }
         let k = self.g.l2.classify(e, sub, self.g.v3);
         match k {
             ClusterKind::Normal(host) | ClusterKind::Zero(Some(host)) => {

@@ -457,6 +457,10 @@ impl Qcow2 {
     /// corruption, refused with the corrupt bit set. A referenced cluster
     /// past the allocator's end is kept by the truncation at close.
     pub(crate) fn check_mapped_entry(&self, m: &mut Meta, e: L2Entry) -> Result<()> {
+        if self.g.extended && !self.subcluster_bits_valid(e) {
+            let bits = e.bitmap.0;
+            return Err(self.mark_corrupt(m, format!("invalid cluster entry (subcluster bitmap {bits:#018x})")));
+        }
         if self.g.external_data {
             return Ok(());
         }

@@ -167,8 +167,14 @@ impl Qcow2 {
         }
         let e = self.cached_l2_entry(m, gc)?;
         let l1_copied = m.map.l1().get(gc.split(&self.g).0).is_some_and(|&r| L1Entry(r).copied());
-        let ok =
-            self.owned(e) && l1_copied && self.fits_in_place(e, from, to) && self.mapped_cluster_ok(m, e.host_offset());
+        // An entry that breaks the subcluster rules goes to the planned
+        // path, whose check reports it.
+        let valid = !self.g.extended || self.subcluster_bits_valid(e);
+        let ok = valid
+            && self.owned(e)
+            && l1_copied
+            && self.fits_in_place(e, from, to)
+            && self.mapped_cluster_ok(m, e.host_offset());
         ok.then_some(HostOffset(e.host_offset()))
     }
 

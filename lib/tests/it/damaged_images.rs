@@ -625,3 +625,46 @@ fn discard_through_an_entry_on_metadata_is_refused() {
         assert!(lost(&p, &data).is_empty(), "{op}: the L1 table was damaged");
     }
 }
+
+#[test]
+fn subcluster_entries_breaking_the_bitmap_rules_are_corrupt_not_data() {
+    // Extended L2 entries the spec gives no meaning: a subcluster both
+    // allocated and zero, allocated subclusters without a host cluster,
+    // a compressed cluster with a bitmap. Reading one used to return the
+    // host cluster's bytes (or zeros); QEMU refuses them as corrupt.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ext.qcow2");
+    let s = p.to_str().unwrap();
+    support::ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", s, "1M"]);
+    support::ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x33 64k 64k", s]);
+    let clean = std::fs::read(&p).unwrap();
+    let l1 = get64(&clean, 40);
+    let l2 = get64(&clean, l1) & OFFSET_MASK;
+    let host = get64(&clean, l2 + 16) & OFFSET_MASK;
+    let cases: [(&str, u64, u64); 4] = [
+        ("allocated and zero", COPIED | host, 0x0000_0001_ffff_ffff),
+        ("allocated without a host cluster", 0, 0x0000_0000_0000_0001),
+        ("allocated and zero without a host cluster", 0, 0x0000_0001_0000_0001),
+        ("compressed with a bitmap", (1 << 62) | host, 0x0000_0000_0000_0001),
+    ];
+    for (what, word, bitmap) in cases {
+        let mut b = clean.clone();
+        put64(&mut b, l2 + 16, word);
+        put64(&mut b, l2 + 24, bitmap);
+        std::fs::write(&p, &b).unwrap();
+        let (_, out, _) = run("qemu-io", &["-f", "qcow2", "-r", "-c", "read 64k 4k", s]);
+        assert!(out.contains("read failed"), "{what}: QEMU reads it: {out}");
+        let opts = OpenOptions::default().format(Some(Format::Qcow2)).write(true);
+        let img = oxcow::open(&p, &opts).unwrap();
+        let dev = img.device();
+        let mut buf = vec![0u8; 4096];
+        let e = dev.read_at(&mut buf, 64 * K).expect_err(what);
+        assert!(e.is_corrupt(), "{what}: {e}");
+        let e = dev.write_at(&[7u8; 4096], 64 * K).expect_err(what);
+        assert!(e.is_corrupt(), "{what}: {e}");
+        assert!(dev.write_at(&[7u8; 512], 512 * K).is_err(), "{what}: writes refused after");
+        let _ = img.close();
+        drop(img);
+        assert!(qemu_says_corrupt(&p), "{what}: the corrupt bit is not set");
+    }
+}
