@@ -35,6 +35,7 @@ mod storage_daemon_fuse;
 mod storage_daemon_guest;
 mod storage_daemon_vhost;
 mod storage_daemon_vhost_guest;
+mod storage_daemon_vhost_reconnect;
 mod tls_hostile;
 mod tls_interop;
 mod tls_libnbd_python;
