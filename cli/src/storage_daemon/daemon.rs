@@ -120,7 +120,8 @@ impl Daemon {
                     .writable(spec.writable)
                     .num_queues(*num_queues)
                     .logical_block_size(*logical_block_size)
-                    .discard(io.unmap);
+                    .discard(io.unmap)
+                    .detect_zeroes(io.detect_zeroes);
                 let export = VhostUserBlkExport::start(dev, std::path::Path::new(path), opts)
                     .map_err(|e| CliError::new(crate::error::message(&e)))?;
                 Handle::VhostUserBlk(export)

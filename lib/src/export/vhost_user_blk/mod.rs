@@ -11,6 +11,19 @@
 //! out synchronously on the device. When the front end goes away the
 //! device is flushed and the socket accepts the next one.
 //!
+//! A daemon restarted under a running VM loses no request, without the
+//! inflight-tracking protocol (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`,
+//! not offered: vhost-user-backend refuses its messages). QEMU's front
+//! end, finding the old back end gone (`GET_VRING_BASE` fails), restarts
+//! each queue at the used ring's index in guest memory, so the new back
+//! end pops again every request not yet marked used. That is exactly the
+//! set in flight because each queue's requests complete in the order they
+//! were popped (one worker, synchronous): a back end that completes out
+//! of order must track inflight descriptors instead. A request carried
+//! out twice (done, killed before its used entry) is a write of the same
+//! data again. The one thing the front end does not redo is the
+//! interrupt: see `BlkBackend::handle_event`.
+//!
 //! Files: `config` (features and configuration space), `request` (one
 //! request's parsing and execution), `backend` (the vhost-user back end
 //! and the queue loop).
@@ -19,6 +32,7 @@ mod backend;
 mod config;
 mod request;
 
+use crate::nbd::server::DetectZeroes;
 use crate::{BlockDevice, Error, Result};
 use backend::BlkBackend;
 use std::os::fd::AsRawFd;
@@ -46,15 +60,31 @@ pub struct VhostUserBlkOptions {
     /// succeed and change nothing, and write-zeroes keep the range
     /// allocated.
     pub discard: bool,
+    /// Writes of all-zero data become write-zeroes (the node's
+    /// `detect-zeroes`); with `Unmap` and [`discard`](Self::discard)
+    /// they may deallocate.
+    pub detect_zeroes: DetectZeroes,
 }
 
 impl Default for VhostUserBlkOptions {
     fn default() -> Self {
-        VhostUserBlkOptions { writable: false, num_queues: 1, logical_block_size: 512, discard: false }
+        VhostUserBlkOptions {
+            writable: false,
+            num_queues: 1,
+            logical_block_size: 512,
+            discard: false,
+            detect_zeroes: DetectZeroes::Off,
+        }
     }
 }
 
-setters!(VhostUserBlkOptions { writable: bool, num_queues: u16, logical_block_size: u32, discard: bool });
+setters!(VhostUserBlkOptions {
+    writable: bool,
+    num_queues: u16,
+    logical_block_size: u32,
+    discard: bool,
+    detect_zeroes: DetectZeroes,
+});
 
 /// How often the accept loop looks at its stop flag.
 const POLL_MS: i32 = 50;
