@@ -33,6 +33,7 @@ mod small_filesystem;
 mod storage_daemon_cli;
 mod storage_daemon_fuse;
 mod storage_daemon_guest;
+mod storage_daemon_qcow2_opts;
 mod storage_daemon_vhost;
 mod storage_daemon_vhost_guest;
 mod storage_daemon_vhost_reconnect;
