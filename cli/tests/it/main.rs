@@ -31,6 +31,7 @@ mod s3_garage_cli;
 mod serve_cli;
 mod small_filesystem;
 mod storage_daemon_cli;
+mod storage_daemon_fd;
 mod storage_daemon_fuse;
 mod storage_daemon_guest;
 mod storage_daemon_qcow2_opts;

@@ -55,6 +55,13 @@ impl Daemon {
         Daemon { pid, exited: false.into() }
     }
 
+    /// The daemon whose pid file is `dir/daemon.pid` (one started by
+    /// other means than [`start`](Self::start)).
+    pub fn from_pidfile(dir: &Path) -> Daemon {
+        let pid = std::fs::read_to_string(dir.join("daemon.pid")).expect("pid file").trim().parse().expect("pid");
+        Daemon { pid, exited: false.into() }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }

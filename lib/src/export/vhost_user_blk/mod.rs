@@ -95,7 +95,8 @@ pub struct VhostUserBlkExport {
     /// The connected front end's socket, to cut it off.
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
+    /// The socket file bound (none for an inherited socket).
+    path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for VhostUserBlkExport {
@@ -108,20 +109,30 @@ impl VhostUserBlkExport {
     /// Listens on the Unix socket `path` (replacing a stale socket file)
     /// and serves `device` to each front end that connects.
     pub fn start(device: Arc<dyn BlockDevice>, path: &Path, opts: VhostUserBlkOptions) -> Result<VhostUserBlkExport> {
-        let lbs = opts.logical_block_size;
-        if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
-            return Err(Error::invalid(format!(
-                "logical-block-size must be a power of 2 between 512 and 32768, not {lbs}"
-            )));
-        }
-        if !(1..=64).contains(&opts.num_queues) {
-            return Err(Error::invalid(format!("num-queues must be between 1 and 64, not {}", opts.num_queues)));
-        }
-        if opts.writable && device.is_read_only() {
-            return Err(Error::invalid("cannot export a read-only device as writable"));
-        }
-        let context = || format!("listening on {}", path.display());
-        let listener = Listener::new(path, true).map_err(|e| Error::io(context(), std::io::Error::other(e)))?;
+        check(&*device, opts)?;
+        let listener = Listener::new(path, true)
+            .map_err(|e| Error::io(format!("listening on {}", path.display()), std::io::Error::other(e)))?;
+        Self::serve(device, listener, Some(path.to_path_buf()), opts)
+    }
+
+    /// Serves `device` on a socket that already listens (one a parent
+    /// process passed in); it is closed, not unlinked, at the end.
+    pub fn start_on(
+        device: Arc<dyn BlockDevice>,
+        listener: std::os::unix::net::UnixListener,
+        opts: VhostUserBlkOptions,
+    ) -> Result<VhostUserBlkExport> {
+        check(&*device, opts)?;
+        Self::serve(device, Listener::from(listener), None, opts)
+    }
+
+    fn serve(
+        device: Arc<dyn BlockDevice>,
+        listener: Listener,
+        path: Option<PathBuf>,
+        opts: VhostUserBlkOptions,
+    ) -> Result<VhostUserBlkExport> {
+        let context = || "listening for vhost-user front ends".to_string();
         listener.set_nonblocking(true).map_err(|e| Error::io(context(), std::io::Error::other(e)))?;
         let epoll = Epoll::new().map_err(|e| Error::io(context(), e))?;
         epoll
@@ -134,7 +145,7 @@ impl VhostUserBlkExport {
             .name("vhost-user-blk".into())
             .spawn(move || accept_loop(listener, epoll, device, opts, &stop2, &conn2))
             .map_err(|e| Error::io("starting the vhost-user-blk export", e))?;
-        Ok(VhostUserBlkExport { stop, conn, thread: Some(thread), path: path.to_path_buf() })
+        Ok(VhostUserBlkExport { stop, conn, thread: Some(thread), path })
     }
 
     /// A front end is connected.
@@ -163,6 +174,23 @@ impl Drop for VhostUserBlkExport {
     fn drop(&mut self) {
         self.end();
     }
+}
+
+/// Refuses options the device cannot be served with.
+fn check(device: &dyn BlockDevice, opts: VhostUserBlkOptions) -> Result<()> {
+    let lbs = opts.logical_block_size;
+    if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
+        return Err(Error::invalid(format!(
+            "logical-block-size must be a power of 2 between 512 and 32768, not {lbs}"
+        )));
+    }
+    if !(1..=64).contains(&opts.num_queues) {
+        return Err(Error::invalid(format!("num-queues must be between 1 and 64, not {}", opts.num_queues)));
+    }
+    if opts.writable && device.is_read_only() {
+        return Err(Error::invalid("cannot export a read-only device as writable"));
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
