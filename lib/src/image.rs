@@ -228,6 +228,8 @@ pub struct OpenOptions {
     /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
     /// backing files keep the defaults, as in QEMU without `backing.*`.
     pub qcow2_cache: crate::qcow2::CacheOptions,
+    /// The qcow2 `lazy-refcounts` open option (`None`: as the header says).
+    pub qcow2_lazy_refcounts: Option<bool>,
 }
 
 impl Default for OpenOptions {
@@ -250,6 +252,7 @@ impl Default for OpenOptions {
             backing_keys: Vec::new(),
             blkdebug: None,
             qcow2_cache: Default::default(),
+            qcow2_lazy_refcounts: None,
         }
     }
 }
@@ -271,6 +274,7 @@ setters!(OpenOptions {
     key_secret: crate::crypto::Secret,
     backing_driver: Format,
     blkdebug: crate::storage::BlkdebugRules,
+    qcow2_lazy_refcounts: bool,
 });
 
 impl OpenOptions {
@@ -659,6 +663,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
                     ignore_journal: false,
+                    lazy_refcounts: opts.qcow2_lazy_refcounts,
                 },
             )?);
             Qcow2::start_cache_cleaner(&q);
@@ -707,6 +712,7 @@ fn open_backing(
         backing_driver: None,
         blkdebug: None,
         qcow2_cache: Default::default(),
+        qcow2_lazy_refcounts: None,
         ..opts.clone()
     };
     if !opts.backing_keys.is_empty() {

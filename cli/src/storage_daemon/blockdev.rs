@@ -9,6 +9,7 @@
 
 use crate::error::{message, CliError, CliResult};
 use crate::object::Props;
+use oxcow::qcow2::CacheOptions;
 use oxcow::{BlockDevice, CacheMode, Format, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +22,10 @@ struct Access {
     cache: CacheMode,
     locking: bool,
     force_share: bool,
+    /// A qcow2 node's cache options (`l2-cache-size`, ...).
+    qcow2_cache: CacheOptions,
+    /// A qcow2 node's `lazy-refcounts`.
+    lazy_refcounts: Option<bool>,
 }
 
 impl Access {
@@ -49,8 +54,54 @@ impl Access {
         }
         // The Linux AIO engine is QEMU's concern; threads do the I/O here.
         p.take_enum("aio", &[("threads", ()), ("native", ()), ("io_uring", ())])?;
-        Ok(Access { read_only, cache, locking, force_share })
+        Ok(Access {
+            read_only,
+            cache,
+            locking,
+            force_share,
+            qcow2_cache: CacheOptions::default(),
+            lazy_refcounts: None,
+        })
     }
+}
+
+/// The qcow2 driver's run-time options of a node. `--blockdev` takes
+/// them as QAPI integers (no size suffixes, unlike `--image-opts`):
+/// decimal, `0x` hexadecimal or `0` octal, within an i64.
+fn qcow2_options(p: &mut Props) -> CliResult<(CacheOptions, Option<bool>)> {
+    let mut cache = CacheOptions::default();
+    for key in ["cache-size", "l2-cache-size", "refcount-cache-size", "l2-cache-entry-size", "cache-clean-interval"] {
+        let Some(v) = p.take(key) else { continue };
+        let n = qapi_int(&v).ok_or_else(|| CliError::new(format!("Parameter '{key}' expects integer")))?;
+        // The sizes are unsigned once QEMU's qcow2 driver reads them; the
+        // interval wraps into a number too big (what `set` does).
+        if n < 0 && key != "cache-clean-interval" {
+            return Err(CliError::new(format!("Value '{v}' is out of range for parameter '{key}'")));
+        }
+        cache.set(key, &n.to_string()).map_err(|e| CliError::new(message(&e)))?;
+    }
+    let lazy = p.take_bool("lazy-refcounts")?;
+    Ok((cache, lazy))
+}
+
+/// A QAPI integer as QEMU's keyval parser reads one.
+fn qapi_int(v: &str) -> Option<i64> {
+    let (negative, digits) = match v.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, v.strip_prefix('+').unwrap_or(v)),
+    };
+    let (radix, digits) = if let Some(h) = digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        (16, h)
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        (8, &digits[1..])
+    } else {
+        (10, digits)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let magnitude = i128::from_str_radix(digits, radix).ok()?;
+    i64::try_from(if negative { -magnitude } else { magnitude }).ok()
 }
 
 /// Discard and zero-detection settings of a node, applied by its exports.
@@ -120,7 +171,10 @@ impl Nodes {
     }
 
     fn format_node(&mut self, format: Format, p: &mut Props) -> CliResult<Kind> {
-        let access = Access::take(p)?;
+        let mut access = Access::take(p)?;
+        if format == Format::Qcow2 {
+            (access.qcow2_cache, access.lazy_refcounts) = qcow2_options(p)?;
+        }
         let no_backing = match p.take("backing") {
             None => false,
             Some(v) if v == "null" || v.is_empty() => true,
@@ -208,7 +262,14 @@ fn open(filename: &str, format: Format, a: Access, no_backing: bool) -> CliResul
         .cache(a.cache)
         .locking(a.locking)
         .force_share(a.force_share)
-        .no_backing(no_backing);
+        .no_backing(no_backing)
+        .qcow2_cache(a.qcow2_cache)
+        .qcow2_lazy_refcounts(a.lazy_refcounts);
     let opts = crate::util::with_network_permission(&opts);
-    oxcow::open(filename, &opts).map_err(|e| CliError::new(format!("Could not open '{filename}': {}", message(&e))))
+    oxcow::open(filename, &opts).map_err(|e| match e {
+        // The node's own options do not fit the image (cache sizes, lazy
+        // refcounts on a v2 image): QEMU says so without naming the file.
+        oxcow::Error::InvalidArgument(m) => CliError::new(m),
+        e => CliError::new(format!("Could not open '{filename}': {}", message(&e))),
+    })
 }

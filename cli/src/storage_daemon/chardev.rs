@@ -1,10 +1,12 @@
 //! `--chardev`: the character devices a monitor can talk over. Only
-//! listening sockets (`socket,id=ID,path=P,server=on` or
-//! `host=H,port=N,server=on`) are supported: what a QMP monitor of a
-//! storage daemon is given in practice.
+//! listening sockets (`socket,id=ID,path=P,server=on`,
+//! `host=H,port=N,server=on`, or `fd=N,server=on` for a socket the parent
+//! passed in) are supported: what a QMP monitor of a storage daemon is
+//! given in practice.
 
 use crate::error::{os_message, CliError, CliResult};
 use crate::object::Props;
+use oxcow::export::inherited::InheritedListener;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -78,6 +80,21 @@ impl Chardevs {
         // for the first (the behaviour of wait=off, which daemons use).
         p.take_bool("wait")?;
         let listener = match (p.take("path"), p.take("host"), p.take("port")) {
+            (None, None, None) if p.has_prefix("fd") => {
+                let fd = p.require("fd")?;
+                // The monitor's accept waits, whatever the parent set.
+                let blocking = |e: io::Error| CliError::new(format!("chardev '{id}': {}", os_message(&e)));
+                match super::inherited::listener(&fd)? {
+                    InheritedListener::Unix(l) => {
+                        l.set_nonblocking(false).map_err(blocking)?;
+                        ChardevListener::Unix(l)
+                    }
+                    InheritedListener::Tcp(l) => {
+                        l.set_nonblocking(false).map_err(blocking)?;
+                        ChardevListener::Tcp(l)
+                    }
+                }
+            }
             (Some(path), None, None) => {
                 let _ = std::fs::remove_file(&path);
                 let listener = UnixListener::bind(&path)
@@ -91,7 +108,7 @@ impl Chardevs {
                     .map_err(|e| CliError::new(format!("Failed to bind socket to {addr}: {}", os_message(&e))))?;
                 ChardevListener::Tcp(l)
             }
-            _ => return Err(CliError::new(format!("chardev '{id}': give either path= or host= and port="))),
+            _ => return Err(CliError::new(format!("chardev '{id}': give one of path=, host= and port=, or fd="))),
         };
         p.finish()?;
         self.by_id.insert(id, listener);

@@ -6,11 +6,13 @@
 //! error instead of being served wrongly.
 
 use super::blockdev::Nodes;
-use super::export::{Clients, Export, ExportSpec, Handle, Kind};
+use super::export::{Clients, Export, ExportSpec, Handle, Kind, VhostAddr};
 use super::nbd::{Lookup, NbdServer};
 use crate::error::{CliError, CliResult};
 use crate::object::{Objects, Props};
 use oxcow::export::fuse::{FuseExport, FuseOptions};
+#[cfg(target_os = "linux")]
+use oxcow::export::inherited::InheritedListener;
 #[cfg(target_os = "linux")]
 use oxcow::export::vhost_user_blk::{VhostUserBlkExport, VhostUserBlkOptions};
 use oxcow::nbd::server::{DiscardMode, ExportConfig, Server};
@@ -115,14 +117,23 @@ impl Daemon {
                 return Err(CliError::new("vhost-user-blk exports are supported on Linux only"))
             }
             #[cfg(target_os = "linux")]
-            Kind::VhostUserBlk { path, num_queues, logical_block_size } => {
+            Kind::VhostUserBlk { addr, num_queues, logical_block_size } => {
                 let opts = VhostUserBlkOptions::default()
                     .writable(spec.writable)
                     .num_queues(*num_queues)
                     .logical_block_size(*logical_block_size)
-                    .discard(io.unmap);
-                let export = VhostUserBlkExport::start(dev, std::path::Path::new(path), opts)
-                    .map_err(|e| CliError::new(crate::error::message(&e)))?;
+                    .discard(io.unmap)
+                    .detect_zeroes(io.detect_zeroes);
+                let export = match addr {
+                    VhostAddr::Path(path) => VhostUserBlkExport::start(dev, std::path::Path::new(path), opts),
+                    VhostAddr::Fd(fd) => match super::inherited::listener(fd)? {
+                        InheritedListener::Unix(l) => VhostUserBlkExport::start_on(dev, l, opts),
+                        InheritedListener::Tcp(_) => {
+                            return Err(CliError::new(format!("File descriptor '{fd}' is not a Unix socket")))
+                        }
+                    },
+                }
+                .map_err(|e| CliError::new(crate::error::message(&e)))?;
                 Handle::VhostUserBlk(export)
             }
         };

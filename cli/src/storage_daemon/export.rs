@@ -35,10 +35,19 @@ pub enum Kind {
     },
     VhostUserBlk {
         /// The Unix socket the front end connects to.
-        path: String,
+        addr: VhostAddr,
         num_queues: u16,
         logical_block_size: u32,
     },
+}
+
+/// Where a vhost-user-blk export listens.
+#[derive(Debug, Clone)]
+pub enum VhostAddr {
+    /// `addr.type=unix,addr.path=P`: a socket file bound here.
+    Path(String),
+    /// `addr.type=fd,addr.str=N`: a socket the parent process passed in.
+    Fd(String),
 }
 
 impl Kind {
@@ -85,13 +94,15 @@ impl ExportSpec {
                 Kind::Fuse { mountpoint, growable, allow_other }
             }
             "vhost-user-blk" => {
-                let ty = p.require("addr.type")?;
-                if ty != "unix" {
-                    return Err(CliError::new(format!(
-                        "vhost-user-blk exports listen on a Unix socket, not addr.type={ty}"
-                    )));
-                }
-                let path = p.require("addr.path")?;
+                let addr = match p.require("addr.type")?.as_str() {
+                    "unix" => VhostAddr::Path(p.require("addr.path")?),
+                    "fd" => VhostAddr::Fd(p.require("addr.str")?),
+                    ty => {
+                        return Err(CliError::new(format!(
+                            "vhost-user-blk exports listen on a Unix socket, not addr.type={ty}"
+                        )))
+                    }
+                };
                 let num_queues = match p.take("num-queues") {
                     None => 1,
                     Some(v) => v
@@ -112,7 +123,7 @@ impl ExportSpec {
                         )?
                     }
                 };
-                Kind::VhostUserBlk { path, num_queues, logical_block_size }
+                Kind::VhostUserBlk { addr, num_queues, logical_block_size }
             }
             "vduse-blk" => return Err(CliError::new(format!("Export type '{ty}' is not supported yet"))),
             other => return Err(CliError::new(format!("Parameter 'type' does not accept value '{other}'"))),

@@ -19,6 +19,7 @@ mod blockdev;
 mod chardev;
 mod daemon;
 mod export;
+mod inherited;
 mod nbd;
 mod qmp;
 

@@ -8,6 +8,7 @@
 use super::export::Clients;
 use crate::error::{os_message, CliError, CliResult};
 use crate::object::{Object, Objects, Props};
+use oxcow::export::inherited::InheritedListener;
 use oxcow::nbd::server::{Connection, Listener, ServeOptions, Server};
 use oxcow::nbd::tls::TlsServer;
 use std::io;
@@ -60,6 +61,16 @@ impl NbdServer {
                 let l = std::net::TcpListener::bind(&addr)
                     .map_err(|e| CliError::new(format!("Failed to bind socket to {addr}: {}", os_message(&e))))?;
                 (spawn(l, stop.clone(), opts, max, lookup)?, None)
+            }
+            "fd" => {
+                let fd = p.require("addr.str")?;
+                p.finish()?;
+                // The parent owns the socket's name: nothing to remove.
+                let thread = match super::inherited::listener(&fd)? {
+                    InheritedListener::Unix(l) => spawn(l, stop.clone(), opts, max, lookup)?,
+                    InheritedListener::Tcp(l) => spawn(l, stop.clone(), opts, max, lookup)?,
+                };
+                (thread, None)
             }
             other => return Err(CliError::new(format!("Parameter 'addr.type' does not accept value '{other}'"))),
         };

@@ -9,11 +9,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn show(r: &Run) -> String {
+pub fn show(r: &Run) -> String {
     format!("exit {}, stdout: {}, stderr: {}", r.code, r.stdout, r.stderr)
 }
 
-fn have_qsd() -> bool {
+pub fn have_qsd() -> bool {
     let have =
         std::process::Command::new("qemu-storage-daemon").arg("--version").output().is_ok_and(|o| o.status.success());
     // qemu-utils brings it; under CI its absence is a failure.
@@ -52,6 +52,13 @@ impl Daemon {
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         ok(dir, prog[0], &refs);
         let pid = std::fs::read_to_string(&pidfile).expect("pid file").trim().parse().expect("pid");
+        Daemon { pid, exited: false.into() }
+    }
+
+    /// The daemon whose pid file is `dir/daemon.pid` (one started by
+    /// other means than [`start`](Self::start)).
+    pub fn from_pidfile(dir: &Path) -> Daemon {
+        let pid = std::fs::read_to_string(dir.join("daemon.pid")).expect("pid file").trim().parse().expect("pid");
         Daemon { pid, exited: false.into() }
     }
 
@@ -134,7 +141,7 @@ fn untimed(mut v: Vec<Value>) -> Vec<Value> {
     v
 }
 
-fn nbd_args(dir: &Path, blockdevs: &[&str], export: &str) -> Vec<String> {
+pub fn nbd_args(dir: &Path, blockdevs: &[&str], export: &str) -> Vec<String> {
     let mut a = Vec::new();
     for b in blockdevs {
         a.push("--blockdev".to_string());
@@ -147,7 +154,7 @@ fn nbd_args(dir: &Path, blockdevs: &[&str], export: &str) -> Vec<String> {
     a
 }
 
-fn nbd_uri(dir: &Path, name: &str) -> String {
+pub fn nbd_uri(dir: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", dir.join("nbd.sock").display())
 }
 

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 /// QEMU with a vhost-user-blk device on `sock`, stopped before the guest
 /// runs: realizing the device negotiates with the back end; then `quit`.
-fn front_end(dir: &Path, sock: &Path, queues: u16) -> Run {
+pub fn front_end(dir: &Path, sock: &Path, queues: u16) -> Run {
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-S", "-display", "none", "-nodefaults", "-m", "64"])
         .args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-machine", "memory-backend=mem"])
@@ -36,7 +36,7 @@ fn front_end(dir: &Path, sock: &Path, queues: u16) -> Run {
     }
 }
 
-fn qemu_system() -> bool {
+pub fn qemu_system() -> bool {
     let have = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     assert!(have || std::env::var_os("CI").is_none(), "qemu-system-x86_64 is not installed");
     if !have {

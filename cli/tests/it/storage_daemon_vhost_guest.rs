@@ -53,18 +53,39 @@ fn guest_fs_on_vhost_user_blk_export_of_qcow2_with_backing_on_two_queues_reads_b
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
     let sock = dir.join("vhost.sock").display().to_string();
     let args = daemon_args(
-        &["driver=file,node-name=f,filename=top.qcow2", "driver=qcow2,node-name=q,file=f,discard=unmap"],
+        &[
+            "driver=file,node-name=f,filename=top.qcow2",
+            "driver=qcow2,node-name=q,file=f,discard=unmap,detect-zeroes=unmap",
+        ],
         &format!("type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path={sock},writable=on,num-queues=2"),
     );
     let d = Daemon::start(dir, &[OXCOW, "storage-daemon"], &args);
-    let console = boot(&script, dir, &queues_then(WRITE_REMOUNT_READ_TRIM), &vhost_disk(&sock, 2));
+    // Once the filesystem is done with: zeros written over the last 4 MiB
+    // of the disk, which detect-zeroes turns into write-zeroes.
+    let init = WRITE_REMOUNT_READ_TRIM.strip_suffix("poweroff -f\n").expect("script ends with poweroff");
+    let init = format!(
+        "{init}dd if=/dev/zero of=/dev/vda bs=64k seek=960 count=64 oflag=direct conv=fsync 2>/dev/null && echo GUEST-ZEROED\npoweroff -f\n"
+    );
+    let console = boot(&script, dir, &queues_then(&init), &vhost_disk(&sock, 2));
     quit(dir, &d);
     assert!(console.contains("GUEST-QUEUES 2"), "guest did not use both queues:\n{console}");
     assert_synced_and_read_back(&console);
     assert!(console.contains("GUEST-TRIMMED"), "guest could not trim:\n{console}");
+    assert!(console.contains("GUEST-ZEROED"), "guest could not write zeros:\n{console}");
     ok(dir, "qemu-img", &["check", "top.qcow2"]);
     // The guest's writes went to the overlay only.
     ok(dir, "qemu-io", &["-c", "read -P 0x6b 0 64M", "base.qcow2"]);
+    // The zeros hide the backing file without being stored as data.
+    ok(dir, "qemu-io", &["-c", "read -P 0 60M 4M", "top.qcow2"]);
+    let map = ok(dir, "qemu-img", &["map", "--output=json", "top.qcow2"]).stdout;
+    let map: serde_json::Value = serde_json::from_str(&map).expect("map JSON");
+    let tail = (60u64 << 20)..(64u64 << 20);
+    for e in map.as_array().expect("map entries") {
+        let (start, len) = (e["start"].as_u64().unwrap_or(0), e["length"].as_u64().unwrap_or(0));
+        if start < tail.end && start + len > tail.start {
+            assert_eq!((e["zero"].as_bool(), e["data"].as_bool()), (Some(true), Some(false)), "{e} in {map}");
+        }
+    }
 }
 
 /// Another format, and 4 KiB logical blocks (the filesystem's too).

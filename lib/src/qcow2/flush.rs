@@ -26,7 +26,8 @@ use crate::Result;
 
 impl Qcow2 {
     fn lazy_configured(&self, m: &Meta) -> bool {
-        self.g.v3 && m.hc.header.compatible_features & Compatible::LAZY_REFCOUNTS != 0
+        let bit = m.hc.header.compatible_features & Compatible::LAZY_REFCOUNTS != 0;
+        self.g.v3 && self.lazy_refcounts.unwrap_or(bit)
     }
 
     /// Sets the dirty bit durably before the first write that relies on

@@ -128,6 +128,9 @@ pub struct Qcow2Options {
     /// a dirty image is repaired by the full scan, and a writable open
     /// clears the journal's autoclear bit.
     pub ignore_journal: bool,
+    /// QEMU's `lazy-refcounts` open option: postpone refcount updates
+    /// (or not) whatever the header's bit says; `None` follows the bit.
+    pub lazy_refcounts: Option<bool>,
 }
 
 /// An open qcow2 image.
@@ -170,6 +173,8 @@ pub struct Qcow2 {
     bitmaps: bitmap::Tracker,
     /// Seconds between cache cleanings (`cache_opts.rs`; 0: none).
     clean_interval: u64,
+    /// `Qcow2Options::lazy_refcounts`.
+    lazy_refcounts: Option<bool>,
     /// The cache cleaner thread, woken when the image goes.
     cleaner: Mutex<Option<std::thread::Thread>>,
     /// Tells the cleaner to end.
@@ -294,6 +299,11 @@ impl Qcow2 {
             cache.l2_cache_size = Some(opts.l2_cache_bytes);
         }
         let sizes = cache.resolve(h.size, g.cluster_size, g.l2.entry_size() as u64)?;
+        if opts.lazy_refcounts == Some(true) && !g.v3 {
+            return Err(Error::invalid(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+            ));
+        }
 
         let mut meta = Meta {
             hc: hc.clone(),
@@ -328,6 +338,7 @@ impl Qcow2 {
             poison: Poison::default(),
             bitmaps: bitmap::Tracker::default(),
             clean_interval: sizes.clean_interval,
+            lazy_refcounts: opts.lazy_refcounts,
             cleaner: Mutex::new(None),
             cleaner_stop: Default::default(),
         };
@@ -666,6 +677,8 @@ setters!(Qcow2Options {
     ignore_journal: bool,
     backing: Option<Arc<dyn BlockDevice>>,
     data_file: Option<Arc<dyn Storage>>,
+} opt {
+    lazy_refcounts: bool,
 });
 
 impl std::fmt::Debug for Qcow2Options {
@@ -680,6 +693,7 @@ impl std::fmt::Debug for Qcow2Options {
             .field("repair", &self.repair)
             .field("copy_on_read", &self.copy_on_read)
             .field("ignore_journal", &self.ignore_journal)
+            .field("lazy_refcounts", &self.lazy_refcounts)
             .finish()
     }
 }

@@ -24,7 +24,7 @@ mod memory;
 mod no_flush;
 mod null;
 mod serialise;
-mod sys;
+pub(crate) mod sys;
 
 pub use aligned::AlignedStorage;
 pub use blkdebug::{parse_name as parse_blkdebug_name, BlkdebugRules, BlkdebugStorage};

@@ -7,7 +7,10 @@
 //! has no byte-range OFD locks (QEMU's locking protocol needs them), and
 //! `nix` would be a second crate for the same calls. This is the only
 //! module of the crate where `unsafe` is allowed; every block says why it
-//! is sound.
+//! is sound. One call here serves the exports rather than storage: taking
+//! a listening socket inherited by descriptor number (`std` can only take
+//! over a raw number unsafely), kept here so that `unsafe` stays in one
+//! place.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -26,6 +29,7 @@ mod imp {
     use super::off;
     use std::fs::File;
     use std::io;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
     use std::os::unix::io::AsRawFd;
 
     pub const PUNCH_HOLE_KEEP_SIZE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -99,6 +103,46 @@ mod imp {
         }
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
     }
+
+    /// A descriptor of our own for the socket a parent process left open
+    /// as descriptor `fd`, listening, with its address family. The
+    /// inherited number is duplicated, never taken over: whatever else in
+    /// the process may hold that number keeps it.
+    pub fn inherited_listener(fd: RawFd) -> io::Result<(OwnedFd, libc::c_int)> {
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `domain`,
+        // which is ours and outlives the call; a number that is not an
+        // open socket only makes it fail (EBADF, ENOTSOCK).
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                &mut domain as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fcntl with F_DUPFD_CLOEXEC takes integers and creates a
+        // new descriptor; the inherited one is left as it was.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` was just created by this call and nothing else in
+        // the process knows its number, so the OwnedFd is its only owner.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        // As QEMU does with a passed socket: listen on it (one that
+        // already listens keeps its queue).
+        // SAFETY: listen takes integers; the descriptor is open (owned).
+        if unsafe { libc::listen(owned.as_raw_fd(), 128) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((owned, domain))
+    }
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
@@ -128,7 +172,12 @@ mod imp {
     pub fn ofd_conflicts(_: &File, _: libc::c_int, _: u64, _: u64) -> io::Result<bool> {
         Err(unsupported())
     }
+    pub fn inherited_listener(_: std::os::fd::RawFd) -> io::Result<(std::os::fd::OwnedFd, libc::c_int)> {
+        Err(unsupported())
+    }
 }
+
+pub use imp::inherited_listener;
 
 /// Whether an error says the host or file system lacks the call.
 pub fn is_unsupported(e: &io::Error) -> bool {

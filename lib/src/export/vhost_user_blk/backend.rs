@@ -27,13 +27,17 @@ pub struct BlkBackend {
     event_idx: AtomicBool,
     /// One per worker thread (thread i serves queue i).
     workers: Vec<Mutex<RequestHandler>>,
+    /// Per queue: the driver was interrupted once since this connection
+    /// began (see `handle_event`).
+    woken: Vec<AtomicBool>,
 }
 
 impl BlkBackend {
     pub fn new(dev: Arc<dyn BlockDevice>, opts: VhostUserBlkOptions) -> BlkBackend {
         let config = config::config_space(&opts, dev.len());
         let workers = (0..opts.num_queues).map(|_| Mutex::new(RequestHandler::new(Arc::clone(&dev), opts))).collect();
-        BlkBackend { opts, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), workers }
+        let woken = (0..opts.num_queues).map(|_| AtomicBool::new(false)).collect();
+        BlkBackend { opts, config, mem: RwLock::new(None), event_idx: AtomicBool::new(false), workers, woken }
     }
 
     /// Serves every request available on `vring`. With event indexes the
@@ -122,6 +126,16 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::other(format!("event {device_event} on thread {thread_id} names no queue")));
         };
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
-        self.process_queue(vring, &mut worker)
+        self.process_queue(vring, &mut worker)?;
+        // A daemon that died between publishing a completion and
+        // interrupting the driver leaves the guest waiting for an
+        // interrupt that never comes: the first event of a connection
+        // (QEMU's kick notifier starts out signalled) interrupts the
+        // driver once, which then collects every completion published.
+        let first = self.woken.get(usize::from(device_event)).is_some_and(|w| !w.swap(true, Ordering::AcqRel));
+        if first {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
     }
 }

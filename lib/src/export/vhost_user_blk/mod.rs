@@ -11,6 +11,19 @@
 //! out synchronously on the device. When the front end goes away the
 //! device is flushed and the socket accepts the next one.
 //!
+//! A daemon restarted under a running VM loses no request, without the
+//! inflight-tracking protocol (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`,
+//! not offered: vhost-user-backend refuses its messages). QEMU's front
+//! end, finding the old back end gone (`GET_VRING_BASE` fails), restarts
+//! each queue at the used ring's index in guest memory, so the new back
+//! end pops again every request not yet marked used. That is exactly the
+//! set in flight because each queue's requests complete in the order they
+//! were popped (one worker, synchronous): a back end that completes out
+//! of order must track inflight descriptors instead. A request carried
+//! out twice (done, killed before its used entry) is a write of the same
+//! data again. The one thing the front end does not redo is the
+//! interrupt: see `BlkBackend::handle_event`.
+//!
 //! Files: `config` (features and configuration space), `request` (one
 //! request's parsing and execution), `backend` (the vhost-user back end
 //! and the queue loop).
@@ -19,6 +32,7 @@ mod backend;
 mod config;
 mod request;
 
+use crate::nbd::server::DetectZeroes;
 use crate::{BlockDevice, Error, Result};
 use backend::BlkBackend;
 use std::os::fd::AsRawFd;
@@ -46,15 +60,31 @@ pub struct VhostUserBlkOptions {
     /// succeed and change nothing, and write-zeroes keep the range
     /// allocated.
     pub discard: bool,
+    /// Writes of all-zero data become write-zeroes (the node's
+    /// `detect-zeroes`); with `Unmap` and [`discard`](Self::discard)
+    /// they may deallocate.
+    pub detect_zeroes: DetectZeroes,
 }
 
 impl Default for VhostUserBlkOptions {
     fn default() -> Self {
-        VhostUserBlkOptions { writable: false, num_queues: 1, logical_block_size: 512, discard: false }
+        VhostUserBlkOptions {
+            writable: false,
+            num_queues: 1,
+            logical_block_size: 512,
+            discard: false,
+            detect_zeroes: DetectZeroes::Off,
+        }
     }
 }
 
-setters!(VhostUserBlkOptions { writable: bool, num_queues: u16, logical_block_size: u32, discard: bool });
+setters!(VhostUserBlkOptions {
+    writable: bool,
+    num_queues: u16,
+    logical_block_size: u32,
+    discard: bool,
+    detect_zeroes: DetectZeroes,
+});
 
 /// How often the accept loop looks at its stop flag.
 const POLL_MS: i32 = 50;
@@ -65,7 +95,8 @@ pub struct VhostUserBlkExport {
     /// The connected front end's socket, to cut it off.
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
+    /// The socket file bound (none for an inherited socket).
+    path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for VhostUserBlkExport {
@@ -78,20 +109,30 @@ impl VhostUserBlkExport {
     /// Listens on the Unix socket `path` (replacing a stale socket file)
     /// and serves `device` to each front end that connects.
     pub fn start(device: Arc<dyn BlockDevice>, path: &Path, opts: VhostUserBlkOptions) -> Result<VhostUserBlkExport> {
-        let lbs = opts.logical_block_size;
-        if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
-            return Err(Error::invalid(format!(
-                "logical-block-size must be a power of 2 between 512 and 32768, not {lbs}"
-            )));
-        }
-        if !(1..=64).contains(&opts.num_queues) {
-            return Err(Error::invalid(format!("num-queues must be between 1 and 64, not {}", opts.num_queues)));
-        }
-        if opts.writable && device.is_read_only() {
-            return Err(Error::invalid("cannot export a read-only device as writable"));
-        }
-        let context = || format!("listening on {}", path.display());
-        let listener = Listener::new(path, true).map_err(|e| Error::io(context(), std::io::Error::other(e)))?;
+        check(&*device, opts)?;
+        let listener = Listener::new(path, true)
+            .map_err(|e| Error::io(format!("listening on {}", path.display()), std::io::Error::other(e)))?;
+        Self::serve(device, listener, Some(path.to_path_buf()), opts)
+    }
+
+    /// Serves `device` on a socket that already listens (one a parent
+    /// process passed in); it is closed, not unlinked, at the end.
+    pub fn start_on(
+        device: Arc<dyn BlockDevice>,
+        listener: std::os::unix::net::UnixListener,
+        opts: VhostUserBlkOptions,
+    ) -> Result<VhostUserBlkExport> {
+        check(&*device, opts)?;
+        Self::serve(device, Listener::from(listener), None, opts)
+    }
+
+    fn serve(
+        device: Arc<dyn BlockDevice>,
+        listener: Listener,
+        path: Option<PathBuf>,
+        opts: VhostUserBlkOptions,
+    ) -> Result<VhostUserBlkExport> {
+        let context = || "listening for vhost-user front ends".to_string();
         listener.set_nonblocking(true).map_err(|e| Error::io(context(), std::io::Error::other(e)))?;
         let epoll = Epoll::new().map_err(|e| Error::io(context(), e))?;
         epoll
@@ -104,7 +145,7 @@ impl VhostUserBlkExport {
             .name("vhost-user-blk".into())
             .spawn(move || accept_loop(listener, epoll, device, opts, &stop2, &conn2))
             .map_err(|e| Error::io("starting the vhost-user-blk export", e))?;
-        Ok(VhostUserBlkExport { stop, conn, thread: Some(thread), path: path.to_path_buf() })
+        Ok(VhostUserBlkExport { stop, conn, thread: Some(thread), path })
     }
 
     /// A front end is connected.
@@ -133,6 +174,23 @@ impl Drop for VhostUserBlkExport {
     fn drop(&mut self) {
         self.end();
     }
+}
+
+/// Refuses options the device cannot be served with.
+fn check(device: &dyn BlockDevice, opts: VhostUserBlkOptions) -> Result<()> {
+    let lbs = opts.logical_block_size;
+    if !lbs.is_power_of_two() || !(512..=32768).contains(&lbs) {
+        return Err(Error::invalid(format!(
+            "logical-block-size must be a power of 2 between 512 and 32768, not {lbs}"
+        )));
+    }
+    if !(1..=64).contains(&opts.num_queues) {
+        return Err(Error::invalid(format!("num-queues must be between 1 and 64, not {}", opts.num_queues)));
+    }
+    if opts.writable && device.is_read_only() {
+        return Err(Error::invalid("cannot export a read-only device as writable"));
+    }
+    Ok(())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

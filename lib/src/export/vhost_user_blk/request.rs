@@ -12,10 +12,14 @@
 //!
 //! Data moves through one buffer per worker, in pieces of at most
 //! [`CHUNK`] bytes: the guest decides the chain's length, and no
-//! allocation follows it.
+//! allocation follows it. With the node's `detect-zeroes`, a piece of
+//! OUT data that is all zeros is written as write-zeroes (deallocating
+//! with `unmap` where discards do), as QEMU's block layer does.
 
 use super::VhostUserBlkOptions;
+use crate::nbd::server::DetectZeroes;
 use crate::storage::AlignedBuf;
+use crate::tools::convert::is_zero;
 use crate::BlockDevice;
 use std::io::{Read, Write};
 use std::ops::Deref;
@@ -186,11 +190,26 @@ impl RequestHandler {
     }
 
     fn write(&mut self, offset: u64, len: usize, data: &mut impl Read) -> u32 {
+        let detect = self.opts.detect_zeroes;
+        // As QEMU: deallocating needs both detect-zeroes=unmap and
+        // discard=unmap on the node.
+        let unmap = detect == DetectZeroes::Unmap && self.opts.discard;
         let mut done = 0;
         while done < len {
             let dev = std::sync::Arc::clone(&self.dev);
             let piece = self.chunk(len - done);
-            if data.read_exact(piece).is_err() || dev.write_at(piece, offset + done as u64).is_err() {
+            if data.read_exact(piece).is_err() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            let at = offset + done as u64;
+            // Judged per piece: a request longer than one piece may have
+            // zero pieces among data, and those become write-zeroes too.
+            let written = if detect != DetectZeroes::Off && is_zero(piece) {
+                dev.write_zeroes(at, piece.len() as u64, unmap)
+            } else {
+                dev.write_at(piece, at)
+            };
+            if written.is_err() {
                 return VIRTIO_BLK_S_IOERR;
             }
             done += piece.len();

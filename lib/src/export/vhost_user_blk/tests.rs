@@ -5,6 +5,7 @@
 
 use super::request::RequestHandler;
 use super::VhostUserBlkOptions;
+use crate::nbd::server::DetectZeroes;
 use crate::storage::{MemoryStorage, Storage};
 use crate::{BlockDevice, RawImage};
 use std::sync::Arc;
@@ -27,12 +28,19 @@ struct Guest {
 /// A buffer of the chain: guest address, length, device-writable.
 type Buf = (u64, u32, bool);
 
+fn raw_disk() -> Arc<dyn BlockDevice> {
+    let st = Arc::new(MemoryStorage::new());
+    st.set_len(DISK).unwrap();
+    Arc::new(RawImage::new(st, false, false).unwrap())
+}
+
 impl Guest {
     fn new(opts: VhostUserBlkOptions) -> Guest {
+        Guest::on(raw_disk(), opts)
+    }
+
+    fn on(dev: Arc<dyn BlockDevice>, opts: VhostUserBlkOptions) -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
-        let st = Arc::new(MemoryStorage::new());
-        st.set_len(DISK).unwrap();
-        let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::new(st, false, false).unwrap());
         let handler = RequestHandler::new(Arc::clone(&dev), opts);
         Guest { mem, dev, handler }
     }
@@ -214,4 +222,78 @@ fn large_requests_move_in_chunks() {
     let mut back = vec![0u8; len];
     g.mem.read_slice(&mut back, GuestAddress(0x40_0000)).unwrap();
     assert!(back == data);
+}
+
+/// A device that records how it was written: (offset, length, what).
+struct Recorder {
+    inner: Arc<dyn BlockDevice>,
+    calls: std::sync::Mutex<Vec<(u64, u64, &'static str)>>,
+}
+
+impl Recorder {
+    fn calls(&self) -> Vec<(u64, u64, &'static str)> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+impl BlockDevice for Recorder {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+        self.calls.lock().unwrap().push((offset, buf.len() as u64, "data"));
+        self.inner.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> crate::Result<()> {
+        self.calls.lock().unwrap().push((offset, len, if may_unmap { "zeroes-unmap" } else { "zeroes" }));
+        self.inner.write_zeroes(offset, len, may_unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn flush(&self) -> crate::Result<()> {
+        self.inner.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> crate::Result<crate::BlockStatus> {
+        self.inner.block_status(offset, len)
+    }
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// Writes 4 KiB of zeros then 4 KiB of data at sector 8 with the given
+/// detect-zeroes and discard settings; returns the device calls.
+fn zero_then_data_writes(detect: DetectZeroes, discard: bool) -> Vec<(u64, u64, &'static str)> {
+    let rec = Arc::new(Recorder { inner: raw_disk(), calls: Default::default() });
+    let opts = VhostUserBlkOptions::default().writable(true).discard(discard).detect_zeroes(detect);
+    let mut g = Guest::on(Arc::clone(&rec) as Arc<dyn BlockDevice>, opts);
+    g.dev.write_at(&[0x33; 8192], 4096).unwrap();
+    rec.calls();
+    g.mem.write_slice(&[0u8; 4096], GuestAddress(0x20_0000)).unwrap();
+    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 8, &[(0x20_0000, 4096, false)]).0, VIRTIO_BLK_S_OK);
+    let mut data = [0u8; 4096];
+    data[4095] = 1;
+    g.mem.write_slice(&data, GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 16, &[(0x30_0000, 4096, false)]).0, VIRTIO_BLK_S_OK);
+    let mut back = vec![0xffu8; 8192];
+    g.dev.read_at(&mut back, 4096).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 0));
+    assert_eq!(&back[4096..], &data[..]);
+    rec.calls()
+}
+
+#[test]
+fn detect_zeroes_turns_all_zero_writes_into_write_zeroes_unmapping_only_with_discard_unmap() {
+    let data = (8192, 4096, "data");
+    assert_eq!(zero_then_data_writes(DetectZeroes::Off, true), vec![(4096, 4096, "data"), data]);
+    assert_eq!(zero_then_data_writes(DetectZeroes::On, true), vec![(4096, 4096, "zeroes"), data]);
+    assert_eq!(zero_then_data_writes(DetectZeroes::Unmap, true), vec![(4096, 4096, "zeroes-unmap"), data]);
+    assert_eq!(zero_then_data_writes(DetectZeroes::Unmap, false), vec![(4096, 4096, "zeroes"), data]);
 }
