@@ -58,6 +58,7 @@ mod cor;
 mod create;
 mod flush;
 mod journal;
+mod legacy_aes;
 mod mapping;
 mod overlap;
 mod preallocation;
@@ -136,6 +137,8 @@ pub struct Qcow2 {
     data: Arc<dyn Storage>,
     /// The LUKS header of an encrypted image.
     luks: Option<crate::crypto::LuksHeader>,
+    /// The cipher of a legacy AES image (`legacy_aes.rs`).
+    aes: Option<Arc<crate::crypto::CryptStorage>>,
     backing: Option<Arc<dyn BlockDevice>>,
     g: Geometry,
     read_only: bool,
@@ -241,11 +244,13 @@ impl Qcow2 {
         let h = &hc.header;
         let crypt = match h.crypt_method {
             0 => None,
+            1 => None,
             2 => Some(open_luks(&file, &hc, &opts)?),
-            _ => return Err(Error::unsupported("the legacy AES encryption (crypt_method 1)")),
+            n => return Err(Error::unsupported(format!("encryption method {n}"))),
         };
+        let aes = if h.crypt_method == 1 { Some(legacy_aes::open(&file, &opts)?) } else { None };
         let g = Geometry::from_header(h);
-        if crypt.is_some() && g.external_data {
+        if (crypt.is_some() || aes.is_some()) && g.external_data {
             return Err(Error::unsupported("encryption with an external data file"));
         }
         if g.external_data && h.nb_snapshots > 0 {
@@ -257,6 +262,8 @@ impl Qcow2 {
                 .ok_or_else(|| Error::invalid("image needs its external data file, which was not given"))?
         } else if let Some((_, c)) = &crypt {
             c.clone()
+        } else if let Some((_, d)) = &aes {
+            d.clone()
         } else {
             file.clone()
         };
@@ -312,6 +319,7 @@ impl Qcow2 {
             file,
             data,
             luks: crypt.map(|(h, _)| h),
+            aes: aes.and_then(|(c, _)| c),
             backing: opts.backing,
             g,
             read_only,
