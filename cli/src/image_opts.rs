@@ -118,7 +118,12 @@ fn single_quotes_to_double(text: &str) -> String {
 /// content is to be probed) and the name to open.
 pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
-    let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
+    // No driver over a `file.` child: QEMU probes the format.
+    let driver = match map.remove("driver") {
+        Some(d) => d,
+        None if map.keys().any(|k| k.starts_with("file.")) => String::new(),
+        None => return Err(CliError::new("Parameter 'driver' is missing")),
+    };
     if driver == "blkdebug" {
         return resolve(&blkdebug_image(map)?, objects);
     }
@@ -162,7 +167,7 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                 return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
             }
             let proto = inner.remove("driver").unwrap_or_else(|| "file".into());
-            (Some(fmt.to_string()), proto, inner)
+            ((!fmt.is_empty()).then(|| fmt.to_string()), proto, inner)
         }
     };
     let name = match proto.as_str() {

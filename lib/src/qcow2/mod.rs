@@ -209,7 +209,7 @@ fn open_luks(
     opts: &Qcow2Options,
 ) -> Result<(crate::crypto::LuksHeader, Arc<dyn Storage>)> {
     use crate::crypto::{luks, CryptStorage, LuksHeader};
-    let fde = hc.extensions.fde.ok_or_else(|| Error::corrupt("encrypted image has no encryption header extension"))?;
+    let fde = hc.extensions.fde.ok_or_else(|| Error::invalid("Missing CRYPTO header for crypt method 2"))?;
     if fde.length < luks::HEADER_LEN as u64 || fde.length > 64 << 20 {
         return Err(Error::corrupt("encryption header extension: bad length"));
     }
