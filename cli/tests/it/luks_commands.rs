@@ -197,3 +197,29 @@ fn image_opts_without_driver_and_missing_crypto_header_as_qemu() {
         assert!(r.stderr.contains("Missing CRYPTO header for crypt method 2"), "{prog}: {}", r.stderr);
     }
 }
+
+/// iotests 189 and 198: `backing.driver` and `backing.file.filename`
+/// beside the keys in qemu-io's option string; a backing file other than
+/// the one the image names is refused rather than silently ignored.
+#[test]
+fn option_string_names_the_backing_driver_and_file_beside_the_keys() {
+    let t = tmp();
+    let dir = t.path();
+    chain(dir);
+    let spec = |b: &str| {
+        format!(
+            "driver=qcow2,file.filename=ov.qcow2,backing.driver=qcow2,backing.file.filename={b},\
+             backing.encrypt.key-secret=s0,encrypt.key-secret=s1"
+        )
+    };
+    let cmds = ["read -q -P 0x11 0 64k".to_string(), "read -q -P 0x22 64k 64k".to_string()];
+    let pre = ["io", "--object", S0, "--object", S1, "--image-opts"];
+    let good = spec("base.qcow2");
+    let r = ok(dir, OXCOW, &io_args(&pre, &cmds, &good));
+    assert!(!r.stdout.contains("verification failed"), "{}", r.stdout);
+    std::fs::copy(dir.join("base.qcow2"), dir.join("other.qcow2")).expect("copy");
+    let bad = spec("other.qcow2");
+    let r = oxcow(dir, &io_args(&pre, &cmds, &bad));
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("is not the backing file"), "{}", r.stderr);
+}
