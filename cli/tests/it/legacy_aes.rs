@@ -185,3 +185,21 @@ fn copy_on_read_from_a_backing_file_encrypts_by_guest_sector() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(!r.stdout.contains("verification failed"), "{}", r.stdout);
 }
+
+/// `map` gives no host offsets for encrypted data (legacy AES and LUKS),
+/// as qemu-img, whose human map then refuses the image.
+#[test]
+fn map_shows_no_host_offset_for_encrypted_data() {
+    let t = tmp();
+    let dir = t.path();
+    create(dir, "qemu-img", "m.qcow2", "");
+    let luks = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", luks, "l.qcow2", "4M"]);
+    for file in ["m.qcow2", "l.qcow2"] {
+        let img = opts(file);
+        qemu_write(dir, &img, &[(0x61, 0, 128 << 10), (0x62, 1 << 20, 4096)], &PRE);
+        assert_map_matches(dir, &img, &PRE);
+        let r = ok(dir, OXCOW, &["map", "--output=json", "--object", SECRET, "--image-opts", &img]);
+        assert!(!r.stdout.contains("offset"), "{file}: {}", r.stdout);
+    }
+}

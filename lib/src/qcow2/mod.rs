@@ -633,7 +633,13 @@ impl BlockDevice for Qcow2 {
         self.flush_all()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.status(offset, len)
+        let mut s = self.status(offset, len)?;
+        // The bytes at an encrypted image's host offset are not the
+        // guest's: QEMU reports no offset for them (`map` shows none).
+        if self.encrypted() {
+            s.host_offset = None;
+        }
+        Ok(s)
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
