@@ -203,3 +203,27 @@ fn map_shows_no_host_offset_for_encrypted_data() {
         assert!(!r.stdout.contains("offset"), "{file}: {}", r.stdout);
     }
 }
+
+/// `amend` of qcow2 options (lazy refcounts, refcount width, compat) on
+/// encrypted images opens them with the key, as qemu-img amend; the data
+/// reads back the same.
+#[test]
+fn amend_of_qcow2_options_on_encrypted_images_uses_the_key() {
+    let t = tmp();
+    let dir = t.path();
+    create(dir, "qemu-img", "a.qcow2", "");
+    let luks = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10";
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "--object", SECRET, "-o", luks, "l.qcow2", "4M"]);
+    for file in ["a.qcow2", "l.qcow2"] {
+        let img = opts(file);
+        let pats = [(0x61, 0, 128 << 10), (0x62, (1 << 20) + 512, 4096)];
+        qemu_write(dir, &img, &pats, &PRE);
+        for o in ["lazy_refcounts=on,refcount_bits=64", "compat=0.10,refcount_bits=16"] {
+            ok(dir, OXCOW, &["amend", "--object", SECRET, "-o", o, "--image-opts", &img]);
+            ok(dir, "qemu-img", &["check", "--object", SECRET, "--image-opts", &img]);
+            assert_patterns(dir, &img, &pats, &PRE);
+        }
+        let r = ok(dir, "qemu-img", &["info", "--output=json", file]);
+        assert_eq!(json(&r.stdout)["format-specific"]["data"]["compat"], "0.10", "{file}");
+    }
+}

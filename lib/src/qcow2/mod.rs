@@ -72,7 +72,7 @@ mod state;
 mod units;
 mod write;
 
-pub use amend::{amend, AmendOptions};
+pub use amend::{amend, amend_with_key, AmendOptions};
 pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
