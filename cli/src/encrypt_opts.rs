@@ -31,8 +31,9 @@ pub struct EncryptOpts {
 pub enum Encryption {
     /// LUKS with these parameters and password.
     Luks(LuksParams, Secret),
-    /// qcow2's legacy AES (crypt_method 1).
-    Aes,
+    /// qcow2's legacy AES (crypt_method 1), with the password that
+    /// opens it.
+    Aes(Secret),
 }
 
 impl EncryptOpts {
@@ -117,7 +118,7 @@ impl EncryptOpts {
         };
         match format {
             "luks" => {}
-            "aes" => return Ok(Some(Encryption::Aes)),
+            "aes" => return self.aes(objects).map(Some),
             other => return Err(CliError::new(format!("Parameter 'format' does not accept value '{other}'"))),
         }
         let bad = |k: &str, v: &str| CliError::new(format!("Parameter '{k}' does not accept value '{v}'"));
@@ -158,14 +159,27 @@ impl EncryptOpts {
         };
         p.ivgen_hash = ivgen_hash;
         p.iter_time_ms = self.precheck()?;
+        let key = self.key(objects)?;
+        p.validate().map_err(|e| CliError::new(crate::error::message(&e)))?;
+        Ok(Some(Encryption::Luks(p, key)))
+    }
+
+    /// Legacy AES takes a password and nothing else, as qemu-img.
+    fn aes(&self, objects: &Objects) -> CliResult<Encryption> {
+        if let Some((k, _)) = self.given.iter().find(|(k, _)| *k != "format" && *k != "key-secret") {
+            return Err(CliError::new(format!("Parameter '{}' is unexpected", self.name(k))));
+        }
+        Ok(Encryption::Aes(self.key(objects)?))
+    }
+
+    /// The password the `key-secret` option names.
+    fn key(&self, objects: &Objects) -> CliResult<Secret> {
         let Some(id) = self.get("key-secret") else {
             return Err(CliError::new(format!("Parameter '{}' is required for cipher", self.name("key-secret"))));
         };
-        let key = match objects.get(id) {
-            Some(Object::Secret(s)) => s.0.clone(),
-            _ => return Err(CliError::new(format!("No secret with id '{id}'"))),
-        };
-        p.validate().map_err(|e| CliError::new(crate::error::message(&e)))?;
-        Ok(Some(Encryption::Luks(p, key)))
+        match objects.get(id) {
+            Some(Object::Secret(s)) => Ok(s.0.clone()),
+            _ => Err(CliError::new(format!("No secret with id '{id}'"))),
+        }
     }
 }

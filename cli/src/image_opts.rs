@@ -118,7 +118,12 @@ fn single_quotes_to_double(text: &str) -> String {
 /// content is to be probed) and the name to open.
 pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
-    let driver = map.remove("driver").ok_or_else(|| CliError::new("Parameter 'driver' is missing"))?;
+    // No driver over a `file.` child: QEMU probes the format.
+    let driver = match map.remove("driver") {
+        Some(d) => d,
+        None if map.keys().any(|k| k.starts_with("file.")) => String::new(),
+        None => return Err(CliError::new("Parameter 'driver' is missing")),
+    };
     if driver == "blkdebug" {
         return resolve(&blkdebug_image(map)?, objects);
     }
@@ -157,12 +162,13 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                 };
                 crate::object::secret::register_at(&fname, depth, key);
             }
+            take_backing_keys(fmt, &fname, &mut rest)?;
             crate::qcow2_cache_opts::take(fmt, &fname, &mut rest, opts)?;
             if let Some(k) = rest.keys().next() {
                 return Err(CliError::new(format!("Block format '{fmt}' does not support the option '{k}'")));
             }
             let proto = inner.remove("driver").unwrap_or_else(|| "file".into());
-            (Some(fmt.to_string()), proto, inner)
+            ((!fmt.is_empty()).then(|| fmt.to_string()), proto, inner)
         }
     };
     let name = match proto.as_str() {
@@ -190,6 +196,41 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
         return Err(CliError::new(format!("Invalid parameter '{k}'")));
     }
     Ok((format, name))
+}
+
+/// `backing.driver` and `backing.file.filename` (`backing.file.driver=file`)
+/// beside the keys, as iotests 189 and 198 give them: the backing file
+/// must be the one the image names (oxcow opens no other), its format is
+/// the one given.
+fn take_backing_keys(fmt: &str, fname: &str, rest: &mut BTreeMap<String, String>) -> CliResult<()> {
+    if rest.get("backing.file.driver").is_some_and(|d| d == "file") {
+        rest.remove("backing.file.driver");
+    }
+    if let Some(b) = rest.remove("backing.file.filename") {
+        let named = recorded_backing(fmt, fname);
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+        if named.is_none() || named.as_deref().and_then(same) != same(std::path::Path::new(&b)) {
+            return Err(CliError::new(format!(
+                "backing.file.filename: '{b}' is not the backing file '{fname}' names (oxcow opens only that one)"
+            )));
+        }
+    }
+    if let Some(d) = rest.remove("backing.driver") {
+        let f = d.parse::<oxcow::Format>().map_err(|_| CliError::new(format!("Unknown driver '{d}'")))?;
+        crate::object::secret::register_backing_driver(fname, f);
+    }
+    Ok(())
+}
+
+/// Where the qcow2 image `fname` says its backing file is.
+fn recorded_backing(fmt: &str, fname: &str) -> Option<PathBuf> {
+    if fmt != "qcow2" {
+        return None;
+    }
+    let flags = oxcow::storage::OpenFlags::default();
+    let st = oxcow::storage::FileStorage::open(std::path::Path::new(fname), flags).ok()?;
+    let hc = oxcow::qcow2::read_header_cluster(&st).ok()?;
+    Some(oxcow::resolve_backing(std::path::Path::new(fname), hc.backing_file.as_deref()?))
 }
 
 /// Request-size limits of QEMU's blkdebug driver: they change how

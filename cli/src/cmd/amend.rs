@@ -4,7 +4,7 @@
 
 use crate::error::{CliError, CliResult};
 use crate::util::parse_format;
-use oxcow::qcow2::{amend, AmendOptions};
+use oxcow::qcow2::AmendOptions;
 use oxcow::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use oxcow::Format;
 use std::sync::Arc;
@@ -101,6 +101,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         Some(name) => Some(open_rw(name, LockMode::data_file(true))?),
         None => None,
     };
-    amend(file, data_file, &opts)?;
+    let key = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default()).key_secret;
+    oxcow::qcow2::amend_with_key(file, data_file, &opts, key.as_ref())?;
     Ok(0)
 }

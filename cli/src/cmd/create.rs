@@ -219,9 +219,12 @@ fn create(a: Args) -> CliResult<i32> {
         println!("{line}");
     }
     let resolved = if encrypts { g.enc.resolve(&objects).map_err(|e| err(e.msg))? } else { None };
+    let mut legacy_aes = false;
     let encryption = match resolved {
-        Some(crate::encrypt_opts::Encryption::Aes) => {
-            return Err(err("oxcow does not create legacy AES-encrypted images (use encrypt.format=luks)".into()))
+        Some(crate::encrypt_opts::Encryption::Aes(key)) => {
+            crate::object::secret::register(&a.file, key);
+            legacy_aes = true;
+            None
         }
         Some(crate::encrypt_opts::Encryption::Luks(p, key)) => {
             // `convert` opens the image it creates with the same key.
@@ -233,7 +236,7 @@ fn create(a: Args) -> CliResult<i32> {
 
     match format {
         Format::Raw => create_raw(&a.file, size, &g).map_err(&err)?,
-        Format::Qcow2 => create_qcow2(&a.file, size, &g, encryption).map_err(&err)?,
+        Format::Qcow2 => create_qcow2(&a.file, size, &g, encryption, legacy_aes).map_err(&err)?,
         Format::Luks => {
             let (p, key) = encryption.ok_or_else(|| err("Parameter 'key-secret' is required for cipher".into()))?;
             create_luks(&a.file, size, &g, &p, &key).map_err(&err)?
@@ -582,6 +585,7 @@ fn create_qcow2(
     size: u64,
     g: &Given,
     encryption: Option<(oxcow::crypto::LuksParams, oxcow::crypto::Secret)>,
+    legacy_aes: bool,
 ) -> Result<(), String> {
     let bool_opt = |k: &str, v: &Option<String>| -> Result<bool, String> {
         v.as_deref().map(|v| parse_bool(k, v).map_err(|e| e.msg)).transpose().map(|b| b.unwrap_or(false))
@@ -616,6 +620,7 @@ fn create_qcow2(
     o.data_file = g.data_file.clone();
     o.preallocation = prealloc(g).map_err(|e| e.msg)?;
     o.encryption = encryption;
+    o.legacy_aes = legacy_aes;
     o.validate().map_err(|e| message(&e))?;
 
     let data: Option<Arc<dyn Storage>> = match &g.data_file {

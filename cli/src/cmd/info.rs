@@ -213,6 +213,8 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if let Some(l) = q.luks_header() {
             d.insert("encrypt".into(), luks_json(l, true));
+        } else if h.crypt_method == 1 {
+            d.insert("encrypt".into(), json!({"format": "aes"}));
         }
         if let Some(df) = &ext.data_file {
             d.insert("data-file".into(), json!(df));
@@ -234,7 +236,7 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
         m.insert("backing-filename".into(), json!(name));
     }
-    if q.is_some_and(|q| q.luks_header().is_some()) || img.luks().is_some() {
+    if q.is_some_and(|q| q.header().crypt_method != 0) || img.luks().is_some() {
         m.insert("encrypted".into(), json!(true));
     }
     m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty()) || other.is_some_and(|f| f.dirty)));

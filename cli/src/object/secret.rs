@@ -55,8 +55,23 @@ pub fn register_at(name: &str, depth: usize, key: Secret) {
     KEYS.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), depth, key));
 }
 
-/// `opts` with the keys registered for `name` and its backing chain.
+/// Backing formats given beside the keys (`backing.driver` in an option
+/// string), by the name the image is opened by.
+static BACKING_DRIVERS: Mutex<Vec<(String, oxcow::Format)>> = Mutex::new(Vec::new());
+
+/// Remembers the backing format an option string gave for `name`.
+pub fn register_backing_driver(name: &str, format: oxcow::Format) {
+    BACKING_DRIVERS.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), format));
+}
+
+/// `opts` with the keys (and backing format) registered for `name` and
+/// its backing chain.
 pub fn with_key(name: &str, mut opts: oxcow::OpenOptions) -> oxcow::OpenOptions {
+    let drivers = BACKING_DRIVERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, f)) = drivers.iter().rev().find(|(n, _)| n == name) {
+        opts.backing_driver = Some(*f);
+    }
+    drop(drivers);
     let keys = KEYS.lock().unwrap_or_else(|p| p.into_inner());
     // Later registrations win: iterate oldest first and overwrite.
     for (_, depth, k) in keys.iter().filter(|(n, _, _)| n == name) {

@@ -173,3 +173,53 @@ fn convert_into_a_preallocated_encrypted_qcow2_writes_the_zeros() {
     );
     assert_eq!((r.code, r.stdout.trim()), (0, "Images are identical."), "{}", r.stderr);
 }
+
+/// iotest qcow2-encryption: an option string without `driver` over a
+/// `file.` child probes the format; an image whose LUKS header extension
+/// is gone is refused with QEMU's words.
+#[test]
+fn image_opts_without_driver_and_missing_crypto_header_as_qemu() {
+    let t = tmp();
+    let dir = t.path();
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "--object", S0, "-o", ENC0, "e.qcow2", "1M"]);
+    let spec = "file.filename=e.qcow2,encrypt.key-secret=s0";
+    let r = ok(dir, OXCOW, &["check", "--object", S0, "--image-opts", spec]);
+    assert!(r.stdout.contains("No errors were found on the image."), "{}", r.stdout);
+    // The extension's magic changed into an unknown one: the header is
+    // still there, but nothing points at it.
+    let mut b = std::fs::read(dir.join("e.qcow2")).expect("read");
+    let at = b.windows(4).position(|w| w == [0x05, 0x37, 0xbe, 0x77]).expect("crypto header extension");
+    b[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(dir.join("e.qcow2"), b).expect("write");
+    for prog in [OXCOW, "qemu-img"] {
+        let r = run_in(dir, prog, &["info", "e.qcow2"]);
+        assert_eq!(r.code, 1, "{prog}");
+        assert!(r.stderr.contains("Missing CRYPTO header for crypt method 2"), "{prog}: {}", r.stderr);
+    }
+}
+
+/// iotests 189 and 198: `backing.driver` and `backing.file.filename`
+/// beside the keys in qemu-io's option string; a backing file other than
+/// the one the image names is refused rather than silently ignored.
+#[test]
+fn option_string_names_the_backing_driver_and_file_beside_the_keys() {
+    let t = tmp();
+    let dir = t.path();
+    chain(dir);
+    let spec = |b: &str| {
+        format!(
+            "driver=qcow2,file.filename=ov.qcow2,backing.driver=qcow2,backing.file.filename={b},\
+             backing.encrypt.key-secret=s0,encrypt.key-secret=s1"
+        )
+    };
+    let cmds = ["read -q -P 0x11 0 64k".to_string(), "read -q -P 0x22 64k 64k".to_string()];
+    let pre = ["io", "--object", S0, "--object", S1, "--image-opts"];
+    let good = spec("base.qcow2");
+    let r = ok(dir, OXCOW, &io_args(&pre, &cmds, &good));
+    assert!(!r.stdout.contains("verification failed"), "{}", r.stdout);
+    std::fs::copy(dir.join("base.qcow2"), dir.join("other.qcow2")).expect("copy");
+    let bad = spec("other.qcow2");
+    let r = oxcow(dir, &io_args(&pre, &cmds, &bad));
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("is not the backing file"), "{}", r.stderr);
+}

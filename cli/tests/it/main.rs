@@ -15,6 +15,7 @@ mod dropin;
 mod http_nginx;
 mod iotests_ci;
 mod json_names;
+mod legacy_aes;
 mod lifecycle_cli;
 mod luks_amend;
 mod luks_chain;

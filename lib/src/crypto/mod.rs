@@ -1,6 +1,7 @@
 //! Disk encryption: LUKS1 headers (raw `-f luks` images and the header a
 //! qcow2 image points at with its full-disk-encryption extension), key
-//! slot unlocking and the per-sector cipher.
+//! slot unlocking and the per-sector cipher; and qcow2's legacy AES
+//! (crypt_method 1), which is that cipher keyed by the passphrase.
 //!
 //! Every primitive comes from RustCrypto crates; this module only lays
 //! out the bytes (header fields, anti-forensic stripes, IVs). Key
@@ -11,6 +12,7 @@ mod create;
 mod hash;
 mod image;
 mod keyslots;
+mod legacy;
 pub mod luks;
 mod sector;
 mod storage;
@@ -19,6 +21,7 @@ pub use create::{format as format_luks, iterations_for, LuksParams, NewVolume};
 pub use hash::Hash;
 pub use image::LuksImage;
 pub use keyslots::{amend_keyslots, KeyslotChange};
+pub use legacy::legacy_aes_cipher;
 pub use luks::LuksHeader;
 pub use sector::{CipherAlg, CipherMode, IvGen, SectorCipher, SECTOR};
 pub use storage::{CryptStorage, NoKey};

@@ -1,7 +1,9 @@
 //! A storage that encrypts what is written through it and decrypts what
 //! is read, sector by sector: under a qcow2 image's data clusters (the IV
 //! numbers host sectors, as QEMU's LUKS-in-qcow2 does) and under a raw
-//! LUKS image's payload (the IV numbers guest sectors).
+//! LUKS image's payload (the IV numbers guest sectors). Legacy qcow2 AES
+//! numbers guest sectors under host clusters: its reads and writes name
+//! both offsets (`read_iv`, `write_iv`).
 
 use super::{SectorCipher, SECTOR};
 use crate::storage::Storage;
@@ -33,41 +35,64 @@ impl CryptStorage {
         (start, end)
     }
 
-    fn read_sectors(&self, start: u64, end: u64) -> io::Result<Vec<u8>> {
+    fn read_sectors(&self, start: u64, end: u64, iv_start: u64) -> io::Result<Vec<u8>> {
         let mut b = vec![0u8; (end - start) as usize];
         self.inner.read_at(&mut b, self.base + start)?;
-        self.cipher.apply(start / SECTOR, &mut b, false);
+        self.cipher.apply(iv_start / SECTOR, &mut b, false);
         Ok(b)
     }
-}
 
-impl Storage for CryptStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Reads `buf` at `offset`, the IVs numbering sectors from `iv_offset`
+    /// instead (legacy qcow2 AES counts guest sectors, not host ones).
+    /// Both offsets must sit at the same place within a sector.
+    pub fn read_iv(&self, buf: &mut [u8], offset: u64, iv_offset: u64) -> io::Result<()> {
+        same_phase(offset, iv_offset)?;
         if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
             self.inner.read_at(buf, self.base + offset)?;
-            self.cipher.apply(offset / SECTOR, buf, false);
+            self.cipher.apply(iv_offset / SECTOR, buf, false);
             return Ok(());
         }
         let (start, end) = Self::span(offset, buf.len());
-        let b = self.read_sectors(start, end)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&b[skip..skip + buf.len()]);
+        let skip = offset - start;
+        let b = self.read_sectors(start, end, iv_offset - skip)?;
+        buf.copy_from_slice(&b[skip as usize..skip as usize + buf.len()]);
         Ok(())
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+
+    /// Writes `buf` at `offset`, the IVs numbering sectors from
+    /// `iv_offset` (see [`CryptStorage::read_iv`]).
+    pub fn write_iv(&self, buf: &[u8], offset: u64, iv_offset: u64) -> io::Result<()> {
+        same_phase(offset, iv_offset)?;
         if offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR) {
             let mut b = buf.to_vec();
-            self.cipher.apply(offset / SECTOR, &mut b, true);
+            self.cipher.apply(iv_offset / SECTOR, &mut b, true);
             let _g = self.rmw.read().unwrap_or_else(|p| p.into_inner());
             return self.inner.write_at(&b, self.base + offset);
         }
         let _g = self.rmw.write().unwrap_or_else(|p| p.into_inner());
         let (start, end) = Self::span(offset, buf.len());
-        let mut b = self.read_sectors(start, end)?;
-        let skip = (offset - start) as usize;
-        b[skip..skip + buf.len()].copy_from_slice(buf);
-        self.cipher.apply(start / SECTOR, &mut b, true);
+        let skip = offset - start;
+        let mut b = self.read_sectors(start, end, iv_offset - skip)?;
+        b[skip as usize..skip as usize + buf.len()].copy_from_slice(buf);
+        self.cipher.apply((iv_offset - skip) / SECTOR, &mut b, true);
         self.inner.write_at(&b, self.base + start)
+    }
+}
+
+fn same_phase(offset: u64, iv_offset: u64) -> io::Result<()> {
+    if offset % SECTOR == iv_offset % SECTOR {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, "encrypted I/O not aligned like its sector numbers"))
+    }
+}
+
+impl Storage for CryptStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_iv(buf, offset, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_iv(buf, offset, offset)
     }
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()

@@ -115,6 +115,17 @@ impl AmendOptions {
 /// since the engine's geometry is fixed while open); the downgrade last.
 /// Everything refusable is refused before anything changes.
 pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: &AmendOptions) -> Result<()> {
+    amend_with_key(file, data_file, opts, None)
+}
+
+/// [`amend`] of an encrypted image, opened with its password `key`.
+pub fn amend_with_key(
+    file: Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    opts: &AmendOptions,
+    key: Option<&crate::crypto::Secret>,
+) -> Result<()> {
+    let keyed = |o: Qcow2Options| Qcow2Options { key_secret: key.cloned(), ..o };
     let hc = read_header_cluster(&*file)?;
     let h = &hc.header;
     let target_v = opts.version.unwrap_or(h.version);
@@ -145,7 +156,7 @@ pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: 
         return Err(Error::invalid("Cannot amend the backing file\nYou can use 'oxcow rebase' instead."));
     }
     {
-        let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), ..Default::default() })?;
+        let q = Qcow2::open(file.clone(), keyed(Qcow2Options { data_file: data_file.clone(), ..Default::default() }))?;
         if target_v == 3 && h.version == 2 {
             q.upgrade()?;
         }
@@ -161,10 +172,10 @@ pub fn amend(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts: 
         q.close_clean()?;
     }
     if bits != h.refcount_bits() {
-        rebuild_refcounts(&file, data_file.clone(), bits.trailing_zeros())?;
+        rebuild_refcounts(&file, data_file.clone(), bits.trailing_zeros(), key)?;
     }
     if target_v == 2 && h.version >= 3 {
-        let q = Qcow2::open(file.clone(), Qcow2Options { data_file, ..Default::default() })?;
+        let q = Qcow2::open(file.clone(), keyed(Qcow2Options { data_file, ..Default::default() }))?;
         q.downgrade()?;
         q.close_clean()?;
     }
@@ -372,8 +383,14 @@ impl Qcow2 {
 /// new refcount blocks and table are written past the end of the file and
 /// made durable, and only then does the header switch to them. The old
 /// structures become free space.
-fn rebuild_refcounts(file: &Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, order: u32) -> Result<()> {
-    let q = Qcow2::open(file.clone(), Qcow2Options { read_only: true, data_file, ..Default::default() })?;
+fn rebuild_refcounts(
+    file: &Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    order: u32,
+    key: Option<&crate::crypto::Secret>,
+) -> Result<()> {
+    let o = Qcow2Options { read_only: true, data_file, key_secret: key.cloned(), ..Default::default() };
+    let q = Qcow2::open(file.clone(), o)?;
     let cs = q.g.cluster_size;
     let n = file.len().map_err(|e| Error::io("reading image size", e))?.div_ceil(cs);
     let mut counts = Vec::with_capacity(n as usize);

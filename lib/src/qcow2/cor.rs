@@ -177,12 +177,15 @@ impl Qcow2 {
                     continue;
                 };
                 let mut j = i + 1;
-                while j < claims.len() && hosts[j].is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64)) {
+                // Guest-contiguous too: legacy AES numbers its IVs by guest sector.
+                while j < claims.len()
+                    && hosts[j].is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64))
+                    && claims[j].gc.0 == claims[j - 1].gc.0 + 1
+                {
                     j += 1;
                 }
                 self.data.debug_event(crate::storage::BlkdebugEvent::CorWrite);
-                self.data
-                    .write_at(&content[i * cs..j * cs], h.0)
+                self.write_guest_data(&content[i * cs..j * cs], h.0, claims[i].gc.offset(&self.g).0)
                     .map_err(|e| Error::io("writing copied backing data", e))?;
                 i = j;
             }

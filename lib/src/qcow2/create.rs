@@ -78,6 +78,10 @@ pub struct CreateOptions {
     /// `encrypt.format=luks`: the `encrypt.*` choices and the
     /// `encrypt.key-secret` password.
     pub encryption: Option<(crate::crypto::LuksParams, crate::crypto::Secret)>,
+    /// `encrypt.format=aes`: legacy AES (crypt_method 1), which QEMU's
+    /// tools still create. It has no header: the key is only needed to
+    /// open the image.
+    pub legacy_aes: bool,
     /// `journal` (oxcow's own): a recovery journal for lazy refcounts
     /// (`journal.rs`), so a crash is repaired from what changed since the
     /// last clean point instead of by a scan of every table.
@@ -100,6 +104,7 @@ impl Default for CreateOptions {
             data_file_raw: false,
             preallocation: Preallocation::Off,
             encryption: None,
+            legacy_aes: false,
             journal: false,
         }
     }
@@ -116,6 +121,7 @@ setters!(CreateOptions {
     compression: CompressionType,
     data_file_raw: bool,
     preallocation: Preallocation,
+    legacy_aes: bool,
 } opt {
     backing_file: String,
     backing_format: String,
@@ -169,7 +175,10 @@ impl CreateOptions {
                 "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
-        if self.encryption.is_some() && self.data_file.is_some() {
+        if self.legacy_aes && self.encryption.is_some() {
+            return Err(Error::invalid("legacy AES and LUKS encryption at once"));
+        }
+        if (self.encryption.is_some() || self.legacy_aes) && self.data_file.is_some() {
             return Err(Error::unsupported("encryption with an external data file"));
         }
         if let Some((p, _)) = &self.encryption {
@@ -229,7 +238,7 @@ impl CreateOptions {
             backing_file_size: 0,
             cluster_bits: bits,
             size: 0,
-            crypt_method: 0,
+            crypt_method: if self.legacy_aes { 1 } else { 0 },
             l1_size: 0,
             l1_table_offset: 0,
             refcount_table_offset: self.cluster_size,
@@ -295,7 +304,10 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
     if let Some(d) = &data_file {
         d.set_len(0).map_err(|e| Error::io("truncating data file", e))?;
     }
-    let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), ..Default::default() })?;
+    // Legacy AES needs a key to open but nothing here goes through it
+    // (preallocated clusters hold unencrypted zeros, as QEMU's do).
+    let key_secret = opts.legacy_aes.then(|| crate::crypto::Secret::new(Vec::new()));
+    let q = Qcow2::open(file.clone(), Qcow2Options { data_file: data_file.clone(), key_secret, ..Default::default() })?;
     q.grow(opts.size)?;
     let Some((params, password)) = &opts.encryption else {
         if opts.preallocation != Preallocation::Off {

@@ -58,6 +58,7 @@ mod cor;
 mod create;
 mod flush;
 mod journal;
+mod legacy_aes;
 mod mapping;
 mod overlap;
 mod preallocation;
@@ -71,7 +72,7 @@ mod state;
 mod units;
 mod write;
 
-pub use amend::{amend, AmendOptions};
+pub use amend::{amend, amend_with_key, AmendOptions};
 pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
@@ -139,6 +140,8 @@ pub struct Qcow2 {
     data: Arc<dyn Storage>,
     /// The LUKS header of an encrypted image.
     luks: Option<crate::crypto::LuksHeader>,
+    /// The cipher of a legacy AES image (`legacy_aes.rs`).
+    aes: Option<Arc<crate::crypto::CryptStorage>>,
     backing: Option<Arc<dyn BlockDevice>>,
     g: Geometry,
     read_only: bool,
@@ -211,7 +214,7 @@ fn open_luks(
     opts: &Qcow2Options,
 ) -> Result<(crate::crypto::LuksHeader, Arc<dyn Storage>)> {
     use crate::crypto::{luks, CryptStorage, LuksHeader};
-    let fde = hc.extensions.fde.ok_or_else(|| Error::corrupt("encrypted image has no encryption header extension"))?;
+    let fde = hc.extensions.fde.ok_or_else(|| Error::invalid("Missing CRYPTO header for crypt method 2"))?;
     if fde.length < luks::HEADER_LEN as u64 || fde.length > 64 << 20 {
         return Err(Error::corrupt("encryption header extension: bad length"));
     }
@@ -246,11 +249,13 @@ impl Qcow2 {
         let h = &hc.header;
         let crypt = match h.crypt_method {
             0 => None,
+            1 => None,
             2 => Some(open_luks(&file, &hc, &opts)?),
-            _ => return Err(Error::unsupported("the legacy AES encryption (crypt_method 1)")),
+            n => return Err(Error::unsupported(format!("encryption method {n}"))),
         };
+        let aes = if h.crypt_method == 1 { Some(legacy_aes::open(&file, &opts)?) } else { None };
         let g = Geometry::from_header(h);
-        if crypt.is_some() && g.external_data {
+        if (crypt.is_some() || aes.is_some()) && g.external_data {
             return Err(Error::unsupported("encryption with an external data file"));
         }
         if g.external_data && h.nb_snapshots > 0 {
@@ -262,6 +267,8 @@ impl Qcow2 {
                 .ok_or_else(|| Error::invalid("image needs its external data file, which was not given"))?
         } else if let Some((_, c)) = &crypt {
             c.clone()
+        } else if let Some((_, d)) = &aes {
+            d.clone()
         } else {
             file.clone()
         };
@@ -322,6 +329,7 @@ impl Qcow2 {
             file,
             data,
             luks: crypt.map(|(h, _)| h),
+            aes: aes.and_then(|(c, _)| c),
             backing: opts.backing,
             g,
             read_only,
@@ -636,7 +644,13 @@ impl BlockDevice for Qcow2 {
         self.flush_all()
     }
     fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.status(offset, len)
+        let mut s = self.status(offset, len)?;
+        // The bytes at an encrypted image's host offset are not the
+        // guest's: QEMU reports no offset for them (`map` shows none).
+        if self.encrypted() {
+            s.host_offset = None;
+        }
+        Ok(s)
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()

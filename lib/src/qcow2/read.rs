@@ -134,7 +134,7 @@ impl Qcow2 {
         match piece {
             Piece::Host(h) => {
                 self.data.debug_event(crate::storage::BlkdebugEvent::ReadAio);
-                self.data.read_at(dst, h).map_err(|e| Error::io("reading guest data", e))
+                self.read_guest_data(dst, h, guest).map_err(|e| Error::io("reading guest data", e))
             }
             Piece::Zero => {
                 dst.fill(0);
@@ -169,7 +169,7 @@ impl Qcow2 {
                 Ok(())
             }
             ClusterKind::Normal(h) => {
-                self.data.read_at(dst, h + in_off).map_err(|e| Error::io("reading data for copy-on-write", e))
+                self.read_guest_data(dst, h + in_off, guest).map_err(|e| Error::io("reading data for copy-on-write", e))
             }
             ClusterKind::Compressed(d) => {
                 let c = self.read_compressed(d)?;

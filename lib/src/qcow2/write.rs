@@ -63,7 +63,7 @@ impl DataRun {
     /// Writes out the run gathered so far.
     fn finish(&mut self, q: &Qcow2, buf: &[u8], base: u64) -> Result<()> {
         if let Some((h, g, l)) = self.run.take() {
-            q.write_data(&buf[(g - base) as usize..(g - base + l) as usize], h)?;
+            q.write_data(&buf[(g - base) as usize..(g - base + l) as usize], h, g)?;
         }
         Ok(())
     }
@@ -199,7 +199,7 @@ impl Qcow2 {
             // no free can hand the cluster out before the write lands.
             (host, self.io_gate.read().unwrap_or_else(|e| e.into_inner()))
         };
-        self.write_data(buf, host.add(from))?;
+        self.write_data(buf, host.add(from), offset)?;
         Ok(true)
     }
 
@@ -231,7 +231,7 @@ impl Qcow2 {
             let (h, fresh) = self.alloc_cluster_fresh(m)?;
             // A never-used cluster of an encrypted image does not read as
             // zeros: the zeros around the write must go out encrypted.
-            (h, fresh && self.luks.is_none(), true)
+            (h, fresh && !self.encrypted(), true)
         };
         if let Err(err) = self.check_overlap(m, host, None) {
             if new_cluster {
@@ -378,9 +378,9 @@ impl Qcow2 {
         run.finish(self, buf, base)
     }
 
-    fn write_data(&self, data: &[u8], host: HostOffset) -> Result<()> {
+    fn write_data(&self, data: &[u8], host: HostOffset, guest: u64) -> Result<()> {
         self.data.debug_event(crate::storage::BlkdebugEvent::WriteAio);
-        self.data.write_at(data, host.0).map_err(|e| Error::io("writing guest data", e))
+        self.write_guest_data(data, host.0, guest).map_err(|e| Error::io("writing guest data", e))
     }
 
     /// Writes `data` at `from` within a cluster being allocated, copying
@@ -389,7 +389,7 @@ impl Qcow2 {
         if a.fresh && self.old_is_zero(a.old) {
             // Around the write the old content is zeros, which a cluster
             // never used before already reads as: only the data goes out.
-            return self.write_data(data, a.host.add(from));
+            return self.write_data(data, a.host.add(from), a.gc.offset(&self.g).0 + from);
         }
         let to = from + data.len() as u64;
         let (span_from, span_to) = self.alloc_span(a, from, to);
@@ -402,7 +402,7 @@ impl Qcow2 {
             self.fill_old(&mut buf[(to - span_from) as usize..], a, to)?;
         }
         buf[(from - span_from) as usize..(to - span_from) as usize].copy_from_slice(data);
-        self.write_data(&buf, a.host.add(span_from))
+        self.write_data(&buf, a.host.add(span_from), a.gc.offset(&self.g).0 + span_from)
     }
 
     /// The byte range within the cluster that the write must produce: the

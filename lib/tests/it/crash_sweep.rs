@@ -12,6 +12,10 @@
 //! alignment are tested together: with 512-byte clusters, metadata and
 //! data share the blocks that such cycles rewrite.
 //!
+//! The LUKS-encrypted configurations open every state with the key, and
+//! a sample of their states (as oxcow leaves them after opening) goes to
+//! `qemu-img check` with the secret, which must find no corruption.
+//!
 //! `OXCOW_LONG=1` runs the long mode (more operations and states).
 
 use crate::support::{apply_model, Op, Rng};
@@ -71,10 +75,15 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize, direct:
     let fresh = Arc::new(MemoryStorage::new());
     qcow2::create(fresh.clone(), None, &create).unwrap();
     let crash = Arc::new(CrashStorage::new(fresh.to_bytes()));
+    let key = cfg.create.encryption.as_ref().map(|(_, k)| k.clone());
     let open = |st: Arc<dyn Storage>| {
         let opts = Qcow2Options::default().backing(cfg.backing.then(|| backing_dev(&backing)));
-        Qcow2::open(st, opts.cache(crate::support::small_slices()))
+        let mut opts = opts.cache(crate::support::small_slices());
+        opts.key_secret = key.clone();
+        Qcow2::open(st, opts)
     };
+    let qemu_dir = key.is_some().then(|| qemu_check_dir(&backing));
+    let mut qemu_checked = 0usize;
 
     // The workload.
     let mut rng = Rng(seed);
@@ -166,13 +175,23 @@ fn run_config(cfg: &Config, seed: u64, ops_count: usize, subsets: usize, direct:
         for variant in variants {
             let mut bytes = durable.clone();
             log.apply_variant(&mut bytes, &variant);
-            if let Some(from_journal) = verify_state(&name, bytes, &model, &unstable, &open, f, states) {
+            let mut after = qemu_dir.as_ref().filter(|_| states.is_multiple_of(QEMU_CHECK_EVERY)).map(|_| Vec::new());
+            let opened = verify_state(&name, bytes, &model, &unstable, &open, f, states, after.as_mut());
+            if let (Some(dir), Some(after)) = (&qemu_dir, &after) {
+                qemu_check(dir.path(), after, &format!("{name}: state {states} (after event {f})"));
+                qemu_checked += 1;
+            }
+            if let Some(from_journal) = opened {
                 // An image with a journal oxcow keeps is never scanned.
                 assert_eq!(from_journal, cfg.create.journal, "{name}: state {states} (after event {f})");
                 from_journal_count += usize::from(from_journal);
             }
             states += 1;
         }
+    }
+    if qemu_dir.is_some() {
+        assert!(qemu_checked > 0, "{name}: no state went to qemu-img check");
+        eprintln!("{name}: {qemu_checked} states checked by qemu-img");
     }
     if cfg.create.journal {
         assert!(from_journal_count > 0, "{name}: no state was recovered from the journal");
@@ -186,6 +205,47 @@ pub fn repaired_from_journal(q: &Qcow2) -> Option<bool> {
     q.repaired_on_open().map(|r| r.messages.iter().any(|m| m.starts_with("Refcounts recovered from the journal")))
 }
 
+/// The password of the encrypted configurations.
+const SECRET: &str = "crash sweep";
+/// Every this many states of an encrypted configuration go to qemu-img.
+const QEMU_CHECK_EVERY: usize = 32;
+
+/// A directory for the states qemu-img checks, with the backing file the
+/// images name.
+fn qemu_check_dir(backing: &[u8]) -> tempfile::TempDir {
+    // Under CI the tool must be there; elsewhere too, since encryption
+    // support came with it (the LUKS tests need it as well).
+    assert!(crate::support::process::have("qemu-img"), "qemu-img is needed to check encrypted crash states");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.raw"), backing).unwrap();
+    dir
+}
+
+/// `qemu-img check` with the secret finds no corruption (leaks allowed:
+/// exit status 3).
+fn qemu_check(dir: &std::path::Path, bytes: &[u8], what: &str) {
+    let img = dir.join("state.qcow2");
+    std::fs::write(&img, bytes).unwrap();
+    let spec = format!("driver=qcow2,file.filename={},encrypt.key-secret=s0", img.display());
+    let secret = format!("secret,id=s0,data={SECRET}");
+    let out = std::process::Command::new("qemu-img")
+        .current_dir(dir)
+        .args(["check", "--object", &secret, "--image-opts", &spec])
+        .output()
+        .unwrap();
+    let code = out.status.code();
+    assert!(
+        code == Some(0) || code == Some(3),
+        "{what}: qemu-img check exit {code:?}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Opens, checks and reads back one crash state; with `after`, also
+/// returns the image as the open (and its repair of a dirty image) left
+/// it.
+#[allow(clippy::too_many_arguments)]
 fn verify_state(
     name: &str,
     bytes: Vec<u8>,
@@ -194,12 +254,14 @@ fn verify_state(
     open: &dyn Fn(Arc<dyn Storage>) -> oxcow::Result<Qcow2>,
     at: usize,
     n: usize,
+    after: Option<&mut Vec<u8>>,
 ) -> Option<bool> {
     if let Ok(path) = std::env::var("OXCOW_CRASH_DUMP") {
         // Debugging aid: the last state tried is left for qemu-img to see.
         std::fs::write(path, &bytes).unwrap();
     }
-    let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_bytes(bytes));
+    let mem = Arc::new(MemoryStorage::from_bytes(bytes));
+    let st: Arc<dyn Storage> = mem.clone();
     let q = open(st).unwrap_or_else(|e| panic!("{name}: state {n} (after event {at}) does not open: {e}"));
     let from_journal = repaired_from_journal(&q);
     let report = q.check(Repair::None).unwrap();
@@ -224,6 +286,9 @@ fn verify_state(
     }
     cmp(pos, DISK);
     drop(q);
+    if let Some(after) = after {
+        *after = mem.to_bytes();
+    }
     from_journal
 }
 
@@ -248,7 +313,17 @@ fn configs() -> Vec<Config> {
             backing: true,
         },
         Config { name: "v3-refcount-bits-1", create: base.clone().refcount_bits(1), backing: false },
+        Config { name: "v3-luks", create: luks(base.clone()), backing: false },
+        Config { name: "v3-lazy-luks-backing", create: luks(base.clone().lazy_refcounts(true)), backing: true },
     ]
+}
+
+/// `create` encrypted with LUKS (the fewest PBKDF2 iterations, so every
+/// state opens fast).
+fn luks(mut create: CreateOptions) -> CreateOptions {
+    let params = oxcow::crypto::LuksParams { iter_time_ms: 1, ..Default::default() };
+    create.encryption = Some((params, oxcow::crypto::Secret::new(SECRET.as_bytes().to_vec())));
+    create
 }
 
 #[test]
@@ -264,6 +339,10 @@ fn crash_sweep() {
             // Direct I/O states cost more (block-sized writes, more torn
             // variants): half the operations keep CI time bounded.
             let ops = if direct && !long_mode() { ops / 2 } else { ops };
+            // Each encrypted state costs a key slot unlock (PBKDF2, the
+            // anti-forensic merge) on open: a fifth of the operations
+            // keeps them at a few seconds each.
+            let ops = if cfg.create.encryption.is_some() && !long_mode() { ops / 5 } else { ops };
             let n = run_config(cfg, 100 + i as u64, ops, subsets, direct);
             let mode = if direct { " (direct I/O)" } else { "" };
             eprintln!("crash sweep {}{mode}: {n} crash states", cfg.name);
