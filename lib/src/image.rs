@@ -225,6 +225,9 @@ pub struct OpenOptions {
     /// driver; `blkdebug:CONFIG:FILE` names set them too); never passed
     /// to backing files.
     pub blkdebug: Option<crate::storage::BlkdebugRules>,
+    /// Where requests stop at breakpoints, when a blkdebug layer is set
+    /// (qemu-io's `break`); the layer marks them attached.
+    pub blkdebug_breaks: Option<Arc<crate::storage::BlkdebugBreaks>>,
     /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
     /// backing files keep the defaults, as in QEMU without `backing.*`.
     pub qcow2_cache: crate::qcow2::CacheOptions,
@@ -249,6 +252,7 @@ impl Default for OpenOptions {
             backing_driver: None,
             backing_keys: Vec::new(),
             blkdebug: None,
+            blkdebug_breaks: None,
             qcow2_cache: Default::default(),
         }
     }
@@ -271,6 +275,7 @@ setters!(OpenOptions {
     key_secret: crate::crypto::Secret,
     backing_driver: Format,
     blkdebug: crate::storage::BlkdebugRules,
+    blkdebug_breaks: Arc<crate::storage::BlkdebugBreaks>,
 });
 
 impl OpenOptions {
@@ -782,7 +787,10 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             }
             let mut storage = file_layers(path, file, opts);
             if let Some(rules) = &opts.blkdebug {
-                storage = Arc::new(crate::storage::BlkdebugStorage::new(storage, rules.clone()));
+                storage = Arc::new(
+                    crate::storage::BlkdebugStorage::new(storage, rules.clone())
+                        .with_breaks(opts.blkdebug_breaks.clone()),
+                );
             }
             Opened { storage, native_raw: None, format, probed }
         }

@@ -6,6 +6,7 @@
 mod support;
 
 mod bitmap_cli;
+mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;
 mod cli_behaviour;
