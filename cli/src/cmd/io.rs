@@ -79,6 +79,9 @@ struct OpenCfg {
     /// Named by an option string alone (`--image-opts`, `open -o` without
     /// a file name): qemu-io's open errors then name no device.
     unnamed: bool,
+    /// Copy-on-read asked for by QEMU's `copy-on-read` filter driver
+    /// rather than `-C` (which only changes the words of a refusal).
+    cor_filter: bool,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -153,7 +156,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut rules = Vec::new();
     let mut blkdebug = Vec::new();
     let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
-    for (k, v) in opts {
+    for (k, v) in copy_on_read_filter(opts, cfg) {
         let last = k.rsplit('.').next().unwrap_or(&k);
         if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
             continue;
@@ -203,8 +206,33 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     Ok(file)
 }
 
+/// QEMU's `copy-on-read` filter over a node (`driver=copy-on-read,
+/// file.driver=qcow2,...`) is oxcow's copy-on-read of that node: the
+/// filter's keys go, its child's keys lose their `file.`.
+fn copy_on_read_filter(opts: Vec<(String, String)>, cfg: &mut OpenCfg) -> Vec<(String, String)> {
+    if !opts.iter().any(|(k, v)| k == "driver" && v == "copy-on-read") {
+        return opts;
+    }
+    cfg.copy_on_read = true;
+    cfg.cor_filter = true;
+    opts.into_iter()
+        .filter(|(k, _)| k != "driver")
+        .map(|(k, v)| match k.strip_prefix("file.") {
+            Some(sub) => (sub.to_string(), v),
+            None => (k, v),
+        })
+        .collect()
+}
+
 fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
     let write = !cfg.read_only && cfg.snapshot.is_none();
+    if cfg.copy_on_read && !write && crate::dropin::active() {
+        // QEMU refuses in the block layer's words (the filter needs a
+        // writable child) or in -C's.
+        let what = if cfg.cor_filter { "Block node is read-only" } else { "Can't use copy-on-read on read-only device" };
+        let dev = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        return Err(CliError::new(format!("can't open{dev}: {what}")));
+    }
     if cfg.force_share && write {
         return Err(CliError::new(format!(
             "can't open device {path}: force-share=on can only be used with read-only images"
@@ -298,6 +326,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         blkdebug: None,
         zero_limits: Default::default(),
         unnamed: false,
+        cor_filter: false,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
