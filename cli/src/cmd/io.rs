@@ -229,7 +229,8 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
     if cfg.copy_on_read && !write && crate::dropin::active() {
         // QEMU refuses in the block layer's words (the filter needs a
         // writable child) or in -C's.
-        let what = if cfg.cor_filter { "Block node is read-only" } else { "Can't use copy-on-read on read-only device" };
+        let what =
+            if cfg.cor_filter { "Block node is read-only" } else { "Can't use copy-on-read on read-only device" };
         let dev = if cfg.unnamed { String::new() } else { format!(" device {path}") };
         return Err(CliError::new(format!("can't open{dev}: {what}")));
     }

@@ -10,6 +10,7 @@ mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;
 mod cli_behaviour;
+mod cor_filter;
 mod damaged_cli;
 mod direct_write_race;
 mod dropin;
