@@ -82,6 +82,13 @@ struct OpenCfg {
     /// Copy-on-read asked for by QEMU's `copy-on-read` filter driver
     /// rather than `-C` (which only changes the words of a refusal).
     cor_filter: bool,
+    /// `data-file.*`: the external data file instead of the image's own,
+    /// and blkdebug rules over it.
+    data_file: Option<String>,
+    data_file_blkdebug: Option<oxcow::storage::BlkdebugRules>,
+    /// The `json:` name the image was opened by: qemu-io's open errors
+    /// name the device so.
+    json_name: Option<String>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -130,6 +137,7 @@ fn json_name(name: &str, cfg: &mut OpenCfg) -> CliResult<String> {
     match crate::image_opts::json_spec(name) {
         None => Ok(name.to_string()),
         Some(spec) => {
+            cfg.json_name = Some(name.to_string());
             image_opts(&spec?, cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))
         }
     }
@@ -156,7 +164,12 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut rules = Vec::new();
     let mut blkdebug = Vec::new();
     let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
+    let mut data_file = Vec::new();
     for (k, v) in copy_on_read_filter(opts, cfg) {
+        if let Some(sub) = k.strip_prefix("data-file.") {
+            data_file.push((sub.to_string(), v));
+            continue;
+        }
         let last = k.rsplit('.').next().unwrap_or(&k);
         if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
             continue;
@@ -200,10 +213,65 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     if !rules.is_empty() {
         cfg.blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
     }
+    if !data_file.is_empty() {
+        data_file_opts(data_file, cfg)?;
+    }
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
     }
     Ok(file)
+}
+
+/// QEMU's `data-file` option tree: a file, a `null-co` node, or either
+/// under `raw` and `blkdebug` nodes (whose rules then act on the data
+/// file's requests).
+fn data_file_opts(opts: Vec<(String, String)>, cfg: &mut OpenCfg) -> CliResult<()> {
+    let mut name = None;
+    let mut null = false;
+    let mut size = None;
+    let mut rules = Vec::new();
+    let mut blkdebug = Vec::new();
+    for (k, v) in opts {
+        // The nodes between the format and the file: raw's `file`,
+        // blkdebug's `image`.
+        let mut key = k.as_str();
+        while let Some(sub) = key.strip_prefix("file.").or_else(|| key.strip_prefix("image.")) {
+            key = sub;
+        }
+        match key {
+            "driver" if v == "null-co" || v == "null-aio" => null = true,
+            "driver" if matches!(v.as_str(), "raw" | "file" | "blkdebug") => {}
+            "filename" => name = Some(v),
+            "size" if null => size = Some(v),
+            "config" => {
+                let r = oxcow::storage::BlkdebugRules::from_config_file(&v).map_err(|e| CliError::new(e.0))?;
+                rules.extend(r.0);
+            }
+            _ if key.starts_with("inject-error.") || key.starts_with("set-state.") => {
+                blkdebug.push((key.to_string(), v))
+            }
+            _ if LIMIT_KEYS.contains(&key) => {}
+            _ => return Err(CliError::new(format!("Unsupported image option 'data-file.{k}'"))),
+        }
+    }
+    if null {
+        let size = match size {
+            Some(v) => {
+                parse_num(&v).ok_or_else(|| CliError::new(format!("Parameter 'size' expects a size, got '{v}'")))?
+            }
+            None => oxcow::storage::NULL_DEFAULT_SIZE,
+        };
+        name = Some(oxcow::storage::NullStorage::name(size));
+    }
+    rules.extend(
+        oxcow::storage::parse_blkdebug_options(blkdebug.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| CliError::new(e.0))?,
+    );
+    if !rules.is_empty() {
+        cfg.data_file_blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
+    }
+    cfg.data_file = name;
+    Ok(())
 }
 
 /// QEMU's `copy-on-read` filter over a node (`driver=copy-on-read,
@@ -249,11 +317,14 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .backing_driver(cfg.backing_driver)
         .blkdebug(cfg.blkdebug.clone())
         .blkdebug_breaks(aio.breaks.clone())
+        .data_file(cfg.data_file.as_ref().map(std::path::PathBuf::from))
+        .data_file_blkdebug(cfg.data_file_blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts).map_err(|e| {
-        let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        let shown = cfg.json_name.as_deref().unwrap_or(path);
+        let what = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
         CliError::new(format!("can't open{what}: {}", crate::error::message(&e)))
     })?;
     crate::util::report_dirty_repair(path, &img);
@@ -328,6 +399,9 @@ pub fn run(a: Args) -> CliResult<i32> {
         zero_limits: Default::default(),
         unnamed: false,
         cor_filter: false,
+        data_file: None,
+        data_file_blkdebug: None,
+        json_name: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {

@@ -12,6 +12,7 @@ mod check_cli;
 mod cli_behaviour;
 mod cor_filter;
 mod damaged_cli;
+mod data_file_opts;
 mod direct_write_race;
 mod dropin;
 mod http_nginx;
