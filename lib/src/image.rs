@@ -225,6 +225,16 @@ pub struct OpenOptions {
     /// driver; `blkdebug:CONFIG:FILE` names set them too); never passed
     /// to backing files.
     pub blkdebug: Option<crate::storage::BlkdebugRules>,
+    /// Where requests stop at breakpoints, when a blkdebug layer is set
+    /// (qemu-io's `break`); the layer marks them attached.
+    pub blkdebug_breaks: Option<Arc<crate::storage::BlkdebugBreaks>>,
+    /// The external data file to use instead of the one the image names
+    /// (QEMU's `data-file` option): a file or a `null-co://` name; only for
+    /// an image that has one, never passed to backing files.
+    pub data_file: Option<PathBuf>,
+    /// Error-injection rules over the external data file (a blkdebug node
+    /// under QEMU's `data-file`).
+    pub data_file_blkdebug: Option<crate::storage::BlkdebugRules>,
     /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
     /// backing files keep the defaults, as in QEMU without `backing.*`.
     pub qcow2_cache: crate::qcow2::CacheOptions,
@@ -251,6 +261,9 @@ impl Default for OpenOptions {
             backing_driver: None,
             backing_keys: Vec::new(),
             blkdebug: None,
+            blkdebug_breaks: None,
+            data_file: None,
+            data_file_blkdebug: None,
             qcow2_cache: Default::default(),
             qcow2_lazy_refcounts: None,
         }
@@ -275,6 +288,9 @@ setters!(OpenOptions {
     backing_driver: Format,
     blkdebug: crate::storage::BlkdebugRules,
     qcow2_lazy_refcounts: bool,
+    blkdebug_breaks: Arc<crate::storage::BlkdebugBreaks>,
+    data_file: PathBuf,
+    data_file_blkdebug: crate::storage::BlkdebugRules,
 });
 
 impl OpenOptions {
@@ -639,13 +655,21 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 }
                 // QEMU opens the data file by its name as given, relative
                 // to the working directory (unlike backing files).
-                let dpath = PathBuf::from(&name);
+                let dpath = opts.data_file.clone().unwrap_or_else(|| PathBuf::from(&name));
                 let lock = match lock_mode(opts, format) {
                     Some(_) if !opts.force_share => Some(LockMode::data_file(opts.write)),
                     other => other,
                 };
-                let d = open_file(&dpath, opts.write, opts.cache, lock)?;
-                Some(file_layers(&dpath, d, opts))
+                let mut d: Arc<dyn Storage> = match dpath.to_str().and_then(crate::storage::NullStorage::from_name) {
+                    Some(null) => Arc::new(null.map_err(|e| Error::io("null-co", e))?),
+                    None => file_layers(&dpath, open_file(&dpath, opts.write, opts.cache, lock)?, opts),
+                };
+                if let Some(rules) = &opts.data_file_blkdebug {
+                    d = Arc::new(crate::storage::BlkdebugStorage::new(d, rules.clone()));
+                }
+                Some(d)
+            } else if opts.data_file.is_some() {
+                return Err(Error::invalid("'data-file' can only be set for images with an external data file"));
             } else {
                 None
             };
@@ -711,6 +735,8 @@ fn open_backing(
         copy_on_read: false,
         backing_driver: None,
         blkdebug: None,
+        data_file: None,
+        data_file_blkdebug: None,
         qcow2_cache: Default::default(),
         qcow2_lazy_refcounts: None,
         ..opts.clone()
@@ -788,7 +814,10 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
             }
             let mut storage = file_layers(path, file, opts);
             if let Some(rules) = &opts.blkdebug {
-                storage = Arc::new(crate::storage::BlkdebugStorage::new(storage, rules.clone()));
+                storage = Arc::new(
+                    crate::storage::BlkdebugStorage::new(storage, rules.clone())
+                        .with_breaks(opts.blkdebug_breaks.clone()),
+                );
             }
             Opened { storage, native_raw: None, format, probed }
         }

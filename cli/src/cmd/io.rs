@@ -79,6 +79,16 @@ struct OpenCfg {
     /// Named by an option string alone (`--image-opts`, `open -o` without
     /// a file name): qemu-io's open errors then name no device.
     unnamed: bool,
+    /// Copy-on-read asked for by QEMU's `copy-on-read` filter driver
+    /// rather than `-C` (which only changes the words of a refusal).
+    cor_filter: bool,
+    /// `data-file.*`: the external data file instead of the image's own,
+    /// and blkdebug rules over it.
+    data_file: Option<String>,
+    data_file_blkdebug: Option<oxcow::storage::BlkdebugRules>,
+    /// The `json:` name the image was opened by: qemu-io's open errors
+    /// name the device so.
+    json_name: Option<String>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -91,6 +101,8 @@ struct Opened {
     path: String,
     /// What it was opened with, for `reopen`.
     cfg: OpenCfg,
+    /// Requests in flight and blkdebug breakpoints.
+    aio: super::io_aio::Aio,
 }
 
 impl Opened {
@@ -125,6 +137,7 @@ fn json_name(name: &str, cfg: &mut OpenCfg) -> CliResult<String> {
     match crate::image_opts::json_spec(name) {
         None => Ok(name.to_string()),
         Some(spec) => {
+            cfg.json_name = Some(name.to_string());
             image_opts(&spec?, cfg)?.ok_or_else(|| CliError::new("A block device must be specified by filename"))
         }
     }
@@ -151,7 +164,12 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut rules = Vec::new();
     let mut blkdebug = Vec::new();
     let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
-    for (k, v) in opts {
+    let mut data_file = Vec::new();
+    for (k, v) in copy_on_read_filter(opts, cfg) {
+        if let Some(sub) = k.strip_prefix("data-file.") {
+            data_file.push((sub.to_string(), v));
+            continue;
+        }
         let last = k.rsplit('.').next().unwrap_or(&k);
         if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
             continue;
@@ -195,19 +213,101 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     if !rules.is_empty() {
         cfg.blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
     }
+    if !data_file.is_empty() {
+        data_file_opts(data_file, cfg)?;
+    }
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
     }
     Ok(file)
 }
 
+/// QEMU's `data-file` option tree: a file, a `null-co` node, or either
+/// under `raw` and `blkdebug` nodes (whose rules then act on the data
+/// file's requests).
+fn data_file_opts(opts: Vec<(String, String)>, cfg: &mut OpenCfg) -> CliResult<()> {
+    let mut name = None;
+    let mut null = false;
+    let mut size = None;
+    let mut rules = Vec::new();
+    let mut blkdebug = Vec::new();
+    for (k, v) in opts {
+        // The nodes between the format and the file: raw's `file`,
+        // blkdebug's `image`.
+        let mut key = k.as_str();
+        while let Some(sub) = key.strip_prefix("file.").or_else(|| key.strip_prefix("image.")) {
+            key = sub;
+        }
+        match key {
+            "driver" if v == "null-co" || v == "null-aio" => null = true,
+            "driver" if matches!(v.as_str(), "raw" | "file" | "blkdebug") => {}
+            "filename" => name = Some(v),
+            "size" if null => size = Some(v),
+            "config" => {
+                let r = oxcow::storage::BlkdebugRules::from_config_file(&v).map_err(|e| CliError::new(e.0))?;
+                rules.extend(r.0);
+            }
+            _ if key.starts_with("inject-error.") || key.starts_with("set-state.") => {
+                blkdebug.push((key.to_string(), v))
+            }
+            _ if LIMIT_KEYS.contains(&key) => {}
+            _ => return Err(CliError::new(format!("Unsupported image option 'data-file.{k}'"))),
+        }
+    }
+    if null {
+        let size = match size {
+            Some(v) => {
+                parse_num(&v).ok_or_else(|| CliError::new(format!("Parameter 'size' expects a size, got '{v}'")))?
+            }
+            None => oxcow::storage::NULL_DEFAULT_SIZE,
+        };
+        name = Some(oxcow::storage::NullStorage::name(size));
+    }
+    rules.extend(
+        oxcow::storage::parse_blkdebug_options(blkdebug.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| CliError::new(e.0))?,
+    );
+    if !rules.is_empty() {
+        cfg.data_file_blkdebug = Some(oxcow::storage::BlkdebugRules(rules));
+    }
+    cfg.data_file = name;
+    Ok(())
+}
+
+/// QEMU's `copy-on-read` filter over a node (`driver=copy-on-read,
+/// file.driver=qcow2,...`) is oxcow's copy-on-read of that node: the
+/// filter's keys go, its child's keys lose their `file.`.
+fn copy_on_read_filter(opts: Vec<(String, String)>, cfg: &mut OpenCfg) -> Vec<(String, String)> {
+    if !opts.iter().any(|(k, v)| k == "driver" && v == "copy-on-read") {
+        return opts;
+    }
+    cfg.copy_on_read = true;
+    cfg.cor_filter = true;
+    opts.into_iter()
+        .filter(|(k, _)| k != "driver")
+        .map(|(k, v)| match k.strip_prefix("file.") {
+            Some(sub) => (sub.to_string(), v),
+            None => (k, v),
+        })
+        .collect()
+}
+
 fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
     let write = !cfg.read_only && cfg.snapshot.is_none();
+    if cfg.copy_on_read && !write && crate::dropin::active() {
+        // QEMU refuses in the block layer's words (the filter needs a
+        // writable child) or in -C's.
+        let what =
+            if cfg.cor_filter { "Block node is read-only" } else { "Can't use copy-on-read on read-only device" };
+        let dev = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        return Err(CliError::new(format!("can't open{dev}: {what}")));
+    }
     if cfg.force_share && write {
         return Err(CliError::new(format!(
             "can't open device {path}: force-share=on can only be used with read-only images"
         )));
     }
+    let aio = super::io_aio::Aio::default();
     let opts = OpenOptions::default()
         .format(cfg.format)
         .write(write)
@@ -216,11 +316,15 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .copy_on_read(cfg.copy_on_read)
         .backing_driver(cfg.backing_driver)
         .blkdebug(cfg.blkdebug.clone())
+        .blkdebug_breaks(aio.breaks.clone())
+        .data_file(cfg.data_file.as_ref().map(std::path::PathBuf::from))
+        .data_file_blkdebug(cfg.data_file_blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts).map_err(|e| {
-        let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        let shown = cfg.json_name.as_deref().unwrap_or(path);
+        let what = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
         CliError::new(format!("can't open{what}: {}", crate::error::message(&e)))
     })?;
     crate::util::report_dirty_repair(path, &img);
@@ -234,7 +338,7 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         }
         None => None,
     };
-    Ok(Opened { img, snap, unmap: cfg.unmap, read_only: !write, path: path.to_string(), cfg: cfg.clone() })
+    Ok(Opened { img, snap, unmap: cfg.unmap, read_only: !write, path: path.to_string(), cfg: cfg.clone(), aio })
 }
 
 /// The state commands run in: the open image, if any, and the flags a
@@ -245,6 +349,12 @@ struct Session {
 }
 
 impl Session {
+    /// Ends what is in flight on the open image and prints it (see
+    /// `io_aio`); `release` frees stopped requests first.
+    fn drain(&self, out: &mut dyn Write, release: bool) -> bool {
+        self.open.as_ref().is_none_or(|o| o.aio.drain(out, release))
+    }
+
     fn close(&mut self) -> bool {
         match self.open.take() {
             Some(o) => match o.img.close() {
@@ -288,6 +398,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         blkdebug: None,
         zero_limits: Default::default(),
         unnamed: false,
+        cor_filter: false,
+        data_file: None,
+        data_file_blkdebug: None,
+        json_name: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -330,6 +444,7 @@ pub fn run(a: Args) -> CliResult<i32> {
             }
         }
     }
+    failed |= !session.drain(&mut out, true);
     let _ = out.flush();
     failed |= !session.close();
     Ok(i32::from(failed))
@@ -359,7 +474,8 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
             if s.open.is_none() {
                 return Flow::Done(true);
             }
-            return Flow::Done(s.close());
+            let drained = s.drain(out, true);
+            return Flow::Done(s.close() && drained);
         }
         "help" => {
             help(out, words.get(1).copied());
@@ -395,7 +511,8 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         _ => {}
     }
     if matches!(cmd, "reopen") {
-        return Flow::Done(cmd_reopen(s, &words[1..], out));
+        let drained = s.drain(out, true);
+        return Flow::Done(cmd_reopen(s, &words[1..], out) && drained);
     }
     let Some(o) = s.open.as_ref() else {
         if !known(cmd) {
@@ -411,14 +528,25 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
         eprintln!("{}: Block node is read-only", crate::dropin::prog());
         return Flow::Done(false);
     }
+    if matches!(cmd, "break" | "wait_break" | "resume" | "remove_break") {
+        if !arg_count(cmd, typed, words.len() - 1) {
+            return Flow::Done(false);
+        }
+        return Flow::Done(o.aio.debug_command(cmd, &words[1..], out));
+    }
+    let drained = !matches!(cmd, "aio_flush" | "flush") || o.aio.drain(out, false);
     // A command that stopped early has already said why.
     let limits = o.cfg.zero_limits;
+    if matches!(cmd, "aio_read" | "aio_write") && o.aio.threaded() && !limits.active() {
+        let dev = o.snap.clone().unwrap_or_else(|| o.img.device().clone());
+        return Flow::Done(o.aio.start(dev, cmd, &words[1..], out).unwrap_or(false));
+    }
     let r = if limits.active() {
         exec(&o.img, &super::io_limits::Limited { dev: o.dev(), limits }, o.unmap, &words, out)
     } else {
         exec(&o.img, o.dev(), o.unmap, &words, out)
     };
-    Flow::Done(r.unwrap_or(false))
+    Flow::Done(r.unwrap_or(false) && drained)
 }
 
 /// `reopen [(-r|-w)] [-c cache] [-o options]`: the same file again with
@@ -548,16 +676,16 @@ fn cmd_open(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
 
 /// A command failed after reporting why.
 #[derive(Debug)]
-struct Stop;
+pub(super) struct Stop;
 
 /// Minimal getopt: `spec` lists option letters, a trailing `:` marks those
 /// taking a value. Options end at the first non-option word.
-struct Opts<'a> {
+pub(super) struct Opts<'a> {
     flags: Vec<(char, Option<&'a str>)>,
-    rest: Vec<&'a str>,
+    pub(super) rest: Vec<&'a str>,
 }
 
-fn getopt<'a>(words: &[&'a str], spec: &str) -> Result<Opts<'a>, char> {
+pub(super) fn getopt<'a>(words: &[&'a str], spec: &str) -> Result<Opts<'a>, char> {
     let mut flags = Vec::new();
     let mut i = 0;
     while i < words.len() {
@@ -598,10 +726,10 @@ fn getopt<'a>(words: &[&'a str], spec: &str) -> Result<Opts<'a>, char> {
 }
 
 impl Opts<'_> {
-    fn has(&self, c: char) -> bool {
+    pub(super) fn has(&self, c: char) -> bool {
         self.flags.iter().any(|f| f.0 == c)
     }
-    fn value(&self, c: char) -> Option<&str> {
+    pub(super) fn value(&self, c: char) -> Option<&str> {
         self.flags.iter().rev().find(|f| f.0 == c).and_then(|f| f.1)
     }
 }
@@ -618,6 +746,7 @@ const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
         None,
     ),
     ("alloc", "alloc offset [count] -- checks if offset is allocated in the file", 1, Some(2)),
+    ("break", "break event tag -- sets a breakpoint on event and tags the stopped request as tag", 2, Some(2)),
     ("close", "close -- close the current open file", 0, Some(0)),
     ("discard", "discard [-Cq] off len -- discards a number of bytes at a specified offset", 2, None),
     ("flush", "flush -- flush all in-core file state to disk", 0, Some(0)),
@@ -635,9 +764,12 @@ const USAGE: &[(&str, &str, usize, Option<usize>)] = &[
         None,
     ),
     ("readv", "readv [-Cqrv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset", 2, None),
+    ("remove_break", "remove_break tag -- remove a breakpoint by tag", 1, Some(1)),
+    ("resume", "resume tag -- resumes the request tagged as tag", 1, Some(1)),
     ("sigraise", "sigraise signal -- raises a signal", 1, Some(1)),
     ("sleep", "sleep -- waits for the given value in milliseconds", 1, Some(1)),
     ("truncate", "truncate [-m prealloc_mode] off -- truncates the current file at the given offset", 1, Some(3)),
+    ("wait_break", "wait_break tag -- waits for the suspension of a request", 1, Some(1)),
     (
         "write",
         "write [-bcCfnqruz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
@@ -656,7 +788,7 @@ fn known(cmd: &str) -> bool {
     USAGE.iter().any(|u| u.0 == cmd)
 }
 
-fn usage(out: &mut dyn Write, cmd: &str) {
+pub(super) fn usage(out: &mut dyn Write, cmd: &str) {
     if let Some(u) = USAGE.iter().find(|u| u.0 == cmd) {
         let _ = writeln!(out, "{}", u.1);
     }
@@ -713,7 +845,7 @@ fn arg_count(cmd: &str, typed: &str, n: usize) -> bool {
     false
 }
 
-fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
+pub(super) fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
     parse_num(s).ok_or_else(|| {
         let _ = writeln!(out, "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {s}");
         Stop
@@ -723,7 +855,7 @@ fn num(out: &mut dyn Write, s: &str) -> Result<u64, Stop> {
 /// qemu's largest single request.
 const MAX_REQUEST: u64 = 2147483136;
 
-fn length(out: &mut dyn Write, s: &str, suffix: &str) -> Result<u64, Stop> {
+pub(super) fn length(out: &mut dyn Write, s: &str, suffix: &str) -> Result<u64, Stop> {
     let n = num(out, s)?;
     if n > MAX_REQUEST {
         let _ = writeln!(out, "length cannot exceed {MAX_REQUEST}{suffix}, given {s}");
@@ -732,7 +864,7 @@ fn length(out: &mut dyn Write, s: &str, suffix: &str) -> Result<u64, Stop> {
     Ok(n)
 }
 
-fn pattern(out: &mut dyn Write, s: &str) -> Result<u8, Stop> {
+pub(super) fn pattern(out: &mut dyn Write, s: &str) -> Result<u8, Stop> {
     let v = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         i64::from_str_radix(h, 16).ok()
     } else if s.len() > 1 && s.starts_with('0') {
@@ -749,7 +881,7 @@ fn pattern(out: &mut dyn Write, s: &str) -> Result<u8, Stop> {
     }
 }
 
-fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Duration) {
+pub(super) fn report(out: &mut dyn Write, verb: &str, count: u64, offset: u64, elapsed: Duration) {
     let _ = writeln!(out, "{verb} {count}/{count} bytes at offset {offset}");
     let secs = elapsed.as_secs_f64().max(1e-9);
     let centis = elapsed.as_millis() / 10;
@@ -1057,7 +1189,7 @@ fn write_compressed(img: &Image, buf: &[u8], off: u64) -> oxcow::Result<()> {
 }
 
 /// qemu-io's hex dump: offset, 16 bytes in hex, then their printable form.
-fn dump(out: &mut dyn Write, buf: &[u8], base: u64) {
+pub(super) fn dump(out: &mut dyn Write, buf: &[u8], base: u64) {
     for (i, chunk) in buf.chunks(16).enumerate() {
         let mut line = format!("{:08x}:  ", base + i as u64 * 16);
         for b in chunk {

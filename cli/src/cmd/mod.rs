@@ -10,6 +10,7 @@ pub mod convert;
 pub mod create;
 pub mod info;
 pub mod io;
+mod io_aio;
 pub mod io_limits;
 pub mod map;
 pub mod measure;

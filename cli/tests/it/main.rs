@@ -6,10 +6,13 @@
 mod support;
 
 mod bitmap_cli;
+mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;
 mod cli_behaviour;
+mod cor_filter;
 mod damaged_cli;
+mod data_file_opts;
 mod direct_write_race;
 mod dropin;
 mod http_nginx;

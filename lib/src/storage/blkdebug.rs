@@ -14,6 +14,7 @@
 //! Names: `blkdebug:CONFIG:FILE` (CONFIG may be empty) is FILE under the
 //! rules of the config file CONFIG ([`parse_name`]).
 
+use super::blkdebug_break::BlkdebugBreaks;
 use super::blkdebug_rules::{parse_config, Action, BlkdebugEvent, IoType, Rule, RuleError};
 use super::Storage;
 use std::io;
@@ -66,6 +67,9 @@ pub struct BlkdebugStorage {
     /// flush with nothing to flush reaches neither the rules nor the disk,
     /// so an armed error does not fail closing a clean image.
     unflushed: AtomicBool,
+    /// Where requests stop at breakpoints (qemu-io's `break`), if anyone
+    /// can set them.
+    breaks: Option<Arc<BlkdebugBreaks>>,
 }
 
 impl std::fmt::Debug for BlkdebugStorage {
@@ -90,7 +94,18 @@ impl BlkdebugStorage {
             inner,
             state: Mutex::new(State { state: 1, rules, armed }),
             unflushed: AtomicBool::new(false),
+            breaks: None,
         }
+    }
+
+    /// Requests stop at the breakpoints of `breaks`.
+    #[must_use]
+    pub fn with_breaks(mut self, breaks: Option<Arc<BlkdebugBreaks>>) -> Self {
+        if let Some(b) = &breaks {
+            b.attach();
+        }
+        self.breaks = breaks;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -117,8 +132,8 @@ impl BlkdebugStorage {
     }
 
     fn event(&self, event: BlkdebugEvent) {
-        let mut st = self.lock();
-        let st = &mut *st;
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let current = st.state;
         let mut new_state = current;
         let mut rearmed = false;
@@ -139,6 +154,11 @@ impl BlkdebugStorage {
             }
         }
         st.state = new_state;
+        // A request stops at a breakpoint without holding the rules.
+        drop(guard);
+        if let Some(b) = &self.breaks {
+            b.hit(event);
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod aligned;
 mod blkdebug;
+mod blkdebug_break;
 mod blkdebug_rules;
 mod buffer;
 #[cfg(any(test, feature = "testing"))]
@@ -28,6 +29,7 @@ pub(crate) mod sys;
 
 pub use aligned::AlignedStorage;
 pub use blkdebug::{parse_name as parse_blkdebug_name, BlkdebugRules, BlkdebugStorage};
+pub use blkdebug_break::BlkdebugBreaks;
 pub use blkdebug_rules::{
     parse_config as parse_blkdebug_config, parse_options as parse_blkdebug_options, Action as BlkdebugAction,
     BlkdebugEvent, Rule as BlkdebugRule, RuleError as BlkdebugRuleError,

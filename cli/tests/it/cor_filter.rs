@@ -1,0 +1,50 @@
+//! QEMU's `copy-on-read` filter driver in qemu-io option trees
+//! (`driver=copy-on-read,file.driver=qcow2`), oxcow as `qemu-io` against
+//! QEMU's own: what a read brings into the overlay, and the refusals of
+//! copy-on-read over a read-only image, in QEMU's words.
+
+use crate::support::process::s;
+use crate::support::{ok, run_in, tmp, OXCOW};
+use std::path::Path;
+
+/// `b.qcow2` with pattern 5 in its second cluster, under `t.qcow2`.
+fn images(dir: &Path) {
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);
+    ok(dir, "qemu-io", &["-f", "qcow2", "-c", "write -q -P 5 64k 64k", "b.qcow2"]);
+    ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"]);
+}
+
+/// The ops line carries timings.
+fn filter(out: &str) -> String {
+    out.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn qemu_io_copy_on_read_filter_option_trees() {
+    let (ours, theirs) = (tmp(), tmp());
+    ok(ours.path(), OXCOW, &["install-links", s(&ours.path().join("bin"))]);
+    for d in [ours.path(), theirs.path()] {
+        images(d);
+    }
+    let qio = ours.path().join("bin/qemu-io");
+    let runs: &[&[&str]] = &[
+        &["-c", "open -r -o driver=copy-on-read,file.driver=qcow2 t.qcow2"],
+        &["-f", "qcow2", "-C", "-r", "-c", "read 0 4k", "t.qcow2"],
+        &["-c", "open -o driver=copy-on-read,file.driver=qcow2 t.qcow2", "-c", "read -P 5 64k 64k"],
+        &["-f", "qcow2", "-c", "map", "t.qcow2"],
+    ];
+    for args in runs {
+        let o = run_in(ours.path(), s(&qio), args);
+        let t = run_in(theirs.path(), "qemu-io", args);
+        assert_eq!(
+            (o.code, filter(&o.stdout), &o.stderr),
+            (t.code, filter(&t.stdout), &t.stderr),
+            "{args:?}: qemu said\n{}{}",
+            t.stdout,
+            t.stderr
+        );
+    }
+    // The read brought the backing cluster in: the overlay alone has it.
+    let m = ok(ours.path(), "qemu-io", &["-f", "qcow2", "-c", "map", "t.qcow2"]);
+    assert!(m.stdout.contains("64 KiB (0x10000) bytes     allocated at offset 64 KiB"), "{}", m.stdout);
+}
