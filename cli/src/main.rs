@@ -64,6 +64,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change format options of an image (like `qemu-img amend`).
     Amend(cmd::amend::Args),
+    /// Copy an image block by block, dd-style (like `qemu-img dd`).
+    Dd(cmd::dd::Args),
     /// Compute the size a new image needs (like `qemu-img measure`).
     Measure(cmd::measure::Args),
     /// Change persistent dirty bitmaps (like `qemu-img bitmap`).
@@ -147,6 +149,7 @@ where
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Dd(a) => cmd::dd::run(a),
         Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Stream(a) => cmd::stream::run(a),
         Command::StorageDaemon(a) => storage_daemon::run(a),

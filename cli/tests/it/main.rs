@@ -12,6 +12,7 @@ mod cli_behaviour;
 mod damaged_cli;
 mod direct_write_race;
 mod dropin;
+mod dropin_img;
 mod http_nginx;
 mod iotests_ci;
 mod json_names;

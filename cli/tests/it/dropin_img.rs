@@ -1,0 +1,73 @@
+//! qemu-img's front-end commands and words under the drop-in name,
+//! against QEMU's qemu-img on the same inputs: `dd`.
+
+use crate::dropin::{run, same, sides, Cmp};
+
+/// Runs each command line on both sides in turn (same directories), with
+/// the same messages and status, then compares the named files byte for
+/// byte and their allocation as `qemu-img map` reports it.
+fn same_runs(cmds: &[&[&str]], files: &[&str]) {
+    let (ours, theirs) = sides();
+    for args in cmds {
+        let o = run(&ours, "qemu-img", args, None);
+        let t = run(&theirs, "qemu-img", args, None);
+        let ctx = format!(
+            "{args:?}\n--- qemu ({}): {}{}--- oxcow ({}): {}{}",
+            t.code, t.stdout, t.stderr, o.code, o.stdout, o.stderr
+        );
+        assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{ctx}");
+    }
+    for f in files {
+        let read = |d: &std::path::Path| std::fs::read(d.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(read(ours.dir.path()) == read(theirs.dir.path()), "{f} differs");
+        let map = |d: &std::path::Path| {
+            crate::support::ok(
+                d,
+                "qemu-img",
+                &["map", "--output=json", "-f", if f.ends_with(".qcow2") { "qcow2" } else { "raw" }, f],
+            )
+            .stdout
+        };
+        assert_eq!(map(ours.dir.path()), map(theirs.dir.path()), "{f}: allocation differs");
+    }
+}
+
+#[test]
+fn qemu_img_dd_copies_like_qemu() {
+    same_runs(
+        &[
+            &["dd", "if=x.qcow2", "of=whole.raw"],
+            &["dd", "if=x.qcow2", "of=count.raw", "bs=4k", "count=3"],
+            // count bounds the end of the copy, skip only shortens it.
+            &["dd", "if=x.qcow2", "of=window.raw", "bs=4k", "skip=2", "count=20"],
+            &["dd", "-f", "qcow2", "if=x.qcow2", "of=blocks.qcow2", "bs=1.5k", "skip=010", "-O", "qcow2"],
+            &["dd", "if=x.qcow2", "of=empty.raw", "bs=64k", "count=0"],
+        ],
+        &["whole.raw", "count.raw", "window.raw", "blocks.qcow2", "empty.raw"],
+    );
+}
+
+#[test]
+fn qemu_img_dd_skip_past_the_end_leaves_an_empty_target() {
+    same_runs(&[&["dd", "if=x.qcow2", "of=past.raw", "bs=4k", "skip=1000"]], &["past.raw"]);
+}
+
+#[test]
+fn qemu_img_dd_refusals() {
+    for args in [
+        &["dd", "if=x.qcow2"][..],
+        &["dd", "if=x.qcow2", "of=o", "bs=0"],
+        &["dd", "if=x.qcow2", "of=o", "bs=x"],
+        &["dd", "if=x.qcow2", "of=o", "count=1k"],
+        &["dd", "if=x.qcow2", "of=o", "skip=-1"],
+        &["dd", "if=x.qcow2", "of=o", "osize=1"],
+        &["dd", "if=x.qcow2", "of=o", "junk"],
+        &["dd", "if=x.qcow2", "of=o", "-O", "foo"],
+        &["dd", "if=x.qcow2", "of=o", "-f", "foo"],
+        &["dd", "if=missing", "of=o"],
+        &["dd", "if=x.qcow2", "of=no/such/dir"],
+        &["dd", "-q", "if=x.qcow2", "of=o"],
+    ] {
+        same("qemu-img", args, None, Cmp::All);
+    }
+}
