@@ -11,6 +11,7 @@ mod error;
 mod image_opts;
 mod keyslot_opts;
 mod object;
+mod opt_help;
 mod progress;
 mod qcow2_cache_opts;
 mod remote_opts;

@@ -65,11 +65,39 @@ pub struct Args {
     skip_broken_bitmaps: bool,
     /// Source image, then target. One value per occurrence, so options
     /// may come between them as getopt allows.
-    #[arg(required = true)]
     files: Vec<String>,
+    /// Copy offloading (accepted: the copy is the same either way).
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Go on past read errors (only QEMU's refusal beside -C is given).
+    #[arg(long = "salvage")]
+    salvage: bool,
 }
 
 pub fn run(mut a: Args) -> CliResult<i32> {
+    crate::opt_help::check_lists(&a.options)?;
+    if crate::opt_help::wants_help(&a.options) {
+        let target = a.files.last().filter(|_| a.files.len() > 1).map(String::as_str);
+        print!("{}", crate::opt_help::create_help(&a.out_format, target)?);
+        return Ok(0);
+    }
+    if a.copy_offload {
+        if a.sparse.is_some() {
+            return Err(CliError::new("Cannot enable copy offloading when -S is used"));
+        }
+        if a.compress {
+            return Err(CliError::new("Cannot enable copy offloading when -c is used"));
+        }
+        if a.salvage {
+            return Err(CliError::new("Cannot use copy offloading in salvaging mode"));
+        }
+    }
+    if a.salvage {
+        return Err(CliError::new("--salvage is not supported by oxcow"));
+    }
+    if a.files.is_empty() {
+        return Err(CliError::new("Must specify image file name"));
+    }
     if let Some(target) = a.files.get(1).filter(|d| d.starts_with("s3://")).cloned() {
         if a.no_create {
             return Err(CliError::new("-n cannot write into an existing S3 object"));

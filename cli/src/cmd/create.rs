@@ -33,7 +33,8 @@ pub struct Args {
     /// `-o encrypt.key-secret=ID` names.
     #[arg(long = "object", value_name = "TYPE,id=ID,...")]
     objects: Vec<String>,
-    /// Image file to create.
+    /// Image file to create (none with `-o help`).
+    #[arg(default_value = "")]
     file: String,
     /// Virtual size (512, 4k, 1M, 2G, ...).
     size: Option<String>,
@@ -79,6 +80,16 @@ fn num_opt(key: &str, v: &str) -> CliResult<u64> {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
+    crate::opt_help::check_lists(&a.options)?;
+    if crate::opt_help::wants_help(&a.options) {
+        let target = Some(a.file.as_str()).filter(|f| !f.is_empty());
+        print!("{}", crate::opt_help::create_help(&a.format, target)?);
+        return Ok(0);
+    }
+    if a.file.is_empty() {
+        let hint = format!("Try '{} create --help' for more info", crate::dropin::argv0());
+        return Err(CliError::new(format!("Expecting image file name\n{hint}")));
+    }
     create(a)
 }
 
@@ -249,7 +260,8 @@ fn create(a: Args) -> CliResult<i32> {
 
 fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
     let mut s = format!("Formatting '{file}', fmt={}", format.name());
-    let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
+    // Values are printed as an option list takes them: commas doubled.
+    let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={}", v.replace(',', ",,")));
     let enc = g.enc.formatting();
     match format {
         Format::Raw | Format::Luks => {

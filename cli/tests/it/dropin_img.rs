@@ -1,5 +1,6 @@
 //! qemu-img's front-end commands and words under the drop-in name,
-//! against QEMU's qemu-img on the same inputs: `dd`.
+//! against QEMU's qemu-img on the same inputs: `dd`, `-o help` lists and
+//! `-o` refusals.
 
 use crate::dropin::{run, same, sides, Cmp};
 
@@ -69,5 +70,63 @@ fn qemu_img_dd_refusals() {
         &["dd", "-q", "if=x.qcow2", "of=o"],
     ] {
         same("qemu-img", args, None, Cmp::All);
+    }
+}
+
+#[test]
+fn qemu_img_create_option_help_per_format() {
+    for f in ["raw", "qcow2", "qed", "vdi", "vpc", "vmdk", "vhdx", "luks", "file", "bochs", "foo"] {
+        same("qemu-img", &["create", "-f", f, "-o", "help"], None, Cmp::All);
+        same("qemu-img", &["create", "-f", f, "-o", "cluster_size=4k,?", "t.img", "1M"], None, Cmp::All);
+    }
+    same("qemu-img", &["create", "-o", "help"], None, Cmp::All);
+    same("qemu-img", &["create", "-f", "qcow2", "-o", "help=on", "t.img", "1M"], None, Cmp::All);
+    same("qemu-img", &["create", "-f", "qcow2"], None, Cmp::All);
+}
+
+#[test]
+fn qemu_img_convert_and_amend_option_help() {
+    same("qemu-img", &["convert", "-O", "qcow2", "-o", "help", "x.qcow2", "y.qcow2"], None, Cmp::All);
+    same("qemu-img", &["convert", "-O", "vmdk", "-o", "?"], None, Cmp::All);
+    same("qemu-img", &["convert", "-o", "help"], None, Cmp::All);
+    same("qemu-img", &["convert", "-O", "bochs", "-o", "help"], None, Cmp::All);
+    for f in ["qcow2", "luks", "raw", "vmdk", "bochs", "foo"] {
+        same("qemu-img", &["amend", "-f", f, "-o", "help"], None, Cmp::All);
+    }
+    same("qemu-img", &["amend", "-o", "help,bogus=1", "x.qcow2"], None, Cmp::All);
+    same("qemu-img", &["amend", "-o", "help"], None, Cmp::All);
+}
+
+#[test]
+fn qemu_img_malformed_option_lists_are_refused() {
+    for list in
+        [&["-o", "backing_file=x.qcow2,", "-o", "help"][..], &["-o", "a=b", "-o", ",help"], &["-o", ",,"], &["-o", ""]]
+    {
+        let mut args = vec!["create", "-f", "qcow2"];
+        args.extend_from_slice(list);
+        args.extend_from_slice(&["t.qcow2", "1M"]);
+        same("qemu-img", &args, None, Cmp::All);
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend_from_slice(list);
+        args.extend_from_slice(&["x.qcow2", "t.qcow2"]);
+        same("qemu-img", &args, None, Cmp::All);
+    }
+    // A doubled comma is part of the value, quoted back doubled.
+    same(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-u", "-o", "backing_file=x.qcow2,,help", "-F", "qcow2", "t.qcow2", "1M"],
+        None,
+        Cmp::All,
+    );
+    same("qemu-img", &["amend", "-f", "qcow2", "-o", "backing_file=x.qcow2,,help", "x.qcow2"], None, Cmp::All);
+}
+
+#[test]
+fn qemu_img_convert_copy_offloading_refusals() {
+    for extra in [&["-S", "4k"][..], &["-c"], &["--salvage"]] {
+        let mut args = vec!["convert", "-C", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["x.qcow2", "t.qcow2"]);
+        same("qemu-img", &args, None, Cmp::All);
     }
 }
