@@ -4,7 +4,7 @@
 use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
-use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
+use oxcow::tools::convert::{copy, copy_compressed, data_len, CopyOptions};
 use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
@@ -209,8 +209,17 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let prealloc = crate::util::parse_options(&a.options)?.iter().any(|(k, v)| k == "preallocation" && v != "off");
     let encrypted = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "encrypt.format");
     let no_zero_init = a.no_create || out_fmt == Format::Luks || (prealloc && encrypted);
-    let o = CopyOptions::default().zero_granularity(gran).existing_target(no_zero_init).base(base);
-    copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
+    // qemu-img's percentages are of the data to copy, counted first.
+    if a.progress {
+        progress.set_total(data_len(sdev).map_err(werr)?);
+    }
+    let chunk_done = |n| progress.add(n);
+    let o = CopyOptions::default()
+        .zero_granularity(gran)
+        .existing_target(no_zero_init)
+        .base(base)
+        .chunk_done(Some(&chunk_done as &(dyn Fn(u64) + Sync)));
+    copy(sdev, ddev, &o, &mut |_| {}).map_err(werr)?;
     progress.finish();
     if a.bitmaps {
         if let (Some(s), Some(d)) = (src.qcow2(), dst.qcow2()) {

@@ -1,6 +1,6 @@
 //! qemu-img's front-end commands and words under the drop-in name,
 //! against QEMU's qemu-img on the same inputs: `dd`, `-o help` lists and
-//! `-o` refusals.
+//! `-o` refusals, `convert -p` into a pipe.
 
 use crate::dropin::{run, same, sides, Cmp};
 
@@ -128,5 +128,26 @@ fn qemu_img_convert_copy_offloading_refusals() {
         args.extend_from_slice(extra);
         args.extend_from_slice(&["x.qcow2", "t.qcow2"]);
         same("qemu-img", &args, None, Cmp::All);
+    }
+}
+
+#[test]
+fn qemu_img_convert_progress_into_a_pipe_counts_data() {
+    let (ours, theirs) = sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
+        crate::support::ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "p.qcow2", "64M"]);
+        for at in ["0", "2M", "4M", "32M"] {
+            crate::support::ok(d, "qemu-io", &["-f", "qcow2", "-c", &format!("write {at} 1M"), "p.qcow2"]);
+        }
+        crate::support::ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "empty.qcow2", "64M"]);
+    }
+    for args in [
+        &["convert", "-p", "-O", "qcow2", "p.qcow2", "out.qcow2"][..],
+        &["convert", "-p", "-O", "raw", "empty.qcow2", "out.raw"],
+    ] {
+        let o = run(&ours, "qemu-img", args, None);
+        let t = run(&theirs, "qemu-img", args, None);
+        assert!(t.stdout.starts_with("    (0.00/100%)\r"), "QEMU's own lines changed: {:?}", t.stdout);
+        assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{args:?}");
     }
 }
