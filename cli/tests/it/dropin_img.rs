@@ -1,17 +1,21 @@
 //! qemu-img's front-end commands and words under the drop-in name,
 //! against QEMU's qemu-img on the same inputs: `dd`, `-o help` lists and
-//! `-o` refusals, `convert -p` into a pipe.
+//! `-o` refusals, `convert -p` into a pipe, what `commit` leaves in the base.
 
-use crate::dropin::{run, same, sides, Cmp};
+use crate::dropin::{run, same, sides, Cmp, Side};
 
 /// Runs each command line on both sides in turn (same directories), with
 /// the same messages and status, then compares the named files byte for
 /// byte and their allocation as `qemu-img map` reports it.
 fn same_runs(cmds: &[&[&str]], files: &[&str]) {
     let (ours, theirs) = sides();
+    same_runs_in(&ours, &theirs, cmds, files);
+}
+
+fn same_runs_in(ours: &Side, theirs: &Side, cmds: &[&[&str]], files: &[&str]) {
     for args in cmds {
-        let o = run(&ours, "qemu-img", args, None);
-        let t = run(&theirs, "qemu-img", args, None);
+        let o = run(ours, "qemu-img", args, None);
+        let t = run(theirs, "qemu-img", args, None);
         let ctx = format!(
             "{args:?}\n--- qemu ({}): {}{}--- oxcow ({}): {}{}",
             t.code, t.stdout, t.stderr, o.code, o.stdout, o.stderr
@@ -149,5 +153,25 @@ fn qemu_img_convert_progress_into_a_pipe_counts_data() {
         let t = run(&theirs, "qemu-img", args, None);
         assert!(t.stdout.starts_with("    (0.00/100%)\r"), "QEMU's own lines changed: {:?}", t.stdout);
         assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{args:?}");
+    }
+}
+
+/// iotest 313: zeros committed from the top free the base's clusters
+/// (QEMU's commit writes them with unmapping allowed), on v2 and v3.
+#[test]
+fn qemu_img_commit_of_zeroes_frees_base_clusters() {
+    for compat in ["1.1", "0.10"] {
+        let (ours, theirs) = sides();
+        let o = format!("compat={compat}");
+        for d in [ours.dir.path(), theirs.dir.path()] {
+            let ok = |args: &[&str]| crate::support::ok(d, args[0], &args[1..]);
+            ok(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", &o, "b0.qcow2", "4M"]);
+            ok(&["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", "b0.qcow2"]);
+            ok(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", &o, "-b", "b0.qcow2", "-F", "qcow2", "b1.qcow2"]);
+            ok(&["qemu-io", "-f", "qcow2", "-c", "write -P 2 0 2M", "b1.qcow2"]);
+            ok(&["qemu-img", "create", "-q", "-f", "qcow2", "-o", &o, "-b", "b1.qcow2", "-F", "qcow2", "top.qcow2"]);
+            ok(&["qemu-io", "-f", "qcow2", "-c", "write -z 0 3M", "top.qcow2"]);
+        }
+        same_runs_in(&ours, &theirs, &[&["commit", "top.qcow2"], &["check", "b1.qcow2"]], &["b1.qcow2"]);
     }
 }
