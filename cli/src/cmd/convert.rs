@@ -186,7 +186,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         Some(q) if min_sparse > 0 => min_sparse.max(q.cluster_size()),
         _ => min_sparse,
     };
-    let base = if a.backing.is_some() { ddev.backing() } else { None };
+    // `-o backing_file=` names the target's backing file as -B does, and
+    // qemu-img then copies only what differs from it just the same.
+    let backing_opt = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "backing_file");
+    let base = if (a.backing.is_some() || backing_opt) && !a.no_create { ddev.backing() } else { None };
 
     let progress = Progress::new(a.progress);
     if a.compress {

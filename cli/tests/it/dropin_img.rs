@@ -175,3 +175,17 @@ fn qemu_img_commit_of_zeroes_frees_base_clusters() {
         same_runs_in(&ours, &theirs, &[&["commit", "top.qcow2"], &["check", "b1.qcow2"]], &["b1.qcow2"]);
     }
 }
+
+/// iotest 019: `-o backing_file=` is -B by another name: what equals the
+/// backing file stays unallocated in the target.
+#[test]
+fn qemu_img_convert_with_backing_file_option_copies_only_differences() {
+    let (ours, theirs) = sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
+        let ok = |args: &[&str]| crate::support::ok(d, args[0], &args[1..]);
+        ok(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", "x.qcow2", "-F", "qcow2", "src.qcow2"]);
+        ok(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x22 256k 64k", "src.qcow2"]);
+    }
+    let o = "backing_file=x.qcow2,backing_fmt=qcow2";
+    same_runs_in(&ours, &theirs, &[&["convert", "-O", "qcow2", "-o", o, "src.qcow2", "out.qcow2"]], &["out.qcow2"]);
+}
