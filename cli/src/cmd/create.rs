@@ -70,6 +70,9 @@ struct Given {
     zeroed_grain: Option<String>,
     compat6: Option<String>,
     enc: crate::encrypt_opts::EncryptOpts,
+    /// The file protocol's options, only quoted back.
+    nocow: Option<String>,
+    extent_size_hint: Option<u64>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -128,6 +131,20 @@ fn create(a: Args) -> CliResult<i32> {
     for (k, v) in parse_options(&a.options)? {
         if matches!(format, Format::Qcow2 | Format::Luks) && g.enc.take(&k, &v) {
             continue;
+        }
+        // The file protocol's own options: the extent size hint only tunes
+        // XFS allocation and nocow only btrfs, neither changes the image.
+        match k.as_str() {
+            "extent_size_hint" => {
+                g.extent_size_hint = Some(num_opt(&k, &v).map_err(|e| err(e.msg))?);
+                continue;
+            }
+            "nocow" => {
+                parse_bool(&k, &v).map_err(|e| err(e.msg))?;
+                g.nocow = Some(v);
+                continue;
+            }
+            _ => {}
         }
         let slot = match (format, k.as_str()) {
             (_, "size") => &mut g.size,
@@ -375,6 +392,13 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
                 }
             }
         }
+    }
+    // The protocol's options come after the format's.
+    if let Some(v) = &g.nocow {
+        s.push_str(&format!(" nocow={v}"));
+    }
+    if let Some(v) = g.extent_size_hint {
+        s.push_str(&format!(" extent_size_hint={v}"));
     }
     s
 }

@@ -189,3 +189,14 @@ fn qemu_img_convert_with_backing_file_option_copies_only_differences() {
     let o = "backing_file=x.qcow2,backing_fmt=qcow2";
     same_runs_in(&ours, &theirs, &[&["convert", "-O", "qcow2", "-o", o, "src.qcow2", "out.qcow2"]], &["out.qcow2"]);
 }
+
+/// iotest 243: the file protocol's `extent_size_hint` and `nocow` are
+/// taken by every format and quoted back after the format's options.
+#[test]
+fn qemu_img_create_takes_the_file_protocol_options() {
+    for f in ["qcow2", "raw", "vmdk"] {
+        for o in ["nocow=on,extent_size_hint=0", "extent_size_hint=4k,nocow=off", "nocow=maybe"] {
+            same("qemu-img", &["create", "-f", f, "-o", o, "t.img", "1M"], None, Cmp::All);
+        }
+    }
+}
