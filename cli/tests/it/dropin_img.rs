@@ -200,3 +200,46 @@ fn qemu_img_create_takes_the_file_protocol_options() {
         }
     }
 }
+
+/// iotest 314: `rebase -c` writes the clusters it copies compressed
+/// (the disk's partial last cluster too); formats without compression
+/// are refused in qemu-img's words.
+#[test]
+fn qemu_img_rebase_compressed_copies() {
+    let (ours, theirs) = sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
+        let ok = |args: &[&str]| crate::support::ok(d, args[0], &args[1..]);
+        ok(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "300k"]);
+        ok(&["qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 300k", "base.qcow2"]);
+        ok(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+        ok(&["qemu-io", "-f", "qcow2", "-c", "write -P 0xbb 64k 64k", "top.qcow2"]);
+    }
+    same_runs_in(
+        &ours,
+        &theirs,
+        &[
+            &["rebase", "-c", "-b", "", "top.qcow2"],
+            &["check", "top.qcow2"],
+            &["rebase", "-c", "-f", "raw", "-b", "", "raw.img"],
+        ],
+        &[],
+    );
+    for side in [&ours, &theirs] {
+        let r = crate::support::ok(
+            side.dir.path(),
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0xaa 0 64k",
+                "-c",
+                "read -P 0xbb 64k 64k",
+                "-c",
+                "read -P 0xaa 128k 172k",
+                "top.qcow2",
+            ],
+        );
+        assert!(!r.stdout.contains("Pattern verification failed"), "{}", r.stdout);
+    }
+}
