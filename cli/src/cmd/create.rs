@@ -119,8 +119,12 @@ pub fn create_target(
     })
 }
 
-fn create(a: Args) -> CliResult<i32> {
+fn create(mut a: Args) -> CliResult<i32> {
     let file = a.file.clone();
+    // Named as given in messages, created by its plain name.
+    if let Some(plain) = crate::util::file_protocol_name(&a.file) {
+        a.file = plain;
+    }
     let err = |m: String| CliError::new(format!("{file}: {m}"));
     let format = a.format.parse::<Format>().map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
     if !format.writable() {
@@ -242,7 +246,7 @@ fn create(a: Args) -> CliResult<i32> {
     if encrypts {
         g.enc.precheck().map_err(|e| err(e.msg))?;
     }
-    let line = formatting_line(&a.file, format, &g, size);
+    let line = formatting_line(&file, format, &g, size);
     if !a.quiet {
         println!("{line}");
     }
