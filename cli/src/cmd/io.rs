@@ -79,6 +79,8 @@ struct OpenCfg {
     /// Named by an option string alone (`--image-opts`, `open -o` without
     /// a file name): qemu-io's open errors then name no device.
     unnamed: bool,
+    /// qcow2 cache options of `open -o`, for the image named beside them.
+    qcow2_cache: oxcow::qcow2::CacheOptions,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -198,6 +200,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
     }
+    cfg.qcow2_cache = qcow2_cache;
     Ok(file)
 }
 
@@ -218,7 +221,10 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .blkdebug(cfg.blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
-    let opts = crate::qcow2_cache_opts::with_cache(path, opts);
+    let mut opts = crate::qcow2_cache_opts::with_cache(path, opts);
+    if cfg.qcow2_cache.is_set() {
+        opts.qcow2_cache = cfg.qcow2_cache;
+    }
     let img = oxcow::open(path, &opts).map_err(|e| {
         let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
         CliError::new(format!("can't open{what}: {}", crate::error::message(&e)))
@@ -288,6 +294,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         blkdebug: None,
         zero_limits: Default::default(),
         unnamed: false,
+        qcow2_cache: Default::default(),
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {

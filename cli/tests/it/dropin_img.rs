@@ -1,6 +1,8 @@
 //! qemu-img's front-end commands and words under the drop-in name,
 //! against QEMU's qemu-img on the same inputs: `dd`, `-o help` lists and
-//! `-o` refusals, `convert -p` into a pipe, what `commit` leaves in the base.
+//! `-o` refusals, `convert -p` into a pipe, `convert -o backing_file=`,
+//! `rebase -c`, `file:` names, what `commit` leaves in the base; and
+//! qemu-io's `open -o` with qcow2 cache options.
 
 use crate::dropin::{run, same, sides, Cmp, Side};
 
@@ -275,4 +277,20 @@ fn qemu_img_file_protocol_prefix() {
         assert_eq!(names(&ours, f), names(&theirs, f), "{f}");
     }
     assert!(names(&theirs, "file:image:top.qcow2").contains("./image:top.qcow2"));
+}
+
+/// iotest 103: qcow2 cache options given to qemu-io's `open -o` beside a
+/// file name are applied, so sizes that do not fit together are refused.
+#[test]
+fn qemu_io_open_with_cache_options_beside_the_file_name() {
+    for o in [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "l2-cache-entry-size=4242",
+        "l2-cache-entry-size=128k",
+        "cache-size=2M,l2-cache-size=1M",
+    ] {
+        same("qemu-io", &["-c", &format!("open -o {o} x.qcow2"), "-c", "read -P 0x11 64k 64k"], None, Cmp::All);
+    }
 }
