@@ -2,7 +2,7 @@
 //! against QEMU's qemu-img on the same inputs: `dd`, `-o help` lists and
 //! `-o` refusals, `convert -p` into a pipe, `convert -o backing_file=`,
 //! `rebase -c`, `file:` names, what `commit` leaves in the base; and
-//! qemu-io's `open -o` with qcow2 cache options.
+//! qemu-io's `open -o` with qcow2 cache options and `-s`.
 
 use crate::dropin::{run, same, sides, Cmp, Side};
 
@@ -293,4 +293,31 @@ fn qemu_io_open_with_cache_options_beside_the_file_name() {
     ] {
         same("qemu-io", &["-c", &format!("open -o {o} x.qcow2"), "-c", "read -P 0x11 64k 64k"], None, Cmp::All);
     }
+}
+
+/// iotest 052: qemu-io -s writes into a temporary overlay; the image
+/// itself is left as it was, and no overlay is left behind.
+#[test]
+fn qemu_io_snapshot_mode_leaves_the_image_unchanged() {
+    let (ours, theirs) = sides();
+    let cmds: &[&[&str]] = &[
+        &["-s", "-c", "write -P 0x77 0 128k", "-c", "read -P 0x77 0 128k", "x.qcow2"],
+        &["-s", "-f", "qcow2", "-c", "write -z 64k 64k", "-c", "read -P 0 64k 64k", "x.qcow2"],
+        &["-c", "read -P 0 0 64k", "-c", "read -P 0x11 64k 64k", "x.qcow2"],
+        &["-s", "-c", "read 0 512", "missing.qcow2"],
+    ];
+    for args in cmds {
+        let o = run(&ours, "qemu-io", args, None);
+        let t = run(&theirs, "qemu-io", args, None);
+        assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{args:?}");
+    }
+    let pid_files = std::fs::read_dir(std::env::temp_dir())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("oxcow-io-snapshot-"))
+                .count()
+        })
+        .unwrap_or(0);
+    // Other tests may be running theirs right now; a leak would pile up.
+    assert!(pid_files < 8, "{pid_files} temporary overlays left behind");
 }
