@@ -11,6 +11,7 @@ mod error;
 mod image_opts;
 mod keyslot_opts;
 mod object;
+mod opt_help;
 mod progress;
 mod qcow2_cache_opts;
 mod remote_opts;
@@ -64,6 +65,8 @@ enum Command {
     Resize(cmd::resize::Args),
     /// Change format options of an image (like `qemu-img amend`).
     Amend(cmd::amend::Args),
+    /// Copy an image block by block, dd-style (like `qemu-img dd`).
+    Dd(cmd::dd::Args),
     /// Compute the size a new image needs (like `qemu-img measure`).
     Measure(cmd::measure::Args),
     /// Change persistent dirty bitmaps (like `qemu-img bitmap`).
@@ -147,6 +150,7 @@ where
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Measure(a) => cmd::measure::run(a),
+        Command::Dd(a) => cmd::dd::run(a),
         Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Stream(a) => cmd::stream::run(a),
         Command::StorageDaemon(a) => storage_daemon::run(a),

@@ -12,14 +12,26 @@ pub fn parse_format(name: Option<&str>) -> CliResult<Option<Format>> {
     }
 }
 
+/// The plain file name behind QEMU's `file:` protocol prefix; a relative
+/// name that would itself read as a protocol (`image:top.qcow2`) gets
+/// `./`, as QEMU names it then. None for names without the prefix.
+pub fn file_protocol_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("file:")?;
+    let like_protocol = rest.split('/').next().is_some_and(|first| first.contains(':'));
+    Some(if like_protocol { format!("./{rest}") } else { rest.to_string() })
+}
+
 /// Opens an image, wrapping errors the way qemu-img does ("Could not open
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
+    let plain = file_protocol_name(path);
+    let shown = path;
+    let path = plain.as_deref().unwrap_or(path);
     let opts = crate::object::secret::with_key(path, with_network_permission(opts));
     let opts = crate::qcow2_cache_opts::with_cache(path, opts);
     let img = oxcow::open(path, &opts).map_err(|e| {
         // qemu-img repeats the name even when the cause already has it.
-        CliError::new(format!("Could not open '{path}': {}", message(&e)))
+        CliError::new(format!("Could not open '{shown}': {}", message(&e)))
     })?;
     report_dirty_repair(path, &img);
     warn_if_probed_raw(path, &img, opts.write);

@@ -31,7 +31,8 @@ pub struct Args {
     force: bool,
     #[command(flatten)]
     objects: crate::image_opts::ObjectArgs,
-    /// Image file.
+    /// Image file (none with `-f FMT -o help`).
+    #[arg(default_value = "")]
     file: String,
 }
 
@@ -49,7 +50,21 @@ fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
 pub fn run(mut a: Args) -> CliResult<i32> {
     let _ = (a.cache, a.progress, a.quiet);
     if a.options.is_empty() {
-        return Err(CliError::new("Must specify options (-o)\nTry 'oxcow amend --help' for more info"));
+        return Err(CliError::new(format!(
+            "Must specify options (-o)\nTry '{} amend --help' for more info",
+            crate::dropin::argv0()
+        )));
+    }
+    crate::opt_help::check_lists(&a.options)?;
+    let help = crate::opt_help::wants_help(&a.options);
+    if help {
+        if let Some(f) = &a.format {
+            print!("{}", crate::opt_help::amend_help(f)?);
+            return Ok(0);
+        }
+    }
+    if a.file.is_empty() {
+        return Err(CliError::new("Expecting one image file name"));
     }
     a.objects.apply(&mut a.file, &mut a.format)?;
     let file = open_rw(&a.file, LockMode::writer())?;
@@ -57,6 +72,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         Some(f) => f,
         None => oxcow::probe_format(&*file)?,
     };
+    if help {
+        print!("{}", crate::opt_help::amend_help(format.name())?);
+        return Ok(0);
+    }
     // Key slot options (`encrypt.*` for qcow2, bare for raw LUKS) go to
     // the LUKS header; the rest to the qcow2 amend.
     let (keys, rest) = crate::keyslot_opts::split(&a.options, format == Format::Qcow2)?;
@@ -102,6 +121,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         None => None,
     };
     let key = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default()).key_secret;
-    oxcow::qcow2::amend_with_key(file, data_file, &opts, key.as_ref())?;
+    // The library names oxcow's own command; under a drop-in name the
+    // hint names that tool's.
+    oxcow::qcow2::amend_with_key(file, data_file, &opts, key.as_ref()).map_err(|e| {
+        let hint = format!("'{} rebase'", crate::dropin::prog());
+        CliError::new(crate::error::message(&e).replace("'oxcow rebase'", &hint))
+    })?;
     Ok(0)
 }

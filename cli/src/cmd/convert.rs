@@ -4,7 +4,7 @@
 use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
-use oxcow::tools::convert::{copy, copy_compressed, CopyOptions};
+use oxcow::tools::convert::{copy, copy_compressed, data_len, CopyOptions};
 use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
@@ -65,11 +65,39 @@ pub struct Args {
     skip_broken_bitmaps: bool,
     /// Source image, then target. One value per occurrence, so options
     /// may come between them as getopt allows.
-    #[arg(required = true)]
     files: Vec<String>,
+    /// Copy offloading (accepted: the copy is the same either way).
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Go on past read errors (only QEMU's refusal beside -C is given).
+    #[arg(long = "salvage")]
+    salvage: bool,
 }
 
 pub fn run(mut a: Args) -> CliResult<i32> {
+    crate::opt_help::check_lists(&a.options)?;
+    if crate::opt_help::wants_help(&a.options) {
+        let target = a.files.last().filter(|_| a.files.len() > 1).map(String::as_str);
+        print!("{}", crate::opt_help::create_help(&a.out_format, target)?);
+        return Ok(0);
+    }
+    if a.copy_offload {
+        if a.sparse.is_some() {
+            return Err(CliError::new("Cannot enable copy offloading when -S is used"));
+        }
+        if a.compress {
+            return Err(CliError::new("Cannot enable copy offloading when -c is used"));
+        }
+        if a.salvage {
+            return Err(CliError::new("Cannot use copy offloading in salvaging mode"));
+        }
+    }
+    if a.salvage {
+        return Err(CliError::new("--salvage is not supported by oxcow"));
+    }
+    if a.files.is_empty() {
+        return Err(CliError::new("Must specify image file name"));
+    }
     if let Some(target) = a.files.get(1).filter(|d| d.starts_with("s3://")).cloned() {
         if a.no_create {
             return Err(CliError::new("-n cannot write into an existing S3 object"));
@@ -158,7 +186,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         Some(q) if min_sparse > 0 => min_sparse.max(q.cluster_size()),
         _ => min_sparse,
     };
-    let base = if a.backing.is_some() { ddev.backing() } else { None };
+    // `-o backing_file=` names the target's backing file as -B does, and
+    // qemu-img then copies only what differs from it just the same.
+    let backing_opt = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "backing_file");
+    let base = if (a.backing.is_some() || backing_opt) && !a.no_create { ddev.backing() } else { None };
 
     let progress = Progress::new(a.progress);
     if a.compress {
@@ -181,8 +212,17 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let prealloc = crate::util::parse_options(&a.options)?.iter().any(|(k, v)| k == "preallocation" && v != "off");
     let encrypted = crate::util::parse_options(&a.options)?.iter().any(|(k, _)| k == "encrypt.format");
     let no_zero_init = a.no_create || out_fmt == Format::Luks || (prealloc && encrypted);
-    let o = CopyOptions::default().zero_granularity(gran).existing_target(no_zero_init).base(base);
-    copy(sdev, ddev, &o, &mut |pos| progress.update(pos, size)).map_err(werr)?;
+    // qemu-img's percentages are of the data to copy, counted first.
+    if a.progress {
+        progress.set_total(data_len(sdev).map_err(werr)?);
+    }
+    let chunk_done = |n| progress.add(n);
+    let o = CopyOptions::default()
+        .zero_granularity(gran)
+        .existing_target(no_zero_init)
+        .base(base)
+        .chunk_done(Some(&chunk_done as &(dyn Fn(u64) + Sync)));
+    copy(sdev, ddev, &o, &mut |_| {}).map_err(werr)?;
     progress.finish();
     if a.bitmaps {
         if let (Some(s), Some(d)) = (src.qcow2(), dst.qcow2()) {

@@ -33,7 +33,8 @@ pub struct Args {
     /// `-o encrypt.key-secret=ID` names.
     #[arg(long = "object", value_name = "TYPE,id=ID,...")]
     objects: Vec<String>,
-    /// Image file to create.
+    /// Image file to create (none with `-o help`).
+    #[arg(default_value = "")]
     file: String,
     /// Virtual size (512, 4k, 1M, 2G, ...).
     size: Option<String>,
@@ -69,6 +70,9 @@ struct Given {
     zeroed_grain: Option<String>,
     compat6: Option<String>,
     enc: crate::encrypt_opts::EncryptOpts,
+    /// The file protocol's options, only quoted back.
+    nocow: Option<String>,
+    extent_size_hint: Option<u64>,
 }
 
 fn num_opt(key: &str, v: &str) -> CliResult<u64> {
@@ -79,6 +83,16 @@ fn num_opt(key: &str, v: &str) -> CliResult<u64> {
 }
 
 pub fn run(a: Args) -> CliResult<i32> {
+    crate::opt_help::check_lists(&a.options)?;
+    if crate::opt_help::wants_help(&a.options) {
+        let target = Some(a.file.as_str()).filter(|f| !f.is_empty());
+        print!("{}", crate::opt_help::create_help(&a.format, target)?);
+        return Ok(0);
+    }
+    if a.file.is_empty() {
+        let hint = format!("Try '{} create --help' for more info", crate::dropin::argv0());
+        return Err(CliError::new(format!("Expecting image file name\n{hint}")));
+    }
     create(a)
 }
 
@@ -105,8 +119,12 @@ pub fn create_target(
     })
 }
 
-fn create(a: Args) -> CliResult<i32> {
+fn create(mut a: Args) -> CliResult<i32> {
     let file = a.file.clone();
+    // Named as given in messages, created by its plain name.
+    if let Some(plain) = crate::util::file_protocol_name(&a.file) {
+        a.file = plain;
+    }
     let err = |m: String| CliError::new(format!("{file}: {m}"));
     let format = a.format.parse::<Format>().map_err(|_| err(format!("Unknown file format '{}'", a.format)))?;
     if !format.writable() {
@@ -117,6 +135,20 @@ fn create(a: Args) -> CliResult<i32> {
     for (k, v) in parse_options(&a.options)? {
         if matches!(format, Format::Qcow2 | Format::Luks) && g.enc.take(&k, &v) {
             continue;
+        }
+        // The file protocol's own options: the extent size hint only tunes
+        // XFS allocation and nocow only btrfs, neither changes the image.
+        match k.as_str() {
+            "extent_size_hint" => {
+                g.extent_size_hint = Some(num_opt(&k, &v).map_err(|e| err(e.msg))?);
+                continue;
+            }
+            "nocow" => {
+                parse_bool(&k, &v).map_err(|e| err(e.msg))?;
+                g.nocow = Some(v);
+                continue;
+            }
+            _ => {}
         }
         let slot = match (format, k.as_str()) {
             (_, "size") => &mut g.size,
@@ -214,7 +246,7 @@ fn create(a: Args) -> CliResult<i32> {
     if encrypts {
         g.enc.precheck().map_err(|e| err(e.msg))?;
     }
-    let line = formatting_line(&a.file, format, &g, size);
+    let line = formatting_line(&file, format, &g, size);
     if !a.quiet {
         println!("{line}");
     }
@@ -252,7 +284,8 @@ fn create(a: Args) -> CliResult<i32> {
 
 fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
     let mut s = format!("Formatting '{file}', fmt={}", format.name());
-    let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={v}"));
+    // Values are printed as an option list takes them: commas doubled.
+    let mut add = |k: &str, v: &str| s.push_str(&format!(" {k}={}", v.replace(',', ",,")));
     let enc = g.enc.formatting();
     match format {
         Format::Raw | Format::Luks => {
@@ -366,6 +399,13 @@ fn formatting_line(file: &str, format: Format, g: &Given, size: u64) -> String {
                 }
             }
         }
+    }
+    // The protocol's options come after the format's.
+    if let Some(v) = &g.nocow {
+        s.push_str(&format!(" nocow={v}"));
+    }
+    if let Some(v) = g.extent_size_hint {
+        s.push_str(&format!(" extent_size_hint={v}"));
     }
     s
 }

@@ -45,7 +45,9 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         // missing backing file does not hide the top image's information.
         let opts = OpenOptions::default().format(format).no_backing(true).force_share(a.force_share).no_io(true);
         let img = open_image(&path, &opts)?;
-        let info = image_info(&img, &path)?;
+        // A `file:` name is shown as the plain name it stands for.
+        let shown = crate::util::file_protocol_name(&path).unwrap_or_else(|| path.clone());
+        let info = image_info(&img, &shown)?;
         let next = if a.backing_chain {
             img.backing_name().map(|n| {
                 let fmt = img.backing_format().map(str::to_string);

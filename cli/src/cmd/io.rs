@@ -89,6 +89,8 @@ struct OpenCfg {
     /// The `json:` name the image was opened by: qemu-io's open errors
     /// name the device so.
     json_name: Option<String>,
+    /// qcow2 cache options of `open -o`, for the image named beside them.
+    qcow2_cache: oxcow::qcow2::CacheOptions,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -219,6 +221,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
     }
+    cfg.qcow2_cache = qcow2_cache;
     Ok(file)
 }
 
@@ -321,7 +324,10 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .data_file_blkdebug(cfg.data_file_blkdebug.clone())
         .allow_network_backing(cfg.copy_on_read);
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
-    let opts = crate::qcow2_cache_opts::with_cache(path, opts);
+    let mut opts = crate::qcow2_cache_opts::with_cache(path, opts);
+    if cfg.qcow2_cache.is_set() {
+        opts.qcow2_cache = cfg.qcow2_cache;
+    }
     let img = oxcow::open(path, &opts).map_err(|e| {
         let shown = cfg.json_name.as_deref().unwrap_or(path);
         let what = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
@@ -402,6 +408,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         data_file: None,
         data_file_blkdebug: None,
         json_name: None,
+        qcow2_cache: Default::default(),
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {

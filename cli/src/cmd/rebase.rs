@@ -26,7 +26,7 @@ pub struct Args {
     /// Unsafe: rewrite the backing file name only.
     #[arg(short = 'u')]
     unsafe_mode: bool,
-    /// Compress the clusters copied into the image (not supported).
+    /// Compress the clusters copied into the image (qcow2).
     #[arg(short = 'c')]
     compress: bool,
     /// Show progress.
@@ -49,14 +49,12 @@ pub fn run(mut a: Args) -> CliResult<i32> {
             "Must specify backing file (-b) or use unsafe mode (-u)\nTry 'oxcow rebase --help' for more info",
         ));
     }
-    if a.compress {
-        return Err(CliError::new("Compression is not supported by oxcow rebase"));
-    }
     let mut opts = RebaseOptions::default()
         .format(parse_format(a.format.as_deref())?)
         .backing(a.backing)
         .backing_format(a.backing_format)
-        .unsafe_mode(a.unsafe_mode);
+        .unsafe_mode(a.unsafe_mode)
+        .compress(a.compress);
     let keys = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default());
     (opts.key_secret, opts.backing_keys) = (keys.key_secret, keys.backing_keys);
     let progress = Progress::new(a.progress && !a.quiet);

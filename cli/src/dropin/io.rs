@@ -76,12 +76,27 @@ pub fn run(args: &[String]) -> u8 {
         print!("{}", help());
         return 1;
     }
-    if p.has("s") {
-        eprintln!("{}: -s (temporary snapshot overlay) is not supported by oxcow", prog());
-        return 1;
-    }
+    // -s: the image is the read-only backing file of a temporary qcow2
+    // overlay that takes the writes and is deleted at the end.
+    let overlay = match p.args.first().filter(|_| p.has("s")) {
+        Some(_) if p.has("image-opts") => {
+            eprintln!("{}: -s with --image-opts is not supported by oxcow", prog());
+            return 1;
+        }
+        Some(file) => match temporary_overlay(file, p.last("f")) {
+            Ok(o) => Some(o),
+            Err(code) => return code,
+        },
+        None => None,
+    };
     let mut argv: Vec<String> = vec![prog().into(), "io".into()];
+    if overlay.is_some() {
+        argv.extend(["-f".to_string(), "qcow2".to_string()]);
+    }
     for (i, (k, v)) in p.opts.iter().enumerate() {
+        if overlay.is_some() && k == "f" {
+            continue;
+        }
         // getopt lets a later value win; pass each single-valued option once.
         if k != "c" && k != "object" && p.opts[i + 1..].iter().any(|o| &o.0 == k) {
             continue;
@@ -98,8 +113,45 @@ pub fn run(args: &[String]) -> u8 {
             _ => {}
         }
     }
-    if let Some(f) = p.args.first() {
+    if let Some(f) = overlay.as_ref().or(p.args.first()) {
         argv.extend(["--".to_string(), f.clone()]);
     }
-    super::oxcow(argv)
+    let code = super::oxcow(argv);
+    if let Some(o) = overlay {
+        let _ = std::fs::remove_file(o);
+    }
+    code
+}
+
+/// Creates the temporary overlay of `-s` over `file` (of format `format`,
+/// probed when not given); Err is the exit status after the message.
+fn temporary_overlay(file: &str, format: Option<&str>) -> Result<String, u8> {
+    let format = match format {
+        Some(f) => f.to_string(),
+        None => {
+            let opts = oxcow::OpenOptions::default().no_io(true).no_backing(true);
+            match oxcow::open(file, &opts) {
+                Ok(img) => img.format().name().to_string(),
+                Err(e) => {
+                    eprintln!("{}: can't open device {file}: {}", prog(), crate::error::message(&e));
+                    return Err(1);
+                }
+            }
+        }
+    };
+    let backing = std::path::absolute(file).map_err(|e| {
+        eprintln!("{}: can't open device {file}: {e}", prog());
+        1u8
+    })?;
+    let overlay = std::env::temp_dir().join(format!("oxcow-io-snapshot-{}.qcow2", std::process::id()));
+    let overlay = overlay.to_string_lossy().into_owned();
+    let create = ["oxcow", "create", "-q", "-f", "qcow2", "-F", &format, "-b"];
+    let code = crate::run_args(
+        create.iter().map(|s| s.to_string()).chain([backing.to_string_lossy().into(), overlay.clone()]),
+    );
+    if code != 0 {
+        let _ = std::fs::remove_file(&overlay);
+        return Err(code);
+    }
+    Ok(overlay)
 }

@@ -9,14 +9,14 @@ use crate::support::{ok, tmp, OXCOW};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-struct Side {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
+pub(crate) struct Side {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) bin: PathBuf,
 }
 
 /// Two directories, each with `x.qcow2` (1 MiB, 64k clusters, one
 /// written cluster) and `raw.img`; `bin` holds the programs to run.
-fn sides() -> (Side, Side) {
+pub(crate) fn sides() -> (Side, Side) {
     let ours = tmp();
     let links = ours.path().join("bin");
     ok(ours.path(), OXCOW, &["install-links", s(&links)]);
@@ -40,13 +40,13 @@ fn filter(s: &str) -> String {
         .join("\n")
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Out {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-fn run(side: &Side, tool: &str, args: &[&str], stdin: Option<&str>) -> Out {
+pub(crate) fn run(side: &Side, tool: &str, args: &[&str], stdin: Option<&str>) -> Out {
     let mut cmd = Command::new(side.bin.join(tool));
     cmd.args(args).current_dir(side.dir.path());
     let (code, stdout, stderr) = match stdin {
@@ -63,14 +63,14 @@ fn run(side: &Side, tool: &str, args: &[&str], stdin: Option<&str>) -> Out {
 }
 
 #[derive(Clone, Copy)]
-enum Cmp {
+pub(crate) enum Cmp {
     /// stdout, stderr and exit status.
     All,
     /// stderr and exit status (stdout is a help text, ours in our words).
     NoStdout,
 }
 
-fn same(tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
+pub(crate) fn same(tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
     let (ours, theirs) = sides();
     let o = run(&ours, tool, args, stdin);
     let t = run(&theirs, tool, args, stdin);

@@ -15,6 +15,7 @@ mod damaged_cli;
 mod data_file_opts;
 mod direct_write_race;
 mod dropin;
+mod dropin_img;
 mod http_nginx;
 mod iotests_ci;
 mod json_names;

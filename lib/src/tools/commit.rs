@@ -119,7 +119,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
         let n = st.length.min(size - pos);
         if st.allocated && st.depth < depth {
             if st.zero {
-                base.device().write_zeroes(pos, n, false)?;
+                base.device().write_zeroes(pos, n, true)?;
             } else {
                 // The top's view of these bytes comes from the layers above
                 // the base, never from the (separately opened) base.

@@ -21,9 +21,17 @@ pub struct CopyOptions<'a> {
     /// The target's backing device: only blocks that differ from it are
     /// written.
     pub base: Option<&'a dyn BlockDevice>,
+    /// Told the length of each data chunk once it is written (from the
+    /// copying threads): qemu-img's progress counts data, not positions.
+    pub chunk_done: Option<&'a (dyn Fn(u64) + Sync)>,
 }
 
-setters!(CopyOptions<'a> { zero_granularity: u64, existing_target: bool, base: Option<&'a dyn BlockDevice> });
+setters!(CopyOptions<'a> {
+    zero_granularity: u64,
+    existing_target: bool,
+    base: Option<&'a dyn BlockDevice>,
+    chunk_done: Option<&'a (dyn Fn(u64) + Sync)>,
+});
 
 impl std::fmt::Debug for CopyOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +130,22 @@ pub fn copy_compressed(src: &dyn BlockDevice, dst: &Qcow2, progress: &mut dyn Fn
     Ok(())
 }
 
+/// The bytes of `src` that hold data (not zeros, not holes): what
+/// [`CopyOptions::chunk_done`] adds up to over a whole copy.
+pub fn data_len(src: &dyn BlockDevice) -> Result<u64> {
+    let size = src.len();
+    let (mut pos, mut data) = (0, 0);
+    while pos < size {
+        let st = chain_status(src, pos, size - pos)?;
+        let n = st.length.max(1).min(size - pos);
+        if !st.zero {
+            data += n;
+        }
+        pos += n;
+    }
+    Ok(data)
+}
+
 /// Copies data chunks with [`WORKERS`] threads.
 fn copy_chunks(
     src: &dyn BlockDevice,
@@ -144,6 +168,9 @@ fn copy_chunks(
                         first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                         next.store(chunks.len(), Ordering::Relaxed);
                         return;
+                    }
+                    if let (false, Some(done)) = (zero, o.chunk_done) {
+                        done(n);
                     }
                 }
             });
@@ -265,9 +292,15 @@ mod tests {
         let dst = dev(8 << 20);
         dst.write_at(&vec![1u8; 8 << 20], 0).unwrap();
         let mut last = 0;
-        let o = CopyOptions { zero_granularity: 4096, existing_target: true, base: None };
+        let counted = std::sync::atomic::AtomicU64::new(0);
+        let count = |n| {
+            counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        let o = CopyOptions { zero_granularity: 4096, existing_target: true, base: None, chunk_done: Some(&count) };
         copy(&src, &dst, &o, &mut |p| last = p).unwrap();
         assert_eq!(last, 8 << 20);
+        // Every data chunk is told once: the counts add up to the data.
+        assert_eq!(counted.into_inner(), data_len(&src).unwrap());
         assert_eq!(crate::tools::compare::first_difference(&src, &dst, 8 << 20, false).unwrap(), None);
     }
 

@@ -27,9 +27,12 @@ pub struct RebaseOptions {
     /// the new backing file gets the first of them (or the image's), as a
     /// backing file would.
     pub backing_keys: Vec<Option<crate::crypto::Secret>>,
+    /// `-c`: whole clusters copied into the image are written compressed
+    /// (qcow2 only).
+    pub compress: bool,
 }
 
-setters!(RebaseOptions { unsafe_mode: bool } opt { format: Format, backing: String, backing_format: String });
+setters!(RebaseOptions { unsafe_mode: bool, compress: bool } opt { format: Format, backing: String, backing_format: String });
 
 const CHUNK: u64 = 1 << 20;
 
@@ -56,6 +59,9 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
             ..Default::default()
         },
     )?;
+    if opts.compress && img.qcow2().is_none() {
+        return Err(Error::invalid("Compression not supported for this file format"));
+    }
     // Refused before a byte changes where the format keeps no backing
     // file name (QEMU's words; it finds out only after the copy).
     let cs = match (img.qcow2(), img.layout()) {
@@ -106,8 +112,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
                     read_backing(old, &mut a[..k], at)?;
                     read_backing(new_dev, &mut b[..k], at)?;
                     if a[..k] != b[..k] {
+                        let whole = at.is_multiple_of(cs) && (k as u64 == cs || at + k as u64 == size);
+                        let packed = img.qcow2().filter(|_| opts.compress && whole);
                         if a[..k].iter().all(|&x| x == 0) {
                             dev.write_zeroes(at, k as u64, false)?;
+                        } else if let Some(q) = packed {
+                            // The disk's last cluster may be partial: padded.
+                            let mut c = a[..k].to_vec();
+                            c.resize(cs as usize, 0);
+                            q.write_compressed(at, &c)?;
                         } else {
                             dev.write_at(&a[..k], at)?;
                         }
