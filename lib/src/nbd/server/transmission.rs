@@ -233,16 +233,23 @@ fn read_message<C: Connection>(reader: &mut io::BufReader<C>, buf: &mut [u8], ti
     reader.get_ref().set_read_timeout_conn(None)
 }
 
+/// Largest read buffer a worker keeps for its next read: one per worker,
+/// so a client's occasional huge read does not pin megabytes per thread.
+const SPARE_MAX: usize = 128 << 10;
+
 fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
+    // The last read's buffer, reused for the next read: a fresh one per
+    // request left freed buffers behind in each worker's malloc arena.
+    let mut spare = None;
     loop {
         let job = lock(rx).recv();
         let Ok(job) = job else { return };
         // A bug in a device must cost one request, not the connection
         // (whose other requests and client would hang without a reply).
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload)))
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload, spare.take())))
             .unwrap_or_else(|_| fail(EIO, "internal error while serving the request"));
         drop(job.payload);
-        send_outcome(ctx, &job.req, outcome);
+        spare = send_outcome(ctx, &job.req, outcome).filter(|b| b.capacity() <= SPARE_MAX);
     }
 }
 
@@ -264,13 +271,18 @@ fn is_zero(buf: &[u8]) -> bool {
     chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Outcome {
-    match execute_inner(ctx, req, payload) {
+fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8], spare: Option<AlignedBuf>) -> Outcome {
+    match execute_inner(ctx, req, payload, spare) {
         Ok(o) | Err(o) => o,
     }
 }
 
-fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Result<Outcome, Outcome> {
+fn execute_inner<C: Connection>(
+    ctx: &Ctx<C>,
+    req: &Request,
+    payload: &[u8],
+    spare: Option<AlignedBuf>,
+) -> Result<Outcome, Outcome> {
     let shared = &ctx.shared;
     let dev = &*shared.device;
     let size = dev.len();
@@ -298,7 +310,7 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
                 return Err(fail(EINVAL, format!("read of {len} bytes at {off} is past the end ({size} bytes)")));
             }
             let n = req.length as usize;
-            let mut buf = AlignedBuf::for_direct_io(n);
+            let mut buf = AlignedBuf::reuse_for_direct_io(spare, n);
             let segments = if n == 0 {
                 Vec::new()
             } else if ctx.session.structured && req.flags & CMD_FLAG_DF == 0 {
@@ -400,9 +412,11 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
     }
 }
 
-fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
+/// Sends the reply of `req`; gives back a read's buffer for reuse.
+fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) -> Option<AlignedBuf> {
     let cookie = req.cookie;
     let structured = ctx.session.structured;
+    let mut back = None;
     ctx.replies.send(|w| match outcome {
         Outcome::Done => w.write_all(&encode_simple_reply(0, cookie)),
         Outcome::Failed { errno, msg } => {
@@ -415,29 +429,9 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
             }
         }
         Outcome::Read { buf, segments } => {
-            if !structured {
-                w.write_all(&encode_simple_reply(0, cookie))?;
-                return w.write_all(&buf);
-            }
-            if segments.is_empty() {
-                return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
-            }
-            let last = segments.len() - 1;
-            for (i, s) in segments.iter().enumerate() {
-                // Everything was read before the first byte went out, so
-                // the last content chunk can close the reply.
-                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-                let abs = req.offset + s.rel as u64;
-                if s.zero {
-                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
-                    w.write_all(&encode_hole(abs, s.len as u32))?;
-                } else {
-                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
-                    w.write_all(&abs.to_be_bytes())?;
-                    w.write_all(&buf[s.rel..s.rel + s.len])?;
-                }
-            }
-            Ok(())
+            let r = write_read_reply(w, req, structured, &buf, &segments);
+            back = Some(buf);
+            r
         }
         Outcome::Status(r) => {
             let mut chunks = Vec::new();
@@ -459,6 +453,42 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
             Ok(())
         }
     });
+    back
+}
+
+/// The reply to a read: a simple reply with the data, or structured
+/// chunks (data, and holes for the ranges known to read as zeros).
+fn write_read_reply<W: Write>(
+    w: &mut W,
+    req: &Request,
+    structured: bool,
+    buf: &[u8],
+    segments: &[Segment],
+) -> io::Result<()> {
+    let cookie = req.cookie;
+    if !structured {
+        w.write_all(&encode_simple_reply(0, cookie))?;
+        return w.write_all(buf);
+    }
+    if segments.is_empty() {
+        return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+    }
+    let last = segments.len() - 1;
+    for (i, s) in segments.iter().enumerate() {
+        // Everything was read before the first byte went out, so
+        // the last content chunk can close the reply.
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let abs = req.offset + s.rel as u64;
+        if s.zero {
+            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
+            w.write_all(&encode_hole(abs, s.len as u32))?;
+        } else {
+            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
+            w.write_all(&abs.to_be_bytes())?;
+            w.write_all(&buf[s.rel..s.rel + s.len])?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
