@@ -228,6 +228,10 @@ pub struct OpenOptions {
     /// The qcow2 cache options of the image (`l2-cache-size`, ...); its
     /// backing files keep the defaults, as in QEMU without `backing.*`.
     pub qcow2_cache: crate::qcow2::CacheOptions,
+    /// Neither use nor keep a qcow2 image's recovery journal
+    /// (`Qcow2Options::ignore_journal`): a dirty image is repaired by the
+    /// full scan.
+    pub ignore_journal: bool,
 }
 
 impl Default for OpenOptions {
@@ -250,6 +254,7 @@ impl Default for OpenOptions {
             backing_keys: Vec::new(),
             blkdebug: None,
             qcow2_cache: Default::default(),
+            ignore_journal: false,
         }
     }
 }
@@ -265,6 +270,7 @@ setters!(OpenOptions {
     force_share: bool,
     no_io: bool,
     qcow2_cache: crate::qcow2::CacheOptions,
+    ignore_journal: bool,
 } opt {
     format: Format,
     storage_hook: StorageHook,
@@ -658,7 +664,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     copy_on_read: opts.copy_on_read,
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
-                    ignore_journal: false,
+                    ignore_journal: opts.ignore_journal,
                 },
             )?);
             Qcow2::start_cache_cleaner(&q);

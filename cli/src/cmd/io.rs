@@ -151,6 +151,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut rules = Vec::new();
     let mut blkdebug = Vec::new();
     let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
+    let mut ignore_journal = false;
     for (k, v) in opts {
         let last = k.rsplit('.').next().unwrap_or(&k);
         if qcow2_cache.set(&k, &v).map_err(|e| CliError::new(crate::error::message(&e)))? {
@@ -183,6 +184,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            crate::qcow2_cache_opts::IGNORE_JOURNAL_KEY => ignore_journal = crate::util::parse_bool(&k, &v)?,
             _ if cfg.zero_limits.take(&k, &v) => {}
             _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
@@ -197,6 +199,9 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     }
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
+        if ignore_journal {
+            crate::qcow2_cache_opts::remember_ignore_journal(f);
+        }
     }
     Ok(file)
 }

@@ -13,6 +13,7 @@ mod damaged_cli;
 mod direct_write_race;
 mod dropin;
 mod http_nginx;
+mod ignore_journal_cli;
 mod iotests_ci;
 mod json_names;
 mod lifecycle_cli;
