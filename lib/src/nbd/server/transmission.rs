@@ -12,7 +12,7 @@ use crate::storage::AlignedBuf;
 use crate::Error;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -125,6 +125,8 @@ struct Ctx<C: Connection> {
     shared: Arc<Shared>,
     session: Session,
     replies: Replies<C>,
+    /// Jobs sent to the workers and not yet taken by one.
+    waiting: AtomicUsize,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or
@@ -147,6 +149,7 @@ pub(crate) fn run<C: Connection>(
             broken: AtomicBool::new(false),
             control: conn.try_clone_conn()?,
         },
+        waiting: AtomicUsize::new(0),
     });
     let budget = Arc::new(Budget {
         state: Mutex::new(InFlight::default()),
@@ -156,15 +159,20 @@ pub(crate) fn run<C: Connection>(
     });
     let (tx, rx) = sync_channel::<Job>(opts.max_in_flight_requests.max(1));
     let rx = Arc::new(Mutex::new(rx));
-    let mut workers = Vec::new();
-    for _ in 0..opts.workers.max(1) {
+    // Workers are started as the backlog asks for them, up to the limit:
+    // one more whenever more than twice as many jobs wait as there are
+    // workers (twice: a burst arrives before the workers just started take
+    // anything; a client sending 16 requests at once gets 8). Each worker thread
+    // costs a stack and a malloc arena, some 30 KiB resident: starting
+    // all 16 at once kept `oxcow serve` above qemu-nbd's peak memory,
+    // which serves from one thread.
+    let max_workers = opts.workers.max(1);
+    let spawn = |workers: &mut Vec<std::thread::JoinHandle<()>>| {
         let (ctx, rx) = (Arc::clone(&ctx), Arc::clone(&rx));
-        match std::thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&ctx, &rx)) {
-            Ok(h) => workers.push(h),
-            Err(_) if !workers.is_empty() => break,
-            Err(e) => return Err(e),
-        }
-    }
+        std::thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&ctx, &rx)).map(|h| workers.push(h))
+    };
+    let mut workers = Vec::new();
+    spawn(&mut workers)?;
 
     let mut reader = io::BufReader::with_capacity(64 << 10, conn);
     loop {
@@ -207,8 +215,15 @@ pub(crate) fn run<C: Connection>(
             }
             _ => Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) },
         };
+        let waiting = ctx.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         if tx.send(job).is_err() {
             break;
+        }
+        // No job waits for one queued behind it (a writer waits only for
+        // clusters another running job holds), so fewer workers than jobs
+        // cost latency, never progress; a failed spawn is not fatal.
+        if waiting > 2 * workers.len() && workers.len() < max_workers {
+            let _ = spawn(&mut workers);
         }
     }
     drop(tx);
@@ -244,6 +259,7 @@ fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
     loop {
         let job = lock(rx).recv();
         let Ok(job) = job else { return };
+        ctx.waiting.fetch_sub(1, Ordering::AcqRel);
         // A bug in a device must cost one request, not the connection
         // (whose other requests and client would hang without a reply).
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload, spare.take())))
