@@ -80,6 +80,24 @@ def w_alloc(opts, args):
     return prep, run
 
 
+def w_alloc_raw(args):
+    """The same writes into a fresh raw file of the disk's size with no
+    blocks yet (qemu-img create -f raw: sparse), so the filesystem
+    allocates as it does under a growing qcow2: the physical limit the
+    qcow2 allocating rows are measured against."""
+    def prep(c, tool):
+        path = c.p(f"alloc-{tool}.raw")
+        if os.path.exists(path):
+            os.unlink(path)
+        sh("qemu-img", "create", "-q", "-f", "raw", path, str(c.size))
+        return path
+
+    def run(c, tool, path):
+        return tool_bench(tool, path, args, "raw")
+
+    return prep, run
+
+
 def w_on_allocated(args, fmt="qcow2"):
     def prep(c, tool):
         path = c.p(f"full-{tool}.{fmt}")
@@ -338,11 +356,15 @@ def workloads(size):
     n4k = 32768
     return [
         ("4k alloc writes, depth 32, O_DIRECT", w_alloc("", ["-w", "-t", "none", "-d", "32", "-c", str(n4k)])),
+        ("raw: 4k alloc writes into a sparse file, depth 32, O_DIRECT",
+         w_alloc_raw(["-w", "-t", "none", "-d", "32", "-c", str(n4k)])),
         ("4k rewrites of allocated, depth 32, O_DIRECT", w_on_allocated(["-w", "-t", "none", "-d", "32", "-c", str(n4k), "--pattern", "0x66"])),
         ("4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)])),
         ("raw file baseline: 4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)], fmt="raw")),
         ("4k alloc writes, writethrough, lazy refcounts", w_alloc("lazy_refcounts=on", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
         ("4k alloc writes, writethrough, no lazy refcounts", w_alloc("", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
+        ("raw: 4k alloc writes into a sparse file, writethrough",
+         w_alloc_raw(["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
         # Each write synced before it completes (issue 12: raw skipped it).
         ("raw: 4k writes, writethrough", w_on_allocated(["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"], fmt="raw")),
         ("64k sequential alloc writes, depth 32", w_alloc("", ["-w", "-t", "none", "-d", "32", "-s", "64k", "-c", str(size >> 16)])),
@@ -387,10 +409,11 @@ def peak_rss_kib(pid):
     return 0
 
 
-def serve_memory(d, rounds=3):
+def serve_memory(d, rounds=3, cache_opts=""):
     """Peak RSS of `oxcow serve` and `qemu-nbd` exporting a 1 TiB image
     whose L2 tables are all in use, while a client reads across all of it:
-    the median of `rounds` alternating rounds, both with default caches."""
+    the median of `rounds` alternating rounds, both with default caches or
+    both with the same `--image-opts` cache options."""
     img = os.path.join(d, "tib.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", img, "1T")
     # One 64 KiB write per 512 MiB: every L2 table of the disk exists.
@@ -404,7 +427,8 @@ def serve_memory(d, rounds=3):
         if os.path.exists(sock):
             os.unlink(sock)
         argv = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
-        proc = subprocess.Popen(argv + ["-t", "-f", "qcow2", "-k", sock, img])
+        spec = ["--image-opts", f"driver=qcow2,file.filename={img},{cache_opts}"] if cache_opts else ["-f", "qcow2", img]
+        proc = subprocess.Popen(argv + ["-t", "-k", sock] + spec)
         for _ in range(500):
             if os.path.exists(sock):
                 break
@@ -416,7 +440,7 @@ def serve_memory(d, rounds=3):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     os.unlink(img)
-    return {tool: statistics.median(v) for tool, v in out.items()}
+    return {tool: (statistics.median(v), v) for tool, v in out.items()}
 
 
 def main():
@@ -426,6 +450,7 @@ def main():
     ap.add_argument("--dir", default=None)
     ap.add_argument("--only", default=None, help="run only workloads whose name contains one of these ('|'-separated)")
     ap.add_argument("--memory", action="store_true", help="also measure serve's peak RSS on a 1 TiB image")
+    ap.add_argument("--memory-rounds", type=int, default=3)
     a = ap.parse_args()
     if not os.path.exists(OX):
         sh("cargo", "build", "--release", "--quiet", cwd=ROOT)
@@ -446,7 +471,8 @@ def main():
             mo, mq = statistics.median(times["oxcow"]), statistics.median(times["qemu"])
             rows.append((name, mo, mq, mo / mq))
             print(f"{name:52s} oxcow {mo:8.3f}s  qemu {mq:8.3f}s  ratio {mo / mq:5.2f}", flush=True)
-        mem = serve_memory(d) if a.memory else None
+        mem = [(o or "default caches", serve_memory(d, a.memory_rounds, o)) for o in ("", "l2-cache-size=64K")] \
+            if a.memory else None
     finally:
         if not a.dir:
             shutil.rmtree(d, ignore_errors=True)
@@ -460,9 +486,16 @@ def main():
     r = by.get("raw file baseline: 4k reads, depth 32, O_DIRECT")
     if q and r:
         print(f"\noxcow qcow2 reads / oxcow raw reads: {q[1] / r[1]:.2f}")
-    if mem:
-        print(f"\npeak RSS serving a 1 TiB image (all 2048 L2 tables in use): "
-              f"oxcow serve {mem['oxcow'] / 1024:.1f} MiB, qemu-nbd {mem['qemu'] / 1024:.1f} MiB")
+    for qn, rn in (("4k alloc writes, depth 32, O_DIRECT", "raw: 4k alloc writes into a sparse file, depth 32, O_DIRECT"),
+                   ("4k alloc writes, writethrough, lazy refcounts", "raw: 4k alloc writes into a sparse file, writethrough")):
+        q, r = by.get(qn), by.get(rn)
+        if q and r:
+            print(f"{qn}: qcow2 / raw, oxcow {q[1] / r[1]:.2f}, QEMU {q[2] / r[2]:.2f}")
+    for opts, m in mem or []:
+        rounds = lambda t: " ".join(f"{k / 1024:.1f}" for k in m[t][1])
+        print(f"\npeak RSS serving a 1 TiB image (all 2048 L2 tables in use), {opts}: "
+              f"oxcow serve {m['oxcow'][0] / 1024:.1f} MiB ({rounds('oxcow')}), "
+              f"qemu-nbd {m['qemu'][0] / 1024:.1f} MiB ({rounds('qemu')})")
 
 
 if __name__ == "__main__":

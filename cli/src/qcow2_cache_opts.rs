@@ -3,6 +3,11 @@
 //! `cache-clean-interval`): taken out of the option string when it is
 //! resolved, and put into the open options of the image it names.
 //!
+//! Also oxcow's own `x-ignore-journal=on`: open the image without its
+//! recovery journal, so a dirty image is repaired by the full scan (and a
+//! writable open drops the journal's autoclear bit). QEMU knows no such
+//! option; the `x-` says it is oxcow's, as QEMU marks its experimental ones.
+//!
 //! The option string is resolved into a name long before the image is
 //! opened (by code that only passes names on), so the options wait here
 //! keyed by that name, as the image's key secrets do.
@@ -14,6 +19,12 @@ use std::sync::Mutex;
 
 static GIVEN: Mutex<Vec<(String, CacheOptions)>> = Mutex::new(Vec::new());
 
+/// Images opened with `x-ignore-journal=on`.
+static IGNORE_JOURNAL: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The option that opens an image without its recovery journal.
+pub const IGNORE_JOURNAL_KEY: &str = "x-ignore-journal";
+
 /// Takes the cache options of a `driver=qcow2` option string out of
 /// `props` and remembers them for the image `name`. Values that do not
 /// parse are refused here, in the words of the open that QEMU refuses
@@ -22,6 +33,11 @@ static GIVEN: Mutex<Vec<(String, CacheOptions)>> = Mutex::new(Vec::new());
 pub fn take(format: &str, name: &str, props: &mut BTreeMap<String, String>, spec: &str) -> CliResult<()> {
     if format != "qcow2" {
         return Ok(());
+    }
+    if let Some(v) = props.remove(IGNORE_JOURNAL_KEY) {
+        if crate::util::parse_bool(IGNORE_JOURNAL_KEY, &v)? {
+            remember_ignore_journal(name);
+        }
     }
     let mut opts = CacheOptions::default();
     let keys: Vec<String> = props.keys().cloned().collect();
@@ -45,12 +61,20 @@ pub fn remember(name: &str, opts: CacheOptions) {
     }
 }
 
+/// Remembers that the image `name` opens without its recovery journal.
+pub fn remember_ignore_journal(name: &str) {
+    IGNORE_JOURNAL.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_string());
+}
+
 /// `opts` with the cache options given for the image `name`, if any
 /// (the last given wins).
 pub fn with_cache(name: &str, mut opts: oxcow::OpenOptions) -> oxcow::OpenOptions {
     let given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c)) = given.iter().rev().find(|(n, _)| n == name) {
         opts.qcow2_cache = *c;
+    }
+    if IGNORE_JOURNAL.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n == name) {
+        opts.ignore_journal = true;
     }
     opts
 }

@@ -240,6 +240,10 @@ pub struct OpenOptions {
     pub qcow2_cache: crate::qcow2::CacheOptions,
     /// The qcow2 `lazy-refcounts` open option (`None`: as the header says).
     pub qcow2_lazy_refcounts: Option<bool>,
+    /// Neither use nor keep a qcow2 image's recovery journal
+    /// (`Qcow2Options::ignore_journal`): a dirty image is repaired by the
+    /// full scan.
+    pub ignore_journal: bool,
 }
 
 impl Default for OpenOptions {
@@ -266,6 +270,7 @@ impl Default for OpenOptions {
             data_file_blkdebug: None,
             qcow2_cache: Default::default(),
             qcow2_lazy_refcounts: None,
+            ignore_journal: false,
         }
     }
 }
@@ -281,6 +286,7 @@ setters!(OpenOptions {
     force_share: bool,
     no_io: bool,
     qcow2_cache: crate::qcow2::CacheOptions,
+    ignore_journal: bool,
 } opt {
     format: Format,
     storage_hook: StorageHook,
@@ -686,7 +692,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     copy_on_read: opts.copy_on_read,
                     key_secret: opts.key_secret.clone(),
                     no_io: opts.no_io,
-                    ignore_journal: false,
+                    ignore_journal: opts.ignore_journal,
                     lazy_refcounts: opts.qcow2_lazy_refcounts,
                 },
             )?);

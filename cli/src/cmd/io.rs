@@ -167,6 +167,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     let mut blkdebug = Vec::new();
     let mut qcow2_cache = oxcow::qcow2::CacheOptions::default();
     let mut data_file = Vec::new();
+    let mut ignore_journal = false;
     for (k, v) in copy_on_read_filter(opts, cfg) {
         if let Some(sub) = k.strip_prefix("data-file.") {
             data_file.push((sub.to_string(), v));
@@ -203,6 +204,7 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            crate::qcow2_cache_opts::IGNORE_JOURNAL_KEY => ignore_journal = crate::util::parse_bool(&k, &v)?,
             _ if cfg.zero_limits.take(&k, &v) => {}
             _ if LIMIT_KEYS.contains(&last) => {}
             _ => return Err(CliError::new(format!("Unsupported image option '{k}'"))),
@@ -220,6 +222,9 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     }
     if let Some(f) = &file {
         crate::qcow2_cache_opts::remember(f, qcow2_cache);
+        if ignore_journal {
+            crate::qcow2_cache_opts::remember_ignore_journal(f);
+        }
     }
     cfg.qcow2_cache = qcow2_cache;
     Ok(file)

@@ -17,6 +17,7 @@ mod direct_write_race;
 mod dropin;
 mod dropin_img;
 mod http_nginx;
+mod ignore_journal_cli;
 mod iotests_ci;
 mod json_names;
 mod legacy_aes;

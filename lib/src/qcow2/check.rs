@@ -14,7 +14,7 @@
 //! end of the file and switched to with one header write.
 
 use super::state::{Meta, MetaKind};
-use super::units::{HostCluster, HostOffset};
+use super::units::{GuestCluster, HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::be::{encode_u64_table, u64_table};
 use crate::format::bitmap::{parse_directory, TABLE_OFFSET_MASK};
@@ -97,10 +97,13 @@ enum CopiedSite {
         index: usize,
         l2: u64,
     },
-    /// A data cluster's L2 entry, kept from the scan so that the COPIED
-    /// check need not read every table a second time.
+    /// A data cluster's L2 entry, kept from the scan with where it is
+    /// (L1 index, index in the table) so that neither the COPIED check nor
+    /// its repair need read every table a second time.
     L2 {
         word: u64,
+        l1: u32,
+        l2i: u32,
     },
 }
 
@@ -112,6 +115,11 @@ struct Scan {
     copied: Vec<CopiedSite>,
     /// Refcount blocks that are misaligned or outside the image.
     bad_refblocks: bool,
+    /// Of the corruptions: stored refcounts below the references, and
+    /// COPIED flags that disagree with the stored refcount, the two kinds
+    /// a repair fixes (the rest it leaves for a second scan to report).
+    refcount_corruptions: u64,
+    copied_corruptions: u64,
 }
 
 /// References past the end of the file further than this are corrupt
@@ -134,9 +142,13 @@ impl Qcow2 {
         if repair == Repair::None || self.read_only || (first.report.leaks == 0 && first.report.corruptions == 0) {
             return Ok(first.report);
         }
-        let mut said = self.repair(&mut m, &first, repair)?;
+        let (mut said, fixed_all) = self.repair(&mut m, &first, repair)?;
         m.overlap.forget_taken();
-        let mut after = self.scan(&mut m)?.report;
+        // When the repair fixed everything the scan found, what a second
+        // scan would report is known: the same image with no finding. The
+        // metadata is then read once (the crash recovery of lazy refcounts,
+        // whose findings are all refcounts too low and their COPIED flags).
+        let mut after = if fixed_all { self.clean_after(&first) } else { self.scan(&mut m)?.report };
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
         after.found_before_repair = Some((first.report.leaks, first.report.corruptions));
@@ -191,6 +203,8 @@ impl Qcow2 {
             copied: Vec::new(),
             bad_refblocks: false,
             highest_stored: None,
+            refcount_corruptions: 0,
+            copied_corruptions: 0,
         };
         let h = m.hc.header.clone();
         self.add_range(&mut s, nb, 0, cs, "header");
@@ -388,7 +402,7 @@ impl Qcow2 {
                     }
                     next_contiguous = host + cs;
                     if !self.g.external_data {
-                        s.copied.push(CopiedSite::L2 { word: le.word });
+                        s.copied.push(CopiedSite::L2 { word: le.word, l1: i as u32, l2i: j as u32 });
                     }
                 }
             }
@@ -446,6 +460,7 @@ impl Qcow2 {
             }
             if stored < counted {
                 s.report.corruptions += 1;
+                s.refcount_corruptions += 1;
                 s.report.messages.push(format!("ERROR cluster {idx} refcount={stored} reference={counted}"));
             } else {
                 s.report.leaks += 1;
@@ -465,17 +480,19 @@ impl Qcow2 {
                     let raw = m.map.l1().get(index).copied().unwrap_or(0);
                     if L1Entry(raw).copied() != want {
                         s.report.corruptions += 1;
+                        s.copied_corruptions += 1;
                         s.report.messages.push(format!(
                             "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refs}"
                         ));
                     }
                 }
-                CopiedSite::L2 { word } => {
+                CopiedSite::L2 { word, .. } => {
                     let e = L2Entry { word, bitmap: SubclusterBitmap(0) };
                     let refs = self.refcount(m, HostOffset(e.host_offset()).cluster(&self.g)).unwrap_or(0);
                     let want = refs == 1;
                     if e.copied() != want {
                         s.report.corruptions += 1;
+                        s.copied_corruptions += 1;
                         s.report
                             .messages
                             .push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}", e.word));
@@ -486,8 +503,34 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<Vec<String>> {
+    /// The report of a second scan after a repair that fixed every
+    /// finding of `first`: its counters, no finding, and the image ending
+    /// at its last referenced cluster (every stored refcount now equals the
+    /// references).
+    fn clean_after(&self, first: &Scan) -> CheckReport {
+        let r = &first.report;
+        CheckReport {
+            image_end_offset: first.refs.highest().map_or(self.g.cluster_size, |h| (h + 1) * self.g.cluster_size),
+            total_clusters: r.total_clusters,
+            allocated_clusters: r.allocated_clusters,
+            fragmented_clusters: r.fragmented_clusters,
+            compressed_clusters: r.compressed_clusters,
+            ..Default::default()
+        }
+    }
+
+    /// Repairs what `scan` found; returns the lines to print and whether
+    /// every finding is now fixed (nothing a second scan could report: no
+    /// finding of a kind a repair leaves, no refcount capped at its width,
+    /// no COPIED flag left, and no refcount structure allocated on the way).
+    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<(Vec<String>, bool)> {
         let mut said = Vec::new();
+        let r = &scan.report;
+        let mut fixed_all = !scan.bad_refblocks
+            && r.check_errors == 0
+            && r.corruptions == scan.refcount_corruptions + scan.copied_corruptions
+            && (repair == Repair::All || r.corruptions == 0);
+        let table_before = m.refs.table().to_vec();
         // The allocator must not hand out a cluster that something
         // references, even past the current end of the file.
         if let Some(h) = scan.refs.highest() {
@@ -507,6 +550,7 @@ impl Qcow2 {
             let limit = file_clusters.max(highest).min(covered.max(highest));
             // Raise before lowering: a crash in between leaves leaks only.
             for pass in 0..2 {
+                let mut changed = false;
                 for idx in 0..limit {
                     let stored = self.refcount(m, HostCluster(idx))?;
                     let counted = scan.refs.get(idx);
@@ -514,16 +558,77 @@ impl Qcow2 {
                     let lower = stored > counted;
                     if (pass == 0 && raise) || (pass == 1 && lower) {
                         said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
+                        fixed_all &= counted <= self.g.rc.max();
                         self.set_refcount(m, HostCluster(idx), counted.min(self.g.rc.max()))?;
+                        changed = true;
                     }
                 }
-                self.write_refcounts_now(m)?;
+                // A pass with nothing to change costs no sync.
+                if changed {
+                    self.write_refcounts_now(m)?;
+                }
             }
         }
         if repair == Repair::All {
-            self.fix_copied(m)?;
+            if fixed_all {
+                fixed_all = self.fix_copied_sites(m, &scan.copied)?;
+            } else {
+                self.fix_copied(m)?;
+            }
         }
-        Ok(said)
+        fixed_all &= m.refs.table() == &table_before[..];
+        Ok((said, fixed_all))
+    }
+
+    /// Sets COPIED flags from the repaired refcounts, visiting only the
+    /// entries the scan kept: no table is read again. Returns false when
+    /// one is left (in a table the active L1 does not own, or changed
+    /// since the scan), for a second scan to report.
+    fn fix_copied_sites(&self, m: &mut Meta, sites: &[CopiedSite]) -> Result<bool> {
+        let mut all = true;
+        let mut changed = false;
+        for site in sites {
+            match *site {
+                CopiedSite::L1 { index, l2 } => {
+                    let want = self.refcount(m, HostOffset(l2).cluster(&self.g))? == 1;
+                    let raw = m.map.l1().get(index).copied().unwrap_or(0);
+                    if L1Entry(raw).l2_offset() != l2 {
+                        all = false;
+                    } else if L1Entry(raw).copied() != want {
+                        m.map.set_l1(index, if want { raw | L1_COPIED } else { raw & !L1_COPIED });
+                        changed = true;
+                    }
+                }
+                CopiedSite::L2 { word, l1, l2i } => {
+                    let e = L2Entry { word, bitmap: SubclusterBitmap(0) };
+                    let want = self.refcount(m, HostOffset(e.host_offset()).cluster(&self.g))? == 1;
+                    if e.copied() == want {
+                        continue;
+                    }
+                    // Only tables the active L1 owns may be changed in place.
+                    let raw = m.map.l1().get(l1 as usize).copied().unwrap_or(0);
+                    if !L1Entry(raw).copied() {
+                        all = false;
+                        continue;
+                    }
+                    let gc = GuestCluster(u64::from(l1) * self.g.l2_entries + u64::from(l2i));
+                    let cur = self.l2_entry(m, gc)?;
+                    if cur.word != word {
+                        all = false;
+                        continue;
+                    }
+                    let word = if want { word | L2_COPIED } else { word & !L2_COPIED };
+                    let table = HostOffset(L1Entry(raw).l2_offset());
+                    self.set_l2_raw(m, table, l2i as usize, L2Entry { word, bitmap: cur.bitmap })?;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.write_back(m)?;
+            self.sync("flushing repaired tables")?;
+        }
+        Ok(all)
     }
 
     /// Writes dirty refcount blocks and table entries and syncs, whatever

@@ -12,7 +12,7 @@ use crate::storage::AlignedBuf;
 use crate::Error;
 use std::io::{self, BufRead, BufWriter, Read, Write};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -125,6 +125,8 @@ struct Ctx<C: Connection> {
     shared: Arc<Shared>,
     session: Session,
     replies: Replies<C>,
+    /// Jobs sent to the workers and not yet taken by one.
+    waiting: AtomicUsize,
 }
 
 /// Serves requests until the client disconnects, breaks the protocol, or
@@ -147,6 +149,7 @@ pub(crate) fn run<C: Connection>(
             broken: AtomicBool::new(false),
             control: conn.try_clone_conn()?,
         },
+        waiting: AtomicUsize::new(0),
     });
     let budget = Arc::new(Budget {
         state: Mutex::new(InFlight::default()),
@@ -156,15 +159,20 @@ pub(crate) fn run<C: Connection>(
     });
     let (tx, rx) = sync_channel::<Job>(opts.max_in_flight_requests.max(1));
     let rx = Arc::new(Mutex::new(rx));
-    let mut workers = Vec::new();
-    for _ in 0..opts.workers.max(1) {
+    // Workers are started as the backlog asks for them, up to the limit:
+    // one more whenever more than twice as many jobs wait as there are
+    // workers (twice: a burst arrives before the workers just started take
+    // anything; a client sending 16 requests at once gets 8). Each worker thread
+    // costs a stack and a malloc arena, some 30 KiB resident: starting
+    // all 16 at once kept `oxcow serve` above qemu-nbd's peak memory,
+    // which serves from one thread.
+    let max_workers = opts.workers.max(1);
+    let spawn = |workers: &mut Vec<std::thread::JoinHandle<()>>| {
         let (ctx, rx) = (Arc::clone(&ctx), Arc::clone(&rx));
-        match std::thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&ctx, &rx)) {
-            Ok(h) => workers.push(h),
-            Err(_) if !workers.is_empty() => break,
-            Err(e) => return Err(e),
-        }
-    }
+        std::thread::Builder::new().name("nbd-worker".into()).spawn(move || worker(&ctx, &rx)).map(|h| workers.push(h))
+    };
+    let mut workers = Vec::new();
+    spawn(&mut workers)?;
 
     let mut reader = io::BufReader::with_capacity(64 << 10, conn);
     loop {
@@ -207,8 +215,15 @@ pub(crate) fn run<C: Connection>(
             }
             _ => Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) },
         };
+        let waiting = ctx.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         if tx.send(job).is_err() {
             break;
+        }
+        // No job waits for one queued behind it (a writer waits only for
+        // clusters another running job holds), so fewer workers than jobs
+        // cost latency, never progress; a failed spawn is not fatal.
+        if waiting > 2 * workers.len() && workers.len() < max_workers {
+            let _ = spawn(&mut workers);
         }
     }
     drop(tx);
@@ -233,16 +248,24 @@ fn read_message<C: Connection>(reader: &mut io::BufReader<C>, buf: &mut [u8], ti
     reader.get_ref().set_read_timeout_conn(None)
 }
 
+/// Largest read buffer a worker keeps for its next read: one per worker,
+/// so a client's occasional huge read does not pin megabytes per thread.
+const SPARE_MAX: usize = 128 << 10;
+
 fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
+    // The last read's buffer, reused for the next read: a fresh one per
+    // request left freed buffers behind in each worker's malloc arena.
+    let mut spare = None;
     loop {
         let job = lock(rx).recv();
         let Ok(job) = job else { return };
+        ctx.waiting.fetch_sub(1, Ordering::AcqRel);
         // A bug in a device must cost one request, not the connection
         // (whose other requests and client would hang without a reply).
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload)))
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(ctx, &job.req, &job.payload, spare.take())))
             .unwrap_or_else(|_| fail(EIO, "internal error while serving the request"));
         drop(job.payload);
-        send_outcome(ctx, &job.req, outcome);
+        spare = send_outcome(ctx, &job.req, outcome).filter(|b| b.capacity() <= SPARE_MAX);
     }
 }
 
@@ -264,13 +287,18 @@ fn is_zero(buf: &[u8]) -> bool {
     chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Outcome {
-    match execute_inner(ctx, req, payload) {
+fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8], spare: Option<AlignedBuf>) -> Outcome {
+    match execute_inner(ctx, req, payload, spare) {
         Ok(o) | Err(o) => o,
     }
 }
 
-fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> Result<Outcome, Outcome> {
+fn execute_inner<C: Connection>(
+    ctx: &Ctx<C>,
+    req: &Request,
+    payload: &[u8],
+    spare: Option<AlignedBuf>,
+) -> Result<Outcome, Outcome> {
     let shared = &ctx.shared;
     let dev = &*shared.device;
     let size = dev.len();
@@ -298,7 +326,7 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
                 return Err(fail(EINVAL, format!("read of {len} bytes at {off} is past the end ({size} bytes)")));
             }
             let n = req.length as usize;
-            let mut buf = AlignedBuf::for_direct_io(n);
+            let mut buf = AlignedBuf::reuse_for_direct_io(spare, n);
             let segments = if n == 0 {
                 Vec::new()
             } else if ctx.session.structured && req.flags & CMD_FLAG_DF == 0 {
@@ -400,9 +428,11 @@ fn execute_inner<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8]) -> 
     }
 }
 
-fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
+/// Sends the reply of `req`; gives back a read's buffer for reuse.
+fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) -> Option<AlignedBuf> {
     let cookie = req.cookie;
     let structured = ctx.session.structured;
+    let mut back = None;
     ctx.replies.send(|w| match outcome {
         Outcome::Done => w.write_all(&encode_simple_reply(0, cookie)),
         Outcome::Failed { errno, msg } => {
@@ -415,29 +445,9 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
             }
         }
         Outcome::Read { buf, segments } => {
-            if !structured {
-                w.write_all(&encode_simple_reply(0, cookie))?;
-                return w.write_all(&buf);
-            }
-            if segments.is_empty() {
-                return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
-            }
-            let last = segments.len() - 1;
-            for (i, s) in segments.iter().enumerate() {
-                // Everything was read before the first byte went out, so
-                // the last content chunk can close the reply.
-                let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-                let abs = req.offset + s.rel as u64;
-                if s.zero {
-                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
-                    w.write_all(&encode_hole(abs, s.len as u32))?;
-                } else {
-                    w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
-                    w.write_all(&abs.to_be_bytes())?;
-                    w.write_all(&buf[s.rel..s.rel + s.len])?;
-                }
-            }
-            Ok(())
+            let r = write_read_reply(w, req, structured, &buf, &segments);
+            back = Some(buf);
+            r
         }
         Outcome::Status(r) => {
             let mut chunks = Vec::new();
@@ -459,6 +469,42 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) {
             Ok(())
         }
     });
+    back
+}
+
+/// The reply to a read: a simple reply with the data, or structured
+/// chunks (data, and holes for the ranges known to read as zeros).
+fn write_read_reply<W: Write>(
+    w: &mut W,
+    req: &Request,
+    structured: bool,
+    buf: &[u8],
+    segments: &[Segment],
+) -> io::Result<()> {
+    let cookie = req.cookie;
+    if !structured {
+        w.write_all(&encode_simple_reply(0, cookie))?;
+        return w.write_all(buf);
+    }
+    if segments.is_empty() {
+        return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+    }
+    let last = segments.len() - 1;
+    for (i, s) in segments.iter().enumerate() {
+        // Everything was read before the first byte went out, so
+        // the last content chunk can close the reply.
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let abs = req.offset + s.rel as u64;
+        if s.zero {
+            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
+            w.write_all(&encode_hole(abs, s.len as u32))?;
+        } else {
+            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
+            w.write_all(&abs.to_be_bytes())?;
+            w.write_all(&buf[s.rel..s.rel + s.len])?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
