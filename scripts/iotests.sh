@@ -26,7 +26,7 @@ else
 fi
 "$OXCOW_BIN" install-links --force "$BIN" >/dev/null
 # Fast tests that pass (docs/IOTESTS.md): about 30 s with two jobs.
-CI_TESTS="003 004 005 009 010 011 012 021 027 032 035 038 042 043 047 048 050 053 054 062 069 074 090 104 105 107 111 114 150 174 179 187 188 252 265 268 272 279 284 290 292 293 qsd-jobs regression-vhdx-log"
+CI_TESTS="003 004 005 009 010 011 012 021 027 032 035 038 042 043 046 047 048 050 052 053 054 062 069 074 090 103 104 105 107 111 114 150 174 179 187 188 252 263 265 268 270 272 279 284 289 290 292 293 qsd-jobs regression-vhdx-log"
 if [ "${1:-}" = --ci ]; then
     shift
     # shellcheck disable=SC2086
