@@ -3,11 +3,6 @@
 
 use crate::support::*;
 
-/// Drops qemu-io's timing lines, which depend on the clock.
-fn untimed(s: &str) -> String {
-    s.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n")
-}
-
 #[test]
 fn create_matches_qemu_img() {
     let cases: &[(&str, &[&str])] = &[

@@ -4,7 +4,7 @@
 //! copy-on-read over a read-only image, in QEMU's words.
 
 use crate::support::process::s;
-use crate::support::{ok, run_in, tmp, OXCOW};
+use crate::support::{ok, run_in, tmp, untimed, OXCOW};
 use std::path::Path;
 
 /// `b.qcow2` with pattern 5 in its second cluster, under `t.qcow2`.
@@ -12,11 +12,6 @@ fn images(dir: &Path) {
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"]);
     ok(dir, "qemu-io", &["-f", "qcow2", "-c", "write -q -P 5 64k 64k", "b.qcow2"]);
     ok(dir, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"]);
-}
-
-/// The ops line carries timings.
-fn filter(out: &str) -> String {
-    out.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n")
 }
 
 #[test]
@@ -37,8 +32,8 @@ fn qemu_io_copy_on_read_filter_option_trees() {
         let o = run_in(ours.path(), s(&qio), args);
         let t = run_in(theirs.path(), "qemu-io", args);
         assert_eq!(
-            (o.code, filter(&o.stdout), &o.stderr),
-            (t.code, filter(&t.stdout), &t.stderr),
+            (o.code, untimed(&o.stdout), &o.stderr),
+            (t.code, untimed(&t.stdout), &t.stderr),
             "{args:?}: qemu said\n{}{}",
             t.stdout,
             t.stderr

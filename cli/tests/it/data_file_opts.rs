@@ -4,12 +4,7 @@
 //! `qemu-img check` on what each left.
 
 use crate::support::process::s;
-use crate::support::{ok, run_in, tmp, OXCOW};
-
-/// The ops line carries timings.
-fn filter(out: &str) -> String {
-    out.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n")
-}
+use crate::support::{ok, run_in, tmp, untimed, OXCOW};
 
 #[test]
 fn qemu_io_data_file_option_trees() {
@@ -40,8 +35,8 @@ fn qemu_io_data_file_option_trees() {
         let o = run_in(ours.path(), s(&ours.path().join("bin/qemu-io")), &args);
         let t = run_in(theirs.path(), "qemu-io", &args);
         assert_eq!(
-            (o.code, filter(&o.stdout), &o.stderr),
-            (t.code, filter(&t.stdout), &t.stderr),
+            (o.code, untimed(&o.stdout), &o.stderr),
+            (t.code, untimed(&t.stdout), &t.stderr),
             "{args:?}: qemu said\n{}{}",
             t.stdout,
             t.stderr

@@ -68,6 +68,11 @@ pub fn io_args<'a>(pre: &[&'a str], cmds: &'a [String], file: &'a str) -> Vec<&'
     v
 }
 
+/// Drops qemu-io's timing lines (" ops; "), which depend on the clock.
+pub fn untimed(s: &str) -> String {
+    s.lines().filter(|l| !l.contains(" ops; ")).collect::<Vec<_>>().join("\n")
+}
+
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("oxcow-cli-test").tempdir().expect("tempdir")
 }
