@@ -3,8 +3,8 @@
 //! QEMU's own: what a read brings into the overlay, and the refusals of
 //! copy-on-read over a read-only image, in QEMU's words.
 
-use crate::support::process::s;
-use crate::support::{ok, run_in, tmp, untimed, OXCOW};
+use crate::dropin::{bare_sides, same_on, Cmp};
+use crate::support::ok;
 use std::path::Path;
 
 /// `b.qcow2` with pattern 5 in its second cluster, under `t.qcow2`.
@@ -16,12 +16,10 @@ fn images(dir: &Path) {
 
 #[test]
 fn qemu_io_copy_on_read_filter_option_trees() {
-    let (ours, theirs) = (tmp(), tmp());
-    ok(ours.path(), OXCOW, &["install-links", s(&ours.path().join("bin"))]);
-    for d in [ours.path(), theirs.path()] {
+    let (ours, theirs) = bare_sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
         images(d);
     }
-    let qio = ours.path().join("bin/qemu-io");
     let runs: &[&[&str]] = &[
         &["-c", "open -r -o driver=copy-on-read,file.driver=qcow2 t.qcow2"],
         &["-f", "qcow2", "-C", "-r", "-c", "read 0 4k", "t.qcow2"],
@@ -29,17 +27,9 @@ fn qemu_io_copy_on_read_filter_option_trees() {
         &["-f", "qcow2", "-c", "map", "t.qcow2"],
     ];
     for args in runs {
-        let o = run_in(ours.path(), s(&qio), args);
-        let t = run_in(theirs.path(), "qemu-io", args);
-        assert_eq!(
-            (o.code, untimed(&o.stdout), &o.stderr),
-            (t.code, untimed(&t.stdout), &t.stderr),
-            "{args:?}: qemu said\n{}{}",
-            t.stdout,
-            t.stderr
-        );
+        same_on(&ours, &theirs, "qemu-io", args, None, Cmp::All);
     }
     // The read brought the backing cluster in: the overlay alone has it.
-    let m = ok(ours.path(), "qemu-io", &["-f", "qcow2", "-c", "map", "t.qcow2"]);
+    let m = ok(ours.dir.path(), "qemu-io", &["-f", "qcow2", "-c", "map", "t.qcow2"]);
     assert!(m.stdout.contains("64 KiB (0x10000) bytes     allocated at offset 64 KiB"), "{}", m.stdout);
 }

@@ -3,13 +3,14 @@
 //! rules fail its requests; oxcow as `qemu-io` against QEMU's own, then
 //! `qemu-img check` on what each left.
 
+use crate::dropin::{bare_sides, same_on, Cmp};
+use crate::support::ok;
 use crate::support::process::s;
-use crate::support::{ok, run_in, tmp, untimed, OXCOW};
 
 #[test]
 fn qemu_io_data_file_option_trees() {
-    let (ours, theirs) = (tmp(), tmp());
-    ok(ours.path(), OXCOW, &["install-links", s(&ours.path().join("bin"))]);
+    let (our_side, their_side) = bare_sides();
+    let (ours, theirs) = (&our_side.dir, &their_side.dir);
     let conf = "[inject-error]\nevent = \"write_aio\"\nerrno = \"5\"\nonce = \"on\"\n";
     for d in [ours.path(), theirs.path()] {
         ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "t.qcow2", "1M"]);
@@ -32,15 +33,7 @@ fn qemu_io_data_file_option_trees() {
     ];
     for args in &runs {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = run_in(ours.path(), s(&ours.path().join("bin/qemu-io")), &args);
-        let t = run_in(theirs.path(), "qemu-io", &args);
-        assert_eq!(
-            (o.code, untimed(&o.stdout), &o.stderr),
-            (t.code, untimed(&t.stdout), &t.stderr),
-            "{args:?}: qemu said\n{}{}",
-            t.stdout,
-            t.stderr
-        );
+        same_on(&our_side, &their_side, "qemu-io", &args, None, Cmp::All);
     }
     for d in [ours.path(), theirs.path()] {
         ok(d, "qemu-img", &["check", "-q", "t.qcow2"]);

@@ -14,19 +14,24 @@ pub(crate) struct Side {
     pub(crate) bin: PathBuf,
 }
 
-/// Two directories, each with `x.qcow2` (1 MiB, 64k clusters, one
-/// written cluster) and `raw.img`; `bin` holds the programs to run.
-pub(crate) fn sides() -> (Side, Side) {
+/// Two empty directories; `ours` holds the drop-in links in `bin`.
+pub(crate) fn bare_sides() -> (Side, Side) {
     let ours = tmp();
     let links = ours.path().join("bin");
     ok(ours.path(), OXCOW, &["install-links", s(&links)]);
-    let theirs = tmp();
-    for d in [ours.path(), theirs.path()] {
+    (Side { dir: ours, bin: links }, Side { dir: tmp(), bin: PathBuf::from("/usr/bin") })
+}
+
+/// Two directories, each with `x.qcow2` (1 MiB, 64k clusters, one
+/// written cluster) and `raw.img`; `bin` holds the programs to run.
+pub(crate) fn sides() -> (Side, Side) {
+    let (ours, theirs) = bare_sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
         ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "x.qcow2", "1M"]);
         ok(d, "qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 64k 64k", "x.qcow2"]);
         ok(d, "qemu-img", &["create", "-q", "-f", "raw", "raw.img", "64k"]);
     }
-    (Side { dir: ours, bin: links }, Side { dir: theirs, bin: PathBuf::from("/usr/bin") })
+    (ours, theirs)
 }
 
 /// qemu-io's statistics line carries times and rates.
@@ -72,8 +77,14 @@ pub(crate) enum Cmp {
 
 pub(crate) fn same(tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
     let (ours, theirs) = sides();
-    let o = run(&ours, tool, args, stdin);
-    let t = run(&theirs, tool, args, stdin);
+    same_on(&ours, &theirs, tool, args, stdin, cmp);
+}
+
+/// Runs `tool args` on both sides: exit status and stderr (and stdout
+/// unless `cmp` says otherwise) must be QEMU's.
+pub(crate) fn same_on(ours: &Side, theirs: &Side, tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
+    let o = run(ours, tool, args, stdin);
+    let t = run(theirs, tool, args, stdin);
     let ctx = format!(
         "{tool} {args:?}\n--- qemu (status {}):\n{}\n{}\n--- oxcow (status {}):\n{}\n{}",
         t.code, t.stdout, t.stderr, o.code, o.stdout, o.stderr
