@@ -32,6 +32,14 @@ def sh(*args, check=True, **kw):
     return r
 
 
+def wait_for_socket(sock, tries):
+    """Waits until a server has created its Unix socket (10 ms a try)."""
+    for _ in range(tries):
+        if os.path.exists(sock):
+            return
+        time.sleep(0.01)
+
+
 def bench_time(out):
     m = re.search(r"Run completed in ([0-9.]+) seconds", out)
     if not m:
@@ -143,10 +151,7 @@ def w_encrypted(fmt, write):
             os.unlink(sock)
         exe = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
         proc = subprocess.Popen([*exe, "-t", "-k", sock, "--object", SECRET, "--image-opts", opts])
-        for _ in range(1000):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.01)
+        wait_for_socket(sock, 1000)
         return (proc, sock)
 
     def run(c, tool, st):
@@ -250,10 +255,7 @@ def w_nbd(write, tls=False, client="qemu"):
             proc = subprocess.Popen([OX, "serve", "-t", "-f", "qcow2", "-k", sock, *extra, img])
         else:
             proc = subprocess.Popen(["qemu-nbd", "-t", "-f", "qcow2", "-k", sock, *extra, img])
-        for _ in range(500):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.01)
+        wait_for_socket(sock, 500)
         return (proc, sock)
 
     def run(c, tool, st):
@@ -301,10 +303,7 @@ def w_nbdcopy(write, conns):
             os.unlink(sock)
         argv = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
         proc = subprocess.Popen(argv + ["-t", "-e", str(conns), "-f", "qcow2", "-k", sock, img])
-        for _ in range(500):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.01)
+        wait_for_socket(sock, 500)
         return (proc, sock, src)
 
     def run(c, tool, st):
@@ -429,10 +428,7 @@ def serve_memory(d, rounds=3, cache_opts=""):
         argv = [OX, "serve"] if tool == "oxcow" else ["qemu-nbd"]
         spec = ["--image-opts", f"driver=qcow2,file.filename={img},{cache_opts}"] if cache_opts else ["-f", "qcow2", img]
         proc = subprocess.Popen(argv + ["-t", "-k", sock] + spec)
-        for _ in range(500):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.01)
+        wait_for_socket(sock, 500)
         url = f"nbd+unix:///?socket={sock}"
         # 4096 reads spread over the whole terabyte, depth 16.
         sh("qemu-img", "bench", "-f", "raw", "-d", "16", "-c", "4096", "-S", str(256 << 20), url)
