@@ -497,7 +497,7 @@ impl HttpStorage {
 
 /// Locks `m`, taking over a lock whose holder panicked (the data is a
 /// cache or a work list, valid at every step).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

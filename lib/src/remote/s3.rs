@@ -246,6 +246,7 @@ fn upload_parts(
     src: &mut dyn Read,
     part_size: usize,
 ) -> io::Result<(Vec<String>, u64)> {
+    use super::http::lock;
     use std::sync::mpsc;
     use std::sync::Mutex;
     let senders = http.parallel.clamp(1, 16);
@@ -259,11 +260,11 @@ fn upload_parts(
         for _ in 0..senders {
             scope.spawn(|| loop {
                 // The lock is held only while waiting for the next part.
-                let next = rx.lock().map(|r| r.recv());
-                let Ok(Ok((number, buf))) = next else { return };
+                let next = lock(&rx).recv();
+                let Ok((number, buf)) = next else { return };
                 // After a failure the parts still coming are drained, not
                 // sent, so the reader never blocks on a channel nobody reads.
-                if failure.lock().map_or(true, |f| f.is_some()) {
+                if lock(&failure).is_some() {
                     continue;
                 }
                 let url = obj.bucket.upload_part(creds, &obj.key, number, id).sign(SIGNATURE_LIFETIME);
@@ -277,18 +278,15 @@ fn upload_parts(
                 });
                 match sent {
                     Ok(etag) => {
-                        if let Ok(mut e) = etags.lock() {
-                            let i = usize::from(number) - 1;
-                            if e.len() <= i {
-                                e.resize(i + 1, None);
-                            }
-                            e[i] = Some(etag);
+                        let mut e = lock(&etags);
+                        let i = usize::from(number) - 1;
+                        if e.len() <= i {
+                            e.resize(i + 1, None);
                         }
+                        e[i] = Some(etag);
                     }
                     Err(err) => {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(err);
-                        }
+                        lock(&failure).get_or_insert(err);
                     }
                 }
             });
@@ -296,7 +294,7 @@ fn upload_parts(
         let read = (|| {
             let mut parts = 0usize;
             loop {
-                if failure.lock().map_or(true, |f| f.is_some()) {
+                if lock(&failure).is_some() {
                     return Ok(());
                 }
                 let mut buf = vec![0u8; part_size];
@@ -322,15 +320,13 @@ fn upload_parts(
         // Closing the channel lets the senders finish the parts in flight.
         drop(tx);
         if let Err(e) = read {
-            if let Ok(mut f) = failure.lock() {
-                f.get_or_insert(e);
-            }
+            lock(&failure).get_or_insert(e);
         }
     });
-    if let Some(e) = failure.into_inner().ok().flatten() {
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
-    let etags = etags.into_inner().unwrap_or_default();
+    let etags = etags.into_inner().unwrap_or_else(|p| p.into_inner());
     let etags: Option<Vec<String>> = etags.into_iter().collect();
     let etags = etags.ok_or_else(|| io::Error::other(format!("'{}': a part was not sent", obj.name())))?;
     Ok((etags, total))
