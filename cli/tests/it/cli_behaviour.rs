@@ -81,29 +81,38 @@ fn create_backing_rules() {
 fn preallocation_over_a_backing_file_keeps_the_backing_data_visible() {
     let d = tmp();
     let dir = d.path();
-    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "base", "1M"]);
-    qemu_write(dir, "base", &[(0x11, 0, 1 << 20)], &["-f", "raw"]);
-    for mode in ["metadata", "falloc", "full"] {
+    // Sizes a multiple of every cluster size below: QEMU sizes the file of
+    // a partly used last cluster differently (noted, not matched yet).
+    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "base", "2M"]);
+    qemu_write(dir, "base", &[(0x11, 0, 2 << 20)], &["-f", "raw"]);
+    // Every preallocation mode, the smallest and largest clusters extended
+    // L2 allows, and the write into the reserved cluster in every cache mode.
+    let cases = ["metadata", "falloc", "full"]
+        .iter()
+        .flat_map(|m| ["16k", "2M"].map(move |c| (*m, c)))
+        .zip(["none", "directsync", "writethrough", "writeback", "unsafe"].iter().cycle());
+    for ((mode, cluster), cache) in cases {
         // Extended L2: the clusters are reserved, every subcluster left
         // unallocated; with metadata byte for byte what qemu-img writes
         // (falloc and full: QEMU moves its refcount table first).
-        let o = format!("extended_l2=on,preallocation={mode}");
+        let ctx = format!("preallocation={mode},cluster_size={cluster}, write with -t {cache}");
+        let o = format!("extended_l2=on,preallocation={mode},cluster_size={cluster}");
         let args = ["create", "-q", "-f", "qcow2", "-o", &o, "-b", "base", "-F", "raw"];
-        ok(dir, OXCOW, &[&args[..], &["ours.qcow2", "512k"]].concat());
-        ok(dir, "qemu-img", &[&args[..], &["theirs.qcow2", "512k"]].concat());
+        ok(dir, OXCOW, &[&args[..], &["ours.qcow2", "2M"]].concat());
+        ok(dir, "qemu-img", &[&args[..], &["theirs.qcow2", "2M"]].concat());
         let (a, b) = (std::fs::read(dir.join("ours.qcow2")).unwrap(), std::fs::read(dir.join("theirs.qcow2")).unwrap());
-        assert!(mode != "metadata" || a == b, "preallocation={mode}: the image differs from qemu-img's");
-        assert_eq!(a.len(), b.len(), "preallocation={mode}");
-        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 512 << 10)], &[]);
+        assert!(mode != "metadata" || a == b, "{ctx}: the image differs from qemu-img's");
+        assert_eq!(a.len(), b.len(), "{ctx}");
+        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 2 << 20)], &[]);
         // A write lands in the reserved cluster; the rest still reads the base.
-        ok(dir, OXCOW, &["io", "-c", "write -P 0x22 4k 4k", "ours.qcow2"]);
-        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 4096), (0x22, 4096, 4096), (0x11, 8192, 500 << 10)], &[]);
+        ok(dir, OXCOW, &["io", "-t", cache, "-c", "write -P 0x22 4k 4k", "ours.qcow2"]);
+        assert_patterns(dir, "ours.qcow2", &[(0x11, 0, 4096), (0x22, 4096, 4096), (0x11, 8192, (2 << 20) - 8192)], &[]);
         let c = qemu_img(dir, &["check", "ours.qcow2"]);
-        assert_eq!(c.code, 0, "{}{}", c.stdout, c.stderr);
+        assert_eq!(c.code, 0, "{ctx}: {}{}", c.stdout, c.stderr);
         assert_eq!(
             std::fs::metadata(dir.join("ours.qcow2")).unwrap().len(),
             b.len() as u64,
-            "the write allocated anew"
+            "{ctx}: the write allocated anew"
         );
     }
     // Without subclusters a preallocated cluster would hide the base:
