@@ -23,7 +23,7 @@ use super::state::Meta;
 use super::units::{GuestCluster, HostOffset};
 use super::Qcow2;
 use crate::device::{chain_status, check_range, read_backing, BlockDevice};
-use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, ZERO};
+use crate::format::l2::{ClusterKind, L2Entry, SubclusterBitmap, COPIED, SUBCLUSTERS, ZERO};
 use crate::{Error, Result};
 
 /// Largest range handled under one set of claims.
@@ -33,24 +33,62 @@ const BATCH: u64 = 8 << 20;
 struct Claim {
     gc: GuestCluster,
     old: L2Entry,
+    /// With extended L2 entries, the subclusters the request touches:
+    /// only those that fall through are copied, as QEMU copies on read
+    /// at subcluster granularity. All ones for whole-cluster copies.
+    want: u32,
+}
+
+/// How one claimed cluster is stored.
+struct Store {
+    /// The host cluster its data goes to, and whether it was allocated
+    /// for this (and is given back should the store fail).
+    host: Option<(HostOffset, bool)>,
+    /// Subclusters whose content is written (all ones: the whole cluster).
+    write: u32,
+    /// Its new L2 entry.
+    entry: L2Entry,
 }
 
 impl Qcow2 {
     /// Whether any (sub)cluster of entry `e` falls through to the backing file.
     fn falls_through(&self, e: L2Entry) -> bool {
+        self.falls_through_in(e, u32::MAX)
+    }
+
+    /// Whether any of the subclusters `want` of entry `e` (the whole
+    /// cluster without extended L2) falls through to the backing file.
+    fn falls_through_in(&self, e: L2Entry, want: u32) -> bool {
         if e.is_compressed() {
             return false;
         }
         if self.g.extended {
-            e.bitmap.alloc() | e.bitmap.zero() != u32::MAX
+            !(e.bitmap.alloc() | e.bitmap.zero()) & want != 0
         } else {
             matches!(self.g.l2.classify(e, 0, self.g.v3), ClusterKind::Unallocated)
         }
     }
 
-    /// Claims the clusters of `first..=last` that fall through and that no
-    /// writer has in flight.
-    fn claim_range(&self, m: &mut Meta, first: u64, last: u64) -> Result<Vec<Claim>> {
+    /// The subclusters of guest cluster `gc` that `[from, to)` touches
+    /// (all ones without extended L2 entries).
+    fn touched_subclusters(&self, gc: u64, from: u64, to: u64) -> u32 {
+        if !self.g.extended {
+            return u32::MAX;
+        }
+        let base = gc * self.g.cluster_size;
+        let sub = self.g.sub_size;
+        let first = (from.max(base) - base) / sub;
+        let last = (to.min(base + self.g.cluster_size) - 1 - base) / sub;
+        let bits = last - first + 1;
+        let ones = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
+        ones << first
+    }
+
+    /// Claims the clusters of `[from, to)` with a (sub)cluster in the range
+    /// that falls through, and that no writer has in flight.
+    fn claim_range(&self, m: &mut Meta, from: u64, to: u64) -> Result<Vec<Claim>> {
+        let cs = self.g.cluster_size;
+        let (first, last) = (from / cs, (to - 1) / cs);
         let mut claims = Vec::new();
         for gc in (first..=last).map(GuestCluster) {
             if self.is_inflight(m, gc) {
@@ -63,9 +101,10 @@ impl Qcow2 {
                     return Err(err);
                 }
             };
-            if self.falls_through(e) {
+            let want = self.touched_subclusters(gc.0, from, to);
+            if self.falls_through_in(e, want) {
                 self.claim_inflight(m, gc);
-                claims.push(Claim { gc, old: e });
+                claims.push(Claim { gc, old: e, want });
             }
         }
         Ok(claims)
@@ -120,14 +159,16 @@ impl Qcow2 {
         Ok(out)
     }
 
-    /// Points the claimed clusters at their content: a zero cluster when
-    /// it is all zeros (v3), else newly allocated data. Releases the claims.
+    /// Points the claimed clusters at their content and releases the
+    /// claims. Without extended L2 entries a cluster becomes a zero
+    /// cluster when it is all zeros (v3), else newly allocated data. With
+    /// them, only the wanted subclusters that fall through change: zero
+    /// subclusters for all-zero ones, data for the rest, written into the
+    /// cluster's own host cluster when it has one not shared with a
+    /// snapshot (else into a new one that takes the whole content).
     fn store_claimed(&self, claims: &[Claim], content: &[u8]) -> Result<()> {
         let cs = self.g.cluster_size as usize;
-        let is_zero = |i: usize| content[i * cs..(i + 1) * cs].iter().all(|&b| b == 0);
-        let zero_ok = self.g.v3;
-        // Allocate hosts for the data clusters under one lock.
-        let mut hosts: Vec<Option<(HostOffset, bool)>> = Vec::with_capacity(claims.len());
+        let mut plans: Vec<Store> = Vec::with_capacity(claims.len());
         {
             let mut m = self.lock();
             if let Err(e) = self.check_writable(&m) {
@@ -137,93 +178,42 @@ impl Qcow2 {
             for (i, c) in claims.iter().enumerate() {
                 // The L2 table is made writable before anything is
                 // allocated or written: the commit then allocates nothing.
-                if let Err(e) = self.writable_l2(&mut m, c.gc.split(&self.g).0) {
-                    self.drop_new_hosts(&mut m, &hosts);
-                    self.unclaim(&mut m, claims);
-                    return Err(e);
-                }
-                if zero_ok && is_zero(i) {
-                    hosts.push(None);
-                    continue;
-                }
-                let got = if self.g.external_data {
-                    Ok((HostOffset(c.gc.offset(&self.g).0), false))
-                } else {
-                    self.alloc_cluster(&mut m).map(|h| (h, true)).and_then(|(h, new)| {
-                        if let Err(e) = self.check_overlap(&mut m, h, None) {
-                            let _ = self.set_refcount(&mut m, h.cluster(&self.g), 0);
-                            return Err(e);
-                        }
-                        Ok((h, new))
-                    })
-                };
-                match got {
-                    Ok(h) => hosts.push(Some(h)),
+                let planned = self
+                    .writable_l2(&mut m, c.gc.split(&self.g).0)
+                    .and_then(|_| self.plan_store(&mut m, c, &content[i * cs..(i + 1) * cs]));
+                match planned {
+                    Ok(p) => plans.push(p),
                     Err(e) => {
-                        self.drop_new_hosts(&mut m, &hosts);
+                        self.drop_new_hosts(&mut m, &plans);
                         self.unclaim(&mut m, claims);
                         return Err(e);
                     }
                 }
             }
         }
-        // Data, outside the lock, in host-contiguous runs.
-        let written = (|| {
-            let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
-            let mut i = 0;
-            while i < claims.len() {
-                let Some((h, _)) = hosts[i] else {
-                    i += 1;
-                    continue;
-                };
-                let mut j = i + 1;
-                // Guest-contiguous too: legacy AES numbers its IVs by guest sector.
-                while j < claims.len()
-                    && hosts[j].is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64))
-                    && claims[j].gc.0 == claims[j - 1].gc.0 + 1
-                {
-                    j += 1;
-                }
-                self.data.debug_event(crate::storage::BlkdebugEvent::CorWrite);
-                self.write_guest_data(&content[i * cs..j * cs], h.0, claims[i].gc.offset(&self.g).0)
-                    .map_err(|e| Error::io("writing copied backing data", e))?;
-                i = j;
-            }
-            Ok::<(), Error>(())
-        })();
+        let written = self.write_stores(claims, &plans, content);
         let mut m = self.lock();
         if let Err(e) = written {
-            self.drop_new_hosts(&mut m, &hosts);
+            self.drop_new_hosts(&mut m, &plans);
             self.unclaim(&mut m, claims);
             return Err(e);
         }
         // Should an entry fail to change (its table was evicted and cannot
         // be read back), the clusters before it stay stored and the rest
         // are given back: only the caching is lost.
-        for (k, (c, h)) in claims.iter().zip(&hosts).enumerate() {
-            let entry = match h {
-                Some((host, _)) => {
-                    if self.g.extended {
-                        L2Entry { word: host.0 | COPIED, bitmap: SubclusterBitmap::from_parts(u32::MAX, 0) }
-                    } else {
-                        L2Entry::normal(host.0, true)
-                    }
-                }
-                None if self.g.extended => L2Entry { word: 0, bitmap: SubclusterBitmap::from_parts(0, u32::MAX) },
-                None => L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) },
-            };
-            if let Err(e) = self.set_l2_entry(&mut m, c.gc, entry) {
-                self.drop_new_hosts(&mut m, &hosts[k..]);
+        for (k, (c, p)) in claims.iter().zip(&plans).enumerate() {
+            if let Err(e) = self.set_l2_entry(&mut m, c.gc, p.entry) {
+                self.drop_new_hosts(&mut m, &plans[k..]);
                 self.unclaim(&mut m, &claims[k..]);
                 return Err(e);
             }
-            if h.is_some() {
+            if p.write != 0 {
                 m.cow_unsynced = true;
             }
-            // An extended cluster that had data of its own moved to a
-            // new host cluster: the old one loses this reference.
+            // A cluster that had a host cluster of its own and moved to a
+            // new one: the old one loses this reference.
             let old_host = HostOffset(c.old.host_offset());
-            if old_host.0 != 0 && !self.g.external_data && h.is_none_or(|(nh, _)| nh != old_host) {
+            if old_host.0 != 0 && !self.g.external_data && p.host.is_some_and(|(_, new)| new) {
                 self.free_later(&mut m, old_host, false);
             }
             self.release_inflight(&mut m, c.gc);
@@ -232,10 +222,108 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Decides where claimed cluster `c`, whose whole guest-visible
+    /// content is `content`, is stored; allocates a host cluster if needed.
+    fn plan_store(&self, m: &mut Meta, c: &Claim, content: &[u8]) -> Result<Store> {
+        let all_zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+        let old_host = HostOffset(c.old.host_offset());
+        let (write, entry, in_place) = if self.g.extended {
+            let sub = self.g.sub_size as usize;
+            let take = !(c.old.bitmap.alloc() | c.old.bitmap.zero()) & c.want;
+            let zeros = (0..SUBCLUSTERS)
+                .filter(|&k| take & (1 << k) != 0 && all_zero(&content[k as usize * sub..(k as usize + 1) * sub]))
+                .fold(0u32, |acc, k| acc | (1 << k));
+            let data = take & !zeros;
+            let alloc = c.old.bitmap.alloc() | data;
+            let zero = c.old.bitmap.zero() | zeros;
+            // A host cluster shared with a snapshot is not written in
+            // place: a new one takes the whole content.
+            let in_place = old_host.0 != 0 && (c.old.copied() || self.g.external_data);
+            let write = match () {
+                _ if data == 0 => 0,
+                _ if old_host.0 != 0 && !in_place => alloc,
+                _ => data,
+            };
+            let word = if data == 0 || in_place { c.old.word } else { COPIED };
+            (write, L2Entry { word, bitmap: SubclusterBitmap::from_parts(alloc, zero) }, in_place)
+        } else if self.g.v3 && all_zero(content) {
+            (0, L2Entry { word: ZERO, bitmap: SubclusterBitmap(0) }, false)
+        } else {
+            (u32::MAX, L2Entry::normal(0, true), false)
+        };
+        if write == 0 {
+            return Ok(Store { host: None, write, entry });
+        }
+        let host = if in_place {
+            (old_host, false)
+        } else if self.g.external_data {
+            (HostOffset(c.gc.offset(&self.g).0), false)
+        } else {
+            let h = self.alloc_cluster(m)?;
+            if let Err(e) = self.check_overlap(m, h, None) {
+                let _ = self.set_refcount(m, h.cluster(&self.g), 0);
+                return Err(e);
+            }
+            (h, true)
+        };
+        let entry = L2Entry { word: entry.word | host.0 .0, ..entry };
+        Ok(Store { host: Some(host), write, entry })
+    }
+
+    /// Writes the planned data, outside the metadata lock: whole clusters
+    /// in host-contiguous runs, partial ones subcluster run by run.
+    fn write_stores(&self, claims: &[Claim], plans: &[Store], content: &[u8]) -> Result<()> {
+        let cs = self.g.cluster_size as usize;
+        let _gate = self.io_gate.read().unwrap_or_else(|e| e.into_inner());
+        let write = |from: usize, to: usize, host: u64, guest: u64| {
+            self.data.debug_event(crate::storage::BlkdebugEvent::CorWrite);
+            self.write_guest_data(&content[from..to], host, guest)
+                .map_err(|e| Error::io("writing copied backing data", e))
+        };
+        let mut i = 0;
+        while i < claims.len() {
+            let (Some((h, _)), w) = (plans[i].host, plans[i].write) else {
+                i += 1;
+                continue;
+            };
+            let guest = claims[i].gc.offset(&self.g).0;
+            if w != u32::MAX {
+                let sub = self.g.sub_size as usize;
+                let mut k = 0;
+                while k < SUBCLUSTERS {
+                    if w & (1 << k) == 0 {
+                        k += 1;
+                        continue;
+                    }
+                    let start = k;
+                    while k < SUBCLUSTERS && w & (1 << k) != 0 {
+                        k += 1;
+                    }
+                    let (a, b) = (start as usize * sub, k as usize * sub);
+                    write(i * cs + a, i * cs + b, h.0 + a as u64, guest + a as u64)?;
+                }
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            // Guest-contiguous too: legacy AES numbers its IVs by guest sector.
+            while j < claims.len()
+                && plans[j].write == u32::MAX
+                && plans[j].host.is_some_and(|(hj, _)| hj == h.add(((j - i) * cs) as u64))
+                && claims[j].gc.0 == claims[j - 1].gc.0 + 1
+            {
+                j += 1;
+            }
+            write(i * cs, j * cs, h.0, guest)?;
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Gives back clusters allocated for claims that will not be committed.
-    fn drop_new_hosts(&self, m: &mut Meta, hosts: &[Option<(HostOffset, bool)>]) {
-        for (h, new) in hosts.iter().flatten() {
-            if *new {
+    fn drop_new_hosts(&self, m: &mut Meta, plans: &[Store]) {
+        for (h, new) in plans.iter().filter_map(|p| p.host) {
+            if new {
                 let _ = self.set_refcount(m, h.cluster(&self.g), 0);
             }
         }
@@ -247,7 +335,10 @@ impl Qcow2 {
     /// them costs only the caching: the read still succeeds.
     pub(crate) fn read_cor(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
-        if self.backing.is_none() || self.read_only || buf.is_empty() {
+        // Without a backing file, what reads as unallocated zeros is
+        // stored too as zero clusters on v3, as QEMU's copy-on-read does;
+        // v2 has no zero clusters, and QEMU leaves such clusters alone.
+        if self.read_only || buf.is_empty() || (self.backing.is_none() && !self.g.v3) {
             return self.read(buf, offset);
         }
         let cs = self.g.cluster_size;
@@ -255,10 +346,9 @@ impl Qcow2 {
         let mut pos = offset;
         while pos < end {
             let batch_end = ((pos / cs) * cs + BATCH).min(end);
-            let (first, last) = (pos / cs, (batch_end - 1) / cs);
             let claims = {
                 let mut m = self.lock();
-                self.claim_range(&mut m, first, last)?
+                self.claim_range(&mut m, pos, batch_end)?
             };
             let result = self.read_claimed_batch(buf, offset, pos, batch_end, &claims);
             match result {
@@ -335,7 +425,8 @@ impl Qcow2 {
             let batch_end = ((pos / cs) * cs + BATCH).min(end);
             let claims = {
                 let mut m = self.lock();
-                self.claim_range(&mut m, pos / cs, (batch_end - 1) / cs)?
+                // Whole clusters, whatever part of them the range covers.
+                self.claim_range(&mut m, pos / cs * cs, batch_end.div_ceil(cs) * cs)?
             };
             if !claims.is_empty() {
                 let content = match self.claimed_content(&claims) {
