@@ -244,6 +244,11 @@ pub struct OpenOptions {
     /// (`Qcow2Options::ignore_journal`): a dirty image is repaired by the
     /// full scan.
     pub ignore_journal: bool,
+    /// The file is itself an image of this format, whose virtual disk the
+    /// image's format reads and writes (QEMU's `file.driver=qcow2`: a
+    /// format over a format). The inner image opens with its own backing
+    /// chain and these options' cache mode and locking.
+    pub file_format: Option<Format>,
 }
 
 impl Default for OpenOptions {
@@ -271,6 +276,7 @@ impl Default for OpenOptions {
             qcow2_cache: Default::default(),
             qcow2_lazy_refcounts: None,
             ignore_journal: false,
+            file_format: None,
         }
     }
 }
@@ -297,6 +303,7 @@ setters!(OpenOptions {
     blkdebug_breaks: Arc<crate::storage::BlkdebugBreaks>,
     data_file: PathBuf,
     data_file_blkdebug: crate::storage::BlkdebugRules,
+    file_format: Format,
 });
 
 impl OpenOptions {
@@ -742,6 +749,7 @@ fn open_backing(
         backing_driver: None,
         blkdebug: None,
         data_file: None,
+        file_format: None,
         data_file_blkdebug: None,
         qcow2_cache: Default::default(),
         qcow2_lazy_refcounts: None,
@@ -778,6 +786,26 @@ struct Opened {
 /// Opens the storage `path` names: `nbd:` names open a network export (no
 /// local file, so no locks), anything else a host file, locked once the
 /// format is known.
+/// Opens `path` as an image of format `inner` whose virtual disk is the
+/// file of the image `opts` opens (a format over a format).
+fn open_nested(path: &Path, inner: Format, opts: &OpenOptions) -> Result<Opened> {
+    let inner_opts = OpenOptions {
+        format: Some(inner),
+        file_format: None,
+        copy_on_read: false,
+        data_file: None,
+        data_file_blkdebug: None,
+        qcow2_cache: Default::default(),
+        ..opts.clone()
+    };
+    let storage: Arc<dyn Storage> = Arc::new(crate::nested::NestedStorage::new(open(path, &inner_opts)?));
+    let (format, probed) = match opts.format {
+        Some(f) => (f, false),
+        None => (probe_format(&*storage)?, true),
+    };
+    Ok(Opened { storage, native_raw: None, format, probed })
+}
+
 fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
     if let Some(null) = path.to_str().and_then(crate::storage::NullStorage::from_name) {
         // QEMU's null-co: nothing to probe or lock.
@@ -786,6 +814,9 @@ fn open_storage(path: &Path, opts: &OpenOptions) -> Result<Opened> {
     }
     if let Some(name) = path.to_str().filter(|n| crate::remote::is_remote(n)) {
         return open_remote(name, opts);
+    }
+    if let Some(inner) = opts.file_format {
+        return open_nested(path, inner, opts);
     }
     Ok(match path.to_str().filter(|n| NbdUrl::is_nbd(n)) {
         Some(name) => {

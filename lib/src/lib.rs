@@ -108,6 +108,7 @@ pub mod formats;
 pub mod fuzz_targets;
 mod image;
 pub mod nbd;
+mod nested;
 pub mod options;
 pub mod qcow2;
 mod raw;

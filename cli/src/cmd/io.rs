@@ -91,6 +91,10 @@ struct OpenCfg {
     json_name: Option<String>,
     /// qcow2 cache options of `open -o`, for the image named beside them.
     qcow2_cache: oxcow::qcow2::CacheOptions,
+    /// `file.driver=FORMAT`: the file is itself an image of that format.
+    file_format: Option<oxcow::Format>,
+    /// `backing=null` (or empty): the backing chain stays closed.
+    no_backing: bool,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -193,6 +197,10 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
             "backing.driver" => cfg.backing_driver = parse_format(Some(&v))?,
             "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
+            "file.driver" => cfg.file_format = parse_format(Some(&v))?,
+            "file.file.driver" if v == "file" => {}
+            "file.file.filename" => file = Some(v),
+            "backing" if v == "null" || v.is_empty() => cfg.no_backing = true,
             "file.filename"
             | "filename"
             | "file"
@@ -327,7 +335,12 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         .blkdebug_breaks(aio.breaks.clone())
         .data_file(cfg.data_file.as_ref().map(std::path::PathBuf::from))
         .data_file_blkdebug(cfg.data_file_blkdebug.clone())
+        .no_backing(cfg.no_backing)
         .allow_network_backing(cfg.copy_on_read);
+    let opts = match cfg.file_format {
+        Some(f) => opts.file_format(f),
+        None => opts,
+    };
     let opts = crate::object::secret::with_key(path, crate::util::with_network_permission(&opts));
     let mut opts = crate::qcow2_cache_opts::with_cache(path, opts);
     if cfg.qcow2_cache.is_set() {
@@ -414,6 +427,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         data_file_blkdebug: None,
         json_name: None,
         qcow2_cache: Default::default(),
+        file_format: None,
+        no_backing: false,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {

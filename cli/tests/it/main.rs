@@ -29,6 +29,7 @@ mod luks_commands;
 mod luks_create;
 mod luks_qcow2;
 mod luks_serve;
+mod nested_formats;
 mod other_formats;
 mod qcow2_cache_opts;
 mod read_compat;
