@@ -95,6 +95,11 @@ struct OpenCfg {
     file_format: Option<oxcow::Format>,
     /// `backing=null` (or empty): the backing chain stays closed.
     no_backing: bool,
+    /// A protocol driver named as the top node (`driver=file`,
+    /// `host_device`, `host_cdrom`): its file-type check applies.
+    protocol: Option<String>,
+    /// `locking=off|on|auto`.
+    locking: Option<bool>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -193,7 +198,18 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             continue;
         }
         match k.as_str() {
+            "driver" if matches!(v.as_str(), "file" | "host_device" | "host_cdrom") => {
+                // A protocol alone: the bytes as they are, never probed.
+                cfg.format = Some(oxcow::Format::Raw);
+                cfg.protocol = Some(v);
+            }
             "driver" | "image.driver" if v == "blkdebug" || v == "file" => {}
+            "locking" | "file.locking" => {
+                cfg.locking = match v.as_str() {
+                    "auto" => None,
+                    _ => Some(crate::util::parse_bool(&k, &v)?),
+                }
+            }
             "driver" | "image.driver" => cfg.format = parse_format(Some(&v))?,
             "backing.driver" => cfg.backing_driver = parse_format(Some(&v))?,
             "file.driver" | "file.image.driver" | "image.file.driver" if v == "file" || v == "blkdebug" => {}
@@ -236,6 +252,25 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
     }
     cfg.qcow2_cache = qcow2_cache;
     Ok(file)
+}
+
+/// QEMU's file-type check of a protocol driver named explicitly: `file`
+/// takes regular files only, `host_device`/`host_cdrom` character or
+/// block devices only. A directory opened for writing fails earlier, at
+/// the open itself, as QEMU's does.
+fn protocol_refuses(driver: &str, path: &str, write: bool) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    if write && t.is_dir() {
+        return None;
+    }
+    match driver {
+        "file" if !t.is_file() => Some(format!("'file' driver requires '{path}' to be a regular file")),
+        "host_device" | "host_cdrom" if !t.is_char_device() && !t.is_block_device() => {
+            Some(format!("'{driver}' driver requires '{path}' to be either a character or block device"))
+        }
+        _ => None,
+    }
 }
 
 /// QEMU's `data-file` option tree: a file, a `null-co` node, or either
@@ -346,6 +381,15 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
     if cfg.qcow2_cache.is_set() {
         opts.qcow2_cache = cfg.qcow2_cache;
     }
+    if let Some(l) = cfg.locking {
+        opts.locking = l;
+    }
+    if let Some(p) = &cfg.protocol {
+        if let Some(refused) = protocol_refuses(p, path, write) {
+            let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+            return Err(CliError::new(format!("can't open{what}: {refused}")));
+        }
+    }
     let img = oxcow::open(path, &opts).map_err(|e| {
         let shown = cfg.json_name.as_deref().unwrap_or(path);
         let what = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
@@ -429,6 +473,8 @@ pub fn run(a: Args) -> CliResult<i32> {
         qcow2_cache: Default::default(),
         file_format: None,
         no_backing: false,
+        protocol: None,
+        locking: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {

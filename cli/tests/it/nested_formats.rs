@@ -69,3 +69,39 @@ fn qemu_io_reads_and_writes_a_qcow2_image_inside_a_qcow2_image() {
     qemu("qemu-img", &["convert", "-O", "raw", "outer.qcow2", "extracted.qcow2"]);
     qemu("qemu-img", &["check", "-q", "extracted.qcow2"]);
 }
+
+/// A protocol driver named as the top node takes the file as it is (a
+/// qcow2 file's bytes, not its disk) and checks its type as QEMU's does:
+/// `file` regular files only, `host_device`/`host_cdrom` devices only;
+/// `locking=off` is taken; flushing /dev/null is no error. (A CD-ROM's
+/// medium checks are not modelled.)
+#[test]
+fn qemu_io_protocol_drivers_check_the_file_type() {
+    let (ours, theirs) = bare_sides();
+    for d in [ours.dir.path(), theirs.dir.path()] {
+        images(d);
+        std::fs::create_dir(d.join("dir")).unwrap();
+    }
+    for driver in ["file", "host_device", "host_cdrom"] {
+        for (ro, name) in
+            [(true, "dir"), (false, "dir"), (true, "/dev/null"), (false, "/dev/null"), (true, "inner.qcow2")]
+        {
+            // QEMU asks a CD-ROM for its medium, which /dev/null has not.
+            if driver == "host_cdrom" && name == "/dev/null" {
+                continue;
+            }
+            let open = format!("open {}-o driver={driver},filename={name},locking=off", if ro { "-r " } else { "" });
+            same_on(&ours, &theirs, "qemu-io", &["-c", &open, "-c", "length"], None, Cmp::All);
+        }
+    }
+    // QFI\xfb: the raw bytes of a qcow2 file.
+    let open = "open -r -o driver=file,filename=inner.qcow2";
+    same_on(
+        &ours,
+        &theirs,
+        "qemu-io",
+        &["-c", open, "-c", "read -P 0x51 0 1", "-c", "read -P 0xfb 3 1"],
+        None,
+        Cmp::All,
+    );
+}
