@@ -358,8 +358,13 @@ def workloads(size):
         ("raw: 4k alloc writes into a sparse file, depth 32, O_DIRECT",
          w_alloc_raw(["-w", "-t", "none", "-d", "32", "-c", str(n4k)])),
         ("4k rewrites of allocated, depth 32, O_DIRECT", w_on_allocated(["-w", "-t", "none", "-d", "32", "-c", str(n4k), "--pattern", "0x66"])),
+        ("raw file baseline: 4k rewrites, depth 32, O_DIRECT",
+         w_on_allocated(["-w", "-t", "none", "-d", "32", "-c", str(n4k), "--pattern", "0x66"], fmt="raw")),
         ("4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)])),
         ("raw file baseline: 4k reads, depth 32, O_DIRECT", w_on_allocated(["-t", "none", "-d", "32", "-c", str(4 * n4k)], fmt="raw")),
+        ("4k alloc writes, writeback, depth 32", w_alloc("", ["-w", "-t", "writeback", "-d", "32", "-S", "64k", "-c", "8192"])),
+        ("raw: 4k alloc writes into a sparse file, writeback, depth 32",
+         w_alloc_raw(["-w", "-t", "writeback", "-d", "32", "-S", "64k", "-c", "8192"])),
         ("4k alloc writes, writethrough, lazy refcounts", w_alloc("lazy_refcounts=on", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
         ("4k alloc writes, writethrough, no lazy refcounts", w_alloc("", ["-w", "-t", "writethrough", "-d", "1", "-S", "64k", "-c", "2000"])),
         ("raw: 4k alloc writes into a sparse file, writethrough",
@@ -478,11 +483,14 @@ def main():
     for name, mo, mq, ratio in rows:
         print(f"| {name} | {mo:.3f} | {mq:.3f} | {ratio:.2f} |")
     by = {r[0]: r for r in rows}
-    q = by.get("4k reads, depth 32, O_DIRECT")
-    r = by.get("raw file baseline: 4k reads, depth 32, O_DIRECT")
-    if q and r:
-        print(f"\noxcow qcow2 reads / oxcow raw reads: {q[1] / r[1]:.2f}")
+    for what, qn, rn in (("reads", "4k reads, depth 32, O_DIRECT", "raw file baseline: 4k reads, depth 32, O_DIRECT"),
+                         ("rewrites", "4k rewrites of allocated, depth 32, O_DIRECT",
+                          "raw file baseline: 4k rewrites, depth 32, O_DIRECT")):
+        q, r = by.get(qn), by.get(rn)
+        if q and r:
+            print(f"\nqcow2 {what} / raw {what}: oxcow {q[1] / r[1]:.2f}, QEMU {q[2] / r[2]:.2f}")
     for qn, rn in (("4k alloc writes, depth 32, O_DIRECT", "raw: 4k alloc writes into a sparse file, depth 32, O_DIRECT"),
+                   ("4k alloc writes, writeback, depth 32", "raw: 4k alloc writes into a sparse file, writeback, depth 32"),
                    ("4k alloc writes, writethrough, lazy refcounts", "raw: 4k alloc writes into a sparse file, writethrough")):
         q, r = by.get(qn), by.get(rn)
         if q and r:

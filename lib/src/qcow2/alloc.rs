@@ -46,11 +46,11 @@ impl Qcow2 {
                 m.refs.blocks_mut().remove(victim);
             }
         }
-        let mut b = vec![0u8; self.g.cluster_size as usize];
         self.file.debug_event(crate::storage::BlkdebugEvent::RefblockLoad);
-        self.file.read_at(&mut b, off.0).map_err(|e| Error::io("reading refcount block", e))?;
-        m.refs.blocks_mut().insert(off, b, false);
-        Ok(())
+        // Read straight into the cache's memory.
+        m.refs.blocks_mut().insert_with(off, self.g.cluster_size as usize, |b| {
+            self.file.read_at(b, off.0).map_err(|e| Error::io("reading refcount block", e))
+        })
     }
 
     /// Refcount of host cluster `c`.
@@ -203,7 +203,7 @@ impl Qcow2 {
                 return self.set_refcount(m, c, 0);
             }
         }
-        m.refs.blocks_mut().insert(off, vec![0u8; self.g.cluster_size as usize], true);
+        m.refs.blocks_mut().insert_zeroed(off, self.g.cluster_size as usize, true);
         m.refs.set_block_offset(t, off);
         m.overlap.insert(c, MetaKind::RefcountBlock);
         if own_range {

@@ -32,13 +32,28 @@ pub(crate) struct Mapping {
     l2: TableCache,
     /// Bytes per cached slice (a power of two, at most a cluster).
     slice_bytes: usize,
+    /// One buffer reused by every L2 slice read: a slice is checked
+    /// (`note_free_refs`) before it is cached, and a fresh buffer per read
+    /// churned the allocator.
+    scratch: Vec<u8>,
 }
 
 impl Mapping {
     /// The state of an L1 table just read, with room for `l2_cap` slices
     /// of `slice_bytes` each.
     pub fn new(l1: Vec<u64>, l2_cap: usize, slice_bytes: usize) -> Self {
-        Mapping { l1, l1_dirty: None, l2: TableCache::new(l2_cap), slice_bytes }
+        Mapping { l1, l1_dirty: None, l2: TableCache::new(l2_cap), slice_bytes, scratch: Vec::new() }
+    }
+    /// The read buffer, `bytes` long, its content unspecified; give it
+    /// back with `put_scratch`.
+    pub fn take_scratch(&mut self, bytes: usize) -> Vec<u8> {
+        let mut t = std::mem::take(&mut self.scratch);
+        t.resize(bytes, 0);
+        t
+    }
+    /// Returns the read buffer for the next read.
+    pub fn put_scratch(&mut self, t: Vec<u8>) {
+        self.scratch = t;
     }
     /// Bytes per cached slice.
     pub fn slice_bytes(&self) -> usize {
@@ -109,14 +124,15 @@ impl Qcow2 {
             return Ok(());
         }
         self.check_l2_offset(table)?;
-        // Reuse the evicted slice's buffer: no allocator churn, so memory
-        // stays at the cache size however many slices pass through.
-        let mut t = self.make_room_l2(m)?.unwrap_or_default();
-        t.resize(m.map.slice_bytes(), 0);
+        self.make_room_l2(m)?;
+        // Read through one reused buffer and copied into the cache's own
+        // memory: no allocation per slice (see `cache.rs`).
+        let mut t = m.map.take_scratch(m.map.slice_bytes());
         self.file.debug_event(crate::storage::BlkdebugEvent::L2Load);
         self.file.read_at(&mut t, slice.0).map_err(|e| Error::io("reading L2 table", e))?;
         self.note_free_refs(m, &t)?;
-        m.map.l2_mut().insert(slice, t, false);
+        m.map.l2_mut().insert(slice, &t, false);
+        m.map.put_scratch(t);
         Ok(())
     }
 
@@ -173,28 +189,26 @@ impl Qcow2 {
     pub(crate) fn insert_l2_table(&self, m: &mut Meta, off: HostOffset, content: &[u8]) -> Result<()> {
         let sb = m.map.slice_bytes();
         for (k, chunk) in content.chunks_exact(sb).enumerate() {
-            let mut t = self.make_room_l2(m)?.unwrap_or_default();
-            t.clear();
-            t.extend_from_slice(chunk);
-            m.map.l2_mut().insert(off.add((k * sb) as u64), t, true);
+            self.make_room_l2(m)?;
+            m.map.l2_mut().insert(off.add((k * sb) as u64), chunk, true);
         }
         Ok(())
     }
 
-    /// Evicts an L2 slice not used lately when the cache is full,
-    /// returning its buffer. A dirty one is written with the full flush
-    /// ordering first (refcounts before the L2 entries that need them).
-    pub(crate) fn make_room_l2(&self, m: &mut Meta) -> Result<Option<Vec<u8>>> {
+    /// Evicts an L2 slice not used lately when the cache is full. A dirty
+    /// one is written with the full flush ordering first (refcounts
+    /// before the L2 entries that need them).
+    pub(crate) fn make_room_l2(&self, m: &mut Meta) -> Result<()> {
         if !m.map.l2().is_full() {
-            return Ok(None);
+            return Ok(());
         }
         if let Some((off, dirty)) = m.map.l2_mut().victim() {
             if dirty {
                 self.write_back(m)?;
             }
-            return Ok(m.map.l2_mut().remove(off));
+            m.map.l2_mut().remove(off);
         }
-        Ok(None)
+        Ok(())
     }
 
     /// The L2 entry of guest cluster `gc` if the lookup needs no table
