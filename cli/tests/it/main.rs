@@ -30,6 +30,8 @@ mod luks_commands;
 mod luks_create;
 mod luks_qcow2;
 mod luks_serve;
+mod nbd_list;
+mod nbd_offset;
 mod other_formats;
 mod qcow2_cache_opts;
 mod read_compat;
