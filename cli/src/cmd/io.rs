@@ -100,6 +100,17 @@ struct OpenCfg {
     protocol: Option<String>,
     /// `locking=off|on|auto`.
     locking: Option<bool>,
+    /// `detect-zeroes`: all-zero writes become zero writes.
+    detect_zeroes: super::io_zeroes::DetectZeroes,
+    /// An option value QEMU refuses only when it opens the image (its
+    /// refusal then reads as an open failure).
+    bad_open_option: Option<String>,
+    /// Node names given at open (`node-name`, `file.node-name`,
+    /// `backing.node-name`): a reopen may repeat them, not change them.
+    node_names: Vec<(String, String)>,
+    /// The qcow2 runtime options set by reopens, merged as QEMU merges
+    /// them (`io_reopen.rs`).
+    runtime: Vec<(String, String)>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -227,6 +238,11 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
             "cache.direct" if crate::util::parse_bool(&k, &v)? => cfg.cache = CacheMode::None,
             "cache.direct" | "cache.no-flush" => {}
             "discard" => cfg.unmap = parse_discard(&v)?,
+            "node-name" | "file.node-name" | "backing.node-name" => cfg.node_names.push((k.clone(), v)),
+            "detect-zeroes" => match super::io_zeroes::DetectZeroes::parse(&v) {
+                Some(d) => cfg.detect_zeroes = d,
+                None => cfg.bad_open_option = Some(super::io_zeroes::DetectZeroes::refusal(&v)),
+            },
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
             crate::qcow2_cache_opts::IGNORE_JOURNAL_KEY => ignore_journal = crate::util::parse_bool(&k, &v)?,
             _ if cfg.zero_limits.take(&k, &v) => {}
@@ -350,7 +366,13 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
         // writable child) or in -C's.
         let what =
             if cfg.cor_filter { "Block node is read-only" } else { "Can't use copy-on-read on read-only device" };
-        let dev = if cfg.unnamed { String::new() } else { format!(" device {path}") };
+        let shown = cfg.json_name.as_deref().unwrap_or(path);
+        let dev = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
+        return Err(CliError::new(format!("can't open{dev}: {what}")));
+    }
+    if let Some(what) = &cfg.bad_open_option {
+        let shown = cfg.json_name.as_deref().unwrap_or(path);
+        let dev = if cfg.unnamed { String::new() } else { format!(" device {shown}") };
         return Err(CliError::new(format!("can't open{dev}: {what}")));
     }
     if cfg.force_share && write {
@@ -449,7 +471,12 @@ impl Session {
 
 pub fn run(a: Args) -> CliResult<i32> {
     let mut cfg = OpenCfg {
-        format: parse_format(a.format.as_deref())?,
+        // null-co is a driver of its own name, whose options (a `json:`
+        // name) say the rest.
+        format: match a.format.as_deref() {
+            Some("null-co" | "null-aio") => None,
+            f => parse_format(f)?,
+        },
         read_only: a.read_only,
         copy_on_read: a.copy_on_read,
         cache: match &a.cache {
@@ -475,6 +502,10 @@ pub fn run(a: Args) -> CliResult<i32> {
         no_backing: false,
         protocol: None,
         locking: None,
+        detect_zeroes: Default::default(),
+        bad_open_option: None,
+        node_names: Vec::new(),
+        runtime: Vec::new(),
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -610,15 +641,17 @@ fn run_line(s: &mut Session, line: &str, out: &mut dyn Write) -> Flow {
     let drained = !matches!(cmd, "aio_flush" | "flush") || o.aio.drain(out, false);
     // A command that stopped early has already said why.
     let limits = o.cfg.zero_limits;
-    if matches!(cmd, "aio_read" | "aio_write") && o.aio.threaded() && !limits.active() {
+    let detect = o.cfg.detect_zeroes;
+    let plain = !limits.active() && detect == super::io_zeroes::DetectZeroes::Off;
+    if matches!(cmd, "aio_read" | "aio_write") && o.aio.threaded() && plain {
         let dev = o.snap.clone().unwrap_or_else(|| o.img.device().clone());
         return Flow::Done(o.aio.start(dev, cmd, &words[1..], out).unwrap_or(false));
     }
-    let r = if limits.active() {
-        exec(&o.img, &super::io_limits::Limited { dev: o.dev(), limits }, o.unmap, &words, out)
-    } else {
-        exec(&o.img, o.dev(), o.unmap, &words, out)
-    };
+    let limited = super::io_limits::Limited { dev: o.dev(), limits };
+    let dev: &dyn BlockDevice = if limits.active() { &limited } else { o.dev() };
+    let detecting = super::io_zeroes::Detecting { dev, mode: detect, discard_unmap: o.unmap };
+    let dev: &dyn BlockDevice = if detect == super::io_zeroes::DetectZeroes::Off { dev } else { &detecting };
+    let r = exec(&o.img, dev, o.unmap, &words, out);
     Flow::Done(r.unwrap_or(false) && drained)
 }
 
@@ -649,21 +682,7 @@ fn cmd_reopen(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
         eprintln!("{prog}: Only one -r/-w option may be given");
         return false;
     }
-    let r: CliResult<()> = (|| {
-        if let Some(c) = o.value('c') {
-            cfg.cache = parse_cache(c)?;
-        }
-        if let Some(spec) = o.value('o') {
-            for (k, v) in oxcow::options::split_options(spec) {
-                match k.as_str() {
-                    "read-only" => cfg.read_only = crate::util::parse_bool(&k, &v)?,
-                    "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
-                    other => return Err(CliError::new(format!("Cannot change the option '{other}'"))),
-                }
-            }
-        }
-        Ok(())
-    })();
+    let r = reopen_cfg(cur, &o, &mut cfg);
     if let Err(e) = r {
         eprintln!("{prog}: {}", e.msg);
         return false;
@@ -674,6 +693,7 @@ fn cmd_reopen(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
     if o.has('w') {
         cfg.read_only = false;
     }
+    let old = cur.cfg.clone();
     if !s.close() {
         return false;
     }
@@ -684,9 +704,71 @@ fn cmd_reopen(s: &mut Session, args: &[&str], out: &mut dyn Write) -> bool {
         }
         Err(e) => {
             eprintln!("{prog}: {}", e.msg);
+            // QEMU's reopen is a transaction: a refused one leaves the
+            // image open as it was.
+            s.open = open_image(&path, &old).ok();
             false
         }
     }
+}
+
+/// The open settings `reopen`'s flags and `-o` options ask for, checked
+/// in QEMU's order and words before anything is let go.
+fn reopen_cfg(cur: &Opened, o: &Opts<'_>, cfg: &mut OpenCfg) -> CliResult<()> {
+    let opts = o.value('o').map(oxcow::options::split_options).unwrap_or_default();
+    let given = |key: &str| opts.iter().any(|(k, _)| k == key);
+    if given("read-only") && (o.has('r') || o.has('w')) {
+        return Err(CliError::new("Cannot set both -r/-w and 'read-only'"));
+    }
+    if (given("cache.direct") || given("cache.no-flush")) && o.has('c') {
+        return Err(CliError::new("Cannot set both -c and the cache options"));
+    }
+    if let Some(c) = o.value('c') {
+        cfg.cache = parse_cache(c)?;
+    }
+    let writethrough = matches!(cfg.cache, CacheMode::Writethrough | CacheMode::Directsync);
+    let mut direct = matches!(cfg.cache, CacheMode::None | CacheMode::Directsync);
+    let mut no_flush = cfg.cache == CacheMode::Unsafe;
+    let mut runtime = Vec::new();
+    let unchanged = |key: &str, now: Option<&str>, v: &str| match now == Some(v) {
+        true => Ok(()),
+        false => Err(CliError::new(format!("Cannot change the option '{key}'"))),
+    };
+    for (k, v) in &opts {
+        let bool_of = || crate::util::parse_bool(k, v);
+        match k.as_str() {
+            "read-only" => cfg.read_only = bool_of()?,
+            "force-share" => cfg.force_share = bool_of()?,
+            "auto-read-only" => drop(bool_of()?),
+            "cache.direct" => direct = bool_of()?,
+            "cache.no-flush" => no_flush = bool_of()?,
+            "node-name" | "file.node-name" | "backing.node-name" => {
+                let now = cfg.node_names.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                unchanged("node-name", now, v)?
+            }
+            "driver" => unchanged("driver", Some(cur.img.device().format_name()), v)?,
+            "file.driver" => unchanged("driver", Some("file"), v)?,
+            "backing.driver" => unchanged("driver", cur.img.device().backing().map(|b| b.format_name()), v)?,
+            _ if super::io_reopen::is_runtime(k) && cur.img.qcow2().is_some() => runtime.push((k.clone(), v.clone())),
+            other => return Err(CliError::new(format!("Cannot change the option '{other}'"))),
+        }
+    }
+    if given("cache.direct") || given("cache.no-flush") {
+        cfg.cache = match (no_flush, direct, writethrough) {
+            (true, _, _) => CacheMode::Unsafe,
+            (false, true, true) => CacheMode::Directsync,
+            (false, true, false) => CacheMode::None,
+            (false, false, true) => CacheMode::Writethrough,
+            (false, false, false) => CacheMode::Writeback,
+        };
+    }
+    if let (Some(q), false) = (cur.img.qcow2(), runtime.is_empty() && cfg.runtime.is_empty()) {
+        let merged = super::io_reopen::join(&cfg.runtime, &runtime);
+        let extended = q.header().extended_l2();
+        cfg.qcow2_cache = super::io_reopen::check(&merged, q.len(), q.cluster_size(), extended)?;
+        cfg.runtime = merged;
+    }
+    Ok(())
 }
 
 /// `open [-rsCnkU] [-t cache] [-d discard] [-o options] [path]`.
@@ -1114,10 +1196,24 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             let off = num(out, o.rest[0])?;
             let len = length(out, o.rest[1], "")?;
             let pat = o.value('P').map(|p| pattern(out, p)).transpose()?;
-            in_range(dev, "read", off, len)?;
+            if o.has('b') {
+                for (v, what) in [(off, "offset"), (len, "count")] {
+                    if !v.is_multiple_of(512) {
+                        let _ = writeln!(out, "{v} is not a sector-aligned value for '{what}'");
+                        return Err(Stop);
+                    }
+                }
+            } else {
+                // The VM state area lies past the disk's end; the disk not.
+                in_range(dev, "read", off, len)?;
+            }
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Stop)?];
             let t = Instant::now();
-            dev.read_at(&mut buf, off).map_err(|e| fail("read", e))?;
+            if o.has('b') {
+                super::io_vmstate::read(img, &mut buf, off).map_err(|e| fail("read", e))?;
+            } else {
+                dev.read_at(&mut buf, off).map_err(|e| fail("read", e))?;
+            }
             let el = t.elapsed();
             let mut ok = true;
             if let Some(p) = pat {
@@ -1141,19 +1237,24 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
             let off = num(out, o.rest[0])?;
             let len = if o.has('z') { num(out, o.rest[1])? } else { length(out, o.rest[1], " without -n")? };
             let zero = o.has('z');
-            if o.has('u') && !zero {
-                let _ = writeln!(out, "-u requires -z to be specified");
+            // QEMU 10's checks, in its order and words. With -c, -z still
+            // writes zeros (the compression flag does not apply to them).
+            let refusal = if o.has('b') && zero {
+                Some("-b and -z cannot be specified at the same time")
+            } else if o.has('f') && (o.has('b') || o.has('c')) {
+                Some("-f and -b or -c cannot be specified at the same time")
+            } else if o.has('u') && !zero {
+                Some("-u requires -z to be specified")
+            } else if [zero, o.has('P'), o.has('s')].iter().filter(|&&f| f).count() > 1 {
+                Some("Only one of -z, -P, and -s can be specified at the same time")
+            } else {
+                None
+            };
+            if let Some(r) = refusal {
+                let _ = writeln!(out, "{r}");
                 return Err(Stop);
             }
-            if o.has('b') {
-                let _ = writeln!(out, "write: VM-state writes are not supported by oxcow");
-                return Err(Stop);
-            }
-            if o.has('c') && zero {
-                let _ = writeln!(out, "-c and -z cannot be specified at the same time");
-                return Err(Stop);
-            }
-            if o.has('c') {
+            if o.has('c') || o.has('b') {
                 for (v, what) in [(off, "offset"), (len, "count")] {
                     if !v.is_multiple_of(512) {
                         let _ = writeln!(out, "{v} is not a sector-aligned value for '{what}'");
@@ -1161,11 +1262,9 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                     }
                 }
             }
-            if zero && o.has('P') {
-                let _ = writeln!(out, "-z and -P cannot be specified at the same time");
-                return Err(Stop);
+            if !o.has('b') {
+                in_range(dev, "write", off, len)?;
             }
-            in_range(dev, "write", off, len)?;
             let t = Instant::now();
             if zero {
                 dev.write_zeroes(off, len, o.has('u')).map_err(|e| fail("write", e))?;
@@ -1177,7 +1276,9 @@ fn exec(img: &Image, dev: &dyn BlockDevice, unmap: bool, words: &[&str], out: &m
                         vec![p; usize::try_from(len).map_err(|_| Stop)?]
                     }
                 };
-                if o.has('c') {
+                if o.has('b') {
+                    super::io_vmstate::write(img, &buf, off).map_err(|e| fail("write", e))?;
+                } else if o.has('c') {
                     write_compressed(img, &buf, off).map_err(|e| fail("write", e))?;
                 } else {
                     dev.write_at(&buf, off).map_err(|e| fail("write", e))?;
@@ -1312,6 +1413,13 @@ fn io_map(dev: &dyn BlockDevice, out: &mut dyn Write) -> oxcow::Result<()> {
 }
 
 fn io_info(img: &Image, out: &mut dyn Write) {
+    let path = img.path().display().to_string();
+    if oxcow::storage::NullStorage::from_name(&path).is_some() {
+        // QEMU's null-co is its own format and protocol: qemu-io names it
+        // twice and has nothing more to say about it.
+        let _ = writeln!(out, "format name: null-co\nformat name: null-co");
+        return;
+    }
     let _ = writeln!(out, "format name: {}", img.format().name());
     match img.qcow2() {
         Some(q) => {

@@ -107,8 +107,29 @@ pub struct Args {
     /// is and as qemu-nbd --image-opts takes it.
     #[arg(long = "image-opts")]
     image_opts: bool,
+    /// Export the image from this byte offset on (qemu-nbd's -o), e.g. a
+    /// disk stored inside an archive.
+    #[arg(short = 'o', long = "offset", value_name = "OFFSET")]
+    offset: Option<String>,
     /// Image file.
     file: String,
+}
+
+/// qemu-nbd's `-o` value: an unsigned number, decimal, octal (leading 0)
+/// or hexadecimal (leading 0x), as strtoull with base 0 reads it.
+fn parse_offset(v: &str) -> CliResult<u64> {
+    if v.trim_start().starts_with('-') {
+        return Err(CliError::new(format!("Value '{v}' is out of range for parameter 'offset'")));
+    }
+    let bad = || CliError::new(format!("Invalid offset '{v}'"));
+    let (digits, radix) = if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        (h, 16)
+    } else if v.len() > 1 && v.starts_with('0') {
+        (&v[1..], 8)
+    } else {
+        (v, 10)
+    };
+    u64::from_str_radix(digits, radix).map_err(|_| bad())
 }
 
 /// The TLS setup `--tls-creds` and `--tls-authz` name, checked as qemu-nbd
@@ -189,6 +210,12 @@ pub fn run(a: Args) -> CliResult<i32> {
             dev
         }
         (None, None) => img.device().clone(),
+    };
+    let device: std::sync::Arc<dyn oxcow::BlockDevice> = match a.offset.as_deref().map(parse_offset).transpose()? {
+        Some(off) if off > 0 => std::sync::Arc::new(
+            oxcow::nbd::server::OffsetDevice::new(device, off).map_err(|e| CliError::new(message(&e)))?,
+        ),
+        _ => device,
     };
     let config = ExportConfig::new(a.name.clone())
         .description(a.description.clone())
@@ -332,5 +359,20 @@ fn check_bitmap(img: &oxcow::Image, name: &str) -> CliResult<()> {
         None => Err(CliError::new(format!("Bitmap '{name}' is not found"))),
         Some(b) if b.in_use => Err(CliError::new(format!("Bitmap '{name}' is inconsistent and cannot be used"))),
         Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn offset_reads_as_strtoull_base_0() {
+        assert_eq!(super::parse_offset("1536").ok(), Some(1536));
+        assert_eq!(super::parse_offset("0x600").ok(), Some(1536));
+        assert_eq!(super::parse_offset("03000").ok(), Some(1536));
+        assert_eq!(super::parse_offset("0").ok(), Some(0));
+        let e = super::parse_offset("12k").err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("Invalid offset '12k'"));
+        let e = super::parse_offset("-5").err().map(|e| e.to_string());
+        assert_eq!(e.as_deref(), Some("Value '-5' is out of range for parameter 'offset'"));
     }
 }

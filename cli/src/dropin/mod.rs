@@ -13,6 +13,7 @@ mod img;
 mod io;
 pub mod links;
 mod nbd;
+mod nbd_list;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

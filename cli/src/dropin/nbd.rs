@@ -60,6 +60,7 @@ fn help() -> String {
         ("--fork", "return once the server listens"),
         ("--pid-file=PATH", "write the server's process ID here"),
         ("-f, --format=FORMAT", "image format (raw, qcow2)"),
+        ("-o, --offset=OFFSET", "export from this byte offset of the image on"),
         ("-r, --read-only", "export read-only"),
         ("-l, --load-snapshot=NAME", "export an internal snapshot, read-only"),
         ("-n, --nocache", "bypass the host cache (--cache=none)"),
@@ -116,13 +117,12 @@ pub fn run(args: &[String]) -> u8 {
             Ok(_) => fail("kernel NBD devices (-c) are not supported by oxcow; export over a socket instead"),
         };
     }
-    for (key, what) in [
-        ("d", "-d (kernel NBD device)"),
-        ("L", "-L (listing another server's exports)"),
-        ("s", "-s (temporary snapshot overlay)"),
-        ("o", "-o (exporting from an offset)"),
-        ("B", "-B (dirty bitmap export)"),
-    ] {
+    if p.has("L") {
+        return super::nbd_list::run(&p);
+    }
+    for (key, what) in
+        [("d", "-d (kernel NBD device)"), ("s", "-s (temporary snapshot overlay)"), ("B", "-B (dirty bitmap export)")]
+    {
         if p.has(key) {
             return fail(&format!("{what} is not supported by oxcow"));
         }
@@ -150,6 +150,8 @@ pub fn run(args: &[String]) -> u8 {
         let pair = |flag: &str, v: &Option<String>| vec![flag.to_string(), v.clone().unwrap_or_default()];
         match k.as_str() {
             "b" | "p" | "k" | "e" | "f" | "x" | "D" => argv.extend(pair(&format!("-{k}"), v)),
+            // Joined, so that a negative value is not read as a flag.
+            "o" => argv.push(format!("--offset={}", v.as_deref().unwrap_or(""))),
             "l" => argv.extend(["-l".to_string(), snapshot_param(v.as_deref().unwrap_or(""))]),
             "r" | "t" | "A" => argv.push(format!("-{k}")),
             "n" => argv.extend(["--cache".to_string(), "none".to_string()]),

@@ -94,6 +94,14 @@ impl CacheOptions {
         *self != CacheOptions::default()
     }
 
+    /// Checks the options against an image of `disk_size` bytes with
+    /// clusters of `cluster_size` (and extended L2 entries or not), with
+    /// the errors opening it so would give (qemu-io's `reopen` checks
+    /// before it lets go of the image).
+    pub fn check(&self, disk_size: u64, cluster_size: u64, extended_l2: bool) -> Result<()> {
+        self.resolve(disk_size, cluster_size, if extended_l2 { 16 } else { 8 }).map(|_| ())
+    }
+
     /// The cache sizes for an image of `disk_size` bytes with clusters of
     /// `cluster_size` and L2 entries of `entry_size` bytes.
     pub(crate) fn resolve(&self, disk_size: u64, cluster_size: u64, entry_size: u64) -> Result<CacheSizes> {

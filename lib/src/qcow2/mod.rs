@@ -70,6 +70,7 @@ mod snapshot_validate;
 mod snapshot_view;
 mod state;
 mod units;
+mod vmstate;
 mod write;
 
 pub use amend::{amend, amend_with_key, AmendOptions};

@@ -66,6 +66,12 @@ impl Qcow2 {
 
     pub(crate) fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
+        self.read_unchecked(buf, offset)
+    }
+
+    /// A read at any guest offset, past the disk's end too (the VM state
+    /// area, `vmstate.rs`): what no L1 entry covers reads as unallocated.
+    pub(crate) fn read_unchecked(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         // Fast path: a read inside one (sub)cluster, the common small
         // random read, needs no plan to be built.
         let step = self.g.sub_size;

@@ -245,6 +245,12 @@ impl Qcow2 {
 
     pub(crate) fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         check_range(offset, buf.len() as u64, self.len())?;
+        self.write_unchecked(buf, offset)
+    }
+
+    /// A write at any guest offset the L1 table covers, past the disk's
+    /// end too (the VM state area, `vmstate.rs`).
+    pub(crate) fn write_unchecked(&self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.write_in_place(buf, offset)? {
             self.write_planned(buf, offset)?;
         }

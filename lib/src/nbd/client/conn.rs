@@ -218,7 +218,7 @@ fn read_exact_vec(s: &mut Stream, n: usize) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
-fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> io::Result<()> {
+pub(crate) fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> io::Result<()> {
     let mut b = OptionHeader { option, length: data.len() as u32 }.encode().to_vec();
     b.extend_from_slice(data);
     s.write_all(&b)
@@ -226,7 +226,7 @@ fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> io::Result<()> {
 
 /// Reads option replies to `option` up to and including the final one
 /// (an ACK or an error). Returns the replies, the final one last.
-fn option_replies(s: &mut Stream, option: u32) -> io::Result<Vec<(u32, Vec<u8>)>> {
+pub(crate) fn option_replies(s: &mut Stream, option: u32) -> io::Result<Vec<(u32, Vec<u8>)>> {
     let mut out = Vec::new();
     loop {
         let mut h = [0u8; option_reply::SIZE];
@@ -250,7 +250,7 @@ fn option_replies(s: &mut Stream, option: u32) -> io::Result<Vec<(u32, Vec<u8>)>
     }
 }
 
-fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
+pub(crate) fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
     let what = match reply_type {
         REP_ERR_UNSUP => "unsupported",
         REP_ERR_POLICY => "refused by policy",
@@ -271,15 +271,10 @@ fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
     }
 }
 
-/// Runs the fixed newstyle handshake, upgrading to TLS first when `tls`
-/// is given (with the host name connected to, for the certificate
-/// check), and enters transmission.
-pub(crate) fn handshake(
-    s: &mut Stream,
-    export: &str,
-    context: Option<&str>,
-    tls: Option<(&TlsClient, Option<&str>)>,
-) -> io::Result<ExportInfo> {
+/// The start of fixed newstyle negotiation: the greeting, our flags, and
+/// TLS when `tls` is given. Returns whether the server drops the zero
+/// padding of `NBD_OPT_EXPORT_NAME` replies.
+pub(crate) fn greet(s: &mut Stream, tls: Option<(&TlsClient, Option<&str>)>) -> io::Result<bool> {
     let mut g = [0u8; greeting::SIZE];
     s.read_exact(&mut g)?;
     let magic = u64::from_be_bytes(g[0..8].try_into().unwrap_or_default());
@@ -303,7 +298,19 @@ pub(crate) fn handshake(
     if let Some((tls, host)) = tls {
         start_tls(s, tls, host)?;
     }
+    Ok(no_zeroes)
+}
 
+/// Runs the fixed newstyle handshake, upgrading to TLS first when `tls`
+/// is given (with the host name connected to, for the certificate
+/// check), and enters transmission.
+pub(crate) fn handshake(
+    s: &mut Stream,
+    export: &str,
+    context: Option<&str>,
+    tls: Option<(&TlsClient, Option<&str>)>,
+) -> io::Result<ExportInfo> {
+    let no_zeroes = greet(s, tls)?;
     // Structured replies first: metadata contexts need them.
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let structured = option_replies(s, OPT_STRUCTURED_REPLY)?.last().is_some_and(|(t, _)| *t == REP_ACK);

@@ -9,14 +9,17 @@
 //!   hands replies to the callers waiting for them;
 //! - `device`: [`NbdClient`], reconnection, request splitting and
 //!   alignment;
+//! - `list`: [`list_exports`], a server's exports as `qemu-nbd -L` shows them;
 //! - `storage`: [`NbdStorage`], the storage driver over a client.
 
 mod conn;
 mod device;
+mod list;
 mod storage;
 mod url;
 
 pub use conn::NbdAddr;
 pub use device::{ClientOptions, NbdClient};
+pub use list::{list_exports, render_listing, ExportListing};
 pub use storage::NbdStorage;
 pub use url::{NbdUrl, UrlPsk, UrlTls, DEFAULT_PORT};

@@ -37,9 +37,11 @@ mod config;
 mod conn;
 mod export;
 mod handshake;
+mod offset;
 mod status;
 mod transmission;
 
 pub use accept::Server;
 pub use config::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions};
 pub use conn::{Connection, Listener};
+pub use offset::OffsetDevice;
