@@ -69,8 +69,12 @@ pub fn network_backing_allowed() -> bool {
 /// Says on stderr that opening the image repaired it (dirty bit set by an
 /// unclean close with lazy refcounts), as the user should know.
 pub fn report_dirty_repair(path: &str, img: &Image) {
-    // QEMU's tools repair silently; as them, so does oxcow.
+    // QEMU's tools print the repair's own lines (its check's), nothing
+    // more.
     if crate::dropin::active() {
+        if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {
+            rep.messages.iter().for_each(|m| eprintln!("{m}"));
+        }
         return;
     }
     if let Some(rep) = img.qcow2().and_then(|q| q.repaired_on_open()) {

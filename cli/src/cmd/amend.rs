@@ -4,7 +4,7 @@
 
 use crate::error::{CliError, CliResult};
 use crate::util::parse_format;
-use oxcow::qcow2::AmendOptions;
+use oxcow::qcow2::{AmendEvent, AmendOptions};
 use oxcow::storage::{FileStorage, LockMode, OpenFlags, Storage};
 use oxcow::Format;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ pub struct Args {
     /// Cache mode (accepted for compatibility).
     #[arg(short = 't')]
     cache: Option<String>,
-    /// Show progress (accepted for compatibility).
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -48,7 +48,7 @@ fn open_rw(path: &str, mode: LockMode) -> CliResult<Arc<dyn Storage>> {
 }
 
 pub fn run(mut a: Args) -> CliResult<i32> {
-    let _ = (a.cache, a.progress, a.quiet);
+    let _ = a.cache;
     if a.options.is_empty() {
         return Err(CliError::new(format!(
             "Must specify options (-o)\nTry '{} amend --help' for more info",
@@ -123,7 +123,27 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let key = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default()).key_secret;
     // The library names oxcow's own command; under a drop-in name the
     // hint names that tool's.
-    oxcow::qcow2::amend_with_key(file, data_file, &opts, key.as_ref()).map_err(|e| {
+    // qemu-img prints progress only with -p, and -q silences it.
+    let progress = crate::progress::Progress::new(a.progress && !a.quiet);
+    let path = a.file.clone();
+    let mut on = |ev: AmendEvent<'_>| match ev {
+        AmendEvent::Repaired(r) => {
+            if crate::dropin::active() {
+                // QEMU's open prints its repair's lines.
+                r.messages.iter().for_each(|m| eprintln!("{m}"));
+            } else {
+                eprintln!(
+                    "{}: '{path}' was not closed cleanly (dirty bit set): refcounts repaired",
+                    crate::dropin::prog()
+                );
+            }
+        }
+        AmendEvent::Progress { done, total } => progress.update(done, total),
+        _ => {}
+    };
+    let r = oxcow::qcow2::amend_observed(file, data_file, &opts, key.as_ref(), &mut on);
+    progress.finish();
+    r.map_err(|e| {
         let hint = format!("'{} rebase'", crate::dropin::prog());
         CliError::new(crate::error::message(&e).replace("'oxcow rebase'", &hint))
     })?;

@@ -91,7 +91,17 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     }
     let q = img.qcow2().ok_or_else(|| CliError::new("This image format does not support checks").with_code(63))?;
     let report = match q.check(repair) {
-        Ok(r) => r,
+        // A dirty image was repaired when opened (its lines are printed
+        // already): that repair is the one qemu-img's check reports.
+        Ok(r) => match q.repaired_on_open().filter(|rep| rep.found_before_repair.is_some()) {
+            Some(rep) => CheckReport {
+                leaks_fixed: rep.leaks_fixed,
+                corruptions_fixed: rep.corruptions_fixed,
+                found_before_repair: rep.found_before_repair,
+                ..r
+            },
+            None => r,
+        },
         Err(e) => {
             eprintln!("{}: Check failed: {}", crate::dropin::prog(), crate::error::message(&e));
             return Ok(1);
@@ -159,7 +169,10 @@ fn to_json(r: &CheckReport, file: &str, format: &str) -> Value {
 
 fn human(r: &CheckReport) -> String {
     let mut out = String::new();
-    if let Some((leaks, corruptions)) = r.found_before_repair {
+    // qemu-img's block names what was repaired (what was found and
+    // left is in the findings below it), and only when something was.
+    if r.found_before_repair.is_some() && (r.leaks_fixed != 0 || r.corruptions_fixed != 0) {
+        let (leaks, corruptions) = (r.leaks_fixed, r.corruptions_fixed);
         out += &format!(
             "The following inconsistencies were found and repaired:\n\n    {leaks} leaked clusters\n    {corruptions} corruptions\n\nDouble checking the fixed image now...\n"
         );

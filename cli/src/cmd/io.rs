@@ -1063,6 +1063,10 @@ fn in_range(dev: &dyn BlockDevice, what: &str, off: u64, len: u64) -> Result<(),
 
 /// qemu-io reports a failed request on stdout, where its result would go.
 fn fail(what: &str, e: oxcow::Error) -> Stop {
+    // QEMU's qcow2 driver says on stderr that it marks the image corrupt.
+    if let Some(event) = oxcow::qcow2::corruption_event(&e).filter(|_| crate::dropin::active()) {
+        eprintln!("qcow2: Marking image as corrupt: {event}; further corruption events will be suppressed");
+    }
     println!("{what} failed: {}", crate::error::request_message(&e));
     Stop
 }

@@ -5,10 +5,12 @@
 
 mod support;
 
+mod amend_dropin;
 mod bitmap_cli;
 mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;
+mod check_repair_words;
 mod cli_behaviour;
 mod cor_filter;
 mod damaged_cli;

@@ -143,18 +143,16 @@ impl SnapshotEntry {
         Ok(h)
     }
 
-    /// Encodes one entry with padding. v3 entries always carry disk size;
-    /// icount is written when known.
-    pub fn encode(&self, v3: bool) -> Vec<u8> {
-        let mut extra = Vec::new();
-        if v3 || self.disk_size.is_some() || self.icount.is_some() || !self.extra_unknown.is_empty() {
-            extra.extend_from_slice(&self.vm_state_size.to_be_bytes());
-            extra.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
-            if self.icount.is_some() || !self.extra_unknown.is_empty() {
-                extra.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
-                extra.extend_from_slice(&self.extra_unknown);
-            }
-        }
+    /// Encodes one entry with padding. As QEMU writes every entry, v2 or
+    /// v3: the 24 bytes of extra data it knows (the large VM state size,
+    /// the disk size, the icount, `u64::MAX` when none was recorded), then
+    /// the extra data it does not know, kept. `_v3` is kept for callers.
+    pub fn encode(&self, _v3: bool) -> Vec<u8> {
+        let mut extra = Vec::with_capacity(EXTRA_WITH_ICOUNT + self.extra_unknown.len());
+        extra.extend_from_slice(&self.vm_state_size.to_be_bytes());
+        extra.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+        extra.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+        extra.extend_from_slice(&self.extra_unknown);
         let mut b = vec![0u8; FIXED_LEN];
         put_u64(&mut b, 0, self.l1_table_offset);
         put_u32(&mut b, 8, self.l1_size);

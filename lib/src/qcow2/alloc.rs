@@ -66,6 +66,19 @@ impl Qcow2 {
         Ok(self.g.rc.get(b, (c.0 & ((1 << bits) - 1)) as usize))
     }
 
+    /// [`Self::refcount`] for an allocation about to trust it: a refcount
+    /// block at an unaligned offset is corruption, signalled as QEMU
+    /// signals it (the image marked corrupt, in QEMU's words).
+    fn refcount_for_alloc(&self, m: &mut Meta, c: HostCluster) -> Result<u64> {
+        let t = (c.0 >> self.g.rc.block_entries_bits()) as usize;
+        if let Some(off) = m.refs.block_offset(t).filter(|o| o.0 != 0 && !o.is_aligned(&self.g)) {
+            return Err(
+                self.mark_corrupt(m, format!("Refblock offset {:#x} unaligned (reftable index: {t:#x})", off.0))
+            );
+        }
+        self.refcount(m, c)
+    }
+
     /// Refcount of host cluster `c` if its refcount block is cached (or it
     /// has none): a lookup under the shared metadata lock.
     pub(crate) fn cached_refcount(&self, m: &Meta, c: HostCluster) -> Option<u64> {
@@ -145,7 +158,7 @@ impl Qcow2 {
             }
             self.reserve_to(m, next)?;
             m.alloc.extend_end(next);
-            if self.refcount(m, c)? == 0 && !m.overlap.contains(c) {
+            if self.refcount_for_alloc(m, c)? == 0 && !m.overlap.contains(c) {
                 return Ok(c);
             }
         }
@@ -319,7 +332,7 @@ impl Qcow2 {
         let end = m.alloc.file_end().cluster(&self.g);
         let mut c = m.alloc.free_hint().max(HostCluster(1));
         while c < end {
-            if self.refcount(m, c)? == 0 && !m.overlap.contains(c) {
+            if self.refcount_for_alloc(m, c)? == 0 && !m.overlap.contains(c) {
                 m.alloc.set_free_hint(c.add(1));
                 self.set_refcount(m, c, 1)?;
                 return Ok((c.offset(&self.g), false));
@@ -342,7 +355,7 @@ impl Qcow2 {
         'retry: loop {
             let start = m.alloc.file_end().cluster(&self.g);
             for k in 0..n {
-                if self.refcount(m, start.add(k))? != 0 || m.overlap.contains(start.add(k)) {
+                if self.refcount_for_alloc(m, start.add(k))? != 0 || m.overlap.contains(start.add(k)) {
                     m.alloc.extend_end(start.add(k + 1).offset(&self.g));
                     continue 'retry;
                 }

@@ -79,7 +79,7 @@ impl AmendOptions {
                     o.version = Some(match value.as_str() {
                         "0.10" | "v2" => 2,
                         "1.1" | "v3" => 3,
-                        other => return Err(Error::invalid(format!("Invalid compatibility level: '{other}'"))),
+                        other => return Err(Error::invalid(format!("Unknown compatibility level {other}"))),
                     })
                 }
                 "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&key, &value)?),
@@ -125,6 +125,34 @@ pub fn amend_with_key(
     opts: &AmendOptions,
     key: Option<&crate::crypto::Secret>,
 ) -> Result<()> {
+    amend_observed(file, data_file, opts, key, &mut |_| {})
+}
+
+/// What an amend tells while it runs (qemu-img prints both).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AmendEvent<'a> {
+    /// Opening the image repaired it (dirty bit set by an unclean close
+    /// with lazy refcounts): the repair's report, its lines included.
+    Repaired(&'a super::CheckReport),
+    /// The downgrade has visited `done` of `total` L1 entries (the active
+    /// table's and every snapshot's), as QEMU counts its progress.
+    Progress {
+        /// Entries visited.
+        done: u64,
+        /// All entries.
+        total: u64,
+    },
+}
+
+/// [`amend_with_key`], telling `on` what happens on the way.
+pub fn amend_observed(
+    file: Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    opts: &AmendOptions,
+    key: Option<&crate::crypto::Secret>,
+    on: &mut dyn FnMut(AmendEvent<'_>),
+) -> Result<()> {
     let keyed = |o: Qcow2Options| Qcow2Options { key_secret: key.cloned(), ..o };
     let hc = read_header_cluster(&*file)?;
     let h = &hc.header;
@@ -150,13 +178,18 @@ pub fn amend_with_key(
             downgrade_precheck(h)?;
         }
     }
-    if opts.backing_format.is_some() || opts.backing_file.is_some() {
-        // qemu-img 10 refuses these: a new backing file changes what the
-        // guest reads unless the data is compared, which is rebase's job.
+    let same_backing = opts.backing_file == hc.backing_file && opts.backing_format == hc.extensions.backing_format;
+    if (opts.backing_format.is_some() || opts.backing_file.is_some()) && !same_backing {
+        // qemu-img 10 refuses a change: a new backing file changes what
+        // the guest reads unless the data is compared, which is rebase's
+        // job. Naming the ones the image has is no change.
         return Err(Error::invalid("Cannot amend the backing file\nYou can use 'oxcow rebase' instead."));
     }
     {
         let q = Qcow2::open(file.clone(), keyed(Qcow2Options { data_file: data_file.clone(), ..Default::default() }))?;
+        if let Some(r) = q.repaired_on_open() {
+            on(AmendEvent::Repaired(r));
+        }
         if target_v == 3 && h.version == 2 {
             q.upgrade()?;
         }
@@ -176,7 +209,7 @@ pub fn amend_with_key(
     }
     if target_v == 2 && h.version >= 3 {
         let q = Qcow2::open(file.clone(), keyed(Qcow2Options { data_file, ..Default::default() }))?;
-        q.downgrade()?;
+        q.downgrade(&mut |done, total| on(AmendEvent::Progress { done, total }))?;
         q.close_clean()?;
     }
     Ok(())
@@ -282,35 +315,39 @@ impl Qcow2 {
 
     /// compat 1.1 -> 0.10: zero clusters are expanded (v2 has no zero
     /// flag), every refcount written, then the header rewritten as v2.
-    fn downgrade(&self) -> Result<()> {
+    fn downgrade(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let mut m = self.quiesce()?;
         downgrade_precheck(&m.hc.header)?;
         if m.hc.header.refcount_order != 4 {
             return Err(Error::invalid("compat=0.10 requires refcount_bits=16"));
         }
-        let r = self.downgrade_locked(&mut m);
+        // As QEMU: v2 programs would not know that a snapshot of another
+        // disk size, or with a VM state past 32 bits, needs its extra data.
+        let size = m.hc.header.size;
+        if m.snapshots.iter().any(|sn| sn.vm_state_size > u64::from(u32::MAX) || sn.disk_size.unwrap_or(size) != size) {
+            return Err(Error::invalid("Internal snapshots prevent downgrade of image"));
+        }
+        let r = self.downgrade_locked(&mut m, progress);
         self.fail(&mut m, r)
     }
 
-    fn all_l2_tables(&self, m: &mut Meta) -> Result<BTreeSet<u64>> {
-        let mut set: BTreeSet<u64> = m.map.l1().iter().map(|&e| L1Entry(e).l2_offset()).filter(|&o| o != 0).collect();
+    /// The L2 table offsets of every L1 entry, the active table's first,
+    /// then each snapshot's (0 for none), in table order.
+    fn all_l1_entries(&self, m: &mut Meta) -> Result<Vec<u64>> {
+        let mut all: Vec<u64> = m.map.l1().iter().map(|&e| L1Entry(e).l2_offset()).collect();
         for sn in m.snapshots.clone() {
-            for e in self.read_snapshot_l1(&sn)? {
-                let o = L1Entry(e).l2_offset();
-                if o != 0 {
-                    set.insert(o);
-                }
-            }
+            all.extend(self.read_snapshot_l1(&sn)?.into_iter().map(|e| L1Entry(e).l2_offset()));
         }
-        Ok(set)
+        Ok(all)
     }
 
-    fn downgrade_locked(&self, m: &mut Meta) -> Result<()> {
+    fn downgrade_locked(&self, m: &mut Meta, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let cs = self.g.cluster_size;
         // v2 cannot hold bitmaps: QEMU's downgrade abandons them (leaked);
         // they are removed here, their clusters freed.
         self.drop_bitmaps_for_v2(m)?;
-        let tables = self.all_l2_tables(m)?;
+        let entries = self.all_l1_entries(m)?;
+        let tables: BTreeSet<u64> = entries.iter().copied().filter(|&o| o != 0).collect();
         if self.g.compression != CompressionType::Zlib {
             for &off in &tables {
                 let t = self.l2_table(m, HostOffset(off))?;
@@ -323,7 +360,14 @@ impl Qcow2 {
         }
         let has_backing = m.hc.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
-        for &off in &tables {
+        let total = entries.len() as u64;
+        let mut expanded = BTreeSet::new();
+        for (k, &off) in entries.iter().enumerate() {
+            // A table shared between L1 tables is expanded once.
+            if off == 0 || !expanded.insert(off) {
+                progress(k as u64 + 1, total);
+                continue;
+            }
             let t = self.l2_table(m, HostOffset(off))?;
             let mut changes = Vec::new();
             for i in 0..self.g.l2_entries as usize {
@@ -359,6 +403,7 @@ impl Qcow2 {
                 // The new clusters' refcounts reach disk before this table.
                 self.write_back_durable(m)?;
             }
+            progress(k as u64 + 1, total);
         }
         self.write_back_durable(m)?;
         let h = &mut m.hc.header;

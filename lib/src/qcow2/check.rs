@@ -120,12 +120,28 @@ struct Scan {
     /// a repair fixes (the rest it leaves for a second scan to report).
     refcount_corruptions: u64,
     copied_corruptions: u64,
+    /// A cluster something references whose stored refcount is 0: QEMU
+    /// rebuilds the refcount structures rather than trust the rest of them.
+    zero_refcount_referenced: bool,
+    /// Where the lines of incomplete snapshot table entries are in the
+    /// messages: a repair says "Repairing" there instead.
+    incomplete_snapshots: Vec<usize>,
+    /// Where the COPIED findings start in the messages: a repair prints
+    /// them again after the refcounts are fixed, judged on those.
+    copied_messages_at: usize,
 }
 
 /// References past the end of the file further than this are corrupt
 /// rather than data that was not written before a crash (a repair would
 /// otherwise grow the file to wherever a damaged entry points).
 const MAX_BEYOND_EOF_BYTES: u64 = 64 << 20;
+
+/// qemu-img's words for a reference too far past the end of the file.
+fn beyond_eof_message(off: u64, bytes: u64) -> String {
+    format!(
+        "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {bytes:#x}"
+    )
+}
 
 impl Qcow2 {
     /// Checks the image; with `repair`, fixes what it may and checks again.
@@ -142,17 +158,28 @@ impl Qcow2 {
         if repair == Repair::None || self.read_only || (first.report.leaks == 0 && first.report.corruptions == 0) {
             return Ok(first.report);
         }
-        let (mut said, fixed_all) = self.repair(&mut m, &first, repair)?;
+        let (mut said, fixed_all, copied_found) = self.repair(&mut m, &first, repair)?;
         m.overlap.forget_taken();
         // When the repair fixed everything the scan found, what a second
         // scan would report is known: the same image with no finding. The
         // metadata is then read once (the crash recovery of lazy refcounts,
         // whose findings are all refcounts too low and their COPIED flags).
         let mut after = if fixed_all { self.clean_after(&first) } else { self.scan(&mut m)?.report };
+        // The COPIED flags count as qemu-img counts them: judged once, on
+        // the repaired refcounts.
+        let found = first.report.corruptions - first.copied_corruptions + copied_found;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
-        after.corruptions_fixed = first.report.corruptions.saturating_sub(after.corruptions);
-        after.found_before_repair = Some((first.report.leaks, first.report.corruptions));
+        after.corruptions_fixed = found.saturating_sub(after.corruptions);
+        after.found_before_repair = Some((first.report.leaks, found));
         let mut messages = first.report.messages;
+        messages.truncate(first.copied_messages_at);
+        if repair == Repair::All {
+            for &i in &first.incomplete_snapshots {
+                if let Some(line) = messages.get_mut(i) {
+                    *line = line.replacen("ERROR", "Repairing", 1);
+                }
+            }
+        }
         messages.append(&mut said);
         messages.append(&mut after.messages);
         after.messages = messages;
@@ -205,38 +232,54 @@ impl Qcow2 {
             highest_stored: None,
             refcount_corruptions: 0,
             copied_corruptions: 0,
+            zero_refcount_referenced: false,
+            incomplete_snapshots: Vec::new(),
+            copied_messages_at: 0,
         };
         let h = m.hc.header.clone();
-        self.add_range(&mut s, nb, 0, cs, "header");
-        self.add_range(&mut s, nb, h.l1_table_offset, u64::from(h.l1_size) * 8, "active L1 table");
+        self.add_range(&mut s, nb, 0, cs);
+        self.add_range(&mut s, nb, h.l1_table_offset, u64::from(h.l1_size) * 8);
         let l1 = m.map.l1().to_vec();
         self.scan_l1(&mut s, nb, &l1, true)?;
         if h.nb_snapshots > 0 {
-            let bytes: u64 = m.snapshots.iter().map(|e| e.encode(self.g.v3).len() as u64).sum();
-            self.add_range(&mut s, nb, h.snapshots_offset, bytes, "snapshot table");
+            let bytes: u64 = m.snapshots.iter().map(super::snapshot::entry_disk_len).sum();
+            // A v3 entry must record the disk size (16 bytes of extra
+            // data); a repair writes the table again, complete.
+            if self.g.v3 {
+                for (i, sn) in m.snapshots.iter().enumerate() {
+                    if (sn.extra_data_size as usize) < crate::format::snapshot::V3_MIN_EXTRA {
+                        s.report.corruptions += 1;
+                        s.incomplete_snapshots.push(s.report.messages.len());
+                        s.report.messages.push(format!("ERROR snapshot table entry {i} is incomplete"));
+                    }
+                }
+            }
+            self.add_range(&mut s, nb, h.snapshots_offset, bytes);
             for sn in m.snapshots.clone() {
                 if sn.l1_table_offset % cs != 0 {
                     s.report.corruptions += 1;
                     s.report.messages.push(format!(
-                        "ERROR snapshot {} ({}) L1 table offset {:#x} is not cluster aligned",
+                        "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
                         sn.id, sn.name, sn.l1_table_offset
                     ));
                     continue;
                 }
+                if u64::from(sn.l1_size) * 8 > crate::format::limits::MAX_L1_BYTES {
+                    s.report.corruptions += 1;
+                    s.report.messages.push(format!(
+                        "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                        sn.id, sn.name, sn.l1_size
+                    ));
+                    continue;
+                }
                 let bytes = u64::from(sn.l1_size) * 8;
-                self.add_range(&mut s, nb, sn.l1_table_offset, bytes, "snapshot L1 table");
+                self.add_range(&mut s, nb, sn.l1_table_offset, bytes);
                 let table = u64_table(&self.read_table(sn.l1_table_offset, bytes)?);
                 self.scan_l1(&mut s, nb, &table, false)?;
             }
         }
         let before = s.report.corruptions;
-        self.add_range(
-            &mut s,
-            nb,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-            "refcount table",
-        );
+        self.add_range(&mut s, nb, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs);
         if s.report.corruptions > before {
             // A refcount table out of reach cannot be fixed in place.
             s.bad_refblocks = true;
@@ -257,11 +300,11 @@ impl Qcow2 {
                 s.bad_refblocks = true;
                 s.report.messages.push(format!("ERROR refcount block {i} is outside image"));
             } else {
-                self.add_range(&mut s, nb, off, cs, "refcount block");
+                self.add_range(&mut s, nb, off, cs);
             }
         }
         if let Some(f) = m.hc.extensions.fde {
-            self.add_range(&mut s, nb, f.offset, f.length, "encryption header");
+            self.add_range(&mut s, nb, f.offset, f.length);
         }
         // As QEMU: without the autoclear bit the extension is ignored and
         // what it points at is leaked.
@@ -286,6 +329,7 @@ impl Qcow2 {
         }
         if compare {
             self.compare_refcounts(m, &mut s, nb)?;
+            s.copied_messages_at = s.report.messages.len();
             self.check_copied(m, &mut s)?;
         }
         let highest = s.refs.highest().max(s.highest_stored);
@@ -298,7 +342,7 @@ impl Qcow2 {
         (MAX_BEYOND_EOF_BYTES / self.g.cluster_size).max(16)
     }
 
-    fn add_range(&self, s: &mut Scan, nb: u64, off: u64, bytes: u64, what: &str) {
+    fn add_range(&self, s: &mut Scan, nb: u64, off: u64, bytes: u64) {
         if bytes == 0 {
             return;
         }
@@ -308,9 +352,7 @@ impl Qcow2 {
         for idx in first..=last {
             if idx >= nb + self.beyond_eof_slack() {
                 s.report.corruptions += 1;
-                s.report
-                    .messages
-                    .push(format!("ERROR {what} at offset {:#x} lies beyond the end of the image", idx * cs));
+                s.report.messages.push(beyond_eof_message(off, bytes));
                 return;
             }
             s.refs.inc(idx);
@@ -335,10 +377,10 @@ impl Qcow2 {
             }
             if l2 / cs >= nb + self.beyond_eof_slack() {
                 s.report.corruptions += 1;
-                s.report.messages.push(format!("ERROR l2_offset={l2:#x}: L2 table lies beyond the end of the image"));
+                s.report.messages.push(beyond_eof_message(l2, cs));
                 continue;
             }
-            self.add_range(s, nb, l2, cs, "L2 table");
+            self.add_range(s, nb, l2, cs);
             if active {
                 s.copied.push(CopiedSite::L1 { index: i, l2 });
             }
@@ -371,7 +413,7 @@ impl Qcow2 {
                             .messages
                             .push(format!("ERROR compressed cluster entry {:#x} has the COPIED flag", le.word));
                     }
-                    self.add_range(s, nb, d.offset, d.byte_len(), "compressed cluster");
+                    self.add_range(s, nb, d.offset, d.byte_len());
                     if active {
                         // Compressed clusters count as fragmented by
                         // nature (qemu-img reports them so).
@@ -393,7 +435,7 @@ impl Qcow2 {
                     continue;
                 }
                 if !self.g.external_data {
-                    self.add_range(s, nb, host, cs, "data cluster");
+                    self.add_range(s, nb, host, cs);
                 }
                 if active {
                     s.report.allocated_clusters += 1;
@@ -417,7 +459,7 @@ impl Qcow2 {
             s.report.messages.push("ERROR bitmap directory is not cluster aligned".into());
             return Ok(());
         }
-        self.add_range(s, nb, dir_off, dir_size, "bitmap directory");
+        self.add_range(s, nb, dir_off, dir_size);
         let dir = match parse_directory(&self.read_table(dir_off, dir_size)?, count) {
             Ok(d) => d,
             Err(e) => {
@@ -433,11 +475,11 @@ impl Qcow2 {
                 continue;
             }
             let bytes = u64::from(b.table_size) * 8;
-            self.add_range(s, nb, b.table_offset, bytes, "bitmap table");
+            self.add_range(s, nb, b.table_offset, bytes);
             for e in u64_table(&self.read_table(b.table_offset, bytes)?) {
                 let off = e & TABLE_OFFSET_MASK;
                 if off != 0 {
-                    self.add_range(s, nb, off, cs, "bitmap data");
+                    self.add_range(s, nb, off, cs);
                 }
             }
         }
@@ -461,6 +503,7 @@ impl Qcow2 {
             if stored < counted {
                 s.report.corruptions += 1;
                 s.refcount_corruptions += 1;
+                s.zero_refcount_referenced |= stored == 0;
                 s.report.messages.push(format!("ERROR cluster {idx} refcount={stored} reference={counted}"));
             } else {
                 s.report.leaks += 1;
@@ -471,36 +514,39 @@ impl Qcow2 {
     }
 
     fn check_copied(&self, m: &mut Meta, s: &mut Scan) -> Result<()> {
-        for site in &s.copied {
+        let lines = self.copied_findings(m, &s.copied, "ERROR")?;
+        s.report.corruptions += lines.len() as u64;
+        s.copied_corruptions += lines.len() as u64;
+        s.report.messages.extend(lines);
+        Ok(())
+    }
+
+    /// One line per COPIED flag that disagrees with the stored refcount
+    /// (like qemu-img, the stored one: after a repair, the repaired one),
+    /// in qemu-img's words, opening with `verb`.
+    fn copied_findings(&self, m: &mut Meta, sites: &[CopiedSite], verb: &str) -> Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for site in sites {
             match *site {
-                // Like qemu-img, compare with the stored refcount.
                 CopiedSite::L1 { index, l2 } => {
                     let refs = self.refcount(m, HostOffset(l2).cluster(&self.g)).unwrap_or(0);
-                    let want = refs == 1;
                     let raw = m.map.l1().get(index).copied().unwrap_or(0);
-                    if L1Entry(raw).copied() != want {
-                        s.report.corruptions += 1;
-                        s.copied_corruptions += 1;
-                        s.report.messages.push(format!(
-                            "ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refs}"
+                    if L1Entry(raw).copied() != (refs == 1) {
+                        lines.push(format!(
+                            "{verb} OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={raw:x} refcount={refs}"
                         ));
                     }
                 }
                 CopiedSite::L2 { word, .. } => {
                     let e = L2Entry { word, bitmap: SubclusterBitmap(0) };
                     let refs = self.refcount(m, HostOffset(e.host_offset()).cluster(&self.g)).unwrap_or(0);
-                    let want = refs == 1;
-                    if e.copied() != want {
-                        s.report.corruptions += 1;
-                        s.copied_corruptions += 1;
-                        s.report
-                            .messages
-                            .push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}", e.word));
+                    if e.copied() != (refs == 1) {
+                        lines.push(format!("{verb} OFLAG_COPIED data cluster: l2_entry={:x} refcount={refs}", e.word));
                     }
                 }
             }
         }
-        Ok(())
+        Ok(lines)
     }
 
     /// The report of a second scan after a repair that fixed every
@@ -519,16 +565,21 @@ impl Qcow2 {
         }
     }
 
-    /// Repairs what `scan` found; returns the lines to print and whether
-    /// every finding is now fixed (nothing a second scan could report: no
-    /// finding of a kind a repair leaves, no refcount capped at its width,
-    /// no COPIED flag left, and no refcount structure allocated on the way).
-    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<(Vec<String>, bool)> {
+    /// Repairs what `scan` found, in qemu-img's order and words: the
+    /// refcounts first (or a rebuild of the refcount structures), then the
+    /// COPIED flags, judged on the repaired refcounts. Returns the lines to
+    /// print, whether every finding is now fixed (nothing a second scan
+    /// could report: no finding of a kind a repair leaves, no refcount
+    /// capped at its width, no COPIED flag left, and no refcount structure
+    /// allocated on the way), and how many COPIED flags disagreed with the
+    /// repaired refcounts (qemu-img counts those as the corruptions found).
+    fn repair(&self, m: &mut Meta, scan: &Scan, repair: Repair) -> Result<(Vec<String>, bool, u64)> {
         let mut said = Vec::new();
         let r = &scan.report;
         let mut fixed_all = !scan.bad_refblocks
             && r.check_errors == 0
-            && r.corruptions == scan.refcount_corruptions + scan.copied_corruptions
+            && r.corruptions
+                == scan.refcount_corruptions + scan.copied_corruptions + scan.incomplete_snapshots.len() as u64
             && (repair == Repair::All || r.corruptions == 0);
         let table_before = m.refs.table().to_vec();
         // The allocator must not hand out a cluster that something
@@ -540,36 +591,74 @@ impl Qcow2 {
         if scan.bad_refblocks && repair != Repair::All {
             return Err(Error::corrupt("ERROR need to rebuild refcount structures; use -r all"));
         }
-        if repair == Repair::All && scan.bad_refblocks {
-            said.push("Rebuilding refcount structure".to_string());
-            self.rebuild_refcounts(m)?;
-        } else {
+        // As QEMU: a referenced cluster whose stored refcount is 0 (a
+        // crash with lazy refcounts, a lost refcount block) makes the
+        // whole refcount structure suspect, and it is rebuilt.
+        let mut rebuilt = false;
+        if repair == Repair::All && (scan.bad_refblocks || scan.zero_refcount_referenced) {
+            match self.rebuild_refcounts(m, scan.refs.highest().map_or(1, |h| h + 1)) {
+                Ok(now) => {
+                    said.push("Rebuilding refcount structure".to_string());
+                    said.extend(self.old_structures_freed(scan, &now));
+                    rebuilt = true;
+                }
+                // Too large to rebuild: raised in place below instead.
+                Err(Error::Unsupported(_)) if !scan.bad_refblocks => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !rebuilt {
             let covered = (m.refs.table_len() as u64) << self.g.rc.block_entries_bits();
             let file_clusters = scan.refs.below.len() as u64;
             let highest = scan.refs.highest().map_or(0, |h| h + 1);
             let limit = file_clusters.max(highest).min(covered.max(highest));
+            let mut raise = Vec::new();
+            let mut lower = Vec::new();
+            for idx in 0..limit {
+                let stored = self.refcount(m, HostCluster(idx))?;
+                let counted = scan.refs.get(idx);
+                if stored < counted && repair == Repair::All {
+                    raise.push((idx, counted));
+                } else if stored > counted {
+                    lower.push((idx, counted));
+                } else if stored < counted {
+                    // Left for `-r all`; qemu-img says so again.
+                    said.push(format!("ERROR cluster {idx} refcount={stored} reference={counted}"));
+                    continue;
+                } else {
+                    continue;
+                }
+                said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
+            }
             // Raise before lowering: a crash in between leaves leaks only.
-            for pass in 0..2 {
-                let mut changed = false;
-                for idx in 0..limit {
-                    let stored = self.refcount(m, HostCluster(idx))?;
-                    let counted = scan.refs.get(idx);
-                    let raise = stored < counted && repair == Repair::All;
-                    let lower = stored > counted;
-                    if (pass == 0 && raise) || (pass == 1 && lower) {
-                        said.push(format!("Repairing cluster {idx} refcount={stored} reference={counted}"));
-                        fixed_all &= counted <= self.g.rc.max();
-                        self.set_refcount(m, HostCluster(idx), counted.min(self.g.rc.max()))?;
-                        changed = true;
-                    }
-                }
+            for list in [raise, lower] {
                 // A pass with nothing to change costs no sync.
-                if changed {
-                    self.write_refcounts_now(m)?;
+                if list.is_empty() {
+                    continue;
                 }
+                for (idx, counted) in list {
+                    fixed_all &= counted <= self.g.rc.max();
+                    self.set_refcount(m, HostCluster(idx), counted.min(self.g.rc.max()))?;
+                }
+                self.write_refcounts_now(m)?;
             }
         }
-        if repair == Repair::All {
+        if repair == Repair::All && !scan.incomplete_snapshots.is_empty() {
+            // Written again whole, every entry with its 24 bytes.
+            let list = m.snapshots.clone();
+            self.rewrite_snapshot_table(m, list)?;
+            self.write_back_durable(m)?;
+            m.overlap = super::metadata_clusters(&self.g, m);
+            fixed_all = false;
+        }
+        // `-r leaks` sets COPIED flags only when nothing but leaks was
+        // found (then the refcounts they follow are right), as qemu-img.
+        let others_left = r.check_errors != 0 || r.corruptions != scan.copied_corruptions;
+        let fix_flags = repair == Repair::All || !others_left;
+        let lines = self.copied_findings(m, &scan.copied, if fix_flags { "Repairing" } else { "ERROR" })?;
+        let copied_found = lines.len() as u64;
+        said.extend(lines);
+        if fix_flags && (repair == Repair::All || copied_found > 0) {
             if fixed_all {
                 fixed_all = self.fix_copied_sites(m, &scan.copied)?;
             } else {
@@ -577,7 +666,23 @@ impl Qcow2 {
             }
         }
         fixed_all &= m.refs.table() == &table_before[..];
-        Ok((said, fixed_all))
+        Ok((said, fixed_all, copied_found))
+    }
+
+    /// The lines QEMU's rebuild prints for the old refcount structures:
+    /// its new refcounts count them, then it frees them as leaks. Ours are
+    /// left out of the new refcounts from the start; the lines are the
+    /// same.
+    fn old_structures_freed(&self, scan: &Scan, now: &Refs) -> Vec<String> {
+        let end = scan.refs.highest().map_or(0, |h| h + 1);
+        (0..end)
+            .filter_map(|idx| {
+                let (before, after) = (scan.refs.get(idx), now.get(idx));
+                (before > after).then(|| {
+                    format!("Repairing cluster {idx} refcount={} reference={after}", before.min(self.g.rc.max()))
+                })
+            })
+            .collect()
     }
 
     /// Sets COPIED flags from the repaired refcounts, visiting only the
@@ -686,13 +791,16 @@ impl Qcow2 {
 
     /// Builds a new refcount table and blocks from the references, in free
     /// space past everything in use, and switches the header to them.
-    pub(crate) fn rebuild_refcounts(&self, m: &mut Meta) -> Result<()> {
+    /// Returns the references counted without the old structures.
+    fn rebuild_refcounts(&self, m: &mut Meta, in_use_end: u64) -> Result<Refs> {
         let cs = self.g.cluster_size;
         // Count references without the old refcount structures: they are
         // replaced and become free space.
         let mut scan = self.scan_without_refcounts(m)?;
         let per_block = self.g.rc.block_entries();
-        let start = scan.refs.highest().map_or(1, |h| h + 1).max(m.alloc.file_end().cluster(&self.g).0);
+        // As QEMU, right after the last cluster in use, old structures
+        // included (free space past it may be the file's reserved tail).
+        let start = scan.refs.highest().map_or(1, |h| h + 1).max(in_use_end);
         // Fixed point: blocks and table must also describe themselves.
         let mut blocks;
         let mut table_clusters;
@@ -734,7 +842,7 @@ impl Qcow2 {
         m.alloc.extend_end(table_at.add(table_clusters).offset(&self.g));
         m.alloc.rescan();
         m.overlap = super::metadata_clusters(&self.g, m);
-        Ok(())
+        Ok(scan.refs)
     }
 
     fn scan_without_refcounts(&self, m: &mut Meta) -> Result<Scan> {

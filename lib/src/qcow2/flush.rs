@@ -25,7 +25,7 @@ use crate::format::{Compatible, Incompatible};
 use crate::Result;
 
 impl Qcow2 {
-    fn lazy_configured(&self, m: &Meta) -> bool {
+    pub(crate) fn lazy_configured(&self, m: &Meta) -> bool {
         let bit = m.hc.header.compatible_features & Compatible::LAZY_REFCOUNTS != 0;
         self.g.v3 && self.lazy_refcounts.unwrap_or(bit)
     }

@@ -73,7 +73,7 @@ mod units;
 mod vmstate;
 mod write;
 
-pub use amend::{amend, amend_with_key, AmendOptions};
+pub use amend::{amend, amend_observed, amend_with_key, AmendEvent, AmendOptions};
 pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
@@ -547,7 +547,7 @@ impl Qcow2 {
                 let _ = self.file.flush();
             }
         }
-        Error::corrupt(format!("{what}; image marked corrupt, further writes refused"))
+        Error::corrupt(format!("{what}{CORRUPTION_EVENT_END}"))
     }
 
     /// Writes cluster 0 (header, extensions, backing name), unless other
@@ -617,6 +617,19 @@ fn read_snapshot_table(file: &dyn Storage, h: &Header) -> Result<Vec<SnapshotEnt
         out.push(e);
     }
     Ok(out)
+}
+
+/// How the error of a corruption that marked the image corrupt ends.
+const CORRUPTION_EVENT_END: &str = "; image marked corrupt, further writes refused";
+
+/// When `e` is the error of the corruption that marked the image corrupt
+/// (the first one: later requests are refused as read-only), what was
+/// found, as QEMU's corruption event words it.
+pub fn corruption_event(e: &Error) -> Option<&str> {
+    match e {
+        Error::Corrupt { what, .. } => what.strip_suffix(CORRUPTION_EVENT_END),
+        _ => None,
+    }
 }
 
 impl BlockDevice for Qcow2 {

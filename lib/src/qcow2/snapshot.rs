@@ -25,7 +25,7 @@ use crate::{Error, Result};
 use std::collections::HashMap;
 
 /// Bytes one entry occupies on disk (padded to 8).
-fn entry_disk_len(e: &SnapshotEntry) -> u64 {
+pub(crate) fn entry_disk_len(e: &SnapshotEntry) -> u64 {
     crate::format::be::pad8(FIXED_LEN + e.extra_data_size as usize + e.id.len() + e.name.len()) as u64
 }
 
@@ -210,6 +210,11 @@ impl Qcow2 {
         if list.len() > MAX_SNAPSHOTS as usize {
             return Err(Error::invalid("too many snapshots"));
         }
+        // As QEMU, an entry that recorded no disk size gets the current
+        // one (what QEMU assumes for it when reading the table).
+        for e in &mut list {
+            e.disk_size = e.disk_size.or(Some(m.hc.header.size));
+        }
         let bytes = encode_table(&list, self.g.v3);
         if bytes.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(Error::invalid("snapshot table would be too large"));
@@ -251,14 +256,7 @@ impl Qcow2 {
 
     /// Extra data bytes `SnapshotEntry::encode` writes for `e`.
     fn extra_len(&self, e: &SnapshotEntry) -> usize {
-        let with = self.g.v3 || e.disk_size.is_some() || e.icount.is_some() || !e.extra_unknown.is_empty();
-        if !with {
-            0
-        } else if e.icount.is_some() || !e.extra_unknown.is_empty() {
-            EXTRA_WITH_ICOUNT + e.extra_unknown.len()
-        } else {
-            16
-        }
+        EXTRA_WITH_ICOUNT + e.extra_unknown.len()
     }
 
     /// Finds a snapshot by ID first, then by name, as QEMU does.

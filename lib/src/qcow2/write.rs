@@ -101,6 +101,17 @@ impl Qcow2 {
         // either leaves nothing allocated and nothing changed.
         self.make_room_l2(m)?;
         let new = self.alloc_cluster(m)?;
+        if self.lazy_configured(m) {
+            // As QEMU, lazy refcounts or not, a new table's refcount is
+            // written before the table is used: a crash then leaves only
+            // data clusters' refcounts behind, the leaks QEMU's repair
+            // expects to find (iotest 039). On failure the cluster, which
+            // nothing references yet, is given back: nothing allocated.
+            if let Err(e) = self.write_refcounts(m) {
+                let _ = self.set_refcount(m, new.cluster(&self.g), 0);
+                return Err(e);
+            }
+        }
         self.check_overlap(m, new, None)?;
         m.overlap.insert(new.cluster(&self.g), MetaKind::ActiveL2);
         self.insert_l2_table(m, new, &content)?;

@@ -1,0 +1,83 @@
+//! `qemu-img amend` under the drop-in name against QEMU's own on the same
+//! images (QEMU's iotest 061): the downgrade's progress lines, its refusal
+//! of snapshots it cannot describe in v2, the repair of a dirty image it
+//! opens, naming the backing file the image already has, the words for an
+//! unknown compat level.
+
+use crate::dropin::{bare_sides, same_on, Cmp, Side};
+use crate::support::ok;
+
+fn both(ours: &Side, theirs: &Side, tool: &str, args: &[&str]) {
+    for side in [ours, theirs] {
+        ok(side.dir.path(), tool, args);
+    }
+}
+
+fn same(ours: &Side, theirs: &Side, tool: &str, args: &[&str]) {
+    same_on(ours, theirs, tool, args, None, Cmp::All);
+}
+
+#[test]
+fn amend_downgrade_progress_counts_every_l1_entry_snapshots_included() {
+    let (ours, theirs) = bare_sides();
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "b.qcow2", "4G"]);
+    for name in ["t.qcow2", "u.qcow2"] {
+        both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", name, "4G"]);
+        both(
+            &ours,
+            &theirs,
+            "qemu-io",
+            &["-c", "write -z 0 64k", "-c", "write -z 1G 64k", "-c", "write -z 3G 64k", name],
+        );
+    }
+    both(&ours, &theirs, "qemu-img", &["snapshot", "-c", "foo", "u.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-p", "-o", "compat=0.10", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-p", "-o", "compat=0.10", "u.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["check", "u.qcow2"]);
+}
+
+#[test]
+fn amend_downgrade_refuses_a_snapshot_of_another_disk_size() {
+    let (ours, theirs) = bare_sides();
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "t.qcow2", "32M"]);
+    both(&ours, &theirs, "qemu-img", &["snapshot", "-c", "foo", "t.qcow2"]);
+    both(&ours, &theirs, "qemu-img", &["resize", "-q", "t.qcow2", "64M"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "compat=0.10", "t.qcow2"]);
+    // The resize comes first, then the downgrade finds the sizes equal.
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "compat=0.10,size=32M", "t.qcow2"]);
+    for side in [&ours, &theirs] {
+        let header = std::fs::read(side.dir.path().join("t.qcow2")).expect("read image");
+        let be = |at: usize, n: usize| header[at..at + n].iter().fold(0u64, |v, &b| v << 8 | u64::from(b));
+        assert_eq!((be(4, 4), be(24, 8), be(60, 4)), (2, 32 << 20, 1), "version, size, snapshots");
+    }
+}
+
+#[test]
+fn amend_of_a_dirty_image_prints_the_repair_of_its_open() {
+    let (ours, theirs) = bare_sides();
+    both(
+        &ours,
+        &theirs,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", "t.qcow2", "64M"],
+    );
+    for side in [&ours, &theirs] {
+        let args = ["-c", "write -P 0x2a 0 128k", "-c", "flush", "-c", "sigraise 9", "t.qcow2"];
+        assert_ne!(crate::dropin::run(side, "qemu-io", &args, None).code, 0, "qemu-io survived sigraise 9");
+    }
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "compat=0.10", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["check", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-io", &["-c", "read -P 0x2a 0 128k", "t.qcow2"]);
+}
+
+#[test]
+fn amend_naming_the_backing_file_the_image_has_changes_nothing() {
+    let (ours, theirs) = bare_sides();
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"]);
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "backing_file=b.qcow2,backing_fmt=qcow2", "t.qcow2"]);
+    both(&ours, &theirs, "qemu-img", &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "backing_file=b.qcow2,backing_fmt=qcow2", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "backing_file=b.qcow2", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "compat=0.42", "t.qcow2"]);
+}
