@@ -292,27 +292,25 @@ impl Qcow2 {
     }
 
     /// Copies every bitmap of `src` into this image (`convert --bitmaps`):
-    /// same names, granularities, enabled state and bits. A bitmap `src`
-    /// found in use (inconsistent) is an error, or skipped when
-    /// `skip_inconsistent`; the names skipped are returned.
+    /// same names, granularities, enabled state and bits, in the same
+    /// directory order. A bitmap `src` found in use (inconsistent) is an
+    /// error, or skipped when `skip_inconsistent`; the names skipped are
+    /// returned, last in the directory first (the order QEMU names them
+    /// in, and the first it refuses is that one too).
     pub fn copy_bitmaps_from(&self, src: &Qcow2, skip_inconsistent: bool) -> Result<Vec<String>> {
-        let mut skipped = Vec::new();
-        for b in src.bitmaps()? {
-            if b.in_use {
-                if skip_inconsistent {
-                    skipped.push(b.name);
-                    continue;
-                }
-                return Err(Error::invalid(format!(
-                    "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
-                    b.name
-                )));
-            }
+        let all = src.bitmaps()?;
+        let broken: Vec<String> = all.iter().rev().filter(|b| b.in_use).map(|b| b.name.clone()).collect();
+        if let (Some(first), false) = (broken.first(), skip_inconsistent) {
+            return Err(Error::invalid(format!(
+                "Cannot copy inconsistent bitmap '{first}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"
+            )));
+        }
+        for b in all.into_iter().filter(|b| !b.in_use) {
             let bits = src.bitmap_data(&b.name)?;
             self.bitmap_add(&b.name, Some(b.granularity), b.auto)?;
             self.bitmap_merge(&b.name, &bits)?;
         }
-        Ok(skipped)
+        Ok(broken)
     }
 
     /// The dirty and clean ranges of `[offset, offset + len)` in bitmap
