@@ -121,7 +121,6 @@ pub fn run(args: &[String]) -> u8 {
         ("L", "-L (listing another server's exports)"),
         ("s", "-s (temporary snapshot overlay)"),
         ("o", "-o (exporting from an offset)"),
-        ("B", "-B (dirty bitmap export)"),
     ] {
         if p.has(key) {
             return fail(&format!("{what} is not supported by oxcow"));
@@ -149,7 +148,7 @@ pub fn run(args: &[String]) -> u8 {
     for (k, v) in &p.opts {
         let pair = |flag: &str, v: &Option<String>| vec![flag.to_string(), v.clone().unwrap_or_default()];
         match k.as_str() {
-            "b" | "p" | "k" | "e" | "f" | "x" | "D" => argv.extend(pair(&format!("-{k}"), v)),
+            "b" | "p" | "k" | "e" | "f" | "x" | "D" | "B" => argv.extend(pair(&format!("-{k}"), v)),
             "l" => argv.extend(["-l".to_string(), snapshot_param(v.as_deref().unwrap_or(""))]),
             "r" | "t" | "A" => argv.push(format!("-{k}")),
             "n" => argv.extend(["--cache".to_string(), "none".to_string()]),

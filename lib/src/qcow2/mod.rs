@@ -668,7 +668,7 @@ impl BlockDevice for Qcow2 {
         self.resize_to(new_len, true)
     }
     fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
-        Some(self.bitmap_extents(name, offset, len))
+        Some(self.chain_bitmap_extents(name, offset, len))
     }
 }
 

@@ -334,6 +334,26 @@ impl Qcow2 {
         Ok(r)
     }
 
+    /// The dirty and clean ranges of `[offset, offset + len)` in bitmap
+    /// `name` of this image or, when it has none of that name, of the
+    /// nearest backing file that has one: the bitmap a qemu-nbd `-B NAME`
+    /// export finds. Past the end of that backing file all is clean.
+    pub(crate) fn chain_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        if self.bitmaps()?.iter().any(|b| b.name == name) {
+            return self.bitmap_extents(name, offset, len);
+        }
+        let Some(b) = self.backing.as_deref() else { return Err(not_found(name)) };
+        let inner = len.min(b.len().saturating_sub(offset));
+        let mut v = match inner {
+            0 => Vec::new(),
+            _ => b.dirty_bitmap_extents(name, offset, inner).ok_or_else(|| not_found(name))??,
+        };
+        if inner < len {
+            v.push((offset + inner, len - inner, false));
+        }
+        Ok(v)
+    }
+
     /// Whether the image has bitmaps QEMU would load (an operation that
     /// rewrites the whole disk, like reverting to a snapshot, is refused).
     pub fn has_bitmaps(&self) -> bool {
