@@ -6,6 +6,7 @@
 mod support;
 
 mod bitmap_cli;
+mod bitmap_dropin;
 mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;
