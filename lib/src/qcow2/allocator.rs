@@ -168,10 +168,16 @@ impl Allocator {
     pub fn reset_compress_cursor(&mut self) {
         self.compress_cursor = HostOffset(0);
     }
-    /// Cluster `c` was freed: packing must not continue in it.
+    /// Cluster `c` was freed: packing must not continue in it, nor may
+    /// the file end early in it.
     pub fn cluster_freed(&mut self, c: HostCluster, cluster_bits: u32) {
         if self.compress_cursor.0 >> cluster_bits == c.0 {
             self.compress_cursor = HostOffset(0);
+        }
+        // The metadata that ended the file early is gone: whatever reuses
+        // the cluster is written whole.
+        if self.short_tail.is_some_and(|t| t.0.saturating_sub(1) >> cluster_bits == c.0) {
+            self.short_tail = None;
         }
     }
 }
