@@ -124,7 +124,9 @@ pub fn run(a: Args) -> CliResult<i32> {
     p.objects.apply(&mut file, &mut format)?;
     let file = &file;
     let format = parse_format(format.as_deref())?;
-    let img = open_image(file, &OpenOptions::default().format(format).write(true))?;
+    // Bitmaps belong to one layer: as qemu-img, neither image's backing
+    // chain is opened (a missing or busy backing file is no obstacle).
+    let img = open_image(file, &OpenOptions::default().format(format).write(true).no_backing(true))?;
     let q = img.qcow2().ok_or_else(|| {
         CliError::new(format!(
             "Operation {} on bitmap {name} failed: Can't store persistent bitmaps to '{file}': Operation not supported",
@@ -135,7 +137,7 @@ pub fn run(a: Args) -> CliResult<i32> {
     let source = match &p.source_file {
         Some(src) => {
             let fmt = parse_format(p.source_format.as_deref())?;
-            Some(open_image(src, &OpenOptions::read_only().format(fmt))?)
+            Some(open_image(src, &OpenOptions::read_only().format(fmt).no_backing(true))?)
         }
         None => None,
     };

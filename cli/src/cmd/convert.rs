@@ -227,7 +227,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     if a.bitmaps {
         if let (Some(s), Some(d)) = (src.qcow2(), dst.qcow2()) {
             for name in d.copy_bitmaps_from(s, a.skip_broken_bitmaps)? {
-                eprintln!("oxcow: warning: Skipping inconsistent bitmap '{name}'");
+                eprintln!("{}: warning: Skipping inconsistent bitmap '{name}'", crate::dropin::prog());
             }
         }
     }
@@ -242,7 +242,8 @@ fn check_bitmaps(src: &oxcow::Image, out: Format, skip: bool) -> CliResult<()> {
         return Err(CliError::new(format!("Format driver '{}' does not support bitmaps", out.name())));
     }
     let Some(q) = src.qcow2() else { return Ok(()) };
-    if let Some(b) = q.bitmaps()?.into_iter().find(|b| b.in_use) {
+    // QEMU goes through the bitmaps last in the directory first.
+    if let Some(b) = q.bitmaps()?.into_iter().rev().find(|b| b.in_use) {
         if !skip {
             return Err(CliError::new(format!(
                 "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",

@@ -349,12 +349,17 @@ fn fork_and_wait() -> CliResult<i32> {
     Ok(code)
 }
 
-/// qemu-nbd's refusals of `-B NAME`: no such bitmap, or one left in use.
+/// qemu-nbd's refusals of `-B NAME`: no such bitmap in the image or its
+/// backing chain (qemu-nbd takes the nearest layer's), or one left in use.
 fn check_bitmap(img: &oxcow::Image, name: &str) -> CliResult<()> {
-    let found = match img.qcow2() {
-        Some(q) => q.bitmaps()?.into_iter().find(|b| b.name == name),
-        None => None,
-    };
+    let mut found = None;
+    let mut layer = Some(img);
+    while let (Some(i), None) = (layer, &found) {
+        if let Some(q) = i.qcow2() {
+            found = q.bitmaps()?.into_iter().find(|b| b.name == name);
+        }
+        layer = i.backing();
+    }
     match found {
         None => Err(CliError::new(format!("Bitmap '{name}' is not found"))),
         Some(b) if b.in_use => Err(CliError::new(format!("Bitmap '{name}' is inconsistent and cannot be used"))),

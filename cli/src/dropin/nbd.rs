@@ -120,9 +120,7 @@ pub fn run(args: &[String]) -> u8 {
     if p.has("L") {
         return super::nbd_list::run(&p);
     }
-    for (key, what) in
-        [("d", "-d (kernel NBD device)"), ("s", "-s (temporary snapshot overlay)"), ("B", "-B (dirty bitmap export)")]
-    {
+    for (key, what) in [("d", "-d (kernel NBD device)"), ("s", "-s (temporary snapshot overlay)")] {
         if p.has(key) {
             return fail(&format!("{what} is not supported by oxcow"));
         }
@@ -149,7 +147,7 @@ pub fn run(args: &[String]) -> u8 {
     for (k, v) in &p.opts {
         let pair = |flag: &str, v: &Option<String>| vec![flag.to_string(), v.clone().unwrap_or_default()];
         match k.as_str() {
-            "b" | "p" | "k" | "e" | "f" | "x" | "D" => argv.extend(pair(&format!("-{k}"), v)),
+            "b" | "p" | "k" | "e" | "f" | "x" | "D" | "B" => argv.extend(pair(&format!("-{k}"), v)),
             // Joined, so that a negative value is not read as a flag.
             "o" => argv.push(format!("--offset={}", v.as_deref().unwrap_or(""))),
             "l" => argv.extend(["-l".to_string(), snapshot_param(v.as_deref().unwrap_or(""))]),

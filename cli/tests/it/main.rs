@@ -7,6 +7,7 @@ mod support;
 
 mod amend_dropin;
 mod bitmap_cli;
+mod bitmap_dropin;
 mod blkdebug_breaks;
 mod cache_mode_cli;
 mod check_cli;

@@ -43,6 +43,11 @@ pub(crate) struct Allocator {
     /// End of the last compressed cluster written, where the next one is
     /// packed (0 = start a new host cluster).
     compress_cursor: HostOffset,
+    /// Where the written bytes of the last handed-out cluster end, when
+    /// that cluster holds metadata written shorter than a cluster (a
+    /// bitmap directory): a clean close ends the file there, as QEMU's
+    /// file ends after its last write. Dropped when the end moves.
+    short_tail: Option<HostOffset>,
 }
 
 impl Allocator {
@@ -57,6 +62,7 @@ impl Allocator {
             pending: Vec::new(),
             keep_end: HostOffset(0),
             compress_cursor: HostOffset(0),
+            short_tail: None,
         }
     }
 
@@ -66,13 +72,27 @@ impl Allocator {
     }
     /// Hands out the space up to `end`, if that is further than now.
     pub fn extend_end(&mut self, end: HostOffset) {
+        if end > self.file_end {
+            self.short_tail = None;
+        }
         self.file_end = self.file_end.max(end);
     }
     /// Takes back the space from `end` on (a truncation of the file).
     pub fn truncate_end(&mut self, end: HostOffset) {
         self.file_end = end;
+        self.short_tail = None;
         // The file is cut there too: nothing past it is reserved any more.
         self.prealloc_end = self.prealloc_end.min(end);
+    }
+
+    /// Metadata written up to `end` ends the file's last cluster early
+    /// (ignored unless `end` lies in that cluster).
+    pub fn note_short_tail(&mut self, end: HostOffset) {
+        self.short_tail = Some(end);
+    }
+    /// Where a clean close may end the file instead of `file_end`.
+    pub fn short_tail(&self, cluster_size: u64) -> Option<HostOffset> {
+        self.short_tail.filter(|t| t.0 < self.file_end.0 && t.0 + cluster_size > self.file_end.0)
     }
 
     /// Where the next search for a free cluster starts.
@@ -148,10 +168,16 @@ impl Allocator {
     pub fn reset_compress_cursor(&mut self) {
         self.compress_cursor = HostOffset(0);
     }
-    /// Cluster `c` was freed: packing must not continue in it.
+    /// Cluster `c` was freed: packing must not continue in it, nor may
+    /// the file end early in it.
     pub fn cluster_freed(&mut self, c: HostCluster, cluster_bits: u32) {
         if self.compress_cursor.0 >> cluster_bits == c.0 {
             self.compress_cursor = HostOffset(0);
+        }
+        // The metadata that ended the file early is gone: whatever reuses
+        // the cluster is written whole.
+        if self.short_tail.is_some_and(|t| t.0.saturating_sub(1) >> cluster_bits == c.0) {
+            self.short_tail = None;
         }
     }
 }

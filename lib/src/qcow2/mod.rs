@@ -570,8 +570,13 @@ impl Qcow2 {
     /// metadata past the allocator's end (a damaged image's L1 table past
     /// the end of the file, say), nor guest data found mapped there.
     pub(crate) fn trim_reserved(&self, m: &mut Meta) -> Result<()> {
-        let keep =
+        let mut keep =
             m.alloc.file_end().max(m.alloc.keep_end()).0.max(m.overlap.end().saturating_mul(self.g.cluster_size));
+        // A last cluster only partly written (a bitmap directory) ends
+        // the file where its bytes end, as QEMU's does.
+        if let Some(t) = m.alloc.short_tail(self.g.cluster_size).filter(|_| keep == m.alloc.file_end().0) {
+            keep = t.0;
+        }
         let len = self.file.len().map_err(io_err("reading image size"))?;
         if m.alloc.prealloc_end().0 > keep && len > keep {
             self.file.set_len(keep).map_err(io_err("trimming reserved space"))?;
@@ -682,7 +687,7 @@ impl BlockDevice for Qcow2 {
         self.resize_to(new_len, true)
     }
     fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
-        Some(self.bitmap_extents(name, offset, len))
+        Some(self.chain_bitmap_extents(name, offset, len))
     }
 }
 

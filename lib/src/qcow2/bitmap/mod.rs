@@ -292,27 +292,25 @@ impl Qcow2 {
     }
 
     /// Copies every bitmap of `src` into this image (`convert --bitmaps`):
-    /// same names, granularities, enabled state and bits. A bitmap `src`
-    /// found in use (inconsistent) is an error, or skipped when
-    /// `skip_inconsistent`; the names skipped are returned.
+    /// same names, granularities, enabled state and bits, in the same
+    /// directory order. A bitmap `src` found in use (inconsistent) is an
+    /// error, or skipped when `skip_inconsistent`; the names skipped are
+    /// returned, last in the directory first (the order QEMU names them
+    /// in, and the first it refuses is that one too).
     pub fn copy_bitmaps_from(&self, src: &Qcow2, skip_inconsistent: bool) -> Result<Vec<String>> {
-        let mut skipped = Vec::new();
-        for b in src.bitmaps()? {
-            if b.in_use {
-                if skip_inconsistent {
-                    skipped.push(b.name);
-                    continue;
-                }
-                return Err(Error::invalid(format!(
-                    "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
-                    b.name
-                )));
-            }
+        let all = src.bitmaps()?;
+        let broken: Vec<String> = all.iter().rev().filter(|b| b.in_use).map(|b| b.name.clone()).collect();
+        if let (Some(first), false) = (broken.first(), skip_inconsistent) {
+            return Err(Error::invalid(format!(
+                "Cannot copy inconsistent bitmap '{first}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it"
+            )));
+        }
+        for b in all.into_iter().filter(|b| !b.in_use) {
             let bits = src.bitmap_data(&b.name)?;
             self.bitmap_add(&b.name, Some(b.granularity), b.auto)?;
             self.bitmap_merge(&b.name, &bits)?;
         }
-        Ok(skipped)
+        Ok(broken)
     }
 
     /// The dirty and clean ranges of `[offset, offset + len)` in bitmap
@@ -334,6 +332,26 @@ impl Qcow2 {
         let r = bits.extents(offset, len);
         self.bitmaps.lock().read_cache.push((name.to_string(), bits));
         Ok(r)
+    }
+
+    /// The dirty and clean ranges of `[offset, offset + len)` in bitmap
+    /// `name` of this image or, when it has none of that name, of the
+    /// nearest backing file that has one: the bitmap a qemu-nbd `-B NAME`
+    /// export finds. Past the end of that backing file all is clean.
+    pub(crate) fn chain_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        if self.bitmaps()?.iter().any(|b| b.name == name) {
+            return self.bitmap_extents(name, offset, len);
+        }
+        let Some(b) = self.backing.as_deref() else { return Err(not_found(name)) };
+        let inner = len.min(b.len().saturating_sub(offset));
+        let mut v = match inner {
+            0 => Vec::new(),
+            _ => b.dirty_bitmap_extents(name, offset, inner).ok_or_else(|| not_found(name))??,
+        };
+        if inner < len {
+            v.push((offset + inner, len - inner, false));
+        }
+        Ok(v)
     }
 
     /// Whether the image has bitmaps QEMU would load (an operation that

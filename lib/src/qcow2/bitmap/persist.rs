@@ -5,18 +5,30 @@
 //! of place, the header switches to it, then the old is freed):
 //!
 //! ```text
-//!  1. data clusters and tables of changed bitmaps, the new directory
-//!     (in use flags cleared), their refcounts
+//!  1. data clusters and tables of every consistent bitmap, the new
+//!     directory (in use flags cleared), their refcounts
 //!     -- fsync --    (write_back_durable)
 //!  2. header: bitmaps extension names the new directory
 //!     -- fsync --
 //!  3. old directory, tables and data clusters freed (deferred frees,
 //!     applied by the close's write-back)
 //! ```
+//! Removed bitmaps go first, in a store of their own (QEMU removes one at
+//! once): a directory without them, the header switch, their clusters
+//! and the old directory freed, as above; the frees are applied before
+//! the main store allocates.
 //! A crash before 2 leaves the old directory, whose bitmaps are in use
 //! (inconsistent) plus leaked clusters; after 2, the new consistent one.
 //! The in-use flags are set in place (only flags change, the entries keep
 //! their size) and synced before the first guest write can reach disk.
+//!
+//! Where things land follows QEMU's store, so images (and `qcow2.py
+//! dump-header` of them, iotest 303) come out the same: every consistent
+//! bitmap is written anew at each store, in directory order (data
+//! clusters, then its table), then the directory; tables and the
+//! directory are written only as long as they are, not padded to their
+//! clusters, so a directory in the last cluster ends the file as QEMU's
+//! does (iotest 190 measures that file as raw).
 
 use super::dirty::DirtyBitmap;
 use super::tracker::{Bitmap, TrackState};
@@ -193,19 +205,21 @@ impl Qcow2 {
         }
         let clusters = (n as u64 * 8).div_ceil(cs).max(1);
         let off = self.alloc_contiguous(m, clusters)?;
-        let mut table = encode_u64_table(&entries);
-        table.resize((clusters * cs) as usize, 0);
-        self.write_meta(m, off, &table, MetaKind::BitmapDirectory)?;
+        // Only the entries: what follows them in the cluster is never read.
+        self.write_meta(m, off, &encode_u64_table(&entries), MetaKind::BitmapDirectory)?;
         Ok((off.0, entries))
     }
 
     /// Schedules the release of a stored table and its data clusters.
+    /// The data clusters' space goes back to the host (QEMU always
+    /// discards them, so a cluster reused later reads as zeros past what
+    /// is written into it, in its images as in ours).
     fn free_table_later(&self, m: &mut Meta, table: (u64, u32), entries: &[u64]) {
         let cs = self.g.cluster_size;
         for &t in entries {
             let off = t & TABLE_OFFSET_MASK;
             if off != 0 {
-                self.free_later(m, HostOffset(off), false);
+                self.free_later(m, HostOffset(off), true);
             }
         }
         let clusters = (u64::from(table.1) * 8).div_ceil(cs).max(1);
@@ -220,14 +234,22 @@ impl Qcow2 {
         if !st.needs_store() {
             return Ok(());
         }
-        let cs = self.g.cluster_size;
         if st.bitmaps.len() > MAX_BITMAPS as usize {
             return Err(Error::invalid("too many bitmaps"));
         }
-        // 1. New tables for changed bitmaps; the old ones are freed after
-        // the header switch.
+        self.store_removals(m, st)?;
+        if !st.bitmaps.iter().any(|b| !b.inconsistent) {
+            // With no consistent bitmap left QEMU writes nothing more: the
+            // directory on disk (inconsistent ones, if any) is final.
+            st.dir_changed = false;
+            st.in_use_on_disk = false;
+            return Ok(());
+        }
+        // 1. New tables for every consistent bitmap, changed or not (as
+        // QEMU, see the module comment); the old ones are freed after the
+        // header switch.
         let mut old_tables = Vec::new();
-        for b in st.bitmaps.iter_mut().filter(|b| b.changed && !b.inconsistent) {
+        for b in st.bitmaps.iter_mut().filter(|b| !b.inconsistent) {
             let Some(bits) = b.bits.as_ref() else { continue };
             let (off, entries) = self.write_bitmap_data(m, bits)?;
             if let Some(t) = b.table.replace((off, entries.len() as u32)) {
@@ -254,27 +276,70 @@ impl Qcow2 {
                 })
             })
             .collect();
-        let bytes = encode_directory(&dir);
+        let new_ext = self.write_directory(m, &dir)?;
+        self.write_back_durable(m)?;
+        // 2. The switch, and what the old directory alone referenced.
+        self.switch_directory(m, new_ext)?;
+        for (t, entries) in &old_tables {
+            self.free_table_later(m, *t, entries);
+        }
+        st.dir_changed = false;
+        st.in_use_on_disk = false;
+        Ok(())
+    }
+
+    /// Takes removed bitmaps off the disk first, as QEMU does at the
+    /// moment of removal: the directory on disk without them, the header
+    /// switched to it, their clusters and the old directory freed, and
+    /// the frees applied so that the store that follows reuses the space
+    /// as QEMU's does.
+    fn store_removals(&self, m: &mut Meta, st: &mut TrackState) -> Result<()> {
+        if st.removed.is_empty() {
+            return Ok(());
+        }
+        let gone: Vec<u64> = st.removed.iter().map(|((off, _), _)| *off).collect();
+        let dir: Vec<BitmapDirEntry> = match Self::bitmaps_ext_valid(m) {
+            Some(ext) => self.read_directory(&ext)?.into_iter().filter(|e| !gone.contains(&e.table_offset)).collect(),
+            None => Vec::new(),
+        };
+        let new_ext = self.write_directory(m, &dir)?;
+        self.write_back_durable(m)?;
+        self.switch_directory(m, new_ext)?;
+        for (t, entries) in std::mem::take(&mut st.removed) {
+            self.free_table_later(m, t, &entries);
+        }
+        // Nothing on disk points at them any more (the header switch is
+        // durable): the write-back applies the frees now.
+        self.write_back_inner(m, true)?;
+        Ok(())
+    }
+
+    /// Writes `dir` into new clusters (none for an empty directory) and
+    /// returns the extension that names it.
+    fn write_directory(&self, m: &mut Meta, dir: &[BitmapDirEntry]) -> Result<Option<BitmapsExt>> {
+        if dir.is_empty() {
+            return Ok(None);
+        }
+        let bytes = encode_directory(dir);
         if bytes.len() as u64 > MAX_BITMAP_DIRECTORY_BYTES {
             return Err(Error::invalid("bitmap directory would be too large"));
         }
-        let new_ext = if dir.is_empty() {
-            None
-        } else {
-            let clusters = (bytes.len() as u64).div_ceil(cs);
-            let off = self.alloc_contiguous(m, clusters)?;
-            m.overlap.insert_range(off.cluster(&self.g), clusters, MetaKind::BitmapDirectory);
-            let mut padded = bytes.clone();
-            padded.resize((clusters * cs) as usize, 0);
-            self.write_meta(m, off, &padded, MetaKind::BitmapDirectory)?;
-            Some(BitmapsExt {
-                nb_bitmaps: dir.len() as u32,
-                directory_size: bytes.len() as u64,
-                directory_offset: off.0,
-            })
-        };
-        self.write_back_durable(m)?;
-        // 2. The switch.
+        let clusters = (bytes.len() as u64).div_ceil(self.g.cluster_size);
+        let off = self.alloc_contiguous(m, clusters)?;
+        m.overlap.insert_range(off.cluster(&self.g), clusters, MetaKind::BitmapDirectory);
+        self.write_meta(m, off, &bytes, MetaKind::BitmapDirectory)?;
+        m.alloc.note_short_tail(off.add(bytes.len() as u64));
+        Ok(Some(BitmapsExt {
+            nb_bitmaps: dir.len() as u32,
+            directory_size: bytes.len() as u64,
+            directory_offset: off.0,
+        }))
+    }
+
+    /// Points the header at `new_ext` durably and schedules the release
+    /// of the directory it named before.
+    fn switch_directory(&self, m: &mut Meta, new_ext: Option<BitmapsExt>) -> Result<()> {
+        let cs = self.g.cluster_size;
         let old_ext = Self::bitmaps_ext_valid(m);
         m.hc.extensions.bitmaps = new_ext;
         if new_ext.is_some() {
@@ -284,18 +349,11 @@ impl Qcow2 {
         }
         self.write_header(m)?;
         self.sync("flushing header")?;
-        // 3. What the old directory alone referenced.
         if let Some(old) = old_ext {
             for k in 0..old.directory_size.div_ceil(cs) {
                 self.free_later(m, HostOffset(old.directory_offset + k * cs), false);
             }
         }
-        for (t, entries) in old_tables.iter().chain(st.removed.iter()) {
-            self.free_table_later(m, *t, entries);
-        }
-        st.removed.clear();
-        st.dir_changed = false;
-        st.in_use_on_disk = false;
         Ok(())
     }
 }
