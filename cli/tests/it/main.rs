@@ -30,6 +30,7 @@ mod luks_create;
 mod luks_qcow2;
 mod luks_serve;
 mod other_formats;
+mod prealloc_cli;
 mod qcow2_cache_opts;
 mod read_compat;
 mod remote_cli;
