@@ -18,6 +18,7 @@ mod dropin;
 mod dropin_img;
 mod http_nginx;
 mod ignore_journal_cli;
+mod image_opts_names;
 mod iotests_ci;
 mod json_names;
 mod legacy_aes;
