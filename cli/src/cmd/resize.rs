@@ -96,7 +96,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
                 }
             }
             img.device().resize(new)?;
-            preallocate_raw_tail(img.file().as_ref(), cur, new, prealloc)?;
+            oxcow::qcow2::preallocate_file_range(img.file().as_ref(), cur, new, prealloc)?;
         }
     }
     img.close()?;
@@ -104,24 +104,4 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         println!("Image resized.");
     }
     Ok(0)
-}
-
-/// The new tail of a raw file, as QEMU's file driver preallocates it:
-/// falloc reserves its blocks, full writes zeros there.
-fn preallocate_raw_tail(file: &dyn oxcow::storage::Storage, from: u64, to: u64, mode: Preallocation) -> CliResult<()> {
-    let err = |e: std::io::Error| CliError::new(format!("Could not preallocate new data: {e}"));
-    match mode {
-        Preallocation::Falloc => file.allocate(from, to - from).map_err(err)?,
-        Preallocation::Full => {
-            let zeros = vec![0u8; (1 << 20).min(to - from) as usize];
-            let mut at = from;
-            while at < to {
-                let n = (to - at).min(zeros.len() as u64) as usize;
-                file.write_at(&zeros[..n], at).map_err(err)?;
-                at += n as u64;
-            }
-        }
-        _ => {}
-    }
-    file.flush().map_err(err)
 }
