@@ -29,11 +29,24 @@ impl ObjectArgs {
     /// Checks the objects and, with `--image-opts`, rewrites `name` into
     /// a name `oxcow::open` takes and `format` into the format it names.
     pub fn apply(&self, name: &mut String, format: &mut Option<String>) -> CliResult<()> {
+        self.apply_with(name, format, true)
+    }
+
+    /// As [`apply`](Self::apply), for commands that open the image
+    /// without its data (`info`): key secrets are not looked up, as
+    /// QEMU's tools do not then, so a missing one is no error.
+    pub fn apply_without_secrets(&self, name: &mut String, format: &mut Option<String>) -> CliResult<()> {
+        self.apply_with(name, format, false)
+    }
+
+    fn apply_with(&self, name: &mut String, format: &mut Option<String>, secrets: bool) -> CliResult<()> {
         let objects = Objects::parse(&self.objects)?;
+        let original = name.clone();
         if let Some(spec) = json_spec(name) {
             // QEMU lets `-f` stand beside a json: name; the tree's driver
             // says the format where it names one.
-            let (f, n) = resolve(&spec?, &objects)?;
+            let (f, n) = resolve_with(&spec?, &objects, secrets)?;
+            remember(&n, |e| e.given = Some(original));
             *name = n;
             if f.is_some() {
                 *format = f;
@@ -46,11 +59,59 @@ impl ObjectArgs {
         if format.is_some() {
             return Err(CliError::new("--image-opts and --format are mutually exclusive"));
         }
-        let (f, n) = resolve(name, &objects)?;
+        let (f, n) = resolve_with(name, &objects, secrets).map_err(|e| {
+            // qemu-img finds the secret missing as it opens the image.
+            if e.msg.starts_with("No secret with id") {
+                CliError::new(format!("Could not open '{original}': {}", e.msg))
+            } else {
+                e
+            }
+        })?;
+        remember(&n, |e| e.given = Some(original));
         *name = n;
         *format = f;
         Ok(())
     }
+}
+
+/// What an image named by an option string is called in messages.
+#[derive(Default)]
+struct Names {
+    /// The option string (or `json:` name) as given: qemu-img's "Could
+    /// not open" quotes it.
+    given: Option<String>,
+    /// QEMU's name for the image when its options cannot be told by a
+    /// file name (a key secret): `json:{...}`, as `info` shows it.
+    json: Option<String>,
+}
+
+/// By the file name the option string resolved to.
+static NAMES: std::sync::Mutex<Vec<(String, Names)>> = std::sync::Mutex::new(Vec::new());
+
+fn remember(resolved: &str, set: impl FnOnce(&mut Names)) {
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let at = match names.iter().position(|(n, _)| n == resolved) {
+        Some(i) => i,
+        None => {
+            names.push((resolved.to_string(), Names::default()));
+            names.len() - 1
+        }
+    };
+    set(&mut names[at].1);
+}
+
+/// The option string (or `json:` name) the image opened as `resolved`
+/// was given by, if it was given by one.
+pub fn given_name(resolved: &str) -> Option<String> {
+    let names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    names.iter().find(|(n, _)| n == resolved).and_then(|(_, e)| e.given.clone())
+}
+
+/// QEMU's `json:{...}` name of the image opened as `resolved`, when its
+/// option string holds options a file name cannot tell.
+pub fn json_name(resolved: &str) -> Option<String> {
+    let names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    names.iter().find(|(n, _)| n == resolved).and_then(|(_, e)| e.json.clone())
 }
 
 /// A `json:{...}` file name as the option string `--image-opts` takes
@@ -117,6 +178,11 @@ fn single_quotes_to_double(text: &str) -> String {
 /// An option string's format (none when it names only a protocol and the
 /// content is to be probed) and the name to open.
 pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, String)> {
+    resolve_with(opts, objects, true)
+}
+
+/// As [`resolve`]; `secrets` false leaves key secrets unlooked-up.
+fn resolve_with(opts: &str, objects: &Objects, secrets: bool) -> CliResult<(Option<String>, String)> {
     let mut map: BTreeMap<String, String> = parse_keyval(opts, None)?.into_iter().collect();
     // No driver over a `file.` child: QEMU probes the format.
     let driver = match map.remove("driver") {
@@ -125,7 +191,7 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
         None => return Err(CliError::new("Parameter 'driver' is missing")),
     };
     if driver == "blkdebug" {
-        return resolve(&blkdebug_image(map)?, objects);
+        return resolve_with(&blkdebug_image(map)?, objects, secrets);
     }
     let (format, proto, mut props) = match driver.as_str() {
         "nbd" | "file" | "null-co" | "null-aio" | "http" | "https" | "s3" => (Some("raw".to_string()), driver, map),
@@ -156,6 +222,12 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
                 .collect();
             for (depth, k) in key_opts {
                 let id = rest.remove(&k).unwrap_or_default();
+                if depth == 0 && inner.get("driver").is_none_or(|d| d == "file") {
+                    remember(&fname, |e| e.json = Some(json_name_of(fmt, &k, &id, &fname)));
+                }
+                if !secrets {
+                    continue;
+                }
                 let key = match objects.get(&id) {
                     Some(Object::Secret(s)) => s.0.clone(),
                     _ => return Err(CliError::new(format!("No secret with id '{id}'"))),
@@ -196,6 +268,19 @@ pub fn resolve(opts: &str, objects: &Objects) -> CliResult<(Option<String>, Stri
         return Err(CliError::new(format!("Invalid parameter '{k}'")));
     }
     Ok((format, name))
+}
+
+/// QEMU's name for a format image over a file whose key secret is part
+/// of its options: the options as JSON, the format's own first.
+fn json_name_of(fmt: &str, key: &str, id: &str, filename: &str) -> String {
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    format!(
+        "json:{{{}: {}, \"driver\": {}, \"file\": {{\"driver\": \"file\", \"filename\": {}}}}}",
+        q(key),
+        q(id),
+        q(fmt),
+        q(filename)
+    )
 }
 
 /// `backing.driver` and `backing.file.filename` (`backing.file.driver=file`)

@@ -25,7 +25,9 @@ pub fn file_protocol_name(name: &str) -> Option<String> {
 /// 'X': ...").
 pub fn open_image(path: &str, opts: &OpenOptions) -> CliResult<Image> {
     let plain = file_protocol_name(path);
-    let shown = path;
+    // An image given by an option string is named by that string.
+    let given = crate::image_opts::given_name(path);
+    let shown = given.as_deref().unwrap_or(path);
     let path = plain.as_deref().unwrap_or(path);
     let opts = crate::object::secret::with_key(path, with_network_permission(opts));
     let opts = crate::qcow2_cache_opts::with_cache(path, opts);

@@ -29,7 +29,8 @@ pub struct Args {
 }
 
 pub fn run(mut a: Args) -> CliResult<i32> {
-    a.objects.apply(&mut a.file, &mut a.format)?;
+    // qemu-img info reads no data: it looks no key secret up.
+    a.objects.apply_without_secrets(&mut a.file, &mut a.format)?;
     let json_out = match a.output.as_str() {
         "json" => true,
         "human" => false,
@@ -46,7 +47,11 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         let opts = OpenOptions::default().format(format).no_backing(true).force_share(a.force_share).no_io(true);
         let img = open_image(&path, &opts)?;
         // A `file:` name is shown as the plain name it stands for.
-        let shown = crate::util::file_protocol_name(&path).unwrap_or_else(|| path.clone());
+        // An image whose options name a key secret is shown by them all.
+        let shown = match (infos.is_empty(), crate::image_opts::json_name(&path)) {
+            (true, Some(json)) => json,
+            _ => crate::util::file_protocol_name(&path).unwrap_or_else(|| path.clone()),
+        };
         let info = image_info(&img, &shown)?;
         let next = if a.backing_chain {
             img.backing_name().map(|n| {
@@ -171,7 +176,15 @@ fn file_child(img: &Image, path: &str) -> Value {
 /// One image's information with qemu-img's keys, in its order.
 pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     let mut m = Map::new();
-    m.insert("children".into(), file_child(img, path));
+    // The file under a `json:{...}` name is the plain file.
+    let file_name = crate::util::file_protocol_name(&img.path().display().to_string())
+        .unwrap_or_else(|| img.path().display().to_string());
+    let child = if path.starts_with("json:{") && crate::image_opts::json_name(&file_name).is_some() {
+        &file_name
+    } else {
+        path
+    };
+    m.insert("children".into(), file_child(img, child));
     if let Some(f) = img.backing_format() {
         m.insert("backing-filename-format".into(), json!(f));
     }

@@ -13,7 +13,7 @@ pub struct Args {
     /// Allow making the image smaller.
     #[arg(long = "shrink")]
     shrink: bool,
-    /// Preallocation of the new area (only "off" is supported).
+    /// Preallocation of the new area: off, metadata (qcow2), falloc, full.
     #[arg(long = "preallocation")]
     preallocation: Option<String>,
     /// Quiet.
@@ -30,11 +30,12 @@ pub struct Args {
 
 pub fn run(mut a: Args) -> CliResult<i32> {
     a.objects.apply(&mut a.file, &mut a.format)?;
-    if let Some(p) = a.preallocation.as_deref() {
-        if p.parse::<Preallocation>().ok() != Some(Preallocation::Off) {
-            return Err(CliError::new(format!("Preallocation mode '{p}' is not supported by oxcow resize")));
+    let prealloc = match a.preallocation.as_deref() {
+        None => Preallocation::Off,
+        Some(p) => {
+            p.parse::<Preallocation>().map_err(|_| CliError::new(format!("Invalid preallocation mode '{p}'")))?
         }
-    }
+    };
     let (sign, num) = match a.size.as_bytes().first() {
         Some(b'+') => (1i8, &a.size[1..]),
         Some(b'-') => (-1, &a.size[1..]),
@@ -61,6 +62,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     if new > i64::MAX as u64 {
         return Err(CliError::new("Image size must be less than 8 EiB!"));
     }
+    // qemu-img refuses this before it looks at --shrink.
+    if prealloc != Preallocation::Off && new <= cur {
+        return Err(CliError::new("Preallocation can only be used for growing images"));
+    }
     if new < cur && !a.shrink {
         return Err(CliError::new(
             "Use the --shrink option to perform a shrink operation.\n\
@@ -69,13 +74,29 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         ));
     }
     match (img.format(), img.qcow2()) {
+        (Format::Qcow2, Some(q)) if prealloc != Preallocation::Off => q.grow_preallocated(new, prealloc)?,
         (Format::Qcow2, Some(q)) => q.resize_to(new, true)?,
         _ => {
             // The other formats judge sizes themselves, in qemu's words.
             if img.format() == Format::Raw && new % 512 != 0 {
                 return Err(CliError::new("The new size must be a multiple of 512"));
             }
-            img.device().resize(new)?
+            match (img.format(), prealloc) {
+                (_, Preallocation::Off) => {}
+                (Format::Raw, Preallocation::Metadata) => {
+                    return Err(CliError::new("Unsupported preallocation mode: metadata"))
+                }
+                (Format::Raw, _) => {}
+                (f, _) => {
+                    return Err(CliError::new(format!(
+                        "Preallocation mode '{}' is not supported by oxcow resize for {}",
+                        a.preallocation.as_deref().unwrap_or_default(),
+                        f.name()
+                    )))
+                }
+            }
+            img.device().resize(new)?;
+            oxcow::qcow2::preallocate_file_range(img.file().as_ref(), cur, new, prealloc)?;
         }
     }
     img.close()?;

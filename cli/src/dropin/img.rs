@@ -106,7 +106,7 @@ pub fn run(args: &[String]) -> u8 {
 
 /// Commands whose oxcow subcommand takes `--image-opts` (and `--object`)
 /// itself, NBD and TLS keys included.
-const NATIVE_IMAGE_OPTS: &[&str] = &["amend", "bitmap", "check", "compare", "convert", "dd", "info", "map"];
+const NATIVE_IMAGE_OPTS: &[&str] = &["amend", "bitmap", "check", "commit", "compare", "convert", "dd", "info", "map"];
 
 /// Commands that take one image, named by `-f` and a file name.
 const ONE_IMAGE: &[&str] =

@@ -313,7 +313,9 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
         if opts.preallocation != Preallocation::Off {
             q.preallocate(opts.preallocation, opts.backing_file.is_some())?;
         }
-        return q.close_clean();
+        q.close_clean()?;
+        drop(q);
+        return cut_l1_padding(&*file);
     };
     // After the L1 table, as QEMU places it.
     q.set_up_encryption(&crate::crypto::format_luks(params, password)?.bytes)?;
@@ -327,6 +329,24 @@ pub fn create(file: Arc<dyn Storage>, data_file: Option<Arc<dyn Storage>>, opts:
         q.close_clean()?;
     }
     Ok(())
+}
+
+/// QEMU writes a new image's L1 table with its own length, not a whole
+/// cluster, so its file ends right after the table's last entry (196616
+/// bytes for the default 64 MiB image); the image is cut there when the
+/// table is the last thing in the file. The rest of that cluster was
+/// padding (the L1 table owns its clusters), and a later allocation
+/// extends the file past it as usual.
+fn cut_l1_padding(file: &dyn Storage) -> Result<()> {
+    let h = super::read_header_cluster(file)?.header;
+    let cs = 1u64 << h.cluster_bits;
+    let l1_end = h.l1_table_offset + u64::from(h.l1_size) * 8;
+    let len = file.len().map_err(|e| Error::io("reading image size", e))?;
+    if h.l1_size == 0 || l1_end >= len || l1_end.div_ceil(cs) * cs != len {
+        return Ok(());
+    }
+    file.set_len(l1_end).map_err(|e| Error::io("truncating new image", e))?;
+    file.flush().map_err(|e| Error::io("flushing new image", e))
 }
 
 impl Qcow2 {
@@ -423,37 +443,109 @@ impl Qcow2 {
     }
 
     /// Allocates every cluster of the disk (preallocation=metadata and up).
-    /// With falloc the data clusters get their blocks, with full they are
-    /// written with zeros, before the L2 entries pointing at them are.
     /// Over a backing file (extended L2 only, see `validate`) the clusters
     /// are reserved with every subcluster left unallocated, as QEMU does,
     /// so the backing file still shows through until the guest writes.
     fn preallocate(&self, mode: Preallocation, over_backing: bool) -> Result<()> {
-        let cs = self.g.cluster_size;
-        let clusters = self.len().div_ceil(cs);
+        let clusters = self.len().div_ceil(self.g.cluster_size);
+        self.preallocate_clusters(mode, 0, clusters, over_backing)
+    }
+
+    /// Gives every guest cluster in `[first, end)` that has no host
+    /// cluster one (clusters that already have one keep it). With falloc
+    /// the new data clusters get their blocks, with full they are written
+    /// with zeros, before the L2 entries pointing at them are; with
+    /// metadata they stay holes, as QEMU leaves them (so a metadata-
+    /// preallocated file takes little room on the host). Reused clusters
+    /// (freed ones inside the file) are zeroed whatever the mode: they
+    /// must read as zeros like the fresh ones.
+    pub(super) fn preallocate_clusters(
+        &self,
+        mode: Preallocation,
+        first: u64,
+        end: u64,
+        over_backing: bool,
+    ) -> Result<()> {
         let mut m = self.lock();
-        // Host-contiguous runs of data clusters: (start, bytes).
+        self.check_writable(&m)?;
+        // The allocator's reserve-ahead would fallocate the data clusters
+        // of a metadata preallocation; the mode decides here instead.
+        // Afterwards the file is reserved as far as it reaches. What was
+        // reserved ahead before (for the L1 table, say) is given back
+        // first, or it would stay allocated inside the data's holes.
+        self.trim_reserved(&mut m)?;
+        let reserved = m.alloc.prealloc_end();
+        m.alloc.set_prealloc_end(HostOffset(u64::MAX));
+        let r = self.preallocate_locked(&mut m, mode, first, end, over_backing);
+        let len = self.file.len().unwrap_or(0);
+        m.alloc.set_prealloc_end(HostOffset(reserved.0.max(len)));
+        r
+    }
+
+    fn preallocate_locked(
+        &self,
+        m: &mut Meta,
+        mode: Preallocation,
+        first: u64,
+        end: u64,
+        over_backing: bool,
+    ) -> Result<()> {
+        let cs = self.g.cluster_size;
+        // Host-contiguous runs of new data clusters: (start, bytes), and
+        // the reused ones, which need zeros in any mode.
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for gc in 0..clusters {
+        let mut reused: Vec<u64> = Vec::new();
+        let new_from = m.alloc.file_end();
+        for gc in first..end {
+            let old = self.l2_entry(m, GuestCluster(gc))?;
+            if self.has_host_cluster(old) {
+                continue;
+            }
             let (l1i, l2i) = GuestCluster(gc).split(&self.g);
-            let l2 = self.writable_l2(&mut m, l1i)?;
-            let host = if self.g.external_data { gc * cs } else { self.alloc_cluster(&mut m)?.0 };
+            let l2 = self.writable_l2(m, l1i)?;
+            let host = if self.g.external_data {
+                gc * cs
+            } else {
+                let (h, fresh) = self.alloc_cluster_fresh(m)?;
+                if !fresh {
+                    reused.push(h.0);
+                }
+                h.0
+            };
             match runs.last_mut() {
                 Some((start, len)) if *start + *len == host => *len += cs,
                 _ => runs.push((host, cs)),
             }
-            // Plain allocated entries, as QEMU writes them: the new file
-            // is sparse, so the clusters read as zeros.
+            // Plain allocated entries, as QEMU writes them: the new
+            // clusters read as zeros. Zero flags (a grow over a longer
+            // backing file set them) stay with metadata preallocation, as
+            // in QEMU's image: the cluster is reserved, its data a hole.
+            let keep_zero = mode == Preallocation::Metadata && self.g.v3;
             let e = if self.g.extended {
-                let allocated = if over_backing { 0 } else { u32::MAX };
-                L2Entry { word: host | crate::format::l2::COPIED, bitmap: SubclusterBitmap::from_parts(allocated, 0) }
+                let zero = if keep_zero { old.bitmap.zero() } else { 0 };
+                let allocated = if over_backing { 0 } else { !zero };
+                L2Entry {
+                    word: host | crate::format::l2::COPIED,
+                    bitmap: SubclusterBitmap::from_parts(allocated, zero),
+                }
             } else {
-                L2Entry::normal(host, true)
+                let zero = if keep_zero { old.word & crate::format::l2::ZERO } else { 0 };
+                L2Entry { word: L2Entry::normal(host, true).word | zero, bitmap: SubclusterBitmap(0) }
             };
-            self.set_l2_raw(&mut m, l2, l2i, e)?;
+            self.set_l2_raw(m, l2, l2i, e)?;
         }
         let target: &dyn Storage = &*self.data;
         let err = |e| Error::io("preallocating", e);
+        let new_to = m.alloc.file_end();
+        if mode != Preallocation::Metadata && !self.g.external_data && new_to > new_from {
+            // Everything past the old end in one reservation, the new L2
+            // tables and refcount blocks between the data runs too, as
+            // QEMU's truncation of the file does: the data then sits in
+            // one extent of the host file, and converting it on later
+            // writes does not grow the file system's extent tree (which
+            // iotest 125 would see as the file growing).
+            self.file.allocate(new_from.0, new_to.0 - new_from.0).map_err(err)?;
+        }
         for &(start, len) in &runs {
             match mode {
                 Preallocation::Full => crate::storage::write_zeros_chunked(target, start, len).map_err(err)?,
@@ -461,14 +553,19 @@ impl Qcow2 {
                 _ => {}
             }
         }
+        if mode != Preallocation::Full {
+            for &h in &reused {
+                crate::storage::write_zeros_chunked(target, h, cs).map_err(err)?;
+            }
+        }
         let end = runs.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
         if target.len().map_err(err)? < end {
             target.set_len(end).map_err(err)?;
         }
-        if mode != Preallocation::Metadata {
+        if mode != Preallocation::Metadata || !reused.is_empty() {
             self.sync("flushing preallocated data")?;
         }
-        self.write_back(&mut m)?;
+        self.write_back(m)?;
         Ok(())
     }
 }

@@ -78,7 +78,7 @@ pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
-pub use preallocation::HostExtent;
+pub use preallocation::{preallocate_file_range, HostExtent};
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;

@@ -4,8 +4,22 @@
 //! qcow2 driver then lets the file layer refine the answer).
 
 use super::units::HostCluster;
-use super::Qcow2;
+use super::{Preallocation, Qcow2};
+use crate::storage::Storage;
 use crate::{Error, Result};
+
+/// Preallocates `[from, to)` of a plain (raw) file as QEMU's file driver
+/// does when it grows one: falloc reserves the blocks, full writes zeros;
+/// metadata and off do nothing here.
+pub fn preallocate_file_range(file: &dyn Storage, from: u64, to: u64, mode: Preallocation) -> Result<()> {
+    let err = |e| Error::io("Could not preallocate new data", e);
+    match mode {
+        Preallocation::Falloc => file.allocate(from, to.saturating_sub(from)).map_err(err)?,
+        Preallocation::Full => crate::storage::write_zeros_chunked(file, from, to.saturating_sub(from)).map_err(err)?,
+        _ => return Ok(()),
+    }
+    file.flush().map_err(err)
+}
 
 /// How the host file stores a run of data clusters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

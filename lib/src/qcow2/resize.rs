@@ -3,7 +3,7 @@
 
 use super::state::Meta;
 use super::units::{GuestCluster, HostCluster, HostOffset};
-use super::{metadata_clusters, Qcow2};
+use super::{metadata_clusters, Preallocation, Qcow2};
 use crate::format::l1::L1Entry;
 use crate::format::L2Entry;
 use crate::{BlockDevice, Error, Result};
@@ -42,6 +42,79 @@ impl Qcow2 {
             self.data.flush().map_err(|e| Error::io("flushing the data file", e))?;
         }
         Ok(())
+    }
+
+    /// Grows the virtual size to `new_size` and preallocates the new area
+    /// as `qemu-img resize --preallocation=MODE` does: every guest cluster
+    /// from the one holding the old end on gets a host cluster (metadata:
+    /// left a hole; falloc: its blocks reserved; full: written with
+    /// zeros), so writes there later allocate nothing. A partial cluster
+    /// at the old end keeps what the guest read there (the backing file's
+    /// data, say): it is copied into its new cluster.
+    pub fn grow_preallocated(&self, new_size: u64, mode: Preallocation) -> Result<()> {
+        let old = self.len();
+        if new_size <= old {
+            return Err(Error::invalid("Preallocation can only be used for growing images"));
+        }
+        self.resize_to(new_size, false)?;
+        if mode == Preallocation::Off {
+            return Ok(());
+        }
+        let cs = self.g.cluster_size;
+        let mut first = old / cs;
+        if !old.is_multiple_of(cs) {
+            self.copy_up_cluster(GuestCluster(first))?;
+            self.preallocate_cluster_tail(GuestCluster(first), old % cs, mode)?;
+            first += 1;
+        }
+        self.preallocate_clusters(mode, first, new_size.div_ceil(cs), false)
+    }
+
+    /// Gives guest cluster `gc` a host cluster holding what the guest
+    /// reads there now, unless it has one.
+    fn copy_up_cluster(&self, gc: GuestCluster) -> Result<()> {
+        let e = {
+            let mut m = self.lock();
+            self.l2_entry(&mut m, gc)?
+        };
+        if self.has_host_cluster(e) {
+            return Ok(());
+        }
+        let start = gc.offset(&self.g).0;
+        let end = (start + self.g.cluster_size).min(self.len());
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read(&mut buf, start)?;
+        self.write(&buf, start)
+    }
+
+    /// The part of guest cluster `gc`'s host cluster from `from` on (past
+    /// the old end of the disk), reserved (falloc) or written with zeros
+    /// (full) as the clusters after it: a metadata-preallocated cluster
+    /// may be a hole in the file there.
+    fn preallocate_cluster_tail(&self, gc: GuestCluster, from: u64, mode: Preallocation) -> Result<()> {
+        let e = {
+            let mut m = self.lock();
+            self.l2_entry(&mut m, gc)?
+        };
+        if e.is_compressed() || !self.has_host_cluster(e) {
+            return Ok(());
+        }
+        let at = e.host_offset() + from;
+        let len = self.g.cluster_size - from;
+        let err = |e| Error::io("preallocating", e);
+        match mode {
+            Preallocation::Falloc => self.data.allocate(at, len).map_err(err)?,
+            Preallocation::Full => crate::storage::write_zeros_chunked(&*self.data, at, len).map_err(err)?,
+            _ => return Ok(()),
+        }
+        self.sync("flushing preallocated data")
+    }
+
+    /// Whether an L2 entry points at a host cluster (or is compressed
+    /// data): preallocation leaves those as they are. With an external
+    /// data file, guest cluster 0 lives at host offset 0.
+    pub(super) fn has_host_cluster(&self, e: L2Entry) -> bool {
+        e.is_compressed() || e.host_offset() != 0 || (self.g.external_data && e.copied())
     }
 
     /// Grows an image whose backing file reaches past its end: the new

@@ -14,7 +14,8 @@ pub struct CommitOptions {
     pub format: Option<image::Format>,
     /// `-b`: commit down to this image of the backing chain (default: the
     /// immediate backing file). Implies `keep_overlay`, as in qemu-img:
-    /// the images in between become invalid, the top stays valid.
+    /// the images in between become invalid, the top stays valid. A
+    /// relative name is relative to the top's directory, as in qemu-img.
     pub base: Option<PathBuf>,
     /// `-d`: leave the overlay's clusters in place instead of emptying it.
     pub keep_overlay: bool,
@@ -63,6 +64,9 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     // Depth of the base in the chain (1 = the immediate backing file),
     // and the layers above it.
     let mut between: Vec<PathBuf> = Vec::new();
+    // A relative base name is taken relative to the top's directory, as
+    // QEMU takes it (the chain's own names are relative to their images).
+    let base_path = opts.base.as_deref().map(|b| image::resolve_backing(top, &b.to_string_lossy()));
     let (depth, base_layer) = {
         let mut layer = img.backing();
         let mut depth = 1u32;
@@ -74,7 +78,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
                     top.display()
                 )));
             };
-            match &opts.base {
+            match &base_path {
                 Some(b) if !same_file(b, l.path()) => {
                     between.push(l.path().to_path_buf());
                     layer = l.backing();
