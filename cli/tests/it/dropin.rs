@@ -421,3 +421,21 @@ fn qemu_img_compare_through_a_blkdebug_name() {
         assert_eq!(t.code, 4, "{args:?}: {}", t.stderr);
     }
 }
+
+/// Runs each command on both sides (same relative names), insisting on
+/// the same status and words.
+pub(crate) fn same_steps(ours: &Side, theirs: &Side, steps: &[(&str, &[&str])]) {
+    for (tool, args) in steps {
+        let o = run(ours, tool, args, None);
+        let t = run(theirs, tool, args, None);
+        assert_eq!(
+            (o.code, &o.stdout, &o.stderr),
+            (t.code, &t.stdout, &t.stderr),
+            "{tool} {args:?}\n--- qemu: {}{}--- oxcow: {}{}",
+            t.stdout,
+            t.stderr,
+            o.stdout,
+            o.stderr
+        );
+    }
+}

@@ -3,25 +3,7 @@
 //! inputs (iotests 198, qcow2-encryption, 020): which name a message or
 //! `info` shows, and which image `commit -b NAME` means.
 
-use crate::dropin::{bare_sides, run, Side};
-
-/// Runs each command on both sides (same relative names), insisting on
-/// the same status and words.
-fn same_steps(ours: &Side, theirs: &Side, steps: &[(&str, &[&str])]) {
-    for (tool, args) in steps {
-        let o = run(ours, tool, args, None);
-        let t = run(theirs, tool, args, None);
-        assert_eq!(
-            (o.code, &o.stdout, &o.stderr),
-            (t.code, &t.stdout, &t.stderr),
-            "{tool} {args:?}\n--- qemu: {}{}--- oxcow: {}{}",
-            t.stdout,
-            t.stderr,
-            o.stdout,
-            o.stderr
-        );
-    }
-}
+use crate::dropin::{bare_sides, run, same_steps, Side};
 
 const SEC0: &str = "secret,id=sec0,data=astrochicken";
 const SEC1: &str = "secret,id=sec1,data=furby";

@@ -3,26 +3,8 @@
 //! and 125): where the file ends, how much of it the host allocates, and
 //! what the guest reads afterwards.
 
-use crate::dropin::{bare_sides, run, Side};
+use crate::dropin::{bare_sides, same_steps, Side};
 use std::os::unix::fs::MetadataExt;
-
-/// Runs each command on both sides (same relative names), insisting on
-/// the same status and words.
-fn same_steps(ours: &Side, theirs: &Side, steps: &[(&str, &[&str])]) {
-    for (tool, args) in steps {
-        let o = run(ours, tool, args, None);
-        let t = run(theirs, tool, args, None);
-        assert_eq!(
-            (o.code, &o.stdout, &o.stderr),
-            (t.code, &t.stdout, &t.stderr),
-            "{tool} {args:?}\n--- qemu: {}{}--- oxcow: {}{}",
-            t.stdout,
-            t.stderr,
-            o.stdout,
-            o.stderr
-        );
-    }
-}
 
 /// The file's length and the bytes the host allocated for it.
 fn sizes(side: &Side, f: &str) -> (u64, u64) {
