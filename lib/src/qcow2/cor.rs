@@ -72,16 +72,8 @@ impl Qcow2 {
     /// The subclusters of guest cluster `gc` that `[from, to)` touches
     /// (all ones without extended L2 entries).
     fn touched_subclusters(&self, gc: u64, from: u64, to: u64) -> u32 {
-        if !self.g.extended {
-            return u32::MAX;
-        }
         let base = gc * self.g.cluster_size;
-        let sub = self.g.sub_size;
-        let first = (from.max(base) - base) / sub;
-        let last = (to.min(base + self.g.cluster_size) - 1 - base) / sub;
-        let bits = last - first + 1;
-        let ones = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
-        ones << first
+        self.sub_mask(from.max(base) - base, to.min(base + self.g.cluster_size) - base)
     }
 
     /// Claims the clusters of `[from, to)` with a (sub)cluster in the range

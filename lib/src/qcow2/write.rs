@@ -72,7 +72,7 @@ impl DataRun {
 impl Qcow2 {
     /// Bitmap of subclusters that `[from, to)` (offsets within a cluster)
     /// touches.
-    fn sub_mask(&self, from: u64, to: u64) -> u32 {
+    pub(super) fn sub_mask(&self, from: u64, to: u64) -> u32 {
         if !self.g.extended {
             return ALL_SUBS;
         }
