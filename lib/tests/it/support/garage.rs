@@ -10,7 +10,7 @@
 //!
 //! Shared by the library's and the CLI's test binaries.
 
-use super::process::{capture, wait_ready};
+use super::process::capture;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,10 +36,6 @@ pub struct Garage {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The Garage binary, if installed.
 pub fn binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("OXCOW_GARAGE") {
@@ -54,9 +50,23 @@ pub fn binary() -> Option<PathBuf> {
     on_path.into_iter().chain(cargo_home.map(|c| c.join("bin/garage"))).find(|p| p.is_file())
 }
 
+/// Cluster starts in one test process take turns: ports are picked free
+/// and then handed to Garage, so two starts at once could pick the same
+/// port (a node of one cluster then answers another cluster's `node
+/// connect` and the handshake fails).
+static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `n` distinct free ports, all held open until every one is chosen.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
 impl Garage {
     /// Starts the cluster and waits until it takes S3 requests; `None`
-    /// when Garage is not installed outside CI.
+    /// when Garage is not installed outside CI. A start that fails (a port
+    /// taken by another process between its choice and Garage's bind) is
+    /// retried on new ports.
     pub fn start() -> Option<Garage> {
         let Some(bin) = binary() else {
             assert!(
@@ -66,13 +76,29 @@ impl Garage {
             eprintln!("note: garage not installed (cargo install --locked garage); skipping");
             return None;
         };
+        let _turn = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Garage::try_start(&bin) {
+                Ok(g) => return Some(g),
+                Err(e) => {
+                    eprintln!("note: garage cluster did not start, retrying on new ports: {e}");
+                    failures.push(e);
+                }
+            }
+        }
+        panic!("garage cluster did not start in 3 tries: {failures:?}");
+    }
+
+    fn try_start(bin: &Path) -> Result<Garage, String> {
         let dir = tempfile::tempdir().unwrap();
         let rpc_secret = "5d2e0c11f8e3a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6";
+        let ports = free_ports(9);
         let mut nodes = Vec::new();
         for i in 0..3 {
             let home = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&home).unwrap();
-            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            let (rpc, s3, admin) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
             let config = home.join("garage.toml");
             std::fs::write(
                 &config,
@@ -88,7 +114,7 @@ impl Garage {
             )
             .unwrap();
             let log = std::fs::File::create(home.join("log")).unwrap();
-            let child = Command::new(&bin)
+            let child = Command::new(bin)
                 .arg("-c")
                 .arg(&config)
                 .arg("server")
@@ -100,16 +126,26 @@ impl Garage {
                 .expect("start garage");
             nodes.push(Node { child: Some(child), config, s3_port: s3 });
         }
-        let mut g = Garage { bin, nodes, _dir: dir };
+        let mut g = Garage { bin: bin.to_path_buf(), nodes, _dir: dir };
+        let started = Instant::now();
         for i in 0..3 {
             let port = g.nodes[i].s3_port;
-            wait_ready("garage", g.nodes[i].child.as_mut(), || {
-                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                if let Some(Ok(Some(status))) = g.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+                    let log = std::fs::read_to_string(g.nodes[i].config.with_file_name("log")).unwrap_or_default();
+                    return Err(format!("garage node {i} exited ({status}): {log}"));
+                }
+                assert!(started.elapsed() < Duration::from_secs(60), "garage node {i} not ready after 60 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
-        let ids: Vec<String> = (0..3).map(|i| g.cli(i, &["node", "id", "-q"]).trim().to_string()).collect();
+        let limit = Duration::from_secs(30);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(g.try_cli(i, &["node", "id", "-q"], limit)?.trim().to_string());
+        }
         for id in &ids[1..] {
-            g.cli(0, &["node", "connect", id]);
+            g.try_cli(0, &["node", "connect", id], limit)?;
         }
         for (i, id) in ids.iter().enumerate() {
             let short = &id[..16];
@@ -120,19 +156,26 @@ impl Garage {
         g.cli(0, &["bucket", "create", BUCKET]);
         g.cli(0, &["bucket", "allow", "--read", "--write", "--owner", BUCKET, "--key", "tests"]);
         g.wait_writable();
-        Some(g)
+        Ok(g)
     }
 
     /// Runs the Garage CLI against node `i`, retrying while the new layout
     /// spreads (a hang guard bounds it); returns stdout.
     fn cli(&self, i: usize, args: &[&str]) -> String {
+        self.try_cli(i, args, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As `cli`, giving up with the last error after `limit`.
+    fn try_cli(&self, i: usize, args: &[&str], limit: Duration) -> Result<String, String> {
         let start = Instant::now();
         loop {
             let (code, out, err) = capture(Command::new(&self.bin).arg("-c").arg(&self.nodes[i].config).args(args));
             if code == 0 {
-                return out;
+                return Ok(out);
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "garage {args:?}: {out}{err}");
+            if start.elapsed() >= limit {
+                return Err(format!("garage {args:?}: {out}{err}"));
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
