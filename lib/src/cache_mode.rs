@@ -8,7 +8,7 @@
 //! write-zeroes and discard is flushed before it completes; in unsafe mode
 //! flushes are not sent.
 
-use crate::device::{BlockDevice, BlockStatus};
+use crate::device::BlockDevice;
 use crate::Result;
 use std::sync::Arc;
 
@@ -37,12 +37,8 @@ impl CacheModeDevice {
 }
 
 impl BlockDevice for CacheModeDevice {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
+    crate::forward_block_device!(inner: len, read_at, block_status, backing, format_name, is_read_only, resize, dirty_bitmap_extents);
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.complete(self.inner.write_at(buf, offset))
     }
@@ -57,21 +53,6 @@ impl BlockDevice for CacheModeDevice {
             return Ok(());
         }
         self.inner.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.inner.block_status(offset, len)
-    }
-    fn backing(&self) -> Option<&dyn BlockDevice> {
-        self.inner.backing()
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn resize(&self, new_len: u64) -> Result<()> {
-        self.inner.resize(new_len)
     }
     fn close(&self) -> Result<()> {
         if self.ignore_flushes {

@@ -111,6 +111,84 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// Writes the [`BlockDevice`] methods named after the colon as plain
+/// pass-throughs to `self.FIELD` (anything that derefs to a
+/// `BlockDevice`), for filters that change only a few methods and forward
+/// the rest. Used inside an `impl BlockDevice for ...` block:
+///
+/// ```
+/// use oxcow::{BlockDevice, Result};
+/// /// Counts nothing; forwards everything but `format_name`.
+/// struct Renamed(Box<dyn BlockDevice>);
+/// impl BlockDevice for Renamed {
+///     oxcow::forward_block_device!(0: len, read_at, write_at, write_zeroes, discard, flush,
+///         block_status, backing, is_read_only, resize, close, dirty_bitmap_extents);
+///     fn format_name(&self) -> &'static str {
+///         "renamed"
+///     }
+/// }
+/// ```
+///
+/// Listing every method a filter does not override keeps optional ones
+/// (such as `dirty_bitmap_extents`) from silently falling back to the
+/// trait's default and hiding what the wrapped device offers.
+#[macro_export]
+macro_rules! forward_block_device {
+    ($field:tt: $($method:ident),+ $(,)?) => {
+        $( $crate::forward_block_device!(@one $field $method); )+
+    };
+    (@one $f:tt len) => {
+        fn len(&self) -> u64 { self.$f.len() }
+    };
+    (@one $f:tt read_at) => {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> $crate::Result<()> { self.$f.read_at(buf, offset) }
+    };
+    (@one $f:tt write_at) => {
+        fn write_at(&self, buf: &[u8], offset: u64) -> $crate::Result<()> { self.$f.write_at(buf, offset) }
+    };
+    (@one $f:tt write_zeroes) => {
+        fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> $crate::Result<()> {
+            self.$f.write_zeroes(offset, len, may_unmap)
+        }
+    };
+    (@one $f:tt discard) => {
+        fn discard(&self, offset: u64, len: u64) -> $crate::Result<()> { self.$f.discard(offset, len) }
+    };
+    (@one $f:tt flush) => {
+        fn flush(&self) -> $crate::Result<()> { self.$f.flush() }
+    };
+    (@one $f:tt block_status) => {
+        fn block_status(&self, offset: u64, len: u64) -> $crate::Result<$crate::BlockStatus> {
+            self.$f.block_status(offset, len)
+        }
+    };
+    (@one $f:tt backing) => {
+        fn backing(&self) -> Option<&dyn $crate::BlockDevice> { self.$f.backing() }
+    };
+    (@one $f:tt format_name) => {
+        fn format_name(&self) -> &'static str { self.$f.format_name() }
+    };
+    (@one $f:tt is_read_only) => {
+        fn is_read_only(&self) -> bool { self.$f.is_read_only() }
+    };
+    (@one $f:tt resize) => {
+        fn resize(&self, new_len: u64) -> $crate::Result<()> { self.$f.resize(new_len) }
+    };
+    (@one $f:tt close) => {
+        fn close(&self) -> $crate::Result<()> { self.$f.close() }
+    };
+    (@one $f:tt dirty_bitmap_extents) => {
+        fn dirty_bitmap_extents(
+            &self,
+            name: &str,
+            offset: u64,
+            len: u64,
+        ) -> Option<$crate::Result<Vec<(u64, u64, bool)>>> {
+            self.$f.dirty_bitmap_extents(name, offset, len)
+        }
+    };
+}
+
 /// A shared device is a device (what [`Image::device`](crate::Image::device)
 /// hands out can go wherever a `&dyn BlockDevice` is wanted).
 impl<D: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<D> {
@@ -207,5 +285,77 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
         _ => Err(crate::Error::invalid(format!(
             "request at offset {offset} of {len} bytes is past the end of the device ({size} bytes)"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device with one dirty bitmap, `b`, dirty everywhere.
+    struct Bitmapped;
+    impl BlockDevice for Bitmapped {
+        fn len(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+            buf.fill(7);
+            Ok(())
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
+            Ok(())
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
+            Ok(BlockStatus {
+                offset,
+                length: len,
+                allocated: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                host_offset: None,
+                depth: 0,
+            })
+        }
+        fn format_name(&self) -> &'static str {
+            "bitmapped"
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
+            (name == "b").then(|| Ok(vec![(offset, len, true)]))
+        }
+    }
+
+    /// Forwards everything but the name.
+    struct Renamed(Bitmapped);
+    impl BlockDevice for Renamed {
+        crate::forward_block_device!(0: len, read_at, write_at, write_zeroes, discard, flush, block_status,
+            backing, is_read_only, resize, close, dirty_bitmap_extents);
+        fn format_name(&self) -> &'static str {
+            "renamed"
+        }
+    }
+
+    #[test]
+    fn a_forwarding_filter_keeps_the_wrapped_devices_dirty_bitmaps() {
+        let r = Renamed(Bitmapped);
+        assert_eq!(r.format_name(), "renamed");
+        assert_eq!(r.len(), 4096);
+        let mut buf = [0u8; 8];
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 8]);
+        assert_eq!(r.dirty_bitmap_extents("b", 512, 1024).unwrap().unwrap(), [(512, 1024, true)]);
+        assert!(r.dirty_bitmap_extents("c", 0, 1).is_none());
     }
 }

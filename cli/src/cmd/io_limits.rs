@@ -5,7 +5,7 @@
 //! The other limits only split requests, which changes nothing oxcow's
 //! callers can see.
 
-use oxcow::{BlockDevice, BlockStatus, Result};
+use oxcow::{BlockDevice, Result};
 
 /// The limits, parsed from a qemu-io option tree.
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,15 +41,8 @@ pub struct Limited<'a> {
 }
 
 impl BlockDevice for Limited<'_> {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.dev.write_at(buf, offset)
-    }
+    oxcow::forward_block_device!(dev: len, read_at, write_at, discard, flush, block_status, backing, format_name, is_read_only, resize, close, dirty_bitmap_extents);
+
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         for (at, n, zero) in pieces(self.limits, offset, len) {
             if zero {
@@ -60,30 +53,6 @@ impl BlockDevice for Limited<'_> {
             }
         }
         Ok(())
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.dev.discard(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.dev.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.dev.block_status(offset, len)
-    }
-    fn backing(&self) -> Option<&dyn BlockDevice> {
-        self.dev.backing()
-    }
-    fn format_name(&self) -> &'static str {
-        self.dev.format_name()
-    }
-    fn is_read_only(&self) -> bool {
-        self.dev.is_read_only()
-    }
-    fn resize(&self, new_len: u64) -> Result<()> {
-        self.dev.resize(new_len)
-    }
-    fn close(&self) -> Result<()> {
-        self.dev.close()
     }
 }
 

@@ -3,7 +3,7 @@
 //! `detect-zeroes=unmap` when `discard=unmap` is set too (qemu-io does
 //! not refuse `unmap` alone, it just never deallocates then).
 
-use oxcow::{BlockDevice, BlockStatus, Result};
+use oxcow::{BlockDevice, Result};
 
 /// The option's value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,48 +44,14 @@ pub struct Detecting<'a> {
 }
 
 impl BlockDevice for Detecting<'_> {
-    fn len(&self) -> u64 {
-        self.dev.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.dev.read_at(buf, offset)
-    }
+    oxcow::forward_block_device!(dev: len, read_at, write_zeroes, discard, flush, block_status, backing, format_name, is_read_only, resize, close, dirty_bitmap_extents);
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.mode != DetectZeroes::Off && !buf.is_empty() && buf.iter().all(|&b| b == 0) {
             let unmap = self.mode == DetectZeroes::Unmap && self.discard_unmap;
             return self.dev.write_zeroes(offset, buf.len() as u64, unmap);
         }
         self.dev.write_at(buf, offset)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        self.dev.write_zeroes(offset, len, may_unmap)
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.dev.discard(offset, len)
-    }
-    fn flush(&self) -> Result<()> {
-        self.dev.flush()
-    }
-    fn block_status(&self, offset: u64, len: u64) -> Result<BlockStatus> {
-        self.dev.block_status(offset, len)
-    }
-    fn backing(&self) -> Option<&dyn BlockDevice> {
-        self.dev.backing()
-    }
-    fn format_name(&self) -> &'static str {
-        self.dev.format_name()
-    }
-    fn is_read_only(&self) -> bool {
-        self.dev.is_read_only()
-    }
-    fn resize(&self, new_len: u64) -> Result<()> {
-        self.dev.resize(new_len)
-    }
-    fn close(&self) -> Result<()> {
-        self.dev.close()
-    }
-    fn dirty_bitmap_extents(&self, name: &str, offset: u64, len: u64) -> Option<Result<Vec<(u64, u64, bool)>>> {
-        self.dev.dirty_bitmap_extents(name, offset, len)
     }
 }
 

@@ -119,9 +119,8 @@ impl ActivityDevice {
 }
 
 impl BlockDevice for ActivityDevice {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
+    crate::forward_block_device!(inner: len, backing, format_name, is_read_only, close, dirty_bitmap_extents);
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _g = self.activity.begin();
         self.inner.read_at(buf, offset)
@@ -146,21 +145,9 @@ impl BlockDevice for ActivityDevice {
         let _g = self.activity.begin();
         self.inner.block_status(offset, len)
     }
-    fn backing(&self) -> Option<&dyn BlockDevice> {
-        self.inner.backing()
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
-    }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
     fn resize(&self, new_len: u64) -> Result<()> {
         let _g = self.activity.begin();
         self.inner.resize(new_len)
-    }
-    fn close(&self) -> Result<()> {
-        self.inner.close()
     }
 }
 
