@@ -448,7 +448,7 @@ impl Qcow2 {
     /// so the backing file still shows through until the guest writes.
     fn preallocate(&self, mode: Preallocation, over_backing: bool) -> Result<()> {
         let clusters = self.len().div_ceil(self.g.cluster_size);
-        self.preallocate_clusters(mode, 0, clusters, over_backing)
+        self.preallocate_clusters(mode, 0, clusters, over_backing, None)
     }
 
     /// Gives every guest cluster in `[first, end)` that has no host
@@ -458,13 +458,16 @@ impl Qcow2 {
     /// metadata they stay holes, as QEMU leaves them (so a metadata-
     /// preallocated file takes little room on the host). Reused clusters
     /// (freed ones inside the file) are zeroed whatever the mode: they
-    /// must read as zeros like the fresh ones.
+    /// must read as zeros like the fresh ones. `lead_in` is a host range
+    /// (offset, length) the caller preallocates too: when it ends where
+    /// the new clusters start, it joins their one reservation.
     pub(super) fn preallocate_clusters(
         &self,
         mode: Preallocation,
         first: u64,
         end: u64,
         over_backing: bool,
+        lead_in: Option<(u64, u64)>,
     ) -> Result<()> {
         let mut m = self.lock();
         self.check_writable(&m)?;
@@ -476,7 +479,7 @@ impl Qcow2 {
         self.trim_reserved(&mut m)?;
         let reserved = m.alloc.prealloc_end();
         m.alloc.set_prealloc_end(HostOffset(u64::MAX));
-        let r = self.preallocate_locked(&mut m, mode, first, end, over_backing);
+        let r = self.preallocate_locked(&mut m, mode, first, end, over_backing, lead_in);
         let len = self.file.len().unwrap_or(0);
         m.alloc.set_prealloc_end(HostOffset(reserved.0.max(len)));
         r
@@ -489,6 +492,7 @@ impl Qcow2 {
         first: u64,
         end: u64,
         over_backing: bool,
+        lead_in: Option<(u64, u64)>,
     ) -> Result<()> {
         let cs = self.g.cluster_size;
         // Host-contiguous runs of new data clusters: (start, bytes), and
@@ -537,6 +541,10 @@ impl Qcow2 {
         let target: &dyn Storage = &*self.data;
         let err = |e| Error::io("preallocating", e);
         let new_to = m.alloc.file_end();
+        let reserve_from = match lead_in {
+            Some((at, len)) if at + len == new_from.0 => at,
+            _ => new_from.0,
+        };
         if mode != Preallocation::Metadata && !self.g.external_data && new_to > new_from {
             // Everything past the old end in one reservation, the new L2
             // tables and refcount blocks between the data runs too, as
@@ -544,7 +552,7 @@ impl Qcow2 {
             // one extent of the host file, and converting it on later
             // writes does not grow the file system's extent tree (which
             // iotest 125 would see as the file growing).
-            self.file.allocate(new_from.0, new_to.0 - new_from.0).map_err(err)?;
+            self.file.allocate(reserve_from, new_to.0 - reserve_from).map_err(err)?;
         }
         for &(start, len) in &runs {
             match mode {
@@ -616,5 +624,32 @@ mod tests {
         for p in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
             roundtrip(CreateOptions { size: 8 << 20, cluster_size: 4096, preallocation: p, ..Default::default() });
         }
+    }
+
+    /// iotest 125: the tail of the cluster holding the old end and the
+    /// clusters after it are reserved in one call, so the host file
+    /// system can give them one extent.
+    #[test]
+    fn resize_falloc_reserves_the_old_end_cluster_tail_with_the_new_clusters() {
+        use crate::storage::CountingStorage;
+        let mem: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let cs = 65536;
+        let old = 2048000;
+        let opts =
+            CreateOptions { size: old, cluster_size: cs, preallocation: Preallocation::Metadata, ..Default::default() };
+        create(mem.clone(), None, &opts).unwrap();
+        let st = Arc::new(CountingStorage::new(mem));
+        let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+        st.take_reservations();
+        q.grow_preallocated(old + 80 * 1024, Preallocation::Falloc).unwrap();
+        let tail = st
+            .take_reservations()
+            .into_iter()
+            .find(|&(at, _)| at % cs == old % cs)
+            .expect("the old end's cluster tail is reserved");
+        assert!(tail.1 >= (cs - old % cs) + cs, "tail and new cluster reserved apart: {tail:?}");
+        let mut back = vec![1u8; 80 * 1024];
+        q.read_at(&mut back, old).unwrap();
+        assert!(back.iter().all(|&b| b == 0));
     }
 }

@@ -62,12 +62,22 @@ impl Qcow2 {
         }
         let cs = self.g.cluster_size;
         let mut first = old / cs;
+        let mut tail = None;
         if !old.is_multiple_of(cs) {
             self.copy_up_cluster(GuestCluster(first))?;
-            self.preallocate_cluster_tail(GuestCluster(first), old % cs, mode)?;
+            tail = self.cluster_tail(GuestCluster(first), old % cs)?;
             first += 1;
         }
-        self.preallocate_clusters(mode, first, new_size.div_ceil(cs), false)
+        // The old end's tail goes into the same reservation as the new
+        // clusters when it ends where they start: two reservations may
+        // land apart on the host disk, and then converting them on later
+        // writes grows the file system's extent tree (iotest 125 sees
+        // the file grow).
+        self.preallocate_clusters(mode, first, new_size.div_ceil(cs), false, tail)?;
+        if let Some((at, len)) = tail {
+            self.preallocate_host_range(at, len, mode)?;
+        }
+        Ok(())
     }
 
     /// Gives guest cluster `gc` a host cluster holding what the guest
@@ -87,20 +97,24 @@ impl Qcow2 {
         self.write(&buf, start)
     }
 
-    /// The part of guest cluster `gc`'s host cluster from `from` on (past
-    /// the old end of the disk), reserved (falloc) or written with zeros
-    /// (full) as the clusters after it: a metadata-preallocated cluster
-    /// may be a hole in the file there.
-    fn preallocate_cluster_tail(&self, gc: GuestCluster, from: u64, mode: Preallocation) -> Result<()> {
+    /// Where the part of guest cluster `gc` from `from` on (past the old
+    /// end of the disk) lies in the file, as (offset, length); `None`
+    /// when the cluster has no host cluster of its own to preallocate.
+    fn cluster_tail(&self, gc: GuestCluster, from: u64) -> Result<Option<(u64, u64)>> {
         let e = {
             let mut m = self.lock();
             self.l2_entry(&mut m, gc)?
         };
         if e.is_compressed() || !self.has_host_cluster(e) {
-            return Ok(());
+            return Ok(None);
         }
-        let at = e.host_offset() + from;
-        let len = self.g.cluster_size - from;
+        Ok(Some((e.host_offset() + from, self.g.cluster_size - from)))
+    }
+
+    /// Reserves (falloc) or writes with zeros (full) the host bytes of a
+    /// cluster's tail, as the clusters after it: a metadata-preallocated
+    /// cluster may be a hole in the file there.
+    fn preallocate_host_range(&self, at: u64, len: u64, mode: Preallocation) -> Result<()> {
         let err = |e| Error::io("preallocating", e);
         match mode {
             Preallocation::Falloc => self.data.allocate(at, len).map_err(err)?,

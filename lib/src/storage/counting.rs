@@ -17,6 +17,8 @@ pub struct CountingStorage {
     unsynced: AtomicU64,
     /// Writes that did not land in `data_ranges` (metadata writes).
     log: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Every reservation (`allocate`) so far, as (offset, length).
+    reservations: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for CountingStorage {
@@ -37,6 +39,7 @@ impl CountingStorage {
             flushes: AtomicU64::new(0),
             unsynced: AtomicU64::new(0),
             log: Default::default(),
+            reservations: Default::default(),
         }
     }
     /// Writes so far.
@@ -55,6 +58,11 @@ impl CountingStorage {
     /// (offset, length) of every write so far, and clears the list.
     pub fn take_writes(&self) -> Vec<(u64, u64)> {
         std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    /// (offset, length) of every reservation (`allocate`) so far, and
+    /// clears the list.
+    pub fn take_reservations(&self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut *self.reservations.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -89,6 +97,7 @@ impl Storage for CountingStorage {
         self.inner.punch_hole(offset, len)
     }
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.reservations.lock().unwrap_or_else(|e| e.into_inner()).push((offset, len));
         self.inner.allocate(offset, len)
     }
     fn allocated_size(&self) -> io::Result<u64> {
