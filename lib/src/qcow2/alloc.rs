@@ -172,6 +172,14 @@ impl Qcow2 {
     /// does not fit, smaller ones are tried down to exactly `need`, and
     /// only when that does not fit either does the allocation fail (with
     /// the host's ENOSPC, nothing changed).
+    ///
+    /// In writethrough mode the chunk is written with zeros instead of
+    /// reserved: every write there is followed by a sync, and a sync after
+    /// a write into reserved (unwritten) blocks must commit the file
+    /// system's journal to convert them, where a sync after overwriting
+    /// written blocks flushes only the data. The zeros cost one large
+    /// write and one such commit per chunk instead of one commit per
+    /// allocating request.
     pub(crate) fn reserve_to(&self, m: &mut Meta, need: HostOffset) -> Result<()> {
         let have = m.alloc.prealloc_end();
         if need <= have {
@@ -181,7 +189,12 @@ impl Qcow2 {
         let mut chunk = ((need.0 / 16).clamp(1 << 20, 128 << 20).div_ceil(cs) * cs).min(m.alloc.reserve_cap());
         loop {
             let end = need.add(chunk);
-            match self.file.allocate(have.0, end.0 - have.0) {
+            let reserved = if self.writethrough {
+                crate::storage::write_zeros_chunked(&*self.file, have.0, end.0 - have.0)
+            } else {
+                self.file.allocate(have.0, end.0 - have.0)
+            };
+            match reserved {
                 Ok(()) => {
                     m.alloc.set_prealloc_end(end);
                     m.alloc.set_reserve_cap(m.alloc.reserve_cap().saturating_mul(2).max(cs));
