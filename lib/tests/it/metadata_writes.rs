@@ -24,12 +24,15 @@ fn metadata_writes(writes: &[(u64, u64)], data: &[u64]) -> usize {
     writes.iter().filter(|(off, _)| !data.iter().any(|&d| *off >= d && *off < d + 65536)).count()
 }
 
+/// (offset, length) pairs.
+type Ranges = Vec<(u64, u64)>;
+
 /// Splits off the zero fill written ahead of the allocation end (writes
 /// larger than the workload's 4 KiB requests and L2 pages), merged into
 /// ranges.
-fn split_ahead(writes: Vec<(u64, u64)>) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+fn split_ahead(writes: Ranges) -> (Ranges, Ranges) {
     let (big, small): (Vec<_>, Vec<_>) = writes.into_iter().partition(|&(_, l)| l > 4096);
-    let mut ahead: Vec<(u64, u64)> = Vec::new();
+    let mut ahead: Ranges = Vec::new();
     for (o, l) in big {
         match ahead.last_mut() {
             Some((s, n)) if *s + *n == o => *n += l,
