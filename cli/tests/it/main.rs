@@ -35,6 +35,7 @@ mod luks_create;
 mod luks_qcow2;
 mod luks_serve;
 mod nbd_extended;
+mod nbd_info;
 mod nbd_list;
 mod nbd_offset;
 mod nested_formats;
