@@ -45,8 +45,13 @@ impl ObjectArgs {
         if let Some(spec) = json_spec(name) {
             // QEMU lets `-f` stand beside a json: name; the tree's driver
             // says the format where it names one.
-            let (f, n) = resolve_with(&spec?, &objects, secrets)?;
-            remember(&n, |e| e.given = Some(original));
+            let spec = spec?;
+            let (f, n) = resolve_with(&spec, &objects, secrets)?;
+            let nbd = is_bare_nbd(&spec);
+            remember(&n, |e| {
+                e.given = Some(original);
+                e.bare_nbd = nbd;
+            });
             *name = n;
             if f.is_some() {
                 *format = f;
@@ -67,7 +72,11 @@ impl ObjectArgs {
                 e
             }
         })?;
-        remember(&n, |e| e.given = Some(original));
+        let nbd = is_bare_nbd(name);
+        remember(&n, |e| {
+            e.given = Some(original);
+            e.bare_nbd = nbd;
+        });
         *name = n;
         *format = f;
         Ok(())
@@ -83,6 +92,21 @@ struct Names {
     /// QEMU's name for the image when its options cannot be told by a
     /// file name (a key secret): `json:{...}`, as `info` shows it.
     json: Option<String>,
+    /// The option string's top driver is `nbd` itself, with no format
+    /// over it: `info` then shows the protocol as the format, as QEMU.
+    bare_nbd: bool,
+}
+
+/// Whether an option string's top driver is the `nbd` protocol.
+fn is_bare_nbd(opts: &str) -> bool {
+    parse_keyval(opts, None).is_ok_and(|kv| kv.iter().any(|(k, v)| k == "driver" && v == "nbd"))
+}
+
+/// Whether the image opened as `resolved` was given as a bare `nbd`
+/// driver (`--image-opts driver=nbd,...` or `json:{"driver":"nbd",...}`).
+pub fn bare_nbd(resolved: &str) -> bool {
+    let names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    names.iter().any(|(n, e)| n == resolved && e.bare_nbd)
 }
 
 /// By the file name the option string resolved to.
@@ -389,7 +413,15 @@ fn nbd_name(p: &mut BTreeMap<String, String>, objects: &Objects) -> CliResult<St
         }
     };
     let x_dirty_bitmap = p.remove("x-dirty-bitmap");
-    Ok(NbdUrl { addr, export, tls, x_dirty_bitmap }.to_string())
+    let name = NbdUrl { addr, export, tls, x_dirty_bitmap }.to_string();
+    // Seconds a request waits for a lost server to come back.
+    if let Some(v) = p.remove("reconnect-delay") {
+        let secs = v
+            .parse::<u32>()
+            .map_err(|_| CliError::new(format!("Parameter 'reconnect-delay' expects uint32_t, got '{v}'")))?;
+        oxcow::nbd::client::set_reconnect_delay(&name, std::time::Duration::from_secs(secs.into()));
+    }
+    Ok(name)
 }
 
 #[cfg(test)]

@@ -620,6 +620,18 @@ fn create_vhdx(path: &str, size: u64, g: &Given) -> Result<(), String> {
     oxcow::formats::vhdx::create(&*f, &o).map_err(|e| message(&e))
 }
 
+/// Where a new image is written: a new file, or an existing NBD export
+/// (which cannot be created, only written over from its start, as
+/// qemu-img does).
+fn new_image_storage(path: &str) -> Result<Arc<dyn Storage>, String> {
+    if oxcow::nbd::client::NbdUrl::is_nbd(path) {
+        let opts = oxcow::nbd::client::ClientOptions::default();
+        let s = oxcow::nbd::client::NbdStorage::open(path, opts).map_err(|e| message(&e))?;
+        return Ok(Arc::new(s.for_new_image()));
+    }
+    Ok(create_file(Path::new(path)).map_err(|e| message(&e))?)
+}
+
 fn create_qcow2(
     path: &str,
     size: u64,
@@ -671,7 +683,7 @@ fn create_qcow2(
         }
         None => None,
     };
-    let f = create_file(Path::new(path)).map_err(|e| message(&e))?;
+    let f = new_image_storage(path)?;
     oxcow::qcow2::create(f, data.clone(), &o).map_err(|e| message(&e))?;
     if let Some(d) = data {
         // qemu-img sizes the data file to the disk, so it holds the whole guest.

@@ -4,6 +4,7 @@ use crate::error::{CliError, CliResult};
 use crate::util::{human, open_image, parse_format, qemu_json};
 use oxcow::format::{Autoclear, SnapshotEntry};
 use oxcow::formats::InfoValue;
+use oxcow::nbd::client::NbdUrl;
 use oxcow::qcow2::BitmapInfo;
 use oxcow::{resolve_backing, ChainFiles, Image, OpenOptions};
 use serde_json::{json, Map, Value};
@@ -50,9 +51,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         // An image whose options name a key secret is shown by them all.
         let shown = match (infos.is_empty(), crate::image_opts::json_name(&path)) {
             (true, Some(json)) => json,
-            _ => crate::util::file_protocol_name(&path).unwrap_or_else(|| path.clone()),
+            _ => nbd_display(&path).or_else(|| crate::util::file_protocol_name(&path)).unwrap_or_else(|| path.clone()),
         };
-        let info = image_info(&img, &shown)?;
+        let info =
+            if crate::image_opts::bare_nbd(&path) { bare_nbd_info(&img, &shown) } else { image_info(&img, &shown)? };
         let next = if a.backing_chain {
             img.backing_name().map(|n| {
                 let fmt = img.backing_format().map(str::to_string);
@@ -131,6 +133,35 @@ fn bitmaps_json(bitmaps: &[BitmapInfo]) -> Value {
     Value::Array(list.collect())
 }
 
+/// QEMU's name for an NBD location in `info` (credentials and options
+/// are no part of it); None for any other name.
+fn nbd_display(name: &str) -> Option<String> {
+    if !NbdUrl::is_nbd(name) {
+        return None;
+    }
+    let mut u = NbdUrl::parse(name).ok()?;
+    u.tls = None;
+    u.x_dirty_bitmap = None;
+    Some(u.qemu_filename())
+}
+
+/// The NBD protocol node: QEMU knows its length only (no allocation, no
+/// dirty flag, nothing format-specific).
+fn nbd_protocol_info(name: &str, len: u64) -> Value {
+    let mut m = Map::new();
+    m.insert("children".into(), json!([]));
+    m.insert("virtual-size".into(), json!(len));
+    m.insert("filename".into(), json!(name));
+    m.insert("format".into(), json!("nbd"));
+    Value::Object(m)
+}
+
+/// `info` on a bare `nbd` driver (`--image-opts driver=nbd,...`): the
+/// protocol is the top node and its format.
+fn bare_nbd_info(img: &Image, shown: &str) -> Value {
+    nbd_protocol_info(shown, img.device().len())
+}
+
 fn protocol_info(path: &str, len: u64, actual: u64) -> Value {
     // qemu reports the protocol length in whole sectors.
     let flen = len.div_ceil(512) * 512;
@@ -161,6 +192,10 @@ fn extent_sizes(img: &Image) -> Vec<(String, u64, u64)> {
 }
 
 fn file_child(img: &Image, path: &str) -> Value {
+    if let Some(name) = nbd_display(&img.path().display().to_string()) {
+        let file = nbd_protocol_info(&name, img.file().len().unwrap_or(0));
+        return json!([{"name": "file", "info": file}]);
+    }
     // qemu lists a descriptor's extent files last one first.
     let mut children: Vec<Value> = extent_sizes(img)
         .into_iter()
@@ -206,8 +241,10 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     }
     m.insert("format".into(), json!(img.format().name()));
     let extents_actual: u64 = extent_sizes(img).iter().map(|e| e.2).sum();
-    // A remote object's allocation is unknown; QEMU leaves the key out.
-    if !oxcow::remote::is_remote(path) {
+    // A remote object's or an NBD export's allocation is unknown; QEMU
+    // leaves the key out.
+    let nbd = NbdUrl::is_nbd(&img.path().display().to_string());
+    if !oxcow::remote::is_remote(path) && !nbd {
         m.insert("actual-size".into(), json!(img.actual_size() + extents_actual));
     }
     if let Some(q) = q {
@@ -254,7 +291,11 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
     if q.is_some_and(|q| q.header().crypt_method != 0) || img.luks().is_some() {
         m.insert("encrypted".into(), json!(true));
     }
-    m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty()) || other.is_some_and(|f| f.dirty)));
+    // The flag comes from the format's information, which raw passes on
+    // from its file: an NBD export has none to give.
+    if !(nbd && img.format().name() == "raw") {
+        m.insert("dirty-flag".into(), json!(q.is_some_and(|q| q.is_dirty()) || other.is_some_and(|f| f.dirty)));
+    }
     Ok(Value::Object(m))
 }
 
@@ -363,9 +404,12 @@ pub fn human_info(v: &Value) -> String {
             let flen = as_u64(info, "virtual-size");
             s += &format!("Child node '/{}':\n", as_str(c, "name"));
             s += &format!("    filename: {}\n", as_str(info, "filename"));
-            s += "    protocol type: file\n";
+            s += &format!("    protocol type: {}\n", as_str(info, "format"));
             s += &format!("    file length: {} ({flen} bytes)\n", human(flen));
-            s += &format!("    disk size: {}\n", human(as_u64(info, "actual-size")));
+            match info.get("actual-size").and_then(Value::as_u64) {
+                Some(a) => s += &format!("    disk size: {}\n", human(a)),
+                None => s += "    disk size: unavailable\n",
+            }
         }
     }
     s

@@ -34,6 +34,8 @@ mod luks_commands;
 mod luks_create;
 mod luks_qcow2;
 mod luks_serve;
+mod nbd_extended;
+mod nbd_info;
 mod nbd_list;
 mod nbd_offset;
 mod nested_formats;

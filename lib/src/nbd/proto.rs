@@ -15,6 +15,9 @@ use std::fmt;
 
 /// `NBDMAGIC`, first word of the server greeting.
 pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `cliserv_magic`: second word of the oldstyle greeting, which goes on
+/// with the export's size and flags and allows no options.
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// `IHAVEOPT`: second word of the newstyle greeting and start of every option.
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Start of every option reply in fixed newstyle negotiation.
@@ -25,6 +28,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Start of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Start of every transmission request once extended headers are agreed.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Start of every reply chunk once extended headers are agreed.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // --- Handshake flags (server, 16 bits) and client flags (32 bits) ---------
 
@@ -63,6 +70,9 @@ pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
 pub const FLAG_SEND_CACHE: u16 = 1 << 10;
 /// `NBD_CMD_FLAG_FAST_ZERO` is understood.
 pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
+/// `NBD_CMD_BLOCK_STATUS` takes a payload naming the contexts to answer
+/// for (only with extended headers).
+pub const FLAG_BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 
 // --- Options --------------------------------------------------------------
 
@@ -86,7 +96,7 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// Select metadata contexts.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
-/// Extended headers (64-bit lengths); not supported here.
+/// Extended headers: 32-byte requests and replies with 64-bit lengths.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // --- Option reply types ---------------------------------------------------
@@ -118,6 +128,8 @@ pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
 pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_ERR + 8;
 /// Request or reply too large.
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
+/// Extended headers are required first, or cannot be downgraded from.
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR + 10;
 
 // --- Information types (NBD_REP_INFO) -------------------------------------
 
@@ -159,6 +171,9 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Write zeroes: fail with ENOTSUP unless fast.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Extended headers: the length is that of a payload following the
+/// header, not of the range the command acts on.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // --- Structured replies ---------------------------------------------------
 
@@ -172,6 +187,9 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// Extents of one metadata context.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Extents of one metadata context with 64-bit lengths and flags (only
+/// with extended headers).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// Error for the whole request.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 /// Error at an offset.
@@ -730,6 +748,92 @@ impl Request {
     }
 }
 
+/// An extended request header (32 bytes), used instead of the compact one
+/// once `NBD_OPT_EXTENDED_HEADERS` is agreed. With `CMD_FLAG_PAYLOAD_LEN`
+/// the length is that of the payload that follows; without it, the
+/// length of the range the command acts on (64 bits wide).
+///
+/// ```text
+///  0       4   6   8               16              24              32
+/// +-------+---+---+---------------+---------------+---------------+
+/// | magic |flg|typ| cookie        | offset        | length        |
+/// +-------+---+---+---------------+---------------+---------------+
+/// ```
+pub mod ext_request {
+    /// Offset of `EXTENDED_REQUEST_MAGIC`.
+    pub const MAGIC: usize = 0;
+    /// Offset of the command flags.
+    pub const FLAGS: usize = 4;
+    /// Offset of the command type.
+    pub const TYPE: usize = 6;
+    /// Offset of the cookie.
+    pub const COOKIE: usize = 8;
+    /// Offset of the export offset.
+    pub const OFFSET: usize = 16;
+    /// Offset of the payload or effect length.
+    pub const LENGTH: usize = 24;
+    /// Encoded size.
+    pub const SIZE: usize = 32;
+}
+
+/// A decoded request header of either form, with the length widened to
+/// 64 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtRequest {
+    /// Command flags (`CMD_FLAG_*`).
+    pub flags: u16,
+    /// Command (`CMD_*`).
+    pub command: u16,
+    /// Opaque value echoed in the reply.
+    pub cookie: u64,
+    /// Export offset.
+    pub offset: u64,
+    /// Payload length (with `CMD_FLAG_PAYLOAD_LEN`, or a compact write),
+    /// else effect length.
+    pub length: u64,
+}
+
+impl From<Request> for ExtRequest {
+    fn from(r: Request) -> Self {
+        ExtRequest {
+            flags: r.flags,
+            command: r.command,
+            cookie: r.cookie,
+            offset: r.offset,
+            length: u64::from(r.length),
+        }
+    }
+}
+
+impl ExtRequest {
+    /// Decodes an extended header; a wrong magic (a compact header
+    /// included) means the stream is out of sync.
+    pub fn decode(b: &[u8; ext_request::SIZE]) -> Result<Self, ProtoError> {
+        let magic = be_u32(b, ext_request::MAGIC);
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(ProtoError(format!("bad extended request magic {magic:#x}")));
+        }
+        Ok(ExtRequest {
+            flags: be_u16(b, ext_request::FLAGS),
+            command: be_u16(b, ext_request::TYPE),
+            cookie: be_u64(b, ext_request::COOKIE),
+            offset: be_u64(b, ext_request::OFFSET),
+            length: be_u64(b, ext_request::LENGTH),
+        })
+    }
+    /// Encodes an extended header (used by test clients).
+    pub fn encode(&self) -> [u8; ext_request::SIZE] {
+        let mut b = [0u8; ext_request::SIZE];
+        b[ext_request::MAGIC..ext_request::MAGIC + 4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[ext_request::FLAGS..ext_request::FLAGS + 2].copy_from_slice(&self.flags.to_be_bytes());
+        b[ext_request::TYPE..ext_request::TYPE + 2].copy_from_slice(&self.command.to_be_bytes());
+        b[ext_request::COOKIE..ext_request::COOKIE + 8].copy_from_slice(&self.cookie.to_be_bytes());
+        b[ext_request::OFFSET..ext_request::OFFSET + 8].copy_from_slice(&self.offset.to_be_bytes());
+        b[ext_request::LENGTH..ext_request::LENGTH + 8].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
 /// A simple reply (16 bytes); a successful `NBD_CMD_READ` is followed by
 /// its data.
 ///
@@ -792,6 +896,85 @@ pub fn encode_chunk_header(flags: u16, chunk_type: u16, cookie: u64, length: u32
     b[chunk::COOKIE..chunk::COOKIE + 8].copy_from_slice(&cookie.to_be_bytes());
     b[chunk::LENGTH..chunk::LENGTH + 4].copy_from_slice(&length.to_be_bytes());
     b
+}
+
+/// An extended reply chunk header (32 bytes), the only reply form once
+/// extended headers are agreed (a success without data is a
+/// `REPLY_TYPE_NONE` chunk); `length` bytes of payload follow.
+///
+/// ```text
+///  0       4   6   8               16              24              32
+/// +-------+---+---+---------------+---------------+---------------+
+/// | magic |flg|typ| cookie        | offset        | length        |
+/// +-------+---+---+---------------+---------------+---------------+
+/// ```
+///
+/// `offset` repeats the request's offset, whatever the chunk's payload says.
+pub mod ext_chunk {
+    /// Offset of `EXTENDED_REPLY_MAGIC`.
+    pub const MAGIC: usize = 0;
+    /// Offset of the reply flags.
+    pub const FLAGS: usize = 4;
+    /// Offset of the chunk type.
+    pub const TYPE: usize = 6;
+    /// Offset of the cookie.
+    pub const COOKIE: usize = 8;
+    /// Offset of the request's offset.
+    pub const OFFSET: usize = 16;
+    /// Offset of the payload length.
+    pub const LENGTH: usize = 24;
+    /// Encoded size.
+    pub const SIZE: usize = 32;
+}
+
+/// Encodes an extended reply chunk header.
+pub fn encode_ext_chunk_header(
+    flags: u16,
+    chunk_type: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) -> [u8; ext_chunk::SIZE] {
+    let mut b = [0u8; ext_chunk::SIZE];
+    b[ext_chunk::MAGIC..ext_chunk::MAGIC + 4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[ext_chunk::FLAGS..ext_chunk::FLAGS + 2].copy_from_slice(&flags.to_be_bytes());
+    b[ext_chunk::TYPE..ext_chunk::TYPE + 2].copy_from_slice(&chunk_type.to_be_bytes());
+    b[ext_chunk::COOKIE..ext_chunk::COOKIE + 8].copy_from_slice(&cookie.to_be_bytes());
+    b[ext_chunk::OFFSET..ext_chunk::OFFSET + 8].copy_from_slice(&offset.to_be_bytes());
+    b[ext_chunk::LENGTH..ext_chunk::LENGTH + 8].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// A decoded extended reply chunk header (used by test clients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtChunkHeader {
+    /// Reply flags.
+    pub flags: u16,
+    /// Chunk type.
+    pub chunk_type: u16,
+    /// The request's cookie.
+    pub cookie: u64,
+    /// The request's offset.
+    pub offset: u64,
+    /// Payload length.
+    pub length: u64,
+}
+
+impl ExtChunkHeader {
+    /// Decodes an extended reply chunk header.
+    pub fn decode(b: &[u8; ext_chunk::SIZE]) -> Result<Self, ProtoError> {
+        let magic = be_u32(b, ext_chunk::MAGIC);
+        if magic != EXTENDED_REPLY_MAGIC {
+            return Err(ProtoError(format!("bad extended reply magic {magic:#x}")));
+        }
+        Ok(ExtChunkHeader {
+            flags: be_u16(b, ext_chunk::FLAGS),
+            chunk_type: be_u16(b, ext_chunk::TYPE),
+            cookie: be_u64(b, ext_chunk::COOKIE),
+            offset: be_u64(b, ext_chunk::OFFSET),
+            length: be_u64(b, ext_chunk::LENGTH),
+        })
+    }
 }
 
 /// A decoded reply header, simple or structured (used by test clients).
@@ -899,6 +1082,65 @@ pub fn encode_block_status(context_id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
     b
 }
 
+/// Payload of `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: the context id, the
+/// number of descriptors, then one (length, flags) pair of 64-bit values
+/// per extent.
+///
+/// ```text
+///  0       4       8               16              24
+/// +-------+-------+---------------+---------------+ - -
+/// |  id   | count | len 0         | flags 0       |
+/// +-------+-------+---------------+---------------+ - -
+/// ```
+pub fn encode_block_status_ext(context_id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + 16 * extents.len());
+    b.extend_from_slice(&context_id.to_be_bytes());
+    b.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+    for (len, flags) in extents {
+        b.extend_from_slice(&u64::from(*len).to_be_bytes());
+        b.extend_from_slice(&u64::from(*flags).to_be_bytes());
+    }
+    b
+}
+
+/// Payload of `NBD_CMD_BLOCK_STATUS` with `CMD_FLAG_PAYLOAD_LEN`: the
+/// effect length, then the ids of the contexts to answer for.
+///
+/// ```text
+///  0               8       12
+/// +---------------+-------+-------+ - -
+/// | effect length | id 0  | id 1  |
+/// +---------------+-------+-------+ - -
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPayload {
+    /// Length of the range asked about.
+    pub length: u64,
+    /// Context ids wanted.
+    pub ids: Vec<u32>,
+}
+
+impl StatusPayload {
+    /// Decodes the payload, which must be 8 bytes plus whole ids.
+    pub fn decode(p: &[u8]) -> Result<Self, ProtoError> {
+        if p.len() < 8 || !(p.len() - 8).is_multiple_of(4) {
+            return Err(ProtoError(format!("block status payload of {} bytes is not 8 + 4n", p.len())));
+        }
+        let length = be_u64(p, 0);
+        let ids = p[8..].chunks_exact(4).map(|c| be_u32(c, 0)).collect();
+        Ok(StatusPayload { length, ids })
+    }
+    /// Encodes the payload (used by test clients).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + 4 * self.ids.len());
+        b.extend_from_slice(&self.length.to_be_bytes());
+        for id in &self.ids {
+            b.extend_from_slice(&id.to_be_bytes());
+        }
+        b
+    }
+}
+
 /// Cuts `s` to at most `max` bytes on a character boundary.
 pub fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -922,6 +1164,41 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert!(Request::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn extended_request_round_trip() {
+        let r =
+            ExtRequest { flags: CMD_FLAG_PAYLOAD_LEN, command: CMD_WRITE, cookie: 7, offset: 1 << 40, length: 5 << 32 };
+        assert_eq!(ExtRequest::decode(&r.encode()), Ok(r));
+        // A compact header where an extended one belongs is out of sync.
+        let compact = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 512 }.encode();
+        let mut b = [0u8; ext_request::SIZE];
+        b[..request::SIZE].copy_from_slice(&compact);
+        assert!(ExtRequest::decode(&b).is_err());
+        let h = encode_ext_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 9, 4096, 0);
+        assert_eq!(
+            ExtChunkHeader::decode(&h),
+            Ok(ExtChunkHeader {
+                flags: REPLY_FLAG_DONE,
+                chunk_type: REPLY_TYPE_NONE,
+                cookie: 9,
+                offset: 4096,
+                length: 0
+            })
+        );
+    }
+
+    #[test]
+    fn status_payload_bounds() {
+        let p = StatusPayload { length: 1 << 33, ids: vec![1, 2] };
+        assert_eq!(StatusPayload::decode(&p.encode()), Ok(p));
+        assert!(StatusPayload::decode(&[0; 7]).is_err());
+        assert!(StatusPayload::decode(&[0; 10]).is_err());
+        assert_eq!(StatusPayload::decode(&[0; 8]).map(|p| p.ids.len()), Ok(0));
+        let b = encode_block_status_ext(3, &[(512, 1), (1024, 0)]);
+        assert_eq!(b.len(), 8 + 2 * 16);
+        assert_eq!(&b[4..8], &2u32.to_be_bytes());
     }
 
     #[test]

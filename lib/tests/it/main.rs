@@ -34,6 +34,8 @@ mod lifecycle_snapshot;
 mod locking;
 mod luks_header;
 mod metadata_writes;
+mod nbd_client_oldstyle;
+mod nbd_extended;
 mod nbd_hostile;
 mod nbd_protocol;
 mod nbd_qcow2;

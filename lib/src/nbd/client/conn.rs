@@ -271,10 +271,33 @@ pub(crate) fn reply_error_text(reply_type: u32, data: &[u8]) -> String {
     }
 }
 
+/// How a server greeted us.
+enum Hello {
+    /// Fixed newstyle: options follow. Whether the server drops the zero
+    /// padding of `NBD_OPT_EXPORT_NAME` replies.
+    Newstyle(bool),
+    /// Oldstyle: the export's size and transmission flags, and
+    /// transmission begins at once.
+    Oldstyle(u64, u16),
+}
+
+/// Oldstyle greeting after its two magic words: size (8 bytes), flags
+/// (4), 124 reserved bytes.
+const OLDSTYLE_REST: usize = 8 + 4 + 124;
+
 /// The start of fixed newstyle negotiation: the greeting, our flags, and
 /// TLS when `tls` is given. Returns whether the server drops the zero
 /// padding of `NBD_OPT_EXPORT_NAME` replies.
 pub(crate) fn greet(s: &mut Stream, tls: Option<(&TlsClient, Option<&str>)>) -> io::Result<bool> {
+    match hello(s, tls)? {
+        Hello::Newstyle(no_zeroes) => Ok(no_zeroes),
+        Hello::Oldstyle(..) => Err(proto_err("server speaks only the oldstyle protocol, which has no options")),
+    }
+}
+
+/// Reads the greeting; for a newstyle server, sends our flags and starts
+/// TLS when `tls` is given.
+fn hello(s: &mut Stream, tls: Option<(&TlsClient, Option<&str>)>) -> io::Result<Hello> {
     let mut g = [0u8; greeting::SIZE];
     s.read_exact(&mut g)?;
     let magic = u64::from_be_bytes(g[0..8].try_into().unwrap_or_default());
@@ -282,8 +305,22 @@ pub(crate) fn greet(s: &mut Stream, tls: Option<(&TlsClient, Option<&str>)>) -> 
     if magic != NBD_MAGIC {
         return Err(proto_err("not an NBD server (bad greeting magic)"));
     }
+    if opt_magic == CLISERV_MAGIC {
+        if tls.is_some() {
+            return Err(proto_err("server speaks only the oldstyle protocol, which cannot start TLS"));
+        }
+        // Two bytes of the size came with the greeting's length.
+        let mut rest = [0u8; OLDSTYLE_REST - 2];
+        s.read_exact(&mut rest)?;
+        let mut size = [0u8; 8];
+        size[..2].copy_from_slice(&g[16..18]);
+        size[2..].copy_from_slice(&rest[..6]);
+        let flags = u32::from_be_bytes(rest[6..10].try_into().unwrap_or_default());
+        // The transmission flags are the low half.
+        return Ok(Hello::Oldstyle(u64::from_be_bytes(size), flags as u16));
+    }
     if opt_magic != IHAVEOPT {
-        return Err(proto_err("server speaks only the oldstyle protocol, which is not supported"));
+        return Err(proto_err("not an NBD server (bad option magic)"));
     }
     let hflags = u16::from_be_bytes([g[16], g[17]]);
     if hflags & FLAG_FIXED_NEWSTYLE == 0 {
@@ -298,7 +335,7 @@ pub(crate) fn greet(s: &mut Stream, tls: Option<(&TlsClient, Option<&str>)>) -> 
     if let Some((tls, host)) = tls {
         start_tls(s, tls, host)?;
     }
-    Ok(no_zeroes)
+    Ok(Hello::Newstyle(no_zeroes))
 }
 
 /// Runs the fixed newstyle handshake, upgrading to TLS first when `tls`
@@ -310,7 +347,19 @@ pub(crate) fn handshake(
     context: Option<&str>,
     tls: Option<(&TlsClient, Option<&str>)>,
 ) -> io::Result<ExportInfo> {
-    let no_zeroes = greet(s, tls)?;
+    let no_zeroes = match hello(s, tls)? {
+        Hello::Newstyle(no_zeroes) => no_zeroes,
+        Hello::Oldstyle(size, flags) => {
+            if !export.is_empty() {
+                return Err(proto_err("Server does not support non-empty export names"));
+            }
+            if size > i64::MAX as u64 {
+                return Err(proto_err(format!("export size {size} is too large")));
+            }
+            let (min_block, max_payload) = (1, MAX_PAYLOAD);
+            return Ok(ExportInfo { size, flags, structured: false, base_allocation: None, min_block, max_payload });
+        }
+    };
     // Structured replies first: metadata contexts need them.
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let structured = option_replies(s, OPT_STRUCTURED_REPLY)?.last().is_some_and(|(t, _)| *t == REP_ACK);

@@ -36,9 +36,15 @@ pub struct ClientOptions {
     pub reconnect: bool,
     /// Open read-only even when the server allows writes.
     pub read_only: bool,
+    /// How long a reconnect keeps trying when the server is not back yet
+    /// (QEMU's `reconnect-delay`); `None`: one attempt.
+    pub reconnect_delay: Option<Duration>,
 }
 
-setters!(ClientOptions { connect_timeout: Duration, request_timeout: Duration, reconnect: bool, read_only: bool });
+setters!(ClientOptions { connect_timeout: Duration, request_timeout: Duration, reconnect: bool, read_only: bool } opt { reconnect_delay: Duration });
+
+/// Pause between two reconnect attempts within a reconnect delay.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -47,6 +53,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(120),
             reconnect: true,
             read_only: false,
+            reconnect_delay: None,
         }
     }
 }
@@ -150,15 +157,26 @@ impl NbdClient {
         if let Some(old) = g.1.take() {
             old.kill("reconnecting");
         }
-        let conn = Conn::open(
-            &self.url.addr,
-            &self.url.export,
-            self.url.x_dirty_bitmap.as_deref(),
-            self.tls.as_ref(),
-            self.opts.connect_timeout,
-            self.opts.request_timeout,
-        )
-        .map_err(|e| connect_error(&self.url, &e))?;
+        // A server restarting takes a moment to listen again: within the
+        // reconnect delay, failed attempts are retried.
+        let give_up = self.opts.reconnect_delay.map(|d| Instant::now() + d);
+        let conn = loop {
+            let attempt = Conn::open(
+                &self.url.addr,
+                &self.url.export,
+                self.url.x_dirty_bitmap.as_deref(),
+                self.tls.as_ref(),
+                self.opts.connect_timeout,
+                self.opts.request_timeout,
+            );
+            match attempt {
+                Ok(c) => break c,
+                Err(_) if give_up.is_some_and(|t| Instant::now() + RECONNECT_PAUSE < t) => {
+                    std::thread::sleep(RECONNECT_PAUSE)
+                }
+                Err(e) => return Err(connect_error(&self.url, &e)),
+            }
+        };
         if conn.info.size != self.info.size {
             return Err(Error::invalid(format!(
                 "export '{}' changed size from {} to {} across a reconnect",

@@ -21,5 +21,5 @@ mod url;
 pub use conn::NbdAddr;
 pub use device::{ClientOptions, NbdClient};
 pub use list::{list_exports, render_listing, ExportListing};
-pub use storage::NbdStorage;
+pub use storage::{set_reconnect_delay, NbdStorage};
 pub use url::{NbdUrl, UrlPsk, UrlTls, DEFAULT_PORT};

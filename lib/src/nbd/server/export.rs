@@ -23,8 +23,12 @@ pub(crate) const MAX_DIRTY_BITMAPS: usize = 64;
 /// What negotiation agreed on, for the transmission phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Session {
-    /// Structured replies were negotiated.
+    /// Structured replies were negotiated (also implied by extended
+    /// headers).
     pub structured: bool,
+    /// Extended headers were negotiated: 32-byte requests and replies,
+    /// 64-bit effect lengths, no simple replies.
+    pub extended: bool,
     /// `base:allocation` was selected.
     pub base_allocation: bool,
     /// `qemu:allocation-depth` was selected.

@@ -17,16 +17,21 @@ const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Option data longer than this is not even skipped: the client is hostile.
 const MAX_OPTION_SKIP: u32 = 1 << 20;
 
-/// The transmission flags advertised for this export.
-pub(crate) fn transmission_flags(shared: &Shared, structured: bool) -> u16 {
+/// The transmission flags advertised for this export to a session.
+pub(crate) fn transmission_flags(shared: &Shared, s: &Session) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
     if shared.read_only {
         f |= FLAG_READ_ONLY;
     } else {
         f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO;
     }
-    if structured {
+    if s.structured {
         f |= FLAG_SEND_DF;
+    }
+    if s.extended {
+        // Offered whatever contexts were chosen, as qemu-nbd does (its
+        // `-L` listing shows it).
+        f |= FLAG_BLOCK_STAT_PAYLOAD;
     }
     if shared.config.multi_conn_ok {
         f |= FLAG_CAN_MULTI_CONN;
@@ -222,7 +227,13 @@ fn options<C: Connection>(
     flags: ClientFlags,
 ) -> io::Result<Outcome> {
     let ClientFlags { fixed, no_zeroes } = flags;
-    let mut s = Session { structured: false, base_allocation: false, allocation_depth: false, dirty_bitmaps: 0 };
+    let mut s = Session {
+        structured: false,
+        extended: false,
+        base_allocation: false,
+        allocation_depth: false,
+        dirty_bitmaps: 0,
+    };
     let mut io = io;
 
     loop {
@@ -285,12 +296,17 @@ fn options<C: Connection>(
 
         match opt {
             OPT_EXPORT_NAME => {
+                if s.extended {
+                    // Forbidden to the client after extended headers: its
+                    // reply has no way to confirm them.
+                    return Err(violation("NBD_OPT_EXPORT_NAME after extended headers"));
+                }
                 if !shared.name_matches(&data) {
                     // This option cannot carry an error: the specification
                     // says to end the session.
                     return Ok(Outcome::Closed);
                 }
-                let tflags = transmission_flags(shared, s.structured);
+                let tflags = transmission_flags(shared, &s);
                 io.write_all(&encode_export_name_reply(shared.device.len(), tflags, no_zeroes))?;
                 return Ok(Outcome::Session(s));
             }
@@ -321,7 +337,7 @@ fn options<C: Connection>(
                     reply(&mut io, opt, REP_ERR_UNKNOWN, truncate_utf8(&msg, MAX_STRING).as_bytes())?;
                     continue;
                 }
-                let tflags = transmission_flags(shared, s.structured);
+                let tflags = transmission_flags(shared, &s);
                 reply(&mut io, opt, REP_INFO, &encode_info_export(shared.device.len(), tflags))?;
                 if req.requests.contains(&INFO_NAME) {
                     reply(&mut io, opt, REP_INFO, &encode_info_string(INFO_NAME, shared.config.name.as_bytes()))?;
@@ -347,9 +363,23 @@ fn options<C: Connection>(
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     reply(&mut io, opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                } else if s.extended {
+                    reply(&mut io, opt, REP_ERR_EXT_HEADER_REQD, b"extended headers already negotiated")?;
                 } else if s.structured {
                     reply(&mut io, opt, REP_ERR_INVALID, b"structured replies already negotiated")?;
                 } else {
+                    s.structured = true;
+                    reply(&mut io, opt, REP_ACK, &[])?;
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    reply(&mut io, opt, REP_ERR_INVALID, b"NBD_OPT_EXTENDED_HEADERS takes no data")?;
+                } else if s.extended {
+                    reply(&mut io, opt, REP_ERR_INVALID, b"extended headers already negotiated")?;
+                } else {
+                    // They carry structured replies with them.
+                    s.extended = true;
                     s.structured = true;
                     reply(&mut io, opt, REP_ACK, &[])?;
                 }

@@ -91,7 +91,7 @@ impl<C: Connection> Replies<C> {
 
 /// A request ready for a worker.
 struct Job {
-    req: Request,
+    req: ExtRequest,
     /// Aligned, so a device over O_DIRECT writes it without a copy.
     payload: AlignedBuf,
     _permit: Permit,
@@ -105,12 +105,27 @@ enum Outcome {
         buf: AlignedBuf,
         segments: Vec<Segment>,
     },
-    Status(StatusReply),
+    Status(StatusReply, Selection),
     Failed {
         errno: u32,
         msg: String,
     },
 }
+
+/// The metadata contexts one block status request answers for: all those
+/// negotiated, or the subset its payload names.
+#[derive(Debug, Clone, Copy)]
+struct Selection {
+    base: bool,
+    depth: bool,
+    bitmaps: u64,
+}
+
+/// Largest range one block status request walks: a request (extended
+/// headers allow 64 bits) for more gets a shorter answer, which the
+/// protocol allows, and every descriptor length still fits 32 bits. A
+/// multiple of 64 KiB, so of any minimum block size.
+const MAX_STATUS_SPAN: u64 = 0xffff_0000;
 
 fn fail(errno: u32, msg: impl Into<String>) -> Outcome {
     Outcome::Failed { errno, msg: msg.into() }
@@ -182,38 +197,40 @@ pub(crate) fn run<C: Connection>(
             Ok([]) | Err(_) => break,
             Ok(_) => {}
         }
-        let mut h = [0u8; request::SIZE];
-        if read_message(&mut reader, &mut h, opts.io_timeout).is_err() {
-            break;
-        }
-        let Ok(req) = Request::decode(&h) else {
-            // Out of sync with the client: nothing later can be trusted.
+        let Ok(req) = read_request(&mut reader, ctx.session.extended, opts.io_timeout) else {
+            // Gone, or out of sync with the client: nothing later can be
+            // trusted.
             break;
         };
-        let job = match req.command {
-            CMD_DISC => break,
-            CMD_WRITE => {
-                if req.length > MAX_PAYLOAD {
-                    // The payload cannot be buffered and skipping gigabytes
-                    // is what a denial of service wants: report and hang up,
-                    // as the specification allows.
-                    let msg = format!("write of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length);
-                    send_outcome(&ctx, &req, fail(EINVAL, msg));
-                    break;
-                }
-                let permit = budget.acquire(req.length as usize);
-                let mut payload = AlignedBuf::for_direct_io(req.length as usize);
-                if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
-                    // Disconnected mid-payload: the partial write is dropped.
-                    break;
-                }
-                Job { req, payload, _permit: permit }
+        if req.command == CMD_DISC {
+            break;
+        }
+        // A write always carries its payload: with extended headers the
+        // specification asks for the payload-length flag on it, but
+        // QEMU's client (10.0) sends writes without it. Any other command
+        // carries one when flagged (extended headers only).
+        let has_payload = req.command == CMD_WRITE || (ctx.session.extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+        let job = if has_payload {
+            if req.length > u64::from(MAX_PAYLOAD) {
+                // The payload cannot be buffered and skipping gigabytes
+                // is what a denial of service wants: report and hang up,
+                // as the specification allows.
+                let msg = format!("payload of {} bytes exceeds the maximum of {MAX_PAYLOAD}", req.length);
+                send_outcome(&ctx, &req, fail(EINVAL, msg));
+                break;
             }
-            CMD_READ => {
-                let permit = budget.acquire(req.length.min(MAX_PAYLOAD) as usize);
-                Job { req, payload: AlignedBuf::new(0, 1), _permit: permit }
+            let permit = budget.acquire(req.length as usize);
+            let mut payload = AlignedBuf::for_direct_io(req.length as usize);
+            if read_message(&mut reader, &mut payload, opts.io_timeout).is_err() {
+                // Disconnected mid-payload: the partial write is dropped.
+                break;
             }
-            _ => Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) },
+            Job { req, payload, _permit: permit }
+        } else if req.command == CMD_READ {
+            let permit = budget.acquire(req.length.min(u64::from(MAX_PAYLOAD)) as usize);
+            Job { req, payload: AlignedBuf::new(0, 1), _permit: permit }
+        } else {
+            Job { req, payload: AlignedBuf::new(0, 1), _permit: budget.acquire(0) }
         };
         let waiting = ctx.waiting.fetch_add(1, Ordering::AcqRel) + 1;
         if tx.send(job).is_err() {
@@ -233,6 +250,24 @@ pub(crate) fn run<C: Connection>(
     let _ = lock(&ctx.replies.out).flush();
     ctx.replies.control.shutdown_conn();
     Ok(())
+}
+
+/// Reads one request header, compact or extended as negotiated.
+fn read_request<C: Connection>(
+    reader: &mut io::BufReader<C>,
+    extended: bool,
+    timeout: Duration,
+) -> io::Result<ExtRequest> {
+    let bad = |e: ProtoError| io::Error::new(io::ErrorKind::InvalidData, e.0);
+    if extended {
+        let mut h = [0u8; ext_request::SIZE];
+        read_message(reader, &mut h, timeout)?;
+        ExtRequest::decode(&h).map_err(bad)
+    } else {
+        let mut h = [0u8; request::SIZE];
+        read_message(reader, &mut h, timeout)?;
+        Request::decode(&h).map(ExtRequest::from).map_err(bad)
+    }
 }
 
 /// Reads the rest of a message that has begun, each read bounded by
@@ -269,7 +304,7 @@ fn worker<C: Connection>(ctx: &Ctx<C>, rx: &Mutex<Receiver<Job>>) {
     }
 }
 
-fn check_flags(req: &Request, allowed: u16) -> Result<(), Outcome> {
+fn check_flags(req: &ExtRequest, allowed: u16) -> Result<(), Outcome> {
     let extra = req.flags & !allowed;
     if extra != 0 {
         return Err(fail(EINVAL, format!("flags {extra:#x} not valid for command {}", req.command)));
@@ -287,7 +322,7 @@ fn is_zero(buf: &[u8]) -> bool {
     chunks.by_ref().all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8], spare: Option<AlignedBuf>) -> Outcome {
+fn execute<C: Connection>(ctx: &Ctx<C>, req: &ExtRequest, payload: &[u8], spare: Option<AlignedBuf>) -> Outcome {
     match execute_inner(ctx, req, payload, spare) {
         Ok(o) | Err(o) => o,
     }
@@ -295,14 +330,17 @@ fn execute<C: Connection>(ctx: &Ctx<C>, req: &Request, payload: &[u8], spare: Op
 
 fn execute_inner<C: Connection>(
     ctx: &Ctx<C>,
-    req: &Request,
+    req: &ExtRequest,
     payload: &[u8],
     spare: Option<AlignedBuf>,
 ) -> Result<Outcome, Outcome> {
     let shared = &ctx.shared;
     let dev = &*shared.device;
     let size = dev.len();
-    let (off, len) = (req.offset, u64::from(req.length));
+    let (off, len) = (req.offset, req.length);
+    // The payload-length flag is legal on a write (where extended headers
+    // require it) and on block status, and only with extended headers.
+    let payload_flag = if ctx.session.extended { CMD_FLAG_PAYLOAD_LEN } else { 0 };
     let cfg = &shared.config;
     let flush_if_fua = || -> Result<Outcome, Outcome> {
         if req.flags & CMD_FLAG_FUA != 0 {
@@ -319,7 +357,7 @@ fn execute_inner<C: Connection>(
     match req.command {
         CMD_READ => {
             check_flags(req, CMD_FLAG_FUA | if ctx.session.structured { CMD_FLAG_DF } else { 0 })?;
-            if req.length > MAX_PAYLOAD {
+            if req.length > u64::from(MAX_PAYLOAD) {
                 return Err(fail(EINVAL, format!("read of {len} bytes exceeds the maximum of {MAX_PAYLOAD}")));
             }
             if !in_range(off, len, size) {
@@ -340,7 +378,7 @@ fn execute_inner<C: Connection>(
             Ok(Outcome::Read { buf, segments })
         }
         CMD_WRITE => {
-            check_flags(req, CMD_FLAG_FUA)?;
+            check_flags(req, CMD_FLAG_FUA | payload_flag)?;
             writable()?;
             if !in_range(off, len, size) {
                 return Err(fail(ENOSPC, format!("write of {len} bytes at {off} is past the end ({size} bytes)")));
@@ -375,7 +413,7 @@ fn execute_inner<C: Connection>(
         }
         CMD_CACHE => {
             check_flags(req, CMD_FLAG_FUA)?;
-            if req.length > MAX_PAYLOAD || !in_range(off, len, size) {
+            if req.length > u64::from(MAX_PAYLOAD) || !in_range(off, len, size) {
                 return Err(fail(EINVAL, format!("cache of {len} bytes at {off} is out of bounds")));
             }
             // A hint only: the device has no cache worth warming.
@@ -405,65 +443,141 @@ fn execute_inner<C: Connection>(
             flush_if_fua()
         }
         CMD_BLOCK_STATUS => {
-            check_flags(req, CMD_FLAG_FUA | CMD_FLAG_REQ_ONE)?;
+            check_flags(req, CMD_FLAG_FUA | CMD_FLAG_REQ_ONE | payload_flag)?;
             let s = &ctx.session;
             if !s.base_allocation && !s.allocation_depth && s.dirty_bitmaps == 0 {
                 return Err(fail(EINVAL, "no metadata context was negotiated"));
             }
+            let all = Selection { base: s.base_allocation, depth: s.allocation_depth, bitmaps: s.dirty_bitmaps };
+            let (len, sel) = if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+                let p = StatusPayload::decode(payload).map_err(|e| fail(EINVAL, e.0))?;
+                (p.length, select_ids(all, &p.ids)?)
+            } else {
+                (len, all)
+            };
             if len == 0 || !in_range(off, len, size) {
                 return Err(fail(EINVAL, format!("block status of {len} bytes at {off} is out of bounds")));
             }
+            let span = len.min(MAX_STATUS_SPAN) as u32;
             let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-            let mut r = block_status(dev, off, req.length, req_one, s.base_allocation, s.allocation_depth)
-                .map_err(|e| failed(&e))?;
+            let mut r = block_status(dev, off, span, req_one, sel.base, sel.depth).map_err(|e| failed(&e))?;
             for (i, name) in cfg.dirty_bitmaps.iter().enumerate().take(MAX_DIRTY_BITMAPS) {
-                if s.dirty_bitmaps & (1 << i) != 0 {
-                    let d = bitmap_status(dev, name, off, req.length, req_one).map_err(|e| failed(&e))?;
+                if sel.bitmaps & (1 << i) != 0 {
+                    let d = bitmap_status(dev, name, off, span, req_one).map_err(|e| failed(&e))?;
                     r.bitmaps.push((i, d));
                 }
             }
-            Ok(Outcome::Status(r))
+            Ok(Outcome::Status(r, sel))
         }
         other => Err(fail(EINVAL, format!("unknown command {other}"))),
     }
 }
 
+/// The contexts a block status payload names, each one negotiated and
+/// named once (none named: all of them).
+fn select_ids(all: Selection, ids: &[u32]) -> Result<Selection, Outcome> {
+    if ids.is_empty() {
+        return Ok(all);
+    }
+    let mut sel = Selection { base: false, depth: false, bitmaps: 0 };
+    for &id in ids {
+        let dup = match id {
+            ID_BASE_ALLOCATION if all.base => std::mem::replace(&mut sel.base, true),
+            ID_ALLOCATION_DEPTH if all.depth => std::mem::replace(&mut sel.depth, true),
+            _ => {
+                let bit =
+                    id.checked_sub(ID_DIRTY_BITMAP).filter(|&i| (i as usize) < MAX_DIRTY_BITMAPS).map(|i| 1u64 << i);
+                match bit {
+                    Some(b) if all.bitmaps & b != 0 => {
+                        let had = sel.bitmaps & b != 0;
+                        sel.bitmaps |= b;
+                        had
+                    }
+                    _ => return Err(fail(EINVAL, format!("metadata context {id} was not negotiated"))),
+                }
+            }
+        };
+        if dup {
+            return Err(fail(EINVAL, format!("metadata context {id} named twice")));
+        }
+    }
+    Ok(sel)
+}
+
+/// Encodes one context's block status chunk payload.
+type EncodeStatus = fn(u32, &[(u32, u32)]) -> Vec<u8>;
+
+/// How reply headers are framed on a connection.
+#[derive(Clone, Copy)]
+struct Framing {
+    structured: bool,
+    extended: bool,
+    cookie: u64,
+    /// The request's offset, which extended headers repeat.
+    offset: u64,
+}
+
+impl Framing {
+    /// Writes the header of a chunk with `len` bytes of payload.
+    fn chunk<W: Write>(&self, w: &mut W, flags: u16, chunk_type: u16, len: usize) -> io::Result<()> {
+        if self.extended {
+            w.write_all(&encode_ext_chunk_header(flags, chunk_type, self.cookie, self.offset, len as u64))
+        } else {
+            w.write_all(&encode_chunk_header(flags, chunk_type, self.cookie, len as u32))
+        }
+    }
+    /// A reply without data: success or an error.
+    fn status<W: Write>(&self, w: &mut W, errno: u32, msg: &str) -> io::Result<()> {
+        if errno == 0 && self.extended {
+            // Extended headers leave no simple replies.
+            self.chunk(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+        } else if errno == 0 || !self.structured {
+            w.write_all(&encode_simple_reply(errno, self.cookie))
+        } else {
+            let p = encode_error_payload(errno, msg);
+            self.chunk(w, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, p.len())?;
+            w.write_all(&p)
+        }
+    }
+}
+
 /// Sends the reply of `req`; gives back a read's buffer for reuse.
-fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) -> Option<AlignedBuf> {
-    let cookie = req.cookie;
-    let structured = ctx.session.structured;
+fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &ExtRequest, outcome: Outcome) -> Option<AlignedBuf> {
+    let f = Framing {
+        structured: ctx.session.structured,
+        extended: ctx.session.extended,
+        cookie: req.cookie,
+        offset: req.offset,
+    };
     let mut back = None;
     ctx.replies.send(|w| match outcome {
-        Outcome::Done => w.write_all(&encode_simple_reply(0, cookie)),
-        Outcome::Failed { errno, msg } => {
-            if structured {
-                let p = encode_error_payload(errno, &msg);
-                w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, p.len() as u32))?;
-                w.write_all(&p)
-            } else {
-                w.write_all(&encode_simple_reply(errno, cookie))
-            }
-        }
+        Outcome::Done => f.status(w, 0, ""),
+        Outcome::Failed { errno, msg } => f.status(w, errno, &msg),
         Outcome::Read { buf, segments } => {
-            let r = write_read_reply(w, req, structured, &buf, &segments);
+            let r = write_read_reply(w, req, f, &buf, &segments);
             back = Some(buf);
             r
         }
-        Outcome::Status(r) => {
+        Outcome::Status(r, sel) => {
+            let (kind, encode): (u16, EncodeStatus) = if f.extended {
+                (REPLY_TYPE_BLOCK_STATUS_EXT, encode_block_status_ext)
+            } else {
+                (REPLY_TYPE_BLOCK_STATUS, encode_block_status)
+            };
             let mut chunks = Vec::new();
-            if ctx.session.base_allocation {
-                chunks.push(encode_block_status(ID_BASE_ALLOCATION, &r.base));
+            if sel.base {
+                chunks.push(encode(ID_BASE_ALLOCATION, &r.base));
             }
-            if ctx.session.allocation_depth {
-                chunks.push(encode_block_status(ID_ALLOCATION_DEPTH, &r.depth));
+            if sel.depth {
+                chunks.push(encode(ID_ALLOCATION_DEPTH, &r.depth));
             }
             for (i, d) in &r.bitmaps {
-                chunks.push(encode_block_status(ID_DIRTY_BITMAP + *i as u32, d));
+                chunks.push(encode(ID_DIRTY_BITMAP + *i as u32, d));
             }
             let last = chunks.len().saturating_sub(1);
             for (i, c) in chunks.iter().enumerate() {
                 let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-                w.write_all(&encode_chunk_header(flags, REPLY_TYPE_BLOCK_STATUS, cookie, c.len() as u32))?;
+                f.chunk(w, flags, kind, c.len())?;
                 w.write_all(c)?;
             }
             Ok(())
@@ -476,18 +590,17 @@ fn send_outcome<C: Connection>(ctx: &Ctx<C>, req: &Request, outcome: Outcome) ->
 /// chunks (data, and holes for the ranges known to read as zeros).
 fn write_read_reply<W: Write>(
     w: &mut W,
-    req: &Request,
-    structured: bool,
+    req: &ExtRequest,
+    f: Framing,
     buf: &[u8],
     segments: &[Segment],
 ) -> io::Result<()> {
-    let cookie = req.cookie;
-    if !structured {
-        w.write_all(&encode_simple_reply(0, cookie))?;
+    if !f.structured {
+        w.write_all(&encode_simple_reply(0, req.cookie))?;
         return w.write_all(buf);
     }
     if segments.is_empty() {
-        return w.write_all(&encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0));
+        return f.chunk(w, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0);
     }
     let last = segments.len() - 1;
     for (i, s) in segments.iter().enumerate() {
@@ -496,10 +609,10 @@ fn write_read_reply<W: Write>(
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
         let abs = req.offset + s.rel as u64;
         if s.zero {
-            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))?;
+            f.chunk(w, flags, REPLY_TYPE_OFFSET_HOLE, 12)?;
             w.write_all(&encode_hole(abs, s.len as u32))?;
         } else {
-            w.write_all(&encode_chunk_header(flags, REPLY_TYPE_OFFSET_DATA, cookie, 8 + s.len as u32))?;
+            f.chunk(w, flags, REPLY_TYPE_OFFSET_DATA, 8 + s.len)?;
             w.write_all(&abs.to_be_bytes())?;
             w.write_all(&buf[s.rel..s.rel + s.len])?;
         }

@@ -264,6 +264,8 @@ pub struct Reply {
     /// Structured chunks, in arrival order.
     pub chunks: Vec<Chunk>,
     pub simple: bool,
+    /// The offset each extended chunk header carried.
+    pub offsets: Vec<u64>,
 }
 
 impl Reply {
@@ -308,6 +310,23 @@ impl Reply {
         }
         Vec::new()
     }
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` descriptors of context `id`,
+    /// checking the descriptor count against the payload.
+    pub fn extents_ext(&self, id: u32) -> Vec<(u64, u64)> {
+        for c in &self.chunks {
+            if c.kind == REPLY_TYPE_BLOCK_STATUS_EXT && u32::from_be_bytes(c.payload[..4].try_into().unwrap()) == id {
+                let count = u32::from_be_bytes(c.payload[4..8].try_into().unwrap()) as usize;
+                assert_eq!(c.payload.len(), 8 + 16 * count, "descriptor count disagrees with the payload");
+                return c.payload[8..]
+                    .chunks_exact(16)
+                    .map(|d| {
+                        (u64::from_be_bytes(d[..8].try_into().unwrap()), u64::from_be_bytes(d[8..].try_into().unwrap()))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
 }
 
 /// A minimal NBD client speaking the protocol byte by byte.
@@ -316,6 +335,8 @@ pub struct Client {
     pub size: u64,
     pub flags: u16,
     pub structured: bool,
+    /// Extended headers were agreed: 32-byte requests and replies.
+    pub extended: bool,
     /// Context ids by name.
     pub contexts: HashMap<String, u32>,
     pending_reads: HashMap<u64, u32>,
@@ -338,6 +359,7 @@ impl Client {
             size: 0,
             flags: 0,
             structured: false,
+            extended: false,
             contexts: HashMap::new(),
             pending_reads: HashMap::new(),
             partial: HashMap::new(),
@@ -373,11 +395,21 @@ impl Client {
         }
     }
 
+    /// Negotiates extended headers, then contexts (when asked) and GO.
+    pub fn go_extended(mut self, name: &str, contexts: &[&str]) -> Client {
+        let r = self.option(OPT_EXTENDED_HEADERS, &[]);
+        assert_eq!(r.last().unwrap().0, REP_ACK);
+        self.extended = true;
+        self.go(name, true, contexts)
+    }
+
     /// Negotiates structured replies and contexts (when asked), then GO.
     pub fn go(mut self, name: &str, structured: bool, contexts: &[&str]) -> Client {
         if structured {
-            let r = self.option(OPT_STRUCTURED_REPLY, &[]);
-            assert_eq!(r.last().unwrap().0, REP_ACK);
+            if !self.extended {
+                let r = self.option(OPT_STRUCTURED_REPLY, &[]);
+                assert_eq!(r.last().unwrap().0, REP_ACK);
+            }
             self.structured = true;
             if !contexts.is_empty() {
                 let q = MetaContextRequest {
@@ -417,8 +449,49 @@ impl Client {
         self.s.write_all(payload).unwrap();
     }
 
+    /// Sends an extended request (with `payload`, whose length the
+    /// header then carries, when `CMD_FLAG_PAYLOAD_LEN` is in `flags`).
+    pub fn send_ext(&mut self, flags: u16, command: u16, cookie: u64, offset: u64, length: u64, payload: &[u8]) {
+        let r = ExtRequest { flags, command, cookie, offset, length };
+        self.s.write_all(&r.encode()).unwrap();
+        self.s.write_all(payload).unwrap();
+    }
+
+    /// Sends one extended request and waits for its reply.
+    pub fn call_ext(&mut self, flags: u16, command: u16, offset: u64, length: u64, payload: &[u8]) -> Reply {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 32);
+        let cookie = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.send_ext(flags, command, cookie, offset, length, payload);
+        self.wait(cookie)
+    }
+
+    /// Reads one extended reply chunk (its header's offset is kept for
+    /// the test to check).
+    fn pump_ext(&mut self) -> std::io::Result<()> {
+        let mut h = [0u8; ext_chunk::SIZE];
+        self.s.read_exact(&mut h)?;
+        let c = ExtChunkHeader::decode(&h).expect("extended reply header (no simple replies after extended headers)");
+        let mut payload = vec![0u8; c.length as usize];
+        self.s.read_exact(&mut payload)?;
+        let r = self.partial.entry(c.cookie).or_default();
+        if c.chunk_type & (1 << 15) != 0 && r.error == 0 {
+            r.error = u32::from_be_bytes(payload[..4].try_into().unwrap());
+        }
+        r.chunks.push(Chunk { flags: c.flags, kind: c.chunk_type, payload });
+        r.offsets.push(c.offset);
+        if c.flags & REPLY_FLAG_DONE != 0 {
+            let r = self.partial.remove(&c.cookie).unwrap();
+            assert!(!self.done.contains_key(&c.cookie), "second reply for cookie {}", c.cookie);
+            self.done.insert(c.cookie, r);
+        }
+        Ok(())
+    }
+
     /// Reads one message off the wire into the reply bookkeeping.
     pub fn pump(&mut self) -> std::io::Result<()> {
+        if self.extended {
+            return self.pump_ext();
+        }
         let mut m = [0u8; 4];
         self.s.read_exact(&mut m)?;
         let size = ReplyHeader::size_for_magic(m).expect("reply magic");
@@ -435,7 +508,7 @@ impl Client {
                     }
                 }
                 assert!(!self.done.contains_key(&cookie), "second reply for cookie {cookie}");
-                self.done.insert(cookie, Reply { error, data, chunks: Vec::new(), simple: true });
+                self.done.insert(cookie, Reply { error, data, chunks: Vec::new(), simple: true, offsets: Vec::new() });
             }
             ReplyHeader::Chunk { flags, chunk_type, cookie, length } => {
                 let mut payload = vec![0u8; length as usize];
@@ -486,7 +559,11 @@ impl Client {
 
     /// Ends the session politely.
     pub fn disconnect(mut self) {
-        let _ = self.s.write_all(&Request { flags: 0, command: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode());
+        let _ = if self.extended {
+            self.s.write_all(&ExtRequest { flags: 0, command: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode())
+        } else {
+            self.s.write_all(&Request { flags: 0, command: CMD_DISC, cookie: 0, offset: 0, length: 0 }.encode())
+        };
         assert!(self.s.closed_by_peer(), "server did not close after NBD_CMD_DISC");
     }
 }
