@@ -112,7 +112,9 @@ impl Lines {
             return;
         }
         let p = percent(self.done, Some(self.total));
-        if p > self.last_printed + MIN_STEP || (p == 100.0 && self.last_printed < 100.0) {
+        // Also when it goes back (an amend that finds more work to do).
+        let moved = p > self.last_printed + MIN_STEP || p < self.last_printed - MIN_STEP;
+        if moved || (p == 100.0 && self.last_printed < 100.0) {
             self.last_printed = p;
             print_line(p);
         }

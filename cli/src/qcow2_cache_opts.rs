@@ -19,6 +19,9 @@ use std::sync::Mutex;
 
 static GIVEN: Mutex<Vec<(String, CacheOptions)>> = Mutex::new(Vec::new());
 
+/// External data files given by `data-file.filename` (qcow2), by image.
+static DATA_FILES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
 /// Images opened with `x-ignore-journal=on`.
 static IGNORE_JOURNAL: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -31,6 +34,14 @@ pub const IGNORE_JOURNAL_KEY: &str = "x-ignore-journal";
 /// them at (naming the option string `spec`); sizes that do not fit
 /// together are refused at the open.
 pub fn take(format: &str, name: &str, props: &mut BTreeMap<String, String>, spec: &str) -> CliResult<()> {
+    // The external data file, for a qcow2 image named or probed (only
+    // qcow2 has one): a plain file by name.
+    if matches!(format, "qcow2" | "") && props.get("data-file.driver").is_none_or(|d| d == "file") {
+        if let Some(f) = props.remove("data-file.filename") {
+            props.remove("data-file.driver");
+            DATA_FILES.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), f));
+        }
+    }
     if format != "qcow2" {
         return Ok(());
     }
@@ -76,5 +87,14 @@ pub fn with_cache(name: &str, mut opts: oxcow::OpenOptions) -> oxcow::OpenOption
     if IGNORE_JOURNAL.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n == name) {
         opts.ignore_journal = true;
     }
+    if let Some(f) = data_file(name) {
+        opts.data_file = Some(f.into());
+    }
     opts
+}
+
+/// The external data file `data-file.filename` gave for the image `name`.
+pub fn data_file(name: &str) -> Option<String> {
+    let given = DATA_FILES.lock().unwrap_or_else(|p| p.into_inner());
+    given.iter().rev().find(|(n, _)| n == name).map(|(_, f)| f.clone())
 }

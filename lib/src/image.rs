@@ -654,13 +654,17 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                 backing = Some(Box::new(open_backing(path, name, backing_format.as_deref(), opts, depth, chain)?));
             }
             let data_file = if hc.header.has_data_file() {
-                let name = hc
-                    .extensions
-                    .data_file
-                    .clone()
-                    .ok_or_else(|| Error::invalid("image needs an external data file but names none"))?;
+                // The data file given at open stands in for a recorded name
+                // (QEMU's `data-file` option), also where none is recorded.
+                let given = opts.data_file.as_ref().and_then(|p| p.to_str()).map(str::to_string);
+                let recorded = given.is_none();
+                let name = given
+                    .or_else(|| hc.extensions.data_file.clone())
+                    .ok_or_else(|| Error::invalid("'data-file' is required for this image"))?;
                 let bname = BackingName::new(name.as_str());
-                if bname.is_protocol() {
+                // Only a name the image records is refused for naming a
+                // protocol: the user's own option may name one.
+                if recorded && bname.is_protocol() {
                     return Err(bname.refused_as(
                         NameRole::DataFile,
                         format!("data file name '{name}' names a protocol; refusing"),

@@ -1,6 +1,6 @@
 //! `oxcow amend`: change options of an existing image (like `qemu-img
 //! amend`): compat, lazy_refcounts, refcount_bits, backing_file,
-//! backing_fmt, size.
+//! backing_fmt, size, the data file's name and data_file_raw.
 
 use crate::error::{CliError, CliResult};
 use crate::util::parse_format;
@@ -114,10 +114,14 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         return Err(CliError::new(format!("Format driver '{}' does not support option amendment", format.name())));
     }
     let hc = oxcow::qcow2::read_header_cluster(&*file)?;
-    let data_file = match hc.extensions.data_file.as_deref().filter(|_| hc.header.has_data_file()) {
-        // QEMU opens the data file by its name relative to the working
-        // directory.
-        Some(name) => Some(open_rw(name, LockMode::data_file(true))?),
+    // `data-file.filename` of `--image-opts` first, else the recorded
+    // name, which QEMU opens relative to the working directory.
+    let given = crate::qcow2_cache_opts::data_file(&a.file);
+    let data_file = match given.or(hc.extensions.data_file.clone()).filter(|_| hc.header.has_data_file()) {
+        Some(name) => Some(open_rw(&name, LockMode::data_file(true))?),
+        None if hc.header.has_data_file() => {
+            return Err(CliError::new(format!("Could not open '{}': 'data-file' is required for this image", a.file)))
+        }
         None => None,
     };
     let key = crate::object::secret::with_key(&a.file, oxcow::OpenOptions::default()).key_secret;

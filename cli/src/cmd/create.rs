@@ -655,8 +655,8 @@ fn create_qcow2(
         };
     }
     if let Some(r) = &g.refcount_bits {
-        o.refcount_bits =
-            r.parse().map_err(|_| "Parameter 'refcount_bits' expects a non-negative number below 2^64".to_string())?;
+        o.refcount_bits = oxcow::qcow2::parse_refcount_bits(r)
+            .ok_or_else(|| "Parameter 'refcount_bits' expects a non-negative number below 2^64".to_string())?;
     }
     o.lazy_refcounts = bool_opt("lazy_refcounts", &g.lazy_refcounts)?;
     o.extended_l2 = bool_opt("extended_l2", &g.extended_l2)?;

@@ -270,6 +270,9 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         }
         if let Some(df) = &ext.data_file {
             d.insert("data-file".into(), json!(df));
+        }
+        // As QEMU: by the feature bit, also when no name is recorded.
+        if h.has_data_file() {
             d.insert("data-file-raw".into(), json!(h.autoclear_features & Autoclear::DATA_FILE_RAW != 0));
         }
         if v3 {

@@ -111,6 +111,9 @@ struct OpenCfg {
     /// The qcow2 runtime options set by reopens, merged as QEMU merges
     /// them (`io_reopen.rs`).
     runtime: Vec<(String, String)>,
+    /// qcow2 `lazy-refcounts` (open or reopen option; `None`: as the
+    /// header says).
+    lazy_refcounts: Option<bool>,
 }
 
 /// The open image, with the device commands go to (a snapshot's, or the
@@ -244,6 +247,14 @@ fn image_opts(spec: &str, cfg: &mut OpenCfg) -> CliResult<Option<String>> {
                 None => cfg.bad_open_option = Some(super::io_zeroes::DetectZeroes::refusal(&v)),
             },
             "force-share" => cfg.force_share = crate::util::parse_bool(&k, &v)?,
+            // qcow2's runtime flags, refused as QEMU refuses them: when it
+            // opens the image. Only lazy-refcounts has an effect (oxcow
+            // always checks for overlaps and decides discards itself).
+            _ if super::io_reopen::is_flag(&k) => match super::io_reopen::check_flag(&k, &v) {
+                Err(e) => cfg.bad_open_option = Some(e.msg),
+                Ok(()) if k == "lazy-refcounts" => cfg.lazy_refcounts = crate::util::parse_bool(&k, &v).ok(),
+                Ok(()) => {}
+            },
             crate::qcow2_cache_opts::IGNORE_JOURNAL_KEY => ignore_journal = crate::util::parse_bool(&k, &v)?,
             _ if cfg.zero_limits.take(&k, &v) => {}
             _ if LIMIT_KEYS.contains(&last) => {}
@@ -406,6 +417,9 @@ fn open_image(path: &str, cfg: &OpenCfg) -> CliResult<Opened> {
     if let Some(l) = cfg.locking {
         opts.locking = l;
     }
+    if cfg.lazy_refcounts.is_some() {
+        opts.qcow2_lazy_refcounts = cfg.lazy_refcounts;
+    }
     if let Some(p) = &cfg.protocol {
         if let Some(refused) = protocol_refuses(p, path, write) {
             let what = if cfg.unnamed { String::new() } else { format!(" device {path}") };
@@ -506,6 +520,7 @@ pub fn run(a: Args) -> CliResult<i32> {
         bad_open_option: None,
         node_names: Vec::new(),
         runtime: Vec::new(),
+        lazy_refcounts: None,
     };
     if let Some(m) = &a.aio {
         if !matches!(m.as_str(), "threads" | "native" | "io_uring") {
@@ -766,6 +781,9 @@ fn reopen_cfg(cur: &Opened, o: &Opts<'_>, cfg: &mut OpenCfg) -> CliResult<()> {
         let merged = super::io_reopen::join(&cfg.runtime, &runtime);
         let extended = q.header().extended_l2();
         cfg.qcow2_cache = super::io_reopen::check(&merged, q.len(), q.cluster_size(), extended)?;
+        if let Some(lazy) = super::io_reopen::lazy_refcounts(&merged, q.header().version)? {
+            cfg.lazy_refcounts = Some(lazy);
+        }
         cfg.runtime = merged;
     }
     Ok(())

@@ -33,6 +33,36 @@ pub fn is_runtime(key: &str) -> bool {
     BOOL_KEYS.contains(&key) || CACHE_KEYS.contains(&key) || OVERLAP_KEYS.contains(&key)
 }
 
+/// Whether `key` is one of qcow2's on/off or overlap-check options (the
+/// runtime options that are not cache sizes).
+pub fn is_flag(key: &str) -> bool {
+    BOOL_KEYS.contains(&key) || OVERLAP_KEYS.contains(&key)
+}
+
+/// Checks one on/off or overlap-check option's value, in QEMU's words.
+pub fn check_flag(key: &str, value: &str) -> CliResult<()> {
+    if BOOL_KEYS.contains(&key) {
+        crate::util::parse_bool(key, value)?;
+    } else if !OVERLAP_MODES.contains(&value) {
+        return Err(CliError::new(format!(
+            "Unsupported value '{value}' for qcow2 option 'overlap-check'. Allowed are any of the following: {}",
+            OVERLAP_MODES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The `lazy-refcounts` setting the options in effect ask for, refused
+/// as QEMU refuses it on a version 2 image.
+pub fn lazy_refcounts(opts: &[(String, String)], version: u32) -> CliResult<Option<bool>> {
+    let Some(v) = get(opts, "lazy-refcounts") else { return Ok(None) };
+    let on = crate::util::parse_bool("lazy-refcounts", v)?;
+    if on && version < 3 {
+        return Err(CliError::new("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"));
+    }
+    Ok(Some(on))
+}
+
 fn has(opts: &[(String, String)], key: &str) -> bool {
     opts.iter().any(|(k, _)| k == key)
 }

@@ -113,8 +113,15 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         other => crate::error::message(&other),
     };
     if let Some(name) = &a.create {
-        q.snapshot_create(name)
-            .map_err(|e| CliError::new(format!("Could not create snapshot '{name}': {}", clean(e))))?;
+        q.snapshot_create(name).map_err(|e| {
+            // qemu-img learns only the errno of a failed snapshot creation.
+            let why = if crate::dropin::active() {
+                crate::error::os_message(&std::io::Error::from_raw_os_error(e.errno()))
+            } else {
+                clean(e)
+            };
+            CliError::new(format!("Could not create snapshot '{name}': {why}"))
+        })?;
     } else if let Some(name) = &a.apply {
         if !q.snapshot_list().iter().any(|s| &s.id == name || &s.name == name) {
             return Err(CliError::new(format!(

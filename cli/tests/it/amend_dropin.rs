@@ -81,3 +81,58 @@ fn amend_naming_the_backing_file_the_image_has_changes_nothing() {
     same(&ours, &theirs, "qemu-img", &["amend", "-o", "backing_file=b.qcow2", "t.qcow2"]);
     same(&ours, &theirs, "qemu-img", &["amend", "-o", "compat=0.42", "t.qcow2"]);
 }
+
+/// The lines of `info` about the data file (the rest shows disk usage).
+fn data_file_lines(side: &Side, args: &[&str]) -> String {
+    let out = crate::dropin::run(side, "qemu-img", args, None);
+    assert_eq!(out.code, 0, "info failed: {}", out.stderr);
+    out.stdout.lines().filter(|l| l.contains("data file")).collect::<Vec<_>>().join("\n")
+}
+
+fn same_data_file_lines(ours: &Side, theirs: &Side, args: &[&str]) {
+    assert_eq!(data_file_lines(ours, args), data_file_lines(theirs, args), "info {args:?}");
+}
+
+/// QEMU's iotest 061: `data_file=` renames the data file the image
+/// records (the data stays), an empty name drops it so that one must be
+/// given at open (`data-file.filename`), and an image without a data
+/// file takes no name.
+#[test]
+fn amend_changes_the_data_file_name_as_qemu() {
+    let (ours, theirs) = bare_sides();
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "p.qcow2", "64M"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "data_file=foo", "p.qcow2"]);
+    both(
+        &ours,
+        &theirs,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow2.data", "t.qcow2", "64M"],
+    );
+    both(&ours, &theirs, "qemu-io", &["-c", "write -P 0x5a 0 4k", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "data_file=foo", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-io", &["-c", "read -P 0x5a 0 4k", "t.qcow2"]);
+    let opts = "data-file.filename=t.qcow2.data,file.filename=t.qcow2";
+    same(&ours, &theirs, "qemu-io", &["-c", &format!("open -o {opts}"), "-c", "read -P 0x5a 0 4k"]);
+    same_data_file_lines(&ours, &theirs, &["info", "--image-opts", opts]);
+    same(&ours, &theirs, "qemu-img", &["amend", "-o", "data_file=", "--image-opts", opts]);
+    same(&ours, &theirs, "qemu-io", &["-c", "read 0 4k", "t.qcow2"]);
+    same(&ours, &theirs, "qemu-io", &["-c", &format!("open -o {opts}"), "-c", "read -P 0x5a 0 4k"]);
+    same_data_file_lines(&ours, &theirs, &["info", "--image-opts", opts]);
+}
+
+/// QEMU's iotest 061: data_file_raw may be cleared, never set again.
+#[test]
+fn amend_clears_data_file_raw_and_refuses_to_set_it_as_qemu() {
+    let (ours, theirs) = bare_sides();
+    let create = "compat=1.1,data_file=t.qcow2.data,data_file_raw=on";
+    // Made by QEMU on both sides: its create also maps every cluster of a
+    // raw data file, which oxcow's does not.
+    for side in [&ours, &theirs] {
+        ok(side.dir.path(), "/usr/bin/qemu-img", &["create", "-q", "-f", "qcow2", "-o", create, "t.qcow2", "64M"]);
+    }
+    for raw in ["on", "off", "on"] {
+        same(&ours, &theirs, "qemu-img", &["amend", "-o", &format!("data_file_raw={raw}"), "t.qcow2"]);
+        same_data_file_lines(&ours, &theirs, &["info", "t.qcow2"]);
+        same(&ours, &theirs, "qemu-img", &["check", "t.qcow2"]);
+    }
+}

@@ -109,19 +109,22 @@ impl Extensions {
         let mut exts = Extensions::default();
         let mut pos = 0usize;
         let mut seen: Vec<u32> = Vec::new();
-        while pos + 8 <= area.len() {
-            let at = base + pos as u64;
+        while pos < area.len() {
+            // QEMU's words for an extension, or its 8-byte head, that does
+            // not fit in the area.
+            let too_large = |len: u64| Error::field("header extension length", len, "Header extension too large");
+            if area.len() - pos < 8 {
+                return Err(too_large(0));
+            }
             let ty = u32_at(area, pos);
             let len = u32_at(area, pos + 4) as usize;
+            let at = base + pos as u64;
             pos += 8;
             if ty == kind::END {
                 return Ok(exts);
             }
             if len > area.len() - pos {
-                return Err(Error::corrupt_at(
-                    format!("header extension {ty:#x} of {len} bytes runs past its area"),
-                    at,
-                ));
+                return Err(too_large(len as u64));
             }
             let data = &area[pos..pos + len];
             // QEMU takes the last backing format given (older qemu-img
@@ -274,7 +277,22 @@ impl HeaderCluster {
         let cs = header.cluster_size() as usize;
         let cluster0 = &buf[..buf.len().min(cs)];
         let hl = header.header_length as usize;
-        let mut ext_end = cluster0.len();
+        // The extensions end where the backing file name starts, or with
+        // the cluster (the header checked that the name starts within
+        // it). A file that ends sooner reads as zeros there, as QEMU
+        // reads it (zeros end the extensions).
+        let ext_end = if header.backing_file_offset != 0 { header.backing_file_offset as usize } else { cs };
+        // v2 images may carry extensions too (backing format).
+        let extensions = if ext_end > hl {
+            let mut area = cluster0[hl.min(cluster0.len())..ext_end.min(cluster0.len())].to_vec();
+            area.resize(ext_end - hl, 0);
+            Extensions::parse(&area, hl as u64)?
+        } else {
+            Extensions::default()
+        };
+        header.check_incompatible(&extensions.feature_names)?;
+        // As QEMU: the name is checked after the extensions are read.
+        header.validate_backing_name()?;
         let mut backing_file = None;
         if header.backing_file_offset != 0 {
             let start = header.backing_file_offset as usize;
@@ -285,17 +303,7 @@ impl HeaderCluster {
             let name = String::from_utf8(cluster0[start..end].to_vec())
                 .map_err(|_| Error::corrupt_at("backing file name is not valid UTF-8", start as u64))?;
             backing_file = Some(name);
-            ext_end = ext_end.min(start);
         }
-        let extensions = if header.version >= 3 && ext_end > hl {
-            Extensions::parse(&cluster0[hl..ext_end], hl as u64)?
-        } else if header.version == 2 && ext_end > hl {
-            // v2 images may carry extensions too (backing format).
-            Extensions::parse(&cluster0[hl..ext_end], hl as u64)?
-        } else {
-            Extensions::default()
-        };
-        header.check_incompatible(&extensions.feature_names)?;
         Ok(HeaderCluster { header, extensions, backing_file })
     }
 

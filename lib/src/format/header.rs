@@ -268,27 +268,20 @@ impl Header {
         Ok(h)
     }
 
-    /// Checks every field against the format and QEMU's limits.
+    /// Checks every field against the format and QEMU's limits, in the
+    /// order QEMU checks them and with its words (the first refusal is the
+    /// one a user of either tool sees). The backing file name is checked
+    /// with the header extensions, after these ([`super::HeaderCluster`]).
     pub fn validate(&self) -> Result<()> {
         let cs = self.cluster_size();
+        if self.backing_file_offset > cs {
+            return Err(bad("backing_file_offset", self.backing_file_offset, "Invalid backing file offset"));
+        }
         if self.refcount_order > MAX_REFCOUNT_ORDER {
             return Err(bad("refcount_order", self.refcount_order.into(), "may not exceed 6"));
         }
         if self.version == 2 && self.refcount_order != 4 {
             return Err(bad("refcount_order", self.refcount_order.into(), "must be 4 for version 2"));
-        }
-        if self.backing_file_offset != 0 {
-            if self.backing_file_size > MAX_BACKING_NAME {
-                return Err(bad("backing_file_size", self.backing_file_size.into(), "backing file name too long"));
-            }
-            let end = self.backing_file_offset.checked_add(self.backing_file_size.into());
-            if self.backing_file_offset < u64::from(self.header_length) || end.is_none_or(|e| e > cs) {
-                return Err(bad(
-                    "backing_file_offset",
-                    self.backing_file_offset,
-                    "backing file name must lie in the first cluster after the header",
-                ));
-            }
         }
         if self.crypt_method > 2 {
             return Err(bad("crypt_method", self.crypt_method.into(), "unknown encryption method"));
@@ -316,39 +309,59 @@ impl Header {
                 "non-default compression type without the compression type bit",
             ));
         }
-        check_table("l1_table_offset", self.l1_table_offset, cs, u64::from(self.l1_size) * 8)?;
-        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(bad("l1_size", self.l1_size.into(), "active L1 table too large"));
-        }
         if self.l1_entries_for(self.size) > i32::MAX as u64 {
             // QEMU's limit and words for a size no L1 table can map.
             return Err(bad("size", self.size, "Image is too big"));
-        }
-        if self.l1_entries_for(self.size) > u64::from(self.l1_size) {
-            return Err(bad("l1_size", self.l1_size.into(), "L1 table is too small for the virtual size"));
-        }
-        if self.refcount_table_clusters == 0 {
-            return Err(bad("refcount_table_clusters", 0, "image has no refcount table"));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
             return Err(bad(
                 "refcount_table_clusters",
                 self.refcount_table_clusters.into(),
-                "reference count table too large",
+                "Reference count table too large",
             ));
         }
-        check_table("refcount_table_offset", self.refcount_table_offset, cs, rt_bytes)?;
+        if self.refcount_table_clusters == 0 {
+            return Err(bad("refcount_table_clusters", 0, "Image does not contain a reference count table"));
+        }
+        check_table("refcount_table_offset", "Reference count table", self.refcount_table_offset, cs, rt_bytes)?;
         if self.refcount_table_offset == 0 {
             return Err(bad("refcount_table_offset", 0, "refcount table overlaps the header"));
         }
+        // The snapshot table's own size depends on its entries (checked
+        // when it is read); here its count and offset, even with no
+        // snapshot, by the 40 bytes each entry takes at least.
         if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(bad("nb_snapshots", self.nb_snapshots.into(), "too many snapshots"));
+            return Err(bad("nb_snapshots", self.nb_snapshots.into(), "Snapshot table too large"));
         }
-        if self.nb_snapshots > 0 {
-            check_table("snapshots_offset", self.snapshots_offset, cs, 0)?;
-        } else if !self.snapshots_offset.is_multiple_of(cs) {
-            return Err(bad("snapshots_offset", self.snapshots_offset, "not aligned to a cluster boundary"));
+        let sn_bytes = u64::from(self.nb_snapshots) * super::snapshot::FIXED_LEN as u64;
+        check_table("snapshots_offset", "Snapshot table", self.snapshots_offset, cs, sn_bytes)?;
+        if u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad("l1_size", self.l1_size.into(), "Active L1 table too large"));
+        }
+        check_table("l1_table_offset", "Active L1 table", self.l1_table_offset, cs, u64::from(self.l1_size) * 8)?;
+        if self.l1_entries_for(self.size) > u64::from(self.l1_size) {
+            return Err(bad("l1_size", self.l1_size.into(), "L1 table is too small"));
+        }
+        Ok(())
+    }
+
+    /// Checks where the backing file name lies (QEMU does so after reading
+    /// the header extensions, which end where the name starts).
+    pub fn validate_backing_name(&self) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        let room = self.cluster_size().saturating_sub(self.backing_file_offset);
+        if u64::from(self.backing_file_size) > room.min(MAX_BACKING_NAME.into()) {
+            return Err(bad("backing_file_size", self.backing_file_size.into(), "Backing file name too long"));
+        }
+        if self.backing_file_offset < u64::from(self.header_length) {
+            return Err(bad(
+                "backing_file_offset",
+                self.backing_file_offset,
+                "backing file name must lie in the first cluster after the header",
+            ));
         }
         Ok(())
     }
@@ -410,13 +423,12 @@ impl Header {
     }
 }
 
-/// A table must start on a cluster boundary and end below the 2^56 limit.
-fn check_table(field: &'static str, offset: u64, cluster_size: u64, bytes: u64) -> Result<()> {
-    if !offset.is_multiple_of(cluster_size) {
-        return Err(bad(field, offset, "not aligned to a cluster boundary"));
-    }
-    if offset.checked_add(bytes).is_none_or(|end| end > MAX_HOST_OFFSET) {
-        return Err(bad(field, offset, "table lies beyond the largest possible image"));
+/// A table must start on a cluster boundary and end below the 2^56 limit;
+/// QEMU words both refusals alike, naming the table.
+fn check_table(field: &'static str, name: &str, offset: u64, cluster_size: u64, bytes: u64) -> Result<()> {
+    let misplaced = !offset.is_multiple_of(cluster_size);
+    if misplaced || offset.checked_add(bytes).is_none_or(|end| end > MAX_HOST_OFFSET) {
+        return Err(bad(field, offset, format!("{name} offset invalid")));
     }
     Ok(())
 }
@@ -498,12 +510,14 @@ pub(crate) mod tests {
                 }),
             ),
             (
-                "backing_file_offset",
+                "backing_file_size",
                 Box::new(|h| {
                     h.backing_file_offset = 65530;
                     h.backing_file_size = 100;
                 }),
             ),
+            ("backing_file_offset", Box::new(|h| h.backing_file_offset = 65537)),
+            ("backing_file_offset", Box::new(|h| h.backing_file_offset = 64)),
             ("crypt_method", Box::new(|h| h.crypt_method = 3)),
             ("size", Box::new(|h| h.size = u64::MAX)),
             ("header_length", Box::new(|h| h.header_length = 108)),
@@ -517,7 +531,60 @@ pub(crate) mod tests {
                 put_u32(&mut b, off::HEADER_LENGTH, h.header_length);
             }
             b.resize(1 << 16, 0);
-            assert_eq!(field_of(Header::parse(&b).unwrap_err()), field, "case {field}");
+            let r = Header::parse(&b).and_then(|h| h.validate_backing_name());
+            assert_eq!(field_of(r.unwrap_err()), field, "case {field}");
+        }
+    }
+
+    /// The first refusal, as QEMU's iotest 080 shows it: its order and
+    /// words.
+    #[test]
+    fn refusals_in_qemus_order_and_words() {
+        type Mutation = Box<dyn Fn(&mut Header)>;
+        let reason = |mutate: Mutation| {
+            let mut h = sample(3);
+            mutate(&mut h);
+            let mut b = h.encode();
+            b.resize(1 << 16, 0);
+            match Header::parse(&b).and_then(|h| h.validate_backing_name()).unwrap_err() {
+                Error::InvalidField { reason, .. } => reason,
+                other => panic!("expected a field error, got {other}"),
+            }
+        };
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("Invalid backing file offset", Box::new(|h| h.backing_file_offset = u64::MAX)),
+            ("Reference count table too large", Box::new(|h| h.refcount_table_clusters = u32::MAX)),
+            ("Reference count table offset invalid", Box::new(|h| h.refcount_table_offset = 0x1234_5678_90ab_cdef)),
+            (
+                "Reference count table offset invalid",
+                Box::new(|h| {
+                    h.refcount_table_offset = 0xffff_ffff_ffff_0000;
+                    h.refcount_table_clusters = 127;
+                }),
+            ),
+            ("Snapshot table too large", Box::new(|h| h.nb_snapshots = u32::MAX)),
+            (
+                "Snapshot table offset invalid",
+                Box::new(|h| {
+                    h.snapshots_offset = 0xffff_ffff_ffff_0000;
+                    h.nb_snapshots = 0xffff;
+                }),
+            ),
+            // No snapshot, yet a misaligned table offset.
+            ("Snapshot table offset invalid", Box::new(|h| h.snapshots_offset = 0x1234_5678_90ab_cdef)),
+            ("Active L1 table too large", Box::new(|h| h.l1_size = u32::MAX)),
+            ("Active L1 table offset invalid", Box::new(|h| h.l1_table_offset = 0x1234_5678_90ab_cdef)),
+            ("L1 table is too small", Box::new(|h| h.l1_size = 0)),
+            (
+                "Backing file name too long",
+                Box::new(|h| {
+                    h.backing_file_offset = 4096;
+                    h.backing_file_size = u32::MAX;
+                }),
+            ),
+        ];
+        for (want, mutate) in cases {
+            assert_eq!(reason(mutate), want);
         }
     }
 

@@ -12,7 +12,7 @@ use crate::format::l1::L1Entry;
 use crate::format::l2::{COPIED, ZERO};
 use crate::format::limits::MAX_REFTABLE_BYTES;
 use crate::format::refcount::{RefcountLayout, REFTABLE_OFFSET_MASK};
-use crate::format::{Compatible, Incompatible, L2Entry};
+use crate::format::{Autoclear, Compatible, Incompatible, L2Entry};
 use crate::storage::Storage;
 use crate::{Error, Result};
 use std::collections::BTreeSet;
@@ -37,6 +37,13 @@ pub struct AmendOptions {
     pub size: Option<u64>,
     /// `journal` (oxcow's own): add or remove the recovery journal.
     pub journal: Option<bool>,
+    /// `data_file`: the external data file's name recorded in the image
+    /// (empty: none recorded; the image then needs one given at open).
+    /// Only the name changes, never the data.
+    pub data_file: Option<String>,
+    /// `data_file_raw`: may only be cleared (QEMU cannot know whether an
+    /// existing data file holds the guest's data at its offsets).
+    pub data_file_raw: Option<bool>,
 }
 
 setters!(AmendOptions {} opt {
@@ -47,6 +54,8 @@ setters!(AmendOptions {} opt {
     backing_format: String,
     size: u64,
     journal: bool,
+    data_file: String,
+    data_file_raw: bool,
 });
 
 const CREATE_ONLY: &[&str] = &[
@@ -85,7 +94,7 @@ impl AmendOptions {
                 "lazy_refcounts" => o.lazy_refcounts = Some(parse_bool(&key, &value)?),
                 "journal" => o.journal = Some(parse_bool(&key, &value)?),
                 "refcount_bits" => {
-                    o.refcount_bits = Some(value.parse().map_err(|_| {
+                    o.refcount_bits = Some(parse_refcount_bits(&value).ok_or_else(|| {
                         Error::invalid("Parameter 'refcount_bits' expects a non-negative number below 2^64")
                     })?)
                 }
@@ -97,9 +106,8 @@ impl AmendOptions {
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
                 }
-                "data_file" | "data_file_raw" => {
-                    return Err(Error::unsupported(format!("changing '{key}' with amend")));
-                }
+                "data_file" => o.data_file = Some(value),
+                "data_file_raw" => o.data_file_raw = Some(parse_bool(&key, &value)?),
                 k => return Err(Error::invalid(format!("Invalid parameter '{k}'"))),
             }
         }
@@ -168,7 +176,9 @@ pub fn amend_observed(
             ));
         }
         if bits != 16 {
-            return Err(Error::invalid(if h.version == 2 && opts.version.is_none() {
+            // As QEMU: a width asked for beside v2 is refused as such; the
+            // image's own width is refused by the downgrade.
+            return Err(Error::invalid(if opts.refcount_bits.is_some() {
                 "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"
             } else {
                 "compat=0.10 requires refcount_bits=16"
@@ -177,6 +187,14 @@ pub fn amend_observed(
         if h.version >= 3 {
             downgrade_precheck(h)?;
         }
+    }
+    // QEMU's refusals, before anything changes.
+    if opts.data_file.is_some() && !h.has_data_file() {
+        return Err(Error::invalid("data-file can only be set for images that use an external data file"));
+    }
+    let raw_now = h.autoclear_features & Autoclear::DATA_FILE_RAW != 0;
+    if opts.data_file_raw == Some(true) && !raw_now {
+        return Err(Error::invalid("data-file-raw cannot be set on existing images"));
     }
     let same_backing = opts.backing_file == hc.backing_file && opts.backing_format == hc.extensions.backing_format;
     if (opts.backing_format.is_some() || opts.backing_file.is_some()) && !same_backing {
@@ -202,10 +220,15 @@ pub fn amend_observed(
         if let Some(j) = opts.journal {
             q.set_journal(j)?;
         }
+        if opts.data_file.is_some() || opts.data_file_raw == Some(false) {
+            let name = opts.data_file.as_ref().map(|n| Some(n.clone()).filter(|n| !n.is_empty()));
+            q.set_data_file_name(name, opts.data_file_raw == Some(false))?;
+        }
         q.close_clean()?;
     }
     if bits != h.refcount_bits() {
-        rebuild_refcounts(&file, data_file.clone(), bits.trailing_zeros(), key)?;
+        let mut progress = |done, total| on(AmendEvent::Progress { done, total });
+        rebuild_refcounts(&file, data_file.clone(), bits.trailing_zeros(), key, &mut progress)?;
     }
     if target_v == 2 && h.version >= 3 {
         let q = Qcow2::open(file.clone(), keyed(Qcow2Options { data_file, ..Default::default() }))?;
@@ -255,6 +278,29 @@ impl Qcow2 {
             }
         }
         r
+    }
+
+    /// Records another external data file name (`Some(None)`: none) and,
+    /// with `clear_raw`, drops the data-file-raw bit. Only cluster 0
+    /// changes, in one write; the open image keeps its data file.
+    pub fn set_data_file_name(&self, name: Option<Option<String>>, clear_raw: bool) -> Result<()> {
+        let mut m = self.quiesce()?;
+        let mut hc = m.hc.clone();
+        if let Some(name) = name {
+            hc.extensions.data_file = name;
+        }
+        if clear_raw {
+            hc.header.autoclear_features &= !Autoclear::DATA_FILE_RAW;
+        }
+        // Encoding refuses a cluster 0 that would overflow before anything
+        // is written.
+        hc.encode()?;
+        let old = std::mem::replace(&mut m.hc, hc);
+        let r = self.write_header(&mut m).and_then(|_| self.sync("flushing header"));
+        if r.is_err() {
+            m.hc = old;
+        }
+        self.fail(&mut m, r)
     }
 
     /// Turns lazy refcounts on or off. Turning them off writes every
@@ -433,17 +479,24 @@ fn rebuild_refcounts(
     data_file: Option<Arc<dyn Storage>>,
     order: u32,
     key: Option<&crate::crypto::Secret>,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<()> {
     let o = Qcow2Options { read_only: true, data_file, key_secret: key.cloned(), ..Default::default() };
     let q = Qcow2::open(file.clone(), o)?;
     let cs = q.g.cluster_size;
     let n = file.len().map_err(|e| Error::io("reading image size", e))?.div_ceil(cs);
     let mut counts = Vec::with_capacity(n as usize);
+    let old;
     {
         let mut m = q.lock();
         for idx in 0..n {
             counts.push(q.refcount(&mut m, HostCluster(idx))?);
         }
+        old = super::amend_progress::OldLayout {
+            refcounts: counts.clone(),
+            table_entries: u64::from(m.hc.header.refcount_table_clusters) * (cs / 8),
+            block_entries: q.g.rc.block_entries(),
+        };
         // The old refcount structures are not counted by the new ones.
         let h = &m.hc.header;
         for k in 0..u64::from(h.refcount_table_clusters) {
@@ -468,6 +521,12 @@ fn rebuild_refcounts(
         )));
     }
     let per_block = rc.block_entries();
+    // The progress qemu-img shows: every walk QEMU would take but the
+    // last one now, that one once the new structures are written.
+    let walks = super::amend_progress::allocating_walks(&old, per_block, cs).unwrap_or(2);
+    for w in 0..walks {
+        super::amend_progress::report_walk(w, walks, old.table_entries, progress);
+    }
     let per_table_cluster = cs / 8;
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {
@@ -506,5 +565,18 @@ fn rebuild_refcounts(
     hc.header.refcount_order = order;
     let bytes = hc.encode()?;
     file.write_at(&bytes, 0).map_err(|e| Error::io("writing image header", e))?;
-    file.flush().map_err(|e| Error::io("flushing image header", e))
+    file.flush().map_err(|e| Error::io("flushing image header", e))?;
+    super::amend_progress::report_walk(walks, walks, old.table_entries, progress);
+    Ok(())
+}
+/// A `refcount_bits` value read as QEMU reads numbers: a negative one
+/// wraps around (`-1` is 2^64 - 1), and any width too large for a `u32`
+/// becomes one that the width rule refuses, in its words ("Refcount
+/// width must be a power of two and may not exceed 64 bits").
+pub fn parse_refcount_bits(value: &str) -> Option<u32> {
+    let v = match value.parse::<u64>() {
+        Ok(v) => v,
+        Err(_) => value.parse::<i64>().ok()? as u64,
+    };
+    Some(u32::try_from(v).unwrap_or(u32::MAX))
 }

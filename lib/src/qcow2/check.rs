@@ -129,6 +129,9 @@ struct Scan {
     /// Where the COPIED findings start in the messages: a repair prints
     /// them again after the refcounts are fixed, judged on those.
     copied_messages_at: usize,
+    /// Of the corruptions: references past the largest refcount the
+    /// width can hold, which no repair fixes (amend widens the refcounts).
+    overflows: u64,
 }
 
 /// References past the end of the file further than this are corrupt
@@ -155,7 +158,9 @@ impl Qcow2 {
             self.sync("flushing before check")?;
         }
         let first = self.scan(&mut m)?;
-        if repair == Repair::None || self.read_only || (first.report.leaks == 0 && first.report.corruptions == 0) {
+        // Overflowing references alone leave a repair nothing to do.
+        let r = &first.report;
+        if repair == Repair::None || self.read_only || (r.leaks == 0 && r.corruptions == first.overflows) {
             return Ok(first.report);
         }
         let (mut said, fixed_all, copied_found) = self.repair(&mut m, &first, repair)?;
@@ -235,6 +240,7 @@ impl Qcow2 {
             zero_refcount_referenced: false,
             incomplete_snapshots: Vec::new(),
             copied_messages_at: 0,
+            overflows: 0,
         };
         let h = m.hc.header.clone();
         self.add_range(&mut s, nb, 0, cs);
@@ -355,6 +361,19 @@ impl Qcow2 {
                 s.report.messages.push(beyond_eof_message(off, bytes));
                 return;
             }
+            // As QEMU counts: at most as many references as the refcount
+            // width holds, each one past that an overflow.
+            if s.refs.get(idx) >= self.g.rc.max() {
+                s.report.corruptions += 1;
+                s.overflows += 1;
+                s.report.messages.push(format!("ERROR: overflow cluster offset={:#x}", idx * cs));
+                s.report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a \
+                     clean copy if the image cannot be opened for writing"
+                        .to_string(),
+                );
+                continue;
+            }
             s.refs.inc(idx);
         }
     }
@@ -424,7 +443,11 @@ impl Qcow2 {
                     continue;
                 }
                 let host = le.host_offset();
-                if host == 0 {
+                // Offset 0 is a cluster of an external data file when the
+                // COPIED flag says so (every such cluster has it), unless
+                // the entry reads as zeros, as QEMU classifies it.
+                let zero_plain = le.word & crate::format::l2::ZERO != 0 && !self.g.extended;
+                if host == 0 && !(self.g.external_data && le.copied() && !zero_plain) {
                     continue;
                 }
                 if !host.is_multiple_of(cs) {

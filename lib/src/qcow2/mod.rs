@@ -49,6 +49,7 @@
 mod alloc;
 mod allocator;
 mod amend;
+mod amend_progress;
 mod bitmap;
 mod cache;
 mod cache_opts;
@@ -73,7 +74,7 @@ mod units;
 mod vmstate;
 mod write;
 
-pub use amend::{amend, amend_observed, amend_with_key, AmendEvent, AmendOptions};
+pub use amend::{amend, amend_observed, amend_with_key, parse_refcount_bits, AmendEvent, AmendOptions};
 pub use bitmap::{BitmapInfo, DirtyBitmap};
 pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};

@@ -183,6 +183,12 @@ fn amend_refusals_use_qemu_messages() {
             "refcount_bits=8",
             "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
         ),
+        // QEMU's iotest 112: a width asked for beside compat=0.10.
+        (
+            "compat=1.1",
+            "refcount_bits=32,compat=0.10",
+            "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+        ),
         (
             "compat=1.1",
             "cluster_size=4k",
