@@ -10,7 +10,7 @@
 //! { "driver": FORMAT, "file": NODE }       a format over NODE
 //! NODE = { "driver": "file", "filename": PATH }
 //!      | { "driver": "blkdebug", "image": NODE,
-//!          "inject-error": [...], "set-state": [...], "config": PATH,
+//!          "inject-error": [...], "set-state": [...],
 //!          request limits (align, max-transfer, ...) }
 //!      | { "driver": "quorum", "children": [NODE, ...], ... }
 //! ```
@@ -87,16 +87,15 @@ fn node(v: &Value, rules: &mut Option<BlkdebugRules>, quorum: &mut bool) -> Resu
             ))
         }
         "blkdebug" => {
-            let mut keys = vec!["driver", "image", "inject-error", "set-state", "config"];
+            // No `config`: a backing name is data from the image, and
+            // would name a host file for oxcow to read and parse.
+            let mut keys = vec!["driver", "image", "inject-error", "set-state"];
             keys.extend_from_slice(BLKDEBUG_LIMITS);
             refuse_other_keys(m, &keys, &driver)?;
             if rules.is_some() {
                 return Err(Error::unsupported("blkdebug over blkdebug is not supported by oxcow"));
             }
-            let mut found = match string_key(m, "config")? {
-                Some(path) => BlkdebugRules::from_config_file(&path).map_err(|e| Error::invalid(e.0))?,
-                None => BlkdebugRules::default(),
-            };
+            let mut found = BlkdebugRules::default();
             let mut pairs = Vec::new();
             for k in ["inject-error", "set-state"] {
                 if let Some(list) = m.get(k) {
@@ -238,6 +237,9 @@ mod tests {
         assert!(parse(r#"json:{"driver":"qcow2","file":{"driver":"ssh","path":"/a"}}"#).unwrap().is_err());
         assert!(parse(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"a","x":1}}"#).unwrap().is_err());
         assert!(parse("json:{").unwrap().is_err() && parse("json:[1]").unwrap().is_err());
+        // A config file would be a host file named by image data.
+        let config = r#"json:{"driver":"qcow2","file":{"driver":"blkdebug","config":"c","image":{"driver":"file","filename":"a"}}}"#;
+        assert!(parse(config).unwrap().is_err());
         let plain = parse(r#"json:{"driver":"file","filename":"a"}"#).unwrap().unwrap();
         assert_eq!((plain.format, plain.file, plain.blkdebug), (None, PathBuf::from("a"), None));
     }
