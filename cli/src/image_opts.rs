@@ -46,7 +46,14 @@ impl ObjectArgs {
             // QEMU lets `-f` stand beside a json: name; the tree's driver
             // says the format where it names one.
             let spec = spec?;
-            let (f, n) = resolve_with(&spec, &objects, secrets)?;
+            let (f, n) = match resolve_with(&spec, &objects, secrets) {
+                Ok(r) => r,
+                // Trees the option-string path does not take but the
+                // library opens by their `json:` name (blkdebug or quorum
+                // under the format) stay as they are.
+                Err(_) if oxcow::json_name::parse(name).is_some_and(|r| r.is_ok()) => return Ok(()),
+                Err(e) => return Err(e),
+            };
             let nbd = is_bare_nbd(&spec);
             remember(&n, |e| {
                 e.given = Some(original);
@@ -143,7 +150,7 @@ pub fn json_name(resolved: &str) -> Option<String> {
 /// for any other name.
 pub fn json_spec(name: &str) -> Option<CliResult<String>> {
     let text = name.strip_prefix("json:")?;
-    let v: serde_json::Value = match serde_json::from_str(&single_quotes_to_double(text)) {
+    let v: serde_json::Value = match serde_json::from_str(&oxcow::json_name::standard_json(text)) {
         Ok(v) => v,
         Err(e) => return Some(Err(CliError::new(format!("Could not parse the JSON options: {e}")))),
     };
@@ -154,49 +161,6 @@ pub fn json_spec(name: &str) -> Option<CliResult<String>> {
     crate::object::flatten_json("", &v, &mut pairs);
     let spec = pairs.iter().map(|(k, v)| format!("{k}={}", v.replace(',', ",,"))).collect::<Vec<_>>().join(",");
     Some(Ok(spec))
-}
-
-/// QEMU's JSON takes 'single-quoted' strings too (the iotests write
-/// their `json:` names so); they become standard double-quoted ones.
-fn single_quotes_to_double(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                out.push('"');
-                while let Some(c) = chars.next() {
-                    out.push(c);
-                    match c {
-                        '\\' => out.extend(chars.next()),
-                        '"' => break,
-                        _ => {}
-                    }
-                }
-            }
-            '\'' => {
-                out.push('"');
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => match chars.next() {
-                            Some('\'') => out.push('\''),
-                            Some(e) => {
-                                out.push('\\');
-                                out.push(e);
-                            }
-                            None => {}
-                        },
-                        '"' => out.push_str("\\\""),
-                        '\'' => break,
-                        c => out.push(c),
-                    }
-                }
-                out.push('"');
-            }
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// An option string's format (none when it names only a protocol and the

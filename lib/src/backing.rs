@@ -83,6 +83,11 @@ impl BackingName {
     pub fn is_protocol(&self) -> bool {
         self.kind != BackingKind::File
     }
+    /// Whether this is a `json:` name that comes down to one host file
+    /// (see [`crate::json_name`]): followed as a host file is.
+    pub fn is_local_json(&self) -> bool {
+        self.kind == BackingKind::Json && crate::json_name::parse(&self.name).is_some_and(|r| r.is_ok())
+    }
     /// The error refusing to follow this name as a backing file, saying
     /// `reason`.
     pub fn refused(&self, reason: impl Into<String>) -> Error {
@@ -107,14 +112,15 @@ pub trait BackingPolicy: fmt::Debug + Send + Sync {
     fn check(&self, name: &BackingName) -> Result<()>;
 }
 
-/// The default policy: backing files on the host only; `json:` and every
-/// protocol, NBD included, are refused.
+/// The default policy: backing files on the host only (a `json:` name
+/// whose tree comes down to one host file is one); every protocol, NBD
+/// included, is refused.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LocalBacking;
 
 impl BackingPolicy for LocalBacking {
     fn check(&self, name: &BackingName) -> Result<()> {
-        if name.is_protocol() {
+        if name.is_protocol() && !name.is_local_json() {
             return Err(name.refused(format!("backing file name '{name}' names a protocol; refusing to follow it")));
         }
         Ok(())
@@ -131,6 +137,7 @@ impl BackingPolicy for NetworkBacking {
     fn check(&self, name: &BackingName) -> Result<()> {
         match name.kind() {
             BackingKind::File | BackingKind::Nbd | BackingKind::Http | BackingKind::S3 => Ok(()),
+            BackingKind::Json if name.is_local_json() => Ok(()),
             _ => Err(name.refused(format!(
                 "backing file name '{name}' uses a protocol oxcow does not open; refusing to follow it"
             ))),

@@ -568,6 +568,9 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         return Err(Error::invalid("force-share=on can only be used with read-only images"));
     }
     let path = path.as_ref();
+    if let Some(parsed) = path.to_str().and_then(crate::json_name::parse) {
+        return open_json(parsed?, opts);
+    }
     if let Some(parsed) = path.to_str().and_then(crate::storage::parse_blkdebug_name) {
         let (rules, file) = parsed.map_err(|e| Error::invalid(e.0))?;
         return open(file, &OpenOptions { blkdebug: Some(rules), ..opts.clone() });
@@ -575,6 +578,20 @@ pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
     let mut chain = ChainFiles::default();
     chain.enter(path)?;
     open_depth(path, opts, 0, &mut chain)
+}
+
+/// Opens what a `json:{...}` name describes: its file, in its format (or
+/// the one given), under its blkdebug rules (or the ones given).
+fn open_json(j: crate::json_name::JsonImage, opts: &OpenOptions) -> Result<Image> {
+    if j.quorum && !opts.no_io {
+        return Err(Error::unsupported("quorum is supported by oxcow only where no data is read (info)"));
+    }
+    let jopts = OpenOptions {
+        format: j.format.or(opts.format),
+        blkdebug: j.blkdebug.or(opts.blkdebug.clone()),
+        ..opts.clone()
+    };
+    open(&j.file, &jopts)
 }
 
 /// Opens `path` as image number `depth` of a chain whose files so far are
@@ -737,7 +754,16 @@ fn open_backing(
     chain: &mut ChainFiles,
 ) -> Result<Image> {
     opts.backing_policy.check(&BackingName::new(name))?;
-    let bpath = resolve_backing(path, name);
+    // A `json:` name opens its file (relative to the working directory,
+    // as in QEMU) in its format, under its blkdebug rules.
+    let json = name.starts_with("json:").then(|| crate::json_name::parse(name)).flatten().transpose()?;
+    if json.as_ref().is_some_and(|j| j.quorum && !opts.no_io) {
+        return Err(Error::unsupported("quorum is supported by oxcow only where no data is read (info)"));
+    }
+    let bpath = match &json {
+        Some(j) => j.file.clone(),
+        None => resolve_backing(path, name),
+    };
     let bfmt = match (opts.backing_driver, format) {
         (Some(f), _) => Some(f),
         (None, Some(f)) => Some(f.parse::<Format>().map_err(|e| match e {
@@ -759,6 +785,10 @@ fn open_backing(
         qcow2_lazy_refcounts: None,
         ..opts.clone()
     };
+    if let Some(j) = json {
+        bopts.format = j.format.or(bopts.format);
+        bopts.blkdebug = j.blkdebug;
+    }
     if !opts.backing_keys.is_empty() {
         if let Some(k) = opts.backing_keys[0].clone() {
             bopts.key_secret = Some(k);

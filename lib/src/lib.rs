@@ -107,6 +107,7 @@ pub mod formats;
 #[doc(hidden)]
 pub mod fuzz_targets;
 mod image;
+pub mod json_name;
 pub mod nbd;
 mod nested;
 pub mod options;

@@ -288,7 +288,12 @@ pub fn image_info(img: &Image, path: &str) -> CliResult<Value> {
         m.insert("format-specific".into(), json!({"type": "luks", "data": luks_json(l.header(), false)}));
     }
     if let Some(name) = img.backing_name() {
-        m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
+        // Under a quorum node the image has no one directory: QEMU
+        // cannot tell where its backing file is and leaves the key out.
+        let quorum = oxcow::json_name::parse(path).is_some_and(|j| j.is_ok_and(|j| j.quorum));
+        if !quorum {
+            m.insert("full-backing-filename".into(), json!(resolve_backing(img.path(), name).display().to_string()));
+        }
         m.insert("backing-filename".into(), json!(name));
     }
     if q.is_some_and(|q| q.header().crypt_method != 0) || img.luks().is_some() {
@@ -380,11 +385,10 @@ pub fn human_info(v: &Value) -> String {
         s += "cleanly shut down: no\n";
     }
     if let Some(b) = v.get("backing-filename").and_then(Value::as_str) {
-        let full = as_str(v, "full-backing-filename");
-        if full != b && !full.is_empty() {
-            s += &format!("backing file: {b} (actual path: {full})\n");
-        } else {
-            s += &format!("backing file: {b}\n");
+        match v.get("full-backing-filename").and_then(Value::as_str) {
+            None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
+            Some(full) if full != b && !full.is_empty() => s += &format!("backing file: {b} (actual path: {full})\n"),
+            Some(_) => s += &format!("backing file: {b}\n"),
         }
     }
     if let Some(f) = v.get("backing-filename-format").and_then(Value::as_str) {

@@ -24,6 +24,7 @@ mod http_nginx;
 mod ignore_journal_cli;
 mod image_opts_names;
 mod iotests_ci;
+mod json_blkdebug;
 mod json_names;
 mod legacy_aes;
 mod lifecycle_cli;

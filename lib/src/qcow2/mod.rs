@@ -54,6 +54,7 @@ mod bitmap;
 mod cache;
 mod cache_opts;
 mod check;
+mod commit_empty;
 mod compress;
 mod cor;
 mod create;

@@ -58,6 +58,10 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
         ..Default::default()
     };
     let img = image::open(top, &unlocked)?;
+    // The top's own file (a `blkdebug:` or `json:` name stands for one).
+    let top_name = top;
+    let top = img.path().to_path_buf();
+    let top = top.as_path();
     if img.backing().is_none() {
         return Err(Error::invalid("Image does not have a backing file"));
     }
@@ -67,6 +71,9 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     // A relative base name is taken relative to the top's directory, as
     // QEMU takes it (the chain's own names are relative to their images).
     let base_path = opts.base.as_deref().map(|b| image::resolve_backing(top, &b.to_string_lossy()));
+    // The name the layer above the base records for it: a `json:` name
+    // (blkdebug rules, say) opens the base again as it was opened.
+    let mut base_name = img.backing_name().map(str::to_string);
     let (depth, base_layer) = {
         let mut layer = img.backing();
         let mut depth = 1u32;
@@ -81,6 +88,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
             match &base_path {
                 Some(b) if !same_file(b, l.path()) => {
                     between.push(l.path().to_path_buf());
+                    base_name = l.backing_name().map(str::to_string);
                     layer = l.backing();
                     depth += 1;
                 }
@@ -97,8 +105,12 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
     let _between_locks = between.iter().map(|p| lock(p, false, LockMode::reader())).collect::<Result<Vec<_>>>()?;
     let d = depth as usize;
     let base_key = opts.backing_keys.get(d - 1).cloned().flatten().or_else(|| opts.key_secret.clone());
+    let base_open = match base_name.filter(|n| n.starts_with("json:")) {
+        Some(n) => PathBuf::from(n),
+        None => base_layer.path().to_path_buf(),
+    };
     let base = image::open(
-        base_layer.path(),
+        &base_open,
         &OpenOptions {
             format: Some(base_layer.format()),
             write: true,
@@ -115,6 +127,37 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
             None => base.device().resize(size)?,
         }
     }
+    copy_down(dev, &base, depth, size, progress).map_err(|e| {
+        // QEMU runs the copy as a block job and reports only its errno.
+        Error::io("Block job failed", std::io::Error::from_raw_os_error(e.errno()))
+    })?;
+    base.close()?;
+    if empty_top {
+        if let Some(q) = img.qcow2() {
+            let closed = q.empty_for_commit().map_err(|e| {
+                Error::io(
+                    format!("Failed to empty {}", top_name.display()),
+                    std::io::Error::from_raw_os_error(e.errno()),
+                )
+            })?;
+            if closed {
+                // Reset as a whole and closed (`qcow2/commit_empty.rs`).
+                return Ok(());
+            }
+        }
+    }
+    img.close()
+}
+
+/// Writes into `base` every range of `dev` (the top) allocated above the
+/// base (`depth` layers down), then flushes the base.
+fn copy_down(
+    dev: &std::sync::Arc<dyn crate::BlockDevice>,
+    base: &image::Image,
+    depth: u32,
+    size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let mut pos = 0u64;
     let mut buf = vec![0u8; CHUNK as usize];
     progress(0, size);
@@ -140,12 +183,5 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &mut dyn FnMut(u64, u6
         progress(pos, size);
     }
     // The base holds everything before the top lets go of it.
-    base.device().flush()?;
-    base.close()?;
-    if empty_top {
-        if let Some(q) = img.qcow2() {
-            q.make_empty()?;
-        }
-    }
-    img.close()
+    base.device().flush()
 }
