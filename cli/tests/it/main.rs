@@ -5,6 +5,7 @@
 
 mod support;
 
+mod alloc_layout;
 mod amend_dropin;
 mod bitmap_cli;
 mod bitmap_dropin;
