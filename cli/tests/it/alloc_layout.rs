@@ -110,3 +110,19 @@ fn rebase_within_the_chain_writes_zeros_past_the_old_end_as_qemu_img() {
     same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
     same_on(&ours, &theirs, "qemu-img", &["check", "x.qcow2"], None, Cmp::All);
 }
+
+/// iotest 252's case: an image without a backing file rebased onto one
+/// gets its zeros over the new backing file's data as a zero range.
+#[test]
+fn rebase_without_an_old_backing_file_writes_zeros_as_qemu_img() {
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        let run = |tool: &str, args: &[&str]| setup(side, tool, args);
+        run("qemu-img", &["create", "-q", "-f", "qcow2", "x.qcow2", "384k"]);
+        run("qemu-img", &["create", "-q", "-f", "qcow2", "new.qcow2", "384k"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 0 128k", "x.qcow2"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x11 256k 64k", "new.qcow2"]);
+    }
+    same_on(&ours, &theirs, "qemu-img", &["rebase", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
+}

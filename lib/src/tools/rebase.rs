@@ -76,8 +76,8 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
     };
     if !opts.unsafe_mode {
         // QEMU writes the zeros past the old backing file's end as a zero
-        // range when the new backing file is further down the old chain,
-        // and as data otherwise (iotest 024).
+        // range when the new backing file is further down the old chain
+        // (or there was none), and as data otherwise (iotest 024).
         let mut new_in_old_chain = false;
         let new = match &new_name {
             Some(n) => {
@@ -120,9 +120,11 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
                         let whole = at.is_multiple_of(cs) && (k as u64 == cs || at + k as u64 == size);
                         let packed = img.qcow2().filter(|_| opts.compress && whole);
                         // Zeros the old backing file holds are copied as
-                        // data, as QEMU copies them (iotest 024).
+                        // data, as QEMU copies them (iotest 024); without
+                        // an old backing file they are a zero range (252).
                         let past_old = old.is_none_or(|o| at >= o.len());
-                        if past_old && new_in_old_chain && a[..k].iter().all(|&x| x == 0) {
+                        let as_zeros = old.is_none() || new_in_old_chain;
+                        if past_old && as_zeros && a[..k].iter().all(|&x| x == 0) {
                             dev.write_zeroes(at, k as u64, false)?;
                         } else if let Some(q) = packed {
                             // The disk's last cluster may be partial: padded.
