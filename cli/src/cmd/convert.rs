@@ -4,7 +4,7 @@
 use crate::error::{CliError, CliResult};
 use crate::progress::Progress;
 use crate::util::{open_image, parse_format, parse_num};
-use oxcow::tools::convert::{copy, copy_compressed, data_len, CopyOptions};
+use oxcow::tools::convert::{copy, copy_compressed_over, data_len, CopyOptions};
 use oxcow::{Format, OpenOptions};
 
 #[derive(clap::Args)]
@@ -114,11 +114,22 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     };
     let src_cache = cache_mode(&a.src_cache, "writeback")?;
     let dst_cache = cache_mode(&a.cache, "unsafe")?;
-    let (src_path, dst_path) = match a.files.as_slice() {
-        [s, d] => (s, d),
+    let (src_paths, dst_path) = match a.files.as_slice() {
         [_] => return Err(CliError::new("Must specify image file name")),
-        _ => return Err(CliError::new("Converting several source images into one is not supported by oxcow")),
+        [s @ .., d] => (s, d),
+        [] => return Err(CliError::new("Must specify image file name")),
     };
+    if a.no_create && !a.options.is_empty() {
+        return Err(CliError::new("-o has no effect when skipping image creation"));
+    }
+    if src_paths.len() > 1 && a.backing.is_some() {
+        return Err(CliError::new(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    if src_paths.len() > 1 && a.bitmaps {
+        return Err(CliError::new("Copying bitmaps only possible with single source"));
+    }
     let out_fmt =
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
     if a.backing.is_some() && !matches!(out_fmt, Format::Qcow2 | Format::Qed) {
@@ -132,8 +143,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         None => 4096,
     };
     let src_fmt = parse_format(a.format.as_deref())?;
-    let src =
-        open_image(src_path, &OpenOptions::default().format(src_fmt).force_share(a.force_share).cache(src_cache))?;
+    let mut srcs = Vec::with_capacity(src_paths.len());
+    for p in src_paths {
+        srcs.push(open_image(p, &OpenOptions::default().format(src_fmt).force_share(a.force_share).cache(src_cache))?);
+    }
+    let src = &srcs[0];
+    let devs: Vec<&dyn oxcow::BlockDevice> = srcs.iter().map(|s| &**s.device()).collect();
+    let concat = crate::cmd::convert_concat::Concat::new(&devs);
     let snap_name = a.snapshot_param.as_deref().map(snapshot_name).transpose()?;
     let snap_dev = match &snap_name {
         Some(n) => {
@@ -145,8 +161,12 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         }
         None => None,
     };
-    let sdev = match &snap_dev {
+    if snap_dev.is_some() && devs.len() > 1 {
+        return Err(CliError::new("No support for concatenating multiple snapshot"));
+    }
+    let sdev: &dyn oxcow::BlockDevice = match &snap_dev {
         Some(d) => &**d,
+        None if devs.len() > 1 => &concat,
         None => src.device(),
     };
     let size = sdev.len();
@@ -154,7 +174,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         return Err(CliError::new("--skip-broken-bitmaps requires --bitmaps"));
     }
     if a.bitmaps {
-        check_bitmaps(&src, out_fmt, a.skip_broken_bitmaps)?;
+        check_bitmaps(src, out_fmt, a.skip_broken_bitmaps)?;
     }
 
     if !a.no_create {
@@ -194,10 +214,10 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let progress = Progress::new(a.progress);
     if a.compress {
         let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
-        if a.backing.is_some() || a.no_create {
-            return Err(CliError::new("-c is only supported for new images without -B"));
-        }
-        copy_compressed(sdev, q, &mut |pos| progress.update(pos, size))
+        // With -B, what reads the same through the target's backing file
+        // is left to it, and zeros over it are kept (iotest 122); an
+        // existing target (-n) gets its zeros written too.
+        copy_compressed_over(sdev, q, base, a.no_create, &mut |pos| progress.update(pos, size))
             .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
         progress.finish();
         dst.close()?;

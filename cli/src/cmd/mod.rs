@@ -7,6 +7,7 @@ pub mod check;
 pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_concat;
 pub mod create;
 pub mod dd;
 pub mod info;

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod alloc_layout;
 mod amend_dropin;
 mod bitmap_cli;
 mod bitmap_dropin;
@@ -13,6 +14,7 @@ mod cache_mode_cli;
 mod check_cli;
 mod check_repair_words;
 mod cli_behaviour;
+mod convert_sources;
 mod cor_filter;
 mod damaged_cli;
 mod data_file_opts;

@@ -8,7 +8,7 @@
 //!   next metadata write-out, so a freed cluster cannot be reused while an
 //!   on-disk table still points at it.
 
-use super::allocator::PendingFree;
+use super::allocator::{PendingFree, ReservedRun};
 use super::state::{Meta, MetaKind};
 use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
@@ -358,13 +358,17 @@ impl Qcow2 {
         Ok((c.offset(&self.g), true))
     }
 
-    /// Allocates `n` contiguous clusters (for tables), at the end. On
+    /// Allocates `n` contiguous clusters (tables, compressed data). On
     /// failure nothing stays allocated.
     pub(crate) fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<HostOffset> {
         if n == 1 {
             return self.alloc_cluster(m);
         }
         self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
+        if let Some((start, _)) = self.alloc_run(m, n)? {
+            return Ok(start.offset(&self.g));
+        }
+        // At the end, where the new refcount blocks go after the run.
         'retry: loop {
             let start = m.alloc.file_end().cluster(&self.g);
             for k in 0..n {
@@ -384,8 +388,86 @@ impl Qcow2 {
                     return Err(e);
                 }
             }
-            // Refcount blocks allocated above sit past the range: fine.
             return Ok(start.offset(&self.g));
+        }
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1 where QEMU puts
+    /// them: the first run of `n` free clusters from the search start,
+    /// holes too small for the run skipped (and passed by the search
+    /// start, as QEMU's free-cluster index passes them until something
+    /// is freed). Returns the run's start and the first cluster that was
+    /// past the allocation end (never used: reads as zeros); `None`, with
+    /// nothing allocated, when the run needs a new refcount block. On
+    /// failure nothing stays allocated.
+    fn alloc_run(&self, m: &mut Meta, n: u64) -> Result<Option<(HostCluster, HostCluster)>> {
+        let old_end = m.alloc.file_end().cluster(&self.g);
+        let mut start = m.alloc.free_hint().max(HostCluster(1));
+        let mut c = start;
+        while c.0 - start.0 < n {
+            if c.add(1).offset(&self.g).0 > MAX_HOST_OFFSET {
+                return Err(Error::io("allocating clusters", std::io::Error::from_raw_os_error(libc::EFBIG)));
+            }
+            if self.refcount_for_alloc(m, c)? != 0 || m.overlap.contains(c) {
+                start = c.add(1);
+            }
+            c = c.add(1);
+        }
+        // A run needing a new refcount block is placed one cluster at a
+        // time instead, each new block in the range it describes: a block
+        // made after the run could describe only clusters before itself,
+        // which a shrink then leaves behind empty (iotest 163).
+        let bits = self.g.rc.block_entries_bits();
+        if ((start.0 >> bits)..=((start.0 + n - 1) >> bits))
+            .any(|t| m.refs.block_offset(t as usize).is_none_or(|o| o.0 == 0))
+        {
+            return Ok(None);
+        }
+        let end = start.add(n).offset(&self.g);
+        self.reserve_to(m, end)?;
+        m.alloc.extend_end(end);
+        for k in 0..n {
+            if let Err(e) = self.set_refcount(m, start.add(k), 1) {
+                for j in 0..k {
+                    let _ = self.set_refcount(m, start.add(j), 0);
+                }
+                return Err(e);
+            }
+        }
+        // Refcount blocks allocated above sit past the range: fine.
+        m.alloc.set_free_hint(m.alloc.free_hint().max(start.add(n)));
+        Ok(Some((start, old_end)))
+    }
+
+    /// Allocates a data cluster for a write whose next `want` clusters
+    /// (this one included) all need one: the first call of a write takes
+    /// them as one contiguous run, as QEMU does, and the following calls
+    /// hand out the rest of that run in order. Returns the cluster and
+    /// whether it was never used (reads as zeros). The write's planning
+    /// ends with [`Self::end_data_run`].
+    pub(crate) fn alloc_data_cluster(&self, m: &mut Meta, want: u64) -> Result<(HostOffset, bool)> {
+        if let Some((c, fresh)) = m.alloc.take_from_run() {
+            return Ok((c.offset(&self.g), fresh));
+        }
+        if want <= 1 {
+            return self.alloc_cluster_fresh(m);
+        }
+        let Some((start, fresh_from)) = self.alloc_run(m, want)? else {
+            return self.alloc_cluster_fresh(m);
+        };
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
+        m.alloc.set_run(ReservedRun { next: start.add(1), end: start.add(want), fresh_from });
+        Ok((start.offset(&self.g), start >= fresh_from))
+    }
+
+    /// Gives back the clusters of the write's run that its plan did not
+    /// use (the plan stopped early): no table points at them, so they are
+    /// free again at once.
+    pub(crate) fn end_data_run(&self, m: &mut Meta) {
+        if let Some((from, to)) = m.alloc.take_run_rest() {
+            for c in from.0..to.0 {
+                let _ = self.set_refcount(m, HostCluster(c), 0);
+            }
         }
     }
 

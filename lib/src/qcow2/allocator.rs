@@ -22,8 +22,24 @@ pub(crate) struct PendingFree {
     pub punch: bool,
 }
 
+/// Clusters allocated together for one write (refcount already 1, no
+/// table points at them yet) and handed out one by one as the write's
+/// plan reaches them: QEMU places the clusters one write needs as one
+/// contiguous run, and so does oxcow.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReservedRun {
+    /// Next cluster to hand out.
+    pub next: HostCluster,
+    /// End of the run (exclusive).
+    pub end: HostCluster,
+    /// First cluster that was past the allocation end (reads as zeros).
+    pub fresh_from: HostCluster,
+}
+
 /// Allocation cursors and deferred frees.
 pub(crate) struct Allocator {
+    /// Rest of the run allocated for the write being planned.
+    run: Option<ReservedRun>,
     /// Cluster from which the next free-cluster search starts.
     free_hint: HostCluster,
     /// End of the space the allocator has handed out (cluster aligned).
@@ -55,6 +71,7 @@ impl Allocator {
     /// `file_end` (cluster aligned) counts as handed out.
     pub fn new(file_end: HostOffset, file_len: u64) -> Self {
         Allocator {
+            run: None,
             free_hint: HostCluster(0),
             file_end,
             prealloc_end: HostOffset(file_len),
@@ -110,6 +127,30 @@ impl Allocator {
     /// Searches from the start again (refcounts were rebuilt).
     pub fn rescan(&mut self) {
         self.free_hint = HostCluster(0);
+    }
+
+    /// Keeps the rest of a run allocated for the write being planned.
+    pub fn set_run(&mut self, run: ReservedRun) {
+        self.run = (run.next < run.end).then_some(run);
+    }
+    /// The next cluster of the reserved run, and whether it is fresh.
+    pub fn take_from_run(&mut self) -> Option<(HostCluster, bool)> {
+        let r = self.run.as_mut()?;
+        let c = r.next;
+        let fresh = c >= r.fresh_from;
+        r.next = c.add(1);
+        if r.next >= r.end {
+            self.run = None;
+        }
+        Some((c, fresh))
+    }
+    /// Whether a reserved run has clusters left.
+    pub fn has_run(&self) -> bool {
+        self.run.is_some()
+    }
+    /// Ends the reserved run, returning the clusters not handed out.
+    pub fn take_run_rest(&mut self) -> Option<(HostCluster, HostCluster)> {
+        self.run.take().map(|r| (r.next, r.end))
     }
 
     /// End of the space reserved in the file.

@@ -214,9 +214,27 @@ impl Qcow2 {
         Ok(true)
     }
 
+    /// How many clusters from `gc` on (up to `bound`, within its L2
+    /// table) need a new host cluster in a row: QEMU allocates them as
+    /// one contiguous run (`alloc.rs`).
+    fn alloc_run_len(&self, m: &mut Meta, gc: GuestCluster, bound: u64) -> Result<u64> {
+        let per_table = self.g.cluster_size / 8;
+        let end = bound.min((gc.0 / per_table + 1) * per_table);
+        let mut n = 1;
+        while gc.0 + n < end {
+            let next = GuestCluster(gc.0 + n);
+            if self.is_inflight(m, next) || self.owned(self.l2_entry(m, next)?) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Decides what guest cluster `gc` needs for a write of `[from, to)`
-    /// within it. Returns `None` when another writer owns the cluster.
-    fn plan_write(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64) -> Result<Option<Step>> {
+    /// within it; `bound` ends the clusters this plan may still reach.
+    /// Returns `None` when another writer owns the cluster.
+    fn plan_write(&self, m: &mut Meta, gc: GuestCluster, from: u64, to: u64, bound: u64) -> Result<Option<Step>> {
         if self.is_inflight(m, gc) {
             return Ok(None);
         }
@@ -239,7 +257,8 @@ impl Qcow2 {
         } else if self.g.external_data {
             (HostOffset(gc.offset(&self.g).0), false, false)
         } else {
-            let (h, fresh) = self.alloc_cluster_fresh(m)?;
+            let want = if m.alloc.has_run() { 1 } else { self.alloc_run_len(m, gc, bound)? };
+            let (h, fresh) = self.alloc_data_cluster(m, want)?;
             // A never-used cluster of an encrypted image does not read as
             // zeros: the zeros around the write must go out encrypted.
             (h, fresh && !self.encrypted(), true)
@@ -286,9 +305,11 @@ impl Qcow2 {
             while at < end && steps.len() < 512 {
                 let gc = GuestOffset(at).cluster(&self.g);
                 let chunk_end = ((gc.0 + 1) * cs).min(end);
-                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc.0 * cs) {
+                let bound = end.div_ceil(cs).min(gc.0 + (512 - steps.len()) as u64);
+                let planned = match self.plan_write(&mut m, gc, at % cs, chunk_end - gc.0 * cs, bound) {
                     Ok(p) => p,
                     Err(e) => {
+                        self.end_data_run(&mut m);
                         self.abandon(&mut m, steps);
                         return Err(e);
                     }
@@ -304,6 +325,7 @@ impl Qcow2 {
                 }
                 at = chunk_end;
             }
+            self.end_data_run(&mut m);
             // The gate is taken before the metadata lock is released: a
             // free (discard, flush) cannot slip in between the lookup and
             // the overwrite and hand the cluster to someone else.

@@ -101,6 +101,24 @@ pub fn copy(
 /// cluster that holds data is written compressed, clusters of zeros stay
 /// unallocated. Calls `progress` with the number of bytes done so far.
 pub fn copy_compressed(src: &dyn BlockDevice, dst: &Qcow2, progress: &mut dyn FnMut(u64)) -> Result<()> {
+    copy_compressed_over(src, dst, None, false, progress)
+}
+
+/// [`copy_compressed`] onto a target that does not read as zeros: over
+/// its backing file `base` (clusters reading the same through it are
+/// left unallocated, zeros that differ from it are written as zero
+/// clusters), or with old contents (`existing`: every zero cluster is
+/// written as one).
+pub fn copy_compressed_over(
+    src: &dyn BlockDevice,
+    dst: &Qcow2,
+    base: Option<&dyn BlockDevice>,
+    existing: bool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    if base.is_some() || existing {
+        return copy_compressed_compare(src, dst, base, progress);
+    }
     let size = src.len();
     crate::device::check_range(0, size, dst.len())?;
     let cs = dst.cluster_size();
@@ -122,6 +140,46 @@ pub fn copy_compressed(src: &dyn BlockDevice, dst: &Qcow2, progress: &mut dyn Fn
         src.read_at(&mut buf[..n], c)?;
         if !is_zero(&buf) {
             dst.write_compressed(c, &buf)?;
+        }
+        c += cs;
+        progress(c.min(size));
+    }
+    progress(size);
+    Ok(())
+}
+
+/// Cluster by cluster: left alone where `base` reads the same, zeroed
+/// where the source reads zeros, written compressed elsewhere.
+fn copy_compressed_compare(
+    src: &dyn BlockDevice,
+    dst: &Qcow2,
+    base: Option<&dyn BlockDevice>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let size = src.len();
+    crate::device::check_range(0, size, dst.len())?;
+    let cs = dst.cluster_size();
+    let mut buf = vec![0u8; cs as usize];
+    let mut old = vec![0u8; cs as usize];
+    let mut c = 0;
+    while c < size {
+        let n = (size - c).min(cs) as usize;
+        buf.fill(0);
+        src.read_at(&mut buf[..n], c)?;
+        let same = match base {
+            Some(b) => {
+                old.fill(0);
+                read_backing(Some(b), &mut old[..n], c)?;
+                old[..n] == buf[..n]
+            }
+            None => false,
+        };
+        if !same {
+            if is_zero(&buf) {
+                dst.write_zeroes(c, n as u64, false)?;
+            } else {
+                dst.write_compressed(c, &buf)?;
+            }
         }
         c += cs;
         progress(c.min(size));

@@ -75,10 +75,15 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
         }
     };
     if !opts.unsafe_mode {
+        // QEMU writes the zeros past the old backing file's end as a zero
+        // range when the new backing file is further down the old chain
+        // (or there was none), and as data otherwise (iotest 024).
+        let mut new_in_old_chain = false;
         let new = match &new_name {
             Some(n) => {
                 let fmt = opts.backing_format.as_deref().map(str::parse::<Format>).transpose()?;
                 let p = image::resolve_backing(path, n);
+                new_in_old_chain = in_chain(img.backing().and_then(image::Image::backing), &p);
                 let key = opts.backing_keys.first().cloned().flatten().or_else(|| opts.key_secret.clone());
                 Some(image::open(&p, &OpenOptions { format: fmt, key_secret: key, ..Default::default() })?)
             }
@@ -114,7 +119,12 @@ pub fn rebase(path: &Path, opts: &RebaseOptions, progress: &mut dyn FnMut(u64, u
                     if a[..k] != b[..k] {
                         let whole = at.is_multiple_of(cs) && (k as u64 == cs || at + k as u64 == size);
                         let packed = img.qcow2().filter(|_| opts.compress && whole);
-                        if a[..k].iter().all(|&x| x == 0) {
+                        // Zeros the old backing file holds are copied as
+                        // data, as QEMU copies them (iotest 024); without
+                        // an old backing file they are a zero range (252).
+                        let past_old = old.is_none_or(|o| at >= o.len());
+                        let as_zeros = old.is_none() || new_in_old_chain;
+                        if past_old && as_zeros && a[..k].iter().all(|&x| x == 0) {
                             dev.write_zeroes(at, k as u64, false)?;
                         } else if let Some(q) = packed {
                             // The disk's last cluster may be partial: padded.
@@ -152,4 +162,16 @@ fn zero_run(dev: Option<&dyn BlockDevice>, at: u64, len: u64) -> Result<u64> {
     }
     let st = chain_status(d, at, len.min(d.len() - at))?;
     Ok(if !st.allocated || st.zero { st.length.min(len) } else { 0 })
+}
+
+/// Whether the image at `p` is `b` or one of its backing files.
+fn in_chain(mut b: Option<&image::Image>, p: &Path) -> bool {
+    let Ok(want) = std::fs::canonicalize(p) else { return false };
+    while let Some(i) = b {
+        if std::fs::canonicalize(i.path()).is_ok_and(|h| h == want) {
+            return true;
+        }
+        b = i.backing();
+    }
+    false
 }
