@@ -377,19 +377,27 @@ impl Qcow2 {
                     continue 'retry;
                 }
             }
-            let end = start.add(n).offset(&self.g);
-            self.reserve_to(m, end)?;
-            m.alloc.extend_end(end);
-            for k in 0..n {
-                if let Err(e) = self.set_refcount(m, start.add(k), 1) {
-                    for j in 0..k {
-                        let _ = self.set_refcount(m, start.add(j), 0);
-                    }
-                    return Err(e);
-                }
-            }
+            self.claim_run(m, start, n)?;
             return Ok(start.offset(&self.g));
         }
+    }
+
+    /// Takes the `n` free clusters from `start`: reserves the file up to
+    /// their end, moves the allocation end there and gives each refcount
+    /// 1. On failure the refcounts set so far go back to 0.
+    fn claim_run(&self, m: &mut Meta, start: HostCluster, n: u64) -> Result<()> {
+        let end = start.add(n).offset(&self.g);
+        self.reserve_to(m, end)?;
+        m.alloc.extend_end(end);
+        for k in 0..n {
+            if let Err(e) = self.set_refcount(m, start.add(k), 1) {
+                for j in 0..k {
+                    let _ = self.set_refcount(m, start.add(j), 0);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 where QEMU puts
@@ -423,17 +431,7 @@ impl Qcow2 {
         {
             return Ok(None);
         }
-        let end = start.add(n).offset(&self.g);
-        self.reserve_to(m, end)?;
-        m.alloc.extend_end(end);
-        for k in 0..n {
-            if let Err(e) = self.set_refcount(m, start.add(k), 1) {
-                for j in 0..k {
-                    let _ = self.set_refcount(m, start.add(j), 0);
-                }
-                return Err(e);
-            }
-        }
+        self.claim_run(m, start, n)?;
         // Refcount blocks allocated above sit past the range: fine.
         m.alloc.set_free_hint(m.alloc.free_hint().max(start.add(n)));
         Ok(Some((start, old_end)))
