@@ -4,18 +4,10 @@
 //! serving the same image give the same output and the same image.
 
 use crate::dropin::{bare_sides, run, Side};
+use crate::nbd_list::Server;
 use crate::support::ok;
-use crate::support::process::{s, wait_for_socket};
-use std::process::{Child, Command, Stdio};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::process::s;
+use std::process::Command;
 
 /// `t.qcow2` over `t.base` (QEMU's iotest nbd-qemu-allocation's chain:
 /// the base holds the first 2 MiB, the top 1 MiB to 3 MiB).
@@ -30,17 +22,8 @@ fn chain(side: &Side) {
 /// The side's qemu-nbd serving `t.qcow2` persistently with `args`.
 fn serve(side: &Side, args: &[&str]) -> (Server, String) {
     let sock = side.dir.path().join("x.sock");
-    let child = Command::new(side.bin.join("qemu-nbd"))
-        .args(["-t", "-k", s(&sock), "-f", "qcow2"])
-        .args(args)
-        .arg("t.qcow2")
-        .current_dir(side.dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-nbd");
-    let mut server = Server(child);
-    wait_for_socket(&sock, Some(&mut server.0), "qemu-nbd");
+    let all: Vec<&str> = ["-f", "qcow2"].iter().chain(args).chain(&["t.qcow2"]).copied().collect();
+    let server = crate::nbd_list::serve(&side.bin.join("qemu-nbd"), side.dir.path(), &all, &sock);
     (server, s(&sock).to_string())
 }
 

@@ -2,31 +2,14 @@
 //! (QEMU's iotest 302), against QEMU's qemu-img on the same server.
 
 use crate::dropin::{bare_sides, run};
+use crate::nbd_list::{serve, Server};
 use crate::support::ok;
-use crate::support::process::{s, wait_for_socket};
-use std::process::{Child, Command, Stdio};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::process::s;
 
 /// QEMU's qemu-nbd serving `file` as raw from `dir`, persistently.
 fn qemu_nbd(dir: &std::path::Path, file: &str) -> (Server, String) {
     let sock = dir.join("n.sock");
-    let child = Command::new("qemu-nbd")
-        .args(["-t", "-k", s(&sock), "-x", "exp", "-f", "raw", file])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-nbd");
-    let mut server = Server(child);
-    wait_for_socket(&sock, Some(&mut server.0), "qemu-nbd");
+    let server = serve(std::path::Path::new("qemu-nbd"), dir, &["-x", "exp", "-f", "raw", file], &sock);
     (server, s(&sock).to_string())
 }
 

@@ -7,7 +7,8 @@ use crate::support::process::{s, wait_for_socket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-struct Server(Child);
+/// A server process, killed when dropped.
+pub(crate) struct Server(Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -16,9 +17,10 @@ impl Drop for Server {
     }
 }
 
-/// A persistent server (`-t`, so the listings' probes do not end it).
-fn serve(bin: &Path, dir: &Path, args: &[&str], sock: &Path) -> Server {
-    let child = Command::new(bin.join("qemu-nbd"))
+/// A persistent server (`-t`, so the listings' probes do not end it):
+/// the qemu-nbd `program` run in `dir` on the Unix socket `sock`.
+pub(crate) fn serve(program: &Path, dir: &Path, args: &[&str], sock: &Path) -> Server {
+    let child = Command::new(program)
         .args(["-t", "-k", s(sock)])
         .args(args)
         .current_dir(dir)
@@ -59,7 +61,8 @@ fn listing_a_qemu_server_reads_as_qemu_nbds() {
     let (ours, theirs) = bare_sides();
     image(&theirs);
     let sock = theirs.dir.path().join("q.sock");
-    let _server = serve(&theirs.bin, theirs.dir.path(), &["-r", "-A", "-f", "qcow2", "x.qcow2"], &sock);
+    let _server =
+        serve(&theirs.bin.join("qemu-nbd"), theirs.dir.path(), &["-r", "-A", "-f", "qcow2", "x.qcow2"], &sock);
     let out = same_listing(&ours, &theirs, &sock);
     assert!(out.contains("transaction size: 64-bit") && out.contains("qemu:allocation-depth"), "{out}");
 }
@@ -71,7 +74,7 @@ fn listing_an_oxcow_server_reads_as_qemu_nbds() {
     image(&ours);
     let sock = ours.dir.path().join("o.sock");
     let args = ["-x", "disk", "-D", "some text", "-A", "-f", "qcow2", "x.qcow2"];
-    let _server = serve(&ours.bin, ours.dir.path(), &args, &sock);
+    let _server = serve(&ours.bin.join("qemu-nbd"), ours.dir.path(), &args, &sock);
     let out = same_listing(&ours, &theirs, &sock);
     assert!(out.contains(" export: 'disk'\n  description: some text\n"), "{out}");
 }
