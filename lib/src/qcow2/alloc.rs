@@ -190,7 +190,17 @@ impl Qcow2 {
         loop {
             let end = need.add(chunk);
             let reserved = if self.writethrough {
-                crate::storage::write_zeros_chunked(&*self.file, have.0, end.0 - have.0)
+                // Only past the file's current end: whatever lies before
+                // it was written by someone (a refcount structure rebuilt
+                // past the reserved end, say) and must not become zeros.
+                self.file.len().and_then(|len| {
+                    let from = have.0.max(len);
+                    if from < end.0 {
+                        crate::storage::write_zeros_chunked(&*self.file, from, end.0 - from)
+                    } else {
+                        Ok(())
+                    }
+                })
             } else {
                 self.file.allocate(have.0, end.0 - have.0)
             };

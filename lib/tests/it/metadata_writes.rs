@@ -92,3 +92,20 @@ fn writethrough_without_lazy_refcounts_also_writes_the_refcount_block() {
     assert_eq!(metadata_writes(&writes, &data), 2 * guest.len(), "refcount block + L2 table per allocation");
     q.close().unwrap();
 }
+
+/// The zeros written ahead in writethrough mode go only past the file's
+/// end: bytes already there (written past the reserved end by another
+/// path, as a refcount rebuild writes its new structures) stay.
+#[test]
+fn writethrough_zero_fill_ahead_keeps_bytes_past_the_reserved_end() {
+    use oxcow::storage::Storage;
+    let mem = Arc::new(MemoryStorage::new());
+    qcow2::create(mem.clone(), None, &CreateOptions::new(1 << 30).lazy_refcounts(true)).unwrap();
+    let q = Qcow2::open(mem.clone(), Qcow2Options::default().writethrough(true)).unwrap();
+    let past = mem.len().unwrap() + 8192;
+    mem.write_at(&[0xab; 512], past).unwrap();
+    q.write_at(&[1u8; 4096], 0).unwrap();
+    let mut back = [0u8; 512];
+    mem.read_at(&mut back, past).unwrap();
+    assert_eq!(back, [0xab; 512], "the zero fill ahead overwrote bytes the file already had");
+}
