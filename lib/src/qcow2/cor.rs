@@ -106,7 +106,6 @@ impl Qcow2 {
         for c in claims {
             self.release_inflight(m, c.gc);
         }
-        self.inflight_done.notify_all();
     }
 
     /// The guest-visible content of the claimed clusters, one cluster each
@@ -210,7 +209,6 @@ impl Qcow2 {
             }
             self.release_inflight(&mut m, c.gc);
         }
-        self.inflight_done.notify_all();
         Ok(())
     }
 

@@ -159,6 +159,10 @@ pub struct Qcow2 {
     /// changes only with `meta` held exclusively, so a holder of `meta`
     /// sees it exact, and the common case (none in flight) costs no lock.
     inflight_count: AtomicUsize,
+    /// How many threads wait on `inflight_done` or `cluster_done`;
+    /// changed and read only with `inflight` locked, so a release with no
+    /// waiter skips the wake-up system calls.
+    inflight_waiters: AtomicUsize,
     /// Signalled whenever a guest cluster leaves `inflight`.
     inflight_done: Condvar,
     /// Signalled when a guest cluster leaves `inflight`, one per
@@ -341,6 +345,7 @@ impl Qcow2 {
             meta: RwLock::new(meta),
             inflight: Mutex::new(HashSet::new()),
             inflight_count: AtomicUsize::new(0),
+            inflight_waiters: AtomicUsize::new(0),
             inflight_done: Condvar::new(),
             cluster_done: (0..INFLIGHT_BUCKETS).map(|_| Condvar::new()).collect(),
             io_gate: RwLock::new(()),
@@ -394,6 +399,9 @@ impl Qcow2 {
         let mut set = self.inflight_set();
         set.remove(&gc);
         self.inflight_count.store(set.len(), Ordering::Release);
+        if self.inflight_waiters.load(Ordering::Relaxed) == 0 {
+            return;
+        }
         self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].notify_all();
         if set.is_empty() {
             self.inflight_done.notify_all();
@@ -427,8 +435,10 @@ impl Qcow2 {
             return m;
         }
         drop(m);
+        self.inflight_waiters.fetch_add(1, Ordering::Relaxed);
         let set =
             self.cluster_done[(gc.0 % INFLIGHT_BUCKETS as u64) as usize].wait(set).unwrap_or_else(|e| e.into_inner());
+        self.inflight_waiters.fetch_sub(1, Ordering::Relaxed);
         drop(set);
         self.lock()
     }
@@ -442,7 +452,9 @@ impl Qcow2 {
                 return m;
             }
             drop(m);
+            self.inflight_waiters.fetch_add(1, Ordering::Relaxed);
             let set = self.inflight_done.wait(set).unwrap_or_else(|e| e.into_inner());
+            self.inflight_waiters.fetch_sub(1, Ordering::Relaxed);
             drop(set);
             m = self.lock();
         }
