@@ -77,6 +77,11 @@ pub fn list_line(sn: &SnapshotEntry) -> String {
     )
 }
 
+/// A failure as QEMU's block layer reports it: its errno's words only.
+fn io_words(e: &oxcow::Error) -> String {
+    crate::error::os_message(&std::io::Error::from_raw_os_error(e.errno()))
+}
+
 /// The header line of the list.
 pub const LIST_HEADER: &str = "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT";
 
@@ -135,8 +140,30 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         let Some(id) = q.snapshot_list().into_iter().find(|s| &s.name == name).map(|s| s.id) else {
             return Err(CliError::new(format!("Could not delete snapshot '{name}': snapshot not found")));
         };
-        q.snapshot_delete(&id)
-            .map_err(|e| CliError::new(format!("Could not delete snapshot '{name}': {}", clean(e))))?;
+        let mut warn = |w: oxcow::qcow2::SnapshotWarning| match w {
+            oxcow::qcow2::SnapshotWarning::OldTableNotFreed(e) if crate::dropin::active() => {
+                // QEMU's qcow2 driver prints this bare, without the tool's name.
+                eprintln!("qcow2_free_clusters failed: {}", io_words(&e));
+            }
+            oxcow::qcow2::SnapshotWarning::OldTableNotFreed(e) => eprintln!(
+                "{}: warning: the old snapshot table was not freed ({}); its clusters leak \
+                 ('check -r leaks' reclaims them)",
+                crate::dropin::prog(),
+                crate::error::message(&e)
+            ),
+            _ => {}
+        };
+        q.snapshot_delete_with_warnings(&id, &mut warn).map_err(|e| {
+            let why = match &e {
+                oxcow::Error::Io { context, .. }
+                    if crate::dropin::active() && context == oxcow::qcow2::SNAPSHOT_FREE_CONTEXT =>
+                {
+                    format!("Failed to free the cluster and L1 table: {}", io_words(&e))
+                }
+                _ => clean(e),
+            };
+            CliError::new(format!("Could not delete snapshot '{name}': {why}"))
+        })?;
     } else {
         let list = q.snapshot_list();
         if !list.is_empty() {

@@ -10,6 +10,7 @@ mod amend_dropin;
 mod bitmap_cli;
 mod bitmap_dropin;
 mod blkdebug_breaks;
+mod blkdebug_failures;
 mod cache_mode_cli;
 mod check_cli;
 mod check_repair_words;

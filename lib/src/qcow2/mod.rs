@@ -81,6 +81,7 @@ pub use cache_opts::CacheOptions;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::{preallocate_file_range, HostExtent};
+pub use snapshot::{SnapshotWarning, SNAPSHOT_FREE_CONTEXT};
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;

@@ -24,6 +24,21 @@ use crate::format::SnapshotEntry;
 use crate::{Error, Result};
 use std::collections::HashMap;
 
+/// The context of the I/O error a snapshot deletion returns when dropping
+/// the deleted snapshot's references failed (after the snapshot left the
+/// table): QEMU words it "Failed to free the cluster and L1 table".
+pub const SNAPSHOT_FREE_CONTEXT: &str = "freeing the deleted snapshot's clusters and L1 table";
+
+/// A failure a snapshot operation survives, reported to the caller's
+/// callback: the image stays consistent, some space leaks.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SnapshotWarning {
+    /// Freeing the old snapshot table's clusters failed (QEMU:
+    /// "qcow2_free_clusters failed"); they stay allocated, unreferenced.
+    OldTableNotFreed(Error),
+}
+
 /// Bytes one entry occupies on disk (padded to 8).
 pub(crate) fn entry_disk_len(e: &SnapshotEntry) -> u64 {
     crate::format::be::pad8(FIXED_LEN + e.extra_data_size as usize + e.id.len() + e.name.len()) as u64
@@ -205,7 +220,23 @@ impl Qcow2 {
     /// Writes a new snapshot table to newly allocated clusters, switches
     /// the header to it and frees the old one. The new table is durable
     /// before the header points at it; the old one is freed only after.
-    pub(crate) fn rewrite_snapshot_table(&self, m: &mut Meta, mut list: Vec<SnapshotEntry>) -> Result<()> {
+    pub(crate) fn rewrite_snapshot_table(&self, m: &mut Meta, list: Vec<SnapshotEntry>) -> Result<()> {
+        let old = self.switch_snapshot_table(m, list)?;
+        for c in (old.start.0..old.end.0).map(HostCluster) {
+            m.overlap.remove(c);
+            self.adjust_refcount(m, c, -1)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a new snapshot table and switches the header to it, as
+    /// [`Self::rewrite_snapshot_table`], leaving the old table's clusters
+    /// (returned) referenced for the caller to free.
+    fn switch_snapshot_table(
+        &self,
+        m: &mut Meta,
+        mut list: Vec<SnapshotEntry>,
+    ) -> Result<std::ops::Range<HostCluster>> {
         let cs = self.g.cluster_size;
         if list.len() > MAX_SNAPSHOTS as usize {
             return Err(Error::invalid("too many snapshots"));
@@ -244,14 +275,9 @@ impl Qcow2 {
         self.write_header(m)?;
         self.sync("flushing header")?;
         m.snapshots = list;
-        if old_bytes > 0 && old_off != 0 {
-            for k in 0..old_bytes.div_ceil(cs) {
-                let c = HostOffset(old_off).cluster(&self.g).add(k);
-                m.overlap.remove(c);
-                self.adjust_refcount(m, c, -1)?;
-            }
-        }
-        Ok(())
+        let first = HostOffset(old_off).cluster(&self.g);
+        let n = if old_bytes > 0 && old_off != 0 { old_bytes.div_ceil(cs) } else { 0 };
+        Ok(first..first.add(n))
     }
 
     /// Extra data bytes `SnapshotEntry::encode` writes for `e`.
@@ -432,27 +458,85 @@ impl Qcow2 {
 
     /// Deletes snapshot `name_or_id` (ID first, then name) and frees the
     /// clusters only it used.
+    /// Warnings (see [`Self::snapshot_delete_with_warnings`]) are dropped.
     pub fn snapshot_delete(&self, name_or_id: &str) -> Result<()> {
+        self.snapshot_delete_with_warnings(name_or_id, &mut |_| {})
+    }
+
+    /// Deletes snapshot `name_or_id` as [`Self::snapshot_delete`], telling
+    /// `warn` of failures that leave the image consistent, only leaking
+    /// space (`check -r leaks` reclaims it), and do not stop the deletion:
+    /// freeing the old snapshot table (QEMU prints "qcow2_free_clusters
+    /// failed" for it and goes on). An I/O failure once the snapshot is
+    /// gone from the table comes back as an [`Error::Io`] whose context is
+    /// [`SNAPSHOT_FREE_CONTEXT`]: the image then holds leaked clusters.
+    pub fn snapshot_delete_with_warnings(&self, name_or_id: &str, warn: &mut dyn FnMut(SnapshotWarning)) -> Result<()> {
         let mut m = self.quiesce()?;
         let Some(i) = self.find_snapshot(&m, name_or_id) else {
             return Err(Error::invalid("snapshot not found"));
         };
         // Checked before a byte changes; a refusal does not poison.
         let refs = self.plan_delete(&mut m, i)?;
-        let r = self.snapshot_delete_locked(&mut m, i, refs);
+        let r = self.snapshot_delete_locked(&mut m, i, refs, warn);
         self.fail(&mut m, r)
     }
 
-    fn snapshot_delete_locked(&self, m: &mut Meta, i: usize, refs: Vec<HostCluster>) -> Result<()> {
-        let cs = self.g.cluster_size;
+    /// Frees the old snapshot table's clusters and puts the refcounts on
+    /// disk at once, so that a failure is known here: the clusters are
+    /// then given their reference back in the cache (a leak, as on disk)
+    /// and the failure becomes a warning.
+    fn free_old_table(
+        &self,
+        m: &mut Meta,
+        old: std::ops::Range<HostCluster>,
+        warn: &mut dyn FnMut(SnapshotWarning),
+    ) -> Result<()> {
+        if old.is_empty() {
+            return Ok(());
+        }
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterFree);
+        for c in old.start.0..old.end.0 {
+            m.overlap.remove(HostCluster(c));
+            self.adjust_refcount(m, HostCluster(c), -1)?;
+        }
+        if let Err(e) = self.write_back_durable(m) {
+            for c in old.start.0..old.end.0 {
+                self.adjust_refcount(m, HostCluster(c), 1)?;
+            }
+            warn(SnapshotWarning::OldTableNotFreed(e));
+        }
+        Ok(())
+    }
+
+    fn snapshot_delete_locked(
+        &self,
+        m: &mut Meta,
+        i: usize,
+        refs: Vec<HostCluster>,
+        warn: &mut dyn FnMut(SnapshotWarning),
+    ) -> Result<()> {
         let sn = m.snapshots[i].clone();
         m.alloc.reset_compress_cursor();
         let mut list = m.snapshots.clone();
         list.remove(i);
         // 1. The table without the entry, durable (header switched).
-        self.rewrite_snapshot_table(m, list)?;
+        let old = self.switch_snapshot_table(m, list)?;
+        self.free_old_table(m, old, warn)?;
         // 2. Only now drop the references it held.
-        self.adjust_all(m, &refs, -1)?;
+        self.drop_snapshot_refs(m, &sn, &refs).map_err(|e| match e {
+            Error::Io { source, .. } => Error::io(SNAPSHOT_FREE_CONTEXT, source),
+            Error::Poisoned(cause) if cause.is_io() => {
+                Error::io(SNAPSHOT_FREE_CONTEXT, std::io::Error::from_raw_os_error(cause.errno()))
+            }
+            other => other,
+        })
+    }
+
+    /// Drops the references of a snapshot gone from the table (its tree's
+    /// and its L1 table's) and puts the result on disk.
+    fn drop_snapshot_refs(&self, m: &mut Meta, sn: &SnapshotEntry, refs: &[HostCluster]) -> Result<()> {
+        let cs = self.g.cluster_size;
+        self.adjust_all(m, refs, -1)?;
         if sn.l1_size > 0 {
             for k in 0..(u64::from(sn.l1_size) * 8).div_ceil(cs) {
                 let c = HostOffset(sn.l1_table_offset).cluster(&self.g).add(k);

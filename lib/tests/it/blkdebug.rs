@@ -87,3 +87,53 @@ fn blkdebug_names_open_the_file_under_the_rules() {
     let missing = format!("blkdebug:{}:{}", dir.path().join("none.conf").display(), img.display());
     assert!(oxcow::open(&missing, &oxcow::OpenOptions::read_only()).is_err());
 }
+
+/// QEMU's iotest 217: with every request failing from the first
+/// cluster_free on, a snapshot deletion reports the old table's free as a
+/// warning, then fails dropping the snapshot's references; the image on
+/// disk has lost the snapshot and holds leaks only (its L2 table and data
+/// cluster still counted twice, its L1 table and the old snapshot table
+/// once), which a leak repair makes whole.
+#[test]
+fn snapshot_delete_failing_at_cluster_free_warns_then_fails_with_leaks_only() {
+    let mem = image();
+    let q = Qcow2::open(mem.clone(), Qcow2Options::default()).unwrap();
+    q.write_at(&[7u8; 65536], 0).unwrap();
+    q.snapshot_create("foo").unwrap();
+    q.close().unwrap();
+    let q = open_under(&mem, "[inject-error]\nevent = \"cluster_free\"\nerrno = \"5\"\n");
+    let mut warnings = Vec::new();
+    let err = q.snapshot_delete_with_warnings("foo", &mut |w| warnings.push(w)).unwrap_err();
+    assert!(matches!(&err, oxcow::Error::Io { context, .. } if context == qcow2::SNAPSHOT_FREE_CONTEXT), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(
+        matches!(warnings.as_slice(), [qcow2::SnapshotWarning::OldTableNotFreed(e)] if e.errno() == libc::EIO),
+        "{warnings:?}"
+    );
+    drop(q);
+    let q = Qcow2::open(mem.clone(), Qcow2Options::default()).unwrap();
+    assert!(q.snapshot_list().is_empty());
+    let report = q.check(qcow2::Repair::None).unwrap();
+    assert_eq!((report.leaks, report.corruptions), (4, 0), "{:?}", report.messages);
+    let report = q.check(qcow2::Repair::Leaks).unwrap();
+    assert_eq!((report.leaks, report.corruptions), (0, 0), "{:?}", report.messages);
+    let mut buf = vec![0u8; 65536];
+    q.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+    q.close().unwrap();
+}
+
+/// Without failures a deletion has nothing to warn about.
+#[test]
+fn snapshot_delete_without_failures_warns_of_nothing() {
+    let mem = image();
+    let q = Qcow2::open(mem.clone(), Qcow2Options::default()).unwrap();
+    q.write_at(&[7u8; 65536], 0).unwrap();
+    q.snapshot_create("foo").unwrap();
+    let mut warnings = 0;
+    q.snapshot_delete_with_warnings("foo", &mut |_| warnings += 1).unwrap();
+    assert_eq!(warnings, 0);
+    let report = q.check(qcow2::Repair::None).unwrap();
+    assert_eq!((report.leaks, report.corruptions), (0, 0), "{:?}", report.messages);
+    q.close().unwrap();
+}
