@@ -68,8 +68,8 @@ pub fn list_line(sn: &SnapshotEntry) -> String {
     };
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        sn.id,
-        sn.name,
+        sn.shown_id(),
+        sn.shown_name(),
         crate::util::human(sn.vm_state_size),
         date(sn.date_sec),
         clock,

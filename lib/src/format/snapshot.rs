@@ -59,6 +59,17 @@ pub struct SnapshotEntry {
 }
 
 impl SnapshotEntry {
+    /// The ID as QEMU shows it: a C string, ending at the first NUL byte
+    /// (the bytes after it stay in the entry).
+    pub fn shown_id(&self) -> &str {
+        self.id.split('\0').next().unwrap_or_default()
+    }
+
+    /// The name as QEMU shows it (see [`SnapshotEntry::shown_id`]).
+    pub fn shown_name(&self) -> &str {
+        self.name.split('\0').next().unwrap_or_default()
+    }
+
     /// Parses one entry at the start of `buf`; returns it and its padded
     /// length. `at` is its file offset for error messages.
     pub fn parse(buf: &[u8], at: u64) -> Result<(SnapshotEntry, usize)> {

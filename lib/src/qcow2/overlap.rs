@@ -308,9 +308,11 @@ impl OverlapMap {
     }
 }
 
-/// Bytes the snapshot table occupies on disk.
+/// Bytes the snapshot table occupies on disk: per entry, what it encodes
+/// to or, when read from the file, what it took there if more (extra data
+/// a repair cuts to 1 KiB still lies on disk until the table is written).
 pub(crate) fn snapshot_table_bytes(g: &Geometry, m: &Meta) -> u64 {
-    m.snapshots.iter().map(|s| s.encode(g.v3).len() as u64).sum()
+    m.snapshots.iter().map(|s| (s.encode(g.v3).len() as u64).max(super::snapshot::entry_disk_len(s))).sum()
 }
 
 impl Qcow2 {
