@@ -77,3 +77,55 @@ fn snapshot_count_over_65536_is_refused_then_dropped_by_check_repair_as_qemu_img
         assert_eq!(read_be(side, 60, 4), 65536, "the header's count after the repair");
     }
 }
+
+#[test]
+fn snapshot_table_past_the_end_of_the_file_reads_as_zeros_as_qemu() {
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        ok(side.dir.path(), "qemu-img", &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
+        // 65536 entries at 16 MiB, all past the end of the file: 65536
+        // all-zero entries, the most there may be.
+        poke(side, 64, &(16u64 << 20).to_be_bytes());
+        poke(side, 60, &65536u32.to_be_bytes());
+    }
+    same_on(&ours, &theirs, "qemu-img", &["snapshot", "-c", "test", "t.qcow2"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-io", &["-c", "read -q 0 512", "t.qcow2"], None, Cmp::All);
+}
+
+#[test]
+fn snapshot_create_refuses_an_l2_entry_far_past_the_end_of_the_file_with_qemu_errno() {
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        ok(side.dir.path(), "qemu-img", &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
+        ok(side.dir.path(), "qemu-io", &["-c", "write -q 0 512", "t.qcow2"]);
+    }
+    // Past what any refcount table may cover (EFBIG), then 1 TiB in, where
+    // no refcount block is (EAGAIN).
+    for entry in [0xbfff_ffff_ffff_0000u64, 0x8000_00ff_ffff_0000] {
+        for side in [&ours, &theirs] {
+            poke(side, 0x40000, &entry.to_be_bytes());
+        }
+        same_on(&ours, &theirs, "qemu-img", &["snapshot", "-c", "test", "t.qcow2"], None, Cmp::All);
+    }
+}
+
+#[test]
+fn snapshot_l1_table_misplaced_or_too_large_is_refused_when_used_with_qemu_words() {
+    // The entry's L1 offset unaligned, then its size past QEMU's 32 MiB.
+    for (field, value) in [(0u64, 0x40_0200u64.to_be_bytes().to_vec()), (8, 0x1000_0000u32.to_be_bytes().to_vec())] {
+        let (ours, theirs) = bare_sides();
+        for side in [&ours, &theirs] {
+            let d = side.dir.path();
+            ok(d, "qemu-img", &["create", "-q", "-f", "qcow2", "t.qcow2", "64M"]);
+            ok(d, "qemu-io", &["-c", "write -q 0 512", "t.qcow2"]);
+            ok(d, "qemu-img", &["snapshot", "-c", "test", "t.qcow2"]);
+            let table = read_be(side, 64, 8);
+            poke(side, table + field, &value);
+        }
+        same_on(&ours, &theirs, "qemu-img", &["snapshot", "-l", "t.qcow2"], None, Cmp::NoStdout);
+        same_on(&ours, &theirs, "qemu-img", &["convert", "-l", "test", "t.qcow2", "t.snap"], None, Cmp::All);
+        same_on(&ours, &theirs, "qemu-img", &["snapshot", "-a", "test", "t.qcow2"], None, Cmp::All);
+        same_on(&ours, &theirs, "qemu-img", &["snapshot", "-d", "test", "t.qcow2"], None, Cmp::All);
+        same_on(&ours, &theirs, "qemu-img", &["check", "t.qcow2"], None, Cmp::All);
+    }
+}

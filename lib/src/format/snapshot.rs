@@ -118,9 +118,8 @@ impl SnapshotEntry {
             extra_unknown: ex[known..].to_vec(),
             extra_data_size: extra as u32,
         };
-        if u64::from(e.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::field("snapshot l1_size", e.l1_size.into(), "snapshot L1 table too large"));
-        }
+        // An L1 table too large (or misplaced) is refused when it is used
+        // (`Qcow2::check_snapshot_l1_place`), as QEMU does, not here.
         Ok((e, pad8(total).min(buf.len()).max(total)))
     }
 
