@@ -47,8 +47,9 @@ fn snapshot_extra_data_over_1k_is_refused_then_cut_by_check_repair_as_qemu_img()
         poke(side, table + first_len + 36, &4096u32.to_be_bytes());
     }
     same_refusals_and_repair(&ours, &theirs);
-    same_on(&ours, &theirs, "qemu-img", &["snapshot", "-l", "t.qcow2"], None, Cmp::All);
-    same_on(&ours, &theirs, "qemu-io", &["-c", "read -P 7 0 64k", "t.qcow2"], None, Cmp::All);
+    // The list's dates differ by when each side made its snapshots.
+    same_on(&ours, &theirs, "qemu-img", &["snapshot", "-l", "t.qcow2"], None, Cmp::NoStdout);
+    same_on(&ours, &theirs, "qemu-io", &["-c", "read -q -P 7 0 64k", "t.qcow2"], None, Cmp::All);
 }
 
 #[test]
