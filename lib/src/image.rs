@@ -663,7 +663,11 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
             })
         }
         Format::Qcow2 => {
-            let hc = read_header_cluster(&*storage)?;
+            let hc = if opts.checking {
+                crate::qcow2::read_header_for_check(&*storage)?
+            } else {
+                read_header_cluster(&*storage)?
+            };
             let backing_name = hc.backing_file.clone();
             let backing_format = hc.extensions.backing_format.clone();
             let mut backing = None;
@@ -722,6 +726,7 @@ fn open_depth(path: &Path, opts: &OpenOptions, depth: usize, chain: &mut ChainFi
                     no_io: opts.no_io,
                     ignore_journal: opts.ignore_journal,
                     lazy_refcounts: opts.qcow2_lazy_refcounts,
+                    checking: opts.checking,
                 },
             )?);
             Qcow2::start_cache_cleaner(&q);

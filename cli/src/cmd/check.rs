@@ -90,6 +90,18 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         return Ok(print_report(&report, &a, img.format().name(), json));
     }
     let q = img.qcow2().ok_or_else(|| CliError::new("This image format does not support checks").with_code(63))?;
+    if repair != Repair::All {
+        if let Some(lines) = q.snapshot_table_refusal() {
+            // qemu-img reads the table only to repair it.
+            let prog = crate::dropin::prog();
+            eprintln!("{prog}: {lines}");
+            eprintln!(
+                "{prog}: Check failed: {}",
+                crate::error::os_message(&std::io::Error::from_raw_os_error(libc::EFBIG))
+            );
+            return Ok(1);
+        }
+    }
     let report = match q.check(repair) {
         // A dirty image was repaired when opened (its lines are printed
         // already): that repair is the one qemu-img's check reports.

@@ -105,11 +105,11 @@ fn snapshot_json(s: &SnapshotEntry) -> Value {
         m.insert("icount".into(), json!(ic));
     }
     m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
-    m.insert("name".into(), json!(s.name));
+    m.insert("name".into(), json!(s.shown_name()));
     m.insert("date-sec".into(), json!(s.date_sec));
     m.insert("date-nsec".into(), json!(s.date_nsec));
     m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
-    m.insert("id".into(), json!(s.id));
+    m.insert("id".into(), json!(s.shown_id()));
     m.insert("vm-state-size".into(), json!(s.vm_state_size));
     Value::Object(m)
 }

@@ -68,8 +68,8 @@ pub fn list_line(sn: &SnapshotEntry) -> String {
     };
     format!(
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        sn.id,
-        sn.name,
+        sn.shown_id(),
+        sn.shown_name(),
         crate::util::human(sn.vm_state_size),
         date(sn.date_sec),
         clock,
@@ -133,8 +133,19 @@ pub fn run(mut a: Args) -> CliResult<i32> {
                 "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
             )));
         }
-        q.snapshot_apply(name)
-            .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {}", clean(e))))?;
+        q.snapshot_apply(name).map_err(|e| match &e {
+            // qemu-img reports a snapshot L1 table it refuses to load, then
+            // the load's errno.
+            oxcow::Error::InvalidField { field, reason, .. }
+                if crate::dropin::active() && field.starts_with("snapshot l1_") =>
+            {
+                let errno = if *field == "snapshot l1_size" { libc::EFBIG } else { libc::EINVAL };
+                eprintln!("{}: {reason}", crate::dropin::prog());
+                let why = crate::error::os_message(&std::io::Error::from_raw_os_error(errno));
+                CliError::new(format!("Could not apply snapshot '{name}': Failed to load snapshot: {why}"))
+            }
+            _ => CliError::new(format!("Could not apply snapshot '{name}': {}", clean(e))),
+        })?;
     } else if let Some(name) = &a.delete {
         // qemu-img deletes by name only (apply takes an ID too).
         let Some(id) = q.snapshot_list().into_iter().find(|s| &s.name == name).map(|s| s.id) else {

@@ -53,6 +53,7 @@ mod reopen_lazy_dropin;
 mod s3_garage_cli;
 mod serve_cli;
 mod small_filesystem;
+mod snapshot_table_limits;
 mod storage_daemon_cli;
 mod storage_daemon_fd;
 mod storage_daemon_fuse;

@@ -59,6 +59,17 @@ pub struct SnapshotEntry {
 }
 
 impl SnapshotEntry {
+    /// The ID as QEMU shows it: a C string, ending at the first NUL byte
+    /// (the bytes after it stay in the entry).
+    pub fn shown_id(&self) -> &str {
+        self.id.split('\0').next().unwrap_or_default()
+    }
+
+    /// The name as QEMU shows it (see [`SnapshotEntry::shown_id`]).
+    pub fn shown_name(&self) -> &str {
+        self.name.split('\0').next().unwrap_or_default()
+    }
+
     /// Parses one entry at the start of `buf`; returns it and its padded
     /// length. `at` is its file offset for error messages.
     pub fn parse(buf: &[u8], at: u64) -> Result<(SnapshotEntry, usize)> {
@@ -107,9 +118,8 @@ impl SnapshotEntry {
             extra_unknown: ex[known..].to_vec(),
             extra_data_size: extra as u32,
         };
-        if u64::from(e.l1_size) * 8 > MAX_L1_BYTES {
-            return Err(Error::field("snapshot l1_size", e.l1_size.into(), "snapshot L1 table too large"));
-        }
+        // An L1 table too large (or misplaced) is refused when it is used
+        // (`Qcow2::check_snapshot_l1_place`), as QEMU does, not here.
         Ok((e, pad8(total).min(buf.len()).max(total)))
     }
 

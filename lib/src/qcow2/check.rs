@@ -150,6 +150,12 @@ impl Qcow2 {
     /// Checks the image; with `repair`, fixes what it may and checks again.
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
         let mut m = self.wait_idle(self.lock());
+        if let Some(f) = m.snapshot_findings.first() {
+            // As qemu-img: without `-r all` the table is not read at all.
+            if repair != Repair::All || self.read_only {
+                return Err(Error::io(f.check_error(), std::io::Error::from_raw_os_error(libc::EFBIG)));
+            }
+        }
         if !self.read_only && !self.poison.is_set() {
             // The check reads the file: everything cached must be there,
             // refcount blocks too (lazy refcounts keep them back).
@@ -157,13 +163,24 @@ impl Qcow2 {
             self.write_back_inner(&mut m, true)?;
             self.sync("flushing before check")?;
         }
+        let table = if m.snapshot_findings.is_empty() { None } else { Some(self.repair_table_findings(&mut m)?) };
         let first = self.scan(&mut m)?;
         // Overflowing references alone leave a repair nothing to do.
         let r = &first.report;
-        if repair == Repair::None || self.read_only || (r.leaks == 0 && r.corruptions == first.overflows) {
+        let nothing_found = r.leaks == 0 && r.corruptions == first.overflows;
+        if repair == Repair::None || self.read_only || (nothing_found && table.is_none()) {
             return Ok(first.report);
         }
-        let (mut said, fixed_all, copied_found) = self.repair(&mut m, &first, repair)?;
+        let (mut said, mut fixed_all, copied_found) = self.repair(&mut m, &first, repair)?;
+        if table.as_ref().is_some_and(|t| t.rewrite) {
+            // Extra data cut to 1 KiB: the table is written again, after
+            // the refcounts are right (as qemu-img, last).
+            let list = m.snapshots.clone();
+            self.rewrite_snapshot_table(&mut m, list)?;
+            self.write_back_durable(&mut m)?;
+            m.overlap = super::metadata_clusters(&self.g, &m);
+            fixed_all = false;
+        }
         m.overlap.forget_taken();
         // When the repair fixed everything the scan found, what a second
         // scan would report is known: the same image with no finding. The
@@ -172,15 +189,19 @@ impl Qcow2 {
         let mut after = if fixed_all { self.clean_after(&first) } else { self.scan(&mut m)?.report };
         // The COPIED flags count as qemu-img counts them: judged once, on
         // the repaired refcounts.
-        let found = first.report.corruptions - first.copied_corruptions + copied_found;
+        let table_corruptions = table.as_ref().map_or(0, |t| t.corruptions);
+        let found = first.report.corruptions - first.copied_corruptions + copied_found + table_corruptions;
         after.leaks_fixed = first.report.leaks.saturating_sub(after.leaks);
         after.corruptions_fixed = found.saturating_sub(after.corruptions);
         after.found_before_repair = Some((first.report.leaks, found));
-        let mut messages = first.report.messages;
-        messages.truncate(first.copied_messages_at);
+        let mut messages = table.map(|t| t.lines).unwrap_or_default();
+        let mut first_messages = first.report.messages;
+        first_messages.truncate(first.copied_messages_at);
+        let shift = messages.len();
+        messages.append(&mut first_messages);
         if repair == Repair::All {
             for &i in &first.incomplete_snapshots {
-                if let Some(line) = messages.get_mut(i) {
+                if let Some(line) = messages.get_mut(shift + i) {
                     *line = line.replacen("ERROR", "Repairing", 1);
                 }
             }

@@ -68,6 +68,7 @@ mod read;
 mod refcounts;
 mod resize;
 mod snapshot;
+mod snapshot_table;
 mod snapshot_validate;
 mod snapshot_view;
 mod state;
@@ -82,11 +83,12 @@ pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use preallocation::{preallocate_file_range, HostExtent};
 pub use snapshot::{SnapshotWarning, SNAPSHOT_FREE_CONTEXT};
+pub(crate) use snapshot_table::read_header_for_check;
 
 use crate::device::{BlockDevice, BlockStatus};
 use crate::format::be::u64_table;
 use crate::format::extensions::{Extensions, HeaderCluster};
-use crate::format::{Autoclear, Header, Incompatible, SnapshotEntry};
+use crate::format::{Autoclear, Header, Incompatible};
 use crate::storage::Storage;
 use crate::{Error, Result};
 use overlap::OverlapMap;
@@ -136,6 +138,10 @@ pub struct Qcow2Options {
     /// QEMU's `lazy-refcounts` open option: postpone refcount updates
     /// (or not) whatever the header's bit says; `None` follows the bit.
     pub lazy_refcounts: Option<bool>,
+    /// Opened by `check` (QEMU's check mode): a snapshot table breaking
+    /// QEMU's limits is kept for the check to report or repair
+    /// (`snapshot_table.rs`) instead of refusing the open.
+    pub checking: bool,
 }
 
 /// An open qcow2 image.
@@ -195,6 +201,11 @@ pub struct Qcow2 {
 /// Reads and parses cluster 0 of an image (header, extensions, backing
 /// name) without opening it.
 pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
+    HeaderCluster::parse(&read_header_bytes(file)?)
+}
+
+/// The bytes of cluster 0 (at most), unparsed.
+fn read_header_bytes(file: &dyn Storage) -> Result<Vec<u8>> {
     let len = file.len().map_err(|e| Error::io("reading image size", e))?;
     // The cluster size first, then that one cluster: reading the largest
     // cluster QEMU allows every time cost 2 MiB of touched memory that
@@ -211,7 +222,7 @@ pub fn read_header_cluster(file: &dyn Storage) -> Result<HeaderCluster> {
     let want = len.min(cluster) as usize;
     let mut buf = vec![0u8; want];
     file.read_at(&mut buf, 0).map_err(|e| Error::io("reading image header", e))?;
-    HeaderCluster::parse(&buf)
+    Ok(buf)
 }
 
 /// The LUKS header an encrypted image points at, and the data storage
@@ -253,7 +264,8 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
 impl Qcow2 {
     /// Opens a qcow2 image on `file`.
     pub fn open(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
-        let hc = read_header_cluster(&*file)?;
+        let hc =
+            if opts.checking { snapshot_table::read_header_for_check(&*file)? } else { read_header_cluster(&*file)? };
         let h = &hc.header;
         let crypt = match h.crypt_method {
             0 => None,
@@ -305,7 +317,7 @@ impl Qcow2 {
         file.read_at(&mut rt_raw, h.refcount_table_offset).map_err(io_err("reading refcount table"))?;
         let reftable = u64_table(&rt_raw);
 
-        let snapshots = read_snapshot_table(&*file, h)?;
+        let (snapshots, snapshot_findings) = snapshot_table::read_snapshot_table(&*file, h, opts.checking)?;
         let file_len = file.len().map_err(io_err("reading image size"))?;
         let file_end = file_len.div_ceil(g.cluster_size) * g.cluster_size;
 
@@ -328,6 +340,7 @@ impl Qcow2 {
             alloc: allocator::Allocator::new(units::HostOffset(file_end), file_len),
             overlap: OverlapMap::default(),
             snapshots,
+            snapshot_findings,
             cow_unsynced: false,
             corrupt: h.is_corrupt() && !opts.repair,
             journal: journal::Journal::default(),
@@ -607,38 +620,6 @@ pub(crate) fn metadata_clusters(g: &Geometry, m: &Meta) -> OverlapMap {
     OverlapMap::build(g, m)
 }
 
-/// Reads the snapshot table entry by entry, so a lying `nb_snapshots`
-/// costs reads, not a huge allocation.
-fn read_snapshot_table(file: &dyn Storage, h: &Header) -> Result<Vec<SnapshotEntry>> {
-    use crate::format::be::{u16_at, u32_at};
-    use crate::format::limits::{MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES};
-    use crate::format::snapshot::FIXED_LEN;
-    let mut out = Vec::new();
-    let mut pos = h.snapshots_offset;
-    let file_len = file.len().map_err(io_err("reading image size"))?;
-    for _ in 0..h.nb_snapshots {
-        if pos + FIXED_LEN as u64 > file_len {
-            return Err(Error::corrupt_at("snapshot table runs past the end of the file", pos));
-        }
-        let mut fixed = [0u8; FIXED_LEN];
-        file.read_at(&mut fixed, pos).map_err(io_err("reading snapshot table"))?;
-        let extra = u32_at(&fixed, 36);
-        if extra > MAX_SNAPSHOT_EXTRA_DATA {
-            return Err(Error::field("extra_data_size", extra.into(), "snapshot extra data too large"));
-        }
-        let total = FIXED_LEN + extra as usize + u16_at(&fixed, 12) as usize + u16_at(&fixed, 14) as usize;
-        let mut entry = vec![0u8; total];
-        file.read_at(&mut entry, pos).map_err(io_err("reading snapshot table"))?;
-        let (e, len) = SnapshotEntry::parse(&entry, pos)?;
-        pos += crate::format::be::pad8(len) as u64;
-        if pos - h.snapshots_offset > MAX_SNAPSHOT_TABLE_BYTES {
-            return Err(Error::field("snapshot table size", pos - h.snapshots_offset, "snapshot table too large"));
-        }
-        out.push(e);
-    }
-    Ok(out)
-}
-
 /// How the error of a corruption that marked the image corrupt ends.
 const CORRUPTION_EVENT_END: &str = "; image marked corrupt, further writes refused";
 
@@ -723,6 +704,7 @@ setters!(Qcow2Options {
     repair: bool,
     copy_on_read: bool,
     ignore_journal: bool,
+    checking: bool,
     backing: Option<Arc<dyn BlockDevice>>,
     data_file: Option<Arc<dyn Storage>>,
 } opt {

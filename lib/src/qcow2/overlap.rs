@@ -308,9 +308,11 @@ impl OverlapMap {
     }
 }
 
-/// Bytes the snapshot table occupies on disk.
+/// Bytes the snapshot table occupies on disk: per entry, what it encodes
+/// to or, when read from the file, what it took there if more (extra data
+/// a repair cuts to 1 KiB still lies on disk until the table is written).
 pub(crate) fn snapshot_table_bytes(g: &Geometry, m: &Meta) -> u64 {
-    m.snapshots.iter().map(|s| s.encode(g.v3).len() as u64).sum()
+    m.snapshots.iter().map(|s| (s.encode(g.v3).len() as u64).max(super::snapshot::entry_disk_len(s))).sum()
 }
 
 impl Qcow2 {
@@ -521,16 +523,20 @@ impl Qcow2 {
     /// table can be: unaligned, past the end of the file, or on other
     /// metadata (another snapshot's L1 table included).
     pub(crate) fn check_snapshot_l1_place(&self, m: &Meta, sn: &crate::format::SnapshotEntry) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let off = sn.l1_table_offset;
+        // QEMU's checks and words (its errno: EFBIG, then EINVAL).
+        if u64::from(sn.l1_size) * 8 > crate::format::limits::MAX_L1_BYTES {
+            return Err(Error::field("snapshot l1_size", sn.l1_size.into(), "Snapshot L1 table too large"));
+        }
         if sn.l1_size == 0 {
             return Ok(());
         }
-        let cs = self.g.cluster_size;
-        let off = sn.l1_table_offset;
         let bad = |why: String| {
             Error::corrupt(format!("snapshot '{}' (ID {}): L1 table at offset {off:#x} {why}", sn.name, sn.id))
         };
         if !off.is_multiple_of(cs) {
-            return Err(bad("is not cluster aligned".into()));
+            return Err(Error::field("snapshot l1_table_offset", off, "Snapshot L1 table offset invalid"));
         }
         let bytes = u64::from(sn.l1_size) * 8;
         let file_len = self.file.len().map_err(|e| Error::io("reading image size", e))?;

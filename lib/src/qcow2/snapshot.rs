@@ -97,10 +97,17 @@ impl Qcow2 {
 
     /// Reads a snapshot's L1 table.
     pub(crate) fn read_snapshot_l1(&self, sn: &SnapshotEntry) -> Result<Vec<u64>> {
+        if u64::from(sn.l1_size) * 8 > crate::format::limits::MAX_L1_BYTES {
+            return Err(Error::field("snapshot l1_size", sn.l1_size.into(), "Snapshot L1 table too large"));
+        }
         let mut raw = vec![0u8; sn.l1_size as usize * 8];
         if sn.l1_size > 0 {
             if sn.l1_table_offset & (self.g.cluster_size - 1) != 0 {
-                return Err(Error::corrupt_at("snapshot L1 table is not cluster aligned", sn.l1_table_offset));
+                return Err(Error::field(
+                    "snapshot l1_table_offset",
+                    sn.l1_table_offset,
+                    "Snapshot L1 table offset invalid",
+                ));
             }
             self.file.read_at(&mut raw, sn.l1_table_offset).map_err(|e| Error::io("reading snapshot L1 table", e))?;
         }
@@ -162,6 +169,30 @@ impl Qcow2 {
                     self.g.rc.bits()
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses references past the end of the file that no refcount block
+    /// covers (a damaged L2 entry): sharing them would create refcount
+    /// structures out there. QEMU fails there too, with EFBIG when the
+    /// refcount table would outgrow its limit and EAGAIN otherwise; its
+    /// errnos are kept for qemu-img's words.
+    fn check_refs_have_refblocks(&self, m: &Meta, refs: &[HostCluster]) -> Result<()> {
+        let file_len = self.file.len().map_err(|e| Error::io("reading image size", e))?;
+        let end = file_len.div_ceil(self.g.cluster_size);
+        let max_blocks = crate::format::limits::MAX_REFTABLE_BYTES / 8;
+        for c in refs.iter().filter(|c| c.0 >= end) {
+            let block = c.0 >> self.g.rc.block_entries_bits();
+            let covered = m.refs.table().get(block as usize).is_some_and(|&e| e != 0);
+            if covered {
+                continue;
+            }
+            let errno = if block >= max_blocks { libc::EFBIG } else { libc::EAGAIN };
+            return Err(Error::io(
+                format!("data cluster at offset {:#x} lies past the end of the file", c.offset(&self.g).0),
+                std::io::Error::from_raw_os_error(errno),
+            ));
         }
         Ok(())
     }
@@ -309,18 +340,29 @@ impl Qcow2 {
             return Err(Error::unsupported("internal snapshots of an image with an external data file"));
         }
         if m.snapshots.len() >= MAX_SNAPSHOTS as usize {
-            return Err(Error::invalid("too many snapshots"));
+            // QEMU's errno for it (qemu-img: "File too large").
+            return Err(Error::io("too many snapshots", std::io::Error::from_raw_os_error(libc::EFBIG)));
         }
         // A refusal here has changed nothing: no poisoning.
         self.validate_snapshot_table(&mut m)?;
-        let r = self.snapshot_create_locked(&mut m, name);
+        let l1 = m.map.l1().to_vec();
+        let refs = match self.tree_refs(&mut m, &l1) {
+            Ok(refs) => refs,
+            Err(e) => return self.fail(&mut m, Err(e)),
+        };
+        self.check_refs_have_refblocks(&m, &refs)?;
+        let r = self.snapshot_create_locked(&mut m, name, l1, refs);
         self.fail(&mut m, r)
     }
 
-    fn snapshot_create_locked(&self, m: &mut Meta, name: &str) -> Result<SnapshotEntry> {
+    fn snapshot_create_locked(
+        &self,
+        m: &mut Meta,
+        name: &str,
+        l1: Vec<u64>,
+        refs: Vec<HostCluster>,
+    ) -> Result<SnapshotEntry> {
         let cs = self.g.cluster_size;
-        let l1 = m.map.l1().to_vec();
-        let refs = self.tree_refs(m, &l1)?;
         if let Err(e) = self.check_increments(m, &refs) {
             // QEMU has already allocated the snapshot's L1 table when it
             // finds that a refcount would overflow, and leaves it leaked

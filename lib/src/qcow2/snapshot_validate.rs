@@ -159,8 +159,11 @@ impl Qcow2 {
 
     /// Reads and checks everything deleting snapshot `i` drops.
     pub(crate) fn plan_delete(&self, m: &mut Meta, i: usize) -> Result<Vec<HostCluster>> {
-        self.validate_snapshot_table(m)?;
         let sn = m.snapshots[i].clone();
+        // The entry's own L1 table first, as QEMU (its words, not those
+        // of the overlaps a lying table size makes).
+        self.check_snapshot_l1_place(m, &sn)?;
+        self.validate_snapshot_table(m)?;
         let sn_l1 = self.read_snapshot_l1(&sn)?;
         let refs = self.checked_tree_refs(m, &sn, &sn_l1)?;
         let mut all = refs.clone();

@@ -67,6 +67,10 @@ pub(crate) struct Meta {
     pub overlap: OverlapMap,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotEntry>,
+    /// Limits of QEMU's the snapshot table on disk breaks, found by an
+    /// open for `check` (`snapshot_table.rs`); `snapshots` holds what a
+    /// repair keeps.
+    pub snapshot_findings: Vec<super::snapshot_table::TableFinding>,
     /// Copy-on-write data (the old content around a write, copied into a
     /// newly mapped cluster) was written since the last sync: it must be
     /// durable before an L2 entry pointing at it is.
