@@ -293,7 +293,12 @@ impl Qcow2 {
     /// A write through the plan: lookups, allocation and copy-on-write
     /// under the exclusive lock, data outside it, then the commit.
     fn write_planned(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable(&self.lock())?;
+        {
+            let mut m = self.lock();
+            self.check_writable(&m)?;
+            // A request's first allocation searches, as QEMU's does.
+            m.alloc.clear_cont();
+        }
         let cs = self.g.cluster_size;
         let end = offset + buf.len() as u64;
         let mut pos = offset;
