@@ -178,3 +178,20 @@ fn shrink_drops_emptied_refcount_blocks_as_qemu_img() {
     same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
     same_on(&ours, &theirs, "qemu-img", &["check", "x.qcow2"], None, Cmp::All);
 }
+
+/// iotest 137's case: a zeroed refcount block says cluster 0 is free, so
+/// QEMU's search would put a new L2 table on the header; both refuse the
+/// write and mark the image corrupt, in the same words, and the header
+/// stays intact (`info` reads it, corrupt flag set).
+#[test]
+fn l2_allocation_meeting_the_header_marks_corrupt_as_qemu_io() {
+    use std::os::unix::fs::FileExt;
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        setup(side, "qemu-img", &["create", "-q", "-f", "qcow2", "x.qcow2", "64M"]);
+        let f = std::fs::OpenOptions::new().write(true).open(side.dir.path().join("x.qcow2")).expect("open image");
+        f.write_all_at(&[0; 8], 0x20000).expect("zero the first refcounts");
+    }
+    same_on(&ours, &theirs, "qemu-io", &["-f", "qcow2", "-c", "write 64k 64k", "x.qcow2"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-img", &["info", "--output=json", "x.qcow2"], None, Cmp::All);
+}

@@ -292,6 +292,16 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether QEMU's search for a free cluster would hand out cluster 0
+    /// (the header) now: its search starts there and cluster 0's
+    /// refcount says free (a zeroed refcount block). oxcow's never
+    /// does; a caller that QEMU refuses then (an L2 table allocation)
+    /// refuses too, marking the image corrupt as QEMU does (iotest 137),
+    /// instead of placing the table elsewhere.
+    pub(crate) fn search_meets_header(&self, m: &mut Meta) -> Result<bool> {
+        Ok(m.alloc.free_hint().0 == 0 && self.refcount(m, HostCluster(0))? == 0)
+    }
+
     /// Allocates one cluster with refcount 1, reusing freed space first.
     pub(crate) fn alloc_cluster(&self, m: &mut Meta) -> Result<HostOffset> {
         Ok(self.alloc_cluster_fresh(m)?.0)

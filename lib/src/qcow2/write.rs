@@ -100,6 +100,9 @@ impl Qcow2 {
         // Room in the cache before the allocation, so that a failure of
         // either leaves nothing allocated and nothing changed.
         self.make_room_l2(m)?;
+        if self.search_meets_header(m)? {
+            return Err(self.mark_corrupt(m, "Preventing invalid allocation of L2 table at offset 0".into()));
+        }
         let new = self.alloc_cluster(m)?;
         if self.lazy_configured(m) {
             // As QEMU, lazy refcounts or not, a new table's refcount is
