@@ -126,3 +126,72 @@ fn rebase_without_an_old_backing_file_writes_zeros_as_qemu_img() {
     same_on(&ours, &theirs, "qemu-img", &["rebase", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"], None, Cmp::All);
     same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
 }
+
+/// Creates `x.qcow2` with `opts` on both sides and runs the qemu-io
+/// command lines (one process each), then compares maps and checks (the
+/// check's last line is the file's end offset).
+fn same_layout_after(opts: &str, size: &str, runs: &[&[&str]]) -> (Side, Side) {
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        setup(side, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", size]);
+    }
+    let runs: Vec<Vec<String>> = runs.iter().map(|r| r.iter().map(|c| c.to_string()).collect()).collect();
+    same_layout(&ours, &theirs, "x.qcow2", &runs);
+    (ours, theirs)
+}
+
+/// A 512-byte-cluster image's one-cluster refcount table covers 8 MiB:
+/// writing 9 MiB grows it, the new table and its blocks placed as QEMU
+/// places them (iotest 044), and the next writes land as QEMU's.
+#[test]
+fn refcount_table_growth_as_qemu_io() {
+    same_layout_after("cluster_size=512", "64M", &[&["write -P 1 0 9M"], &["write -P 3 20M 2M", "write 30M 512"]]);
+}
+
+/// 64-bit refcounts on 512-byte clusters: a refcount block covers 64
+/// clusters, so nearly every write needs a new one; QEMU places each
+/// after the clusters found and searches again from them.
+#[test]
+fn new_refcount_blocks_as_qemu_io_with_64_bit_refcounts() {
+    same_layout_after(
+        "cluster_size=512,refcount_bits=64",
+        "64M",
+        &[&["write -P 1 0 3M", "write -P 2 5M 1M", "discard 1M 1M"], &["write -P 3 8M 2M", "write 1M 3M"]],
+    );
+}
+
+/// A shrink drops refcount blocks left counting nothing (iotest 163:
+/// blocks placed outside the range they describe), and the file ends
+/// where QEMU's does.
+#[test]
+fn shrink_drops_emptied_refcount_blocks_as_qemu_img() {
+    let write = |at: u64| format!("write -P 1 {} 256k", at << 10);
+    let writes: Vec<String> = [0, 1024, 2048, 512, 1536].into_iter().map(write).collect();
+    let runs: Vec<&[&str]> = vec![];
+    let (ours, theirs) = same_layout_after("cluster_size=512,refcount_bits=64", "3M", &runs);
+    for w in &writes {
+        for side in [&ours, &theirs] {
+            setup(side, "qemu-io", &["-f", "qcow2", "-c", w, "x.qcow2"]);
+        }
+    }
+    same_on(&ours, &theirs, "qemu-img", &["resize", "--shrink", "x.qcow2", "1M"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-img", &["check", "x.qcow2"], None, Cmp::All);
+}
+
+/// iotest 137's case: a zeroed refcount block says cluster 0 is free, so
+/// QEMU's search would put a new L2 table on the header; both refuse the
+/// write and mark the image corrupt, in the same words, and the header
+/// stays intact (`info` reads it, corrupt flag set).
+#[test]
+fn l2_allocation_meeting_the_header_marks_corrupt_as_qemu_io() {
+    use std::os::unix::fs::FileExt;
+    let (ours, theirs) = bare_sides();
+    for side in [&ours, &theirs] {
+        setup(side, "qemu-img", &["create", "-q", "-f", "qcow2", "x.qcow2", "64M"]);
+        let f = std::fs::OpenOptions::new().write(true).open(side.dir.path().join("x.qcow2")).expect("open image");
+        f.write_all_at(&[0; 8], 0x20000).expect("zero the first refcounts");
+    }
+    same_on(&ours, &theirs, "qemu-io", &["-f", "qcow2", "-c", "write 64k 64k", "x.qcow2"], None, Cmp::All);
+    same_on(&ours, &theirs, "qemu-img", &["info", "--output=json", "x.qcow2"], None, Cmp::All);
+}

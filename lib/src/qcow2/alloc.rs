@@ -14,8 +14,12 @@ use super::units::{HostCluster, HostOffset};
 use super::Qcow2;
 use crate::format::be::encode_u64_table;
 use crate::format::compressed::CompressedDescriptor;
-use crate::format::limits::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
+use crate::format::limits::MAX_HOST_OFFSET;
 use crate::{Error, Result};
+
+/// How many refcount blocks one allocation places before it searches
+/// again (QEMU's retry); past that, `set_refcount` makes the missing ones.
+const MAX_PLACED_BLOCKS: u32 = 16;
 
 /// Whether a failed reservation means there is not room for that much
 /// (so a smaller one may still fit).
@@ -25,7 +29,7 @@ fn is_no_space(e: &std::io::Error) -> bool {
 
 impl Qcow2 {
     /// Makes sure the refcount block at `off` is cached.
-    fn load_refblock(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
+    pub(crate) fn load_refblock(&self, m: &mut Meta, off: HostOffset) -> Result<()> {
         if m.refs.blocks().contains(off) {
             return Ok(());
         }
@@ -69,7 +73,7 @@ impl Qcow2 {
     /// [`Self::refcount`] for an allocation about to trust it: a refcount
     /// block at an unaligned offset is corruption, signalled as QEMU
     /// signals it (the image marked corrupt, in QEMU's words).
-    fn refcount_for_alloc(&self, m: &mut Meta, c: HostCluster) -> Result<u64> {
+    pub(crate) fn refcount_for_alloc(&self, m: &mut Meta, c: HostCluster) -> Result<u64> {
         let t = (c.0 >> self.g.rc.block_entries_bits()) as usize;
         if let Some(off) = m.refs.block_offset(t).filter(|o| o.0 != 0 && !o.is_aligned(&self.g)) {
             return Err(
@@ -97,8 +101,17 @@ impl Qcow2 {
     pub(crate) fn set_refcount(&self, m: &mut Meta, c: HostCluster, value: u64) -> Result<()> {
         let bits = self.g.rc.block_entries_bits();
         let t = (c.0 >> bits) as usize;
+        let counted = m.refs.block_offset(t).is_some_and(|o| o.0 != 0);
+        if value == 0 && !counted {
+            // Already 0: no block (nor table growth) needed to say so.
+            m.alloc.note_free(c);
+            return Ok(());
+        }
         if t >= m.refs.table_len() {
-            self.grow_reftable(m, t)?;
+            // As QEMU: a block for the entry is taken first (the next
+            // free cluster, past the end), then the table grows around it.
+            let own = self.take_end_cluster(m)?;
+            self.grow_reftable(m, c, Some(own))?;
         }
         if m.refs.block_offset(t).unwrap_or_default().0 == 0 {
             self.new_refblock(m, t)?;
@@ -149,7 +162,7 @@ impl Qcow2 {
     /// Takes the next cluster at the end of the allocated area whose
     /// refcount is zero (without raising it). The space is reserved before
     /// the allocation end moves, so running out of it changes nothing.
-    fn take_end_cluster(&self, m: &mut Meta) -> Result<HostCluster> {
+    pub(crate) fn take_end_cluster(&self, m: &mut Meta) -> Result<HostCluster> {
         loop {
             let c = m.alloc.file_end().cluster(&self.g);
             let next = m.alloc.file_end().add(self.g.cluster_size);
@@ -253,70 +266,6 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Grows the refcount table so entry `need` exists. The new table is
-    /// written completely and made durable before the header points at it,
-    /// and the old one is freed only after that.
-    fn grow_reftable(&self, m: &mut Meta, need: usize) -> Result<()> {
-        let cs = self.g.cluster_size;
-        let per_cluster = (cs / 8) as usize;
-        let mut entries = (need + 1).max(m.refs.table_len() * 3 / 2);
-        let end = m.alloc.file_end().cluster(&self.g).0;
-        loop {
-            entries = entries.div_ceil(per_cluster) * per_cluster;
-            let clusters = (entries / per_cluster) as u64;
-            // The table and the blocks describing it go at the end of the
-            // file: make sure the table covers them too.
-            let last = end + clusters + 2 * (clusters + 2);
-            if ((last >> self.g.rc.block_entries_bits()) as usize) < entries {
-                break;
-            }
-            entries += per_cluster;
-        }
-        let clusters = (entries / per_cluster) as u64;
-        if clusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::io(
-                "growing the refcount table",
-                std::io::Error::new(std::io::ErrorKind::StorageFull, "refcount table would exceed 8 MiB"),
-            ));
-        }
-        // Room for the table and the blocks describing it, before any
-        // change: running out of space here fails the request only.
-        self.reserve_to(m, m.alloc.file_end().add((clusters + 2 * (clusters + 2)) * cs))?;
-        // From here on the cached table outgrows the one on disk until the
-        // header points at the new one; a failure on the way cannot be
-        // rolled back, so it poisons the image (it is rare: one refcount
-        // table cluster covers terabytes with the default cluster size).
-        let r = self.grow_reftable_reserved(m, entries, clusters);
-        if let Err(e) = &r {
-            self.poison(e);
-        }
-        r
-    }
-
-    fn grow_reftable_reserved(&self, m: &mut Meta, entries: usize, clusters: u64) -> Result<()> {
-        let cs = self.g.cluster_size;
-        let old = HostOffset(m.hc.header.refcount_table_offset).cluster(&self.g);
-        let old_clusters = u64::from(m.hc.header.refcount_table_clusters);
-        let new_off = m.alloc.file_end();
-        let new = new_off.cluster(&self.g);
-        m.alloc.extend_end(new_off.add(clusters * cs));
-        m.refs.grow_table(entries);
-        for k in 0..clusters {
-            m.overlap.insert(new.add(k), MetaKind::RefcountTable);
-        }
-        for k in 0..clusters {
-            self.set_refcount(m, new.add(k), 1)?;
-        }
-        // Blocks first, then the table that points to them, then the header.
-        self.write_dirty_refblocks(m)?;
-        self.install_reftable(m, new_off, clusters)?;
-        for k in 0..old_clusters {
-            m.overlap.remove(old.add(k));
-            self.set_refcount(m, old.add(k), 0)?;
-        }
-        Ok(())
-    }
-
     /// Writes every dirty refcount block whole; returns whether any was.
     pub(crate) fn write_dirty_refblocks(&self, m: &mut Meta) -> Result<bool> {
         let dirty = m.refs.blocks().dirty();
@@ -347,6 +296,16 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Whether QEMU's search for a free cluster would hand out cluster 0
+    /// (the header) now: its search starts there and cluster 0's
+    /// refcount says free (a zeroed refcount block). oxcow's never
+    /// does; a caller that QEMU refuses then (an L2 table allocation)
+    /// refuses too, marking the image corrupt as QEMU does (iotest 137),
+    /// instead of placing the table elsewhere.
+    pub(crate) fn search_meets_header(&self, m: &mut Meta) -> Result<bool> {
+        Ok(m.alloc.free_hint().0 == 0 && self.refcount(m, HostCluster(0))? == 0)
+    }
+
     /// Allocates one cluster with refcount 1, reusing freed space first.
     pub(crate) fn alloc_cluster(&self, m: &mut Meta) -> Result<HostOffset> {
         Ok(self.alloc_cluster_fresh(m)?.0)
@@ -356,20 +315,29 @@ impl Qcow2 {
     /// before (past the old end of the file, so it reads as zeros).
     pub(crate) fn alloc_cluster_fresh(&self, m: &mut Meta) -> Result<(HostOffset, bool)> {
         self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
-        let end = m.alloc.file_end().cluster(&self.g);
-        let mut c = m.alloc.free_hint().max(HostCluster(1));
-        while c < end {
-            if self.refcount_for_alloc(m, c)? == 0 && !m.overlap.contains(c) {
-                m.alloc.set_free_hint(c.add(1));
-                self.set_refcount(m, c, 1)?;
-                return Ok((c.offset(&self.g), false));
+        let mut placed = 0;
+        loop {
+            let end = m.alloc.file_end().cluster(&self.g);
+            let mut c = m.alloc.free_hint().max(HostCluster(1));
+            while c < end && (self.refcount_for_alloc(m, c)? != 0 || m.overlap.contains(c)) {
+                c = c.add(1);
             }
-            c = c.add(1);
+            let fresh = c >= end;
+            if fresh {
+                m.alloc.set_free_hint(end);
+                c = self.take_end_cluster(m)?;
+            }
+            // A cluster without a refcount block: the block goes where
+            // QEMU puts it, and the search starts again after it (a
+            // bounded number of times, then `set_refcount` makes it).
+            if placed < MAX_PLACED_BLOCKS && self.place_missing_refblock(m, c, 1)? {
+                placed += 1;
+                continue;
+            }
+            m.alloc.set_free_hint(m.alloc.free_hint().max(c.add(1)));
+            self.set_refcount(m, c, 1)?;
+            return Ok((c.offset(&self.g), fresh));
         }
-        m.alloc.set_free_hint(end);
-        let c = self.take_end_cluster(m)?;
-        self.set_refcount(m, c, 1)?;
-        Ok((c.offset(&self.g), true))
     }
 
     /// Allocates `n` contiguous clusters (tables, compressed data). On
@@ -420,35 +388,40 @@ impl Qcow2 {
     /// start, as QEMU's free-cluster index passes them until something
     /// is freed). Returns the run's start and the first cluster that was
     /// past the allocation end (never used: reads as zeros); `None`, with
-    /// nothing allocated, when the run needs a new refcount block. On
-    /// failure nothing stays allocated.
+    /// nothing allocated, when the run keeps needing new refcount blocks.
+    /// On failure nothing stays allocated but the blocks placed.
     fn alloc_run(&self, m: &mut Meta, n: u64) -> Result<Option<(HostCluster, HostCluster)>> {
-        let old_end = m.alloc.file_end().cluster(&self.g);
-        let mut start = m.alloc.free_hint().max(HostCluster(1));
-        let mut c = start;
-        while c.0 - start.0 < n {
-            if c.add(1).offset(&self.g).0 > MAX_HOST_OFFSET {
-                return Err(Error::io("allocating clusters", std::io::Error::from_raw_os_error(libc::EFBIG)));
+        let mut placed = 0;
+        loop {
+            let old_end = m.alloc.file_end().cluster(&self.g);
+            let mut start = m.alloc.free_hint().max(HostCluster(1));
+            let mut c = start;
+            while c.0 - start.0 < n {
+                if c.add(1).offset(&self.g).0 > MAX_HOST_OFFSET {
+                    return Err(Error::io("allocating clusters", std::io::Error::from_raw_os_error(libc::EFBIG)));
+                }
+                if self.refcount_for_alloc(m, c)? != 0 || m.overlap.contains(c) {
+                    start = c.add(1);
+                }
+                c = c.add(1);
             }
-            if self.refcount_for_alloc(m, c)? != 0 || m.overlap.contains(c) {
-                start = c.add(1);
+            // A cluster of the run without a refcount block: the block
+            // goes where QEMU puts it (after the run, or past the
+            // refcount table, which then grows), and the search starts
+            // again from after it, as QEMU's does; the run may land where
+            // the old refcount table was (iotest 044's file end depends
+            // on it). Bounded: then one cluster at a time.
+            if self.place_missing_refblock(m, start, n)? {
+                placed += 1;
+                if placed >= MAX_PLACED_BLOCKS {
+                    return Ok(None);
+                }
+                continue;
             }
-            c = c.add(1);
+            self.claim_run(m, start, n)?;
+            m.alloc.set_free_hint(m.alloc.free_hint().max(start.add(n)));
+            return Ok(Some((start, old_end)));
         }
-        // A run needing a new refcount block is placed one cluster at a
-        // time instead, each new block in the range it describes: a block
-        // made after the run could describe only clusters before itself,
-        // which a shrink then leaves behind empty (iotest 163).
-        let bits = self.g.rc.block_entries_bits();
-        if ((start.0 >> bits)..=((start.0 + n - 1) >> bits))
-            .any(|t| m.refs.block_offset(t as usize).is_none_or(|o| o.0 == 0))
-        {
-            return Ok(None);
-        }
-        self.claim_run(m, start, n)?;
-        // Refcount blocks allocated above sit past the range: fine.
-        m.alloc.set_free_hint(m.alloc.free_hint().max(start.add(n)));
-        Ok(Some((start, old_end)))
     }
 
     /// Allocates a data cluster for a write whose next `want` clusters
@@ -461,25 +434,62 @@ impl Qcow2 {
         if let Some((c, fresh)) = m.alloc.take_from_run() {
             return Ok((c.offset(&self.g), fresh));
         }
-        if want <= 1 {
-            return self.alloc_cluster_fresh(m);
+        if let Some(r) = self.continue_run(m, want)? {
+            return Ok(r);
         }
-        let Some((start, fresh_from)) = self.alloc_run(m, want)? else {
-            return self.alloc_cluster_fresh(m);
+        let run = if want <= 1 { None } else { self.alloc_run(m, want)? };
+        let Some((start, fresh_from)) = run else {
+            let (off, fresh) = self.alloc_cluster_fresh(m)?;
+            m.alloc.set_cont(off.cluster(&self.g).add(1));
+            return Ok((off, fresh));
         };
         self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
         m.alloc.set_run(ReservedRun { next: start.add(1), end: start.add(want), fresh_from });
+        m.alloc.set_cont(start.add(want));
         Ok((start.offset(&self.g), start >= fresh_from))
+    }
+
+    /// QEMU extends a write's allocation in place before it searches:
+    /// as many of the next `want` clusters from where the write's last
+    /// allocation ended as are free (none past a missing refcount block),
+    /// taken as the write's run without moving the search start. `None`
+    /// when not even one is.
+    fn continue_run(&self, m: &mut Meta, want: u64) -> Result<Option<(HostOffset, bool)>> {
+        let Some(at) = m.alloc.cont() else { return Ok(None) };
+        let bits = self.g.rc.block_entries_bits();
+        let mut k = 0;
+        while k < want {
+            let c = at.add(k);
+            let counted = m.refs.block_offset((c.0 >> bits) as usize).is_some_and(|o| o.0 != 0);
+            if c.add(1).offset(&self.g).0 > MAX_HOST_OFFSET
+                || !counted
+                || self.refcount_for_alloc(m, c)? != 0
+                || m.overlap.contains(c)
+            {
+                break;
+            }
+            k += 1;
+        }
+        if k == 0 {
+            return Ok(None);
+        }
+        let fresh_from = m.alloc.file_end().cluster(&self.g);
+        self.file.debug_event(crate::storage::BlkdebugEvent::ClusterAlloc);
+        self.claim_run(m, at, k)?;
+        m.alloc.set_run(ReservedRun { next: at.add(1), end: at.add(k), fresh_from });
+        m.alloc.set_cont(at.add(k));
+        Ok(Some((at.offset(&self.g), at >= fresh_from)))
     }
 
     /// Gives back the clusters of the write's run that its plan did not
     /// use (the plan stopped early): no table points at them, so they are
-    /// free again at once.
+    /// free again at once, and the write's next plan continues there.
     pub(crate) fn end_data_run(&self, m: &mut Meta) {
         if let Some((from, to)) = m.alloc.take_run_rest() {
             for c in from.0..to.0 {
                 let _ = self.set_refcount(m, HostCluster(c), 0);
             }
+            m.alloc.set_cont(from);
         }
     }
 

@@ -40,6 +40,10 @@ pub(crate) struct ReservedRun {
 pub(crate) struct Allocator {
     /// Rest of the run allocated for the write being planned.
     run: Option<ReservedRun>,
+    /// Where the write being planned last allocated up to: its next
+    /// allocation tries to continue there first, as QEMU's does. Cleared
+    /// when a write request starts.
+    cont: Option<HostCluster>,
     /// Cluster from which the next free-cluster search starts.
     free_hint: HostCluster,
     /// End of the space the allocator has handed out (cluster aligned).
@@ -72,6 +76,7 @@ impl Allocator {
     pub fn new(file_end: HostOffset, file_len: u64) -> Self {
         Allocator {
             run: None,
+            cont: None,
             free_hint: HostCluster(0),
             file_end,
             prealloc_end: HostOffset(file_len),
@@ -143,6 +148,18 @@ impl Allocator {
             self.run = None;
         }
         Some((c, fresh))
+    }
+    /// Where the write's next allocation tries to continue.
+    pub fn cont(&self) -> Option<HostCluster> {
+        self.cont
+    }
+    /// The write's allocation ended before `c`.
+    pub fn set_cont(&mut self, c: HostCluster) {
+        self.cont = Some(c);
+    }
+    /// A new write request: its first allocation searches.
+    pub fn clear_cont(&mut self) {
+        self.cont = None;
     }
     /// Whether a reserved run has clusters left.
     pub fn has_run(&self) -> bool {

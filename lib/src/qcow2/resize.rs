@@ -186,6 +186,7 @@ impl Qcow2 {
         // a crash in between leaves a disk whose tail reads as unallocated.
         self.drop_clusters(m, first, end)?;
         self.write_back_durable(m)?;
+        self.drop_empty_refblocks(m)?;
         m.hc.header.size = new_size;
         self.write_header(m)?;
         self.sync("flushing header")?;

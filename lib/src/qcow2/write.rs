@@ -100,6 +100,9 @@ impl Qcow2 {
         // Room in the cache before the allocation, so that a failure of
         // either leaves nothing allocated and nothing changed.
         self.make_room_l2(m)?;
+        if self.search_meets_header(m)? {
+            return Err(self.mark_corrupt(m, "Preventing invalid allocation of L2 table at offset 0".into()));
+        }
         let new = self.alloc_cluster(m)?;
         if self.lazy_configured(m) {
             // As QEMU, lazy refcounts or not, a new table's refcount is
@@ -293,7 +296,12 @@ impl Qcow2 {
     /// A write through the plan: lookups, allocation and copy-on-write
     /// under the exclusive lock, data outside it, then the commit.
     fn write_planned(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable(&self.lock())?;
+        {
+            let mut m = self.lock();
+            self.check_writable(&m)?;
+            // A request's first allocation searches, as QEMU's does.
+            m.alloc.clear_cont();
+        }
         let cs = self.g.cluster_size;
         let end = offset + buf.len() as u64;
         let mut pos = offset;
