@@ -48,7 +48,8 @@ pub struct Args {
     /// Open the source even if another process has it open for writing.
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Out-of-order writes (accepted for compatibility).
+    /// Out-of-order writes: chunks are written as soon as they are read
+    /// (by default they are written in guest order).
     #[arg(short = 'W')]
     unordered: bool,
     /// Convert an internal snapshot of the source: `snapshot.name=NAME`,
@@ -108,7 +109,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         });
     }
     a.objects.apply(&mut a.files[0], &mut a.format)?;
-    let _ = (a.unordered, a.quiet);
+    let _ = a.quiet;
     let cache_mode = |v: &Option<String>, default: &str| {
         v.as_deref().unwrap_or(default).parse::<oxcow::CacheMode>().map_err(|e| CliError::new(e.to_string()))
     };
@@ -134,9 +135,6 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         a.out_format.parse::<Format>().map_err(|_| CliError::new(format!("Unknown file format '{}'", a.out_format)))?;
     if a.backing.is_some() && !matches!(out_fmt, Format::Qcow2 | Format::Qed) {
         return Err(CliError::new(format!("Backing file not supported for file format '{}'", out_fmt.name())));
-    }
-    if a.backing.is_some() && a.no_create {
-        return Err(CliError::new("-B makes no sense when -n is used"));
     }
     let min_sparse = match &a.sparse {
         Some(s) => parse_num(s).ok_or_else(|| CliError::new("Invalid buffer size for sparse output specified"))?,
@@ -214,10 +212,13 @@ pub fn run(mut a: Args) -> CliResult<i32> {
     let progress = Progress::new(a.progress);
     if a.compress {
         let q = dst.qcow2().ok_or_else(|| CliError::new("Compression not supported for this file format"))?;
-        // With -B, what reads the same through the target's backing file
-        // is left to it, and zeros over it are kept (iotest 122); an
-        // existing target (-n) gets its zeros written too.
-        copy_compressed_over(sdev, q, base, a.no_create, &mut |pos| progress.update(pos, size))
+        // With -B, what the source leaves to its backing file is left to
+        // the target's, and zeros over it are kept (iotest 122); an
+        // existing target (-n) gets its zeros written too; -S 0 compresses
+        // clusters of zeros as well (other -S values are ignored, as by
+        // qemu-img: zeros are found by whole clusters).
+        let o = CopyOptions::default().zero_granularity(min_sparse).existing_target(a.no_create).base(base);
+        copy_compressed_over(sdev, q, &o, &mut |pos| progress.update(pos, size))
             .map_err(|e| CliError::new(format!("error while compressing: {}", crate::error::message(&e))))?;
         progress.finish();
         dst.close()?;
@@ -241,6 +242,7 @@ pub fn run(mut a: Args) -> CliResult<i32> {
         .zero_granularity(gran)
         .existing_target(no_zero_init)
         .base(base)
+        .unordered(a.unordered)
         .chunk_done(Some(&chunk_done as &(dyn Fn(u64) + Sync)));
     copy(sdev, ddev, &o, &mut |_| {}).map_err(werr)?;
     progress.finish();

@@ -15,6 +15,7 @@ mod cache_mode_cli;
 mod check_cli;
 mod check_repair_words;
 mod cli_behaviour;
+mod convert_layout;
 mod convert_sources;
 mod cor_filter;
 mod damaged_cli;

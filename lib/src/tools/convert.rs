@@ -1,8 +1,14 @@
 //! Copying one device's contents onto another, leaving zeros as holes
-//! (plainly, or compressed into a qcow2 image).
+//! (plainly, or compressed into a qcow2 image): what is copied, by the
+//! source's allocation status. The copying threads are in `workers`, the
+//! compressed copy in `compressed`.
 
-use crate::device::{chain_status, read_backing, BlockDevice};
-use crate::qcow2::Qcow2;
+mod compressed;
+mod workers;
+
+pub use compressed::{copy_compressed, copy_compressed_over};
+
+use crate::device::{chain_status, BlockDevice};
 use crate::Result;
 
 /// Bytes copied per read.
@@ -13,17 +19,27 @@ const CHUNK: u64 = 2 << 20;
 #[non_exhaustive]
 pub struct CopyOptions<'a> {
     /// Blocks of this many bytes that read as zeros are not written
-    /// (qemu-img's `-S`); 0 writes everything, zeros included.
+    /// (qemu-img's `-S`); 0 writes everything, zeros included (and a
+    /// compressed copy compresses clusters of zeros too).
     pub zero_granularity: u64,
     /// The target already has contents: zero ranges must be zeroed
     /// explicitly instead of skipped.
     pub existing_target: bool,
-    /// The target's backing device: only blocks that differ from it are
-    /// written.
+    /// The target's backing device (qemu-img's `-B`). As qemu-img does,
+    /// what the source's own top layer holds is copied and its zeros are
+    /// written as zeros; what it leaves to its backing chain is left to
+    /// the target's backing file, except where the two read differently
+    /// (qemu-img trusts them to be the same; the differences are
+    /// written, so the copy always reads as the source).
     pub base: Option<&'a dyn BlockDevice>,
     /// Told the length of each data chunk once it is written (from the
     /// copying threads): qemu-img's progress counts data, not positions.
     pub chunk_done: Option<&'a (dyn Fn(u64) + Sync)>,
+    /// Chunks are written as soon as they are read, in whatever order
+    /// the threads finish them (qemu-img's `-W`). By default they are
+    /// read in parallel but written in guest order, so a new target's
+    /// host layout follows the guest's and is the same on every run.
+    pub unordered: bool,
 }
 
 setters!(CopyOptions<'a> {
@@ -31,6 +47,7 @@ setters!(CopyOptions<'a> {
     existing_target: bool,
     base: Option<&'a dyn BlockDevice>,
     chunk_done: Option<&'a (dyn Fn(u64) + Sync)>,
+    unordered: bool,
 });
 
 impl std::fmt::Debug for CopyOptions<'_> {
@@ -39,18 +56,65 @@ impl std::fmt::Debug for CopyOptions<'_> {
             .field("zero_granularity", &self.zero_granularity)
             .field("existing_target", &self.existing_target)
             .field("base", &self.base.map(|b| b.format_name()))
+            .field("unordered", &self.unordered)
             .finish()
     }
 }
 
-/// Threads copying data chunks at once: reads, zero detection and writes
-/// of different chunks overlap (qemu-img convert keeps 8 requests in
-/// flight for the same reason).
-const WORKERS: usize = 4;
-
-/// Data chunks handed to the workers per round (progress is reported
-/// between rounds).
+/// Chunks handed to the workers per round (progress is reported between
+/// rounds).
 const ROUND: usize = 64;
+
+/// One piece of the copy, at most [`CHUNK`] long unless it needs no
+/// buffer.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    pos: u64,
+    len: u64,
+    kind: Kind,
+}
+
+/// How a range of the source is copied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// Data: read and written (blocks of zeros in it left out or zeroed
+    /// by [`CopyOptions::zero_granularity`]).
+    Data,
+    /// Reads as zeros, written out as data all the same (`-S 0`).
+    Zeros,
+    /// Reads as zeros, on a target that would not read as zeros there
+    /// (old contents, a backing file): zeroed in one request.
+    ZeroFill,
+    /// Held by the source's backing chain under `-B`: compared with the
+    /// target's backing file, only differences written.
+    Diff,
+}
+
+/// How the range of `src` at `pos` (at most `len` long) is copied, and
+/// how long the range that is copied so is; `None`: nothing to write.
+fn classify(src: &dyn BlockDevice, o: &CopyOptions, pos: u64, len: u64) -> Result<(u64, Option<Kind>)> {
+    let zero = if o.base.is_some() {
+        // Only the source's own layer (qemu-img: status above the
+        // source's backing file); a source without one decides all.
+        let st = src.block_status(pos, len)?;
+        let n = st.length.max(1).min(len);
+        if !st.allocated && src.backing().is_some() {
+            return Ok((n, Some(Kind::Diff)));
+        }
+        (n, st.zero)
+    } else {
+        let st = chain_status(src, pos, len)?;
+        (st.length.max(1).min(len), st.zero)
+    };
+    let kind = match zero {
+        (_, false) => Some(Kind::Data),
+        _ if o.zero_granularity == 0 => Some(Kind::Zeros),
+        _ if o.existing_target || o.base.is_some() => Some(Kind::ZeroFill),
+        // A new target without a backing file reads as zeros already.
+        _ => None,
+    };
+    Ok((zero.0, kind))
+}
 
 /// Copies all of `src` onto `dst` (at least as long), calling `progress`
 /// with the number of bytes done so far.
@@ -62,129 +126,33 @@ pub fn copy(
 ) -> Result<()> {
     let size = src.len();
     crate::device::check_range(0, size, dst.len())?;
-    let gran = o.zero_granularity;
-    let mut pending: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pending: Vec<Chunk> = Vec::new();
     let mut pos = 0;
     while pos < size {
         // Whole remaining ranges are asked for so huge holes go by in one
         // step; data is then copied in bounded chunks by the workers.
-        let st = chain_status(src, pos, size - pos)?;
-        let n = st.length.max(1).min(size - pos);
-        if st.zero && o.base.is_none() {
-            if gran == 0 {
-                write_zero_chunks(dst, pos, n)?;
-            } else if o.existing_target {
-                dst.write_zeroes(pos, n, true)?;
-            }
-        } else {
-            let mut at = pos;
-            while at < pos + n {
-                let c = CHUNK.min(pos + n - at);
-                pending.push((at, c, st.zero));
-                at += c;
+        let (n, kind) = classify(src, o, pos, size - pos)?;
+        let mut at = pos;
+        while let Some(kind) = kind.filter(|_| at < pos + n) {
+            let len = if kind == Kind::ZeroFill { pos + n - at } else { CHUNK.min(pos + n - at) };
+            pending.push(Chunk { pos: at, len, kind });
+            at += len;
+            // Bounded rounds even over a huge range.
+            if pending.len() >= ROUND {
+                workers::copy_chunks(src, dst, o, &pending)?;
+                pending.clear();
+                progress(at);
             }
         }
         pos += n;
-        if pending.len() >= ROUND || pos >= size {
-            copy_chunks(src, dst, o, &pending)?;
+        if pos >= size && !pending.is_empty() {
+            workers::copy_chunks(src, dst, o, &pending)?;
             pending.clear();
+        }
+        if pending.is_empty() {
             progress(pos);
-        } else if pending.is_empty() {
-            progress(pos);
         }
     }
-    Ok(())
-}
-
-/// Copies all of `src` onto the qcow2 image `dst` (at least as long, new:
-/// nothing is zeroed) compressed, as `qemu-img convert -c` does: every
-/// cluster that holds data is written compressed, clusters of zeros stay
-/// unallocated. Calls `progress` with the number of bytes done so far.
-pub fn copy_compressed(src: &dyn BlockDevice, dst: &Qcow2, progress: &mut dyn FnMut(u64)) -> Result<()> {
-    copy_compressed_over(src, dst, None, false, progress)
-}
-
-/// [`copy_compressed`] onto a target that does not read as zeros: over
-/// its backing file `base` (clusters reading the same through it are
-/// left unallocated, zeros that differ from it are written as zero
-/// clusters), or with old contents (`existing`: every zero cluster is
-/// written as one).
-pub fn copy_compressed_over(
-    src: &dyn BlockDevice,
-    dst: &Qcow2,
-    base: Option<&dyn BlockDevice>,
-    existing: bool,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    if base.is_some() || existing {
-        return copy_compressed_compare(src, dst, base, progress);
-    }
-    let size = src.len();
-    crate::device::check_range(0, size, dst.len())?;
-    let cs = dst.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
-    let mut c = 0;
-    while c < size {
-        let st = chain_status(src, c, size - c)?;
-        if st.zero && st.length >= size - c {
-            break;
-        }
-        if st.zero && st.length >= cs {
-            // Whole clusters of zeros: nothing to write.
-            c += st.length / cs * cs;
-            progress(c);
-            continue;
-        }
-        let n = (size - c).min(cs) as usize;
-        buf.fill(0);
-        src.read_at(&mut buf[..n], c)?;
-        if !is_zero(&buf) {
-            dst.write_compressed(c, &buf)?;
-        }
-        c += cs;
-        progress(c.min(size));
-    }
-    progress(size);
-    Ok(())
-}
-
-/// Cluster by cluster: left alone where `base` reads the same, zeroed
-/// where the source reads zeros, written compressed elsewhere.
-fn copy_compressed_compare(
-    src: &dyn BlockDevice,
-    dst: &Qcow2,
-    base: Option<&dyn BlockDevice>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<()> {
-    let size = src.len();
-    crate::device::check_range(0, size, dst.len())?;
-    let cs = dst.cluster_size();
-    let mut buf = vec![0u8; cs as usize];
-    let mut old = vec![0u8; cs as usize];
-    let mut c = 0;
-    while c < size {
-        let n = (size - c).min(cs) as usize;
-        buf.fill(0);
-        src.read_at(&mut buf[..n], c)?;
-        let same = match base {
-            Some(b) => {
-                old.fill(0);
-                read_backing(Some(b), &mut old[..n], c)?;
-                old[..n] == buf[..n]
-            }
-            None => false,
-        };
-        if !same {
-            if is_zero(&buf) {
-                dst.write_zeroes(c, n as u64, false)?;
-            } else {
-                dst.write_compressed(c, &buf)?;
-            }
-        }
-        c += cs;
-        progress(c.min(size));
-    }
-    progress(size);
     Ok(())
 }
 
@@ -204,82 +172,6 @@ pub fn data_len(src: &dyn BlockDevice) -> Result<u64> {
     Ok(data)
 }
 
-/// Copies data chunks with [`WORKERS`] threads.
-fn copy_chunks(
-    src: &dyn BlockDevice,
-    dst: &dyn BlockDevice,
-    o: &CopyOptions,
-    chunks: &[(u64, u64, bool)],
-) -> Result<()> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let first_error = std::sync::Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..WORKERS.min(chunks.len()) {
-            s.spawn(|| {
-                let mut buf = Vec::new();
-                let mut bbuf = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(pos, n, zero)) = chunks.get(i) else { return };
-                    if let Err(e) = copy_chunk(src, dst, o, pos, n, zero, &mut buf, &mut bbuf) {
-                        first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
-                        next.store(chunks.len(), Ordering::Relaxed);
-                        return;
-                    }
-                    if let (false, Some(done)) = (zero, o.chunk_done) {
-                        done(n);
-                    }
-                }
-            });
-        }
-    });
-    match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn copy_chunk(
-    src: &dyn BlockDevice,
-    dst: &dyn BlockDevice,
-    o: &CopyOptions,
-    pos: u64,
-    n: u64,
-    zero: bool,
-    buf: &mut Vec<u8>,
-    bbuf: &mut Vec<u8>,
-) -> Result<()> {
-    let gran = o.zero_granularity;
-    buf.resize(n as usize, 0);
-    if zero {
-        buf.fill(0);
-    } else {
-        src.read_at(buf, pos)?;
-    }
-    if let Some(base) = o.base {
-        bbuf.resize(n as usize, 0);
-        read_backing(Some(base), bbuf, pos)?;
-        let step = gran.max(512) as usize;
-        for (i, (x, y)) in buf.chunks(step).zip(bbuf.chunks(step)).enumerate() {
-            if x != y {
-                let at = pos + (i * step) as u64;
-                if is_zero(x) {
-                    dst.write_zeroes(at, x.len() as u64, false)?;
-                } else {
-                    dst.write_at(x, at)?;
-                }
-            }
-        }
-    } else if gran == 0 {
-        dst.write_at(buf, pos)?;
-    } else {
-        write_sparse(dst, buf, pos, gran, o.existing_target)?;
-    }
-    Ok(())
-}
-
 /// Whether a buffer is all zeros. Blocks of 64 bytes are OR-folded
 /// without early exit (which the compiler turns into vector code), and
 /// the scan stops at the first non-zero block.
@@ -289,22 +181,11 @@ pub fn is_zero(b: &[u8]) -> bool {
     blocks_zero && blocks.remainder().iter().all(|&v| v == 0)
 }
 
-/// Zero ranges written out as real zeros, in bounded chunks.
-fn write_zero_chunks(dev: &dyn BlockDevice, mut pos: u64, len: u64) -> Result<()> {
-    let end = pos + len;
-    let zeros = vec![0u8; CHUNK.min(len) as usize];
-    while pos < end {
-        let n = (end - pos).min(CHUNK) as usize;
-        dev.write_at(&zeros[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(())
-}
-
-/// Writes `data` at `pos`, skipping device-aligned blocks of zeros (a new
-/// target already reads them as zeros); runs of non-zero blocks go out as
-/// one write.
-fn write_sparse(dev: &dyn BlockDevice, data: &[u8], pos: u64, gran: u64, existing: bool) -> Result<()> {
+/// Writes `data` at `pos`, leaving out blocks of `gran` bytes (aligned on
+/// the device) that are all zeros, or, with `zero_fill` (the target would
+/// not read zeros there), zeroing them (`Some(may_unmap)`); runs of
+/// non-zero blocks go out as one write.
+fn write_sparse(dev: &dyn BlockDevice, data: &[u8], pos: u64, gran: u64, zero_fill: Option<bool>) -> Result<()> {
     let mut i = 0usize;
     let mut run_start: Option<usize> = None;
     while i < data.len() {
@@ -315,8 +196,8 @@ fn write_sparse(dev: &dyn BlockDevice, data: &[u8], pos: u64, gran: u64, existin
             if let Some(s) = run_start.take() {
                 dev.write_at(&data[s..i], pos + s as u64)?;
             }
-            if existing {
-                dev.write_zeroes(abs, blk.len() as u64, true)?;
+            if let Some(may_unmap) = zero_fill {
+                dev.write_zeroes(abs, blk.len() as u64, may_unmap)?;
             }
         } else if run_start.is_none() {
             run_start = Some(i);
@@ -354,7 +235,13 @@ mod tests {
         let count = |n| {
             counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         };
-        let o = CopyOptions { zero_granularity: 4096, existing_target: true, base: None, chunk_done: Some(&count) };
+        let o = CopyOptions {
+            zero_granularity: 4096,
+            existing_target: true,
+            base: None,
+            chunk_done: Some(&count),
+            unordered: false,
+        };
         copy(&src, &dst, &o, &mut |p| last = p).unwrap();
         assert_eq!(last, 8 << 20);
         // Every data chunk is told once: the counts add up to the data.
@@ -388,5 +275,58 @@ mod tests {
         // few hundred bytes: they share one host cluster after the metadata.
         dst.close().unwrap();
         assert!(file.len().unwrap() <= 6 * 65536, "{}", file.len().unwrap());
+    }
+
+    /// A source whose first chunk is read only once the second one has
+    /// been: the second chunk is ready first.
+    struct SecondChunkFirst {
+        dev: RawImage,
+        second_read: std::sync::Mutex<bool>,
+        cv: std::sync::Condvar,
+    }
+
+    impl BlockDevice for SecondChunkFirst {
+        crate::forward_block_device!(dev: len, write_at, write_zeroes, discard, flush, block_status, backing,
+            format_name, is_read_only, resize, close, dirty_bitmap_extents);
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if offset == 0 {
+                let mut g = self.second_read.lock().unwrap();
+                while !*g {
+                    g = self.cv.wait(g).unwrap();
+                }
+            }
+            self.dev.read_at(buf, offset)?;
+            if offset == CHUNK {
+                *self.second_read.lock().unwrap() = true;
+                self.cv.notify_all();
+            }
+            Ok(())
+        }
+    }
+
+    /// Records the offsets of the data writes it is given.
+    struct Recorder {
+        dev: RawImage,
+        writes: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl BlockDevice for Recorder {
+        crate::forward_block_device!(dev: len, read_at, write_zeroes, discard, flush, block_status, backing,
+            format_name, is_read_only, resize, close, dirty_bitmap_extents);
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.writes.lock().unwrap().push(offset);
+            self.dev.write_at(buf, offset)
+        }
+    }
+
+    #[test]
+    fn chunks_read_out_of_order_are_written_in_guest_order() {
+        let src = SecondChunkFirst { dev: dev(4 * CHUNK), second_read: Default::default(), cv: Default::default() };
+        src.dev.write_at(&vec![7u8; 4 * CHUNK as usize], 0).unwrap();
+        let dst = Recorder { dev: dev(4 * CHUNK), writes: Default::default() };
+        let o = CopyOptions::default().zero_granularity(4096);
+        copy(&src, &dst, &o, &mut |_| {}).unwrap();
+        assert_eq!(*dst.writes.lock().unwrap(), [0, CHUNK, 2 * CHUNK, 3 * CHUNK]);
+        assert_eq!(crate::tools::compare::first_difference(&src, &dst, 4 * CHUNK, false).unwrap(), None);
     }
 }
