@@ -12,7 +12,7 @@ use oxcow::nbd::tls::TlsServer;
 use oxcow::{CacheMode, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Environment variable telling a forked child to report readiness.
 const READY_ENV: &str = "OXCOW_SERVE_REPORT_READY";
@@ -233,10 +233,16 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone())
-            .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
-    }
+    // Nothing is written to an image opened read-only, so a stop signal
+    // may end the process at once: its locks go with it, as fast as
+    // qemu-nbd lets go of them (scripts kill the server and open the
+    // image for writing in the next breath).
+    let quick_exit = read_only && !caching;
+    let socket_ident = Arc::new(OnceLock::new());
+    watch_signals(
+        Arc::clone(&shutdown),
+        quick_exit.then(|| QuickExit { pid_file: a.pid_file.clone(), socket: Arc::clone(&socket_ident) }),
+    )?;
     let serve_opts =
         ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16).tls(tls);
     // No limit is a very distant one.
@@ -253,6 +259,9 @@ pub fn run(a: Args) -> CliResult<i32> {
                 .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {}", os_message(&e))))?;
             report_ready();
             let ours = socket_identity(path);
+            if let Some(id) = ours {
+                let _ = socket_ident.set((path.clone(), id));
+            }
             let r = server.serve(l, shutdown, &serve_opts);
             // A successor may already listen at the same path (a script
             // that stops one server and starts the next); its socket stays.
@@ -283,6 +292,46 @@ pub fn run(a: Args) -> CliResult<i32> {
     result?;
     closed?;
     Ok(0)
+}
+
+/// What a read-only server removes before it exits on a stop signal.
+struct QuickExit {
+    pid_file: Option<String>,
+    /// The Unix socket bound, and its identity (see [`socket_identity`]).
+    socket: Arc<OnceLock<(String, (u64, u64))>>,
+}
+
+/// Turns SIGTERM and SIGINT into `shutdown` (the server then stops in
+/// order), or, with `quick`, into an immediate exit after removing the
+/// socket and pid files.
+fn watch_signals(shutdown: Arc<AtomicBool>, quick: Option<QuickExit>) -> CliResult<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let handler_error = |e: std::io::Error| CliError::new(format!("installing signal handler: {}", os_message(&e)));
+    let Some(quick) = quick else {
+        for sig in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(sig, shutdown.clone()).map_err(handler_error)?;
+        }
+        return Ok(());
+    };
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(handler_error)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                shutdown.store(true, std::sync::atomic::Ordering::Release);
+                if let Some((path, id)) = quick.socket.get() {
+                    if socket_identity(path) == Some(*id) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                if let Some(p) = &quick.pid_file {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
+    Ok(())
 }
 
 /// The socket file's device and inode, to tell ours from a successor's.
