@@ -7,10 +7,10 @@
 use crate::error::{message, os_message, CliError, CliResult};
 use crate::object::{Object, Objects};
 use crate::util::{open_image, parse_format};
-use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, NegotiationLog, ServeOptions, Server};
 use oxcow::nbd::tls::TlsServer;
 use oxcow::{CacheMode, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
@@ -243,8 +243,12 @@ pub fn run(a: Args) -> CliResult<i32> {
         Arc::clone(&shutdown),
         quick_exit.then(|| QuickExit { pid_file: a.pid_file.clone(), socket: Arc::clone(&socket_ident) }),
     )?;
-    let serve_opts =
-        ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16).tls(tls);
+    let serve_opts = ServeOptions::default()
+        .persistent(a.persistent)
+        .max_connections(a.shared.max(1))
+        .workers(16)
+        .tls(tls)
+        .negotiation_log(Some(negotiation_log()));
     // No limit is a very distant one.
     let limit = if a.handshake_limit == 0 { u64::from(u32::MAX) } else { a.handshake_limit };
     let serve_opts = serve_opts.handshake_timeout(std::time::Duration::from_secs(limit));
@@ -292,6 +296,11 @@ pub fn run(a: Args) -> CliResult<i32> {
     result?;
     closed?;
     Ok(0)
+}
+
+/// qemu-nbd's line for a client whose negotiation failed.
+pub fn negotiation_log() -> NegotiationLog {
+    NegotiationLog(Arc::new(|m: &str| eprintln!("{}: option negotiation failed: {m}", crate::dropin::prog())))
 }
 
 /// What a read-only server removes before it exits on a stop signal.
@@ -361,25 +370,14 @@ fn fork_and_wait() -> CliResult<i32> {
         }
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
-    // The server must not hold our stderr once we return (a caller reading
-    // it to its end would wait for the server's exit), yet its start-up
-    // errors are ours to print: it writes into an unlinked file that we
-    // read back, and what it says later goes nowhere, as qemu-nbd's does.
-    let log_path = std::env::temp_dir().join(format!("oxcow-serve-{}.log", std::process::id()));
-    let log = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&log_path)
-        .map_err(|e| CliError::new(format!("starting server: {}: {}", log_path.display(), os_message(&e))))?;
-    let _ = std::fs::remove_file(&log_path);
-    let child_err = log.try_clone().map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
+    // The server keeps our stderr, as qemu-nbd's forked server does: its
+    // start-up errors and, later, its log lines (a client's failed
+    // negotiation) go where ours would.
     let mut child = std::process::Command::new(exe)
         .args(&args)
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(child_err)
         .spawn()
         .map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
     let stdout = child.stdout.take().ok_or_else(|| CliError::new("starting server: no pipe"))?;
@@ -392,9 +390,6 @@ fn fork_and_wait() -> CliResult<i32> {
         let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
         status.code().unwrap_or(1).max(1)
     };
-    let mut said = Vec::new();
-    let _ = (&log).seek(std::io::SeekFrom::Start(0)).and_then(|_| (&log).read_to_end(&mut said));
-    let _ = std::io::stderr().write_all(&said);
     Ok(code)
 }
 
