@@ -45,6 +45,10 @@ pub fn message(e: &Error) -> String {
         Error::RefusedName { role: NameRole::Backing, reason, .. } if !crate::util::network_backing_allowed() => {
             format!("{reason} (set OXCOW_ALLOW_NETWORK_BACKING=1 to allow network backing files)")
         }
+        // An NBD server's refusal, worded whole as QEMU's client words it.
+        Error::Io { source, .. } if oxcow::nbd::client::negotiation_message(source).is_some() => {
+            oxcow::nbd::client::negotiation_message(source).map(str::to_string).unwrap_or_default()
+        }
         // QEMU's tools print the reason alone, without the kind's label.
         Error::InvalidField { reason, .. } if crate::dropin::active() => reason.clone(),
         Error::Corrupt { what, .. } if crate::dropin::active() && what == "not a qcow2 image (bad magic)" => {

@@ -7,12 +7,12 @@
 use crate::error::{message, os_message, CliError, CliResult};
 use crate::object::{Object, Objects};
 use crate::util::{open_image, parse_format};
-use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions, Server};
+use oxcow::nbd::server::{DetectZeroes, DiscardMode, ExportConfig, NegotiationLog, ServeOptions, Server};
 use oxcow::nbd::tls::TlsServer;
 use oxcow::{CacheMode, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Environment variable telling a forked child to report readiness.
 const READY_ENV: &str = "OXCOW_SERVE_REPORT_READY";
@@ -233,12 +233,22 @@ pub fn run(a: Args) -> CliResult<i32> {
     }
     let server = Server::new(device, config);
     let shutdown = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, shutdown.clone())
-            .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
-    }
-    let serve_opts =
-        ServeOptions::default().persistent(a.persistent).max_connections(a.shared.max(1)).workers(16).tls(tls);
+    // Nothing is written to an image opened read-only, so a stop signal
+    // may end the process at once: its locks go with it, as fast as
+    // qemu-nbd lets go of them (scripts kill the server and open the
+    // image for writing in the next breath).
+    let quick_exit = read_only && !caching;
+    let socket_ident = Arc::new(OnceLock::new());
+    watch_signals(
+        Arc::clone(&shutdown),
+        quick_exit.then(|| QuickExit { pid_file: a.pid_file.clone(), socket: Arc::clone(&socket_ident) }),
+    )?;
+    let serve_opts = ServeOptions::default()
+        .persistent(a.persistent)
+        .max_connections(a.shared.max(1))
+        .workers(16)
+        .tls(tls)
+        .negotiation_log(Some(negotiation_log()));
     // No limit is a very distant one.
     let limit = if a.handshake_limit == 0 { u64::from(u32::MAX) } else { a.handshake_limit };
     let serve_opts = serve_opts.handshake_timeout(std::time::Duration::from_secs(limit));
@@ -253,6 +263,9 @@ pub fn run(a: Args) -> CliResult<i32> {
                 .map_err(|e| CliError::new(format!("Failed to bind socket to {path}: {}", os_message(&e))))?;
             report_ready();
             let ours = socket_identity(path);
+            if let Some(id) = ours {
+                let _ = socket_ident.set((path.clone(), id));
+            }
             let r = server.serve(l, shutdown, &serve_opts);
             // A successor may already listen at the same path (a script
             // that stops one server and starts the next); its socket stays.
@@ -285,6 +298,51 @@ pub fn run(a: Args) -> CliResult<i32> {
     Ok(0)
 }
 
+/// qemu-nbd's line for a client whose negotiation failed.
+pub fn negotiation_log() -> NegotiationLog {
+    NegotiationLog(Arc::new(|m: &str| eprintln!("{}: option negotiation failed: {m}", crate::dropin::prog())))
+}
+
+/// What a read-only server removes before it exits on a stop signal.
+struct QuickExit {
+    pid_file: Option<String>,
+    /// The Unix socket bound, and its identity (see [`socket_identity`]).
+    socket: Arc<OnceLock<(String, (u64, u64))>>,
+}
+
+/// Turns SIGTERM and SIGINT into `shutdown` (the server then stops in
+/// order), or, with `quick`, into an immediate exit after removing the
+/// socket and pid files.
+fn watch_signals(shutdown: Arc<AtomicBool>, quick: Option<QuickExit>) -> CliResult<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let handler_error = |e: std::io::Error| CliError::new(format!("installing signal handler: {}", os_message(&e)));
+    let Some(quick) = quick else {
+        for sig in [SIGTERM, SIGINT] {
+            signal_hook::flag::register(sig, shutdown.clone()).map_err(handler_error)?;
+        }
+        return Ok(());
+    };
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(handler_error)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                shutdown.store(true, std::sync::atomic::Ordering::Release);
+                if let Some((path, id)) = quick.socket.get() {
+                    if socket_identity(path) == Some(*id) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                }
+                if let Some(p) = &quick.pid_file {
+                    let _ = std::fs::remove_file(p);
+                }
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| CliError::new(format!("installing signal handler: {}", os_message(&e))))?;
+    Ok(())
+}
+
 /// The socket file's device and inode, to tell ours from a successor's.
 fn socket_identity(path: &str) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -312,25 +370,14 @@ fn fork_and_wait() -> CliResult<i32> {
         }
     };
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
-    // The server must not hold our stderr once we return (a caller reading
-    // it to its end would wait for the server's exit), yet its start-up
-    // errors are ours to print: it writes into an unlinked file that we
-    // read back, and what it says later goes nowhere, as qemu-nbd's does.
-    let log_path = std::env::temp_dir().join(format!("oxcow-serve-{}.log", std::process::id()));
-    let log = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&log_path)
-        .map_err(|e| CliError::new(format!("starting server: {}: {}", log_path.display(), os_message(&e))))?;
-    let _ = std::fs::remove_file(&log_path);
-    let child_err = log.try_clone().map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
+    // The server keeps our stderr, as qemu-nbd's forked server does: its
+    // start-up errors and, later, its log lines (a client's failed
+    // negotiation) go where ours would.
     let mut child = std::process::Command::new(exe)
         .args(&args)
         .env(READY_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(child_err)
         .spawn()
         .map_err(|e| CliError::new(format!("starting server: {}", os_message(&e))))?;
     let stdout = child.stdout.take().ok_or_else(|| CliError::new("starting server: no pipe"))?;
@@ -343,9 +390,6 @@ fn fork_and_wait() -> CliResult<i32> {
         let status = child.wait().map_err(|e| CliError::new(format!("waiting for server: {}", os_message(&e))))?;
         status.code().unwrap_or(1).max(1)
     };
-    let mut said = Vec::new();
-    let _ = (&log).seek(std::io::SeekFrom::Start(0)).and_then(|_| (&log).read_to_end(&mut said));
-    let _ = std::io::stderr().write_all(&said);
     Ok(code)
 }
 

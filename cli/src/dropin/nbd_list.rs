@@ -32,7 +32,13 @@ fn tls(p: &Parsed) -> Result<Option<TlsClient>, String> {
         None => TlsClient::from_x509_dir(&t.certificates, t.verify_peer),
     }
     .map_err(|e| crate::error::message(&e))?;
-    Ok(Some(client.with_hostname(t.hostname)))
+    // Over a Unix socket QEMU has no name to check the certificate
+    // against: the empty name says so (refused after the handshake).
+    let hostname = match t.hostname {
+        None if p.has("k") => Some(String::new()),
+        h => h,
+    };
+    Ok(Some(client.with_hostname(hostname)))
 }
 
 pub fn run(p: &Parsed) -> u8 {
@@ -65,6 +71,10 @@ pub fn run(p: &Parsed) -> u8 {
             print!("{}", render_listing(&exports));
             0
         }
-        Err(e) => fail(&format!("Failed to connect to '{addr}': {}", crate::error::os_message(&e))),
+        // qemu-nbd prints a refusal without its hints.
+        Err(e) => match oxcow::nbd::client::negotiation_message(&e) {
+            Some(m) => fail(m.lines().next().unwrap_or_default()),
+            None => fail(&format!("Failed to connect to '{addr}': {}", crate::error::os_message(&e))),
+        },
     }
 }

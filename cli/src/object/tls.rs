@@ -59,6 +59,10 @@ pub fn x509(p: &mut Props) -> CliResult<Object> {
 
 pub fn psk(p: &mut Props) -> CliResult<Object> {
     let username = p.take("username");
+    // Accepted as QEMU accepts it (a property of all TLS credentials):
+    // with pre-shared keys each end proves the key, so there is no
+    // certificate to verify.
+    p.take_bool("verify-peer")?;
     let (dir, endpoint) = common(p)?;
     Ok(Object::TlsCreds(TlsCreds { dir, endpoint, kind: CredsKind::Psk { username } }))
 }

@@ -39,7 +39,11 @@ impl NbdServer {
             Some(v) => v.parse::<usize>().map_err(|_| CliError::new("Parameter 'max-connections' expects uint32"))?,
         };
         let ty = p.require("addr.type")?;
-        let opts = ServeOptions::default().persistent(true).workers(16).tls(tls);
+        let opts = ServeOptions::default()
+            .persistent(true)
+            .workers(16)
+            .tls(tls)
+            .negotiation_log(Some(crate::cmd::serve::negotiation_log()));
         let stop = Arc::new(AtomicBool::new(false));
         let (thread, socket_path) = match ty.as_str() {
             "unix" => {

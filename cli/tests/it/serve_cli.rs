@@ -107,3 +107,48 @@ fn fork_returns_once_listening_and_writes_pid_file() {
     wait_ready("server exit after its client", None, || !pid.exists());
     assert_eq!(run("qemu-img", &["check", s(&img)]).0, 0);
 }
+
+/// Stops a read-only export with SIGTERM the way qemu-iotests' helper
+/// does (kill, no wait), then, once it is gone, crashes a writer on the
+/// image (qemu-io `abort`), and returns `qemu-img info`'s bitmap list.
+fn bitmaps_after_readonly_export_and_crashed_writer(server: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("b.qcow2");
+    let sock = dir.path().join("b.sock");
+    let pid = dir.path().join("b.pid");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "10M"]);
+    run("qemu-img", &["bitmap", "--add", s(&img), "b0"]);
+    let mut args = vec!["--fork", "--pid-file", s(&pid), "-t", "-r", "-f", "qcow2", "-B", "b0", "-k", s(&sock)];
+    args.push(s(&img));
+    let st = if server == "oxcow" {
+        Command::new(env!("CARGO_BIN_EXE_oxcow")).arg("serve").args(&args).status().unwrap()
+    } else {
+        Command::new(server).args(&args).status().unwrap()
+    };
+    assert!(st.success(), "{server} did not start");
+    let url = format!("nbd+unix:///?socket={}", s(&sock));
+    let (code, out, err) = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    let server_pid = std::fs::read_to_string(&pid).unwrap().trim().to_string();
+    assert_eq!(Command::new("kill").args(["-TERM", &server_pid]).status().unwrap().code(), Some(0));
+    // The server is not our child: its pid file and socket go at exit.
+    wait_ready("server exit on SIGTERM", None, || !pid.exists() && !sock.exists());
+    wait_ready("image unlocked", None, || run("qemu-img", &["info", "-f", "qcow2", s(&img)]).0 == 0);
+    let _ = run("qemu-io", &["-f", "qcow2", "-c", "abort", s(&img)]);
+    let (code, out, err) = run("qemu-img", &["info", "--output=json", "-f", "qcow2", s(&img)]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["format-specific"]["data"]["bitmaps"].to_string()
+}
+
+/// qemu-img-bitmaps (iotest): a read-only export stopped with SIGTERM
+/// leaves the image as qemu-nbd does, so a writer that crashes after
+/// opening it leaves its bitmaps marked in use, for later commands to
+/// refuse or skip.
+#[test]
+fn readonly_export_stopped_by_sigterm_leaves_bitmaps_as_qemu_nbd() {
+    let ours = bitmaps_after_readonly_export_and_crashed_writer("oxcow");
+    let qemu = bitmaps_after_readonly_export_and_crashed_writer("qemu-nbd");
+    assert!(ours.contains("in-use"), "{ours}");
+    assert_eq!(ours, qemu);
+}

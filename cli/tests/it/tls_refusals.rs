@@ -27,7 +27,7 @@ fn plaintext_clients_are_refused() {
     assert!(err.contains("TLS"), "qemu-io says why: {err}");
     let (code, out, err) = oxcow_reads(&plain);
     assert_ne!(code, 0, "{out}{err}");
-    assert!(err.contains("TLS required"), "{err}");
+    assert!(err.contains("TLS negotiation required before option 7 (go)"), "{err}");
     // A TLS client still gets in afterwards.
     assert_eq!(oxcow_reads(&nbds_url(&t.creds, &t.sock)).0, 0);
 }
@@ -288,4 +288,66 @@ fn object_errors_read_as_qemu_img() {
         let (code, out, err) = run(OXCOW, &["info", "--object", obj, img]);
         assert_eq!(code, 0, "{obj}: {out}{err}");
     }
+}
+
+/// `qemu-img info` (QEMU's, and oxcow's under that name) of the TLS export
+/// on `sock`, with client credentials from `creds` (none: a plain client)
+/// and `extra` image options; returns the error after "Could not open
+/// '...': ", hints included.
+fn info_refusal(prog: &str, creds: Option<&Path>, sock: &Path, extra: &str) -> String {
+    let obj = creds.map(client_creds);
+    let tls = if obj.is_some() { ",tls-creds=tls0" } else { "" };
+    let opts = format!("driver=nbd,server.type=unix,server.path={},export=disk{tls}{extra}", s(sock));
+    let mut args = vec!["info"];
+    if let Some(o) = &obj {
+        args.extend(["--object", o.as_str()]);
+    }
+    args.extend(["--image-opts", opts.as_str()]);
+    let (code, out, err) = run(prog, &args);
+    assert_ne!(code, 0, "{prog} got in: {out}{err}");
+    err.split_once("': ").map(|(_, e)| e.to_string()).unwrap_or(err)
+}
+
+/// 233 (iotest): oxcow's client words each refusal as QEMU's does, each
+/// against the same oxcow server: a plain client, a CA it does not know,
+/// no host name to check over a Unix socket, a name the certificate does
+/// not carry, an identity the access list refuses, a TLS client to a
+/// plain server.
+#[test]
+fn client_refusals_read_as_qemu_img() {
+    let t = setup();
+    let dropin = tempfile::tempdir().unwrap();
+    let ours_img = dropin.path().join("qemu-img");
+    std::os::unix::fs::symlink(OXCOW, &ours_img).unwrap();
+    let ours = s(&ours_img);
+    let other = Ca::new("Elsewhere").client_dir(t.dir.path(), "other", "client2", false);
+    let both = |creds: Option<&Path>, extra: &str| {
+        let want = info_refusal("qemu-img", creds, &t.sock, extra);
+        assert_eq!(info_refusal(ours, creds, &t.sock, extra), want, "creds {creds:?} {extra}");
+        want
+    };
+    {
+        let obj = server_creds(&t.creds, true);
+        let _server = oxcow_serve(&t.img, &t.sock, &["--object", &obj, "--tls-creds", "tls0"]);
+        let plain = both(None, "");
+        assert!(plain.starts_with("TLS negotiation required before option 7 (go)\n"), "{plain}");
+        both(Some(&other), ",tls-hostname=localhost");
+        assert_eq!(both(Some(&t.creds), ""), "No hostname for certificate validation\n");
+        both(Some(&t.creds), ",tls-hostname=elsewhere.example");
+    }
+    std::fs::remove_file(&t.sock).ok();
+    {
+        let obj = server_creds(&t.creds, true);
+        let authz = "authz-simple,id=authz0,identity=CN=nobody";
+        let _server = oxcow_serve(
+            &t.img,
+            &t.sock,
+            &["--object", &obj, "--object", authz, "--tls-creds", "tls0", "--tls-authz", "authz0"],
+        );
+        both(Some(&t.creds), ",tls-hostname=localhost");
+    }
+    std::fs::remove_file(&t.sock).ok();
+    let _server = oxcow_serve(&t.img, &t.sock, &[]);
+    let refused = both(Some(&t.creds), ",tls-hostname=localhost");
+    assert!(refused.starts_with("Denied by server for option 5 (starttls)\n"), "{refused}");
 }

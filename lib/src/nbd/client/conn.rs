@@ -145,6 +145,9 @@ fn start_tls(s: &mut Stream, tls: &TlsClient, host: Option<&str>) -> io::Result<
     let replies = option_replies(s, OPT_STARTTLS)?;
     let (t, data) = replies.last().cloned().unwrap_or((REP_ERR_UNSUP, Vec::new()));
     if t != REP_ACK {
+        if let Some(e) = refusal(s, OPT_STARTTLS, t, &data) {
+            return Err(e);
+        }
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             format!("Server does not support the STARTTLS option: {}", reply_error_text(t, &data)),
@@ -152,10 +155,85 @@ fn start_tls(s: &mut Stream, tls: &TlsClient, host: Option<&str>) -> io::Result<
     }
     let mut session = tls.session(host)?;
     let mut raw = s.try_clone()?;
-    complete_handshake(&mut session, &mut raw)
-        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {}", plain_io_message(&e))))?;
+    complete_handshake(&mut session, &mut raw).map_err(|e| {
+        let why =
+            if e.kind() == io::ErrorKind::UnexpectedEof { NOT_TERMINATED.to_string() } else { plain_io_message(&e) };
+        negotiation_error(e.kind(), format!("TLS handshake failed: {why}"))
+    })?;
+    // The certificate checks QEMU makes once the handshake is over; on a
+    // refusal the connection is dropped before a byte of NBD is sent.
+    tls.check_server(session.peer_certificates().as_deref(), host)
+        .map_err(|e| negotiation_error(e.kind(), e.to_string()))?;
     *s = Stream::Tls(TlsStream::new(session, raw)?);
     Ok(())
+}
+
+/// GnuTLS's words for a TLS session the peer ended without closing it,
+/// as QEMU passes them on.
+pub(crate) const NOT_TERMINATED: &str = "The TLS connection was non-properly terminated.";
+
+/// A failure of negotiation worded as QEMU's client words it (hints on
+/// further lines). Tools print it as it is, without the "Failed to
+/// connect" of a socket that could not be opened.
+#[derive(Debug)]
+pub struct NegotiationError(pub String);
+
+impl std::fmt::Display for NegotiationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NegotiationError {}
+
+pub(crate) fn negotiation_error(kind: io::ErrorKind, msg: String) -> io::Error {
+    io::Error::new(kind, NegotiationError(msg))
+}
+
+/// An I/O error's words without Rust's " (os error N)".
+pub fn plain_message(e: &io::Error) -> String {
+    plain_io_message(e)
+}
+
+/// The message of a [`NegotiationError`] inside `e`, if that is what it is.
+pub fn negotiation_message(e: &io::Error) -> Option<&str> {
+    e.get_ref().and_then(|i| i.downcast_ref::<NegotiationError>()).map(|n| n.0.as_str())
+}
+
+/// QEMU's names of the options, for its error words.
+fn option_name(opt: u32) -> &'static str {
+    match opt {
+        OPT_EXPORT_NAME => "export-name",
+        OPT_ABORT => "abort",
+        OPT_LIST => "list",
+        OPT_STARTTLS => "starttls",
+        OPT_INFO => "info",
+        OPT_GO => "go",
+        OPT_STRUCTURED_REPLY => "structured-reply",
+        OPT_LIST_META_CONTEXT => "list-meta-context",
+        OPT_SET_META_CONTEXT => "set-meta-context",
+        _ => "<unknown>",
+    }
+}
+
+/// The refusals QEMU's client words itself (a policy denial, TLS
+/// required), with the server's message as a hint; the client then says
+/// goodbye with `NBD_OPT_ABORT`, as QEMU's does, so the server has
+/// nothing to complain about.
+pub(crate) fn refusal(s: &mut Stream, opt: u32, reply_type: u32, data: &[u8]) -> Option<io::Error> {
+    let mut msg = match reply_type {
+        REP_ERR_POLICY => format!("Denied by server for option {opt} ({})", option_name(opt)),
+        REP_ERR_TLS_REQD => format!(
+            "TLS negotiation required before option {opt} ({})\nDid you forget a valid tls-creds?",
+            option_name(opt)
+        ),
+        _ => return None,
+    };
+    if !data.is_empty() {
+        msg += &format!("\nserver reported: {}", String::from_utf8_lossy(data));
+    }
+    let _ = send_option(s, OPT_ABORT, &[]);
+    Some(negotiation_error(io::ErrorKind::PermissionDenied, msg))
 }
 
 /// `strerror` text of an I/O error without Rust's " (os error N)" suffix,
@@ -230,7 +308,15 @@ pub(crate) fn option_replies(s: &mut Stream, option: u32) -> io::Result<Vec<(u32
     let mut out = Vec::new();
     loop {
         let mut h = [0u8; option_reply::SIZE];
-        s.read_exact(&mut h)?;
+        s.read_exact(&mut h).map_err(|e| {
+            // A server that refuses us right after the TLS handshake (an
+            // access list) just drops the session: QEMU's words.
+            if e.to_string() == crate::nbd::tls::TRUNCATED {
+                negotiation_error(e.kind(), format!("Failed to read option reply: {e}"))
+            } else {
+                e
+            }
+        })?;
         let r = OptionReplyHeader::decode(&h).map_err(|e| proto_err(e.0))?;
         if r.option != option {
             return Err(proto_err(format!("server answered option {} to option {option}", r.option)));
@@ -429,6 +515,8 @@ pub(crate) fn handshake(
         }
         export_info =
             Some((u64::from_be_bytes(b[0..8].try_into().unwrap_or_default()), u16::from_be_bytes([b[8], b[9]])));
+    } else if let Some(e) = refusal(s, OPT_GO, last_type, &last_data) {
+        return Err(e);
     } else {
         let kind = if last_type == REP_ERR_UNKNOWN { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
         return Err(io::Error::new(

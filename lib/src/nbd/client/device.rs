@@ -87,6 +87,11 @@ impl std::fmt::Debug for NbdClient {
 
 /// The error for a failed connection, worded like QEMU's.
 fn connect_error(url: &NbdUrl, e: &io::Error) -> Error {
+    if let Some(m) = super::conn::negotiation_message(e) {
+        // Worded whole already; tools print it without the prefix.
+        let inner = io::Error::new(e.kind(), super::conn::NegotiationError(m.to_string()));
+        return Error::io(format!("Failed to connect to '{}'", url.addr), inner);
+    }
     Error::io(format!("Failed to connect to '{}'", url.addr), io::Error::new(e.kind(), plain_io_message(e)))
 }
 

@@ -4,7 +4,7 @@
 //! headers is safe even though transmission here never uses them: the
 //! answer only tells which transaction size the server would use.
 
-use super::conn::{greet, open_socket, option_replies, reply_error_text, send_option, NbdAddr};
+use super::conn::{greet, open_socket, option_replies, refusal, reply_error_text, send_option, NbdAddr};
 use crate::nbd::proto::*;
 use crate::nbd::tls::{Socket, TlsClient};
 use std::io;
@@ -124,7 +124,9 @@ pub fn list_exports(addr: &NbdAddr, tls: Option<&TlsClient>, timeout: Duration) 
         }
         // A server that will not list still serves its default export.
         Some((t, _)) if *t == REP_ERR_UNSUP => exports.push(ExportListing::default()),
-        Some((t, d)) => return Err(failed("Error listing exports", *t, d)),
+        Some((t, d)) => {
+            return Err(refusal(&mut s, OPT_LIST, *t, d).unwrap_or_else(|| failed("Error listing exports", *t, d)));
+        }
         None => return Err(io::Error::other("no reply to NBD_OPT_LIST")),
     }
 

@@ -18,7 +18,7 @@ mod list;
 mod storage;
 mod url;
 
-pub use conn::NbdAddr;
+pub use conn::{negotiation_message, plain_message, NbdAddr, NegotiationError};
 pub use device::{ClientOptions, NbdClient};
 pub use list::{list_exports, render_listing, ExportListing};
 pub use storage::{set_reconnect_delay, NbdStorage};

@@ -131,18 +131,35 @@ impl Server {
         let now = Instant::now();
         let deadline = now.checked_add(opts.handshake_timeout).unwrap_or(now + Duration::from_secs(365 * 86400));
         let shared = &self.shared;
+        // Negotiation failures are logged (transmission's are not).
+        let logged = |r: io::Result<Outcome>| {
+            if let (Err(e), Some(log)) = (&r, &opts.negotiation_log) {
+                (log.0)(&crate::nbd::client::plain_message(e));
+            }
+            r
+        };
         let Some(tls) = &opts.tls else {
-            return match handshake::negotiate(&mut conn, shared, deadline, Phase::NoTls)? {
+            return match logged(handshake::negotiate(&mut conn, shared, deadline, Phase::NoTls))? {
                 Outcome::Session(session) => transmission::run(conn, Arc::clone(shared), session, opts),
                 Outcome::Closed | Outcome::StartTls(_) => Ok(()),
             };
         };
-        let flags = match handshake::negotiate(&mut conn, shared, deadline, Phase::BeforeTls)? {
+        let flags = match logged(handshake::negotiate(&mut conn, shared, deadline, Phase::BeforeTls))? {
             Outcome::StartTls(flags) => flags,
             Outcome::Session(_) | Outcome::Closed => return Ok(()),
         };
-        let mut conn = handshake::start_tls(conn, tls, deadline)?;
-        match handshake::negotiate_after_tls(&mut conn, shared, deadline, flags)? {
+        let mut conn = match handshake::start_tls(conn, tls, deadline) {
+            Ok(c) => c,
+            Err(e) => return logged(Err(e)).map(|_| ()),
+        };
+        // QEMU's checks of the client once the handshake is over; a
+        // refused client is dropped without a word of NBD.
+        if let Err(e) = tls.check_client(conn.peer_certificates().as_deref()) {
+            let r = logged(Err(e)).map(|_| ());
+            conn.hang_up(deadline.saturating_duration_since(Instant::now()));
+            return r;
+        }
+        match logged(handshake::negotiate_after_tls(&mut conn, shared, deadline, flags))? {
             Outcome::Session(session) => transmission::run(conn, Arc::clone(shared), session, opts),
             Outcome::Closed | Outcome::StartTls(_) => Ok(()),
         }

@@ -153,9 +153,24 @@ pub struct ServeOptions {
     /// Require TLS with these credentials (qemu-nbd's `--tls-creds`):
     /// clients must send `NBD_OPT_STARTTLS` before anything else.
     pub tls: Option<TlsServer>,
+    /// Told why a client's negotiation failed (qemu-nbd logs "option
+    /// negotiation failed: ..."); a client that says goodbye with
+    /// `NBD_OPT_ABORT` is no failure.
+    pub negotiation_log: Option<NegotiationLog>,
+}
+
+/// Where [`ServeOptions::negotiation_log`] reports.
+#[derive(Clone)]
+pub struct NegotiationLog(pub std::sync::Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for NegotiationLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NegotiationLog")
+    }
 }
 
 setters!(ServeOptions {
+    negotiation_log: Option<NegotiationLog>,
     persistent: bool,
     max_connections: usize,
     workers: usize,
@@ -177,6 +192,7 @@ impl Default for ServeOptions {
             max_in_flight_bytes: 64 << 20,
             max_in_flight_requests: 128,
             tls: None,
+            negotiation_log: None,
         }
     }
 }

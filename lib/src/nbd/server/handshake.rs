@@ -209,7 +209,14 @@ pub(crate) fn start_tls<C: Connection + Socket>(
 ) -> io::Result<TlsStream<C>> {
     let mut session = tls.session()?;
     let mut c = conn;
-    complete_handshake(&mut session, &mut Deadlined { conn: &mut c, deadline })?;
+    complete_handshake(&mut session, &mut Deadlined { conn: &mut c, deadline }).map_err(|e| {
+        let why = if e.kind() == io::ErrorKind::UnexpectedEof {
+            "The TLS connection was non-properly terminated.".to_string()
+        } else {
+            e.to_string()
+        };
+        io::Error::new(e.kind(), format!("TLS handshake failed: {why}"))
+    })?;
     TlsStream::new(session, c)
 }
 
@@ -238,7 +245,15 @@ fn options<C: Connection>(
 
     loop {
         let mut h = [0u8; option_header::SIZE];
-        io.read_exact(&mut h)?;
+        io.read_exact(&mut h).map_err(|e| {
+            // A client that drops the session after the TLS handshake (it
+            // refused our certificate): QEMU's words for the log.
+            if e.to_string() == crate::nbd::tls::TRUNCATED {
+                io::Error::new(e.kind(), format!("Failed to read opts magic: {e}"))
+            } else {
+                e
+            }
+        })?;
         let hdr = OptionHeader::decode(&h).map_err(|e| violation(e.0))?;
         let opt = hdr.option;
         if !fixed && (opt != OPT_EXPORT_NAME || phase == Phase::BeforeTls) {
@@ -444,7 +459,7 @@ fn options<C: Connection>(
                 reply(&mut io, opt, REP_ACK, &[])?;
             }
             OPT_STARTTLS if phase == Phase::Tls => reply(&mut io, opt, REP_ERR_INVALID, b"TLS is already enabled")?,
-            OPT_STARTTLS => reply(&mut io, opt, REP_ERR_POLICY, b"TLS is not offered by this server")?,
+            OPT_STARTTLS => reply(&mut io, opt, REP_ERR_POLICY, b"TLS not configured")?,
             _ => reply(&mut io, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
     }

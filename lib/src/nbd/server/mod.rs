@@ -42,6 +42,6 @@ mod status;
 mod transmission;
 
 pub use accept::Server;
-pub use config::{DetectZeroes, DiscardMode, ExportConfig, ServeOptions};
+pub use config::{DetectZeroes, DiscardMode, ExportConfig, NegotiationLog, ServeOptions};
 pub use conn::{Connection, Listener};
 pub use offset::OffsetDevice;

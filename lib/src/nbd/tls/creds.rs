@@ -15,9 +15,8 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -83,6 +82,11 @@ fn tls_config_error(e: rustls::Error) -> Error {
 #[derive(Clone)]
 pub struct TlsServer {
     config: Config<rustls::ServerConfig>,
+    /// Clients must present a certificate (checked once the handshake is
+    /// over, as QEMU does, see [`TlsServer::check_client`]).
+    verify_peer: bool,
+    /// The access list on the client certificate's subject.
+    authz: Option<Authz>,
 }
 
 #[derive(Clone)]
@@ -124,10 +128,15 @@ impl TlsServer {
             .with_safe_default_protocol_versions()
             .map_err(tls_config_error)?;
         let builder = if verify_peer {
+            // A client without a certificate completes the handshake and is
+            // refused right after it, before any option is read (QEMU's
+            // order, and its words); one that presents a certificate has
+            // its chain checked in the handshake.
             let inner = WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .allow_unauthenticated()
                 .build()
                 .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
-            builder.with_client_cert_verifier(Arc::new(AuthzClientVerifier { inner, authz }))
+            builder.with_client_cert_verifier(inner)
         } else {
             if authz.is_some() {
                 return Err(Error::invalid(
@@ -136,8 +145,12 @@ impl TlsServer {
             }
             builder.with_no_client_auth()
         };
-        let config = builder.with_single_cert(certs, key).map_err(tls_config_error)?;
-        Ok(TlsServer { config: Config::X509(Arc::new(config)) })
+        let mut config = builder.with_single_cert(certs, key).map_err(tls_config_error)?;
+        // No session tickets after the handshake, as QEMU's server sends
+        // none: a client that refuses our certificate and hangs up must
+        // not find unread tickets, which would turn its close into a reset.
+        config.send_tls13_tickets = 0;
+        Ok(TlsServer { config: Config::X509(Arc::new(config)), verify_peer, authz })
     }
 
     /// Loads `keys.psk` from `dir` (QEMU's `tls-creds-psk`): a client gets
@@ -145,7 +158,28 @@ impl TlsServer {
     /// `authz`, only if the access list lets that username in.
     pub fn from_psk_dir(dir: &Path, authz: Option<Authz>) -> Result<TlsServer> {
         let keys = PskKeys::load(&dir.join(PSK_FILE))?;
-        Ok(TlsServer { config: Config::Psk(server_context(keys, authz)?) })
+        Ok(TlsServer { config: Config::Psk(server_context(keys, authz)?), verify_peer: false, authz: None })
+    }
+
+    /// The checks QEMU makes once the handshake is over, before reading
+    /// any option: with verify-peer, a client certificate must have been
+    /// presented (its chain was checked in the handshake), and its
+    /// subject must pass the access list. The error words are QEMU's.
+    pub fn check_client(&self, peer: Option<&[CertificateDer<'static>]>) -> std::io::Result<()> {
+        if !self.verify_peer {
+            return Ok(());
+        }
+        let refused = |m: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m);
+        let Some(cert) = peer.and_then(|c| c.first()) else {
+            return Err(refused("Verify failed: No certificate was found.".into()));
+        };
+        if let Some(authz) = &self.authz {
+            let dn = subject_dn(cert).ok_or_else(|| refused("Verify failed: The certificate is not valid.".into()))?;
+            if !authz.is_allowed(&dn) {
+                return Err(refused(format!("TLS x509 authz check for {dn} is denied")));
+            }
+        }
+        Ok(())
     }
 
     /// A fresh server session.
@@ -165,6 +199,9 @@ impl TlsServer {
 pub struct TlsClient {
     config: Config<rustls::ClientConfig>,
     hostname: Option<String>,
+    /// The server-certificate check made once the handshake is over
+    /// (none with verify-peer off, nor for pre-shared keys).
+    verifier: Option<Arc<WebPkiServerVerifier>>,
 }
 
 impl std::fmt::Debug for TlsClient {
@@ -178,26 +215,32 @@ impl TlsClient {
     /// `client-key.pem` from `dir`. With `verify_peer` off, any server
     /// certificate is accepted (the link is encrypted, not authenticated).
     pub fn from_x509_dir(dir: &Path, verify_peer: bool) -> Result<TlsClient> {
-        let verifier: Arc<dyn ServerCertVerifier> = if verify_peer {
+        let verifier = if verify_peer {
             let inner = WebPkiServerVerifier::builder_with_provider(load_roots(dir)?, provider())
                 .build()
                 .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
-            Arc::new(ServerVerifier { inner: Some(inner), provider: provider() })
+            Some(inner)
         } else {
-            Arc::new(ServerVerifier { inner: None, provider: provider() })
+            None
         };
+        // The handshake checks the server's signatures only; its chain
+        // and name are checked by `check_server` once it is over, before
+        // a byte of NBD goes through the session (QEMU's order, so each
+        // end reports a refusal as QEMU's does).
+        let handshake_verifier = Arc::new(ServerVerifier { provider: provider() });
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(tls_config_error)?
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(handshake_verifier);
         let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
         let config = if cert.exists() || key.exists() {
-            builder.with_client_auth_cert(load_certs(&cert)?, load_key(&key)?).map_err(tls_config_error)?
+            let resolver = HintedClientCert::new(load_certs(&cert)?, load_key(&key)?)?;
+            builder.with_client_cert_resolver(Arc::new(resolver))
         } else {
             builder.with_no_client_auth()
         };
-        Ok(TlsClient { config: Config::X509(Arc::new(config)), hostname: None })
+        Ok(TlsClient { config: Config::X509(Arc::new(config)), hostname: None, verifier })
     }
 
     /// Presents `username` with its key from the `keys.psk` file at
@@ -205,12 +248,14 @@ impl TlsClient {
     /// knowing the same key, so no host name is checked.
     pub fn from_psk_file(path: &Path, username: &str) -> Result<TlsClient> {
         let keys = PskKeys::load(path)?;
-        Ok(TlsClient { config: Config::Psk(client_context(&keys, username, path)?), hostname: None })
+        Ok(TlsClient { config: Config::Psk(client_context(&keys, username, path)?), hostname: None, verifier: None })
     }
 
     /// The name the server's certificate must carry (QEMU's
     /// `tls-hostname`); by default the host connected to, and none for
-    /// Unix sockets (the chain is still checked).
+    /// Unix sockets (the chain is still checked, as libnbd does). The
+    /// empty name is QEMU's rule for a Unix socket without one: the
+    /// certificate is refused ("No hostname for certificate validation").
     pub fn with_hostname(mut self, hostname: Option<String>) -> TlsClient {
         self.hostname = hostname;
         self
@@ -228,7 +273,7 @@ impl TlsClient {
             Config::X509(c) => c,
             Config::Psk(ctx) => return openssl_session(ctx, false),
         };
-        let name = self.hostname.as_deref().or(host).unwrap_or(UNCHECKED_NAME).to_string();
+        let name = self.hostname.as_deref().filter(|h| !h.is_empty()).or(host).unwrap_or(UNCHECKED_NAME).to_string();
         let server_name = ServerName::try_from(name.clone()).map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("invalid TLS host name '{name}'"))
         })?;
@@ -238,39 +283,108 @@ impl TlsClient {
     }
 }
 
+impl TlsClient {
+    /// The server-certificate check, once the handshake with a server
+    /// reached as `host` is over (see [`TlsClient::session`]): the chain
+    /// against the CA, then the name. Errors carry GnuTLS's words, as QEMU
+    /// passes them on.
+    pub fn check_server(&self, peer: Option<&[CertificateDer<'static>]>, host: Option<&str>) -> std::io::Result<()> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(());
+        };
+        let refused = |m: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, m);
+        let Some((end_entity, intermediates)) = peer.and_then(|c| c.split_first()) else {
+            return Err(refused("No certificate was found.".into()));
+        };
+        let name = match self.hostname.as_deref().or(host) {
+            // QEMU's refusal (see `with_hostname`).
+            Some("") => return Err(refused("No hostname for certificate validation".into())),
+            Some(n) => n,
+            None => UNCHECKED_NAME,
+        };
+        let server_name = ServerName::try_from(name.to_string())
+            .map_err(|_| refused(format!("Certificate does not match the hostname {name}")))?;
+        match verifier.verify_server_cert(end_entity, intermediates, &server_name, &[], UnixTime::now()) {
+            Ok(_) => Ok(()),
+            // No name to check: the chain was checked before the name.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if name == UNCHECKED_NAME => Ok(()),
+            Err(rustls::Error::InvalidCertificate(e)) => Err(refused(match e {
+                CertificateError::UnknownIssuer => "The certificate hasn't got a known issuer".into(),
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                    format!("Certificate does not match the hostname {name}")
+                }
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    "The certificate has expired".into()
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    "The certificate is not yet activated".into()
+                }
+                CertificateError::Revoked => "The certificate has been revoked".into(),
+                other => format!("The certificate is not trusted: {other:?}"),
+            })),
+            Err(e) => Err(refused(format!("The certificate is not trusted: {e}"))),
+        }
+    }
+}
+
+/// The client certificate, offered as GnuTLS offers it: only when the
+/// server names no acceptable CA or names the one that issued it (a
+/// client of another CA then presents none, and the server says so).
+#[derive(Debug)]
+struct HintedClientCert {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// The DER of the certificate's issuer name, as CA hints carry it.
+    issuer: Option<Vec<u8>>,
+}
+
+impl HintedClientCert {
+    fn new(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<HintedClientCert> {
+        let issuer = certs.first().and_then(|c| {
+            x509_parser::parse_x509_certificate(c.as_ref()).ok().map(|(_, x)| x.issuer().as_raw().to_vec())
+        });
+        let signer = provider().key_provider.load_private_key(key).map_err(tls_config_error)?;
+        Ok(HintedClientCert { key: Arc::new(rustls::sign::CertifiedKey::new(certs, signer)), issuer })
+    }
+}
+
+impl rustls::client::ResolvesClientCert for HintedClientCert {
+    fn resolve(&self, hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match &self.issuer {
+            Some(issuer) if !hints.is_empty() && !hints.iter().any(|h| *h == issuer.as_slice()) => None,
+            _ => Some(Arc::clone(&self.key)),
+        }
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The server name given to rustls when there is none to check (Unix
-/// sockets without `tls-hostname`, as QEMU does): a reserved name no
-/// certificate should carry, which [`ServerVerifier`] exempts from the
-/// name check.
+/// sockets without `tls-hostname`, libnbd's way): a reserved name no
+/// certificate should carry, which [`TlsClient::check_server`] exempts
+/// from the name check.
 const UNCHECKED_NAME: &str = "unchecked.oxcow.invalid";
 
-/// The server-certificate check: the chain against the CA and the name
-/// (unless there is none to check), or nothing at all with verify-peer off.
+/// The handshake's view of the server certificate: its signatures are
+/// checked (the server proves it holds the key); the chain and the name
+/// are [`TlsClient::check_server`]'s, right after the handshake.
 #[derive(Debug)]
 struct ServerVerifier {
-    inner: Option<Arc<WebPkiServerVerifier>>,
     provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let Some(inner) = &self.inner else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-            // The chain was checked before the name.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if server_name.to_str() == UNCHECKED_NAME => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
+        Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
@@ -290,54 +404,5 @@ impl ServerCertVerifier for ServerVerifier {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// The client-certificate check: the chain against the CA, then the
-/// subject against the access list, so a refused client fails the
-/// handshake itself, before it can send a single NBD option.
-#[derive(Debug)]
-struct AuthzClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    authz: Option<Authz>,
-}
-
-impl ClientCertVerifier for AuthzClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        if let Some(authz) = &self.authz {
-            let dn = subject_dn(end_entity).ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-            if !authz.is_allowed(&dn) {
-                return Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure));
-            }
-        }
-        Ok(verified)
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }

@@ -206,6 +206,14 @@ impl Engine {
                             }
                             s.get_mut().incoming.extend_from_slice(&chunk[..n]);
                         }
+                        Err(_) if super::psk::identity_refused(s.ssl()) => {
+                            // An unknown user: dropped without an alert, and
+                            // reported in GnuTLS's words, as under QEMU.
+                            return Err(io::Error::new(
+                                io::ErrorKind::PermissionDenied,
+                                "An illegal parameter has been received.",
+                            ));
+                        }
                         Err(e) => {
                             // The alert saying why, best effort.
                             let _ = io.write_all(&out);

@@ -25,4 +25,4 @@ pub use creds::{TlsClient, TlsServer, CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_C
 pub use dn::subject_dn;
 pub use engine::Engine;
 pub use psk::{PskKeys, DEFAULT_USERNAME, PSK_FILE};
-pub use stream::{complete_handshake, Socket, TlsStream};
+pub use stream::{complete_handshake, Socket, TlsStream, TRUNCATED};

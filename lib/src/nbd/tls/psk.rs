@@ -95,21 +95,41 @@ fn builder(method: SslMethod) -> Result<SslContextBuilder> {
 pub(crate) fn server_context(keys: PskKeys, authz: Option<Authz>) -> Result<SslContext> {
     let mut b = builder(SslMethod::tls_server())?;
     b.set_num_tickets(0).map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
-    b.set_psk_server_callback(move |_ssl, identity, out| {
-        let Some(user) = identity.and_then(|i| std::str::from_utf8(i).ok()) else { return Ok(0) };
-        if authz.as_ref().is_some_and(|a| !a.is_allowed(user)) {
+    b.set_psk_server_callback(move |ssl, identity, out| {
+        let refuse = |ssl: &mut openssl::ssl::SslRef| {
+            if let Some(i) = refused_index() {
+                ssl.set_ex_data(i, true);
+            }
             // Zero: an unknown identity, so the handshake fails.
-            return Ok(0);
+            Ok(0)
+        };
+        let Some(user) = identity.and_then(|i| std::str::from_utf8(i).ok()) else { return refuse(ssl) };
+        if authz.as_ref().is_some_and(|a| !a.is_allowed(user)) {
+            return refuse(ssl);
         }
         match keys.key(user) {
             Some(k) if k.len() <= out.len() => {
                 out[..k.len()].copy_from_slice(k);
                 Ok(k.len())
             }
-            _ => Ok(0),
+            _ => refuse(ssl),
         }
     });
     Ok(b.build())
+}
+
+/// Where a server session notes that it refused the client's identity:
+/// the handshake then ends without an alert, as GnuTLS's does under QEMU,
+/// and the server reports it in GnuTLS's words.
+pub(crate) fn refused_index() -> Option<openssl::ex_data::Index<openssl::ssl::Ssl, bool>> {
+    static INDEX: std::sync::OnceLock<Option<openssl::ex_data::Index<openssl::ssl::Ssl, bool>>> =
+        std::sync::OnceLock::new();
+    *INDEX.get_or_init(|| openssl::ssl::Ssl::new_ex_index().ok())
+}
+
+/// Whether `ssl`'s PSK callback refused the client's identity.
+pub(crate) fn identity_refused(ssl: &openssl::ssl::SslRef) -> bool {
+    refused_index().and_then(|i| ssl.ex_data(i).copied()).unwrap_or(false)
 }
 
 /// A client context presenting `user` with its key from `keys`.

@@ -16,6 +16,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// A read from a session the peer ended without closing it (no
+/// close_notify), worded as QEMU's TLS channel reports it.
+pub const TRUNCATED: &str = "Cannot read from TLS channel: The TLS connection was non-properly terminated.";
+
 /// Raw TLS bytes read from the socket at once.
 const READ_CHUNK: usize = 32 << 10;
 
@@ -32,6 +36,10 @@ pub trait Socket: Read + Write + Send + Sync + 'static {
     fn set_read_timeout_socket(&self, t: Option<Duration>) -> io::Result<()>;
     /// Sets (or clears) the timeout of blocking writes.
     fn set_write_timeout_socket(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Ends our direction only: the peer reads the end, and may still send.
+    fn shutdown_write_socket(&self) {
+        self.shutdown_socket();
+    }
 }
 
 macro_rules! impl_socket {
@@ -49,6 +57,9 @@ macro_rules! impl_socket {
             }
             fn set_write_timeout_socket(&self, t: Option<Duration>) -> io::Result<()> {
                 self.set_write_timeout(t)
+            }
+            fn shutdown_write_socket(&self) {
+                let _ = self.shutdown(Shutdown::Write);
             }
         }
     };
@@ -130,6 +141,20 @@ impl<S: Socket> TlsStream<S> {
         self.inner.control.shutdown_socket();
     }
 
+    /// Hangs up on a peer refused after the handshake without a reset:
+    /// our side ends (the peer reads the end of the session, not closed
+    /// by TLS, as QEMU's server leaves it), then what the peer had sent
+    /// meanwhile is read and dropped until it hangs up too or `limit`
+    /// passes, so no unread data turns our close into a reset.
+    pub fn hang_up(&mut self, limit: Duration) {
+        self.inner.control.shutdown_write_socket();
+        if self.set_read_timeout(Some(limit.max(Duration::from_millis(1)))).is_err() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while matches!(self.read(&mut sink), Ok(n) if n > 0) {}
+    }
+
     /// Sets (or clears) the timeout of blocking reads.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.inner.control.set_read_timeout_socket(t)
@@ -186,10 +211,12 @@ impl<S: Socket> Read for TlsStream<S> {
                         return Err(e);
                     }
                     if !pending {
-                        // The end, clean (close_notify) or truncated.
+                        // The end, clean (close_notify: no more data) or
+                        // truncated (an error, in GnuTLS's words as QEMU
+                        // reports it).
                         return match s.tls.read_plain(buf) {
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the TLS connection"))
+                            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::UnexpectedEof) => {
+                                Err(io::Error::new(io::ErrorKind::UnexpectedEof, TRUNCATED))
                             }
                             other => other,
                         };
