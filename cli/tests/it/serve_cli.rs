@@ -131,8 +131,10 @@ fn bitmaps_after_readonly_export_and_crashed_writer(server: &str) -> String {
     assert_eq!(code, 0, "{out}{err}");
     let server_pid = std::fs::read_to_string(&pid).unwrap().trim().to_string();
     assert_eq!(Command::new("kill").args(["-TERM", &server_pid]).status().unwrap().code(), Some(0));
-    // The server is not our child: its pid file and socket go at exit.
-    wait_ready("server exit on SIGTERM", None, || !pid.exists() && !sock.exists());
+    // The server is not our child: wait for its socket and its process
+    // to go (qemu-nbd leaves its pid file behind).
+    let proc_dir = std::path::PathBuf::from(format!("/proc/{server_pid}"));
+    wait_ready("server exit on SIGTERM", None, || !sock.exists() && !proc_dir.exists());
     wait_ready("image unlocked", None, || run("qemu-img", &["info", "-f", "qcow2", s(&img)]).0 == 0);
     let _ = run("qemu-io", &["-f", "qcow2", "-c", "abort", s(&img)]);
     let (code, out, err) = run("qemu-img", &["info", "--output=json", "-f", "qcow2", s(&img)]);
