@@ -352,7 +352,7 @@ impl HintedClientCert {
 impl rustls::client::ResolvesClientCert for HintedClientCert {
     fn resolve(&self, hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<rustls::sign::CertifiedKey>> {
         match &self.issuer {
-            Some(issuer) if !hints.is_empty() && !hints.iter().any(|h| *h == issuer.as_slice()) => None,
+            Some(issuer) if !hints.is_empty() && !hints.contains(&issuer.as_slice()) => None,
             _ => Some(Arc::clone(&self.key)),
         }
     }
