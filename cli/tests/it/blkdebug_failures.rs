@@ -3,18 +3,12 @@
 //! prints and leaves behind (iotest 217), and how many data writes an
 //! overwrite issues (iotest 066, whose rules fail any second write).
 
-use crate::dropin::{bare_sides, run, Side};
+use crate::dropin::{bare_sides, same_on, Cmp, Side};
 use crate::support::ok;
 
 /// Runs `tool args` on both sides; status, stdout and stderr must match.
 fn same(ours: &Side, theirs: &Side, tool: &str, args: &[&str]) -> (i32, String, String) {
-    let o = run(ours, tool, args, None);
-    let t = run(theirs, tool, args, None);
-    let ctx = format!(
-        "{tool} {args:?}\n--- qemu ({}): {}{}--- oxcow ({}): {}{}",
-        t.code, t.stdout, t.stderr, o.code, o.stdout, o.stderr
-    );
-    assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{ctx}");
+    let o = same_on(ours, theirs, tool, args, None, Cmp::All);
     (o.code, o.stdout, o.stderr)
 }
 

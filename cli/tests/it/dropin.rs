@@ -82,7 +82,8 @@ pub(crate) fn same(tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
 
 /// Runs `tool args` on both sides: exit status and stderr (and stdout
 /// unless `cmp` says otherwise) must be QEMU's.
-pub(crate) fn same_on(ours: &Side, theirs: &Side, tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) {
+/// Runs `tool args` on both sides and compares them; returns ours.
+pub(crate) fn same_on(ours: &Side, theirs: &Side, tool: &str, args: &[&str], stdin: Option<&str>, cmp: Cmp) -> Out {
     let o = run(ours, tool, args, stdin);
     let t = run(theirs, tool, args, stdin);
     let ctx = format!(
@@ -94,6 +95,7 @@ pub(crate) fn same_on(ours: &Side, theirs: &Side, tool: &str, args: &[&str], std
     if let Cmp::All = cmp {
         assert_eq!(o.stdout, t.stdout, "stdout differs: {ctx}");
     }
+    o
 }
 
 fn io(args: &[&str]) {

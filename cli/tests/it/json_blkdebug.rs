@@ -2,17 +2,11 @@
 //! words, under the drop-in names against QEMU's own tools on the same
 //! inputs (iotests 110, 020 and 098).
 
-use crate::dropin::{bare_sides, run, Side};
+use crate::dropin::{bare_sides, run, same_on, Cmp, Side};
 
 /// Runs `tool args` on both sides; status, stdout and stderr must match.
 fn same(ours: &Side, theirs: &Side, tool: &str, args: &[&str]) -> (String, String) {
-    let o = run(ours, tool, args, None);
-    let t = run(theirs, tool, args, None);
-    let ctx = format!(
-        "{tool} {args:?}\n--- qemu ({}): {}{}--- oxcow ({}): {}{}",
-        t.code, t.stdout, t.stderr, o.code, o.stdout, o.stderr
-    );
-    assert_eq!((o.code, &o.stdout, &o.stderr), (t.code, &t.stdout, &t.stderr), "{ctx}");
+    let o = same_on(ours, theirs, tool, args, None, Cmp::All);
     (o.stdout, o.stderr)
 }
 
