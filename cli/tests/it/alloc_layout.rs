@@ -73,15 +73,7 @@ fn rebase_copies_old_backing_zeros_as_data_as_qemu_img() {
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 128k", "-c", "write -z 192k 64k", "old.qcow2"]);
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 64k 256k", "new.qcow2"]);
     }
-    same_on(
-        &ours,
-        &theirs,
-        "qemu-img",
-        &["rebase", "-f", "qcow2", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"],
-        None,
-        Cmp::All,
-    );
-    same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
+    rebase_as_qemu_img(&ours, &theirs, &["-f", "qcow2", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"]);
     same_on(&ours, &theirs, "qemu-img", &["check", "x.qcow2"], None, Cmp::All);
 }
 
@@ -99,15 +91,7 @@ fn rebase_within_the_chain_writes_zeros_past_the_old_end_as_qemu_img() {
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 320k", "new.qcow2"]);
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 0 256k", "old.qcow2"]);
     }
-    same_on(
-        &ours,
-        &theirs,
-        "qemu-img",
-        &["rebase", "-f", "qcow2", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"],
-        None,
-        Cmp::All,
-    );
-    same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
+    rebase_as_qemu_img(&ours, &theirs, &["-f", "qcow2", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"]);
     same_on(&ours, &theirs, "qemu-img", &["check", "x.qcow2"], None, Cmp::All);
 }
 
@@ -123,8 +107,15 @@ fn rebase_without_an_old_backing_file_writes_zeros_as_qemu_img() {
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x22 0 128k", "x.qcow2"]);
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x11 256k 64k", "new.qcow2"]);
     }
-    same_on(&ours, &theirs, "qemu-img", &["rebase", "-b", "new.qcow2", "-F", "qcow2", "x.qcow2"], None, Cmp::All);
-    same_on(&ours, &theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
+    rebase_as_qemu_img(&ours, &theirs, &["-b", "new.qcow2", "-F", "qcow2", "x.qcow2"]);
+}
+
+/// Rebases `x.qcow2` with `args` on both sides; what qemu-img prints and
+/// the map afterwards must match.
+fn rebase_as_qemu_img(ours: &Side, theirs: &Side, args: &[&str]) {
+    let rebase: Vec<&str> = std::iter::once("rebase").chain(args.iter().copied()).collect();
+    same_on(ours, theirs, "qemu-img", &rebase, None, Cmp::All);
+    same_on(ours, theirs, "qemu-img", &["map", "--output=json", "x.qcow2"], None, Cmp::All);
 }
 
 /// Creates `x.qcow2` with `opts` on both sides and runs the qemu-io
