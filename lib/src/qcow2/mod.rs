@@ -14,7 +14,7 @@
 //! | `meta` (`RwLock<Meta>`) | all metadata: header, L1, L2 and refcount caches, allocator, overlap map, snapshot list |
 //! | `inflight` (`Mutex`) and its condition variables `inflight_done`, `cluster_done[64]` | the guest clusters whose L2 entry a writer changes around data I/O |
 //! | `io_gate` (`RwLock<()>`) | nothing by itself: a barrier between data I/O through a looked-up mapping and the reuse of freed clusters |
-//! | `poison` (`Mutex`) | the failure that made the on-disk state unknown |
+//! | `poison` (`Mutex` and a flag read without it) | the failure that made the on-disk state unknown; requests read the flag, the lock is taken only once it is set |
 //! | `bitmaps` (`bitmap::Tracker`: a `Mutex` and atomics) | the persistent dirty bitmaps in memory and their in-use state on disk |
 //!
 //! Order: `meta`, then `inflight` or `io_gate`; `meta`, then `bitmaps`
@@ -163,7 +163,7 @@ pub struct Qcow2 {
     /// Guest clusters whose L2 entry a writer is changing with data I/O in
     /// flight; others wait on the condition variables. Changed only with
     /// `meta` held for writing (see "Locks and order").
-    inflight: Mutex<HashSet<GuestCluster>>,
+    inflight: Mutex<HashSet<GuestCluster, foldhash::fast::RandomState>>,
     /// How many clusters `inflight` holds, readable without its lock: it
     /// changes only with `meta` held exclusively, so a holder of `meta`
     /// sees it exact, and the common case (none in flight) costs no lock.
@@ -359,7 +359,7 @@ impl Qcow2 {
             writethrough: opts.writethrough,
             size: AtomicU64::new(hc.header.size),
             meta: RwLock::new(meta),
-            inflight: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashSet::default()),
             inflight_count: AtomicUsize::new(0),
             inflight_waiters: AtomicUsize::new(0),
             inflight_done: Condvar::new(),
@@ -437,7 +437,7 @@ impl Qcow2 {
         self.inflight_count.load(Ordering::Acquire) != 0 && self.inflight_set().contains(&gc)
     }
 
-    fn inflight_set(&self) -> MutexGuard<'_, HashSet<GuestCluster>> {
+    fn inflight_set(&self) -> MutexGuard<'_, HashSet<GuestCluster, foldhash::fast::RandomState>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -115,7 +115,7 @@ struct Extent {
 /// The clusters holding metadata, with their kinds.
 #[derive(Default)]
 pub(crate) struct OverlapMap {
-    clusters: HashMap<u64, u8>,
+    clusters: HashMap<u64, u8, foldhash::fast::RandomState>,
     extents: Vec<Extent>,
     /// One past the highest cluster ever mapped (never lowered: the
     /// truncation at close must not cut off anything that was metadata).

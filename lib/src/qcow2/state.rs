@@ -11,6 +11,7 @@ use crate::format::l2::L2Layout;
 use crate::format::refcount::RefcountLayout;
 use crate::format::SnapshotEntry;
 use crate::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// Fixed geometry of an open image.
@@ -86,11 +87,18 @@ pub(crate) struct Meta {
 /// outside [`Meta`] because a failed fsync is recorded where it happens,
 /// with or without the metadata lock held; it is a leaf lock.
 #[derive(Default)]
-pub(crate) struct Poison(Mutex<Option<Error>>);
+pub(crate) struct Poison {
+    /// The failure, once there is one.
+    cause: Mutex<Option<Error>>,
+    /// Whether `cause` is set, readable without the lock: every write
+    /// checks, and a mutex taken by every request of every thread was the
+    /// one contended lock on the rewrite path (issue 19).
+    set: AtomicBool,
+}
 
 impl Poison {
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Error>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.cause.lock().unwrap_or_else(|e| e.into_inner())
     }
     /// Records `e` unless an earlier failure is recorded already.
     pub fn set(&self, e: &Error) {
@@ -101,14 +109,18 @@ impl Poison {
                 other => other.duplicate(),
             };
             *slot = Some(cause);
+            self.set.store(true, Ordering::Release);
         }
     }
     /// Whether a failure is recorded.
     pub fn is_set(&self) -> bool {
-        self.slot().is_some()
+        self.set.load(Ordering::Acquire)
     }
     /// Refuses with the recorded failure, if any.
     pub fn check(&self) -> Result<(), Error> {
+        if !self.is_set() {
+            return Ok(());
+        }
         match &*self.slot() {
             Some(cause) => Err(Error::Poisoned(Box::new(cause.duplicate()))),
             None => Ok(()),

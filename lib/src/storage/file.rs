@@ -171,6 +171,12 @@ impl FileIo {
         if !flags.direct {
             return Ok(FileIo::Buffered(HostFile { file, direct_align: None }));
         }
+        // Pages of the file left in the page cache by buffered users (the
+        // qemu-img that created it, say) make the kernel look for pages to
+        // invalidate around every direct write: 6% of 4 KiB rewrites at
+        // depth 32 (issue 19). Direct I/O never brings them back. Advice
+        // only: where it fails, nothing is lost but that time.
+        let _ = super::sys::drop_page_cache(&file);
         let (align, mem_align) = match flags.direct_align {
             0 => probe_direct_alignment(&file),
             n => (n, n),

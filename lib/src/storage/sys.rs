@@ -104,6 +104,20 @@ mod imp {
         Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
+    /// `posix_fadvise(2)` with `POSIX_FADV_DONTNEED` over the whole file:
+    /// clean cached pages go, dirty ones start their writeback.
+    pub fn drop_page_cache(file: &File) -> io::Result<()> {
+        // SAFETY: posix_fadvise takes a descriptor and plain integers; the
+        // descriptor is open for as long as `file` is borrowed. It only
+        // advises the page cache: file contents are unchanged.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(r))
+        }
+    }
+
     /// A descriptor of our own for the socket a parent process left open
     /// as descriptor `fd`, listening, with its address family. The
     /// inherited number is duplicated, never taken over: whatever else in
@@ -175,9 +189,12 @@ mod imp {
     pub fn inherited_listener(_: std::os::fd::RawFd) -> io::Result<(std::os::fd::OwnedFd, libc::c_int)> {
         Err(unsupported())
     }
+    pub fn drop_page_cache(_: &File) -> io::Result<()> {
+        Err(unsupported())
+    }
 }
 
-pub use imp::inherited_listener;
+pub use imp::{drop_page_cache, inherited_listener};
 
 /// Whether an error says the host or file system lacks the call.
 pub fn is_unsupported(e: &io::Error) -> bool {
