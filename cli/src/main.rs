@@ -3,6 +3,8 @@
 //! as `qemu-img`, `qemu-io` or `qemu-nbd` it takes that tool's command
 //! line instead (`dropin/`).
 
+#![deny(unsafe_code)]
+
 mod broken_pipe;
 mod cmd;
 mod dropin;

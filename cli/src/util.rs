@@ -114,6 +114,22 @@ pub fn parse_bool(key: &str, v: &str) -> CliResult<bool> {
     }
 }
 
+/// A Unix time as `YYYY-MM-DD HH:MM:SS` in the local time zone: the zone
+/// `TZ` names (a zone name or a POSIX rule), else /etc/localtime, as
+/// localtime(3) finds it for qemu-img (snapshot lists, `info`).
+pub fn local_date(secs: i64) -> String {
+    date_in(secs, &jiff::tz::TimeZone::system())
+}
+
+/// A Unix time as `YYYY-MM-DD HH:MM:SS` in `tz`; the number itself when
+/// it is out of the calendar's range.
+pub fn date_in(secs: i64, tz: &jiff::tz::TimeZone) -> String {
+    match jiff::Timestamp::from_second(secs) {
+        Ok(ts) => ts.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        Err(_) => secs.to_string(),
+    }
+}
+
 /// qemu-img's human size: three significant digits (`64 MiB`, `7.81 MiB`).
 pub fn human(n: u64) -> String {
     oxcow::options::human_size(n)

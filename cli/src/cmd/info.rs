@@ -475,28 +475,8 @@ pub fn snapshot_row(sn: &Value) -> String {
         as_str(sn, "id"),
         as_str(sn, "name"),
         human(as_u64(sn, "vm-state-size")),
-        local_time(as_u64(sn, "date-sec") as i64),
+        crate::util::local_date(as_u64(sn, "date-sec") as i64),
         clock,
         icount
-    )
-}
-
-/// Formats a Unix time in the local time zone as `YYYY-MM-DD HH:MM:SS`.
-fn local_time(t: i64) -> String {
-    let tt: libc::time_t = t as libc::time_t;
-    // SAFETY: localtime_r only writes into the tm we hand it.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let ok = unsafe { !libc::localtime_r(&tt, &mut tm).is_null() };
-    if !ok {
-        return t.to_string();
-    }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
     )
 }

@@ -35,28 +35,6 @@ pub struct Args {
     file: String,
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-/// The date column (UTC; qemu-img prints local time, which is UTC on the
-/// hosts the tests run on).
-fn date(secs: u32) -> String {
-    let s = i64::from(secs);
-    let (y, mo, d) = civil(s.div_euclid(86_400));
-    let t = s.rem_euclid(86_400);
-    format!("{y:04}-{mo:02}-{d:02} {:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60)
-}
-
 /// One line of `qemu-img snapshot -l`, column for column.
 pub fn list_line(sn: &SnapshotEntry) -> String {
     let secs = sn.vm_clock_nsec / 1_000_000_000;
@@ -71,7 +49,7 @@ pub fn list_line(sn: &SnapshotEntry) -> String {
         sn.shown_id(),
         sn.shown_name(),
         crate::util::human(sn.vm_state_size),
-        date(sn.date_sec),
+        crate::util::local_date(i64::from(sn.date_sec)),
         clock,
         icount
     )
@@ -196,9 +174,13 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(date(0), "1970-01-01 00:00:00");
-        assert_eq!(date(1_795_704_456), "2026-11-26 14:47:36");
-        assert_eq!(date(951_782_400), "2000-02-29 00:00:00");
+        let utc = jiff::tz::TimeZone::UTC;
+        assert_eq!(crate::util::date_in(0, &utc), "1970-01-01 00:00:00");
+        assert_eq!(crate::util::date_in(1_795_704_456, &utc), "2026-11-26 14:47:36");
+        assert_eq!(crate::util::date_in(951_782_400, &utc), "2000-02-29 00:00:00");
+        // A POSIX rule: no time zone database needed.
+        let eastern = jiff::tz::TimeZone::posix("EST5EDT,M3.2.0,M11.1.0").unwrap();
+        assert_eq!(crate::util::date_in(1_795_704_456, &eastern), "2026-11-26 09:47:36");
     }
 
     #[test]
@@ -217,6 +199,7 @@ mod tests {
             extra_unknown: vec![],
             extra_data_size: 24,
         };
-        assert_eq!(list_line(&sn), "1       s1                    0 B 2026-11-26 14:47:36  0000:00:00.000          0");
+        let date = crate::util::local_date(1_795_704_456);
+        assert_eq!(list_line(&sn), format!("1       s1                    0 B {date}  0000:00:00.000          0"));
     }
 }

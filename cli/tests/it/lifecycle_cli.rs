@@ -50,6 +50,31 @@ fn snapshot_cli() {
 }
 
 #[test]
+fn snapshot_dates_follow_the_time_zone_as_qemu_img() {
+    // The date column is local time, as localtime(3) gives it: the same
+    // snapshot listed by both tools under zones with other offsets, a
+    // half-hour one and a POSIX rule must read alike.
+    let d = tmp();
+    let dir = d.path();
+    setup(dir);
+    ok(dir, "qemu-img", &["snapshot", "-c", "s1", "q.qcow2"]);
+    let list = |prog: &str, tz: Option<&str>| {
+        let mut c = std::process::Command::new(prog);
+        c.args(["snapshot", "-l", "q.qcow2"]).current_dir(dir);
+        match tz {
+            Some(tz) => c.env("TZ", tz),
+            None => c.env_remove("TZ"),
+        };
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{prog} TZ={tz:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for tz in [None, Some("UTC"), Some("America/New_York"), Some("Asia/Kolkata"), Some("EST5EDT,M3.2.0,M11.1.0")] {
+        assert_eq!(list(OXCOW, tz), list("qemu-img", tz), "TZ={tz:?}");
+    }
+}
+
+#[test]
 fn resize_amend_measure_cli() {
     let d = tmp();
     let dir = d.path();
