@@ -373,8 +373,32 @@ impl Qcow2 {
         if m.snapshots.iter().any(|sn| sn.vm_state_size > u64::from(u32::MAX) || sn.disk_size.unwrap_or(size) != size) {
             return Err(Error::invalid("Internal snapshots prevent downgrade of image"));
         }
-        let r = self.downgrade_locked(&mut m, progress);
+        // Everything that can refuse the downgrade is read before anything
+        // is written, outside `fail`: a bad snapshot L1 table found after
+        // the bitmaps went would leave a v3 image without them, and a
+        // refusal that poisoned the image would leave its bitmaps in use
+        // at close (QEMU refuses with the image as it was).
+        let entries = self.all_l1_entries(&mut m)?;
+        self.refuse_zstd_compressed(&mut m, &entries)?;
+        let r = self.downgrade_locked(&mut m, &entries, progress);
         self.fail(&mut m, r)
+    }
+
+    /// v2 knows only zlib: compressed clusters of another type cannot go.
+    fn refuse_zstd_compressed(&self, m: &mut Meta, entries: &[u64]) -> Result<()> {
+        if self.g.compression == CompressionType::Zlib {
+            return Ok(());
+        }
+        let tables: BTreeSet<u64> = entries.iter().copied().filter(|&o| o != 0).collect();
+        for off in tables {
+            let t = self.l2_table(m, HostOffset(off))?;
+            if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
+                return Err(Error::invalid(
+                    "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The L2 table offsets of every L1 entry, the active table's first,
@@ -387,23 +411,11 @@ impl Qcow2 {
         Ok(all)
     }
 
-    fn downgrade_locked(&self, m: &mut Meta, progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
+    fn downgrade_locked(&self, m: &mut Meta, entries: &[u64], progress: &mut dyn FnMut(u64, u64)) -> Result<()> {
         let cs = self.g.cluster_size;
         // v2 cannot hold bitmaps: QEMU's downgrade abandons them (leaked);
         // they are removed here, their clusters freed.
         self.drop_bitmaps_for_v2(m)?;
-        let entries = self.all_l1_entries(m)?;
-        let tables: BTreeSet<u64> = entries.iter().copied().filter(|&o| o != 0).collect();
-        if self.g.compression != CompressionType::Zlib {
-            for &off in &tables {
-                let t = self.l2_table(m, HostOffset(off))?;
-                if (0..self.g.l2_entries as usize).any(|i| self.g.l2.get(&t, i).is_compressed()) {
-                    return Err(Error::invalid(
-                        "Cannot downgrade an image with zstd compression type and existing compressed clusters",
-                    ));
-                }
-            }
-        }
         let has_backing = m.hc.backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         let total = entries.len() as u64;
