@@ -143,8 +143,17 @@ fn amend_downgrade_refused_by_a_bad_snapshot_l1_keeps_the_bitmaps() {
     // snapshot's L1 offset unaligned and refused: a v3 image without the
     // bitmaps QEMU had written. And a refusal that poisoned the image
     // would leave them in use at close. QEMU refuses with them intact.
+    // 512 B and 64 KiB clusters; the L1 offset is unaligned to either.
+    // (With 2 MiB clusters it falls in the header's cluster, where our
+    // close refuses the header write as an overlap: a known problem.)
+    for opts in ["compat=1.1,cluster_size=512", "compat=1.1"] {
+        downgrade_refused_by_a_bad_snapshot_l1(opts);
+    }
+}
+
+fn downgrade_refused_by_a_bad_snapshot_l1(create_opts: &str) {
     let (ours, theirs) = bare_sides();
-    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=1.1", "t.qcow2", "64M"]);
+    both(&ours, &theirs, "qemu-img", &["create", "-q", "-f", "qcow2", "-o", create_opts, "t.qcow2", "64M"]);
     both(&ours, &theirs, "qemu-io", &["-c", "write -P 1 0 1M", "-c", "write -z 1M 1M", "t.qcow2"]);
     both(&ours, &theirs, "qemu-img", &["snapshot", "-c", "s1", "t.qcow2"]);
     both(&ours, &theirs, "qemu-img", &["bitmap", "--add", "t.qcow2", "b0"]);
@@ -152,7 +161,7 @@ fn amend_downgrade_refused_by_a_bad_snapshot_l1_keeps_the_bitmaps() {
         let path = side.dir.path().join("t.qcow2");
         let mut image = std::fs::read(&path).expect("read image");
         let table = usize::try_from(u64::from_be_bytes(image[64..72].try_into().unwrap())).unwrap();
-        image[table..table + 8].copy_from_slice(&0x10200u64.to_be_bytes());
+        image[table..table + 8].copy_from_slice(&0x10201u64.to_be_bytes());
         std::fs::write(&path, &image).expect("write image");
     }
     for side in [&ours, &theirs] {
@@ -173,5 +182,5 @@ fn amend_downgrade_refused_by_a_bad_snapshot_l1_keeps_the_bitmaps() {
         check.as_object_mut().expect("check object").remove("image-end-offset");
         (info["format-specific"].clone(), code, check)
     };
-    assert_eq!(report(&ours), report(&theirs));
+    assert_eq!(report(&ours), report(&theirs), "{create_opts}");
 }
